@@ -1,0 +1,328 @@
+// The public batch-normalization functions: check every argument, pick an
+// implementation, and own the running statistics. Nothing is written before
+// all checks have passed, and running statistics are updated only after the
+// batch statistics are known to be finite.
+#include "normkit/batch_norm.hpp"
+
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <string>
+#include <type_traits>
+#include <vector>
+
+#include "batch_norm_kernels.hpp"
+#include "core/check.hpp"
+
+namespace normkit {
+
+using detail::fail_invalid;
+using detail::fail_runtime;
+
+namespace {
+
+bool verbose() {
+  static const bool on = [] {
+    const char* value = std::getenv("NORMKIT_VERBOSE");
+    return value && *value && std::string(value) != "0";
+  }();
+  return on;
+}
+
+template <class T>
+Geometry checked_input(ConstTensorView<T> x, const char* name) {
+  if (!x.data && x.numel() > 0) fail_invalid(name, ": data pointer is null");
+  const Geometry g = geometry_of(x, name);
+  if (x.numel() == 0) fail_invalid(name, ": empty tensor ", x.shape_string());
+  return g;
+}
+
+template <class T, class U>
+Geometry checked_like(const TensorView<U>& view, ConstTensorView<T> x, const char* name) {
+  if (view.layout != x.layout || view.shape != x.shape) {
+    // Compare only the used extent of the shape.
+    bool same = view.rank() == x.rank();
+    for (int axis = 0; same && axis < x.rank(); ++axis) same = view.shape[axis] == x.shape[axis];
+    if (!same || view.layout != x.layout)
+      fail_invalid(name, ": shape ", view.shape_string(), " does not match x's ",
+                   x.shape_string());
+  }
+  if (!view.data) fail_invalid(name, ": data pointer is null");
+  return geometry_of(view, name);
+}
+
+template <class T>
+void check_per_channel(std::span<T> values, int64_t channels, const char* name, bool required) {
+  if (values.empty() && !required) return;
+  if (static_cast<int64_t>(values.size()) != channels)
+    fail_invalid(name, " should contain ", channels, " elements (one per channel) not ",
+                 values.size());
+}
+
+void check_eps(double eps) {
+  if (!(eps > 0) || !std::isfinite(eps))
+    fail_invalid("eps must be positive and finite, got ", eps);
+}
+
+template <class T>
+void check_running(const RunningStats<T>& running, int64_t channels, const BatchNormOptions& options) {
+  check_eps(options.eps);
+  if (options.momentum && !(*options.momentum >= 0.0 && *options.momentum <= 1.0))
+    fail_invalid("momentum must be in [0, 1], got ", *options.momentum);
+  if (options.momentum_convention != MomentumConvention::weight_on_new &&
+      options.momentum_convention != MomentumConvention::weight_on_old)
+    fail_invalid("momentum_convention: unknown value");
+  if (options.running_variance != RunningVariance::unbiased &&
+      options.running_variance != RunningVariance::biased)
+    fail_invalid("running_variance: unknown value");
+  if (running.mean.empty() != running.var.empty())
+    fail_invalid("running_mean and running_var must be given together (got ",
+                 running.mean.size(), " and ", running.var.size(), " elements)");
+  check_per_channel(running.mean, channels, "running_mean", false);
+  check_per_channel(running.var, channels, "running_var", false);
+  if (!running.mean.empty() && !options.momentum && !running.num_batches_tracked)
+    fail_invalid("momentum = None (cumulative moving average) needs num_batches_tracked");
+}
+
+template <class T>
+void check_training_size(const Geometry& g, ConstTensorView<T> x) {
+  if (g.reduction_size() <= 1)
+    fail_invalid("expected more than 1 value per channel when training, got input size ",
+                 x.shape_string());
+}
+
+template <class T>
+void check_finite(std::span<const Moments> moments) {
+  for (size_t c = 0; c < moments.size(); ++c)
+    if (!std::isfinite(moments[c].mean) || !std::isfinite(moments[c].m2))
+      fail_runtime("x: channel ", c,
+                   " contains NaN or infinite values; running statistics left unchanged");
+}
+
+// The first fast implementation that accepts all geometries, or nullptr for the reference.
+template <class T>
+const kernels::Implementation* choose(const char* op, const Geometry& x,
+                                      std::initializer_list<Geometry> others) {
+  if constexpr (!std::is_same_v<T, float>) {
+    if (verbose()) std::fprintf(stderr, "normkit: %s: double data, reference\n", op);
+    return nullptr;
+  } else {
+    const std::span<const Geometry> rest(others.begin(), others.size());
+    for (const auto& impl : kernels::cpu_implementations()) {
+      const char* reason = impl.decline(x, rest);
+      if (!reason) {
+        if (verbose()) std::fprintf(stderr, "normkit: %s: %s\n", op, impl.name);
+        return &impl;
+      }
+      if (verbose()) std::fprintf(stderr, "normkit: %s: %s declined: %s\n", op, impl.name, reason);
+    }
+    if (verbose()) std::fprintf(stderr, "normkit: %s: reference\n", op);
+    return nullptr;
+  }
+}
+
+}  // namespace
+
+template <class T>
+void batch_norm_update_running(std::span<const Moments> moments, RunningStats<T> running,
+                               const BatchNormOptions& options) {
+  const auto channels = static_cast<int64_t>(moments.size());
+  check_running(running, channels, options);
+  if (running.mean.empty()) {
+    if (running.num_batches_tracked) ++*running.num_batches_tracked;
+    return;
+  }
+  for (const auto& m : moments)
+    if (m.count < 2) fail_invalid("expected more than 1 value per channel when training");
+  check_finite<T>(moments);
+
+  int64_t batches = 0;
+  if (running.num_batches_tracked) batches = ++*running.num_batches_tracked;
+  const double momentum = options.momentum ? *options.momentum : 1.0 / static_cast<double>(batches);
+  // weight_on_new: running = (1 - m)·running + m·batch;  weight_on_old: m·running + (1 - m)·batch.
+  const double w_new =
+      options.momentum_convention == MomentumConvention::weight_on_new || !options.momentum
+          ? momentum
+          : 1.0 - momentum;
+  for (int64_t c = 0; c < channels; ++c) {
+    const double var = options.running_variance == RunningVariance::unbiased
+                           ? moments[c].unbiased_variance()
+                           : moments[c].biased_variance();
+    running.mean[c] = static_cast<T>((1.0 - w_new) * running.mean[c] + w_new * moments[c].mean);
+    running.var[c] = static_cast<T>((1.0 - w_new) * running.var[c] + w_new * var);
+  }
+}
+
+template <class T>
+void batch_norm_forward_training(ConstTensorView<T> x, TensorView<T> y, std::span<const T> gamma,
+                                 std::span<const T> beta, SavedStats<T> saved,
+                                 RunningStats<T> running, const BatchNormOptions& options) {
+  const Geometry gx = checked_input(x, "x");
+  const Geometry gy = checked_like(y, x, "y");
+  if (y.data == x.data && !(gx == gy))
+    fail_invalid("y: in-place output must have the same strides as x");
+  check_training_size(gx, x);
+  check_per_channel(gamma, gx.channels, "weight (gamma)", false);
+  check_per_channel(beta, gx.channels, "bias (beta)", false);
+  check_per_channel(saved.mean, gx.channels, "save_mean", false);
+  check_per_channel(saved.invstd, gx.channels, "save_invstd", false);
+  check_running(running, gx.channels, options);
+
+  std::vector<Moments> moments(gx.channels);
+  kernels::ForwardTraining<T> problem{gx,
+                                      gy,
+                                      x.data,
+                                      y.data,
+                                      gamma.empty() ? nullptr : gamma.data(),
+                                      beta.empty() ? nullptr : beta.data(),
+                                      options.eps,
+                                      moments.data()};
+  if constexpr (std::is_same_v<T, float>) {
+    if (const auto* impl = choose<T>("batch_norm_forward_training", gx, {gy}))
+      impl->forward_training(problem);
+    else
+      kernels::ref::forward_training(problem);
+  } else {
+    kernels::ref::forward_training(problem);
+  }
+  check_finite<T>(moments);
+
+  for (int64_t c = 0; c < gx.channels; ++c) {
+    if (!saved.mean.empty()) saved.mean[c] = static_cast<T>(moments[c].mean);
+    if (!saved.invstd.empty())
+      saved.invstd[c] = static_cast<T>(kernels::invstd_of(moments[c].biased_variance(), options.eps));
+  }
+  batch_norm_update_running<T>(moments, running, options);
+}
+
+template <class T>
+void batch_norm_forward_apply(ConstTensorView<T> x, TensorView<T> y, std::span<const T> gamma,
+                              std::span<const T> beta, std::span<const T> mean,
+                              std::span<const T> invstd) {
+  const Geometry gx = checked_input(x, "x");
+  const Geometry gy = checked_like(y, x, "y");
+  if (y.data == x.data && !(gx == gy))
+    fail_invalid("y: in-place output must have the same strides as x");
+  check_per_channel(gamma, gx.channels, "weight (gamma)", false);
+  check_per_channel(beta, gx.channels, "bias (beta)", false);
+  check_per_channel(mean, gx.channels, "mean", true);
+  check_per_channel(invstd, gx.channels, "invstd", true);
+  std::vector<double> mean_d(mean.begin(), mean.end()), invstd_d(invstd.begin(), invstd.end());
+  kernels::Apply<T> problem{gx,
+                            gy,
+                            x.data,
+                            y.data,
+                            gamma.empty() ? nullptr : gamma.data(),
+                            beta.empty() ? nullptr : beta.data(),
+                            mean_d.data(),
+                            invstd_d.data()};
+  if constexpr (std::is_same_v<T, float>) {
+    if (const auto* impl = choose<T>("batch_norm_forward_apply", gx, {gy}))
+      return impl->apply(problem);
+  }
+  kernels::ref::apply(problem);
+}
+
+template <class T>
+void batch_norm_forward_inference(ConstTensorView<T> x, TensorView<T> y, std::span<const T> gamma,
+                                  std::span<const T> beta, std::span<const T> running_mean,
+                                  std::span<const T> running_var, double eps) {
+  check_eps(eps);
+  const Geometry gx = checked_input(x, "x");
+  check_per_channel(running_var, gx.channels, "running_var", true);
+  for (size_t c = 0; c < running_var.size(); ++c)
+    if (!(running_var[c] + eps > 0))
+      fail_invalid("running_var[", c, "] + eps must be positive, got ", running_var[c]);
+  std::vector<T> invstd(running_var.size());
+  for (size_t c = 0; c < running_var.size(); ++c)
+    invstd[c] = static_cast<T>(kernels::invstd_of(running_var[c], eps));
+  batch_norm_forward_apply<T>(x, y, gamma, beta, running_mean, invstd);
+}
+
+template <class T>
+void batch_norm_backward(ConstTensorView<T> x, ConstTensorView<T> dy, TensorView<T> dx,
+                         std::span<const T> gamma, std::span<const T> mean,
+                         std::span<const T> invstd, std::span<T> dgamma, std::span<T> dbeta,
+                         BackwardMode mode) {
+  const Geometry gx = checked_input(x, "x");
+  const Geometry gdy = checked_like(dy, x, "dy");
+  const Geometry gdx = dx.data ? checked_like(dx, x, "dx") : gdy;
+  if (dx.data && (dx.data == x.data || dx.data == dy.data) &&
+      !(gdx == gx && (dx.data != dy.data || gdx == gdy)))
+    fail_invalid("dx: in-place output must have the same strides as its input");
+  if (mode != BackwardMode::training && mode != BackwardMode::frozen)
+    fail_invalid("mode: unknown backward mode");
+  if (mode == BackwardMode::training) check_training_size(gx, x);
+  check_per_channel(gamma, gx.channels, "weight (gamma)", false);
+  check_per_channel(mean, gx.channels, "mean", true);
+  check_per_channel(invstd, gx.channels, "invstd", true);
+  check_per_channel(dgamma, gx.channels, "dgamma", false);
+  check_per_channel(dbeta, gx.channels, "dbeta", false);
+
+  std::vector<double> mean_d(mean.begin(), mean.end()), invstd_d(invstd.begin(), invstd.end());
+  std::vector<double> sum_dy(gx.channels), sum_dy_xhat(gx.channels);
+  kernels::Backward<T> problem{gx,           gdy,           gdx,  x.data, dy.data,
+                               dx.data,      gamma.empty() ? nullptr : gamma.data(),
+                               mean_d.data(), invstd_d.data(), mode,  sum_dy.data(),
+                               sum_dy_xhat.data()};
+  bool done = false;
+  if constexpr (std::is_same_v<T, float>) {
+    if (const auto* impl = choose<T>("batch_norm_backward", gx, {gdy, gdx})) {
+      impl->backward(problem);
+      done = true;
+    }
+  }
+  if (!done) kernels::ref::backward(problem);
+  for (int64_t c = 0; c < gx.channels; ++c) {
+    if (!dgamma.empty()) dgamma[c] = static_cast<T>(sum_dy_xhat[c]);
+    if (!dbeta.empty()) dbeta[c] = static_cast<T>(sum_dy[c]);
+  }
+}
+
+template <class T>
+void batch_norm_moments(ConstTensorView<T> x, std::span<Moments> moments) {
+  const Geometry gx = checked_input(x, "x");
+  check_per_channel(moments, gx.channels, "moments", true);
+  if constexpr (std::is_same_v<T, float>) {
+    if (const auto* impl = choose<T>("batch_norm_moments", gx, {}))
+      return impl->moments(gx, x.data, moments.data());
+  }
+  kernels::ref::moments(gx, x.data, moments.data());
+}
+
+template <class T>
+void batch_norm_invstd(std::span<const T> var, double eps, std::span<T> invstd) {
+  check_eps(eps);
+  if (invstd.size() != var.size())
+    fail_invalid("invstd should contain ", var.size(), " elements not ", invstd.size());
+  for (size_t c = 0; c < var.size(); ++c) {
+    if (!(var[c] + eps > 0))
+      fail_invalid("var[", c, "] + eps must be positive, got ", var[c]);
+  }
+  for (size_t c = 0; c < var.size(); ++c) invstd[c] = static_cast<T>(kernels::invstd_of(var[c], eps));
+}
+
+#define NORMKIT_INSTANTIATE(T)                                                                   \
+  template void batch_norm_forward_training<T>(ConstTensorView<T>, TensorView<T>,              \
+                                               std::span<const T>, std::span<const T>,          \
+                                               SavedStats<T>, RunningStats<T>,                  \
+                                               const BatchNormOptions&);                        \
+  template void batch_norm_forward_inference<T>(ConstTensorView<T>, TensorView<T>,             \
+                                                std::span<const T>, std::span<const T>,         \
+                                                std::span<const T>, std::span<const T>, double); \
+  template void batch_norm_backward<T>(ConstTensorView<T>, ConstTensorView<T>, TensorView<T>,  \
+                                       std::span<const T>, std::span<const T>,                  \
+                                       std::span<const T>, std::span<T>, std::span<T>,          \
+                                       BackwardMode);                                           \
+  template void batch_norm_moments<T>(ConstTensorView<T>, std::span<Moments>);                  \
+  template void batch_norm_forward_apply<T>(ConstTensorView<T>, TensorView<T>,                 \
+                                            std::span<const T>, std::span<const T>,             \
+                                            std::span<const T>, std::span<const T>);            \
+  template void batch_norm_update_running<T>(std::span<const Moments>, RunningStats<T>,         \
+                                             const BatchNormOptions&);                          \
+  template void batch_norm_invstd<T>(std::span<const T>, double, std::span<T>);
+
+NORMKIT_INSTANTIATE(float)
+NORMKIT_INSTANTIATE(double)
+
+}  // namespace normkit
