@@ -1,5 +1,628 @@
+// Fast batch normalization for float data.
+//
+// Two implementations, chosen by the strides of the data:
+//   planes: channels-first with a contiguous inner run (NC·L, NCHW, NCDHW);
+//   rows:   contiguous channels, one row of C values per position (NLC, NHWC,
+//           NDHWC, NC, and PyTorch's channels_last tensors).
+//
+// Determinism: every reduction is split into pieces whose boundaries depend only
+// on the problem's geometry (never on the thread count), each piece's partial is
+// computed by one thread in a fixed order, and partials are merged in a fixed
+// order. So results are bitwise identical for any number of threads.
+//
+// Accuracy: sums run in double; a piece's moments come from two passes over the
+// piece while it is in L1/L2 (mean, then Σ(x - mean)²), and pieces combine with
+// Chan's merge. The apply pass subtracts the float-rounded mean before scaling
+// (see ApplyCoefficients), so a mean of 1e6 with std 1 keeps its digits.
+//
+// SIMD: the leaf loops are written over fixed 8-wide lanes so the compiler
+// vectorizes them without reassociating sums, and are compiled for AVX-512,
+// AVX2+FMA and baseline x86-64 with a runtime choice (target_clones).
+#include <omp.h>
+
+#include <algorithm>
+#include <vector>
+
 #include "batch_norm_kernels.hpp"
+#include "normkit/threading.hpp"
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#define NORMKIT_SIMD_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define NORMKIT_SIMD_CLONES
+#endif
 
 namespace normkit::kernels {
-std::span<const Implementation> cpu_implementations() { return {}; }
+namespace {
+
+// Reductions keep 32 independent double partial sums (4 AVX-512 or 8 AVX2
+// registers), enough to hide the latency of the additions; a run's remainder
+// goes through 8 more lanes, then one by one. The order is fixed in the source,
+// so every instruction set gives the same sums.
+constexpr int kLanes = 32;
+constexpr int kTailLanes = 8;
+// A planes piece: small enough that its second pass reads from L1.
+constexpr int64_t kPieceElements = 4096;
+// A rows chunk: small enough that its second pass reads from L2.
+constexpr int64_t kRowChunkElements = 16384;
+// Rows chunks are grouped into this many stripes, each merged in order.
+constexpr int64_t kMaxStripes = 32;
+
+template <int N>
+inline double lane_total(const double* acc) {
+  if constexpr (N == 1) {
+    return acc[0];
+  } else {
+    return lane_total<N / 2>(acc) + lane_total<N / 2>(acc + N / 2);
+  }
+}
+
+// ----- leaf loops over `runs` runs of `len` contiguous floats, `stride` apart -----
+
+NORMKIT_SIMD_CLONES
+double sum_runs(const float* x, int64_t runs, int64_t len, int64_t stride) {
+  double acc[kLanes] = {}, acc8[kTailLanes] = {};
+  double tail = 0;
+  for (int64_t r = 0; r < runs; ++r) {
+    const float* p = x + r * stride;
+    int64_t i = 0;
+    for (; i + kLanes <= len; i += kLanes)
+      for (int l = 0; l < kLanes; ++l) acc[l] += static_cast<double>(p[i + l]);
+    for (; i + kTailLanes <= len; i += kTailLanes)
+      for (int l = 0; l < kTailLanes; ++l) acc8[l] += static_cast<double>(p[i + l]);
+    for (; i < len; ++i) tail += static_cast<double>(p[i]);
+  }
+  return lane_total<kLanes>(acc) + lane_total<kTailLanes>(acc8) + tail;
+}
+
+// Σ(x - mean) and Σ(x - mean)²; the first is ~0 and corrects the second for
+// the rounding of mean (the "corrected two-pass" algorithm).
+struct CenteredSums {
+  double sum_d, sum_d2;
+};
+NORMKIT_SIMD_CLONES
+CenteredSums centered_sums_runs(const float* x, int64_t runs, int64_t len, int64_t stride,
+                                double mean) {
+  double acc1[kLanes] = {}, acc2[kLanes] = {}, acc1_8[kTailLanes] = {}, acc2_8[kTailLanes] = {};
+  double tail1 = 0, tail2 = 0;
+  for (int64_t r = 0; r < runs; ++r) {
+    const float* p = x + r * stride;
+    int64_t i = 0;
+    for (; i + kLanes <= len; i += kLanes)
+      for (int l = 0; l < kLanes; ++l) {
+        const double d = static_cast<double>(p[i + l]) - mean;
+        acc1[l] += d;
+        acc2[l] += d * d;
+      }
+    for (; i + kTailLanes <= len; i += kTailLanes)
+      for (int l = 0; l < kTailLanes; ++l) {
+        const double d = static_cast<double>(p[i + l]) - mean;
+        acc1_8[l] += d;
+        acc2_8[l] += d * d;
+      }
+    for (; i < len; ++i) {
+      const double d = static_cast<double>(p[i]) - mean;
+      tail1 += d;
+      tail2 += d * d;
+    }
+  }
+  return {lane_total<kLanes>(acc1) + lane_total<kTailLanes>(acc1_8) + tail1,
+          lane_total<kLanes>(acc2) + lane_total<kTailLanes>(acc2_8) + tail2};
+}
+
+NORMKIT_SIMD_CLONES
+void apply_runs(const float* x, int64_t x_stride, float* y, int64_t y_stride, int64_t runs,
+                int64_t len, ApplyCoefficients k) {
+  for (int64_t r = 0; r < runs; ++r) {
+    const float* xp = x + r * x_stride;
+    float* yp = y + r * y_stride;
+    for (int64_t i = 0; i < len; ++i) yp[i] = (xp[i] - k.mean_hi) * k.scale + k.shift;
+  }
+}
+
+// Σdy and Σdy·(x - mean).
+struct GradientSums {
+  double sum_dy, sum_dy_xmu;
+};
+NORMKIT_SIMD_CLONES
+GradientSums gradient_sums_runs(const float* x, int64_t x_stride, const float* dy,
+                                int64_t dy_stride, int64_t runs, int64_t len, double mean) {
+  double acc1[kLanes] = {}, acc2[kLanes] = {}, acc1_8[kTailLanes] = {}, acc2_8[kTailLanes] = {};
+  double tail1 = 0, tail2 = 0;
+  for (int64_t r = 0; r < runs; ++r) {
+    const float* xp = x + r * x_stride;
+    const float* gp = dy + r * dy_stride;
+    int64_t i = 0;
+    for (; i + kLanes <= len; i += kLanes)
+      for (int l = 0; l < kLanes; ++l) {
+        const double g = gp[i + l];
+        acc1[l] += g;
+        acc2[l] += g * (static_cast<double>(xp[i + l]) - mean);
+      }
+    for (; i + kTailLanes <= len; i += kTailLanes)
+      for (int l = 0; l < kTailLanes; ++l) {
+        const double g = gp[i + l];
+        acc1_8[l] += g;
+        acc2_8[l] += g * (static_cast<double>(xp[i + l]) - mean);
+      }
+    for (; i < len; ++i) {
+      const double g = gp[i];
+      tail1 += g;
+      tail2 += g * (static_cast<double>(xp[i]) - mean);
+    }
+  }
+  return {lane_total<kLanes>(acc1) + lane_total<kTailLanes>(acc1_8) + tail1,
+          lane_total<kLanes>(acc2) + lane_total<kTailLanes>(acc2_8) + tail2};
+}
+
+NORMKIT_SIMD_CLONES
+void backward_apply_runs(const float* x, int64_t x_stride, const float* dy, int64_t dy_stride,
+                         float* dx, int64_t dx_stride, int64_t runs, int64_t len,
+                         BackwardCoefficients k) {
+  for (int64_t r = 0; r < runs; ++r) {
+    const float* xp = x + r * x_stride;
+    const float* gp = dy + r * dy_stride;
+    float* dp = dx + r * dx_stride;
+    for (int64_t i = 0; i < len; ++i) dp[i] = k.a * gp[i] + k.b * (xp[i] - k.mean_hi) + k.k;
+  }
+}
+
+double param_or(const float* p, int64_t c, double fallback) {
+  return p ? static_cast<double>(p[c]) : fallback;
+}
+
+// ================= planes: [outer, C, inner], inner contiguous =================
+
+// A channel's elements split into pieces: either groups of whole inner runs, or
+// (for long runs) fixed-length parts of one run. Depends only on the geometry.
+struct Pieces {
+  int64_t per_channel;
+  int64_t runs_per_piece;  // grouping mode: whole runs per piece
+  int64_t parts_per_run;   // splitting mode: parts per run (1 in grouping mode)
+
+  explicit Pieces(const Geometry& g) {
+    if (g.inner >= kPieceElements) {
+      runs_per_piece = 1;
+      parts_per_run = (g.inner + kPieceElements - 1) / kPieceElements;
+      per_channel = g.outer * parts_per_run;
+    } else {
+      runs_per_piece = std::max<int64_t>(1, kPieceElements / std::max<int64_t>(g.inner, 1));
+      parts_per_run = 1;
+      per_channel = (g.outer + runs_per_piece - 1) / runs_per_piece;
+    }
+  }
+  struct Span {
+    int64_t first_run, runs, first_inner, len;
+  };
+  Span span(const Geometry& g, int64_t piece) const {
+    if (parts_per_run > 1) {
+      const int64_t part = piece % parts_per_run;
+      const int64_t first_inner = part * kPieceElements;
+      return {piece / parts_per_run, 1, first_inner, std::min(kPieceElements, g.inner - first_inner)};
+    }
+    const int64_t first_run = piece * runs_per_piece;
+    return {first_run, std::min(runs_per_piece, g.outer - first_run), 0, g.inner};
+  }
+};
+
+Moments piece_moments(const Geometry& g, const float* x, int64_t c, const Pieces::Span& s) {
+  const float* base = x + g.offset(s.first_run, c, s.first_inner);
+  const double n = static_cast<double>(s.runs * s.len);
+  const double mean = sum_runs(base, s.runs, s.len, g.outer_stride) / n;
+  const CenteredSums cs = centered_sums_runs(base, s.runs, s.len, g.outer_stride, mean);
+  return {n, mean + cs.sum_d / n, cs.sum_d2 - cs.sum_d * cs.sum_d / n};
+}
+
+void piece_apply(const Geometry& gx, const Geometry& gy, const float* x, float* y, int64_t c,
+                 const Pieces::Span& s, ApplyCoefficients k) {
+  apply_runs(x + gx.offset(s.first_run, c, s.first_inner), gx.outer_stride,
+             y + gy.offset(s.first_run, c, s.first_inner), gy.outer_stride, s.runs, s.len, k);
+}
+
+// Channel-at-a-time (each channel's slice is re-read from cache right after its
+// statistics) pays off when channels alone keep every thread busy; otherwise
+// the pieces of all channels are spread over the threads in phases.
+bool whole_channels_per_thread(int64_t channels, int threads) {
+  return channels % threads == 0 || channels >= 8 * threads;
+}
+
+void planes_forward_training(const ForwardTraining<float>& p) {
+  const Geometry& g = p.x_geom;
+  const Pieces pieces(g);
+  const int threads = num_threads();
+  auto coefficients = [&](int64_t c) {
+    return apply_coefficients(p.moments[c].mean, invstd_of(p.moments[c].biased_variance(), p.eps),
+                              param_or(p.gamma, c, 1.0), param_or(p.beta, c, 0.0));
+  };
+  if (whole_channels_per_thread(g.channels, threads)) {
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t c = 0; c < g.channels; ++c) {
+      Moments m;
+      for (int64_t i = 0; i < pieces.per_channel; ++i)
+        m.merge(piece_moments(g, p.x, c, pieces.span(g, i)));
+      p.moments[c] = m;
+      const ApplyCoefficients k = coefficients(c);
+      for (int64_t i = 0; i < pieces.per_channel; ++i)
+        piece_apply(g, p.y_geom, p.x, p.y, c, pieces.span(g, i), k);
+    }
+    return;
+  }
+  const int64_t total = g.channels * pieces.per_channel;
+  std::vector<Moments> partial(total);
+  std::vector<ApplyCoefficients> coeff(g.channels);
+#pragma omp parallel num_threads(threads)
+  {
+#pragma omp for schedule(static)
+    for (int64_t t = 0; t < total; ++t)
+      partial[t] = piece_moments(g, p.x, t / pieces.per_channel, pieces.span(g, t % pieces.per_channel));
+#pragma omp for schedule(static)
+    for (int64_t c = 0; c < g.channels; ++c) {
+      Moments m;
+      for (int64_t i = 0; i < pieces.per_channel; ++i) m.merge(partial[c * pieces.per_channel + i]);
+      p.moments[c] = m;
+      coeff[c] = coefficients(c);
+    }
+#pragma omp for schedule(static)
+    for (int64_t t = 0; t < total; ++t) {
+      const int64_t c = t / pieces.per_channel;
+      piece_apply(g, p.y_geom, p.x, p.y, c, pieces.span(g, t % pieces.per_channel), coeff[c]);
+    }
+  }
+}
+
+void planes_moments(const Geometry& g, const float* x, Moments* out) {
+  const Pieces pieces(g);
+  const int64_t total = g.channels * pieces.per_channel;
+  std::vector<Moments> partial(total);
+#pragma omp parallel num_threads(num_threads())
+  {
+#pragma omp for schedule(static)
+    for (int64_t t = 0; t < total; ++t)
+      partial[t] = piece_moments(g, x, t / pieces.per_channel, pieces.span(g, t % pieces.per_channel));
+#pragma omp for schedule(static)
+    for (int64_t c = 0; c < g.channels; ++c) {
+      Moments m;
+      for (int64_t i = 0; i < pieces.per_channel; ++i) m.merge(partial[c * pieces.per_channel + i]);
+      out[c] = m;
+    }
+  }
+}
+
+void planes_apply(const Apply<float>& p) {
+  const Geometry& g = p.x_geom;
+  const Pieces pieces(g);
+  const int64_t total = g.channels * pieces.per_channel;
+  std::vector<ApplyCoefficients> coeff(g.channels);
+  for (int64_t c = 0; c < g.channels; ++c)
+    coeff[c] = apply_coefficients(p.mean[c], p.invstd[c], param_or(p.gamma, c, 1.0),
+                                  param_or(p.beta, c, 0.0));
+#pragma omp parallel for num_threads(num_threads()) schedule(static)
+  for (int64_t t = 0; t < total; ++t) {
+    const int64_t c = t / pieces.per_channel;
+    piece_apply(g, p.y_geom, p.x, p.y, c, pieces.span(g, t % pieces.per_channel), coeff[c]);
+  }
+}
+
+GradientSums piece_gradient_sums(const Backward<float>& p, int64_t c, const Pieces::Span& s) {
+  const Geometry& gx = p.x_geom;
+  const Geometry& gd = p.dy_geom;
+  return gradient_sums_runs(p.x + gx.offset(s.first_run, c, s.first_inner), gx.outer_stride,
+                            p.dy + gd.offset(s.first_run, c, s.first_inner), gd.outer_stride,
+                            s.runs, s.len, p.mean[c]);
+}
+
+void piece_backward_apply(const Backward<float>& p, int64_t c, const Pieces::Span& s,
+                          BackwardCoefficients k) {
+  const Geometry& gx = p.x_geom;
+  const Geometry& gd = p.dy_geom;
+  const Geometry& go = p.dx_geom;
+  backward_apply_runs(p.x + gx.offset(s.first_run, c, s.first_inner), gx.outer_stride,
+                      p.dy + gd.offset(s.first_run, c, s.first_inner), gd.outer_stride,
+                      p.dx + go.offset(s.first_run, c, s.first_inner), go.outer_stride, s.runs,
+                      s.len, k);
+}
+
+// From Σdy and Σdy·(x - mean): dβ = Σdy, dγ = invstd·Σdy·(x - mean), and dx's coefficients.
+BackwardCoefficients finish_channel(const Backward<float>& p, int64_t c, double sum_dy,
+                                    double sum_dy_xmu) {
+  p.sum_dy[c] = sum_dy;
+  p.sum_dy_xhat[c] = sum_dy_xmu * p.invstd[c];
+  return backward_coefficients(p.mean[c], p.invstd[c], param_or(p.gamma, c, 1.0), sum_dy,
+                               p.sum_dy_xhat[c], static_cast<double>(p.x_geom.reduction_size()),
+                               p.mode);
+}
+
+void planes_backward(const Backward<float>& p) {
+  const Geometry& g = p.x_geom;
+  const Pieces pieces(g);
+  const int threads = num_threads();
+  if (whole_channels_per_thread(g.channels, threads)) {
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t c = 0; c < g.channels; ++c) {
+      double sum_dy = 0, sum_dy_xmu = 0;
+      for (int64_t i = 0; i < pieces.per_channel; ++i) {
+        const GradientSums s = piece_gradient_sums(p, c, pieces.span(g, i));
+        sum_dy += s.sum_dy;
+        sum_dy_xmu += s.sum_dy_xmu;
+      }
+      const BackwardCoefficients k = finish_channel(p, c, sum_dy, sum_dy_xmu);
+      if (p.dx)
+        for (int64_t i = 0; i < pieces.per_channel; ++i) piece_backward_apply(p, c, pieces.span(g, i), k);
+    }
+    return;
+  }
+  const int64_t total = g.channels * pieces.per_channel;
+  std::vector<GradientSums> partial(total);
+  std::vector<BackwardCoefficients> coeff(g.channels);
+#pragma omp parallel num_threads(threads)
+  {
+#pragma omp for schedule(static)
+    for (int64_t t = 0; t < total; ++t)
+      partial[t] = piece_gradient_sums(p, t / pieces.per_channel, pieces.span(g, t % pieces.per_channel));
+#pragma omp for schedule(static)
+    for (int64_t c = 0; c < g.channels; ++c) {
+      double sum_dy = 0, sum_dy_xmu = 0;
+      for (int64_t i = 0; i < pieces.per_channel; ++i) {
+        sum_dy += partial[c * pieces.per_channel + i].sum_dy;
+        sum_dy_xmu += partial[c * pieces.per_channel + i].sum_dy_xmu;
+      }
+      coeff[c] = finish_channel(p, c, sum_dy, sum_dy_xmu);
+    }
+    if (p.dx) {
+#pragma omp for schedule(static)
+      for (int64_t t = 0; t < total; ++t) {
+        const int64_t c = t / pieces.per_channel;
+        piece_backward_apply(p, c, pieces.span(g, t % pieces.per_channel), coeff[c]);
+      }
+    }
+  }
+}
+
+const char* planes_decline(const Geometry& x, std::span<const Geometry> others) {
+  if (x.inner_stride != 1 || x.inner < 2) return "inner run is not contiguous";
+  for (const auto& o : others)
+    if (o.inner_stride != 1 || o.inner != x.inner || o.outer != x.outer)
+      return "an output or gradient is not laid out like x";
+  return nullptr;
+}
+
+// ================= rows: [rows, C], channels contiguous =================
+
+// Rows are cut into chunks of a fixed number of rows, and chunks into at most
+// kMaxStripes stripes; both depend only on the geometry.
+struct RowPlan {
+  int64_t rows, channels, chunk_rows, chunks, stripes;
+  explicit RowPlan(const Geometry& g) : rows(g.outer), channels(g.channels) {
+    chunk_rows = std::clamp<int64_t>(kRowChunkElements / std::max<int64_t>(channels, 1), 1, rows);
+    chunks = (rows + chunk_rows - 1) / chunk_rows;
+    stripes = std::min(chunks, kMaxStripes);
+  }
+  int64_t first_chunk(int64_t stripe) const { return stripe * chunks / stripes; }
+  int64_t first_row(int64_t chunk) const { return chunk * chunk_rows; }
+  int64_t rows_in(int64_t chunk) const { return std::min(chunk_rows, rows - chunk * chunk_rows); }
+};
+
+// Per-channel moments of one chunk, merged into a stripe's accumulator
+// (mean, m2 arrays of C, one count: every channel has seen the same rows).
+NORMKIT_SIMD_CLONES
+void rows_chunk_moments(const float* x, int64_t stride, int64_t rows, int64_t channels,
+                        double* sum, double* sum_d, double* sum_d2, double* acc_mean,
+                        double* acc_m2, double acc_count) {
+  std::fill(sum, sum + channels, 0.0);
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* xp = x + r * stride;
+    for (int64_t c = 0; c < channels; ++c) sum[c] += static_cast<double>(xp[c]);
+  }
+  const double n = static_cast<double>(rows);
+  for (int64_t c = 0; c < channels; ++c) sum[c] /= n;  // now the chunk mean
+  std::fill(sum_d, sum_d + channels, 0.0);
+  std::fill(sum_d2, sum_d2 + channels, 0.0);
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* xp = x + r * stride;
+    for (int64_t c = 0; c < channels; ++c) {
+      const double d = static_cast<double>(xp[c]) - sum[c];
+      sum_d[c] += d;
+      sum_d2[c] += d * d;
+    }
+  }
+  // Chan's merge of (n, mean, m2) into (acc_count, acc_mean, acc_m2), as Moments::merge.
+  const double total = acc_count + n;
+  const double weight = n / total;
+  for (int64_t c = 0; c < channels; ++c) {
+    const double mean = sum[c] + sum_d[c] / n;
+    const double m2 = sum_d2[c] - sum_d[c] * sum_d[c] / n;
+    if (acc_count == 0) {
+      acc_mean[c] = mean;
+      acc_m2[c] = m2;
+    } else {
+      const double delta = mean - acc_mean[c];
+      acc_mean[c] += delta * weight;
+      acc_m2[c] += m2 + delta * delta * acc_count * weight;
+    }
+  }
+}
+
+// Moments per channel over all rows: chunks merged in order within each
+// stripe, stripes merged in order.
+void rows_moments_into(const Geometry& g, const float* x, Moments* out, int threads) {
+  const RowPlan plan(g);
+  const int64_t C = plan.channels;
+  std::vector<double> stripe_mean(plan.stripes * C), stripe_m2(plan.stripes * C);
+  std::vector<double> stripe_count(plan.stripes);
+#pragma omp parallel num_threads(threads)
+  {
+    std::vector<double> scratch(3 * C);
+#pragma omp for schedule(static)
+    for (int64_t s = 0; s < plan.stripes; ++s) {
+      double count = 0;
+      for (int64_t k = plan.first_chunk(s); k < plan.first_chunk(s + 1); ++k) {
+        const int64_t n = plan.rows_in(k);
+        rows_chunk_moments(x + plan.first_row(k) * g.outer_stride, g.outer_stride, n, C,
+                           scratch.data(), scratch.data() + C, scratch.data() + 2 * C,
+                           stripe_mean.data() + s * C, stripe_m2.data() + s * C, count);
+        count += static_cast<double>(n);
+      }
+      stripe_count[s] = count;
+    }
+#pragma omp for schedule(static)
+    for (int64_t c = 0; c < C; ++c) {
+      Moments m;
+      for (int64_t s = 0; s < plan.stripes; ++s)
+        m.merge({stripe_count[s], stripe_mean[s * C + c], stripe_m2[s * C + c]});
+      out[c] = m;
+    }
+  }
+}
+
+NORMKIT_SIMD_CLONES
+void rows_apply_chunk(const float* x, int64_t x_stride, float* y, int64_t y_stride, int64_t rows,
+                      int64_t channels, const float* mean_hi, const float* scale,
+                      const float* shift) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* xp = x + r * x_stride;
+    float* yp = y + r * y_stride;
+    for (int64_t c = 0; c < channels; ++c) yp[c] = (xp[c] - mean_hi[c]) * scale[c] + shift[c];
+  }
+}
+
+// Per-channel coefficients as three arrays, so the row loop vectorizes over channels.
+struct RowCoefficients {
+  std::vector<float> mean_hi, scale, shift;
+  explicit RowCoefficients(int64_t channels) : mean_hi(channels), scale(channels), shift(channels) {}
+  void set(int64_t c, ApplyCoefficients k) {
+    mean_hi[c] = k.mean_hi;
+    scale[c] = k.scale;
+    shift[c] = k.shift;
+  }
+};
+
+void rows_apply_all(const Geometry& gx, const Geometry& gy, const float* x, float* y,
+                    const RowCoefficients& k, int threads) {
+  const RowPlan plan(gx);
+#pragma omp parallel for num_threads(threads) schedule(static)
+  for (int64_t chunk = 0; chunk < plan.chunks; ++chunk) {
+    const int64_t r0 = plan.first_row(chunk);
+    rows_apply_chunk(x + r0 * gx.outer_stride, gx.outer_stride, y + r0 * gy.outer_stride,
+                     gy.outer_stride, plan.rows_in(chunk), plan.channels, k.mean_hi.data(),
+                     k.scale.data(), k.shift.data());
+  }
+}
+
+void rows_forward_training(const ForwardTraining<float>& p) {
+  const int threads = num_threads();
+  rows_moments_into(p.x_geom, p.x, p.moments, threads);
+  RowCoefficients k(p.x_geom.channels);
+  for (int64_t c = 0; c < p.x_geom.channels; ++c)
+    k.set(c, apply_coefficients(p.moments[c].mean,
+                                invstd_of(p.moments[c].biased_variance(), p.eps),
+                                param_or(p.gamma, c, 1.0), param_or(p.beta, c, 0.0)));
+  rows_apply_all(p.x_geom, p.y_geom, p.x, p.y, k, threads);
+}
+
+void rows_moments(const Geometry& g, const float* x, Moments* out) {
+  rows_moments_into(g, x, out, num_threads());
+}
+
+void rows_apply(const Apply<float>& p) {
+  RowCoefficients k(p.x_geom.channels);
+  for (int64_t c = 0; c < p.x_geom.channels; ++c)
+    k.set(c, apply_coefficients(p.mean[c], p.invstd[c], param_or(p.gamma, c, 1.0),
+                                param_or(p.beta, c, 0.0)));
+  rows_apply_all(p.x_geom, p.y_geom, p.x, p.y, k, num_threads());
+}
+
+NORMKIT_SIMD_CLONES
+void rows_gradient_sums_chunk(const float* x, int64_t x_stride, const float* dy,
+                              int64_t dy_stride, int64_t rows, int64_t channels,
+                              const double* mean, double* sum_dy, double* sum_dy_xmu) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* xp = x + r * x_stride;
+    const float* gp = dy + r * dy_stride;
+    for (int64_t c = 0; c < channels; ++c) {
+      const double g = gp[c];
+      sum_dy[c] += g;
+      sum_dy_xmu[c] += g * (static_cast<double>(xp[c]) - mean[c]);
+    }
+  }
+}
+
+NORMKIT_SIMD_CLONES
+void rows_backward_apply_chunk(const float* x, int64_t x_stride, const float* dy,
+                               int64_t dy_stride, float* dx, int64_t dx_stride, int64_t rows,
+                               int64_t channels, const float* mean_hi, const float* a,
+                               const float* b, const float* k) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* xp = x + r * x_stride;
+    const float* gp = dy + r * dy_stride;
+    float* dp = dx + r * dx_stride;
+    for (int64_t c = 0; c < channels; ++c)
+      dp[c] = a[c] * gp[c] + b[c] * (xp[c] - mean_hi[c]) + k[c];
+  }
+}
+
+void rows_backward(const Backward<float>& p) {
+  const Geometry& gx = p.x_geom;
+  const RowPlan plan(gx);
+  const int64_t C = plan.channels;
+  const int threads = num_threads();
+  std::vector<double> stripe_dy(plan.stripes * C, 0.0), stripe_dy_xmu(plan.stripes * C, 0.0);
+  std::vector<float> mean_hi(C), a(C), b(C), k(C);
+#pragma omp parallel num_threads(threads)
+  {
+#pragma omp for schedule(static)
+    for (int64_t s = 0; s < plan.stripes; ++s)
+      for (int64_t chunk = plan.first_chunk(s); chunk < plan.first_chunk(s + 1); ++chunk) {
+        const int64_t r0 = plan.first_row(chunk);
+        rows_gradient_sums_chunk(p.x + r0 * gx.outer_stride, gx.outer_stride,
+                                 p.dy + r0 * p.dy_geom.outer_stride, p.dy_geom.outer_stride,
+                                 plan.rows_in(chunk), C, p.mean, stripe_dy.data() + s * C,
+                                 stripe_dy_xmu.data() + s * C);
+      }
+#pragma omp for schedule(static)
+    for (int64_t c = 0; c < C; ++c) {
+      double sum_dy = 0, sum_dy_xmu = 0;
+      for (int64_t s = 0; s < plan.stripes; ++s) {
+        sum_dy += stripe_dy[s * C + c];
+        sum_dy_xmu += stripe_dy_xmu[s * C + c];
+      }
+      const BackwardCoefficients bc = finish_channel(p, c, sum_dy, sum_dy_xmu);
+      mean_hi[c] = bc.mean_hi;
+      a[c] = bc.a;
+      b[c] = bc.b;
+      k[c] = bc.k;
+    }
+    if (p.dx) {
+#pragma omp for schedule(static)
+      for (int64_t chunk = 0; chunk < plan.chunks; ++chunk) {
+        const int64_t r0 = plan.first_row(chunk);
+        rows_backward_apply_chunk(p.x + r0 * gx.outer_stride, gx.outer_stride,
+                                  p.dy + r0 * p.dy_geom.outer_stride, p.dy_geom.outer_stride,
+                                  p.dx + r0 * p.dx_geom.outer_stride, p.dx_geom.outer_stride,
+                                  plan.rows_in(chunk), C, mean_hi.data(), a.data(), b.data(),
+                                  k.data());
+      }
+    }
+  }
+}
+
+const char* rows_decline(const Geometry& x, std::span<const Geometry> others) {
+  if (x.inner != 1 || (x.channel_stride != 1 && x.channels > 1))
+    return "channels are not contiguous rows";
+  for (const auto& o : others)
+    if (o.inner != 1 || (o.channel_stride != 1 && o.channels > 1) || o.outer != x.outer)
+      return "an output or gradient is not laid out like x";
+  return nullptr;
+}
+
+constexpr Implementation kImplementations[] = {
+    {"planes (channels-first, contiguous inner runs)", planes_decline, planes_forward_training,
+     planes_apply, planes_backward, planes_moments},
+    {"rows (contiguous channels)", rows_decline, rows_forward_training, rows_apply,
+     rows_backward, rows_moments},
+};
+
+}  // namespace
+
+std::span<const Implementation> cpu_implementations() { return kImplementations; }
+
 }  // namespace normkit::kernels
