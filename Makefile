@@ -23,7 +23,7 @@ bench: configure
 	@$(BUILD_DIR)/bench/normkit_bench
 
 demo: build
-	@PYTHONPATH=$(BUILD_DIR)/python $(PYTHON) examples/demo.py
+	@$(BUILD_DIR)/bn_demo
 
 clean:
 	@rm -rf $(BUILD_DIR)
