@@ -10,12 +10,13 @@
 // computed by one thread in a fixed order, and partials are merged in a fixed
 // order. So results are bitwise identical for any number of threads.
 //
-// Accuracy: sums run in double; a piece's moments come from two passes over the
-// piece while it is in L1/L2 (mean, then Σ(x - mean)²), and pieces combine with
-// Chan's merge. The apply pass subtracts the float-rounded mean before scaling
+// Accuracy: a piece's moments come from two passes over the piece while it is
+// in cache (its mean, then Σ(x - mean)² corrected by Σ(x - mean)), summed in
+// float lanes that each see a few hundred centred values; pieces combine in
+// double with Chan's merge. The apply pass subtracts the float-rounded mean before scaling
 // (see ApplyCoefficients), so a mean of 1e6 with std 1 keeps its digits.
 //
-// SIMD: the leaf loops are written over fixed 8-wide lanes so the compiler
+// SIMD: the leaf loops are written over fixed lanes so the compiler
 // vectorizes them without reassociating sums, and are compiled for AVX-512,
 // AVX2+FMA and baseline x86-64 with a runtime choice (target_clones).
 #include <omp.h>
@@ -35,23 +36,28 @@
 namespace normkit::kernels {
 namespace {
 
-// Reductions keep 32 independent double partial sums (4 AVX-512 or 8 AVX2
-// registers), enough to hide the latency of the additions; a run's remainder
-// goes through 8 more lanes, then one by one. The order is fixed in the source,
-// so every instruction set gives the same sums.
-constexpr int kLanes = 32;
+// Inside a piece, sums run in float over 64 fixed lanes (4 AVX-512 or 8 AVX2
+// registers: enough independent additions to hide their latency), a run's
+// remainder through 8 more lanes, then one by one; lane totals are added in
+// double, and pieces combine in double. Each lane sees at most a few hundred
+// values that are already centred (x - shift), so the float sums lose almost
+// nothing, and the lane order is fixed in the source, so every instruction set
+// gives the same bits.
+constexpr int kLanes = 64;
 constexpr int kTailLanes = 8;
 // A planes piece: small enough that its second pass reads from L1.
 constexpr int64_t kPieceElements = 4096;
-// A rows chunk: small enough that its second pass reads from L2.
+// A rows chunk: at most this many elements and kMaxChunkRows rows (the number
+// of float additions per channel accumulator).
 constexpr int64_t kRowChunkElements = 16384;
+constexpr int64_t kMaxChunkRows = 64;
 // Rows chunks are grouped into this many stripes, each merged in order.
 constexpr int64_t kMaxStripes = 32;
 
 template <int N>
-inline double lane_total(const double* acc) {
+inline double lane_total(const float* acc) {
   if constexpr (N == 1) {
-    return acc[0];
+    return static_cast<double>(acc[0]);
   } else {
     return lane_total<N / 2>(acc) + lane_total<N / 2>(acc + N / 2);
   }
@@ -59,49 +65,51 @@ inline double lane_total(const double* acc) {
 
 // ----- leaf loops over `runs` runs of `len` contiguous floats, `stride` apart -----
 
+// Σ(x - shift): the shift (a value of the data) keeps the float sums small
+// when the mean is large compared with the spread.
 NORMKIT_SIMD_CLONES
-double sum_runs(const float* x, int64_t runs, int64_t len, int64_t stride) {
-  double acc[kLanes] = {}, acc8[kTailLanes] = {};
+double shifted_sum_runs(const float* __restrict x, int64_t runs, int64_t len, int64_t stride, float shift) {
+  float acc[kLanes] = {}, acc8[kTailLanes] = {};
   double tail = 0;
   for (int64_t r = 0; r < runs; ++r) {
     const float* p = x + r * stride;
     int64_t i = 0;
     for (; i + kLanes <= len; i += kLanes)
-      for (int l = 0; l < kLanes; ++l) acc[l] += static_cast<double>(p[i + l]);
+      for (int l = 0; l < kLanes; ++l) acc[l] += p[i + l] - shift;
     for (; i + kTailLanes <= len; i += kTailLanes)
-      for (int l = 0; l < kTailLanes; ++l) acc8[l] += static_cast<double>(p[i + l]);
-    for (; i < len; ++i) tail += static_cast<double>(p[i]);
+      for (int l = 0; l < kTailLanes; ++l) acc8[l] += p[i + l] - shift;
+    for (; i < len; ++i) tail += static_cast<double>(p[i] - shift);
   }
   return lane_total<kLanes>(acc) + lane_total<kTailLanes>(acc8) + tail;
 }
 
-// Σ(x - mean) and Σ(x - mean)²; the first is ~0 and corrects the second for
-// the rounding of mean (the "corrected two-pass" algorithm).
+// Σd and Σd² with d = x - center; Σd (near 0) corrects Σd² for the distance
+// between center and the exact mean (the "corrected two-pass" algorithm).
 struct CenteredSums {
   double sum_d, sum_d2;
 };
 NORMKIT_SIMD_CLONES
 CenteredSums centered_sums_runs(const float* x, int64_t runs, int64_t len, int64_t stride,
-                                double mean) {
-  double acc1[kLanes] = {}, acc2[kLanes] = {}, acc1_8[kTailLanes] = {}, acc2_8[kTailLanes] = {};
+                                float center) {
+  float acc1[kLanes] = {}, acc2[kLanes] = {}, acc1_8[kTailLanes] = {}, acc2_8[kTailLanes] = {};
   double tail1 = 0, tail2 = 0;
   for (int64_t r = 0; r < runs; ++r) {
     const float* p = x + r * stride;
     int64_t i = 0;
     for (; i + kLanes <= len; i += kLanes)
       for (int l = 0; l < kLanes; ++l) {
-        const double d = static_cast<double>(p[i + l]) - mean;
+        const float d = p[i + l] - center;
         acc1[l] += d;
         acc2[l] += d * d;
       }
     for (; i + kTailLanes <= len; i += kTailLanes)
       for (int l = 0; l < kTailLanes; ++l) {
-        const double d = static_cast<double>(p[i + l]) - mean;
+        const float d = p[i + l] - center;
         acc1_8[l] += d;
         acc2_8[l] += d * d;
       }
     for (; i < len; ++i) {
-      const double d = static_cast<double>(p[i]) - mean;
+      const double d = static_cast<double>(p[i] - center);
       tail1 += d;
       tail2 += d * d;
     }
@@ -120,39 +128,52 @@ void apply_runs(const float* x, int64_t x_stride, float* y, int64_t y_stride, in
   }
 }
 
-// Σdy and Σdy·(x - mean).
+// Σdy and Σdy·(x - center). dy is not centred, so Σdy·(x - center) cancels
+// heavily: its terms are formed and summed in double (32 lanes).
+constexpr int kDoubleLanes = 32;
+template <int N>
+inline double lane_total(const double* acc) {
+  if constexpr (N == 1) {
+    return acc[0];
+  } else {
+    return lane_total<N / 2>(acc) + lane_total<N / 2>(acc + N / 2);
+  }
+}
 struct GradientSums {
-  double sum_dy, sum_dy_xmu;
+  double sum_dy, sum_dy_xc;
 };
 NORMKIT_SIMD_CLONES
-GradientSums gradient_sums_runs(const float* x, int64_t x_stride, const float* dy,
-                                int64_t dy_stride, int64_t runs, int64_t len, double mean) {
-  double acc1[kLanes] = {}, acc2[kLanes] = {}, acc1_8[kTailLanes] = {}, acc2_8[kTailLanes] = {};
+GradientSums gradient_sums_runs(const float* __restrict x, int64_t x_stride,
+                                const float* __restrict dy, int64_t dy_stride, int64_t runs,
+                                int64_t len, float center) {
+  const double center_d = center;
+  double acc1[kDoubleLanes] = {}, acc2[kDoubleLanes] = {};
+  double acc1_8[kTailLanes] = {}, acc2_8[kTailLanes] = {};
   double tail1 = 0, tail2 = 0;
   for (int64_t r = 0; r < runs; ++r) {
     const float* xp = x + r * x_stride;
     const float* gp = dy + r * dy_stride;
     int64_t i = 0;
-    for (; i + kLanes <= len; i += kLanes)
-      for (int l = 0; l < kLanes; ++l) {
+    for (; i + kDoubleLanes <= len; i += kDoubleLanes)
+      for (int l = 0; l < kDoubleLanes; ++l) {
         const double g = gp[i + l];
         acc1[l] += g;
-        acc2[l] += g * (static_cast<double>(xp[i + l]) - mean);
+        acc2[l] += g * (static_cast<double>(xp[i + l]) - center_d);
       }
     for (; i + kTailLanes <= len; i += kTailLanes)
       for (int l = 0; l < kTailLanes; ++l) {
         const double g = gp[i + l];
         acc1_8[l] += g;
-        acc2_8[l] += g * (static_cast<double>(xp[i + l]) - mean);
+        acc2_8[l] += g * (static_cast<double>(xp[i + l]) - center_d);
       }
     for (; i < len; ++i) {
       const double g = gp[i];
       tail1 += g;
-      tail2 += g * (static_cast<double>(xp[i]) - mean);
+      tail2 += g * (static_cast<double>(xp[i]) - center_d);
     }
   }
-  return {lane_total<kLanes>(acc1) + lane_total<kTailLanes>(acc1_8) + tail1,
-          lane_total<kLanes>(acc2) + lane_total<kTailLanes>(acc2_8) + tail2};
+  return {lane_total<kDoubleLanes>(acc1) + lane_total<kTailLanes>(acc1_8) + tail1,
+          lane_total<kDoubleLanes>(acc2) + lane_total<kTailLanes>(acc2_8) + tail2};
 }
 
 NORMKIT_SIMD_CLONES
@@ -205,12 +226,16 @@ struct Pieces {
   }
 };
 
+// Two passes over a piece that stays in L1: its mean (shifted by its first
+// value), then the corrected sums of squares around that mean in float.
 Moments piece_moments(const Geometry& g, const float* x, int64_t c, const Pieces::Span& s) {
   const float* base = x + g.offset(s.first_run, c, s.first_inner);
   const double n = static_cast<double>(s.runs * s.len);
-  const double mean = sum_runs(base, s.runs, s.len, g.outer_stride) / n;
-  const CenteredSums cs = centered_sums_runs(base, s.runs, s.len, g.outer_stride, mean);
-  return {n, mean + cs.sum_d / n, cs.sum_d2 - cs.sum_d * cs.sum_d / n};
+  const float shift = base[0];
+  const double mean = shift + shifted_sum_runs(base, s.runs, s.len, g.outer_stride, shift) / n;
+  const auto center = static_cast<float>(mean);
+  const CenteredSums cs = centered_sums_runs(base, s.runs, s.len, g.outer_stride, center);
+  return {n, center + cs.sum_d / n, cs.sum_d2 - cs.sum_d * cs.sum_d / n};
 }
 
 void piece_apply(const Geometry& gx, const Geometry& gy, const float* x, float* y, int64_t c,
@@ -303,12 +328,17 @@ void planes_apply(const Apply<float>& p) {
   }
 }
 
+// Σdy and Σdy·(x - mean) of a piece; the float sums run around float(mean)
+// and Σdy·(mean - float(mean)) is taken off in double.
 GradientSums piece_gradient_sums(const Backward<float>& p, int64_t c, const Pieces::Span& s) {
   const Geometry& gx = p.x_geom;
   const Geometry& gd = p.dy_geom;
-  return gradient_sums_runs(p.x + gx.offset(s.first_run, c, s.first_inner), gx.outer_stride,
-                            p.dy + gd.offset(s.first_run, c, s.first_inner), gd.outer_stride,
-                            s.runs, s.len, p.mean[c]);
+  const auto center = static_cast<float>(p.mean[c]);
+  const GradientSums sums =
+      gradient_sums_runs(p.x + gx.offset(s.first_run, c, s.first_inner), gx.outer_stride,
+                         p.dy + gd.offset(s.first_run, c, s.first_inner), gd.outer_stride, s.runs,
+                         s.len, center);
+  return {sums.sum_dy, sums.sum_dy_xc - sums.sum_dy * (p.mean[c] - center)};
 }
 
 void piece_backward_apply(const Backward<float>& p, int64_t c, const Pieces::Span& s,
@@ -343,7 +373,7 @@ void planes_backward(const Backward<float>& p) {
       for (int64_t i = 0; i < pieces.per_channel; ++i) {
         const GradientSums s = piece_gradient_sums(p, c, pieces.span(g, i));
         sum_dy += s.sum_dy;
-        sum_dy_xmu += s.sum_dy_xmu;
+        sum_dy_xmu += s.sum_dy_xc;
       }
       const BackwardCoefficients k = finish_channel(p, c, sum_dy, sum_dy_xmu);
       if (p.dx)
@@ -364,7 +394,7 @@ void planes_backward(const Backward<float>& p) {
       double sum_dy = 0, sum_dy_xmu = 0;
       for (int64_t i = 0; i < pieces.per_channel; ++i) {
         sum_dy += partial[c * pieces.per_channel + i].sum_dy;
-        sum_dy_xmu += partial[c * pieces.per_channel + i].sum_dy_xmu;
+        sum_dy_xmu += partial[c * pieces.per_channel + i].sum_dy_xc;
       }
       coeff[c] = finish_channel(p, c, sum_dy, sum_dy_xmu);
     }
@@ -393,7 +423,8 @@ const char* planes_decline(const Geometry& x, std::span<const Geometry> others) 
 struct RowPlan {
   int64_t rows, channels, chunk_rows, chunks, stripes;
   explicit RowPlan(const Geometry& g) : rows(g.outer), channels(g.channels) {
-    chunk_rows = std::clamp<int64_t>(kRowChunkElements / std::max<int64_t>(channels, 1), 1, rows);
+    chunk_rows = std::clamp<int64_t>(kRowChunkElements / std::max<int64_t>(channels, 1), 1,
+                                     std::min(rows, kMaxChunkRows));
     chunks = (rows + chunk_rows - 1) / chunk_rows;
     stripes = std::min(chunks, kMaxStripes);
   }
@@ -402,26 +433,30 @@ struct RowPlan {
   int64_t rows_in(int64_t chunk) const { return std::min(chunk_rows, rows - chunk * chunk_rows); }
 };
 
-// Per-channel moments of one chunk, merged into a stripe's accumulator
-// (mean, m2 arrays of C, one count: every channel has seen the same rows).
+// Per-channel moments of one chunk (at most kMaxChunkRows rows), merged into a
+// stripe's accumulator (mean and m2 arrays of C, one count: every channel has
+// seen the same rows). Same two passes as planes, vectorized across channels:
+// the chunk's mean shifted by its first row, then corrected sums around it.
 NORMKIT_SIMD_CLONES
-void rows_chunk_moments(const float* x, int64_t stride, int64_t rows, int64_t channels,
-                        double* sum, double* sum_d, double* sum_d2, double* acc_mean,
-                        double* acc_m2, double acc_count) {
-  std::fill(sum, sum + channels, 0.0);
+void rows_chunk_moments(const float* __restrict x, int64_t stride, int64_t rows,
+                        int64_t channels, float* __restrict sum, float* __restrict center,
+                        float* __restrict sum_d2, double* __restrict acc_mean,
+                        double* __restrict acc_m2, double acc_count) {
+  const double n = static_cast<double>(rows);
+  std::fill(sum, sum + channels, 0.0f);
   for (int64_t r = 0; r < rows; ++r) {
     const float* xp = x + r * stride;
-    for (int64_t c = 0; c < channels; ++c) sum[c] += static_cast<double>(xp[c]);
+    for (int64_t c = 0; c < channels; ++c) sum[c] += xp[c] - x[c];
   }
-  const double n = static_cast<double>(rows);
-  for (int64_t c = 0; c < channels; ++c) sum[c] /= n;  // now the chunk mean
-  std::fill(sum_d, sum_d + channels, 0.0);
-  std::fill(sum_d2, sum_d2 + channels, 0.0);
+  for (int64_t c = 0; c < channels; ++c)
+    center[c] = static_cast<float>(static_cast<double>(x[c]) + static_cast<double>(sum[c]) / n);
+  std::fill(sum, sum + channels, 0.0f);
+  std::fill(sum_d2, sum_d2 + channels, 0.0f);
   for (int64_t r = 0; r < rows; ++r) {
     const float* xp = x + r * stride;
     for (int64_t c = 0; c < channels; ++c) {
-      const double d = static_cast<double>(xp[c]) - sum[c];
-      sum_d[c] += d;
+      const float d = xp[c] - center[c];
+      sum[c] += d;
       sum_d2[c] += d * d;
     }
   }
@@ -429,8 +464,9 @@ void rows_chunk_moments(const float* x, int64_t stride, int64_t rows, int64_t ch
   const double total = acc_count + n;
   const double weight = n / total;
   for (int64_t c = 0; c < channels; ++c) {
-    const double mean = sum[c] + sum_d[c] / n;
-    const double m2 = sum_d2[c] - sum_d[c] * sum_d[c] / n;
+    const double sd = sum[c];
+    const double mean = center[c] + sd / n;
+    const double m2 = sum_d2[c] - sd * sd / n;
     if (acc_count == 0) {
       acc_mean[c] = mean;
       acc_m2[c] = m2;
@@ -451,7 +487,7 @@ void rows_moments_into(const Geometry& g, const float* x, Moments* out, int thre
   std::vector<double> stripe_count(plan.stripes);
 #pragma omp parallel num_threads(threads)
   {
-    std::vector<double> scratch(3 * C);
+    std::vector<float> scratch(3 * C);
 #pragma omp for schedule(static)
     for (int64_t s = 0; s < plan.stripes; ++s) {
       double count = 0;
@@ -475,9 +511,10 @@ void rows_moments_into(const Geometry& g, const float* x, Moments* out, int thre
 }
 
 NORMKIT_SIMD_CLONES
-void rows_apply_chunk(const float* x, int64_t x_stride, float* y, int64_t y_stride, int64_t rows,
-                      int64_t channels, const float* mean_hi, const float* scale,
-                      const float* shift) {
+void rows_apply_chunk(const float* x, int64_t x_stride, float* y,
+                      int64_t y_stride, int64_t rows, int64_t channels,
+                      const float* __restrict mean_hi, const float* __restrict scale,
+                      const float* __restrict shift) {
   for (int64_t r = 0; r < rows; ++r) {
     const float* xp = x + r * x_stride;
     float* yp = y + r * y_stride;
@@ -531,17 +568,20 @@ void rows_apply(const Apply<float>& p) {
   rows_apply_all(p.x_geom, p.y_geom, p.x, p.y, k, num_threads());
 }
 
+// Σdy and Σdy·(x - mean) of one chunk per channel, added to a stripe's double
+// sums (double: dy is not centred, so the second sum cancels heavily).
 NORMKIT_SIMD_CLONES
-void rows_gradient_sums_chunk(const float* x, int64_t x_stride, const float* dy,
-                              int64_t dy_stride, int64_t rows, int64_t channels,
-                              const double* mean, double* sum_dy, double* sum_dy_xmu) {
+void rows_gradient_sums_chunk(const float* __restrict x, int64_t x_stride,
+                              const float* __restrict dy, int64_t dy_stride, int64_t rows,
+                              int64_t channels, const float* __restrict center,
+                              double* __restrict sum_dy, double* __restrict sum_dy_xc) {
   for (int64_t r = 0; r < rows; ++r) {
     const float* xp = x + r * x_stride;
     const float* gp = dy + r * dy_stride;
     for (int64_t c = 0; c < channels; ++c) {
       const double g = gp[c];
       sum_dy[c] += g;
-      sum_dy_xmu[c] += g * (static_cast<double>(xp[c]) - mean[c]);
+      sum_dy_xc[c] += g * (static_cast<double>(xp[c]) - static_cast<double>(center[c]));
     }
   }
 }
@@ -567,6 +607,11 @@ void rows_backward(const Backward<float>& p) {
   const int threads = num_threads();
   std::vector<double> stripe_dy(plan.stripes * C, 0.0), stripe_dy_xmu(plan.stripes * C, 0.0);
   std::vector<float> mean_hi(C), a(C), b(C), k(C);
+  std::vector<double> mean_error(C);  // mean - float(mean)
+  for (int64_t c = 0; c < C; ++c) {
+    mean_hi[c] = static_cast<float>(p.mean[c]);
+    mean_error[c] = p.mean[c] - mean_hi[c];
+  }
 #pragma omp parallel num_threads(threads)
   {
 #pragma omp for schedule(static)
@@ -575,7 +620,7 @@ void rows_backward(const Backward<float>& p) {
         const int64_t r0 = plan.first_row(chunk);
         rows_gradient_sums_chunk(p.x + r0 * gx.outer_stride, gx.outer_stride,
                                  p.dy + r0 * p.dy_geom.outer_stride, p.dy_geom.outer_stride,
-                                 plan.rows_in(chunk), C, p.mean, stripe_dy.data() + s * C,
+                                 plan.rows_in(chunk), C, mean_hi.data(), stripe_dy.data() + s * C,
                                  stripe_dy_xmu.data() + s * C);
       }
 #pragma omp for schedule(static)
@@ -585,8 +630,8 @@ void rows_backward(const Backward<float>& p) {
         sum_dy += stripe_dy[s * C + c];
         sum_dy_xmu += stripe_dy_xmu[s * C + c];
       }
+      sum_dy_xmu -= sum_dy * mean_error[c];
       const BackwardCoefficients bc = finish_channel(p, c, sum_dy, sum_dy_xmu);
-      mean_hi[c] = bc.mean_hi;
       a[c] = bc.a;
       b[c] = bc.b;
       k[c] = bc.k;
