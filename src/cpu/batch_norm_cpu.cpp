@@ -433,15 +433,34 @@ struct RowPlan {
   int64_t rows_in(int64_t chunk) const { return std::min(chunk_rows, rows - chunk * chunk_rows); }
 };
 
-// Per-channel moments of one chunk (at most kMaxChunkRows rows), merged into a
-// stripe's accumulator (mean and m2 arrays of C, one count: every channel has
-// seen the same rows). Same two passes as planes, vectorized across channels:
-// the chunk's mean shifted by its first row, then corrected sums around it.
+// Chan's merge of (count_b, mean_b[c], m2_b[c]) into (count_a, mean_a[c],
+// m2_a[c]) for every channel: Moments::merge, vectorized across channels
+// (every channel of a rows chunk has seen the same number of rows).
+NORMKIT_SIMD_CLONES
+void merge_moment_arrays(double count_a, double* __restrict mean_a, double* __restrict m2_a,
+                         double count_b, const double* __restrict mean_b,
+                         const double* __restrict m2_b, int64_t channels) {
+  if (count_a == 0) {
+    std::copy(mean_b, mean_b + channels, mean_a);
+    std::copy(m2_b, m2_b + channels, m2_a);
+    return;
+  }
+  const double weight = count_b / (count_a + count_b);
+  for (int64_t c = 0; c < channels; ++c) {
+    const double delta = mean_b[c] - mean_a[c];
+    mean_a[c] += delta * weight;
+    m2_a[c] += m2_b[c] + delta * delta * count_a * weight;
+  }
+}
+
+// Per-channel moments of one chunk (at most kMaxChunkRows rows): the same two
+// passes as planes, vectorized across channels: the chunk's mean shifted by its
+// first row, then corrected sums around it.
 NORMKIT_SIMD_CLONES
 void rows_chunk_moments(const float* __restrict x, int64_t stride, int64_t rows,
                         int64_t channels, float* __restrict sum, float* __restrict center,
-                        float* __restrict sum_d2, double* __restrict acc_mean,
-                        double* __restrict acc_m2, double acc_count) {
+                        float* __restrict sum_d2, double* __restrict mean,
+                        double* __restrict m2) {
   const double n = static_cast<double>(rows);
   std::fill(sum, sum + channels, 0.0f);
   for (int64_t r = 0; r < rows; ++r) {
@@ -460,34 +479,26 @@ void rows_chunk_moments(const float* __restrict x, int64_t stride, int64_t rows,
       sum_d2[c] += d * d;
     }
   }
-  // Chan's merge of (n, mean, m2) into (acc_count, acc_mean, acc_m2), as Moments::merge.
-  const double total = acc_count + n;
-  const double weight = n / total;
   for (int64_t c = 0; c < channels; ++c) {
     const double sd = sum[c];
-    const double mean = center[c] + sd / n;
-    const double m2 = sum_d2[c] - sd * sd / n;
-    if (acc_count == 0) {
-      acc_mean[c] = mean;
-      acc_m2[c] = m2;
-    } else {
-      const double delta = mean - acc_mean[c];
-      acc_mean[c] += delta * weight;
-      acc_m2[c] += m2 + delta * delta * acc_count * weight;
-    }
+    mean[c] = center[c] + sd / n;
+    m2[c] = sum_d2[c] - sd * sd / n;
   }
 }
 
 // Moments per channel over all rows: chunks merged in order within each
-// stripe, stripes merged in order.
+// stripe, stripes merged in order (in blocks of channels, one block per task).
 void rows_moments_into(const Geometry& g, const float* x, Moments* out, int threads) {
   const RowPlan plan(g);
   const int64_t C = plan.channels;
+  constexpr int64_t kChannelBlock = 256;
+  const int64_t blocks = (C + kChannelBlock - 1) / kChannelBlock;
   std::vector<double> stripe_mean(plan.stripes * C), stripe_m2(plan.stripes * C);
   std::vector<double> stripe_count(plan.stripes);
 #pragma omp parallel num_threads(threads)
   {
     std::vector<float> scratch(3 * C);
+    std::vector<double> chunk_mean(C), chunk_m2(C);
 #pragma omp for schedule(static)
     for (int64_t s = 0; s < plan.stripes; ++s) {
       double count = 0;
@@ -495,17 +506,24 @@ void rows_moments_into(const Geometry& g, const float* x, Moments* out, int thre
         const int64_t n = plan.rows_in(k);
         rows_chunk_moments(x + plan.first_row(k) * g.outer_stride, g.outer_stride, n, C,
                            scratch.data(), scratch.data() + C, scratch.data() + 2 * C,
-                           stripe_mean.data() + s * C, stripe_m2.data() + s * C, count);
+                           chunk_mean.data(), chunk_m2.data());
+        merge_moment_arrays(count, stripe_mean.data() + s * C, stripe_m2.data() + s * C,
+                            static_cast<double>(n), chunk_mean.data(), chunk_m2.data(), C);
         count += static_cast<double>(n);
       }
       stripe_count[s] = count;
     }
 #pragma omp for schedule(static)
-    for (int64_t c = 0; c < C; ++c) {
-      Moments m;
-      for (int64_t s = 0; s < plan.stripes; ++s)
-        m.merge({stripe_count[s], stripe_mean[s * C + c], stripe_m2[s * C + c]});
-      out[c] = m;
+    for (int64_t block = 0; block < blocks; ++block) {
+      const int64_t c0 = block * kChannelBlock, width = std::min(kChannelBlock, C - c0);
+      double count = stripe_count[0];
+      for (int64_t s = 1; s < plan.stripes; ++s) {
+        merge_moment_arrays(count, stripe_mean.data() + c0, stripe_m2.data() + c0,
+                            stripe_count[s], stripe_mean.data() + s * C + c0,
+                            stripe_m2.data() + s * C + c0, width);
+        count += stripe_count[s];
+      }
+      for (int64_t c = c0; c < c0 + width; ++c) out[c] = {count, stripe_mean[c], stripe_m2[c]};
     }
   }
 }
