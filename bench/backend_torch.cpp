@@ -1,0 +1,107 @@
+// PyTorch's CPU batch normalization (libtorch 1.13), called in this process
+// through the ATen ops nn.BatchNorm2d reaches: native_batch_norm (training:
+// saves mean/invstd and updates running statistics; eval: running statistics)
+// and native_batch_norm_backward with all three gradients. Inputs wrap the
+// harness's buffers (from_blob, same pages as every other library); outputs are
+// allocated by PyTorch on each call, as they are in a training step.
+//
+// Only per-operator headers: <ATen/ATen.h> or <torch/torch.h> would triple the
+// compile time of this file.
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/from_blob.h>
+#include <ATen/ops/native_batch_norm.h>
+#include <ATen/ops/native_batch_norm_backward.h>
+#include <torch/version.h>
+
+#include <cstdio>
+#include <memory>
+#include <tuple>
+
+#include "harness.hpp"
+
+namespace normkit_bench {
+namespace {
+
+constexpr double kMomentum = 0.1;
+constexpr double kEps = 1e-5;
+
+struct State {
+  at::Tensor x, dy, weight, bias, running_mean, running_var;
+  at::Tensor eval_mean, eval_var;     // inference's statistics, which training leaves alone
+  at::Tensor save_mean, save_invstd;  // from the last forward-training
+  at::Tensor out;                     // the last call's output, kept alive as a caller would
+
+  void forward_training() {
+    std::tie(out, save_mean, save_invstd) = at::native_batch_norm(
+        x, weight, bias, running_mean, running_var, /*training=*/true, kMomentum, kEps);
+  }
+  void backward() {
+    out = std::get<0>(at::native_batch_norm_backward(dy, x, weight, running_mean, running_var,
+                                                     save_mean, save_invstd, /*train=*/true, kEps,
+                                                     {true, true, true}));
+  }
+  void inference() {
+    out = std::get<0>(at::native_batch_norm(x, weight, bias, eval_mean, eval_var,
+                                            /*training=*/false, kMomentum, kEps));
+  }
+};
+
+at::Tensor wrap(const Buffer& buffer, at::IntArrayRef sizes, at::IntArrayRef strides) {
+  return at::from_blob(buffer.data(), sizes, strides, at::TensorOptions().dtype(at::kFloat));
+}
+
+std::vector<Case> batch_norm_cases(Data& data) {
+  const Problem& p = data.problem;
+  const std::vector<int64_t> strides = p.strides();
+  const std::vector<int64_t> channel_size = {p.channels()};
+  auto s = std::make_shared<State>();
+  s->x = wrap(data.x, p.sizes, strides);
+  s->dy = wrap(data.dy, p.sizes, strides);
+  // Per-channel tensors are PyTorch's own copies: forward-training updates the running ones.
+  s->weight = wrap(data.gamma, channel_size, {1}).clone();
+  s->bias = wrap(data.beta, channel_size, {1}).clone();
+  s->running_mean = wrap(data.running_mean, channel_size, {1}).clone();
+  s->running_var = wrap(data.running_var, channel_size, {1}).clone();
+  s->eval_mean = s->running_mean.clone();
+  s->eval_var = s->running_var.clone();
+  s->forward_training();  // the saved statistics the backward case uses
+
+  std::string note =
+      p.memory == Memory::channels_last && p.rank() > 2 ? "channels_last" : "contiguous";
+  const auto out = [s] { return static_cast<const float*>(s->out.data_ptr<float>()); };
+  return {
+      {"torch", Op::clone, note + ", x.clone(): allocates", [s] { s->out = s->x.clone(); },
+       nullptr},
+      {"torch", Op::forward_training, note, [s] { s->forward_training(); }, out},
+      {"torch", Op::backward, note, [s] { s->backward(); }, out},
+      {"torch", Op::forward_backward, note,
+       [s] {
+         s->forward_training();
+         s->backward();
+       },
+       out},
+      {"torch", Op::inference, note, [s] { s->inference(); }, out},
+  };
+}
+
+}  // namespace
+
+Backend torch_backend() {
+  return {"torch", TORCH_VERSION,
+          // PyTorch's intra-op pool is OpenMP here (libgomp, shared with normkit
+          // and oneDNN); at::set_num_threads sets it and records the count.
+          [](int threads) {
+            at::set_num_threads(threads);
+            if (at::get_num_threads() != threads)
+              std::printf("warning: torch runs %d threads, not %d\n", at::get_num_threads(),
+                          threads);
+          },
+          [](Data& data) -> std::vector<Case> {
+            const std::string& kind = data.problem.kind;
+            if (kind == "bn1d" || kind == "bn2d" || kind == "bn3d") return batch_norm_cases(data);
+            return {};
+          }};
+}
+
+}  // namespace normkit_bench

@@ -1,0 +1,178 @@
+#include "harness.hpp"
+
+#include <omp.h>
+#include <xmmintrin.h>
+
+#include <algorithm>
+#include <cstring>
+#include <new>
+#include <stdexcept>
+
+namespace normkit_bench {
+
+int64_t Problem::numel() const {
+  int64_t n = 1;
+  for (int64_t size : sizes) n *= size;
+  return n;
+}
+
+std::vector<int64_t> Problem::strides() const {
+  const int r = rank();
+  std::vector<int64_t> strides(sizes.size());
+  if (memory == Memory::channels_first || r <= 2) {
+    int64_t step = 1;
+    for (int axis = r - 1; axis >= 0; --axis) {
+      strides[axis] = step;
+      step *= sizes[axis];
+    }
+  } else {
+    // Memory order N, spatial..., C: channels fastest.
+    strides[1] = 1;
+    int64_t step = sizes[1];
+    for (int axis = r - 1; axis >= 2; --axis) {
+      strides[axis] = step;
+      step *= sizes[axis];
+    }
+    strides[0] = step;
+  }
+  return strides;
+}
+
+std::string Problem::layout_name() const {
+  static const char* const first[] = {"", "", "NC", "NCL", "NCHW", "NCDHW"};
+  static const char* const last[] = {"", "", "NC", "NLC", "NHWC", "NDHWC"};
+  if (rank() < 2 || rank() > 5) return "?";
+  return memory == Memory::channels_last ? last[rank()] : first[rank()];
+}
+
+std::string Problem::shape_string() const {
+  std::string s;
+  for (size_t i = 0; i < sizes.size(); ++i) {
+    if (i) s += 'x';
+    s += std::to_string(sizes[i]);
+  }
+  return s;
+}
+
+std::string Problem::label() const { return kind + " " + shape_string() + " " + layout_name(); }
+
+Buffer::Buffer(int64_t count) : size_(count) {
+  const size_t bytes = (static_cast<size_t>(count) * sizeof(float) + 63) / 64 * 64;
+  data_.reset(static_cast<float*>(std::aligned_alloc(64, bytes)));
+  if (!data_) throw std::bad_alloc();
+  std::memset(data_.get(), 0, bytes);
+}
+
+namespace {
+
+// xorshift: fast enough that filling 100 MB takes no noticeable time.
+struct Random {
+  uint64_t state;
+  float uniform() {  // [0, 1)
+    state ^= state << 13;
+    state ^= state >> 7;
+    state ^= state << 17;
+    return static_cast<float>(state >> 40) * 0x1p-24f;
+  }
+  void fill(Buffer& b, float lo, float hi) {
+    for (int64_t i = 0; i < b.size(); ++i) b.data()[i] = lo + (hi - lo) * uniform();
+  }
+};
+
+}  // namespace
+
+Data make_data(const Problem& problem) {
+  const int64_t n = problem.numel(), c = problem.channels();
+  Data d{problem,   Buffer(n), Buffer(n), Buffer(n), Buffer(n),
+         Buffer(n), Buffer(c), Buffer(c), Buffer(c), Buffer(c)};
+  Random random{0x9E3779B97F4A7C15ull};
+  random.fill(d.x, -1.0f, 3.0f);
+  random.fill(d.dy, -1.0f, 1.0f);
+  random.fill(d.gamma, 0.5f, 1.5f);
+  random.fill(d.beta, -0.5f, 0.5f);
+  random.fill(d.running_mean, 0.0f, 2.0f);
+  random.fill(d.running_var, 0.5f, 2.0f);
+  return d;
+}
+
+const char* op_name(Op op) {
+  switch (op) {
+    case Op::copy:
+      return "copy";
+    case Op::copy_streaming:
+      return "copy-streaming";
+    case Op::clone:
+      return "clone";
+    case Op::forward_training:
+      return "forward-train";
+    case Op::backward:
+      return "backward";
+    case Op::forward_backward:
+      return "forward+backward";
+    case Op::inference:
+      return "inference";
+  }
+  return "?";
+}
+
+Case copy_case(Data& data, int threads) {
+  const float* src = data.x.data();
+  float* dst = data.copy.data();
+  const int64_t n = data.problem.numel();
+  Case c{"copy", Op::copy, "", nullptr, nullptr};
+  if (threads == 1) {
+    c.note = "std::memcpy, 1 thread";
+    c.run = [=] { std::memcpy(dst, src, static_cast<size_t>(n) * sizeof(float)); };
+  } else {
+    c.note = "std::memcpy of a contiguous 1/" + std::to_string(threads) + " per thread, " +
+             std::to_string(threads) + " OpenMP threads";
+    c.run = [=] {
+#pragma omp parallel num_threads(threads)
+      {
+        // Chunk boundaries on 64-byte lines, so no two threads write one line.
+        const int64_t lines = (n + 15) / 16, t = omp_get_thread_num(), T = omp_get_num_threads();
+        const int64_t begin = std::min(n, lines * t / T * 16);
+        const int64_t end = std::min(n, lines * (t + 1) / T * 16);
+        if (end > begin)
+          std::memcpy(dst + begin, src + begin, static_cast<size_t>(end - begin) * sizeof(float));
+      }
+    };
+  }
+  return c;
+}
+
+Case streaming_copy_case(Data& data, int threads) {
+  const float* src = data.x.data();
+  float* dst = data.copy.data();
+  const int64_t n = data.problem.numel();
+  Case c{"copy", Op::copy_streaming,
+         "SSE non-temporal stores (_mm_stream_ps), " + std::to_string(threads) + " thread" +
+             (threads == 1 ? "" : "s"),
+         nullptr, nullptr};
+  c.run = [=] {
+#pragma omp parallel num_threads(threads)
+    {
+      const int64_t lines = n / 16, t = omp_get_thread_num(), T = omp_get_num_threads();
+      const int64_t begin = lines * t / T * 16, end = lines * (t + 1) / T * 16;
+      for (int64_t i = begin; i < end; i += 4) _mm_stream_ps(dst + i, _mm_load_ps(src + i));
+      _mm_sfence();
+      if (t == T - 1)
+        std::memcpy(dst + end, src + end, static_cast<size_t>(n - end) * sizeof(float));
+    }
+  };
+  return c;
+}
+
+double minimal_bytes(Op op, const Problem& problem) {
+  const double tensor = static_cast<double>(problem.numel()) * sizeof(float);
+  switch (op) {
+    case Op::backward:
+      return 3 * tensor;
+    case Op::forward_backward:
+      return 5 * tensor;
+    default:
+      return 2 * tensor;
+  }
+}
+
+}  // namespace normkit_bench
