@@ -1,0 +1,154 @@
+#pragma once
+// The training engine: layers with forward and backward, a sequential model
+// built from a text spec, softmax cross-entropy, SGD and Adam.
+//
+// Activations are float tensors with a logical shape [N, C] or [N, C, H, W]
+// stored channels-first or channels-last (MemoryFormat). Matrix multiply and
+// convolution run on oneDNN; batch normalization runs on normkit's kernels.
+#include <cstdint>
+#include <iosfwd>
+#include <map>
+#include <memory>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "normkit/batch_norm.hpp"
+#include "normkit/tensor.hpp"
+
+namespace normkit::nn {
+
+enum class Mode { train, eval };
+enum class MemoryFormat { channels_first, channels_last };
+
+struct Tensor {
+  std::vector<int64_t> shape;  // logical: [N, C] or [N, C, H, W]
+  MemoryFormat format = MemoryFormat::channels_first;
+  std::vector<float> data;
+
+  int64_t numel() const noexcept;
+  // Sets shape and format and sizes data (keeping its capacity).
+  void reshape(std::vector<int64_t> new_shape, MemoryFormat new_format);
+  // A view with the logical axis order (NC or NCHW) and the strides of `format`.
+  TensorView<float> view();
+  TensorView<const float> view() const;
+};
+
+struct Parameter {
+  std::string name;  // "weight", "bias"
+  std::vector<float> value, grad;
+};
+
+// A named non-trained state array (BN running statistics).
+struct Buffer {
+  std::string name;
+  std::vector<float>* values;
+};
+
+enum class Init { he, xavier, normal };
+struct InitOptions {
+  Init kind = Init::he;
+  float normal_std = 0.01f;  // for Init::normal
+};
+
+class Layer {
+ public:
+  virtual ~Layer() = default;
+  virtual std::string type() const = 0;      // "linear", "conv", "batchnorm", ...
+  virtual std::string describe() const = 0;  // "linear(784 -> 100, bias)"
+  // Checks the input shape (throws normkit::Error naming the layer) and gives the output shape.
+  virtual std::vector<int64_t> output_shape(const std::vector<int64_t>& input) const = 0;
+  // In train mode, keeps what backward needs.
+  virtual const Tensor& forward(const Tensor& x, Mode mode) = 0;
+  // dL/dy -> dL/dx; adds parameter gradients to Parameter::grad. With
+  // need_input_grad false (the first layer) dx is not computed and the
+  // returned tensor is empty.
+  virtual const Tensor& backward(const Tensor& dy, bool need_input_grad) = 0;
+  virtual std::vector<Parameter*> parameters() { return {}; }
+  virtual std::vector<Buffer> buffers() { return {}; }
+  virtual void initialize(const InitOptions&, std::mt19937_64&) {}
+  // Randomness in forward (dropout) is a function of (seed, step), so a resumed
+  // run draws what an uninterrupted one would.
+  virtual void set_step(uint64_t /*seed*/, uint64_t /*step*/) {}
+};
+
+// A model spec: one layer per line or ';'-separated, e.g.
+//   input 1 28 28; conv 32 3 pad=1 bias=0; batchnorm; relu; maxpool 2;
+//   flatten; linear 128 bias=0; batchnorm; relu; linear 10
+// Layers: input C [H W], linear OUT [bias=0|1], conv OUT K [stride=S] [pad=P] [bias=0|1],
+// maxpool K [stride=S], avgpool K [stride=S], relu, sigmoid, tanh, dropout P, flatten,
+// batchnorm [eps=E] [momentum=M].
+struct ModelSpec {
+  struct LayerSpec {
+    std::string type;
+    std::vector<std::string> args;  // positional
+    std::map<std::string, std::string> options;
+  };
+  std::vector<int64_t> input_shape;  // [C] or [C, H, W]
+  std::vector<LayerSpec> layers;
+
+  static ModelSpec parse(const std::string& text);  // throws normkit::Error with the line
+  static ModelSpec preset(const std::string& name);  // "mlp-paper", "cnn-small"
+  std::string to_string() const;                     // parse(to_string()) == *this
+  // The same model without its batchnorm layers; a layer that fed a batchnorm
+  // gets its bias back (BN's β made it redundant).
+  ModelSpec without_batch_norm() const;
+  bool operator==(const ModelSpec&) const = default;
+};
+
+class Model {
+ public:
+  Model(const ModelSpec& spec, MemoryFormat format = MemoryFormat::channels_first);
+  const ModelSpec& spec() const noexcept { return spec_; }
+  MemoryFormat format() const noexcept { return format_; }
+
+  void initialize(const InitOptions& options, uint64_t seed);
+  void set_step(uint64_t seed, uint64_t step);
+  // x: [N, ...input_shape] in the model's format. Returns logits [N, classes].
+  const Tensor& forward(const Tensor& x, Mode mode);
+  void backward(const Tensor& dlogits);
+  void zero_grad();
+
+  std::vector<Parameter*> parameters();
+  // Parameters and buffers by qualified name ("3.weight", "4.running_mean").
+  std::vector<std::pair<std::string, std::vector<float>*>> state();
+  int64_t parameter_count();
+  std::string summary();
+  const std::vector<std::unique_ptr<Layer>>& layers() const noexcept { return layers_; }
+
+ private:
+  ModelSpec spec_;
+  MemoryFormat format_;
+  std::vector<std::unique_ptr<Layer>> layers_;
+};
+
+// Mean softmax cross-entropy over the batch; writes dL/dlogits and returns the
+// loss. Also counts correct argmax predictions.
+struct LossResult {
+  double loss = 0;
+  int64_t correct = 0;
+};
+LossResult softmax_cross_entropy(const Tensor& logits, const int32_t* labels, Tensor* dlogits);
+
+class Optimizer {
+ public:
+  virtual ~Optimizer() = default;
+  virtual void step(const std::vector<Parameter*>& parameters) = 0;
+  virtual std::string name() const = 0;
+  // Optimizer state (momentum buffers, Adam moments, step count) for checkpoints.
+  virtual std::vector<std::vector<float>*> state() = 0;
+  virtual int64_t& steps() = 0;
+  float learning_rate = 0.01f;
+};
+
+struct SgdOptions {
+  float lr = 0.01f, momentum = 0.0f, weight_decay = 0.0f;
+  bool nesterov = false;
+};
+struct AdamOptions {
+  float lr = 1e-3f, beta1 = 0.9f, beta2 = 0.999f, eps = 1e-8f, weight_decay = 0.0f;
+};
+std::unique_ptr<Optimizer> make_sgd(const SgdOptions& options, const std::vector<Parameter*>& parameters);
+std::unique_ptr<Optimizer> make_adam(const AdamOptions& options, const std::vector<Parameter*>& parameters);
+
+}  // namespace normkit::nn

@@ -1,0 +1,726 @@
+// The engine's layers. Matrix products go through oneDNN's sgemm (gemm.hpp);
+// convolution is im2col + sgemm; batch normalization is normkit's kernels.
+#include "nn/layers.hpp"
+
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <optional>
+#include <sstream>
+
+#include "core/check.hpp"
+#include "nn/gemm.hpp"
+#include "normkit/threading.hpp"
+
+namespace normkit::nn::detail {
+
+using normkit::detail::fail_invalid;
+
+namespace {
+
+int64_t int_arg(const std::string& text) { return static_cast<int64_t>(std::stod(text)); }
+double option_or(const ModelSpec::LayerSpec& spec, const std::string& key, double fallback) {
+  const auto it = spec.options.find(key);
+  return it == spec.options.end() ? fallback : std::stod(it->second);
+}
+
+std::string shape_text(const std::vector<int64_t>& shape) {
+  std::ostringstream out;
+  out << '[';
+  for (size_t i = 0; i < shape.size(); ++i) out << (i ? ", " : "") << shape[i];
+  out << ']';
+  return out.str();
+}
+
+// Element (n, c, h, w) of a [N, C, H, W] tensor in either format.
+struct Strides4 {
+  int64_t n, c, h, w;
+  Strides4(const std::vector<int64_t>& shape, MemoryFormat format) {
+    const int64_t C = shape[1], H = shape[2], W = shape[3];
+    if (format == MemoryFormat::channels_first) {
+      n = C * H * W, c = H * W, h = W, w = 1;
+    } else {
+      n = H * W * C, c = 1, h = W * C, w = C;
+    }
+  }
+  int64_t at(int64_t in, int64_t ic, int64_t ih, int64_t iw) const {
+    return in * n + ic * c + ih * h + iw * w;
+  }
+};
+
+void fill_init(std::vector<float>& w, int64_t fan_in, int64_t fan_out, const InitOptions& init,
+               std::mt19937_64& rng) {
+  switch (init.kind) {
+    case Init::he: {  // He et al. 2015: N(0, 2 / fan_in)
+      std::normal_distribution<float> dist(0.0f, std::sqrt(2.0f / static_cast<float>(fan_in)));
+      for (auto& v : w) v = dist(rng);
+      break;
+    }
+    case Init::xavier: {  // Glorot & Bengio 2010: U(±sqrt(6 / (fan_in + fan_out)))
+      const float a = std::sqrt(6.0f / static_cast<float>(fan_in + fan_out));
+      std::uniform_real_distribution<float> dist(-a, a);
+      for (auto& v : w) v = dist(rng);
+      break;
+    }
+    case Init::normal: {
+      std::normal_distribution<float> dist(0.0f, init.normal_std);
+      for (auto& v : w) v = dist(rng);
+      break;
+    }
+  }
+}
+
+// ---------------------------------------------------------------- Linear
+// y = x·Wᵀ + b, W: [out, in] (PyTorch's layout).
+class Linear final : public Layer {
+ public:
+  Linear(int64_t in, int64_t out, bool bias) : in_(in), out_(out) {
+    weight_ = {"weight", std::vector<float>(out * in), std::vector<float>(out * in)};
+    if (bias) bias_ = Parameter{"bias", std::vector<float>(out), std::vector<float>(out)};
+  }
+  std::string type() const override { return "linear"; }
+  std::string describe() const override {
+    std::ostringstream s;
+    s << "linear(" << in_ << " -> " << out_ << (bias_ ? ", bias" : ", no bias") << ")";
+    return s.str();
+  }
+  std::vector<int64_t> output_shape(const std::vector<int64_t>& input) const override {
+    if (input.size() != 1 || input[0] != in_)
+      fail_invalid(describe(), ": expected input [", in_, "], got ", shape_text(input),
+                   " (add 'flatten' before it?)");
+    return {out_};
+  }
+  const Tensor& forward(const Tensor& x, Mode) override {
+    input_ = &x;
+    const int64_t n = x.shape[0];
+    y_.reshape({n, out_}, MemoryFormat::channels_first);
+    gemm(false, true, n, out_, in_, 1.0f, x.data.data(), in_, weight_.value.data(), in_, 0.0f,
+         y_.data.data(), out_);
+    if (bias_) {
+      const float* b = bias_->value.data();
+#pragma omp parallel for num_threads(num_threads()) schedule(static)
+      for (int64_t i = 0; i < n; ++i)
+        for (int64_t o = 0; o < out_; ++o) y_.data[i * out_ + o] += b[o];
+    }
+    return y_;
+  }
+  const Tensor& backward(const Tensor& dy, bool need_input_grad) override {
+    const Tensor& x = *input_;
+    const int64_t n = x.shape[0];
+    // dW += dyᵀ·x;  db += Σ_n dy;  dx = dy·W
+    gemm(true, false, out_, in_, n, 1.0f, dy.data.data(), out_, x.data.data(), in_, 1.0f,
+         weight_.grad.data(), in_);
+    if (bias_)
+      for (int64_t i = 0; i < n; ++i)
+        for (int64_t o = 0; o < out_; ++o) bias_->grad[o] += dy.data[i * out_ + o];
+    if (!need_input_grad) {
+      dx_.reshape({}, MemoryFormat::channels_first);
+      return dx_;
+    }
+    dx_.reshape({n, in_}, MemoryFormat::channels_first);
+    gemm(false, false, n, in_, out_, 1.0f, dy.data.data(), out_, weight_.value.data(), in_, 0.0f,
+         dx_.data.data(), in_);
+    return dx_;
+  }
+  std::vector<Parameter*> parameters() override {
+    if (bias_) return {&weight_, &*bias_};
+    return {&weight_};
+  }
+  void initialize(const InitOptions& init, std::mt19937_64& rng) override {
+    fill_init(weight_.value, in_, out_, init, rng);
+    if (bias_) std::fill(bias_->value.begin(), bias_->value.end(), 0.0f);
+  }
+
+ private:
+  int64_t in_, out_;
+  Parameter weight_;
+  std::optional<Parameter> bias_;
+  const Tensor* input_ = nullptr;
+  Tensor y_, dx_;
+};
+
+// ---------------------------------------------------------------- Conv2d
+// Square kernel, zero padding; W: [out, in, k, k] (PyTorch's OIHW). im2col
+// columns are ordered (ci, kh, kw) so W is used as an [out, in·k·k] matrix:
+//   channels-last:  cols [N·P, in·k·k] · Wᵀ -> y [N·P, out] (NHWC) in one GEMM;
+//   channels-first: per sample W · cols [in·k·k, P] -> y [out, P] (NCHW).
+class Conv2d final : public Layer {
+ public:
+  Conv2d(const std::vector<int64_t>& input, int64_t out, int64_t k, int64_t stride, int64_t pad,
+         bool bias, MemoryFormat format)
+      : cin_(input[0]), h_(input[1]), w_(input[2]), cout_(out), k_(k), stride_(stride), pad_(pad),
+        format_(format) {
+    oh_ = (h_ + 2 * pad_ - k_) / stride_ + 1;
+    ow_ = (w_ + 2 * pad_ - k_) / stride_ + 1;
+    const int64_t size = cout_ * cin_ * k_ * k_;
+    weight_ = {"weight", std::vector<float>(size), std::vector<float>(size)};
+    if (bias) bias_ = Parameter{"bias", std::vector<float>(cout_), std::vector<float>(cout_)};
+  }
+  std::string type() const override { return "conv"; }
+  std::string describe() const override {
+    std::ostringstream s;
+    s << "conv(" << cin_ << " -> " << cout_ << ", " << k_ << "x" << k_ << ", stride " << stride_
+      << ", pad " << pad_ << (bias_ ? ", bias" : ", no bias") << ")";
+    return s.str();
+  }
+  std::vector<int64_t> output_shape(const std::vector<int64_t>& input) const override {
+    if (input.size() != 3 || input[0] != cin_ || input[1] != h_ || input[2] != w_)
+      fail_invalid(describe(), ": expected input [", cin_, ", ", h_, ", ", w_, "], got ",
+                   shape_text(input));
+    return {cout_, oh_, ow_};
+  }
+  const Tensor& forward(const Tensor& x, Mode) override {
+    const int64_t n = x.shape[0], P = oh_ * ow_, K = kdim();
+    cols_.resize(static_cast<size_t>(n * P * K));
+    im2col(x, n);
+    y_.reshape({n, cout_, oh_, ow_}, format_);
+    if (format_ == MemoryFormat::channels_last) {
+      gemm(false, true, n * P, cout_, K, 1.0f, cols_.data(), K, weight_.value.data(), K, 0.0f,
+           y_.data.data(), cout_);
+    } else {
+      for (int64_t i = 0; i < n; ++i)
+        gemm(false, false, cout_, P, K, 1.0f, weight_.value.data(), K, cols_.data() + i * K * P, P,
+             0.0f, y_.data.data() + i * cout_ * P, P);
+    }
+    if (bias_) add_bias(n);
+    return y_;
+  }
+  const Tensor& backward(const Tensor& dy, bool need_input_grad) override {
+    const int64_t n = dy.shape[0], P = oh_ * ow_, K = kdim();
+    if (format_ == MemoryFormat::channels_last) {
+      gemm(true, false, cout_, K, n * P, 1.0f, dy.data.data(), cout_, cols_.data(), K, 1.0f,
+           weight_.grad.data(), K);
+    } else {
+      for (int64_t i = 0; i < n; ++i)
+        gemm(false, true, cout_, K, P, 1.0f, dy.data.data() + i * cout_ * P, P,
+             cols_.data() + i * K * P, P, 1.0f, weight_.grad.data(), K);
+    }
+    if (bias_) bias_grad(dy, n);
+    if (!need_input_grad) {
+      dx_.reshape({}, format_);
+      return dx_;
+    }
+    // dcols = dy·W (channels-last) or Wᵀ·dy per sample, then scattered back.
+    if (format_ == MemoryFormat::channels_last) {
+      gemm(false, false, n * P, K, cout_, 1.0f, dy.data.data(), cout_, weight_.value.data(), K,
+           0.0f, cols_.data(), K);
+    } else {
+      for (int64_t i = 0; i < n; ++i)
+        gemm(true, false, K, P, cout_, 1.0f, weight_.value.data(), K, dy.data.data() + i * cout_ * P,
+             P, 0.0f, cols_.data() + i * K * P, P);
+    }
+    dx_.reshape({n, cin_, h_, w_}, format_);
+    col2im(n);
+    return dx_;
+  }
+  std::vector<Parameter*> parameters() override {
+    if (bias_) return {&weight_, &*bias_};
+    return {&weight_};
+  }
+  void initialize(const InitOptions& init, std::mt19937_64& rng) override {
+    fill_init(weight_.value, cin_ * k_ * k_, cout_ * k_ * k_, init, rng);
+    if (bias_) std::fill(bias_->value.begin(), bias_->value.end(), 0.0f);
+  }
+
+ private:
+  int64_t kdim() const { return cin_ * k_ * k_; }
+
+  // Column index (ci, kh, kw) of output pixel p = (oh, ow) reads input
+  // (ci, oh·s - pad + kh, ow·s - pad + kw), or 0 outside the image.
+  void im2col(const Tensor& x, int64_t n) {
+    const Strides4 st(x.shape, format_);
+    const int64_t P = oh_ * ow_, K = kdim();
+    const bool last = format_ == MemoryFormat::channels_last;
+    const float* src = x.data.data();
+#pragma omp parallel for num_threads(num_threads()) schedule(static)
+    for (int64_t i = 0; i < n; ++i)
+      for (int64_t ci = 0; ci < cin_; ++ci)
+        for (int64_t kh = 0; kh < k_; ++kh)
+          for (int64_t kw = 0; kw < k_; ++kw) {
+            const int64_t col = (ci * k_ + kh) * k_ + kw;
+            for (int64_t oh = 0; oh < oh_; ++oh) {
+              const int64_t ih = oh * stride_ - pad_ + kh;
+              for (int64_t ow = 0; ow < ow_; ++ow) {
+                const int64_t iw = ow * stride_ - pad_ + kw;
+                const bool inside = ih >= 0 && ih < h_ && iw >= 0 && iw < w_;
+                const float v = inside ? src[st.at(i, ci, ih, iw)] : 0.0f;
+                const int64_t p = oh * ow_ + ow;
+                if (last)
+                  cols_[(i * P + p) * K + col] = v;
+                else
+                  cols_[(i * K + col) * P + p] = v;
+              }
+            }
+          }
+  }
+
+  void col2im(int64_t n) {
+    const Strides4 st(dx_.shape, format_);
+    const int64_t P = oh_ * ow_, K = kdim();
+    const bool last = format_ == MemoryFormat::channels_last;
+    std::fill(dx_.data.begin(), dx_.data.end(), 0.0f);
+    float* dst = dx_.data.data();
+#pragma omp parallel for num_threads(num_threads()) schedule(static)
+    for (int64_t i = 0; i < n; ++i)
+      for (int64_t ci = 0; ci < cin_; ++ci)
+        for (int64_t kh = 0; kh < k_; ++kh)
+          for (int64_t kw = 0; kw < k_; ++kw) {
+            const int64_t col = (ci * k_ + kh) * k_ + kw;
+            for (int64_t oh = 0; oh < oh_; ++oh) {
+              const int64_t ih = oh * stride_ - pad_ + kh;
+              if (ih < 0 || ih >= h_) continue;
+              for (int64_t ow = 0; ow < ow_; ++ow) {
+                const int64_t iw = ow * stride_ - pad_ + kw;
+                if (iw < 0 || iw >= w_) continue;
+                const int64_t p = oh * ow_ + ow;
+                dst[st.at(i, ci, ih, iw)] += last ? cols_[(i * P + p) * K + col] : cols_[(i * K + col) * P + p];
+              }
+            }
+          }
+  }
+
+  void add_bias(int64_t n) {
+    const int64_t P = oh_ * ow_;
+    const float* b = bias_->value.data();
+    float* y = y_.data.data();
+    const bool last = format_ == MemoryFormat::channels_last;
+#pragma omp parallel for num_threads(num_threads()) schedule(static)
+    for (int64_t i = 0; i < n; ++i)
+      for (int64_t p = 0; p < P; ++p)
+        for (int64_t c = 0; c < cout_; ++c)
+          y[last ? (i * P + p) * cout_ + c : (i * cout_ + c) * P + p] += b[c];
+  }
+
+  void bias_grad(const Tensor& dy, int64_t n) {
+    const int64_t P = oh_ * ow_;
+    const bool last = format_ == MemoryFormat::channels_last;
+    for (int64_t c = 0; c < cout_; ++c) {
+      double sum = 0;
+      for (int64_t i = 0; i < n; ++i)
+        for (int64_t p = 0; p < P; ++p)
+          sum += dy.data[last ? (i * P + p) * cout_ + c : (i * cout_ + c) * P + p];
+      bias_->grad[c] += static_cast<float>(sum);
+    }
+  }
+
+  int64_t cin_, h_, w_, cout_, k_, stride_, pad_, oh_ = 0, ow_ = 0;
+  MemoryFormat format_;
+  Parameter weight_;
+  std::optional<Parameter> bias_;
+  std::vector<float> cols_;
+  Tensor y_, dx_;
+};
+
+// ---------------------------------------------------------------- pooling
+// k×k windows, stride s, no padding (floor mode, as PyTorch's default).
+class Pool2d final : public Layer {
+ public:
+  Pool2d(const std::vector<int64_t>& input, int64_t k, int64_t stride, bool max, MemoryFormat format)
+      : c_(input[0]), h_(input[1]), w_(input[2]), k_(k), stride_(stride), max_(max), format_(format) {
+    oh_ = (h_ - k_) / stride_ + 1;
+    ow_ = (w_ - k_) / stride_ + 1;
+  }
+  std::string type() const override { return max_ ? "maxpool" : "avgpool"; }
+  std::string describe() const override {
+    std::ostringstream s;
+    s << type() << "(" << k_ << "x" << k_ << ", stride " << stride_ << ")";
+    return s.str();
+  }
+  std::vector<int64_t> output_shape(const std::vector<int64_t>& input) const override {
+    if (input.size() != 3 || input[0] != c_ || input[1] != h_ || input[2] != w_)
+      fail_invalid(describe(), ": expected input [", c_, ", ", h_, ", ", w_, "], got ",
+                   shape_text(input));
+    return {c_, oh_, ow_};
+  }
+  const Tensor& forward(const Tensor& x, Mode mode) override {
+    const int64_t n = x.shape[0];
+    y_.reshape({n, c_, oh_, ow_}, format_);
+    if (max_ && mode == Mode::train) argmax_.resize(y_.data.size());
+    const Strides4 in(x.shape, format_), out(y_.shape, format_);
+    const float inv_area = 1.0f / static_cast<float>(k_ * k_);
+    const bool keep = max_ && mode == Mode::train;
+#pragma omp parallel for num_threads(num_threads()) schedule(static)
+    for (int64_t i = 0; i < n; ++i)
+      for (int64_t c = 0; c < c_; ++c)
+        for (int64_t oh = 0; oh < oh_; ++oh)
+          for (int64_t ow = 0; ow < ow_; ++ow) {
+            float best = -std::numeric_limits<float>::infinity(), sum = 0.0f;
+            int64_t best_at = in.at(i, c, oh * stride_, ow * stride_);
+            for (int64_t kh = 0; kh < k_; ++kh)
+              for (int64_t kw = 0; kw < k_; ++kw) {
+                const int64_t at = in.at(i, c, oh * stride_ + kh, ow * stride_ + kw);
+                const float v = x.data[at];
+                sum += v;
+                if (v > best || std::isnan(v)) {  // NaN propagates, as in PyTorch
+                  best = v;
+                  best_at = at;
+                }
+              }
+            const int64_t o = out.at(i, c, oh, ow);
+            y_.data[o] = max_ ? best : sum * inv_area;
+            if (keep) argmax_[o] = best_at;
+          }
+    return y_;
+  }
+  const Tensor& backward(const Tensor& dy, bool need_input_grad) override {
+    if (!need_input_grad) {
+      dx_.reshape({}, format_);
+      return dx_;
+    }
+    const int64_t n = dy.shape[0];
+    dx_.reshape({n, c_, h_, w_}, format_);
+    std::fill(dx_.data.begin(), dx_.data.end(), 0.0f);
+    if (max_) {
+      // Windows do not overlap when stride >= k; otherwise accumulate serially.
+      const int64_t total = static_cast<int64_t>(dy.data.size());
+      for (int64_t o = 0; o < total; ++o) dx_.data[argmax_[o]] += dy.data[o];
+      return dx_;
+    }
+    const Strides4 in(dx_.shape, format_), out(dy.shape, format_);
+    const float inv_area = 1.0f / static_cast<float>(k_ * k_);
+    for (int64_t i = 0; i < n; ++i)
+      for (int64_t c = 0; c < c_; ++c)
+        for (int64_t oh = 0; oh < oh_; ++oh)
+          for (int64_t ow = 0; ow < ow_; ++ow) {
+            const float g = dy.data[out.at(i, c, oh, ow)] * inv_area;
+            for (int64_t kh = 0; kh < k_; ++kh)
+              for (int64_t kw = 0; kw < k_; ++kw)
+                dx_.data[in.at(i, c, oh * stride_ + kh, ow * stride_ + kw)] += g;
+          }
+    return dx_;
+  }
+
+ private:
+  int64_t c_, h_, w_, k_, stride_, oh_ = 0, ow_ = 0;
+  bool max_;
+  MemoryFormat format_;
+  std::vector<int64_t> argmax_;
+  Tensor y_, dx_;
+};
+
+// ---------------------------------------------------------------- elementwise
+enum class Activation { relu, sigmoid, tanh };
+class Elementwise final : public Layer {
+ public:
+  explicit Elementwise(Activation kind) : kind_(kind) {}
+  std::string type() const override {
+    return kind_ == Activation::relu ? "relu" : kind_ == Activation::sigmoid ? "sigmoid" : "tanh";
+  }
+  std::string describe() const override { return type(); }
+  std::vector<int64_t> output_shape(const std::vector<int64_t>& input) const override {
+    return input;
+  }
+  const Tensor& forward(const Tensor& x, Mode) override {
+    y_.reshape(x.shape, x.format);
+    const int64_t total = x.numel();
+    const float* in = x.data.data();
+    float* out = y_.data.data();
+    switch (kind_) {
+      case Activation::relu:
+#pragma omp parallel for num_threads(num_threads()) schedule(static)
+        for (int64_t i = 0; i < total; ++i) out[i] = in[i] > 0.0f ? in[i] : 0.0f;
+        break;
+      case Activation::sigmoid:
+#pragma omp parallel for num_threads(num_threads()) schedule(static)
+        for (int64_t i = 0; i < total; ++i) out[i] = 1.0f / (1.0f + std::exp(-in[i]));
+        break;
+      case Activation::tanh:
+#pragma omp parallel for num_threads(num_threads()) schedule(static)
+        for (int64_t i = 0; i < total; ++i) out[i] = std::tanh(in[i]);
+        break;
+    }
+    return y_;
+  }
+  // Derivatives from the output: relu' = [y > 0], sigmoid' = y(1 - y), tanh' = 1 - y².
+  const Tensor& backward(const Tensor& dy, bool need_input_grad) override {
+    if (!need_input_grad) {
+      dx_.reshape({}, dy.format);
+      return dx_;
+    }
+    dx_.reshape(dy.shape, dy.format);
+    const int64_t total = dy.numel();
+    const float* y = y_.data.data();
+    const float* g = dy.data.data();
+    float* out = dx_.data.data();
+    switch (kind_) {
+      case Activation::relu:
+#pragma omp parallel for num_threads(num_threads()) schedule(static)
+        for (int64_t i = 0; i < total; ++i) out[i] = y[i] > 0.0f ? g[i] : 0.0f;
+        break;
+      case Activation::sigmoid:
+#pragma omp parallel for num_threads(num_threads()) schedule(static)
+        for (int64_t i = 0; i < total; ++i) out[i] = g[i] * y[i] * (1.0f - y[i]);
+        break;
+      case Activation::tanh:
+#pragma omp parallel for num_threads(num_threads()) schedule(static)
+        for (int64_t i = 0; i < total; ++i) out[i] = g[i] * (1.0f - y[i] * y[i]);
+        break;
+    }
+    return dx_;
+  }
+
+ private:
+  Activation kind_;
+  Tensor y_, dx_;
+};
+
+// ---------------------------------------------------------------- dropout
+// Inverted dropout: kept values are scaled by 1/(1 - p) in training; eval is
+// the identity. The mask is a hash of (seed, step, layer, index), so it does
+// not depend on threads or on where a run was resumed.
+class Dropout final : public Layer {
+ public:
+  Dropout(double p, uint64_t salt) : p_(p), salt_(salt) {
+    if (!(p >= 0.0 && p < 1.0)) fail_invalid("dropout: p must be in [0, 1), got ", p);
+  }
+  std::string type() const override { return "dropout"; }
+  std::string describe() const override { return "dropout(" + std::to_string(p_) + ")"; }
+  std::vector<int64_t> output_shape(const std::vector<int64_t>& input) const override {
+    return input;
+  }
+  void set_step(uint64_t seed, uint64_t step) override { key_ = mix(seed ^ mix(step + salt_)); }
+  const Tensor& forward(const Tensor& x, Mode mode) override {
+    y_.reshape(x.shape, x.format);
+    const int64_t total = x.numel();
+    if (mode == Mode::eval || p_ == 0.0) {
+      std::copy(x.data.begin(), x.data.end(), y_.data.begin());
+      scale_.assign(static_cast<size_t>(total), 1.0f);
+      return y_;
+    }
+    scale_.resize(static_cast<size_t>(total));
+    const float keep_scale = static_cast<float>(1.0 / (1.0 - p_));
+    const auto threshold = static_cast<uint64_t>(p_ * 18446744073709551616.0);
+#pragma omp parallel for num_threads(num_threads()) schedule(static)
+    for (int64_t i = 0; i < total; ++i) {
+      scale_[i] = mix(key_ + static_cast<uint64_t>(i)) < threshold ? 0.0f : keep_scale;
+      y_.data[i] = x.data[i] * scale_[i];
+    }
+    return y_;
+  }
+  const Tensor& backward(const Tensor& dy, bool need_input_grad) override {
+    if (!need_input_grad) {
+      dx_.reshape({}, dy.format);
+      return dx_;
+    }
+    dx_.reshape(dy.shape, dy.format);
+    for (size_t i = 0; i < dy.data.size(); ++i) dx_.data[i] = dy.data[i] * scale_[i];
+    return dx_;
+  }
+
+ private:
+  static uint64_t mix(uint64_t z) {  // splitmix64's finalizer
+    z += 0x9e3779b97f4a7c15ull;
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+    return z ^ (z >> 31);
+  }
+  double p_;
+  uint64_t salt_, key_ = 0;
+  std::vector<float> scale_;
+  Tensor y_, dx_;
+};
+
+// ---------------------------------------------------------------- flatten
+// [N, C, H, W] -> [N, C·H·W] in (c, h, w) order whatever the memory format,
+// so a model means the same thing in either format (and matches PyTorch).
+class Flatten final : public Layer {
+ public:
+  Flatten(const std::vector<int64_t>& input, MemoryFormat format) : input_(input), format_(format) {}
+  std::string type() const override { return "flatten"; }
+  std::string describe() const override { return "flatten"; }
+  std::vector<int64_t> output_shape(const std::vector<int64_t>& input) const override {
+    int64_t n = 1;
+    for (const auto d : input) n *= d;
+    return {n};
+  }
+  const Tensor& forward(const Tensor& x, Mode) override {
+    const int64_t n = x.shape[0], features = x.numel() / n;
+    y_.reshape({n, features}, MemoryFormat::channels_first);
+    if (x.shape.size() != 4 || x.format == MemoryFormat::channels_first) {
+      std::copy(x.data.begin(), x.data.end(), y_.data.begin());
+      return y_;
+    }
+    const int64_t C = x.shape[1], HW = x.shape[2] * x.shape[3];
+#pragma omp parallel for num_threads(num_threads()) schedule(static)
+    for (int64_t i = 0; i < n; ++i)
+      for (int64_t p = 0; p < HW; ++p)
+        for (int64_t c = 0; c < C; ++c) y_.data[(i * C + c) * HW + p] = x.data[(i * HW + p) * C + c];
+    return y_;
+  }
+  const Tensor& backward(const Tensor& dy, bool need_input_grad) override {
+    if (!need_input_grad) {
+      dx_.reshape({}, format_);
+      return dx_;
+    }
+    const int64_t n = dy.shape[0];
+    std::vector<int64_t> shape = {n};
+    shape.insert(shape.end(), input_.begin(), input_.end());
+    if (shape.size() != 4) {
+      dx_.reshape(shape, MemoryFormat::channels_first);
+      std::copy(dy.data.begin(), dy.data.end(), dx_.data.begin());
+      return dx_;
+    }
+    dx_.reshape(shape, format_);
+    if (format_ == MemoryFormat::channels_first) {
+      std::copy(dy.data.begin(), dy.data.end(), dx_.data.begin());
+      return dx_;
+    }
+    const int64_t C = shape[1], HW = shape[2] * shape[3];
+#pragma omp parallel for num_threads(num_threads()) schedule(static)
+    for (int64_t i = 0; i < n; ++i)
+      for (int64_t p = 0; p < HW; ++p)
+        for (int64_t c = 0; c < C; ++c) dx_.data[(i * HW + p) * C + c] = dy.data[(i * C + c) * HW + p];
+    return dx_;
+  }
+
+ private:
+  std::vector<int64_t> input_;
+  MemoryFormat format_;
+  Tensor y_, dx_;
+};
+
+// ---------------------------------------------------------------- batch norm
+// BatchNorm1d ([N, C]) and BatchNorm2d ([N, C, H, W]) on the core kernels,
+// PyTorch's conventions; running statistics are buffers, not parameters.
+class BatchNorm final : public Layer {
+ public:
+  BatchNorm(int64_t channels, double eps, double momentum) : c_(channels) {
+    options_.eps = eps;
+    options_.momentum = momentum;
+    gamma_ = {"weight", std::vector<float>(c_, 1.0f), std::vector<float>(c_)};
+    beta_ = {"bias", std::vector<float>(c_, 0.0f), std::vector<float>(c_)};
+    running_mean_.assign(c_, 0.0f);
+    running_var_.assign(c_, 1.0f);
+    batches_.assign(1, 0.0f);
+    save_mean_.resize(c_);
+    save_invstd_.resize(c_);
+    invstd_.resize(c_);
+  }
+  std::string type() const override { return "batchnorm"; }
+  std::string describe() const override {
+    std::ostringstream s;
+    s << "batchnorm(" << c_ << ", eps " << options_.eps << ", momentum " << *options_.momentum << ")";
+    return s.str();
+  }
+  std::vector<int64_t> output_shape(const std::vector<int64_t>& input) const override {
+    if (input.empty() || input[0] != c_)
+      fail_invalid(describe(), ": expected ", c_, " channels, got input ", shape_text(input));
+    return input;
+  }
+  const Tensor& forward(const Tensor& x, Mode mode) override {
+    input_ = &x;
+    y_.reshape(x.shape, x.format);
+    if (mode == Mode::train) {
+      int64_t tracked = static_cast<int64_t>(batches_[0]);
+      batch_norm_forward_training<float>(x.view(), y_.view(), gamma_.value, beta_.value,
+                                         {save_mean_, save_invstd_},
+                                         {running_mean_, running_var_, &tracked}, options_);
+      batches_[0] = static_cast<float>(tracked);
+    } else {
+      batch_norm_forward_inference<float>(x.view(), y_.view(), gamma_.value, beta_.value,
+                                          running_mean_, running_var_, options_.eps);
+    }
+    return y_;
+  }
+  const Tensor& backward(const Tensor& dy, bool need_input_grad) override {
+    TensorView<float> dx{};
+    if (need_input_grad) {
+      dx_.reshape(dy.shape, dy.format);
+      dx = dx_.view();
+    } else {
+      dx_.reshape({}, dy.format);
+    }
+    // The kernel writes dγ and dβ; parameters accumulate gradients.
+    std::vector<float>& dgamma = scratch_gamma_;
+    std::vector<float>& dbeta = scratch_beta_;
+    dgamma.resize(c_);
+    dbeta.resize(c_);
+    batch_norm_backward<float>(input_->view(), dy.view(), dx, gamma_.value, save_mean_,
+                               save_invstd_, dgamma, dbeta, BackwardMode::training);
+    for (int64_t c = 0; c < c_; ++c) {
+      gamma_.grad[c] += dgamma[c];
+      beta_.grad[c] += dbeta[c];
+    }
+    return dx_;
+  }
+  std::vector<Parameter*> parameters() override { return {&gamma_, &beta_}; }
+  std::vector<Buffer> buffers() override {
+    return {{"running_mean", &running_mean_}, {"running_var", &running_var_},
+            {"num_batches_tracked", &batches_}};
+  }
+  void initialize(const InitOptions&, std::mt19937_64&) override {
+    std::fill(gamma_.value.begin(), gamma_.value.end(), 1.0f);
+    std::fill(beta_.value.begin(), beta_.value.end(), 0.0f);
+    std::fill(running_mean_.begin(), running_mean_.end(), 0.0f);
+    std::fill(running_var_.begin(), running_var_.end(), 1.0f);
+    batches_[0] = 0.0f;
+  }
+
+ private:
+  int64_t c_;
+  BatchNormOptions options_;
+  Parameter gamma_, beta_;
+  std::vector<float> running_mean_, running_var_, batches_;
+  std::vector<float> save_mean_, save_invstd_, invstd_, scratch_gamma_, scratch_beta_;
+  const Tensor* input_ = nullptr;
+  Tensor y_, dx_;
+};
+
+}  // namespace
+
+std::unique_ptr<Layer> make_layer(const ModelSpec::LayerSpec& spec,
+                                  const std::vector<int64_t>& input, MemoryFormat format,
+                                  size_t index) {
+  const std::string& t = spec.type;
+  auto need_image = [&] {
+    if (input.size() != 3)
+      fail_invalid(t, ": needs a [C, H, W] input, got ", shape_text(input));
+  };
+  if (t == "linear") {
+    if (input.size() != 1)
+      fail_invalid("linear: needs a flat input, got ", shape_text(input), " (add 'flatten')");
+    const int64_t out = int_arg(spec.args[0]);
+    if (out < 1) fail_invalid("linear: output size must be >= 1, got ", out);
+    return std::make_unique<Linear>(input[0], out, option_or(spec, "bias", 1) != 0);
+  }
+  if (t == "conv") {
+    need_image();
+    const int64_t out = int_arg(spec.args[0]), k = int_arg(spec.args[1]);
+    const auto stride = static_cast<int64_t>(option_or(spec, "stride", 1));
+    const auto pad = static_cast<int64_t>(option_or(spec, "pad", 0));
+    if (out < 1 || k < 1 || stride < 1 || pad < 0)
+      fail_invalid("conv: bad sizes (out ", out, ", kernel ", k, ", stride ", stride, ", pad ", pad, ")");
+    if (input[1] + 2 * pad < k || input[2] + 2 * pad < k)
+      fail_invalid("conv: kernel ", k, " is larger than the padded input ", shape_text(input));
+    return std::make_unique<Conv2d>(input, out, k, stride, pad, option_or(spec, "bias", 1) != 0,
+                                    format);
+  }
+  if (t == "maxpool" || t == "avgpool") {
+    need_image();
+    const int64_t k = int_arg(spec.args[0]);
+    const auto stride = static_cast<int64_t>(option_or(spec, "stride", static_cast<double>(k)));
+    if (k < 1 || stride < 1 || input[1] < k || input[2] < k)
+      fail_invalid(t, ": window ", k, " (stride ", stride, ") does not fit input ", shape_text(input));
+    return std::make_unique<Pool2d>(input, k, stride, t == "maxpool", format);
+  }
+  if (t == "relu") return std::make_unique<Elementwise>(Activation::relu);
+  if (t == "sigmoid") return std::make_unique<Elementwise>(Activation::sigmoid);
+  if (t == "tanh") return std::make_unique<Elementwise>(Activation::tanh);
+  if (t == "dropout")
+    return std::make_unique<Dropout>(std::stod(spec.args[0]), 0x1000193ull * (index + 1));
+  if (t == "flatten") return std::make_unique<Flatten>(input, format);
+  if (t == "batchnorm") {
+    if (input.size() != 1 && input.size() != 3)
+      fail_invalid("batchnorm: needs a [C] or [C, H, W] input, got ", shape_text(input));
+    const double eps = option_or(spec, "eps", 1e-5), momentum = option_or(spec, "momentum", 0.1);
+    if (!(eps > 0)) fail_invalid("batchnorm: eps must be positive, got ", eps);
+    if (!(momentum >= 0 && momentum <= 1)) fail_invalid("batchnorm: momentum must be in [0, 1], got ", momentum);
+    return std::make_unique<BatchNorm>(input[0], eps, momentum);
+  }
+  fail_invalid("unknown layer type '", t, "'");
+}
+
+}  // namespace normkit::nn::detail

@@ -1,0 +1,166 @@
+// The model spec: a small text format, its presets and its BN-free twin.
+#include <algorithm>
+#include <cmath>
+#include <optional>
+#include <sstream>
+
+#include "core/check.hpp"
+#include "normkit/nn.hpp"
+
+namespace normkit::nn {
+
+namespace {
+
+struct LayerKind {
+  const char* type;
+  size_t min_args, max_args;
+  std::vector<std::string> options;
+};
+const std::vector<LayerKind>& kinds() {
+  static const std::vector<LayerKind> table = {
+      {"linear", 1, 1, {"bias"}},
+      {"conv", 2, 2, {"stride", "pad", "bias"}},
+      {"maxpool", 1, 1, {"stride"}},
+      {"avgpool", 1, 1, {"stride"}},
+      {"relu", 0, 0, {}},
+      {"sigmoid", 0, 0, {}},
+      {"tanh", 0, 0, {}},
+      {"dropout", 1, 1, {}},
+      {"flatten", 0, 0, {}},
+      {"batchnorm", 0, 0, {"eps", "momentum"}},
+  };
+  return table;
+}
+
+std::vector<std::string> split_statements(const std::string& text) {
+  std::vector<std::string> out;
+  std::string current;
+  for (const char ch : text) {
+    if (ch == ';' || ch == '\n') {
+      out.push_back(current);
+      current.clear();
+    } else {
+      current += ch;
+    }
+  }
+  out.push_back(current);
+  return out;
+}
+
+std::optional<double> parse_number(const std::string& s) {
+  try {
+    size_t used = 0;
+    const double value = std::stod(s, &used);
+    if (used != s.size() || !std::isfinite(value)) return std::nullopt;
+    return value;
+  } catch (const std::exception&) {
+    return std::nullopt;
+  }
+}
+
+bool is_norm(const ModelSpec::LayerSpec& layer) { return layer.type == "batchnorm"; }
+bool has_bias_option(const ModelSpec::LayerSpec& layer) {
+  return layer.type == "linear" || layer.type == "conv";
+}
+
+}  // namespace
+
+ModelSpec ModelSpec::parse(const std::string& text) {
+  ModelSpec spec;
+  int statement = 0;
+  for (std::string line : split_statements(text)) {
+    ++statement;
+    if (const auto hash = line.find('#'); hash != std::string::npos) line.resize(hash);
+    std::istringstream words(line);
+    std::string type;
+    if (!(words >> type)) continue;
+    std::transform(type.begin(), type.end(), type.begin(), ::tolower);
+    LayerSpec layer{type, {}, {}};
+    for (std::string word; words >> word;) {
+      if (const auto eq = word.find('='); eq != std::string::npos)
+        layer.options[word.substr(0, eq)] = word.substr(eq + 1);
+      else
+        layer.args.push_back(word);
+    }
+    auto fail = [&](const auto&... parts) {
+      detail::fail_invalid("model spec, statement ", statement, " ('", type, "'): ", parts...);
+    };
+    auto number = [&](const std::string& s) {
+      const std::optional<double> value = parse_number(s);
+      if (!value) fail("'", s, "' is not a number");
+      return *value;
+    };
+    if (type == "input") {
+      if (!spec.input_shape.empty()) fail("input given twice");
+      if (layer.args.size() != 1 && layer.args.size() != 3)
+        fail("input takes C, or C H W");
+      for (const auto& a : layer.args) {
+        const double v = number(a);
+        if (v < 1 || v != static_cast<int64_t>(v) || v > 1e7) fail("bad input size ", a);
+        spec.input_shape.push_back(static_cast<int64_t>(v));
+      }
+      continue;
+    }
+    const auto kind = std::find_if(kinds().begin(), kinds().end(),
+                                   [&](const LayerKind& k) { return type == k.type; });
+    if (kind == kinds().end()) fail("unknown layer type");
+    if (layer.args.size() < kind->min_args || layer.args.size() > kind->max_args)
+      fail("expected ", kind->min_args, kind->min_args == kind->max_args ? "" : "+",
+           " arguments, got ", layer.args.size());
+    for (const auto& a : layer.args) number(a);
+    for (const auto& [key, value] : layer.options) {
+      if (std::find(kind->options.begin(), kind->options.end(), key) == kind->options.end())
+        fail("unknown option '", key, "'");
+      number(value);
+    }
+    spec.layers.push_back(std::move(layer));
+  }
+  if (spec.input_shape.empty()) detail::fail_invalid("model spec: missing 'input C [H W]'");
+  if (spec.layers.empty()) detail::fail_invalid("model spec: no layers");
+  return spec;
+}
+
+ModelSpec ModelSpec::preset(const std::string& name) {
+  if (name == "mlp-paper")  // Ioffe & Szegedy 2015, section 4.1: 3 x 100 sigmoid units, BN before each sigmoid
+    return parse(
+        "input 1 28 28; flatten;"
+        "linear 100 bias=0; batchnorm; sigmoid;"
+        "linear 100 bias=0; batchnorm; sigmoid;"
+        "linear 100 bias=0; batchnorm; sigmoid;"
+        "linear 10");
+  if (name == "cnn-small")
+    return parse(
+        "input 1 28 28;"
+        "conv 32 3 pad=1 bias=0; batchnorm; relu; maxpool 2;"
+        "conv 64 3 pad=1 bias=0; batchnorm; relu; maxpool 2;"
+        "flatten; linear 128 bias=0; batchnorm; relu; linear 10");
+  detail::fail_invalid("unknown model preset '", name, "'; expected mlp-paper or cnn-small");
+}
+
+std::string ModelSpec::to_string() const {
+  std::ostringstream out;
+  out << "input";
+  for (const auto d : input_shape) out << ' ' << d;
+  for (const auto& layer : layers) {
+    out << "; " << layer.type;
+    for (const auto& a : layer.args) out << ' ' << a;
+    for (const auto& [key, value] : layer.options) out << ' ' << key << '=' << value;
+  }
+  return out.str();
+}
+
+ModelSpec ModelSpec::without_batch_norm() const {
+  ModelSpec out;
+  out.input_shape = input_shape;
+  for (const auto& layer : layers) {
+    if (is_norm(layer)) {
+      if (!out.layers.empty() && has_bias_option(out.layers.back()))
+        out.layers.back().options.erase("bias");  // default: with bias
+      continue;
+    }
+    out.layers.push_back(layer);
+  }
+  return out;
+}
+
+}  // namespace normkit::nn
