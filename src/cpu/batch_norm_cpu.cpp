@@ -25,7 +25,7 @@
 #include <vector>
 
 #include "batch_norm_kernels.hpp"
-#include "normkit/threading.hpp"
+#include "core/parallel.hpp"
 
 #if defined(__x86_64__) && defined(__GNUC__)
 #define NORMKIT_SIMD_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
@@ -35,6 +35,8 @@
 
 namespace normkit::kernels {
 namespace {
+
+using detail::threads_for;
 
 // Inside a piece, sums run in float over 64 fixed lanes (4 AVX-512 or 8 AVX2
 // registers: enough independent additions to hide their latency), a run's
@@ -254,7 +256,7 @@ bool whole_channels_per_thread(int64_t channels, int threads) {
 void planes_forward_training(const ForwardTraining<float>& p) {
   const Geometry& g = p.x_geom;
   const Pieces pieces(g);
-  const int threads = num_threads();
+  const int threads = threads_for(g.channels * g.reduction_size());
   auto coefficients = [&](int64_t c) {
     return apply_coefficients(p.moments[c].mean, invstd_of(p.moments[c].biased_variance(), p.eps),
                               param_or(p.gamma, c, 1.0), param_or(p.beta, c, 0.0));
@@ -299,7 +301,7 @@ void planes_moments(const Geometry& g, const float* x, Moments* out) {
   const Pieces pieces(g);
   const int64_t total = g.channels * pieces.per_channel;
   std::vector<Moments> partial(total);
-#pragma omp parallel num_threads(num_threads())
+#pragma omp parallel num_threads(threads_for(g.channels * g.reduction_size()))
   {
 #pragma omp for schedule(static)
     for (int64_t t = 0; t < total; ++t)
@@ -321,7 +323,7 @@ void planes_apply(const Apply<float>& p) {
   for (int64_t c = 0; c < g.channels; ++c)
     coeff[c] = apply_coefficients(p.mean[c], p.invstd[c], param_or(p.gamma, c, 1.0),
                                   param_or(p.beta, c, 0.0));
-#pragma omp parallel for num_threads(num_threads()) schedule(static)
+#pragma omp parallel for num_threads(threads_for(g.channels * g.reduction_size())) schedule(static)
   for (int64_t t = 0; t < total; ++t) {
     const int64_t c = t / pieces.per_channel;
     piece_apply(g, p.y_geom, p.x, p.y, c, pieces.span(g, t % pieces.per_channel), coeff[c]);
@@ -365,7 +367,7 @@ BackwardCoefficients finish_channel(const Backward<float>& p, int64_t c, double 
 void planes_backward(const Backward<float>& p) {
   const Geometry& g = p.x_geom;
   const Pieces pieces(g);
-  const int threads = num_threads();
+  const int threads = threads_for(2 * g.channels * g.reduction_size());
   if (whole_channels_per_thread(g.channels, threads)) {
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t c = 0; c < g.channels; ++c) {
@@ -564,7 +566,7 @@ void rows_apply_all(const Geometry& gx, const Geometry& gy, const float* x, floa
 }
 
 void rows_forward_training(const ForwardTraining<float>& p) {
-  const int threads = num_threads();
+  const int threads = threads_for(p.x_geom.channels * p.x_geom.outer);
   rows_moments_into(p.x_geom, p.x, p.moments, threads);
   RowCoefficients k(p.x_geom.channels);
   for (int64_t c = 0; c < p.x_geom.channels; ++c)
@@ -575,7 +577,7 @@ void rows_forward_training(const ForwardTraining<float>& p) {
 }
 
 void rows_moments(const Geometry& g, const float* x, Moments* out) {
-  rows_moments_into(g, x, out, num_threads());
+  rows_moments_into(g, x, out, threads_for(g.channels * g.outer));
 }
 
 void rows_apply(const Apply<float>& p) {
@@ -583,7 +585,7 @@ void rows_apply(const Apply<float>& p) {
   for (int64_t c = 0; c < p.x_geom.channels; ++c)
     k.set(c, apply_coefficients(p.mean[c], p.invstd[c], param_or(p.gamma, c, 1.0),
                                 param_or(p.beta, c, 0.0)));
-  rows_apply_all(p.x_geom, p.y_geom, p.x, p.y, k, num_threads());
+  rows_apply_all(p.x_geom, p.y_geom, p.x, p.y, k, threads_for(p.x_geom.channels * p.x_geom.outer));
 }
 
 // Σdy and Σdy·(x - mean) of one chunk per channel, added to a stripe's double
@@ -622,7 +624,7 @@ void rows_backward(const Backward<float>& p) {
   const Geometry& gx = p.x_geom;
   const RowPlan plan(gx);
   const int64_t C = plan.channels;
-  const int threads = num_threads();
+  const int threads = threads_for(2 * C * plan.rows);
   std::vector<double> stripe_dy(plan.stripes * C, 0.0), stripe_dy_xmu(plan.stripes * C, 0.0);
   std::vector<float> mean_hi(C), a(C), b(C), k(C);
   std::vector<double> mean_error(C);  // mean - float(mean)

@@ -13,11 +13,12 @@
 
 #include "core/check.hpp"
 #include "nn/gemm.hpp"
-#include "normkit/threading.hpp"
+#include "core/parallel.hpp"
 
 namespace normkit::nn::detail {
 
 using normkit::detail::fail_invalid;
+using normkit::detail::threads_for;
 
 namespace {
 
@@ -101,7 +102,7 @@ class Linear final : public Layer {
          y_.data.data(), out_);
     if (bias_) {
       const float* b = bias_->value.data();
-#pragma omp parallel for num_threads(num_threads()) schedule(static)
+#pragma omp parallel for num_threads(threads_for(n * out_)) schedule(static)
       for (int64_t i = 0; i < n; ++i)
         for (int64_t o = 0; o < out_; ++o) y_.data[i * out_ + o] += b[o];
     }
@@ -143,10 +144,13 @@ class Linear final : public Layer {
 };
 
 // ---------------------------------------------------------------- Conv2d
-// Square kernel, zero padding; W: [out, in, k, k] (PyTorch's OIHW). im2col
-// columns are ordered (ci, kh, kw) so W is used as an [out, in·k·k] matrix:
-//   channels-last:  cols [N·P, in·k·k] · Wᵀ -> y [N·P, out] (NHWC) in one GEMM;
-//   channels-first: per sample W · cols [in·k·k, P] -> y [out, P] (NCHW).
+// Square kernel, zero padding; W: [out, in, k, k] (PyTorch's OIHW), the layout
+// of parameters and checkpoints in both formats.
+//   channels-last: im2col rows are output pixels, columns ordered (kh, kw, ci)
+//     so each (kh, kw) copies `in` contiguous values; with W permuted to
+//     [out, k, k, in], cols [N·P, k·k·in] · Wᵀ gives y [N·P, out] (NHWC) in one GEMM.
+//   channels-first: per sample, cols [in·k·k, P] ordered (ci, kh, kw) and
+//     W · cols gives y [out, P] (NCHW).
 class Conv2d final : public Layer {
  public:
   Conv2d(const std::vector<int64_t>& input, int64_t out, int64_t k, int64_t stride, int64_t pad,
@@ -175,12 +179,14 @@ class Conv2d final : public Layer {
   const Tensor& forward(const Tensor& x, Mode) override {
     const int64_t n = x.shape[0], P = oh_ * ow_, K = kdim();
     cols_.resize(static_cast<size_t>(n * P * K));
-    im2col(x, n);
     y_.reshape({n, cout_, oh_, ow_}, format_);
     if (format_ == MemoryFormat::channels_last) {
-      gemm(false, true, n * P, cout_, K, 1.0f, cols_.data(), K, weight_.value.data(), K, 0.0f,
+      im2col_rows(x.data.data(), n);
+      permute_weight_to_ohwi();
+      gemm(false, true, n * P, cout_, K, 1.0f, cols_.data(), K, weight_ohwi_.data(), K, 0.0f,
            y_.data.data(), cout_);
     } else {
+      im2col_planes(x.data.data(), n);
       for (int64_t i = 0; i < n; ++i)
         gemm(false, false, cout_, P, K, 1.0f, weight_.value.data(), K, cols_.data() + i * K * P, P,
              0.0f, y_.data.data() + i * cout_ * P, P);
@@ -191,8 +197,10 @@ class Conv2d final : public Layer {
   const Tensor& backward(const Tensor& dy, bool need_input_grad) override {
     const int64_t n = dy.shape[0], P = oh_ * ow_, K = kdim();
     if (format_ == MemoryFormat::channels_last) {
-      gemm(true, false, cout_, K, n * P, 1.0f, dy.data.data(), cout_, cols_.data(), K, 1.0f,
-           weight_.grad.data(), K);
+      grad_ohwi_.resize(weight_ohwi_.size());
+      gemm(true, false, cout_, K, n * P, 1.0f, dy.data.data(), cout_, cols_.data(), K, 0.0f,
+           grad_ohwi_.data(), K);
+      add_weight_grad_from_ohwi();
     } else {
       for (int64_t i = 0; i < n; ++i)
         gemm(false, true, cout_, K, P, 1.0f, dy.data.data() + i * cout_ * P, P,
@@ -203,17 +211,18 @@ class Conv2d final : public Layer {
       dx_.reshape({}, format_);
       return dx_;
     }
-    // dcols = dy·W (channels-last) or Wᵀ·dy per sample, then scattered back.
+    dx_.reshape({n, cin_, h_, w_}, format_);
+    // dcols = dy·W (channels-last) or Wᵀ·dy per sample, then summed back into dx.
     if (format_ == MemoryFormat::channels_last) {
-      gemm(false, false, n * P, K, cout_, 1.0f, dy.data.data(), cout_, weight_.value.data(), K,
+      gemm(false, false, n * P, K, cout_, 1.0f, dy.data.data(), cout_, weight_ohwi_.data(), K,
            0.0f, cols_.data(), K);
+      col2im_rows(dx_.data.data(), n);
     } else {
       for (int64_t i = 0; i < n; ++i)
         gemm(true, false, K, P, cout_, 1.0f, weight_.value.data(), K, dy.data.data() + i * cout_ * P,
              P, 0.0f, cols_.data() + i * K * P, P);
+      col2im_planes(dx_.data.data(), n);
     }
-    dx_.reshape({n, cin_, h_, w_}, format_);
-    col2im(n);
     return dx_;
   }
   std::vector<Parameter*> parameters() override {
@@ -228,58 +237,105 @@ class Conv2d final : public Layer {
  private:
   int64_t kdim() const { return cin_ * k_ * k_; }
 
-  // Column index (ci, kh, kw) of output pixel p = (oh, ow) reads input
-  // (ci, oh·s - pad + kh, ow·s - pad + kw), or 0 outside the image.
-  void im2col(const Tensor& x, int64_t n) {
-    const Strides4 st(x.shape, format_);
-    const int64_t P = oh_ * ow_, K = kdim();
-    const bool last = format_ == MemoryFormat::channels_last;
-    const float* src = x.data.data();
-#pragma omp parallel for num_threads(num_threads()) schedule(static)
-    for (int64_t i = 0; i < n; ++i)
+  void permute_weight_to_ohwi() {
+    weight_ohwi_.resize(weight_.value.size());
+    for (int64_t o = 0; o < cout_; ++o)
       for (int64_t ci = 0; ci < cin_; ++ci)
-        for (int64_t kh = 0; kh < k_; ++kh)
-          for (int64_t kw = 0; kw < k_; ++kw) {
-            const int64_t col = (ci * k_ + kh) * k_ + kw;
-            for (int64_t oh = 0; oh < oh_; ++oh) {
-              const int64_t ih = oh * stride_ - pad_ + kh;
-              for (int64_t ow = 0; ow < ow_; ++ow) {
-                const int64_t iw = ow * stride_ - pad_ + kw;
-                const bool inside = ih >= 0 && ih < h_ && iw >= 0 && iw < w_;
-                const float v = inside ? src[st.at(i, ci, ih, iw)] : 0.0f;
-                const int64_t p = oh * ow_ + ow;
-                if (last)
-                  cols_[(i * P + p) * K + col] = v;
-                else
-                  cols_[(i * K + col) * P + p] = v;
-              }
-            }
-          }
+        for (int64_t kk = 0; kk < k_ * k_; ++kk)
+          weight_ohwi_[(o * k_ * k_ + kk) * cin_ + ci] = weight_.value[(o * cin_ + ci) * k_ * k_ + kk];
+  }
+  void add_weight_grad_from_ohwi() {
+    for (int64_t o = 0; o < cout_; ++o)
+      for (int64_t ci = 0; ci < cin_; ++ci)
+        for (int64_t kk = 0; kk < k_ * k_; ++kk)
+          weight_.grad[(o * cin_ + ci) * k_ * k_ + kk] += grad_ohwi_[(o * k_ * k_ + kk) * cin_ + ci];
   }
 
-  void col2im(int64_t n) {
-    const Strides4 st(dx_.shape, format_);
+  // Channels-last: row (i, oh, ow) holds, for each (kh, kw), the `in` values of
+  // input pixel (oh·s - pad + kh, ow·s - pad + kw), or zeros outside the image.
+  void im2col_rows(const float* src, int64_t n) {
     const int64_t P = oh_ * ow_, K = kdim();
-    const bool last = format_ == MemoryFormat::channels_last;
-    std::fill(dx_.data.begin(), dx_.data.end(), 0.0f);
-    float* dst = dx_.data.data();
-#pragma omp parallel for num_threads(num_threads()) schedule(static)
-    for (int64_t i = 0; i < n; ++i)
-      for (int64_t ci = 0; ci < cin_; ++ci)
-        for (int64_t kh = 0; kh < k_; ++kh)
-          for (int64_t kw = 0; kw < k_; ++kw) {
-            const int64_t col = (ci * k_ + kh) * k_ + kw;
-            for (int64_t oh = 0; oh < oh_; ++oh) {
-              const int64_t ih = oh * stride_ - pad_ + kh;
-              if (ih < 0 || ih >= h_) continue;
-              for (int64_t ow = 0; ow < ow_; ++ow) {
-                const int64_t iw = ow * stride_ - pad_ + kw;
-                if (iw < 0 || iw >= w_) continue;
-                const int64_t p = oh * ow_ + ow;
-                dst[st.at(i, ci, ih, iw)] += last ? cols_[(i * P + p) * K + col] : cols_[(i * K + col) * P + p];
-              }
-            }
+#pragma omp parallel for num_threads(threads_for(n * P * K)) schedule(static)
+    for (int64_t r = 0; r < n * P; ++r) {
+      const int64_t i = r / P, oh = (r % P) / ow_, ow = r % ow_;
+      float* row = cols_.data() + r * K;
+      for (int64_t kh = 0; kh < k_; ++kh) {
+        const int64_t ih = oh * stride_ - pad_ + kh;
+        for (int64_t kw = 0; kw < k_; ++kw) {
+          const int64_t iw = ow * stride_ - pad_ + kw;
+          float* dst = row + (kh * k_ + kw) * cin_;
+          if (ih < 0 || ih >= h_ || iw < 0 || iw >= w_) {
+            std::fill(dst, dst + cin_, 0.0f);
+          } else {
+            const float* in = src + ((i * h_ + ih) * w_ + iw) * cin_;
+            std::copy(in, in + cin_, dst);
           }
+        }
+      }
+    }
+  }
+  // The adjoint of im2col_rows: each sample's rows are summed into its pixels
+  // (one thread per sample, so no two threads write the same pixel).
+  void col2im_rows(float* dst, int64_t n) {
+    const int64_t P = oh_ * ow_, K = kdim();
+    std::fill(dst, dst + n * h_ * w_ * cin_, 0.0f);
+#pragma omp parallel for num_threads(threads_for(n * P * K)) schedule(static)
+    for (int64_t i = 0; i < n; ++i)
+      for (int64_t p = 0; p < P; ++p) {
+        const int64_t oh = p / ow_, ow = p % ow_;
+        const float* row = cols_.data() + (i * P + p) * K;
+        for (int64_t kh = 0; kh < k_; ++kh) {
+          const int64_t ih = oh * stride_ - pad_ + kh;
+          if (ih < 0 || ih >= h_) continue;
+          for (int64_t kw = 0; kw < k_; ++kw) {
+            const int64_t iw = ow * stride_ - pad_ + kw;
+            if (iw < 0 || iw >= w_) continue;
+            float* out = dst + ((i * h_ + ih) * w_ + iw) * cin_;
+            const float* g = row + (kh * k_ + kw) * cin_;
+            for (int64_t ci = 0; ci < cin_; ++ci) out[ci] += g[ci];
+          }
+        }
+      }
+  }
+
+  // Channels-first: per sample, column block (ci, kh, kw) holds input row
+  // (oh·s - pad + kh) shifted by kw, for every output pixel.
+  void im2col_planes(const float* src, int64_t n) {
+    const int64_t P = oh_ * ow_, K = kdim();
+#pragma omp parallel for num_threads(threads_for(n * P * K)) schedule(static)
+    for (int64_t i = 0; i < n; ++i)
+      for (int64_t col = 0; col < K; ++col) {
+        const int64_t ci = col / (k_ * k_), kh = (col / k_) % k_, kw = col % k_;
+        const float* plane = src + (i * cin_ + ci) * h_ * w_;
+        float* dst = cols_.data() + (i * K + col) * P;
+        for (int64_t oh = 0; oh < oh_; ++oh) {
+          const int64_t ih = oh * stride_ - pad_ + kh;
+          for (int64_t ow = 0; ow < ow_; ++ow) {
+            const int64_t iw = ow * stride_ - pad_ + kw;
+            dst[oh * ow_ + ow] =
+                ih >= 0 && ih < h_ && iw >= 0 && iw < w_ ? plane[ih * w_ + iw] : 0.0f;
+          }
+        }
+      }
+  }
+  void col2im_planes(float* dst, int64_t n) {
+    const int64_t P = oh_ * ow_, K = kdim();
+    std::fill(dst, dst + n * cin_ * h_ * w_, 0.0f);
+#pragma omp parallel for num_threads(threads_for(n * P * K)) schedule(static)
+    for (int64_t i = 0; i < n; ++i)
+      for (int64_t col = 0; col < K; ++col) {
+        const int64_t ci = col / (k_ * k_), kh = (col / k_) % k_, kw = col % k_;
+        float* plane = dst + (i * cin_ + ci) * h_ * w_;
+        const float* g = cols_.data() + (i * K + col) * P;
+        for (int64_t oh = 0; oh < oh_; ++oh) {
+          const int64_t ih = oh * stride_ - pad_ + kh;
+          if (ih < 0 || ih >= h_) continue;
+          for (int64_t ow = 0; ow < ow_; ++ow) {
+            const int64_t iw = ow * stride_ - pad_ + kw;
+            if (iw >= 0 && iw < w_) plane[ih * w_ + iw] += g[oh * ow_ + ow];
+          }
+        }
+      }
   }
 
   void add_bias(int64_t n) {
@@ -287,7 +343,7 @@ class Conv2d final : public Layer {
     const float* b = bias_->value.data();
     float* y = y_.data.data();
     const bool last = format_ == MemoryFormat::channels_last;
-#pragma omp parallel for num_threads(num_threads()) schedule(static)
+#pragma omp parallel for num_threads(threads_for(n * P * cout_)) schedule(static)
     for (int64_t i = 0; i < n; ++i)
       for (int64_t p = 0; p < P; ++p)
         for (int64_t c = 0; c < cout_; ++c)
@@ -310,12 +366,43 @@ class Conv2d final : public Layer {
   MemoryFormat format_;
   Parameter weight_;
   std::optional<Parameter> bias_;
-  std::vector<float> cols_;
+  std::vector<float> cols_, weight_ohwi_, grad_ohwi_;
   Tensor y_, dx_;
 };
 
 // ---------------------------------------------------------------- pooling
 // k×k windows, stride s, no padding (floor mode, as PyTorch's default).
+// One output pixel of channels-last pooling: every channel at once, the
+// channel loop innermost and unaliased so it vectorizes. NaN wins, as in PyTorch.
+void max_window_rows(const float* __restrict src, int64_t first, int64_t row_step,
+                     int64_t col_step, int64_t k, int64_t channels, float* __restrict out,
+                     int64_t* __restrict arg) {
+  for (int64_t c = 0; c < channels; ++c) {
+    out[c] = src[first + c];
+    arg[c] = first + c;
+  }
+  for (int64_t kh = 0; kh < k; ++kh)
+    for (int64_t kw = 0; kw < k; ++kw) {
+      const int64_t at = first + kh * row_step + kw * col_step;
+      for (int64_t c = 0; c < channels; ++c) {
+        const float v = src[at + c];
+        const float best = out[c];
+        const bool take = v > best || v != v;
+        out[c] = take ? v : best;
+        arg[c] = take ? at + c : arg[c];
+      }
+    }
+}
+void average_window_rows(const float* __restrict src, int64_t first, int64_t row_step,
+                         int64_t col_step, int64_t k, int64_t channels, float* __restrict out) {
+  const float inv_area = 1.0f / static_cast<float>(k * k);
+  for (int64_t c = 0; c < channels; ++c) out[c] = 0.0f;
+  for (int64_t kh = 0; kh < k; ++kh)
+    for (int64_t kw = 0; kw < k; ++kw)
+      for (int64_t c = 0; c < channels; ++c) out[c] += src[first + kh * row_step + kw * col_step + c];
+  for (int64_t c = 0; c < channels; ++c) out[c] *= inv_area;
+}
+
 class Pool2d final : public Layer {
  public:
   Pool2d(const std::vector<int64_t>& input, int64_t k, int64_t stride, bool max, MemoryFormat format)
@@ -335,34 +422,52 @@ class Pool2d final : public Layer {
                    shape_text(input));
     return {c_, oh_, ow_};
   }
+  // Each output (i, c, oh, ow) reduces its window; channels-last runs the
+  // channel loop innermost (contiguous), channels-first the pixel loops.
   const Tensor& forward(const Tensor& x, Mode mode) override {
     const int64_t n = x.shape[0];
     y_.reshape({n, c_, oh_, ow_}, format_);
-    if (max_ && mode == Mode::train) argmax_.resize(y_.data.size());
+    const bool keep = max_ && mode == Mode::train;
+    if (max_) argmax_.resize(y_.data.size());
     const Strides4 in(x.shape, format_), out(y_.shape, format_);
     const float inv_area = 1.0f / static_cast<float>(k_ * k_);
-    const bool keep = max_ && mode == Mode::train;
-#pragma omp parallel for num_threads(num_threads()) schedule(static)
-    for (int64_t i = 0; i < n; ++i)
-      for (int64_t c = 0; c < c_; ++c)
-        for (int64_t oh = 0; oh < oh_; ++oh)
-          for (int64_t ow = 0; ow < ow_; ++ow) {
-            float best = -std::numeric_limits<float>::infinity(), sum = 0.0f;
-            int64_t best_at = in.at(i, c, oh * stride_, ow * stride_);
-            for (int64_t kh = 0; kh < k_; ++kh)
-              for (int64_t kw = 0; kw < k_; ++kw) {
-                const int64_t at = in.at(i, c, oh * stride_ + kh, ow * stride_ + kw);
-                const float v = x.data[at];
-                sum += v;
-                if (v > best || std::isnan(v)) {  // NaN propagates, as in PyTorch
-                  best = v;
-                  best_at = at;
-                }
-              }
-            const int64_t o = out.at(i, c, oh, ow);
-            y_.data[o] = max_ ? best : sum * inv_area;
-            if (keep) argmax_[o] = best_at;
+    const float* src = x.data.data();
+    float* dst = y_.data.data();
+    if (format_ == MemoryFormat::channels_last) {
+#pragma omp parallel for num_threads(threads_for(x.numel())) schedule(static)
+      for (int64_t t = 0; t < n * oh_ * ow_; ++t) {
+        const int64_t i = t / (oh_ * ow_), oh = (t / ow_) % oh_, ow = t % ow_;
+        const int64_t first = in.at(i, 0, oh * stride_, ow * stride_);
+        if (max_)
+          max_window_rows(src, first, in.h, in.w, k_, c_, dst + t * c_, argmax_.data() + t * c_);
+        else
+          average_window_rows(src, first, in.h, in.w, k_, c_, dst + t * c_);
+      }
+      return y_;
+    }
+    const int64_t cout_step = out.c;
+#pragma omp parallel for num_threads(threads_for(x.numel())) schedule(static)
+    for (int64_t t = 0; t < n * oh_ * ow_; ++t) {
+      const int64_t i = t / (oh_ * ow_), oh = (t / ow_) % oh_, ow = t % ow_;
+      for (int64_t c = 0; c < c_; ++c) {
+        const int64_t first = in.at(i, c, oh * stride_, ow * stride_);
+        float best = src[first], sum = 0.0f;
+        int64_t best_at = first;
+        for (int64_t kh = 0; kh < k_; ++kh)
+          for (int64_t kw = 0; kw < k_; ++kw) {
+            const int64_t at = first + kh * in.h + kw * in.w;
+            const float v = src[at];
+            sum += v;
+            if (v > best || (v != v && best == best)) {  // NaN wins, as in PyTorch
+              best = v;
+              best_at = at;
+            }
           }
+        const int64_t o = out.at(i, 0, oh, ow) + c * cout_step;
+        dst[o] = max_ ? best : sum * inv_area;
+        if (keep) argmax_[o] = best_at;
+      }
+    }
     return y_;
   }
   const Tensor& backward(const Tensor& dy, bool need_input_grad) override {
@@ -373,15 +478,17 @@ class Pool2d final : public Layer {
     const int64_t n = dy.shape[0];
     dx_.reshape({n, c_, h_, w_}, format_);
     std::fill(dx_.data.begin(), dx_.data.end(), 0.0f);
-    if (max_) {
-      // Windows do not overlap when stride >= k; otherwise accumulate serially.
-      const int64_t total = static_cast<int64_t>(dy.data.size());
-      for (int64_t o = 0; o < total; ++o) dx_.data[argmax_[o]] += dy.data[o];
-      return dx_;
-    }
+    const int64_t per_sample_out = c_ * oh_ * ow_;
     const Strides4 in(dx_.shape, format_), out(dy.shape, format_);
     const float inv_area = 1.0f / static_cast<float>(k_ * k_);
-    for (int64_t i = 0; i < n; ++i)
+    // Windows of one sample only touch that sample: one thread per sample.
+#pragma omp parallel for num_threads(threads_for(dy.numel() * k_ * k_)) schedule(static)
+    for (int64_t i = 0; i < n; ++i) {
+      if (max_) {
+        for (int64_t o = i * per_sample_out; o < (i + 1) * per_sample_out; ++o)
+          dx_.data[argmax_[o]] += dy.data[o];
+        continue;
+      }
       for (int64_t c = 0; c < c_; ++c)
         for (int64_t oh = 0; oh < oh_; ++oh)
           for (int64_t ow = 0; ow < ow_; ++ow) {
@@ -390,6 +497,7 @@ class Pool2d final : public Layer {
               for (int64_t kw = 0; kw < k_; ++kw)
                 dx_.data[in.at(i, c, oh * stride_ + kh, ow * stride_ + kw)] += g;
           }
+    }
     return dx_;
   }
 
@@ -403,6 +511,25 @@ class Pool2d final : public Layer {
 
 // ---------------------------------------------------------------- elementwise
 enum class Activation { relu, sigmoid, tanh };
+
+// Branch-free and unaliased, so the compiler vectorizes them (a branch on the
+// sign of y mispredicts half the time).
+void relu_forward(const float* __restrict in, float* __restrict out, int64_t begin, int64_t end) {
+  for (int64_t i = begin; i < end; ++i) out[i] = std::max(in[i], 0.0f);
+}
+void relu_backward(const float* __restrict y, const float* __restrict g, float* __restrict out,
+                   int64_t begin, int64_t end) {
+  for (int64_t i = begin; i < end; ++i) {
+    const float gi = g[i];  // loaded unconditionally: a conditional load blocks vectorization
+    out[i] = y[i] > 0.0f ? gi : 0.0f;
+  }
+}
+
+// [begin, end) of a range split evenly over the threads of a parallel region.
+std::pair<int64_t, int64_t> thread_share(int64_t total) {
+  const int64_t threads = omp_get_num_threads(), t = omp_get_thread_num();
+  return {total * t / threads, total * (t + 1) / threads};
+}
 class Elementwise final : public Layer {
  public:
   explicit Elementwise(Activation kind) : kind_(kind) {}
@@ -420,15 +547,18 @@ class Elementwise final : public Layer {
     float* out = y_.data.data();
     switch (kind_) {
       case Activation::relu:
-#pragma omp parallel for num_threads(num_threads()) schedule(static)
-        for (int64_t i = 0; i < total; ++i) out[i] = in[i] > 0.0f ? in[i] : 0.0f;
+#pragma omp parallel num_threads(threads_for(total))
+        {
+          const auto [begin, end] = thread_share(total);
+          relu_forward(in, out, begin, end);
+        }
         break;
       case Activation::sigmoid:
-#pragma omp parallel for num_threads(num_threads()) schedule(static)
+#pragma omp parallel for num_threads(threads_for(total * 8)) schedule(static)
         for (int64_t i = 0; i < total; ++i) out[i] = 1.0f / (1.0f + std::exp(-in[i]));
         break;
       case Activation::tanh:
-#pragma omp parallel for num_threads(num_threads()) schedule(static)
+#pragma omp parallel for num_threads(threads_for(total * 8)) schedule(static)
         for (int64_t i = 0; i < total; ++i) out[i] = std::tanh(in[i]);
         break;
     }
@@ -447,15 +577,18 @@ class Elementwise final : public Layer {
     float* out = dx_.data.data();
     switch (kind_) {
       case Activation::relu:
-#pragma omp parallel for num_threads(num_threads()) schedule(static)
-        for (int64_t i = 0; i < total; ++i) out[i] = y[i] > 0.0f ? g[i] : 0.0f;
+#pragma omp parallel num_threads(threads_for(total))
+        {
+          const auto [begin, end] = thread_share(total);
+          relu_backward(y, g, out, begin, end);
+        }
         break;
       case Activation::sigmoid:
-#pragma omp parallel for num_threads(num_threads()) schedule(static)
+#pragma omp parallel for num_threads(threads_for(total)) schedule(static)
         for (int64_t i = 0; i < total; ++i) out[i] = g[i] * y[i] * (1.0f - y[i]);
         break;
       case Activation::tanh:
-#pragma omp parallel for num_threads(num_threads()) schedule(static)
+#pragma omp parallel for num_threads(threads_for(total)) schedule(static)
         for (int64_t i = 0; i < total; ++i) out[i] = g[i] * (1.0f - y[i] * y[i]);
         break;
     }
@@ -493,7 +626,7 @@ class Dropout final : public Layer {
     scale_.resize(static_cast<size_t>(total));
     const float keep_scale = static_cast<float>(1.0 / (1.0 - p_));
     const auto threshold = static_cast<uint64_t>(p_ * 18446744073709551616.0);
-#pragma omp parallel for num_threads(num_threads()) schedule(static)
+#pragma omp parallel for num_threads(threads_for(total)) schedule(static)
     for (int64_t i = 0; i < total; ++i) {
       scale_[i] = mix(key_ + static_cast<uint64_t>(i)) < threshold ? 0.0f : keep_scale;
       y_.data[i] = x.data[i] * scale_[i];
@@ -544,7 +677,7 @@ class Flatten final : public Layer {
       return y_;
     }
     const int64_t C = x.shape[1], HW = x.shape[2] * x.shape[3];
-#pragma omp parallel for num_threads(num_threads()) schedule(static)
+#pragma omp parallel for num_threads(threads_for(x.numel())) schedule(static)
     for (int64_t i = 0; i < n; ++i)
       for (int64_t p = 0; p < HW; ++p)
         for (int64_t c = 0; c < C; ++c) y_.data[(i * C + c) * HW + p] = x.data[(i * HW + p) * C + c];
@@ -569,7 +702,7 @@ class Flatten final : public Layer {
       return dx_;
     }
     const int64_t C = shape[1], HW = shape[2] * shape[3];
-#pragma omp parallel for num_threads(num_threads()) schedule(static)
+#pragma omp parallel for num_threads(threads_for(dy.numel())) schedule(static)
     for (int64_t i = 0; i < n; ++i)
       for (int64_t p = 0; p < HW; ++p)
         for (int64_t c = 0; c < C; ++c) dx_.data[(i * HW + p) * C + c] = dy.data[(i * C + c) * HW + p];
