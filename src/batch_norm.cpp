@@ -37,6 +37,18 @@ Geometry checked_input(ConstTensorView<T> x, const char* name) {
   return g;
 }
 
+// Geometries of views that one kernel call walks together must have the same
+// extents: when folding makes them differ (one view folds to rows form, another
+// cannot), every view is taken unfolded, whose extents come from the shape.
+template <class T>
+void unify(ConstTensorView<T> x, Geometry& gx, std::initializer_list<std::pair<Geometry*, ConstTensorView<T>>> others) {
+  bool same = true;
+  for (const auto& [g, view] : others) same = same && g->same_extent(gx);
+  if (same) return;
+  gx = geometry_of(x, "x", Folding::none);
+  for (const auto& [g, view] : others) *g = geometry_of(view, "output", Folding::none);
+}
+
 template <class T, class U>
 Geometry checked_like(const TensorView<U>& view, ConstTensorView<T> x, const char* name) {
   if (view.layout != x.layout || view.shape != x.shape) {
@@ -157,10 +169,11 @@ template <class T>
 void batch_norm_forward_training(ConstTensorView<T> x, TensorView<T> y, std::span<const T> gamma,
                                  std::span<const T> beta, SavedStats<T> saved,
                                  RunningStats<T> running, const BatchNormOptions& options) {
-  const Geometry gx = checked_input(x, "x");
-  const Geometry gy = checked_like(y, x, "y");
+  Geometry gx = checked_input(x, "x");
+  Geometry gy = checked_like(y, x, "y");
   if (y.data == x.data && !(gx == gy))
     fail_invalid("y: in-place output must have the same strides as x");
+  unify<T>(x, gx, {{&gy, y}});
   check_training_size(gx, x);
   check_per_channel(gamma, gx.channels, "weight (gamma)", false);
   check_per_channel(beta, gx.channels, "bias (beta)", false);
@@ -199,10 +212,11 @@ template <class T>
 void batch_norm_forward_apply(ConstTensorView<T> x, TensorView<T> y, std::span<const T> gamma,
                               std::span<const T> beta, std::span<const T> mean,
                               std::span<const T> invstd) {
-  const Geometry gx = checked_input(x, "x");
-  const Geometry gy = checked_like(y, x, "y");
+  Geometry gx = checked_input(x, "x");
+  Geometry gy = checked_like(y, x, "y");
   if (y.data == x.data && !(gx == gy))
     fail_invalid("y: in-place output must have the same strides as x");
+  unify<T>(x, gx, {{&gy, y}});
   check_per_channel(gamma, gx.channels, "weight (gamma)", false);
   check_per_channel(beta, gx.channels, "bias (beta)", false);
   check_per_channel(mean, gx.channels, "mean", true);
@@ -244,12 +258,17 @@ void batch_norm_backward(ConstTensorView<T> x, ConstTensorView<T> dy, TensorView
                          std::span<const T> gamma, std::span<const T> mean,
                          std::span<const T> invstd, std::span<T> dgamma, std::span<T> dbeta,
                          BackwardMode mode) {
-  const Geometry gx = checked_input(x, "x");
-  const Geometry gdy = checked_like(dy, x, "dy");
-  const Geometry gdx = dx.data ? checked_like(dx, x, "dx") : gdy;
+  Geometry gx = checked_input(x, "x");
+  Geometry gdy = checked_like(dy, x, "dy");
+  Geometry gdx = dx.data ? checked_like(dx, x, "dx") : gdy;
   if (dx.data && (dx.data == x.data || dx.data == dy.data) &&
       !(gdx == gx && (dx.data != dy.data || gdx == gdy)))
     fail_invalid("dx: in-place output must have the same strides as its input");
+  if (dx.data)
+    unify<T>(x, gx, {{&gdy, dy}, {&gdx, dx}});
+  else
+    unify<T>(x, gx, {{&gdy, dy}});
+  if (!dx.data) gdx = gdy;
   if (mode != BackwardMode::training && mode != BackwardMode::frozen)
     fail_invalid("mode: unknown backward mode");
   if (mode == BackwardMode::training) check_training_size(gx, x);

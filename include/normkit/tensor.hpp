@@ -83,10 +83,15 @@ struct Geometry {
 };
 
 // Collapses the axes before and after the channel axis into `outer` and `inner`.
-// When channels are contiguous and the other axes collapse into one, the result
-// is in rows form (inner == 1). Throws normkit::Error naming the argument when
-// the strides cannot be collapsed, or for a negative size or stride.
+// With Folding::best, a view whose channels are contiguous and whose other axes
+// form one run is put in rows form (inner == 1), and a single run per channel
+// becomes `inner`; the extents then depend on the strides, so views of one
+// call that fold differently must all use Folding::none (extents from the
+// shape alone). Throws normkit::Error naming the argument when the strides
+// cannot be collapsed, or for a negative size or stride.
+enum class Folding { best, none };
 template <class T>
-Geometry geometry_of(const TensorView<T>& view, std::string_view argument_name);
+Geometry geometry_of(const TensorView<T>& view, std::string_view argument_name,
+                     Folding folding = Folding::best);
 
 }  // namespace normkit

@@ -124,7 +124,7 @@ bool collapse(const TensorView<T>& view, int first, int last, int64_t& size, int
 }  // namespace
 
 template <class T>
-Geometry geometry_of(const TensorView<T>& view, std::string_view argument_name) {
+Geometry geometry_of(const TensorView<T>& view, std::string_view argument_name, Folding folding) {
   if (!is_known(view.layout))
     detail::fail_invalid(argument_name, ": unsupported layout value");
   const int rank = view.rank();
@@ -146,6 +146,7 @@ Geometry geometry_of(const TensorView<T>& view, std::string_view argument_name) 
                          "pass a contiguous tensor");
   if (g.inner == 1) g.inner_stride = 1;
   if (g.outer == 1) g.outer_stride = g.inner * g.inner_stride;
+  if (folding == Folding::none) return g;
   // Channels contiguous and (outer, inner) one evenly strided run: rows form.
   if (g.channels > 1 && g.channel_stride == 1 && g.inner > 1 &&
       g.outer_stride == g.inner * g.inner_stride) {
@@ -170,9 +171,9 @@ template struct TensorView<float>;
 template struct TensorView<const float>;
 template struct TensorView<double>;
 template struct TensorView<const double>;
-template Geometry geometry_of(const TensorView<float>&, std::string_view);
-template Geometry geometry_of(const TensorView<const float>&, std::string_view);
-template Geometry geometry_of(const TensorView<double>&, std::string_view);
-template Geometry geometry_of(const TensorView<const double>&, std::string_view);
+template Geometry geometry_of(const TensorView<float>&, std::string_view, Folding);
+template Geometry geometry_of(const TensorView<const float>&, std::string_view, Folding);
+template Geometry geometry_of(const TensorView<double>&, std::string_view, Folding);
+template Geometry geometry_of(const TensorView<const double>&, std::string_view, Folding);
 
 }  // namespace normkit
