@@ -1,0 +1,260 @@
+// Numerics of the float API: large means, constant channels, and bitwise
+// determinism across thread counts.
+#include "test_support.hpp"
+
+namespace {
+
+using namespace normkit_test;
+using normkit::BackwardMode;
+using normkit::Moments;
+using normkit::TensorView;
+
+// Statistics of canonical float data computed here in long double (two-pass).
+struct DirectStats {
+  std::vector<double> mean, var;  // var biased
+  std::vector<double> unbiased;
+};
+DirectStats direct_stats(const Logical& g, const std::vector<float>& x) {
+  DirectStats d;
+  const int64_t S = g.s();
+  for (int64_t c = 0; c < g.c; ++c) {
+    long double sum = 0, m2 = 0;
+    for (int64_t n = 0; n < g.n; ++n)
+      for (int64_t s = 0; s < S; ++s) sum += x[(n * g.c + c) * S + s];
+    const long double mean = sum / g.m();
+    for (int64_t n = 0; n < g.n; ++n)
+      for (int64_t s = 0; s < S; ++s) {
+        const long double e = x[(n * g.c + c) * S + s] - mean;
+        m2 += e * e;
+      }
+    d.mean.push_back(static_cast<double>(mean));
+    d.var.push_back(static_cast<double>(m2 / g.m()));
+    d.unbiased.push_back(static_cast<double>(m2 / (g.m() - 1)));
+  }
+  return d;
+}
+
+// ------------------------------------------------------------ large means
+
+struct LargeMean {
+  const char* name;
+  Arrangement arrangement;
+  double mean;
+};
+
+// Variance from moments, from the saved invstd and from the running variance
+// within 1e-3 (relative) of the variance computed in long double from the same
+// float data; E[x²] - E[x]² in float would lose every digit here. y is held to
+// the differential tests' bound (2e-6) against y computed from those statistics.
+class LargeMeans : public ::testing::TestWithParam<LargeMean> {};
+
+TEST_P(LargeMeans, VarianceAndOutputKeepTheirDigits) {
+  const LargeMean& k = GetParam();
+  const Logical& g = k.arrangement.logical;
+  Rng rng(seed_of(k.name));
+  std::vector<double> mean_c, std_c(g.c, 1.0);
+  for (int64_t c = 0; c < g.c; ++c) mean_c.push_back(k.mean * (1 + 0.25 * static_cast<double>(c)));
+  const auto x = channel_data(g, mean_c, std_c, rng);
+  const DirectStats ref = direct_stats(g, x);
+
+  Buffer<float> xb(k.arrangement), yb(k.arrangement);
+  xb.scatter(x);
+  std::vector<Moments> moments(g.c);
+  normkit::batch_norm_moments<float>(xb.cview(), moments);
+  const double eps = 1e-5;
+  std::vector<float> mean(g.c), invstd(g.c), rm(g.c, 0.0f), rv(g.c, 1.0f);
+  normkit::batch_norm_forward_training<float>(xb.cview(), yb.view(), {}, {}, {mean, invstd},
+                                              {rm, rv}, {eps, 1.0});
+  for (int64_t c = 0; c < g.c; ++c) {
+    SCOPED_TRACE("channel " + std::to_string(c) + ", mean " + std::to_string(ref.mean[c]) +
+                 ", variance " + std::to_string(ref.var[c]));
+    EXPECT_NEAR(moments[c].mean, ref.mean[c], 1e-3 * std::sqrt(ref.var[c]));
+    EXPECT_NEAR(moments[c].biased_variance(), ref.var[c], 1e-3 * ref.var[c]);
+    const double var_from_invstd = 1.0 / (double{invstd[c]} * double{invstd[c]}) - eps;
+    EXPECT_NEAR(var_from_invstd, ref.var[c], 1e-3 * ref.var[c]);
+    EXPECT_NEAR(double{rv[c]}, ref.unbiased[c], 1e-3 * ref.unbiased[c]);
+  }
+  std::vector<double> y_want(x.size());
+  const int64_t S = g.s();
+  for (size_t i = 0; i < x.size(); ++i) {
+    const int64_t c = (static_cast<int64_t>(i) / S) % g.c;
+    y_want[i] = (x[i] - ref.mean[c]) / std::sqrt(ref.var[c] + eps);
+  }
+  EXPECT_TRUE(all_close("y", yb.gather(), y_want, {2e-6, 2e-6}, &g));
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Float, LargeMeans,
+    ::testing::Values(LargeMean{"NCHW_1e4", dense(Layout::NCHW, {8, 4, {32, 32}}), 1e4},
+                      LargeMean{"NCHW_1e6", dense(Layout::NCHW, {8, 4, {32, 32}}), 1e6},
+                      LargeMean{"NHWC_1e4", dense(Layout::NHWC, {8, 4, {32, 32}}), 1e4},
+                      LargeMean{"NHWC_1e6", dense(Layout::NHWC, {8, 4, {32, 32}}), 1e6},
+                      LargeMean{"NC_1e6", dense(Layout::NC, {8192, 5, {}}), 1e6},
+                      LargeMean{"NCHW_channels_last_1e6", nchw_channels_last({8, 4, {32, 32}}), 1e6}),
+    ByName());
+
+// ------------------------------------------------------------ constant channels
+
+// A constant channel has variance 0: x̂ = 0, so y is exactly β (invstd =
+// 1/sqrt(eps) is finite), dγ is exactly 0 and nothing is NaN.
+template <class T>
+void check_constant_channel(Layout layout) {
+  const Logical g{4, 3, spatial_rank(layout) ? std::vector<int64_t>(spatial_rank(layout), 5)
+                                             : std::vector<int64_t>{}};
+  Rng rng(3);
+  auto x = convert<T>(channel_data(g, {0.5, 0, -2}, {1, 0, 1}, rng));
+  const int64_t S = g.s();
+  for (const float value : {3.7f, 1e6f + 0.0625f}) {
+    SCOPED_TRACE("channel 1 constant at " + std::to_string(value));
+    for (int64_t n = 0; n < g.n; ++n)
+      for (int64_t s = 0; s < S; ++s) x[(n * g.c + 1) * S + s] = static_cast<T>(value);
+    Buffer<T> xb(dense(layout, g)), yb(dense(layout, g)), dyb(dense(layout, g)),
+        dxb(dense(layout, g));
+    xb.scatter(x);
+    const std::vector<T> gamma = {T(1.5), T(-0.75), T(2)}, beta = {T(0.25), T(-0.3), T(1)};
+    std::vector<T> mean(3), invstd(3), rm(3, T(0)), rv(3, T(1));
+    normkit::batch_norm_forward_training<T>(xb.cview(), yb.view(), gamma, beta, {mean, invstd},
+                                            {rm, rv});
+    const auto y = yb.gather();
+    EXPECT_TRUE(std::all_of(y.begin(), y.end(), [](T v) { return std::isfinite(v); }));
+    for (int64_t n = 0; n < g.n; ++n)
+      for (int64_t s = 0; s < S; ++s) ASSERT_EQ(y[(n * g.c + 1) * S + s], beta[1]);
+    EXPECT_EQ(mean[1], static_cast<T>(value));
+    EXPECT_NEAR(invstd[1], 1.0 / std::sqrt(1e-5), 1e-6 / std::sqrt(1e-5));
+    EXPECT_NEAR(rv[1], 0.9, 1e-7);  // 0.9 * 1 + 0.1 * 0
+
+    dyb.scatter(convert<T>(uniform_floats(x.size(), -1, 1, rng)));
+    std::vector<T> dgamma(3), dbeta(3);
+    for (const BackwardMode mode : {BackwardMode::training, BackwardMode::frozen}) {
+      normkit::batch_norm_backward<T>(xb.cview(), dyb.cview(), dxb.view(), gamma, mean, invstd,
+                                      dgamma, dbeta, mode);
+      const auto dx = dxb.gather();
+      EXPECT_TRUE(std::all_of(dx.begin(), dx.end(), [](T v) { return std::isfinite(v); }));
+      EXPECT_EQ(dgamma[1], T(0));
+      EXPECT_TRUE(std::isfinite(dbeta[1]));
+    }
+  }
+}
+
+TEST(ConstantChannel, FloatChannelsFirst) { check_constant_channel<float>(Layout::NCHW); }
+TEST(ConstantChannel, FloatChannelsLast) { check_constant_channel<float>(Layout::NHWC); }
+TEST(ConstantChannel, FloatRows) { check_constant_channel<float>(Layout::NC); }
+TEST(ConstantChannel, DoubleChannelsFirst) { check_constant_channel<double>(Layout::NCHW); }
+TEST(ConstantChannel, DoubleChannelsLast) { check_constant_channel<double>(Layout::NHWC); }
+
+// ------------------------------------------------------------ determinism
+
+struct Outputs {
+  std::vector<float> y, mean, invstd, rm, rv, y_inference, dx, dgamma, dbeta, dx_frozen;
+  std::vector<double> moments;  // count, mean, m2 per channel
+};
+
+Outputs run_all(const Arrangement& a, const std::vector<float>& x, const std::vector<float>& dy) {
+  const Logical& g = a.logical;
+  Outputs o;
+  Buffer<float> xb(a), yb(a), dyb(a), dxb(a);
+  xb.scatter(x);
+  dyb.scatter(dy);
+  std::vector<float> gamma(g.c), beta(g.c);
+  for (int64_t c = 0; c < g.c; ++c) {
+    gamma[c] = 1.0f + 0.01f * static_cast<float>(c);
+    beta[c] = 0.5f - 0.02f * static_cast<float>(c);
+  }
+  o.mean.resize(g.c);
+  o.invstd.resize(g.c);
+  o.rm.assign(g.c, 0.5f);
+  o.rv.assign(g.c, 2.0f);
+  normkit::batch_norm_forward_training<float>(xb.cview(), yb.view(), gamma, beta,
+                                              {o.mean, o.invstd}, {o.rm, o.rv});
+  o.y = yb.storage;
+  normkit::batch_norm_forward_inference<float>(xb.cview(), yb.view(), gamma, beta, o.rm, o.rv);
+  o.y_inference = yb.storage;
+  o.dgamma.resize(g.c);
+  o.dbeta.resize(g.c);
+  normkit::batch_norm_backward<float>(xb.cview(), dyb.cview(), dxb.view(), gamma, o.mean, o.invstd,
+                                      o.dgamma, o.dbeta, BackwardMode::training);
+  o.dx = dxb.storage;
+  std::vector<float> frozen_invstd(g.c);
+  normkit::batch_norm_invstd<float>(o.rv, 1e-5, frozen_invstd);
+  normkit::batch_norm_backward<float>(xb.cview(), dyb.cview(), dxb.view(), gamma, o.rm,
+                                      frozen_invstd, {}, {}, BackwardMode::frozen);
+  o.dx_frozen = dxb.storage;
+  std::vector<Moments> moments(g.c);
+  normkit::batch_norm_moments<float>(xb.cview(), moments);
+  for (const auto& m : moments) o.moments.insert(o.moments.end(), {m.count, m.mean, m.m2});
+  return o;
+}
+
+struct DeterminismCase {
+  const char* name;
+  Arrangement arrangement;
+};
+
+class Determinism : public ::testing::TestWithParam<DeterminismCase> {};
+
+// 1, 2 and 3 threads give the same bits, for C below and above the thread count.
+TEST_P(Determinism, SameBitsForAnyThreadCount) {
+  const Arrangement& a = GetParam().arrangement;
+  const Logical& g = a.logical;
+  Rng rng(seed_of(GetParam().name));
+  std::vector<double> mean_c, std_c;
+  for (int64_t c = 0; c < g.c; ++c) {
+    mean_c.push_back(rng.uniform(-50, 50));
+    std_c.push_back(rng.uniform(0.1, 3));
+  }
+  const auto x = channel_data(g, mean_c, std_c, rng);
+  const auto dy = uniform_floats(x.size(), -1, 1, rng);
+  const int before = normkit::num_threads();
+  Outputs one;
+  {
+    ThreadCount threads(1);
+    one = run_all(a, x, dy);
+  }
+  for (const int n : {2, 3}) {
+    SCOPED_TRACE(std::to_string(n) + " threads against 1");
+    Outputs other;
+    {
+      ThreadCount threads(n);
+      ASSERT_EQ(normkit::num_threads(), n);
+      other = run_all(a, x, dy);
+    }
+    EXPECT_TRUE(bitwise_equal("y", other.y, one.y));
+    EXPECT_TRUE(bitwise_equal("save_mean", other.mean, one.mean));
+    EXPECT_TRUE(bitwise_equal("save_invstd", other.invstd, one.invstd));
+    EXPECT_TRUE(bitwise_equal("running_mean", other.rm, one.rm));
+    EXPECT_TRUE(bitwise_equal("running_var", other.rv, one.rv));
+    EXPECT_TRUE(bitwise_equal("inference y", other.y_inference, one.y_inference));
+    EXPECT_TRUE(bitwise_equal("dx (training)", other.dx, one.dx));
+    EXPECT_TRUE(bitwise_equal("dgamma", other.dgamma, one.dgamma));
+    EXPECT_TRUE(bitwise_equal("dbeta", other.dbeta, one.dbeta));
+    EXPECT_TRUE(bitwise_equal("dx (frozen)", other.dx_frozen, one.dx_frozen));
+    EXPECT_TRUE(bitwise_equal("moments", other.moments, one.moments));
+  }
+  EXPECT_EQ(normkit::num_threads(), before);
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Float, Determinism,
+    ::testing::Values(
+        DeterminismCase{"NCHW_C1", dense(Layout::NCHW, {8, 1, {50, 125}})},
+        DeterminismCase{"NCHW_C3", dense(Layout::NCHW, {8, 3, {50, 125}})},
+        DeterminismCase{"NCHW_C64", dense(Layout::NCHW, {8, 64, {32, 32}})},
+        DeterminismCase{"NCL_C5_short_runs", dense(Layout::NCL, {3000, 5, {7}})},
+        DeterminismCase{"NHWC_C1", dense(Layout::NHWC, {8, 1, {50, 125}})},
+        DeterminismCase{"NHWC_C3", dense(Layout::NHWC, {8, 3, {50, 125}})},
+        DeterminismCase{"NHWC_C64", dense(Layout::NHWC, {8, 64, {32, 32}})},
+        DeterminismCase{"NC_C17", dense(Layout::NC, {40000, 17, {}})},
+        DeterminismCase{"NCHW_channels_last_C16", nchw_channels_last({8, 16, {40, 40}})}),
+    ByName());
+
+TEST(Threads, SetAndRestore) {
+  const int before = normkit::num_threads();
+  EXPECT_GE(before, 1);
+  {
+    ThreadCount threads(3);
+    EXPECT_EQ(normkit::num_threads(), 3);
+  }
+  EXPECT_EQ(normkit::num_threads(), before);
+}
+
+}  // namespace

@@ -1,0 +1,34 @@
+# ctest "find_package_consumer": install the built library into a fresh prefix,
+# configure and build examples/consumer against it with find_package(normkit),
+# and run the consumer. Invoked with cmake -P and these variables:
+#   NORMKIT_BUILD_DIR  the normkit build tree to install
+#   CONSUMER_SOURCE    examples/consumer
+#   WORK_DIR           scratch directory (emptied first)
+#   CXX_COMPILER, MAKE_PROGRAM   the toolchain of the main build
+set(prefix "${WORK_DIR}/prefix")
+set(build "${WORK_DIR}/build")
+file(REMOVE_RECURSE "${WORK_DIR}")
+
+function(run step)
+  execute_process(COMMAND ${ARGN} RESULT_VARIABLE rc OUTPUT_VARIABLE out ERROR_VARIABLE err)
+  if(NOT rc EQUAL 0)
+    message(FATAL_ERROR "${step} failed (${rc}):\n${out}\n${err}")
+  endif()
+  message(STATUS "${step}: ok")
+  set(last_output "${out}" PARENT_SCOPE)
+endfunction()
+
+run("install" "${CMAKE_COMMAND}" --install "${NORMKIT_BUILD_DIR}" --prefix "${prefix}")
+# No package registry, no system prefixes first: only the fresh prefix may satisfy find_package.
+run("configure consumer" "${CMAKE_COMMAND}" -S "${CONSUMER_SOURCE}" -B "${build}" -G Ninja
+    "-DCMAKE_PREFIX_PATH=${prefix}" "-DCMAKE_CXX_COMPILER=${CXX_COMPILER}"
+    "-DCMAKE_MAKE_PROGRAM=${MAKE_PROGRAM}" -DCMAKE_BUILD_TYPE=Release
+    -DCMAKE_FIND_USE_PACKAGE_REGISTRY=OFF)
+file(STRINGS "${build}/CMakeCache.txt" found REGEX "^normkit_DIR:")
+string(FIND "${found}" "${prefix}/" at)
+if(NOT at GREATER -1)
+  message(FATAL_ERROR "find_package(normkit) did not use the installed prefix: ${found}")
+endif()
+run("build consumer" "${CMAKE_COMMAND}" --build "${build}")
+run("run consumer" "${build}/normkit_consumer")
+message(STATUS "${last_output}")
