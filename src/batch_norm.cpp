@@ -243,6 +243,7 @@ void batch_norm_forward_inference(ConstTensorView<T> x, TensorView<T> y, std::sp
                                   std::span<const T> running_var, double eps) {
   check_eps(eps);
   const Geometry gx = checked_input(x, "x");
+  check_per_channel(running_mean, gx.channels, "running_mean", true);
   check_per_channel(running_var, gx.channels, "running_var", true);
   for (size_t c = 0; c < running_var.size(); ++c)
     if (!(running_var[c] + eps > 0))

@@ -16,6 +16,9 @@
 // tracked, gradients not wanted. float views run the fast kernels; double views
 // run the reference implementation (exact, not fast). Every function validates
 // all of its arguments first and throws normkit::Error before changing anything.
+// One check needs the data itself: forward-training raises a runtime error when
+// a channel's statistics are NaN or infinite; y has been written by then, but
+// saved and running statistics are left as they were.
 #include <cstdint>
 #include <optional>
 #include <span>

@@ -138,6 +138,9 @@ class Optimizer {
   // Optimizer state (momentum buffers, Adam moments, step count) for checkpoints.
   virtual std::vector<std::vector<float>*> state() = 0;
   virtual int64_t& steps() = 0;
+  // The hyper-parameters by name ("lr" is the current learning_rate), so a
+  // checkpoint can rebuild the optimizer (normkit::io::make_optimizer).
+  virtual std::map<std::string, double> options() const { return {{"lr", learning_rate}}; }
   float learning_rate = 0.01f;
 };
 

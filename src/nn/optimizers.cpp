@@ -53,6 +53,12 @@ class Sgd final : public Optimizer {
     ++steps_;
   }
   std::string name() const override { return "sgd"; }
+  std::map<std::string, double> options() const override {
+    return {{"lr", learning_rate},
+            {"momentum", options_.momentum},
+            {"weight_decay", options_.weight_decay},
+            {"nesterov", options_.nesterov ? 1.0 : 0.0}};
+  }
   std::vector<std::vector<float>*> state() override {
     std::vector<std::vector<float>*> out;
     for (auto& v : velocity_) out.push_back(&v);
@@ -97,6 +103,11 @@ class Adam final : public Optimizer {
     }
   }
   std::string name() const override { return "adam"; }
+  std::map<std::string, double> options() const override {
+    return {{"lr", learning_rate},  {"beta1", options_.beta1},
+            {"beta2", options_.beta2}, {"eps", options_.eps},
+            {"weight_decay", options_.weight_decay}};
+  }
   std::vector<std::vector<float>*> state() override {
     std::vector<std::vector<float>*> out;
     for (auto& v : m_) out.push_back(&v);
