@@ -56,6 +56,18 @@ constexpr int64_t kMaxChunkRows = 64;
 // Rows chunks are grouped into this many stripes, each merged in order.
 constexpr int64_t kMaxStripes = 32;
 
+// Per-thread scratch that outlives a call: a fresh large vector per call is
+// fresh pages from the kernel, whose faults cost more than a small problem.
+// Each thread has its own, so a call's slot must not be used by a callee or by
+// another thread; `slot` tells a call's buffers apart.
+template <class T>
+T* scratch(int slot, size_t count) {
+  thread_local std::vector<T> buffers[8];
+  auto& buffer = buffers[slot];
+  if (buffer.size() < count) buffer.resize(count);
+  return buffer.data();
+}
+
 template <int N>
 inline double lane_total(const float* acc) {
   if constexpr (N == 1) {
@@ -495,22 +507,23 @@ void rows_moments_into(const Geometry& g, const float* x, Moments* out, int thre
   const int64_t C = plan.channels;
   constexpr int64_t kChannelBlock = 256;
   const int64_t blocks = (C + kChannelBlock - 1) / kChannelBlock;
-  std::vector<double> stripe_mean(plan.stripes * C), stripe_m2(plan.stripes * C);
-  std::vector<double> stripe_count(plan.stripes);
+  double* const stripe_mean = scratch<double>(0, plan.stripes * C);
+  double* const stripe_m2 = scratch<double>(1, plan.stripes * C);
+  double* const stripe_count = scratch<double>(2, plan.stripes);
 #pragma omp parallel num_threads(threads)
   {
-    std::vector<float> scratch(3 * C);
-    std::vector<double> chunk_mean(C), chunk_m2(C);
+    float* const sums = scratch<float>(3, 3 * C);
+    double* const chunk_mean = scratch<double>(4, C);
+    double* const chunk_m2 = scratch<double>(5, C);
 #pragma omp for schedule(static)
     for (int64_t s = 0; s < plan.stripes; ++s) {
       double count = 0;
       for (int64_t k = plan.first_chunk(s); k < plan.first_chunk(s + 1); ++k) {
         const int64_t n = plan.rows_in(k);
-        rows_chunk_moments(x + plan.first_row(k) * g.outer_stride, g.outer_stride, n, C,
-                           scratch.data(), scratch.data() + C, scratch.data() + 2 * C,
-                           chunk_mean.data(), chunk_m2.data());
-        merge_moment_arrays(count, stripe_mean.data() + s * C, stripe_m2.data() + s * C,
-                            static_cast<double>(n), chunk_mean.data(), chunk_m2.data(), C);
+        rows_chunk_moments(x + plan.first_row(k) * g.outer_stride, g.outer_stride, n, C, sums,
+                           sums + C, sums + 2 * C, chunk_mean, chunk_m2);
+        merge_moment_arrays(count, stripe_mean + s * C, stripe_m2 + s * C,
+                            static_cast<double>(n), chunk_mean, chunk_m2, C);
         count += static_cast<double>(n);
       }
       stripe_count[s] = count;
@@ -520,9 +533,8 @@ void rows_moments_into(const Geometry& g, const float* x, Moments* out, int thre
       const int64_t c0 = block * kChannelBlock, width = std::min(kChannelBlock, C - c0);
       double count = stripe_count[0];
       for (int64_t s = 1; s < plan.stripes; ++s) {
-        merge_moment_arrays(count, stripe_mean.data() + c0, stripe_m2.data() + c0,
-                            stripe_count[s], stripe_mean.data() + s * C + c0,
-                            stripe_m2.data() + s * C + c0, width);
+        merge_moment_arrays(count, stripe_mean + c0, stripe_m2 + c0, stripe_count[s],
+                            stripe_mean + s * C + c0, stripe_m2 + s * C + c0, width);
         count += stripe_count[s];
       }
       for (int64_t c = c0; c < c0 + width; ++c) out[c] = {count, stripe_mean[c], stripe_m2[c]};
@@ -625,7 +637,10 @@ void rows_backward(const Backward<float>& p) {
   const RowPlan plan(gx);
   const int64_t C = plan.channels;
   const int threads = threads_for(2 * C * plan.rows);
-  std::vector<double> stripe_dy(plan.stripes * C, 0.0), stripe_dy_xmu(plan.stripes * C, 0.0);
+  double* const stripe_dy = scratch<double>(0, plan.stripes * C);
+  double* const stripe_dy_xmu = scratch<double>(1, plan.stripes * C);
+  std::fill(stripe_dy, stripe_dy + plan.stripes * C, 0.0);
+  std::fill(stripe_dy_xmu, stripe_dy_xmu + plan.stripes * C, 0.0);
   std::vector<float> mean_hi(C), a(C), b(C), k(C);
   std::vector<double> mean_error(C);  // mean - float(mean)
   for (int64_t c = 0; c < C; ++c) {
@@ -640,8 +655,8 @@ void rows_backward(const Backward<float>& p) {
         const int64_t r0 = plan.first_row(chunk);
         rows_gradient_sums_chunk(p.x + r0 * gx.outer_stride, gx.outer_stride,
                                  p.dy + r0 * p.dy_geom.outer_stride, p.dy_geom.outer_stride,
-                                 plan.rows_in(chunk), C, mean_hi.data(), stripe_dy.data() + s * C,
-                                 stripe_dy_xmu.data() + s * C);
+                                 plan.rows_in(chunk), C, mean_hi.data(), stripe_dy + s * C,
+                                 stripe_dy_xmu + s * C);
       }
 #pragma omp for schedule(static)
     for (int64_t c = 0; c < C; ++c) {
