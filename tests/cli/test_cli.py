@@ -1,0 +1,291 @@
+"""The `normkit` command end to end: train, resume, eval, info, compare, and its errors.
+
+Run by ctest (tests/CMakeLists.txt) as
+    NORMKIT_CLI=<build>/normkit /usr/bin/python3 -m pytest tests/cli
+Most runs use a small synthetic CSV table, so they take a fraction of a second;
+one uses Fashion-MNIST (cut to a few hundred samples) for the IDX path and cnn-small.
+"""
+import json
+import os
+import random
+import subprocess
+from pathlib import Path
+
+import pytest
+
+CLI = os.environ.get("NORMKIT_CLI", "")
+FASHION = Path("/usr/share/datasets/fashion-mnist")
+RESULT_KEYS = ["run", "epoch", "train_loss", "train_acc", "test_loss", "test_acc"]
+SPEC = "input 6\nlinear 16 bias=0\nbatchnorm\nrelu\nlinear 3\n"
+
+if not CLI or not Path(CLI).is_file():
+    pytest.exit("set NORMKIT_CLI to the normkit executable (ctest does)", returncode=2)
+
+
+def normkit(*args, env=None, check=None):
+    """Runs normkit; check=0/1/2 asserts the exit code."""
+    full_env = dict(os.environ)
+    full_env.update(env or {})
+    result = subprocess.run([CLI, *map(str, args)], capture_output=True, text=True, env=full_env,
+                            timeout=120)
+    assert result.returncode >= 0, f"normkit crashed (signal {-result.returncode}): {result.stderr}"
+    if check is not None:
+        assert result.returncode == check, (
+            f"normkit {' '.join(map(str, args))}: exit {result.returncode}, expected {check}\n"
+            f"stdout: {result.stdout}\nstderr: {result.stderr}")
+    if result.returncode != 0:
+        # Every failure is one clear line, never a stack trace or a CLI11 banner.
+        assert result.stderr.startswith("normkit: error: "), result.stderr
+    return result
+
+
+def metrics(path):
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def results(path):
+    """The metrics that must be reproducible (not the timings)."""
+    return [{k: m[k] for k in RESULT_KEYS if k != "run"} for m in metrics(path)]
+
+
+@pytest.fixture(scope="session")
+def table(tmp_path_factory):
+    """Three Gaussian blobs in 6 dimensions, 600 rows, with a header and far-off means."""
+    directory = tmp_path_factory.mktemp("data")
+    rng = random.Random(5)
+    rows = ["a,b,c,d,e,f,label"]
+    for i in range(600):
+        label = i % 3
+        values = [rng.gauss(100.0 + 4.0 * label * (j % 2), 3.0) for j in range(6)]
+        rows.append(",".join(f"{v:.5f}" for v in values) + f",{label}")
+    path = directory / "blobs.csv"
+    path.write_text("\n".join(rows) + "\n")
+    spec = directory / "mlp.spec"
+    spec.write_text(SPEC)
+    return {"csv": path, "spec": spec, "dir": directory}
+
+
+def train_args(table, out, *extra, epochs=2):
+    return ["train", "--model", table["spec"], "--data", table["csv"], "--epochs", epochs,
+            "--batch-size", 32, "--lr", 0.05, "--threads", 2, "--seed", 11, "--out", out, *extra]
+
+
+# ---------------------------------------------------------------- help and usage errors
+
+def test_help_and_version():
+    top = normkit("--help", check=0)
+    for command in ("train", "compare", "eval", "info"):
+        assert command in top.stdout
+        sub = normkit(command, "--help", check=0)
+        assert "Usage: normkit " + command in sub.stdout
+    assert "--resume" in normkit("train", "--help", check=0).stdout
+    assert normkit("--version", check=0).stdout.startswith("normkit ")
+    assert "subcommand is required" in normkit(check=2).stderr
+
+
+@pytest.mark.parametrize("args, words", [
+    (["train", "--lr", "-1"], "--lr: must be a positive number"),
+    (["train", "--epochs", "0"], "--epochs"),
+    (["train", "--optimizer", "rmsprop"], "--optimizer"),
+    (["train", "--norm", "layer"], "--norm"),
+    (["train", "--batch-size", "1"], "--batch-size"),
+    (["train", "--bogus"], "--bogus"),
+    (["train", "--resume", "--overwrite"], "excludes"),
+    (["train", "--optimizer", "adam", "--momentum", "0.5"], "sgd only"),
+    (["train", "--model", "no-such-model"], "neither a preset"),
+    (["eval"], "checkpoint is required"),
+])
+def test_usage_errors_exit_2(args, words, tmp_path):
+    result = normkit(*args, "--out", tmp_path / "out") if args[0] == "train" else normkit(*args)
+    assert result.returncode == 2, result.stderr
+    assert words in result.stderr
+
+
+def test_missing_files_exit_1(tmp_path):
+    result = normkit("train", "--data", tmp_path / "nothing", "--out", tmp_path / "o", check=1)
+    assert "nothing" in result.stderr and "no such file" in result.stderr
+    result = normkit("info", tmp_path / "absent.nkc", check=1)
+    assert "absent.nkc" in result.stderr
+    result = normkit("train", "--resume", "--out", tmp_path / "empty", check=1)
+    assert "no checkpoint to resume" in result.stderr
+
+
+# ---------------------------------------------------------------- train, resume, repeat
+
+def test_train_writes_metrics_and_checkpoint(table, tmp_path):
+    out = tmp_path / "run"
+    result = normkit(*train_args(table, out), check=0)
+    assert "epoch 1/2" in result.stdout and "epoch 2/2" in result.stdout  # plain lines off a terminal
+    assert "\r" not in result.stderr
+    lines = metrics(out / "metrics.jsonl")
+    assert [m["epoch"] for m in lines] == [1, 2]
+    for m in lines:
+        for key in RESULT_KEYS + ["seconds", "norm", "model", "lr", "batch_size", "samples_per_second"]:
+            assert key in m, key
+        assert m["run"] == "run" and m["norm"] == "batch" and m["batch_size"] == 32
+        assert 0 <= m["test_acc"] <= 1 and m["train_loss"] > 0 and m["seconds"] > 0
+        assert m["train_samples"] == 480 and m["test_samples"] == 120  # 20% held out
+    assert lines[-1]["test_acc"] > 0.6  # the blobs are separable
+    assert (out / "checkpoint.nkc").is_file()
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint.nkc", "metrics.jsonl"]
+
+    # A second fresh run into the same directory must not silently replace it.
+    result = normkit(*train_args(table, out), check=2)
+    assert "--resume" in result.stderr and "--overwrite" in result.stderr
+    normkit(*train_args(table, out, "--overwrite", "--norm", "none"), check=0)
+    assert all(m["norm"] == "none" for m in metrics(out / "metrics.jsonl"))
+
+
+def test_resume_equals_uninterrupted_run(table, tmp_path):
+    normkit(*train_args(table, tmp_path / "full", epochs=3), check=0)
+    normkit(*train_args(table, tmp_path / "parts", epochs=1), check=0)
+    # A crash between saving the checkpoint and appending metrics could leave a
+    # line the checkpoint does not know; resuming rewrites the file from the checkpoint.
+    with open(tmp_path / "parts" / "metrics.jsonl", "a") as f:
+        f.write('{"epoch": 2, "stale": true}\n')
+    result = normkit("train", "--resume", "--epochs", 3, "--out", tmp_path / "parts", check=0)
+    assert "resuming after epoch 1" in result.stdout
+    assert results(tmp_path / "parts" / "metrics.jsonl") == results(tmp_path / "full" / "metrics.jsonl")
+    # The checkpoints hold the same weights: the same evaluation, bit for bit.
+    full = json.loads(normkit("eval", tmp_path / "full" / "checkpoint.nkc", "--json", check=0).stdout)
+    parts = json.loads(normkit("eval", tmp_path / "parts" / "checkpoint.nkc", "--json", check=0).stdout)
+    assert (full["loss"], full["confusion"]) == (parts["loss"], parts["confusion"])
+
+    # A resumed run keeps its settings.
+    result = normkit("train", "--resume", "--epochs", 4, "--lr", 0.1, "--out", tmp_path / "parts", check=2)
+    assert "--lr 0.1 differs from the checkpoint's 0.05" in result.stderr
+    result = normkit("train", "--resume", "--out", tmp_path / "parts", check=0)
+    assert "nothing to do" in result.stdout
+
+
+def test_same_command_same_metrics(table, tmp_path):
+    for name in ("a", "b"):
+        normkit(*train_args(table, tmp_path / name, "--optimizer", "adam", "--lr", 0.01), check=0)
+    assert results(tmp_path / "a" / "metrics.jsonl") == results(tmp_path / "b" / "metrics.jsonl")
+    normkit(*train_args(table, tmp_path / "c", "--seed", 12), check=0)
+    assert results(tmp_path / "c" / "metrics.jsonl") != results(tmp_path / "a" / "metrics.jsonl")
+
+
+def test_non_finite_loss_keeps_the_last_good_checkpoint(table, tmp_path):
+    out = tmp_path / "run"
+    normkit(*train_args(table, out, epochs=1), check=0)
+    before = (out / "checkpoint.nkc").read_bytes()
+    # Resuming on data with values near float's maximum: the loss overflows in epoch 2.
+    huge = table["dir"] / "huge.csv"
+    huge.write_text("\n".join(",".join(["3e38"] * 6 + [str(i % 3)]) for i in range(100)) + "\n")
+    result = normkit("train", "--resume", "--epochs", 3, "--data", huge, "--out", out, check=1)
+    # The loss check or a layer's check of its input stops it, naming the epoch.
+    assert "epoch 2" in result.stderr
+    assert "loss became" in result.stderr or "NaN or infinite" in result.stderr
+    assert "last good checkpoint (epoch 1)" in result.stderr
+    assert (out / "checkpoint.nkc").read_bytes() == before
+    assert len(metrics(out / "metrics.jsonl")) == 1
+
+
+# ---------------------------------------------------------------- eval, info, bad checkpoints
+
+def test_fashion_mnist_eval_and_info(tmp_path):
+    # scripts/install-deps.sh installs dataset-fashion-mnist: its absence is a failure, not a skip.
+    assert FASHION.is_dir(), f"{FASHION} is missing; run scripts/install-deps.sh"
+    out = tmp_path / "cnn"
+    normkit("train", "--model", "cnn-small", "--epochs", 1, "--limit-train", 512, "--limit-test", 256,
+            "--threads", 2, "--out", out, check=0)
+    checkpoint = out / "checkpoint.nkc"
+    text = normkit("eval", checkpoint, check=0).stdout
+    assert "256 test samples" in text and "confusion matrix" in text
+    report = json.loads(normkit("eval", checkpoint, "--json", check=0).stdout)
+    assert report["samples"] == 256 and report["classes"] == 10
+    assert sum(map(sum, report["confusion"])) == 256
+    assert report["accuracy"] == pytest.approx(metrics(out / "metrics.jsonl")[0]["test_acc"])
+    info = normkit("info", checkpoint, check=0).stdout
+    assert "parameters: 421866" in info and "1 epochs done of 1" in info
+    assert "standardizer: 784 features" in info and "batchnorm(32" in info
+    data = json.loads(normkit("info", checkpoint, "--json", check=0).stdout)
+    assert data["parameters"] == 421866 and data["optimizer"]["name"] == "sgd"
+    assert data["format"] == "nhwc"
+
+
+def test_corrupted_checkpoints_are_rejected(table, tmp_path):
+    out = tmp_path / "run"
+    normkit(*train_args(table, out, epochs=1), check=0)
+    good = (out / "checkpoint.nkc").read_bytes()
+
+    flipped = bytearray(good)
+    flipped[len(good) // 2] ^= 0x40
+    (tmp_path / "flipped.nkc").write_bytes(bytes(flipped))
+    result = normkit("eval", tmp_path / "flipped.nkc", check=1)
+    assert "flipped.nkc" in result.stderr and "checksum mismatch" in result.stderr
+
+    for length in (0, 10, len(good) // 2, len(good) - 1):
+        (tmp_path / "cut.nkc").write_bytes(good[:length])
+        result = normkit("info", tmp_path / "cut.nkc", check=1)
+        assert "cut.nkc" in result.stderr
+        assert ("truncated" in result.stderr) or ("empty" in result.stderr)
+
+    (tmp_path / "text.nkc").write_text("not a checkpoint at all\n")
+    assert "not a normkit checkpoint" in normkit("info", tmp_path / "text.nkc", check=1).stderr
+
+    # --resume on a corrupted checkpoint: refused, nothing changed.
+    (out / "checkpoint.nkc").write_bytes(bytes(flipped))
+    before = (out / "metrics.jsonl").read_bytes()
+    assert "checksum mismatch" in normkit("train", "--resume", "--out", out, check=1).stderr
+    assert (out / "metrics.jsonl").read_bytes() == before
+
+
+# ---------------------------------------------------------------- compare
+
+def compare_args(table, out, *extra):
+    return ["compare", "--model", table["spec"], "--data", table["csv"], "--epochs", 2,
+            "--batch-size", 32, "--threads", 2, "--seed", 3, "--out", out, *extra]
+
+
+def test_compare_table_report_and_plot(table, tmp_path):
+    out = tmp_path / "cmp"
+    result = normkit(*compare_args(table, out), check=0)
+    assert "with batch norm" in result.stdout and "without batch norm" in result.stdout
+    rows = [line for line in result.stdout.splitlines() if line.strip()[:1].isdigit()]
+    assert len(rows) == 2, result.stdout
+    with_bn, without = metrics(out / "batch" / "metrics.jsonl"), metrics(out / "none" / "metrics.jsonl")
+    assert [m["run"] for m in with_bn] == ["batch", "batch"] and [m["norm"] for m in without] == ["none"] * 2
+    assert with_bn != without
+    assert (out / "batch" / "checkpoint.nkc").is_file() and (out / "none" / "checkpoint.nkc").is_file()
+    report = (out / "report.md").read_text()
+    assert "| epoch |" in report and "## Settings" in report and "curves.png" in report
+    assert "After 2 epochs, the model with batch normalization reached" in report
+    assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # The BN-free run equals `train --norm none` with the same options.
+    normkit(*train_args(table, tmp_path / "plain", "--norm", "none", "--seed", 3, "--lr", 0.05), check=0)
+    assert [{k: m[k] for k in RESULT_KEYS[1:]} for m in without] == results(tmp_path / "plain" / "metrics.jsonl")
+
+    # Resuming a finished comparison to a third epoch extends both runs.
+    normkit("compare", "--resume", "--epochs", 3, "--out", out, check=0)
+    assert len(metrics(out / "batch" / "metrics.jsonl")) == 3
+    assert len(metrics(out / "none" / "metrics.jsonl")) == 3
+
+
+def test_compare_without_python_still_reports(table, tmp_path):
+    out = tmp_path / "cmp"
+    result = normkit(*compare_args(table, out), env={"NORMKIT_PYTHON": "/nonexistent/python3"}, check=0)
+    assert "normkit: warning: no plot" in result.stderr
+    assert "No plot: cannot run /nonexistent/python3" in (out / "report.md").read_text()
+    assert not (out / "curves.png").exists()
+
+
+def test_compare_needs_batch_norm(table, tmp_path):
+    plain = table["dir"] / "plain.spec"
+    plain.write_text("input 6; linear 16; relu; linear 3")
+    result = normkit("compare", "--model", plain, "--data", table["csv"], "--out", tmp_path / "c", check=2)
+    assert "no batchnorm layer" in result.stderr
+
+
+def test_json_spec_equals_text_spec(table, tmp_path):
+    spec = table["dir"] / "mlp.json"
+    spec.write_text(json.dumps({"input": [6], "layers": [
+        {"type": "linear", "args": [16], "options": {"bias": 0}}, "batchnorm", "relu", "linear 3"]}))
+    normkit(*train_args(table, tmp_path / "json", epochs=1), "--model", spec, check=0)
+    normkit(*train_args(table, tmp_path / "text", epochs=1), check=0)
+    assert results(tmp_path / "json" / "metrics.jsonl") == results(tmp_path / "text" / "metrics.jsonl")
+    spec.write_text('{"input": [6], "layers": [{"type": "linear"}]}')
+    result = normkit(*train_args(table, tmp_path / "bad", epochs=1), "--model", spec, check=2)
+    assert "mlp.json" in result.stderr

@@ -1,0 +1,167 @@
+#pragma once
+// The pieces of the `normkit` command shared by its subcommands: run options,
+// data loading, one training run with its checkpoint and metrics, and the
+// terminal progress line.
+#include <chrono>
+#include <cstdint>
+#include <filesystem>
+#include <memory>
+#include <set>
+#include <string>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+#include "normkit/checkpoint.hpp"
+#include "normkit/data.hpp"
+#include "normkit/error.hpp"
+#include "normkit/nn.hpp"
+#include "normkit/train.hpp"
+
+namespace normkit::cli {
+
+namespace fs = std::filesystem;
+using json = nlohmann::ordered_json;  // keeps keys in the order written
+
+// A usage error (exit code 2): a bad option value or combination.
+[[noreturn]] void usage_error(const std::string& message);
+// A runtime error (exit code 1): missing files, bad data, failed training.
+[[noreturn]] void runtime_error(const std::string& message);
+
+// Everything that determines a training run's results (and --threads, which
+// should not). Stored in the checkpoint as JSON so that --resume and `eval`
+// know how the run was made.
+struct RunOptions {
+  std::string model = "cnn-small";  // a preset name or a spec file
+  std::string norm = "batch";       // batch: the spec as given; none: without_batch_norm()
+  int64_t epochs = 10;
+  int64_t batch_size = 128;
+  double lr = 0.05;  // Adam's default (1e-3) when --optimizer adam and no --lr
+  std::string optimizer = "sgd";
+  double momentum = 0.9;
+  bool nesterov = false;
+  double weight_decay = 0.0;
+  std::string init = "he";
+  double init_std = 0.01;
+  uint64_t seed = 1;
+  std::string data = data::kFashionMnistDirectory;
+  std::string test_data;  // CSV only: a separate test table
+  int csv_label_column = -1;
+  std::string format = "nhwc";
+  int64_t limit_train = 0, limit_test = 0;  // 0: all samples
+  int threads = 0;                          // 0: OpenMP's default
+};
+json to_json(const RunOptions& o);
+RunOptions run_options_from_json(const json& j);  // throws normkit::Error on a bad document
+
+// Sets normkit's and OpenMP's (oneDNN's) thread counts; 0 keeps the defaults.
+void apply_threads(int threads);
+
+// The model spec of `options` (preset or file), with or without its BN layers.
+nn::ModelSpec resolve_spec(const RunOptions& options, const std::string& norm);
+
+struct Data {
+  data::Dataset train, test;
+};
+// The training and test sets of `options`, the first limit_* samples of each;
+// for a CSV without --test-data a fixed 20% of the rows is held out as test set.
+Data load_data(const RunOptions& options, bool need_train = true);
+// Checks that the model's input matches the data's samples.
+void check_data_fits(const nn::ModelSpec& spec, const data::Dataset& set);
+void standardize(const data::Standardizer& standardizer, data::Dataset& set);
+// The data of a run, standardized with `standardizer` (fitted first on the
+// training set when `fit`).
+Data prepare_data(const RunOptions& options, data::Standardizer* standardizer, bool fit);
+// One line: model, sample counts, optimizer, batch size, seed, format.
+std::string describe_run(const RunOptions& options, const Data& data);
+
+// Writes `text` to `path` through a temporary file and a rename.
+void write_file_atomically(const fs::path& path, const std::string& text);
+
+// The terminal progress line on stderr (only when stderr is a terminal).
+class Progress {
+ public:
+  explicit Progress(std::string label);
+  static bool enabled();
+  void update(int64_t epoch, int64_t epochs, const train::StepProgress& p);
+  void clear();
+
+ private:
+  std::string label_;
+  std::chrono::steady_clock::time_point last_{};
+  bool shown_ = false;
+};
+
+struct EpochRecord {
+  json metrics;  // one line of metrics.jsonl
+  bool ok = true;
+  std::string error;  // when the loss became NaN or infinite
+};
+
+// One training run in directory `out`: OUT/checkpoint.nkc and OUT/metrics.jsonl.
+class Run {
+ public:
+  // A fresh run; fails if OUT already holds a checkpoint, unless overwrite.
+  static Run start(const RunOptions& options, const std::string& name, const fs::path& out,
+                   const std::string& norm, const data::Standardizer& standardizer, bool overwrite);
+  // Continues the run saved in OUT/checkpoint.nkc.
+  static Run resume(const fs::path& out);
+
+  // Trains epoch epochs_done() + 1, evaluates, saves the checkpoint, appends the
+  // metrics line. A NaN/inf loss leaves the checkpoint as it was and returns
+  // ok = false; the run is then stopped.
+  EpochRecord train_epoch(const Data& data, Progress* progress);
+
+  const RunOptions& options() const { return options_; }
+  RunOptions& options() { return options_; }
+  const std::string& name() const { return name_; }
+  const std::string& norm() const { return norm_; }
+  const fs::path& out() const { return out_; }
+  fs::path checkpoint_path() const { return out_ / "checkpoint.nkc"; }
+  int64_t epochs_done() const { return epochs_done_; }
+  bool stopped() const { return !stop_reason_.empty(); }
+  const std::string& stop_reason() const { return stop_reason_; }
+  const json& history() const { return history_; }
+  const data::Standardizer& standardizer() const { return standardizer_; }
+  nn::Model& model() { return *model_; }
+  std::string model_spec_text() const { return model_->spec().to_string(); }
+
+ private:
+  Run() = default;
+  void save_checkpoint() const;
+  void rewrite_metrics() const;
+
+  RunOptions options_;
+  std::string name_, norm_;
+  fs::path out_;
+  data::Standardizer standardizer_;
+  std::unique_ptr<nn::Model> model_;
+  std::unique_ptr<nn::Optimizer> optimizer_;
+  int64_t epochs_done_ = 0;
+  json history_ = json::array();
+  std::string stop_reason_;
+};
+
+// What a command was told besides the run options.
+struct CommandFlags {
+  fs::path out;
+  std::string name;  // the run's name in metrics.jsonl; default: OUT's directory name
+  bool resume = false, overwrite = false;
+};
+// The run options given explicitly on the command line (as to_json keys).
+using GivenOptions = std::set<std::string>;
+
+// On --resume: the checkpoint's options, with --epochs, --threads, --data and
+// --test-data taken from the command line; any other option given explicitly
+// must equal the checkpoint's (a usage error names the first that differs).
+RunOptions merge_resume_options(const RunOptions& stored, const RunOptions& given,
+                                const GivenOptions& given_keys);
+
+// Checks option combinations CLI11 cannot check by itself; sets Adam's
+// default learning rate when --lr was not given.
+RunOptions finish_options(RunOptions options, const GivenOptions& given);
+
+int command_train(const RunOptions& options, const GivenOptions& given, const CommandFlags& flags);
+int command_compare(const RunOptions& options, const GivenOptions& given, const CommandFlags& flags);
+
+}  // namespace normkit::cli

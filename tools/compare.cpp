@@ -1,0 +1,312 @@
+// `normkit compare`: the same model trained with and without batch
+// normalization, side by side, then a report and a plot.
+//
+// Both runs start from the same seed: the same initial weights (the BN-free
+// model has the same weight layers; BN's γ = 1, β = 0 take no random numbers),
+// the same standardized data and the same batches in the same order. Their
+// epochs are interleaved so the table grows as training goes.
+#include <fcntl.h>
+#include <spawn.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <fstream>
+#include <optional>
+#include <sstream>
+
+#include <fmt/format.h>
+
+#include "cli.hpp"
+#include "normkit/version.hpp"
+
+extern char** environ;
+
+namespace normkit::cli {
+
+namespace {
+
+const json* record_at(const Run& run, size_t epoch) {
+  return epoch < run.history().size() ? &run.history()[epoch] : nullptr;
+}
+
+// A loss in 4 decimals, or in scientific notation when it has blown up.
+std::string loss_text(double loss) {
+  return std::abs(loss) < 1e5 ? fmt::format("{:.4f}", loss) : fmt::format("{:.3e}", loss);
+}
+
+std::string cells(const json* m, const Run& run) {
+  if (m)
+    return fmt::format("{:>10} {:>10} {:>9.4f} {:>7.1f}s", loss_text((*m)["train_loss"].get<double>()),
+                       loss_text((*m)["test_loss"].get<double>()), (*m)["test_acc"].get<double>(),
+                       (*m)["seconds"].get<double>());
+  return fmt::format("{:^40}", run.stopped() ? "stopped (non-finite loss)" : "-");
+}
+
+void print_line(std::string line) {
+  while (!line.empty() && line.back() == ' ') line.pop_back();
+  fmt::print("{}\n", line);
+}
+
+void print_header() {
+  print_line(fmt::format("{:>5} | {:^40} | {:^40}", "", "with batch norm", "without batch norm"));
+  const std::string columns =
+      fmt::format("{:>10} {:>10} {:>9} {:>8}", "train loss", "test loss", "test acc", "time");
+  fmt::print("{:>5} | {} | {}\n", "epoch", columns, columns);
+}
+
+void print_row(size_t epoch, const Run& a, const Run& b) {
+  print_line(fmt::format("{:>5} | {} | {}", epoch + 1, cells(record_at(a, epoch), a),
+                         cells(record_at(b, epoch), b)));
+  std::fflush(stdout);
+}
+
+std::string markdown_cells(const json* m, const Run& run) {
+  if (m)
+    return fmt::format("{} | {} | {:.4f} | {:.1f}", loss_text((*m)["train_loss"].get<double>()),
+                       loss_text((*m)["test_loss"].get<double>()), (*m)["test_acc"].get<double>(),
+                       (*m)["seconds"].get<double>());
+  return run.stopped() ? "stopped | | |" : "– | – | – | –";
+}
+
+std::string markdown_table(const Run& a, const Run& b) {
+  std::string t =
+      "| epoch | BN train loss | BN test loss | BN test acc | BN s | no-BN train loss | "
+      "no-BN test loss | no-BN test acc | no-BN s |\n"
+      "|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n";
+  const size_t epochs = std::max(a.history().size(), b.history().size());
+  for (size_t e = 0; e < epochs; ++e)
+    t += fmt::format("| {} | {} | {} |\n", e + 1, markdown_cells(record_at(a, e), a),
+                     markdown_cells(record_at(b, e), b));
+  return t;
+}
+
+double field(const json& m, const char* key) { return m[key].get<double>(); }
+
+// What differed, in plain words, from the numbers of both runs.
+std::string summary(const Run& bn, const Run& plain) {
+  std::string out;
+  const auto& hb = bn.history();
+  const auto& hp = plain.history();
+  if (plain.stopped() || bn.stopped()) {
+    for (const Run* r : {&bn, &plain})
+      if (r->stopped())
+        out += fmt::format("Training {} batch normalization failed after {} completed epoch{} ({}). ",
+                           r == &bn ? "with" : "without", r->epochs_done(),
+                           r->epochs_done() == 1 ? "" : "s", r->stop_reason());
+  }
+  const size_t common = std::min(hb.size(), hp.size());
+  if (common == 0) {
+    for (const Run* r : {&bn, &plain})
+      if (!r->history().empty())
+        out += fmt::format("Training {} it ran {} epoch{}, reaching a test accuracy of {:.4f}. ",
+                           r == &bn ? "with" : "without", r->epochs_done(),
+                           r->epochs_done() == 1 ? "" : "s", field(r->history().back(), "test_acc"));
+    out += "No epoch was completed by both runs, so there is no side-by-side comparison.";
+    return out;
+  }
+  const json& b = hb[common - 1];
+  const json& p = hp[common - 1];
+  const double diff = 100.0 * (field(b, "test_acc") - field(p, "test_acc"));
+  out += fmt::format(
+      "After {} epoch{}, the model with batch normalization reached a test accuracy of {:.4f} "
+      "against {:.4f} without it ({:+.2f} points), with a training loss of {} against {}. ",
+      common, common == 1 ? "" : "s", field(b, "test_acc"), field(p, "test_acc"), diff,
+      loss_text(field(b, "train_loss")), loss_text(field(p, "train_loss")));
+  if (common > 1 && field(hb[0], "test_acc") >= field(p, "test_acc"))
+    out += fmt::format(
+        "With batch normalization, one epoch (test accuracy {:.4f}) was already enough to match "
+        "what the model without it reached after {}. ",
+        field(hb[0], "test_acc"), common);
+  // The fastest epoch of each: the machines are shared and noisy, and the
+  // minimum is the least disturbed measurement.
+  double fastest_b = field(hb[0], "seconds"), fastest_p = field(hp[0], "seconds");
+  for (size_t e = 1; e < common; ++e) {
+    fastest_b = std::min(fastest_b, field(hb[e], "seconds"));
+    fastest_p = std::min(fastest_p, field(hp[e], "seconds"));
+  }
+  if (fastest_p > 0)
+    out += fmt::format(
+        "The fastest epoch with batch normalization took {:.1f} s against {:.1f} s without it "
+        "({:.2f}×).",
+        fastest_b, fastest_p, fastest_b / fastest_p);
+  return out;
+}
+
+fs::path plot_script() {
+  if (const char* env = std::getenv("NORMKIT_PLOT_SCRIPT")) return env;
+  std::error_code ec;
+  const fs::path exe = fs::read_symlink("/proc/self/exe", ec);
+  if (!ec) {
+    const fs::path installed = exe.parent_path().parent_path() / NORMKIT_INSTALLED_PLOT_SCRIPT;
+    if (fs::is_regular_file(installed, ec)) return installed;
+  }
+  return NORMKIT_SOURCE_PLOT_SCRIPT;
+}
+
+// Runs tools/plot_metrics.py; returns "" on success, else what went wrong.
+std::string plot_curves(const fs::path& out, const Run& a, const Run& b) {
+  const char* python_env = std::getenv("NORMKIT_PYTHON");
+  const std::string python = python_env ? python_env : "/usr/bin/python3";
+  const fs::path script = plot_script();
+  std::error_code ec;
+  if (!fs::is_regular_file(script, ec)) return "the plot script " + script.string() + " is missing";
+  const fs::path log = out / ".plot.log";
+  const std::vector<std::string> args = {
+      python,
+      script.string(),
+      "--out",
+      (out / "curves.png").string(),
+      "--title",
+      fmt::format("{}: with and without batch normalization", a.options().model),
+      "with BN=" + (a.out() / "metrics.jsonl").string(),
+      "without BN=" + (b.out() / "metrics.jsonl").string()};
+  std::vector<char*> argv;
+  for (const auto& s : args) argv.push_back(const_cast<char*>(s.c_str()));
+  argv.push_back(nullptr);
+  posix_spawn_file_actions_t actions;
+  posix_spawn_file_actions_init(&actions);
+  posix_spawn_file_actions_addopen(&actions, STDOUT_FILENO, log.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
+  posix_spawn_file_actions_adddup2(&actions, STDOUT_FILENO, STDERR_FILENO);
+  pid_t pid = 0;
+  const int spawned = posix_spawn(&pid, python.c_str(), &actions, nullptr, argv.data(), environ);
+  posix_spawn_file_actions_destroy(&actions);
+  if (spawned != 0) return "cannot run " + python + ": " + std::strerror(spawned);
+  int status = 0;
+  while (waitpid(pid, &status, 0) < 0 && errno == EINTR) {
+  }
+  std::ifstream in(log);
+  std::stringstream text;
+  text << in.rdbuf();
+  fs::remove(log, ec);
+  if (WIFEXITED(status) && WEXITSTATUS(status) == 0) return "";
+  std::string output = text.str();
+  while (!output.empty() && (output.back() == '\n' || output.back() == ' ')) output.pop_back();
+  if (const auto nl = output.rfind('\n'); nl != std::string::npos) output = output.substr(nl + 1);
+  return fmt::format("{} {} failed{}", python, script.filename().string(),
+                     output.empty() ? "" : ": " + output);
+}
+
+void write_report(const fs::path& out, const Run& a, const Run& b, const Data& data,
+                  const std::string& plot_problem) {
+  const RunOptions& o = a.options();
+  std::string r;
+  r += fmt::format("# {}: with and without batch normalization\n\n", o.model);
+  r += summary(a, b) + "\n\n";
+  r += "## Per epoch\n\nLosses are mean softmax cross-entropy; `s` is the training time of the epoch.\n\n";
+  r += markdown_table(a, b) + "\n";
+  r += "## Final\n\n";
+  for (const Run* run : {&a, &b}) {
+    const std::string label = run == &a ? "With batch norm" : "Without batch norm";
+    if (run->history().empty()) {
+      r += fmt::format("- {}: no completed epoch{}\n", label,
+                       run->stopped() ? " (" + run->stop_reason() + ")" : "");
+      continue;
+    }
+    const json& m = run->history().back();
+    r += fmt::format("- {}: test accuracy **{:.4f}**, test loss {}, train loss {} after {} "
+                     "epoch{}{}; `{}`\n",
+                     label, field(m, "test_acc"), loss_text(field(m, "test_loss")),
+                     loss_text(field(m, "train_loss")),
+                     run->epochs_done(), run->epochs_done() == 1 ? "" : "s", run->stopped() ? " (then stopped: " + run->stop_reason() + ")" : "",
+                     (run->out() / "checkpoint.nkc").string());
+  }
+  r += "\n## Settings\n\n";
+  r += fmt::format("- model `{}`, {} epoch{}, memory format {}\n", o.model, o.epochs,
+                   o.epochs == 1 ? "" : "s", o.format);
+  r += fmt::format("- with BN: `{}`\n", a.model_spec_text());
+  r += fmt::format("- without BN: `{}`\n", b.model_spec_text());
+  r += fmt::format("- data `{}`: {} training and {} test samples, standardized per feature with "
+                   "statistics of the training set\n",
+                   o.data, data.train.count(), data.test.count());
+  std::string optimizer = fmt::format("{}, lr {:g}", o.optimizer, o.lr);
+  if (o.optimizer == "sgd")
+    optimizer += fmt::format(", momentum {:g}{}", o.momentum, o.nesterov ? " (Nesterov)" : "");
+  r += fmt::format("- optimizer {}, weight decay {:g}, batch size {}\n", optimizer, o.weight_decay,
+                   o.batch_size);
+  r += fmt::format("- seed {} for both runs (initial weights and batch order), initialization {}\n",
+                   o.seed, o.init);
+  r += fmt::format("- threads {}, normkit {}\n", o.threads > 0 ? std::to_string(o.threads) : "default",
+                   normkit::version);
+  r += "\n## Curves\n\n";
+  if (plot_problem.empty())
+    r += "![training loss, test loss and test accuracy per epoch](curves.png)\n";
+  else
+    r += "No plot: " + plot_problem + ".\n";
+  r += fmt::format("\n## Files\n\n- `batch/metrics.jsonl`, `batch/checkpoint.nkc`: with batch norm\n"
+                   "- `none/metrics.jsonl`, `none/checkpoint.nkc`: without batch norm\n");
+  write_file_atomically(out / "report.md", r);
+}
+
+}  // namespace
+
+int command_compare(const RunOptions& given_options, const GivenOptions& given,
+                    const CommandFlags& flags) {
+  std::optional<Run> with_bn, without_bn;
+  Data data;
+  if (flags.resume) {
+    with_bn.emplace(Run::resume(flags.out / "batch"));
+    without_bn.emplace(Run::resume(flags.out / "none"));
+    const RunOptions merged = merge_resume_options(with_bn->options(), given_options, given);
+    with_bn->options() = merged;
+    without_bn->options() = merge_resume_options(without_bn->options(), given_options, given);
+    apply_threads(merged.threads);
+    data::Standardizer standardizer = with_bn->standardizer();
+    data = prepare_data(merged, &standardizer, false);
+  } else {
+    const RunOptions o = finish_options(given_options, given);
+    std::error_code ec;
+    for (const char* sub : {"batch", "none"})
+      if (fs::exists(flags.out / sub / "checkpoint.nkc", ec) && !flags.overwrite)
+        usage_error("'" + flags.out.string() + "' already holds a comparison: pass --resume to "
+                    "continue it or --overwrite to start over");
+    apply_threads(o.threads);
+    const nn::ModelSpec spec = resolve_spec(o, "batch");
+    if (spec == spec.without_batch_norm())
+      usage_error("--model '" + o.model + "' has no batchnorm layer: there is nothing to compare");
+    data::Standardizer standardizer;
+    data = prepare_data(o, &standardizer, true);
+    check_data_fits(spec, data.train);
+    for (const char* stale : {"report.md", "curves.png"}) fs::remove(flags.out / stale, ec);
+    with_bn.emplace(Run::start(o, "batch", flags.out / "batch", "batch", standardizer, flags.overwrite));
+    without_bn.emplace(Run::start(o, "none", flags.out / "none", "none", standardizer, flags.overwrite));
+  }
+  Run& a = *with_bn;
+  Run& b = *without_bn;
+  const int64_t epochs = a.options().epochs;
+  fmt::print("normkit compare: {}\n", describe_run(a.options(), data));
+  fmt::print("output in {}{}\n\n", flags.out.string(),
+             flags.resume ? fmt::format(", resuming after epoch {}", std::min(a.epochs_done(), b.epochs_done())) : "");
+  print_header();
+  for (size_t e = 0; e < static_cast<size_t>(std::min(a.epochs_done(), b.epochs_done())); ++e) print_row(e, a, b);
+  std::optional<Progress> progress_a, progress_b;
+  if (Progress::enabled()) {
+    progress_a.emplace("with BN   ");
+    progress_b.emplace("without BN");
+  }
+  for (int64_t epoch = std::min(a.epochs_done(), b.epochs_done()); epoch < epochs; ++epoch) {
+    bool trained = false;
+    for (Run* run : {&a, &b}) {
+      if (run->stopped() || run->epochs_done() > epoch) continue;
+      const EpochRecord record = run->train_epoch(data, run == &a ? (progress_a ? &*progress_a : nullptr)
+                                                                  : (progress_b ? &*progress_b : nullptr));
+      trained = true;
+      if (!record.ok)
+        fmt::print(stderr, "normkit: warning: the run {} batch norm stopped: {}\n",
+                   run == &a ? "with" : "without", record.error);
+    }
+    if (!trained) break;
+    print_row(static_cast<size_t>(epoch), a, b);
+  }
+  const std::string plot_problem = plot_curves(flags.out, a, b);
+  if (!plot_problem.empty())
+    fmt::print(stderr, "normkit: warning: no plot ({}); the report says so\n", plot_problem);
+  write_report(flags.out, a, b, data, plot_problem);
+  fmt::print("\n{}\n\nreport: {}{}\n", summary(a, b), (flags.out / "report.md").string(),
+             plot_problem.empty() ? ", curves: " + (flags.out / "curves.png").string() : "");
+  return 0;
+}
+
+}  // namespace normkit::cli

@@ -1,0 +1,423 @@
+// `normkit`: train models with and without batch normalization, compare them,
+// evaluate and inspect checkpoints.
+//
+// Exit codes: 0 success, 1 runtime error (missing or bad files, training that
+// diverged), 2 usage error (bad options). Every error is one line on stderr
+// starting "normkit: error: ".
+#include <unistd.h>
+
+#include <cmath>
+#include <cstdio>
+#include <iostream>
+#include <map>
+
+#include <CLI/CLI.hpp>
+#include <fmt/format.h>
+
+#include "cli.hpp"
+#include "normkit/version.hpp"
+
+namespace normkit::cli {
+
+namespace {
+
+using OptionMap = std::map<std::string, CLI::Option*>;  // to_json key -> option
+
+// A finite number above (or at, for non_negative) zero, with a plain message.
+CLI::Validator number_at_least_zero(bool allow_zero) {
+  return CLI::Validator(
+      [allow_zero](std::string& text) -> std::string {
+        double value = 0;
+        size_t used = 0;
+        try {
+          value = std::stod(text, &used);
+        } catch (const std::exception&) {
+          used = 0;
+        }
+        if (used != text.size() || !std::isfinite(value) || value < 0 || (!allow_zero && value == 0))
+          return "must be a " + std::string(allow_zero ? "non-negative" : "positive") +
+                 " number, got '" + text + "'";
+        return "";
+      },
+      allow_zero ? "NONNEGATIVE" : "POSITIVE");
+}
+const CLI::Validator kPositive = number_at_least_zero(false);
+const CLI::Validator kNonNegative = number_at_least_zero(true);
+
+// The options that describe a training run, shared by `train` and `compare`.
+void add_run_options(CLI::App* app, RunOptions& o, OptionMap& options, bool with_norm) {
+  auto add = [&](const std::string& key, CLI::Option* option) { options[key] = option; };
+  add("model", app->add_option("--model", o.model,
+                               "a preset (mlp-paper, cnn-small) or a model spec file (text or JSON)")
+                   ->capture_default_str());
+  if (with_norm)
+    add("norm", app->add_option("--norm", o.norm,
+                                "batch: the model as specified; none: the same model without "
+                                "its batchnorm layers")
+                    ->check(CLI::IsMember({"batch", "none"}))
+                    ->capture_default_str());
+  add("epochs", app->add_option("--epochs", o.epochs, "epochs to train (in total, when resuming)")
+                    ->check(CLI::Range(int64_t{1}, int64_t{100000}))
+                    ->capture_default_str());
+  add("batch_size", app->add_option("--batch-size", o.batch_size, "mini-batch size (>= 2)")
+                        ->check(CLI::Range(int64_t{2}, int64_t{1} << 20))
+                        ->capture_default_str());
+  add("lr", app->add_option("--lr", o.lr, "learning rate (default 0.05 for sgd, 0.001 for adam)")
+                ->check(kPositive));
+  add("optimizer", app->add_option("--optimizer", o.optimizer, "sgd or adam")
+                       ->check(CLI::IsMember({"sgd", "adam"}))
+                       ->capture_default_str());
+  add("momentum", app->add_option("--momentum", o.momentum, "SGD momentum")
+                      ->check(CLI::Range(0.0, 1.0))
+                      ->capture_default_str());
+  add("nesterov", app->add_flag("--nesterov", o.nesterov, "Nesterov momentum (SGD)"));
+  add("weight_decay", app->add_option("--weight-decay", o.weight_decay, "L2 weight decay")
+                          ->check(kNonNegative)
+                          ->capture_default_str());
+  add("init", app->add_option("--init", o.init, "weight initialization: he, xavier or normal")
+                  ->check(CLI::IsMember({"he", "xavier", "normal"}))
+                  ->capture_default_str());
+  add("init_std", app->add_option("--init-std", o.init_std, "standard deviation for --init normal")
+                      ->check(kPositive)
+                      ->capture_default_str());
+  add("seed", app->add_option("--seed", o.seed,
+                              "seeds the initialization and the data order: the same command "
+                              "gives the same metrics")
+                  ->capture_default_str());
+  add("threads", app->add_option("--threads", o.threads, "threads (default: OpenMP's default)")
+                     ->check(CLI::Range(1, 4096)));
+  add("data", app->add_option("--data", o.data,
+                              "a directory of (Fashion-)MNIST IDX files, or a CSV table")
+                  ->capture_default_str());
+  add("test_data", app->add_option("--test-data", o.test_data,
+                                   "CSV: a separate test table (default: a fixed 20% of --data)"));
+  add("csv_label_column",
+      app->add_option("--csv-label-column", o.csv_label_column, "CSV: the label column (-1: last)")
+          ->capture_default_str());
+  add("format", app->add_option("--format", o.format, "activation memory format: nchw or nhwc")
+                    ->check(CLI::IsMember({"nchw", "nhwc"}))
+                    ->capture_default_str());
+  add("limit_train", app->add_option("--limit-train", o.limit_train,
+                                     "use only the first N training samples (0: all)")
+                         ->check(kNonNegative));
+  add("limit_test", app->add_option("--limit-test", o.limit_test,
+                                    "use only the first N test samples (0: all)")
+                        ->check(kNonNegative));
+}
+
+void add_command_flags(CLI::App* app, CommandFlags& f, const std::string& default_out) {
+  f.out = default_out;
+  app->add_option("--out", f.out, "output directory")->capture_default_str();
+  auto* resume = app->add_flag("--resume", f.resume, "continue the run saved in --out");
+  app->add_flag("--overwrite", f.overwrite, "replace a run already in --out")->excludes(resume);
+}
+
+GivenOptions given_options(const OptionMap& options) {
+  GivenOptions given;
+  for (const auto& [key, option] : options)
+    if (option->count() > 0) given.insert(key);
+  return given;
+}
+
+// ---------------------------------------------------------------- train
+
+int report_stop(const Run& run) {
+  std::string message = run.stop_reason();
+  if (run.epochs_done() > 0)
+    message += fmt::format("; the last good checkpoint (epoch {}) is {}", run.epochs_done(),
+                           run.checkpoint_path().string());
+  fmt::print(stderr, "normkit: error: {}\n", message);
+  return 1;
+}
+
+}  // namespace
+
+int command_train(const RunOptions& given_options, const GivenOptions& given,
+                  const CommandFlags& flags) {
+  fs::path out_path = fs::absolute(flags.out).lexically_normal();
+  if (out_path.filename().empty()) out_path = out_path.parent_path();  // "runs/x/"
+  std::string name = flags.name.empty() ? out_path.filename().string() : flags.name;
+  if (name.empty()) name = "train";
+  std::optional<Run> run;
+  Data data;
+  if (flags.resume) {
+    run.emplace(Run::resume(flags.out));
+    run->options() = merge_resume_options(run->options(), given_options, given);
+    apply_threads(run->options().threads);
+    data::Standardizer standardizer = run->standardizer();
+    data = prepare_data(run->options(), &standardizer, false);
+    check_data_fits(run->model().spec(), data.train);
+    check_data_fits(run->model().spec(), data.test);
+  } else {
+    const RunOptions o = finish_options(given_options, given);
+    std::error_code ec;
+    if (fs::exists(flags.out / "checkpoint.nkc", ec) && !flags.overwrite)
+      usage_error("'" + flags.out.string() + "' already holds a run (checkpoint.nkc): pass --resume to "
+                  "continue it or --overwrite to start over");
+    apply_threads(o.threads);
+    const nn::ModelSpec spec = resolve_spec(o, o.norm);
+    data::Standardizer standardizer;
+    data = prepare_data(o, &standardizer, true);
+    check_data_fits(spec, data.train);
+    check_data_fits(spec, data.test);
+    run.emplace(Run::start(o, name, flags.out, o.norm, standardizer, flags.overwrite));
+  }
+  const RunOptions& o = run->options();
+  fmt::print("normkit train: {} ({}), {}\n", describe_run(o, data),
+             run->norm() == "batch" ? "with batch norm" : "without batch norm",
+             flags.resume ? fmt::format("resuming after epoch {}", run->epochs_done())
+                          : fmt::format("output in {}", flags.out.string()));
+  std::fflush(stdout);
+  if (run->epochs_done() >= o.epochs) {
+    fmt::print("already trained {} of {} epochs; nothing to do (raise --epochs to continue)\n",
+               run->epochs_done(), o.epochs);
+    return 0;
+  }
+  std::optional<Progress> progress;
+  if (Progress::enabled()) progress.emplace("");
+  while (run->epochs_done() < o.epochs) {
+    const EpochRecord record = run->train_epoch(data, progress ? &*progress : nullptr);
+    if (!record.ok) return report_stop(*run);
+    const json& m = record.metrics;
+    fmt::print("epoch {}/{}  train loss {:.4f} acc {:.4f}  test loss {:.4f} acc {:.4f}  "
+               "{:.1f} s ({:.0f} samples/s)\n",
+               m["epoch"].get<int64_t>(), o.epochs, m["train_loss"].get<double>(),
+               m["train_acc"].get<double>(), m["test_loss"].get<double>(),
+               m["test_acc"].get<double>(), m["seconds"].get<double>(),
+               m["samples_per_second"].get<double>());
+    std::fflush(stdout);
+  }
+  fmt::print("saved {} (epoch {}); metrics in {}\n", run->checkpoint_path().string(),
+             run->epochs_done(), (flags.out / "metrics.jsonl").string());
+  return 0;
+}
+
+namespace {
+
+// ---------------------------------------------------------------- eval, info
+
+struct InspectFlags {
+  fs::path checkpoint;
+  std::string data;
+  int64_t limit_test = -1;
+  int threads = 0;
+  bool json = false;
+};
+
+// The run description the CLI stores in a checkpoint; null when absent.
+json application_json(const io::Checkpoint& c) {
+  if (c.progress.application.empty()) return nullptr;
+  try {
+    return json::parse(c.progress.application);
+  } catch (const json::exception&) {
+    return nullptr;
+  }
+}
+
+int command_eval(const InspectFlags& f) {
+  apply_threads(f.threads);
+  const io::Checkpoint checkpoint = io::load_checkpoint(f.checkpoint);
+  const json app = application_json(checkpoint);
+  RunOptions o;
+  if (app.is_object() && app.contains("options")) o = run_options_from_json(app["options"]);
+  bool whole_table = false;
+  if (!f.data.empty()) {
+    std::error_code ec;
+    whole_table = fs::is_regular_file(f.data, ec) && f.data != o.data;
+    o.data = f.data;
+    o.test_data.clear();
+  }
+  if (f.limit_test >= 0) o.limit_test = f.limit_test;
+  Data data;
+  if (whole_table) {  // a table given for evaluation is all test data
+    data::CsvOptions csv;
+    csv.label_column = o.csv_label_column;
+    data.test = data::load_csv(o.data, csv);
+    if (o.limit_test > 0 && o.limit_test < data.test.count()) {
+      data.test.labels.resize(static_cast<size_t>(o.limit_test));
+      data.test.features.resize(static_cast<size_t>(o.limit_test * data.test.sample_size()));
+    }
+  } else {
+    data = load_data(o, false);
+  }
+  if (data.test.count() == 0) usage_error("no test samples to evaluate");
+  check_data_fits(checkpoint.spec, data.test);
+  if (checkpoint.standardizer.fitted()) standardize(checkpoint.standardizer, data.test);
+  auto model = io::build_model(checkpoint);
+  const train::Evaluation e = train::evaluate(*model, data.test);
+  const int32_t k = e.classes;
+  std::vector<double> per_class(static_cast<size_t>(k), 0.0);
+  for (int32_t t = 0; t < k; ++t) {
+    int64_t total = 0;
+    for (int32_t p = 0; p < k; ++p) total += e.confusion[static_cast<size_t>(t * k + p)];
+    per_class[t] = total ? static_cast<double>(e.confusion[static_cast<size_t>(t * k + t)]) /
+                               static_cast<double>(total)
+                         : 0.0;
+  }
+  if (f.json) {
+    json confusion = json::array();
+    for (int32_t t = 0; t < k; ++t)
+      confusion.push_back(std::vector<int64_t>(e.confusion.begin() + t * k, e.confusion.begin() + (t + 1) * k));
+    const json out = {{"checkpoint", f.checkpoint.string()},
+                      {"data", o.data},
+                      {"samples", data.test.count()},
+                      {"loss", e.loss},
+                      {"accuracy", e.accuracy},
+                      {"classes", k},
+                      {"confusion", confusion},
+                      {"per_class_accuracy", per_class}};
+    std::cout << out.dump(2) << '\n';
+    return 0;
+  }
+  fmt::print("checkpoint {}: {} epochs trained\n", f.checkpoint.string(), checkpoint.progress.epochs_done);
+  fmt::print("data {}: {} test samples\n", o.data, data.test.count());
+  fmt::print("test loss {:.4f}  accuracy {:.4f}\n\n", e.loss, e.accuracy);
+  fmt::print("confusion matrix (rows: true class, columns: predicted class)\n");
+  fmt::print("{:>6}", "");
+  for (int32_t p = 0; p < k; ++p) fmt::print("{:>6}", p);
+  fmt::print("{:>9}\n", "recall");
+  for (int32_t t = 0; t < k; ++t) {
+    fmt::print("{:>6}", t);
+    for (int32_t p = 0; p < k; ++p) fmt::print("{:>6}", e.confusion[static_cast<size_t>(t * k + p)]);
+    fmt::print("{:>9.4f}\n", per_class[t]);
+  }
+  return 0;
+}
+
+int command_info(const InspectFlags& f) {
+  const io::Checkpoint c = io::load_checkpoint(f.checkpoint);
+  auto model = io::build_model(c);
+  const json app = application_json(c);
+  std::error_code ec;
+  const auto size = fs::file_size(f.checkpoint, ec);
+  const int64_t target = app.is_object() && app.contains("options") ? app["options"].value("epochs", int64_t{0}) : 0;
+  if (f.json) {
+    json out = {{"checkpoint", f.checkpoint.string()},
+                {"version", io::kCheckpointVersion},
+                {"bytes", size},
+                {"spec", c.spec.to_string()},
+                {"format", c.format == nn::MemoryFormat::channels_last ? "nhwc" : "nchw"},
+                {"parameters", model->parameter_count()},
+                {"epochs_done", c.progress.epochs_done},
+                {"seed", c.progress.seed},
+                {"batch_size", c.progress.batch_size},
+                {"optimizer", {{"name", c.optimizer.name},
+                               {"options", c.optimizer.options},
+                               {"steps", c.optimizer.steps}}},
+                {"standardizer_features", c.standardizer.features()}};
+    if (app.is_object()) {
+      out["run"] = app.value("name", "");
+      out["norm"] = app.value("norm", "");
+      if (app.contains("options")) out["options"] = app["options"];
+      if (app.contains("history") && !app["history"].empty()) out["last_epoch"] = app["history"].back();
+    }
+    std::cout << out.dump(2) << '\n';
+    return 0;
+  }
+  fmt::print("checkpoint {} (format version {}, {} bytes)\n", f.checkpoint.string(),
+             io::kCheckpointVersion, size);
+  if (app.is_object())
+    fmt::print("run {} ({}), model {}\n", app.value("name", "?"),
+               app.value("norm", "") == "none" ? "without batch norm" : "with batch norm",
+               app.contains("options") ? app["options"].value("model", "?") : "?");
+  fmt::print("spec: {}\n", c.spec.to_string());
+  fmt::print("memory format: {}\n\n", c.format == nn::MemoryFormat::channels_last ? "nhwc" : "nchw");
+  fmt::print("{}", model->summary());
+  fmt::print("\ntraining: {} epochs done{}, seed {}, batch size {}\n", c.progress.epochs_done,
+             target ? fmt::format(" of {}", target) : "", c.progress.seed, c.progress.batch_size);
+  if (!c.optimizer.name.empty()) {
+    std::string options;
+    for (const auto& [key, value] : c.optimizer.options)
+      options += fmt::format("{}{} {:g}", options.empty() ? "" : ", ", key, value);
+    fmt::print("optimizer: {} ({}), {} steps\n", c.optimizer.name, options, c.optimizer.steps);
+  }
+  if (app.is_object() && app.contains("history") && !app["history"].empty()) {
+    const json& last = app["history"].back();
+    fmt::print("last epoch: train loss {:.4f} acc {:.4f}, test loss {:.4f} acc {:.4f}\n",
+               last.value("train_loss", 0.0), last.value("train_acc", 0.0),
+               last.value("test_loss", 0.0), last.value("test_acc", 0.0));
+  }
+  if (c.standardizer.fitted())
+    fmt::print("standardizer: {} features (fitted on {:.0f} samples)\n", c.standardizer.features(),
+               c.standardizer.moments().front().count);
+  else
+    fmt::print("standardizer: none\n");
+  return 0;
+}
+
+int run_main(int argc, char** argv) {
+  CLI::App app{"normkit: batch normalization on CPUs, and a training engine to see what it does.\n"
+               "Train models with and without BN, compare them, inspect checkpoints."};
+  app.name("normkit");
+  app.set_version_flag("--version", std::string("normkit ") + normkit::version);
+  app.require_subcommand(1);
+  app.option_defaults()->multi_option_policy(CLI::MultiOptionPolicy::TakeLast);  // the last one wins
+
+  RunOptions train_options, compare_options;
+  OptionMap train_given, compare_given;
+  CommandFlags train_flags, compare_flags;
+  auto* train = app.add_subcommand("train", "train a model; per-epoch metrics and a checkpoint go to --out");
+  add_run_options(train, train_options, train_given, true);
+  add_command_flags(train, train_flags, "runs/train");
+  train->add_option("--name", train_flags.name, "the run's name in metrics.jsonl (default: --out's name)");
+
+  auto* compare = app.add_subcommand(
+      "compare", "train the same model with and without batch norm (same seed, data order and "
+                 "initialization); write a table, report.md and curves.png to --out");
+  add_run_options(compare, compare_options, compare_given, false);
+  add_command_flags(compare, compare_flags, "runs/compare");
+
+  InspectFlags eval_flags, info_flags;
+  auto* eval = app.add_subcommand("eval", "test loss, accuracy and confusion matrix of a checkpoint");
+  eval->add_option("checkpoint", eval_flags.checkpoint, "a checkpoint file (OUT/checkpoint.nkc)")->required();
+  eval->add_option("--data", eval_flags.data,
+                   "an IDX directory (its test set) or a CSV table (all of it, unless it is the "
+                   "run's own --data: then its test rows); default: the run's data");
+  eval->add_option("--limit-test", eval_flags.limit_test, "use only the first N test samples")
+      ->check(kNonNegative);
+  eval->add_option("--threads", eval_flags.threads, "threads")->check(CLI::Range(1, 4096));
+  eval->add_flag("--json", eval_flags.json, "machine-readable output");
+
+  auto* info = app.add_subcommand("info", "model summary, parameter count and training progress of a checkpoint");
+  info->add_option("checkpoint", info_flags.checkpoint, "a checkpoint file (OUT/checkpoint.nkc)")->required();
+  info->add_flag("--json", info_flags.json, "machine-readable output");
+
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& e) {
+    if (e.get_exit_code() == static_cast<int>(CLI::ExitCodes::Success)) return app.exit(e);  // --help, --version
+    fmt::print(stderr, "normkit: error: {}\nRun '{} --help' for the options.\n", e.what(),
+               app.got_subcommand(train)     ? "normkit train"
+               : app.got_subcommand(compare) ? "normkit compare"
+               : app.got_subcommand(eval)    ? "normkit eval"
+               : app.got_subcommand(info)    ? "normkit info"
+                                             : "normkit");
+    return 2;
+  }
+  if (*train) return command_train(train_options, given_options(train_given), train_flags);
+  if (*compare) return command_compare(compare_options, given_options(compare_given), compare_flags);
+  if (*eval) return command_eval(eval_flags);
+  return command_info(info_flags);
+}
+
+}  // namespace
+
+}  // namespace normkit::cli
+
+int main(int argc, char** argv) {
+  try {
+    return normkit::cli::run_main(argc, argv);
+  } catch (const normkit::Error& e) {
+    std::fflush(stdout);
+    fmt::print(stderr, "normkit: error: {}\n", e.what());
+    return e.kind() == normkit::ErrorKind::invalid_argument ? 2 : 1;
+  } catch (const std::exception& e) {
+    std::fflush(stdout);
+    fmt::print(stderr, "normkit: error: {}\n", e.what());
+    return 1;
+  } catch (...) {
+    std::fflush(stdout);
+    fmt::print(stderr, "normkit: error: unexpected failure\n");
+    return 1;
+  }
+}
