@@ -83,6 +83,7 @@ struct ModelSpec {
     std::string type;
     std::vector<std::string> args;  // positional
     std::map<std::string, std::string> options;
+    bool operator==(const LayerSpec&) const = default;
   };
   std::vector<int64_t> input_shape;  // [C] or [C, H, W]
   std::vector<LayerSpec> layers;

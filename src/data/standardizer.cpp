@@ -104,12 +104,13 @@ Standardizer Standardizer::load(std::istream& in) {
     detail::fail_runtime("standardizer: not a saved standardizer (bad magic)");
   if (!in.read(reinterpret_cast<char*>(&n), sizeof n) || n == 0 || n > (uint64_t{1} << 26))
     detail::fail_runtime("standardizer: bad feature count");
-  std::vector<Moments> moments(n);
-  for (auto& m : moments) {
+  // Grows as values arrive: a corrupt count cannot make it allocate up front.
+  std::vector<Moments> moments;
+  for (uint64_t f = 0; f < n; ++f) {
     double values[3];
     if (!in.read(reinterpret_cast<char*>(values), sizeof values))
       detail::fail_runtime("standardizer: truncated");
-    m = {values[0], values[1], values[2]};
+    moments.push_back({values[0], values[1], values[2]});
   }
   return from_moments(std::move(moments));
 }

@@ -34,14 +34,28 @@ const Tensor& Model::forward(const Tensor& x, Mode mode) {
   expected.insert(expected.end(), spec_.input_shape.begin(), spec_.input_shape.end());
   if (x.shape != expected || x.shape[0] < 1)
     normkit::detail::fail_invalid("model: input shape does not match the spec's input");
+  if (static_cast<int64_t>(x.data.size()) != x.numel())
+    normkit::detail::fail_invalid("model: input holds ", x.data.size(), " values, its shape ",
+                                  x.numel());
+  // Convolution and pooling read the input in the model's format; with one
+  // channel both formats store the same thing.
+  if (x.shape.size() == 4 && x.shape[1] > 1 && x.format != format_)
+    normkit::detail::fail_invalid("model: input is ",
+                                  x.format == MemoryFormat::channels_last ? "channels-last" : "channels-first",
+                                  ", the model ",
+                                  format_ == MemoryFormat::channels_last ? "channels-last" : "channels-first");
   const Tensor* current = &x;
   for (auto& layer : layers_) current = &layer->forward(*current, mode);
   return *current;
 }
 
 void Model::backward(const Tensor& dlogits) {
+  // The input takes no gradient, so neither do the parameter-free layers at the
+  // front (mlp-paper's flatten): the first layer with parameters computes no dx.
+  size_t first = 0;
+  while (first < layers_.size() && layers_[first]->parameters().empty()) ++first;
   const Tensor* grad = &dlogits;
-  for (size_t i = layers_.size(); i-- > 0;) grad = &layers_[i]->backward(*grad, i > 0);
+  for (size_t i = layers_.size(); i-- > first;) grad = &layers_[i]->backward(*grad, i > first);
 }
 
 void Model::zero_grad() {

@@ -19,12 +19,34 @@ void check_same(const std::vector<Parameter*>& parameters, const std::vector<std
   if (parameters.size() != state.size())
     normkit::detail::fail_invalid("optimizer: built for ", state.size(), " parameters, stepped with ",
                                   parameters.size());
+  for (size_t i = 0; i < state.size(); ++i)
+    if (parameters[i]->value.size() != state[i].size() || parameters[i]->grad.size() != state[i].size())
+      normkit::detail::fail_invalid("optimizer: parameter ", i, " (", parameters[i]->name, ") has ",
+                                    parameters[i]->value.size(), " values and ",
+                                    parameters[i]->grad.size(), " gradients, the optimizer ",
+                                    state[i].size());
 }
 
 // g = grad + wd·w
 //   momentum: buf = μ·buf + g (buf = g at the first step); g = g + μ·buf (Nesterov) or buf
 //   w -= lr·g
 class Sgd final : public Optimizer {
+  // One case of the update per instantiation: without branches in the loop
+  // the compiler vectorizes it (the same operations, so the same results).
+  template <bool kMomentum, bool kFirstStep, bool kNesterov>
+  static void update(float* __restrict w, const float* __restrict grad, float* __restrict buf,
+                     size_t n, float lr, float mu, float wd) {
+    for (size_t j = 0; j < n; ++j) {
+      float g = grad[j] + wd * w[j];
+      if constexpr (kMomentum) {
+        const float b = kFirstStep ? g : mu * buf[j] + g;
+        buf[j] = b;
+        g = kNesterov ? g + mu * b : b;
+      }
+      w[j] -= lr * g;
+    }
+  }
+
  public:
   Sgd(const SgdOptions& o, const std::vector<Parameter*>& parameters)
       : options_(o), velocity_(zeros_like(parameters)) {
@@ -38,17 +60,18 @@ class Sgd final : public Optimizer {
     check_same(parameters, velocity_);
     const float mu = options_.momentum, wd = options_.weight_decay, lr = learning_rate;
     for (size_t i = 0; i < parameters.size(); ++i) {
-      auto& w = parameters[i]->value;
-      const auto& grad = parameters[i]->grad;
-      auto& buf = velocity_[i];
-      for (size_t j = 0; j < w.size(); ++j) {
-        float g = grad[j] + wd * w[j];
-        if (mu != 0) {
-          buf[j] = steps_ == 0 ? g : mu * buf[j] + g;
-          g = options_.nesterov ? g + mu * buf[j] : buf[j];
-        }
-        w[j] -= lr * g;
-      }
+      float* w = parameters[i]->value.data();
+      const float* grad = parameters[i]->grad.data();
+      float* buf = velocity_[i].data();
+      const size_t n = parameters[i]->value.size();
+      if (mu == 0)
+        update<false, false, false>(w, grad, buf, n, lr, mu, wd);
+      else if (steps_ == 0)
+        options_.nesterov ? update<true, true, true>(w, grad, buf, n, lr, mu, wd)
+                          : update<true, true, false>(w, grad, buf, n, lr, mu, wd);
+      else
+        options_.nesterov ? update<true, false, true>(w, grad, buf, n, lr, mu, wd)
+                          : update<true, false, false>(w, grad, buf, n, lr, mu, wd);
     }
     ++steps_;
   }

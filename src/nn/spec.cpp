@@ -107,11 +107,22 @@ ModelSpec ModelSpec::parse(const std::string& text) {
     if (layer.args.size() < kind->min_args || layer.args.size() > kind->max_args)
       fail("expected ", kind->min_args, kind->min_args == kind->max_args ? "" : "+",
            " arguments, got ", layer.args.size());
-    for (const auto& a : layer.args) number(a);
+    // Sizes, strides, padding and the bias switch are whole numbers (the layers
+    // would truncate "linear 10.5" to 10 while the spec still says 10.5).
+    auto whole = [&](const std::string& s) {
+      const double v = number(s);
+      if (v != std::floor(v) || std::abs(v) > 1e9) fail("'", s, "' is not a whole number");
+      return v;
+    };
+    for (const auto& a : layer.args) type == "dropout" ? number(a) : whole(a);
     for (const auto& [key, value] : layer.options) {
       if (std::find(kind->options.begin(), kind->options.end(), key) == kind->options.end())
         fail("unknown option '", key, "'");
-      number(value);
+      if (key == "eps" || key == "momentum") {
+        number(value);
+      } else if (const double v = whole(value); key == "bias" && v != 0 && v != 1) {
+        fail("bias must be 0 or 1, got ", value);
+      }
     }
     spec.layers.push_back(std::move(layer));
   }

@@ -1,0 +1,205 @@
+#!/usr/bin/python3
+"""One epoch of Fashion-MNIST training in PyTorch 1.13 and in normkit's engine, timed in
+the same run on the same machine, with the identical model, batch size, optimizer (SGD,
+momentum 0.9), initialization (He), input standardization (per pixel, fitted on the
+training set) and thread count.
+
+    /usr/bin/python3 scripts/compare_pytorch_speed.py [--build build] [--threads 2]
+        [--models mlp-paper,cnn-small] [--repeat 1] [--json FILE]
+
+Prints, per model, the epoch time of each (training only: batching, forward, loss,
+backward, optimizer step; not the evaluation), the ratio normkit/PyTorch, and both runs'
+test accuracy after the epoch. The issue's bars: ratio <= 0.2 for mlp-paper (batch 64),
+<= 0.5 for cnn-small (batch 128, lr 0.05).
+
+normkit runs in <build>/train_fashion_mnist (examples/train_fashion_mnist.cpp), in
+channels-last (nhwc, the CLI's default) and, for CNNs, also channels-first (nchw). PyTorch
+runs its default (contiguous NCHW) format. The machines are noisy (see DESIGN.md): compare
+only figures from the same run, and prefer --repeat 3 (median) for anything that matters.
+"""
+import argparse
+import gzip
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+# The presets as normkit's ModelSpec::preset spells them.
+PRESETS = {
+    "mlp-paper": "input 1 28 28; flatten; linear 100 bias=0; batchnorm; sigmoid; "
+                 "linear 100 bias=0; batchnorm; sigmoid; linear 100 bias=0; batchnorm; sigmoid; "
+                 "linear 10",
+    "cnn-small": "input 1 28 28; conv 32 3 pad=1 bias=0; batchnorm; relu; maxpool 2; "
+                 "conv 64 3 pad=1 bias=0; batchnorm; relu; maxpool 2; flatten; "
+                 "linear 128 bias=0; batchnorm; relu; linear 10",
+}
+# The issue's settings per model: batch size and learning rate.
+SETTINGS = {"mlp-paper": {"batch_size": 64, "lr": 0.05},
+            "cnn-small": {"batch_size": 128, "lr": 0.05}}
+BARS = {"mlp-paper": 0.2, "cnn-small": 0.5}
+
+
+def torch_model(spec):
+    """The model of a normkit spec as a torch.nn.Sequential, layer for layer."""
+    statements = [s.split() for s in spec.split(";") if s.split()]
+    shape = [int(a) for a in statements[0][1:]]
+    layers = []
+    for words in statements[1:]:
+        kind = words[0]
+        args = [w for w in words[1:] if "=" not in w]
+        options = dict(w.split("=", 1) for w in words[1:] if "=" in w)
+        bias = options.get("bias", "1") != "0"
+        if kind == "conv":
+            out, k, pad = int(args[0]), int(args[1]), int(options.get("pad", 0))
+            layers.append(torch.nn.Conv2d(shape[0], out, k, padding=pad, bias=bias))
+            shape = [out, shape[1] + 2 * pad - k + 1, shape[2] + 2 * pad - k + 1]
+        elif kind == "maxpool":
+            k = int(args[0])
+            layers.append(torch.nn.MaxPool2d(k))
+            shape = [shape[0], shape[1] // k, shape[2] // k]
+        elif kind == "batchnorm":
+            layers.append((torch.nn.BatchNorm2d if len(shape) == 3 else torch.nn.BatchNorm1d)(shape[0]))
+        elif kind == "flatten":
+            layers.append(torch.nn.Flatten())
+            shape = [int(np.prod(shape))]
+        elif kind == "linear":
+            layers.append(torch.nn.Linear(shape[0], int(args[0]), bias=bias))
+            shape = [int(args[0])]
+        else:
+            layers.append({"relu": torch.nn.ReLU, "sigmoid": torch.nn.Sigmoid}[kind]())
+    model = torch.nn.Sequential(*layers)
+    # He initialization as normkit's Init::he: N(0, 2 / fan_in), zero biases.
+    for module in model:
+        if isinstance(module, (torch.nn.Conv2d, torch.nn.Linear)):
+            torch.nn.init.kaiming_normal_(module.weight, mode="fan_in", nonlinearity="relu")
+            if module.bias is not None:
+                torch.nn.init.zeros_(module.bias)
+    return model
+
+
+def read_idx(path):
+    with gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb") as f:
+        data = f.read()
+    rank = data[3]
+    dims = [int.from_bytes(data[4 + 4 * i:8 + 4 * i], "big") for i in range(rank)]
+    return np.frombuffer(data, np.uint8, offset=4 + 4 * rank).reshape(dims)
+
+
+def load_fashion_mnist(directory):
+    def find(stem):
+        for suffix in (".gz", ""):
+            path = os.path.join(directory, stem + suffix)
+            if os.path.exists(path):
+                return path
+        sys.exit(f"missing {stem}[.gz] in {directory}")
+    x_train = read_idx(find("train-images-idx3-ubyte")).astype(np.float32) / 255
+    y_train = read_idx(find("train-labels-idx1-ubyte")).astype(np.int64)
+    x_test = read_idx(find("t10k-images-idx3-ubyte")).astype(np.float32) / 255
+    y_test = read_idx(find("t10k-labels-idx1-ubyte")).astype(np.int64)
+    # Per-pixel standardization fitted on the training set; a constant pixel gets scale 1,
+    # as normkit's Standardizer.
+    flat = x_train.reshape(len(x_train), -1).astype(np.float64)
+    mean, std = flat.mean(axis=0), flat.std(axis=0)
+    std[std == 0] = 1
+    def standardize(x):
+        return ((x.reshape(len(x), -1) - mean) / std).astype(np.float32).reshape(len(x), 1, 28, 28)
+    return standardize(x_train), y_train, standardize(x_test), y_test
+
+
+def torch_epoch(name, data, threads, seed):
+    torch.set_num_threads(threads)
+    torch.manual_seed(seed)
+    x_train, y_train, x_test, y_test = (torch.from_numpy(a) for a in data)
+    settings = SETTINGS[name]
+    model = torch_model(PRESETS[name])
+    optimizer = torch.optim.SGD(model.parameters(), lr=settings["lr"], momentum=0.9)
+    batch = settings["batch_size"]
+    order = torch.randperm(len(x_train))
+    steps = len(x_train) // batch + (len(x_train) % batch > 1)
+    model.train()
+    start = time.perf_counter()
+    for step in range(steps):
+        index = order[step * batch:(step + 1) * batch]
+        loss = F.cross_entropy(model(x_train[index]), y_train[index])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    seconds = time.perf_counter() - start
+    model.eval()
+    correct = 0
+    with torch.no_grad():
+        for first in range(0, len(x_test), 1000):
+            logits = model(x_test[first:first + 1000])
+            correct += int((logits.argmax(1) == y_test[first:first + 1000]).sum())
+    return {"seconds": seconds, "test_acc": correct / len(x_test)}
+
+
+def normkit_epoch(name, driver, fmt, threads, seed, data_dir):
+    settings = SETTINGS[name]
+    command = [driver, "--model", name, "--epochs", "1", "--batch-size", str(settings["batch_size"]),
+               "--lr", str(settings["lr"]), "--momentum", "0.9", "--format", fmt,
+               "--threads", str(threads), "--seed", str(seed), "--data", data_dir]
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode != 0:
+        sys.exit(f"{' '.join(command)} failed:\n{result.stderr}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--build", default="build", help="normkit's build directory")
+    parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--models", default="mlp-paper,cnn-small")
+    parser.add_argument("--repeat", type=int, default=1, help="runs of each; medians are reported")
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--data", default="/usr/share/datasets/fashion-mnist")
+    parser.add_argument("--json", help="also write the results to this file")
+    args = parser.parse_args()
+
+    driver = os.path.join(args.build, "train_fashion_mnist")
+    if not os.access(driver, os.X_OK):
+        sys.exit(f"{driver} not found: build normkit first (cmake --build {args.build})")
+    data = load_fashion_mnist(args.data)
+    print(f"PyTorch {torch.__version__}, {args.threads} threads, {args.repeat} run(s) each; "
+          f"one epoch of Fashion-MNIST (60000 samples), SGD momentum 0.9\n")
+
+    results = []
+    for name in args.models.split(","):
+        formats = ["nhwc", "nchw"] if "conv" in PRESETS[name] else ["nhwc"]
+        runs = {"pytorch": []} | {f"normkit-{f}": [] for f in formats}
+        for _ in range(args.repeat):  # interleaved, so drifts of the machine hit both
+            runs["pytorch"].append(torch_epoch(name, data, args.threads, args.seed))
+            for fmt in formats:
+                runs[f"normkit-{fmt}"].append(
+                    normkit_epoch(name, driver, fmt, args.threads, args.seed, args.data))
+        torch_seconds = statistics.median(r["seconds"] for r in runs["pytorch"])
+        settings = SETTINGS[name]
+        print(f"{name} (batch {settings['batch_size']}, lr {settings['lr']})")
+        for engine, engine_runs in runs.items():
+            seconds = statistics.median(r["seconds"] for r in engine_runs)
+            accuracy = engine_runs[-1]["test_acc"]
+            ratio = seconds / torch_seconds
+            line = f"  {engine:13s} {seconds:8.2f} s/epoch   test acc {accuracy:.4f}"
+            if engine != "pytorch":
+                verdict = "meets" if ratio <= BARS[name] else "MISSES"
+                line += f"   ratio normkit/PyTorch {ratio:.3f} ({verdict} the bar <= {BARS[name]})"
+            print(line)
+            results.append({"model": name, "engine": engine, "threads": args.threads,
+                            "batch_size": settings["batch_size"], "lr": settings["lr"],
+                            "seconds": [r["seconds"] for r in engine_runs],
+                            "median_seconds": seconds, "test_acc": accuracy,
+                            "ratio_to_pytorch": ratio})
+        print()
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,380 @@
+// Data loading: IDX and CSV files written into a scratch directory, good and
+// bad, and the input standardizer. Every bad file must give a normkit::Error
+// naming the file and the problem, fast, without allocating what a corrupt
+// header claims.
+#include <gtest/gtest.h>
+#include <sys/resource.h>
+#include <zlib.h>
+
+#include <chrono>
+#include <cstring>
+#include <span>
+#include <cmath>
+#include <fstream>
+#include <sstream>
+
+#include "nn_test_support.hpp"
+#include "normkit/data.hpp"
+
+namespace {
+
+using namespace nn_test;
+using normkit::ErrorKind;
+namespace data = normkit::data;
+
+// ---------------------------------------------------------------- IDX files
+
+std::string be32(uint32_t v) {
+  return {static_cast<char>(v >> 24), static_cast<char>(v >> 16), static_cast<char>(v >> 8),
+          static_cast<char>(v)};
+}
+
+// magic (0, 0, type, rank), big-endian dims, then the payload.
+std::string idx_bytes(const std::vector<uint32_t>& dims, const std::string& payload, char type = 0x08,
+                      char zero = 0) {
+  std::string out = {zero, 0, type, static_cast<char>(dims.size())};
+  for (const auto d : dims) out += be32(d);
+  return out + payload;
+}
+
+void write_file(const std::filesystem::path& path, const std::string& bytes) {
+  std::ofstream out(path, std::ios::binary);
+  out.write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
+  ASSERT_TRUE(out.good()) << path;
+}
+
+void write_gzip(const std::filesystem::path& path, const std::string& bytes) {
+  gzFile file = gzopen(path.string().c_str(), "wb");
+  ASSERT_NE(file, nullptr);
+  ASSERT_EQ(gzwrite(file, bytes.data(), static_cast<unsigned>(bytes.size())), static_cast<int>(bytes.size()));
+  ASSERT_EQ(gzclose(file), Z_OK);
+}
+
+// Three 2x3 images with pixel values i·7 and labels 0, 2, 1.
+std::string good_images() {
+  std::string pixels;
+  for (int i = 0; i < 18; ++i) pixels += static_cast<char>(i * 7);
+  return idx_bytes({3, 2, 3}, pixels);
+}
+std::string good_labels() { return idx_bytes({3}, std::string{0, 2, 1}); }
+
+class IdxFiles : public ::testing::Test {
+ protected:
+  ScratchDir dir{"idx"};
+  std::filesystem::path images = dir / "images", labels = dir / "labels";
+
+  // Writes the pair and expects load_idx to fail naming `bad` and every part.
+  ::testing::AssertionResult rejects(const std::string& image_bytes, const std::string& label_bytes,
+                                     const std::filesystem::path& bad,
+                                     std::initializer_list<std::string> parts, int32_t classes = 10) {
+    write_file(images, image_bytes);
+    write_file(labels, label_bytes);
+    std::vector<std::string> all(parts);
+    all.push_back(bad.string());
+    try {
+      data::load_idx(images, labels, classes);
+    } catch (const normkit::Error& e) {
+      if (e.kind() != ErrorKind::runtime) return ::testing::AssertionFailure() << "kind: " << e.what();
+      for (const auto& part : all)
+        if (std::string(e.what()).find(part) == std::string::npos)
+          return ::testing::AssertionFailure() << "'" << e.what() << "' lacks '" << part << "'";
+      return ::testing::AssertionSuccess();
+    }
+    return ::testing::AssertionFailure() << "loaded";
+  }
+};
+
+TEST_F(IdxFiles, AGoodPairLoadsPlainAndGzipped) {
+  for (const bool gz : {false, true}) {
+    SCOPED_TRACE(gz ? "gzipped" : "plain");
+    if (gz) {
+      write_gzip(images, good_images());
+      write_gzip(labels, good_labels());
+    } else {
+      write_file(images, good_images());
+      write_file(labels, good_labels());
+    }
+    const auto set = data::load_idx(images, labels);
+    EXPECT_EQ(set.count(), 3);
+    EXPECT_EQ(set.sample_shape, (std::vector<int64_t>{1, 2, 3}));
+    EXPECT_EQ(set.sample_size(), 6);
+    EXPECT_EQ(set.labels, (std::vector<int32_t>{0, 2, 1}));
+    EXPECT_EQ(set.num_classes, 10);
+    ASSERT_EQ(set.features.size(), 18u);
+    for (int i = 0; i < 18; ++i) EXPECT_FLOAT_EQ(set.features[i], static_cast<float>(i * 7) / 255.0f);
+  }
+}
+
+TEST_F(IdxFiles, CorruptCompressedFilesAreRejected) {
+  // A gzip stream cut short, and one whose deflate data are garbage.
+  write_gzip(images, good_images());
+  write_file(labels, good_labels());
+  std::ifstream in(images, std::ios::binary);
+  const std::string gz((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  in.close();
+  EXPECT_TRUE(rejects(gz.substr(0, gz.size() / 2), good_labels(), images, {"truncated"}));
+  std::string garbage = gz.substr(0, 10) + std::string(40, '\xff');
+  EXPECT_TRUE(rejects(garbage, good_labels(), images, {"corrupt compressed data"}));
+}
+
+TEST_F(IdxFiles, TheStandardDirectoryLayoutLoads) {
+  write_gzip(dir / "train-images-idx3-ubyte.gz", good_images());
+  write_file(dir / "train-labels-idx1-ubyte", good_labels());
+  EXPECT_EQ(data::load_mnist_directory(dir.path(), data::Split::train).count(), 3);
+  EXPECT_TRUE(throws_error([&] { data::load_mnist_directory(dir.path(), data::Split::test); },
+                           ErrorKind::runtime, {"missing t10k-", "-idx", "-ubyte[.gz]"}));
+  EXPECT_TRUE(throws_error([&] { data::load_mnist_directory(dir / "nope", data::Split::test); },
+                           ErrorKind::runtime, {"not a directory"}));
+}
+
+TEST_F(IdxFiles, BadHeadersAreRejected) {
+  EXPECT_TRUE(rejects(idx_bytes({3, 2, 3}, std::string(18, '\0'), 0x08, 1), good_labels(), images,
+                      {"bad magic"}));
+  EXPECT_TRUE(rejects(idx_bytes({3, 2, 3}, std::string(72, '\0'), 0x0D), good_labels(), images,
+                      {"element type 0xd", "unsigned bytes"}));
+  EXPECT_TRUE(rejects(good_labels(), good_labels(), images, {"3 dimensions, got 1"}));
+  EXPECT_TRUE(rejects(good_images(), good_images(), labels, {"1 dimensions, got 3"}));
+  EXPECT_TRUE(rejects(good_images().substr(0, 9), good_labels(), images, {"truncated", "header"}));
+  EXPECT_TRUE(rejects(good_images().substr(0, 2), good_labels(), images, {"truncated", "header"}));
+  EXPECT_TRUE(rejects(good_images(), "", labels, {"truncated", "header"}));
+  EXPECT_TRUE(rejects(idx_bytes({3, 0, 3}, ""), good_labels(), images, {"dimension is 0"}));
+}
+
+TEST_F(IdxFiles, SizesThatDoNotMatchTheFileAreRejected) {
+  EXPECT_TRUE(rejects(good_images().substr(0, good_images().size() - 1), good_labels(), images,
+                      {"truncated", "promises 18 data bytes", "has 17"}));
+  EXPECT_TRUE(rejects(good_images(), good_labels().substr(0, 10), labels, {"truncated"}));
+  EXPECT_TRUE(rejects(good_images() + "x", good_labels(), images, {"longer than its header"}));
+  EXPECT_TRUE(rejects(good_images(), good_labels() + std::string(4, '\0'), labels, {"longer"}));
+  EXPECT_TRUE(rejects(good_images(), idx_bytes({4}, std::string{0, 1, 2, 3}), labels,
+                      {"4 labels for 3 images"}));
+}
+
+TEST_F(IdxFiles, LabelsOutOfRangeAreRejected) {
+  EXPECT_TRUE(rejects(good_images(), idx_bytes({3}, std::string{0, 10, 1}), labels,
+                      {"label 10 at index 1", "[0, 10)"}));
+  EXPECT_TRUE(rejects(good_images(), good_labels(), labels, {"label 2", "[0, 2)"}, 2));
+  EXPECT_TRUE(throws_error([&] { data::load_idx(images, labels, 0); }, ErrorKind::invalid_argument,
+                           {"num_classes"}));
+}
+
+long peak_rss_kib() {
+  rusage usage{};
+  getrusage(RUSAGE_SELF, &usage);
+  return usage.ru_maxrss;
+}
+
+TEST_F(IdxFiles, AbsurdDimensionsFailFastWithoutAllocating) {
+  // More than 2^32 values: rejected by the header check.
+  EXPECT_TRUE(rejects(idx_bytes({3, 65536, 65536}, ""), good_labels(), images, {"2^32", "corrupt"}));
+  // 4·10^9 values (under the cap) claimed by a file of a few bytes, with labels
+  // for all 1000 images: the reader must find the truncation without first
+  // allocating 4 GB.
+  const long before = peak_rss_kib();
+  const auto start = std::chrono::steady_clock::now();
+  EXPECT_TRUE(rejects(idx_bytes({1000, 2000, 2000}, std::string(100, '\1')),
+                      idx_bytes({1000}, std::string(1000, '\0')), images, {"truncated", "4000000000"}));
+  const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  EXPECT_LT(seconds, 2.0);
+  EXPECT_LT(peak_rss_kib() - before, 64 * 1024) << "peak memory grew by more than 64 MiB";
+}
+
+TEST(IdxFashionMnist, TheInstalledTestSplitLoads) {
+  const std::filesystem::path dir = data::kFashionMnistDirectory;
+  if (!std::filesystem::exists(dir / "t10k-images-idx3-ubyte.gz"))
+    GTEST_SKIP() << "Fashion-MNIST is not installed at " << dir;
+  const auto set = data::load_mnist_directory(dir, data::Split::test);
+  EXPECT_EQ(set.count(), 10000);
+  EXPECT_EQ(set.sample_shape, (std::vector<int64_t>{1, 28, 28}));
+  std::vector<int64_t> per_class(10);
+  for (const auto label : set.labels) ++per_class.at(label);
+  for (const auto n : per_class) EXPECT_EQ(n, 1000);
+  for (const float v : set.features) ASSERT_TRUE(v >= 0.0f && v <= 1.0f);
+}
+
+// ---------------------------------------------------------------- CSV files
+
+class CsvFiles : public ::testing::Test {
+ protected:
+  ScratchDir dir{"csv"};
+  std::filesystem::path path = dir / "table.csv";
+
+  data::Dataset load(const std::string& text, const data::CsvOptions& options = {}) {
+    write_file(path, text);
+    return data::load_csv(path, options);
+  }
+  ::testing::AssertionResult rejects(const std::string& text, std::initializer_list<std::string> parts,
+                                     const data::CsvOptions& options = {}) {
+    write_file(path, text);
+    std::vector<std::string> all(parts);
+    all.push_back(path.string());
+    try {
+      data::load_csv(path, options);
+    } catch (const normkit::Error& e) {
+      for (const auto& part : all)
+        if (std::string(e.what()).find(part) == std::string::npos)
+          return ::testing::AssertionFailure() << "'" << e.what() << "' lacks '" << part << "'";
+      return ::testing::AssertionSuccess();
+    }
+    return ::testing::AssertionFailure() << "loaded";
+  }
+};
+
+TEST_F(CsvFiles, HeaderIsDetectedAndValuesParse) {
+  for (const std::string header : {"", "a,b,label\n", "x1, x2 ,y\r\n"}) {
+    SCOPED_TRACE(header);
+    const auto set = load(header + "1.5,-2,1\n\n 3e2 ,+4,0\r\n0.25,5,2\n");
+    EXPECT_EQ(set.count(), 3);
+    EXPECT_EQ(set.sample_shape, (std::vector<int64_t>{2}));
+    EXPECT_EQ(set.features, (std::vector<float>{1.5f, -2, 300, 4, 0.25f, 5}));
+    EXPECT_EQ(set.labels, (std::vector<int32_t>{1, 0, 2}));
+    EXPECT_EQ(set.num_classes, 3);  // inferred: max + 1
+  }
+  data::CsvOptions first;
+  first.label_column = 0;
+  first.num_classes = 5;
+  first.delimiter = ';';
+  const auto set = load("label;f\n4;0.5\n1.0;7\n", first);
+  EXPECT_EQ(set.labels, (std::vector<int32_t>{4, 1}));
+  EXPECT_EQ(set.features, (std::vector<float>{0.5f, 7}));
+  EXPECT_EQ(set.num_classes, 5);
+}
+
+TEST_F(CsvFiles, BadTablesAreRejectedWithTheLine) {
+  EXPECT_TRUE(rejects("a,b,c\n1,2,0\n1,2\n", {":3:", "expected 3 columns, got 2"}));
+  EXPECT_TRUE(rejects("1,2,0\n1,2,0,4\n", {":2:", "expected 3 columns, got 4"}));
+  EXPECT_TRUE(rejects("1,2,0\n1,abc,0\n", {":2:", "not a number"}));
+  EXPECT_TRUE(rejects("1,2,0\n1,,0\n", {":2:", "not a number"}));
+  EXPECT_TRUE(rejects("1,2,1.5\n", {":1:", "label 1.5", "not a class index"}));
+  EXPECT_TRUE(rejects("1,2,-1\n", {":1:", "label -1"}));
+  EXPECT_TRUE(rejects("1,2,nan\n", {":1:", "label nan"}));
+  data::CsvOptions three;
+  three.num_classes = 3;
+  EXPECT_TRUE(rejects("1,2,0\n1,2,3\n", {":2:", "label 3 is out of range [0, 3)"}, three));
+  EXPECT_TRUE(rejects("1,nan,0\n", {":1:", "column 2", "not a finite number"}));
+  EXPECT_TRUE(rejects("1,2,0\ninf,2,0\n", {":2:", "column 1", "not a finite number"}));
+  EXPECT_TRUE(rejects("a,b,c\n", {"no data rows"}));
+  EXPECT_TRUE(rejects("", {"no data rows"}));
+  EXPECT_TRUE(rejects("1\n2\n", {"at least one feature"}));
+  data::CsvOptions far;
+  far.label_column = 7;
+  EXPECT_TRUE(rejects("1,2,0\n", {"label column 7 does not exist"}, far));
+  EXPECT_TRUE(throws_error([&] { data::load_csv(dir / "missing.csv"); }, ErrorKind::runtime,
+                           {"missing.csv", "cannot open"}));
+}
+
+// ---------------------------------------------------------------- standardizer
+
+TEST(Standardizer, FitAndPartialFitOnChunksAgree) {
+  const int64_t rows = 257, features = 5;
+  auto x = normal_values(rows * features, 1, 3.0f, 1000.0f);  // a large mean, as BN's tests
+  data::Standardizer whole;
+  whole.fit(x, features);
+  data::Standardizer chunks;
+  for (int64_t first = 0; first < rows; first += 40) {
+    const int64_t n = std::min<int64_t>(40, rows - first);
+    chunks.partial_fit(std::span<const float>(x).subspan(first * features, n * features), features);
+  }
+  ASSERT_EQ(chunks.features(), features);
+  for (int64_t f = 0; f < features; ++f) {
+    double sum = 0, sum2 = 0;
+    for (int64_t r = 0; r < rows; ++r) sum += x[r * features + f];
+    const double mean = sum / rows;
+    for (int64_t r = 0; r < rows; ++r) sum2 += (x[r * features + f] - mean) * (x[r * features + f] - mean);
+    const double sd = std::sqrt(sum2 / rows);  // population std, as scikit-learn
+    EXPECT_NEAR(whole.mean()[f], mean, 1e-4);
+    EXPECT_NEAR(whole.scale()[f], sd, 1e-5 * sd);
+    EXPECT_NEAR(chunks.mean()[f], whole.mean()[f], 1e-4);
+    EXPECT_NEAR(chunks.scale()[f], whole.scale()[f], 1e-5 * sd);
+    EXPECT_EQ(chunks.moments()[f].count, rows);
+  }
+  // fit starts over.
+  chunks.fit(std::span<const float>(x).first(10 * features), features);
+  EXPECT_EQ(chunks.moments()[0].count, 10);
+}
+
+TEST(Standardizer, TransformAndInverseRoundTripAndConstantFeaturesMapToZero) {
+  const int64_t rows = 50, features = 3;
+  auto x = normal_values(rows * features, 2, 2.0f, -5.0f);
+  for (int64_t r = 0; r < rows; ++r) x[r * features + 1] = 7.5f;  // zero variance
+  data::Standardizer s;
+  s.fit(x, features);
+  EXPECT_EQ(s.scale()[1], 1.0f);
+  auto y = x;
+  s.transform(y);
+  for (int64_t f = 0; f < features; ++f) {
+    double sum = 0, sum2 = 0;
+    for (int64_t r = 0; r < rows; ++r) sum += y[r * features + f], sum2 += double{y[r * features + f]} * y[r * features + f];
+    EXPECT_NEAR(sum / rows, 0.0, 1e-5);
+    EXPECT_NEAR(sum2 / rows, f == 1 ? 0.0 : 1.0, 1e-4);
+  }
+  for (int64_t r = 0; r < rows; ++r) EXPECT_EQ(y[r * features + 1], 0.0f);
+  s.inverse_transform(y);
+  for (size_t i = 0; i < x.size(); ++i) EXPECT_NEAR(y[i], x[i], 1e-5 * (1 + std::abs(x[i])));
+}
+
+TEST(Standardizer, BadArgumentsAreRejectedAndLeaveTheFitAlone) {
+  data::Standardizer s;
+  std::vector<float> row = {1, 2, 3};
+  EXPECT_TRUE(throws_error([&] { s.transform(row); }, ErrorKind::invalid_argument, {"not fitted"}));
+  s.fit(std::vector<float>{1, 2, 3, 4, 5, 6}, 3);
+  const auto mean = s.mean();
+  std::vector<float> bad = {1, NAN, 3};
+  EXPECT_TRUE(throws_error([&] { s.partial_fit(bad, 3); }, ErrorKind::runtime, {"feature 1", "NaN"}));
+  EXPECT_TRUE(throws_error([&] { s.fit(bad, 3); }, ErrorKind::runtime, {"feature 1"}));
+  EXPECT_EQ(s.mean(), mean);
+  EXPECT_EQ(s.moments()[0].count, 2);
+  EXPECT_TRUE(throws_error([&] { s.partial_fit(std::vector<float>{1, 2}, 2); },
+                           ErrorKind::invalid_argument, {"fitted on 3 features, got 2"}));
+  std::vector<float> partial = {1, 2, 3, 4};
+  EXPECT_TRUE(throws_error([&] { s.transform(partial); }, ErrorKind::invalid_argument, {"whole rows"}));
+  EXPECT_TRUE(throws_error([&] { s.fit(partial, 0); }, ErrorKind::invalid_argument, {"features must be >= 1"}));
+}
+
+TEST(Standardizer, SaveLoadRoundTripAndCorruptStreams) {
+  data::Standardizer s;
+  s.fit(normal_values(40, 3, 2.0f, 1.0f), 4);
+  std::stringstream stream;
+  s.save(stream);
+  const std::string bytes = stream.str();
+  std::istringstream in(bytes);
+  const auto loaded = data::Standardizer::load(in);
+  ASSERT_EQ(loaded.features(), 4);
+  for (int64_t f = 0; f < 4; ++f) {
+    EXPECT_EQ(loaded.moments()[f].count, s.moments()[f].count);
+    EXPECT_EQ(loaded.moments()[f].mean, s.moments()[f].mean);
+    EXPECT_EQ(loaded.moments()[f].m2, s.moments()[f].m2);
+  }
+  auto load = [](const std::string& b) {
+    std::istringstream i(b);
+    return data::Standardizer::load(i);
+  };
+  std::string wrong = bytes;
+  wrong[0] = 'X';
+  EXPECT_TRUE(throws_error([&] { load(wrong); }, ErrorKind::runtime, {"bad magic"}));
+  EXPECT_TRUE(throws_error([&] { load(bytes.substr(0, 5)); }, ErrorKind::runtime, {"bad magic"}));
+  EXPECT_TRUE(throws_error([&] { load(bytes.substr(0, 12)); }, ErrorKind::runtime, {"feature count"}));
+  EXPECT_TRUE(throws_error([&] { load(bytes.substr(0, bytes.size() - 1)); }, ErrorKind::runtime, {"truncated"}));
+  std::string negative = bytes;
+  const double m2 = -1;
+  std::memcpy(negative.data() + 16 + 16, &m2, sizeof m2);  // feature 0's M2
+  EXPECT_TRUE(throws_error([&] { load(negative); }, ErrorKind::runtime, {"feature 0", "invalid statistics"}));
+  std::string zero_count = bytes;
+  const double zero = 0;
+  std::memcpy(zero_count.data() + 16 + 24, &zero, sizeof zero);  // feature 1's count
+  EXPECT_TRUE(throws_error([&] { load(zero_count); }, ErrorKind::runtime, {"feature 1"}));
+
+  // A count of 2^26 features (1.5 GB of statistics) followed by nothing must
+  // fail at the truncation, not allocate first.
+  std::string huge = bytes.substr(0, 8);
+  const uint64_t n = uint64_t{1} << 26;
+  huge.append(reinterpret_cast<const char*>(&n), sizeof n);
+  const long before = peak_rss_kib();
+  EXPECT_TRUE(throws_error([&] { load(huge); }, ErrorKind::runtime, {"truncated"}));
+  EXPECT_LT(peak_rss_kib() - before, 64 * 1024) << "peak memory grew by more than 64 MiB";
+  const uint64_t too_many = (uint64_t{1} << 26) + 1;
+  std::memcpy(huge.data() + 8, &too_many, sizeof too_many);
+  EXPECT_TRUE(throws_error([&] { load(huge); }, ErrorKind::runtime, {"feature count"}));
+}
+
+}  // namespace

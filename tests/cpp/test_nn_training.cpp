@@ -1,0 +1,559 @@
+// The engine as a whole: Model backward against finite differences of the
+// loss, optimizers against PyTorch's update formulas (evaluated here in double),
+// the model spec, and the training loop (a tiny model whose loss falls,
+// deterministic epoch order, NaN detection).
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <numeric>
+#include <set>
+
+#include "nn_test_support.hpp"
+#include "normkit/threading.hpp"
+#include "normkit/train.hpp"
+
+namespace {
+
+using namespace nn_test;
+using normkit::ErrorKind;
+using normkit::nn::Model;
+using normkit::nn::ModelSpec;
+using normkit::nn::Parameter;
+
+constexpr MemoryFormat kFormats[] = {MemoryFormat::channels_first, MemoryFormat::channels_last};
+
+// Mean cross-entropy of the model on (x, labels) in train mode.
+double model_loss(Model& model, const Tensor& x, const std::vector<int32_t>& labels) {
+  return normkit::nn::softmax_cross_entropy(model.forward(x, Mode::train), labels.data(), nullptr).loss;
+}
+
+void compute_gradients(Model& model, const Tensor& x, const std::vector<int32_t>& labels) {
+  Tensor dlogits;
+  normkit::nn::softmax_cross_entropy(model.forward(x, Mode::train), labels.data(), &dlogits);
+  model.zero_grad();
+  model.backward(dlogits);
+}
+
+std::vector<int32_t> some_labels(int64_t n, int32_t classes) {
+  std::vector<int32_t> labels(n);
+  for (int64_t i = 0; i < n; ++i) labels[i] = static_cast<int32_t>((i * 7 + 3) % classes);
+  return labels;
+}
+
+// ---------------------------------------------------------------- Model backward
+
+// A smooth model (tanh, sigmoid, average pooling, BN in both placements):
+// every parameter of every layer against central differences of the loss.
+TEST(NnModel, BackwardMatchesFiniteDifferencesOfTheLossForEveryParameter) {
+  const auto spec = ModelSpec::parse(
+      "input 2 6 6; conv 3 3 pad=1 bias=0; batchnorm; tanh; avgpool 2; flatten;"
+      "linear 8; sigmoid; batchnorm; linear 4");
+  const int64_t N = 6;
+  const auto xs = normal_values(N * 72, 91);
+  const auto labels = some_labels(N, 4);
+  for (const auto format : kFormats) {
+    SCOPED_TRACE(name_of(format));
+    Model model(spec, format);
+    model.initialize({normkit::nn::Init::xavier}, 5);
+    const Tensor x = make_tensor({N, 2, 6, 6}, format, xs);
+    compute_gradients(model, x, labels);
+    const auto state = model.state();
+    size_t k = 0;
+    for (auto* p : model.parameters()) {
+      GradientComparison cmp;
+      for (size_t i = 0; i < p->value.size(); ++i) {
+        const float saved = p->value[i];
+        p->value[i] = saved + 1e-2f;
+        const double up = p->value[i], plus = model_loss(model, x, labels);
+        p->value[i] = saved - 1e-2f;
+        const double down = p->value[i], minus = model_loss(model, x, labels);
+        p->value[i] = saved;
+        cmp.add(p->grad[i], (plus - minus) / (up - down));
+      }
+      std::string where;
+      EXPECT_LE(cmp.worst(5e-3, 0.05, &where), 1.0) << "parameter " << k << " (" << p->name << "): " << where;
+      ++k;
+    }
+  }
+}
+
+// A ReLU/max-pool model like cnn-small: for each parameter tensor, the
+// derivative along a random direction. A step may carry some ReLU or max-pool
+// input across its kink, which bends the difference quotient by O(step), so the
+// check takes the best of a larger and a smaller step (the larger one has less
+// float noise, the smaller one crosses fewer kinks).
+TEST(NnModel, BackwardMatchesDirectionalDerivativesOnAReluMaxPoolModel) {
+  const auto spec = ModelSpec::parse(
+      "input 2 8 8; conv 4 3 pad=1 bias=0; batchnorm; relu; maxpool 2;"
+      "conv 6 3 stride=2 pad=1; relu; flatten; linear 10 bias=0; batchnorm; relu; linear 3");
+  const int64_t N = 8;
+  const auto xs = normal_values(N * 128, 92);
+  const auto labels = some_labels(N, 3);
+  for (const auto format : kFormats) {
+    SCOPED_TRACE(name_of(format));
+    Model model(spec, format);
+    model.initialize({}, 6);
+    const Tensor x = make_tensor({N, 2, 8, 8}, format, xs);
+    compute_gradients(model, x, labels);
+    const auto params = model.parameters();
+    for (size_t k = 0; k < params.size(); ++k) {
+      const auto dir = normal_values(params[k]->value.size(), 100 + k);
+      const auto saved = params[k]->value;
+      const double analytic = dot(dir, params[k]->grad);
+      auto at = [&](float t) {
+        for (size_t i = 0; i < saved.size(); ++i) params[k]->value[i] = saved[i] + t * dir[i];
+        return model_loss(model, x, labels);
+      };
+      double best = INFINITY, numeric = 0;
+      for (const float h : {1e-3f, 1e-4f}) {
+        const double estimate = (at(h) - at(-h)) / (2.0 * h);
+        if (std::abs(estimate - analytic) < best) best = std::abs(estimate - analytic), numeric = estimate;
+      }
+      params[k]->value = saved;
+      EXPECT_LE(best, 1e-2 * std::abs(analytic) + 2e-3)
+          << "parameter " << k << " (" << params[k]->name << "): analytic " << analytic << ", numeric " << numeric;
+    }
+  }
+}
+
+TEST(NnModel, BothFormatsComputeTheSameModel) {
+  const auto spec = ModelSpec::preset("cnn-small");
+  const int64_t N = 4;
+  const auto xs = normal_values(N * 784, 93);
+  const auto labels = some_labels(N, 10);
+  std::vector<std::vector<float>> logits, grads;
+  for (const auto format : kFormats) {
+    Model model(spec, format);
+    model.initialize({}, 7);
+    const Tensor x = make_tensor({N, 1, 28, 28}, format, xs);
+    logits.push_back(model.forward(x, Mode::train).data);
+    compute_gradients(model, x, labels);
+    std::vector<float> all;
+    for (auto* p : model.parameters()) all.insert(all.end(), p->grad.begin(), p->grad.end());
+    grads.push_back(all);
+  }
+  ASSERT_EQ(logits[0].size(), logits[1].size());
+  for (size_t i = 0; i < logits[0].size(); ++i) EXPECT_NEAR(logits[0][i], logits[1][i], 1e-4) << i;
+  double scale = 0;
+  for (const float g : grads[0]) scale = std::max(scale, double{std::abs(g)});
+  for (size_t i = 0; i < grads[0].size(); ++i) ASSERT_NEAR(grads[0][i], grads[1][i], 1e-4 * scale) << i;
+}
+
+TEST(NnModel, ParametersStateAndSummary) {
+  Model model(ModelSpec::preset("mlp-paper"));
+  // 784·100 + 3·(100+100) BN + 100·100·2 + 100·10 + 10
+  EXPECT_EQ(model.parameter_count(), 784 * 100 + 2 * 100 * 100 + 100 * 10 + 10 + 3 * 200);
+  std::vector<std::string> names;
+  for (const auto& [name, values] : model.state()) names.push_back(name);
+  EXPECT_EQ(names.front(), "1.weight");
+  EXPECT_NE(std::find(names.begin(), names.end(), "2.running_mean"), names.end());
+  EXPECT_NE(std::find(names.begin(), names.end(), "2.num_batches_tracked"), names.end());
+  EXPECT_EQ(names.back(), "10.bias");
+  // γ and β are parameters (trained), running statistics are not.
+  size_t values = 0;
+  for (auto* p : model.parameters()) values += p->value.size();
+  EXPECT_EQ(static_cast<int64_t>(values), model.parameter_count());
+  EXPECT_NE(model.summary().find("parameters: 100010"), std::string::npos) << model.summary();
+}
+
+TEST(NnModel, RejectsInputsThatDoNotMatchTheSpec) {
+  Model model(ModelSpec::preset("mlp-paper"));
+  Tensor x = make_tensor({2, 784}, MemoryFormat::channels_first, std::vector<float>(2 * 784));
+  EXPECT_TRUE(throws_error([&] { model.forward(x, Mode::train); }, ErrorKind::invalid_argument,
+                           {"input shape"}));
+  // A multi-channel input in the other memory format would be misread.
+  Model cnn(ModelSpec::parse("input 3 4 4; conv 2 3; flatten; linear 2"), MemoryFormat::channels_last);
+  Tensor image = make_tensor({2, 3, 4, 4}, MemoryFormat::channels_first, std::vector<float>(96));
+  EXPECT_TRUE(throws_error([&] { cnn.forward(image, Mode::train); }, ErrorKind::invalid_argument,
+                           {"input is channels-first, the model channels-last"}));
+  image.data.resize(95);
+  image.format = MemoryFormat::channels_last;
+  EXPECT_TRUE(throws_error([&] { cnn.forward(image, Mode::train); }, ErrorKind::invalid_argument,
+                           {"95 values"}));
+  EXPECT_TRUE(throws_error([] { Model m(ModelSpec::parse("input 784; linear 1")); },
+                           ErrorKind::invalid_argument, {"classes >= 2"}));
+  EXPECT_TRUE(throws_error([] { Model m(ModelSpec::parse("input 1 28 28; linear 10")); },
+                           ErrorKind::invalid_argument, {"layer 1", "flatten"}));
+  EXPECT_TRUE(throws_error([] { Model m(ModelSpec::parse("input 1 4 4; conv 2 3; flatten; linear 0")); },
+                           ErrorKind::invalid_argument, {"layer 3", "output size"}));
+}
+
+TEST(NnModel, InitializersHaveTheirScales) {
+  Model model(ModelSpec::parse("input 400; linear 300; linear 10"));
+  auto variance = [](const std::vector<float>& w) {
+    double s = 0, s2 = 0;
+    for (const float v : w) s += v, s2 += double{v} * v;
+    const double n = static_cast<double>(w.size()), m = s / n;
+    return s2 / n - m * m;
+  };
+  auto* w = model.parameters()[0];
+  model.initialize({normkit::nn::Init::he}, 1);
+  EXPECT_NEAR(variance(w->value), 2.0 / 400, 0.05 * 2.0 / 400);
+  model.initialize({normkit::nn::Init::xavier}, 1);
+  EXPECT_NEAR(variance(w->value), 2.0 / 700, 0.05 * 2.0 / 700);  // U(±a): a²/3, a² = 6/(in+out)
+  model.initialize({normkit::nn::Init::normal, 0.1f}, 1);
+  EXPECT_NEAR(variance(w->value), 0.01, 0.05 * 0.01);
+  for (const float b : model.parameters()[1]->value) EXPECT_EQ(b, 0.0f);
+  // The same seed gives the same weights.
+  const auto first = w->value;
+  model.initialize({normkit::nn::Init::normal, 0.1f}, 1);
+  EXPECT_EQ(w->value, first);
+}
+
+// ---------------------------------------------------------------- optimizers
+
+struct Fixture {
+  std::vector<Parameter> storage;
+  std::vector<Parameter*> params;
+  explicit Fixture(uint64_t seed) {
+    storage.push_back({"weight", normal_values(7, seed), std::vector<float>(7)});
+    storage.push_back({"bias", normal_values(3, seed + 1), std::vector<float>(3)});
+    for (auto& p : storage) params.push_back(&p);
+  }
+  void set_grads(int step) {
+    for (size_t k = 0; k < storage.size(); ++k)
+      storage[k].grad = normal_values(storage[k].value.size(), 1000 + step * 10 + k);
+  }
+};
+
+// torch.optim.SGD (1.13), dampening 0:
+//   d_p = grad + wd·p;  buf = d_p (first step) else μ·buf + d_p
+//   d_p = d_p + μ·buf (nesterov) else buf;  p -= lr·d_p
+TEST(NnOptimizer, SgdMatchesPyTorchsFormulas) {
+  struct Case {
+    float lr, momentum, wd;
+    bool nesterov;
+  };
+  for (const Case c : {Case{0.1f, 0.0f, 0.0f, false}, Case{0.05f, 0.9f, 0.0f, false},
+                       Case{0.05f, 0.9f, 1e-2f, false}, Case{0.02f, 0.8f, 5e-3f, true}}) {
+    SCOPED_TRACE(testing::Message() << "lr " << c.lr << " momentum " << c.momentum << " wd " << c.wd
+                                    << " nesterov " << c.nesterov);
+    Fixture f(3);
+    auto sgd = normkit::nn::make_sgd({c.lr, c.momentum, c.wd, c.nesterov}, f.params);
+    std::vector<std::vector<double>> p, buf;
+    for (auto& s : f.storage) {
+      p.emplace_back(s.value.begin(), s.value.end());
+      buf.emplace_back(s.value.size(), 0.0);
+    }
+    for (int step = 0; step < 4; ++step) {
+      f.set_grads(step);
+      sgd->step(f.params);
+      for (size_t k = 0; k < p.size(); ++k)
+        for (size_t i = 0; i < p[k].size(); ++i) {
+          double d = f.storage[k].grad[i] + double{c.wd} * p[k][i];
+          if (c.momentum != 0) {
+            buf[k][i] = step == 0 ? d : c.momentum * buf[k][i] + d;
+            d = c.nesterov ? d + c.momentum * buf[k][i] : buf[k][i];
+          }
+          p[k][i] -= double{c.lr} * d;
+          EXPECT_NEAR(f.storage[k].value[i], p[k][i], 1e-6 * (1 + std::abs(p[k][i]))) << "step " << step;
+        }
+    }
+    EXPECT_EQ(sgd->steps(), 4);
+    EXPECT_EQ(sgd->state().size(), 2u);
+  }
+}
+
+// torch.optim.Adam (1.13), amsgrad off:
+//   g = grad + wd·p;  m = β1·m + (1-β1)·g;  v = β2·v + (1-β2)·g²
+//   p -= lr/(1-β1^t) · m / (sqrt(v)/sqrt(1-β2^t) + eps)
+TEST(NnOptimizer, AdamMatchesPyTorchsFormulas) {
+  for (const float wd : {0.0f, 0.01f}) {
+    SCOPED_TRACE(testing::Message() << "weight decay " << wd);
+    Fixture f(4);
+    const normkit::nn::AdamOptions o{1e-2f, 0.9f, 0.99f, 1e-8f, wd};
+    auto adam = normkit::nn::make_adam(o, f.params);
+    std::vector<std::vector<double>> p, m, v;
+    for (auto& s : f.storage) {
+      p.emplace_back(s.value.begin(), s.value.end());
+      m.emplace_back(s.value.size(), 0.0);
+      v.emplace_back(s.value.size(), 0.0);
+    }
+    for (int step = 1; step <= 5; ++step) {
+      f.set_grads(step);
+      adam->step(f.params);
+      for (size_t k = 0; k < p.size(); ++k)
+        for (size_t i = 0; i < p[k].size(); ++i) {
+          const double g = f.storage[k].grad[i] + double{wd} * p[k][i];
+          m[k][i] = o.beta1 * m[k][i] + (1 - double{o.beta1}) * g;
+          v[k][i] = o.beta2 * v[k][i] + (1 - double{o.beta2}) * g * g;
+          const double c1 = 1 - std::pow(double{o.beta1}, step), c2 = 1 - std::pow(double{o.beta2}, step);
+          p[k][i] -= o.lr / c1 * m[k][i] / (std::sqrt(v[k][i]) / std::sqrt(c2) + o.eps);
+          EXPECT_NEAR(f.storage[k].value[i], p[k][i], 2e-6 * (1 + std::abs(p[k][i]))) << "step " << step;
+        }
+    }
+    EXPECT_EQ(adam->steps(), 5);
+    EXPECT_EQ(adam->state().size(), 4u);
+  }
+}
+
+TEST(NnOptimizer, LearningRateCanChangeBetweenStepsAndBadOptionsAreRejected) {
+  Fixture f(5);
+  auto sgd = normkit::nn::make_sgd({0.1f}, f.params);
+  f.set_grads(0);
+  const float before = f.storage[0].value[0];
+  sgd->learning_rate = 0.5f;
+  sgd->step(f.params);
+  EXPECT_NEAR(f.storage[0].value[0], before - 0.5f * f.storage[0].grad[0], 1e-6);
+  EXPECT_TRUE(throws_error([&] { normkit::nn::make_sgd({0.1f, 0.0f, 0.0f, true}, f.params); },
+                           ErrorKind::invalid_argument, {"Nesterov"}));
+  EXPECT_TRUE(throws_error([&] { normkit::nn::make_sgd({-1.0f}, f.params); }, ErrorKind::invalid_argument,
+                           {"lr"}));
+  EXPECT_TRUE(throws_error([&] { normkit::nn::make_adam({1e-3f, 1.0f}, f.params); },
+                           ErrorKind::invalid_argument, {"betas"}));
+  std::vector<Parameter*> fewer = {f.params[0]};
+  EXPECT_TRUE(throws_error([&] { sgd->step(fewer); }, ErrorKind::invalid_argument, {"2 parameters"}));
+}
+
+// ---------------------------------------------------------------- model spec
+
+TEST(NnSpec, ParseToStringRoundTrip) {
+  for (const std::string& text :
+       {std::string("input 1 28 28; conv 32 3 pad=1 bias=0; batchnorm; relu; maxpool 2;"
+                    " flatten; linear 128 bias=0; batchnorm eps=0.001 momentum=0.01; relu; dropout 0.5; linear 10"),
+        std::string("# a comment line\ninput 20\nlinear 16   # trailing comment\n\nTANH\nlinear 3\n"),
+        std::string("input 3 9 9; conv 4 3 stride=2 pad=1; avgpool 2 stride=1; sigmoid; flatten; linear 2")}) {
+    SCOPED_TRACE(text);
+    const auto spec = ModelSpec::parse(text);
+    EXPECT_EQ(ModelSpec::parse(spec.to_string()), spec) << spec.to_string();
+    EXPECT_EQ(ModelSpec::parse(spec.to_string()).to_string(), spec.to_string());
+    Model model(spec);  // and it builds
+  }
+  const auto spec = ModelSpec::parse("input 20\nlinear 16 # c\ntanh;linear 3");
+  EXPECT_EQ(spec.to_string(), "input 20; linear 16; tanh; linear 3");
+  EXPECT_EQ(spec.layers[1].type, "tanh");
+}
+
+TEST(NnSpec, PresetsAreThePapersModels) {
+  const auto mlp = ModelSpec::preset("mlp-paper");
+  EXPECT_EQ(mlp.input_shape, (std::vector<int64_t>{1, 28, 28}));
+  EXPECT_EQ(mlp.to_string(),
+            "input 1 28 28; flatten; linear 100 bias=0; batchnorm; sigmoid; linear 100 bias=0; "
+            "batchnorm; sigmoid; linear 100 bias=0; batchnorm; sigmoid; linear 10");
+  const auto cnn = ModelSpec::preset("cnn-small");
+  EXPECT_EQ(cnn.to_string(),
+            "input 1 28 28; conv 32 3 bias=0 pad=1; batchnorm; relu; maxpool 2; "
+            "conv 64 3 bias=0 pad=1; batchnorm; relu; maxpool 2; flatten; linear 128 bias=0; "
+            "batchnorm; relu; linear 10");
+  Model m(cnn);
+  EXPECT_EQ(m.parameter_count(), 32 * 9 + 64 + 64 * 32 * 9 + 128 + 3136 * 128 + 256 + 1280 + 10);
+  EXPECT_TRUE(throws_error([] { ModelSpec::preset("resnet"); }, ErrorKind::invalid_argument,
+                           {"'resnet'", "mlp-paper", "cnn-small"}));
+}
+
+TEST(NnSpec, WithoutBatchNormDropsBnAndRestoresTheBias) {
+  for (const char* name : {"mlp-paper", "cnn-small"}) {
+    SCOPED_TRACE(name);
+    const auto with = ModelSpec::preset(name);
+    const auto without = with.without_batch_norm();
+    size_t bn = 0;
+    for (const auto& l : with.layers) bn += l.type == "batchnorm";
+    EXPECT_EQ(without.layers.size(), with.layers.size() - bn);
+    for (const auto& l : without.layers) {
+      EXPECT_NE(l.type, "batchnorm");
+      EXPECT_EQ(l.options.count("bias"), 0u) << l.type;  // every weight layer has its bias
+    }
+    Model model(without);
+    for (const auto& layer : model.layers()) {
+      if (layer->type() == "linear" || layer->type() == "conv") {
+        EXPECT_EQ(layer->parameters().size(), 2u) << layer->describe();
+      }
+    }
+    EXPECT_EQ(without.without_batch_norm(), without);
+  }
+  // A layer that does not feed a BN keeps what it was given; BN after the
+  // activation leaves the layer before the activation alone.
+  const auto spec = ModelSpec::parse("input 4; linear 8 bias=0; relu; batchnorm; linear 3 bias=0");
+  EXPECT_EQ(spec.without_batch_norm().to_string(), "input 4; linear 8 bias=0; relu; linear 3 bias=0");
+}
+
+TEST(NnSpec, ParseErrorsNameTheStatementAndTheProblem) {
+  struct Case {
+    std::string text;
+    std::vector<std::string> parts;
+  };
+  const std::vector<Case> cases = {
+      {"input 4; lineer 3", {"statement 2", "'lineer'", "unknown layer type"}},
+      {"linear 3", {"missing 'input"}},
+      {"input 4", {"no layers"}},
+      {"input 4; input 4; linear 2", {"statement 2", "input given twice"}},
+      {"input 4 4; linear 2", {"statement 1", "C, or C H W"}},
+      {"input 0; linear 2", {"bad input size 0"}},
+      {"input 4; linear", {"statement 2", "'linear'", "expected 1 arguments, got 0"}},
+      {"input 4; linear 3 4", {"expected 1 arguments, got 2"}},
+      {"input 4; linear three", {"'three' is not a number"}},
+      {"input 4; linear 3 bias=yes", {"'yes' is not a number"}},
+      {"input 4; linear 3 stride=2", {"unknown option 'stride'"}},
+      {"input 4\nrelu\nconv 3", {"statement 3", "'conv'", "expected 2 arguments"}},
+      {"input 4; relu 3; linear 2", {"statement 2", "expected 0 arguments, got 1"}},
+      {"input 4; linear 10.5", {"statement 2", "'10.5' is not a whole number"}},
+      {"input 1 8 8; conv 4 3 pad=0.5", {"'0.5' is not a whole number"}},
+      {"input 4; linear 3 bias=2", {"bias must be 0 or 1, got 2"}},
+  };
+  for (const auto& c : cases) {
+    SCOPED_TRACE(c.text);
+    try {
+      ModelSpec::parse(c.text);
+      ADD_FAILURE() << "parsed";
+    } catch (const normkit::Error& e) {
+      EXPECT_EQ(e.kind(), ErrorKind::invalid_argument);
+      for (const auto& part : c.parts)
+        EXPECT_NE(std::string(e.what()).find(part), std::string::npos) << e.what() << " lacks " << part;
+    }
+  }
+}
+
+// ---------------------------------------------------------------- training
+
+// Four Gaussian blobs in 2x4x4 "images", 50 samples each.
+normkit::data::Dataset blobs(int64_t count, uint64_t seed) {
+  normkit::data::Dataset set;
+  set.sample_shape = {2, 4, 4};
+  set.num_classes = 4;
+  std::mt19937_64 rng(seed);
+  std::normal_distribution<float> noise(0.0f, 1.0f);
+  const auto centers = normal_values(4 * 32, 999, 1.0f);
+  for (int64_t i = 0; i < count; ++i) {
+    const int32_t label = static_cast<int32_t>(i % 4);
+    set.labels.push_back(label);
+    for (int64_t j = 0; j < 32; ++j) set.features.push_back(centers[label * 32 + j] + noise(rng));
+  }
+  return set;
+}
+
+TEST(NnTraining, ATinyModelsLossFallsAndRunsRepeat) {
+  const auto train = blobs(200, 1);
+  const auto test = blobs(100, 2);
+  const auto spec = ModelSpec::parse(
+      "input 2 4 4; conv 4 3 pad=1 bias=0; batchnorm; relu; maxpool 2; flatten;"
+      "linear 16 bias=0; batchnorm; sigmoid; dropout 0.1; linear 4");
+  for (const auto format : kFormats) {
+    SCOPED_TRACE(name_of(format));
+    std::vector<double> losses;
+    std::vector<float> final_weights;
+    for (int run = 0; run < 2; ++run) {
+      Model model(spec, format);
+      model.initialize({}, 42);
+      auto sgd = normkit::nn::make_sgd({0.05f, 0.9f, 1e-4f}, model.parameters());
+      std::vector<double> run_losses;
+      for (int64_t epoch = 0; epoch < 5; ++epoch)
+        run_losses.push_back(normkit::train::train_epoch(model, *sgd, train, 16, 42, epoch).loss);
+      if (run == 0) {
+        losses = run_losses;
+        EXPECT_LT(losses.back(), 0.5 * losses.front()) << losses.front() << " -> " << losses.back();
+        const auto eval = normkit::train::evaluate(model, test, 32);
+        EXPECT_GT(eval.accuracy, 0.9);
+        EXPECT_EQ(eval.classes, 4);
+        int64_t total = 0, diagonal = 0;
+        for (int32_t i = 0; i < 4; ++i)
+          for (int32_t j = 0; j < 4; ++j) {
+            total += eval.confusion[i * 4 + j];
+            diagonal += i == j ? eval.confusion[i * 4 + j] : 0;
+          }
+        EXPECT_EQ(total, 100);
+        EXPECT_NEAR(eval.accuracy, static_cast<double>(diagonal) / 100.0, 1e-12);
+        final_weights = model.parameters()[0]->value;
+      } else {
+        // Same seed, same data: the same numbers.
+        EXPECT_EQ(run_losses, losses);
+        EXPECT_EQ(model.parameters()[0]->value, final_weights);
+      }
+    }
+  }
+}
+
+// DESIGN.md: results are bitwise identical across thread counts. The sizes are
+// large enough for the matrix products to be split between threads.
+TEST(NnTraining, ResultsDoNotDependOnTheThreadCount) {
+  normkit::data::Dataset set;
+  set.sample_shape = {4, 8, 8};
+  set.num_classes = 10;
+  set.features = normal_values(256 * 256, 11);
+  for (int64_t i = 0; i < 256; ++i) set.labels.push_back(static_cast<int32_t>(i % 10));
+  const auto spec = ModelSpec::parse(
+      "input 4 8 8; conv 16 3 pad=1 bias=0; batchnorm; relu; maxpool 2; flatten;"
+      "linear 512 bias=0; batchnorm; relu; linear 256; tanh; linear 10");
+  const int saved = normkit::num_threads();
+  for (const auto format : kFormats) {
+    SCOPED_TRACE(name_of(format));
+    std::vector<std::vector<float>> results;
+    for (const int threads : {1, 2}) {
+      normkit::set_num_threads(threads);
+      Model model(spec, format);
+      model.initialize({}, 3);
+      auto sgd = normkit::nn::make_sgd({0.05f, 0.9f}, model.parameters());
+      const auto r = normkit::train::train_epoch(model, *sgd, set, 128, 3, 0);
+      std::vector<float> all = {static_cast<float>(r.loss)};
+      for (auto* p : model.parameters()) all.insert(all.end(), p->value.begin(), p->value.end());
+      results.push_back(all);
+    }
+    EXPECT_TRUE(results[0] == results[1]) << "1 and 2 threads give different results";
+  }
+  normkit::set_num_threads(saved);
+}
+
+TEST(NnTraining, ProgressReportsEveryStepAndALoneLastSampleIsDropped) {
+  const auto train = blobs(33, 3);  // 33 = 2·16 + 1
+  Model model(ModelSpec::parse("input 2 4 4; flatten; linear 8 bias=0; batchnorm; relu; linear 4"));
+  model.initialize({}, 1);
+  auto sgd = normkit::nn::make_sgd({0.01f}, model.parameters());
+  std::vector<int64_t> steps;
+  const auto result = normkit::train::train_epoch(model, *sgd, train, 16, 1, 0,
+                                                  [&](const normkit::train::StepProgress& p) {
+                                                    steps.push_back(p.step);
+                                                    EXPECT_EQ(p.steps, 2);
+                                                  });
+  EXPECT_EQ(steps, (std::vector<int64_t>{1, 2}));
+  EXPECT_EQ(result.samples, 32);
+}
+
+TEST(NnTraining, NonFiniteLossStopsWithEpochAndStep) {
+  auto train = blobs(64, 4);
+  train.features[40 * 32 + 5] = NAN;
+  Model model(ModelSpec::parse("input 2 4 4; flatten; linear 8; sigmoid; linear 4"));
+  model.initialize({}, 1);
+  auto sgd = normkit::nn::make_sgd({0.01f}, model.parameters());
+  const auto order = normkit::train::epoch_order(64, 9, 2);
+  const auto at = std::find(order.begin(), order.end(), 40) - order.begin();
+  const std::string step = "step " + std::to_string(at / 16 + 1) + " of 4";
+  EXPECT_TRUE(throws_error([&] { normkit::train::train_epoch(model, *sgd, train, 16, 9, 2); },
+                           ErrorKind::runtime, {"epoch 3", step}));
+}
+
+TEST(NnTraining, EpochOrderIsADeterministicPermutation) {
+  for (const int64_t count : {0, 1, 2, 17, 1000}) {
+    const auto a = normkit::train::epoch_order(count, 123, 4);
+    ASSERT_EQ(static_cast<int64_t>(a.size()), count);
+    std::vector<int64_t> sorted = a;
+    std::sort(sorted.begin(), sorted.end());
+    for (int64_t i = 0; i < count; ++i) ASSERT_EQ(sorted[i], i);
+    EXPECT_EQ(normkit::train::epoch_order(count, 123, 4), a);
+  }
+  const auto base = normkit::train::epoch_order(1000, 123, 4);
+  EXPECT_NE(normkit::train::epoch_order(1000, 123, 5), base);
+  EXPECT_NE(normkit::train::epoch_order(1000, 124, 4), base);
+  EXPECT_NE(normkit::train::epoch_order(1000, 123ull | (1ull << 40), 4), base);  // high seed bits count
+  // A fixed value, so a change of the shuffle (which would break resumed runs
+  // against older checkpoints) is noticed.
+  const auto small = normkit::train::epoch_order(8, 1, 0);
+  std::set<int64_t> distinct(small.begin(), small.end());
+  EXPECT_EQ(distinct.size(), 8u);
+}
+
+TEST(NnTraining, MakeBatchTransposesMultiChannelImagesForChannelsLast) {
+  normkit::data::Dataset set;
+  set.sample_shape = {2, 1, 3};
+  set.num_classes = 2;
+  set.features = {0, 1, 2, 10, 11, 12, /* sample 1 */ 20, 21, 22, 30, 31, 32};
+  set.labels = {1, 0};
+  Tensor batch;
+  std::vector<int32_t> labels;
+  normkit::train::make_batch(set, {1, 0}, 0, 2, MemoryFormat::channels_last, batch, labels);
+  EXPECT_EQ(batch.format, MemoryFormat::channels_last);
+  EXPECT_EQ(batch.data, (std::vector<float>{20, 30, 21, 31, 22, 32, 0, 10, 1, 11, 2, 12}));
+  EXPECT_EQ(labels, (std::vector<int32_t>{0, 1}));
+  normkit::train::make_batch(set, {1, 0}, 1, 1, MemoryFormat::channels_first, batch, labels);
+  EXPECT_EQ(batch.data, (std::vector<float>{0, 1, 2, 10, 11, 12}));
+}
+
+}  // namespace
