@@ -672,7 +672,8 @@ class Flatten final : public Layer {
   const Tensor& forward(const Tensor& x, Mode) override {
     const int64_t n = x.shape[0], features = x.numel() / n;
     y_.reshape({n, features}, MemoryFormat::channels_first);
-    if (x.shape.size() != 4 || x.format == MemoryFormat::channels_first) {
+    // With one channel, channels-last data are already in (c, h, w) order.
+    if (x.shape.size() != 4 || x.format == MemoryFormat::channels_first || x.shape[1] == 1) {
       std::copy(x.data.begin(), x.data.end(), y_.data.begin());
       return y_;
     }
@@ -697,7 +698,7 @@ class Flatten final : public Layer {
       return dx_;
     }
     dx_.reshape(shape, format_);
-    if (format_ == MemoryFormat::channels_first) {
+    if (format_ == MemoryFormat::channels_first || shape[1] == 1) {
       std::copy(dy.data.begin(), dy.data.end(), dx_.data.begin());
       return dx_;
     }

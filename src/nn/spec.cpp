@@ -111,7 +111,7 @@ ModelSpec ModelSpec::parse(const std::string& text) {
     // would truncate "linear 10.5" to 10 while the spec still says 10.5).
     auto whole = [&](const std::string& s) {
       const double v = number(s);
-      if (v != std::floor(v) || std::abs(v) > 1e9) fail("'", s, "' is not a whole number");
+      if (v != std::floor(v) || std::abs(v) > 1e9) fail("'", s, "' is not a whole number (up to 10^9)");
       return v;
     };
     for (const auto& a : layer.args) type == "dropout" ? number(a) : whole(a);

@@ -7,6 +7,7 @@
 // Gradient checks use the loss L = Σ r·y for a fixed random r (so dL/dy = r),
 // central differences in float with double accumulation of L, and divide by the
 // perturbation actually stored (float(x + h) - float(x - h)), not by 2h.
+// NN_TEST_VERBOSE=1 prints each check's worst error as a share of its allowance.
 #include <gtest/gtest.h>
 
 #include <algorithm>

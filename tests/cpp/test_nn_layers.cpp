@@ -366,27 +366,30 @@ TEST(NnDropout, RejectsProbabilityOutsideZeroOne) {
 // ---------------------------------------------------------------- flatten
 
 TEST(NnFlatten, ChannelsLastFlattensInChannelsFirstOrder) {
-  const std::vector<int64_t> shape = {3, 4, 2, 5};
-  const auto xs = normal_values(product(shape), 61);
-  std::vector<std::vector<float>> ys, dxs;
-  const auto dys = normal_values(xs.size(), 62);
-  for (const auto format : kFormats) {
-    auto layer = make_layer("flatten", {4, 2, 5}, format);
-    EXPECT_EQ(layer->output_shape({4, 2, 5}), (std::vector<int64_t>{40}));
-    const Tensor& y = layer->forward(make_tensor(shape, format, xs), Mode::train);
-    EXPECT_EQ(y.shape, (std::vector<int64_t>{3, 40}));
-    EXPECT_EQ(y.format, MemoryFormat::channels_first);
-    ys.push_back(y.data);
-    Tensor dy = make_tensor({3, 40}, MemoryFormat::channels_first, dys);
-    const Tensor& dx = layer->backward(dy, true);
-    EXPECT_EQ(dx.format, format);
-    EXPECT_EQ(dx.shape, shape);
-    dxs.push_back(canonical(dx));
+  for (const auto& shape : {std::vector<int64_t>{3, 4, 2, 5}, std::vector<int64_t>{2, 1, 3, 3}}) {
+    const int64_t features = shape[1] * shape[2] * shape[3];
+    SCOPED_TRACE(testing::Message() << shape[1] << " channels");
+    const auto xs = normal_values(product(shape), 61);
+    std::vector<std::vector<float>> ys, dxs;
+    const auto dys = normal_values(xs.size(), 62);
+    for (const auto format : kFormats) {
+      auto layer = make_layer("flatten", {shape[1], shape[2], shape[3]}, format);
+      EXPECT_EQ(layer->output_shape({shape[1], shape[2], shape[3]}), (std::vector<int64_t>{features}));
+      const Tensor& y = layer->forward(make_tensor(shape, format, xs), Mode::train);
+      EXPECT_EQ(y.shape, (std::vector<int64_t>{shape[0], features}));
+      EXPECT_EQ(y.format, MemoryFormat::channels_first);
+      ys.push_back(y.data);
+      Tensor dy = make_tensor({shape[0], features}, MemoryFormat::channels_first, dys);
+      const Tensor& dx = layer->backward(dy, true);
+      EXPECT_EQ(dx.format, format);
+      EXPECT_EQ(dx.shape, shape);
+      dxs.push_back(canonical(dx));
+    }
+    EXPECT_EQ(ys[0], xs);  // (c, h, w) order, as torch.flatten
+    EXPECT_EQ(ys[1], ys[0]);
+    EXPECT_EQ(dxs[0], dys);
+    EXPECT_EQ(dxs[1], dxs[0]);
   }
-  EXPECT_EQ(ys[0], xs);  // (c, h, w) order, as torch.flatten
-  EXPECT_EQ(ys[1], ys[0]);
-  EXPECT_EQ(dxs[0], dys);
-  EXPECT_EQ(dxs[1], dxs[0]);
 }
 
 // ---------------------------------------------------------------- batch norm

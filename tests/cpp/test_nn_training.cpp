@@ -303,6 +303,9 @@ TEST(NnOptimizer, LearningRateCanChangeBetweenStepsAndBadOptionsAreRejected) {
                            ErrorKind::invalid_argument, {"betas"}));
   std::vector<Parameter*> fewer = {f.params[0]};
   EXPECT_TRUE(throws_error([&] { sgd->step(fewer); }, ErrorKind::invalid_argument, {"2 parameters"}));
+  f.storage[1].grad.resize(2);
+  EXPECT_TRUE(throws_error([&] { sgd->step(f.params); }, ErrorKind::invalid_argument,
+                           {"parameter 1 (bias)", "2 gradients"}));
 }
 
 // ---------------------------------------------------------------- model spec
