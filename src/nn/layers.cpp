@@ -28,6 +28,12 @@ double option_or(const ModelSpec::LayerSpec& spec, const std::string& key, doubl
   return it == spec.options.end() ? fallback : std::stod(it->second);
 }
 
+// What backward returns for the first layer, whose input needs no gradient.
+const Tensor& no_input_grad(Tensor& dx, MemoryFormat format) {
+  dx.reshape({}, format);
+  return dx;
+}
+
 std::string shape_text(const std::vector<int64_t>& shape) {
   std::ostringstream out;
   out << '[';
@@ -117,10 +123,7 @@ class Linear final : public Layer {
     if (bias_)
       for (int64_t i = 0; i < n; ++i)
         for (int64_t o = 0; o < out_; ++o) bias_->grad[o] += dy.data[i * out_ + o];
-    if (!need_input_grad) {
-      dx_.reshape({}, MemoryFormat::channels_first);
-      return dx_;
-    }
+    if (!need_input_grad) return no_input_grad(dx_, MemoryFormat::channels_first);
     dx_.reshape({n, in_}, MemoryFormat::channels_first);
     gemm(false, false, n, in_, out_, 1.0f, dy.data.data(), out_, weight_.value.data(), in_, 0.0f,
          dx_.data.data(), in_);
@@ -207,10 +210,7 @@ class Conv2d final : public Layer {
              cols_.data() + i * K * P, P, 1.0f, weight_.grad.data(), K);
     }
     if (bias_) bias_grad(dy, n);
-    if (!need_input_grad) {
-      dx_.reshape({}, format_);
-      return dx_;
-    }
+    if (!need_input_grad) return no_input_grad(dx_, format_);
     dx_.reshape({n, cin_, h_, w_}, format_);
     // dcols = dy·W (channels-last) or Wᵀ·dy per sample, then summed back into dx.
     if (format_ == MemoryFormat::channels_last) {
@@ -471,10 +471,7 @@ class Pool2d final : public Layer {
     return y_;
   }
   const Tensor& backward(const Tensor& dy, bool need_input_grad) override {
-    if (!need_input_grad) {
-      dx_.reshape({}, format_);
-      return dx_;
-    }
+    if (!need_input_grad) return no_input_grad(dx_, format_);
     const int64_t n = dy.shape[0];
     dx_.reshape({n, c_, h_, w_}, format_);
     std::fill(dx_.data.begin(), dx_.data.end(), 0.0f);
@@ -566,10 +563,7 @@ class Elementwise final : public Layer {
   }
   // Derivatives from the output: relu' = [y > 0], sigmoid' = y(1 - y), tanh' = 1 - y².
   const Tensor& backward(const Tensor& dy, bool need_input_grad) override {
-    if (!need_input_grad) {
-      dx_.reshape({}, dy.format);
-      return dx_;
-    }
+    if (!need_input_grad) return no_input_grad(dx_, dy.format);
     dx_.reshape(dy.shape, dy.format);
     const int64_t total = dy.numel();
     const float* y = y_.data.data();
@@ -634,10 +628,7 @@ class Dropout final : public Layer {
     return y_;
   }
   const Tensor& backward(const Tensor& dy, bool need_input_grad) override {
-    if (!need_input_grad) {
-      dx_.reshape({}, dy.format);
-      return dx_;
-    }
+    if (!need_input_grad) return no_input_grad(dx_, dy.format);
     dx_.reshape(dy.shape, dy.format);
     for (size_t i = 0; i < dy.data.size(); ++i) dx_.data[i] = dy.data[i] * scale_[i];
     return dx_;
@@ -685,10 +676,7 @@ class Flatten final : public Layer {
     return y_;
   }
   const Tensor& backward(const Tensor& dy, bool need_input_grad) override {
-    if (!need_input_grad) {
-      dx_.reshape({}, format_);
-      return dx_;
-    }
+    if (!need_input_grad) return no_input_grad(dx_, format_);
     const int64_t n = dy.shape[0];
     std::vector<int64_t> shape = {n};
     shape.insert(shape.end(), input_.begin(), input_.end());
