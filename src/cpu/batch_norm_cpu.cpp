@@ -51,7 +51,7 @@ constexpr int kTailLanes = 8;
 constexpr int64_t kPieceElements = 4096;
 // A rows chunk: at most this many elements and kMaxChunkRows rows (the number
 // of float additions per channel accumulator).
-constexpr int64_t kRowChunkElements = 16384;
+constexpr int64_t kRowChunkElements = 65536;
 constexpr int64_t kMaxChunkRows = 64;
 // Rows chunks are grouped into this many stripes, each merged in order.
 constexpr int64_t kMaxStripes = 32;
