@@ -37,6 +37,7 @@ struct RunOptions {
   int64_t epochs = 10;
   int64_t batch_size = 128;
   double lr = 0.05;  // Adam's default (1e-3) when --optimizer adam and no --lr
+  std::string lr_schedule = "constant";  // constant, or cosine: lr·(1 + cos(π·epoch/epochs))/2
   std::string optimizer = "sgd";
   double momentum = 0.9;
   bool nesterov = false;
@@ -52,6 +53,9 @@ struct RunOptions {
   int threads = 0;                          // 0: OpenMP's default
 };
 json to_json(const RunOptions& o);
+// The learning rate of 0-based `epoch` under the options' schedule; it depends
+// only on (lr, epoch, epochs), so resumed runs use the rates uninterrupted ones do.
+double learning_rate_at(const RunOptions& o, int64_t epoch);
 RunOptions run_options_from_json(const json& j);  // throws normkit::Error on a bad document
 
 // Sets normkit's and OpenMP's (oneDNN's) thread counts; 0 keeps the defaults.

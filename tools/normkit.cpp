@@ -64,6 +64,11 @@ void add_run_options(CLI::App* app, RunOptions& o, OptionMap& options, bool with
                         ->capture_default_str());
   add("lr", app->add_option("--lr", o.lr, "learning rate (default 0.05 for sgd, 0.001 for adam)")
                 ->check(kPositive));
+  add("lr_schedule", app->add_option("--lr-schedule", o.lr_schedule,
+                                     "constant, or cosine: lr·(1 + cos(π·epoch/epochs))/2 per epoch "
+                                     "(follows --epochs, also when resuming)")
+                         ->check(CLI::IsMember({"constant", "cosine"}))
+                         ->capture_default_str());
   add("optimizer", app->add_option("--optimizer", o.optimizer, "sgd or adam")
                        ->check(CLI::IsMember({"sgd", "adam"}))
                        ->capture_default_str());

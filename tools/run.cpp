@@ -4,6 +4,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdio>
 #include <fstream>
 #include <numeric>
@@ -21,12 +22,19 @@ void runtime_error(const std::string& message) { throw Error(ErrorKind::runtime,
 
 // ---------------------------------------------------------------- options
 
+double learning_rate_at(const RunOptions& o, int64_t epoch) {
+  if (o.lr_schedule != "cosine") return o.lr;
+  const double pi = 3.14159265358979323846;
+  return o.lr * 0.5 * (1.0 + std::cos(pi * static_cast<double>(epoch) / static_cast<double>(o.epochs)));
+}
+
 json to_json(const RunOptions& o) {
   return {{"model", o.model},
           {"norm", o.norm},
           {"epochs", o.epochs},
           {"batch_size", o.batch_size},
           {"lr", o.lr},
+          {"lr_schedule", o.lr_schedule},
           {"optimizer", o.optimizer},
           {"momentum", o.momentum},
           {"nesterov", o.nesterov},
@@ -51,6 +59,7 @@ RunOptions run_options_from_json(const json& j) {
     o.epochs = j.at("epochs").get<int64_t>();
     o.batch_size = j.at("batch_size").get<int64_t>();
     o.lr = j.at("lr").get<double>();
+    o.lr_schedule = j.value("lr_schedule", std::string("constant"));  // absent before schedules
     o.optimizer = j.at("optimizer").get<std::string>();
     o.momentum = j.at("momentum").get<double>();
     o.nesterov = j.at("nesterov").get<bool>();
@@ -410,6 +419,7 @@ EpochRecord Run::train_epoch(const Data& data, Progress* progress) {
   if (progress)
     callback = [&](const train::StepProgress& p) { progress->update(epoch + 1, options_.epochs, p); };
   train::EpochResult result;
+  optimizer_->learning_rate = static_cast<float>(learning_rate_at(options_, epoch));
   try {
     result = train::train_epoch(*model_, *optimizer_, data.train, options_.batch_size,
                                 options_.seed, epoch, callback);
@@ -443,7 +453,7 @@ EpochRecord Run::train_epoch(const Data& data, Progress* progress) {
             {"norm", norm_},
             {"model", options_.model},
             {"optimizer", options_.optimizer},
-            {"lr", options_.lr},
+            {"lr", learning_rate_at(options_, epoch)},
             {"batch_size", options_.batch_size},
             {"seed", options_.seed}};
   ++epochs_done_;

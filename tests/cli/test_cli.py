@@ -6,6 +6,7 @@ Most runs use a small synthetic CSV table, so they take a fraction of a second;
 one uses Fashion-MNIST (cut to a few hundred samples) for the IDX path and cnn-small.
 """
 import json
+import math
 import os
 import random
 import subprocess
@@ -156,6 +157,19 @@ def test_resume_equals_uninterrupted_run(table, tmp_path):
     assert "--lr 0.1 differs from the checkpoint's 0.05" in result.stderr
     result = normkit("train", "--resume", "--out", tmp_path / "parts", check=0)
     assert "nothing to do" in result.stdout
+
+
+def test_cosine_schedule_rates_and_resume(table, tmp_path):
+    normkit(*train_args(table, tmp_path / "full", "--lr-schedule", "cosine", epochs=3), check=0)
+    rates = [m["lr"] for m in metrics(tmp_path / "full" / "metrics.jsonl")]
+    expected = [0.05 * 0.5 * (1 + math.cos(math.pi * e / 3)) for e in range(3)]
+    assert rates == pytest.approx(expected, rel=1e-12)
+    normkit(*train_args(table, tmp_path / "parts", "--lr-schedule", "cosine", epochs=1), check=0)
+    normkit("train", "--resume", "--epochs", 3, "--out", tmp_path / "parts", check=0)
+    assert results(tmp_path / "parts" / "metrics.jsonl") == results(tmp_path / "full" / "metrics.jsonl")
+    constant = tmp_path / "constant"
+    normkit(*train_args(table, constant, epochs=3), check=0)
+    assert results(constant / "metrics.jsonl") != results(tmp_path / "full" / "metrics.jsonl")
 
 
 def test_same_command_same_metrics(table, tmp_path):
