@@ -33,7 +33,7 @@ using json = nlohmann::ordered_json;  // keeps keys in the order written
 // know how the run was made.
 struct RunOptions {
   std::string model = "cnn-small";  // a preset name or a spec file
-  std::string norm = "batch";       // batch: the spec as given; none: without_batch_norm()
+  std::string norm = "batch";       // nn::ModelSpec::with_norm: batch (the spec as given), none, layer, ...
   int64_t epochs = 10;
   int64_t batch_size = 128;
   double lr = 0.05;  // Adam's default (1e-3) when --optimizer adam and no --lr
@@ -63,6 +63,12 @@ void apply_threads(int threads);
 
 // The model spec of `options` (preset or file), with or without its BN layers.
 nn::ModelSpec resolve_spec(const RunOptions& options, const std::string& norm);
+
+// How a --norm value reads in tables and reports: "layer norm", "layer
+// normalization", "LN"; for none: "no normalization", "no normalization", "none".
+std::string norm_label(const std::string& norm);
+std::string norm_name(const std::string& norm);
+std::string norm_abbreviation(const std::string& norm);
 
 struct Data {
   data::Dataset train, test;

@@ -1,5 +1,5 @@
-// `normkit compare`: the same model trained with and without batch
-// normalization, side by side, then a report and a plot.
+// `normkit compare`: the same model trained with and without its normalization
+// (batch norm by default, --norm for another), side by side, then a report and a plot.
 //
 // Both runs start from the same seed: the same initial weights (the BN-free
 // model has the same weight layers; BN's γ = 1, β = 0 take no random numbers),
@@ -28,6 +28,15 @@ namespace normkit::cli {
 
 namespace {
 
+// The normalized run of an existing comparison: the one subdirectory other
+// than none/ that holds a checkpoint (batch/ unless --norm chose another).
+fs::path normalized_run_directory(const fs::path& out) {
+  std::error_code ec;
+  for (const std::string& sub : nn::ModelSpec::norm_kinds())
+    if (sub != "none" && fs::exists(out / sub / "checkpoint.nkc", ec)) return out / sub;
+  return out / "batch";  // Run::resume names what is missing
+}
+
 const json* record_at(const Run& run, size_t epoch) {
   return epoch < run.history().size() ? &run.history()[epoch] : nullptr;
 }
@@ -50,8 +59,9 @@ void print_line(std::string line) {
   fmt::print("{}\n", line);
 }
 
-void print_header() {
-  print_line(fmt::format("{:>5} | {:^40} | {:^40}", "", "with batch norm", "without batch norm"));
+void print_header(const std::string& norm) {
+  print_line(fmt::format("{:>5} | {:^40} | {:^40}", "", "with " + norm_label(norm),
+                         "without " + norm_label(norm)));
   const std::string columns =
       fmt::format("{:>10} {:>10} {:>9} {:>8}", "train loss", "test loss", "test acc", "time");
   fmt::print("{:>5} | {} | {}\n", "epoch", columns, columns);
@@ -72,10 +82,12 @@ std::string markdown_cells(const json* m, const Run& run) {
 }
 
 std::string markdown_table(const Run& a, const Run& b) {
-  std::string t =
-      "| epoch | BN train loss | BN test loss | BN test acc | BN s | no-BN train loss | "
-      "no-BN test loss | no-BN test acc | no-BN s |\n"
-      "|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n";
+  const std::string n = norm_abbreviation(a.norm());
+  std::string t = fmt::format(
+      "| epoch | {0} train loss | {0} test loss | {0} test acc | {0} s | no-{0} train loss | "
+      "no-{0} test loss | no-{0} test acc | no-{0} s |\n"
+      "|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+      n);
   const size_t epochs = std::max(a.history().size(), b.history().size());
   for (size_t e = 0; e < epochs; ++e)
     t += fmt::format("| {} | {} | {} |\n", e + 1, markdown_cells(record_at(a, e), a),
@@ -90,11 +102,12 @@ std::string summary(const Run& bn, const Run& plain) {
   std::string out;
   const auto& hb = bn.history();
   const auto& hp = plain.history();
+  const std::string name = norm_name(bn.norm());
   if (plain.stopped() || bn.stopped()) {
     for (const Run* r : {&bn, &plain})
       if (r->stopped())
-        out += fmt::format("Training {} batch normalization failed after {} completed epoch{} ({}). ",
-                           r == &bn ? "with" : "without", r->epochs_done(),
+        out += fmt::format("Training {} {} failed after {} completed epoch{} ({}). ",
+                           r == &bn ? "with" : "without", name, r->epochs_done(),
                            r->epochs_done() == 1 ? "" : "s", r->stop_reason());
   }
   const size_t common = std::min(hb.size(), hp.size());
@@ -111,15 +124,15 @@ std::string summary(const Run& bn, const Run& plain) {
   const json& p = hp[common - 1];
   const double diff = 100.0 * (field(b, "test_acc") - field(p, "test_acc"));
   out += fmt::format(
-      "After {} epoch{}, the model with batch normalization reached a test accuracy of {:.4f} "
+      "After {} epoch{}, the model with {} reached a test accuracy of {:.4f} "
       "against {:.4f} without it ({:+.2f} points), with a training loss of {} against {}. ",
-      common, common == 1 ? "" : "s", field(b, "test_acc"), field(p, "test_acc"), diff,
+      common, common == 1 ? "" : "s", name, field(b, "test_acc"), field(p, "test_acc"), diff,
       loss_text(field(b, "train_loss")), loss_text(field(p, "train_loss")));
   if (common > 1 && field(hb[0], "test_acc") >= field(p, "test_acc"))
     out += fmt::format(
-        "With batch normalization, one epoch (test accuracy {:.4f}) was already enough to match "
+        "With {}, one epoch (test accuracy {:.4f}) was already enough to match "
         "what the model without it reached after {}. ",
-        field(hb[0], "test_acc"), common);
+        name, field(hb[0], "test_acc"), common);
   // The fastest epoch of each: the machines are shared and noisy, and the
   // minimum is the least disturbed measurement.
   double fastest_b = field(hb[0], "seconds"), fastest_p = field(hp[0], "seconds");
@@ -129,9 +142,9 @@ std::string summary(const Run& bn, const Run& plain) {
   }
   if (fastest_p > 0)
     out += fmt::format(
-        "The fastest epoch with batch normalization took {:.1f} s against {:.1f} s without it "
+        "The fastest epoch with {} took {:.1f} s against {:.1f} s without it "
         "({:.2f}×).",
-        fastest_b, fastest_p, fastest_b / fastest_p);
+        name, fastest_b, fastest_p, fastest_b / fastest_p);
   return out;
 }
 
@@ -160,9 +173,9 @@ std::string plot_curves(const fs::path& out, const Run& a, const Run& b) {
       "--out",
       (out / "curves.png").string(),
       "--title",
-      fmt::format("{}: with and without batch normalization", a.options().model),
-      "with BN=" + (a.out() / "metrics.jsonl").string(),
-      "without BN=" + (b.out() / "metrics.jsonl").string()};
+      fmt::format("{}: with and without {}", a.options().model, norm_name(a.norm())),
+      "with " + norm_abbreviation(a.norm()) + "=" + (a.out() / "metrics.jsonl").string(),
+      "without " + norm_abbreviation(a.norm()) + "=" + (b.out() / "metrics.jsonl").string()};
   std::vector<char*> argv;
   for (const auto& s : args) argv.push_back(const_cast<char*>(s.c_str()));
   argv.push_back(nullptr);
@@ -193,22 +206,23 @@ void write_report(const fs::path& out, const Run& a, const Run& b, const Data& d
                   const std::string& plot_problem) {
   const RunOptions& o = a.options();
   std::string r;
-  r += fmt::format("# {}: with and without batch normalization\n\n", o.model);
+  const std::string label = norm_label(a.norm());
+  r += fmt::format("# {}: with and without {}\n\n", o.model, norm_name(a.norm()));
   r += summary(a, b) + "\n\n";
   r += "## Per epoch\n\nLosses are mean softmax cross-entropy; `s` is the training time of the epoch.\n\n";
   r += markdown_table(a, b) + "\n";
   r += "## Final\n\n";
   for (const Run* run : {&a, &b}) {
-    const std::string label = run == &a ? "With batch norm" : "Without batch norm";
+    const std::string side = (run == &a ? "With " : "Without ") + label;
     if (run->history().empty()) {
-      r += fmt::format("- {}: no completed epoch{}\n", label,
+      r += fmt::format("- {}: no completed epoch{}\n", side,
                        run->stopped() ? " (" + run->stop_reason() + ")" : "");
       continue;
     }
     const json& m = run->history().back();
     r += fmt::format("- {}: test accuracy **{:.4f}**, test loss {}, train loss {} after {} "
                      "epoch{}{}; `{}`\n",
-                     label, field(m, "test_acc"), loss_text(field(m, "test_loss")),
+                     side, field(m, "test_acc"), loss_text(field(m, "test_loss")),
                      loss_text(field(m, "train_loss")),
                      run->epochs_done(), run->epochs_done() == 1 ? "" : "s", run->stopped() ? " (then stopped: " + run->stop_reason() + ")" : "",
                      (run->out() / "checkpoint.nkc").string());
@@ -216,8 +230,8 @@ void write_report(const fs::path& out, const Run& a, const Run& b, const Data& d
   r += "\n## Settings\n\n";
   r += fmt::format("- model `{}`, {} epoch{}, memory format {}\n", o.model, o.epochs,
                    o.epochs == 1 ? "" : "s", o.format);
-  r += fmt::format("- with BN: `{}`\n", a.model_spec_text());
-  r += fmt::format("- without BN: `{}`\n", b.model_spec_text());
+  r += fmt::format("- with {}: `{}`\n", label, a.model_spec_text());
+  r += fmt::format("- without {}: `{}`\n", label, b.model_spec_text());
   r += fmt::format("- data `{}`: {} training and {} test samples, standardized per feature with "
                    "statistics of the training set\n",
                    o.data, data.train.count(), data.test.count());
@@ -235,8 +249,9 @@ void write_report(const fs::path& out, const Run& a, const Run& b, const Data& d
     r += "![training loss, test loss and test accuracy per epoch](curves.png)\n";
   else
     r += "No plot: " + plot_problem + ".\n";
-  r += fmt::format("\n## Files\n\n- `batch/metrics.jsonl`, `batch/checkpoint.nkc`: with batch norm\n"
-                   "- `none/metrics.jsonl`, `none/checkpoint.nkc`: without batch norm\n");
+  r += fmt::format("\n## Files\n\n- `{0}/metrics.jsonl`, `{0}/checkpoint.nkc`: with {1}\n"
+                   "- `none/metrics.jsonl`, `none/checkpoint.nkc`: without {1}\n",
+                   a.norm(), label);
   write_file_atomically(out / "report.md", r);
 }
 
@@ -247,7 +262,7 @@ int command_compare(const RunOptions& given_options, const GivenOptions& given,
   std::optional<Run> with_bn, without_bn;
   Data data;
   if (flags.resume) {
-    with_bn.emplace(Run::resume(flags.out / "batch"));
+    with_bn.emplace(Run::resume(normalized_run_directory(flags.out)));
     without_bn.emplace(Run::resume(flags.out / "none"));
     const RunOptions merged = merge_resume_options(with_bn->options(), given_options, given);
     with_bn->options() = merged;
@@ -258,19 +273,20 @@ int command_compare(const RunOptions& given_options, const GivenOptions& given,
   } else {
     const RunOptions o = finish_options(given_options, given);
     std::error_code ec;
-    for (const char* sub : {"batch", "none"})
+    for (const std::string& sub : nn::ModelSpec::norm_kinds())
       if (fs::exists(flags.out / sub / "checkpoint.nkc", ec) && !flags.overwrite)
         usage_error("'" + flags.out.string() + "' already holds a comparison: pass --resume to "
                     "continue it or --overwrite to start over");
     apply_threads(o.threads);
-    const nn::ModelSpec spec = resolve_spec(o, "batch");
+    if (o.norm == "none") usage_error("--norm none: compare needs a normalization to compare against none");
+    const nn::ModelSpec spec = resolve_spec(o, o.norm);
     if (spec == spec.without_batch_norm())
       usage_error("--model '" + o.model + "' has no batchnorm layer: there is nothing to compare");
     data::Standardizer standardizer;
     data = prepare_data(o, &standardizer, true);
     check_data_fits(spec, data.train);
     for (const char* stale : {"report.md", "curves.png"}) fs::remove(flags.out / stale, ec);
-    with_bn.emplace(Run::start(o, "batch", flags.out / "batch", "batch", standardizer, flags.overwrite));
+    with_bn.emplace(Run::start(o, o.norm, flags.out / o.norm, o.norm, standardizer, flags.overwrite));
     without_bn.emplace(Run::start(o, "none", flags.out / "none", "none", standardizer, flags.overwrite));
   }
   Run& a = *with_bn;
@@ -279,12 +295,12 @@ int command_compare(const RunOptions& given_options, const GivenOptions& given,
   fmt::print("normkit compare: {}\n", describe_run(a.options(), data));
   fmt::print("output in {}{}\n\n", flags.out.string(),
              flags.resume ? fmt::format(", resuming after epoch {}", std::min(a.epochs_done(), b.epochs_done())) : "");
-  print_header();
+  print_header(a.norm());
   for (size_t e = 0; e < static_cast<size_t>(std::min(a.epochs_done(), b.epochs_done())); ++e) print_row(e, a, b);
   std::optional<Progress> progress_a, progress_b;
   if (Progress::enabled()) {
-    progress_a.emplace("with BN   ");
-    progress_b.emplace("without BN");
+    progress_a.emplace(fmt::format("with {:<5}", norm_abbreviation(a.norm())));
+    progress_b.emplace(fmt::format("without {}", norm_abbreviation(a.norm())));
   }
   for (int64_t epoch = std::min(a.epochs_done(), b.epochs_done()); epoch < epochs; ++epoch) {
     bool trained = false;
@@ -294,8 +310,8 @@ int command_compare(const RunOptions& given_options, const GivenOptions& given,
                                                                   : (progress_b ? &*progress_b : nullptr));
       trained = true;
       if (!record.ok)
-        fmt::print(stderr, "normkit: warning: the run {} batch norm stopped: {}\n",
-                   run == &a ? "with" : "without", record.error);
+        fmt::print(stderr, "normkit: warning: the run {} {} stopped: {}\n",
+                   run == &a ? "with" : "without", norm_label(a.norm()), record.error);
     }
     if (!trained) break;
     print_row(static_cast<size_t>(epoch), a, b);

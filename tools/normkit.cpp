@@ -50,12 +50,16 @@ void add_run_options(CLI::App* app, RunOptions& o, OptionMap& options, bool with
   add("model", app->add_option("--model", o.model,
                                "a preset (mlp-paper, cnn-small) or a model spec file (text or JSON)")
                    ->capture_default_str());
-  if (with_norm)
-    add("norm", app->add_option("--norm", o.norm,
-                                "batch: the model as specified; none: the same model without "
-                                "its batchnorm layers")
-                    ->check(CLI::IsMember({"batch", "none"}))
-                    ->capture_default_str());
+  add("norm", app->add_option("--norm", o.norm,
+                              with_norm
+                                  ? "batch: the model as specified; none: without its batchnorm layers; "
+                                    "frozen, renorm, ghost, layer, group, instance: each batchnorm "
+                                    "replaced by frozen BN, batch renorm, ghost BN, layer, group or "
+                                    "instance norm"
+                                  : "the normalization compared against none: batch (the model as "
+                                    "specified), frozen, renorm, ghost, layer, group or instance")
+                  ->check(CLI::IsMember(nn::ModelSpec::norm_kinds()))
+                  ->capture_default_str());
   add("epochs", app->add_option("--epochs", o.epochs, "epochs to train (in total, when resuming)")
                     ->check(CLI::Range(int64_t{1}, int64_t{100000}))
                     ->capture_default_str());
@@ -169,7 +173,7 @@ int command_train(const RunOptions& given_options, const GivenOptions& given,
   }
   const RunOptions& o = run->options();
   fmt::print("normkit train: {} ({}), {}\n", describe_run(o, data),
-             run->norm() == "batch" ? "with batch norm" : "without batch norm",
+             run->norm() == "none" ? "without normalization" : "with " + norm_label(run->norm()),
              flags.resume ? fmt::format("resuming after epoch {}", run->epochs_done())
                           : fmt::format("output in {}", flags.out.string()));
   std::fflush(stdout);
@@ -323,7 +327,8 @@ int command_info(const InspectFlags& f) {
              io::kCheckpointVersion, size);
   if (app.is_object())
     fmt::print("run {} ({}), model {}\n", app.value("name", "?"),
-               app.value("norm", "") == "none" ? "without batch norm" : "with batch norm",
+               app.value("norm", "") == "none" ? "without normalization"
+                                               : "with " + norm_label(app.value("norm", "batch")),
                app.contains("options") ? app["options"].value("model", "?") : "?");
   fmt::print("spec: {}\n", c.spec.to_string());
   fmt::print("memory format: {}\n\n", c.format == nn::MemoryFormat::channels_last ? "nhwc" : "nchw");
@@ -367,7 +372,7 @@ int run_main(int argc, char** argv) {
   train->add_option("--name", train_flags.name, "the run's name in metrics.jsonl (default: --out's name)");
 
   auto* compare = app.add_subcommand(
-      "compare", "train the same model with and without batch norm (same seed, data order and "
+      "compare", "train the same model with and without its normalization (batch norm, or --norm; same seed, data order and "
                  "initialization); write a table, report.md and curves.png to --out");
   add_run_options(compare, compare_options, compare_given, false);
   add_command_flags(compare, compare_flags, "runs/compare");

@@ -176,8 +176,32 @@ nn::ModelSpec resolve_spec(const RunOptions& options, const std::string& norm) {
       usage_error("--model '" + options.model + "': " + e.what());
     }
   }
-  return norm == "none" ? spec.without_batch_norm() : spec;
+  try {
+    return spec.with_norm(norm);
+  } catch (const Error& e) {
+    usage_error("--norm " + norm + ": " + e.what());
+  }
 }
+
+namespace {
+struct NormNames {
+  const char *label, *name, *abbreviation;
+};
+NormNames norm_names(const std::string& norm) {
+  if (norm == "batch") return {"batch norm", "batch normalization", "BN"};
+  if (norm == "frozen") return {"frozen batch norm", "frozen batch normalization", "frozen BN"};
+  if (norm == "renorm") return {"batch renorm", "batch renormalization", "BRN"};
+  if (norm == "ghost") return {"ghost batch norm", "ghost batch normalization", "GBN"};
+  if (norm == "layer") return {"layer norm", "layer normalization", "LN"};
+  if (norm == "group") return {"group norm", "group normalization", "GN"};
+  if (norm == "instance") return {"instance norm", "instance normalization", "IN"};
+  return {"no normalization", "no normalization", "none"};
+}
+}  // namespace
+
+std::string norm_label(const std::string& norm) { return norm_names(norm).label; }
+std::string norm_name(const std::string& norm) { return norm_names(norm).name; }
+std::string norm_abbreviation(const std::string& norm) { return norm_names(norm).abbreviation; }
 
 // ---------------------------------------------------------------- data
 

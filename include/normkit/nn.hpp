@@ -77,7 +77,9 @@ class Layer {
 //   flatten; linear 128 bias=0; batchnorm; relu; linear 10
 // Layers: input C [H W], linear OUT [bias=0|1], conv OUT K [stride=S] [pad=P] [bias=0|1],
 // maxpool K [stride=S], avgpool K [stride=S], relu, sigmoid, tanh, dropout P, flatten,
-// batchnorm [eps=E] [momentum=M].
+// batchnorm [eps=E] [momentum=M] [frozen=1], batchrenorm [eps=E] [momentum=M] [rmax=R]
+// [dmax=D] [warmup=STEPS], ghostbatchnorm [size=B] [eps=E] [momentum=M],
+// layernorm [eps=E], groupnorm [groups=G] [eps=E], instancenorm [eps=E] [momentum=M].
 struct ModelSpec {
   struct LayerSpec {
     std::string type;
@@ -91,9 +93,18 @@ struct ModelSpec {
   static ModelSpec parse(const std::string& text);  // throws normkit::Error with the line
   static ModelSpec preset(const std::string& name);  // "mlp-paper", "cnn-small"
   std::string to_string() const;                     // parse(to_string()) == *this
-  // The same model without its batchnorm layers; a layer that fed a batchnorm
-  // gets its bias back (BN's β made it redundant).
+  // The same model without its normalization layers; a layer that fed one gets
+  // its bias back (the normalization's β made it redundant).
   ModelSpec without_batch_norm() const;
+  // The same model with each batchnorm layer replaced (the --norm switch):
+  //   batch: as given; none: without_batch_norm(); frozen: batchnorm frozen=1;
+  //   renorm: batchrenorm; ghost: ghostbatchnorm; layer: layernorm;
+  //   group: groupnorm; instance: instancenorm, except after a flat layer
+  //   ([N, C] has one value per sample and channel: nothing to normalize), where
+  //   the batchnorm is dropped as with none. eps and momentum carry over where
+  //   the new layer takes them. Throws normkit::Error for an unknown name.
+  ModelSpec with_norm(const std::string& norm) const;
+  static const std::vector<std::string>& norm_kinds();
   bool operator==(const ModelSpec&) const = default;
 };
 

@@ -1,6 +1,7 @@
 // The model spec: a small text format, its presets and its BN-free twin.
 #include <algorithm>
 #include <cmath>
+#include <map>
 #include <optional>
 #include <sstream>
 
@@ -27,7 +28,12 @@ const std::vector<LayerKind>& kinds() {
       {"tanh", 0, 0, {}},
       {"dropout", 1, 1, {}},
       {"flatten", 0, 0, {}},
-      {"batchnorm", 0, 0, {"eps", "momentum"}},
+      {"batchnorm", 0, 0, {"eps", "momentum", "frozen"}},
+      {"batchrenorm", 0, 0, {"eps", "momentum", "rmax", "dmax", "warmup"}},
+      {"ghostbatchnorm", 0, 0, {"eps", "momentum", "size"}},
+      {"layernorm", 0, 0, {"eps"}},
+      {"groupnorm", 0, 0, {"eps", "groups"}},
+      {"instancenorm", 0, 0, {"eps", "momentum"}},
   };
   return table;
 }
@@ -58,7 +64,10 @@ std::optional<double> parse_number(const std::string& s) {
   }
 }
 
-bool is_norm(const ModelSpec::LayerSpec& layer) { return layer.type == "batchnorm"; }
+bool is_norm(const ModelSpec::LayerSpec& layer) {
+  return layer.type == "batchnorm" || layer.type == "batchrenorm" || layer.type == "ghostbatchnorm" ||
+         layer.type == "layernorm" || layer.type == "groupnorm" || layer.type == "instancenorm";
+}
 bool has_bias_option(const ModelSpec::LayerSpec& layer) {
   return layer.type == "linear" || layer.type == "conv";
 }
@@ -118,10 +127,10 @@ ModelSpec ModelSpec::parse(const std::string& text) {
     for (const auto& [key, value] : layer.options) {
       if (std::find(kind->options.begin(), kind->options.end(), key) == kind->options.end())
         fail("unknown option '", key, "'");
-      if (key == "eps" || key == "momentum") {
+      if (key == "eps" || key == "momentum" || key == "rmax" || key == "dmax") {
         number(value);
-      } else if (const double v = whole(value); key == "bias" && v != 0 && v != 1) {
-        fail("bias must be 0 or 1, got ", value);
+      } else if (const double v = whole(value); (key == "bias" || key == "frozen") && v != 0 && v != 1) {
+        fail(key, " must be 0 or 1, got ", value);
       }
     }
     spec.layers.push_back(std::move(layer));
@@ -170,6 +179,50 @@ ModelSpec ModelSpec::without_batch_norm() const {
       continue;
     }
     out.layers.push_back(layer);
+  }
+  return out;
+}
+
+const std::vector<std::string>& ModelSpec::norm_kinds() {
+  static const std::vector<std::string> kinds = {"batch",  "none",  "frozen",  "renorm",
+                                                 "ghost",  "layer", "group",   "instance"};
+  return kinds;
+}
+
+ModelSpec ModelSpec::with_norm(const std::string& norm) const {
+  if (norm == "none") return without_batch_norm();
+  if (std::find(norm_kinds().begin(), norm_kinds().end(), norm) == norm_kinds().end())
+    detail::fail_invalid("unknown normalization '", norm, "'; expected one of batch, none, frozen, renorm, "
+                         "ghost, layer, group, instance");
+  if (norm == "batch") return *this;
+  static const std::map<std::string, std::string> layer_type = {
+      {"frozen", "batchnorm"},      {"renorm", "batchrenorm"}, {"ghost", "ghostbatchnorm"},
+      {"layer", "layernorm"},       {"group", "groupnorm"},    {"instance", "instancenorm"}};
+  ModelSpec out;
+  out.input_shape = input_shape;
+  // Whether the current activation is flat ([N, C]): instance normalization
+  // has nothing to normalize over there (one value per channel and sample).
+  bool flat = input_shape.size() == 1;
+  for (const auto& layer : layers) {
+    if (layer.type == "flatten" || layer.type == "linear") flat = true;
+    if (layer.type != "batchnorm") {
+      out.layers.push_back(layer);
+      continue;
+    }
+    if (norm == "instance" && flat) {
+      // Dropped, as --norm none would: the layer before it gets its bias back.
+      if (!out.layers.empty() && has_bias_option(out.layers.back())) out.layers.back().options.erase("bias");
+      continue;
+    }
+    LayerSpec replaced{layer_type.at(norm), {}, {}};
+    const auto& allowed =
+        std::find_if(kinds().begin(), kinds().end(), [&](const LayerKind& k) { return replaced.type == k.type; })
+            ->options;
+    for (const auto& [key, value] : layer.options)
+      if (std::find(allowed.begin(), allowed.end(), key) != allowed.end()) replaced.options[key] = value;
+    // (insert_or_assign, not operator=: GCC 12 warns falsely about assigning "1" here)
+    if (norm == "frozen") replaced.options.insert_or_assign("frozen", std::string(1, '1'));
+    out.layers.push_back(std::move(replaced));
   }
   return out;
 }

@@ -370,6 +370,44 @@ TEST(NnSpec, WithoutBatchNormDropsBnAndRestoresTheBias) {
   EXPECT_EQ(spec.without_batch_norm().to_string(), "input 4; linear 8 bias=0; relu; linear 3 bias=0");
 }
 
+TEST(NnSpec, WithNormReplacesEachBatchNormLayer) {
+  const auto cnn = ModelSpec::preset("cnn-small");
+  EXPECT_EQ(cnn.with_norm("batch"), cnn);
+  EXPECT_EQ(cnn.with_norm("none"), cnn.without_batch_norm());
+  const std::vector<std::pair<std::string, std::string>> replaced = {
+      {"renorm", "batchrenorm"}, {"ghost", "ghostbatchnorm"}, {"layer", "layernorm"},
+      {"group", "groupnorm"},    {"frozen", "batchnorm"}};
+  for (const auto& [norm, type] : replaced) {
+    SCOPED_TRACE(norm);
+    const auto spec = cnn.with_norm(norm);
+    ASSERT_EQ(spec.layers.size(), cnn.layers.size());
+    for (size_t i = 0; i < cnn.layers.size(); ++i) {
+      if (cnn.layers[i].type == "batchnorm") {
+        EXPECT_EQ(spec.layers[i].type, type);
+        EXPECT_EQ(spec.layers[i].options.count("frozen"), norm == "frozen" ? 1u : 0u);
+      } else {
+        EXPECT_EQ(spec.layers[i], cnn.layers[i]);  // weight layers keep bias=0
+      }
+    }
+    EXPECT_EQ(ModelSpec::parse(spec.to_string()), spec);  // the parser accepts what it writes
+  }
+  // Instance norm replaces the BNs after convolutions; the one on flat
+  // features (one value per sample and channel) goes, and its linear layer
+  // gets the bias back.
+  const auto instance = cnn.with_norm("instance");
+  EXPECT_EQ(instance.to_string(),
+            "input 1 28 28; conv 32 3 bias=0 pad=1; instancenorm; relu; maxpool 2; "
+            "conv 64 3 bias=0 pad=1; instancenorm; relu; maxpool 2; flatten; linear 128; relu; "
+            "linear 10");
+  // Options carry over where the new layer has them.
+  const auto bn = ModelSpec::parse("input 4; linear 8 bias=0; batchnorm eps=0.001 momentum=0.2; linear 3");
+  EXPECT_EQ(bn.with_norm("layer").to_string(), "input 4; linear 8 bias=0; layernorm eps=0.001; linear 3");
+  EXPECT_EQ(bn.with_norm("ghost").to_string(),
+            "input 4; linear 8 bias=0; ghostbatchnorm eps=0.001 momentum=0.2; linear 3");
+  EXPECT_TRUE(throws_error([&] { bn.with_norm("weight"); }, ErrorKind::invalid_argument,
+                           {"'weight'", "layer", "group"}));
+}
+
 TEST(NnSpec, ParseErrorsNameTheStatementAndTheProblem) {
   struct Case {
     std::string text;
