@@ -232,3 +232,19 @@ def test_bad_files_are_refused_naming_the_file(tmp_path):
     with pytest.raises(OSError):
         s.save(tmp_path / "no-such-directory" / "x.nkstd")
     assert path.read_bytes() == good
+
+
+def test_results_do_not_depend_on_the_thread_count():
+    x = table(rows=20000, seed=10)  # large enough for the kernels to split the work
+    saved = normkit.num_threads()
+    results = []
+    try:
+        for threads in (1, 2, 3):
+            normkit.set_num_threads(threads)
+            s = normkit.Standardizer().fit(x)
+            results.append((s.mean_, s.var_, s.transform(x)))
+    finally:
+        normkit.set_num_threads(saved)
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            np.testing.assert_array_equal(a, b)
