@@ -18,6 +18,10 @@
 #include "normkit/nn.hpp"
 #include "normkit/train.hpp"
 
+namespace CLI {
+class App;
+}
+
 namespace normkit::cli {
 
 namespace fs = std::filesystem;
@@ -173,5 +177,13 @@ RunOptions finish_options(RunOptions options, const GivenOptions& given);
 
 int command_train(const RunOptions& options, const GivenOptions& given, const CommandFlags& flags);
 int command_compare(const RunOptions& options, const GivenOptions& given, const CommandFlags& flags);
+
+// `normkit fold` (tools/fold.cpp).
+struct FoldFlags {
+  fs::path checkpoint, out;
+  bool overwrite = false, json = false;
+};
+CLI::App* add_fold_command(CLI::App& app, FoldFlags& flags);
+int command_fold(const FoldFlags& flags);
 
 }  // namespace normkit::cli

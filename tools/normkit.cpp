@@ -1,5 +1,5 @@
 // `normkit`: train models with and without batch normalization, compare them,
-// evaluate and inspect checkpoints.
+// evaluate and inspect checkpoints, fold batch norm into the layers before it.
 //
 // Exit codes: 0 success, 1 runtime error (missing or bad files, training that
 // diverged), 2 usage error (bad options). Every error is one line on stderr
@@ -330,6 +330,10 @@ int command_info(const InspectFlags& f) {
                app.value("norm", "") == "none" ? "without normalization"
                                                : "with " + norm_label(app.value("norm", "batch")),
                app.contains("options") ? app["options"].value("model", "?") : "?");
+  if (app.is_object() && app.contains("folded") && app["folded"].is_object())
+    fmt::print("folded from {} ({} batchnorm layers folded by `normkit fold`)\n",
+               app["folded"].value("from", "?"),
+               app["folded"].contains("folded") ? app["folded"]["folded"].size() : size_t{0});
   fmt::print("spec: {}\n", c.spec.to_string());
   fmt::print("memory format: {}\n\n", c.format == nn::MemoryFormat::channels_last ? "nhwc" : "nchw");
   fmt::print("{}", model->summary());
@@ -392,6 +396,9 @@ int run_main(int argc, char** argv) {
   info->add_option("checkpoint", info_flags.checkpoint, "a checkpoint file (OUT/checkpoint.nkc)")->required();
   info->add_flag("--json", info_flags.json, "machine-readable output");
 
+  FoldFlags fold_flags;
+  auto* fold = add_fold_command(app, fold_flags);
+
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
@@ -401,12 +408,14 @@ int run_main(int argc, char** argv) {
                : app.got_subcommand(compare) ? "normkit compare"
                : app.got_subcommand(eval)    ? "normkit eval"
                : app.got_subcommand(info)    ? "normkit info"
+               : app.got_subcommand(fold)    ? "normkit fold"
                                              : "normkit");
     return 2;
   }
   if (*train) return command_train(train_options, given_options(train_given), train_flags);
   if (*compare) return command_compare(compare_options, given_options(compare_given), compare_flags);
   if (*eval) return command_eval(eval_flags);
+  if (*fold) return command_fold(fold_flags);
   return command_info(info_flags);
 }
 

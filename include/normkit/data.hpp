@@ -66,6 +66,10 @@ class Standardizer {
   int64_t features() const noexcept { return static_cast<int64_t>(moments_.size()); }
   std::vector<float> mean() const;
   std::vector<float> scale() const;  // std, or 1 for zero-variance features
+  // The biased (population) variance, 0 for zero-variance features; and the
+  // rows fitted since the last fit (0 when unfitted).
+  std::vector<float> variance() const;
+  int64_t samples_seen() const noexcept;
 
   void save(std::ostream& out) const;
   static Standardizer load(std::istream& in);  // throws normkit::Error on a bad stream

@@ -4,6 +4,7 @@ The functional NumPy API lives here; ``normkit.torch`` holds drop-in replacement
 ``torch.nn.BatchNorm1d/2d/3d`` (importing it imports torch; importing ``normkit`` does not).
 """
 from ._normkit import (
+    Standardizer,
     __version__,
     batch_norm_backward,
     batch_norm_forward_apply,
@@ -21,6 +22,7 @@ from ._normkit import (
 )
 
 __all__ = [
+    "Standardizer",
     "__version__",
     "batch_norm_backward",
     "batch_norm_forward_apply",

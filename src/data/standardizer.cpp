@@ -70,6 +70,17 @@ std::vector<float> Standardizer::scale() const {
   return out;
 }
 
+std::vector<float> Standardizer::variance() const {
+  std::vector<float> out;
+  for (const auto& m : moments_) out.push_back(static_cast<float>(m.biased_variance()));
+  return out;
+}
+
+// Every feature of a row is counted together, so any feature's count is the row count.
+int64_t Standardizer::samples_seen() const noexcept {
+  return moments_.empty() ? 0 : static_cast<int64_t>(moments_.front().count);
+}
+
 void Standardizer::transform(std::span<float> x) const {
   check_rows(x);
   const auto m = mean(), s = scale();

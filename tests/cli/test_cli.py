@@ -303,3 +303,86 @@ def test_json_spec_equals_text_spec(table, tmp_path):
     spec.write_text('{"input": [6], "layers": [{"type": "linear"}]}')
     result = normkit(*train_args(table, tmp_path / "bad", epochs=1), "--model", spec, check=2)
     assert "mlp.json" in result.stderr
+
+
+# ---------------------------------------------------------------- fold
+
+def test_fold_keeps_predictions_and_drops_batch_norm(table, tmp_path):
+    assert "Usage: normkit fold" in normkit("fold", "--help", check=0).stdout
+    assert "fold" in normkit("--help", check=0).stdout
+    spec = table["dir"] / "fold.spec"
+    # The first batchnorm follows a linear layer and folds; the second follows relu and stays.
+    spec.write_text("input 6\nlinear 16 bias=0\nbatchnorm\nrelu\nbatchnorm\nlinear 3\n")
+    out = tmp_path / "run"
+    normkit(*train_args(table, out, "--model", spec, epochs=1), check=0)
+    original = out / "checkpoint.nkc"
+    folded = tmp_path / "folded.nkc"
+    result = normkit("fold", original, "--out", folded, check=0)
+    assert "folded layer 1 batchnorm(16" in result.stdout and "into layer 0 linear(6 -> 16" in result.stdout
+    assert "kept   layer 3 batchnorm(16" in result.stdout and "follows relu" in result.stdout
+    # linear 6->16 gains 16 biases, the folded batchnorm loses 32 parameters.
+    assert "parameters: 211 -> 195 (-16)" in result.stdout
+    assert "spec: input 6; linear 16 bias=1; relu; batchnorm; linear 3" in result.stdout
+
+    before = json.loads(normkit("eval", original, "--json", check=0).stdout)
+    after = json.loads(normkit("eval", folded, "--json", check=0).stdout)
+    assert after["samples"] == before["samples"] == 120
+    assert after["accuracy"] == before["accuracy"] and after["confusion"] == before["confusion"]
+    assert after["loss"] == pytest.approx(before["loss"], rel=1e-5)
+    info = json.loads(normkit("info", folded, "--json", check=0).stdout)
+    assert info["parameters"] == 195 and info["optimizer"]["name"] == ""
+    assert info["spec"] == "input 6; linear 16 bias=1; relu; batchnorm; linear 3"
+    assert "folded from" in normkit("info", folded, check=0).stdout
+
+    report = json.loads(normkit("fold", original, "--out", tmp_path / "f2.nkc", "--json", check=0).stdout)
+    assert report["folded"] == [{"batchnorm": 1, "into": 0, "folded_index": 0}]
+    assert report["kept"] == [{"batchnorm": 3, "after": "relu", "folded_index": 2}]
+    assert (report["parameters_before"], report["parameters_after"]) == (211, 195)
+    # A folded model has nothing left to fold, and no optimizer state to resume from.
+    again = normkit("fold", folded, "--out", tmp_path / "f3.nkc", check=0)
+    assert "batchnorm layers folded: 0, kept: 1" in again.stdout
+
+
+def test_fold_refuses_to_overwrite_and_bad_checkpoints(table, tmp_path):
+    out = tmp_path / "run"
+    normkit(*train_args(table, out, epochs=1), check=0)
+    original = out / "checkpoint.nkc"
+    target = tmp_path / "folded.nkc"
+    target.write_bytes(b"precious")
+    result = normkit("fold", original, "--out", target, check=2)
+    assert "already exists" in result.stderr and "--overwrite" in result.stderr
+    assert target.read_bytes() == b"precious"
+    normkit("fold", original, "--out", target, "--overwrite", check=0)
+    assert "batchnorm" not in json.loads(normkit("info", target, "--json", check=0).stdout)["spec"]
+    result = normkit("fold", original, "--out", tmp_path, check=2)
+    assert "is a directory" in result.stderr
+    assert "--out is required" in normkit("fold", original, check=2).stderr
+
+    flipped = bytearray(original.read_bytes())
+    flipped[len(flipped) // 2] ^= 0x40
+    bad = tmp_path / "bad.nkc"
+    bad.write_bytes(bytes(flipped))
+    result = normkit("fold", bad, "--out", tmp_path / "never.nkc", check=1)
+    assert "bad.nkc" in result.stderr and "checksum mismatch" in result.stderr
+    result = normkit("fold", tmp_path / "absent.nkc", "--out", tmp_path / "never.nkc", check=1)
+    assert "absent.nkc" in result.stderr and "no such file" in result.stderr
+    assert not (tmp_path / "never.nkc").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.nkc", "folded.nkc", "run"]  # no temporaries
+
+
+def test_fold_cnn_small_on_fashion_mnist(tmp_path):
+    assert FASHION.is_dir(), f"{FASHION} is missing; run scripts/install-deps.sh"
+    for fmt in ("nhwc", "nchw"):
+        out = tmp_path / fmt
+        normkit("train", "--model", "cnn-small", "--epochs", 1, "--limit-train", 256, "--limit-test", 200,
+                "--format", fmt, "--threads", 2, "--out", out, check=0)
+        folded = out / "folded.nkc"
+        result = normkit("fold", out / "checkpoint.nkc", "--out", folded, check=0)
+        assert "batchnorm layers folded: 3, kept: 0" in result.stdout
+        assert "parameters: 421866 -> 421642 (-224)" in result.stdout
+        before = json.loads(normkit("eval", out / "checkpoint.nkc", "--json", check=0).stdout)
+        after = json.loads(normkit("eval", folded, "--json", check=0).stdout)
+        assert after["samples"] == 200
+        assert after["accuracy"] == before["accuracy"] and after["confusion"] == before["confusion"]
+        assert after["loss"] == pytest.approx(before["loss"], rel=1e-5)
+        assert json.loads(normkit("info", folded, "--json", check=0).stdout)["format"] == fmt

@@ -377,4 +377,30 @@ TEST(Standardizer, SaveLoadRoundTripAndCorruptStreams) {
   EXPECT_TRUE(throws_error([&] { load(huge); }, ErrorKind::runtime, {"feature count"}));
 }
 
+TEST(Standardizer, VarianceAndSamplesSeenFollowTheFit) {
+  data::Standardizer s;
+  EXPECT_EQ(s.samples_seen(), 0);
+  EXPECT_TRUE(s.variance().empty());
+  // Feature 0: 1, 2, 3, 4 (mean 2.5, population variance 1.25); feature 1: constant.
+  s.partial_fit(std::vector<float>{1, 7, 2, 7}, 2);
+  EXPECT_EQ(s.samples_seen(), 2);
+  s.partial_fit(std::vector<float>{3, 7, 4, 7}, 2);
+  EXPECT_EQ(s.samples_seen(), 4);
+  EXPECT_EQ(s.variance(), (std::vector<float>{1.25f, 0.0f}));
+  EXPECT_EQ(s.scale(), (std::vector<float>{std::sqrt(1.25f), 1.0f}));  // zero variance: scale 1
+  const int64_t rows = 333, features = 3;
+  const auto x = normal_values(rows * features, 21, 4.0f, -300.0f);
+  s.fit(x, features);
+  EXPECT_EQ(s.samples_seen(), rows);
+  for (int64_t f = 0; f < features; ++f) {
+    double sum = 0, sum2 = 0;
+    for (int64_t r = 0; r < rows; ++r) sum += x[r * features + f];
+    for (int64_t r = 0; r < rows; ++r) sum2 += std::pow(x[r * features + f] - sum / rows, 2);
+    EXPECT_NEAR(s.variance()[f], sum2 / rows, 1e-5 * sum2 / rows);
+  }
+  EXPECT_TRUE(throws_error([&] { s.partial_fit(std::vector<float>{1, NAN, 3}, 3); },
+                           ErrorKind::runtime, {"NaN"}));
+  EXPECT_EQ(s.samples_seen(), rows);  // a rejected chunk is not counted
+}
+
 }  // namespace
