@@ -77,7 +77,7 @@ class Layer {
 //   flatten; linear 128 bias=0; batchnorm; relu; linear 10
 // Layers: input C [H W], linear OUT [bias=0|1], conv OUT K [stride=S] [pad=P] [bias=0|1],
 // maxpool K [stride=S], avgpool K [stride=S], relu, sigmoid, tanh, dropout P, flatten,
-// batchnorm [eps=E] [momentum=M].
+// batchnorm [eps=E] [momentum=M], layernorm [eps=E] (over all of a sample's features).
 struct ModelSpec {
   struct LayerSpec {
     std::string type;

@@ -28,6 +28,7 @@ const std::vector<LayerKind>& kinds() {
       {"dropout", 1, 1, {}},
       {"flatten", 0, 0, {}},
       {"batchnorm", 0, 0, {"eps", "momentum"}},
+      {"layernorm", 0, 0, {"eps"}},
   };
   return table;
 }
