@@ -394,6 +394,39 @@ TEST(LayerNormFast, BitwiseIdenticalForOneTwoThreeThreads) {
     }
 }
 
+TEST(LayerNormFast, ColumnSumsInDoubleAreBitwiseIdenticalForOneTwoThreeThreads) {
+  // dγ and dβ leave the kernel as double sums and are rounded to float after:
+  // a thread-dependent order of the double additions would almost never show in
+  // the float results, so the kernel's double outputs are compared here.
+  using normkit::kernels::rows::Backward;
+  using normkit::kernels::rows::Centering;
+  for (const Centering centering : {Centering::layer, Centering::rms})
+    for (const Case& c : {Case{999, 768, 0}, Case{4096, 96, 1}, Case{70, 3000, 0}}) {
+      SCOPED_TRACE(describe(centering == Centering::layer ? Op::layer : Op::rms, c));
+      const Inputs in = inputs_for(c, seed_of("double sums"));
+      std::vector<double> mean(c.rows), invstd(c.rows);
+      Rng rng(seed_of("statistics"));
+      for (int64_t r = 0; r < c.rows; ++r) {
+        mean[r] = rng.uniform(0, 1);
+        invstd[r] = rng.uniform(0.5, 2);
+      }
+      std::vector<std::vector<double>> dgamma, dbeta;
+      for (const int threads : {1, 2, 3}) {
+        ThreadCount scope(threads);
+        dgamma.emplace_back(c.cols);
+        dbeta.emplace_back(c.cols);
+        normkit::kernels::rows::cpu_backward(Backward<float>{
+            centering, c.rows, c.cols, in.x.data(), c.cols, in.dy.data(), c.cols, nullptr, 0,
+            in.gamma.data(), centering == Centering::layer ? mean.data() : nullptr, invstd.data(),
+            dgamma.back().data(), centering == Centering::layer ? dbeta.back().data() : nullptr});
+      }
+      for (size_t k = 1; k < dgamma.size(); ++k) {
+        EXPECT_TRUE(bitwise_equal("dgamma (double)", dgamma[0], dgamma[k]));
+        EXPECT_TRUE(bitwise_equal("dbeta (double)", dbeta[0], dbeta[k]));
+      }
+    }
+}
+
 TEST(LayerNormFast, InPlaceGivesTheSameBits) {
   for (const Op op : kOps) {
     const Case c{7, 100, 3};
