@@ -7,8 +7,9 @@
 // memory once and re-read from L1, so the forward costs about a copy.
 // RMSNorm sums x² instead, in double lanes (no cancellation, no overflow).
 //
-// Backward, per row: Σg and Σg·(x - mean) (g = dy·γ) in double lanes, then one
-// pass adding dy·x̂ and dy to the column sums dγ, dβ and one writing dx.
+// Backward, per row: one pass for Σg and Σg·(x - mean) (g = dy·γ, in double
+// lanes) and the row's dy·x̂ and dy added to the column sums dγ, dβ; one pass
+// writing dx.
 //
 // Determinism: a row is always computed by one thread, in a fixed order, so y,
 // the statistics and dx do not depend on the thread count. dγ and dβ are column
@@ -17,8 +18,9 @@
 // into its own double partials, and partials are added in stripe order.
 //
 // SIMD: leaf loops over fixed lanes, compiled for AVX-512, AVX2 and baseline
-// x86-64 (target_clones), chosen at run time. Without -ffp-contract (ISO C++
-// mode) no FMA is formed, so every clone gives the same bits.
+// x86-64 (target_clones), chosen at run time. The clones may differ in FMA
+// contraction, so two machines with different instruction sets can differ in
+// the last bits; on one machine the same clone always runs.
 #include <omp.h>
 
 #include <algorithm>
@@ -173,44 +175,56 @@ void apply_row(const float* x, float* y, int64_t n, RowCoefficients k, const flo
   }
 }
 
-// Σg and Σg·(x - center), g = dy·γ: the products in float (one rounding each),
-// their sums in double lanes, since Σg·(x - mean) cancels heavily.
+// One pass over a row for backward: Σg and Σg·(x - center) with g = dy·γ (the
+// products in float, one rounding each; their sums in double lanes, since
+// Σg·(x - mean) cancels heavily), and the row's share of the column sums
+// dγ += dy·x̂, dβ += dy in double (the product of two floats is exact in double).
+// The variants (γ or not, which outputs are wanted) are compile-time flags, so
+// every loop is branch-free and vectorizes; each is inlined into the
+// target_clones dispatcher below and compiled for its instruction set.
 struct GradientSums {
   double sum_g, sum_g_xc;
 };
-NORMKIT_SIMD_CLONES
-GradientSums gradient_sums(const float* __restrict x, const float* __restrict dy,
-                           const float* __restrict gamma, int64_t n, float center) {
+template <bool kGamma, bool kRowSums, bool kDGamma, bool kDBeta>
+[[gnu::always_inline]] inline GradientSums backward_sums_impl(
+    const float* __restrict x, const float* __restrict dy, const float* __restrict gamma,
+    int64_t n, RowCoefficients k, double* __restrict dgamma, double* __restrict dbeta) {
+  const float c = k.center, s = k.scale, o = k.offset;
   double acc1[kDoubleLanes] = {}, acc2[kDoubleLanes] = {};
   double tail1 = 0, tail2 = 0;
+  auto element = [&](int64_t j, double& a1, double& a2) {
+    if constexpr (kRowSums) {
+      const double g = kGamma ? dy[j] * gamma[j] : dy[j];
+      a1 += g;
+      a2 += g * static_cast<double>(x[j] - c);
+    }
+    if constexpr (kDGamma) dgamma[j] += static_cast<double>(dy[j]) * static_cast<double>((x[j] - c) * s - o);
+    if constexpr (kDBeta) dbeta[j] += static_cast<double>(dy[j]);
+  };
   int64_t i = 0;
-  // Two copies of the loop (with and without γ) so that both vectorize.
-  if (gamma) {
-    for (; i + kDoubleLanes <= n; i += kDoubleLanes)
-      for (int l = 0; l < kDoubleLanes; ++l) {
-        const double g = dy[i + l] * gamma[i + l];
-        acc1[l] += g;
-        acc2[l] += g * static_cast<double>(x[i + l] - center);
-      }
-    for (; i < n; ++i) {
-      const double g = dy[i] * gamma[i];
-      tail1 += g;
-      tail2 += g * static_cast<double>(x[i] - center);
-    }
-  } else {
-    for (; i + kDoubleLanes <= n; i += kDoubleLanes)
-      for (int l = 0; l < kDoubleLanes; ++l) {
-        const double g = dy[i + l];
-        acc1[l] += g;
-        acc2[l] += g * static_cast<double>(x[i + l] - center);
-      }
-    for (; i < n; ++i) {
-      const double g = dy[i];
-      tail1 += g;
-      tail2 += g * static_cast<double>(x[i] - center);
-    }
-  }
+  for (; i + kDoubleLanes <= n; i += kDoubleLanes)
+    for (int l = 0; l < kDoubleLanes; ++l) element(i + l, acc1[l], acc2[l]);
+  for (; i < n; ++i) element(i, tail1, tail2);
   return {lane_total<kDoubleLanes>(acc1) + tail1, lane_total<kDoubleLanes>(acc2) + tail2};
+}
+
+NORMKIT_SIMD_CLONES
+GradientSums backward_sums(const float* x, const float* dy, const float* gamma, int64_t n,
+                           RowCoefficients k, bool row_sums, double* dgamma, double* dbeta) {
+#define NORMKIT_BACKWARD_SUMS(G, R)                                                  \
+  if (dgamma && dbeta) return backward_sums_impl<G, R, true, true>(x, dy, gamma, n, k, dgamma, dbeta); \
+  if (dgamma) return backward_sums_impl<G, R, true, false>(x, dy, gamma, n, k, dgamma, dbeta);        \
+  if (dbeta) return backward_sums_impl<G, R, false, true>(x, dy, gamma, n, k, dgamma, dbeta);         \
+  return backward_sums_impl<G, R, false, false>(x, dy, gamma, n, k, dgamma, dbeta);
+  if (row_sums && gamma) {
+    NORMKIT_BACKWARD_SUMS(true, true)
+  } else if (row_sums) {
+    NORMKIT_BACKWARD_SUMS(false, true)
+  } else {
+    // Without dx the row sums are not needed, nor γ.
+    NORMKIT_BACKWARD_SUMS(false, false)
+  }
+#undef NORMKIT_BACKWARD_SUMS
 }
 
 // dx = a·g + b·x̂ + k with g = dy·γ, x̂ as in apply_row (see row_backward). No
@@ -229,19 +243,6 @@ void dx_row(const float* x, const float* dy, float* dx, const float* __restrict 
   } else {
     for (int64_t j = 0; j < n; ++j) dx[j] = c.a * dy[j] + c.b * ((x[j] - center) * s - o) + c.k;
   }
-}
-
-// dγ += dy·x̂ and dβ += dy for one row, in double (the products of two floats
-// are exact in double).
-NORMKIT_SIMD_CLONES
-void parameter_sums_row(const float* __restrict x, const float* __restrict dy, int64_t n,
-                        RowCoefficients k, double* __restrict dgamma, double* __restrict dbeta) {
-  const float c = k.center, s = k.scale, o = k.offset;
-  if (dgamma)
-    for (int64_t j = 0; j < n; ++j)
-      dgamma[j] += static_cast<double>(dy[j]) * static_cast<double>((x[j] - c) * s - o);
-  if (dbeta)
-    for (int64_t j = 0; j < n; ++j) dbeta[j] += static_cast<double>(dy[j]);
 }
 
 void forward_row(const Forward<float>& p, int64_t r) {
@@ -272,16 +273,28 @@ void row_backward(const Backward<float>& p, int64_t r, double* dgamma, double* d
   const bool centred = p.centering == Centering::layer;
   const double mean = centred ? p.mean[r] : 0.0, invstd = p.invstd[r];
   const RowCoefficients rc = row_coefficients(mean, invstd);
-  if (dgamma || dbeta) parameter_sums_row(x, dy, p.cols, rc, dgamma, dbeta);
+  // All reads of x and dy before dx is written: dx may be x or dy.
+  const GradientSums gs =
+      backward_sums(x, dy, p.gamma, p.cols, rc, p.dx != nullptr, dgamma, dbeta);
   if (!p.dx) return;
   const double n = static_cast<double>(p.cols);
-  const GradientSums gs = gradient_sums(x, dy, p.gamma, p.cols, rc.center);
   const double sum_g = centred ? gs.sum_g : 0.0;
   const double sum_g_xhat =
       invstd * (gs.sum_g_xc - gs.sum_g * (mean - static_cast<double>(rc.center)));
   dx_row(x, dy, p.dx + r * p.dx_stride, p.gamma, p.cols, rc,
          {static_cast<float>(invstd), static_cast<float>(-invstd * sum_g_xhat / n),
           static_cast<float>(-invstd * sum_g / n)});
+}
+
+// out[j] = Σ_s part[s·stride + j], s in increasing order for every column (the
+// loop over columns is the inner one, so it vectorizes without reordering a sum).
+constexpr int64_t kMergeColumns = 1024;
+NORMKIT_SIMD_CLONES
+void merge_stripes(const double* __restrict part, int64_t stride, int64_t stripes, int64_t width,
+                   double* __restrict out) {
+  std::copy(part, part + width, out);
+  for (int64_t s = 1; s < stripes; ++s)
+    for (int64_t j = 0; j < width; ++j) out[j] += part[s * stride + j];
 }
 
 // Per-thread scratch that outlives a call (fresh pages per call cost page faults).
@@ -316,7 +329,7 @@ void cpu_backward(const Backward<float>& p) {
   buffer.assign(2 * per_array, 0.0);
   double* const part_gamma = p.dgamma ? buffer.data() : nullptr;
   double* const part_beta = p.dbeta ? buffer.data() + per_array : nullptr;
-  const int64_t column_blocks = (cols + 1023) / 1024;
+  const int64_t column_blocks = (cols + kMergeColumns - 1) / kMergeColumns;
 #pragma omp parallel num_threads(threads)
   {
 #pragma omp for schedule(static)
@@ -328,16 +341,9 @@ void cpu_backward(const Backward<float>& p) {
     }
 #pragma omp for schedule(static)
     for (int64_t block = 0; block < column_blocks; ++block) {
-      const int64_t j0 = block * 1024, j1 = std::min(cols, j0 + 1024);
-      for (int64_t j = j0; j < j1; ++j) {
-        double g = 0, b = 0;
-        for (int64_t s = 0; s < stripes; ++s) {
-          if (part_gamma) g += part_gamma[s * cols + j];
-          if (part_beta) b += part_beta[s * cols + j];
-        }
-        if (p.dgamma) p.dgamma[j] = g;
-        if (p.dbeta) p.dbeta[j] = b;
-      }
+      const int64_t j0 = block * kMergeColumns, width = std::min(kMergeColumns, cols - j0);
+      if (part_gamma) merge_stripes(part_gamma + j0, cols, stripes, width, p.dgamma + j0);
+      if (part_beta) merge_stripes(part_beta + j0, cols, stripes, width, p.dbeta + j0);
     }
   }
 }
