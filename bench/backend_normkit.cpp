@@ -97,6 +97,53 @@ std::vector<Case> batch_norm_cases(Data& data) {
   };
 }
 
+// Layer normalization: the problem's N×C is rows × cols, normalized over C
+// (gamma and beta hold C values), as torch.nn.LayerNorm(C) on an [N, C] input.
+struct LayerNormState {
+  normkit::ConstRowsView<float> x, dy;
+  normkit::RowsView<float> y, dx;
+  std::vector<float> gamma, beta, mean, invstd, dgamma, dbeta;
+
+  void forward() {
+    normkit::layer_norm_forward<float>(x, y, gamma, beta, {mean, invstd});
+  }
+  void backward() {
+    normkit::layer_norm_backward<float>(x, dy, dx, gamma, mean, invstd, dgamma, dbeta);
+  }
+};
+
+std::vector<Case> layer_norm_cases(Data& data) {
+  const Problem& p = data.problem;
+  const int64_t rows = p.numel() / p.channels(), cols = p.channels();
+  const auto c = static_cast<size_t>(cols);
+  auto s = std::make_shared<LayerNormState>();
+  s->x = normkit::ConstRowsView<float>::contiguous(data.x.data(), rows, cols);
+  s->dy = normkit::ConstRowsView<float>::contiguous(data.dy.data(), rows, cols);
+  s->y = normkit::RowsView<float>::contiguous(data.y.data(), rows, cols);
+  s->dx = normkit::RowsView<float>::contiguous(data.dx.data(), rows, cols);
+  s->gamma.assign(data.gamma.data(), data.gamma.data() + c);
+  s->beta.assign(data.beta.data(), data.beta.data() + c);
+  s->mean.resize(static_cast<size_t>(rows));
+  s->invstd.resize(static_cast<size_t>(rows));
+  s->dgamma.resize(c);
+  s->dbeta.resize(c);
+  s->forward();  // the saved statistics the backward case uses
+
+  const std::string note = "rows " + std::to_string(rows) + " x " + std::to_string(cols);
+  const auto y = [s] { return static_cast<const float*>(s->y.data); };
+  const auto dx = [s] { return static_cast<const float*>(s->dx.data); };
+  return {
+      {"normkit", Op::forward_training, note, [s] { s->forward(); }, y},
+      {"normkit", Op::backward, note, [s] { s->backward(); }, dx},
+      {"normkit", Op::forward_backward, note,
+       [s] {
+         s->forward();
+         s->backward();
+       },
+       dx},
+  };
+}
+
 }  // namespace
 
 Backend normkit_backend() {
@@ -104,6 +151,7 @@ Backend normkit_backend() {
           [](Data& data) -> std::vector<Case> {
             const std::string& kind = data.problem.kind;
             if (kind == "bn1d" || kind == "bn2d" || kind == "bn3d") return batch_norm_cases(data);
+            if (kind == "layer_norm") return layer_norm_cases(data);
             return {};
           }};
 }

@@ -1,4 +1,4 @@
-// PyTorch's CPU batch normalization (libtorch 1.13), called in this process
+// PyTorch's CPU batch and layer normalization (libtorch 1.13), called in this process
 // through the ATen ops nn.BatchNorm2d reaches: native_batch_norm (training:
 // saves mean/invstd and updates running statistics; eval: running statistics)
 // and native_batch_norm_backward with all three gradients. Inputs wrap the
@@ -12,6 +12,8 @@
 #include <ATen/ops/from_blob.h>
 #include <ATen/ops/native_batch_norm.h>
 #include <ATen/ops/native_batch_norm_backward.h>
+#include <ATen/ops/native_layer_norm.h>
+#include <ATen/ops/native_layer_norm_backward.h>
 #include <torch/version.h>
 
 #include <cstdio>
@@ -85,6 +87,45 @@ std::vector<Case> batch_norm_cases(Data& data) {
   };
 }
 
+// torch.nn.LayerNorm(C) on [N, C]: native_layer_norm (saves mean and rstd) and
+// native_layer_norm_backward with all three gradients.
+struct LayerNormState {
+  at::Tensor x, dy, weight, bias, mean, rstd, out;
+  std::vector<int64_t> normalized_shape;
+
+  void forward() {
+    std::tie(out, mean, rstd) = at::native_layer_norm(x, normalized_shape, weight, bias, kEps);
+  }
+  void backward() {
+    out = std::get<0>(at::native_layer_norm_backward(dy, x, normalized_shape, mean, rstd, weight,
+                                                     bias, {true, true, true}));
+  }
+};
+
+std::vector<Case> layer_norm_cases(Data& data) {
+  const Problem& p = data.problem;
+  const std::vector<int64_t> cols = {p.channels()};
+  auto s = std::make_shared<LayerNormState>();
+  s->x = wrap(data.x, p.sizes, p.strides());
+  s->dy = wrap(data.dy, p.sizes, p.strides());
+  s->weight = wrap(data.gamma, cols, {1}).clone();
+  s->bias = wrap(data.beta, cols, {1}).clone();
+  s->normalized_shape = cols;
+  s->forward();  // the saved statistics the backward case uses
+  const auto out = [s] { return static_cast<const float*>(s->out.data_ptr<float>()); };
+  return {
+      {"torch", Op::clone, "x.clone(): allocates", [s] { s->out = s->x.clone(); }, nullptr},
+      {"torch", Op::forward_training, "native_layer_norm", [s] { s->forward(); }, out},
+      {"torch", Op::backward, "native_layer_norm_backward", [s] { s->backward(); }, out},
+      {"torch", Op::forward_backward, "",
+       [s] {
+         s->forward();
+         s->backward();
+       },
+       out},
+  };
+}
+
 }  // namespace
 
 Backend torch_backend() {
@@ -100,6 +141,7 @@ Backend torch_backend() {
           [](Data& data) -> std::vector<Case> {
             const std::string& kind = data.problem.kind;
             if (kind == "bn1d" || kind == "bn2d" || kind == "bn3d") return batch_norm_cases(data);
+            if (kind == "layer_norm") return layer_norm_cases(data);
             return {};
           }};
 }

@@ -60,6 +60,8 @@ const std::vector<ShapeRow>& shape_table() {
       {"bn2d", {32, 2048, 7, 7}, {Memory::channels_first, Memory::channels_last}, true},
       {"bn1d", {256, 1024}, {Memory::channels_first}, true},
       {"bn1d", {32, 4096}, {Memory::channels_first}, true},
+      // LayerNorm over the last dimension: 8192 rows (tokens) of 768 (BERT-base).
+      {"layer_norm", {8192, 768}, {Memory::channels_first}, false},
   };
   return rows;
 }

@@ -79,7 +79,8 @@ class Layer {
 // maxpool K [stride=S], avgpool K [stride=S], relu, sigmoid, tanh, dropout P, flatten,
 // batchnorm [eps=E] [momentum=M] [frozen=1], batchrenorm [eps=E] [momentum=M] [rmax=R]
 // [dmax=D] [warmup=STEPS], ghostbatchnorm [size=B] [eps=E] [momentum=M],
-// layernorm [eps=E], groupnorm [groups=G] [eps=E], instancenorm [eps=E] [momentum=M].
+// layernorm [eps=E] (over all of a sample's features), groupnorm [groups=G] [eps=E],
+// instancenorm [eps=E] [momentum=M].
 struct ModelSpec {
   struct LayerSpec {
     std::string type;

@@ -3,6 +3,7 @@
 #include "normkit/batch_norm.hpp"
 #include "normkit/error.hpp"
 #include "normkit/fold.hpp"
+#include "normkit/layer_norm.hpp"
 #include "normkit/moments.hpp"
 #include "normkit/tensor.hpp"
 #include "normkit/threading.hpp"

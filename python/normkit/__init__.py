@@ -14,10 +14,14 @@ from ._normkit import (
     batch_norm_moments,
     batch_norm_update_running,
     keras_options,
+    layer_norm_backward,
+    layer_norm_forward,
     merge_moments,
     moments_dtype,
     num_threads,
     pytorch_options,
+    rms_norm_backward,
+    rms_norm_forward,
     set_num_threads,
 )
 
@@ -32,9 +36,13 @@ __all__ = [
     "batch_norm_moments",
     "batch_norm_update_running",
     "keras_options",
+    "layer_norm_backward",
+    "layer_norm_forward",
     "merge_moments",
     "moments_dtype",
     "num_threads",
     "pytorch_options",
+    "rms_norm_backward",
+    "rms_norm_forward",
     "set_num_threads",
 ]

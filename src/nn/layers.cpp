@@ -842,6 +842,7 @@ std::unique_ptr<Layer> make_layer(const ModelSpec::LayerSpec& spec,
     if (!(momentum >= 0 && momentum <= 1)) fail_invalid("batchnorm: momentum must be in [0, 1], got ", momentum);
     return std::make_unique<BatchNorm>(input[0], eps, momentum);
   }
+  if (t == "layernorm") return make_layer_norm(input, option_or(spec, "eps", 1e-5), format);
   fail_invalid("unknown layer type '", t, "'");
 }
 

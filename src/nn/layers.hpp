@@ -12,4 +12,8 @@ std::unique_ptr<Layer> make_layer(const ModelSpec::LayerSpec& spec,
                                   const std::vector<int64_t>& input_shape, MemoryFormat format,
                                   size_t index);
 
+// Layer normalization over all of a sample's features (src/nn/layer_norm_layer.cpp).
+std::unique_ptr<Layer> make_layer_norm(const std::vector<int64_t>& input_shape, double eps,
+                                       MemoryFormat format);
+
 }  // namespace normkit::nn::detail

@@ -1,0 +1,196 @@
+// The public layer-norm and RMS-norm functions: check every argument, then run
+// the fast kernels (float) or the reference (double). Nothing is written before
+// all checks have passed; saved statistics are written only once they are
+// known to be finite.
+#include "normkit/layer_norm.hpp"
+
+#include <cmath>
+#include <string>
+#include <type_traits>
+#include <vector>
+
+#include "core/check.hpp"
+#include "layer_norm_kernels.hpp"
+
+namespace normkit {
+
+using detail::fail_invalid;
+using detail::fail_runtime;
+using kernels::rows::Centering;
+
+namespace {
+
+template <class T>
+std::string describe(const RowsView<T>& v) {
+  return detail::concat("[", v.rows, " rows x ", v.cols, " cols, row stride ", v.row_stride, "]");
+}
+
+template <class T>
+void check_input(const RowsView<T>& v, const char* name) {
+  if (v.rows < 0 || v.cols < 0) fail_invalid(name, ": negative size ", describe(v));
+  if (v.rows == 0 || v.cols == 0) fail_invalid(name, ": empty tensor ", describe(v));
+  if (!v.data) fail_invalid(name, ": data pointer is null");
+  // One row needs no stride; otherwise rows must not overlap.
+  if (v.rows > 1 && v.row_stride < v.cols)
+    fail_invalid(name, ": row stride ", v.row_stride, " is smaller than the row length ", v.cols,
+                 " (rows would overlap)");
+}
+
+// A view walked together with x: same extent; in place only with the same stride.
+template <class T, class X>
+void check_like(const RowsView<T>& v, const RowsView<X>& x, const char* name, const char* x_name) {
+  if (v.rows != x.rows || v.cols != x.cols)
+    fail_invalid(name, ": ", v.rows, " rows x ", v.cols, " cols do not match ", x_name, "'s ",
+                 x.rows, " x ", x.cols);
+  check_input(v, name);
+  if (static_cast<const void*>(v.data) == static_cast<const void*>(x.data) && v.rows > 1 &&
+      v.row_stride != x.row_stride)
+    fail_invalid(name, ": in-place use needs the same row stride as ", x_name, " (", v.row_stride,
+                 " vs ", x.row_stride, ")");
+}
+
+template <class T>
+void check_size(std::span<T> values, int64_t expected, const char* name, const char* per,
+                bool required) {
+  if (values.empty() && !required) return;
+  if (static_cast<int64_t>(values.size()) != expected)
+    fail_invalid(name, " should contain ", expected, " elements (one per ", per, ") not ",
+                 values.size());
+}
+
+void check_eps(double eps) {
+  if (!(eps > 0) || !std::isfinite(eps)) fail_invalid("eps must be positive and finite, got ", eps);
+}
+
+template <class T>
+const T* or_null(std::span<const T> s) {
+  return s.empty() ? nullptr : s.data();
+}
+
+template <class T>
+void run_forward(const kernels::rows::Forward<T>& p) {
+  if constexpr (std::is_same_v<T, float>)
+    kernels::rows::cpu_forward(p);
+  else
+    kernels::rows::ref::forward(p);
+}
+
+template <class T>
+void run_backward(const kernels::rows::Backward<T>& p) {
+  if constexpr (std::is_same_v<T, float>)
+    kernels::rows::cpu_backward(p);
+  else
+    kernels::rows::ref::backward(p);
+}
+
+// A row whose statistics are not finite held NaN or ∞ (or its variance
+// overflowed); an infinite variance or mean square shows as invstd = 0.
+void check_finite_rows(const std::vector<double>& mean, const std::vector<double>& invstd) {
+  for (size_t r = 0; r < invstd.size(); ++r)
+    if (!(std::isfinite(invstd[r]) && invstd[r] > 0) || (!mean.empty() && !std::isfinite(mean[r])))
+      fail_runtime("x: row ", r,
+                   " contains NaN or infinite values (or its variance overflows); saved "
+                   "statistics left unchanged");
+}
+
+template <class T>
+void check_statistics(std::span<const T> values, const char* name) {
+  for (size_t r = 0; r < values.size(); ++r)
+    if (!std::isfinite(static_cast<double>(values[r])))
+      fail_invalid(name, "[", r, "] is not finite (", values[r], ")");
+}
+
+template <class T>
+void backward_common(Centering centering, ConstRowsView<T> x, ConstRowsView<T> dy,
+                     RowsView<T> dx, std::span<const T> gamma, std::span<const T> mean,
+                     std::span<const T> invstd, std::span<T> dgamma, std::span<T> dbeta) {
+  check_input(x, "x");
+  check_like(dy, x, "dy", "x");
+  if (dx.data) {
+    check_like(dx, x, "dx", "x");
+    check_like(dx, dy, "dx", "dy");
+  }
+  check_size(gamma, x.cols, "weight (gamma)", "column", false);
+  if (centering == Centering::layer) check_size(mean, x.rows, "mean", "row", true);
+  check_size(invstd, x.rows, centering == Centering::layer ? "invstd" : "inv_rms", "row", true);
+  check_size(dgamma, x.cols, "dgamma", "column", false);
+  check_size(dbeta, x.cols, "dbeta", "column", false);
+  check_statistics(mean, "mean");
+  check_statistics(invstd, centering == Centering::layer ? "invstd" : "inv_rms");
+
+  const std::vector<double> mean_d(mean.begin(), mean.end()), invstd_d(invstd.begin(), invstd.end());
+  std::vector<double> dgamma_d(dgamma.empty() ? 0 : x.cols), dbeta_d(dbeta.empty() ? 0 : x.cols);
+  run_backward<T>({centering, x.rows, x.cols, x.data, x.row_stride, dy.data, dy.row_stride,
+                   dx.data, dx.row_stride, or_null(gamma),
+                   centering == Centering::layer ? mean_d.data() : nullptr, invstd_d.data(),
+                   dgamma.empty() ? nullptr : dgamma_d.data(),
+                   dbeta.empty() ? nullptr : dbeta_d.data()});
+  for (size_t j = 0; j < dgamma.size(); ++j) dgamma[j] = static_cast<T>(dgamma_d[j]);
+  for (size_t j = 0; j < dbeta.size(); ++j) dbeta[j] = static_cast<T>(dbeta_d[j]);
+}
+
+}  // namespace
+
+template <class T>
+void layer_norm_forward(ConstRowsView<T> x, RowsView<T> y, std::span<const T> gamma,
+                        std::span<const T> beta, LayerNormSaved<T> saved, double eps) {
+  check_input(x, "x");
+  check_like(y, x, "y", "x");
+  check_size(gamma, x.cols, "weight (gamma)", "column", false);
+  check_size(beta, x.cols, "bias (beta)", "column", false);
+  check_size(saved.mean, x.rows, "save_mean", "row", false);
+  check_size(saved.invstd, x.rows, "save_invstd", "row", false);
+  check_eps(eps);
+
+  std::vector<double> mean(x.rows), invstd(x.rows);
+  run_forward<T>({Centering::layer, x.rows, x.cols, x.data, x.row_stride, y.data, y.row_stride,
+                  or_null(gamma), or_null(beta), eps, mean.data(), invstd.data()});
+  check_finite_rows(mean, invstd);
+  for (size_t r = 0; r < saved.mean.size(); ++r) saved.mean[r] = static_cast<T>(mean[r]);
+  for (size_t r = 0; r < saved.invstd.size(); ++r) saved.invstd[r] = static_cast<T>(invstd[r]);
+}
+
+template <class T>
+void layer_norm_backward(ConstRowsView<T> x, ConstRowsView<T> dy, RowsView<T> dx,
+                         std::span<const T> gamma, std::span<const T> mean,
+                         std::span<const T> invstd, std::span<T> dgamma, std::span<T> dbeta) {
+  backward_common<T>(Centering::layer, x, dy, dx, gamma, mean, invstd, dgamma, dbeta);
+}
+
+template <class T>
+void rms_norm_forward(ConstRowsView<T> x, RowsView<T> y, std::span<const T> gamma, double eps,
+                      std::span<T> save_inv_rms) {
+  check_input(x, "x");
+  check_like(y, x, "y", "x");
+  check_size(gamma, x.cols, "weight (gamma)", "column", false);
+  check_size(save_inv_rms, x.rows, "save_inv_rms", "row", false);
+  check_eps(eps);
+
+  std::vector<double> inv_rms(x.rows);
+  run_forward<T>({Centering::rms, x.rows, x.cols, x.data, x.row_stride, y.data, y.row_stride,
+                  or_null(gamma), nullptr, eps, nullptr, inv_rms.data()});
+  check_finite_rows({}, inv_rms);
+  for (size_t r = 0; r < save_inv_rms.size(); ++r) save_inv_rms[r] = static_cast<T>(inv_rms[r]);
+}
+
+template <class T>
+void rms_norm_backward(ConstRowsView<T> x, ConstRowsView<T> dy, RowsView<T> dx,
+                       std::span<const T> gamma, std::span<const T> inv_rms, std::span<T> dgamma) {
+  backward_common<T>(Centering::rms, x, dy, dx, gamma, {}, inv_rms, dgamma, {});
+}
+
+#define NORMKIT_INSTANTIATE_ROWS(T)                                                             \
+  template void layer_norm_forward<T>(ConstRowsView<T>, RowsView<T>, std::span<const T>,        \
+                                      std::span<const T>, LayerNormSaved<T>, double);           \
+  template void layer_norm_backward<T>(ConstRowsView<T>, ConstRowsView<T>, RowsView<T>,         \
+                                       std::span<const T>, std::span<const T>,                  \
+                                       std::span<const T>, std::span<T>, std::span<T>);         \
+  template void rms_norm_forward<T>(ConstRowsView<T>, RowsView<T>, std::span<const T>, double,  \
+                                    std::span<T>);                                              \
+  template void rms_norm_backward<T>(ConstRowsView<T>, ConstRowsView<T>, RowsView<T>,           \
+                                     std::span<const T>, std::span<const T>, std::span<T>);
+
+NORMKIT_INSTANTIATE_ROWS(float)
+NORMKIT_INSTANTIATE_ROWS(double)
+
+}  // namespace normkit
