@@ -12,4 +12,10 @@ std::unique_ptr<Layer> make_layer(const ModelSpec::LayerSpec& spec,
                                   const std::vector<int64_t>& input_shape, MemoryFormat format,
                                   size_t index);
 
+// "batchrenorm" and "ghostbatchnorm" (src/nn/bn_variant_layers.cpp).
+constexpr int64_t kDefaultRenormWarmup = 500;   // steps over which rmax, dmax reach their values
+constexpr int64_t kDefaultGhostBatchSize = 32;  // virtual batch size
+std::unique_ptr<Layer> make_bn_variant_layer(const ModelSpec::LayerSpec& spec,
+                                             const std::vector<int64_t>& input_shape);
+
 }  // namespace normkit::nn::detail

@@ -27,7 +27,9 @@ const std::vector<LayerKind>& kinds() {
       {"tanh", 0, 0, {}},
       {"dropout", 1, 1, {}},
       {"flatten", 0, 0, {}},
-      {"batchnorm", 0, 0, {"eps", "momentum"}},
+      {"batchnorm", 0, 0, {"eps", "momentum", "frozen"}},
+      {"batchrenorm", 0, 0, {"eps", "momentum", "rmax", "dmax", "warmup", "frozen"}},
+      {"ghostbatchnorm", 0, 0, {"eps", "momentum", "size", "frozen"}},
   };
   return table;
 }
@@ -58,7 +60,9 @@ std::optional<double> parse_number(const std::string& s) {
   }
 }
 
-bool is_norm(const ModelSpec::LayerSpec& layer) { return layer.type == "batchnorm"; }
+bool is_norm(const ModelSpec::LayerSpec& layer) {
+  return layer.type == "batchnorm" || layer.type == "batchrenorm" || layer.type == "ghostbatchnorm";
+}
 bool has_bias_option(const ModelSpec::LayerSpec& layer) {
   return layer.type == "linear" || layer.type == "conv";
 }
@@ -118,10 +122,10 @@ ModelSpec ModelSpec::parse(const std::string& text) {
     for (const auto& [key, value] : layer.options) {
       if (std::find(kind->options.begin(), kind->options.end(), key) == kind->options.end())
         fail("unknown option '", key, "'");
-      if (key == "eps" || key == "momentum") {
+      if (key == "eps" || key == "momentum" || key == "rmax" || key == "dmax") {
         number(value);
-      } else if (const double v = whole(value); key == "bias" && v != 0 && v != 1) {
-        fail("bias must be 0 or 1, got ", value);
+      } else if (const double v = whole(value); (key == "bias" || key == "frozen") && v != 0 && v != 1) {
+        fail(key, " must be 0 or 1, got ", value);
       }
     }
     spec.layers.push_back(std::move(layer));
