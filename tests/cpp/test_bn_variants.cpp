@@ -166,7 +166,8 @@ const auto kArrangements = ::testing::Values(
     ArrangementCase{"NC_C17", dense(Layout::NC, {33, 17, {}})},
     ArrangementCase{"NCL_outer_padded", outer_padded(Layout::NCL, {4, 3, {7}}, 3)},
     ArrangementCase{"NCHW_channels_last_padded", nchw_channels_last({2, 6, {3, 3}}, 1)},
-    ArrangementCase{"NCDHW", dense(Layout::NCDHW, {2, 3, {2, 3, 2}})});
+    ArrangementCase{"NCDHW", dense(Layout::NCDHW, {2, 3, {2, 3, 2}})},
+    ArrangementCase{"NC_two_values_per_channel", dense(Layout::NC, {2, 5, {}})});
 
 // Channels cycle through: unclipped, r clipped above, r clipped below, d clipped
 // both ways (with rmax = 1.5, dmax = 0.5).
@@ -589,6 +590,33 @@ TEST(GhostCount, CeilingOfBatchOverSize) {
   EXPECT_EQ(normkit::ghost_batch_count(0, 4), 0);
   EXPECT_TRUE(throws_error([] { normkit::ghost_batch_count(8, 0); }, ErrorKind::invalid_argument,
                            {"virtual_batch_size", "0"}));
+}
+
+// y may alias x: the same bits as out of place, for both variants.
+TEST(VariantsInPlace, SameBitsAsOutOfPlace) {
+  for (const auto& a : {dense(Layout::NCHW, {6, 5, {3, 4}}), dense(Layout::NHWC, {6, 5, {3, 4}})}) {
+    SCOPED_TRACE(a.describe());
+    const RenormProblem p = renorm_problem(a, 21, kRatios, kShifts);
+    const auto gamma = convert<float>(p.gamma), beta = convert<float>(p.beta);
+    const auto out_of_place = run_renorm<float>(p, p.limits, false);
+    Buffer<float> xb(a);
+    xb.scatter(p.x);
+    std::vector<float> rm = convert<float>(p.running_mean), rv = convert<float>(p.running_var);
+    normkit::batch_renorm_forward_training<float>(xb.cview(), xb.view(), gamma, beta, {}, {rm, rv},
+                                                  p.limits, {p.eps, p.momentum});
+    EXPECT_TRUE(bitwise_equal("renorm y", xb.gather(), out_of_place.y));
+
+    const GhostProblem q{a, 4, p.x, p.w, p.gamma, p.beta, p.running_mean, p.running_var};
+    const auto ghost = run_ghost<float>(q, false);
+    Buffer<float> gb(a);
+    gb.scatter(p.x);
+    rm = convert<float>(p.running_mean);
+    rv = convert<float>(p.running_var);
+    normkit::ghost_batch_norm_forward_training<float>(gb.cview(), gb.view(), gamma, beta, 4, {},
+                                                      {rm, rv}, q.options);
+    EXPECT_TRUE(bitwise_equal("ghost y", gb.gather(), ghost.y));
+    EXPECT_TRUE(bitwise_equal("ghost running_var", rv, ghost.running_var));
+  }
 }
 
 // ---------------------------------------------------------------- frozen
