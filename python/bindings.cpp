@@ -743,6 +743,158 @@ double rms_eps(const std::optional<double>& eps, const py::array& x) {
                              : std::numeric_limits<double>::epsilon();
 }
 
+// Batch Renormalization and Ghost BN (bn_variants.hpp), in the style above.
+
+template <class T>
+py::tuple renorm_forward_training(py::array x, const py::object& weight, const py::object& bias,
+                                  const py::object& running_mean, const py::object& running_var,
+                                  const py::object& num_batches_tracked, nk::RenormLimits limits,
+                                  const nk::BatchNormOptions& options,
+                                  const std::optional<std::string>& layout_name,
+                                  const py::object& out) {
+  const nk::Layout layout = layout_for(layout_name, x);
+  x = readable<T>(x);
+  py::array y = writable_like<T>(out, x, "out");
+  check_no_partial_overlap(y, x, "out", "x");
+  const auto gamma = channel_values<T>(weight, "weight");
+  const auto beta = channel_values<T>(bias, "bias");
+  const std::string x_dtype = dtype_of(x);
+  const std::span<T> mean = updated_in_place<T>(running_mean, "running_mean", x_dtype.c_str());
+  const std::span<T> var = updated_in_place<T>(running_var, "running_var", x_dtype.c_str());
+  int64_t* batches = counter_in_place(num_batches_tracked);
+  const int64_t channels = channels_of(x, layout);
+  py::array_t<T> save_mean(channels), save_invstd(channels), r(channels), d(channels);
+  const auto xv = input_view<T>(x, layout);
+  const auto yv = output_view<T>(y, layout);
+  {
+    py::gil_scoped_release unlocked;
+    nk::batch_renorm_forward_training<T>(
+        xv, yv, span_of(gamma), span_of(beta),
+        {span_of(save_mean), span_of(save_invstd), span_of(r), span_of(d)}, {mean, var, batches},
+        limits, options);
+  }
+  return py::make_tuple(y, save_mean, save_invstd, r, d);
+}
+
+template <class T>
+py::tuple renorm_backward(py::array x, const py::object& dy_object, const py::object& weight,
+                          const py::object& mean_object, const py::object& invstd_object,
+                          const py::object& r_object, const py::object& d_object,
+                          const std::optional<std::string>& layout_name, const py::object& out,
+                          bool compute_dx) {
+  const nk::Layout layout = layout_for(layout_name, x);
+  x = readable<T>(x);
+  py::array dy = readable_like<T>(dy_object, x, "dy");
+  std::optional<py::array> dx;
+  if (compute_dx) {
+    dx = writable_like<T>(out, x, "out");
+    check_no_partial_overlap(*dx, x, "out", "x");
+    check_no_partial_overlap(*dx, dy, "out", "dy");
+  } else if (!out.is_none()) {
+    value_error("out: given, but compute_dx is False");
+  }
+  const auto gamma = channel_values<T>(weight, "weight");
+  const auto mean = required_channel_values<T>(mean_object, "mean");
+  const auto invstd = required_channel_values<T>(invstd_object, "invstd");
+  const auto r = required_channel_values<T>(r_object, "r");
+  const auto d = required_channel_values<T>(d_object, "d");
+  const int64_t channels = channels_of(x, layout);
+  py::array_t<T> dgamma(channels), dbeta(channels);
+  const auto xv = input_view<T>(x, layout);
+  const auto dyv = input_view<T>(dy, layout);
+  nk::TensorView<T> dxv;
+  if (dx) dxv = output_view<T>(*dx, layout);
+  {
+    py::gil_scoped_release unlocked;
+    nk::batch_renorm_backward<T>(xv, dyv, dxv, span_of(gamma),
+                                 {mean.data(), static_cast<size_t>(mean.size())},
+                                 {invstd.data(), static_cast<size_t>(invstd.size())},
+                                 {r.data(), static_cast<size_t>(r.size())},
+                                 {d.data(), static_cast<size_t>(d.size())}, span_of(dgamma),
+                                 span_of(dbeta));
+  }
+  return py::make_tuple(dx ? py::object(*dx) : py::object(py::none()), dgamma, dbeta);
+}
+
+template <class T>
+py::tuple ghost_forward_training(py::array x, int64_t virtual_batch_size, const py::object& weight,
+                                 const py::object& bias, const py::object& running_mean,
+                                 const py::object& running_var,
+                                 const py::object& num_batches_tracked,
+                                 const nk::BatchNormOptions& options,
+                                 const std::optional<std::string>& layout_name,
+                                 const py::object& out) {
+  const nk::Layout layout = layout_for(layout_name, x);
+  x = readable<T>(x);
+  py::array y = writable_like<T>(out, x, "out");
+  check_no_partial_overlap(y, x, "out", "x");
+  const auto gamma = channel_values<T>(weight, "weight");
+  const auto beta = channel_values<T>(bias, "bias");
+  const std::string x_dtype = dtype_of(x);
+  const std::span<T> mean = updated_in_place<T>(running_mean, "running_mean", x_dtype.c_str());
+  const std::span<T> var = updated_in_place<T>(running_var, "running_var", x_dtype.c_str());
+  int64_t* batches = counter_in_place(num_batches_tracked);
+  const int64_t channels = channels_of(x, layout);
+  const int64_t ghosts = nk::ghost_batch_count(x.shape(0), virtual_batch_size);
+  py::array_t<T> save_mean({ghosts, channels}), save_invstd({ghosts, channels});
+  const auto xv = input_view<T>(x, layout);
+  const auto yv = output_view<T>(y, layout);
+  {
+    py::gil_scoped_release unlocked;
+    nk::ghost_batch_norm_forward_training<T>(xv, yv, span_of(gamma), span_of(beta),
+                                             virtual_batch_size,
+                                             {span_of(save_mean), span_of(save_invstd)},
+                                             {mean, var, batches}, options);
+  }
+  return py::make_tuple(y, save_mean, save_invstd);
+}
+
+// Per-virtual-batch statistics: (ghosts, C) or flat, read as ghosts·C contiguous values.
+template <class T>
+py::array_t<T, py::array::c_style | py::array::forcecast> ghost_values(const py::object& object,
+                                                                       const char* name) {
+  if (object.is_none()) value_error(std::string(name) + " is required");
+  auto a = py::array_t<T, py::array::c_style | py::array::forcecast>::ensure(object);
+  if (!a) type_error(std::string(name) + ": cannot convert to the dtype of x");
+  return a;
+}
+
+template <class T>
+py::tuple ghost_backward(py::array x, const py::object& dy_object, const py::object& weight,
+                         int64_t virtual_batch_size, const py::object& mean_object,
+                         const py::object& invstd_object,
+                         const std::optional<std::string>& layout_name, const py::object& out,
+                         bool compute_dx) {
+  const nk::Layout layout = layout_for(layout_name, x);
+  x = readable<T>(x);
+  py::array dy = readable_like<T>(dy_object, x, "dy");
+  std::optional<py::array> dx;
+  if (compute_dx) {
+    dx = writable_like<T>(out, x, "out");
+    check_no_partial_overlap(*dx, x, "out", "x");
+    check_no_partial_overlap(*dx, dy, "out", "dy");
+  } else if (!out.is_none()) {
+    value_error("out: given, but compute_dx is False");
+  }
+  const auto gamma = channel_values<T>(weight, "weight");
+  const auto mean = ghost_values<T>(mean_object, "mean");
+  const auto invstd = ghost_values<T>(invstd_object, "invstd");
+  const int64_t channels = channels_of(x, layout);
+  py::array_t<T> dgamma(channels), dbeta(channels);
+  const auto xv = input_view<T>(x, layout);
+  const auto dyv = input_view<T>(dy, layout);
+  nk::TensorView<T> dxv;
+  if (dx) dxv = output_view<T>(*dx, layout);
+  {
+    py::gil_scoped_release unlocked;
+    nk::ghost_batch_norm_backward<T>(xv, dyv, dxv, span_of(gamma), virtual_batch_size,
+                                     {mean.data(), static_cast<size_t>(mean.size())},
+                                     {invstd.data(), static_cast<size_t>(invstd.size())},
+                                     span_of(dgamma), span_of(dbeta));
+  }
+  return py::make_tuple(dx ? py::object(*dx) : py::object(py::none()), dgamma, dbeta);
+}
+
 }  // namespace
 
 // Sections defined after the module body (each in its own part of this file).
@@ -992,6 +1144,107 @@ x's dtype (torch.nn.RMSNorm's default).)doc");
       py::arg("inv_rms"), py::kw_only(), py::arg("out") = py::none(),
       py::arg("compute_dx") = true, py::arg("compute_dweight") = true,
       "Gradients of rms_norm_forward: returns (dx, dweight), None when not computed.");
+  // ---- Batch Renormalization and Ghost BN (bn_variants.hpp)
+  m.def(
+      "batch_renorm_forward_training",
+      [](const py::object& x_object, const py::object& weight, const py::object& bias,
+         const py::object& running_mean, const py::object& running_var,
+         const py::object& num_batches_tracked, double rmax, double dmax,
+         std::optional<double> momentum, double eps, const std::optional<std::string>& layout,
+         const py::object& out, const std::string& momentum_convention,
+         const std::string& running_variance) {
+        const py::array x = float_array(x_object, "x");
+        const auto options = options_of(momentum, eps, momentum_convention, running_variance);
+        return by_dtype(x, [&](auto t) {
+          return renorm_forward_training<decltype(t)>(x, weight, bias, running_mean, running_var,
+                                                      num_batches_tracked, {rmax, dmax}, options,
+                                                      layout, out);
+        });
+      },
+      py::arg("x"), py::arg("weight") = py::none(), py::arg("bias") = py::none(),
+      py::arg("running_mean") = py::none(), py::arg("running_var") = py::none(),
+      py::arg("num_batches_tracked") = py::none(), py::arg("rmax") = 1.0, py::arg("dmax") = 0.0,
+      py::arg("momentum") = 0.1, py::arg("eps") = 1e-5, py::kw_only(),
+      py::arg("layout") = py::none(), py::arg("out") = py::none(),
+      py::arg("momentum_convention") = "weight_on_new", py::arg("running_variance") = "unbiased",
+      R"doc(Batch Renormalization (Ioffe 2017, Algorithm 1) in training.
+
+Returns (y, save_mean, save_invstd, r, d). r = clip(sigma_B / sigma, 1/rmax, rmax),
+d = clip((mu_B - mu) / sigma, -dmax, dmax) with sigma = sqrt(running_var + eps);
+y = weight * ((x - mu_B) * save_invstd * r + d) + bias. running_mean and running_var are
+required and are updated in place as batch_norm_forward_training updates them.)doc");
+
+  m.def(
+      "batch_renorm_backward",
+      [](const py::object& x_object, const py::object& dy, const py::object& weight,
+         const py::object& mean, const py::object& invstd, const py::object& r,
+         const py::object& d, const std::optional<std::string>& layout, const py::object& out,
+         bool compute_dx) {
+        const py::array x = float_array(x_object, "x");
+        return by_dtype(x, [&](auto t) {
+          return renorm_backward<decltype(t)>(x, dy, weight, mean, invstd, r, d, layout, out,
+                                              compute_dx);
+        });
+      },
+      py::arg("x"), py::arg("dy"), py::arg("weight"), py::arg("mean"), py::arg("invstd"),
+      py::arg("r"), py::arg("d"), py::kw_only(), py::arg("layout") = py::none(),
+      py::arg("out") = py::none(), py::arg("compute_dx") = true,
+      "Gradients of batch renormalization with r and d constant: returns (dx, dweight, dbias).");
+
+  m.def(
+      "batch_renorm_limits",
+      [](int64_t step, double rmax, double dmax, int64_t hold_steps, int64_t rmax_ramp_steps,
+         int64_t dmax_ramp_steps) {
+        const auto limits =
+            nk::BatchRenormSchedule{rmax, dmax, hold_steps, rmax_ramp_steps, dmax_ramp_steps}.at(step);
+        return py::make_tuple(limits.rmax, limits.dmax);
+      },
+      py::arg("step"), py::kw_only(), py::arg("rmax") = 3.0, py::arg("dmax") = 5.0,
+      py::arg("hold_steps") = 0, py::arg("rmax_ramp_steps") = 0, py::arg("dmax_ramp_steps") = 0,
+      "(rmax, dmax) at a training step: 1 and 0 for hold_steps, then each rising linearly to its "
+      "final value over its ramp.");
+
+  m.def(
+      "ghost_batch_norm_forward_training",
+      [](const py::object& x_object, int64_t virtual_batch_size, const py::object& weight,
+         const py::object& bias, const py::object& running_mean, const py::object& running_var,
+         const py::object& num_batches_tracked, std::optional<double> momentum, double eps,
+         const std::optional<std::string>& layout, const py::object& out,
+         const std::string& momentum_convention, const std::string& running_variance) {
+        const py::array x = float_array(x_object, "x");
+        const auto options = options_of(momentum, eps, momentum_convention, running_variance);
+        return by_dtype(x, [&](auto t) {
+          return ghost_forward_training<decltype(t)>(x, virtual_batch_size, weight, bias,
+                                                     running_mean, running_var,
+                                                     num_batches_tracked, options, layout, out);
+        });
+      },
+      py::arg("x"), py::arg("virtual_batch_size"), py::arg("weight") = py::none(),
+      py::arg("bias") = py::none(), py::arg("running_mean") = py::none(),
+      py::arg("running_var") = py::none(), py::arg("num_batches_tracked") = py::none(),
+      py::arg("momentum") = 0.1, py::arg("eps") = 1e-5, py::kw_only(),
+      py::arg("layout") = py::none(), py::arg("out") = py::none(),
+      py::arg("momentum_convention") = "weight_on_new", py::arg("running_variance") = "unbiased",
+      R"doc(Ghost batch normalization in training: BN on each slice of virtual_batch_size
+samples (x.split(virtual_batch_size); the last may be smaller), running statistics updated
+once per slice in order. Returns (y, save_mean, save_invstd), the saved statistics of shape
+(number of virtual batches, C).)doc");
+
+  m.def(
+      "ghost_batch_norm_backward",
+      [](const py::object& x_object, const py::object& dy, const py::object& weight,
+         int64_t virtual_batch_size, const py::object& mean, const py::object& invstd,
+         const std::optional<std::string>& layout, const py::object& out, bool compute_dx) {
+        const py::array x = float_array(x_object, "x");
+        return by_dtype(x, [&](auto t) {
+          return ghost_backward<decltype(t)>(x, dy, weight, virtual_batch_size, mean, invstd,
+                                             layout, out, compute_dx);
+        });
+      },
+      py::arg("x"), py::arg("dy"), py::arg("weight"), py::arg("virtual_batch_size"),
+      py::arg("mean"), py::arg("invstd"), py::kw_only(), py::arg("layout") = py::none(),
+      py::arg("out") = py::none(), py::arg("compute_dx") = true,
+      "Gradients of ghost batch normalization: returns (dx, dweight, dbias).");
   add_standardizer(m);
 }
 

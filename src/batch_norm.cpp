@@ -11,6 +11,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "batch_norm_internal.hpp"
 #include "batch_norm_kernels.hpp"
 #include "core/check.hpp"
 
@@ -344,5 +345,41 @@ void batch_norm_invstd(std::span<const T> var, double eps, std::span<T> invstd) 
 
 NORMKIT_INSTANTIATE(float)
 NORMKIT_INSTANTIATE(double)
+
+// For the BN variants (batch_norm_internal.hpp): forward_apply with double statistics.
+template <class T>
+void detail::batch_norm_apply_double_stats(ConstTensorView<T> x, TensorView<T> y,
+                                           std::span<const T> gamma, std::span<const T> beta,
+                                           std::span<const double> mean,
+                                           std::span<const double> invstd) {
+  Geometry gx = checked_input(x, "x");
+  Geometry gy = checked_like(y, x, "y");
+  if (y.data == x.data && !(gx == gy))
+    fail_invalid("y: in-place output must have the same strides as x");
+  unify<T>(x, gx, {{&gy, y}});
+  check_per_channel(gamma, gx.channels, "weight (gamma)", false);
+  check_per_channel(beta, gx.channels, "bias (beta)", false);
+  check_per_channel(mean, gx.channels, "mean", true);
+  check_per_channel(invstd, gx.channels, "invstd", true);
+  kernels::Apply<T> problem{gx,
+                            gy,
+                            x.data,
+                            y.data,
+                            gamma.empty() ? nullptr : gamma.data(),
+                            beta.empty() ? nullptr : beta.data(),
+                            mean.data(),
+                            invstd.data()};
+  if constexpr (std::is_same_v<T, float>) {
+    if (const auto* impl = choose<T>("batch_norm_apply_double_stats", gx, {gy}))
+      return impl->apply(problem);
+  }
+  kernels::ref::apply(problem);
+}
+template void detail::batch_norm_apply_double_stats<float>(ConstTensorView<float>, TensorView<float>,
+                                                           std::span<const float>, std::span<const float>,
+                                                           std::span<const double>, std::span<const double>);
+template void detail::batch_norm_apply_double_stats<double>(ConstTensorView<double>, TensorView<double>,
+                                                            std::span<const double>, std::span<const double>,
+                                                            std::span<const double>, std::span<const double>);
 
 }  // namespace normkit

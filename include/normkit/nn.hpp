@@ -70,6 +70,10 @@ class Layer {
   // Randomness in forward (dropout) is a function of (seed, step), so a resumed
   // run draws what an uninterrupted one would.
   virtual void set_step(uint64_t /*seed*/, uint64_t /*step*/) {}
+  // Batch-norm layers (batchnorm, batchrenorm, ghostbatchnorm): frozen, they use
+  // their running statistics in training too and never update them, while γ and β
+  // still learn. Returns false for layers that have no such mode.
+  virtual bool set_frozen(bool /*frozen*/) { return false; }
 };
 
 // A model spec: one layer per line or ';'-separated, e.g.
@@ -77,8 +81,13 @@ class Layer {
 //   flatten; linear 128 bias=0; batchnorm; relu; linear 10
 // Layers: input C [H W], linear OUT [bias=0|1], conv OUT K [stride=S] [pad=P] [bias=0|1],
 // maxpool K [stride=S], avgpool K [stride=S], relu, sigmoid, tanh, dropout P, flatten,
-// batchnorm [eps=E] [momentum=M] [frozen=1], batchrenorm [eps=E] [momentum=M] [rmax=R]
-// [dmax=D] [warmup=STEPS], ghostbatchnorm [size=B] [eps=E] [momentum=M],
+// batchnorm [eps=E] [momentum=M] [frozen=0|1],
+// batchrenorm [eps=E] [momentum=M] [rmax=R] [dmax=D] [warmup=STEPS] [frozen=0|1]
+//   (Batch Renormalization; rmax 1 -> R and dmax 0 -> D linearly over STEPS training steps;
+//   defaults 3, 5, 500),
+// ghostbatchnorm [eps=E] [momentum=M] [size=S] [frozen=0|1] (Ghost BN, virtual batches of S
+//   samples, default 32; every virtual batch, the last included, needs more than one value
+//   per channel). frozen=1: running statistics used in training too and never updated.
 // layernorm [eps=E] (over all of a sample's features), groupnorm [groups=G] [eps=E],
 // instancenorm [eps=E] [momentum=M].
 struct ModelSpec {
@@ -121,6 +130,11 @@ class Model {
   const Tensor& forward(const Tensor& x, Mode mode);
   void backward(const Tensor& dlogits);
   void zero_grad();
+  // Freezes every batch-norm layer (batchnorm, batchrenorm, ghostbatchnorm): from now
+  // on they normalize with their running statistics in training too, never update
+  // them, and still train γ and β. The spec records it (frozen=1), so checkpoints
+  // and to_string() keep it. Returns the number of layers frozen.
+  int freeze_batch_norm();
 
   std::vector<Parameter*> parameters();
   // Parameters and buffers by qualified name ("3.weight", "4.running_mean").

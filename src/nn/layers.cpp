@@ -709,7 +709,8 @@ class Flatten final : public Layer {
 // PyTorch's conventions; running statistics are buffers, not parameters.
 class BatchNorm final : public Layer {
  public:
-  BatchNorm(int64_t channels, double eps, double momentum) : c_(channels) {
+  BatchNorm(int64_t channels, double eps, double momentum, bool frozen)
+      : c_(channels), frozen_(frozen) {
     options_.eps = eps;
     options_.momentum = momentum;
     gamma_ = {"weight", std::vector<float>(c_, 1.0f), std::vector<float>(c_)};
@@ -724,7 +725,8 @@ class BatchNorm final : public Layer {
   std::string type() const override { return "batchnorm"; }
   std::string describe() const override {
     std::ostringstream s;
-    s << "batchnorm(" << c_ << ", eps " << options_.eps << ", momentum " << *options_.momentum << ")";
+    s << "batchnorm(" << c_ << ", eps " << options_.eps << ", momentum " << *options_.momentum
+      << (frozen_ ? ", frozen" : "") << ")";
     return s.str();
   }
   std::vector<int64_t> output_shape(const std::vector<int64_t>& input) const override {
@@ -735,7 +737,7 @@ class BatchNorm final : public Layer {
   const Tensor& forward(const Tensor& x, Mode mode) override {
     input_ = &x;
     y_.reshape(x.shape, x.format);
-    if (mode == Mode::train) {
+    if (mode == Mode::train && !frozen_) {
       int64_t tracked = static_cast<int64_t>(batches_[0]);
       batch_norm_forward_training<float>(x.view(), y_.view(), gamma_.value, beta_.value,
                                          {save_mean_, save_invstd_},
@@ -744,6 +746,10 @@ class BatchNorm final : public Layer {
     } else {
       batch_norm_forward_inference<float>(x.view(), y_.view(), gamma_.value, beta_.value,
                                           running_mean_, running_var_, options_.eps);
+      if (mode == Mode::train) {  // frozen: backward uses the statistics of this forward
+        save_mean_ = running_mean_;
+        batch_norm_invstd<float>(running_var_, options_.eps, save_invstd_);
+      }
     }
     return y_;
   }
@@ -761,7 +767,8 @@ class BatchNorm final : public Layer {
     dgamma.resize(c_);
     dbeta.resize(c_);
     batch_norm_backward<float>(input_->view(), dy.view(), dx, gamma_.value, save_mean_,
-                               save_invstd_, dgamma, dbeta, BackwardMode::training);
+                               save_invstd_, dgamma, dbeta,
+                               frozen_ ? BackwardMode::frozen : BackwardMode::training);
     for (int64_t c = 0; c < c_; ++c) {
       gamma_.grad[c] += dgamma[c];
       beta_.grad[c] += dbeta[c];
@@ -780,9 +787,14 @@ class BatchNorm final : public Layer {
     std::fill(running_var_.begin(), running_var_.end(), 1.0f);
     batches_[0] = 0.0f;
   }
+  bool set_frozen(bool frozen) override {
+    frozen_ = frozen;
+    return true;
+  }
 
  private:
   int64_t c_;
+  bool frozen_;
   BatchNormOptions options_;
   Parameter gamma_, beta_;
   std::vector<float> running_mean_, running_var_, batches_;
@@ -840,9 +852,10 @@ std::unique_ptr<Layer> make_layer(const ModelSpec::LayerSpec& spec,
     const double eps = option_or(spec, "eps", 1e-5), momentum = option_or(spec, "momentum", 0.1);
     if (!(eps > 0)) fail_invalid("batchnorm: eps must be positive, got ", eps);
     if (!(momentum >= 0 && momentum <= 1)) fail_invalid("batchnorm: momentum must be in [0, 1], got ", momentum);
-    return std::make_unique<BatchNorm>(input[0], eps, momentum);
+    return std::make_unique<BatchNorm>(input[0], eps, momentum, option_or(spec, "frozen", 0) != 0);
   }
   if (t == "layernorm") return make_layer_norm(input, option_or(spec, "eps", 1e-5), format);
+  if (t == "batchrenorm" || t == "ghostbatchnorm") return make_bn_variant_layer(spec, input);
   fail_invalid("unknown layer type '", t, "'");
 }
 

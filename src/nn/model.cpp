@@ -58,6 +58,16 @@ void Model::backward(const Tensor& dlogits) {
   for (size_t i = layers_.size(); i-- > first;) grad = &layers_[i]->backward(*grad, i > first);
 }
 
+int Model::freeze_batch_norm() {
+  int frozen = 0;
+  for (size_t i = 0; i < layers_.size(); ++i)
+    if (layers_[i]->set_frozen(true)) {
+      spec_.layers[i].options.insert_or_assign("frozen", std::string("1"));
+      ++frozen;
+    }
+  return frozen;
+}
+
 void Model::zero_grad() {
   for (auto* p : parameters()) std::fill(p->grad.begin(), p->grad.end(), 0.0f);
 }
