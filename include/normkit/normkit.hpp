@@ -1,6 +1,7 @@
 #pragma once
 // normkit: normalization layers for CPUs, exact against PyTorch and deterministic.
 #include "normkit/batch_norm.hpp"
+#include "normkit/batch_norm_fused.hpp"
 #include "normkit/error.hpp"
 #include "normkit/moments.hpp"
 #include "normkit/tensor.hpp"
