@@ -60,6 +60,9 @@ const std::vector<ShapeRow>& shape_table() {
       {"bn2d", {32, 2048, 7, 7}, {Memory::channels_first, Memory::channels_last}, true},
       {"bn1d", {256, 1024}, {Memory::channels_first}, true},
       {"bn1d", {32, 4096}, {Memory::channels_first}, true},
+      // Fused BN+ReLU and BN+Add+ReLU against the unfused sequences (normkit's, PyTorch's).
+      {"bn_relu", {32, 64, 56, 56}, {Memory::channels_first, Memory::channels_last}, true},
+      {"bn_add_relu", {32, 64, 56, 56}, {Memory::channels_first, Memory::channels_last}, true},
   };
   return rows;
 }

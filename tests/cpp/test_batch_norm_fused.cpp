@@ -43,6 +43,8 @@ struct Case {
   Arrangement arr;
 };
 
+void PrintTo(const Case& c, std::ostream* os) { *os << c.name << " " << c.arr.describe(); }
+
 std::vector<Case> cases() {
   std::vector<Case> out;
   auto add = [&](std::string name, Arrangement a) { out.push_back({std::move(name), std::move(a)}); };
