@@ -119,7 +119,11 @@ __attribute__((target("avx512f"))) void expand_bytes_avx512(const float* dy, con
   for (; j + 2 <= bytes; j += 2) {
     uint16_t m;
     std::memcpy(&m, bits + j, 2);
-    _mm512_storeu_ps(g + 8 * j, _mm512_maskz_loadu_ps(m, dy + 8 * j));
+    // A plain load, then the mask: a masked load streams much slower here, and
+    // the empty asm keeps the compiler from folding the two back into one.
+    __m512 v = _mm512_loadu_ps(dy + 8 * j);
+    asm("" : "+v"(v));
+    _mm512_storeu_ps(g + 8 * j, _mm512_maskz_mov_ps(m, v));
   }
   expand_bytes_scalar(dy + 8 * j, bits + j, bytes - j, g + 8 * j);
 }
@@ -208,6 +212,9 @@ constexpr int64_t kRowChunkElements = 65536;
 constexpr int64_t kMaxChunkRows = 64;
 constexpr int64_t kMaxStripes = 32;
 constexpr int kDoubleLanes = 32;
+// g is expanded from the bits in blocks this small, so that the reads of dy
+// (expanding) and of x (using g) alternate quickly and both stream at once.
+constexpr int64_t kExpandBlock = 512;
 
 // Per-thread scratch reused across calls (fresh pages would fault); `slot`
 // tells one call's buffers apart.
@@ -454,28 +461,30 @@ GradientSums piece_gradient_sums(const FusedBackward<float>& p, int64_t c, const
                                  float* g) {
   const auto center = static_cast<float>(p.mean[c]);
   double sum_g = 0, sum_g_xc = 0;
-  for (int64_t r = s.first_run; r < s.first_run + s.runs; ++r) {
-    expand_bits(p.dy + p.dy_geom.offset(r, c, s.first_inner), p.mask,
-                p.order.bit(r, c, s.first_inner), s.len, g);
-    const GradientSums run = gradient_sums_run(p.x + p.x_geom.offset(r, c, s.first_inner), g, s.len, center);
-    sum_g += run.sum_g;
-    sum_g_xc += run.sum_g_xc;
-  }
+  for (int64_t r = s.first_run; r < s.first_run + s.runs; ++r)
+    for (int64_t i0 = 0; i0 < s.len; i0 += kExpandBlock) {
+      const int64_t i = s.first_inner + i0, len = std::min(kExpandBlock, s.len - i0);
+      expand_bits(p.dy + p.dy_geom.offset(r, c, i), p.mask, p.order.bit(r, c, i), len, g);
+      const GradientSums block = gradient_sums_run(p.x + p.x_geom.offset(r, c, i), g, len, center);
+      sum_g += block.sum_g;
+      sum_g_xc += block.sum_g_xc;
+    }
   // The float centre's error, taken off in double.
   return {sum_g, sum_g_xc - sum_g * (p.mean[c] - center)};
 }
 
 void piece_backward_apply(const FusedBackward<float>& p, int64_t c, const Pieces::Span& s,
                           BackwardCoefficients k, float* scratch_g) {
-  for (int64_t r = s.first_run; r < s.first_run + s.runs; ++r) {
-    // dz is g itself: expand straight into it.
-    float* g = p.dz ? p.dz + p.dz_geom.offset(r, c, s.first_inner) : scratch_g;
-    expand_bits(p.dy + p.dy_geom.offset(r, c, s.first_inner), p.mask,
-                p.order.bit(r, c, s.first_inner), s.len, g);
-    if (p.dx)
-      backward_apply_run(p.x + p.x_geom.offset(r, c, s.first_inner), g,
-                         p.dx + p.dx_geom.offset(r, c, s.first_inner), s.len, k);
-  }
+  for (int64_t r = s.first_run; r < s.first_run + s.runs; ++r)
+    for (int64_t i0 = 0; i0 < s.len; i0 += kExpandBlock) {
+      const int64_t i = s.first_inner + i0, len = std::min(kExpandBlock, s.len - i0);
+      // dz is g itself: expand straight into it.
+      float* g = p.dz ? p.dz + p.dz_geom.offset(r, c, i) : scratch_g;
+      expand_bits(p.dy + p.dy_geom.offset(r, c, i), p.mask, p.order.bit(r, c, i), len, g);
+      if (p.dx)
+        backward_apply_run(p.x + p.x_geom.offset(r, c, i), g, p.dx + p.dx_geom.offset(r, c, i),
+                           len, k);
+    }
 }
 
 BackwardCoefficients finish_channel(const FusedBackward<float>& p, int64_t c, double sum_g,
@@ -491,7 +500,7 @@ void planes_backward(const FusedBackward<float>& p) {
   const Geometry& g = p.x_geom;
   const Pieces pieces(g);
   const int threads = threads_for(2 * g.channels * g.reduction_size());
-  const auto scratch_len = static_cast<size_t>(std::min(g.inner, kPieceElements));
+  const auto scratch_len = static_cast<size_t>(std::min(g.inner, kExpandBlock));
   const bool second_pass = p.dx || p.dz;
   if (whole_channels_per_thread(g.channels, threads)) {
 #pragma omp parallel num_threads(threads)
@@ -769,17 +778,21 @@ void rows_backward(const FusedBackward<float>& p) {
     mean_hi[c] = static_cast<float>(p.mean[c]);
     mean_error[c] = p.mean[c] - mean_hi[c];
   }
-  const auto chunk_elements = static_cast<size_t>(plan.chunk_rows * C);
+  const int64_t block_rows = std::clamp<int64_t>(kExpandBlock / std::max<int64_t>(C, 1), 1, plan.chunk_rows);
+  const auto chunk_elements = static_cast<size_t>(block_rows * C);
 #pragma omp parallel num_threads(threads)
   {
     float* const g = scratch<float>(2, chunk_elements);
 #pragma omp for schedule(static)
     for (int64_t s = 0; s < plan.stripes; ++s)
       for (int64_t chunk = plan.first_chunk(s); chunk < plan.first_chunk(s + 1); ++chunk) {
-        const int64_t r0 = plan.first_row(chunk), rows = plan.rows_in(chunk);
-        rows_expand_chunk(p, r0, rows, g);
-        rows_gradient_sums_chunk(p.x + r0 * gx.outer_stride, gx.outer_stride, g, rows, C,
-                                 mean_hi.data(), stripe_g + s * C, stripe_g_xmu + s * C);
+        const int64_t first = plan.first_row(chunk), end = first + plan.rows_in(chunk);
+        for (int64_t r0 = first; r0 < end; r0 += block_rows) {
+          const int64_t rows = std::min(block_rows, end - r0);
+          rows_expand_chunk(p, r0, rows, g);
+          rows_gradient_sums_chunk(p.x + r0 * gx.outer_stride, gx.outer_stride, g, rows, C,
+                                   mean_hi.data(), stripe_g + s * C, stripe_g_xmu + s * C);
+        }
       }
 #pragma omp for schedule(static)
     for (int64_t c = 0; c < C; ++c) {
@@ -797,7 +810,9 @@ void rows_backward(const FusedBackward<float>& p) {
     if (p.dx || p.dz) {
 #pragma omp for schedule(static)
       for (int64_t chunk = 0; chunk < plan.chunks; ++chunk) {
-        const int64_t r0 = plan.first_row(chunk), rows = plan.rows_in(chunk);
+        const int64_t first = plan.first_row(chunk), end = first + plan.rows_in(chunk);
+        for (int64_t r0 = first; r0 < end; r0 += block_rows) {
+        const int64_t rows = std::min(block_rows, end - r0);
         rows_expand_chunk(p, r0, rows, g);
         if (p.dx)
           rows_backward_apply_chunk(p.x + r0 * gx.outer_stride, gx.outer_stride, g,
@@ -806,6 +821,7 @@ void rows_backward(const FusedBackward<float>& p) {
         if (p.dz)
           for (int64_t r = 0; r < rows; ++r)
             std::copy(g + r * C, g + (r + 1) * C, p.dz + (r0 + r) * p.dz_geom.outer_stride);
+        }
       }
     }
   }
