@@ -194,7 +194,6 @@ std::array<Geometry, 3> checked_forward(ConstTensorView<T> x, const ConstTensorV
     fail_invalid("y: in-place output must have the same strides as x");
   if (z && y.data == z->data && !(gz == gy))
     fail_invalid("y: in-place output must have the same strides as z");
-  if (z && z->data == x.data) fail_invalid("z: must not be x itself");
   if (z)
     unify<T>(x, gx, {{&gy, y}, {&gz, *z}});
   else

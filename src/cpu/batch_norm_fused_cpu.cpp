@@ -15,8 +15,9 @@
 // re-read from cache for the apply pass, as the unfused BN kernel does.
 //
 // Backward = the BN backward of g = mask ? dy : 0, where g is expanded from the
-// bits into a small per-thread buffer (L1) right before each leaf loop uses it:
-// it never exists as a tensor, and the mask costs 1/32 of dy's bytes.
+// bits into a small per-thread buffer (L1, 512 elements at a time) right before
+// each leaf loop uses it: it never exists as a tensor, and the mask costs 1/32
+// of dy's bytes. (BN+Add+ReLU expands straight into dz, which is g.)
 //
 // Determinism: the pieces, chunks and merge orders depend only on the geometry,
 // and mask bytes shared by two runs (threads) are updated with atomic and/or on
@@ -812,15 +813,15 @@ void rows_backward(const FusedBackward<float>& p) {
       for (int64_t chunk = 0; chunk < plan.chunks; ++chunk) {
         const int64_t first = plan.first_row(chunk), end = first + plan.rows_in(chunk);
         for (int64_t r0 = first; r0 < end; r0 += block_rows) {
-        const int64_t rows = std::min(block_rows, end - r0);
-        rows_expand_chunk(p, r0, rows, g);
-        if (p.dx)
-          rows_backward_apply_chunk(p.x + r0 * gx.outer_stride, gx.outer_stride, g,
-                                    p.dx + r0 * p.dx_geom.outer_stride, p.dx_geom.outer_stride,
-                                    rows, C, mean_hi.data(), a.data(), b.data(), k.data());
-        if (p.dz)
-          for (int64_t r = 0; r < rows; ++r)
-            std::copy(g + r * C, g + (r + 1) * C, p.dz + (r0 + r) * p.dz_geom.outer_stride);
+          const int64_t rows = std::min(block_rows, end - r0);
+          rows_expand_chunk(p, r0, rows, g);
+          if (p.dx)
+            rows_backward_apply_chunk(p.x + r0 * gx.outer_stride, gx.outer_stride, g,
+                                      p.dx + r0 * p.dx_geom.outer_stride, p.dx_geom.outer_stride,
+                                      rows, C, mean_hi.data(), a.data(), b.data(), k.data());
+          if (p.dz)
+            for (int64_t r = 0; r < rows; ++r)
+              std::copy(g + r * C, g + (r + 1) * C, p.dz + (r0 + r) * p.dz_geom.outer_stride);
         }
       }
     }

@@ -589,3 +589,54 @@ TEST(BatchNormFusedErrors, RejectedBeforeAnythingChanges) {
 }
 
 }  // namespace
+
+namespace {
+
+// y may overwrite x (or z) in place, and z may be x itself: relu(BN(x) + x).
+TEST(BatchNormFusedInPlace, SameResultsAsOutOfPlace) {
+  for (const Layout layout : {Layout::NCHW, Layout::NHWC}) {
+    SCOPED_TRACE(std::string(normkit::to_string(layout)));
+    const Logical g{3, 5, {7, 9}};
+    const Arrangement arr = dense(layout, g);
+    const Data d = make_data(g, "in place");
+    const auto bytes = static_cast<size_t>(normkit::relu_mask_bytes(g.numel()));
+    Buffer<float> xb(arr), zb(arr), yb(arr);
+    xb.scatter(d.x);
+    zb.scatter(d.z);
+    std::vector<uint8_t> mask(bytes), mask2(bytes);
+    std::vector<float> mean(g.c), invstd(g.c), mean2(g.c), invstd2(g.c);
+    normkit::batch_norm_add_relu_forward_training<float>(xb.cview(), zb.cview(), yb.view(), mask,
+                                                         d.gamma, d.beta, {mean, invstd}, {});
+    Buffer<float> inplace(arr);
+    inplace.scatter(d.x);
+    normkit::batch_norm_add_relu_forward_training<float>(inplace.cview(), zb.cview(),
+                                                         inplace.view(), mask2, d.gamma, d.beta,
+                                                         {mean2, invstd2}, {});
+    EXPECT_TRUE(bitwise_equal("y in place of x", inplace.storage, yb.storage));
+    EXPECT_EQ(mask2, mask);
+    EXPECT_TRUE(bitwise_equal("save_mean", mean2, mean));
+
+    // z = x: the same as an out-of-place z holding x's values.
+    Buffer<float> zx(arr), y_alias(arr), y_copy(arr);
+    zx.scatter(d.x);
+    normkit::batch_norm_add_relu_forward_training<float>(xb.cview(), xb.cview(), y_alias.view(),
+                                                         mask, d.gamma, d.beta, {}, {});
+    normkit::batch_norm_add_relu_forward_training<float>(xb.cview(), zx.cview(), y_copy.view(),
+                                                         mask2, d.gamma, d.beta, {}, {});
+    EXPECT_TRUE(bitwise_equal("y with z = x", y_alias.storage, y_copy.storage));
+    EXPECT_EQ(mask2, mask);
+
+    // Backward: dx may overwrite dy.
+    Buffer<float> dyb(arr), dxb(arr);
+    dyb.scatter(d.dy);
+    std::vector<float> dgamma(g.c), dbeta(g.c), dgamma2(g.c), dbeta2(g.c);
+    normkit::batch_norm_relu_backward<float>(xb.cview(), dyb.cview(), mask, dxb.view(), d.gamma,
+                                             mean, invstd, dgamma, dbeta);
+    normkit::batch_norm_relu_backward<float>(xb.cview(), dyb.cview(), mask, dyb.view(), d.gamma,
+                                             mean, invstd, dgamma2, dbeta2);
+    EXPECT_TRUE(bitwise_equal("dx in place of dy", dyb.storage, dxb.storage));
+    EXPECT_TRUE(bitwise_equal("dgamma", dgamma2, dgamma));
+  }
+}
+
+}  // namespace
