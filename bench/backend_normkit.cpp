@@ -144,6 +144,130 @@ std::vector<Case> layer_norm_cases(Data& data) {
   };
 }
 
+// ---- fused BN+ReLU / BN+Add+ReLU ("bn_relu", "bn_add_relu") next to normkit's
+// own unfused sequence: BN, then a separate (add and) ReLU pass; backward: a
+// mask-apply pass g = (y > 0) ? dy : 0 (= dz), then BN backward of g.
+
+struct FusedState : State {
+  bool add = false;
+  Buffer z, dz, bn, g;  // residual and its gradient; the unfused intermediates
+  TensorView<float> zv, dzv;
+  std::vector<uint8_t> mask;
+  int64_t numel = 0;
+
+  void fused_forward() {
+    if (add)
+      normkit::batch_norm_add_relu_forward_training<float>(x, zv, y, mask, gamma, beta,
+                                                           {save_mean, save_invstd},
+                                                           {running_mean, running_var, &batches});
+    else
+      normkit::batch_norm_relu_forward_training<float>(x, y, mask, gamma, beta,
+                                                       {save_mean, save_invstd},
+                                                       {running_mean, running_var, &batches});
+  }
+  void fused_backward() {
+    if (add)
+      normkit::batch_norm_add_relu_backward<float>(x, dy, mask, dx, dzv, gamma, save_mean,
+                                                   save_invstd, dgamma, dbeta);
+    else
+      normkit::batch_norm_relu_backward<float>(x, dy, mask, dx, gamma, save_mean, save_invstd,
+                                               dgamma, dbeta);
+  }
+  // The unfused sequence: every pass its own loop over whole tensors.
+  void unfused_forward() {
+    TensorView<float> bn_view = y;
+    bn_view.data = bn.data();
+    normkit::batch_norm_forward_training<float>(x, bn_view, gamma, beta, {save_mean, save_invstd},
+                                                {running_mean, running_var, &batches});
+    const float* b = bn.data();
+    const float* zp = z.data();
+    float* out = y.data;
+    const int64_t n = numel;
+    if (add) {
+#pragma omp parallel for num_threads(normkit::num_threads()) schedule(static)
+      for (int64_t i = 0; i < n; ++i) {
+        const float p = b[i] + zp[i];
+        out[i] = p < 0.0f ? 0.0f : p;
+      }
+    } else {
+#pragma omp parallel for num_threads(normkit::num_threads()) schedule(static)
+      for (int64_t i = 0; i < n; ++i) out[i] = b[i] < 0.0f ? 0.0f : b[i];
+    }
+  }
+  void unfused_backward() {
+    const float* out = y.data;
+    const float* d = dy.data;
+    float* gp = add ? dz.data() : g.data();
+    const int64_t n = numel;
+#pragma omp parallel for num_threads(normkit::num_threads()) schedule(static)
+    for (int64_t i = 0; i < n; ++i) {
+      const float grad = d[i];  // loaded unconditionally, so the loop vectorizes as a blend
+      gp[i] = out[i] > 0.0f ? grad : 0.0f;
+    }
+    TensorView<const float> g_view = x;
+    g_view.data = gp;
+    normkit::batch_norm_backward<float>(x, g_view, dx, gamma, save_mean, save_invstd, dgamma,
+                                        dbeta, normkit::BackwardMode::training);
+  }
+};
+
+std::vector<Case> fused_cases(Data& data, bool add) {
+  const Problem& p = data.problem;
+  const auto sizes = sizes_in_memory_order(p);
+  const Layout layout = layout_of(p);
+  const auto c = static_cast<size_t>(p.channels());
+  auto s = std::make_shared<FusedState>();
+  s->add = add;
+  s->numel = p.numel();
+  s->x = TensorView<float>::contiguous(data.x.data(), sizes, layout);
+  s->dy = TensorView<float>::contiguous(data.dy.data(), sizes, layout);
+  s->y = TensorView<float>::contiguous(data.y.data(), sizes, layout);
+  s->dx = TensorView<float>::contiguous(data.dx.data(), sizes, layout);
+  // The residual: its own pages, with dy's values (the same in every library).
+  s->z = Buffer(p.numel());
+  std::copy(data.dy.data(), data.dy.data() + p.numel(), s->z.data());
+  s->dz = Buffer(p.numel());
+  s->bn = Buffer(p.numel());
+  s->g = Buffer(p.numel());
+  s->zv = TensorView<float>::contiguous(s->z.data(), sizes, layout);
+  s->dzv = TensorView<float>::contiguous(s->dz.data(), sizes, layout);
+  s->mask.resize(static_cast<size_t>(normkit::relu_mask_bytes(p.numel())));
+  s->gamma.assign(data.gamma.data(), data.gamma.data() + c);
+  s->beta.assign(data.beta.data(), data.beta.data() + c);
+  s->running_mean.assign(data.running_mean.data(), data.running_mean.data() + c);
+  s->running_var.assign(data.running_var.data(), data.running_var.data() + c);
+  s->save_mean.resize(c);
+  s->save_invstd.resize(c);
+  s->dgamma.resize(c);
+  s->dbeta.resize(c);
+  s->fused_forward();  // the mask and statistics the backward cases use
+
+  const std::string note = std::string("Layout::") + std::string(normkit::to_string(layout));
+  const std::string unfused_note =
+      note + (add ? ", BN then add+relu pass; bwd: mask pass then BN bwd"
+                  : ", BN then relu pass; bwd: mask pass then BN bwd");
+  const auto y = [s] { return static_cast<const float*>(s->y.data); };
+  const auto dx = [s] { return static_cast<const float*>(s->dx.data); };
+  return {
+      {"normkit", Op::forward_training, note + ", fused", [s] { s->fused_forward(); }, y},
+      {"normkit", Op::backward, note + ", fused, bit mask", [s] { s->fused_backward(); }, dx},
+      {"normkit", Op::forward_backward, note + ", fused",
+       [s] {
+         s->fused_forward();
+         s->fused_backward();
+       },
+       dx},
+      {"normkit-unfused", Op::forward_training, unfused_note, [s] { s->unfused_forward(); }, y},
+      {"normkit-unfused", Op::backward, unfused_note, [s] { s->unfused_backward(); }, dx},
+      {"normkit-unfused", Op::forward_backward, unfused_note,
+       [s] {
+         s->unfused_forward();
+         s->unfused_backward();
+       },
+       dx},
+  };
+}
+
 }  // namespace
 
 Backend normkit_backend() {
@@ -152,6 +276,8 @@ Backend normkit_backend() {
             const std::string& kind = data.problem.kind;
             if (kind == "bn1d" || kind == "bn2d" || kind == "bn3d") return batch_norm_cases(data);
             if (kind == "layer_norm") return layer_norm_cases(data);
+            if (kind == "bn_relu") return fused_cases(data, false);
+            if (kind == "bn_add_relu") return fused_cases(data, true);
             return {};
           }};
 }

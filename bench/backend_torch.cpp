@@ -14,6 +14,8 @@
 #include <ATen/ops/native_batch_norm_backward.h>
 #include <ATen/ops/native_layer_norm.h>
 #include <ATen/ops/native_layer_norm_backward.h>
+#include <ATen/ops/relu.h>
+#include <ATen/ops/threshold_backward.h>
 #include <torch/version.h>
 
 #include <cstdio>
@@ -126,6 +128,72 @@ std::vector<Case> layer_norm_cases(Data& data) {
   };
 }
 
+// relu(bn(x)) and relu(bn(x) + z) as a PyTorch model runs them (torchvision's
+// BasicBlock: out = bn(x); out += identity; out = relu(out), the last two in
+// place), and autograd's backward: threshold_backward(dy, y, 0) (= dz), then
+// native_batch_norm_backward.
+struct FusedState : State {
+  bool add = false;
+  at::Tensor z, y, g;
+
+  void fused_forward() {
+    at::Tensor bn;
+    std::tie(bn, save_mean, save_invstd) = at::native_batch_norm(
+        x, weight, bias, running_mean, running_var, /*training=*/true, kMomentum, kEps);
+    if (add) bn.add_(z);
+    y = at::relu_(bn);
+    out = y;
+  }
+  void fused_backward() {
+    g = at::threshold_backward(dy, y, 0);
+    out = std::get<0>(at::native_batch_norm_backward(g, x, weight, running_mean, running_var,
+                                                     save_mean, save_invstd, /*train=*/true, kEps,
+                                                     {true, true, true}));
+  }
+};
+
+std::vector<Case> fused_cases(Data& data, bool add) {
+  const Problem& p = data.problem;
+  const std::vector<int64_t> strides = p.strides();
+  const std::vector<int64_t> channel_size = {p.channels()};
+  auto s = std::make_shared<FusedState>();
+  s->add = add;
+  s->x = wrap(data.x, p.sizes, strides);
+  s->dy = wrap(data.dy, p.sizes, strides);
+  s->z = wrap(data.dy, p.sizes, strides).clone();  // own pages, dy's values (as normkit's)
+  s->weight = wrap(data.gamma, channel_size, {1}).clone();
+  s->bias = wrap(data.beta, channel_size, {1}).clone();
+  s->running_mean = wrap(data.running_mean, channel_size, {1}).clone();
+  s->running_var = wrap(data.running_var, channel_size, {1}).clone();
+  s->fused_forward();
+
+  std::string note = std::string(p.memory == Memory::channels_last ? "channels_last" : "contiguous") +
+                     (add ? ", bn, add_, relu_" : ", bn, relu_") +
+                     "; bwd: threshold_backward, bn bwd" +
+                     // A pre-activation within float rounding of 0 may take the other side of
+                     // the ReLU in PyTorch (its channels_last statistics are summed in float):
+                     // those few elements make the backward diff large.
+                     (p.memory == Memory::channels_last ? " (diff: ReLU kink flips)" : "");
+  // Read back in the problem's memory order (the cross-check only; not timed):
+  // threshold_backward's output need not keep dy's channels_last strides.
+  const auto format = p.memory == Memory::channels_last && p.rank() == 4 ? at::MemoryFormat::ChannelsLast
+                                                                         : at::MemoryFormat::Contiguous;
+  const auto out = [s, format] {
+    s->out = s->out.contiguous(format);
+    return static_cast<const float*>(s->out.data_ptr<float>());
+  };
+  return {
+      {"torch", Op::forward_training, note, [s] { s->fused_forward(); }, out},
+      {"torch", Op::backward, note, [s] { s->fused_backward(); }, out},
+      {"torch", Op::forward_backward, note,
+       [s] {
+         s->fused_forward();
+         s->fused_backward();
+       },
+       out},
+  };
+}
+
 }  // namespace
 
 Backend torch_backend() {
@@ -142,6 +210,8 @@ Backend torch_backend() {
             const std::string& kind = data.problem.kind;
             if (kind == "bn1d" || kind == "bn2d" || kind == "bn3d") return batch_norm_cases(data);
             if (kind == "layer_norm") return layer_norm_cases(data);
+            if (kind == "bn_relu") return fused_cases(data, false);
+            if (kind == "bn_add_relu") return fused_cases(data, true);
             return {};
           }};
 }

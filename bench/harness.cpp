@@ -165,11 +165,16 @@ Case streaming_copy_case(Data& data, int threads) {
 
 double minimal_bytes(Op op, const Problem& problem) {
   const double tensor = static_cast<double>(problem.numel()) * sizeof(float);
+  // bn_add_relu also reads the residual (forward) and writes its gradient (backward).
+  const double residual = problem.kind == "bn_add_relu" ? tensor : 0.0;
   switch (op) {
     case Op::backward:
-      return 3 * tensor;
+      return 3 * tensor + residual;
     case Op::forward_backward:
-      return 5 * tensor;
+      return 5 * tensor + 2 * residual;
+    case Op::forward_training:
+    case Op::inference:
+      return 2 * tensor + residual;
     default:
       return 2 * tensor;
   }

@@ -20,7 +20,8 @@ namespace normkit_bench {
 // channels_last_3d (NHWC, NDHWC). For rank 2 (NC) both are the same.
 enum class Memory { channels_first, channels_last };
 
-// One measured shape. `kind` names the normalization ("bn1d", "bn2d", "bn3d";
+// One measured shape. `kind` names the normalization ("bn1d", "bn2d", "bn3d",
+// "bn_relu" and "bn_add_relu" for the fused BN+ReLU and BN+Add+ReLU;
 // later "layer_norm", "group_norm"); a library that does not know a kind offers
 // no cases for it.
 struct Problem {

@@ -62,6 +62,9 @@ const std::vector<ShapeRow>& shape_table() {
       {"bn1d", {32, 4096}, {Memory::channels_first}, true},
       // LayerNorm over the last dimension: 8192 rows (tokens) of 768 (BERT-base).
       {"layer_norm", {8192, 768}, {Memory::channels_first}, false},
+      // Fused BN+ReLU and BN+Add+ReLU against the unfused sequences (normkit's, PyTorch's).
+      {"bn_relu", {32, 64, 56, 56}, {Memory::channels_first, Memory::channels_last}, true},
+      {"bn_add_relu", {32, 64, 56, 56}, {Memory::channels_first, Memory::channels_last}, true},
   };
   return rows;
 }

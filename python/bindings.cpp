@@ -899,6 +899,290 @@ py::tuple ghost_backward(py::array x, const py::object& dy_object, const py::obj
 
 // Sections defined after the module body (each in its own part of this file).
 void add_standardizer(py::module_& m);
+// ---------------------------------------------------------------------------
+// Fused BN+ReLU and BN+Add+ReLU (normkit/batch_norm_fused.hpp). The ReLU mask
+// is a 1-D uint8 array of ceil(x.size / 8) bytes, bits in x's memory order
+// (which a copy in order "K" keeps, so x may be compacted below without
+// changing the meaning of a mask).
+namespace fused {
+
+py::array_t<uint8_t> mask_out(const py::object& object, int64_t numel) {
+  const int64_t bytes = nk::relu_mask_bytes(numel);
+  if (object.is_none()) return py::array_t<uint8_t>(bytes);
+  if (!py::isinstance<py::array_t<uint8_t>>(object))
+    type_error("mask: expected a numpy.ndarray of uint8 (it is written), got " + type_name(object));
+  auto a = py::reinterpret_borrow<py::array_t<uint8_t>>(object);
+  if (a.ndim() != 1 || !(a.flags() & py::array::c_style))
+    value_error("mask: expected a contiguous 1-D array, got shape " + shape_of(a));
+  if (!a.writeable()) value_error("mask: array is read-only");
+  return a;
+}
+
+py::array_t<uint8_t> mask_in(const py::object& object) {
+  if (object.is_none()) value_error("mask is required (from the forward pass)");
+  py::array a = py::array::ensure(object);
+  if (!a || !has_dtype<uint8_t>(a))
+    type_error("mask: expected an array of uint8 (from the forward pass)");
+  if (a.ndim() != 1) value_error("mask: expected a 1-D array, got shape " + shape_of(a));
+  return py::array_t<uint8_t, py::array::c_style>::ensure(a);
+}
+
+bool dense(const py::array& a) {
+  return a.attr("strides").equal(numpy().attr("empty_like")(a).attr("strides"));
+}
+
+// x compacted in its own memory order when it has gaps (z and dz must have
+// x's strides, and new arrays are dense); z brought to x's strides.
+template <class T>
+std::pair<py::array, std::optional<py::array>> inputs(py::array x, const py::object& z_object) {
+  x = readable<T>(x);
+  if (z_object.is_none()) return {x, std::nullopt};
+  if (!dense(x)) x = numpy().attr("array")(x, py::arg("copy") = true, py::arg("order") = "K");
+  py::array z = readable_like<T>(z_object, x, "residual");
+  if (!z.attr("strides").equal(x.attr("strides"))) {
+    py::array copy = numpy().attr("empty_like")(x);
+    copy_into(copy, z);
+    z = copy;
+  }
+  return {x, z};
+}
+
+std::span<uint8_t> bytes_of(py::array_t<uint8_t>& a) {
+  return {a.mutable_data(), static_cast<size_t>(a.size())};
+}
+
+template <class T>
+py::tuple forward_training(py::array x, const py::object& z_object, const py::object& weight,
+                           const py::object& bias, const py::object& running_mean,
+                           const py::object& running_var, const py::object& num_batches_tracked,
+                           const nk::BatchNormOptions& options,
+                           const std::optional<std::string>& layout_name, const py::object& out,
+                           const py::object& mask_object) {
+  const nk::Layout layout = layout_for(layout_name, x);
+  auto [xa, za] = inputs<T>(x, z_object);
+  py::array y = writable_like<T>(out, xa, "out");
+  check_no_partial_overlap(y, xa, "out", "x");
+  if (za) check_no_partial_overlap(y, *za, "out", "residual");
+  auto mask = mask_out(mask_object, xa.size());
+  const auto gamma = channel_values<T>(weight, "weight");
+  const auto beta = channel_values<T>(bias, "bias");
+  const std::string x_dtype = dtype_of(xa);
+  const std::span<T> mean = updated_in_place<T>(running_mean, "running_mean", x_dtype.c_str());
+  const std::span<T> var = updated_in_place<T>(running_var, "running_var", x_dtype.c_str());
+  int64_t* batches = counter_in_place(num_batches_tracked);
+  const int64_t channels = channels_of(xa, layout);
+  py::array_t<T> save_mean(channels), save_invstd(channels);
+  const auto xv = input_view<T>(xa, layout);
+  const auto yv = output_view<T>(y, layout);
+  const nk::SavedStats<T> saved{span_of(save_mean), span_of(save_invstd)};
+  const nk::RunningStats<T> running{mean, var, batches};
+  const auto mask_bytes = bytes_of(mask);
+  if (za) {
+    const auto zv = input_view<T>(*za, layout);
+    py::gil_scoped_release unlocked;
+    nk::batch_norm_add_relu_forward_training<T>(xv, zv, yv, mask_bytes, span_of(gamma),
+                                                span_of(beta), saved, running, options);
+  } else {
+    py::gil_scoped_release unlocked;
+    nk::batch_norm_relu_forward_training<T>(xv, yv, mask_bytes, span_of(gamma), span_of(beta),
+                                            saved, running, options);
+  }
+  return py::make_tuple(y, mask, save_mean, save_invstd);
+}
+
+template <class T>
+py::tuple forward_inference(py::array x, const py::object& z_object, const py::object& weight,
+                            const py::object& bias, const py::object& running_mean,
+                            const py::object& running_var, double eps,
+                            const std::optional<std::string>& layout_name, const py::object& out,
+                            const py::object& mask_object) {
+  const nk::Layout layout = layout_for(layout_name, x);
+  auto [xa, za] = inputs<T>(x, z_object);
+  py::array y = writable_like<T>(out, xa, "out");
+  check_no_partial_overlap(y, xa, "out", "x");
+  if (za) check_no_partial_overlap(y, *za, "out", "residual");
+  auto mask = mask_out(mask_object, xa.size());
+  const auto gamma = channel_values<T>(weight, "weight");
+  const auto beta = channel_values<T>(bias, "bias");
+  const auto mean = required_channel_values<T>(running_mean, "running_mean");
+  const auto var = required_channel_values<T>(running_var, "running_var");
+  const auto xv = input_view<T>(xa, layout);
+  const auto yv = output_view<T>(y, layout);
+  const std::span<const T> mean_s(mean.data(), static_cast<size_t>(mean.size()));
+  const std::span<const T> var_s(var.data(), static_cast<size_t>(var.size()));
+  const auto mask_bytes = bytes_of(mask);
+  if (za) {
+    const auto zv = input_view<T>(*za, layout);
+    py::gil_scoped_release unlocked;
+    nk::batch_norm_add_relu_forward_inference<T>(xv, zv, yv, mask_bytes, span_of(gamma),
+                                                 span_of(beta), mean_s, var_s, eps);
+  } else {
+    py::gil_scoped_release unlocked;
+    nk::batch_norm_relu_forward_inference<T>(xv, yv, mask_bytes, span_of(gamma), span_of(beta),
+                                             mean_s, var_s, eps);
+  }
+  return py::make_tuple(y, mask);
+}
+
+template <class T>
+py::tuple backward(py::array x, const py::object& dy_object, const py::object& mask_object,
+                   const py::object& weight, const py::object& mean_object,
+                   const py::object& invstd_object, const std::string& mode_name,
+                   const std::optional<std::string>& layout_name, const py::object& out,
+                   bool compute_dx, bool add) {
+  const nk::BackwardMode mode = mode_of(mode_name);
+  const nk::Layout layout = layout_for(layout_name, x);
+  x = readable<T>(x);
+  if (add && !dense(x)) x = numpy().attr("array")(x, py::arg("copy") = true, py::arg("order") = "K");
+  py::array dy = readable_like<T>(dy_object, x, "dy");
+  const auto mask = mask_in(mask_object);
+  std::optional<py::array> dx;
+  if (compute_dx) {
+    dx = writable_like<T>(out, x, "out");
+    check_no_partial_overlap(*dx, x, "out", "x");
+    check_no_partial_overlap(*dx, dy, "out", "dy");
+  } else if (!out.is_none()) {
+    value_error("out: given, but compute_dx is False");
+  }
+  std::optional<py::array> dz;
+  if (add) dz = numpy().attr("empty_like")(x);
+  const auto gamma = channel_values<T>(weight, "weight");
+  const auto mean = required_channel_values<T>(mean_object, "mean");
+  const auto invstd = required_channel_values<T>(invstd_object, "invstd");
+  const int64_t channels = channels_of(x, layout);
+  py::array_t<T> dgamma(channels), dbeta(channels);
+  const auto xv = input_view<T>(x, layout);
+  const auto dyv = input_view<T>(dy, layout);
+  nk::TensorView<T> dxv, dzv;
+  if (dx) dxv = output_view<T>(*dx, layout);
+  if (dz) dzv = output_view<T>(*dz, layout);
+  const std::span<const uint8_t> mask_bytes(mask.data(), static_cast<size_t>(mask.size()));
+  const std::span<const T> mean_s(mean.data(), static_cast<size_t>(mean.size()));
+  const std::span<const T> invstd_s(invstd.data(), static_cast<size_t>(invstd.size()));
+  {
+    py::gil_scoped_release unlocked;
+    if (add)
+      nk::batch_norm_add_relu_backward<T>(xv, dyv, mask_bytes, dxv, dzv, span_of(gamma), mean_s,
+                                          invstd_s, span_of(dgamma), span_of(dbeta), mode);
+    else
+      nk::batch_norm_relu_backward<T>(xv, dyv, mask_bytes, dxv, span_of(gamma), mean_s, invstd_s,
+                                      span_of(dgamma), span_of(dbeta), mode);
+  }
+  const py::object dx_result = dx ? py::object(*dx) : py::object(py::none());
+  if (add) return py::make_tuple(dx_result, *dz, dgamma, dbeta);
+  return py::make_tuple(dx_result, dgamma, dbeta);
+}
+
+void define(py::module_& m) {
+  auto training = [](bool add) {
+    return [add](const py::object& x_object, const py::object& residual, const py::object& weight,
+                 const py::object& bias, const py::object& running_mean,
+                 const py::object& running_var, const py::object& num_batches_tracked,
+                 std::optional<double> momentum, double eps,
+                 const std::optional<std::string>& layout, const py::object& out,
+                 const py::object& mask, const std::string& momentum_convention,
+                 const std::string& running_variance) {
+      const py::array x = float_array(x_object, "x");
+      if (add && residual.is_none()) value_error("residual is required");
+      const auto options = options_of(momentum, eps, momentum_convention, running_variance);
+      return by_dtype(x, [&](auto t) {
+        return forward_training<decltype(t)>(x, add ? residual : py::none(), weight, bias,
+                                             running_mean, running_var, num_batches_tracked,
+                                             options, layout, out, mask);
+      });
+    };
+  };
+  const char* training_doc = R"doc(Batch normalization with the batch's statistics, then [+ residual and] ReLU.
+
+Returns (y, mask, save_mean, save_invstd); mask is a uint8 array of ceil(x.size / 8)
+bytes, bit k (bit k % 8 of byte k // 8) = pre-activation > 0 for the element with the
+k-th lowest address in x. Other arguments as batch_norm_forward_training.)doc";
+  m.def("batch_norm_relu_forward_training",
+        [training](const py::object& x, const py::object& weight, const py::object& bias,
+                   const py::object& rm, const py::object& rv, const py::object& nbt,
+                   std::optional<double> momentum, double eps,
+                   const std::optional<std::string>& layout, const py::object& out,
+                   const py::object& mask, const std::string& mc, const std::string& rvar) {
+          return training(false)(x, py::none(), weight, bias, rm, rv, nbt, momentum, eps, layout,
+                                 out, mask, mc, rvar);
+        },
+        py::arg("x"), py::arg("weight") = py::none(), py::arg("bias") = py::none(),
+        py::arg("running_mean") = py::none(), py::arg("running_var") = py::none(),
+        py::arg("num_batches_tracked") = py::none(), py::arg("momentum") = 0.1,
+        py::arg("eps") = 1e-5, py::kw_only(), py::arg("layout") = py::none(),
+        py::arg("out") = py::none(), py::arg("mask") = py::none(),
+        py::arg("momentum_convention") = "weight_on_new", py::arg("running_variance") = "unbiased",
+        training_doc);
+  m.def("batch_norm_add_relu_forward_training", training(true), py::arg("x"), py::arg("residual"),
+        py::arg("weight") = py::none(), py::arg("bias") = py::none(),
+        py::arg("running_mean") = py::none(), py::arg("running_var") = py::none(),
+        py::arg("num_batches_tracked") = py::none(), py::arg("momentum") = 0.1,
+        py::arg("eps") = 1e-5, py::kw_only(), py::arg("layout") = py::none(),
+        py::arg("out") = py::none(), py::arg("mask") = py::none(),
+        py::arg("momentum_convention") = "weight_on_new", py::arg("running_variance") = "unbiased",
+        training_doc);
+
+  auto inference = [](bool add) {
+    return [add](const py::object& x_object, const py::object& residual, const py::object& weight,
+                 const py::object& bias, const py::object& running_mean,
+                 const py::object& running_var, double eps,
+                 const std::optional<std::string>& layout, const py::object& out,
+                 const py::object& mask) {
+      const py::array x = float_array(x_object, "x");
+      if (add && residual.is_none()) value_error("residual is required");
+      return by_dtype(x, [&](auto t) {
+        return forward_inference<decltype(t)>(x, add ? residual : py::none(), weight, bias,
+                                              running_mean, running_var, eps, layout, out, mask);
+      });
+    };
+  };
+  m.def("batch_norm_relu_forward_inference",
+        [inference](const py::object& x, const py::object& weight, const py::object& bias,
+                    const py::object& rm, const py::object& rv, double eps,
+                    const std::optional<std::string>& layout, const py::object& out,
+                    const py::object& mask) {
+          return inference(false)(x, py::none(), weight, bias, rm, rv, eps, layout, out, mask);
+        },
+        py::arg("x"), py::arg("weight") = py::none(), py::arg("bias") = py::none(),
+        py::arg("running_mean") = py::none(), py::arg("running_var") = py::none(),
+        py::arg("eps") = 1e-5, py::kw_only(), py::arg("layout") = py::none(),
+        py::arg("out") = py::none(), py::arg("mask") = py::none(),
+        "relu(batch_norm with running statistics): returns (y, mask).");
+  m.def("batch_norm_add_relu_forward_inference", inference(true), py::arg("x"),
+        py::arg("residual"), py::arg("weight") = py::none(), py::arg("bias") = py::none(),
+        py::arg("running_mean") = py::none(), py::arg("running_var") = py::none(),
+        py::arg("eps") = 1e-5, py::kw_only(), py::arg("layout") = py::none(),
+        py::arg("out") = py::none(), py::arg("mask") = py::none(),
+        "relu(batch_norm with running statistics + residual): returns (y, mask).");
+
+  auto grad = [](bool add) {
+    return [add](const py::object& x_object, const py::object& dy, const py::object& mask,
+                 const py::object& weight, const py::object& mean, const py::object& invstd,
+                 const std::string& mode, const std::optional<std::string>& layout,
+                 const py::object& out, bool compute_dx) {
+      const py::array x = float_array(x_object, "x");
+      return by_dtype(x, [&](auto t) {
+        return backward<decltype(t)>(x, dy, mask, weight, mean, invstd, mode, layout, out,
+                                     compute_dx, add);
+      });
+    };
+  };
+  m.def("batch_norm_relu_backward", grad(false), py::arg("x"), py::arg("dy"), py::arg("mask"),
+        py::arg("weight"), py::arg("mean"), py::arg("invstd"), py::kw_only(),
+        py::arg("mode") = "training", py::arg("layout") = py::none(), py::arg("out") = py::none(),
+        py::arg("compute_dx") = true,
+        "Gradients through relu(batch_norm(x)) given the forward's mask: (dx, dweight, dbias).");
+  m.def("batch_norm_add_relu_backward", grad(true), py::arg("x"), py::arg("dy"), py::arg("mask"),
+        py::arg("weight"), py::arg("mean"), py::arg("invstd"), py::kw_only(),
+        py::arg("mode") = "training", py::arg("layout") = py::none(), py::arg("out") = py::none(),
+        py::arg("compute_dx") = true,
+        "Gradients through relu(batch_norm(x) + residual) given the forward's mask: "
+        "(dx, dresidual, dweight, dbias).");
+  m.def("relu_mask_bytes", &nk::relu_mask_bytes, py::arg("numel"),
+        "Bytes of a ReLU mask for numel elements: ceil(numel / 8).");
+}
+
+}  // namespace fused
 
 PYBIND11_MODULE(_normkit, m) {
   m.doc() = "normkit's functional NumPy API: batch normalization on CPU, exact against PyTorch.";
@@ -1245,6 +1529,7 @@ once per slice in order. Returns (y, save_mean, save_invstd), the saved statisti
       py::arg("mean"), py::arg("invstd"), py::kw_only(), py::arg("layout") = py::none(),
       py::arg("out") = py::none(), py::arg("compute_dx") = true,
       "Gradients of ghost batch normalization: returns (dx, dweight, dbias).");
+  fused::define(m);
   add_standardizer(m);
 }
 

@@ -56,3 +56,24 @@ __all__ = [
     "rms_norm_forward",
     "set_num_threads",
 ]
+
+# Fused BN+ReLU and BN+Add+ReLU (ReLU mask as bits).
+from ._normkit import (  # noqa: E402
+    batch_norm_add_relu_backward,
+    batch_norm_add_relu_forward_inference,
+    batch_norm_add_relu_forward_training,
+    batch_norm_relu_backward,
+    batch_norm_relu_forward_inference,
+    batch_norm_relu_forward_training,
+    relu_mask_bytes,
+)
+
+__all__ += [
+    "batch_norm_add_relu_backward",
+    "batch_norm_add_relu_forward_inference",
+    "batch_norm_add_relu_forward_training",
+    "batch_norm_relu_backward",
+    "batch_norm_relu_forward_inference",
+    "batch_norm_relu_forward_training",
+    "relu_mask_bytes",
+]

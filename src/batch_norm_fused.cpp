@@ -1,0 +1,429 @@
+// The public fused BN+ReLU / BN+Add+ReLU functions: check every argument, pick
+// the fast kernel or the reference, own the saved and running statistics.
+// Nothing is written before all checks have passed (batch_norm.cpp's rules;
+// its checking helpers are private to it, so the few needed are restated here).
+#include "normkit/batch_norm_fused.hpp"
+
+#include <algorithm>
+#include <array>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <string>
+#include <type_traits>
+#include <vector>
+
+#include "batch_norm_fused_kernels.hpp"
+#include "core/check.hpp"
+
+namespace normkit {
+
+using detail::fail_invalid;
+using detail::fail_runtime;
+
+namespace kernels {
+MaskOrder mask_order_of(const Geometry& x) {
+  struct Axis {
+    int64_t extent, stride;
+    int64_t* rank;
+  };
+  MaskOrder order;
+  std::array<Axis, 3> axes{{{x.outer, x.outer_stride, &order.outer},
+                            {x.channels, x.channel_stride, &order.channel},
+                            {x.inner, x.inner_stride, &order.inner}}};
+  // Axes of extent 1 address nothing; sort them last so they do not split a run.
+  std::stable_sort(axes.begin(), axes.end(), [](const Axis& a, const Axis& b) {
+    const int64_t sa = a.extent > 1 ? a.stride : -1, sb = b.extent > 1 ? b.stride : -1;
+    return sa > sb;
+  });
+  int64_t step = 1;
+  for (int k = 2; k >= 0; --k) {
+    *axes[k].rank = step;
+    step *= axes[k].extent;
+  }
+  return order;
+}
+}  // namespace kernels
+
+namespace {
+
+bool verbose() {
+  static const bool on = [] {
+    const char* value = std::getenv("NORMKIT_VERBOSE");
+    return value && *value && std::string(value) != "0";
+  }();
+  return on;
+}
+
+template <class T>
+Geometry checked_input(ConstTensorView<T> x, const char* name) {
+  if (!x.data && x.numel() > 0) fail_invalid(name, ": data pointer is null");
+  const Geometry g = geometry_of(x, name);
+  if (x.numel() == 0) fail_invalid(name, ": empty tensor ", x.shape_string());
+  return g;
+}
+
+template <class T, class U>
+Geometry checked_like(const TensorView<U>& view, ConstTensorView<T> x, const char* name) {
+  bool same = view.layout == x.layout && view.rank() == x.rank();
+  for (int axis = 0; same && axis < x.rank(); ++axis) same = view.shape[axis] == x.shape[axis];
+  if (!same)
+    fail_invalid(name, ": shape ", view.shape_string(), " does not match x's ", x.shape_string());
+  if (!view.data) fail_invalid(name, ": data pointer is null");
+  return geometry_of(view, name);
+}
+
+// A view that must have x's strides as well as its shape (z, dz): the mask and
+// the kernels index it with x's geometry.
+template <class T, class U>
+void check_strides_like(const TensorView<U>& view, ConstTensorView<T> x, const char* name) {
+  for (int axis = 0; axis < x.rank(); ++axis)
+    if (x.shape[axis] > 1 && view.strides[axis] != x.strides[axis])
+      fail_invalid(name, ": strides differ from x's (", name, " must be laid out like x, shape ",
+                   x.shape_string(), ")");
+}
+
+template <class T>
+void check_per_channel(std::span<T> values, int64_t channels, const char* name, bool required) {
+  if (values.empty() && !required) return;
+  if (static_cast<int64_t>(values.size()) != channels)
+    fail_invalid(name, " should contain ", channels, " elements (one per channel) not ",
+                 values.size());
+}
+
+void check_eps(double eps) {
+  if (!(eps > 0) || !std::isfinite(eps)) fail_invalid("eps must be positive and finite, got ", eps);
+}
+
+template <class T>
+void check_running(const RunningStats<T>& running, int64_t channels, const BatchNormOptions& options) {
+  check_eps(options.eps);
+  if (options.momentum && !(*options.momentum >= 0.0 && *options.momentum <= 1.0))
+    fail_invalid("momentum must be in [0, 1], got ", *options.momentum);
+  if (options.momentum_convention != MomentumConvention::weight_on_new &&
+      options.momentum_convention != MomentumConvention::weight_on_old)
+    fail_invalid("momentum_convention: unknown value");
+  if (options.running_variance != RunningVariance::unbiased &&
+      options.running_variance != RunningVariance::biased)
+    fail_invalid("running_variance: unknown value");
+  if (running.mean.empty() != running.var.empty())
+    fail_invalid("running_mean and running_var must be given together (got ",
+                 running.mean.size(), " and ", running.var.size(), " elements)");
+  check_per_channel(running.mean, channels, "running_mean", false);
+  check_per_channel(running.var, channels, "running_var", false);
+  if (!running.mean.empty() && !options.momentum && !running.num_batches_tracked)
+    fail_invalid("momentum = None (cumulative moving average) needs num_batches_tracked");
+}
+
+template <class M>
+void check_mask(std::span<M> mask, int64_t numel, bool required) {
+  if (mask.empty() && !required) return;
+  if (mask.empty()) fail_invalid("mask: required (the ReLU mask written by the forward pass)");
+  if (!mask.data()) fail_invalid("mask: data pointer is null");
+  if (static_cast<int64_t>(mask.size()) < relu_mask_bytes(numel))
+    fail_invalid("mask: needs ", relu_mask_bytes(numel), " bytes (1 bit per element of x, ",
+                 numel, " elements), got ", mask.size());
+}
+
+// The views' geometries, all with x's extents: unfolded when one would fold
+// differently from x (see batch_norm.cpp).
+template <class T>
+void unify(ConstTensorView<T> x, Geometry& gx,
+           std::initializer_list<std::pair<Geometry*, ConstTensorView<T>>> others) {
+  bool same = true;
+  for (const auto& [g, view] : others) same = same && g->same_extent(gx);
+  if (same) return;
+  gx = geometry_of(x, "x", Folding::none);
+  for (const auto& [g, view] : others) *g = geometry_of(view, "output", Folding::none);
+}
+
+template <class T>
+const T* data_or_null(std::span<const T> s) {
+  return s.empty() ? nullptr : s.data();
+}
+
+// The unused high bits of the last byte are defined as 0.
+void clear_mask_tail(uint8_t* mask, int64_t numel) {
+  if (mask && numel % 8)
+    mask[numel / 8] = static_cast<uint8_t>(mask[numel / 8] & ((1u << (numel % 8)) - 1u));
+}
+
+template <class T>
+void run_forward(const kernels::FusedForward<T>& problem, const char* op) {
+  if constexpr (std::is_same_v<T, float>) {
+    const char* reason = kernels::fused_cpu::forward(problem);
+    if (!reason) {
+      if (verbose()) std::fprintf(stderr, "normkit: %s: fast\n", op);
+      return;
+    }
+    if (verbose()) std::fprintf(stderr, "normkit: %s: reference (%s)\n", op, reason);
+  } else {
+    if (verbose()) std::fprintf(stderr, "normkit: %s: double data, reference\n", op);
+  }
+  kernels::ref::fused_forward(problem);
+}
+
+template <class T>
+void run_backward(const kernels::FusedBackward<T>& problem, const char* op) {
+  if constexpr (std::is_same_v<T, float>) {
+    const char* reason = kernels::fused_cpu::backward(problem);
+    if (!reason) {
+      if (verbose()) std::fprintf(stderr, "normkit: %s: fast\n", op);
+      return;
+    }
+    if (verbose()) std::fprintf(stderr, "normkit: %s: reference (%s)\n", op, reason);
+  } else {
+    if (verbose()) std::fprintf(stderr, "normkit: %s: double data, reference\n", op);
+  }
+  kernels::ref::fused_backward(problem);
+}
+
+// Checks shared by every forward; returns the geometries of x, z, y.
+template <class T>
+std::array<Geometry, 3> checked_forward(ConstTensorView<T> x, const ConstTensorView<T>* z,
+                                        TensorView<T> y, std::span<uint8_t> mask,
+                                        std::span<const T> gamma, std::span<const T> beta) {
+  Geometry gx = checked_input(x, "x");
+  Geometry gz = gx;
+  if (z) {
+    gz = checked_like(*z, x, "z");
+    check_strides_like(*z, x, "z");
+  }
+  Geometry gy = checked_like(y, x, "y");
+  if (y.data == x.data && !(gx == gy))
+    fail_invalid("y: in-place output must have the same strides as x");
+  if (z && y.data == z->data && !(gz == gy))
+    fail_invalid("y: in-place output must have the same strides as z");
+  if (z)
+    unify<T>(x, gx, {{&gy, y}, {&gz, *z}});
+  else
+    unify<T>(x, gx, {{&gy, y}});
+  if (!z) gz = gx;
+  check_mask(mask, x.numel(), false);
+  check_per_channel(gamma, gx.channels, "weight (gamma)", false);
+  check_per_channel(beta, gx.channels, "bias (beta)", false);
+  return {gx, gz, gy};
+}
+
+template <class T>
+void forward_training(ConstTensorView<T> x, const ConstTensorView<T>* z, TensorView<T> y,
+                      std::span<uint8_t> mask, std::span<const T> gamma, std::span<const T> beta,
+                      SavedStats<T> saved, RunningStats<T> running, const BatchNormOptions& options,
+                      const char* op) {
+  const auto [gx, gz, gy] = checked_forward(x, z, y, mask, gamma, beta);
+  if (gx.reduction_size() <= 1)
+    fail_invalid("expected more than 1 value per channel when training, got input size ",
+                 x.shape_string());
+  check_per_channel(saved.mean, gx.channels, "save_mean", false);
+  check_per_channel(saved.invstd, gx.channels, "save_invstd", false);
+  check_running(running, gx.channels, options);
+
+  std::vector<Moments> moments(gx.channels);
+  uint8_t* mask_data = mask.empty() ? nullptr : mask.data();
+  const kernels::FusedForward<T> problem{gx,      gz,
+                                         gy,      x.data,
+                                         z ? z->data : nullptr,
+                                         y.data,  mask_data,
+                                         kernels::mask_order_of(gx),
+                                         data_or_null(gamma),
+                                         data_or_null(beta),
+                                         true,    options.eps,
+                                         moments.data(),
+                                         nullptr, nullptr};
+  run_forward(problem, op);
+  clear_mask_tail(mask_data, x.numel());
+  for (size_t c = 0; c < moments.size(); ++c)
+    if (!std::isfinite(moments[c].mean) || !std::isfinite(moments[c].m2))
+      fail_runtime("x: channel ", c,
+                   " contains NaN or infinite values; running statistics left unchanged");
+  for (int64_t c = 0; c < gx.channels; ++c) {
+    if (!saved.mean.empty()) saved.mean[c] = static_cast<T>(moments[c].mean);
+    if (!saved.invstd.empty())
+      saved.invstd[c] = static_cast<T>(kernels::invstd_of(moments[c].biased_variance(), options.eps));
+  }
+  batch_norm_update_running<T>(moments, running, options);
+}
+
+template <class T>
+void forward_inference(ConstTensorView<T> x, const ConstTensorView<T>* z, TensorView<T> y,
+                       std::span<uint8_t> mask, std::span<const T> gamma, std::span<const T> beta,
+                       std::span<const T> running_mean, std::span<const T> running_var, double eps,
+                       const char* op) {
+  check_eps(eps);
+  const auto [gx, gz, gy] = checked_forward(x, z, y, mask, gamma, beta);
+  check_per_channel(running_mean, gx.channels, "running_mean", true);
+  check_per_channel(running_var, gx.channels, "running_var", true);
+  for (size_t c = 0; c < running_var.size(); ++c)
+    if (!(running_var[c] + eps > 0))
+      fail_invalid("running_var[", c, "] + eps must be positive, got ", running_var[c]);
+  std::vector<double> mean(running_mean.begin(), running_mean.end()), invstd(running_var.size());
+  // Rounded to T first, as batch_norm_forward_inference does, so the two agree.
+  for (size_t c = 0; c < running_var.size(); ++c)
+    invstd[c] = static_cast<T>(kernels::invstd_of(running_var[c], eps));
+  uint8_t* mask_data = mask.empty() ? nullptr : mask.data();
+  const kernels::FusedForward<T> problem{gx,      gz,
+                                         gy,      x.data,
+                                         z ? z->data : nullptr,
+                                         y.data,  mask_data,
+                                         kernels::mask_order_of(gx),
+                                         data_or_null(gamma),
+                                         data_or_null(beta),
+                                         false,   eps,
+                                         nullptr, mean.data(),
+                                         invstd.data()};
+  run_forward(problem, op);
+  clear_mask_tail(mask_data, x.numel());
+}
+
+template <class T>
+void backward(ConstTensorView<T> x, ConstTensorView<T> dy, std::span<const uint8_t> mask,
+              TensorView<T> dx, TensorView<T>* dz, std::span<const T> gamma,
+              std::span<const T> mean, std::span<const T> invstd, std::span<T> dgamma,
+              std::span<T> dbeta, BackwardMode mode, const char* op) {
+  Geometry gx = checked_input(x, "x");
+  Geometry gdy = checked_like(dy, x, "dy");
+  Geometry gdx = dx.data ? checked_like(dx, x, "dx") : gdy;
+  const bool want_dz = dz && dz->data;
+  Geometry gdz = gx;
+  if (want_dz) {
+    gdz = checked_like(*dz, x, "dz");
+    check_strides_like(*dz, x, "dz");
+    if (dz->data == x.data || dz->data == dy.data || dz->data == dx.data)
+      fail_invalid("dz: must not share memory with x, dy or dx");
+  }
+  if (dx.data == x.data) fail_invalid("dx: must not be x itself");
+  if (dx.data && dx.data == dy.data && !(gdx == gdy))
+    fail_invalid("dx: in-place output must have the same strides as dy");
+  ConstTensorView<T> dx_const = dx, dz_const = want_dz ? ConstTensorView<T>(*dz) : x;
+  if (dx.data)
+    unify<T>(x, gx, {{&gdy, dy}, {&gdx, dx_const}, {&gdz, dz_const}});
+  else
+    unify<T>(x, gx, {{&gdy, dy}, {&gdz, dz_const}});
+  if (!dx.data) gdx = gdy;
+  if (!want_dz) gdz = gx;
+  if (mode != BackwardMode::training && mode != BackwardMode::frozen)
+    fail_invalid("mode: unknown backward mode");
+  if (mode == BackwardMode::training && gx.reduction_size() <= 1)
+    fail_invalid("expected more than 1 value per channel when training, got input size ",
+                 x.shape_string());
+  check_mask(mask, x.numel(), true);
+  check_per_channel(gamma, gx.channels, "weight (gamma)", false);
+  check_per_channel(mean, gx.channels, "mean", true);
+  check_per_channel(invstd, gx.channels, "invstd", true);
+  check_per_channel(dgamma, gx.channels, "dgamma", false);
+  check_per_channel(dbeta, gx.channels, "dbeta", false);
+
+  std::vector<double> mean_d(mean.begin(), mean.end()), invstd_d(invstd.begin(), invstd.end());
+  std::vector<double> sum_dy(gx.channels), sum_dy_xhat(gx.channels);
+  const kernels::FusedBackward<T> problem{gx,
+                                          gdy,
+                                          gdx,
+                                          gdz,
+                                          x.data,
+                                          dy.data,
+                                          mask.data(),
+                                          kernels::mask_order_of(gx),
+                                          dx.data,
+                                          want_dz ? dz->data : nullptr,
+                                          data_or_null(gamma),
+                                          mean_d.data(),
+                                          invstd_d.data(),
+                                          mode,
+                                          sum_dy.data(),
+                                          sum_dy_xhat.data()};
+  run_backward(problem, op);
+  for (int64_t c = 0; c < gx.channels; ++c) {
+    if (!dgamma.empty()) dgamma[c] = static_cast<T>(sum_dy_xhat[c]);
+    if (!dbeta.empty()) dbeta[c] = static_cast<T>(sum_dy[c]);
+  }
+}
+
+}  // namespace
+
+template <class T>
+void batch_norm_relu_forward_training(ConstTensorView<T> x, TensorView<T> y,
+                                      std::span<uint8_t> mask, std::span<const T> gamma,
+                                      std::span<const T> beta, SavedStats<T> saved,
+                                      RunningStats<T> running, const BatchNormOptions& options) {
+  forward_training<T>(x, nullptr, y, mask, gamma, beta, saved, running, options,
+                      "batch_norm_relu_forward_training");
+}
+
+template <class T>
+void batch_norm_add_relu_forward_training(ConstTensorView<T> x, ConstTensorView<T> z,
+                                          TensorView<T> y, std::span<uint8_t> mask,
+                                          std::span<const T> gamma, std::span<const T> beta,
+                                          SavedStats<T> saved, RunningStats<T> running,
+                                          const BatchNormOptions& options) {
+  forward_training<T>(x, &z, y, mask, gamma, beta, saved, running, options,
+                      "batch_norm_add_relu_forward_training");
+}
+
+template <class T>
+void batch_norm_relu_forward_inference(ConstTensorView<T> x, TensorView<T> y,
+                                       std::span<uint8_t> mask, std::span<const T> gamma,
+                                       std::span<const T> beta, std::span<const T> running_mean,
+                                       std::span<const T> running_var, double eps) {
+  forward_inference<T>(x, nullptr, y, mask, gamma, beta, running_mean, running_var, eps,
+                       "batch_norm_relu_forward_inference");
+}
+
+template <class T>
+void batch_norm_add_relu_forward_inference(ConstTensorView<T> x, ConstTensorView<T> z,
+                                           TensorView<T> y, std::span<uint8_t> mask,
+                                           std::span<const T> gamma, std::span<const T> beta,
+                                           std::span<const T> running_mean,
+                                           std::span<const T> running_var, double eps) {
+  forward_inference<T>(x, &z, y, mask, gamma, beta, running_mean, running_var, eps,
+                       "batch_norm_add_relu_forward_inference");
+}
+
+template <class T>
+void batch_norm_relu_backward(ConstTensorView<T> x, ConstTensorView<T> dy,
+                              std::span<const uint8_t> mask, TensorView<T> dx,
+                              std::span<const T> gamma, std::span<const T> mean,
+                              std::span<const T> invstd, std::span<T> dgamma, std::span<T> dbeta,
+                              BackwardMode mode) {
+  backward<T>(x, dy, mask, dx, nullptr, gamma, mean, invstd, dgamma, dbeta, mode,
+              "batch_norm_relu_backward");
+}
+
+template <class T>
+void batch_norm_add_relu_backward(ConstTensorView<T> x, ConstTensorView<T> dy,
+                                  std::span<const uint8_t> mask, TensorView<T> dx,
+                                  TensorView<T> dz, std::span<const T> gamma,
+                                  std::span<const T> mean, std::span<const T> invstd,
+                                  std::span<T> dgamma, std::span<T> dbeta, BackwardMode mode) {
+  backward<T>(x, dy, mask, dx, &dz, gamma, mean, invstd, dgamma, dbeta, mode,
+              "batch_norm_add_relu_backward");
+}
+
+#define NORMKIT_INSTANTIATE_FUSED(T)                                                             \
+  template void batch_norm_relu_forward_training<T>(ConstTensorView<T>, TensorView<T>,         \
+                                                    std::span<uint8_t>, std::span<const T>,     \
+                                                    std::span<const T>, SavedStats<T>,          \
+                                                    RunningStats<T>, const BatchNormOptions&);  \
+  template void batch_norm_add_relu_forward_training<T>(                                       \
+      ConstTensorView<T>, ConstTensorView<T>, TensorView<T>, std::span<uint8_t>,               \
+      std::span<const T>, std::span<const T>, SavedStats<T>, RunningStats<T>,                  \
+      const BatchNormOptions&);                                                                \
+  template void batch_norm_relu_forward_inference<T>(                                          \
+      ConstTensorView<T>, TensorView<T>, std::span<uint8_t>, std::span<const T>,               \
+      std::span<const T>, std::span<const T>, std::span<const T>, double);                     \
+  template void batch_norm_add_relu_forward_inference<T>(                                      \
+      ConstTensorView<T>, ConstTensorView<T>, TensorView<T>, std::span<uint8_t>,               \
+      std::span<const T>, std::span<const T>, std::span<const T>, std::span<const T>, double); \
+  template void batch_norm_relu_backward<T>(ConstTensorView<T>, ConstTensorView<T>,            \
+                                            std::span<const uint8_t>, TensorView<T>,            \
+                                            std::span<const T>, std::span<const T>,             \
+                                            std::span<const T>, std::span<T>, std::span<T>,     \
+                                            BackwardMode);                                      \
+  template void batch_norm_add_relu_backward<T>(                                               \
+      ConstTensorView<T>, ConstTensorView<T>, std::span<const uint8_t>, TensorView<T>,         \
+      TensorView<T>, std::span<const T>, std::span<const T>, std::span<const T>, std::span<T>, \
+      std::span<T>, BackwardMode);
+
+NORMKIT_INSTANTIATE_FUSED(float)
+NORMKIT_INSTANTIATE_FUSED(double)
+
+}  // namespace normkit
