@@ -60,6 +60,7 @@ const std::vector<ShapeRow>& shape_table() {
       {"bn2d", {32, 2048, 7, 7}, {Memory::channels_first, Memory::channels_last}, true},
       {"bn1d", {256, 1024}, {Memory::channels_first}, true},
       {"bn1d", {32, 4096}, {Memory::channels_first}, true},
+      {"group_norm", {16, 256, 28, 28}, {Memory::channels_first, Memory::channels_last}, false},
   };
   return rows;
 }

@@ -30,9 +30,11 @@
 // gradient not wanted); dx may be an empty view (data == nullptr). float views
 // run the fast kernels, double views the reference implementation. Every
 // function checks all arguments first and throws normkit::Error before it
-// writes anything; statistics that come out NaN or infinite raise a runtime
-// error after y is written, with saved and running statistics left unchanged.
-// Results are bitwise identical for any thread count.
+// writes anything. NaN or infinity in x propagates to y and the saved
+// statistics, as in PyTorch (there is no state to protect), except when
+// instance norm updates running statistics: then, as batch norm, it raises a
+// runtime error after y is written and leaves saved and running statistics
+// unchanged. Results are bitwise identical for any thread count.
 #include <cstdint>
 #include <span>
 
