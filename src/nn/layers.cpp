@@ -13,6 +13,7 @@
 
 #include "core/check.hpp"
 #include "nn/gemm.hpp"
+#include "nn/group_norm_layer.hpp"
 #include "core/parallel.hpp"
 
 namespace normkit::nn::detail {
@@ -842,6 +843,8 @@ std::unique_ptr<Layer> make_layer(const ModelSpec::LayerSpec& spec,
     if (!(momentum >= 0 && momentum <= 1)) fail_invalid("batchnorm: momentum must be in [0, 1], got ", momentum);
     return std::make_unique<BatchNorm>(input[0], eps, momentum);
   }
+  if (t == "groupnorm") return make_group_norm_layer(spec, input);
+  if (t == "instancenorm") return make_instance_norm_layer(spec, input);
   fail_invalid("unknown layer type '", t, "'");
 }
 

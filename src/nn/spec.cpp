@@ -28,6 +28,8 @@ const std::vector<LayerKind>& kinds() {
       {"dropout", 1, 1, {}},
       {"flatten", 0, 0, {}},
       {"batchnorm", 0, 0, {"eps", "momentum"}},
+      {"groupnorm", 0, 0, {"groups", "eps", "affine"}},
+      {"instancenorm", 0, 0, {"eps", "momentum", "affine", "track_running_stats"}},
   };
   return table;
 }
@@ -58,7 +60,10 @@ std::optional<double> parse_number(const std::string& s) {
   }
 }
 
-bool is_norm(const ModelSpec::LayerSpec& layer) { return layer.type == "batchnorm"; }
+// Normalization layers, which the model without normalization leaves out.
+bool is_norm(const ModelSpec::LayerSpec& layer) {
+  return layer.type == "batchnorm" || layer.type == "groupnorm" || layer.type == "instancenorm";
+}
 bool has_bias_option(const ModelSpec::LayerSpec& layer) {
   return layer.type == "linear" || layer.type == "conv";
 }
@@ -122,6 +127,10 @@ ModelSpec ModelSpec::parse(const std::string& text) {
         number(value);
       } else if (const double v = whole(value); key == "bias" && v != 0 && v != 1) {
         fail("bias must be 0 or 1, got ", value);
+      } else if ((key == "affine" || key == "track_running_stats") && v != 0 && v != 1) {
+        fail(key, " must be 0 or 1, got ", value);
+      } else if (key == "groups" && v < 1) {
+        fail("groups must be >= 1, got ", value);
       }
     }
     spec.layers.push_back(std::move(layer));
