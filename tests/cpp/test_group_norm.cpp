@@ -326,6 +326,44 @@ TEST(GroupNormDeterminism, BitwiseIdenticalFor1To3Threads) {
       // And still right.
       const Reference ref = reference_forward(shape.g, shape.groups, d, 1e-5);
       EXPECT_TRUE(all_close("y", results[1].y, ref.y, kY, &shape.g));
+
+      // The kernels' double statistics and sums, before they are rounded to float
+      // (a different merge order changes them long before it changes a float output).
+      const int64_t S = shape.g.s(), C = shape.g.c, N = shape.g.n;
+      const bool last = layout == Layout::NHWC;
+      const gn::SampleGeometry geom{N, C, S, C * S, last ? 1 : S, last ? C : 1};
+      int count = 0;
+      const gn::Implementation& impl = gn::cpu_implementations(&count)[last ? 1 : 0];
+      ASSERT_EQ(impl.decline(geom, &geom, 1), nullptr);
+      Buffer<float> x(k.arrangement), dy(k.arrangement);
+      x.scatter(d.x);
+      dy.scatter(d.dy);
+      std::vector<float> y(x.storage.size()), dx(x.storage.size());
+      std::vector<std::vector<double>> bits;
+      for (const int threads : {1, 2, 3}) {
+        ThreadCount scope(threads);
+        std::vector<Moments> moments(N * shape.groups);
+        impl.forward({geom, geom, x.storage.data(), y.data(), d.gamma.data(), d.beta.data(),
+                      shape.groups, 1e-5, moments.data()});
+        std::vector<double> mean, invstd, all;
+        for (const auto& m : moments) {
+          mean.push_back(m.mean);
+          invstd.push_back(1.0 / std::sqrt(m.biased_variance() + 1e-5));
+          all.insert(all.end(), {m.count, m.mean, m.m2});
+        }
+        std::vector<double> dgamma(C), dbeta(C);
+        impl.backward({geom, geom, geom, x.storage.data(), dy.storage.data(), dx.data(),
+                       d.gamma.data(), shape.groups, mean.data(), invstd.data(), dgamma.data(),
+                       dbeta.data()});
+        all.insert(all.end(), dgamma.begin(), dgamma.end());
+        all.insert(all.end(), dbeta.begin(), dbeta.end());
+        std::vector<Moments> direct(N * shape.groups);
+        impl.moments(geom, x.storage.data(), shape.groups, direct.data());
+        for (const auto& m : direct) all.insert(all.end(), {m.count, m.mean, m.m2});
+        bits.push_back(std::move(all));
+      }
+      EXPECT_TRUE(bitwise_equal("double statistics and sums, 1 vs 2 threads", bits[0], bits[1]));
+      EXPECT_TRUE(bitwise_equal("double statistics and sums, 1 vs 3 threads", bits[0], bits[2]));
     }
 }
 
