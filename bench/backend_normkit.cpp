@@ -268,6 +268,57 @@ std::vector<Case> fused_cases(Data& data, bool add) {
   };
 }
 
+// GroupNorm(32) (kind "group_norm"): forward saves the per-(n, g) statistics,
+// as PyTorch's native_group_norm does.
+constexpr int64_t kGroups = 32;
+
+struct GroupNormState {
+  TensorView<float> x, dy, y, dx;
+  std::vector<float> gamma, beta, save_mean, save_invstd, dgamma, dbeta;
+
+  void forward() {
+    normkit::group_norm_forward<float>(x, y, kGroups, gamma, beta, {save_mean, save_invstd});
+  }
+  void backward() {
+    normkit::group_norm_backward<float>(x, dy, dx, kGroups, gamma, save_mean, save_invstd, dgamma,
+                                        dbeta);
+  }
+};
+
+std::vector<Case> group_norm_cases(Data& data) {
+  const Problem& p = data.problem;
+  const auto sizes = sizes_in_memory_order(p);
+  const Layout layout = layout_of(p);
+  const auto c = static_cast<size_t>(p.channels());
+  const auto stats = static_cast<size_t>(p.sizes[0] * kGroups);
+  auto s = std::make_shared<GroupNormState>();
+  s->x = TensorView<float>::contiguous(data.x.data(), sizes, layout);
+  s->dy = TensorView<float>::contiguous(data.dy.data(), sizes, layout);
+  s->y = TensorView<float>::contiguous(data.y.data(), sizes, layout);
+  s->dx = TensorView<float>::contiguous(data.dx.data(), sizes, layout);
+  s->gamma.assign(data.gamma.data(), data.gamma.data() + c);
+  s->beta.assign(data.beta.data(), data.beta.data() + c);
+  s->save_mean.resize(stats);
+  s->save_invstd.resize(stats);
+  s->dgamma.resize(c);
+  s->dbeta.resize(c);
+  s->forward();  // the saved statistics the backward case uses
+
+  const std::string note = std::string("G=32, Layout::") + std::string(normkit::to_string(layout));
+  const auto y = [s] { return static_cast<const float*>(s->y.data); };
+  const auto dx = [s] { return static_cast<const float*>(s->dx.data); };
+  return {
+      {"normkit", Op::forward_training, note, [s] { s->forward(); }, y},
+      {"normkit", Op::backward, note, [s] { s->backward(); }, dx},
+      {"normkit", Op::forward_backward, note,
+       [s] {
+         s->forward();
+         s->backward();
+       },
+       dx},
+  };
+}
+
 }  // namespace
 
 Backend normkit_backend() {
@@ -278,6 +329,7 @@ Backend normkit_backend() {
             if (kind == "layer_norm") return layer_norm_cases(data);
             if (kind == "bn_relu") return fused_cases(data, false);
             if (kind == "bn_add_relu") return fused_cases(data, true);
+            if (kind == "group_norm") return group_norm_cases(data);
             return {};
           }};
 }

@@ -16,6 +16,8 @@
 #include <ATen/ops/native_layer_norm_backward.h>
 #include <ATen/ops/relu.h>
 #include <ATen/ops/threshold_backward.h>
+#include <ATen/ops/native_group_norm.h>
+#include <ATen/ops/native_group_norm_backward.h>
 #include <torch/version.h>
 
 #include <cstdio>
@@ -194,6 +196,72 @@ std::vector<Case> fused_cases(Data& data, bool add) {
   };
 }
 
+// GroupNorm(32) through the ATen ops nn.GroupNorm reaches: native_group_norm
+// (returns y and the per-(n, g) mean and rstd) and native_group_norm_backward.
+constexpr int64_t kGroups = 32;
+
+struct GroupNormState {
+  at::Tensor x, dy, weight, bias, mean, rstd, out;
+  int64_t n = 0, c = 0, hw = 0;
+
+  void forward() { std::tie(out, mean, rstd) = at::native_group_norm(x, weight, bias, n, c, hw, kGroups, kEps); }
+  bool channels_last = false;
+
+  // libtorch 1.13's native_group_norm_backward gives wrong gradients for
+  // channels_last x and dy (checked against its own contiguous results), so
+  // they go in contiguous, as autograd's path does; the copies are timed, and
+  // the result is turned back into channels_last (untimed) for the cross-check.
+  void backward() {
+    if (channels_last) {
+      out = std::get<0>(at::native_group_norm_backward(dy.contiguous(), x.contiguous(), mean, rstd,
+                                                       weight, n, c, hw, kGroups,
+                                                       {true, true, true}));
+    } else {
+      out = std::get<0>(at::native_group_norm_backward(dy, x, mean, rstd, weight, n, c, hw,
+                                                       kGroups, {true, true, true}));
+    }
+  }
+  at::Tensor checked;
+  const float* result() {
+    checked = out.contiguous(channels_last ? at::MemoryFormat::ChannelsLast
+                                           : at::MemoryFormat::Contiguous);
+    return checked.data_ptr<float>();
+  }
+};
+
+std::vector<Case> group_norm_cases(Data& data) {
+  const Problem& p = data.problem;
+  const std::vector<int64_t> strides = p.strides();
+  const std::vector<int64_t> channel_size = {p.channels()};
+  auto s = std::make_shared<GroupNormState>();
+  s->x = wrap(data.x, p.sizes, strides);
+  s->dy = wrap(data.dy, p.sizes, strides);
+  s->weight = wrap(data.gamma, channel_size, {1}).clone();
+  s->bias = wrap(data.beta, channel_size, {1}).clone();
+  s->n = p.sizes[0];
+  s->c = p.channels();
+  s->hw = p.numel() / (s->n * s->c);
+  s->channels_last = p.memory == Memory::channels_last && p.rank() > 2;
+  s->forward();
+
+  const std::string note = s->channels_last ? "channels_last" : "contiguous";
+  const std::string backward_note =
+      s->channels_last ? "channels_last; x, dy copied to contiguous (1.13's kernel is wrong on "
+                         "channels_last)"
+                       : note;
+  const auto out = [s] { return s->result(); };
+  return {
+      {"torch", Op::forward_training, note, [s] { s->forward(); }, out},
+      {"torch", Op::backward, backward_note, [s] { s->backward(); }, out},
+      {"torch", Op::forward_backward, backward_note,
+       [s] {
+         s->forward();
+         s->backward();
+       },
+       out},
+  };
+}
+
 }  // namespace
 
 Backend torch_backend() {
@@ -212,6 +280,7 @@ Backend torch_backend() {
             if (kind == "layer_norm") return layer_norm_cases(data);
             if (kind == "bn_relu") return fused_cases(data, false);
             if (kind == "bn_add_relu") return fused_cases(data, true);
+            if (kind == "group_norm") return group_norm_cases(data);
             return {};
           }};
 }

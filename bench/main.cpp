@@ -65,6 +65,7 @@ const std::vector<ShapeRow>& shape_table() {
       // Fused BN+ReLU and BN+Add+ReLU against the unfused sequences (normkit's, PyTorch's).
       {"bn_relu", {32, 64, 56, 56}, {Memory::channels_first, Memory::channels_last}, true},
       {"bn_add_relu", {32, 64, 56, 56}, {Memory::channels_first, Memory::channels_last}, true},
+      {"group_norm", {16, 256, 28, 28}, {Memory::channels_first, Memory::channels_last}, false},
   };
   return rows;
 }

@@ -1184,6 +1184,203 @@ k-th lowest address in x. Other arguments as batch_norm_forward_training.)doc";
 
 }  // namespace fused
 
+// ---------------------------------------------------------------------------
+// Group and instance normalization. Statistics are per (sample, group): they
+// come back as (N, G) arrays and are taken in any shape of N·G values.
+namespace {
+
+template <class T>
+using Flat = py::array_t<T, py::array::c_style | py::array::forcecast>;
+
+template <class T>
+Flat<T> flat_values(const py::object& object, const char* name) {
+  if (object.is_none()) value_error(std::string(name) + " is required");
+  py::array a = py::array::ensure(object);
+  if (!a) type_error(std::string(name) + ": expected an array, got " + type_name(object));
+  auto converted = Flat<T>::ensure(numpy().attr("ravel")(a));
+  if (!converted)
+    type_error(std::string(name) + ": cannot convert " + dtype_of(a) + " to the dtype of x");
+  return converted;
+}
+
+template <class T>
+std::span<const T> span_of(const Flat<T>& a) {
+  return {a.data(), static_cast<size_t>(a.size())};
+}
+
+template <class T>
+py::tuple group_norm_forward(py::array x, int64_t groups, const py::object& weight,
+                             const py::object& bias, double eps,
+                             const std::optional<std::string>& layout_name, const py::object& out) {
+  const nk::Layout layout = layout_for(layout_name, x);
+  x = readable<T>(x);
+  py::array y = writable_like<T>(out, x, "out");
+  check_no_partial_overlap(y, x, "out", "x");
+  const auto gamma = channel_values<T>(weight, "weight");
+  const auto beta = channel_values<T>(bias, "bias");
+  const int64_t n = x.shape(0);
+  // A group count that does not divide C is the C++ function's error; the
+  // statistics arrays only need a size.
+  const int64_t stat_groups = groups > 0 ? groups : 0;
+  py::array_t<T> save_mean({n, stat_groups}), save_invstd({n, stat_groups});
+  const auto xv = input_view<T>(x, layout);
+  const auto yv = output_view<T>(y, layout);
+  const nk::SavedStats<T> saved{span_of(save_mean), span_of(save_invstd)};
+  {
+    py::gil_scoped_release unlocked;
+    nk::group_norm_forward<T>(xv, yv, groups, span_of(gamma), span_of(beta), saved, eps);
+  }
+  return py::make_tuple(y, save_mean, save_invstd);
+}
+
+template <class T>
+py::tuple group_norm_backward(py::array x, const py::object& dy_object, int64_t groups,
+                              const py::object& weight, const py::object& mean_object,
+                              const py::object& invstd_object,
+                              const std::optional<std::string>& layout_name,
+                              const py::object& out, bool compute_dx) {
+  const nk::Layout layout = layout_for(layout_name, x);
+  x = readable<T>(x);
+  py::array dy = readable_like<T>(dy_object, x, "dy");
+  std::optional<py::array> dx;
+  if (compute_dx) {
+    dx = writable_like<T>(out, x, "out");
+    check_no_partial_overlap(*dx, x, "out", "x");
+    check_no_partial_overlap(*dx, dy, "out", "dy");
+  } else if (!out.is_none()) {
+    value_error("out: given, but compute_dx is False");
+  }
+  const auto gamma = channel_values<T>(weight, "weight");
+  const auto mean = flat_values<T>(mean_object, "mean");
+  const auto invstd = flat_values<T>(invstd_object, "invstd");
+  const int64_t channels = channels_of(x, layout);
+  py::array_t<T> dgamma(channels), dbeta(channels);
+  const auto xv = input_view<T>(x, layout);
+  const auto dyv = input_view<T>(dy, layout);
+  nk::TensorView<T> dxv;
+  if (dx) dxv = output_view<T>(*dx, layout);
+  {
+    py::gil_scoped_release unlocked;
+    nk::group_norm_backward<T>(xv, dyv, dxv, groups, span_of(gamma), span_of(mean),
+                               span_of(invstd), span_of(dgamma), span_of(dbeta));
+  }
+  return py::make_tuple(dx ? py::object(*dx) : py::object(py::none()), dgamma, dbeta);
+}
+
+template <class T>
+py::tuple instance_norm_forward_training(py::array x, const py::object& weight,
+                                         const py::object& bias, const py::object& running_mean,
+                                         const py::object& running_var,
+                                         const py::object& num_batches_tracked,
+                                         const nk::BatchNormOptions& options,
+                                         const std::optional<std::string>& layout_name,
+                                         const py::object& out) {
+  const nk::Layout layout = layout_for(layout_name, x);
+  x = readable<T>(x);
+  py::array y = writable_like<T>(out, x, "out");
+  check_no_partial_overlap(y, x, "out", "x");
+  const auto gamma = channel_values<T>(weight, "weight");
+  const auto beta = channel_values<T>(bias, "bias");
+  const std::string x_dtype = dtype_of(x);
+  const std::span<T> mean = updated_in_place<T>(running_mean, "running_mean", x_dtype.c_str());
+  const std::span<T> var = updated_in_place<T>(running_var, "running_var", x_dtype.c_str());
+  int64_t* batches = counter_in_place(num_batches_tracked);
+  const int64_t n = x.shape(0), channels = channels_of(x, layout);
+  py::array_t<T> save_mean({n, channels}), save_invstd({n, channels});
+  const auto xv = input_view<T>(x, layout);
+  const auto yv = output_view<T>(y, layout);
+  const nk::SavedStats<T> saved{span_of(save_mean), span_of(save_invstd)};
+  const nk::RunningStats<T> running{mean, var, batches};
+  {
+    py::gil_scoped_release unlocked;
+    nk::instance_norm_forward_training<T>(xv, yv, span_of(gamma), span_of(beta), saved, running,
+                                          options);
+  }
+  return py::make_tuple(y, save_mean, save_invstd);
+}
+
+void register_group_norm(py::module_& m) {
+  m.def(
+      "group_norm_forward",
+      [](const py::object& x_object, int64_t num_groups, const py::object& weight,
+         const py::object& bias, double eps, const std::optional<std::string>& layout,
+         const py::object& out) {
+        const py::array x = float_array(x_object, "x");
+        return by_dtype(x, [&](auto t) {
+          return group_norm_forward<decltype(t)>(x, num_groups, weight, bias, eps, layout, out);
+        });
+      },
+      py::arg("x"), py::arg("num_groups"), py::arg("weight") = py::none(),
+      py::arg("bias") = py::none(), py::arg("eps") = 1e-5, py::kw_only(),
+      py::arg("layout") = py::none(), py::arg("out") = py::none(),
+      R"doc(Group normalization: returns (y, mean, invstd), the statistics as (N, num_groups)
+arrays (PyTorch's native_group_norm saves the same). weight and bias: one value per channel.
+C must be divisible by num_groups.)doc");
+
+  m.def(
+      "group_norm_backward",
+      [](const py::object& x_object, const py::object& dy, int64_t num_groups,
+         const py::object& weight, const py::object& mean, const py::object& invstd,
+         const std::optional<std::string>& layout, const py::object& out, bool compute_dx) {
+        const py::array x = float_array(x_object, "x");
+        return by_dtype(x, [&](auto t) {
+          return group_norm_backward<decltype(t)>(x, dy, num_groups, weight, mean, invstd, layout,
+                                                  out, compute_dx);
+        });
+      },
+      py::arg("x"), py::arg("dy"), py::arg("num_groups"), py::arg("weight"), py::arg("mean"),
+      py::arg("invstd"), py::kw_only(), py::arg("layout") = py::none(),
+      py::arg("out") = py::none(), py::arg("compute_dx") = true,
+      "Gradients of group normalization: returns (dx, dweight, dbias); mean and invstd are "
+      "group_norm_forward's. compute_dx=False returns dx as None.");
+
+  m.def(
+      "instance_norm_forward_training",
+      [](const py::object& x_object, const py::object& weight, const py::object& bias,
+         const py::object& running_mean, const py::object& running_var,
+         const py::object& num_batches_tracked, std::optional<double> momentum, double eps,
+         const std::optional<std::string>& layout, const py::object& out,
+         const std::string& momentum_convention, const std::string& running_variance) {
+        const py::array x = float_array(x_object, "x");
+        const auto options = options_of(momentum, eps, momentum_convention, running_variance);
+        return by_dtype(x, [&](auto t) {
+          return instance_norm_forward_training<decltype(t)>(x, weight, bias, running_mean,
+                                                             running_var, num_batches_tracked,
+                                                             options, layout, out);
+        });
+      },
+      py::arg("x"), py::arg("weight") = py::none(), py::arg("bias") = py::none(),
+      py::arg("running_mean") = py::none(), py::arg("running_var") = py::none(),
+      py::arg("num_batches_tracked") = py::none(), py::arg("momentum") = 0.1,
+      py::arg("eps") = 1e-5, py::kw_only(), py::arg("layout") = py::none(),
+      py::arg("out") = py::none(), py::arg("momentum_convention") = "weight_on_new",
+      py::arg("running_variance") = "unbiased",
+      R"doc(Instance normalization with each instance's own statistics: returns (y, mean, invstd),
+the statistics as (N, C) arrays. running_mean and running_var (updated in place when given)
+move towards the batch average of the instance means and unbiased variances, as PyTorch's
+instance_norm does. Inference with running statistics is batch_norm_forward_inference;
+its gradient is batch_norm_backward(mode="frozen").)doc");
+
+  m.def(
+      "instance_norm_backward",
+      [](const py::object& x_object, const py::object& dy, const py::object& weight,
+         const py::object& mean, const py::object& invstd,
+         const std::optional<std::string>& layout, const py::object& out, bool compute_dx) {
+        const py::array x = float_array(x_object, "x");
+        const int64_t channels = channels_of(x, layout_for(layout, x));
+        return by_dtype(x, [&](auto t) {
+          return group_norm_backward<decltype(t)>(x, dy, channels, weight, mean, invstd, layout,
+                                                  out, compute_dx);
+        });
+      },
+      py::arg("x"), py::arg("dy"), py::arg("weight"), py::arg("mean"), py::arg("invstd"),
+      py::kw_only(), py::arg("layout") = py::none(), py::arg("out") = py::none(),
+      py::arg("compute_dx") = true,
+      "Gradients of instance_norm_forward_training: returns (dx, dweight, dbias).");
+}
+
+}  // namespace
+
 PYBIND11_MODULE(_normkit, m) {
   m.doc() = "normkit's functional NumPy API: batch normalization on CPU, exact against PyTorch.";
   m.attr("__version__") = nk::version;
@@ -1531,6 +1728,8 @@ once per slice in order. Returns (y, save_mean, save_invstd), the saved statisti
       "Gradients of ghost batch normalization: returns (dx, dweight, dbias).");
   fused::define(m);
   add_standardizer(m);
+
+  register_group_norm(m);
 }
 
 // ---------------------------------------------------------------------------

@@ -6,6 +6,7 @@
 #include "normkit/error.hpp"
 #include "normkit/fold.hpp"
 #include "normkit/layer_norm.hpp"
+#include "normkit/group_norm.hpp"
 #include "normkit/moments.hpp"
 #include "normkit/tensor.hpp"
 #include "normkit/threading.hpp"

@@ -13,6 +13,7 @@
 
 #include "core/check.hpp"
 #include "nn/gemm.hpp"
+#include "nn/group_norm_layer.hpp"
 #include "core/parallel.hpp"
 
 namespace normkit::nn::detail {
@@ -856,6 +857,8 @@ std::unique_ptr<Layer> make_layer(const ModelSpec::LayerSpec& spec,
   }
   if (t == "layernorm") return make_layer_norm(input, option_or(spec, "eps", 1e-5), format);
   if (t == "batchrenorm" || t == "ghostbatchnorm") return make_bn_variant_layer(spec, input);
+  if (t == "groupnorm") return make_group_norm_layer(spec, input);
+  if (t == "instancenorm") return make_instance_norm_layer(spec, input);
   fail_invalid("unknown layer type '", t, "'");
 }
 

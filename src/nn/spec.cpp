@@ -32,8 +32,8 @@ const std::vector<LayerKind>& kinds() {
       {"batchrenorm", 0, 0, {"eps", "momentum", "rmax", "dmax", "warmup", "frozen"}},
       {"ghostbatchnorm", 0, 0, {"eps", "momentum", "size", "frozen"}},
       {"layernorm", 0, 0, {"eps"}},
-      {"groupnorm", 0, 0, {"eps", "groups"}},
-      {"instancenorm", 0, 0, {"eps", "momentum"}},
+      {"groupnorm", 0, 0, {"groups", "eps", "affine"}},
+      {"instancenorm", 0, 0, {"eps", "momentum", "affine", "track_running_stats"}},
   };
   return table;
 }
@@ -129,8 +129,12 @@ ModelSpec ModelSpec::parse(const std::string& text) {
         fail("unknown option '", key, "'");
       if (key == "eps" || key == "momentum" || key == "rmax" || key == "dmax") {
         number(value);
-      } else if (const double v = whole(value); (key == "bias" || key == "frozen") && v != 0 && v != 1) {
+      } else if (const double v = whole(value);
+                 (key == "bias" || key == "frozen" || key == "affine" || key == "track_running_stats") &&
+                 v != 0 && v != 1) {
         fail(key, " must be 0 or 1, got ", value);
+      } else if (key == "groups" && v < 1) {
+        fail("groups must be >= 1, got ", value);
       }
     }
     spec.layers.push_back(std::move(layer));
@@ -203,8 +207,11 @@ ModelSpec ModelSpec::with_norm(const std::string& norm) const {
   // Whether the current activation is flat ([N, C]): instance normalization
   // has nothing to normalize over there (one value per channel and sample).
   bool flat = input_shape.size() == 1;
+  int64_t channels = input_shape.empty() ? 0 : input_shape[0];
   for (const auto& layer : layers) {
     if (layer.type == "flatten" || layer.type == "linear") flat = true;
+    if ((layer.type == "linear" || layer.type == "conv") && !layer.args.empty())
+      channels = static_cast<int64_t>(std::stod(layer.args[0]));
     if (layer.type != "batchnorm") {
       out.layers.push_back(layer);
       continue;
@@ -222,6 +229,13 @@ ModelSpec ModelSpec::with_norm(const std::string& norm) const {
       if (std::find(allowed.begin(), allowed.end(), key) != allowed.end()) replaced.options[key] = value;
     // (insert_or_assign, not operator=: GCC 12 warns falsely about assigning "1" here)
     if (norm == "frozen") replaced.options.insert_or_assign("frozen", std::string(1, '1'));
+    // GroupNorm's usual 32 groups, or the most groups up to 32 that divide the
+    // channels (mlp-paper's 100 features: 25 groups of 4).
+    if (norm == "group" && channels > 0) {
+      int64_t groups = std::min<int64_t>(32, channels);
+      while (channels % groups != 0) --groups;
+      replaced.options.insert_or_assign("groups", std::to_string(groups));
+    }
     out.layers.push_back(std::move(replaced));
   }
   return out;

@@ -385,6 +385,7 @@ TEST(NnSpec, WithNormReplacesEachBatchNormLayer) {
       if (cnn.layers[i].type == "batchnorm") {
         EXPECT_EQ(spec.layers[i].type, type);
         EXPECT_EQ(spec.layers[i].options.count("frozen"), norm == "frozen" ? 1u : 0u);
+        if (norm == "group") EXPECT_EQ(spec.layers[i].options.at("groups"), "32");  // 32, 64, 128 channels
       } else {
         EXPECT_EQ(spec.layers[i], cnn.layers[i]);  // weight layers keep bias=0
       }
@@ -404,6 +405,17 @@ TEST(NnSpec, WithNormReplacesEachBatchNormLayer) {
   EXPECT_EQ(bn.with_norm("layer").to_string(), "input 4; linear 8 bias=0; layernorm eps=0.001; linear 3");
   EXPECT_EQ(bn.with_norm("ghost").to_string(),
             "input 4; linear 8 bias=0; ghostbatchnorm eps=0.001 momentum=0.2; linear 3");
+  // Groups divide the channels: 100 features make 25 groups of 4.
+  const auto mlp_group = ModelSpec::preset("mlp-paper").with_norm("group");
+  for (const auto& layer : mlp_group.layers)
+    if (layer.type == "groupnorm") EXPECT_EQ(layer.options.at("groups"), "25");
+  EXPECT_NO_THROW(Model{mlp_group});
+  EXPECT_NO_THROW(Model{ModelSpec::preset("cnn-small").with_norm("instance")});
+  for (const std::string& norm : ModelSpec::norm_kinds()) {
+    SCOPED_TRACE(norm);
+    EXPECT_NO_THROW(Model{ModelSpec::preset("mlp-paper").with_norm(norm)});
+    EXPECT_NO_THROW(Model{ModelSpec::preset("cnn-small").with_norm(norm)});
+  }
   EXPECT_TRUE(throws_error([&] { bn.with_norm("weight"); }, ErrorKind::invalid_argument,
                            {"'weight'", "layer", "group"}));
 }
