@@ -1203,10 +1203,7 @@ Flat<T> flat_values(const py::object& object, const char* name) {
   return converted;
 }
 
-template <class T>
-std::span<const T> span_of(const Flat<T>& a) {
-  return {a.data(), static_cast<size_t>(a.size())};
-}
+// (span_of(const Flat<T>&) is span_of(const Channels<T>&) above: the same array type.)
 
 template <class T>
 py::tuple group_norm_forward(py::array x, int64_t groups, const py::object& weight,

@@ -109,7 +109,8 @@ struct ModelSpec {
   // The same model with each batchnorm layer replaced (the --norm switch):
   //   batch: as given; none: without_batch_norm(); frozen: batchnorm frozen=1;
   //   renorm: batchrenorm; ghost: ghostbatchnorm; layer: layernorm;
-  //   group: groupnorm with the most groups up to 32 that divide the channels;
+  //   group: groupnorm with the most groups up to 32 that divide the channels
+  //   (at least two channels per group on flat features);
   //   instance: instancenorm, except after a flat layer
   //   ([N, C] has one value per sample and channel: nothing to normalize), where
   //   the batchnorm is dropped as with none. eps and momentum carry over where

@@ -230,9 +230,11 @@ ModelSpec ModelSpec::with_norm(const std::string& norm) const {
     // (insert_or_assign, not operator=: GCC 12 warns falsely about assigning "1" here)
     if (norm == "frozen") replaced.options.insert_or_assign("frozen", std::string(1, '1'));
     // GroupNorm's usual 32 groups, or the most groups up to 32 that divide the
-    // channels (mlp-paper's 100 features: 25 groups of 4).
+    // channels (mlp-paper's 100 features: 25 groups of 4). On flat features a
+    // group of one channel has one value per sample and normalizes to β alone,
+    // so groups there hold at least two channels.
     if (norm == "group" && channels > 0) {
-      int64_t groups = std::min<int64_t>(32, channels);
+      int64_t groups = std::max<int64_t>(1, std::min<int64_t>(32, flat ? channels / 2 : channels));
       while (channels % groups != 0) --groups;
       replaced.options.insert_or_assign("groups", std::to_string(groups));
     }

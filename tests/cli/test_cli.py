@@ -88,7 +88,7 @@ def test_help_and_version():
     (["train", "--lr", "-1"], "--lr: must be a positive number"),
     (["train", "--epochs", "0"], "--epochs"),
     (["train", "--optimizer", "rmsprop"], "--optimizer"),
-    (["train", "--norm", "layer"], "--norm"),
+    (["train", "--norm", "weight"], "--norm"),
     (["train", "--batch-size", "1"], "--batch-size"),
     (["train", "--bogus"], "--bogus"),
     (["train", "--resume", "--overwrite"], "excludes"),
@@ -276,6 +276,52 @@ def test_compare_table_report_and_plot(table, tmp_path):
     normkit("compare", "--resume", "--epochs", 3, "--out", out, check=0)
     assert len(metrics(out / "batch" / "metrics.jsonl")) == 3
     assert len(metrics(out / "none" / "metrics.jsonl")) == 3
+
+
+@pytest.mark.parametrize("norm, layer", [("frozen", "batchnorm"), ("renorm", "batchrenorm"),
+                                         ("ghost", "ghostbatchnorm"), ("layer", "layernorm"),
+                                         ("group", "groupnorm")])
+def test_every_norm_trains_and_resumes(table, tmp_path, norm, layer):
+    out = tmp_path / norm
+    normkit(*train_args(table, out, "--norm", norm, epochs=3), check=0)
+    history = metrics(out / "metrics.jsonl")
+    assert [m["norm"] for m in history] == [norm] * 3
+    # Three overlapping blobs (chance 1/3; batch norm reaches about 0.8 in 3 epochs).
+    assert history[-1]["train_loss"] < history[0]["train_loss"] and history[-1]["test_acc"] > 0.6
+    info = json.loads(normkit("info", out / "checkpoint.nkc", "--json", check=0).stdout)
+    assert f"; {layer}" in info["spec"] and info["norm"] == norm
+    if norm == "frozen":
+        assert "frozen=1" in info["spec"]
+    if norm == "group":  # 16 flat features: groups of two, not of one (which gives β alone)
+        assert "groups=8" in info["spec"]
+    # Resumed and uninterrupted runs agree for every normalization (ghost's
+    # virtual batches, renorm's warm-up step count are part of the state).
+    split = tmp_path / (norm + "-split")
+    normkit(*train_args(table, split, "--norm", norm, epochs=1), check=0)
+    normkit(*train_args(table, split, "--norm", norm, "--resume", epochs=3), check=0)
+    assert results(split / "metrics.jsonl") == results(out / "metrics.jsonl")
+
+
+def test_norm_instance_on_images_and_compare_with_another_norm(table, tmp_path):
+    assert FASHION.is_dir(), f"{FASHION} is missing; run scripts/install-deps.sh"
+    out = tmp_path / "instance"
+    normkit("train", "--model", "cnn-small", "--norm", "instance", "--epochs", 1, "--limit-train", 256,
+            "--limit-test", 128, "--threads", 2, "--out", out, check=0)
+    spec = json.loads(normkit("info", out / "checkpoint.nkc", "--json", check=0).stdout)["spec"]
+    # After each convolution an instance norm; the flat fc128's BN has no instances and is dropped.
+    assert spec.count("instancenorm") == 2 and "batchnorm" not in spec and "linear 128;" in spec
+
+    cmp = tmp_path / "cmp-layer"
+    result = normkit("compare", "--model", table["spec"], "--data", table["csv"], "--norm", "layer",
+                     "--epochs", 1, "--batch-size", 32, "--threads", 2, "--out", cmp, check=0)
+    assert "with layer norm" in result.stdout and "without layer norm" in result.stdout
+    assert (cmp / "layer" / "metrics.jsonl").is_file() and (cmp / "none" / "metrics.jsonl").is_file()
+    assert "the model with layer normalization reached" in (cmp / "report.md").read_text()
+    normkit("compare", "--resume", "--epochs", 2, "--out", cmp, check=0)
+    assert len(metrics(cmp / "layer" / "metrics.jsonl")) == 2
+    result = normkit("compare", "--model", table["spec"], "--data", table["csv"], "--norm", "none",
+                     "--out", tmp_path / "c2", check=2)
+    assert "--norm none" in result.stderr
 
 
 def test_compare_without_python_still_reports(table, tmp_path):

@@ -385,7 +385,9 @@ TEST(NnSpec, WithNormReplacesEachBatchNormLayer) {
       if (cnn.layers[i].type == "batchnorm") {
         EXPECT_EQ(spec.layers[i].type, type);
         EXPECT_EQ(spec.layers[i].options.count("frozen"), norm == "frozen" ? 1u : 0u);
-        if (norm == "group") EXPECT_EQ(spec.layers[i].options.at("groups"), "32");  // 32, 64, 128 channels
+        if (norm == "group") {
+          EXPECT_EQ(spec.layers[i].options.at("groups"), "32");  // 32, 64, 128 channels
+        }
       } else {
         EXPECT_EQ(spec.layers[i], cnn.layers[i]);  // weight layers keep bias=0
       }
@@ -408,7 +410,9 @@ TEST(NnSpec, WithNormReplacesEachBatchNormLayer) {
   // Groups divide the channels: 100 features make 25 groups of 4.
   const auto mlp_group = ModelSpec::preset("mlp-paper").with_norm("group");
   for (const auto& layer : mlp_group.layers)
-    if (layer.type == "groupnorm") EXPECT_EQ(layer.options.at("groups"), "25");
+    if (layer.type == "groupnorm") {
+      EXPECT_EQ(layer.options.at("groups"), "25");
+    }
   EXPECT_NO_THROW(Model{mlp_group});
   EXPECT_NO_THROW(Model{ModelSpec::preset("cnn-small").with_norm("instance")});
   for (const std::string& norm : ModelSpec::norm_kinds()) {
