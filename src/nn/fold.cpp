@@ -72,7 +72,10 @@ FoldResult fold_batch_norms(Model& model) {
   for (size_t i = 0; i < spec.layers.size(); ++i) {
     const auto& layer_spec = spec.layers[i];
     auto values = values_of(*model.layers()[i]);
-    if (layer_spec.type == "batchnorm") {
+    // Batch renorm and ghost BN infer exactly as BN does (running statistics,
+    // γ, β), so they fold the same way; so does a frozen BN.
+    if (layer_spec.type == "batchnorm" || layer_spec.type == "batchrenorm" ||
+        layer_spec.type == "ghostbatchnorm") {
       if (!pending.empty() && takes_folding(pending.back().spec)) {
         fold_into(pending.back(), layer_spec, values, i);
         result.folded.push_back({i, pending.back().original, pending.size() - 1});

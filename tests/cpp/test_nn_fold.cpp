@@ -41,7 +41,7 @@ void make_trained_like(Model& model, uint64_t seed) {
   std::mt19937_64 rng(seed);
   std::uniform_real_distribution<float> magnitude(0.3f, 2.5f), offset(-1.0f, 1.0f);
   for (const auto& layer : model.layers()) {
-    if (layer->type() == "batchnorm") {
+    if (layer->type().find("batch") != std::string::npos) {  // batchnorm and its variants
       auto params = layer->parameters();
       for (float& g : params[0]->value) g = (offset(rng) < -0.7f ? -1.0f : 1.0f) * magnitude(rng);
       for (float& b : params[1]->value) b = offset(rng);
@@ -111,6 +111,12 @@ const FoldCase kCases[] = {
      "relu; flatten; linear 16 bias=1; relu; linear 6",
      (16 - 8) + 24 + (32 - 16)},
     {"cnn-small", nullptr, nullptr, (64 - 32) + (128 - 64) + (256 - 128)},
+    // The BN variants infer as BN does: batch renorm, ghost BN, frozen BN.
+    {"variants",
+     "input 20; linear 32 bias=0; batchrenorm; sigmoid; linear 24 bias=0; ghostbatchnorm size=4; relu;"
+     "linear 16 bias=0; batchnorm frozen=1; tanh; linear 5",
+     "input 20; linear 32 bias=1; sigmoid; linear 24 bias=1; relu; linear 16 bias=1; tanh; linear 5",
+     (64 - 32) + (48 - 24) + (32 - 16)},
 };
 
 TEST(NnFold, FoldedModelPredictsWhatTheOriginalDoes) {
@@ -128,13 +134,13 @@ TEST(NnFold, FoldedModelPredictsWhatTheOriginalDoes) {
       if (c.folded_spec) {
         EXPECT_EQ(folded, ModelSpec::parse(c.folded_spec)) << folded.to_string();
       }
-      for (const auto& layer : folded.layers) EXPECT_NE(layer.type, "batchnorm");
+      for (const auto& layer : folded.layers) EXPECT_EQ(layer.type.find("batch"), std::string::npos);
       EXPECT_EQ(ModelSpec::parse(folded.to_string()), folded);
       EXPECT_EQ(result.model->format(), format);
       EXPECT_EQ(result.folded.size(), 3u);
       EXPECT_TRUE(result.kept.empty());
       for (const auto& f : result.folded) {
-        EXPECT_EQ(spec.layers[f.batchnorm].type, "batchnorm");
+        EXPECT_NE(spec.layers[f.batchnorm].type.find("batch"), std::string::npos);
         EXPECT_EQ(f.into + 1, f.batchnorm);
         EXPECT_EQ(folded.layers[f.folded_index].type, spec.layers[f.into].type);
       }
