@@ -22,6 +22,7 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <cmath>
 #include <vector>
 
 #include "batch_norm_kernels.hpp"
@@ -132,6 +133,43 @@ CenteredSums centered_sums_runs(const float* x, int64_t runs, int64_t len, int64
           lane_total<kLanes>(acc2) + lane_total<kTailLanes>(acc2_8) + tail2};
 }
 
+// The same sums for runs shorter than kLanes (7×7 = 49, 14 values...), where
+// the loops above would spend most of their time in their tails. Here a lane
+// is a position: run r adds its value i into lane (r mod k)·len + i, with k
+// runs side by side so that k·len <= kLanes lanes are in use and each sees at
+// most runs/k values. The lanes' order of additions is fixed by the geometry,
+// as above.
+NORMKIT_SIMD_CLONES
+double shifted_sum_short_runs(const float* __restrict x, int64_t runs, int64_t len,
+                              int64_t stride, float shift) {
+  float acc[kLanes] = {};
+  const int64_t k = kLanes / len;
+  for (int64_t r = 0, slot = 0; r < runs; ++r, slot = slot + 1 == k ? 0 : slot + 1) {
+    const float* __restrict p = x + r * stride;
+    float* __restrict a = acc + slot * len;
+    for (int64_t i = 0; i < len; ++i) a[i] += p[i] - shift;
+  }
+  return lane_total<kLanes>(acc);
+}
+
+NORMKIT_SIMD_CLONES
+CenteredSums centered_sums_short_runs(const float* __restrict x, int64_t runs, int64_t len,
+                                      int64_t stride, float center) {
+  float acc1[kLanes] = {}, acc2[kLanes] = {};
+  const int64_t k = kLanes / len;
+  for (int64_t r = 0, slot = 0; r < runs; ++r, slot = slot + 1 == k ? 0 : slot + 1) {
+    const float* __restrict p = x + r * stride;
+    float* __restrict a1 = acc1 + slot * len;
+    float* __restrict a2 = acc2 + slot * len;
+    for (int64_t i = 0; i < len; ++i) {
+      const float d = p[i] - center;
+      a1[i] += d;
+      a2[i] += d * d;
+    }
+  }
+  return {lane_total<kLanes>(acc1), lane_total<kLanes>(acc2)};
+}
+
 NORMKIT_SIMD_CLONES
 void apply_runs(const float* x, int64_t x_stride, float* y, int64_t y_stride, int64_t runs,
                 int64_t len, ApplyCoefficients k) {
@@ -190,6 +228,28 @@ GradientSums gradient_sums_runs(const float* __restrict x, int64_t x_stride,
           lane_total<kDoubleLanes>(acc2) + lane_total<kTailLanes>(acc2_8) + tail2};
 }
 
+// Short runs, as shifted_sum_short_runs, in double lanes.
+NORMKIT_SIMD_CLONES
+GradientSums gradient_sums_short_runs(const float* __restrict x, int64_t x_stride,
+                                      const float* __restrict dy, int64_t dy_stride,
+                                      int64_t runs, int64_t len, float center) {
+  const double center_d = center;
+  double acc1[kLanes] = {}, acc2[kLanes] = {};
+  const int64_t k = kLanes / len;
+  for (int64_t r = 0, slot = 0; r < runs; ++r, slot = slot + 1 == k ? 0 : slot + 1) {
+    const float* __restrict xp = x + r * x_stride;
+    const float* __restrict gp = dy + r * dy_stride;
+    double* __restrict a1 = acc1 + slot * len;
+    double* __restrict a2 = acc2 + slot * len;
+    for (int64_t i = 0; i < len; ++i) {
+      const double g = gp[i];
+      a1[i] += g;
+      a2[i] += g * (static_cast<double>(xp[i]) - center_d);
+    }
+  }
+  return {lane_total<kLanes>(acc1), lane_total<kLanes>(acc2)};
+}
+
 NORMKIT_SIMD_CLONES
 void backward_apply_runs(const float* x, int64_t x_stride, const float* dy, int64_t dy_stride,
                          float* dx, int64_t dx_stride, int64_t runs, int64_t len,
@@ -246,9 +306,14 @@ Moments piece_moments(const Geometry& g, const float* x, int64_t c, const Pieces
   const float* base = x + g.offset(s.first_run, c, s.first_inner);
   const double n = static_cast<double>(s.runs * s.len);
   const float shift = base[0];
-  const double mean = shift + shifted_sum_runs(base, s.runs, s.len, g.outer_stride, shift) / n;
+  const bool short_runs = s.len < kLanes;
+  const double sum = short_runs ? shifted_sum_short_runs(base, s.runs, s.len, g.outer_stride, shift)
+                                : shifted_sum_runs(base, s.runs, s.len, g.outer_stride, shift);
+  const double mean = shift + sum / n;
   const auto center = static_cast<float>(mean);
-  const CenteredSums cs = centered_sums_runs(base, s.runs, s.len, g.outer_stride, center);
+  const CenteredSums cs =
+      short_runs ? centered_sums_short_runs(base, s.runs, s.len, g.outer_stride, center)
+                 : centered_sums_runs(base, s.runs, s.len, g.outer_stride, center);
   return {n, center + cs.sum_d / n, cs.sum_d2 - cs.sum_d * cs.sum_d / n};
 }
 
@@ -263,6 +328,39 @@ void piece_apply(const Geometry& gx, const Geometry& gy, const float* x, float* 
 // the pieces of all channels are spread over the threads in phases.
 bool whole_channels_per_thread(int64_t channels, int threads) {
   return channels % threads == 0 || channels >= 8 * threads;
+}
+
+// The apply in memory order: (outer, channel) runs with channels fastest, cut
+// into units of about kPieceElements (several short runs, or a part of a long
+// one). No reduction here, so any order gives the same bits.
+struct ApplyUnits {
+  int64_t channels_per_unit, units_per_outer, parts_per_run, part_len, count;
+  explicit ApplyUnits(const Geometry& g) {
+    if (g.inner >= kPieceElements) {
+      channels_per_unit = 1;
+      parts_per_run = (g.inner + kPieceElements - 1) / kPieceElements;
+      part_len = kPieceElements;
+      units_per_outer = g.channels * parts_per_run;
+    } else {
+      channels_per_unit = std::max<int64_t>(1, kPieceElements / g.inner);
+      parts_per_run = 1;
+      part_len = g.inner;
+      units_per_outer = (g.channels + channels_per_unit - 1) / channels_per_unit;
+    }
+    count = g.outer * units_per_outer;
+  }
+};
+
+template <class RunFn>
+void for_each_run_of_unit(const Geometry& g, const ApplyUnits& u, int64_t unit, RunFn run) {
+  const int64_t o = unit / u.units_per_outer, within = unit % u.units_per_outer;
+  if (u.parts_per_run > 1) {
+    const int64_t c = within / u.parts_per_run, first = (within % u.parts_per_run) * u.part_len;
+    run(o, c, first, std::min(u.part_len, g.inner - first));
+    return;
+  }
+  const int64_t c0 = within * u.channels_per_unit;
+  for (int64_t c = c0; c < std::min(g.channels, c0 + u.channels_per_unit); ++c) run(o, c, 0, g.inner);
 }
 
 void planes_forward_training(const ForwardTraining<float>& p) {
@@ -287,6 +385,7 @@ void planes_forward_training(const ForwardTraining<float>& p) {
     return;
   }
   const int64_t total = g.channels * pieces.per_channel;
+  const ApplyUnits units(g);
   std::vector<Moments> partial(total);
   std::vector<ApplyCoefficients> coeff(g.channels);
 #pragma omp parallel num_threads(threads)
@@ -302,10 +401,11 @@ void planes_forward_training(const ForwardTraining<float>& p) {
       coeff[c] = coefficients(c);
     }
 #pragma omp for schedule(static)
-    for (int64_t t = 0; t < total; ++t) {
-      const int64_t c = t / pieces.per_channel;
-      piece_apply(g, p.y_geom, p.x, p.y, c, pieces.span(g, t % pieces.per_channel), coeff[c]);
-    }
+    for (int64_t t = 0; t < units.count; ++t)
+      for_each_run_of_unit(g, units, t, [&](int64_t o, int64_t c, int64_t first, int64_t len) {
+        apply_runs(p.x + g.offset(o, c, first), 0, p.y + p.y_geom.offset(o, c, first), 0, 1, len,
+                   coeff[c]);
+      });
   }
 }
 
@@ -329,17 +429,17 @@ void planes_moments(const Geometry& g, const float* x, Moments* out) {
 
 void planes_apply(const Apply<float>& p) {
   const Geometry& g = p.x_geom;
-  const Pieces pieces(g);
-  const int64_t total = g.channels * pieces.per_channel;
+  const ApplyUnits units(g);
   std::vector<ApplyCoefficients> coeff(g.channels);
   for (int64_t c = 0; c < g.channels; ++c)
     coeff[c] = apply_coefficients(p.mean[c], p.invstd[c], param_or(p.gamma, c, 1.0),
                                   param_or(p.beta, c, 0.0));
 #pragma omp parallel for num_threads(threads_for(g.channels * g.reduction_size())) schedule(static)
-  for (int64_t t = 0; t < total; ++t) {
-    const int64_t c = t / pieces.per_channel;
-    piece_apply(g, p.y_geom, p.x, p.y, c, pieces.span(g, t % pieces.per_channel), coeff[c]);
-  }
+  for (int64_t t = 0; t < units.count; ++t)
+    for_each_run_of_unit(g, units, t, [&](int64_t o, int64_t c, int64_t first, int64_t len) {
+      apply_runs(p.x + g.offset(o, c, first), 0, p.y + p.y_geom.offset(o, c, first), 0, 1, len,
+                 coeff[c]);
+    });
 }
 
 // Σdy and Σdy·(x - mean) of a piece; the float sums run around float(mean)
@@ -348,10 +448,11 @@ GradientSums piece_gradient_sums(const Backward<float>& p, int64_t c, const Piec
   const Geometry& gx = p.x_geom;
   const Geometry& gd = p.dy_geom;
   const auto center = static_cast<float>(p.mean[c]);
+  const auto sums_of = s.len < kLanes ? gradient_sums_short_runs : gradient_sums_runs;
   const GradientSums sums =
-      gradient_sums_runs(p.x + gx.offset(s.first_run, c, s.first_inner), gx.outer_stride,
-                         p.dy + gd.offset(s.first_run, c, s.first_inner), gd.outer_stride, s.runs,
-                         s.len, center);
+      sums_of(p.x + gx.offset(s.first_run, c, s.first_inner), gx.outer_stride,
+              p.dy + gd.offset(s.first_run, c, s.first_inner), gd.outer_stride, s.runs, s.len,
+              center);
   return {sums.sum_dy, sums.sum_dy_xc - sums.sum_dy * (p.mean[c] - center)};
 }
 
@@ -396,6 +497,7 @@ void planes_backward(const Backward<float>& p) {
     return;
   }
   const int64_t total = g.channels * pieces.per_channel;
+  const ApplyUnits units(g);
   std::vector<GradientSums> partial(total);
   std::vector<BackwardCoefficients> coeff(g.channels);
 #pragma omp parallel num_threads(threads)
@@ -414,10 +516,11 @@ void planes_backward(const Backward<float>& p) {
     }
     if (p.dx) {
 #pragma omp for schedule(static)
-      for (int64_t t = 0; t < total; ++t) {
-        const int64_t c = t / pieces.per_channel;
-        piece_backward_apply(p, c, pieces.span(g, t % pieces.per_channel), coeff[c]);
-      }
+      for (int64_t t = 0; t < units.count; ++t)
+        for_each_run_of_unit(g, units, t, [&](int64_t o, int64_t c, int64_t first, int64_t len) {
+          backward_apply_runs(p.x + g.offset(o, c, first), 0, p.dy + p.dy_geom.offset(o, c, first),
+                              0, p.dx + p.dx_geom.offset(o, c, first), 0, 1, len, coeff[c]);
+        });
     }
   }
 }
@@ -500,47 +603,40 @@ void rows_chunk_moments(const float* __restrict x, int64_t stride, int64_t rows,
   }
 }
 
-// Moments per channel over all rows: chunks merged in order within each
-// stripe, stripes merged in order (in blocks of channels, one block per task).
-void rows_moments_into(const Geometry& g, const float* x, Moments* out, int threads) {
-  const RowPlan plan(g);
-  const int64_t C = plan.channels;
-  constexpr int64_t kChannelBlock = 256;
-  const int64_t blocks = (C + kChannelBlock - 1) / kChannelBlock;
-  double* const stripe_mean = scratch<double>(0, plan.stripes * C);
-  double* const stripe_m2 = scratch<double>(1, plan.stripes * C);
-  double* const stripe_count = scratch<double>(2, plan.stripes);
-#pragma omp parallel num_threads(threads)
-  {
-    float* const sums = scratch<float>(3, 3 * C);
-    double* const chunk_mean = scratch<double>(4, C);
-    double* const chunk_m2 = scratch<double>(5, C);
-#pragma omp for schedule(static)
-    for (int64_t s = 0; s < plan.stripes; ++s) {
-      double count = 0;
-      for (int64_t k = plan.first_chunk(s); k < plan.first_chunk(s + 1); ++k) {
-        const int64_t n = plan.rows_in(k);
-        rows_chunk_moments(x + plan.first_row(k) * g.outer_stride, g.outer_stride, n, C, sums,
-                           sums + C, sums + 2 * C, chunk_mean, chunk_m2);
-        merge_moment_arrays(count, stripe_mean + s * C, stripe_m2 + s * C,
-                            static_cast<double>(n), chunk_mean, chunk_m2, C);
-        count += static_cast<double>(n);
-      }
-      stripe_count[s] = count;
-    }
-#pragma omp for schedule(static)
-    for (int64_t block = 0; block < blocks; ++block) {
-      const int64_t c0 = block * kChannelBlock, width = std::min(kChannelBlock, C - c0);
-      double count = stripe_count[0];
-      for (int64_t s = 1; s < plan.stripes; ++s) {
-        merge_moment_arrays(count, stripe_mean + c0, stripe_m2 + c0, stripe_count[s],
-                            stripe_mean + s * C + c0, stripe_m2 + s * C + c0, width);
-        count += stripe_count[s];
-      }
-      for (int64_t c = c0; c < c0 + width; ++c) out[c] = {count, stripe_mean[c], stripe_m2[c]};
-    }
+// Per-channel apply coefficients (apply_coefficients) for a block of channels
+// from merged moments, as arrays, in a loop the compiler vectorizes: with
+// thousands of channels and few rows (32×4096), scalar square roots and
+// divisions per channel cost as much as the data passes. (This file is built
+// with -fno-math-errno, without which the square root does not vectorize.)
+NORMKIT_SIMD_CLONES
+void coefficient_arrays(int64_t channels, double count, const double* __restrict mean,
+                        const double* __restrict m2, const float* __restrict gamma,
+                        const float* __restrict beta, double eps, float* __restrict mean_hi,
+                        float* __restrict scale, float* __restrict shift) {
+  for (int64_t c = 0; c < channels; ++c) {
+    const double invstd = 1.0 / std::sqrt(m2[c] / count + eps);
+    const float hi = static_cast<float>(mean[c]);
+    const double sc = (gamma ? static_cast<double>(gamma[c]) : 1.0) * invstd;
+    mean_hi[c] = hi;
+    scale[c] = static_cast<float>(sc);
+    shift[c] = static_cast<float>((beta ? static_cast<double>(beta[c]) : 0.0) -
+                                  (mean[c] - static_cast<double>(hi)) * sc);
   }
 }
+
+// Per-channel coefficients as three arrays, so the row loop vectorizes over channels.
+struct RowCoefficients {
+  float* mean_hi;
+  float* scale;
+  float* shift;
+  explicit RowCoefficients(float* storage, int64_t channels)
+      : mean_hi(storage), scale(storage + channels), shift(storage + 2 * channels) {}
+  void set(int64_t c, ApplyCoefficients k) const {
+    mean_hi[c] = k.mean_hi;
+    scale[c] = k.scale;
+    shift[c] = k.shift;
+  }
+};
 
 NORMKIT_SIMD_CLONES
 void rows_apply_chunk(const float* x, int64_t x_stride, float* y,
@@ -554,38 +650,97 @@ void rows_apply_chunk(const float* x, int64_t x_stride, float* y,
   }
 }
 
-// Per-channel coefficients as three arrays, so the row loop vectorizes over channels.
-struct RowCoefficients {
-  std::vector<float> mean_hi, scale, shift;
-  explicit RowCoefficients(int64_t channels) : mean_hi(channels), scale(channels), shift(channels) {}
-  void set(int64_t c, ApplyCoefficients k) {
-    mean_hi[c] = k.mean_hi;
-    scale[c] = k.scale;
-    shift[c] = k.shift;
-  }
-};
-
-void rows_apply_all(const Geometry& gx, const Geometry& gy, const float* x, float* y,
-                    const RowCoefficients& k, int threads) {
+// The apply over every chunk; inside a parallel region (an orphaned omp for).
+void rows_apply_phase(const Geometry& gx, const Geometry& gy, const float* x, float* y,
+                      const RowCoefficients& k) {
   const RowPlan plan(gx);
-#pragma omp parallel for num_threads(threads) schedule(static)
+#pragma omp for schedule(static)
   for (int64_t chunk = 0; chunk < plan.chunks; ++chunk) {
     const int64_t r0 = plan.first_row(chunk);
     rows_apply_chunk(x + r0 * gx.outer_stride, gx.outer_stride, y + r0 * gy.outer_stride,
-                     gy.outer_stride, plan.rows_in(chunk), plan.channels, k.mean_hi.data(),
-                     k.scale.data(), k.shift.data());
+                     gy.outer_stride, plan.rows_in(chunk), plan.channels, k.mean_hi, k.scale,
+                     k.shift);
   }
 }
 
+// Moments per channel over all rows: chunks merged in order within each
+// stripe, stripes merged in order (in blocks of channels, one block per task).
+// Runs inside a parallel region (orphaned omp for); each merged block of
+// channels is handed to on_block(c0, width, count, mean, m2) by the thread that
+// merged it, mean and m2 pointing at channel c0.
+template <class OnBlock>
+void rows_moments_phase(const Geometry& g, const float* x, double* stripe_mean, double* stripe_m2,
+                        double* stripe_count, OnBlock on_block) {
+  const RowPlan plan(g);
+  const int64_t C = plan.channels;
+  constexpr int64_t kChannelBlock = 256;
+  const int64_t blocks = (C + kChannelBlock - 1) / kChannelBlock;
+  float* const sums = scratch<float>(3, 3 * C);
+  double* const chunk_mean = scratch<double>(4, C);
+  double* const chunk_m2 = scratch<double>(5, C);
+#pragma omp for schedule(static)
+  for (int64_t s = 0; s < plan.stripes; ++s) {
+    double count = 0;
+    for (int64_t k = plan.first_chunk(s); k < plan.first_chunk(s + 1); ++k) {
+      const int64_t n = plan.rows_in(k);
+      rows_chunk_moments(x + plan.first_row(k) * g.outer_stride, g.outer_stride, n, C, sums,
+                         sums + C, sums + 2 * C, chunk_mean, chunk_m2);
+      merge_moment_arrays(count, stripe_mean + s * C, stripe_m2 + s * C,
+                          static_cast<double>(n), chunk_mean, chunk_m2, C);
+      count += static_cast<double>(n);
+    }
+    stripe_count[s] = count;
+  }
+#pragma omp for schedule(static)
+  for (int64_t block = 0; block < blocks; ++block) {
+    const int64_t c0 = block * kChannelBlock, width = std::min(kChannelBlock, C - c0);
+    double count = stripe_count[0];
+    for (int64_t s = 1; s < plan.stripes; ++s) {
+      merge_moment_arrays(count, stripe_mean + c0, stripe_m2 + c0, stripe_count[s],
+                          stripe_mean + s * C + c0, stripe_m2 + s * C + c0, width);
+      count += stripe_count[s];
+    }
+    on_block(c0, width, count, stripe_mean + c0, stripe_m2 + c0);
+  }
+}
+
+void rows_moments_into(const Geometry& g, const float* x, Moments* out, int threads) {
+  const RowPlan plan(g);
+  double* const stripe_mean = scratch<double>(0, plan.stripes * plan.channels);
+  double* const stripe_m2 = scratch<double>(1, plan.stripes * plan.channels);
+  double* const stripe_count = scratch<double>(2, plan.stripes);
+#pragma omp parallel num_threads(threads)
+  rows_moments_phase(g, x, stripe_mean, stripe_m2, stripe_count,
+                     [&](int64_t c0, int64_t width, double count, const double* mean,
+                         const double* m2) {
+                       for (int64_t c = 0; c < width; ++c) out[c0 + c] = {count, mean[c], m2[c]};
+                     });
+}
+
+// Statistics, coefficients and apply in one parallel region: opening a region
+// and waking threads costs microseconds, which small problems (256×1024) notice.
 void rows_forward_training(const ForwardTraining<float>& p) {
-  const int threads = threads_for(p.x_geom.channels * p.x_geom.outer);
-  rows_moments_into(p.x_geom, p.x, p.moments, threads);
-  RowCoefficients k(p.x_geom.channels);
-  for (int64_t c = 0; c < p.x_geom.channels; ++c)
-    k.set(c, apply_coefficients(p.moments[c].mean,
-                                invstd_of(p.moments[c].biased_variance(), p.eps),
-                                param_or(p.gamma, c, 1.0), param_or(p.beta, c, 0.0)));
-  rows_apply_all(p.x_geom, p.y_geom, p.x, p.y, k, threads);
+  const Geometry& g = p.x_geom;
+  const RowPlan plan(g);
+  const int64_t C = plan.channels;
+  const int threads = threads_for(C * g.outer);
+  double* const stripe_mean = scratch<double>(0, plan.stripes * C);
+  double* const stripe_m2 = scratch<double>(1, plan.stripes * C);
+  double* const stripe_count = scratch<double>(2, plan.stripes);
+  const RowCoefficients k(scratch<float>(6, 3 * C), C);
+#pragma omp parallel num_threads(threads)
+  {
+    rows_moments_phase(g, p.x, stripe_mean, stripe_m2, stripe_count,
+                       [&](int64_t c0, int64_t width, double count, const double* mean,
+                           const double* m2) {
+                         for (int64_t c = 0; c < width; ++c)
+                           p.moments[c0 + c] = {count, mean[c], m2[c]};
+                         coefficient_arrays(width, count, mean, m2, p.gamma ? p.gamma + c0 : nullptr,
+                                            p.beta ? p.beta + c0 : nullptr, p.eps, k.mean_hi + c0,
+                                            k.scale + c0, k.shift + c0);
+                       });
+    rows_apply_phase(g, p.y_geom, p.x, p.y, k);  // its omp for waits for the coefficients
+  }
 }
 
 void rows_moments(const Geometry& g, const float* x, Moments* out) {
@@ -593,11 +748,13 @@ void rows_moments(const Geometry& g, const float* x, Moments* out) {
 }
 
 void rows_apply(const Apply<float>& p) {
-  RowCoefficients k(p.x_geom.channels);
-  for (int64_t c = 0; c < p.x_geom.channels; ++c)
+  const int64_t C = p.x_geom.channels;
+  const RowCoefficients k(scratch<float>(6, 3 * C), C);
+  for (int64_t c = 0; c < C; ++c)
     k.set(c, apply_coefficients(p.mean[c], p.invstd[c], param_or(p.gamma, c, 1.0),
                                 param_or(p.beta, c, 0.0)));
-  rows_apply_all(p.x_geom, p.y_geom, p.x, p.y, k, threads_for(p.x_geom.channels * p.x_geom.outer));
+#pragma omp parallel num_threads(threads_for(C * p.x_geom.outer))
+  rows_apply_phase(p.x_geom, p.y_geom, p.x, p.y, k);
 }
 
 // Σdy and Σdy·(x - mean) of one chunk per channel, added to a stripe's double
