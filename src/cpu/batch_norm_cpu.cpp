@@ -20,6 +20,7 @@
 // vectorizes them without reassociating sums, and are compiled for AVX-512,
 // AVX2+FMA and baseline x86-64 with a runtime choice (target_clones).
 #include <omp.h>
+#include <xmmintrin.h>
 
 #include <algorithm>
 #include <cmath>
@@ -56,6 +57,27 @@ constexpr int64_t kRowChunkElements = 65536;
 constexpr int64_t kMaxChunkRows = 64;
 // Rows chunks are grouped into this many stripes, each merged in order.
 constexpr int64_t kMaxStripes = 32;
+// Outputs at least this large are written with non-temporal stores. An
+// ordinary store first reads the line it writes: for a kernel that reads x
+// once and writes y, that is a third tensor's worth of memory traffic (the
+// copy the benchmark compares with pays it too). An output this large does
+// not stay in cache for its consumer anyway.
+constexpr int64_t kStreamingBytes = int64_t{8} << 20;
+
+// Streaming pays only over long contiguous stretches: a stretch that ends
+// inside a cache line leaves a partly written line, which costs more than the
+// read it saves (7×7 planes: runs of 196 bytes). In place (the output is an
+// input), streamed lines would leave the cache while the rest of them is still
+// to be read: ordinary stores then.
+constexpr int64_t kMinStreamedFloats = 256;
+bool streaming_output(const Geometry& g, const float* out, const float* in,
+                      const float* other_in = nullptr) {
+  const bool rows = g.inner == 1;
+  const int64_t stretch = rows ? (g.outer_stride == g.channels ? g.outer * g.channels : g.channels)
+                               : (g.inner_stride == 1 ? g.inner : 1);
+  return out != in && out != other_in && stretch >= kMinStreamedFloats &&
+         g.outer * g.channels * g.inner * static_cast<int64_t>(sizeof(float)) >= kStreamingBytes;
+}
 
 // Per-thread scratch that outlives a call: a fresh large vector per call is
 // fresh pages from the kernel, whose faults cost more than a small problem.
@@ -170,9 +192,70 @@ CenteredSums centered_sums_short_runs(const float* __restrict x, int64_t runs, i
   return {lane_total<kLanes>(acc1), lane_total<kLanes>(acc2)};
 }
 
+// ----- non-temporal (streaming) stores, see kStreamingBytes -----
+// Four floats per 16-byte aligned store; the unaligned head and the tail of a
+// run go through the same SSE operations one float at a time, so on this path
+// every element is rounded alike (separate multiply and add, never fused).
+// `step` is 0 for one coefficient per run (planes), 1 for one per element (rows).
+
+inline bool aligned16(const float* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; }
+
+inline void stream_apply(const float* x, float* y, int64_t len, const float* mean_hi,
+                         const float* scale, const float* shift, int64_t step) {
+  const auto one = [&](int64_t i) {
+    const int64_t c = i * step;
+    const __m128 v = _mm_add_ss(
+        _mm_mul_ss(_mm_sub_ss(_mm_load_ss(x + i), _mm_load_ss(mean_hi + c)), _mm_load_ss(scale + c)),
+        _mm_load_ss(shift + c));
+    y[i] = _mm_cvtss_f32(v);
+  };
+  int64_t i = 0;
+  for (; i < len && !aligned16(y + i); ++i) one(i);
+  const __m128 m1 = _mm_set1_ps(*mean_hi), s1 = _mm_set1_ps(*scale), t1 = _mm_set1_ps(*shift);
+  for (; i + 4 <= len; i += 4) {
+    const __m128 m = step ? _mm_loadu_ps(mean_hi + i) : m1;
+    const __m128 sc = step ? _mm_loadu_ps(scale + i) : s1;
+    const __m128 t = step ? _mm_loadu_ps(shift + i) : t1;
+    _mm_stream_ps(y + i, _mm_add_ps(_mm_mul_ps(_mm_sub_ps(_mm_loadu_ps(x + i), m), sc), t));
+  }
+  for (; i < len; ++i) one(i);
+}
+
+// dx = (a·dy + b·(x - mean_hi)) + k, in that order, as the ordinary path.
+inline void stream_backward(const float* x, const float* dy, float* dx, int64_t len,
+                            const float* mean_hi, const float* a, const float* b, const float* k,
+                            int64_t step) {
+  const auto one = [&](int64_t i) {
+    const int64_t c = i * step;
+    const __m128 ag = _mm_mul_ss(_mm_load_ss(a + c), _mm_load_ss(dy + i));
+    const __m128 bx = _mm_mul_ss(_mm_load_ss(b + c), _mm_sub_ss(_mm_load_ss(x + i), _mm_load_ss(mean_hi + c)));
+    dx[i] = _mm_cvtss_f32(_mm_add_ss(_mm_add_ss(ag, bx), _mm_load_ss(k + c)));
+  };
+  int64_t i = 0;
+  for (; i < len && !aligned16(dx + i); ++i) one(i);
+  const __m128 m1 = _mm_set1_ps(*mean_hi), a1 = _mm_set1_ps(*a), b1 = _mm_set1_ps(*b),
+               k1 = _mm_set1_ps(*k);
+  for (; i + 4 <= len; i += 4) {
+    const __m128 m = step ? _mm_loadu_ps(mean_hi + i) : m1;
+    const __m128 av = step ? _mm_loadu_ps(a + i) : a1;
+    const __m128 bv = step ? _mm_loadu_ps(b + i) : b1;
+    const __m128 kv = step ? _mm_loadu_ps(k + i) : k1;
+    const __m128 ag = _mm_mul_ps(av, _mm_loadu_ps(dy + i));
+    const __m128 bx = _mm_mul_ps(bv, _mm_sub_ps(_mm_loadu_ps(x + i), m));
+    _mm_stream_ps(dx + i, _mm_add_ps(_mm_add_ps(ag, bx), kv));
+  }
+  for (; i < len; ++i) one(i);
+}
+
 NORMKIT_SIMD_CLONES
 void apply_runs(const float* x, int64_t x_stride, float* y, int64_t y_stride, int64_t runs,
-                int64_t len, ApplyCoefficients k) {
+                int64_t len, ApplyCoefficients k, bool stream) {
+  if (stream) {
+    for (int64_t r = 0; r < runs; ++r)
+      stream_apply(x + r * x_stride, y + r * y_stride, len, &k.mean_hi, &k.scale, &k.shift, 0);
+    _mm_sfence();  // the streamed lines are written before anyone reads y
+    return;
+  }
   for (int64_t r = 0; r < runs; ++r) {
     const float* xp = x + r * x_stride;
     float* yp = y + r * y_stride;
@@ -253,7 +336,14 @@ GradientSums gradient_sums_short_runs(const float* __restrict x, int64_t x_strid
 NORMKIT_SIMD_CLONES
 void backward_apply_runs(const float* x, int64_t x_stride, const float* dy, int64_t dy_stride,
                          float* dx, int64_t dx_stride, int64_t runs, int64_t len,
-                         BackwardCoefficients k) {
+                         BackwardCoefficients k, bool stream) {
+  if (stream) {
+    for (int64_t r = 0; r < runs; ++r)
+      stream_backward(x + r * x_stride, dy + r * dy_stride, dx + r * dx_stride, len, &k.mean_hi,
+                      &k.a, &k.b, &k.k, 0);
+    _mm_sfence();
+    return;
+  }
   for (int64_t r = 0; r < runs; ++r) {
     const float* xp = x + r * x_stride;
     const float* gp = dy + r * dy_stride;
@@ -320,7 +410,8 @@ Moments piece_moments(const Geometry& g, const float* x, int64_t c, const Pieces
 void piece_apply(const Geometry& gx, const Geometry& gy, const float* x, float* y, int64_t c,
                  const Pieces::Span& s, ApplyCoefficients k) {
   apply_runs(x + gx.offset(s.first_run, c, s.first_inner), gx.outer_stride,
-             y + gy.offset(s.first_run, c, s.first_inner), gy.outer_stride, s.runs, s.len, k);
+             y + gy.offset(s.first_run, c, s.first_inner), gy.outer_stride, s.runs, s.len, k,
+             streaming_output(gy, y, x));
 }
 
 // Channel-at-a-time (each channel's slice is re-read from cache right after its
@@ -386,6 +477,7 @@ void planes_forward_training(const ForwardTraining<float>& p) {
   }
   const int64_t total = g.channels * pieces.per_channel;
   const ApplyUnits units(g);
+  const bool stream = streaming_output(p.y_geom, p.y, p.x);
   std::vector<Moments> partial(total);
   std::vector<ApplyCoefficients> coeff(g.channels);
 #pragma omp parallel num_threads(threads)
@@ -404,7 +496,7 @@ void planes_forward_training(const ForwardTraining<float>& p) {
     for (int64_t t = 0; t < units.count; ++t)
       for_each_run_of_unit(g, units, t, [&](int64_t o, int64_t c, int64_t first, int64_t len) {
         apply_runs(p.x + g.offset(o, c, first), 0, p.y + p.y_geom.offset(o, c, first), 0, 1, len,
-                   coeff[c]);
+                   coeff[c], stream);
       });
   }
 }
@@ -430,6 +522,7 @@ void planes_moments(const Geometry& g, const float* x, Moments* out) {
 void planes_apply(const Apply<float>& p) {
   const Geometry& g = p.x_geom;
   const ApplyUnits units(g);
+  const bool stream = streaming_output(p.y_geom, p.y, p.x);
   std::vector<ApplyCoefficients> coeff(g.channels);
   for (int64_t c = 0; c < g.channels; ++c)
     coeff[c] = apply_coefficients(p.mean[c], p.invstd[c], param_or(p.gamma, c, 1.0),
@@ -438,7 +531,7 @@ void planes_apply(const Apply<float>& p) {
   for (int64_t t = 0; t < units.count; ++t)
     for_each_run_of_unit(g, units, t, [&](int64_t o, int64_t c, int64_t first, int64_t len) {
       apply_runs(p.x + g.offset(o, c, first), 0, p.y + p.y_geom.offset(o, c, first), 0, 1, len,
-                 coeff[c]);
+                 coeff[c], stream);
     });
 }
 
@@ -464,7 +557,7 @@ void piece_backward_apply(const Backward<float>& p, int64_t c, const Pieces::Spa
   backward_apply_runs(p.x + gx.offset(s.first_run, c, s.first_inner), gx.outer_stride,
                       p.dy + gd.offset(s.first_run, c, s.first_inner), gd.outer_stride,
                       p.dx + go.offset(s.first_run, c, s.first_inner), go.outer_stride, s.runs,
-                      s.len, k);
+                      s.len, k, streaming_output(go, p.dx, p.x, p.dy));
 }
 
 // From Σdy and Σdy·(x - mean): dβ = Σdy, dγ = invstd·Σdy·(x - mean), and dx's coefficients.
@@ -498,6 +591,7 @@ void planes_backward(const Backward<float>& p) {
   }
   const int64_t total = g.channels * pieces.per_channel;
   const ApplyUnits units(g);
+  const bool stream = streaming_output(p.dx_geom, p.dx, p.x, p.dy);
   std::vector<GradientSums> partial(total);
   std::vector<BackwardCoefficients> coeff(g.channels);
 #pragma omp parallel num_threads(threads)
@@ -519,7 +613,8 @@ void planes_backward(const Backward<float>& p) {
       for (int64_t t = 0; t < units.count; ++t)
         for_each_run_of_unit(g, units, t, [&](int64_t o, int64_t c, int64_t first, int64_t len) {
           backward_apply_runs(p.x + g.offset(o, c, first), 0, p.dy + p.dy_geom.offset(o, c, first),
-                              0, p.dx + p.dx_geom.offset(o, c, first), 0, 1, len, coeff[c]);
+                              0, p.dx + p.dx_geom.offset(o, c, first), 0, 1, len, coeff[c],
+                              stream);
         });
     }
   }
@@ -642,7 +737,13 @@ NORMKIT_SIMD_CLONES
 void rows_apply_chunk(const float* x, int64_t x_stride, float* y,
                       int64_t y_stride, int64_t rows, int64_t channels,
                       const float* __restrict mean_hi, const float* __restrict scale,
-                      const float* __restrict shift) {
+                      const float* __restrict shift, bool stream) {
+  if (stream) {
+    for (int64_t r = 0; r < rows; ++r)
+      stream_apply(x + r * x_stride, y + r * y_stride, channels, mean_hi, scale, shift, 1);
+    _mm_sfence();
+    return;
+  }
   for (int64_t r = 0; r < rows; ++r) {
     const float* xp = x + r * x_stride;
     float* yp = y + r * y_stride;
@@ -654,12 +755,13 @@ void rows_apply_chunk(const float* x, int64_t x_stride, float* y,
 void rows_apply_phase(const Geometry& gx, const Geometry& gy, const float* x, float* y,
                       const RowCoefficients& k) {
   const RowPlan plan(gx);
+  const bool stream = streaming_output(gy, y, x);
 #pragma omp for schedule(static)
   for (int64_t chunk = 0; chunk < plan.chunks; ++chunk) {
     const int64_t r0 = plan.first_row(chunk);
     rows_apply_chunk(x + r0 * gx.outer_stride, gx.outer_stride, y + r0 * gy.outer_stride,
                      gy.outer_stride, plan.rows_in(chunk), plan.channels, k.mean_hi, k.scale,
-                     k.shift);
+                     k.shift, stream);
   }
 }
 
@@ -779,7 +881,14 @@ NORMKIT_SIMD_CLONES
 void rows_backward_apply_chunk(const float* x, int64_t x_stride, const float* dy,
                                int64_t dy_stride, float* dx, int64_t dx_stride, int64_t rows,
                                int64_t channels, const float* mean_hi, const float* a,
-                               const float* b, const float* k) {
+                               const float* b, const float* k, bool stream) {
+  if (stream) {
+    for (int64_t r = 0; r < rows; ++r)
+      stream_backward(x + r * x_stride, dy + r * dy_stride, dx + r * dx_stride, channels, mean_hi,
+                      a, b, k, 1);
+    _mm_sfence();
+    return;
+  }
   for (int64_t r = 0; r < rows; ++r) {
     const float* xp = x + r * x_stride;
     const float* gp = dy + r * dy_stride;
@@ -836,7 +945,7 @@ void rows_backward(const Backward<float>& p) {
                                   p.dy + r0 * p.dy_geom.outer_stride, p.dy_geom.outer_stride,
                                   p.dx + r0 * p.dx_geom.outer_stride, p.dx_geom.outer_stride,
                                   plan.rows_in(chunk), C, mean_hi.data(), a.data(), b.data(),
-                                  k.data());
+                                  k.data(), streaming_output(p.dx_geom, p.dx, p.x, p.dy));
       }
     }
   }
