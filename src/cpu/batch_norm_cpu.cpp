@@ -20,9 +20,11 @@
 // vectorizes them without reassociating sums, and are compiled for AVX-512,
 // AVX2+FMA and baseline x86-64 with a runtime choice (target_clones).
 #include <omp.h>
+#include <unistd.h>
 #include <xmmintrin.h>
 
 #include <algorithm>
+#include <cstdio>
 #include <cmath>
 #include <vector>
 
@@ -57,12 +59,32 @@ constexpr int64_t kRowChunkElements = 65536;
 constexpr int64_t kMaxChunkRows = 64;
 // Rows chunks are grouped into this many stripes, each merged in order.
 constexpr int64_t kMaxStripes = 32;
-// Outputs at least this large are written with non-temporal stores. An
-// ordinary store first reads the line it writes: for a kernel that reads x
-// once and writes y, that is a third tensor's worth of memory traffic (the
-// copy the benchmark compares with pays it too). An output this large does
-// not stay in cache for its consumer anyway.
-constexpr int64_t kStreamingBytes = int64_t{8} << 20;
+// Outputs at least half as large as the last-level cache are written with
+// non-temporal stores. An ordinary store first reads the line it writes: for a
+// kernel that reads x once and writes y, that is a third tensor's worth of
+// memory traffic (the copy the benchmark compares with pays it too). An output
+// this large would not stay in cache for its consumer anyway; a smaller one
+// might, and streaming it past the cache was measured to cost more than it
+// saves (12.8 MB tensors, 32 MB L3).
+// The cache size comes from sysfs: in virtual machines cpuid (and so
+// sysconf) can report a much larger L3 than the one the guest shares.
+int64_t last_level_cache_bytes() {
+  int64_t size = 0;
+  if (std::FILE* f = std::fopen("/sys/devices/system/cpu/cpu0/cache/index3/size", "r")) {
+    long value = 0;
+    char unit = 0;
+    if (std::fscanf(f, "%ld%c", &value, &unit) >= 1)
+      size = int64_t{value} << (unit == 'K' ? 10 : unit == 'M' ? 20 : 0);
+    std::fclose(f);
+  }
+  if (size <= 0) size = sysconf(_SC_LEVEL3_CACHE_SIZE);
+  return size > 0 ? size : int64_t{32} << 20;
+}
+
+int64_t streaming_bytes() {
+  static const int64_t bytes = std::max<int64_t>(int64_t{8} << 20, last_level_cache_bytes() / 2);
+  return bytes;
+}
 
 // Streaming pays only over long contiguous stretches: a stretch that ends
 // inside a cache line leaves a partly written line, which costs more than the
@@ -76,7 +98,7 @@ bool streaming_output(const Geometry& g, const float* out, const float* in,
   const int64_t stretch = rows ? (g.outer_stride == g.channels ? g.outer * g.channels : g.channels)
                                : (g.inner_stride == 1 ? g.inner : 1);
   return out != in && out != other_in && stretch >= kMinStreamedFloats &&
-         g.outer * g.channels * g.inner * static_cast<int64_t>(sizeof(float)) >= kStreamingBytes;
+         g.outer * g.channels * g.inner * static_cast<int64_t>(sizeof(float)) >= streaming_bytes();
 }
 
 // Per-thread scratch that outlives a call: a fresh large vector per call is
@@ -192,7 +214,7 @@ CenteredSums centered_sums_short_runs(const float* __restrict x, int64_t runs, i
   return {lane_total<kLanes>(acc1), lane_total<kLanes>(acc2)};
 }
 
-// ----- non-temporal (streaming) stores, see kStreamingBytes -----
+// ----- non-temporal (streaming) stores, see streaming_bytes -----
 // Four floats per 16-byte aligned store; the unaligned head and the tail of a
 // run go through the same SSE operations one float at a time, so on this path
 // every element is rounded alike (separate multiply and add, never fused).
