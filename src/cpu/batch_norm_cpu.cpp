@@ -698,6 +698,7 @@ void merge_moment_arrays(double count_a, double* __restrict mean_a, double* __re
 // compete for the same few L1 sets.
 constexpr int64_t kRowBlock = 64;
 constexpr int64_t kMaxBlockedChannels = 256;
+constexpr int64_t kColumnBlock = 256;
 inline int64_t blocked_channels(int64_t channels) {
   return channels <= kMaxBlockedChannels ? channels / kRowBlock * kRowBlock : 0;
 }
@@ -732,28 +733,32 @@ void rows_chunk_moments(const float* __restrict x, int64_t stride, int64_t rows,
       m2[c0 + l] = s2[l] - sd * sd / n;
     }
   }
-  if (c0 == channels) return;
-  std::fill(sum + c0, sum + channels, 0.0f);
-  for (int64_t r = 0; r < rows; ++r) {
-    const float* xp = x + r * stride;
-    for (int64_t c = c0; c < channels; ++c) sum[c] += xp[c] - x[c];
-  }
-  for (int64_t c = c0; c < channels; ++c)
-    center[c] = static_cast<float>(static_cast<double>(x[c]) + static_cast<double>(sum[c]) / n);
-  std::fill(sum + c0, sum + channels, 0.0f);
-  std::fill(sum_d2 + c0, sum_d2 + channels, 0.0f);
-  for (int64_t r = 0; r < rows; ++r) {
-    const float* xp = x + r * stride;
-    for (int64_t c = c0; c < channels; ++c) {
-      const float d = xp[c] - center[c];
-      sum[c] += d;
-      sum_d2[c] += d * d;
+  // Long rows: columns of kColumnBlock channels, so that the sums stay in L1
+  // and a column of the chunk in L2 between the passes.
+  for (int64_t b0 = c0; b0 < channels; b0 += kColumnBlock) {
+    const int64_t b1 = std::min(channels, b0 + kColumnBlock);
+    std::fill(sum + b0, sum + b1, 0.0f);
+    for (int64_t r = 0; r < rows; ++r) {
+      const float* xp = x + r * stride;
+      for (int64_t c = b0; c < b1; ++c) sum[c] += xp[c] - x[c];
     }
-  }
-  for (int64_t c = c0; c < channels; ++c) {
-    const double sd = sum[c];
-    mean[c] = center[c] + sd / n;
-    m2[c] = sum_d2[c] - sd * sd / n;
+    for (int64_t c = b0; c < b1; ++c)
+      center[c] = static_cast<float>(static_cast<double>(x[c]) + static_cast<double>(sum[c]) / n);
+    std::fill(sum + b0, sum + b1, 0.0f);
+    std::fill(sum_d2 + b0, sum_d2 + b1, 0.0f);
+    for (int64_t r = 0; r < rows; ++r) {
+      const float* xp = x + r * stride;
+      for (int64_t c = b0; c < b1; ++c) {
+        const float d = xp[c] - center[c];
+        sum[c] += d;
+        sum_d2[c] += d * d;
+      }
+    }
+    for (int64_t c = b0; c < b1; ++c) {
+      const double sd = sum[c];
+      mean[c] = center[c] + sd / n;
+      m2[c] = sum_d2[c] - sd * sd / n;
+    }
   }
 }
 
@@ -963,13 +968,16 @@ void rows_gradient_sums_chunk(const float* __restrict x, int64_t x_stride,
       sum_dy_xc[c0 + l] = s2[l];
     }
   }
-  for (int64_t r = 0; r < rows && c0 < channels; ++r) {
-    const float* xp = x + r * x_stride;
-    const float* gp = dy + r * dy_stride;
-    for (int64_t c = c0; c < channels; ++c) {
-      const double g = gp[c];
-      sum_dy[c] += g;
-      sum_dy_xc[c] += g * (static_cast<double>(xp[c]) - static_cast<double>(center[c]));
+  for (int64_t b0 = c0; b0 < channels; b0 += kColumnBlock) {  // long rows: sums stay in L1
+    const int64_t b1 = std::min(channels, b0 + kColumnBlock);
+    for (int64_t r = 0; r < rows; ++r) {
+      const float* xp = x + r * x_stride;
+      const float* gp = dy + r * dy_stride;
+      for (int64_t c = b0; c < b1; ++c) {
+        const double g = gp[c];
+        sum_dy[c] += g;
+        sum_dy_xc[c] += g * (static_cast<double>(xp[c]) - static_cast<double>(center[c]));
+      }
     }
   }
 }
