@@ -54,18 +54,24 @@ struct ShapeRow {
 };
 
 const std::vector<ShapeRow>& shape_table() {
+  // The default rows are the shapes the speed bars are set for (see bars_of);
+  // the extended ones are for exploring.
   static const std::vector<ShapeRow> rows = {
       {"bn2d", {32, 64, 56, 56}, {Memory::channels_first, Memory::channels_last}, false},
-      {"bn2d", {16, 256, 28, 28}, {Memory::channels_first, Memory::channels_last}, true},
-      {"bn2d", {32, 2048, 7, 7}, {Memory::channels_first, Memory::channels_last}, true},
-      {"bn1d", {256, 1024}, {Memory::channels_first}, true},
-      {"bn1d", {32, 4096}, {Memory::channels_first}, true},
+      {"bn2d", {16, 256, 28, 28}, {Memory::channels_first, Memory::channels_last}, false},
+      {"bn2d", {32, 2048, 7, 7}, {Memory::channels_first, Memory::channels_last}, false},
+      {"bn1d", {256, 1024}, {Memory::channels_first}, false},
+      {"bn1d", {32, 4096}, {Memory::channels_first}, false},
       // LayerNorm over the last dimension: 8192 rows (tokens) of 768 (BERT-base).
       {"layer_norm", {8192, 768}, {Memory::channels_first}, false},
-      // Fused BN+ReLU and BN+Add+ReLU against the unfused sequences (normkit's, PyTorch's).
-      {"bn_relu", {32, 64, 56, 56}, {Memory::channels_first, Memory::channels_last}, true},
-      {"bn_add_relu", {32, 64, 56, 56}, {Memory::channels_first, Memory::channels_last}, true},
+      // GroupNorm(32).
       {"group_norm", {16, 256, 28, 28}, {Memory::channels_first, Memory::channels_last}, false},
+      // Fused BN+ReLU and BN+Add+ReLU against the unfused sequences (normkit's, PyTorch's).
+      {"bn_relu", {32, 64, 56, 56}, {Memory::channels_first, Memory::channels_last}, false},
+      {"bn_add_relu", {32, 64, 56, 56}, {Memory::channels_first, Memory::channels_last}, false},
+      {"bn2d", {64, 512, 14, 14}, {Memory::channels_first, Memory::channels_last}, true},
+      {"bn3d", {4, 64, 16, 28, 28}, {Memory::channels_first, Memory::channels_last}, true},
+      {"bn1d", {64, 256}, {Memory::channels_first}, true},
   };
   return rows;
 }
@@ -417,6 +423,65 @@ Row summarize(const Block& block, const Measured& m) {
           quantile(paired, 0.5)};
 }
 
+// The speed bars normkit's batch normalization is held to, on the default
+// shapes, at every thread count (the figures they were set from are 2-thread):
+//   forward-train     <= 1.3 x copy channels-first, <= 1.8 x copy channels-last
+//   forward+backward  <= 3.5 x copy channels-first, <= 4.5 x copy channels-last
+//   inference         <= 1.1 x copy
+//   NC (rank 2): small, overhead-bound problems; forward-train <= 2 copies + 5 us
+//   every op with a PyTorch or oneDNN counterpart: <= (faster of them) / 0.6
+// Other kinds (layer_norm, ...) get no bars here.
+struct Bar {
+  std::string name;     // what is compared, e.g. "x copy"
+  double value, limit;  // in the bar's unit
+  bool met() const { return value <= limit; }
+  std::string text() const {
+    char buffer[96];
+    std::snprintf(buffer, sizeof buffer, "%s %.2f<=%.2f %s", name.c_str(), value, limit,
+                  met() ? "ok" : "MISS");
+    return buffer;
+  }
+};
+
+double median_of(const Measured& m) { return quantile(m.samples, 0.5); }
+
+// The median of `library`'s case for `op` in this block, or 0 when it has none.
+double median_of(const Block& b, const std::string& library, Op op) {
+  for (const auto& m : b.cases)
+    if (m.c.library == library && m.c.op == op) return median_of(m);
+  return 0;
+}
+
+std::vector<Bar> bars_of(const Block& b, const Measured& m) {
+  std::vector<Bar> bars;
+  if (m.c.library != "normkit" || b.problem.kind.rfind("bn", 0) != 0) return bars;
+  const double copy = median_of(b.cases.front()), median = median_of(m);
+  if (b.problem.rank() == 2) {
+    if (m.c.op == Op::forward_training)
+      bars.push_back({"us vs 2 copy+5us", median * 1e6, 2 * copy * 1e6 + 5});
+  } else {
+    const bool last = b.problem.memory == Memory::channels_last;
+    double limit = 0;
+    if (m.c.op == Op::forward_training) limit = last ? 1.8 : 1.3;
+    if (m.c.op == Op::forward_backward) limit = last ? 4.5 : 3.5;
+    if (m.c.op == Op::inference) limit = 1.1;
+    if (limit > 0) bars.push_back({"x copy", median / copy, limit});
+  }
+  double best_other = 0;
+  for (const char* other : {"torch", "onednn"}) {
+    const double t = median_of(b, other, m.c.op);
+    if (t > 0 && (best_other == 0 || t < best_other)) best_other = t;
+  }
+  if (best_other > 0) bars.push_back({"x best other", median / best_other, 1 / 0.6});
+  return bars;
+}
+
+std::string bars_text(const std::vector<Bar>& bars) {
+  std::string text;
+  for (const auto& bar : bars) text += (text.empty() ? "" : "; ") + bar.text();
+  return text;
+}
+
 void print_block(const Block& b) {
   const double tensor_mb = static_cast<double>(b.problem.numel()) * sizeof(float) * 1e-6;
   std::printf(
@@ -433,9 +498,11 @@ void print_block(const Block& b) {
     const Row r = summarize(b, m);
     char diff[32] = "";
     if (m.diff >= 0) std::snprintf(diff, sizeof diff, "%.0e", m.diff);
-    std::printf("  %-17s %-8s %10.3f %8.3f-%-8.3f %7.1f %7.2f %8s  %s%s\n", op_name(m.c.op),
+    const std::string bars = bars_text(bars_of(b, m));
+    std::printf("  %-17s %-8s %10.3f %8.3f-%-8.3f %7.1f %7.2f %8s  %s%s%s%s\n", op_name(m.c.op),
                 m.c.library.c_str(), r.median * 1e3, r.p25 * 1e3, r.p75 * 1e3, r.gbps, r.ratio,
-                diff, m.c.note.c_str(), m.diff > 1e-3 ? "  ** OUTPUT DIFFERS **" : "");
+                diff, m.c.note.c_str(), m.diff > 1e-3 ? "  ** OUTPUT DIFFERS **" : "",
+                bars.empty() ? "" : "  bars: ", bars.c_str());
   }
   std::fflush(stdout);
 }
@@ -467,6 +534,13 @@ nlohmann::json block_json(const Block& b) {
         {"ratio_to_copy_paired", r.ratio_paired},  // median over rounds of time / copy's time
         {"samples_s", m.samples},
     };
+    const auto bars = bars_of(b, m);
+    if (!bars.empty()) {
+      j["bars"] = nlohmann::json::array();
+      for (const auto& bar : bars)
+        j["bars"].push_back(
+            {{"name", bar.name}, {"value", bar.value}, {"limit", bar.limit}, {"met", bar.met()}});
+    }
     if (m.diff >= 0) {
       j["max_rel_diff"] = m.diff;
       j["diff_against"] = m.diff_against;
@@ -475,6 +549,45 @@ nlohmann::json block_json(const Block& b) {
   }
   return results;
 }
+
+// One line per normkit case: its ratio to the copy next to the other
+// libraries', and its bars. Returns the number of bars missed.
+struct Summary {
+  std::vector<std::string> lines;
+  int bars = 0, missed = 0;
+
+  void add(const Block& b) {
+    const double copy = median_of(b.cases.front());
+    for (const auto& m : b.cases) {
+      if (m.c.library != "normkit") continue;
+      const auto ratio = [&](const char* library) {
+        const double t = median_of(b, library, m.c.op);
+        char text[16] = "-";
+        if (t > 0) std::snprintf(text, sizeof text, "%.2f", t / copy);
+        return std::string(text);
+      };
+      const auto row_bars = bars_of(b, m);
+      for (const auto& bar : row_bars) {
+        ++bars;
+        missed += bar.met() ? 0 : 1;
+      }
+      char line[512];
+      std::snprintf(line, sizeof line, "  %-26s %2d  %-17s %7.2f %7.2f %7s %7s  %s",
+                    b.problem.label().c_str(), b.threads, op_name(m.c.op), median_of(m) * 1e3,
+                    median_of(m) / copy, ratio("torch").c_str(), ratio("onednn").c_str(),
+                    bars_text(row_bars).c_str());
+      lines.emplace_back(line);
+    }
+  }
+  void print() const {
+    if (lines.empty()) return;
+    std::printf("\nSummary: normkit, x copy next to PyTorch's and oneDNN's (medians, same rounds)\n");
+    std::printf("  %-26s %2s  %-17s %7s %7s %7s %7s  %s\n", "problem", "T", "op", "ms",
+                "normkit", "torch", "onednn", "bars (value<=limit)");
+    for (const auto& line : lines) std::printf("%s\n", line.c_str());
+    std::printf("bars: %d checked, %d missed\n", bars, missed);
+  }
+};
 
 std::string cpu_model() {
   std::ifstream in("/proc/cpuinfo");
@@ -546,6 +659,7 @@ int run(int argc, char** argv) {
                     : "not evicted between samples");
 
   nlohmann::json results = nlohmann::json::array();
+  Summary summary;
   for (int threads : s.threads) {
     omp_set_num_threads(threads);
     for (const auto& b : backends) b.set_threads(threads);
@@ -556,11 +670,13 @@ int run(int argc, char** argv) {
         Block block;
         if (!measure(s, backends, flush.get(), problem, threads, block)) continue;
         print_block(block);
+        summary.add(block);
         for (auto& j : block_json(block)) results.push_back(std::move(j));
       }
     }
   }
 
+  summary.print();
   nlohmann::json versions = nlohmann::json::object();
   for (const auto& b : backends) versions[b.library] = b.version;
   if (results.empty()) {
@@ -588,6 +704,7 @@ int run(int argc, char** argv) {
         {"malloc", s.warm_heap ? "M_MMAP_MAX=0, M_TRIM_THRESHOLD=-1 (freed memory reused)"
                                : "glibc defaults"}}},
       {"results", results},
+      {"bars", {{"checked", summary.bars}, {"missed", summary.missed}}},
   };
   const std::filesystem::path path(s.json_path);
   if (path.has_parent_path()) std::filesystem::create_directories(path.parent_path());

@@ -240,6 +240,12 @@ INSTANTIATE_TEST_SUITE_P(
         DeterminismCase{"NCHW_C3", dense(Layout::NCHW, {8, 3, {50, 125}})},
         DeterminismCase{"NCHW_C64", dense(Layout::NCHW, {8, 64, {32, 32}})},
         DeterminismCase{"NCL_C5_short_runs", dense(Layout::NCL, {3000, 5, {7}})},
+        // Runs of 7×7 = 49 (position lanes), with more channels than threads.
+        DeterminismCase{"NCHW_C96_7x7", dense(Layout::NCHW, {16, 96, {7, 7}})},
+        // Outputs of 16.8 MB: written with streaming stores where the L3 cache
+        // is at most 32 MB (src/cpu/batch_norm_cpu.cpp, streaming_bytes).
+        DeterminismCase{"NCHW_C64_streamed", dense(Layout::NCHW, {16, 64, {64, 64}})},
+        DeterminismCase{"NHWC_C64_streamed", dense(Layout::NHWC, {16, 64, {64, 64}})},
         DeterminismCase{"NHWC_C1", dense(Layout::NHWC, {8, 1, {50, 125}})},
         DeterminismCase{"NHWC_C3", dense(Layout::NHWC, {8, 3, {50, 125}})},
         DeterminismCase{"NHWC_C64", dense(Layout::NHWC, {8, 64, {32, 32}})},
