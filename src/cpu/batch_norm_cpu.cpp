@@ -18,7 +18,12 @@
 //
 // SIMD: the leaf loops are written over fixed lanes so the compiler
 // vectorizes them without reassociating sums, and are compiled for AVX-512,
-// AVX2+FMA and baseline x86-64 with a runtime choice (target_clones).
+// AVX2+FMA and baseline x86-64 with a runtime choice (target_clones). The
+// order of additions is fixed by the source, but the AVX2 and AVX-512 clones
+// may contract a multiply and an add into one FMA (one rounding instead of
+// two) where the baseline clone cannot: bits are identical for any thread
+// count on one machine, not across machines that run different clones. The
+// loops shared with the other kernels are in leaf_loops.hpp.
 #include <omp.h>
 #include <unistd.h>
 #include <xmmintrin.h>
@@ -30,35 +35,29 @@
 
 #include "batch_norm_kernels.hpp"
 #include "core/parallel.hpp"
-
-#if defined(__x86_64__) && defined(__GNUC__)
-#define NORMKIT_SIMD_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define NORMKIT_SIMD_CLONES
-#endif
+#include "leaf_loops.hpp"
 
 namespace normkit::kernels {
 namespace {
 
 using detail::threads_for;
+using leaf::CenteredSums;
+using leaf::kDoubleLanes;
+using leaf::kLanes;
+using leaf::kPieceElements;
+using leaf::kTailLanes;
+using leaf::lane_total;
+using leaf::param_or;
+using leaf::Pieces;
+using leaf::RowPlan;
+using leaf::scratch;
+using leaf::whole_units_per_thread;
 
-// Inside a piece, sums run in float over 64 fixed lanes (4 AVX-512 or 8 AVX2
-// registers: enough independent additions to hide their latency), a run's
-// remainder through 8 more lanes, then one by one; lane totals are added in
-// double, and pieces combine in double. Each lane sees at most a few hundred
-// values that are already centred (x - shift), so the float sums lose almost
-// nothing, and the lane order is fixed in the source, so every instruction set
-// gives the same bits.
-constexpr int kLanes = 64;
-constexpr int kTailLanes = 8;
-// A planes piece: small enough that its second pass reads from L1.
-constexpr int64_t kPieceElements = 4096;
-// A rows chunk: at most this many elements and kMaxChunkRows rows (the number
-// of float additions per channel accumulator).
-constexpr int64_t kRowChunkElements = 65536;
-constexpr int64_t kMaxChunkRows = 64;
-// Rows chunks are grouped into this many stripes, each merged in order.
-constexpr int64_t kMaxStripes = 32;
+// Inside a piece, sums run in float lanes (leaf_loops.hpp); lane totals are
+// added in double, and pieces combine in double. Each lane sees at most a few
+// hundred values that are already centred (x - shift), so the float sums lose
+// almost nothing.
+
 // Outputs at least half as large as the last-level cache are written with
 // non-temporal stores. An ordinary store first reads the line it writes: for a
 // kernel that reads x once and writes y, that is a third tensor's worth of
@@ -101,83 +100,9 @@ bool streaming_output(const Geometry& g, const float* out, const float* in,
          g.outer * g.channels * g.inner * static_cast<int64_t>(sizeof(float)) >= streaming_bytes();
 }
 
-// Per-thread scratch that outlives a call: a fresh large vector per call is
-// fresh pages from the kernel, whose faults cost more than a small problem.
-// Each thread has its own, so a call's slot must not be used by a callee or by
-// another thread; `slot` tells a call's buffers apart.
-template <class T>
-T* scratch(int slot, size_t count) {
-  thread_local std::vector<T> buffers[8];
-  auto& buffer = buffers[slot];
-  if (buffer.size() < count) buffer.resize(count);
-  return buffer.data();
-}
-
-template <int N>
-inline double lane_total(const float* acc) {
-  if constexpr (N == 1) {
-    return static_cast<double>(acc[0]);
-  } else {
-    return lane_total<N / 2>(acc) + lane_total<N / 2>(acc + N / 2);
-  }
-}
-
 // ----- leaf loops over `runs` runs of `len` contiguous floats, `stride` apart -----
 
-// Σ(x - shift): the shift (a value of the data) keeps the float sums small
-// when the mean is large compared with the spread.
-NORMKIT_SIMD_CLONES
-double shifted_sum_runs(const float* __restrict x, int64_t runs, int64_t len, int64_t stride, float shift) {
-  float acc[kLanes] = {}, acc8[kTailLanes] = {};
-  double tail = 0;
-  for (int64_t r = 0; r < runs; ++r) {
-    const float* p = x + r * stride;
-    int64_t i = 0;
-    for (; i + kLanes <= len; i += kLanes)
-      for (int l = 0; l < kLanes; ++l) acc[l] += p[i + l] - shift;
-    for (; i + kTailLanes <= len; i += kTailLanes)
-      for (int l = 0; l < kTailLanes; ++l) acc8[l] += p[i + l] - shift;
-    for (; i < len; ++i) tail += static_cast<double>(p[i] - shift);
-  }
-  return lane_total<kLanes>(acc) + lane_total<kTailLanes>(acc8) + tail;
-}
-
-// Σd and Σd² with d = x - center; Σd (near 0) corrects Σd² for the distance
-// between center and the exact mean (the "corrected two-pass" algorithm).
-struct CenteredSums {
-  double sum_d, sum_d2;
-};
-NORMKIT_SIMD_CLONES
-CenteredSums centered_sums_runs(const float* x, int64_t runs, int64_t len, int64_t stride,
-                                float center) {
-  float acc1[kLanes] = {}, acc2[kLanes] = {}, acc1_8[kTailLanes] = {}, acc2_8[kTailLanes] = {};
-  double tail1 = 0, tail2 = 0;
-  for (int64_t r = 0; r < runs; ++r) {
-    const float* p = x + r * stride;
-    int64_t i = 0;
-    for (; i + kLanes <= len; i += kLanes)
-      for (int l = 0; l < kLanes; ++l) {
-        const float d = p[i + l] - center;
-        acc1[l] += d;
-        acc2[l] += d * d;
-      }
-    for (; i + kTailLanes <= len; i += kTailLanes)
-      for (int l = 0; l < kTailLanes; ++l) {
-        const float d = p[i + l] - center;
-        acc1_8[l] += d;
-        acc2_8[l] += d * d;
-      }
-    for (; i < len; ++i) {
-      const double d = static_cast<double>(p[i] - center);
-      tail1 += d;
-      tail2 += d * d;
-    }
-  }
-  return {lane_total<kLanes>(acc1) + lane_total<kTailLanes>(acc1_8) + tail1,
-          lane_total<kLanes>(acc2) + lane_total<kTailLanes>(acc2_8) + tail2};
-}
-
-// The same sums for runs shorter than kLanes (7×7 = 49, 14 values...), where
+// The sums of leaf::run_moments for runs shorter than kLanes (7×7 = 49, 14 values...), where
 // the loops above would spend most of their time in their tails. Here a lane
 // is a position: run r adds its value i into lane (r mod k)·len + i, with k
 // runs side by side so that k·len <= kLanes lanes are in use and each sees at
@@ -287,15 +212,6 @@ void apply_runs(const float* x, int64_t x_stride, float* y, int64_t y_stride, in
 
 // Σdy and Σdy·(x - center). dy is not centred, so Σdy·(x - center) cancels
 // heavily: its terms are formed and summed in double (32 lanes).
-constexpr int kDoubleLanes = 32;
-template <int N>
-inline double lane_total(const double* acc) {
-  if constexpr (N == 1) {
-    return acc[0];
-  } else {
-    return lane_total<N / 2>(acc) + lane_total<N / 2>(acc + N / 2);
-  }
-}
 struct GradientSums {
   double sum_dy, sum_dy_xc;
 };
@@ -374,58 +290,19 @@ void backward_apply_runs(const float* x, int64_t x_stride, const float* dy, int6
   }
 }
 
-double param_or(const float* p, int64_t c, double fallback) {
-  return p ? static_cast<double>(p[c]) : fallback;
-}
-
 // ================= planes: [outer, C, inner], inner contiguous =================
-
-// A channel's elements split into pieces: either groups of whole inner runs, or
-// (for long runs) fixed-length parts of one run. Depends only on the geometry.
-struct Pieces {
-  int64_t per_channel;
-  int64_t runs_per_piece;  // grouping mode: whole runs per piece
-  int64_t parts_per_run;   // splitting mode: parts per run (1 in grouping mode)
-
-  explicit Pieces(const Geometry& g) {
-    if (g.inner >= kPieceElements) {
-      runs_per_piece = 1;
-      parts_per_run = (g.inner + kPieceElements - 1) / kPieceElements;
-      per_channel = g.outer * parts_per_run;
-    } else {
-      runs_per_piece = std::max<int64_t>(1, kPieceElements / std::max<int64_t>(g.inner, 1));
-      parts_per_run = 1;
-      per_channel = (g.outer + runs_per_piece - 1) / runs_per_piece;
-    }
-  }
-  struct Span {
-    int64_t first_run, runs, first_inner, len;
-  };
-  Span span(const Geometry& g, int64_t piece) const {
-    if (parts_per_run > 1) {
-      const int64_t part = piece % parts_per_run;
-      const int64_t first_inner = part * kPieceElements;
-      return {piece / parts_per_run, 1, first_inner, std::min(kPieceElements, g.inner - first_inner)};
-    }
-    const int64_t first_run = piece * runs_per_piece;
-    return {first_run, std::min(runs_per_piece, g.outer - first_run), 0, g.inner};
-  }
-};
 
 // Two passes over a piece that stays in L1: its mean (shifted by its first
 // value), then the corrected sums of squares around that mean in float.
+// Short runs take the same two passes with a lane per position.
 Moments piece_moments(const Geometry& g, const float* x, int64_t c, const Pieces::Span& s) {
   const float* base = x + g.offset(s.first_run, c, s.first_inner);
+  if (s.len >= kLanes) return leaf::run_moments(base, s.runs, s.len, g.outer_stride);
   const double n = static_cast<double>(s.runs * s.len);
   const float shift = base[0];
-  const bool short_runs = s.len < kLanes;
-  const double sum = short_runs ? shifted_sum_short_runs(base, s.runs, s.len, g.outer_stride, shift)
-                                : shifted_sum_runs(base, s.runs, s.len, g.outer_stride, shift);
-  const double mean = shift + sum / n;
+  const double mean = shift + shifted_sum_short_runs(base, s.runs, s.len, g.outer_stride, shift) / n;
   const auto center = static_cast<float>(mean);
-  const CenteredSums cs =
-      short_runs ? centered_sums_short_runs(base, s.runs, s.len, g.outer_stride, center)
-                 : centered_sums_runs(base, s.runs, s.len, g.outer_stride, center);
+  const CenteredSums cs = centered_sums_short_runs(base, s.runs, s.len, g.outer_stride, center);
   return {n, center + cs.sum_d / n, cs.sum_d2 - cs.sum_d * cs.sum_d / n};
 }
 
@@ -434,13 +311,6 @@ void piece_apply(const Geometry& gx, const Geometry& gy, const float* x, float* 
   apply_runs(x + gx.offset(s.first_run, c, s.first_inner), gx.outer_stride,
              y + gy.offset(s.first_run, c, s.first_inner), gy.outer_stride, s.runs, s.len, k,
              streaming_output(gy, y, x));
-}
-
-// Channel-at-a-time (each channel's slice is re-read from cache right after its
-// statistics) pays off when channels alone keep every thread busy; otherwise
-// the pieces of all channels are spread over the threads in phases.
-bool whole_channels_per_thread(int64_t channels, int threads) {
-  return channels % threads == 0 || channels >= 8 * threads;
 }
 
 // The apply in memory order: (outer, channel) runs with channels fastest, cut
@@ -484,7 +354,7 @@ void planes_forward_training(const ForwardTraining<float>& p) {
     return apply_coefficients(p.moments[c].mean, invstd_of(p.moments[c].biased_variance(), p.eps),
                               param_or(p.gamma, c, 1.0), param_or(p.beta, c, 0.0));
   };
-  if (whole_channels_per_thread(g.channels, threads)) {
+  if (whole_units_per_thread(g.channels, threads)) {
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t c = 0; c < g.channels; ++c) {
       Moments m;
@@ -596,7 +466,7 @@ void planes_backward(const Backward<float>& p) {
   const Geometry& g = p.x_geom;
   const Pieces pieces(g);
   const int threads = threads_for(2 * g.channels * g.reduction_size());
-  if (whole_channels_per_thread(g.channels, threads)) {
+  if (whole_units_per_thread(g.channels, threads)) {
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t c = 0; c < g.channels; ++c) {
       double sum_dy = 0, sum_dy_xmu = 0;
@@ -651,41 +521,6 @@ const char* planes_decline(const Geometry& x, std::span<const Geometry> others) 
 }
 
 // ================= rows: [rows, C], channels contiguous =================
-
-// Rows are cut into chunks of a fixed number of rows, and chunks into at most
-// kMaxStripes stripes; both depend only on the geometry.
-struct RowPlan {
-  int64_t rows, channels, chunk_rows, chunks, stripes;
-  explicit RowPlan(const Geometry& g) : rows(g.outer), channels(g.channels) {
-    chunk_rows = std::clamp<int64_t>(kRowChunkElements / std::max<int64_t>(channels, 1), 1,
-                                     std::min(rows, kMaxChunkRows));
-    chunks = (rows + chunk_rows - 1) / chunk_rows;
-    stripes = std::min(chunks, kMaxStripes);
-  }
-  int64_t first_chunk(int64_t stripe) const { return stripe * chunks / stripes; }
-  int64_t first_row(int64_t chunk) const { return chunk * chunk_rows; }
-  int64_t rows_in(int64_t chunk) const { return std::min(chunk_rows, rows - chunk * chunk_rows); }
-};
-
-// Chan's merge of (count_b, mean_b[c], m2_b[c]) into (count_a, mean_a[c],
-// m2_a[c]) for every channel: Moments::merge, vectorized across channels
-// (every channel of a rows chunk has seen the same number of rows).
-NORMKIT_SIMD_CLONES
-void merge_moment_arrays(double count_a, double* __restrict mean_a, double* __restrict m2_a,
-                         double count_b, const double* __restrict mean_b,
-                         const double* __restrict m2_b, int64_t channels) {
-  if (count_a == 0) {
-    std::copy(mean_b, mean_b + channels, mean_a);
-    std::copy(m2_b, m2_b + channels, m2_a);
-    return;
-  }
-  const double weight = count_b / (count_a + count_b);
-  for (int64_t c = 0; c < channels; ++c) {
-    const double delta = mean_b[c] - mean_a[c];
-    mean_a[c] += delta * weight;
-    m2_a[c] += m2_b[c] + delta * delta * count_a * weight;
-  }
-}
 
 // Rows kernels walk channels in blocks of kRowBlock: a block's accumulators
 // and coefficients stay in registers (rather than being loaded and stored for
@@ -866,7 +701,7 @@ void rows_moments_phase(const Geometry& g, const float* x, double* stripe_mean, 
       const int64_t n = plan.rows_in(k);
       rows_chunk_moments(x + plan.first_row(k) * g.outer_stride, g.outer_stride, n, C, sums,
                          sums + C, sums + 2 * C, chunk_mean, chunk_m2);
-      merge_moment_arrays(count, stripe_mean + s * C, stripe_m2 + s * C,
+      leaf::merge_moment_arrays(count, stripe_mean + s * C, stripe_m2 + s * C,
                           static_cast<double>(n), chunk_mean, chunk_m2, C);
       count += static_cast<double>(n);
     }
@@ -877,7 +712,7 @@ void rows_moments_phase(const Geometry& g, const float* x, double* stripe_mean, 
     const int64_t c0 = block * kChannelBlock, width = std::min(kChannelBlock, C - c0);
     double count = stripe_count[0];
     for (int64_t s = 1; s < plan.stripes; ++s) {
-      merge_moment_arrays(count, stripe_mean + c0, stripe_m2 + c0, stripe_count[s],
+      leaf::merge_moment_arrays(count, stripe_mean + c0, stripe_m2 + c0, stripe_count[s],
                           stripe_mean + s * C + c0, stripe_m2 + s * C + c0, width);
       count += stripe_count[s];
     }
