@@ -24,9 +24,12 @@
 // disjoint bits, so every result is bitwise identical for any thread count.
 //
 // SIMD: leaf loops are plain loops compiled for AVX-512, AVX2 and baseline x86-64
-// (target_clones); packing and expanding bits needs compare-to-mask
-// instructions the compiler does not derive, so those use intrinsics behind a
-// runtime CPU check. No FMA contraction (ISO C++ mode), so all variants agree.
+// (target_clones; those shared with batch_norm_cpu.cpp are in leaf_loops.hpp);
+// packing and expanding bits needs compare-to-mask instructions the compiler
+// does not derive, so those use intrinsics behind a runtime CPU check. The
+// AVX2 and AVX-512 clones may contract multiply-adds into FMAs (GCC does in
+// C++ even in ISO mode), so bits are identical for any thread count on one
+// machine, not across machines that run different clones.
 #include <omp.h>
 
 #include <algorithm>
@@ -35,13 +38,11 @@
 
 #include "batch_norm_fused_kernels.hpp"
 #include "core/parallel.hpp"
+#include "leaf_loops.hpp"
 
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>
 #define NORMKIT_X86 1
-#define NORMKIT_SIMD_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define NORMKIT_SIMD_CLONES
 #endif
 
 namespace normkit::kernels {
@@ -203,90 +204,19 @@ void pack_positive_bits(const float* v, int64_t count, uint8_t* mask, int64_t fi
 namespace {
 
 using detail::threads_for;
+using leaf::GradientSums;
+using leaf::gradient_sums_run;
+using leaf::param_or;
+using leaf::Pieces;
+using leaf::RowPlan;
+using leaf::scratch;
+using leaf::whole_units_per_thread;
 
 // ======================= leaf loops =======================
 
-constexpr int kLanes = 64;
-constexpr int kTailLanes = 8;
-constexpr int64_t kPieceElements = 4096;
-constexpr int64_t kRowChunkElements = 65536;
-constexpr int64_t kMaxChunkRows = 64;
-constexpr int64_t kMaxStripes = 32;
-constexpr int kDoubleLanes = 32;
 // g is expanded from the bits in blocks this small, so that the reads of dy
 // (expanding) and of x (using g) alternate quickly and both stream at once.
 constexpr int64_t kExpandBlock = 512;
-
-// Per-thread scratch reused across calls (fresh pages would fault); `slot`
-// tells one call's buffers apart.
-template <class T>
-T* scratch(int slot, size_t count) {
-  thread_local std::vector<T> buffers[8];
-  auto& buffer = buffers[slot];
-  if (buffer.size() < count) buffer.resize(count);
-  return buffer.data();
-}
-
-template <int N, class A>
-inline double lane_total(const A* acc) {
-  if constexpr (N == 1) {
-    return static_cast<double>(acc[0]);
-  } else {
-    return lane_total<N / 2>(acc) + lane_total<N / 2>(acc + N / 2);
-  }
-}
-
-// Σ(x - shift) over `runs` runs of `len` floats, float lanes.
-NORMKIT_SIMD_CLONES
-double shifted_sum_runs(const float* __restrict x, int64_t runs, int64_t len, int64_t stride,
-                        float shift) {
-  float acc[kLanes] = {}, acc8[kTailLanes] = {};
-  double tail = 0;
-  for (int64_t r = 0; r < runs; ++r) {
-    const float* p = x + r * stride;
-    int64_t i = 0;
-    for (; i + kLanes <= len; i += kLanes)
-      for (int l = 0; l < kLanes; ++l) acc[l] += p[i + l] - shift;
-    for (; i + kTailLanes <= len; i += kTailLanes)
-      for (int l = 0; l < kTailLanes; ++l) acc8[l] += p[i + l] - shift;
-    for (; i < len; ++i) tail += static_cast<double>(p[i] - shift);
-  }
-  return lane_total<kLanes>(acc) + lane_total<kTailLanes>(acc8) + tail;
-}
-
-// Σd and Σd², d = x - center (the corrected two-pass algorithm).
-struct CenteredSums {
-  double sum_d, sum_d2;
-};
-NORMKIT_SIMD_CLONES
-CenteredSums centered_sums_runs(const float* x, int64_t runs, int64_t len, int64_t stride,
-                                float center) {
-  float acc1[kLanes] = {}, acc2[kLanes] = {}, acc1_8[kTailLanes] = {}, acc2_8[kTailLanes] = {};
-  double tail1 = 0, tail2 = 0;
-  for (int64_t r = 0; r < runs; ++r) {
-    const float* p = x + r * stride;
-    int64_t i = 0;
-    for (; i + kLanes <= len; i += kLanes)
-      for (int l = 0; l < kLanes; ++l) {
-        const float d = p[i + l] - center;
-        acc1[l] += d;
-        acc2[l] += d * d;
-      }
-    for (; i + kTailLanes <= len; i += kTailLanes)
-      for (int l = 0; l < kTailLanes; ++l) {
-        const float d = p[i + l] - center;
-        acc1_8[l] += d;
-        acc2_8[l] += d * d;
-      }
-    for (; i < len; ++i) {
-      const double d = static_cast<double>(p[i] - center);
-      tail1 += d;
-      tail2 += d * d;
-    }
-  }
-  return {lane_total<kLanes>(acc1) + lane_total<kTailLanes>(acc1_8) + tail1,
-          lane_total<kLanes>(acc2) + lane_total<kTailLanes>(acc2_8) + tail2};
-}
 
 // y = relu((x - mean_hi)·scale + shift) over one run; relu keeps NaN.
 NORMKIT_SIMD_CLONES
@@ -308,31 +238,6 @@ void apply_add_relu_run(const float* __restrict x, const float* __restrict z, fl
   }
 }
 
-// Σg and Σg·(x - center) of one run, in double (g is not centred).
-struct GradientSums {
-  double sum_g, sum_g_xc;
-};
-NORMKIT_SIMD_CLONES
-GradientSums gradient_sums_run(const float* __restrict x, const float* __restrict g, int64_t len,
-                               float center) {
-  const double center_d = center;
-  double acc1[kDoubleLanes] = {}, acc2[kDoubleLanes] = {};
-  double tail1 = 0, tail2 = 0;
-  int64_t i = 0;
-  for (; i + kDoubleLanes <= len; i += kDoubleLanes)
-    for (int l = 0; l < kDoubleLanes; ++l) {
-      const double gv = g[i + l];
-      acc1[l] += gv;
-      acc2[l] += gv * (static_cast<double>(x[i + l]) - center_d);
-    }
-  for (; i < len; ++i) {
-    const double gv = g[i];
-    tail1 += gv;
-    tail2 += gv * (static_cast<double>(x[i]) - center_d);
-  }
-  return {lane_total<kDoubleLanes>(acc1) + tail1, lane_total<kDoubleLanes>(acc2) + tail2};
-}
-
 // dx = a·g + b·(x - mean_hi) + k over one run.
 NORMKIT_SIMD_CLONES
 void backward_apply_run(const float* __restrict x, const float* __restrict g, float* dx,
@@ -340,48 +245,11 @@ void backward_apply_run(const float* __restrict x, const float* __restrict g, fl
   for (int64_t i = 0; i < len; ++i) dx[i] = k.a * g[i] + k.b * (x[i] - k.mean_hi) + k.k;
 }
 
-double param_or(const float* p, int64_t c, double fallback) {
-  return p ? static_cast<double>(p[c]) : fallback;
-}
-
 // ======================= planes =======================
 
-// A channel's elements in pieces: groups of whole inner runs, or fixed-length
-// parts of one long run. Depends only on the geometry.
-struct Pieces {
-  int64_t per_channel, runs_per_piece, parts_per_run;
-  explicit Pieces(const Geometry& g) {
-    if (g.inner >= kPieceElements) {
-      runs_per_piece = 1;
-      parts_per_run = (g.inner + kPieceElements - 1) / kPieceElements;
-      per_channel = g.outer * parts_per_run;
-    } else {
-      runs_per_piece = std::max<int64_t>(1, kPieceElements / std::max<int64_t>(g.inner, 1));
-      parts_per_run = 1;
-      per_channel = (g.outer + runs_per_piece - 1) / runs_per_piece;
-    }
-  }
-  struct Span {
-    int64_t first_run, runs, first_inner, len;
-  };
-  Span span(const Geometry& g, int64_t piece) const {
-    if (parts_per_run > 1) {
-      const int64_t first_inner = (piece % parts_per_run) * kPieceElements;
-      return {piece / parts_per_run, 1, first_inner, std::min(kPieceElements, g.inner - first_inner)};
-    }
-    const int64_t first_run = piece * runs_per_piece;
-    return {first_run, std::min(runs_per_piece, g.outer - first_run), 0, g.inner};
-  }
-};
-
 Moments piece_moments(const Geometry& g, const float* x, int64_t c, const Pieces::Span& s) {
-  const float* base = x + g.offset(s.first_run, c, s.first_inner);
-  const double n = static_cast<double>(s.runs * s.len);
-  const float shift = base[0];
-  const double mean = shift + shifted_sum_runs(base, s.runs, s.len, g.outer_stride, shift) / n;
-  const auto center = static_cast<float>(mean);
-  const CenteredSums cs = centered_sums_runs(base, s.runs, s.len, g.outer_stride, center);
-  return {n, center + cs.sum_d / n, cs.sum_d2 - cs.sum_d * cs.sum_d / n};
+  return leaf::run_moments(x + g.offset(s.first_run, c, s.first_inner), s.runs, s.len,
+                           g.outer_stride);
 }
 
 void piece_forward_apply(const FusedForward<float>& p, int64_t c, const Pieces::Span& s,
@@ -404,17 +272,11 @@ ApplyCoefficients forward_coefficients(const FusedForward<float>& p, int64_t c) 
   return apply_coefficients(mean, invstd, param_or(p.gamma, c, 1.0), param_or(p.beta, c, 0.0));
 }
 
-// Channel at a time (the apply pass re-reads the channel from cache) when the
-// channels alone keep every thread busy; otherwise pieces of all channels in phases.
-bool whole_channels_per_thread(int64_t channels, int threads) {
-  return channels % threads == 0 || channels >= 8 * threads;
-}
-
 void planes_forward(const FusedForward<float>& p) {
   const Geometry& g = p.x_geom;
   const Pieces pieces(g);
   const int threads = threads_for(g.channels * g.reduction_size());
-  if (whole_channels_per_thread(g.channels, threads)) {
+  if (whole_units_per_thread(g.channels, threads)) {
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t c = 0; c < g.channels; ++c) {
       if (p.training) {
@@ -503,7 +365,7 @@ void planes_backward(const FusedBackward<float>& p) {
   const int threads = threads_for(2 * g.channels * g.reduction_size());
   const auto scratch_len = static_cast<size_t>(std::min(g.inner, kExpandBlock));
   const bool second_pass = p.dx || p.dz;
-  if (whole_channels_per_thread(g.channels, threads)) {
+  if (whole_units_per_thread(g.channels, threads)) {
 #pragma omp parallel num_threads(threads)
     {
       float* const gbuf = scratch<float>(0, scratch_len);
@@ -569,37 +431,6 @@ const char* planes_decline(const Geometry& x, std::initializer_list<const Geomet
 
 // ======================= rows =======================
 
-struct RowPlan {
-  int64_t rows, channels, chunk_rows, chunks, stripes;
-  explicit RowPlan(const Geometry& g) : rows(g.outer), channels(g.channels) {
-    chunk_rows = std::clamp<int64_t>(kRowChunkElements / std::max<int64_t>(channels, 1), 1,
-                                     std::min(rows, kMaxChunkRows));
-    chunks = (rows + chunk_rows - 1) / chunk_rows;
-    stripes = std::min(chunks, kMaxStripes);
-  }
-  int64_t first_chunk(int64_t stripe) const { return stripe * chunks / stripes; }
-  int64_t first_row(int64_t chunk) const { return chunk * chunk_rows; }
-  int64_t rows_in(int64_t chunk) const { return std::min(chunk_rows, rows - chunk * chunk_rows); }
-};
-
-// Chan's merge of (count_b, mean_b, m2_b) into (count_a, mean_a, m2_a), per channel.
-NORMKIT_SIMD_CLONES
-void merge_moment_arrays(double count_a, double* __restrict mean_a, double* __restrict m2_a,
-                         double count_b, const double* __restrict mean_b,
-                         const double* __restrict m2_b, int64_t channels) {
-  if (count_a == 0) {
-    std::copy(mean_b, mean_b + channels, mean_a);
-    std::copy(m2_b, m2_b + channels, m2_a);
-    return;
-  }
-  const double weight = count_b / (count_a + count_b);
-  for (int64_t c = 0; c < channels; ++c) {
-    const double delta = mean_b[c] - mean_a[c];
-    mean_a[c] += delta * weight;
-    m2_a[c] += m2_b[c] + delta * delta * count_a * weight;
-  }
-}
-
 // One chunk's per-channel moments: mean shifted by the first row, then
 // corrected sums around it, vectorized across channels.
 NORMKIT_SIMD_CLONES
@@ -650,7 +481,7 @@ void rows_moments(const Geometry& g, const float* x, Moments* out, int threads) 
         const int64_t n = plan.rows_in(k);
         rows_chunk_moments(x + plan.first_row(k) * g.outer_stride, g.outer_stride, n, C, sums,
                            sums + C, sums + 2 * C, chunk_mean, chunk_m2);
-        merge_moment_arrays(count, stripe_mean + s * C, stripe_m2 + s * C, static_cast<double>(n),
+        leaf::merge_moment_arrays(count, stripe_mean + s * C, stripe_m2 + s * C, static_cast<double>(n),
                             chunk_mean, chunk_m2, C);
         count += static_cast<double>(n);
       }
@@ -660,7 +491,7 @@ void rows_moments(const Geometry& g, const float* x, Moments* out, int threads) 
   // Stripes in order (C values each: cheap, one thread).
   double count = stripe_count[0];
   for (int64_t s = 1; s < plan.stripes; ++s) {
-    merge_moment_arrays(count, stripe_mean, stripe_m2, stripe_count[s], stripe_mean + s * C,
+    leaf::merge_moment_arrays(count, stripe_mean, stripe_m2, stripe_count[s], stripe_mean + s * C,
                         stripe_m2 + s * C, C);
     count += stripe_count[s];
   }
