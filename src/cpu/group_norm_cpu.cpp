@@ -24,8 +24,10 @@
 // piece in cache (mean shifted by a value of the data, then corrected sums
 // around it) in float lanes, pieces merged in double with Chan's formula; the
 // apply subtracts the float-rounded mean before scaling; the gradient sums
-// run in double. The leaf loops are compiled for AVX-512, AVX2+FMA and
-// baseline x86-64 and chosen at run time.
+// run in double. The leaf loops (those shared with the other kernels in
+// leaf_loops.hpp) are compiled for AVX-512, AVX2+FMA and baseline x86-64 and
+// chosen at run time; as there, bits are identical for any thread count on one
+// machine, not across machines that run different clones (FMA contraction).
 #include <algorithm>
 #include <cmath>
 #include <iterator>
@@ -33,99 +35,22 @@
 
 #include "core/parallel.hpp"
 #include "group_norm_kernels.hpp"
-
-#if defined(__x86_64__) && defined(__GNUC__)
-#define NORMKIT_SIMD_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define NORMKIT_SIMD_CLONES
-#endif
+#include "leaf_loops.hpp"
 
 namespace normkit::kernels::gn {
 namespace {
 
 using detail::threads_for;
+using leaf::GradientSums;
+using leaf::gradient_sums_run;
+using leaf::kMaxChunkRows;
+using leaf::kPieceElements;
+using leaf::param_or;
+using leaf::scratch;
+using leaf::whole_units_per_thread;
 
-constexpr int kLanes = 64;
-constexpr int kTailLanes = 8;
-constexpr int kDoubleLanes = 32;
-// A planes piece: small enough that its second pass reads from L1.
-constexpr int64_t kPieceElements = 4096;
 // Parts of a channel run for the apply and gradient phases when blocks are few.
 constexpr int64_t kRunPart = 16384;
-// A rows chunk: at most kMaxChunkRows rows (the float additions per lane).
-constexpr int64_t kMaxChunkRows = 64;
-
-double param_or(const float* p, int64_t c, double fallback) {
-  return p ? static_cast<double>(p[c]) : fallback;
-}
-
-// Whole blocks per thread when they keep every thread busy; phases otherwise.
-bool whole_units_per_thread(int64_t units, int threads) {
-  return units % threads == 0 || units >= 8 * threads;
-}
-
-template <class T, int N>
-inline double lane_total(const T* acc) {
-  if constexpr (N == 1) {
-    return static_cast<double>(acc[0]);
-  } else {
-    return lane_total<T, N / 2>(acc) + lane_total<T, N / 2>(acc + N / 2);
-  }
-}
-
-// ----- leaf loops over `runs` runs of `len` contiguous floats, `stride` apart -----
-
-NORMKIT_SIMD_CLONES
-double shifted_sum_runs(const float* __restrict x, int64_t runs, int64_t len, int64_t stride,
-                        float shift) {
-  float acc[kLanes] = {}, acc8[kTailLanes] = {};
-  double tail = 0;
-  for (int64_t r = 0; r < runs; ++r) {
-    const float* p = x + r * stride;
-    int64_t i = 0;
-    for (; i + kLanes <= len; i += kLanes)
-      for (int l = 0; l < kLanes; ++l) acc[l] += p[i + l] - shift;
-    for (; i + kTailLanes <= len; i += kTailLanes)
-      for (int l = 0; l < kTailLanes; ++l) acc8[l] += p[i + l] - shift;
-    for (; i < len; ++i) tail += static_cast<double>(p[i] - shift);
-  }
-  return lane_total<float, kLanes>(acc) + lane_total<float, kTailLanes>(acc8) + tail;
-}
-
-struct CenteredSums {
-  double sum_d, sum_d2;
-};
-// Σd and Σd² with d = x - center; Σd corrects Σd² for the distance between
-// center and the exact mean.
-NORMKIT_SIMD_CLONES
-CenteredSums centered_sums_runs(const float* x, int64_t runs, int64_t len, int64_t stride,
-                                float center) {
-  float acc1[kLanes] = {}, acc2[kLanes] = {}, acc1_8[kTailLanes] = {}, acc2_8[kTailLanes] = {};
-  double tail1 = 0, tail2 = 0;
-  for (int64_t r = 0; r < runs; ++r) {
-    const float* p = x + r * stride;
-    int64_t i = 0;
-    for (; i + kLanes <= len; i += kLanes)
-      for (int l = 0; l < kLanes; ++l) {
-        const float d = p[i + l] - center;
-        acc1[l] += d;
-        acc2[l] += d * d;
-      }
-    for (; i + kTailLanes <= len; i += kTailLanes)
-      for (int l = 0; l < kTailLanes; ++l) {
-        const float d = p[i + l] - center;
-        acc1_8[l] += d;
-        acc2_8[l] += d * d;
-      }
-    for (; i < len; ++i) {
-      const double d = static_cast<double>(p[i] - center);
-      tail1 += d;
-      tail2 += d * d;
-    }
-  }
-  return {lane_total<float, kLanes>(acc1) + lane_total<float, kTailLanes>(acc1_8) + tail1,
-          lane_total<float, kLanes>(acc2) + lane_total<float, kTailLanes>(acc2_8) + tail2};
-}
 
 // y = (x - mean_hi)·scale + shift: see ApplyCoefficients in batch_norm_kernels.hpp.
 struct ApplyCoefficients {
@@ -154,33 +79,6 @@ void apply_any(const float* x, float* y, int64_t len, ApplyCoefficients k) {
     apply_run_in_place(y, len, k);
   else
     apply_run(x, y, len, k);
-}
-
-struct GradientSums {
-  double sum_dy, sum_dy_xc;
-};
-// Σdy and Σdy·(x - center) of one run, in double: dy is not centred, so the
-// second sum cancels heavily.
-NORMKIT_SIMD_CLONES
-GradientSums gradient_sums_run(const float* __restrict x, const float* __restrict dy, int64_t len,
-                               float center) {
-  const double center_d = center;
-  double acc1[kDoubleLanes] = {}, acc2[kDoubleLanes] = {};
-  double tail1 = 0, tail2 = 0;
-  int64_t i = 0;
-  for (; i + kDoubleLanes <= len; i += kDoubleLanes)
-    for (int l = 0; l < kDoubleLanes; ++l) {
-      const double g = dy[i + l];
-      acc1[l] += g;
-      acc2[l] += g * (static_cast<double>(x[i + l]) - center_d);
-    }
-  for (; i < len; ++i) {
-    const double g = dy[i];
-    tail1 += g;
-    tail2 += g * (static_cast<double>(x[i]) - center_d);
-  }
-  return {lane_total<double, kDoubleLanes>(acc1) + tail1,
-          lane_total<double, kDoubleLanes>(acc2) + tail2};
 }
 
 // dx = a·dy + b·(x - mean_hi) + k (see backward_coefficients below).
@@ -245,13 +143,7 @@ struct BlockPlan {
       first_run = i * runs_per_piece, count_runs = std::min(runs_per_piece, runs - first_run);
       first = 0, piece_len = len;
     }
-    const float* p = base + first_run * stride + first;
-    const double n = static_cast<double>(count_runs * piece_len);
-    const float shift = p[0];
-    const double mean = shift + shifted_sum_runs(p, count_runs, piece_len, stride, shift) / n;
-    const auto center = static_cast<float>(mean);
-    const CenteredSums cs = centered_sums_runs(p, count_runs, piece_len, stride, center);
-    return {n, center + cs.sum_d / n, cs.sum_d2 - cs.sum_d * cs.sum_d / n};
+    return leaf::run_moments(base + first_run * stride + first, count_runs, piece_len, stride);
   }
 };
 
@@ -391,8 +283,8 @@ void planes_backward(const Backward<float>& p) {
   auto channel_sums = [&](int64_t n, int64_t c, const GradientSums* part_sums) {
     double a = 0, b = 0;
     for (int64_t i = 0; i < parts.parts; ++i) {
-      a += part_sums[i].sum_dy;
-      b += part_sums[i].sum_dy_xc;
+      a += part_sums[i].sum_g;
+      b += part_sums[i].sum_g_xc;
     }
     sum_dy[n * g.c + c] = a;
     sum_dy_xmu[n * g.c + c] = b;
@@ -548,16 +440,6 @@ void rows_apply_chunk(const float* x, int64_t x_stride, float* y, int64_t y_stri
     float* yp = y + r * y_stride;
     for (int64_t c = 0; c < channels; ++c) yp[c] = (xp[c] - mean_hi[c]) * scale[c] + shift[c];
   }
-}
-
-// Per-thread scratch reused across calls (fresh pages per call cost more than
-// a small problem). A call's slot is used by one thread at a time.
-template <class T>
-T* scratch(int slot, size_t count) {
-  thread_local std::vector<T> buffers[4];
-  auto& buffer = buffers[slot];
-  if (buffer.size() < count) buffer.resize(count);
-  return buffer.data();
 }
 
 // The moments of each group of a slab over one chunk of rows: per-channel
