@@ -17,7 +17,8 @@
 // the problem (never on the thread count), each stripe sums its rows in order
 // into its own double partials, and partials are added in stripe order.
 //
-// SIMD: leaf loops over fixed lanes, compiled for AVX-512, AVX2 and baseline
+// SIMD: leaf loops over fixed lanes (the statistics passes shared with the
+// other kernels in leaf_loops.hpp), compiled for AVX-512, AVX2 and baseline
 // x86-64 (target_clones), chosen at run time. The clones may differ in FMA
 // contraction, so two machines with different instruction sets can differ in
 // the last bits; on one machine the same clone always runs.
@@ -29,85 +30,25 @@
 
 #include "core/parallel.hpp"
 #include "layer_norm_kernels.hpp"
+#include "leaf_loops.hpp"
 #include "normkit/moments.hpp"
-
-#if defined(__x86_64__) && defined(__GNUC__)
-#define NORMKIT_SIMD_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define NORMKIT_SIMD_CLONES
-#endif
 
 namespace normkit::kernels::rows {
 namespace {
 
 using detail::threads_for;
+using leaf::kDoubleLanes;
+using leaf::kTailLanes;
+using leaf::lane_total;
 
-// Float sums run over 64 fixed lanes (then 8, then one by one); a lane sees at
-// most kBlock / 64 = 64 values of a block, already centred, so the float sums
-// lose almost nothing; lane totals and blocks combine in double.
-constexpr int kLanes = 64;
-constexpr int kTailLanes = 8;
-constexpr int kDoubleLanes = 32;
+// Float sums run over 64 fixed lanes (leaf_loops.hpp); a lane sees at most
+// kBlock / 64 = 64 values of a block, already centred, so the float sums lose
+// almost nothing; lane totals and blocks combine in double.
 constexpr int64_t kBlock = 4096;
 // dγ, dβ: at most this many stripes of rows, and at most this many partial
 // values per array (a few MB), whatever the thread count.
 constexpr int64_t kMaxStripes = 32;
 constexpr int64_t kMaxPartials = int64_t{1} << 19;
-
-template <int N, class A>
-inline double lane_total(const A* acc) {
-  if constexpr (N == 1) {
-    return static_cast<double>(acc[0]);
-  } else {
-    return lane_total<N / 2>(acc) + lane_total<N / 2>(acc + N / 2);
-  }
-}
-
-// Σ(x - shift) over n values: the shift (a value of the row) keeps the float
-// sums small when the mean is large compared with the spread.
-NORMKIT_SIMD_CLONES
-double shifted_sum(const float* __restrict x, int64_t n, float shift) {
-  float acc[kLanes] = {}, acc8[kTailLanes] = {};
-  double tail = 0;
-  int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes)
-    for (int l = 0; l < kLanes; ++l) acc[l] += x[i + l] - shift;
-  for (; i + kTailLanes <= n; i += kTailLanes)
-    for (int l = 0; l < kTailLanes; ++l) acc8[l] += x[i + l] - shift;
-  for (; i < n; ++i) tail += static_cast<double>(x[i] - shift);
-  return lane_total<kLanes>(acc) + lane_total<kTailLanes>(acc8) + tail;
-}
-
-// Σd and Σd² with d = x - center; Σd (near 0) corrects Σd² for the distance
-// between center and the exact mean ("corrected two-pass").
-struct CenteredSums {
-  double sum_d, sum_d2;
-};
-NORMKIT_SIMD_CLONES
-CenteredSums centered_sums(const float* __restrict x, int64_t n, float center) {
-  float acc1[kLanes] = {}, acc2[kLanes] = {}, acc1_8[kTailLanes] = {}, acc2_8[kTailLanes] = {};
-  double tail1 = 0, tail2 = 0;
-  int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes)
-    for (int l = 0; l < kLanes; ++l) {
-      const float d = x[i + l] - center;
-      acc1[l] += d;
-      acc2[l] += d * d;
-    }
-  for (; i + kTailLanes <= n; i += kTailLanes)
-    for (int l = 0; l < kTailLanes; ++l) {
-      const float d = x[i + l] - center;
-      acc1_8[l] += d;
-      acc2_8[l] += d * d;
-    }
-  for (; i < n; ++i) {
-    const double d = static_cast<double>(x[i] - center);
-    tail1 += d;
-    tail2 += d * d;
-  }
-  return {lane_total<kLanes>(acc1) + lane_total<kTailLanes>(acc1_8) + tail1,
-          lane_total<kLanes>(acc2) + lane_total<kTailLanes>(acc2_8) + tail2};
-}
 
 // Σx² in double: each square of a float is exact in double.
 NORMKIT_SIMD_CLONES
@@ -135,13 +76,8 @@ double sum_squares(const float* __restrict x, int64_t n) {
 Moments row_moments(const float* x, int64_t cols) {
   Moments m;
   for (int64_t b = 0; b < cols; b += kBlock) {
-    const float* p = x + b;
     const int64_t len = std::min(kBlock, cols - b);
-    const double n = static_cast<double>(len);
-    const float shift = p[0];
-    const auto center = static_cast<float>(shift + shifted_sum(p, len, shift) / n);
-    const CenteredSums cs = centered_sums(p, len, center);
-    m.merge({n, center + cs.sum_d / n, cs.sum_d2 - cs.sum_d * cs.sum_d / n});
+    m.merge(leaf::run_moments(x + b, 1, len, len));
   }
   return m;
 }
