@@ -47,6 +47,7 @@ using leaf::kLanes;
 using leaf::kPieceElements;
 using leaf::kTailLanes;
 using leaf::lane_total;
+using leaf::merge_moment_arrays;
 using leaf::param_or;
 using leaf::Pieces;
 using leaf::RowPlan;
@@ -701,7 +702,7 @@ void rows_moments_phase(const Geometry& g, const float* x, double* stripe_mean, 
       const int64_t n = plan.rows_in(k);
       rows_chunk_moments(x + plan.first_row(k) * g.outer_stride, g.outer_stride, n, C, sums,
                          sums + C, sums + 2 * C, chunk_mean, chunk_m2);
-      leaf::merge_moment_arrays(count, stripe_mean + s * C, stripe_m2 + s * C,
+      merge_moment_arrays(count, stripe_mean + s * C, stripe_m2 + s * C,
                           static_cast<double>(n), chunk_mean, chunk_m2, C);
       count += static_cast<double>(n);
     }
@@ -712,7 +713,7 @@ void rows_moments_phase(const Geometry& g, const float* x, double* stripe_mean, 
     const int64_t c0 = block * kChannelBlock, width = std::min(kChannelBlock, C - c0);
     double count = stripe_count[0];
     for (int64_t s = 1; s < plan.stripes; ++s) {
-      leaf::merge_moment_arrays(count, stripe_mean + c0, stripe_m2 + c0, stripe_count[s],
+      merge_moment_arrays(count, stripe_mean + c0, stripe_m2 + c0, stripe_count[s],
                           stripe_mean + s * C + c0, stripe_m2 + s * C + c0, width);
       count += stripe_count[s];
     }

@@ -206,6 +206,7 @@ namespace {
 using detail::threads_for;
 using leaf::GradientSums;
 using leaf::gradient_sums_run;
+using leaf::merge_moment_arrays;
 using leaf::param_or;
 using leaf::Pieces;
 using leaf::RowPlan;
@@ -481,7 +482,7 @@ void rows_moments(const Geometry& g, const float* x, Moments* out, int threads) 
         const int64_t n = plan.rows_in(k);
         rows_chunk_moments(x + plan.first_row(k) * g.outer_stride, g.outer_stride, n, C, sums,
                            sums + C, sums + 2 * C, chunk_mean, chunk_m2);
-        leaf::merge_moment_arrays(count, stripe_mean + s * C, stripe_m2 + s * C, static_cast<double>(n),
+        merge_moment_arrays(count, stripe_mean + s * C, stripe_m2 + s * C, static_cast<double>(n),
                             chunk_mean, chunk_m2, C);
         count += static_cast<double>(n);
       }
@@ -491,7 +492,7 @@ void rows_moments(const Geometry& g, const float* x, Moments* out, int threads) 
   // Stripes in order (C values each: cheap, one thread).
   double count = stripe_count[0];
   for (int64_t s = 1; s < plan.stripes; ++s) {
-    leaf::merge_moment_arrays(count, stripe_mean, stripe_m2, stripe_count[s], stripe_mean + s * C,
+    merge_moment_arrays(count, stripe_mean, stripe_m2, stripe_count[s], stripe_mean + s * C,
                         stripe_m2 + s * C, C);
     count += stripe_count[s];
   }
