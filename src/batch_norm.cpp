@@ -14,41 +14,20 @@
 #include "batch_norm_internal.hpp"
 #include "batch_norm_kernels.hpp"
 #include "core/check.hpp"
+#include "core/norm_checks.hpp"
 
 namespace normkit {
 
+using detail::check_eps;
+using detail::check_per_channel;
+using detail::check_running;
+using detail::checked_input;
 using detail::fail_invalid;
 using detail::fail_runtime;
+using detail::unify;
+using detail::verbose;
 
 namespace {
-
-bool verbose() {
-  static const bool on = [] {
-    const char* value = std::getenv("NORMKIT_VERBOSE");
-    return value && *value && std::string(value) != "0";
-  }();
-  return on;
-}
-
-template <class T>
-Geometry checked_input(ConstTensorView<T> x, const char* name) {
-  if (!x.data && x.numel() > 0) fail_invalid(name, ": data pointer is null");
-  const Geometry g = geometry_of(x, name);
-  if (x.numel() == 0) fail_invalid(name, ": empty tensor ", x.shape_string());
-  return g;
-}
-
-// Geometries of views that one kernel call walks together must have the same
-// extents: when folding makes them differ (one view folds to rows form, another
-// cannot), every view is taken unfolded, whose extents come from the shape.
-template <class T>
-void unify(ConstTensorView<T> x, Geometry& gx, std::initializer_list<std::pair<Geometry*, ConstTensorView<T>>> others) {
-  bool same = true;
-  for (const auto& [g, view] : others) same = same && g->same_extent(gx);
-  if (same) return;
-  gx = geometry_of(x, "x", Folding::none);
-  for (const auto& [g, view] : others) *g = geometry_of(view, "output", Folding::none);
-}
 
 template <class T, class U>
 Geometry checked_like(const TensorView<U>& view, ConstTensorView<T> x, const char* name) {
@@ -62,39 +41,6 @@ Geometry checked_like(const TensorView<U>& view, ConstTensorView<T> x, const cha
   }
   if (!view.data) fail_invalid(name, ": data pointer is null");
   return geometry_of(view, name);
-}
-
-template <class T>
-void check_per_channel(std::span<T> values, int64_t channels, const char* name, bool required) {
-  if (values.empty() && !required) return;
-  if (static_cast<int64_t>(values.size()) != channels)
-    fail_invalid(name, " should contain ", channels, " elements (one per channel) not ",
-                 values.size());
-}
-
-void check_eps(double eps) {
-  if (!(eps > 0) || !std::isfinite(eps))
-    fail_invalid("eps must be positive and finite, got ", eps);
-}
-
-template <class T>
-void check_running(const RunningStats<T>& running, int64_t channels, const BatchNormOptions& options) {
-  check_eps(options.eps);
-  if (options.momentum && !(*options.momentum >= 0.0 && *options.momentum <= 1.0))
-    fail_invalid("momentum must be in [0, 1], got ", *options.momentum);
-  if (options.momentum_convention != MomentumConvention::weight_on_new &&
-      options.momentum_convention != MomentumConvention::weight_on_old)
-    fail_invalid("momentum_convention: unknown value");
-  if (options.running_variance != RunningVariance::unbiased &&
-      options.running_variance != RunningVariance::biased)
-    fail_invalid("running_variance: unknown value");
-  if (running.mean.empty() != running.var.empty())
-    fail_invalid("running_mean and running_var must be given together (got ",
-                 running.mean.size(), " and ", running.var.size(), " elements)");
-  check_per_channel(running.mean, channels, "running_mean", false);
-  check_per_channel(running.var, channels, "running_var", false);
-  if (!running.mean.empty() && !options.momentum && !running.num_batches_tracked)
-    fail_invalid("momentum = None (cumulative moving average) needs num_batches_tracked");
 }
 
 template <class T>

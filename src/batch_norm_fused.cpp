@@ -1,7 +1,7 @@
 // The public fused BN+ReLU / BN+Add+ReLU functions: check every argument, pick
 // the fast kernel or the reference, own the saved and running statistics.
-// Nothing is written before all checks have passed (batch_norm.cpp's rules;
-// its checking helpers are private to it, so the few needed are restated here).
+// Nothing is written before all checks have passed (batch_norm.cpp's rules and
+// its checks, shared through core/norm_checks.hpp).
 #include "normkit/batch_norm_fused.hpp"
 
 #include <algorithm>
@@ -15,11 +15,18 @@
 
 #include "batch_norm_fused_kernels.hpp"
 #include "core/check.hpp"
+#include "core/norm_checks.hpp"
 
 namespace normkit {
 
+using detail::check_eps;
+using detail::check_per_channel;
+using detail::check_running;
+using detail::checked_input;
 using detail::fail_invalid;
 using detail::fail_runtime;
+using detail::unify;
+using detail::verbose;
 
 namespace kernels {
 MaskOrder mask_order_of(const Geometry& x) {
@@ -47,22 +54,6 @@ MaskOrder mask_order_of(const Geometry& x) {
 
 namespace {
 
-bool verbose() {
-  static const bool on = [] {
-    const char* value = std::getenv("NORMKIT_VERBOSE");
-    return value && *value && std::string(value) != "0";
-  }();
-  return on;
-}
-
-template <class T>
-Geometry checked_input(ConstTensorView<T> x, const char* name) {
-  if (!x.data && x.numel() > 0) fail_invalid(name, ": data pointer is null");
-  const Geometry g = geometry_of(x, name);
-  if (x.numel() == 0) fail_invalid(name, ": empty tensor ", x.shape_string());
-  return g;
-}
-
 template <class T, class U>
 Geometry checked_like(const TensorView<U>& view, ConstTensorView<T> x, const char* name) {
   bool same = view.layout == x.layout && view.rank() == x.rank();
@@ -83,38 +74,6 @@ void check_strides_like(const TensorView<U>& view, ConstTensorView<T> x, const c
                    x.shape_string(), ")");
 }
 
-template <class T>
-void check_per_channel(std::span<T> values, int64_t channels, const char* name, bool required) {
-  if (values.empty() && !required) return;
-  if (static_cast<int64_t>(values.size()) != channels)
-    fail_invalid(name, " should contain ", channels, " elements (one per channel) not ",
-                 values.size());
-}
-
-void check_eps(double eps) {
-  if (!(eps > 0) || !std::isfinite(eps)) fail_invalid("eps must be positive and finite, got ", eps);
-}
-
-template <class T>
-void check_running(const RunningStats<T>& running, int64_t channels, const BatchNormOptions& options) {
-  check_eps(options.eps);
-  if (options.momentum && !(*options.momentum >= 0.0 && *options.momentum <= 1.0))
-    fail_invalid("momentum must be in [0, 1], got ", *options.momentum);
-  if (options.momentum_convention != MomentumConvention::weight_on_new &&
-      options.momentum_convention != MomentumConvention::weight_on_old)
-    fail_invalid("momentum_convention: unknown value");
-  if (options.running_variance != RunningVariance::unbiased &&
-      options.running_variance != RunningVariance::biased)
-    fail_invalid("running_variance: unknown value");
-  if (running.mean.empty() != running.var.empty())
-    fail_invalid("running_mean and running_var must be given together (got ",
-                 running.mean.size(), " and ", running.var.size(), " elements)");
-  check_per_channel(running.mean, channels, "running_mean", false);
-  check_per_channel(running.var, channels, "running_var", false);
-  if (!running.mean.empty() && !options.momentum && !running.num_batches_tracked)
-    fail_invalid("momentum = None (cumulative moving average) needs num_batches_tracked");
-}
-
 template <class M>
 void check_mask(std::span<M> mask, int64_t numel, bool required) {
   if (mask.empty() && !required) return;
@@ -123,18 +82,6 @@ void check_mask(std::span<M> mask, int64_t numel, bool required) {
   if (static_cast<int64_t>(mask.size()) < relu_mask_bytes(numel))
     fail_invalid("mask: needs ", relu_mask_bytes(numel), " bytes (1 bit per element of x, ",
                  numel, " elements), got ", mask.size());
-}
-
-// The views' geometries, all with x's extents: unfolded when one would fold
-// differently from x (see batch_norm.cpp).
-template <class T>
-void unify(ConstTensorView<T> x, Geometry& gx,
-           std::initializer_list<std::pair<Geometry*, ConstTensorView<T>>> others) {
-  bool same = true;
-  for (const auto& [g, view] : others) same = same && g->same_extent(gx);
-  if (same) return;
-  gx = geometry_of(x, "x", Folding::none);
-  for (const auto& [g, view] : others) *g = geometry_of(view, "output", Folding::none);
 }
 
 template <class T>

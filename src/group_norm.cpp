@@ -12,22 +12,18 @@
 #include <vector>
 
 #include "core/check.hpp"
+#include "core/norm_checks.hpp"
 #include "group_norm_kernels.hpp"
 
 namespace normkit {
 
+using detail::check_eps;
+using detail::check_running;
 using detail::fail_invalid;
+using detail::verbose;
 using kernels::gn::SampleGeometry;
 
 namespace {
-
-bool verbose() {
-  static const bool on = [] {
-    const char* value = std::getenv("NORMKIT_VERBOSE");
-    return value && *value && std::string(value) != "0";
-  }();
-  return on;
-}
 
 // [N, C, S]: the spatial axes (all but N and C) must collapse into one evenly
 // strided run; N and C keep their own strides, so batch slices and padded
@@ -99,10 +95,6 @@ void check_size(std::span<T> values, int64_t expected, const char* name, const c
     fail_invalid(name, " should contain ", expected, " elements (", what, ") not ", values.size());
 }
 
-void check_eps(double eps) {
-  if (!(eps > 0) || !std::isfinite(eps)) fail_invalid("eps must be positive and finite, got ", eps);
-}
-
 template <class T>
 void check_groups(int64_t groups, ConstTensorView<T> x, int64_t channels) {
   if (groups < 1) fail_invalid("num_groups must be positive, got ", groups);
@@ -110,28 +102,6 @@ void check_groups(int64_t groups, ConstTensorView<T> x, int64_t channels) {
     fail_invalid("expected the number of channels to be divisible by num_groups, but got input "
                  "of shape ", x.shape_string(), " (", channels, " channels) and num_groups=",
                  groups);
-}
-
-// The same checks as batch norm's running statistics, made before anything is written.
-template <class T>
-void check_running(const RunningStats<T>& running, int64_t channels,
-                   const BatchNormOptions& options) {
-  check_eps(options.eps);
-  if (options.momentum && !(*options.momentum >= 0.0 && *options.momentum <= 1.0))
-    fail_invalid("momentum must be in [0, 1], got ", *options.momentum);
-  if (options.momentum_convention != MomentumConvention::weight_on_new &&
-      options.momentum_convention != MomentumConvention::weight_on_old)
-    fail_invalid("momentum_convention: unknown value");
-  if (options.running_variance != RunningVariance::unbiased &&
-      options.running_variance != RunningVariance::biased)
-    fail_invalid("running_variance: unknown value");
-  if (running.mean.empty() != running.var.empty())
-    fail_invalid("running_mean and running_var must be given together (got ",
-                 running.mean.size(), " and ", running.var.size(), " elements)");
-  check_size(running.mean, channels, "running_mean", "one per channel", false);
-  check_size(running.var, channels, "running_var", "one per channel", false);
-  if (!running.mean.empty() && !options.momentum && !running.num_batches_tracked)
-    fail_invalid("momentum = None (cumulative moving average) needs num_batches_tracked");
 }
 
 // The first fast implementation that accepts all geometries, or nullptr (the reference).

@@ -10,10 +10,12 @@
 #include <vector>
 
 #include "core/check.hpp"
+#include "core/norm_checks.hpp"
 #include "layer_norm_kernels.hpp"
 
 namespace normkit {
 
+using detail::check_eps;
 using detail::fail_invalid;
 using detail::fail_runtime;
 using kernels::rows::Centering;
@@ -56,10 +58,6 @@ void check_size(std::span<T> values, int64_t expected, const char* name, const c
   if (static_cast<int64_t>(values.size()) != expected)
     fail_invalid(name, " should contain ", expected, " elements (one per ", per, ") not ",
                  values.size());
-}
-
-void check_eps(double eps) {
-  if (!(eps > 0) || !std::isfinite(eps)) fail_invalid("eps must be positive and finite, got ", eps);
 }
 
 template <class T>
