@@ -454,8 +454,21 @@ double median_of(const Block& b, const std::string& library, Op op) {
 
 std::vector<Bar> bars_of(const Block& b, const Measured& m) {
   std::vector<Bar> bars;
-  if (m.c.library != "normkit" || b.problem.kind.rfind("bn", 0) != 0) return bars;
+  if (m.c.library != "normkit") return bars;
+  const std::string& kind = b.problem.kind;
   const double copy = median_of(b.cases.front()), median = median_of(m);
+  // The family's bars (issue 5): LayerNorm and GroupNorm forward within 1.5x a
+  // copy; a fused path faster than normkit's own unfused sequence.
+  if (kind == "layer_norm" || kind == "group_norm") {
+    if (m.c.op == Op::forward_training) bars.push_back({"x copy", median / copy, 1.5});
+    return bars;
+  }
+  if (kind == "bn_relu" || kind == "bn_add_relu") {
+    const double unfused = median_of(b, "normkit-unfused", m.c.op);
+    if (unfused > 0) bars.push_back({"x unfused", median / unfused, 1.0});
+    return bars;
+  }
+  if (kind.rfind("bn", 0) != 0) return bars;
   if (b.problem.rank() == 2) {
     if (m.c.op == Op::forward_training)
       bars.push_back({"us vs 2 copy+5us", median * 1e6, 2 * copy * 1e6 + 5});
