@@ -10,6 +10,7 @@
 #include <string>
 
 #include "core/check.hpp"
+#include "nn/layers.hpp"
 #include "normkit/group_norm.hpp"
 
 namespace normkit::nn::detail {
@@ -17,19 +18,6 @@ namespace normkit::nn::detail {
 using normkit::detail::fail_invalid;
 
 namespace {
-
-double option_or(const ModelSpec::LayerSpec& spec, const std::string& key, double fallback) {
-  const auto it = spec.options.find(key);
-  return it == spec.options.end() ? fallback : std::stod(it->second);
-}
-
-std::string shape_text(const std::vector<int64_t>& shape) {
-  std::ostringstream out;
-  out << '[';
-  for (size_t i = 0; i < shape.size(); ++i) out << (i ? ", " : "") << shape[i];
-  out << ']';
-  return out.str();
-}
 
 // γ, β and their gradients; absent when not affine (empty spans: γ = 1, β = 0).
 class Affine {

@@ -19,14 +19,6 @@ using normkit::detail::fail_invalid;
 
 namespace {
 
-std::string shape_text(const std::vector<int64_t>& shape) {
-  std::ostringstream out;
-  out << '[';
-  for (size_t i = 0; i < shape.size(); ++i) out << (i ? ", " : "") << shape[i];
-  out << ']';
-  return out.str();
-}
-
 class LayerNormLayer final : public Layer {
  public:
   LayerNormLayer(std::vector<int64_t> sample_shape, double eps, MemoryFormat format)

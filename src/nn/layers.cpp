@@ -21,18 +21,10 @@ namespace normkit::nn::detail {
 using normkit::detail::fail_invalid;
 using normkit::detail::threads_for;
 
-namespace {
-
-int64_t int_arg(const std::string& text) { return static_cast<int64_t>(std::stod(text)); }
+// Shared by the layer files (declared in layers.hpp).
 double option_or(const ModelSpec::LayerSpec& spec, const std::string& key, double fallback) {
   const auto it = spec.options.find(key);
   return it == spec.options.end() ? fallback : std::stod(it->second);
-}
-
-// What backward returns for the first layer, whose input needs no gradient.
-const Tensor& no_input_grad(Tensor& dx, MemoryFormat format) {
-  dx.reshape({}, format);
-  return dx;
 }
 
 std::string shape_text(const std::vector<int64_t>& shape) {
@@ -41,6 +33,16 @@ std::string shape_text(const std::vector<int64_t>& shape) {
   for (size_t i = 0; i < shape.size(); ++i) out << (i ? ", " : "") << shape[i];
   out << ']';
   return out.str();
+}
+
+namespace {
+
+int64_t int_arg(const std::string& text) { return static_cast<int64_t>(std::stod(text)); }
+
+// What backward returns for the first layer, whose input needs no gradient.
+const Tensor& no_input_grad(Tensor& dx, MemoryFormat format) {
+  dx.reshape({}, format);
+  return dx;
 }
 
 // Element (n, c, h, w) of a [N, C, H, W] tensor in either format.
@@ -705,104 +707,7 @@ class Flatten final : public Layer {
   Tensor y_, dx_;
 };
 
-// ---------------------------------------------------------------- batch norm
-// BatchNorm1d ([N, C]) and BatchNorm2d ([N, C, H, W]) on the core kernels,
-// PyTorch's conventions; running statistics are buffers, not parameters.
-class BatchNorm final : public Layer {
- public:
-  BatchNorm(int64_t channels, double eps, double momentum, bool frozen)
-      : c_(channels), frozen_(frozen) {
-    options_.eps = eps;
-    options_.momentum = momentum;
-    gamma_ = {"weight", std::vector<float>(c_, 1.0f), std::vector<float>(c_)};
-    beta_ = {"bias", std::vector<float>(c_, 0.0f), std::vector<float>(c_)};
-    running_mean_.assign(c_, 0.0f);
-    running_var_.assign(c_, 1.0f);
-    batches_.assign(1, 0.0f);
-    save_mean_.resize(c_);
-    save_invstd_.resize(c_);
-    invstd_.resize(c_);
-  }
-  std::string type() const override { return "batchnorm"; }
-  std::string describe() const override {
-    std::ostringstream s;
-    s << "batchnorm(" << c_ << ", eps " << options_.eps << ", momentum " << *options_.momentum
-      << (frozen_ ? ", frozen" : "") << ")";
-    return s.str();
-  }
-  std::vector<int64_t> output_shape(const std::vector<int64_t>& input) const override {
-    if (input.empty() || input[0] != c_)
-      fail_invalid(describe(), ": expected ", c_, " channels, got input ", shape_text(input));
-    return input;
-  }
-  const Tensor& forward(const Tensor& x, Mode mode) override {
-    input_ = &x;
-    y_.reshape(x.shape, x.format);
-    if (mode == Mode::train && !frozen_) {
-      int64_t tracked = static_cast<int64_t>(batches_[0]);
-      batch_norm_forward_training<float>(x.view(), y_.view(), gamma_.value, beta_.value,
-                                         {save_mean_, save_invstd_},
-                                         {running_mean_, running_var_, &tracked}, options_);
-      batches_[0] = static_cast<float>(tracked);
-    } else {
-      batch_norm_forward_inference<float>(x.view(), y_.view(), gamma_.value, beta_.value,
-                                          running_mean_, running_var_, options_.eps);
-      if (mode == Mode::train) {  // frozen: backward uses the statistics of this forward
-        save_mean_ = running_mean_;
-        batch_norm_invstd<float>(running_var_, options_.eps, save_invstd_);
-      }
-    }
-    return y_;
-  }
-  const Tensor& backward(const Tensor& dy, bool need_input_grad) override {
-    TensorView<float> dx{};
-    if (need_input_grad) {
-      dx_.reshape(dy.shape, dy.format);
-      dx = dx_.view();
-    } else {
-      dx_.reshape({}, dy.format);
-    }
-    // The kernel writes dγ and dβ; parameters accumulate gradients.
-    std::vector<float>& dgamma = scratch_gamma_;
-    std::vector<float>& dbeta = scratch_beta_;
-    dgamma.resize(c_);
-    dbeta.resize(c_);
-    batch_norm_backward<float>(input_->view(), dy.view(), dx, gamma_.value, save_mean_,
-                               save_invstd_, dgamma, dbeta,
-                               frozen_ ? BackwardMode::frozen : BackwardMode::training);
-    for (int64_t c = 0; c < c_; ++c) {
-      gamma_.grad[c] += dgamma[c];
-      beta_.grad[c] += dbeta[c];
-    }
-    return dx_;
-  }
-  std::vector<Parameter*> parameters() override { return {&gamma_, &beta_}; }
-  std::vector<Buffer> buffers() override {
-    return {{"running_mean", &running_mean_}, {"running_var", &running_var_},
-            {"num_batches_tracked", &batches_}};
-  }
-  void initialize(const InitOptions&, std::mt19937_64&) override {
-    std::fill(gamma_.value.begin(), gamma_.value.end(), 1.0f);
-    std::fill(beta_.value.begin(), beta_.value.end(), 0.0f);
-    std::fill(running_mean_.begin(), running_mean_.end(), 0.0f);
-    std::fill(running_var_.begin(), running_var_.end(), 1.0f);
-    batches_[0] = 0.0f;
-  }
-  bool set_frozen(bool frozen) override {
-    frozen_ = frozen;
-    return true;
-  }
-
- private:
-  int64_t c_;
-  bool frozen_;
-  BatchNormOptions options_;
-  Parameter gamma_, beta_;
-  std::vector<float> running_mean_, running_var_, batches_;
-  std::vector<float> save_mean_, save_invstd_, invstd_, scratch_gamma_, scratch_beta_;
-  const Tensor* input_ = nullptr;
-  Tensor y_, dx_;
-};
+// Batch norm and its variants: batch_norm_layers.cpp (make_batch_norm_layer).
 
 }  // namespace
 
@@ -847,16 +752,8 @@ std::unique_ptr<Layer> make_layer(const ModelSpec::LayerSpec& spec,
   if (t == "dropout")
     return std::make_unique<Dropout>(std::stod(spec.args[0]), 0x1000193ull * (index + 1));
   if (t == "flatten") return std::make_unique<Flatten>(input, format);
-  if (t == "batchnorm") {
-    if (input.size() != 1 && input.size() != 3)
-      fail_invalid("batchnorm: needs a [C] or [C, H, W] input, got ", shape_text(input));
-    const double eps = option_or(spec, "eps", 1e-5), momentum = option_or(spec, "momentum", 0.1);
-    if (!(eps > 0)) fail_invalid("batchnorm: eps must be positive, got ", eps);
-    if (!(momentum >= 0 && momentum <= 1)) fail_invalid("batchnorm: momentum must be in [0, 1], got ", momentum);
-    return std::make_unique<BatchNorm>(input[0], eps, momentum, option_or(spec, "frozen", 0) != 0);
-  }
   if (t == "layernorm") return make_layer_norm(input, option_or(spec, "eps", 1e-5), format);
-  if (t == "batchrenorm" || t == "ghostbatchnorm") return make_bn_variant_layer(spec, input);
+  if (t == "batchnorm" || t == "batchrenorm" || t == "ghostbatchnorm") return make_batch_norm_layer(spec, input);
   if (t == "groupnorm") return make_group_norm_layer(spec, input);
   if (t == "instancenorm") return make_instance_norm_layer(spec, input);
   fail_invalid("unknown layer type '", t, "'");

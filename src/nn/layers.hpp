@@ -12,13 +12,18 @@ std::unique_ptr<Layer> make_layer(const ModelSpec::LayerSpec& spec,
                                   const std::vector<int64_t>& input_shape, MemoryFormat format,
                                   size_t index);
 
+// "[32, 28, 28]", for messages.
+std::string shape_text(const std::vector<int64_t>& shape);
+// A spec option as a number, or `fallback` when the spec does not give it.
+double option_or(const ModelSpec::LayerSpec& spec, const std::string& key, double fallback);
+
 // Layer normalization over all of a sample's features (src/nn/layer_norm_layer.cpp).
 std::unique_ptr<Layer> make_layer_norm(const std::vector<int64_t>& input_shape, double eps,
                                        MemoryFormat format);
-// "batchrenorm" and "ghostbatchnorm" (src/nn/bn_variant_layers.cpp).
+// "batchnorm", "batchrenorm" and "ghostbatchnorm" (src/nn/batch_norm_layers.cpp).
 constexpr int64_t kDefaultRenormWarmup = 500;   // steps over which rmax, dmax reach their values
 constexpr int64_t kDefaultGhostBatchSize = 32;  // virtual batch size
-std::unique_ptr<Layer> make_bn_variant_layer(const ModelSpec::LayerSpec& spec,
+std::unique_ptr<Layer> make_batch_norm_layer(const ModelSpec::LayerSpec& spec,
                                              const std::vector<int64_t>& input_shape);
 
 }  // namespace normkit::nn::detail

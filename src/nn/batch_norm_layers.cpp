@@ -1,7 +1,8 @@
-// The engine's Batch Renormalization ("batchrenorm") and Ghost BN
-// ("ghostbatchnorm") layers, on the kernels of bn_variants.hpp. Both hold BN's
-// state (weight, bias; running_mean, running_var, num_batches_tracked), infer
-// as BN does, and can be frozen like "batchnorm frozen=1".
+// The engine's batch-norm layers: "batchnorm" (batch_norm.hpp), Batch
+// Renormalization ("batchrenorm") and Ghost BN ("ghostbatchnorm", both
+// bn_variants.hpp). All hold BN's state (weight, bias; running_mean,
+// running_var, num_batches_tracked), infer as BN does, can be frozen
+// (frozen=1), and differ only in their training forward and backward.
 #include <algorithm>
 #include <sstream>
 
@@ -15,19 +16,11 @@ using normkit::detail::fail_invalid;
 
 namespace {
 
-std::string shape_text(const std::vector<int64_t>& shape) {
-  std::ostringstream out;
-  out << '[';
-  for (size_t i = 0; i < shape.size(); ++i) out << (i ? ", " : "") << shape[i];
-  out << ']';
-  return out.str();
-}
-
-// What the variants share with BN: parameters, buffers, inference, and the frozen
+// What BN and its variants share: parameters, buffers, inference, and the frozen
 // mode (running statistics used in training too and never updated; γ and β learn).
-class BatchNormVariant : public Layer {
+class BatchNormFamily : public Layer {
  public:
-  BatchNormVariant(int64_t channels, double eps, double momentum, bool frozen)
+  BatchNormFamily(int64_t channels, double eps, double momentum, bool frozen)
       : c_(channels), frozen_(frozen) {
     options_.eps = eps;
     options_.momentum = momentum;
@@ -120,14 +113,41 @@ class BatchNormVariant : public Layer {
   Tensor y_, dx_;
 };
 
+class BatchNormLayer final : public BatchNormFamily {
+ public:
+  BatchNormLayer(int64_t channels, double eps, double momentum, bool frozen)
+      : BatchNormFamily(channels, eps, momentum, frozen) {
+    mean_.resize(c_);
+    invstd_.resize(c_);
+  }
+  std::string type() const override { return "batchnorm"; }
+  std::string describe() const override {
+    return "batchnorm(" + std::to_string(c_) + ", " + common_options() + ")";
+  }
+
+ private:
+  void train_forward(const Tensor& x) override {
+    int64_t count = tracked();
+    batch_norm_forward_training<float>(x.view(), y_.view(), gamma_.value, beta_.value, {mean_, invstd_},
+                                       {running_mean_, running_var_, &count}, options_);
+    batches_[0] = static_cast<float>(count);
+  }
+  void train_backward(const Tensor& dy, TensorView<float> dx) override {
+    batch_norm_backward<float>(input_->view(), dy.view(), dx, gamma_.value, mean_, invstd_, dgamma_,
+                               dbeta_, BackwardMode::training);
+  }
+
+  std::vector<float> mean_, invstd_;  // the batch's, saved for backward
+};
+
 // r and d follow BatchRenormSchedule::linear(warmup, rmax, dmax) over the
 // layer's own training steps (num_batches_tracked, so a resumed run continues
 // the schedule where it was).
-class BatchRenormLayer final : public BatchNormVariant {
+class BatchRenormLayer final : public BatchNormFamily {
  public:
   BatchRenormLayer(int64_t channels, double eps, double momentum, bool frozen,
                    BatchRenormSchedule schedule)
-      : BatchNormVariant(channels, eps, momentum, frozen), schedule_(schedule) {
+      : BatchNormFamily(channels, eps, momentum, frozen), schedule_(schedule) {
     schedule_.at(0);  // checks the limits now, not at the first step
     mean_.resize(c_);
     invstd_.resize(c_);
@@ -160,10 +180,10 @@ class BatchRenormLayer final : public BatchNormVariant {
   std::vector<float> mean_, invstd_, r_, d_;
 };
 
-class GhostBatchNormLayer final : public BatchNormVariant {
+class GhostBatchNormLayer final : public BatchNormFamily {
  public:
   GhostBatchNormLayer(int64_t channels, double eps, double momentum, bool frozen, int64_t size)
-      : BatchNormVariant(channels, eps, momentum, frozen), size_(size) {}
+      : BatchNormFamily(channels, eps, momentum, frozen), size_(size) {}
   std::string type() const override { return "ghostbatchnorm"; }
   std::string describe() const override {
     std::ostringstream s;
@@ -191,14 +211,9 @@ class GhostBatchNormLayer final : public BatchNormVariant {
   std::vector<float> mean_, invstd_;
 };
 
-double option_or(const ModelSpec::LayerSpec& spec, const std::string& key, double fallback) {
-  const auto it = spec.options.find(key);
-  return it == spec.options.end() ? fallback : std::stod(it->second);
-}
-
 }  // namespace
 
-std::unique_ptr<Layer> make_bn_variant_layer(const ModelSpec::LayerSpec& spec,
+std::unique_ptr<Layer> make_batch_norm_layer(const ModelSpec::LayerSpec& spec,
                                              const std::vector<int64_t>& input) {
   const std::string& t = spec.type;
   if (input.size() != 1 && input.size() != 3)
@@ -208,6 +223,7 @@ std::unique_ptr<Layer> make_bn_variant_layer(const ModelSpec::LayerSpec& spec,
   if (!(momentum >= 0 && momentum <= 1))
     fail_invalid(t, ": momentum must be in [0, 1], got ", momentum);
   const bool frozen = option_or(spec, "frozen", 0) != 0;
+  if (t == "batchnorm") return std::make_unique<BatchNormLayer>(input[0], eps, momentum, frozen);
   if (t == "batchrenorm") {
     const double rmax = option_or(spec, "rmax", 3.0), dmax = option_or(spec, "dmax", 5.0);
     const double warmup = option_or(spec, "warmup", static_cast<double>(kDefaultRenormWarmup));
@@ -224,7 +240,7 @@ std::unique_ptr<Layer> make_bn_variant_layer(const ModelSpec::LayerSpec& spec,
     return std::make_unique<GhostBatchNormLayer>(input[0], eps, momentum, frozen,
                                                  static_cast<int64_t>(size));
   }
-  fail_invalid("not a batch-norm variant: '", t, "'");
+  fail_invalid("not a batch-norm layer: '", t, "'");
 }
 
 }  // namespace normkit::nn::detail
