@@ -54,6 +54,42 @@ def _output_format(x):
     return torch.contiguous_format
 
 
+def _batch_norm_arguments(module, input, extra_tensors=()):
+    """(running_mean, running_var, num_batches_tracked, use_batch_stats, momentum) for a
+    forward of `module` (a torch _BatchNorm), after the checks torch makes.
+
+    Which statistics, and which buffers change, follow _BatchNorm.forward in torch 1.13:
+    batch statistics in training, and in eval when there are no running statistics;
+    running statistics (and the batch count) updated only in training with
+    track_running_stats. extra_tensors ((name, tensor) pairs) are checked with the rest.
+    """
+    use_batch_stats = module.training or (module.running_mean is None and module.running_var is None)
+    updating = module.training and module.track_running_stats
+    pass_buffers = not module.training or module.track_running_stats
+    running_mean = module.running_mean if pass_buffers else None
+    running_var = module.running_var if pass_buffers else None
+    num_batches_tracked = module.num_batches_tracked if updating else None
+
+    if not use_batch_stats and (running_mean is None or running_var is None):
+        raise RuntimeError(
+            "normkit.torch: running_mean and running_var must both be defined in "
+            "evaluation mode")
+    if use_batch_stats:
+        _NormkitBatchNorm._check_batch_size(input)
+    _check_supported(input, [*extra_tensors, ("weight", module.weight), ("bias", module.bias),
+                             ("running_mean", running_mean), ("running_var", running_var),
+                             ("num_batches_tracked", num_batches_tracked)])
+
+    momentum = module.momentum
+    if not (use_batch_stats and running_mean is not None):
+        # Unused without running statistics to update; PyTorch does not check it then.
+        momentum = 0.1
+    elif momentum is None and num_batches_tracked is None:
+        # PyTorch's cumulative average without a counter weights the batch by 0.
+        momentum = 0.0
+    return running_mean, running_var, num_batches_tracked, use_batch_stats, momentum
+
+
 class _BatchNormFunction(torch.autograd.Function):
     """y = batch_norm(x) with the batch's statistics ("training") or given running ones
     ("frozen"); backward returns dx, dweight, dbias from one fused normkit kernel."""
@@ -141,35 +177,8 @@ class _NormkitBatchNorm:
     def forward(self, input):
         self._check_input_dim(input)
 
-        # Which statistics, and which buffers change, follow _BatchNorm.forward in torch 1.13:
-        # batch statistics in training, and in eval when there are no running statistics;
-        # running statistics (and the batch count) updated only in training with
-        # track_running_stats.
-        use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
-        updating = self.training and self.track_running_stats
-        pass_buffers = not self.training or self.track_running_stats
-        running_mean = self.running_mean if pass_buffers else None
-        running_var = self.running_var if pass_buffers else None
-        num_batches_tracked = self.num_batches_tracked if updating else None
-
-        if not use_batch_stats and (running_mean is None or running_var is None):
-            raise RuntimeError(
-                "normkit.torch: running_mean and running_var must both be defined in "
-                "evaluation mode")
-        if use_batch_stats:
-            self._check_batch_size(input)
-        _check_supported(input, [("weight", self.weight), ("bias", self.bias),
-                                 ("running_mean", running_mean), ("running_var", running_var),
-                                 ("num_batches_tracked", num_batches_tracked)])
-
-        momentum = self.momentum
-        if not (use_batch_stats and running_mean is not None):
-            # Unused without running statistics to update; PyTorch does not check it then.
-            momentum = 0.1
-        elif momentum is None and num_batches_tracked is None:
-            # PyTorch's cumulative average without a counter weights the batch by 0.
-            momentum = 0.0
-
+        running_mean, running_var, num_batches_tracked, use_batch_stats, momentum = \
+            _batch_norm_arguments(self, input)
         return _BatchNormFunction.apply(
             input, self.weight, self.bias, running_mean, running_var, num_batches_tracked,
             use_batch_stats, momentum, self.eps)
@@ -735,27 +744,8 @@ class _NormkitBatchNormReLU:
             if residual.shape != input.shape:
                 raise ValueError(f"normkit.torch: residual has shape {tuple(residual.shape)}, "
                                  f"input {tuple(input.shape)} (no broadcasting)")
-        use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
-        updating = self.training and self.track_running_stats
-        pass_buffers = not self.training or self.track_running_stats
-        running_mean = self.running_mean if pass_buffers else None
-        running_var = self.running_var if pass_buffers else None
-        num_batches_tracked = self.num_batches_tracked if updating else None
-        if not use_batch_stats and (running_mean is None or running_var is None):
-            raise RuntimeError(
-                "normkit.torch: running_mean and running_var must both be defined in "
-                "evaluation mode")
-        if use_batch_stats:
-            _NormkitBatchNorm._check_batch_size(input)
-        _check_supported(input, [("residual", residual), ("weight", self.weight),
-                                 ("bias", self.bias), ("running_mean", running_mean),
-                                 ("running_var", running_var),
-                                 ("num_batches_tracked", num_batches_tracked)])
-        momentum = self.momentum
-        if not (use_batch_stats and running_mean is not None):
-            momentum = 0.1
-        elif momentum is None and num_batches_tracked is None:
-            momentum = 0.0
+        running_mean, running_var, num_batches_tracked, use_batch_stats, momentum = \
+            _batch_norm_arguments(self, input, [("residual", residual)])
         return _BatchNormReLUFunction.apply(
             input, residual, self.weight, self.bias, running_mean, running_var,
             num_batches_tracked, use_batch_stats, momentum, self.eps)
