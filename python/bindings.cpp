@@ -208,6 +208,21 @@ void check_no_partial_overlap(const py::array& out, const py::array& in, const c
                 " (only exact in-place use, with the same strides, is supported)");
 }
 
+// A backward's dx: `out` (or a new array like x) when compute_dx, never partly
+// overlapping x or dy; nothing when not wanted, and then `out` must not be given.
+template <class T>
+std::optional<py::array> gradient_out(const py::object& out, const py::array& x, const py::array& dy,
+                                      bool compute_dx) {
+  if (!compute_dx) {
+    if (!out.is_none()) value_error("out: given, but compute_dx is False");
+    return std::nullopt;
+  }
+  py::array dx = writable_like<T>(out, x, "out");
+  check_no_partial_overlap(dx, x, "out", "x");
+  check_no_partial_overlap(dx, dy, "out", "dy");
+  return dx;
+}
+
 // Per-channel values the functions only read (γ, β, statistics): converted to x's
 // dtype and made contiguous, at the cost of copying C values.
 template <class T>
@@ -435,14 +450,7 @@ py::tuple backward(py::array x, const py::object& dy_object, const py::object& w
   const nk::Layout layout = layout_for(layout_name, x);
   x = readable<T>(x);
   py::array dy = readable_like<T>(dy_object, x, "dy");
-  std::optional<py::array> dx;
-  if (compute_dx) {
-    dx = writable_like<T>(out, x, "out");
-    check_no_partial_overlap(*dx, x, "out", "x");
-    check_no_partial_overlap(*dx, dy, "out", "dy");
-  } else if (!out.is_none()) {
-    value_error("out: given, but compute_dx is False");
-  }
+  std::optional<py::array> dx = gradient_out<T>(out, x, dy, compute_dx);
   const auto gamma = channel_values<T>(weight, "weight");
   const auto mean = required_channel_values<T>(mean_object, "mean");
   const auto invstd = required_channel_values<T>(invstd_object, "invstd");
@@ -785,14 +793,7 @@ py::tuple renorm_backward(py::array x, const py::object& dy_object, const py::ob
   const nk::Layout layout = layout_for(layout_name, x);
   x = readable<T>(x);
   py::array dy = readable_like<T>(dy_object, x, "dy");
-  std::optional<py::array> dx;
-  if (compute_dx) {
-    dx = writable_like<T>(out, x, "out");
-    check_no_partial_overlap(*dx, x, "out", "x");
-    check_no_partial_overlap(*dx, dy, "out", "dy");
-  } else if (!out.is_none()) {
-    value_error("out: given, but compute_dx is False");
-  }
+  std::optional<py::array> dx = gradient_out<T>(out, x, dy, compute_dx);
   const auto gamma = channel_values<T>(weight, "weight");
   const auto mean = required_channel_values<T>(mean_object, "mean");
   const auto invstd = required_channel_values<T>(invstd_object, "invstd");
@@ -868,14 +869,7 @@ py::tuple ghost_backward(py::array x, const py::object& dy_object, const py::obj
   const nk::Layout layout = layout_for(layout_name, x);
   x = readable<T>(x);
   py::array dy = readable_like<T>(dy_object, x, "dy");
-  std::optional<py::array> dx;
-  if (compute_dx) {
-    dx = writable_like<T>(out, x, "out");
-    check_no_partial_overlap(*dx, x, "out", "x");
-    check_no_partial_overlap(*dx, dy, "out", "dy");
-  } else if (!out.is_none()) {
-    value_error("out: given, but compute_dx is False");
-  }
+  std::optional<py::array> dx = gradient_out<T>(out, x, dy, compute_dx);
   const auto gamma = channel_values<T>(weight, "weight");
   const auto mean = ghost_values<T>(mean_object, "mean");
   const auto invstd = ghost_values<T>(invstd_object, "invstd");
@@ -1036,14 +1030,7 @@ py::tuple backward(py::array x, const py::object& dy_object, const py::object& m
   if (add && !dense(x)) x = numpy().attr("array")(x, py::arg("copy") = true, py::arg("order") = "K");
   py::array dy = readable_like<T>(dy_object, x, "dy");
   const auto mask = mask_in(mask_object);
-  std::optional<py::array> dx;
-  if (compute_dx) {
-    dx = writable_like<T>(out, x, "out");
-    check_no_partial_overlap(*dx, x, "out", "x");
-    check_no_partial_overlap(*dx, dy, "out", "dy");
-  } else if (!out.is_none()) {
-    value_error("out: given, but compute_dx is False");
-  }
+  std::optional<py::array> dx = gradient_out<T>(out, x, dy, compute_dx);
   std::optional<py::array> dz;
   if (add) dz = numpy().attr("empty_like")(x);
   const auto gamma = channel_values<T>(weight, "weight");
@@ -1239,14 +1226,7 @@ py::tuple group_norm_backward(py::array x, const py::object& dy_object, int64_t 
   const nk::Layout layout = layout_for(layout_name, x);
   x = readable<T>(x);
   py::array dy = readable_like<T>(dy_object, x, "dy");
-  std::optional<py::array> dx;
-  if (compute_dx) {
-    dx = writable_like<T>(out, x, "out");
-    check_no_partial_overlap(*dx, x, "out", "x");
-    check_no_partial_overlap(*dx, dy, "out", "dy");
-  } else if (!out.is_none()) {
-    value_error("out: given, but compute_dx is False");
-  }
+  std::optional<py::array> dx = gradient_out<T>(out, x, dy, compute_dx);
   const auto gamma = channel_values<T>(weight, "weight");
   const auto mean = flat_values<T>(mean_object, "mean");
   const auto invstd = flat_values<T>(invstd_object, "invstd");
