@@ -24,6 +24,7 @@
 #include <vector>
 
 #include "nn/layers.hpp"
+#include "normkit/data.hpp"
 #include "normkit/error.hpp"
 #include "normkit/nn.hpp"
 
@@ -85,6 +86,23 @@ inline std::vector<float> normal_values(size_t count, uint64_t seed, float stdde
   std::vector<float> out(count);
   for (auto& v : out) v = dist(rng);
   return out;
+}
+
+// Four Gaussian blobs (classes) in 2x4x4 "images": sample i has label i % 4;
+// the centers are the same for every seed, the noise differs.
+inline normkit::data::Dataset blobs(int64_t count, uint64_t seed) {
+  normkit::data::Dataset set;
+  set.sample_shape = {2, 4, 4};
+  set.num_classes = 4;
+  std::mt19937_64 rng(seed);
+  std::normal_distribution<float> noise(0.0f, 1.0f);
+  const auto centers = normal_values(4 * 32, 999, 1.0f);
+  for (int64_t i = 0; i < count; ++i) {
+    const int32_t label = static_cast<int32_t>(i % 4);
+    set.labels.push_back(label);
+    for (int64_t j = 0; j < 32; ++j) set.features.push_back(centers[label * 32 + j] + noise(rng));
+  }
+  return set;
 }
 
 inline int64_t product(const std::vector<int64_t>& shape) {

@@ -232,21 +232,6 @@ const char* kVariantsSpec =
     "input 2 4 4; conv 4 3 pad=1 bias=0; batchrenorm warmup=20; relu; maxpool 2; flatten;"
     "linear 16 bias=0; ghostbatchnorm size=8; relu; linear 12 bias=0; batchnorm; sigmoid; linear 4";
 
-normkit::data::Dataset blobs(int64_t count, uint64_t seed) {
-  normkit::data::Dataset set;
-  set.sample_shape = {2, 4, 4};
-  set.num_classes = 4;
-  std::mt19937_64 rng(seed);
-  std::normal_distribution<float> noise(0.0f, 1.0f);
-  const auto centers = normal_values(4 * 32, 999, 1.0f);
-  for (int64_t i = 0; i < count; ++i) {
-    const int32_t label = static_cast<int32_t>(i % 4);
-    set.labels.push_back(label);
-    for (int64_t j = 0; j < 32; ++j) set.features.push_back(centers[label * 32 + j] + noise(rng));
-  }
-  return set;
-}
-
 TEST(NnBnVariants, ModelsWithRenormAndGhostBatchNormTrain) {
   const auto train = blobs(192, 1);
   const auto test = blobs(100, 2);

@@ -462,22 +462,6 @@ TEST(NnSpec, ParseErrorsNameTheStatementAndTheProblem) {
 
 // ---------------------------------------------------------------- training
 
-// Four Gaussian blobs in 2x4x4 "images", 50 samples each.
-normkit::data::Dataset blobs(int64_t count, uint64_t seed) {
-  normkit::data::Dataset set;
-  set.sample_shape = {2, 4, 4};
-  set.num_classes = 4;
-  std::mt19937_64 rng(seed);
-  std::normal_distribution<float> noise(0.0f, 1.0f);
-  const auto centers = normal_values(4 * 32, 999, 1.0f);
-  for (int64_t i = 0; i < count; ++i) {
-    const int32_t label = static_cast<int32_t>(i % 4);
-    set.labels.push_back(label);
-    for (int64_t j = 0; j < 32; ++j) set.features.push_back(centers[label * 32 + j] + noise(rng));
-  }
-  return set;
-}
-
 TEST(NnTraining, ATinyModelsLossFallsAndRunsRepeat) {
   const auto train = blobs(200, 1);
   const auto test = blobs(100, 2);
