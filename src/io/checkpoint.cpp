@@ -445,8 +445,7 @@ std::unique_ptr<nn::Optimizer> make_optimizer(const std::string& name,
                                               const std::vector<nn::Parameter*>& parameters) {
   auto take = [&](const std::vector<std::pair<const char*, float*>>& known) {
     for (const auto& [key, value] : options) {
-      const auto it = std::find_if(known.begin(), known.end(),
-                                   [&](const auto& k) { return key == k.first; });
+      const auto it = std::ranges::find(known, key, &std::pair<const char*, float*>::first);
       if (it == known.end()) detail::fail_invalid(name, ": unknown option '", key, "'");
       if (!std::isfinite(value))
         detail::fail_invalid(name, ": option '", key, "' is not finite");
