@@ -38,7 +38,7 @@
 #include <vector>
 
 #include "normkit/normkit.hpp"
-#include "normkit/data.hpp"
+#include "normkit/standardizer.hpp"
 
 namespace py = pybind11;
 namespace nk = normkit;

@@ -22,7 +22,7 @@
 #include <vector>
 
 #include "normkit/normkit.hpp"
-#include "normkit/data.hpp"
+#include "normkit/standardizer.hpp"
 
 namespace nk = normkit;
 
