@@ -12,7 +12,7 @@
 #include <cstring>
 
 #include "fuzz_support.hpp"
-#include "normkit/checkpoint.hpp"
+#include "normkit/engine/checkpoint.hpp"
 
 namespace {
 

@@ -5,7 +5,7 @@
 #include <cmath>
 
 #include "fuzz_support.hpp"
-#include "normkit/data.hpp"
+#include "normkit/engine/data.hpp"
 
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   namespace nd = normkit::data;

@@ -9,7 +9,7 @@
 #include <algorithm>
 
 #include "fuzz_support.hpp"
-#include "normkit/data.hpp"
+#include "normkit/engine/data.hpp"
 
 namespace {
 

@@ -1,7 +1,7 @@
 // Model specs (nn::ModelSpec::parse). An accepted spec reads back from its
 // to_string() unchanged, and so does each of its --norm variants.
 #include "fuzz_support.hpp"
-#include "normkit/nn.hpp"
+#include "normkit/engine/nn.hpp"
 
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   namespace nn = normkit::nn;

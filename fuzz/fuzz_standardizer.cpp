@@ -5,7 +5,7 @@
 #include <sstream>
 
 #include "fuzz_support.hpp"
-#include "normkit/data.hpp"
+#include "normkit/standardizer.hpp"
 
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   using normkit::data::Standardizer;

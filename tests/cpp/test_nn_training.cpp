@@ -12,9 +12,9 @@
 #include <set>
 
 #include "nn_test_support.hpp"
-#include "normkit/checkpoint.hpp"
+#include "normkit/engine/checkpoint.hpp"
+#include "normkit/engine/train.hpp"
 #include "normkit/threading.hpp"
-#include "normkit/train.hpp"
 
 namespace {
 
