@@ -5,13 +5,13 @@
 //         CRC32 that are right, so mutations reach the checks behind them
 //         (lengths, the spec, arrays against the model, the optimizer).
 // An accepted checkpoint must build its model and optimizer (load_checkpoint
-// promises that build_* cannot fail on its result) and survive a save/load
-// round trip unchanged.
+// promises that build_* cannot fail on its result), whose model trains a step
+// (fuzz_model.hpp), and survive a save/load round trip unchanged.
 #include <zlib.h>
 
 #include <cstring>
 
-#include "fuzz_support.hpp"
+#include "fuzz_model.hpp"
 #include "normkit/engine/checkpoint.hpp"
 
 namespace {
@@ -53,6 +53,7 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   const auto model = io::build_model(checkpoint);
   const auto optimizer = io::build_optimizer(checkpoint, *model);
   expect(optimizer != nullptr || checkpoint.optimizer.name.empty(), "the saved optimizer builds");
+  normkit::fuzz::exercise_model(*model);
 
   // What to_bytes writes reads back to the same checkpoint: a second round
   // trip gives the same bytes (the first may normalize the spec's text).

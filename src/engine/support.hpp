@@ -31,6 +31,19 @@ template <class... Parts>
   throw Error(ErrorKind::runtime, concat(parts...));
 }
 
+// a·b and a + b, or a normkit::Error naming `what` when the result does not fit
+// in 64 bits (sizes from specs and files are checked before they are used).
+inline int64_t checked_mul(int64_t a, int64_t b, const char* what) {
+  int64_t r = 0;
+  if (__builtin_mul_overflow(a, b, &r)) fail_invalid(what, " overflows: ", a, " x ", b);
+  return r;
+}
+inline int64_t checked_add(int64_t a, int64_t b, const char* what) {
+  int64_t r = 0;
+  if (__builtin_add_overflow(a, b, &r)) fail_invalid(what, " overflows: ", a, " + ", b);
+  return r;
+}
+
 // Opening a parallel region costs microseconds, and on a shared machine a
 // region stalls whenever another process holds one of its cores, so small
 // loops run on fewer threads. Results never depend on the choice.

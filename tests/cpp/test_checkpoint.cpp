@@ -331,7 +331,13 @@ TEST(Checkpoint, StateMustMatchTheModelOfItsSpec) {
 
   io::Checkpoint other_spec = c;  // a wider hidden layer: every size differs
   other_spec.spec = nn::ModelSpec::parse("input 5; linear 9 bias=0; batchnorm; relu; linear 3");
-  expect_rejected(io::to_bytes(other_spec), "state array '0.weight' has 40 values, the model expects 45");
+  expect_rejected(io::to_bytes(other_spec),
+                  "its state arrays hold 100 values, the model of its spec has 112 parameters");
+
+  io::Checkpoint moved = c;  // the same total, one value moved from one array to the next
+  moved.state[1].second.push_back(moved.state[0].second.back());
+  moved.state[0].second.pop_back();
+  expect_rejected(io::to_bytes(moved), "state array '0.weight' has 39 values, the model expects 40");
 
   io::Checkpoint renamed = c;
   renamed.state[0].first = "0.kernel";
@@ -339,7 +345,12 @@ TEST(Checkpoint, StateMustMatchTheModelOfItsSpec) {
 
   io::Checkpoint missing = c;
   missing.state.pop_back();
-  expect_rejected(io::to_bytes(missing), "state arrays, its model has");
+  expect_rejected(io::to_bytes(missing), "its state arrays hold 97 values");
+
+  io::Checkpoint split = c;  // the same values in one array more
+  split.state.push_back({"9.extra", {split.state.back().second.back()}});
+  split.state[split.state.size() - 2].second.pop_back();
+  expect_rejected(io::to_bytes(split), "holds 9 state arrays, its model has 8");
 
   io::Checkpoint nan = c;
   nan.state[0].second[2] = std::numeric_limits<float>::quiet_NaN();
@@ -360,6 +371,19 @@ TEST(Checkpoint, StateMustMatchTheModelOfItsSpec) {
   io::Checkpoint bad_spec = c;
   bad_spec.spec.layers.back().type = "softmax";  // to_string writes it, parse refuses it
   expect_rejected(io::to_bytes(bad_spec), "model spec does not parse");
+}
+
+// A small, checksum-valid file whose spec asks for 12 billion parameters (a
+// 2.2 KB file of this kind once made `normkit info` take 3.1 GB before failing):
+// refused from the spec's sizes, before a model is built.
+TEST(Checkpoint, ArraysAreCheckedAgainstTheSpecsSizesBeforeTheModelIsBuilt) {
+  Trained t = trained();
+  io::Checkpoint c = checkpoint_of(t);
+  c.spec = nn::ModelSpec::parse("input 5; linear 1000000000 bias=0; batchnorm; relu; linear 3");
+  expect_rejected(io::to_bytes(c),
+                  "its state arrays hold 100 values, the model of its spec has 12000000004 parameters");
+  c.spec = nn::ModelSpec::parse("input 10000000 10000000 10000000; flatten; linear 3");
+  expect_rejected(io::to_bytes(c), "the input's size overflows");
 }
 
 TEST(Checkpoint, MissingFileAndDirectory) {

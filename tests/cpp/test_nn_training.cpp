@@ -331,6 +331,22 @@ TEST(NnSpec, ParseToStringRoundTrip) {
   EXPECT_EQ(spec.layers[1].type, "tanh");
 }
 
+TEST(NnSpec, JsonDescribesTheSameModelAsText) {
+  const auto text = ModelSpec::parse(
+      "input 1 4 4; conv 2 3 pad=1 bias=0; batchnorm momentum=0.2; relu; maxpool 2; flatten; linear 10");
+  const auto json = ModelSpec::parse(
+      R"( {"input": [1, 4, 4], "layers": ["conv 2 3 pad=1 bias=0",
+           {"type": "batchnorm", "options": {"momentum": 0.2}}, "relu",
+           {"type": "maxpool", "args": [2]}, {"type": "flatten"}, {"type": "linear", "args": ["10"]}]})");
+  EXPECT_EQ(json, text);
+  for (const auto& [bad, words] : std::vector<std::pair<std::string, std::string>>{
+           {"{\"input\": [4], \"layers\": [\"linear 2\"", "not valid JSON"},
+           {"{\"input\": [4]}", "expected {\"input\": [...], \"layers\": [...]}"},
+           {"{\"input\": [4], \"layers\": [{\"args\": [2]}]}", "expected {\"input\""},
+           {"{\"input\": [4], \"layers\": [\"linear 2\", \"softmax\"]}", "unknown layer type"}})
+    EXPECT_TRUE(throws_error([&] { ModelSpec::parse(bad); }, ErrorKind::invalid_argument, {words})) << bad;
+}
+
 TEST(NnSpec, PresetsAreThePapersModels) {
   const auto mlp = ModelSpec::preset("mlp-paper");
   EXPECT_EQ(mlp.input_shape, (std::vector<int64_t>{1, 28, 28}));

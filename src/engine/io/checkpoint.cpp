@@ -157,6 +157,20 @@ data::Standardizer read_standardizer(const std::string& block, const std::string
 // Everything that does not depend on the byte layout: the state against the
 // model its spec builds, the optimizer against that model's parameters.
 void validate(const Checkpoint& c, const std::string& source) {
+  // The arrays against the sizes of the spec's model before that model is built:
+  // a small file whose spec asks for billions of parameters allocates nothing.
+  nn::ModelSize size;
+  try {
+    size = c.spec.size();
+  } catch (const Error& e) {
+    fail_file(source, "its model spec does not build a model: ", e.what());
+  }
+  uint64_t stored = 0;
+  for (const auto& array : c.state) stored += array.second.size();
+  const auto planned = static_cast<uint64_t>(size.parameters) + static_cast<uint64_t>(size.buffers);
+  if (stored != planned)
+    fail_file(source, "its state arrays hold ", stored, " values, the model of its spec has ",
+              planned, " parameters and buffer values");
   std::unique_ptr<nn::Model> model;
   try {
     model = std::make_unique<nn::Model>(c.spec, c.format);
