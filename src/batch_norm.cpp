@@ -7,6 +7,7 @@
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
+#include <limits>
 #include <string>
 #include <type_traits>
 #include <vector>
@@ -95,8 +96,7 @@ void batch_norm_update_running(std::span<const Moments> moments, RunningStats<T>
     if (m.count < 2) fail_invalid("expected more than 1 value per channel when training");
   check_finite<T>(moments);
 
-  int64_t batches = 0;
-  if (running.num_batches_tracked) batches = ++*running.num_batches_tracked;
+  const int64_t batches = running.num_batches_tracked ? *running.num_batches_tracked + 1 : 0;
   const double momentum = options.momentum ? *options.momentum : 1.0 / static_cast<double>(batches);
   // weight_on_new: running = (1 - m)·running + m·batch;  weight_on_old: m·running + (1 - m)·batch.
   const double w_new =
@@ -104,10 +104,25 @@ void batch_norm_update_running(std::span<const Moments> moments, RunningStats<T>
           ? momentum
           : 1.0 - momentum;
   const bool unbiased = options.running_variance == RunningVariance::unbiased;
+  // The new values first: a finite batch can still have a variance beyond T's
+  // range (float32 data of ±1.4e19 and two values per channel: 4e38), which would
+  // make the running variance infinite (PyTorch lets it); nothing is written then.
+  std::vector<double> mean(channels), var(channels);
   for (int64_t c = 0; c < channels; ++c) {
-    const double var = unbiased ? moments[c].unbiased_variance() : moments[c].biased_variance();
-    running.mean[c] = static_cast<T>((1.0 - w_new) * running.mean[c] + w_new * moments[c].mean);
-    running.var[c] = static_cast<T>((1.0 - w_new) * running.var[c] + w_new * var);
+    const double batch_var = unbiased ? moments[c].unbiased_variance() : moments[c].biased_variance();
+    mean[c] = (1.0 - w_new) * running.mean[c] + w_new * moments[c].mean;
+    var[c] = (1.0 - w_new) * running.var[c] + w_new * batch_var;
+    constexpr double kMax = std::numeric_limits<T>::max();
+    if (!(std::abs(mean[c]) <= kMax && var[c] <= kMax))
+      fail_runtime("x: channel ", c, " would make the running ", std::abs(mean[c]) <= kMax ? "variance " : "mean ",
+                   std::abs(mean[c]) <= kMax ? var[c] : mean[c], ", beyond the range of ",
+                   std::is_same_v<T, float> ? "float32" : "float64",
+                   "; running statistics left unchanged");
+  }
+  if (running.num_batches_tracked) *running.num_batches_tracked = batches;
+  for (int64_t c = 0; c < channels; ++c) {
+    running.mean[c] = static_cast<T>(mean[c]);
+    running.var[c] = static_cast<T>(var[c]);
   }
 }
 
@@ -145,6 +160,8 @@ void batch_norm_forward_training(ConstTensorView<T> x, TensorView<T> y, std::spa
     kernels::ref::forward_training(problem);
   }
   check_finite<T>(moments);
+  // The running statistics first: when they refuse the batch, nothing else changed.
+  batch_norm_update_running<T>(moments, running, options);
 
   // Separate loops without branches: with thousands of channels (32×4096),
   // these vectorize and cost a fraction of what per-channel scalar code does.
@@ -153,7 +170,6 @@ void batch_norm_forward_training(ConstTensorView<T> x, TensorView<T> y, std::spa
   if (!saved.invstd.empty())
     for (int64_t c = 0; c < gx.channels; ++c)
       saved.invstd[c] = static_cast<T>(kernels::invstd_of(moments[c].biased_variance(), options.eps));
-  batch_norm_update_running<T>(moments, running, options);
 }
 
 template <class T>

@@ -183,12 +183,13 @@ void forward_training(ConstTensorView<T> x, const ConstTensorView<T>* z, TensorV
     if (!std::isfinite(moments[c].mean) || !std::isfinite(moments[c].m2))
       fail_runtime("x: channel ", c,
                    " contains NaN or infinite values; running statistics left unchanged");
+  // The running statistics first: when they refuse the batch, nothing else changed.
+  batch_norm_update_running<T>(moments, running, options);
   for (int64_t c = 0; c < gx.channels; ++c) {
     if (!saved.mean.empty()) saved.mean[c] = static_cast<T>(moments[c].mean);
     if (!saved.invstd.empty())
       saved.invstd[c] = static_cast<T>(kernels::invstd_of(moments[c].biased_variance(), options.eps));
   }
-  batch_norm_update_running<T>(moments, running, options);
 }
 
 template <class T>

@@ -169,6 +169,9 @@ void batch_renorm_forward_training(ConstTensorView<T> x, TensorView<T> y, std::s
     beta_d[c] = static_cast<T>(b + g * d[c]);
   }
   detail::batch_norm_apply_double_stats<T>(x, y, gamma_r, beta_d, mean, invstd);
+  // The running statistics first: when they refuse the batch (a variance beyond
+  // T's range), only y has changed.
+  batch_norm_update_running<T>(moments, running, options);
 
   for (int64_t c = 0; c < C; ++c) {
     if (!saved.mean.empty()) saved.mean[c] = static_cast<T>(mean[c]);
@@ -176,7 +179,6 @@ void batch_renorm_forward_training(ConstTensorView<T> x, TensorView<T> y, std::s
     if (!saved.r.empty()) saved.r[c] = static_cast<T>(r[c]);
     if (!saved.d.empty()) saved.d[c] = static_cast<T>(d[c]);
   }
-  batch_norm_update_running<T>(moments, running, options);
 }
 
 template <class T>
