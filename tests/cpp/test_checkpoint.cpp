@@ -569,16 +569,27 @@ namespace {
 
 const std::vector<std::string> kSaveCalls = {"mkstemp", "write", "fchmod", "fsync", "close", "rename"};
 
+// A saved checkpoint (`before`, its bytes) and the larger one the test tries to save over it.
+struct SaveOverAnother {
+  TempDir dir;
+  fs::path path = dir.path() / "checkpoint.nkc";
+  Trained small = trained("sgd", 4), large = trained("adam", 16);
+  io::Checkpoint next = checkpoint_of(large);
+  std::vector<char> before;
+  SaveOverAnother() {
+    io::save_checkpoint(path, checkpoint_of(small));
+    before = read_file(path);
+  }
+};
+
 // Each call of the save failing (ENOSPC, or EIO where a disk reports that):
 // an error naming the file and the step, the previous checkpoint byte for byte
 // as it was and loadable, no temporary file left.
 TEST(Checkpoint, AFailureAtEveryStepOfTheSaveLeavesThePreviousCheckpoint) {
-  TempDir dir;
-  Trained small = trained("sgd", 4), large = trained("adam", 16);
-  const fs::path path = dir.path() / "checkpoint.nkc";
-  io::save_checkpoint(path, checkpoint_of(small));
-  const std::vector<char> before = read_file(path);
-  const io::Checkpoint next = checkpoint_of(large);
+  SaveOverAnother s;
+  const fs::path& path = s.path;
+  const std::vector<char>& before = s.before;
+  const io::Checkpoint& next = s.next;
   for (const auto& call : kSaveCalls) {
     for (const int error : {ENOSPC, EIO}) {
       SCOPED_TRACE(call + " fails with " + std::strerror(error));
@@ -595,7 +606,7 @@ TEST(Checkpoint, AFailureAtEveryStepOfTheSaveLeavesThePreviousCheckpoint) {
       EXPECT_NE(message.find(std::strerror(error)), std::string::npos) << message;
       EXPECT_NE(message.find("previous checkpoint is unchanged"), std::string::npos) << message;
       EXPECT_EQ(read_file(path), before);
-      EXPECT_EQ(names_in(dir.path()), std::vector<std::string>{"checkpoint.nkc"});
+      EXPECT_EQ(names_in(s.dir.path()), std::vector<std::string>{"checkpoint.nkc"});
       EXPECT_NO_THROW(io::load_checkpoint(path));
     }
   }
@@ -608,12 +619,10 @@ TEST(Checkpoint, AFailureAtEveryStepOfTheSaveLeavesThePreviousCheckpoint) {
 // the write, before the rename, leaves the complete new file under its
 // temporary name), and the next save removes it.
 TEST(Checkpoint, AKillAtEveryStepOfTheSaveLeavesALoadableCheckpoint) {
-  TempDir dir;
-  Trained small = trained("sgd", 4), large = trained("adam", 16);
-  const fs::path path = dir.path() / "checkpoint.nkc";
-  io::save_checkpoint(path, checkpoint_of(small));
-  const std::vector<char> before = read_file(path);
-  const io::Checkpoint next = checkpoint_of(large);
+  SaveOverAnother s;
+  const fs::path& path = s.path;
+  const std::vector<char>& before = s.before;
+  const io::Checkpoint& next = s.next;
   for (const auto& call : kSaveCalls) {
     SCOPED_TRACE("killed before " + call);
     const pid_t child = ::fork();
@@ -628,19 +637,19 @@ TEST(Checkpoint, AKillAtEveryStepOfTheSaveLeavesALoadableCheckpoint) {
     ASSERT_TRUE(WIFSIGNALED(status) && WTERMSIG(status) == SIGKILL) << "the child was not killed";
     EXPECT_EQ(read_file(path), before);
     EXPECT_NO_THROW(io::load_checkpoint(path));
-    const auto names = names_in(dir.path());
+    const auto names = names_in(s.dir.path());
     if (call == "mkstemp") {
       EXPECT_EQ(names, std::vector<std::string>{"checkpoint.nkc"});
     } else {
       ASSERT_EQ(names.size(), 2u);
       EXPECT_TRUE(names[0].starts_with(".checkpoint.nkc.tmp-")) << names[0];
       if (call == "rename") {
-        EXPECT_EQ(read_file(dir.path() / names[0]), io::to_bytes(next));
+        EXPECT_EQ(read_file(s.dir.path() / names[0]), io::to_bytes(next));
       }
     }
   }
-  io::save_checkpoint(path, checkpoint_of(small));
-  EXPECT_EQ(names_in(dir.path()), std::vector<std::string>{"checkpoint.nkc"});
+  io::save_checkpoint(path, checkpoint_of(s.small));
+  EXPECT_EQ(names_in(s.dir.path()), std::vector<std::string>{"checkpoint.nkc"});
   EXPECT_EQ(read_file(path), before);
 }
 
