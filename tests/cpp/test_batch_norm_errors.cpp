@@ -519,8 +519,9 @@ TEST(RejectedRunningStatistics, AVarianceBeyondFloatRangeIsRefusedEverywhere) {
              normkit::batch_norm_update_running<float>(moments, running, options);
            }},
       };
-  for (const auto& [name, call] : calls) {
-    SCOPED_TRACE(name);
+  for (const auto& entry : calls) {
+    SCOPED_TRACE(entry.first);
+    const auto& call = entry.second;  // (not a structured binding: clang 14 cannot capture those)
     std::vector<float> rm = {0.5f}, rv = {2.0f}, save_mean = {7.0f}, save_invstd = {9.0f};
     int64_t batches = 3;
     EXPECT_TRUE(throws_error([&] { call({rm, rv, &batches}, {save_mean, save_invstd}); }, kRuntime,
