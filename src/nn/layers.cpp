@@ -753,7 +753,7 @@ std::unique_ptr<Layer> make_layer(const ModelSpec::LayerSpec& spec,
     return std::make_unique<Dropout>(std::stod(spec.args[0]), 0x1000193ull * (index + 1));
   if (t == "flatten") return std::make_unique<Flatten>(input, format);
   if (t == "layernorm") return make_layer_norm(input, option_or(spec, "eps", 1e-5), format);
-  if (t == "batchnorm" || t == "batchrenorm" || t == "ghostbatchnorm") return make_batch_norm_layer(spec, input);
+  if (t == "batchnorm" || t == "batchrenorm" || t == "ghostbatchnorm") return make_batch_norm_layer(spec, input, index);
   if (t == "groupnorm") return make_group_norm_layer(spec, input);
   if (t == "instancenorm") return make_instance_norm_layer(spec, input);
   fail_invalid("unknown layer type '", t, "'");
