@@ -69,6 +69,9 @@ struct RunOptions {
   // Divergence: a NaN/inf loss always stops the run; with a factor > 0 so does
   // an epoch whose mean training loss exceeds factor × the first step's loss.
   double diverge_factor = 0;
+  // Frozen BN from this epoch on (0: never): every batch-norm layer then
+  // normalizes with its running statistics, which stop updating (γ, β learn).
+  int64_t freeze_bn_after = 0;
   // steps.jsonl: training loss every log_every steps, evaluation every
   // eval_every steps, probes (probe.hpp) every probe_every steps and at the
   // steps listed in probe_at (e.g. "0,1,10,100"); 0 / empty: none.

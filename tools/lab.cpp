@@ -133,6 +133,10 @@ std::vector<json> grid_points(const json& grid) {
 }
 
 std::vector<RunSpec> expand(const json& r, const fs::path& exp_dir) {
+  // The options of `normkit train` by their JSON names (and an inline spec).
+  std::set<std::string> options_known = {"model_spec"};
+  const json defaults = to_json(RunOptions{});
+  for (const auto& [key, value] : defaults.items()) options_known.insert(key);
   std::vector<RunSpec> runs;
   for (const auto& arm : r["arms"])
     for (const auto& point : grid_points(arm.contains("grid") ? arm["grid"] : r.value("grid", json::object())))
@@ -145,10 +149,29 @@ std::vector<RunSpec> expand(const json& r, const fs::path& exp_dir) {
         run.seed = seed;
         run.train = r.value("train", json::object());
         run.train.update(arm.value("train", json::object()));
-        run.train.update(point);
+        // Variables: the seed, the grid point and the arm's "vars"; "${name}" in a
+        // string option is replaced by its value (e.g. "mlp:depth=${depth}").
+        json vars = arm.value("vars", json::object());
+        vars.update(point);
+        vars["seed"] = seed;
+        for (const auto& [key, value] : point.items())
+          if (options_known.contains(key)) run.train[key] = value;
         run.train["seed"] = seed;
-        for (auto& [key, value] : run.train.items())
-          if (value == "$seed") value = seed;  // e.g. "data_seed": "$seed"
+        for (auto& [key, value] : run.train.items()) {
+          if (!value.is_string()) continue;
+          std::string text = value.get<std::string>();
+          for (const auto& [name, v] : vars.items())
+            for (size_t at; (at = text.find("${" + name + "}")) != std::string::npos;)
+              text.replace(at, name.size() + 3, value_text(v));
+          if (text.find("${") != std::string::npos)
+            runtime_error("experiment " + run.experiment + ", arm " + run.arm + ": '" + text +
+                          "' names a variable that is neither a grid key, an arm var nor seed");
+          value = text;
+        }
+        for (const auto& [key, value] : run.train.items())
+          if (!options_known.contains(key))
+            runtime_error("experiment " + run.experiment + ", arm " + run.arm + ": '" + key +
+                          "' is not an option of normkit train");
         run.id = run_id(run.arm, point, seed);
         run.dir = exp_dir / "runs" / run.id;
         runs.push_back(run);
@@ -207,14 +230,14 @@ int command_lab_list(const fs::path& experiments) {
   std::vector<std::pair<int, std::string>> order;
   for (const auto& [name, e] : all) order.emplace_back(e.value("number", 0), name);
   std::sort(order.begin(), order.end());
-  fmt::print("{:>3}  {:<18} {:>6} {:>8} {:>6}  {}\n", "#", "name", "quick", "default", "full", "claim");
+  fmt::print("{:>3}  {:<24} {:>6} {:>8} {:>6}  {}\n", "#", "name", "quick", "default", "full", "claim");
   for (const auto& [number, name] : order) {
     const json& e = all.at(name);
     std::string counts;
     for (const char* tier : {"quick", "default", "full"})
       counts += fmt::format(" {:>{}}", expand(resolve_tier(e, tier, 0), "x").size(),
                             std::string(tier) == "default" ? 8 : 6);
-    fmt::print("{:>3}  {:<18}{}  {}\n", number, name, counts, e["title"].get<std::string>());
+    fmt::print("{:>3}  {:<24}{}  {}\n", number, name, counts, e["title"].get<std::string>());
   }
   fmt::print("\n(runs per tier; `normkit lab run NAME --quick` for the smallest)\n");
   return 0;
@@ -333,7 +356,15 @@ int command_lab_run(const LabFlags& f) {
                    {"last", o["last"]},
                    {"dir", fs::relative(run.dir, f.out / run.experiment).string()}};
     {
-      std::ofstream records(f.out / run.experiment / "runs.jsonl", std::ios::app);
+      // A line cut by a crash stays a line of its own (ignored when read).
+      const fs::path path = f.out / run.experiment / "runs.jsonl";
+      bool cut = false;
+      if (std::ifstream last(path, std::ios::binary | std::ios::ate); last && last.tellg() > 0) {
+        last.seekg(-1, std::ios::end);
+        cut = last.get() != '\n';
+      }
+      std::ofstream records(path, std::ios::app);
+      if (cut) records << '\n';
       records << record.dump() << '\n';
       records.flush();
       if (!records) runtime_error("cannot append to '" + (f.out / run.experiment / "runs.jsonl").string() + "'");

@@ -140,6 +140,11 @@ void add_run_options(CLI::App* app, RunOptions& o, OptionMap& options, bool with
                       "also stop as diverged when an epoch's mean training loss exceeds F times "
                       "the first step's loss (0: only a NaN/inf loss stops the run)")
           ->check(kNonNegative));
+  add("freeze_bn_after",
+      app->add_option("--freeze-bn-after", o.freeze_bn_after,
+                      "from epoch N+1 on, freeze every batch-norm layer: normalize with the "
+                      "running statistics, stop updating them, keep training γ and β (0: never)")
+          ->check(kNonNegative));
   add("log_every", app->add_option("--log-every", o.log_every,
                                    "write the mean training loss and accuracy of the last K steps "
                                    "to OUT/steps.jsonl every K steps (0: off)")

@@ -66,6 +66,7 @@ json to_json(const RunOptions& o) {
           {"inputs", o.inputs},
           {"test_eval", o.test_eval},
           {"diverge_factor", o.diverge_factor},
+          {"freeze_bn_after", o.freeze_bn_after},
           {"log_every", o.log_every},
           {"eval_every", o.eval_every},
           {"probe_every", o.probe_every},
@@ -106,6 +107,7 @@ RunOptions run_options_from_json(const json& j) {
     o.inputs = j.value("inputs", d.inputs);
     o.test_eval = j.value("test_eval", d.test_eval);
     o.diverge_factor = j.value("diverge_factor", d.diverge_factor);
+    o.freeze_bn_after = j.value("freeze_bn_after", d.freeze_bn_after);
     o.log_every = j.value("log_every", d.log_every);
     o.eval_every = j.value("eval_every", d.eval_every);
     o.probe_every = j.value("probe_every", d.probe_every);
@@ -770,6 +772,8 @@ EpochRecord Run::train_epoch(const Data& data, Progress* progress) {
     window_samples += p.batch_size;
     log_step(first_step + p.step, true);
   };
+  // The spec records frozen=1, so a resumed run stays frozen.
+  if (o.freeze_bn_after > 0 && epoch >= o.freeze_bn_after) model_->freeze_batch_norm();
   train::EpochResult result;
   optimizer_->learning_rate = static_cast<float>(learning_rate_at(o, epoch));
   try {

@@ -107,8 +107,8 @@ struct ModelSpec {
   // A plain MLP for samples of `input_shape` and `classes` outputs, from
   // comma-separated options (defaults in brackets): depth=L hidden layers [3],
   // width=W [100], act=relu|sigmoid|tanh [relu], bn=before|after the activation
-  // [before], dropout=P after each hidden layer [0], input_bn=0|1: a batchnorm on
-  // the inputs [0]. "depth=3,width=100,act=sigmoid" is mlp-paper.
+  // or none in the hidden layers [before], dropout=P after each hidden layer [0],
+  // input_bn=0|1: a batchnorm on the inputs [0]. "depth=3,width=100,act=sigmoid" is mlp-paper.
   static ModelSpec mlp(const std::string& options, const std::vector<int64_t>& input_shape,
                        int64_t classes);
   std::string to_string() const;                     // parse(to_string()) == *this

@@ -191,8 +191,8 @@ ModelSpec ModelSpec::mlp(const std::string& options, const std::vector<int64_t>&
   if (act != "relu" && act != "sigmoid" && act != "tanh")
     detail::fail_invalid("mlp: act must be relu, sigmoid or tanh, got '", act, "'");
   const std::string& bn = o["bn"];
-  if (bn != "before" && bn != "after")
-    detail::fail_invalid("mlp: bn must be before or after (the activation), got '", bn, "'");
+  if (bn != "before" && bn != "after" && bn != "none")
+    detail::fail_invalid("mlp: bn must be before, after (the activation) or none, got '", bn, "'");
   if (input_shape.empty() || classes < 2)
     detail::fail_invalid("mlp: needs the data's sample shape and at least 2 classes");
   std::ostringstream text;
@@ -205,8 +205,10 @@ ModelSpec ModelSpec::mlp(const std::string& options, const std::vector<int64_t>&
     // activation it is not.
     if (bn == "before")
       text << " linear " << width << " bias=0; batchnorm; " << act << ";";
-    else
+    else if (bn == "after")
       text << " linear " << width << "; " << act << "; batchnorm;";
+    else
+      text << " linear " << width << "; " << act << ";";
     if (*dropout > 0) text << " dropout " << o["dropout"] << ";";
   }
   text << " linear " << classes;
