@@ -21,7 +21,7 @@
 #include <fmt/format.h>
 
 #include "cli.hpp"
-#include "normkit/probe.hpp"
+#include "normkit/engine/probe.hpp"
 #include "normkit/threading.hpp"
 
 extern char** environ;

@@ -58,6 +58,29 @@ def verdict(outcome, summary, effect=None, ci=(math.nan, math.nan), unit="", **e
     return v
 
 
+def combined_verdict(outcomes, sentences, first, unit, **extra):
+    """The verdict of a claim tested in parts (per model, per optimizer, ...):
+    the parts' outcomes combined, their sentences as the summary, the first
+    part's effect and interval as the headline."""
+    first = first or {"mean": math.nan, "lo": math.nan, "hi": math.nan}
+    return verdict(labstats.combine(outcomes), " ".join(p + "." for p in sentences), effect=first["mean"],
+                   ci=(first["lo"], first["hi"]), unit=unit, **extra)
+
+
+def ci_text(r, digits=3):
+    return f"{fmt(r['mean'], digits)} [{fmt(r['lo'], digits)}, {fmt(r['hi'], digits)}]"
+
+
+def reaches(r, need):
+    """For a claim that an effect reaches `need`: supported when the interval lies
+    at or above it (and above 0), not supported when entirely below it."""
+    if r["n"] >= 2 and r["lo"] >= need - 1e-9 and r["hi"] > 0 and r["mean"] > 0:
+        return "supported"
+    if r["n"] >= 2 and r["hi"] < need - 1e-9:
+        return "not supported"
+    return "inconclusive"
+
+
 def best_lr(exp, arm, score, key="lr"):
     """The grid value of `key` with the best mean score over seeds (diverged
     runs score chance level: they count against the setting)."""
@@ -144,13 +167,7 @@ def lr_sweep(exp, figure):
     else:
         d = [math.log10(x / y) for x, y in pairs]
         r = labstats.paired(d, [0.0] * len(d), c.get("alpha", 0.05))
-        need = math.log10(c.get("min_ratio", 3.0)) - 1e-9
-        if r["n"] >= 2 and r["lo"] >= need:
-            outcome = "supported"
-        elif r["n"] >= 2 and r["hi"] < need:
-            outcome = "not supported"
-        else:
-            outcome = "inconclusive"
+        outcome = reaches(r, math.log10(c.get("min_ratio", 3.0)))
         ratio = 10 ** r["mean"]
         v = verdict(outcome,
                     f"The largest stable learning rate with {arm} is {ratio:.3g}× that without "
@@ -247,11 +264,9 @@ def time_to_target(exp, figure):
     bx.set(ylabel="steps without BN / steps with BN", title=f"speed-up to {target:.0%} (95% CI)")
     bx.grid(True, axis="y", alpha=0.3)
     save(fig, figure, exp.decl["title"])
-    outcome = labstats.combine(outcomes)
-    first = bars[0][1] if bars else {"mean": math.nan, "lo": math.nan, "hi": math.nan}
-    v = verdict(outcome, " ".join(p + "." for p in parts), effect=first["mean"], ci=(first["lo"], first["hi"]),
-                unit=f"log10(steps ratio), {bars[0][0] if bars else ''}",
-                parts={b[0]: {k: b[1][k] for k in ("mean", "lo", "hi", "n", "outcome")} for b in bars})
+    v = combined_verdict(outcomes, parts, bars[0][1] if bars else None,
+                         f"log10(steps ratio), {bars[0][0] if bars else ''}",
+                         parts={b[0]: {k: b[1][k] for k in ("mean", "lo", "hi", "n", "outcome")} for b in bars})
     return {"verdict": v,
             "tables": [(["model", "arm", "best lr", "seed", f"steps to {target:.0%}", "seconds"], rows)]}
 
@@ -316,10 +331,10 @@ def equivalence(exp, figure):
     ax.set(xlabel="difference (pp)", title="paired difference")
     ax.legend(fontsize=7, loc="best")
     save(fig, figure, exp.decl["title"])
-    first = results[0][1] if results else {"mean": math.nan, "lo": math.nan, "hi": math.nan}
-    v = verdict(labstats.combine(outcomes), " ".join(p + "." for p in parts), effect=first["mean"],
-                ci=(first["lo"], first["hi"]), unit=f"{metric} difference, {results[0][0] if results else ''} (90% CI)",
-                parts={r[0]: {k: r[1][k] for k in ("mean", "lo", "hi", "p", "equivalent", "n")} for r in results})
+    v = combined_verdict(outcomes, parts, results[0][1] if results else None,
+                         f"{metric} difference, {results[0][0] if results else ''} (90% CI)",
+                         parts={r[0]: {k: r[1][k] for k in ("mean", "lo", "hi", "p", "equivalent", "n")}
+                                for r in results})
     return {"verdict": v, "tables": [(["model", "arm A", f"{metric} A", "arm B", f"{metric} B",
                                        "A − B [90% CI]", "TOST p", "outcome"], rows)]}
 
@@ -516,9 +531,7 @@ def init_sweep(exp, figure):
                      f"difference {fmt(r['mean'], 3)} decades (95% CI [{fmt(r['lo'], 3)}, {fmt(r['hi'], 3)}], "
                      f"{r['n']} seeds) → {outcome}")
     save(fig, figure, exp.decl["title"])
-    first = first or {"mean": math.nan, "lo": math.nan, "hi": math.nan}
-    v = verdict(labstats.combine(outcomes), " ".join(p + "." for p in parts), effect=first["mean"],
-                ci=(first["lo"], first["hi"]), unit=f"decades of usable init scale, {pairs[0][2]}")
+    v = combined_verdict(outcomes, parts, first, f"decades of usable init scale, {pairs[0][2]}")
     return {"verdict": v, "tables": [(["optimizer", "arm", "init std", f"{metric} [95% CI]", "diverged"], rows)]}
 
 
@@ -695,16 +708,14 @@ def input_scaling(exp, figure):
                          + f") → {r['outcome']}")
     save(fig, figure, exp.decl["title"])
     notes = []
-    for ds, path in (("cancer", "breast_cancer.csv"), ("wine", "wine_data.csv")):
+    for ds in ("cancer", "wine"):
         for arm in exp.decl["arms"]:
             if arm["name"].startswith(ds) and "data" in arm["train"]:
                 cn = condition_number(arm["train"]["data"])
                 if cn:
                     notes.append(f"{ds}: cond(XᵀX) of the centred features {cn[0]:.3g} raw, {cn[1]:.3g} standardized")
                 break
-    first = first or {"mean": math.nan, "lo": math.nan, "hi": math.nan}
-    v = verdict(labstats.combine(outcomes), " ".join(p + "." for p in parts), effect=first["mean"],
-                ci=(first["lo"], first["hi"]), unit=f"training-loss difference, {present[0] if present else ''}")
+    v = combined_verdict(outcomes, parts, first, f"training-loss difference, {present[0] if present else ''}")
     return {"verdict": v, "notes": "; ".join(notes) + ("." if notes else ""),
             "tables": [(["data", "arm", "best lr", "train loss", "test acc", "largest stable lr", "diverged"], rows)]}
 
@@ -781,14 +792,10 @@ def covariate_shift(exp, figure):
         c2 = labstats.superiority(vals(mean_ics, none, bn), alpha, 1)     # BN reduces gradient ICS
         outcomes += [o1, c2["outcome"]]
         first = first or c2
-        parts.append(f"lr {fmt(lr)}: final training loss no BN − noisy BN {fmt(a1['mean'], 3)} "
-                     f"(95% CI [{fmt(a1['lo'], 3)}, {fmt(a1['hi'], 3)}]), drift noisy BN − no BN "
-                     f"{fmt(b1['mean'], 3)} [{fmt(b1['lo'], 3)}, {fmt(b1['hi'], 3)}] → {o1}; gradient ICS no BN − BN "
-                     f"{fmt(c2['mean'], 3)} [{fmt(c2['lo'], 3)}, {fmt(c2['hi'], 3)}] → {c2['outcome']}")
+        parts.append(f"lr {fmt(lr)}: final training loss no BN − noisy BN {ci_text(a1)} (95% CI), drift "
+                     f"noisy BN − no BN {ci_text(b1)} → {o1}; gradient ICS no BN − BN {ci_text(c2)} → {c2['outcome']}")
     save(fig, figure, exp.decl["title"])
-    first = first or {"mean": math.nan, "lo": math.nan, "hi": math.nan}
-    v = verdict(labstats.combine(outcomes), " ".join(p + "." for p in parts), effect=first["mean"],
-                ci=(first["lo"], first["hi"]), unit=f"gradient ICS, no BN − BN, lr {fmt(lrs[0]) if lrs else ''}")
+    v = combined_verdict(outcomes, parts, first, f"gradient ICS, no BN − BN, lr {fmt(lrs[0]) if lrs else ''}")
     return {"verdict": v, "tables": [(["lr", "arm", "final train loss", "drift D", "gradient ICS", "diverged"], rows)]}
 
 
@@ -896,9 +903,7 @@ def gradient_flow(exp, figure):
     outcomes.append(r3["outcome"])
     parts.append(f"largest trainable depth, log2(BN / no BN) {fmt(r3['mean'], 3)} [{fmt(r3['lo'], 3)}, "
                  f"{fmt(r3['hi'], 3)}] over {r3['n']} seed × activation pairs → {r3['outcome']}")
-    first = first or {"mean": math.nan, "lo": math.nan, "hi": math.nan}
-    v = verdict(labstats.combine(outcomes), " ".join(p + "." for p in parts), effect=first["mean"],
-                ci=(first["lo"], first["hi"]), unit="decades of gradient imbalance removed (sigmoid)")
+    v = combined_verdict(outcomes, parts, first, "decades of gradient imbalance removed (sigmoid)")
     return {"verdict": v, "tables": [(["arm", "depth", "val acc", "log10 grad ratio at init", "diverged"], rows)]}
 
 
