@@ -133,7 +133,7 @@ def section_md(exp, result, heading="##"):
     for p in published_items(d):
         out.append(f"**Published.** {p['result']} — *{p['source']}*")
         out.append("")
-    out += [f"**Setup** ({d['tier']} tier, {d['seeds']} seeds, {len(exp.runs)} runs"
+    out += [f"**Setup** ({d['tier']} tier, {d['seeds']} seed{'s' if d['seeds'] != 1 else ''}, {len(exp.runs)} runs"
             f"{'' if exp.complete else f' of {exp.expected}: INCOMPLETE'}). {d.get('design', '')}",
             "", f"**Criterion** (fixed before the runs). {d['criterion']['text']}", "",
             f"![{d['title']}]({exp.name}/figure.png)" if heading == "##" else "![figure](figure.png)", ""]
@@ -162,7 +162,8 @@ def section_html(exp, result, figure_png):
     return (f"<section id='{e(exp.name)}'><h2>{d.get('number', '')}. {e(d['title'])} "
             f"<span class='badge' style='background:{colour}'>{e(v['verdict'])}</span></h2>"
             f"<p><b>Claim.</b> {e(d['claim'])}</p>{pub}"
-            f"<p><b>Setup</b> ({e(d['tier'])} tier, {d['seeds']} seeds, {len(exp.runs)} runs{incomplete}). "
+            f"<p><b>Setup</b> ({e(d['tier'])} tier, {d['seeds']} seed{'s' if d['seeds'] != 1 else ''}, "
+            f"{len(exp.runs)} runs{incomplete}). "
             f"{e(d.get('design', ''))}</p>"
             f"<p><b>Criterion</b> (fixed before the runs). {e(d['criterion']['text'])}</p>"
             f"{image}{tables}<p class='verdict'><b>Verdict: {e(v['verdict'])}.</b> {e(v['summary'])}</p>"
@@ -173,8 +174,8 @@ HTML_STYLE = """
 body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#1f2328;line-height:1.45}
 h1{margin-bottom:.2em} h2{border-bottom:1px solid #d0d7de;padding-bottom:.3em;margin-top:2em}
 .badge{color:#fff;border-radius:1em;padding:.1em .7em;font-size:.7em;vertical-align:middle}
-table{border-collapse:collapse;margin:.8em 0;font-size:.9em} td,th{border:1px solid #d0d7de;padding:.25em .6em;text-align:right}
-th{background:#f6f8fa} td:first-child,th:first-child{text-align:left}
+table{border-collapse:collapse;margin:.8em 0;font-size:.9em} td,th{border:1px solid #d0d7de;padding:.25em .6em;text-align:left}
+th{background:#f6f8fa}
 img{max-width:100%;border:1px solid #d0d7de;margin:.5em 0}
 .pub{background:#f6f8fa;border-left:4px solid #8c959f;padding:.4em .8em}
 .verdict{font-size:1.05em}
@@ -186,7 +187,9 @@ def summary_rows(items):
     for exp, result in items:
         v = result["verdict"]
         effect = v.get("effect")
-        effect_text = "" if effect is None else f"{effect:.3g} [{v['ci'][0]:.3g}, {v['ci'][1]:.3g}] {v.get('unit', '')}"
+        number = lambda x: "–" if x is None or x != x else f"{x:.3g}"  # noqa: E731 (x != x: NaN)
+        effect_text = ("–" if effect is None or effect != effect
+                       else f"{number(effect)} [{number(v['ci'][0])}, {number(v['ci'][1])}] {v.get('unit', '')}")
         rows.append([exp.decl.get("number", ""), exp.decl["title"], v["verdict"], effect_text,
                      f"{len(exp.runs)}/{exp.expected}", exp.decl["tier"]])
     return ["#", "claim", "verdict", "effect [95% CI]", "runs", "tier"], rows
