@@ -660,6 +660,10 @@ def input_scaling(exp, figure):
                     for j, m in enumerate(r.metrics()[:len(ep)]):
                         ys[si, j] = math.log10(max(m["train_loss"], 1e-6))
                 band(ax, ep, ys, COLOURS[i], f"{kind} (lr {fmt(best[kind])})")
+                for r in runs:
+                    if r.diverged and r.metrics():
+                        m = r.metrics()[-1]
+                        ax.plot(m["epoch"], math.log10(max(m["train_loss"], 1e-6)), "x", color=COLOURS[i], ms=9, mew=2)
             row = []
             for lr in lrs:
                 rs = exp.select(name, lr=lr)
@@ -685,7 +689,7 @@ def input_scaling(exp, figure):
             for yi in range(h.shape[0]):
                 for xi in range(h.shape[1]):
                     hx.text(xi, yi, "div." if np.isnan(h[yi, xi]) else f"{h[yi, xi]:.2f}", ha="center",
-                            va="center", fontsize=8, color="white")
+                            va="center", fontsize=8, color="white" if np.isnan(h[yi, xi]) or h[yi, xi] < 0.6 else "black")
             hx.set(xlabel="learning rate", title=f"{ds}: validation accuracy (red: a seed diverged)")
         arm, base = f"{ds} {c['arm']}", f"{ds} {c['baseline']}"
         if c["arm"] in best and c["baseline"] in best:
