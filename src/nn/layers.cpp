@@ -1,5 +1,5 @@
 // The engine's layers. Matrix products go through oneDNN's sgemm (gemm.hpp);
-// convolution is im2col + sgemm; batch normalization is normkit's kernels.
+// convolution is oneDNN's (conv_layer.cpp); batch normalization is normkit's kernels.
 #include "nn/layers.hpp"
 
 #include <omp.h>
@@ -35,6 +35,29 @@ std::string shape_text(const std::vector<int64_t>& shape) {
   return out.str();
 }
 
+// Shared by the layers with weights (declared in layers.hpp).
+void fill_init(std::vector<float>& w, int64_t fan_in, int64_t fan_out, const InitOptions& init,
+               std::mt19937_64& rng) {
+  switch (init.kind) {
+    case Init::he: {  // He et al. 2015: N(0, 2 / fan_in)
+      std::normal_distribution<float> dist(0.0f, std::sqrt(2.0f / static_cast<float>(fan_in)));
+      for (auto& v : w) v = dist(rng);
+      break;
+    }
+    case Init::xavier: {  // Glorot & Bengio 2010: U(±sqrt(6 / (fan_in + fan_out)))
+      const float a = std::sqrt(6.0f / static_cast<float>(fan_in + fan_out));
+      std::uniform_real_distribution<float> dist(-a, a);
+      for (auto& v : w) v = dist(rng);
+      break;
+    }
+    case Init::normal: {
+      std::normal_distribution<float> dist(0.0f, init.normal_std);
+      for (auto& v : w) v = dist(rng);
+      break;
+    }
+  }
+}
+
 namespace {
 
 int64_t int_arg(const std::string& text) { return static_cast<int64_t>(std::stod(text)); }
@@ -60,28 +83,6 @@ struct Strides4 {
     return in * n + ic * c + ih * h + iw * w;
   }
 };
-
-void fill_init(std::vector<float>& w, int64_t fan_in, int64_t fan_out, const InitOptions& init,
-               std::mt19937_64& rng) {
-  switch (init.kind) {
-    case Init::he: {  // He et al. 2015: N(0, 2 / fan_in)
-      std::normal_distribution<float> dist(0.0f, std::sqrt(2.0f / static_cast<float>(fan_in)));
-      for (auto& v : w) v = dist(rng);
-      break;
-    }
-    case Init::xavier: {  // Glorot & Bengio 2010: U(±sqrt(6 / (fan_in + fan_out)))
-      const float a = std::sqrt(6.0f / static_cast<float>(fan_in + fan_out));
-      std::uniform_real_distribution<float> dist(-a, a);
-      for (auto& v : w) v = dist(rng);
-      break;
-    }
-    case Init::normal: {
-      std::normal_distribution<float> dist(0.0f, init.normal_std);
-      for (auto& v : w) v = dist(rng);
-      break;
-    }
-  }
-}
 
 // ---------------------------------------------------------------- Linear
 // y = x·Wᵀ + b, W: [out, in] (PyTorch's layout).
@@ -146,230 +147,6 @@ class Linear final : public Layer {
   Parameter weight_;
   std::optional<Parameter> bias_;
   const Tensor* input_ = nullptr;
-  Tensor y_, dx_;
-};
-
-// ---------------------------------------------------------------- Conv2d
-// Square kernel, zero padding; W: [out, in, k, k] (PyTorch's OIHW), the layout
-// of parameters and checkpoints in both formats.
-//   channels-last: im2col rows are output pixels, columns ordered (kh, kw, ci)
-//     so each (kh, kw) copies `in` contiguous values; with W permuted to
-//     [out, k, k, in], cols [N·P, k·k·in] · Wᵀ gives y [N·P, out] (NHWC) in one GEMM.
-//   channels-first: per sample, cols [in·k·k, P] ordered (ci, kh, kw) and
-//     W · cols gives y [out, P] (NCHW).
-class Conv2d final : public Layer {
- public:
-  Conv2d(const std::vector<int64_t>& input, int64_t out, int64_t k, int64_t stride, int64_t pad,
-         bool bias, MemoryFormat format)
-      : cin_(input[0]), h_(input[1]), w_(input[2]), cout_(out), k_(k), stride_(stride), pad_(pad),
-        format_(format) {
-    oh_ = (h_ + 2 * pad_ - k_) / stride_ + 1;
-    ow_ = (w_ + 2 * pad_ - k_) / stride_ + 1;
-    const int64_t size = cout_ * cin_ * k_ * k_;
-    weight_ = {"weight", std::vector<float>(size), std::vector<float>(size)};
-    if (bias) bias_ = Parameter{"bias", std::vector<float>(cout_), std::vector<float>(cout_)};
-  }
-  std::string type() const override { return "conv"; }
-  std::string describe() const override {
-    std::ostringstream s;
-    s << "conv(" << cin_ << " -> " << cout_ << ", " << k_ << "x" << k_ << ", stride " << stride_
-      << ", pad " << pad_ << (bias_ ? ", bias" : ", no bias") << ")";
-    return s.str();
-  }
-  std::vector<int64_t> output_shape(const std::vector<int64_t>& input) const override {
-    if (input.size() != 3 || input[0] != cin_ || input[1] != h_ || input[2] != w_)
-      fail_invalid(describe(), ": expected input [", cin_, ", ", h_, ", ", w_, "], got ",
-                   shape_text(input));
-    return {cout_, oh_, ow_};
-  }
-  const Tensor& forward(const Tensor& x, Mode) override {
-    const int64_t n = x.shape[0], P = oh_ * ow_, K = kdim();
-    cols_.resize(static_cast<size_t>(n * P * K));
-    y_.reshape({n, cout_, oh_, ow_}, format_);
-    if (format_ == MemoryFormat::channels_last) {
-      im2col_rows(x.data.data(), n);
-      permute_weight_to_ohwi();
-      gemm(false, true, n * P, cout_, K, 1.0f, cols_.data(), K, weight_ohwi_.data(), K, 0.0f,
-           y_.data.data(), cout_);
-    } else {
-      im2col_planes(x.data.data(), n);
-      for (int64_t i = 0; i < n; ++i)
-        gemm(false, false, cout_, P, K, 1.0f, weight_.value.data(), K, cols_.data() + i * K * P, P,
-             0.0f, y_.data.data() + i * cout_ * P, P);
-    }
-    if (bias_) add_bias(n);
-    return y_;
-  }
-  const Tensor& backward(const Tensor& dy, bool need_input_grad) override {
-    const int64_t n = dy.shape[0], P = oh_ * ow_, K = kdim();
-    if (format_ == MemoryFormat::channels_last) {
-      grad_ohwi_.resize(weight_ohwi_.size());
-      gemm(true, false, cout_, K, n * P, 1.0f, dy.data.data(), cout_, cols_.data(), K, 0.0f,
-           grad_ohwi_.data(), K);
-      add_weight_grad_from_ohwi();
-    } else {
-      for (int64_t i = 0; i < n; ++i)
-        gemm(false, true, cout_, K, P, 1.0f, dy.data.data() + i * cout_ * P, P,
-             cols_.data() + i * K * P, P, 1.0f, weight_.grad.data(), K);
-    }
-    if (bias_) bias_grad(dy, n);
-    if (!need_input_grad) return no_input_grad(dx_, format_);
-    dx_.reshape({n, cin_, h_, w_}, format_);
-    // dcols = dy·W (channels-last) or Wᵀ·dy per sample, then summed back into dx.
-    if (format_ == MemoryFormat::channels_last) {
-      gemm(false, false, n * P, K, cout_, 1.0f, dy.data.data(), cout_, weight_ohwi_.data(), K,
-           0.0f, cols_.data(), K);
-      col2im_rows(dx_.data.data(), n);
-    } else {
-      for (int64_t i = 0; i < n; ++i)
-        gemm(true, false, K, P, cout_, 1.0f, weight_.value.data(), K, dy.data.data() + i * cout_ * P,
-             P, 0.0f, cols_.data() + i * K * P, P);
-      col2im_planes(dx_.data.data(), n);
-    }
-    return dx_;
-  }
-  std::vector<Parameter*> parameters() override {
-    if (bias_) return {&weight_, &*bias_};
-    return {&weight_};
-  }
-  void initialize(const InitOptions& init, std::mt19937_64& rng) override {
-    fill_init(weight_.value, cin_ * k_ * k_, cout_ * k_ * k_, init, rng);
-    if (bias_) std::fill(bias_->value.begin(), bias_->value.end(), 0.0f);
-  }
-
- private:
-  int64_t kdim() const { return cin_ * k_ * k_; }
-
-  void permute_weight_to_ohwi() {
-    weight_ohwi_.resize(weight_.value.size());
-    for (int64_t o = 0; o < cout_; ++o)
-      for (int64_t ci = 0; ci < cin_; ++ci)
-        for (int64_t kk = 0; kk < k_ * k_; ++kk)
-          weight_ohwi_[(o * k_ * k_ + kk) * cin_ + ci] = weight_.value[(o * cin_ + ci) * k_ * k_ + kk];
-  }
-  void add_weight_grad_from_ohwi() {
-    for (int64_t o = 0; o < cout_; ++o)
-      for (int64_t ci = 0; ci < cin_; ++ci)
-        for (int64_t kk = 0; kk < k_ * k_; ++kk)
-          weight_.grad[(o * cin_ + ci) * k_ * k_ + kk] += grad_ohwi_[(o * k_ * k_ + kk) * cin_ + ci];
-  }
-
-  // Channels-last: row (i, oh, ow) holds, for each (kh, kw), the `in` values of
-  // input pixel (oh·s - pad + kh, ow·s - pad + kw), or zeros outside the image.
-  void im2col_rows(const float* src, int64_t n) {
-    const int64_t P = oh_ * ow_, K = kdim();
-#pragma omp parallel for num_threads(threads_for(n * P * K)) schedule(static)
-    for (int64_t r = 0; r < n * P; ++r) {
-      const int64_t i = r / P, oh = (r % P) / ow_, ow = r % ow_;
-      float* row = cols_.data() + r * K;
-      for (int64_t kh = 0; kh < k_; ++kh) {
-        const int64_t ih = oh * stride_ - pad_ + kh;
-        for (int64_t kw = 0; kw < k_; ++kw) {
-          const int64_t iw = ow * stride_ - pad_ + kw;
-          float* dst = row + (kh * k_ + kw) * cin_;
-          if (ih < 0 || ih >= h_ || iw < 0 || iw >= w_) {
-            std::fill(dst, dst + cin_, 0.0f);
-          } else {
-            const float* in = src + ((i * h_ + ih) * w_ + iw) * cin_;
-            std::copy(in, in + cin_, dst);
-          }
-        }
-      }
-    }
-  }
-  // The adjoint of im2col_rows: each sample's rows are summed into its pixels
-  // (one thread per sample, so no two threads write the same pixel).
-  void col2im_rows(float* dst, int64_t n) {
-    const int64_t P = oh_ * ow_, K = kdim();
-    std::fill(dst, dst + n * h_ * w_ * cin_, 0.0f);
-#pragma omp parallel for num_threads(threads_for(n * P * K)) schedule(static)
-    for (int64_t i = 0; i < n; ++i)
-      for (int64_t p = 0; p < P; ++p) {
-        const int64_t oh = p / ow_, ow = p % ow_;
-        const float* row = cols_.data() + (i * P + p) * K;
-        for (int64_t kh = 0; kh < k_; ++kh) {
-          const int64_t ih = oh * stride_ - pad_ + kh;
-          if (ih < 0 || ih >= h_) continue;
-          for (int64_t kw = 0; kw < k_; ++kw) {
-            const int64_t iw = ow * stride_ - pad_ + kw;
-            if (iw < 0 || iw >= w_) continue;
-            float* out = dst + ((i * h_ + ih) * w_ + iw) * cin_;
-            const float* g = row + (kh * k_ + kw) * cin_;
-            for (int64_t ci = 0; ci < cin_; ++ci) out[ci] += g[ci];
-          }
-        }
-      }
-  }
-
-  // Channels-first: per sample, column block (ci, kh, kw) holds input row
-  // (oh·s - pad + kh) shifted by kw, for every output pixel.
-  void im2col_planes(const float* src, int64_t n) {
-    const int64_t P = oh_ * ow_, K = kdim();
-#pragma omp parallel for num_threads(threads_for(n * P * K)) schedule(static)
-    for (int64_t i = 0; i < n; ++i)
-      for (int64_t col = 0; col < K; ++col) {
-        const int64_t ci = col / (k_ * k_), kh = (col / k_) % k_, kw = col % k_;
-        const float* plane = src + (i * cin_ + ci) * h_ * w_;
-        float* dst = cols_.data() + (i * K + col) * P;
-        for (int64_t oh = 0; oh < oh_; ++oh) {
-          const int64_t ih = oh * stride_ - pad_ + kh;
-          for (int64_t ow = 0; ow < ow_; ++ow) {
-            const int64_t iw = ow * stride_ - pad_ + kw;
-            dst[oh * ow_ + ow] =
-                ih >= 0 && ih < h_ && iw >= 0 && iw < w_ ? plane[ih * w_ + iw] : 0.0f;
-          }
-        }
-      }
-  }
-  void col2im_planes(float* dst, int64_t n) {
-    const int64_t P = oh_ * ow_, K = kdim();
-    std::fill(dst, dst + n * cin_ * h_ * w_, 0.0f);
-#pragma omp parallel for num_threads(threads_for(n * P * K)) schedule(static)
-    for (int64_t i = 0; i < n; ++i)
-      for (int64_t col = 0; col < K; ++col) {
-        const int64_t ci = col / (k_ * k_), kh = (col / k_) % k_, kw = col % k_;
-        float* plane = dst + (i * cin_ + ci) * h_ * w_;
-        const float* g = cols_.data() + (i * K + col) * P;
-        for (int64_t oh = 0; oh < oh_; ++oh) {
-          const int64_t ih = oh * stride_ - pad_ + kh;
-          if (ih < 0 || ih >= h_) continue;
-          for (int64_t ow = 0; ow < ow_; ++ow) {
-            const int64_t iw = ow * stride_ - pad_ + kw;
-            if (iw >= 0 && iw < w_) plane[ih * w_ + iw] += g[oh * ow_ + ow];
-          }
-        }
-      }
-  }
-
-  void add_bias(int64_t n) {
-    const int64_t P = oh_ * ow_;
-    const float* b = bias_->value.data();
-    float* y = y_.data.data();
-    const bool last = format_ == MemoryFormat::channels_last;
-#pragma omp parallel for num_threads(threads_for(n * P * cout_)) schedule(static)
-    for (int64_t i = 0; i < n; ++i)
-      for (int64_t p = 0; p < P; ++p)
-        for (int64_t c = 0; c < cout_; ++c)
-          y[last ? (i * P + p) * cout_ + c : (i * cout_ + c) * P + p] += b[c];
-  }
-
-  void bias_grad(const Tensor& dy, int64_t n) {
-    const int64_t P = oh_ * ow_;
-    const bool last = format_ == MemoryFormat::channels_last;
-    for (int64_t c = 0; c < cout_; ++c) {
-      double sum = 0;
-      for (int64_t i = 0; i < n; ++i)
-        for (int64_t p = 0; p < P; ++p)
-          sum += dy.data[last ? (i * P + p) * cout_ + c : (i * cout_ + c) * P + p];
-      bias_->grad[c] += static_cast<float>(sum);
-    }
-  }
-
-  int64_t cin_, h_, w_, cout_, k_, stride_, pad_, oh_ = 0, ow_ = 0;
-  MemoryFormat format_;
-  Parameter weight_;
-  std::optional<Parameter> bias_;
-  std::vector<float> cols_, weight_ohwi_, grad_ohwi_;
   Tensor y_, dx_;
 };
 
@@ -735,8 +512,7 @@ std::unique_ptr<Layer> make_layer(const ModelSpec::LayerSpec& spec,
       fail_invalid("conv: bad sizes (out ", out, ", kernel ", k, ", stride ", stride, ", pad ", pad, ")");
     if (input[1] + 2 * pad < k || input[2] + 2 * pad < k)
       fail_invalid("conv: kernel ", k, " is larger than the padded input ", shape_text(input));
-    return std::make_unique<Conv2d>(input, out, k, stride, pad, option_or(spec, "bias", 1) != 0,
-                                    format);
+    return make_conv_layer(input, out, k, stride, pad, option_or(spec, "bias", 1) != 0, format);
   }
   if (t == "maxpool" || t == "avgpool") {
     need_image();
