@@ -1,17 +1,26 @@
-"""normkit: batch normalization for CPUs, exact against PyTorch and deterministic.
+"""normkit: batch normalization and its family for CPUs, exact against PyTorch and
+deterministic.
 
-The functional NumPy API lives here; ``normkit.torch`` holds drop-in replacements for
-``torch.nn.BatchNorm1d/2d/3d`` (importing it imports torch; importing ``normkit`` does not).
+The functional NumPy API lives here (batch norm and its moments, batch renormalization,
+ghost BN, fused BN+ReLU, layer and RMS norm, group and instance norm, the Standardizer);
+``normkit.torch`` holds drop-in replacements for torch.nn's normalization modules (importing
+it imports torch; importing ``normkit`` does not).
 """
 from ._normkit import (
     Standardizer,
     __version__,
+    batch_norm_add_relu_backward,
+    batch_norm_add_relu_forward_inference,
+    batch_norm_add_relu_forward_training,
     batch_norm_backward,
     batch_norm_forward_apply,
     batch_norm_forward_inference,
     batch_norm_forward_training,
     batch_norm_invstd,
     batch_norm_moments,
+    batch_norm_relu_backward,
+    batch_norm_relu_forward_inference,
+    batch_norm_relu_forward_training,
     batch_norm_update_running,
     batch_renorm_backward,
     batch_renorm_forward_training,
@@ -29,6 +38,7 @@ from ._normkit import (
     moments_dtype,
     num_threads,
     pytorch_options,
+    relu_mask_bytes,
     rms_norm_backward,
     rms_norm_forward,
     set_num_threads,
@@ -37,12 +47,18 @@ from ._normkit import (
 __all__ = [
     "Standardizer",
     "__version__",
+    "batch_norm_add_relu_backward",
+    "batch_norm_add_relu_forward_inference",
+    "batch_norm_add_relu_forward_training",
     "batch_norm_backward",
     "batch_norm_forward_apply",
     "batch_norm_forward_inference",
     "batch_norm_forward_training",
     "batch_norm_invstd",
     "batch_norm_moments",
+    "batch_norm_relu_backward",
+    "batch_norm_relu_forward_inference",
+    "batch_norm_relu_forward_training",
     "batch_norm_update_running",
     "batch_renorm_backward",
     "batch_renorm_forward_training",
@@ -60,28 +76,9 @@ __all__ = [
     "moments_dtype",
     "num_threads",
     "pytorch_options",
+    "relu_mask_bytes",
     "rms_norm_backward",
     "rms_norm_forward",
     "set_num_threads",
 ]
 
-# Fused BN+ReLU and BN+Add+ReLU (ReLU mask as bits).
-from ._normkit import (  # noqa: E402
-    batch_norm_add_relu_backward,
-    batch_norm_add_relu_forward_inference,
-    batch_norm_add_relu_forward_training,
-    batch_norm_relu_backward,
-    batch_norm_relu_forward_inference,
-    batch_norm_relu_forward_training,
-    relu_mask_bytes,
-)
-
-__all__ += [
-    "batch_norm_add_relu_backward",
-    "batch_norm_add_relu_forward_inference",
-    "batch_norm_add_relu_forward_training",
-    "batch_norm_relu_backward",
-    "batch_norm_relu_forward_inference",
-    "batch_norm_relu_forward_training",
-    "relu_mask_bytes",
-]

@@ -22,8 +22,14 @@
 #include <cstdint>
 #include <vector>
 
-#include "core/simd.hpp"
 #include "normkit/moments.hpp"
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#define NORMKIT_SIMD_CLONES \
+  __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define NORMKIT_SIMD_CLONES
+#endif
 
 namespace normkit::kernels::leaf {
 namespace {

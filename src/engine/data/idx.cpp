@@ -1,0 +1,153 @@
+// IDX files (LeCun's MNIST format), gzipped or plain: zlib's gzread reads both.
+#include <zlib.h>
+
+#include <array>
+#include <memory>
+#include <string>
+
+#include "normkit/engine/data.hpp"
+#include "support.hpp"
+
+namespace normkit::data {
+
+using engine::fail_runtime;
+
+namespace {
+
+// Beyond any real IDX data set; a header claiming more is corrupt.
+constexpr uint64_t kMaxValues = uint64_t{1} << 32;
+
+struct GzCloser {
+  void operator()(gzFile_s* file) const { gzclose(file); }
+};
+using GzFile = std::unique_ptr<gzFile_s, GzCloser>;
+
+class IdxReader {
+ public:
+  explicit IdxReader(const std::filesystem::path& path) : path_(path.string()) {
+    if (!std::filesystem::exists(path)) fail_runtime(path_, ": no such file");
+    file_.reset(gzopen(path_.c_str(), "rb"));
+    if (!file_) fail_runtime(path_, ": cannot open");
+  }
+
+  // Reads up to `size` bytes; returns how many arrived.
+  size_t read(void* out, size_t size) {
+    size_t done = 0;
+    while (done < size) {
+      const unsigned chunk = static_cast<unsigned>(std::min<size_t>(size - done, 1u << 30));
+      const int got = gzread(file_.get(), static_cast<char*>(out) + done, chunk);
+      if (got < 0) {
+        int code = 0;
+        const char* message = gzerror(file_.get(), &code);
+        fail_runtime(path_, ": corrupt compressed data (", message ? message : "zlib error", ")");
+      }
+      if (got == 0) break;
+      done += static_cast<size_t>(got);
+    }
+    return done;
+  }
+
+  // The header: magic (0, 0, type, rank) then rank big-endian uint32 sizes.
+  std::vector<uint64_t> header(int expected_rank, const char* what) {
+    std::array<unsigned char, 4> magic{};
+    if (read(magic.data(), 4) != 4) fail_runtime(path_, ": truncated before the IDX header ends");
+    if (magic[0] != 0 || magic[1] != 0)
+      fail_runtime(path_, ": not an IDX file (bad magic number)");
+    if (magic[2] != 0x08)
+      fail_runtime(path_, ": unsupported IDX element type 0x", std::hex, int{magic[2]},
+                   " (only unsigned bytes, 0x08)");
+    if (magic[3] != expected_rank)
+      fail_runtime(path_, ": expected an IDX ", what, " file with ", expected_rank,
+                   " dimensions, got ", int{magic[3]});
+    std::vector<uint64_t> dims(expected_rank);
+    uint64_t total = 1;
+    for (auto& dim : dims) {
+      std::array<unsigned char, 4> b{};
+      if (read(b.data(), 4) != 4) fail_runtime(path_, ": truncated before the IDX header ends");
+      dim = (uint64_t{b[0]} << 24) | (uint64_t{b[1]} << 16) | (uint64_t{b[2]} << 8) | b[3];
+      if (dim == 0) fail_runtime(path_, ": a dimension is 0");
+      total *= dim;
+      if (total > kMaxValues)
+        fail_runtime(path_, ": dimensions claim more than 2^32 values; the header is corrupt");
+    }
+    return dims;
+  }
+
+  // Exactly `count` bytes and then the end of the file. Memory grows with the
+  // data that actually arrives.
+  std::vector<unsigned char> body(uint64_t count) {
+    std::vector<unsigned char> bytes;
+    constexpr size_t kStep = size_t{1} << 22;
+    while (bytes.size() < count) {
+      const size_t want = static_cast<size_t>(std::min<uint64_t>(kStep, count - bytes.size()));
+      const size_t old = bytes.size();
+      bytes.resize(old + want);
+      const size_t got = read(bytes.data() + old, want);
+      if (got < want)
+        fail_runtime(path_, ": truncated: the header promises ", count, " data bytes, the file has ",
+                     old + got);
+    }
+    unsigned char extra = 0;
+    if (read(&extra, 1) != 0)
+      fail_runtime(path_, ": the file is longer than its header says (", count,
+                   " data bytes); dimensions do not match the file size");
+    return bytes;
+  }
+
+ private:
+  std::string path_;
+  GzFile file_;
+};
+
+}  // namespace
+
+int64_t Dataset::sample_size() const noexcept {
+  int64_t size = 1;
+  for (const auto dim : sample_shape) size *= dim;
+  return size;
+}
+
+Dataset load_idx(const std::filesystem::path& images, const std::filesystem::path& labels,
+                 int32_t num_classes) {
+  if (num_classes < 1 || num_classes > 256)
+    engine::fail_invalid("num_classes must be in [1, 256] for IDX labels, got ", num_classes);
+  IdxReader image_file(images);
+  const auto image_dims = image_file.header(3, "image");
+  IdxReader label_file(labels);
+  const auto label_dims = label_file.header(1, "label");
+  if (label_dims[0] != image_dims[0])
+    fail_runtime(labels.string(), ": ", label_dims[0], " labels for ", image_dims[0], " images in ",
+                 images.string());
+
+  const auto label_bytes = label_file.body(label_dims[0]);
+  Dataset set;
+  set.num_classes = num_classes;
+  set.labels.reserve(label_bytes.size());
+  for (size_t i = 0; i < label_bytes.size(); ++i) {
+    if (label_bytes[i] >= num_classes)
+      fail_runtime(labels.string(), ": label ", int{label_bytes[i]}, " at index ", i,
+                   " is out of range [0, ", num_classes, ")");
+    set.labels.push_back(label_bytes[i]);
+  }
+  const auto pixels = image_file.body(image_dims[0] * image_dims[1] * image_dims[2]);
+  set.sample_shape = {1, static_cast<int64_t>(image_dims[1]), static_cast<int64_t>(image_dims[2])};
+  set.features.resize(pixels.size());
+  for (size_t i = 0; i < pixels.size(); ++i) set.features[i] = static_cast<float>(pixels[i]) / 255.0f;
+  return set;
+}
+
+Dataset load_mnist_directory(const std::filesystem::path& directory, Split split) {
+  if (!std::filesystem::is_directory(directory))
+    fail_runtime(directory.string(), ": not a directory (expected the MNIST/Fashion-MNIST files)");
+  const std::string prefix = split == Split::train ? "train" : "t10k";
+  auto find = [&](const std::string& stem) {
+    for (const char* suffix : {".gz", ""}) {
+      const auto path = directory / (prefix + stem + suffix);
+      if (std::filesystem::exists(path)) return path;
+    }
+    fail_runtime(directory.string(), ": missing ", prefix + stem, "[.gz]");
+  };
+  return load_idx(find("-images-idx3-ubyte"), find("-labels-idx1-ubyte"));
+}
+
+}  // namespace normkit::data

@@ -1,0 +1,246 @@
+// The engine's batch-norm layers: "batchnorm" (batch_norm.hpp), Batch
+// Renormalization ("batchrenorm") and Ghost BN ("ghostbatchnorm", both
+// bn_variants.hpp). All hold BN's state (weight, bias; running_mean,
+// running_var, num_batches_tracked), infer as BN does, can be frozen
+// (frozen=1), and differ only in their training forward and backward.
+#include <algorithm>
+#include <sstream>
+
+#include "nn/layers.hpp"
+#include "normkit/bn_variants.hpp"
+#include "support.hpp"
+
+namespace normkit::nn::detail {
+
+using engine::fail_invalid;
+
+namespace {
+
+// What BN and its variants share: parameters, buffers, inference, and the frozen
+// mode (running statistics used in training too and never updated; γ and β learn).
+class BatchNormFamily : public Layer {
+ public:
+  BatchNormFamily(int64_t channels, double eps, double momentum, bool frozen)
+      : c_(channels), frozen_(frozen) {
+    options_.eps = eps;
+    options_.momentum = momentum;
+    gamma_ = {"weight", std::vector<float>(c_, 1.0f), std::vector<float>(c_)};
+    beta_ = {"bias", std::vector<float>(c_, 0.0f), std::vector<float>(c_)};
+    running_mean_.assign(c_, 0.0f);
+    running_var_.assign(c_, 1.0f);
+    batches_.assign(1, 0.0f);
+  }
+  std::vector<int64_t> output_shape(const std::vector<int64_t>& input) const override {
+    if (input.empty() || input[0] != c_)
+      fail_invalid(describe(), ": expected ", c_, " channels, got input ", shape_text(input));
+    return input;
+  }
+  const Tensor& forward(const Tensor& x, Mode mode) override {
+    input_ = &x;
+    y_.reshape(x.shape, x.format);
+    if (mode == Mode::train && !frozen_) {
+      train_forward(x);
+    } else {
+      batch_norm_forward_inference<float>(x.view(), y_.view(), gamma_.value, beta_.value,
+                                          running_mean_, running_var_, options_.eps);
+      if (mode == Mode::train) {  // frozen: backward needs the statistics used here
+        frozen_mean_ = running_mean_;
+        frozen_invstd_.resize(c_);
+        batch_norm_invstd<float>(running_var_, options_.eps, frozen_invstd_);
+      }
+    }
+    trained_ = mode == Mode::train;
+    return y_;
+  }
+  const Tensor& backward(const Tensor& dy, bool need_input_grad) override {
+    if (!trained_) fail_invalid(describe(), ": backward needs a forward in train mode first");
+    TensorView<float> dx{};
+    if (need_input_grad) {
+      dx_.reshape(dy.shape, dy.format);
+      dx = dx_.view();
+    } else {
+      dx_.reshape({}, dy.format);
+    }
+    dgamma_.resize(c_);
+    dbeta_.resize(c_);
+    if (frozen_)
+      batch_norm_backward<float>(input_->view(), dy.view(), dx, gamma_.value, frozen_mean_,
+                                 frozen_invstd_, dgamma_, dbeta_, BackwardMode::frozen);
+    else
+      train_backward(dy, dx);
+    for (int64_t c = 0; c < c_; ++c) {
+      gamma_.grad[c] += dgamma_[c];
+      beta_.grad[c] += dbeta_[c];
+    }
+    return dx_;
+  }
+  std::vector<Parameter*> parameters() override { return {&gamma_, &beta_}; }
+  std::vector<Buffer> buffers() override {
+    return {{"running_mean", &running_mean_}, {"running_var", &running_var_},
+            {"num_batches_tracked", &batches_}};
+  }
+  void initialize(const InitOptions&, std::mt19937_64&) override {
+    std::fill(gamma_.value.begin(), gamma_.value.end(), 1.0f);
+    std::fill(beta_.value.begin(), beta_.value.end(), 0.0f);
+    std::fill(running_mean_.begin(), running_mean_.end(), 0.0f);
+    std::fill(running_var_.begin(), running_var_.end(), 1.0f);
+    batches_[0] = 0.0f;
+  }
+  bool set_frozen(bool frozen) override {
+    frozen_ = frozen;
+    return true;
+  }
+
+ protected:
+  virtual void train_forward(const Tensor& x) = 0;
+  virtual void train_backward(const Tensor& dy, TensorView<float> dx) = 0;
+  std::string common_options() const {
+    std::ostringstream s;
+    s << "eps " << options_.eps << ", momentum " << *options_.momentum << (frozen_ ? ", frozen" : "");
+    return s.str();
+  }
+  // num_batches_tracked as the int64 the kernels count with (floats hold steps exactly to 2^24).
+  int64_t tracked() const { return static_cast<int64_t>(batches_[0]); }
+
+  int64_t c_;
+  bool frozen_;
+  bool trained_ = false;
+  BatchNormOptions options_;
+  Parameter gamma_, beta_;
+  std::vector<float> running_mean_, running_var_, batches_;
+  std::vector<float> frozen_mean_, frozen_invstd_, dgamma_, dbeta_;
+  const Tensor* input_ = nullptr;
+  Tensor y_, dx_;
+};
+
+class BatchNormLayer final : public BatchNormFamily {
+ public:
+  BatchNormLayer(int64_t channels, double eps, double momentum, bool frozen)
+      : BatchNormFamily(channels, eps, momentum, frozen) {
+    mean_.resize(c_);
+    invstd_.resize(c_);
+  }
+  std::string type() const override { return "batchnorm"; }
+  std::string describe() const override {
+    return "batchnorm(" + std::to_string(c_) + ", " + common_options() + ")";
+  }
+
+ private:
+  void train_forward(const Tensor& x) override {
+    int64_t count = tracked();
+    batch_norm_forward_training<float>(x.view(), y_.view(), gamma_.value, beta_.value, {mean_, invstd_},
+                                       {running_mean_, running_var_, &count}, options_);
+    batches_[0] = static_cast<float>(count);
+  }
+  void train_backward(const Tensor& dy, TensorView<float> dx) override {
+    batch_norm_backward<float>(input_->view(), dy.view(), dx, gamma_.value, mean_, invstd_, dgamma_,
+                               dbeta_, BackwardMode::training);
+  }
+
+  std::vector<float> mean_, invstd_;  // the batch's, saved for backward
+};
+
+// r and d follow BatchRenormSchedule::linear(warmup, rmax, dmax) over the
+// layer's own training steps (num_batches_tracked, so a resumed run continues
+// the schedule where it was).
+class BatchRenormLayer final : public BatchNormFamily {
+ public:
+  BatchRenormLayer(int64_t channels, double eps, double momentum, bool frozen,
+                   BatchRenormSchedule schedule)
+      : BatchNormFamily(channels, eps, momentum, frozen), schedule_(schedule) {
+    schedule_.at(0);  // checks the limits now, not at the first step
+    mean_.resize(c_);
+    invstd_.resize(c_);
+    r_.resize(c_);
+    d_.resize(c_);
+  }
+  std::string type() const override { return "batchrenorm"; }
+  std::string describe() const override {
+    std::ostringstream s;
+    s << "batchrenorm(" << c_ << ", rmax " << schedule_.rmax << ", dmax " << schedule_.dmax
+      << ", warmup " << schedule_.rmax_ramp_steps << ", " << common_options() << ")";
+    return s.str();
+  }
+
+ private:
+  void train_forward(const Tensor& x) override {
+    int64_t count = tracked();
+    batch_renorm_forward_training<float>(x.view(), y_.view(), gamma_.value, beta_.value,
+                                         {mean_, invstd_, r_, d_},
+                                         {running_mean_, running_var_, &count},
+                                         schedule_.at(count), options_);
+    batches_[0] = static_cast<float>(count);
+  }
+  void train_backward(const Tensor& dy, TensorView<float> dx) override {
+    batch_renorm_backward<float>(input_->view(), dy.view(), dx, gamma_.value, mean_, invstd_, r_,
+                                 d_, dgamma_, dbeta_);
+  }
+
+  BatchRenormSchedule schedule_;
+  std::vector<float> mean_, invstd_, r_, d_;
+};
+
+class GhostBatchNormLayer final : public BatchNormFamily {
+ public:
+  GhostBatchNormLayer(int64_t channels, double eps, double momentum, bool frozen, int64_t size)
+      : BatchNormFamily(channels, eps, momentum, frozen), size_(size) {}
+  std::string type() const override { return "ghostbatchnorm"; }
+  std::string describe() const override {
+    std::ostringstream s;
+    s << "ghostbatchnorm(" << c_ << ", size " << size_ << ", " << common_options() << ")";
+    return s.str();
+  }
+
+ private:
+  void train_forward(const Tensor& x) override {
+    const int64_t ghosts = ghost_batch_count(x.shape[0], size_);
+    mean_.resize(ghosts * c_);
+    invstd_.resize(ghosts * c_);
+    int64_t count = tracked();
+    ghost_batch_norm_forward_training<float>(x.view(), y_.view(), gamma_.value, beta_.value, size_,
+                                             {mean_, invstd_},
+                                             {running_mean_, running_var_, &count}, options_);
+    batches_[0] = static_cast<float>(count);
+  }
+  void train_backward(const Tensor& dy, TensorView<float> dx) override {
+    ghost_batch_norm_backward<float>(input_->view(), dy.view(), dx, gamma_.value, size_, mean_,
+                                     invstd_, dgamma_, dbeta_);
+  }
+
+  int64_t size_;
+  std::vector<float> mean_, invstd_;
+};
+
+}  // namespace
+
+std::unique_ptr<Layer> make_batch_norm_layer(const ModelSpec::LayerSpec& spec,
+                                             const std::vector<int64_t>& input) {
+  const std::string& t = spec.type;
+  if (input.size() != 1 && input.size() != 3)
+    fail_invalid(t, ": needs a [C] or [C, H, W] input, got ", shape_text(input));
+  const double eps = option_or(spec, "eps", 1e-5), momentum = option_or(spec, "momentum", 0.1);
+  if (!(eps > 0)) fail_invalid(t, ": eps must be positive, got ", eps);
+  if (!(momentum >= 0 && momentum <= 1))
+    fail_invalid(t, ": momentum must be in [0, 1], got ", momentum);
+  const bool frozen = option_or(spec, "frozen", 0) != 0;
+  if (t == "batchnorm") return std::make_unique<BatchNormLayer>(input[0], eps, momentum, frozen);
+  if (t == "batchrenorm") {
+    const double rmax = option_or(spec, "rmax", 3.0), dmax = option_or(spec, "dmax", 5.0);
+    const double warmup = option_or(spec, "warmup", static_cast<double>(kDefaultRenormWarmup));
+    if (!(rmax >= 1)) fail_invalid(t, ": rmax must be >= 1, got ", rmax);
+    if (!(dmax >= 0)) fail_invalid(t, ": dmax must be >= 0, got ", dmax);
+    if (!(warmup >= 0)) fail_invalid(t, ": warmup must be >= 0 steps, got ", warmup);
+    return std::make_unique<BatchRenormLayer>(
+        input[0], eps, momentum, frozen,
+        BatchRenormSchedule::linear(static_cast<int64_t>(warmup), rmax, dmax));
+  }
+  if (t == "ghostbatchnorm") {
+    const double size = option_or(spec, "size", static_cast<double>(kDefaultGhostBatchSize));
+    if (!(size >= 1)) fail_invalid(t, ": size (the virtual batch size) must be >= 1, got ", size);
+    return std::make_unique<GhostBatchNormLayer>(input[0], eps, momentum, frozen,
+                                                 static_cast<int64_t>(size));
+  }
+  fail_invalid("not a batch-norm layer: '", t, "'");
+}
+
+}  // namespace normkit::nn::detail

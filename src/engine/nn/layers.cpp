@@ -1,0 +1,762 @@
+// The engine's layers. Matrix products go through oneDNN's sgemm (gemm.hpp);
+// convolution is oneDNN's (conv_layer.cpp); batch normalization is normkit's kernels.
+#include "nn/layers.hpp"
+
+#include <omp.h>
+
+#include <algorithm>
+#include <bit>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <optional>
+#include <sstream>
+
+#include "nn/gemm.hpp"
+#include "nn/group_norm_layer.hpp"
+#include "support.hpp"
+
+namespace normkit::nn::detail {
+
+using engine::fail_invalid;
+using engine::threads_for;
+
+// Shared by the layer files (declared in layers.hpp).
+double option_or(const ModelSpec::LayerSpec& spec, const std::string& key, double fallback) {
+  const auto it = spec.options.find(key);
+  return it == spec.options.end() ? fallback : std::stod(it->second);
+}
+
+std::string shape_text(const std::vector<int64_t>& shape) {
+  std::ostringstream out;
+  out << '[';
+  for (size_t i = 0; i < shape.size(); ++i) out << (i ? ", " : "") << shape[i];
+  out << ']';
+  return out.str();
+}
+
+// Shared by the layers with weights (declared in layers.hpp).
+void fill_init(std::vector<float>& w, int64_t fan_in, int64_t fan_out, const InitOptions& init,
+               std::mt19937_64& rng) {
+  switch (init.kind) {
+    case Init::he: {  // He et al. 2015: N(0, 2 / fan_in)
+      std::normal_distribution<float> dist(0.0f, std::sqrt(2.0f / static_cast<float>(fan_in)));
+      for (auto& v : w) v = dist(rng);
+      break;
+    }
+    case Init::xavier: {  // Glorot & Bengio 2010: U(±sqrt(6 / (fan_in + fan_out)))
+      const float a = std::sqrt(6.0f / static_cast<float>(fan_in + fan_out));
+      std::uniform_real_distribution<float> dist(-a, a);
+      for (auto& v : w) v = dist(rng);
+      break;
+    }
+    case Init::normal: {
+      std::normal_distribution<float> dist(0.0f, init.normal_std);
+      for (auto& v : w) v = dist(rng);
+      break;
+    }
+  }
+}
+
+namespace {
+
+int64_t int_arg(const std::string& text) { return static_cast<int64_t>(std::stod(text)); }
+
+// What backward returns for the first layer, whose input needs no gradient.
+const Tensor& no_input_grad(Tensor& dx, MemoryFormat format) {
+  dx.reshape({}, format);
+  return dx;
+}
+
+// Element (n, c, h, w) of a [N, C, H, W] tensor in either format.
+struct Strides4 {
+  int64_t n, c, h, w;
+  Strides4(const std::vector<int64_t>& shape, MemoryFormat format) {
+    const int64_t C = shape[1], H = shape[2], W = shape[3];
+    if (format == MemoryFormat::channels_first) {
+      n = C * H * W, c = H * W, h = W, w = 1;
+    } else {
+      n = H * W * C, c = 1, h = W * C, w = C;
+    }
+  }
+  int64_t at(int64_t in, int64_t ic, int64_t ih, int64_t iw) const {
+    return in * n + ic * c + ih * h + iw * w;
+  }
+};
+
+// ---------------------------------------------------------------- Linear
+// y = x·Wᵀ + b, W: [out, in] (PyTorch's layout).
+class Linear final : public Layer {
+ public:
+  Linear(int64_t in, int64_t out, bool bias) : in_(in), out_(out) {
+    weight_ = {"weight", std::vector<float>(out * in), std::vector<float>(out * in)};
+    if (bias) bias_ = Parameter{"bias", std::vector<float>(out), std::vector<float>(out)};
+  }
+  std::string type() const override { return "linear"; }
+  std::string describe() const override {
+    std::ostringstream s;
+    s << "linear(" << in_ << " -> " << out_ << (bias_ ? ", bias" : ", no bias") << ")";
+    return s.str();
+  }
+  std::vector<int64_t> output_shape(const std::vector<int64_t>& input) const override {
+    if (input.size() != 1 || input[0] != in_)
+      fail_invalid(describe(), ": expected input [", in_, "], got ", shape_text(input),
+                   " (add 'flatten' before it?)");
+    return {out_};
+  }
+  const Tensor& forward(const Tensor& x, Mode) override {
+    input_ = &x;
+    const int64_t n = x.shape[0];
+    y_.reshape({n, out_}, MemoryFormat::channels_first);
+    gemm(false, true, n, out_, in_, 1.0f, x.data.data(), in_, weight_.value.data(), in_, 0.0f,
+         y_.data.data(), out_);
+    if (bias_) {
+      const float* b = bias_->value.data();
+#pragma omp parallel for num_threads(threads_for(n * out_)) schedule(static)
+      for (int64_t i = 0; i < n; ++i)
+        for (int64_t o = 0; o < out_; ++o) y_.data[i * out_ + o] += b[o];
+    }
+    return y_;
+  }
+  const Tensor& backward(const Tensor& dy, bool need_input_grad) override {
+    const Tensor& x = *input_;
+    const int64_t n = x.shape[0];
+    // dW += dyᵀ·x;  db += Σ_n dy;  dx = dy·W
+    gemm(true, false, out_, in_, n, 1.0f, dy.data.data(), out_, x.data.data(), in_, 1.0f,
+         weight_.grad.data(), in_);
+    if (bias_)
+      for (int64_t i = 0; i < n; ++i)
+        for (int64_t o = 0; o < out_; ++o) bias_->grad[o] += dy.data[i * out_ + o];
+    if (!need_input_grad) return no_input_grad(dx_, MemoryFormat::channels_first);
+    dx_.reshape({n, in_}, MemoryFormat::channels_first);
+    gemm(false, false, n, in_, out_, 1.0f, dy.data.data(), out_, weight_.value.data(), in_, 0.0f,
+         dx_.data.data(), in_);
+    return dx_;
+  }
+  std::vector<Parameter*> parameters() override {
+    if (bias_) return {&weight_, &*bias_};
+    return {&weight_};
+  }
+  void initialize(const InitOptions& init, std::mt19937_64& rng) override {
+    fill_init(weight_.value, in_, out_, init, rng);
+    if (bias_) std::fill(bias_->value.begin(), bias_->value.end(), 0.0f);
+  }
+
+ private:
+  int64_t in_, out_;
+  Parameter weight_;
+  std::optional<Parameter> bias_;
+  const Tensor* input_ = nullptr;
+  Tensor y_, dx_;
+};
+
+// ---------------------------------------------------------------- pooling
+// k×k windows, stride s, no padding (floor mode, as PyTorch's default).
+// Max pooling keeps, per output, where in its window the maximum was: kh·k + kw
+// (uint16: windows up to 255 wide; 2 bytes per output instead of an 8-byte
+// index of the input). Ties go to the first position; NaN wins, the last NaN
+// if several (PyTorch's rule: take v when v > best or v is NaN).
+using WindowIndex = uint16_t;
+constexpr int64_t kMaxPoolWindow = 255;
+
+// The leaf loops: plain functions over unaliased pointers, compiled for
+// AVX-512/AVX2/baseline (support.hpp), written so that the compare, the
+// select and the index blend vectorize (no short-circuit ||, which GCC turns
+// into branches). `index` null: no indices wanted (eval).
+
+// Channels-last: one output pixel, its `channels` channels at once.
+NORMKIT_ENGINE_SIMD_CLONES
+void max_window_rows(const float* __restrict src, int64_t row_step, int64_t col_step, int64_t k,
+                     int64_t channels, float* __restrict out, WindowIndex* __restrict index) {
+  WindowIndex unused[1];
+  const bool keep = index != nullptr;
+  WindowIndex* __restrict at = keep ? index : unused;
+  for (int64_t c = 0; c < channels; ++c) out[c] = src[c];
+  if (keep)
+    for (int64_t c = 0; c < channels; ++c) at[c] = 0;
+  for (int64_t kh = 0; kh < k; ++kh)
+    for (int64_t kw = kh == 0 ? 1 : 0; kw < k; ++kw) {
+      const float* __restrict p = src + kh * row_step + kw * col_step;
+      const auto position = static_cast<WindowIndex>(kh * k + kw);
+      if (keep) {
+        for (int64_t c = 0; c < channels; ++c) {
+          const float v = p[c], best = out[c];
+          const bool take = (v > best) | (v != v);
+          out[c] = take ? v : best;
+          at[c] = take ? position : at[c];
+        }
+      } else {
+        for (int64_t c = 0; c < channels; ++c) {
+          const float v = p[c], best = out[c];
+          out[c] = (v > best) | (v != v) ? v : best;
+        }
+      }
+    }
+}
+// Channels-first rows are short (14 or 7 outputs: too short for AVX-512
+// vectors), so their loops also run as scalar code; these selects by bit mask
+// keep that code free of branches, which random data would mispredict.
+inline float select(bool take, float a, float b) {
+  const uint32_t mask = 0u - static_cast<uint32_t>(take);
+  return std::bit_cast<float>((std::bit_cast<uint32_t>(a) & mask) | (std::bit_cast<uint32_t>(b) & ~mask));
+}
+inline uint32_t select(bool take, uint32_t a, uint32_t b) {
+  const uint32_t mask = 0u - static_cast<uint32_t>(take);
+  return (a & mask) | (b & ~mask);
+}
+inline void take_max(float v, uint32_t position, float& best, uint32_t& at) {
+  const bool take = (v > best) | (v != v);
+  best = select(take, v, best);
+  at = select(take, position, at);
+}
+
+// Channels-first, 2×2 windows with stride 2 (the common case, with constant
+// strides so the loads vectorize): one output row from input rows r0, r1.
+NORMKIT_ENGINE_SIMD_CLONES
+void max_window_row_2x2(const float* __restrict r0, const float* __restrict r1, int64_t width,
+                        float* __restrict out, WindowIndex* __restrict index) {
+  for (int64_t ow = 0; ow < width; ++ow) {
+    float best = r0[2 * ow];
+    uint32_t at = 0;
+    take_max(r0[2 * ow + 1], 1, best, at);
+    take_max(r1[2 * ow], 2, best, at);
+    take_max(r1[2 * ow + 1], 3, best, at);
+    out[ow] = best;
+    if (index) index[ow] = static_cast<WindowIndex>(at);
+  }
+}
+// Channels-first, any window: one output row of `width` pixels.
+void max_window_row(const float* __restrict src, int64_t row_step, int64_t stride, int64_t k,
+                    int64_t width, float* __restrict out, WindowIndex* __restrict index) {
+  for (int64_t ow = 0; ow < width; ++ow) {
+    float best = src[ow * stride];
+    uint32_t at = 0;
+    for (int64_t kh = 0; kh < k; ++kh)
+      for (int64_t kw = kh == 0 ? 1 : 0; kw < k; ++kw)
+        take_max(src[kh * row_step + ow * stride + kw], static_cast<uint32_t>(kh * k + kw), best, at);
+    out[ow] = best;
+    if (index) index[ow] = static_cast<WindowIndex>(at);
+  }
+}
+// Backward of disjoint windows, channels-last: one input row of `width` pixels
+// at window row kh, from its output row's `windows` windows (gradients g and
+// indices, `channels` per window); 0 outside every window.
+NORMKIT_ENGINE_SIMD_CLONES
+void max_unpool_rows(const float* __restrict g, const WindowIndex* __restrict index, int64_t kh,
+                     int64_t k, int64_t stride, int64_t windows, int64_t width, int64_t channels,
+                     float* __restrict out) {
+  for (int64_t iw = 0; iw < width; ++iw) {
+    const int64_t ow = iw / stride, kw = iw % stride;
+    float* __restrict o = out + iw * channels;
+    if (ow >= windows || kw >= k) {
+      for (int64_t c = 0; c < channels; ++c) o[c] = 0.0f;
+      continue;
+    }
+    const auto position = static_cast<WindowIndex>(kh * k + kw);
+    const float* __restrict gw = g + ow * channels;
+    const WindowIndex* __restrict iw_index = index + ow * channels;
+    for (int64_t c = 0; c < channels; ++c) o[c] = iw_index[c] == position ? gw[c] : 0.0f;
+  }
+}
+// Channels-first, 2×2 windows with stride 2: one input row at window row kh.
+NORMKIT_ENGINE_SIMD_CLONES
+void max_unpool_row_2x2(const float* __restrict g, const WindowIndex* __restrict index, int64_t kh,
+                        int64_t windows, int64_t width, float* __restrict out) {
+  const auto left = static_cast<WindowIndex>(2 * kh), right = static_cast<WindowIndex>(2 * kh + 1);
+  for (int64_t ow = 0; ow < windows; ++ow) {
+    out[2 * ow] = select(index[ow] == left, g[ow], 0.0f);
+    out[2 * ow + 1] = select(index[ow] == right, g[ow], 0.0f);
+  }
+  for (int64_t iw = 2 * windows; iw < width; ++iw) out[iw] = 0.0f;
+}
+// Channels-first, any disjoint windows: one input row at window row kh.
+void max_unpool_row(const float* __restrict g, const WindowIndex* __restrict index, int64_t kh,
+                    int64_t k, int64_t stride, int64_t windows, int64_t width, float* __restrict out) {
+  for (int64_t iw = 0; iw < width; ++iw) {
+    const int64_t ow = iw / stride, kw = iw % stride;
+    out[iw] = ow < windows && kw < k ? select(index[ow] == kh * k + kw, g[ow], 0.0f) : 0.0f;
+  }
+}
+void average_window_rows(const float* __restrict src, int64_t first, int64_t row_step,
+                         int64_t col_step, int64_t k, int64_t channels, float* __restrict out) {
+  const float inv_area = 1.0f / static_cast<float>(k * k);
+  for (int64_t c = 0; c < channels; ++c) out[c] = 0.0f;
+  for (int64_t kh = 0; kh < k; ++kh)
+    for (int64_t kw = 0; kw < k; ++kw)
+      for (int64_t c = 0; c < channels; ++c) out[c] += src[first + kh * row_step + kw * col_step + c];
+  for (int64_t c = 0; c < channels; ++c) out[c] *= inv_area;
+}
+
+class Pool2d final : public Layer {
+ public:
+  Pool2d(const std::vector<int64_t>& input, int64_t k, int64_t stride, bool max, MemoryFormat format)
+      : c_(input[0]), h_(input[1]), w_(input[2]), k_(k), stride_(stride), max_(max), format_(format) {
+    oh_ = (h_ - k_) / stride_ + 1;
+    ow_ = (w_ - k_) / stride_ + 1;
+  }
+  std::string type() const override { return max_ ? "maxpool" : "avgpool"; }
+  std::string describe() const override {
+    std::ostringstream s;
+    s << type() << "(" << k_ << "x" << k_ << ", stride " << stride_ << ")";
+    return s.str();
+  }
+  std::vector<int64_t> output_shape(const std::vector<int64_t>& input) const override {
+    if (input.size() != 3 || input[0] != c_ || input[1] != h_ || input[2] != w_)
+      fail_invalid(describe(), ": expected input [", c_, ", ", h_, ", ", w_, "], got ",
+                   shape_text(input));
+    return {c_, oh_, ow_};
+  }
+  const Tensor& forward(const Tensor& x, Mode mode) override {
+    const int64_t n = x.shape[0];
+    y_.reshape({n, c_, oh_, ow_}, format_);
+    if (max_) {
+      if (mode == Mode::train) index_.resize(y_.data.size());
+      max_forward(x, mode == Mode::train);
+      return y_;
+    }
+    // Average: each output (i, c, oh, ow) sums its window; channels-last runs the
+    // channel loop innermost (contiguous), channels-first the window loops.
+    const Strides4 in(x.shape, format_), out(y_.shape, format_);
+    const float inv_area = 1.0f / static_cast<float>(k_ * k_);
+    const float* src = x.data.data();
+    float* dst = y_.data.data();
+    if (format_ == MemoryFormat::channels_last) {
+#pragma omp parallel for num_threads(threads_for(x.numel())) schedule(static)
+      for (int64_t t = 0; t < n * oh_ * ow_; ++t) {
+        const int64_t i = t / (oh_ * ow_), oh = (t / ow_) % oh_, ow = t % ow_;
+        average_window_rows(src, in.at(i, 0, oh * stride_, ow * stride_), in.h, in.w, k_, c_,
+                            dst + t * c_);
+      }
+      return y_;
+    }
+#pragma omp parallel for num_threads(threads_for(x.numel())) schedule(static)
+    for (int64_t t = 0; t < n * oh_ * ow_; ++t) {
+      const int64_t i = t / (oh_ * ow_), oh = (t / ow_) % oh_, ow = t % ow_;
+      for (int64_t c = 0; c < c_; ++c) {
+        const int64_t first = in.at(i, c, oh * stride_, ow * stride_);
+        float sum = 0.0f;
+        for (int64_t kh = 0; kh < k_; ++kh)
+          for (int64_t kw = 0; kw < k_; ++kw) sum += src[first + kh * in.h + kw * in.w];
+        dst[out.at(i, c, oh, ow)] = sum * inv_area;
+      }
+    }
+    return y_;
+  }
+  const Tensor& backward(const Tensor& dy, bool need_input_grad) override {
+    if (!need_input_grad) return no_input_grad(dx_, format_);
+    const int64_t n = dy.shape[0];
+    dx_.reshape({n, c_, h_, w_}, format_);
+    if (max_ && stride_ >= k_) {
+      max_backward_disjoint(dy);
+      return dx_;
+    }
+    std::fill(dx_.data.begin(), dx_.data.end(), 0.0f);
+    const Strides4 in(dx_.shape, format_), out(dy.shape, format_);
+    const float inv_area = 1.0f / static_cast<float>(k_ * k_);
+    // Overlapping windows add into the same input: one thread per sample, so
+    // no two threads write the same element.
+#pragma omp parallel for num_threads(threads_for(dy.numel() * k_ * k_)) schedule(static)
+    for (int64_t i = 0; i < n; ++i)
+      for (int64_t c = 0; c < c_; ++c)
+        for (int64_t oh = 0; oh < oh_; ++oh)
+          for (int64_t ow = 0; ow < ow_; ++ow) {
+            const int64_t o = out.at(i, c, oh, ow);
+            if (max_) {
+              const int64_t kh = index_[o] / k_, kw = index_[o] % k_;
+              dx_.data[in.at(i, c, oh * stride_ + kh, ow * stride_ + kw)] += dy.data[o];
+              continue;
+            }
+            const float g = dy.data[o] * inv_area;
+            for (int64_t kh = 0; kh < k_; ++kh)
+              for (int64_t kw = 0; kw < k_; ++kw)
+                dx_.data[in.at(i, c, oh * stride_ + kh, ow * stride_ + kw)] += g;
+          }
+    return dx_;
+  }
+
+ private:
+  // index_ is written in train mode only.
+  void max_forward(const Tensor& x, bool keep_index) {
+    const int64_t n = x.shape[0];
+    const Strides4 in(x.shape, format_);
+    const float* src = x.data.data();
+    float* dst = y_.data.data();
+    WindowIndex* index = keep_index ? index_.data() : nullptr;
+    if (format_ == MemoryFormat::channels_last) {
+#pragma omp parallel for num_threads(threads_for(x.numel())) schedule(static)
+      for (int64_t t = 0; t < n * oh_ * ow_; ++t) {
+        const int64_t i = t / (oh_ * ow_), oh = (t / ow_) % oh_, ow = t % ow_;
+        max_window_rows(src + in.at(i, 0, oh * stride_, ow * stride_), in.h, in.w, k_, c_,
+                        dst + t * c_, index ? index + t * c_ : nullptr);
+      }
+      return;
+    }
+#pragma omp parallel for num_threads(threads_for(x.numel())) schedule(static)
+    for (int64_t r = 0; r < n * c_ * oh_; ++r) {  // output rows, (i, c, oh)
+      const int64_t plane = r / oh_, oh = r % oh_;
+      const float* row = src + (plane * h_ + oh * stride_) * w_;
+      WindowIndex* row_index = index ? index + r * ow_ : nullptr;
+      if (k_ == 2 && stride_ == 2)
+        max_window_row_2x2(row, row + w_, ow_, dst + r * ow_, row_index);
+      else
+        max_window_row(row, w_, stride_, k_, ow_, dst + r * ow_, row_index);
+    }
+  }
+  // Windows that do not overlap (stride >= k): every input element is in at
+  // most one window, so dx is written once, in memory order, from its window's
+  // index and gradient (0 outside every window), with no zero fill first.
+  void max_backward_disjoint(const Tensor& dy) {
+    const float* g = dy.data.data();
+    const WindowIndex* index = index_.data();
+    float* dx = dx_.data.data();
+    // Input row ih is in window row oh = ih / stride at kh = ih % stride, unless
+    // kh >= k or oh >= the output rows: then it is in no window.
+    const bool last = format_ == MemoryFormat::channels_last;
+    const int64_t row_size = last ? w_ * c_ : w_;        // floats per input row
+    const int64_t window_row = last ? ow_ * c_ : ow_;    // per output row
+#pragma omp parallel for num_threads(threads_for(dx_.numel())) schedule(static)
+    for (int64_t r = 0; r < dx_.numel() / row_size; ++r) {  // input rows: (i, ih) or (i, c, ih)
+      const int64_t plane = r / h_, oh = (r % h_) / stride_, kh = (r % h_) % stride_;
+      float* out = dx + r * row_size;
+      if (oh >= oh_ || kh >= k_) {
+        std::fill(out, out + row_size, 0.0f);
+        continue;
+      }
+      const int64_t o = (plane * oh_ + oh) * window_row;
+      if (last)
+        max_unpool_rows(g + o, index + o, kh, k_, stride_, ow_, w_, c_, out);
+      else if (k_ == 2 && stride_ == 2)
+        max_unpool_row_2x2(g + o, index + o, kh, ow_, w_, out);
+      else
+        max_unpool_row(g + o, index + o, kh, k_, stride_, ow_, w_, out);
+    }
+  }
+
+  int64_t c_, h_, w_, k_, stride_, oh_ = 0, ow_ = 0;
+  bool max_;
+  MemoryFormat format_;
+  std::vector<WindowIndex> index_;  // max pooling, train mode: kh·k + kw per output
+  Tensor y_, dx_;
+};
+
+// ---------------------------------------------------------------- elementwise
+enum class Activation { relu, sigmoid, tanh };
+
+// Branch-free and unaliased, so the compiler vectorizes them (a branch on the
+// sign of y mispredicts half the time).
+void relu_forward(const float* __restrict in, float* __restrict out, int64_t begin, int64_t end) {
+  for (int64_t i = begin; i < end; ++i) out[i] = std::max(in[i], 0.0f);
+}
+void relu_backward(const float* __restrict y, const float* __restrict g, float* __restrict out,
+                   int64_t begin, int64_t end) {
+  for (int64_t i = begin; i < end; ++i) {
+    const float gi = g[i];  // loaded unconditionally: a conditional load blocks vectorization
+    out[i] = y[i] > 0.0f ? gi : 0.0f;
+  }
+}
+
+// [begin, end) of a range split evenly over the threads of a parallel region.
+std::pair<int64_t, int64_t> thread_share(int64_t total) {
+  const int64_t threads = omp_get_num_threads(), t = omp_get_thread_num();
+  return {total * t / threads, total * (t + 1) / threads};
+}
+class Elementwise final : public Layer {
+ public:
+  explicit Elementwise(Activation kind) : kind_(kind) {}
+  std::string type() const override {
+    return kind_ == Activation::relu ? "relu" : kind_ == Activation::sigmoid ? "sigmoid" : "tanh";
+  }
+  std::string describe() const override { return type(); }
+  std::vector<int64_t> output_shape(const std::vector<int64_t>& input) const override {
+    return input;
+  }
+  const Tensor& forward(const Tensor& x, Mode) override {
+    y_.reshape(x.shape, x.format);
+    const int64_t total = x.numel();
+    const float* in = x.data.data();
+    float* out = y_.data.data();
+    switch (kind_) {
+      case Activation::relu:
+#pragma omp parallel num_threads(threads_for(total))
+        {
+          const auto [begin, end] = thread_share(total);
+          relu_forward(in, out, begin, end);
+        }
+        break;
+      case Activation::sigmoid:
+#pragma omp parallel for num_threads(threads_for(total * 8)) schedule(static)
+        for (int64_t i = 0; i < total; ++i) out[i] = 1.0f / (1.0f + std::exp(-in[i]));
+        break;
+      case Activation::tanh:
+#pragma omp parallel for num_threads(threads_for(total * 8)) schedule(static)
+        for (int64_t i = 0; i < total; ++i) out[i] = std::tanh(in[i]);
+        break;
+    }
+    return y_;
+  }
+  // Derivatives from the output: relu' = [y > 0], sigmoid' = y(1 - y), tanh' = 1 - y².
+  const Tensor& backward(const Tensor& dy, bool need_input_grad) override {
+    if (!need_input_grad) return no_input_grad(dx_, dy.format);
+    dx_.reshape(dy.shape, dy.format);
+    const int64_t total = dy.numel();
+    const float* y = y_.data.data();
+    const float* g = dy.data.data();
+    float* out = dx_.data.data();
+    switch (kind_) {
+      case Activation::relu:
+#pragma omp parallel num_threads(threads_for(total))
+        {
+          const auto [begin, end] = thread_share(total);
+          relu_backward(y, g, out, begin, end);
+        }
+        break;
+      case Activation::sigmoid:
+#pragma omp parallel for num_threads(threads_for(total)) schedule(static)
+        for (int64_t i = 0; i < total; ++i) out[i] = g[i] * y[i] * (1.0f - y[i]);
+        break;
+      case Activation::tanh:
+#pragma omp parallel for num_threads(threads_for(total)) schedule(static)
+        for (int64_t i = 0; i < total; ++i) out[i] = g[i] * (1.0f - y[i] * y[i]);
+        break;
+    }
+    return dx_;
+  }
+
+ private:
+  Activation kind_;
+  Tensor y_, dx_;
+};
+
+// ---------------------------------------------------------------- dropout
+// Inverted dropout: kept values are scaled by 1/(1 - p) in training; eval is
+// the identity. The mask is a hash of (seed, step, layer, index), so it does
+// not depend on threads or on where a run was resumed.
+class Dropout final : public Layer {
+ public:
+  Dropout(double p, uint64_t salt) : p_(p), salt_(salt) {
+    if (!(p >= 0.0 && p < 1.0)) fail_invalid("dropout: p must be in [0, 1), got ", p);
+  }
+  std::string type() const override { return "dropout"; }
+  std::string describe() const override { return "dropout(" + std::to_string(p_) + ")"; }
+  std::vector<int64_t> output_shape(const std::vector<int64_t>& input) const override {
+    return input;
+  }
+  void set_step(uint64_t seed, uint64_t step) override { key_ = mix(seed ^ mix(step + salt_)); }
+  const Tensor& forward(const Tensor& x, Mode mode) override {
+    y_.reshape(x.shape, x.format);
+    const int64_t total = x.numel();
+    if (mode == Mode::eval || p_ == 0.0) {
+      std::copy(x.data.begin(), x.data.end(), y_.data.begin());
+      scale_.assign(static_cast<size_t>(total), 1.0f);
+      return y_;
+    }
+    scale_.resize(static_cast<size_t>(total));
+    const float keep_scale = static_cast<float>(1.0 / (1.0 - p_));
+    const auto threshold = static_cast<uint64_t>(p_ * 18446744073709551616.0);
+#pragma omp parallel for num_threads(threads_for(total)) schedule(static)
+    for (int64_t i = 0; i < total; ++i) {
+      scale_[i] = mix(key_ + static_cast<uint64_t>(i)) < threshold ? 0.0f : keep_scale;
+      y_.data[i] = x.data[i] * scale_[i];
+    }
+    return y_;
+  }
+  const Tensor& backward(const Tensor& dy, bool need_input_grad) override {
+    if (!need_input_grad) return no_input_grad(dx_, dy.format);
+    dx_.reshape(dy.shape, dy.format);
+    for (size_t i = 0; i < dy.data.size(); ++i) dx_.data[i] = dy.data[i] * scale_[i];
+    return dx_;
+  }
+
+ private:
+  static uint64_t mix(uint64_t z) {  // splitmix64's finalizer
+    z += 0x9e3779b97f4a7c15ull;
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+    return z ^ (z >> 31);
+  }
+  double p_;
+  uint64_t salt_, key_ = 0;
+  std::vector<float> scale_;
+  Tensor y_, dx_;
+};
+
+// ---------------------------------------------------------------- flatten
+// [N, C, H, W] -> [N, C·H·W] in (c, h, w) order whatever the memory format,
+// so a model means the same thing in either format (and matches PyTorch).
+class Flatten final : public Layer {
+ public:
+  Flatten(const std::vector<int64_t>& input, MemoryFormat format) : input_(input), format_(format) {}
+  std::string type() const override { return "flatten"; }
+  std::string describe() const override { return "flatten"; }
+  std::vector<int64_t> output_shape(const std::vector<int64_t>& input) const override {
+    int64_t n = 1;
+    for (const auto d : input) n *= d;
+    return {n};
+  }
+  const Tensor& forward(const Tensor& x, Mode) override {
+    const int64_t n = x.shape[0], features = x.numel() / n;
+    y_.reshape({n, features}, MemoryFormat::channels_first);
+    // With one channel, channels-last data are already in (c, h, w) order.
+    if (x.shape.size() != 4 || x.format == MemoryFormat::channels_first || x.shape[1] == 1) {
+      std::copy(x.data.begin(), x.data.end(), y_.data.begin());
+      return y_;
+    }
+    const int64_t C = x.shape[1], HW = x.shape[2] * x.shape[3];
+#pragma omp parallel for num_threads(threads_for(x.numel())) schedule(static)
+    for (int64_t i = 0; i < n; ++i)
+      for (int64_t p = 0; p < HW; ++p)
+        for (int64_t c = 0; c < C; ++c) y_.data[(i * C + c) * HW + p] = x.data[(i * HW + p) * C + c];
+    return y_;
+  }
+  const Tensor& backward(const Tensor& dy, bool need_input_grad) override {
+    if (!need_input_grad) return no_input_grad(dx_, format_);
+    const int64_t n = dy.shape[0];
+    std::vector<int64_t> shape = {n};
+    shape.insert(shape.end(), input_.begin(), input_.end());
+    if (shape.size() != 4) {
+      dx_.reshape(shape, MemoryFormat::channels_first);
+      std::copy(dy.data.begin(), dy.data.end(), dx_.data.begin());
+      return dx_;
+    }
+    dx_.reshape(shape, format_);
+    if (format_ == MemoryFormat::channels_first || shape[1] == 1) {
+      std::copy(dy.data.begin(), dy.data.end(), dx_.data.begin());
+      return dx_;
+    }
+    const int64_t C = shape[1], HW = shape[2] * shape[3];
+#pragma omp parallel for num_threads(threads_for(dy.numel())) schedule(static)
+    for (int64_t i = 0; i < n; ++i)
+      for (int64_t p = 0; p < HW; ++p)
+        for (int64_t c = 0; c < C; ++c) dx_.data[(i * HW + p) * C + c] = dy.data[(i * C + c) * HW + p];
+    return dx_;
+  }
+
+ private:
+  std::vector<int64_t> input_;
+  MemoryFormat format_;
+  Tensor y_, dx_;
+};
+
+// Batch norm and its variants: batch_norm_layers.cpp (make_batch_norm_layer).
+
+}  // namespace
+
+namespace {
+
+using Input = std::vector<int64_t>;
+
+void need_image(const std::string& type, const Input& input) {
+  if (input.size() != 3) fail_invalid(type, ": needs a [C, H, W] input, got ", shape_text(input));
+}
+
+std::unique_ptr<Layer> build_linear(const ModelSpec::LayerSpec& spec, const Input& input,
+                                    MemoryFormat, size_t) {
+  if (input.size() != 1)
+    fail_invalid("linear: needs a flat input, got ", shape_text(input), " (add 'flatten')");
+  const int64_t out = int_arg(spec.args[0]);
+  if (out < 1) fail_invalid("linear: output size must be >= 1, got ", out);
+  return std::make_unique<Linear>(input[0], out, option_or(spec, "bias", 1) != 0);
+}
+
+std::unique_ptr<Layer> build_conv(const ModelSpec::LayerSpec& spec, const Input& input,
+                                  MemoryFormat format, size_t) {
+  need_image(spec.type, input);
+  const int64_t out = int_arg(spec.args[0]), k = int_arg(spec.args[1]);
+  const auto stride = static_cast<int64_t>(option_or(spec, "stride", 1));
+  const auto pad = static_cast<int64_t>(option_or(spec, "pad", 0));
+  if (out < 1 || k < 1 || stride < 1 || pad < 0)
+    fail_invalid("conv: bad sizes (out ", out, ", kernel ", k, ", stride ", stride, ", pad ", pad, ")");
+  if (input[1] + 2 * pad < k || input[2] + 2 * pad < k)
+    fail_invalid("conv: kernel ", k, " is larger than the padded input ", shape_text(input));
+  return make_conv_layer(input, out, k, stride, pad, option_or(spec, "bias", 1) != 0, format);
+}
+
+std::unique_ptr<Layer> build_pool(const ModelSpec::LayerSpec& spec, const Input& input,
+                                  MemoryFormat format, size_t) {
+  const std::string& t = spec.type;
+  need_image(t, input);
+  const int64_t k = int_arg(spec.args[0]);
+  const auto stride = static_cast<int64_t>(option_or(spec, "stride", static_cast<double>(k)));
+  if (k < 1 || stride < 1 || input[1] < k || input[2] < k)
+    fail_invalid(t, ": window ", k, " (stride ", stride, ") does not fit input ", shape_text(input));
+  if (t == "maxpool" && k > kMaxPoolWindow)
+    fail_invalid(t, ": windows up to ", kMaxPoolWindow, " wide are supported, got ", k);
+  return std::make_unique<Pool2d>(input, k, stride, t == "maxpool", format);
+}
+
+template <Activation kActivation>
+std::unique_ptr<Layer> build_activation(const ModelSpec::LayerSpec&, const Input&, MemoryFormat,
+                                        size_t) {
+  return std::make_unique<Elementwise>(kActivation);
+}
+
+std::unique_ptr<Layer> build_dropout(const ModelSpec::LayerSpec& spec, const Input&, MemoryFormat,
+                                     size_t index) {
+  return std::make_unique<Dropout>(std::stod(spec.args[0]), 0x1000193ull * (index + 1));
+}
+
+std::unique_ptr<Layer> build_flatten(const ModelSpec::LayerSpec&, const Input& input,
+                                     MemoryFormat format, size_t) {
+  return std::make_unique<Flatten>(input, format);
+}
+
+std::unique_ptr<Layer> build_layer_norm(const ModelSpec::LayerSpec& spec, const Input& input,
+                                        MemoryFormat format, size_t) {
+  return make_layer_norm(input, option_or(spec, "eps", 1e-5), format);
+}
+
+std::unique_ptr<Layer> build_batch_norm(const ModelSpec::LayerSpec& spec, const Input& input,
+                                        MemoryFormat, size_t) {
+  return make_batch_norm_layer(spec, input);
+}
+
+std::unique_ptr<Layer> build_group_norm(const ModelSpec::LayerSpec& spec, const Input& input,
+                                        MemoryFormat, size_t) {
+  return make_group_norm_layer(spec, input);
+}
+
+std::unique_ptr<Layer> build_instance_norm(const ModelSpec::LayerSpec& spec, const Input& input,
+                                           MemoryFormat, size_t) {
+  return make_instance_norm_layer(spec, input);
+}
+
+}  // namespace
+
+const std::vector<LayerKind>& layer_kinds() {
+  static const std::vector<LayerKind> table = {
+      {"linear", 1, 1, {"bias"}, false, build_linear},
+      {"conv", 2, 2, {"stride", "pad", "bias"}, false, build_conv},
+      {"maxpool", 1, 1, {"stride"}, false, build_pool},
+      {"avgpool", 1, 1, {"stride"}, false, build_pool},
+      {"relu", 0, 0, {}, false, build_activation<Activation::relu>},
+      {"sigmoid", 0, 0, {}, false, build_activation<Activation::sigmoid>},
+      {"tanh", 0, 0, {}, false, build_activation<Activation::tanh>},
+      {"dropout", 1, 1, {}, false, build_dropout},
+      {"flatten", 0, 0, {}, false, build_flatten},
+      {"batchnorm", 0, 0, {"eps", "momentum", "frozen"}, true, build_batch_norm},
+      {"batchrenorm", 0, 0, {"eps", "momentum", "rmax", "dmax", "warmup", "frozen"}, true,
+       build_batch_norm},
+      {"ghostbatchnorm", 0, 0, {"eps", "momentum", "size", "frozen"}, true, build_batch_norm},
+      {"layernorm", 0, 0, {"eps"}, true, build_layer_norm},
+      {"groupnorm", 0, 0, {"groups", "eps", "affine"}, true, build_group_norm},
+      {"instancenorm", 0, 0, {"eps", "momentum", "affine", "track_running_stats"}, true,
+       build_instance_norm},
+  };
+  return table;
+}
+
+const LayerKind* find_layer_kind(const std::string& type) {
+  for (const LayerKind& kind : layer_kinds())
+    if (type == kind.type) return &kind;
+  return nullptr;
+}
+
+std::unique_ptr<Layer> make_layer(const ModelSpec::LayerSpec& spec,
+                                  const std::vector<int64_t>& input, MemoryFormat format,
+                                  size_t index) {
+  const LayerKind* kind = find_layer_kind(spec.type);
+  if (!kind) fail_invalid("unknown layer type '", spec.type, "'");
+  return kind->build(spec, input, format, index);
+}
+
+}  // namespace normkit::nn::detail

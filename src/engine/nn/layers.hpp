@@ -1,0 +1,56 @@
+#pragma once
+// Layer implementations; Model builds them from a ModelSpec.
+#include <cstddef>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "normkit/engine/nn.hpp"
+
+namespace normkit::nn::detail {
+
+// The one registry of layer types: what the model spec accepts for each type
+// (spec.cpp checks arguments and options against it) and how make_layer builds
+// it. A new layer type is one entry here.
+struct LayerKind {
+  const char* type;
+  size_t min_args, max_args;
+  std::vector<std::string> options;
+  bool is_norm;  // a normalization layer: ModelSpec::without_batch_norm drops it
+  // The layer for `spec` given its input shape (without N); see make_layer.
+  std::unique_ptr<Layer> (*build)(const ModelSpec::LayerSpec& spec,
+                                  const std::vector<int64_t>& input_shape, MemoryFormat format,
+                                  size_t index);
+};
+const std::vector<LayerKind>& layer_kinds();
+const LayerKind* find_layer_kind(const std::string& type);  // nullptr: no such type
+
+// Builds the layer for `spec` given its input shape (without N).
+// `index` (the layer's position) keeps the randomness of equal layers apart.
+std::unique_ptr<Layer> make_layer(const ModelSpec::LayerSpec& spec,
+                                  const std::vector<int64_t>& input_shape, MemoryFormat format,
+                                  size_t index);
+
+// "[32, 28, 28]", for messages.
+std::string shape_text(const std::vector<int64_t>& shape);
+// A spec option as a number, or `fallback` when the spec does not give it.
+double option_or(const ModelSpec::LayerSpec& spec, const std::string& key, double fallback);
+
+// Fills weights of a layer with `fan_in` inputs and `fan_out` outputs per `init`.
+void fill_init(std::vector<float>& w, int64_t fan_in, int64_t fan_out, const InitOptions& init,
+               std::mt19937_64& rng);
+
+// Square kernel k, zero padding (conv_layer.cpp).
+std::unique_ptr<Layer> make_conv_layer(const std::vector<int64_t>& input, int64_t out, int64_t k,
+                                       int64_t stride, int64_t pad, bool bias, MemoryFormat format);
+
+// Layer normalization over all of a sample's features (layer_norm_layer.cpp).
+std::unique_ptr<Layer> make_layer_norm(const std::vector<int64_t>& input_shape, double eps,
+                                       MemoryFormat format);
+// "batchnorm", "batchrenorm" and "ghostbatchnorm" (batch_norm_layers.cpp).
+constexpr int64_t kDefaultRenormWarmup = 500;   // steps over which rmax, dmax reach their values
+constexpr int64_t kDefaultGhostBatchSize = 32;  // virtual batch size
+std::unique_ptr<Layer> make_batch_norm_layer(const ModelSpec::LayerSpec& spec,
+                                             const std::vector<int64_t>& input_shape);
+
+}  // namespace normkit::nn::detail

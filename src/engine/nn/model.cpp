@@ -1,0 +1,119 @@
+#include <sstream>
+
+#include "nn/layers.hpp"
+#include "normkit/engine/nn.hpp"
+#include "support.hpp"
+
+namespace normkit::nn {
+
+Model::Model(const ModelSpec& spec, MemoryFormat format) : spec_(spec), format_(format) {
+  std::vector<int64_t> shape = spec.input_shape;
+  for (size_t i = 0; i < spec.layers.size(); ++i) {
+    try {
+      layers_.push_back(detail::make_layer(spec.layers[i], shape, format, i));
+      shape = layers_.back()->output_shape(shape);
+    } catch (const Error& e) {
+      throw Error(e.kind(), "model spec, layer " + std::to_string(i + 1) + ": " + e.what());
+    }
+  }
+  if (shape.size() != 1 || shape[0] < 2)
+    engine::fail_invalid("model spec: the last layer must give [classes >= 2] logits");
+}
+
+void Model::initialize(const InitOptions& options, uint64_t seed) {
+  std::mt19937_64 rng(seed);
+  for (auto& layer : layers_) layer->initialize(options, rng);
+}
+
+void Model::set_step(uint64_t seed, uint64_t step) {
+  for (auto& layer : layers_) layer->set_step(seed, step);
+}
+
+const Tensor& Model::forward(const Tensor& x, Mode mode) {
+  std::vector<int64_t> expected = {x.shape.empty() ? 0 : x.shape[0]};
+  expected.insert(expected.end(), spec_.input_shape.begin(), spec_.input_shape.end());
+  if (x.shape != expected || x.shape[0] < 1)
+    engine::fail_invalid("model: input shape does not match the spec's input");
+  if (static_cast<int64_t>(x.data.size()) != x.numel())
+    engine::fail_invalid("model: input holds ", x.data.size(), " values, its shape ",
+                                  x.numel());
+  // Convolution and pooling read the input in the model's format; with one
+  // channel both formats store the same thing.
+  if (x.shape.size() == 4 && x.shape[1] > 1 && x.format != format_)
+    engine::fail_invalid("model: input is ",
+                                  x.format == MemoryFormat::channels_last ? "channels-last" : "channels-first",
+                                  ", the model ",
+                                  format_ == MemoryFormat::channels_last ? "channels-last" : "channels-first");
+  const Tensor* current = &x;
+  for (auto& layer : layers_) current = &layer->forward(*current, mode);
+  return *current;
+}
+
+void Model::backward(const Tensor& dlogits) {
+  // The input takes no gradient, so neither do the parameter-free layers at the
+  // front (mlp-paper's flatten): the first layer with parameters computes no dx.
+  size_t first = 0;
+  while (first < layers_.size() && layers_[first]->parameters().empty()) ++first;
+  const Tensor* grad = &dlogits;
+  for (size_t i = layers_.size(); i-- > first;) grad = &layers_[i]->backward(*grad, i > first);
+}
+
+int Model::freeze_batch_norm() {
+  int frozen = 0;
+  for (size_t i = 0; i < layers_.size(); ++i)
+    if (layers_[i]->set_frozen(true)) {
+      spec_.layers[i].options.insert_or_assign("frozen", std::string("1"));
+      ++frozen;
+    }
+  return frozen;
+}
+
+void Model::zero_grad() {
+  for (auto* p : parameters()) std::fill(p->grad.begin(), p->grad.end(), 0.0f);
+}
+
+std::vector<Parameter*> Model::parameters() {
+  std::vector<Parameter*> out;
+  for (auto& layer : layers_)
+    for (auto* p : layer->parameters()) out.push_back(p);
+  return out;
+}
+
+std::vector<std::pair<std::string, std::vector<float>*>> Model::state() {
+  std::vector<std::pair<std::string, std::vector<float>*>> out;
+  for (size_t i = 0; i < layers_.size(); ++i) {
+    for (auto* p : layers_[i]->parameters())
+      out.emplace_back(std::to_string(i) + "." + p->name, &p->value);
+    for (auto& b : layers_[i]->buffers()) out.emplace_back(std::to_string(i) + "." + b.name, b.values);
+  }
+  return out;
+}
+
+int64_t Model::parameter_count() {
+  int64_t n = 0;
+  for (auto* p : parameters()) n += static_cast<int64_t>(p->value.size());
+  return n;
+}
+
+std::string Model::summary() {
+  std::ostringstream out;
+  std::vector<int64_t> shape = spec_.input_shape;
+  auto text = [](const std::vector<int64_t>& s) {
+    std::string t = "[";
+    for (size_t i = 0; i < s.size(); ++i) t += (i ? ", " : "") + std::to_string(s[i]);
+    return t + "]";
+  };
+  out << "input " << text(shape) << "\n";
+  for (size_t i = 0; i < layers_.size(); ++i) {
+    shape = layers_[i]->output_shape(shape);
+    int64_t params = 0;
+    for (auto* p : layers_[i]->parameters()) params += static_cast<int64_t>(p->value.size());
+    out << "  " << i << "  " << layers_[i]->describe() << "  -> " << text(shape);
+    if (params) out << "  (" << params << " parameters)";
+    out << "\n";
+  }
+  out << "parameters: " << parameter_count() << "\n";
+  return out.str();
+}
+
+}  // namespace normkit::nn

@@ -1,0 +1,157 @@
+// SGD and Adam with PyTorch's update rules, so the same hyper-parameters mean
+// the same thing in both. Weight decay is L2 added to the gradient, as torch.optim.
+#include <cmath>
+
+#include "normkit/engine/nn.hpp"
+#include "support.hpp"
+
+namespace normkit::nn {
+
+namespace {
+
+std::vector<std::vector<float>> zeros_like(const std::vector<Parameter*>& parameters) {
+  std::vector<std::vector<float>> out;
+  for (const auto* p : parameters) out.emplace_back(p->value.size(), 0.0f);
+  return out;
+}
+
+void check_same(const std::vector<Parameter*>& parameters, const std::vector<std::vector<float>>& state) {
+  if (parameters.size() != state.size())
+    engine::fail_invalid("optimizer: built for ", state.size(), " parameters, stepped with ",
+                                  parameters.size());
+  for (size_t i = 0; i < state.size(); ++i)
+    if (parameters[i]->value.size() != state[i].size() || parameters[i]->grad.size() != state[i].size())
+      engine::fail_invalid("optimizer: parameter ", i, " (", parameters[i]->name, ") has ",
+                                    parameters[i]->value.size(), " values and ",
+                                    parameters[i]->grad.size(), " gradients, the optimizer ",
+                                    state[i].size());
+}
+
+// g = grad + wd·w
+//   momentum: buf = μ·buf + g (buf = g at the first step); g = g + μ·buf (Nesterov) or buf
+//   w -= lr·g
+class Sgd final : public Optimizer {
+  // One case of the update per instantiation: without branches in the loop
+  // the compiler vectorizes it (the same operations, so the same results).
+  template <bool kMomentum, bool kFirstStep, bool kNesterov>
+  static void update(float* __restrict w, const float* __restrict grad, float* __restrict buf,
+                     size_t n, float lr, float mu, float wd) {
+    for (size_t j = 0; j < n; ++j) {
+      float g = grad[j] + wd * w[j];
+      if constexpr (kMomentum) {
+        const float b = kFirstStep ? g : mu * buf[j] + g;
+        buf[j] = b;
+        g = kNesterov ? g + mu * b : b;
+      }
+      w[j] -= lr * g;
+    }
+  }
+
+ public:
+  Sgd(const SgdOptions& o, const std::vector<Parameter*>& parameters)
+      : options_(o), velocity_(zeros_like(parameters)) {
+    learning_rate = o.lr;
+    if (!(o.lr > 0) || !(o.momentum >= 0) || !(o.weight_decay >= 0))
+      engine::fail_invalid("sgd: lr must be > 0, momentum and weight decay >= 0");
+    if (o.nesterov && o.momentum == 0)
+      engine::fail_invalid("sgd: Nesterov momentum requires momentum > 0");
+  }
+  void step(const std::vector<Parameter*>& parameters) override {
+    check_same(parameters, velocity_);
+    const float mu = options_.momentum, wd = options_.weight_decay, lr = learning_rate;
+    for (size_t i = 0; i < parameters.size(); ++i) {
+      float* w = parameters[i]->value.data();
+      const float* grad = parameters[i]->grad.data();
+      float* buf = velocity_[i].data();
+      const size_t n = parameters[i]->value.size();
+      if (mu == 0)
+        update<false, false, false>(w, grad, buf, n, lr, mu, wd);
+      else if (steps_ == 0)
+        options_.nesterov ? update<true, true, true>(w, grad, buf, n, lr, mu, wd)
+                          : update<true, true, false>(w, grad, buf, n, lr, mu, wd);
+      else
+        options_.nesterov ? update<true, false, true>(w, grad, buf, n, lr, mu, wd)
+                          : update<true, false, false>(w, grad, buf, n, lr, mu, wd);
+    }
+    ++steps_;
+  }
+  std::string name() const override { return "sgd"; }
+  std::map<std::string, double> options() const override {
+    return {{"lr", learning_rate},
+            {"momentum", options_.momentum},
+            {"weight_decay", options_.weight_decay},
+            {"nesterov", options_.nesterov ? 1.0 : 0.0}};
+  }
+  std::vector<std::vector<float>*> state() override {
+    std::vector<std::vector<float>*> out;
+    for (auto& v : velocity_) out.push_back(&v);
+    return out;
+  }
+  int64_t& steps() override { return steps_; }
+
+ private:
+  SgdOptions options_;
+  std::vector<std::vector<float>> velocity_;
+  int64_t steps_ = 0;
+};
+
+// m = β1·m + (1 - β1)·g;  v = β2·v + (1 - β2)·g²
+// w -= lr · (m / (1 - β1^t)) / (sqrt(v / (1 - β2^t)) + eps)
+class Adam final : public Optimizer {
+ public:
+  Adam(const AdamOptions& o, const std::vector<Parameter*>& parameters)
+      : options_(o), m_(zeros_like(parameters)), v_(zeros_like(parameters)) {
+    learning_rate = o.lr;
+    if (!(o.lr > 0) || !(o.beta1 >= 0 && o.beta1 < 1) || !(o.beta2 >= 0 && o.beta2 < 1) ||
+        !(o.eps > 0) || !(o.weight_decay >= 0))
+      engine::fail_invalid("adam: need lr > 0, betas in [0, 1), eps > 0, weight decay >= 0");
+  }
+  void step(const std::vector<Parameter*>& parameters) override {
+    check_same(parameters, m_);
+    ++steps_;
+    const double t = static_cast<double>(steps_);
+    const float correction1 = static_cast<float>(1.0 - std::pow(options_.beta1, t));
+    const float correction2_sqrt = static_cast<float>(std::sqrt(1.0 - std::pow(options_.beta2, t)));
+    const float b1 = options_.beta1, b2 = options_.beta2, wd = options_.weight_decay;
+    const float step_size = learning_rate / correction1;
+    for (size_t i = 0; i < parameters.size(); ++i) {
+      auto& w = parameters[i]->value;
+      const auto& grad = parameters[i]->grad;
+      for (size_t j = 0; j < w.size(); ++j) {
+        const float g = grad[j] + wd * w[j];
+        m_[i][j] = b1 * m_[i][j] + (1 - b1) * g;
+        v_[i][j] = b2 * v_[i][j] + (1 - b2) * g * g;
+        w[j] -= step_size * m_[i][j] / (std::sqrt(v_[i][j]) / correction2_sqrt + options_.eps);
+      }
+    }
+  }
+  std::string name() const override { return "adam"; }
+  std::map<std::string, double> options() const override {
+    return {{"lr", learning_rate},  {"beta1", options_.beta1},
+            {"beta2", options_.beta2}, {"eps", options_.eps},
+            {"weight_decay", options_.weight_decay}};
+  }
+  std::vector<std::vector<float>*> state() override {
+    std::vector<std::vector<float>*> out;
+    for (auto& v : m_) out.push_back(&v);
+    for (auto& v : v_) out.push_back(&v);
+    return out;
+  }
+  int64_t& steps() override { return steps_; }
+
+ private:
+  AdamOptions options_;
+  std::vector<std::vector<float>> m_, v_;
+  int64_t steps_ = 0;
+};
+
+}  // namespace
+
+std::unique_ptr<Optimizer> make_sgd(const SgdOptions& options, const std::vector<Parameter*>& parameters) {
+  return std::make_unique<Sgd>(options, parameters);
+}
+std::unique_ptr<Optimizer> make_adam(const AdamOptions& options, const std::vector<Parameter*>& parameters) {
+  return std::make_unique<Adam>(options, parameters);
+}
+
+}  // namespace normkit::nn

@@ -1,0 +1,219 @@
+// The model spec: a small text format, its presets and its BN-free twin.
+#include <algorithm>
+#include <cmath>
+#include <map>
+#include <optional>
+#include <sstream>
+
+#include "nn/layers.hpp"
+#include "normkit/engine/nn.hpp"
+#include "support.hpp"
+
+namespace normkit::nn {
+
+namespace {
+
+std::vector<std::string> split_statements(const std::string& text) {
+  std::vector<std::string> out;
+  std::string current;
+  for (const char ch : text) {
+    if (ch == ';' || ch == '\n') {
+      out.push_back(current);
+      current.clear();
+    } else {
+      current += ch;
+    }
+  }
+  out.push_back(current);
+  return out;
+}
+
+std::optional<double> parse_number(const std::string& s) {
+  try {
+    size_t used = 0;
+    const double value = std::stod(s, &used);
+    if (used != s.size() || !std::isfinite(value)) return std::nullopt;
+    return value;
+  } catch (const std::exception&) {
+    return std::nullopt;
+  }
+}
+
+bool is_norm(const ModelSpec::LayerSpec& layer) {
+  const detail::LayerKind* kind = detail::find_layer_kind(layer.type);
+  return kind && kind->is_norm;
+}
+bool has_bias_option(const ModelSpec::LayerSpec& layer) {
+  const detail::LayerKind* kind = detail::find_layer_kind(layer.type);
+  return kind && std::find(kind->options.begin(), kind->options.end(), "bias") != kind->options.end();
+}
+
+}  // namespace
+
+ModelSpec ModelSpec::parse(const std::string& text) {
+  ModelSpec spec;
+  int statement = 0;
+  for (std::string line : split_statements(text)) {
+    ++statement;
+    if (const auto hash = line.find('#'); hash != std::string::npos) line.resize(hash);
+    std::istringstream words(line);
+    std::string type;
+    if (!(words >> type)) continue;
+    std::transform(type.begin(), type.end(), type.begin(), ::tolower);
+    LayerSpec layer{type, {}, {}};
+    for (std::string word; words >> word;) {
+      if (const auto eq = word.find('='); eq != std::string::npos)
+        layer.options[word.substr(0, eq)] = word.substr(eq + 1);
+      else
+        layer.args.push_back(word);
+    }
+    auto fail = [&](const auto&... parts) {
+      engine::fail_invalid("model spec, statement ", statement, " ('", type, "'): ", parts...);
+    };
+    auto number = [&](const std::string& s) {
+      const std::optional<double> value = parse_number(s);
+      if (!value) fail("'", s, "' is not a number");
+      return *value;
+    };
+    if (type == "input") {
+      if (!spec.input_shape.empty()) fail("input given twice");
+      if (layer.args.size() != 1 && layer.args.size() != 3)
+        fail("input takes C, or C H W");
+      for (const auto& a : layer.args) {
+        const double v = number(a);
+        if (v < 1 || v != static_cast<int64_t>(v) || v > 1e7) fail("bad input size ", a);
+        spec.input_shape.push_back(static_cast<int64_t>(v));
+      }
+      continue;
+    }
+    const detail::LayerKind* kind = detail::find_layer_kind(type);
+    if (!kind) fail("unknown layer type");
+    if (layer.args.size() < kind->min_args || layer.args.size() > kind->max_args)
+      fail("expected ", kind->min_args, kind->min_args == kind->max_args ? "" : "+",
+           " arguments, got ", layer.args.size());
+    // Sizes, strides, padding and the bias switch are whole numbers (the layers
+    // would truncate "linear 10.5" to 10 while the spec still says 10.5).
+    auto whole = [&](const std::string& s) {
+      const double v = number(s);
+      if (v != std::floor(v) || std::abs(v) > 1e9) fail("'", s, "' is not a whole number (up to 10^9)");
+      return v;
+    };
+    for (const auto& a : layer.args) type == "dropout" ? number(a) : whole(a);
+    for (const auto& [key, value] : layer.options) {
+      if (std::find(kind->options.begin(), kind->options.end(), key) == kind->options.end())
+        fail("unknown option '", key, "'");
+      if (key == "eps" || key == "momentum" || key == "rmax" || key == "dmax") {
+        number(value);
+      } else if (const double v = whole(value);
+                 (key == "bias" || key == "frozen" || key == "affine" || key == "track_running_stats") &&
+                 v != 0 && v != 1) {
+        fail(key, " must be 0 or 1, got ", value);
+      } else if (key == "groups" && v < 1) {
+        fail("groups must be >= 1, got ", value);
+      }
+    }
+    spec.layers.push_back(std::move(layer));
+  }
+  if (spec.input_shape.empty()) engine::fail_invalid("model spec: missing 'input C [H W]'");
+  if (spec.layers.empty()) engine::fail_invalid("model spec: no layers");
+  return spec;
+}
+
+ModelSpec ModelSpec::preset(const std::string& name) {
+  if (name == "mlp-paper")  // Ioffe & Szegedy 2015, section 4.1: 3 x 100 sigmoid units, BN before each sigmoid
+    return parse(
+        "input 1 28 28; flatten;"
+        "linear 100 bias=0; batchnorm; sigmoid;"
+        "linear 100 bias=0; batchnorm; sigmoid;"
+        "linear 100 bias=0; batchnorm; sigmoid;"
+        "linear 10");
+  if (name == "cnn-small")
+    return parse(
+        "input 1 28 28;"
+        "conv 32 3 pad=1 bias=0; batchnorm; relu; maxpool 2;"
+        "conv 64 3 pad=1 bias=0; batchnorm; relu; maxpool 2;"
+        "flatten; linear 128 bias=0; batchnorm; relu; linear 10");
+  engine::fail_invalid("unknown model preset '", name, "'; expected mlp-paper or cnn-small");
+}
+
+std::string ModelSpec::to_string() const {
+  std::ostringstream out;
+  out << "input";
+  for (const auto d : input_shape) out << ' ' << d;
+  for (const auto& layer : layers) {
+    out << "; " << layer.type;
+    for (const auto& a : layer.args) out << ' ' << a;
+    for (const auto& [key, value] : layer.options) out << ' ' << key << '=' << value;
+  }
+  return out.str();
+}
+
+ModelSpec ModelSpec::without_batch_norm() const {
+  ModelSpec out;
+  out.input_shape = input_shape;
+  for (const auto& layer : layers) {
+    if (is_norm(layer)) {
+      if (!out.layers.empty() && has_bias_option(out.layers.back()))
+        out.layers.back().options.erase("bias");  // default: with bias
+      continue;
+    }
+    out.layers.push_back(layer);
+  }
+  return out;
+}
+
+const std::vector<std::string>& ModelSpec::norm_kinds() {
+  static const std::vector<std::string> kinds = {"batch",  "none",  "frozen",  "renorm",
+                                                 "ghost",  "layer", "group",   "instance"};
+  return kinds;
+}
+
+ModelSpec ModelSpec::with_norm(const std::string& norm) const {
+  if (norm == "none") return without_batch_norm();
+  if (std::find(norm_kinds().begin(), norm_kinds().end(), norm) == norm_kinds().end())
+    engine::fail_invalid("unknown normalization '", norm, "'; expected one of batch, none, frozen, renorm, "
+                         "ghost, layer, group, instance");
+  if (norm == "batch") return *this;
+  static const std::map<std::string, std::string> layer_type = {
+      {"frozen", "batchnorm"},      {"renorm", "batchrenorm"}, {"ghost", "ghostbatchnorm"},
+      {"layer", "layernorm"},       {"group", "groupnorm"},    {"instance", "instancenorm"}};
+  ModelSpec out;
+  out.input_shape = input_shape;
+  // Whether the current activation is flat ([N, C]): instance normalization
+  // has nothing to normalize over there (one value per channel and sample).
+  bool flat = input_shape.size() == 1;
+  int64_t channels = input_shape.empty() ? 0 : input_shape[0];
+  for (const auto& layer : layers) {
+    if (layer.type == "flatten" || layer.type == "linear") flat = true;
+    if ((layer.type == "linear" || layer.type == "conv") && !layer.args.empty())
+      channels = static_cast<int64_t>(std::stod(layer.args[0]));
+    if (layer.type != "batchnorm") {
+      out.layers.push_back(layer);
+      continue;
+    }
+    if (norm == "instance" && flat) {
+      // Dropped, as --norm none would: the layer before it gets its bias back.
+      if (!out.layers.empty() && has_bias_option(out.layers.back())) out.layers.back().options.erase("bias");
+      continue;
+    }
+    LayerSpec replaced{layer_type.at(norm), {}, {}};
+    const auto& allowed = detail::find_layer_kind(replaced.type)->options;
+    for (const auto& [key, value] : layer.options)
+      if (std::find(allowed.begin(), allowed.end(), key) != allowed.end()) replaced.options[key] = value;
+    // (insert_or_assign, not operator=: GCC 12 warns falsely about assigning "1" here)
+    if (norm == "frozen") replaced.options.insert_or_assign("frozen", std::string(1, '1'));
+    // GroupNorm's usual 32 groups, or the most groups up to 32 that divide the
+    // channels (mlp-paper's 100 features: 25 groups of 4). On flat features a
+    // group of one channel has one value per sample and normalizes to β alone,
+    // so groups there hold at least two channels.
+    if (norm == "group" && channels > 0) {
+      int64_t groups = std::max<int64_t>(1, std::min<int64_t>(32, flat ? channels / 2 : channels));
+      while (channels % groups != 0) --groups;
+      replaced.options.insert_or_assign("groups", std::to_string(groups));
+    }
+    out.layers.push_back(std::move(replaced));
+  }
+  return out;
+}
+
+}  // namespace normkit::nn

@@ -1,0 +1,129 @@
+#include <chrono>
+#include <cmath>
+#include <numeric>
+#include <random>
+
+#include "normkit/engine/train.hpp"
+#include "support.hpp"
+
+namespace normkit::train {
+
+std::vector<int64_t> epoch_order(int64_t count, uint64_t seed, int64_t epoch) {
+  std::vector<int64_t> order(static_cast<size_t>(count));
+  std::iota(order.begin(), order.end(), 0);
+  std::seed_seq seq{static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32),
+                    static_cast<uint32_t>(epoch), 0x6e6b7472u};
+  std::mt19937_64 rng(seq);
+  // Fisher-Yates with our own index draw: std::shuffle's use of the engine is
+  // unspecified, so its order could change between standard libraries.
+  for (int64_t i = count - 1; i > 0; --i) {
+    const auto j = static_cast<int64_t>(rng() % static_cast<uint64_t>(i + 1));
+    std::swap(order[i], order[j]);
+  }
+  return order;
+}
+
+void make_batch(const data::Dataset& set, const std::vector<int64_t>& order, int64_t first,
+                int64_t size, nn::MemoryFormat format, nn::Tensor& batch,
+                std::vector<int32_t>& labels) {
+  const int64_t sample = set.sample_size();
+  std::vector<int64_t> shape = {size};
+  shape.insert(shape.end(), set.sample_shape.begin(), set.sample_shape.end());
+  const bool image = shape.size() == 4;
+  batch.reshape(shape, image ? format : nn::MemoryFormat::channels_first);
+  labels.resize(static_cast<size_t>(size));
+  const bool transpose = image && format == nn::MemoryFormat::channels_last && shape[1] > 1;
+  const int64_t channels = image ? shape[1] : 1, pixels = image ? shape[2] * shape[3] : sample;
+  for (int64_t i = 0; i < size; ++i) {
+    const int64_t index = order[first + i];
+    const float* src = set.features.data() + index * sample;
+    float* dst = batch.data.data() + i * sample;
+    labels[i] = set.labels[index];
+    if (!transpose) {
+      std::copy(src, src + sample, dst);
+      continue;
+    }
+    for (int64_t c = 0; c < channels; ++c)
+      for (int64_t p = 0; p < pixels; ++p) dst[p * channels + c] = src[c * pixels + p];
+  }
+}
+
+EpochResult train_epoch(nn::Model& model, nn::Optimizer& optimizer, const data::Dataset& train,
+                        int64_t batch_size, uint64_t seed, int64_t epoch,
+                        const ProgressCallback& progress) {
+  if (batch_size < 2) engine::fail_invalid("batch size must be >= 2 for batch normalization, got ", batch_size);
+  if (train.count() < 2) engine::fail_invalid("training needs at least 2 samples");
+  const auto order = epoch_order(train.count(), seed, epoch);
+  int64_t steps = (train.count() + batch_size - 1) / batch_size;
+  if (train.count() % batch_size == 1) --steps;  // a lone last sample cannot be batch-normalized
+  const auto parameters = model.parameters();
+  nn::Tensor batch, dlogits;
+  std::vector<int32_t> labels;
+  EpochResult result;
+  double loss_sum = 0;
+  int64_t correct = 0;
+  const auto start = std::chrono::steady_clock::now();
+  for (int64_t step = 0; step < steps; ++step) {
+    const int64_t first = step * batch_size;
+    const int64_t size = std::min(batch_size, train.count() - first);
+    make_batch(train, order, first, size, model.format(), batch, labels);
+    model.set_step(seed, static_cast<uint64_t>(epoch * steps + step));
+    const nn::Tensor& logits = model.forward(batch, nn::Mode::train);
+    const nn::LossResult loss = nn::softmax_cross_entropy(logits, labels.data(), &dlogits);
+    if (!std::isfinite(loss.loss))
+      engine::fail_runtime("loss became ", loss.loss, " at epoch ", epoch + 1, ", step ", step + 1,
+                           " of ", steps, "; training stopped");
+    model.zero_grad();
+    model.backward(dlogits);
+    optimizer.step(parameters);
+    loss_sum += loss.loss * static_cast<double>(size);
+    correct += loss.correct;
+    result.samples += size;
+    if (progress) {
+      const double elapsed =
+          std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+      progress({step + 1, steps, loss_sum / static_cast<double>(result.samples),
+                static_cast<double>(correct) / static_cast<double>(result.samples),
+                static_cast<double>(result.samples) / std::max(elapsed, 1e-9)});
+    }
+  }
+  result.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  result.loss = loss_sum / static_cast<double>(result.samples);
+  result.accuracy = static_cast<double>(correct) / static_cast<double>(result.samples);
+  return result;
+}
+
+Evaluation evaluate(nn::Model& model, const data::Dataset& set, int64_t batch_size) {
+  if (set.count() < 1) engine::fail_invalid("evaluate: empty data set");
+  if (batch_size < 1) engine::fail_invalid("evaluate: batch size must be >= 1");
+  std::vector<int64_t> order(static_cast<size_t>(set.count()));
+  std::iota(order.begin(), order.end(), 0);
+  Evaluation out;
+  nn::Tensor batch;
+  std::vector<int32_t> labels;
+  double loss_sum = 0;
+  int64_t correct = 0;
+  for (int64_t first = 0; first < set.count(); first += batch_size) {
+    const int64_t size = std::min(batch_size, set.count() - first);
+    make_batch(set, order, first, size, model.format(), batch, labels);
+    const nn::Tensor& logits = model.forward(batch, nn::Mode::eval);
+    const int64_t classes = logits.shape[1];
+    if (out.confusion.empty()) {
+      out.classes = static_cast<int32_t>(classes);
+      out.confusion.assign(static_cast<size_t>(classes * classes), 0);
+    }
+    const nn::LossResult loss = nn::softmax_cross_entropy(logits, labels.data(), nullptr);
+    loss_sum += loss.loss * static_cast<double>(size);
+    correct += loss.correct;
+    for (int64_t i = 0; i < size; ++i) {
+      const float* z = logits.data.data() + i * classes;
+      const auto predicted = std::max_element(z, z + classes) - z;
+      ++out.confusion[static_cast<size_t>(labels[i] * classes + predicted)];
+    }
+  }
+  out.loss = loss_sum / static_cast<double>(set.count());
+  out.accuracy = static_cast<double>(correct) / static_cast<double>(set.count());
+  return out;
+}
+
+}  // namespace normkit::train

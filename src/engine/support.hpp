@@ -1,0 +1,54 @@
+#pragma once
+// What the engine needs besides the kernel library's public headers: building
+// normkit::Error messages, how many threads a loop deserves, and compiling a
+// leaf loop for several ISAs. The engine uses the kernel library only through
+// include/normkit/, as any user would, so these few lines are its own (the
+// kernel library keeps the same ideas in src/core/check.hpp,
+// src/core/parallel.hpp and src/cpu/leaf_loops.hpp).
+#include <algorithm>
+#include <cstdint>
+#include <sstream>
+#include <string>
+
+#include "normkit/error.hpp"
+#include "normkit/threading.hpp"
+
+// NORMKIT_ENGINE_SIMD_CLONES compiles a function for x86-64-v4 (AVX-512),
+// x86-64-v3 (AVX2+FMA) and baseline x86-64, chosen at run time (GCC's
+// target_clones; there is no -march=native). For plain (non-template)
+// functions with internal linkage, so each file has its own resolver.
+#if defined(__x86_64__) && defined(__GNUC__)
+#define NORMKIT_ENGINE_SIMD_CLONES \
+  __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define NORMKIT_ENGINE_SIMD_CLONES
+#endif
+
+namespace normkit::engine {
+
+template <class... Parts>
+std::string concat(const Parts&... parts) {
+  std::ostringstream out;
+  (out << ... << parts);
+  return out.str();
+}
+
+template <class... Parts>
+[[noreturn]] void fail_invalid(const Parts&... parts) {
+  throw Error(ErrorKind::invalid_argument, concat(parts...));
+}
+
+template <class... Parts>
+[[noreturn]] void fail_runtime(const Parts&... parts) {
+  throw Error(ErrorKind::runtime, concat(parts...));
+}
+
+// Opening a parallel region costs microseconds, and on a shared machine a
+// region stalls whenever another process holds one of its cores, so small
+// loops run on fewer threads. Results never depend on the choice.
+inline int threads_for(int64_t elements) {
+  constexpr int64_t kElementsPerThread = 32768;
+  return static_cast<int>(std::clamp<int64_t>(elements / kElementsPerThread, 1, num_threads()));
+}
+
+}  // namespace normkit::engine
