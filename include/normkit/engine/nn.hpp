@@ -76,6 +76,27 @@ class Layer {
   virtual bool set_frozen(bool /*frozen*/) { return false; }
 };
 
+// What a model takes in memory, computed from its spec alone (ModelSpec::size:
+// nothing is allocated), so that an absurd spec is refused before it exhausts
+// the machine.
+struct ModelSize {
+  int64_t parameters = 0;   // trained values; each also has a gradient
+  int64_t buffers = 0;      // running statistics
+  int64_t activations = 0;  // floats per sample that training keeps: every layer's
+                            // output and input gradient, the convolutions'
+                            // per-chunk weight gradients, max-pooling positions
+  // Parameters, their gradients and up to two optimizer values each (Adam's
+  // moments), the buffers, and the activations of a batch, in bytes.
+  double training_bytes(int64_t batch) const;
+  // "43.2 GB (parameters, gradients and optimizer state 9.6 GB, activations for
+  // a batch of 128 33.6 GB)"
+  std::string describe(int64_t batch) const;
+};
+// The memory of this machine (physical RAM), in bytes.
+double physical_memory_bytes();
+// "1.5 GB", "340 MB".
+std::string byte_text(double bytes);
+
 // A model spec: one layer per line or ';'-separated, e.g.
 //   input 1 28 28; conv 32 3 pad=1 bias=0; batchnorm; relu; maxpool 2;
 //   flatten; linear 128 bias=0; batchnorm; relu; linear 10
@@ -89,27 +110,9 @@ class Layer {
 //   samples, default 32; every virtual batch, the last included, needs more than one value
 //   per channel). frozen=1: running statistics used in training too and never updated.
 // layernorm [eps=E] (over all of a sample's features), groupnorm [groups=G] [eps=E],
-// instancenorm [eps=E] [momentum=M].
-// What a model takes in memory, computed from its spec alone (ModelSpec::size:
-// nothing is allocated), so that an absurd spec is refused before it exhausts
-// the machine.
-struct ModelSize {
-  int64_t parameters = 0;   // trained values; each also has a gradient
-  int64_t buffers = 0;      // running statistics
-  int64_t activations = 0;  // floats per sample that training keeps: every layer's
-                            // output and input gradient, im2col columns, masks
-  // Parameters, their gradients and up to two optimizer values each (Adam's
-  // moments), the buffers, and the activations of a batch, in bytes.
-  double training_bytes(int64_t batch) const;
-  // "43.2 GB (parameters, gradients and optimizer state 9.6 GB, activations for
-  // a batch of 128 33.6 GB)"
-  std::string describe(int64_t batch) const;
-};
-// The memory of this machine (physical RAM), in bytes.
-double physical_memory_bytes();
-// "1.5 GB", "340 MB".
-std::string byte_text(double bytes);
-
+// instancenorm [eps=E] [momentum=M]. The batch-norm layers also take noise=S: "noisy BN"
+//   (Santurkar et al. 2018), a random per-element scale and shift after the normalization
+//   whose distribution changes every training step (batch_norm_layers.cpp).
 struct ModelSpec {
   struct LayerSpec {
     std::string type;
@@ -125,6 +128,13 @@ struct ModelSpec {
   // (a layer a line of text or an object). Throws normkit::Error naming the statement.
   static ModelSpec parse(const std::string& text_or_json);
   static ModelSpec preset(const std::string& name);  // "mlp-paper", "cnn-small"
+  // A plain MLP for samples of `input_shape` and `classes` outputs, from
+  // comma-separated options (defaults in brackets): depth=L hidden layers [3],
+  // width=W [100], act=relu|sigmoid|tanh [relu], bn=before|after the activation
+  // or none in the hidden layers [before], dropout=P after each hidden layer [0],
+  // input_bn=0|1: a batchnorm on the inputs [0]. "depth=3,width=100,act=sigmoid" is mlp-paper.
+  static ModelSpec mlp(const std::string& options, const std::vector<int64_t>& input_shape,
+                       int64_t classes);
   std::string to_string() const;                     // parse(to_string()) == *this
   // The same model without its normalization layers; a layer that fed one gets
   // its bias back (the normalization's β made it redundant).
@@ -136,7 +146,7 @@ struct ModelSpec {
   //   (at least two channels per group on flat features);
   //   instance: instancenorm, except after a flat layer
   //   ([N, C] has one value per sample and channel: nothing to normalize), where
-  //   the batchnorm is dropped as with none. eps and momentum carry over where
+  //   the batchnorm is dropped as with none; noisy: batchnorm noise=1. eps and momentum carry over where
   //   the new layer takes them. Throws normkit::Error for an unknown name.
   ModelSpec with_norm(const std::string& norm) const;
   static const std::vector<std::string>& norm_kinds();

@@ -51,6 +51,13 @@ void make_batch(const data::Dataset& set, const std::vector<int64_t>& order, int
   }
 }
 
+int64_t steps_per_epoch(int64_t count, int64_t batch_size) {
+  int64_t steps = (count + batch_size - 1) / batch_size;
+  if (count % batch_size == 1) --steps;  // a lone last sample cannot be batch-normalized
+  return steps;
+}
+
+
 namespace {
 // A lock-free atomic: the only kind a signal handler may touch.
 std::atomic<int> stop_requested{0};
@@ -88,8 +95,7 @@ EpochResult train_epoch(nn::Model& model, nn::Optimizer& optimizer, const data::
   if (batch_size < 2) engine::fail_invalid("batch size must be >= 2 for batch normalization, got ", batch_size);
   if (train.count() < 2) engine::fail_invalid("training needs at least 2 samples");
   const auto order = epoch_order(train.count(), seed, epoch);
-  int64_t steps = (train.count() + batch_size - 1) / batch_size;
-  if (train.count() % batch_size == 1) --steps;  // a lone last sample cannot be batch-normalized
+  const int64_t steps = steps_per_epoch(train.count(), batch_size);
   if (begin.step < 0 || begin.step >= steps || begin.samples < 0 || begin.correct < 0 ||
       begin.correct > begin.samples)
     engine::fail_invalid("train_epoch: cannot continue at step ", begin.step, " of ", steps,
@@ -130,7 +136,8 @@ EpochResult train_epoch(nn::Model& model, nn::Optimizer& optimizer, const data::
       progress({step + 1, steps, loss_sum / static_cast<double>(result.samples),
                 static_cast<double>(correct) / static_cast<double>(result.samples),
                 static_cast<double>(result.samples - begin.samples) /
-                    std::max(seconds() - begin.seconds, 1e-9)});
+                    std::max(seconds() - begin.seconds, 1e-9),
+                loss.loss, loss.correct, size});
     }
   }
   result.seconds = seconds();
