@@ -33,8 +33,8 @@
 #include <cmath>
 #include <vector>
 
-#include "batch_norm_kernels.hpp"
 #include "core/parallel.hpp"
+#include "kernels/batch_norm.hpp"
 #include "leaf_loops.hpp"
 
 namespace normkit::kernels {

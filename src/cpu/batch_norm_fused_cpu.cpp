@@ -36,8 +36,8 @@
 #include <cstring>
 #include <vector>
 
-#include "batch_norm_fused_kernels.hpp"
 #include "core/parallel.hpp"
+#include "kernels/batch_norm_fused.hpp"
 #include "leaf_loops.hpp"
 
 #if defined(__x86_64__) && defined(__GNUC__)

@@ -34,7 +34,7 @@
 #include <vector>
 
 #include "core/parallel.hpp"
-#include "group_norm_kernels.hpp"
+#include "kernels/group_norm.hpp"
 #include "leaf_loops.hpp"
 
 namespace normkit::kernels::gn {

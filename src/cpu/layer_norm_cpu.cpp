@@ -29,7 +29,7 @@
 #include <vector>
 
 #include "core/parallel.hpp"
-#include "layer_norm_kernels.hpp"
+#include "kernels/layer_norm.hpp"
 #include "leaf_loops.hpp"
 #include "normkit/moments.hpp"
 

@@ -7,7 +7,7 @@
 //             training: dx = γ·invstd·(g - dβ/M - x̂·dγ/M);  frozen: dx = γ·invstd·g
 #include <vector>
 
-#include "batch_norm_fused_kernels.hpp"
+#include "kernels/batch_norm_fused.hpp"
 
 namespace normkit::kernels::ref {
 

@@ -4,7 +4,7 @@
 // and the implementation behind the double-precision API.
 #include <vector>
 
-#include "batch_norm_kernels.hpp"
+#include "kernels/batch_norm.hpp"
 
 namespace normkit::kernels::ref {
 

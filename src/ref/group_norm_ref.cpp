@@ -4,7 +4,7 @@
 #include <cmath>
 #include <vector>
 
-#include "group_norm_kernels.hpp"
+#include "kernels/group_norm.hpp"
 
 namespace normkit::kernels::gn::ref {
 

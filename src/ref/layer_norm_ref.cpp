@@ -4,7 +4,7 @@
 // implementation behind the double-precision API.
 #include <cmath>
 
-#include "layer_norm_kernels.hpp"
+#include "kernels/layer_norm.hpp"
 
 namespace normkit::kernels::rows::ref {
 

@@ -35,7 +35,7 @@
 // names the case, the views' strides and the implementation that ran.
 #include <array>
 
-#include "batch_norm_kernels.hpp"
+#include "kernels/batch_norm.hpp"
 #include "test_support.hpp"
 
 namespace {

@@ -23,7 +23,7 @@
 //   saved mean: atol 1e-6 with scale σ of the group; invstd: rtol 1e-6.
 #include <array>
 
-#include "group_norm_kernels.hpp"
+#include "kernels/group_norm.hpp"
 #include "test_support.hpp"
 
 namespace {

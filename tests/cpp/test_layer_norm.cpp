@@ -19,7 +19,7 @@
 // as much: far beyond these bounds.
 #include <array>
 
-#include "layer_norm_kernels.hpp"
+#include "kernels/layer_norm.hpp"
 #include "test_support.hpp"
 
 namespace {

@@ -13,9 +13,9 @@
 #include <type_traits>
 #include <vector>
 
-#include "batch_norm_fused_kernels.hpp"
 #include "core/check.hpp"
 #include "core/norm_checks.hpp"
+#include "kernels/batch_norm_fused.hpp"
 
 namespace normkit {
 

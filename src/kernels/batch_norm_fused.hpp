@@ -4,7 +4,7 @@
 // plus the ReLU mask and where each element's bit is.
 #include <cstdint>
 
-#include "batch_norm_kernels.hpp"
+#include "kernels/batch_norm.hpp"
 
 namespace normkit::kernels {
 

@@ -13,7 +13,7 @@
 
 #include "core/check.hpp"
 #include "core/norm_checks.hpp"
-#include "group_norm_kernels.hpp"
+#include "kernels/group_norm.hpp"
 
 namespace normkit {
 

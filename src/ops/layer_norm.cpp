@@ -11,7 +11,7 @@
 
 #include "core/check.hpp"
 #include "core/norm_checks.hpp"
-#include "layer_norm_kernels.hpp"
+#include "kernels/layer_norm.hpp"
 
 namespace normkit {
 

@@ -11,10 +11,10 @@
 #include <type_traits>
 #include <vector>
 
-#include "batch_norm_internal.hpp"
-#include "batch_norm_kernels.hpp"
 #include "core/check.hpp"
 #include "core/norm_checks.hpp"
+#include "kernels/batch_norm.hpp"
+#include "ops/batch_norm_internal.hpp"
 
 namespace normkit {
 

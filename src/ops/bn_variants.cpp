@@ -8,9 +8,9 @@
 #include <cmath>
 #include <vector>
 
-#include "batch_norm_internal.hpp"
-#include "batch_norm_kernels.hpp"
 #include "core/check.hpp"
+#include "kernels/batch_norm.hpp"
+#include "ops/batch_norm_internal.hpp"
 
 namespace normkit {
 
