@@ -1,12 +1,20 @@
 #pragma once
-// What the fused BN+ReLU / BN+Add+ReLU implementations receive: validated
-// problems in [outer, channels, inner] geometry (see batch_norm_kernels.hpp),
-// plus the ReLU mask and where each element's bit is.
+// The fused BN+ReLU / BN+Add+ReLU contract: what every implementation
+// (src/cpu/, src/ref/) receives: checked problems in [outer, channels, inner]
+// geometry (as kernels/batch_norm.hpp), plus the ReLU mask and where each
+// element's bit is. The public functions (src/ops/batch_norm_fused.cpp) check
+// arguments, pick an implementation (core/dispatch.hpp) and own the saved and
+// running statistics; implementations only compute.
+#include <algorithm>
+#include <array>
 #include <cstdint>
+#include <span>
 
-#include "kernels/batch_norm.hpp"
+#include "normkit/batch_norm.hpp"
+#include "normkit/moments.hpp"
+#include "normkit/tensor.hpp"
 
-namespace normkit::kernels {
+namespace normkit::kernels::bn_fused {
 
 // Bit index of element (o, c, i) = o·outer + c·channel + i·inner: the rank of
 // its address among x's elements (batch_norm_fused.hpp). Computed from x's
@@ -20,14 +28,35 @@ struct MaskOrder {
 };
 
 // Sorts x's three axes by decreasing stride (ties: outer, channel, inner) and
-// numbers the elements densely in that order.
-MaskOrder mask_order_of(const Geometry& x);
+// numbers the elements densely in that order: the mask's bit order is part of
+// the contract, so it is defined here.
+inline MaskOrder mask_order_of(const Geometry& x) {
+  struct Axis {
+    int64_t extent, stride;
+    int64_t* rank;
+  };
+  MaskOrder order;
+  std::array<Axis, 3> axes{{{x.outer, x.outer_stride, &order.outer},
+                            {x.channels, x.channel_stride, &order.channel},
+                            {x.inner, x.inner_stride, &order.inner}}};
+  // Axes of extent 1 address nothing; sort them last so they do not split a run.
+  std::stable_sort(axes.begin(), axes.end(), [](const Axis& a, const Axis& b) {
+    const int64_t sa = a.extent > 1 ? a.stride : -1, sb = b.extent > 1 ? b.stride : -1;
+    return sa > sb;
+  });
+  int64_t step = 1;
+  for (int k = 2; k >= 0; --k) {
+    *axes[k].rank = step;
+    step *= axes[k].extent;
+  }
+  return order;
+}
 
 // Forward: p = (x - mean)·invstd·γ + β [+ z];  y = relu(p);  mask bit = p > 0.
 // training: the batch statistics are computed (moments out, eps given);
 // otherwise mean/invstd are given.
 template <class T>
-struct FusedForward {
+struct Forward {
   Geometry x_geom, z_geom, y_geom;
   const T* x;
   const T* z;  // nullptr: BN+ReLU
@@ -43,9 +72,9 @@ struct FusedForward {
   const double* invstd;
 };
 
-// Backward: g = mask ? dy : 0; dz = g; BN backward of g (see Backward).
+// Backward: g = mask ? dy : 0; dz = g; BN backward of g (see bn::Backward).
 template <class T>
-struct FusedBackward {
+struct Backward {
   Geometry x_geom, dy_geom, dx_geom, dz_geom;
   const T* x;
   const T* dy;
@@ -61,21 +90,24 @@ struct FusedBackward {
   double* sum_dy_xhat;  // out: Σg·x̂ per channel (= dγ)
 };
 
-// Bits of `count` elements from bit `first` on: bit (first + k) = (v[k] > 0),
-// for a run of floats; the bytes at the run's two ends are shared with other
-// runs (other threads), so those are updated atomically.
-void pack_positive_bits(const float* v, int64_t count, uint8_t* mask, int64_t first);
+// One fast path for float data (core/dispatch.hpp): `decline` says why it
+// cannot take x with the other views of the call and the mask's bit order
+// (nullptr: it can).
+struct Impl {
+  const char* name;
+  const char* (*decline)(const Geometry& x, std::span<const Geometry> others,
+                         const MaskOrder& order);
+  void (*forward)(const Forward<float>&);
+  void (*backward)(const Backward<float>&);
+};
+
+// In the order tried (src/cpu/implementations.cpp).
+std::span<const Impl> implementations();
 
 namespace ref {
-template <class T> void fused_forward(const FusedForward<T>& p);
-template <class T> void fused_backward(const FusedBackward<T>& p);
+// Plain loops, double accumulation: the oracle the fast kernels are tested against.
+template <class T> void forward(const Forward<T>& p);
+template <class T> void backward(const Backward<T>& p);
 }  // namespace ref
 
-namespace fused_cpu {
-// The fast float kernels; each returns why it cannot take the problem
-// (nullptr: done).
-const char* forward(const FusedForward<float>& p);
-const char* backward(const FusedBackward<float>& p);
-}  // namespace fused_cpu
-
-}  // namespace normkit::kernels
+}  // namespace normkit::kernels::bn_fused

@@ -1,29 +1,17 @@
 #pragma once
-// What group-normalization implementations receive: validated problems in
-// [N, C, S] geometry (S = the spatial axes viewed as one) with per-(n, g)
-// statistics in double. src/group_norm.cpp checks arguments and owns the
-// running statistics of instance norm; implementations only compute.
+// The group-normalization contract: what every implementation (src/cpu/,
+// src/ref/) receives: checked problems in [N, C, S] geometry (S = the spatial
+// axes viewed as one) with per-(n, g) statistics in double. The public
+// functions (src/ops/group_norm.cpp) check arguments, pick an implementation
+// (core/dispatch.hpp) and own the running statistics of instance norm;
+// implementations only compute.
 #include <cstdint>
+#include <span>
 
+#include "core/sample_geometry.hpp"
 #include "normkit/moments.hpp"
 
 namespace normkit::kernels::gn {
-
-// Element (n, c, s) sits at n·n_stride + c·c_stride + s·s_stride. Unlike
-// Geometry, N stays apart from the spatial axes even for channels-last data:
-// group statistics are per sample.
-struct SampleGeometry {
-  int64_t n = 0, c = 0, s = 0;
-  int64_t n_stride = 0, c_stride = 0, s_stride = 0;
-
-  int64_t offset(int64_t in, int64_t ic, int64_t is) const noexcept {
-    return in * n_stride + ic * c_stride + is * s_stride;
-  }
-  bool same_extent(const SampleGeometry& o) const noexcept {
-    return n == o.n && c == o.c && s == o.s;
-  }
-  bool operator==(const SampleGeometry&) const = default;
-};
 
 template <class T>
 struct Forward {
@@ -51,19 +39,30 @@ struct Backward {
   double* dbeta;         // out: C (Σ_n Σ_s dy)
 };
 
-// A float implementation: `decline` says why it cannot take a problem (nullptr: it can).
-struct Implementation {
-  const char* name;
-  const char* (*decline)(const SampleGeometry& x, const SampleGeometry* others, int count);
-  void (*forward)(const Forward<float>&);
-  void (*backward)(const Backward<float>&);
-  void (*moments)(const SampleGeometry&, const float*, int64_t groups, Moments*);
+// Per-(n, g) moments of x (group_norm_moments).
+template <class T>
+struct Statistics {
+  SampleGeometry x_geom;
+  const T* x;
+  int64_t groups;
+  Moments* moments;  // out: N·G, order n·G + g
 };
 
-const Implementation* cpu_implementations(int* count);  // src/cpu/group_norm_cpu.cpp
+// One fast path for float data (core/dispatch.hpp): `decline` says why it
+// cannot take x with the other views of the call (nullptr: it can).
+struct Impl {
+  const char* name;
+  const char* (*decline)(const SampleGeometry& x, std::span<const SampleGeometry> others);
+  void (*forward)(const Forward<float>&);
+  void (*backward)(const Backward<float>&);
+  void (*moments)(const Statistics<float>&);
+};
+
+// In the order tried (src/cpu/implementations.cpp).
+std::span<const Impl> implementations();
 
 namespace ref {
-template <class T> void moments(const SampleGeometry& g, const T* x, int64_t groups, Moments* out);
+template <class T> void moments(const Statistics<T>& p);
 template <class T> void forward(const Forward<T>& p);
 template <class T> void backward(const Backward<T>& p);
 }  // namespace ref

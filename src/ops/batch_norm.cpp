@@ -4,83 +4,32 @@
 // batch statistics are known to be finite.
 #include "normkit/batch_norm.hpp"
 
+#include <array>
 #include <cmath>
-#include <cstdio>
-#include <cstdlib>
-#include <string>
-#include <type_traits>
 #include <vector>
 
 #include "core/check.hpp"
+#include "core/dispatch.hpp"
 #include "core/norm_checks.hpp"
 #include "kernels/batch_norm.hpp"
 #include "ops/batch_norm_internal.hpp"
 
 namespace normkit {
 
+using detail::check_count;
 using detail::check_eps;
-using detail::check_per_channel;
+using detail::check_finite;
+using detail::check_in_place;
+using detail::check_in_place_dx;
 using detail::check_running;
+using detail::check_training_size;
 using detail::checked_input;
+using detail::checked_like;
 using detail::fail_invalid;
-using detail::fail_runtime;
+using detail::kPerChannel;
+using detail::or_null;
 using detail::unify;
-using detail::verbose;
-
-namespace {
-
-template <class T, class U>
-Geometry checked_like(const TensorView<U>& view, ConstTensorView<T> x, const char* name) {
-  if (view.layout != x.layout || view.shape != x.shape) {
-    // Compare only the used extent of the shape.
-    bool same = view.rank() == x.rank();
-    for (int axis = 0; same && axis < x.rank(); ++axis) same = view.shape[axis] == x.shape[axis];
-    if (!same || view.layout != x.layout)
-      fail_invalid(name, ": shape ", view.shape_string(), " does not match x's ",
-                   x.shape_string());
-  }
-  if (!view.data) fail_invalid(name, ": data pointer is null");
-  return geometry_of(view, name);
-}
-
-template <class T>
-void check_training_size(const Geometry& g, ConstTensorView<T> x) {
-  if (g.reduction_size() <= 1)
-    fail_invalid("expected more than 1 value per channel when training, got input size ",
-                 x.shape_string());
-}
-
-template <class T>
-void check_finite(std::span<const Moments> moments) {
-  for (size_t c = 0; c < moments.size(); ++c)
-    if (!std::isfinite(moments[c].mean) || !std::isfinite(moments[c].m2))
-      fail_runtime("x: channel ", c,
-                   " contains NaN or infinite values; running statistics left unchanged");
-}
-
-// The first fast implementation that accepts all geometries, or nullptr for the reference.
-template <class T>
-const kernels::Implementation* choose(const char* op, const Geometry& x,
-                                      std::initializer_list<Geometry> others) {
-  if constexpr (!std::is_same_v<T, float>) {
-    if (verbose()) std::fprintf(stderr, "normkit: %s: double data, reference\n", op);
-    return nullptr;
-  } else {
-    const std::span<const Geometry> rest(others.begin(), others.size());
-    for (const auto& impl : kernels::cpu_implementations()) {
-      const char* reason = impl.decline(x, rest);
-      if (!reason) {
-        if (verbose()) std::fprintf(stderr, "normkit: %s: %s\n", op, impl.name);
-        return &impl;
-      }
-      if (verbose()) std::fprintf(stderr, "normkit: %s: %s declined: %s\n", op, impl.name, reason);
-    }
-    if (verbose()) std::fprintf(stderr, "normkit: %s: reference\n", op);
-    return nullptr;
-  }
-}
-
-}  // namespace
+namespace bn = kernels::bn;
 
 template <class T>
 void batch_norm_update_running(std::span<const Moments> moments, RunningStats<T> running,
@@ -93,7 +42,7 @@ void batch_norm_update_running(std::span<const Moments> moments, RunningStats<T>
   }
   for (const auto& m : moments)
     if (m.count < 2) fail_invalid("expected more than 1 value per channel when training");
-  check_finite<T>(moments);
+  check_finite(moments);
 
   int64_t batches = 0;
   if (running.num_batches_tracked) batches = ++*running.num_batches_tracked;
@@ -117,42 +66,22 @@ void batch_norm_forward_training(ConstTensorView<T> x, TensorView<T> y, std::spa
                                  RunningStats<T> running, const BatchNormOptions& options) {
   Geometry gx = checked_input(x, "x");
   Geometry gy = checked_like(y, x, "y");
-  if (y.data == x.data && !(gx == gy))
-    fail_invalid("y: in-place output must have the same strides as x");
+  check_in_place(y.data, gy, x.data, gx, "x");
   unify<T>(x, gx, {{&gy, y}});
   check_training_size(gx, x);
-  check_per_channel(gamma, gx.channels, "weight (gamma)", false);
-  check_per_channel(beta, gx.channels, "bias (beta)", false);
-  check_per_channel(saved.mean, gx.channels, "save_mean", false);
-  check_per_channel(saved.invstd, gx.channels, "save_invstd", false);
+  check_count(gamma, gx.channels, "weight (gamma)", kPerChannel, false);
+  check_count(beta, gx.channels, "bias (beta)", kPerChannel, false);
+  check_count(saved.mean, gx.channels, "save_mean", kPerChannel, false);
+  check_count(saved.invstd, gx.channels, "save_invstd", kPerChannel, false);
   check_running(running, gx.channels, options);
 
   std::vector<Moments> moments(gx.channels);
-  kernels::ForwardTraining<T> problem{gx,
-                                      gy,
-                                      x.data,
-                                      y.data,
-                                      gamma.empty() ? nullptr : gamma.data(),
-                                      beta.empty() ? nullptr : beta.data(),
-                                      options.eps,
-                                      moments.data()};
-  if constexpr (std::is_same_v<T, float>) {
-    if (const auto* impl = choose<T>("batch_norm_forward_training", gx, {gy}))
-      impl->forward_training(problem);
-    else
-      kernels::ref::forward_training(problem);
-  } else {
-    kernels::ref::forward_training(problem);
-  }
-  check_finite<T>(moments);
-
-  // Separate loops without branches: with thousands of channels (32×4096),
-  // these vectorize and cost a fraction of what per-channel scalar code does.
-  if (!saved.mean.empty())
-    for (int64_t c = 0; c < gx.channels; ++c) saved.mean[c] = static_cast<T>(moments[c].mean);
-  if (!saved.invstd.empty())
-    for (int64_t c = 0; c < gx.channels; ++c)
-      saved.invstd[c] = static_cast<T>(kernels::invstd_of(moments[c].biased_variance(), options.eps));
+  const bn::Forward<T> problem{gx,          gy,       x.data,      y.data, or_null(gamma),
+                               or_null(beta), options.eps, moments.data()};
+  detail::run("batch_norm_forward_training", bn::implementations(), &bn::Impl::forward,
+              bn::ref::forward<T>, problem, gx, std::array{gy});
+  check_finite(moments);
+  detail::write_saved(moments, saved, options.eps);
   batch_norm_update_running<T>(moments, running, options);
 }
 
@@ -160,29 +89,10 @@ template <class T>
 void batch_norm_forward_apply(ConstTensorView<T> x, TensorView<T> y, std::span<const T> gamma,
                               std::span<const T> beta, std::span<const T> mean,
                               std::span<const T> invstd) {
-  Geometry gx = checked_input(x, "x");
-  Geometry gy = checked_like(y, x, "y");
-  if (y.data == x.data && !(gx == gy))
-    fail_invalid("y: in-place output must have the same strides as x");
-  unify<T>(x, gx, {{&gy, y}});
-  check_per_channel(gamma, gx.channels, "weight (gamma)", false);
-  check_per_channel(beta, gx.channels, "bias (beta)", false);
-  check_per_channel(mean, gx.channels, "mean", true);
-  check_per_channel(invstd, gx.channels, "invstd", true);
-  std::vector<double> mean_d(mean.begin(), mean.end()), invstd_d(invstd.begin(), invstd.end());
-  kernels::Apply<T> problem{gx,
-                            gy,
-                            x.data,
-                            y.data,
-                            gamma.empty() ? nullptr : gamma.data(),
-                            beta.empty() ? nullptr : beta.data(),
-                            mean_d.data(),
-                            invstd_d.data()};
-  if constexpr (std::is_same_v<T, float>) {
-    if (const auto* impl = choose<T>("batch_norm_forward_apply", gx, {gy}))
-      return impl->apply(problem);
-  }
-  kernels::ref::apply(problem);
+  const std::vector<double> mean_d(mean.begin(), mean.end()),
+      invstd_d(invstd.begin(), invstd.end());
+  detail::batch_norm_apply_double_stats<T>(x, y, gamma, beta, mean_d, invstd_d,
+                                           "batch_norm_forward_apply");
 }
 
 template <class T>
@@ -191,14 +101,14 @@ void batch_norm_forward_inference(ConstTensorView<T> x, TensorView<T> y, std::sp
                                   std::span<const T> running_var, double eps) {
   check_eps(eps);
   const Geometry gx = checked_input(x, "x");
-  check_per_channel(running_mean, gx.channels, "running_mean", true);
-  check_per_channel(running_var, gx.channels, "running_var", true);
+  check_count(running_mean, gx.channels, "running_mean", kPerChannel, true);
+  check_count(running_var, gx.channels, "running_var", kPerChannel, true);
   for (size_t c = 0; c < running_var.size(); ++c)
     if (!(running_var[c] + eps > 0))
       fail_invalid("running_var[", c, "] + eps must be positive, got ", running_var[c]);
   std::vector<T> invstd(running_var.size());
   for (size_t c = 0; c < running_var.size(); ++c)
-    invstd[c] = static_cast<T>(kernels::invstd_of(running_var[c], eps));
+    invstd[c] = static_cast<T>(bn::invstd_of(running_var[c], eps));
   batch_norm_forward_apply<T>(x, y, gamma, beta, running_mean, invstd);
 }
 
@@ -210,9 +120,7 @@ void batch_norm_backward(ConstTensorView<T> x, ConstTensorView<T> dy, TensorView
   Geometry gx = checked_input(x, "x");
   Geometry gdy = checked_like(dy, x, "dy");
   Geometry gdx = dx.data ? checked_like(dx, x, "dx") : gdy;
-  if (dx.data && (dx.data == x.data || dx.data == dy.data) &&
-      !(gdx == gx && (dx.data != dy.data || gdx == gdy)))
-    fail_invalid("dx: in-place output must have the same strides as its input");
+  check_in_place_dx(dx.data, gdx, x.data, gx, dy.data, gdy);
   if (dx.data)
     unify<T>(x, gx, {{&gdy, dy}, {&gdx, dx}});
   else
@@ -221,26 +129,19 @@ void batch_norm_backward(ConstTensorView<T> x, ConstTensorView<T> dy, TensorView
   if (mode != BackwardMode::training && mode != BackwardMode::frozen)
     fail_invalid("mode: unknown backward mode");
   if (mode == BackwardMode::training) check_training_size(gx, x);
-  check_per_channel(gamma, gx.channels, "weight (gamma)", false);
-  check_per_channel(mean, gx.channels, "mean", true);
-  check_per_channel(invstd, gx.channels, "invstd", true);
-  check_per_channel(dgamma, gx.channels, "dgamma", false);
-  check_per_channel(dbeta, gx.channels, "dbeta", false);
+  check_count(gamma, gx.channels, "weight (gamma)", kPerChannel, false);
+  check_count(mean, gx.channels, "mean", kPerChannel, true);
+  check_count(invstd, gx.channels, "invstd", kPerChannel, true);
+  check_count(dgamma, gx.channels, "dgamma", kPerChannel, false);
+  check_count(dbeta, gx.channels, "dbeta", kPerChannel, false);
 
   std::vector<double> mean_d(mean.begin(), mean.end()), invstd_d(invstd.begin(), invstd.end());
   std::vector<double> sum_dy(gx.channels), sum_dy_xhat(gx.channels);
-  kernels::Backward<T> problem{gx,           gdy,           gdx,  x.data, dy.data,
-                               dx.data,      gamma.empty() ? nullptr : gamma.data(),
-                               mean_d.data(), invstd_d.data(), mode,  sum_dy.data(),
-                               sum_dy_xhat.data()};
-  bool done = false;
-  if constexpr (std::is_same_v<T, float>) {
-    if (const auto* impl = choose<T>("batch_norm_backward", gx, {gdy, gdx})) {
-      impl->backward(problem);
-      done = true;
-    }
-  }
-  if (!done) kernels::ref::backward(problem);
+  const bn::Backward<T> problem{gx,     gdy,           gdx,            x.data, dy.data,
+                                dx.data, or_null(gamma), mean_d.data(), invstd_d.data(), mode,
+                                sum_dy.data(), sum_dy_xhat.data()};
+  detail::run("batch_norm_backward", bn::implementations(), &bn::Impl::backward,
+              bn::ref::backward<T>, problem, gx, std::array{gdy, gdx});
   for (int64_t c = 0; c < gx.channels; ++c) {
     if (!dgamma.empty()) dgamma[c] = static_cast<T>(sum_dy_xhat[c]);
     if (!dbeta.empty()) dbeta[c] = static_cast<T>(sum_dy[c]);
@@ -250,12 +151,10 @@ void batch_norm_backward(ConstTensorView<T> x, ConstTensorView<T> dy, TensorView
 template <class T>
 void batch_norm_moments(ConstTensorView<T> x, std::span<Moments> moments) {
   const Geometry gx = checked_input(x, "x");
-  check_per_channel(moments, gx.channels, "moments", true);
-  if constexpr (std::is_same_v<T, float>) {
-    if (const auto* impl = choose<T>("batch_norm_moments", gx, {}))
-      return impl->moments(gx, x.data, moments.data());
-  }
-  kernels::ref::moments(gx, x.data, moments.data());
+  check_count(moments, gx.channels, "moments", kPerChannel, true);
+  detail::run("batch_norm_moments", bn::implementations(), &bn::Impl::moments,
+              bn::ref::moments<T>, bn::Statistics<T>{gx, x.data, moments.data()}, gx,
+              std::span<const Geometry>());
 }
 
 template <class T>
@@ -267,7 +166,7 @@ void batch_norm_invstd(std::span<const T> var, double eps, std::span<T> invstd) 
     if (!(var[c] + eps > 0))
       fail_invalid("var[", c, "] + eps must be positive, got ", var[c]);
   }
-  for (size_t c = 0; c < var.size(); ++c) invstd[c] = static_cast<T>(kernels::invstd_of(var[c], eps));
+  for (size_t c = 0; c < var.size(); ++c) invstd[c] = static_cast<T>(bn::invstd_of(var[c], eps));
 }
 
 #define NORMKIT_INSTANTIATE(T)                                                                   \
@@ -293,40 +192,30 @@ void batch_norm_invstd(std::span<const T> var, double eps, std::span<T> invstd) 
 NORMKIT_INSTANTIATE(float)
 NORMKIT_INSTANTIATE(double)
 
-// For the BN variants (batch_norm_internal.hpp): forward_apply with double statistics.
+// forward_apply with double statistics (batch_norm_internal.hpp).
 template <class T>
 void detail::batch_norm_apply_double_stats(ConstTensorView<T> x, TensorView<T> y,
                                            std::span<const T> gamma, std::span<const T> beta,
                                            std::span<const double> mean,
-                                           std::span<const double> invstd) {
+                                           std::span<const double> invstd, const char* op) {
   Geometry gx = checked_input(x, "x");
   Geometry gy = checked_like(y, x, "y");
-  if (y.data == x.data && !(gx == gy))
-    fail_invalid("y: in-place output must have the same strides as x");
+  check_in_place(y.data, gy, x.data, gx, "x");
   unify<T>(x, gx, {{&gy, y}});
-  check_per_channel(gamma, gx.channels, "weight (gamma)", false);
-  check_per_channel(beta, gx.channels, "bias (beta)", false);
-  check_per_channel(mean, gx.channels, "mean", true);
-  check_per_channel(invstd, gx.channels, "invstd", true);
-  kernels::Apply<T> problem{gx,
-                            gy,
-                            x.data,
-                            y.data,
-                            gamma.empty() ? nullptr : gamma.data(),
-                            beta.empty() ? nullptr : beta.data(),
-                            mean.data(),
-                            invstd.data()};
-  if constexpr (std::is_same_v<T, float>) {
-    if (const auto* impl = choose<T>("batch_norm_apply_double_stats", gx, {gy}))
-      return impl->apply(problem);
-  }
-  kernels::ref::apply(problem);
+  check_count(gamma, gx.channels, "weight (gamma)", kPerChannel, false);
+  check_count(beta, gx.channels, "bias (beta)", kPerChannel, false);
+  check_count(mean, gx.channels, "mean", kPerChannel, true);
+  check_count(invstd, gx.channels, "invstd", kPerChannel, true);
+  const bn::Apply<T> problem{gx,           gy,          x.data,      y.data,
+                             or_null(gamma), or_null(beta), mean.data(), invstd.data()};
+  detail::run(op, bn::implementations(), &bn::Impl::apply, bn::ref::apply<T>, problem, gx,
+              std::array{gy});
 }
-template void detail::batch_norm_apply_double_stats<float>(ConstTensorView<float>, TensorView<float>,
-                                                           std::span<const float>, std::span<const float>,
-                                                           std::span<const double>, std::span<const double>);
-template void detail::batch_norm_apply_double_stats<double>(ConstTensorView<double>, TensorView<double>,
-                                                            std::span<const double>, std::span<const double>,
-                                                            std::span<const double>, std::span<const double>);
+template void detail::batch_norm_apply_double_stats<float>(
+    ConstTensorView<float>, TensorView<float>, std::span<const float>, std::span<const float>,
+    std::span<const double>, std::span<const double>, const char*);
+template void detail::batch_norm_apply_double_stats<double>(
+    ConstTensorView<double>, TensorView<double>, std::span<const double>, std::span<const double>,
+    std::span<const double>, std::span<const double>, const char*);
 
 }  // namespace normkit

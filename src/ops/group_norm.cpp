@@ -4,96 +4,34 @@
 // have passed.
 #include "normkit/group_norm.hpp"
 
+#include <array>
 #include <cmath>
-#include <cstdio>
-#include <cstdlib>
-#include <string>
-#include <type_traits>
 #include <vector>
 
 #include "core/check.hpp"
+#include "core/dispatch.hpp"
 #include "core/norm_checks.hpp"
+#include "core/sample_geometry.hpp"
 #include "kernels/group_norm.hpp"
+#include "ops/batch_norm_internal.hpp"
 
 namespace normkit {
 
+using detail::check_count;
 using detail::check_eps;
+using detail::check_in_place;
+using detail::check_in_place_dx;
 using detail::check_running;
+using detail::checked_input;
+using detail::checked_like;
 using detail::fail_invalid;
-using detail::verbose;
-using kernels::gn::SampleGeometry;
+using detail::kPerChannel;
+using detail::or_null;
+namespace gn = kernels::gn;
 
 namespace {
 
-// [N, C, S]: the spatial axes (all but N and C) must collapse into one evenly
-// strided run; N and C keep their own strides, so batch slices and padded
-// rows work in either layout.
-template <class T>
-SampleGeometry sample_geometry(const TensorView<T>& v, const char* name) {
-  const int code = static_cast<int>(v.layout);
-  if (code < static_cast<int>(Layout::NC) || code > static_cast<int>(Layout::NDHWC))
-    fail_invalid(name, ": unsupported layout value");
-  const int rank = v.rank();
-  for (int axis = 0; axis < rank; ++axis) {
-    if (v.shape[axis] < 0) fail_invalid(name, ": negative size in shape ", v.shape_string());
-    if (v.strides[axis] < 0)
-      fail_invalid(name, ": negative strides are not supported (shape ", v.shape_string(), ")");
-  }
-  const int c_axis = channel_axis(v.layout);
-  const int first = is_channels_last(v.layout) ? 1 : 2;
-  const int last = is_channels_last(v.layout) ? rank - 1 : rank;  // spatial axes [first, last)
-  SampleGeometry g;
-  g.n = v.shape[0];
-  g.c = v.shape[c_axis];
-  g.n_stride = v.strides[0];
-  g.c_stride = v.strides[c_axis];
-  g.s = 1;
-  g.s_stride = 1;
-  bool have_stride = false;
-  for (int axis = last - 1; axis >= first; --axis) {
-    const int64_t size = v.shape[axis];
-    if (size == 1) continue;
-    if (size == 0) {
-      g.s = 0;
-      break;
-    }
-    if (!have_stride) {
-      g.s_stride = v.strides[axis];
-      have_stride = true;
-    } else if (v.strides[axis] != g.s_stride * g.s) {
-      fail_invalid(name, ": the strides of ", v.shape_string(),
-                   " do not let the spatial axes be viewed as one; pass a contiguous tensor");
-    }
-    g.s *= size;
-  }
-  return g;
-}
-
-template <class T>
-SampleGeometry checked_input(ConstTensorView<T> x, const char* name) {
-  const SampleGeometry g = sample_geometry(x, name);
-  if (x.numel() == 0) fail_invalid(name, ": empty tensor ", x.shape_string());
-  if (!x.data) fail_invalid(name, ": data pointer is null");
-  return g;
-}
-
-template <class T, class U>
-SampleGeometry checked_like(const TensorView<U>& view, ConstTensorView<T> x, const char* name) {
-  bool same = view.layout == x.layout;
-  for (int axis = 0; same && axis < x.rank(); ++axis) same = view.shape[axis] == x.shape[axis];
-  if (!same)
-    fail_invalid(name, ": shape ", view.shape_string(), " does not match x's ", x.shape_string());
-  if (!view.data) fail_invalid(name, ": data pointer is null");
-  return sample_geometry(view, name);
-}
-
-template <class T>
-void check_size(std::span<T> values, int64_t expected, const char* name, const char* what,
-                bool required) {
-  if (values.empty() && !required) return;
-  if (static_cast<int64_t>(values.size()) != expected)
-    fail_invalid(name, " should contain ", expected, " elements (", what, ") not ", values.size());
-}
+constexpr const char* kPerSampleAndGroup = "one per sample and group";
 
 template <class T>
 void check_groups(int64_t groups, ConstTensorView<T> x, int64_t channels) {
@@ -104,55 +42,23 @@ void check_groups(int64_t groups, ConstTensorView<T> x, int64_t channels) {
                  groups);
 }
 
-// The first fast implementation that accepts all geometries, or nullptr (the reference).
-const kernels::gn::Implementation* choose(const char* op, const SampleGeometry& x,
-                                          std::initializer_list<SampleGeometry> others) {
-  int count = 0;
-  const auto* impls = kernels::gn::cpu_implementations(&count);
-  for (int i = 0; i < count; ++i) {
-    const char* reason = impls[i].decline(x, others.begin(), static_cast<int>(others.size()));
-    if (!reason) {
-      if (verbose()) std::fprintf(stderr, "normkit: %s: %s\n", op, impls[i].name);
-      return &impls[i];
-    }
-    if (verbose()) std::fprintf(stderr, "normkit: %s: %s declined: %s\n", op, impls[i].name, reason);
-  }
-  if (verbose()) std::fprintf(stderr, "normkit: %s: reference\n", op);
-  return nullptr;
-}
-
 // Runs the problem; fills moments (N·G).
 template <class T>
 void run_forward(ConstTensorView<T> x, TensorView<T> y, int64_t groups, std::span<const T> gamma,
                  std::span<const T> beta, double eps, std::vector<Moments>& moments,
                  const char* op) {
-  const SampleGeometry gx = checked_input(x, "x");
-  const SampleGeometry gy = checked_like(y, x, "y");
-  if (y.data == x.data && !(gx == gy))
-    fail_invalid("y: in-place output must have the same strides as x");
+  const SampleGeometry gx = checked_input<SampleGeometry>(x, "x");
+  const SampleGeometry gy = checked_like<SampleGeometry>(y, x, "y");
+  check_in_place(y.data, gy, x.data, gx, "x");
   check_groups(groups, x, gx.c);
-  check_size(gamma, gx.c, "weight (gamma)", "one per channel", false);
-  check_size(beta, gx.c, "bias (beta)", "one per channel", false);
+  check_count(gamma, gx.c, "weight (gamma)", kPerChannel, false);
+  check_count(beta, gx.c, "bias (beta)", kPerChannel, false);
   check_eps(eps);
   moments.assign(static_cast<size_t>(gx.n * groups), Moments{});
-  kernels::gn::Forward<T> problem{gx,     gy,  x.data, y.data, gamma.empty() ? nullptr : gamma.data(),
-                                  beta.empty() ? nullptr : beta.data(), groups, eps,
-                                  moments.data()};
-  if constexpr (std::is_same_v<T, float>) {
-    if (const auto* impl = choose(op, gx, {gy})) return impl->forward(problem);
-  } else if (verbose()) {
-    std::fprintf(stderr, "normkit: %s: double data, reference\n", op);
-  }
-  kernels::gn::ref::forward(problem);
-}
-
-template <class T>
-void write_saved(const std::vector<Moments>& moments, SavedStats<T> saved, double eps) {
-  for (size_t i = 0; i < moments.size(); ++i) {
-    if (!saved.mean.empty()) saved.mean[i] = static_cast<T>(moments[i].mean);
-    if (!saved.invstd.empty())
-      saved.invstd[i] = static_cast<T>(1.0 / std::sqrt(moments[i].biased_variance() + eps));
-  }
+  const gn::Forward<T> problem{gx,     gy,     x.data, y.data,        or_null(gamma),
+                               or_null(beta), groups, eps,    moments.data()};
+  detail::run(op, gn::implementations(), &gn::Impl::forward, gn::ref::forward<T>, problem, gx,
+              std::array{gy});
 }
 
 }  // namespace
@@ -162,51 +68,37 @@ void group_norm_forward(ConstTensorView<T> x, TensorView<T> y, int64_t num_group
                         std::span<const T> gamma, std::span<const T> beta, SavedStats<T> saved,
                         double eps) {
   // Sizes of the saved statistics depend on N and G: checked before run_forward writes y.
-  const SampleGeometry gx = checked_input(x, "x");
+  const SampleGeometry gx = checked_input<SampleGeometry>(x, "x");
   check_groups(num_groups, x, gx.c);
-  {
-    check_size(saved.mean, gx.n * num_groups, "save_mean", "one per sample and group", false);
-    check_size(saved.invstd, gx.n * num_groups, "save_invstd", "one per sample and group", false);
-  }
+  check_count(saved.mean, gx.n * num_groups, "save_mean", kPerSampleAndGroup, false);
+  check_count(saved.invstd, gx.n * num_groups, "save_invstd", kPerSampleAndGroup, false);
   std::vector<Moments> moments;
   run_forward(x, y, num_groups, gamma, beta, eps, moments, "group_norm_forward");
-  write_saved(moments, saved, eps);
+  detail::write_saved(moments, saved, eps);
 }
 
 template <class T>
 void group_norm_backward(ConstTensorView<T> x, ConstTensorView<T> dy, TensorView<T> dx,
                          int64_t num_groups, std::span<const T> gamma, std::span<const T> mean,
                          std::span<const T> invstd, std::span<T> dgamma, std::span<T> dbeta) {
-  const SampleGeometry gx = checked_input(x, "x");
-  const SampleGeometry gdy = checked_like(dy, x, "dy");
-  const SampleGeometry gdx = dx.data ? checked_like(dx, x, "dx") : gdy;
-  if (dx.data && (dx.data == x.data || dx.data == dy.data) &&
-      !(gdx == gx && (dx.data != dy.data || gdx == gdy)))
-    fail_invalid("dx: in-place output must have the same strides as its input");
+  const SampleGeometry gx = checked_input<SampleGeometry>(x, "x");
+  const SampleGeometry gdy = checked_like<SampleGeometry>(dy, x, "dy");
+  const SampleGeometry gdx = dx.data ? checked_like<SampleGeometry>(dx, x, "dx") : gdy;
+  check_in_place_dx(dx.data, gdx, x.data, gx, dy.data, gdy);
   check_groups(num_groups, x, gx.c);
-  check_size(gamma, gx.c, "weight (gamma)", "one per channel", false);
-  check_size(mean, gx.n * num_groups, "mean", "one per sample and group", true);
-  check_size(invstd, gx.n * num_groups, "invstd", "one per sample and group", true);
-  check_size(dgamma, gx.c, "dgamma", "one per channel", false);
-  check_size(dbeta, gx.c, "dbeta", "one per channel", false);
+  check_count(gamma, gx.c, "weight (gamma)", kPerChannel, false);
+  check_count(mean, gx.n * num_groups, "mean", kPerSampleAndGroup, true);
+  check_count(invstd, gx.n * num_groups, "invstd", kPerSampleAndGroup, true);
+  check_count(dgamma, gx.c, "dgamma", kPerChannel, false);
+  check_count(dbeta, gx.c, "dbeta", kPerChannel, false);
 
   std::vector<double> mean_d(mean.begin(), mean.end()), invstd_d(invstd.begin(), invstd.end());
   std::vector<double> dgamma_d(gx.c), dbeta_d(gx.c);
-  kernels::gn::Backward<T> problem{gx,         gdy,
-                                   gdx,        x.data,
-                                   dy.data,    dx.data,
-                                   gamma.empty() ? nullptr : gamma.data(),
-                                   num_groups, mean_d.data(),
-                                   invstd_d.data(), dgamma_d.data(),
-                                   dbeta_d.data()};
-  bool done = false;
-  if constexpr (std::is_same_v<T, float>) {
-    if (const auto* impl = choose("group_norm_backward", gx, {gdy, gdx})) {
-      impl->backward(problem);
-      done = true;
-    }
-  }
-  if (!done) kernels::gn::ref::backward(problem);
+  const gn::Backward<T> problem{gx,      gdy,           gdx,           x.data,
+                                dy.data, dx.data,       or_null(gamma), num_groups,
+                                mean_d.data(), invstd_d.data(), dgamma_d.data(), dbeta_d.data()};
+  detail::run("group_norm_backward", gn::implementations(), &gn::Impl::backward,
+              gn::ref::backward<T>, problem, gx, std::array{gdy, gdx});
   for (int64_t c = 0; c < gx.c; ++c) {
     if (!dgamma.empty()) dgamma[c] = static_cast<T>(dgamma_d[c]);
     if (!dbeta.empty()) dbeta[c] = static_cast<T>(dbeta_d[c]);
@@ -215,14 +107,12 @@ void group_norm_backward(ConstTensorView<T> x, ConstTensorView<T> dy, TensorView
 
 template <class T>
 void group_norm_moments(ConstTensorView<T> x, int64_t num_groups, std::span<Moments> moments) {
-  const SampleGeometry gx = checked_input(x, "x");
+  const SampleGeometry gx = checked_input<SampleGeometry>(x, "x");
   check_groups(num_groups, x, gx.c);
-  check_size(moments, gx.n * num_groups, "moments", "one per sample and group", true);
-  if constexpr (std::is_same_v<T, float>) {
-    if (const auto* impl = choose("group_norm_moments", gx, {}))
-      return impl->moments(gx, x.data, num_groups, moments.data());
-  }
-  kernels::gn::ref::moments(gx, x.data, num_groups, moments.data());
+  check_count(moments, gx.n * num_groups, "moments", kPerSampleAndGroup, true);
+  detail::run("group_norm_moments", gn::implementations(), &gn::Impl::moments,
+              gn::ref::moments<T>, gn::Statistics<T>{gx, x.data, num_groups, moments.data()}, gx,
+              std::span<const SampleGeometry>());
 }
 
 template <class T>
@@ -230,12 +120,12 @@ void instance_norm_forward_training(ConstTensorView<T> x, TensorView<T> y,
                                     std::span<const T> gamma, std::span<const T> beta,
                                     SavedStats<T> saved, RunningStats<T> running,
                                     const BatchNormOptions& options) {
-  const SampleGeometry gx = checked_input(x, "x");
+  const SampleGeometry gx = checked_input<SampleGeometry>(x, "x");
   if (gx.s <= 1)
     fail_invalid("expected more than 1 spatial element when training, got input size ",
                  x.shape_string());
-  check_size(saved.mean, gx.n * gx.c, "save_mean", "one per sample and channel", false);
-  check_size(saved.invstd, gx.n * gx.c, "save_invstd", "one per sample and channel", false);
+  check_count(saved.mean, gx.n * gx.c, "save_mean", "one per sample and channel", false);
+  check_count(saved.invstd, gx.n * gx.c, "save_invstd", "one per sample and channel", false);
   check_running(running, gx.c, options);
 
   std::vector<Moments> moments;
@@ -262,7 +152,7 @@ void instance_norm_forward_training(ConstTensorView<T> x, TensorView<T> y,
     // Raises (running statistics and counter unchanged) when a statistic is NaN or infinite.
     batch_norm_update_running<T>(per_channel, running, options);
   }
-  write_saved(moments, saved, options.eps);
+  detail::write_saved(moments, saved, options.eps);
 }
 
 template <class T>
@@ -277,7 +167,7 @@ template <class T>
 void instance_norm_backward(ConstTensorView<T> x, ConstTensorView<T> dy, TensorView<T> dx,
                             std::span<const T> gamma, std::span<const T> mean,
                             std::span<const T> invstd, std::span<T> dgamma, std::span<T> dbeta) {
-  const SampleGeometry gx = checked_input(x, "x");
+  const SampleGeometry gx = checked_input<SampleGeometry>(x, "x");
   group_norm_backward<T>(x, dy, dx, gx.c, gamma, mean, invstd, dgamma, dbeta);
 }
 

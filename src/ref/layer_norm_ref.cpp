@@ -6,7 +6,7 @@
 
 #include "kernels/layer_norm.hpp"
 
-namespace normkit::kernels::rows::ref {
+namespace normkit::kernels::ln::ref {
 
 namespace {
 double value_or(const auto* p, int64_t j, double fallback) {
@@ -90,4 +90,4 @@ template void forward<double>(const Forward<double>&);
 template void backward<float>(const Backward<float>&);
 template void backward<double>(const Backward<double>&);
 
-}  // namespace normkit::kernels::rows::ref
+}  // namespace normkit::kernels::ln::ref
