@@ -33,7 +33,7 @@ SKIP_PREFIXES = ("build/", "build-", "runs/", "/", "http", "<", "$", "~")
 # build (from cmake/*.in), written by a run of the CLI, or other projects'.
 NOT_IN_REPOSITORY = {
     "version.hpp", "normkitConfig.cmake", "normkitConfigVersion.cmake",  # the build
-    "report.md",                                                         # normkit compare
+    "report.md", "LAB.md",                                               # normkit compare, lab
     "TorchConfig.cmake", "dnnl-config.cmake", "dnnl.hpp",                # other projects
 }
 IGNORED_FILES = {"tests/golden/before.txt"}

@@ -36,13 +36,22 @@ std::string shape_text(const std::vector<int64_t>& shape);
 // A spec option as a number, or `fallback` when the spec does not give it.
 double option_or(const ModelSpec::LayerSpec& spec, const std::string& key, double fallback);
 
+// Fills weights of a layer with `fan_in` inputs and `fan_out` outputs per `init`.
+void fill_init(std::vector<float>& w, int64_t fan_in, int64_t fan_out, const InitOptions& init,
+               std::mt19937_64& rng);
+
+// Square kernel k, zero padding (conv_layer.cpp).
+std::unique_ptr<Layer> make_conv_layer(const std::vector<int64_t>& input, int64_t out, int64_t k,
+                                       int64_t stride, int64_t pad, bool bias, MemoryFormat format);
+
 // Layer normalization over all of a sample's features (layer_norm_layer.cpp).
 std::unique_ptr<Layer> make_layer_norm(const std::vector<int64_t>& input_shape, double eps,
                                        MemoryFormat format);
 // "batchnorm", "batchrenorm" and "ghostbatchnorm" (batch_norm_layers.cpp).
 constexpr int64_t kDefaultRenormWarmup = 500;   // steps over which rmax, dmax reach their values
 constexpr int64_t kDefaultGhostBatchSize = 32;  // virtual batch size
+// `index` (the layer's position) keeps the noise of noisy BN layers (noise=S) apart.
 std::unique_ptr<Layer> make_batch_norm_layer(const ModelSpec::LayerSpec& spec,
-                                             const std::vector<int64_t>& input_shape);
+                                             const std::vector<int64_t>& input_shape, size_t index);
 
 }  // namespace normkit::nn::detail
