@@ -138,7 +138,7 @@ def test_a_full_disk_leaves_the_previous_checkpoint(table, tmp_path):
     spec.write_text("input 6; linear 512 bias=0; batchnorm; relu; linear 3")
     args = ["--model", spec, "--data", table["csv"], "--batch-size", 32, "--threads", 2, "--seed", 11]
     (tmp_path / "mnt").mkdir()
-    script = tmp_path / "full_disk.sh"
+    script = tmp_path / "full_disk"  # a bash script
     script.write_text(FULL_DISK.replace("{args}", " ".join(map(str, args))))
     env = {"CLI": CLI, "MNT": str(tmp_path / "mnt"), "OUTSIDE": str(tmp_path), "PATH": "/usr/bin:/bin"}
     done = subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "bash", str(script)],
