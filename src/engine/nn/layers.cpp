@@ -764,9 +764,9 @@ int64_t numel_of(const Input& shape) {
 
 LayerSize sized(const Input& input, Input output, int64_t parameters = 0, int64_t buffers = 0,
                 int64_t extra_activations = 0) {
-  const int64_t kept = checked_add(numel_of(output), numel_of(input), "a layer's activations");
+  const int64_t kept = checked_add(numel_of(output), numel_of(input), "the size of a layer's activations");
   return {std::move(output), parameters, buffers,
-          checked_add(kept, extra_activations, "a layer's activations")};
+          checked_add(kept, extra_activations, "the size of a layer's activations")};
 }
 
 std::optional<LayerSize> size_linear(const ModelSpec::LayerSpec& spec, const Input& input) {
