@@ -243,7 +243,10 @@ TEST(Dispatch, EveryBatchNormEntryMatchesTheReferenceOnEveryCaseItAccepts) {
     const Views v(k, in);
     const int64_t C = v.gx.channels;
     const BnReference r(v, in);
-    const auto& [moments, mean, invstd, s] = r;
+    // Not a structured binding: clang 14 cannot capture those in lambdas.
+    const auto& moments = r.moments;
+    const auto& s = r.scales;
+    const std::vector<double> &mean = r.mean, &invstd = r.invstd;
     auto walk = [&](auto&& f) { for_each(v.gx, v.gout, f); };
     for (const bn::Impl& impl : bn::implementations()) {
       if (impl.decline(v.gx, std::array{v.gout})) continue;
@@ -312,7 +315,10 @@ TEST(Dispatch, EveryFusedEntryMatchesTheReferenceOnEveryCaseItAccepts) {
     const int64_t C = v.gx.channels, numel = k.x.logical.numel();
     const bn_fused::MaskOrder order = bn_fused::mask_order_of(v.gx);
     const BnReference r(v, in);
-    const auto& [moments, mean, invstd, s] = r;
+    // Not a structured binding: clang 14 cannot capture those in lambdas.
+    const auto& moments = r.moments;
+    const auto& s = r.scales;
+    const std::vector<double> &mean = r.mean, &invstd = r.invstd;
     auto walk = [&](auto&& f) { for_each(v.gx, v.gout, f); };
     const size_t mask_bytes = static_cast<size_t>(normkit::relu_mask_bytes(numel));
     for (const bn_fused::Impl& impl : bn_fused::implementations()) {
