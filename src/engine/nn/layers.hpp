@@ -36,9 +36,10 @@ std::string shape_text(const std::vector<int64_t>& shape);
 // A spec option as a number, or `fallback` when the spec does not give it.
 double option_or(const ModelSpec::LayerSpec& spec, const std::string& key, double fallback);
 
-// Layer normalization over all of a sample's features (layer_norm_layer.cpp).
+// Layer normalization over all of a sample's features, or with rms RMS
+// normalization (no centering, no β) (layer_norm_layer.cpp).
 std::unique_ptr<Layer> make_layer_norm(const std::vector<int64_t>& input_shape, double eps,
-                                       MemoryFormat format);
+                                       MemoryFormat format, bool rms = false);
 // "batchnorm", "batchrenorm" and "ghostbatchnorm" (batch_norm_layers.cpp).
 constexpr int64_t kDefaultRenormWarmup = 500;   // steps over which rmax, dmax reach their values
 constexpr int64_t kDefaultGhostBatchSize = 32;  // virtual batch size
