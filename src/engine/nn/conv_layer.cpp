@@ -68,13 +68,13 @@ class Conv2d final : public Layer {
     y_.reshape({n, cout_, oh_, ow_}, format_);
     try {
       for (Plan* p : plans_for(n)) p->reorder_weights(weight_.value, Plan::forward);
-      for_each_sample_chunk(n, [&](int64_t first, int64_t samples, Buffers& buffers) {
+      for_each_sample_chunk(n, [&](int64_t first, int64_t samples, Buffers&) {
         Plan& p = plan(samples);
         std::unordered_map<int, memory> args = {
             {DNNL_ARG_SRC, p.src_at(x.data.data(), first)},
             {DNNL_ARG_WEIGHTS, p.weights(Plan::forward)},
             {DNNL_ARG_DST, p.dst_at(y_.data.data(), first)},
-            {DNNL_ARG_SCRATCHPAD, buffers.scratchpad(p.forward_pd.scratchpad_desc())}};
+            {DNNL_ARG_SCRATCHPAD, thread_scratchpad(p.forward_pd.scratchpad_desc())}};
         if (bias_) args.emplace(DNNL_ARG_BIAS, memory(p.bias, cpu_engine(), bias_->value.data()));
         dnnl::stream stream(cpu_engine());
         p.forward_primitive.execute(stream, args);
@@ -106,7 +106,7 @@ class Conv2d final : public Layer {
             {DNNL_ARG_SRC, p.src_at(x.data.data(), first)},
             {DNNL_ARG_DIFF_DST, dy_chunk},
             {DNNL_ARG_DIFF_WEIGHTS, weight_gradient},
-            {DNNL_ARG_SCRATCHPAD, buffers.scratchpad(p.backward_weights_pd.scratchpad_desc())}};
+            {DNNL_ARG_SCRATCHPAD, thread_scratchpad(p.backward_weights_pd.scratchpad_desc())}};
         if (bias_)
           args.emplace(DNNL_ARG_DIFF_BIAS,
                        memory(p.bias, cpu_engine(), partial_bias_.data() + cout_ * chunk));
@@ -118,7 +118,7 @@ class Conv2d final : public Layer {
             stream, {{DNNL_ARG_DIFF_DST, dy_chunk},
                      {DNNL_ARG_WEIGHTS, p.weights(Plan::backward_data)},
                      {DNNL_ARG_DIFF_SRC, p.src_at(dx_.data.data(), first)},
-                     {DNNL_ARG_SCRATCHPAD, buffers.scratchpad(p.backward_data_pd.scratchpad_desc())}});
+                     {DNNL_ARG_SCRATCHPAD, thread_scratchpad(p.backward_data_pd.scratchpad_desc())}});
       });
     } catch (const dnnl::error& e) {
       fail_runtime(describe(), ": oneDNN backward failed: ", e.what());
@@ -206,8 +206,7 @@ class Conv2d final : public Layer {
     const memory::desc bias = bias_ ? memory::desc({cout_}, f32, tag::x) : memory::desc();
     const memory::dims strides = {stride_, stride_}, padding = {pad_, pad_};
     const auto direct = dnnl::algorithm::convolution_direct;
-    dnnl::primitive_attr attr;
-    attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);  // one scratchpad per thread
+    const dnnl::primitive_attr attr = user_scratchpad();
     OneThread one_thread;
     dnnl::convolution_forward::primitive_desc forward_pd(
         {dnnl::prop_kind::forward_training, direct, src, weights, bias, dst, strides, padding, padding},
@@ -222,15 +221,13 @@ class Conv2d final : public Layer {
             dnnl::convolution_backward_weights(backward_weights_pd),
             memory::desc({cout_, cin_, k_, k_}, f32, tag::oihw), {}};
   }
-  // A thread's own buffers: oneDNN's scratchpad, a chunk's weight gradient in
-  // oneDNN's layout (before it is reordered into the chunk's OIHW partial).
+  // A thread's own buffer for a chunk's weight gradient in oneDNN's layout
+  // (before it is reordered into the chunk's OIHW partial).
   struct Buffers {
-    std::vector<char> scratchpad_bytes, gradient_bytes;
-    memory scratchpad(const memory::desc& desc) { return sized(desc, scratchpad_bytes); }
-    memory weight_gradient(const memory::desc& desc) { return sized(desc, gradient_bytes); }
-    static memory sized(const memory::desc& desc, std::vector<char>& bytes) {
-      if (bytes.size() < desc.get_size()) bytes.resize(desc.get_size());
-      return memory(desc, cpu_engine(), bytes.data());
+    std::vector<char> gradient_bytes;
+    memory weight_gradient(const memory::desc& desc) {
+      if (gradient_bytes.size() < desc.get_size()) gradient_bytes.resize(desc.get_size());
+      return memory(desc, cpu_engine(), gradient_bytes.data());
     }
   };
 

@@ -128,7 +128,8 @@ class Linear final : public Layer {
         std::unordered_map<int, dnnl::memory> args = {
             {DNNL_ARG_SRC, dnnl::memory(p.src, cpu_engine(), const_cast<float*>(x.data.data()) + first * in_)},
             {DNNL_ARG_WEIGHTS, dnnl::memory(p.weights, cpu_engine(), weight_.value.data())},
-            {DNNL_ARG_DST, dnnl::memory(p.dst, cpu_engine(), y_.data.data() + first * out_)}};
+            {DNNL_ARG_DST, dnnl::memory(p.dst, cpu_engine(), y_.data.data() + first * out_)},
+            {DNNL_ARG_SCRATCHPAD, thread_scratchpad(p.scratchpad)}};
         if (bias_) args.emplace(DNNL_ARG_BIAS, dnnl::memory(p.bias, cpu_engine(), bias_->value.data()));
         dnnl::stream stream(cpu_engine());
         p.primitive.execute(stream, args);
@@ -167,7 +168,7 @@ class Linear final : public Layer {
 
   // The one-thread matmul for `rows` rows of x, made on first use.
   struct Product {
-    dnnl::memory::desc src, weights, bias, dst;
+    dnnl::memory::desc src, weights, bias, dst, scratchpad;
     dnnl::matmul primitive;
   };
   Product& product(int64_t rows) {
@@ -179,8 +180,9 @@ class Linear final : public Layer {
           bias_ ? dnnl::memory::desc({1, out_}, f32, {out_, 1}) : dnnl::memory::desc();
       const dnnl::memory::desc dst({rows, out_}, f32, {out_, 1});
       OneThread one_thread;
-      const dnnl::matmul::primitive_desc pd(dnnl::matmul::desc(src, weights, bias, dst), cpu_engine());
-      return Product{src, weights, bias, dst, dnnl::matmul(pd)};
+      const dnnl::matmul::primitive_desc pd(dnnl::matmul::desc(src, weights, bias, dst), user_scratchpad(),
+                                            cpu_engine());
+      return Product{src, weights, bias, dst, pd.scratchpad_desc(), dnnl::matmul(pd)};
     });
   }
 
@@ -570,18 +572,19 @@ class Elementwise final : public Layer {
     try {
       for_each_chunk((total + kChunk - 1) / kChunk, [&](int64_t chunk, int) {
         const int64_t first = chunk * kChunk, count = std::min(kChunk, total - first);
-        auto& [desc, primitive] = eltwise_.get(count, [&] {
+        auto& [desc, scratchpad, primitive] = eltwise_.get(count, [&] {
           const dnnl::memory::desc d({count}, dnnl::memory::data_type::f32, dnnl::memory::format_tag::x);
           const auto algorithm = kind_ == Activation::sigmoid ? dnnl::algorithm::eltwise_logistic
                                                               : dnnl::algorithm::eltwise_tanh;
           OneThread one_thread;
           const dnnl::eltwise_forward::primitive_desc pd(
-              {dnnl::prop_kind::forward_inference, algorithm, d, 0.0f, 0.0f}, cpu_engine());
-          return std::pair{d, dnnl::eltwise_forward(pd)};
+              {dnnl::prop_kind::forward_inference, algorithm, d, 0.0f, 0.0f}, user_scratchpad(), cpu_engine());
+          return Eltwise{d, pd.scratchpad_desc(), dnnl::eltwise_forward(pd)};
         });
         dnnl::stream stream(cpu_engine());
         primitive.execute(stream, {{DNNL_ARG_SRC, dnnl::memory(desc, cpu_engine(), const_cast<float*>(in) + first)},
-                                   {DNNL_ARG_DST, dnnl::memory(desc, cpu_engine(), out + first)}});
+                                   {DNNL_ARG_DST, dnnl::memory(desc, cpu_engine(), out + first)},
+                                   {DNNL_ARG_SCRATCHPAD, thread_scratchpad(scratchpad)}});
       });
     } catch (const dnnl::error& e) {
       fail_runtime(describe(), ": oneDNN eltwise failed: ", e.what());
@@ -590,7 +593,11 @@ class Elementwise final : public Layer {
 
   Activation kind_;
   Tensor y_, dx_;
-  Cache<std::pair<dnnl::memory::desc, dnnl::eltwise_forward>> eltwise_;  // by chunk length
+  struct Eltwise {
+    dnnl::memory::desc data, scratchpad;
+    dnnl::eltwise_forward primitive;
+  };
+  Cache<Eltwise> eltwise_;  // by chunk length
 };
 
 // ---------------------------------------------------------------- dropout

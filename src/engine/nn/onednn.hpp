@@ -36,6 +36,19 @@ class OneThread {
   int previous_;
 };
 
+// oneDNN's default scratchpad is one buffer shared by every primitive: two
+// primitives running at once on two threads would write the same memory (a
+// race that changed a cnn-small run at 2 threads). Every primitive here is made
+// with user_scratchpad() and given the running thread's own scratchpad.
+inline dnnl::primitive_attr user_scratchpad() {
+  dnnl::primitive_attr attr;
+  attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
+  return attr;
+}
+// The calling thread's scratchpad, grown to fit desc (a thread runs one
+// primitive at a time, so one buffer per thread serves them all).
+dnnl::memory thread_scratchpad(const dnnl::memory::desc& desc);
+
 // Values (primitives and what goes with them) made on first use for a key (a
 // chunk's size), then reused; chunks on several threads look them up, so the
 // map is read and filled under a lock.
