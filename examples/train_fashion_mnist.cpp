@@ -16,10 +16,11 @@
 #include <cstring>
 #include <string>
 
-#include "normkit/data.hpp"
-#include "normkit/nn.hpp"
+#include "normkit/engine/data.hpp"
+#include "normkit/engine/nn.hpp"
+#include "normkit/engine/train.hpp"
+#include "normkit/standardizer.hpp"
 #include "normkit/threading.hpp"
-#include "normkit/train.hpp"
 
 namespace {
 

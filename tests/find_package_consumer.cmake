@@ -19,6 +19,24 @@ function(run step)
 endfunction()
 
 run("install" "${CMAKE_COMMAND}" --install "${NORMKIT_BUILD_DIR}" --prefix "${prefix}")
+# The kernel library links only what it implements: zlib and oneDNN are the engine's.
+file(GLOB targets_file "${prefix}/lib*/cmake/normkit/normkitTargets.cmake")
+file(READ "${targets_file}" exported)
+string(REGEX MATCH "set_target_properties\\(normkit::normkit PROPERTIES[^)]*\\)" kernel "${exported}")
+if(kernel STREQUAL "" OR kernel MATCHES "ZLIB|dnnl")
+  message(FATAL_ERROR "normkit::normkit should not link zlib or oneDNN:\n${kernel}")
+endif()
+string(REGEX MATCH "set_target_properties\\(normkit::engine PROPERTIES[^)]*\\)" engine "${exported}")
+if(NOT engine MATCHES "normkit::normkit")
+  message(FATAL_ERROR "normkit::engine is not exported, or does not link normkit::normkit:\n${engine}")
+endif()
+foreach(header normkit/normkit.hpp normkit/standardizer.hpp normkit/engine/nn.hpp
+               normkit/engine/train.hpp normkit/engine/checkpoint.hpp normkit/engine/nn_fold.hpp
+               normkit/engine/data.hpp)
+  if(NOT EXISTS "${prefix}/include/${header}")
+    message(FATAL_ERROR "not installed: include/${header}")
+  endif()
+endforeach()
 # No package registry, no system prefixes first: only the fresh prefix may satisfy find_package.
 run("configure consumer" "${CMAKE_COMMAND}" -S "${CONSUMER_SOURCE}" -B "${build}" -G Ninja
     "-DCMAKE_PREFIX_PATH=${prefix}" "-DCMAKE_CXX_COMPILER=${CXX_COMPILER}"

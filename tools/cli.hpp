@@ -12,11 +12,12 @@
 
 #include <nlohmann/json.hpp>
 
-#include "normkit/checkpoint.hpp"
-#include "normkit/data.hpp"
+#include "normkit/engine/checkpoint.hpp"
+#include "normkit/engine/data.hpp"
+#include "normkit/engine/nn.hpp"
+#include "normkit/engine/train.hpp"
 #include "normkit/error.hpp"
-#include "normkit/nn.hpp"
-#include "normkit/train.hpp"
+#include "normkit/standardizer.hpp"
 
 namespace CLI {
 class App;

@@ -1,6 +1,6 @@
 // `normkit fold CHECKPOINT --out FOLDED.nkc`: the checkpoint's model with every
 // batchnorm that directly follows a linear or conv layer folded into it
-// (normkit/nn_fold.hpp), for inference. The folded checkpoint keeps the run's
+// (normkit/engine/nn_fold.hpp), for inference. The folded checkpoint keeps the run's
 // standardizer and application data, so `normkit eval` finds the same test set.
 #include <CLI/CLI.hpp>
 #include <fmt/format.h>
@@ -9,7 +9,7 @@
 #include <iostream>
 
 #include "cli.hpp"
-#include "normkit/nn_fold.hpp"
+#include "normkit/engine/nn_fold.hpp"
 
 namespace normkit::cli {
 

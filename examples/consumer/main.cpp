@@ -1,6 +1,7 @@
-// Batch normalization through an installed normkit: forward-training on a
-// small NCHW tensor whose statistics are known exactly, checked against the
-// formulas. Exits non-zero when anything is off.
+// Batch normalization through an installed normkit (normkit::normkit):
+// forward-training on a small NCHW tensor whose statistics are known exactly,
+// checked against the formulas; then the engine (engine.cpp). Exits non-zero
+// when anything is off.
 #include <cmath>
 #include <cstdio>
 #include <vector>
@@ -12,6 +13,8 @@ namespace {
 bool near(double got, double want, double tolerance) { return std::fabs(got - want) <= tolerance; }
 
 }  // namespace
+
+bool engine_ok();  // engine.cpp
 
 int main() {
   using normkit::Layout;
@@ -45,6 +48,12 @@ int main() {
         ok = ok && near(y[i], (x[i] - means[c]) * inv * gamma[c] + beta[c], 1e-5);
       }
   }
-  std::printf("normkit %s consumer: %s\n", normkit::version, ok ? "ok" : "WRONG RESULT");
+  std::printf("normkit %s consumer: kernels %s\n", normkit::version, ok ? "ok" : "WRONG RESULT");
+  try {
+    ok = engine_ok() && ok;
+  } catch (const normkit::Error& e) {
+    std::fprintf(stderr, "normkit_consumer: engine: %s\n", e.what());
+    return 1;
+  }
   return ok ? 0 : 1;
 }

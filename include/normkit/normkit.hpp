@@ -8,6 +8,7 @@
 #include "normkit/layer_norm.hpp"
 #include "normkit/group_norm.hpp"
 #include "normkit/moments.hpp"
+#include "normkit/standardizer.hpp"
 #include "normkit/tensor.hpp"
 #include "normkit/threading.hpp"
 #include "normkit/version.hpp"

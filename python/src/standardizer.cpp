@@ -14,7 +14,7 @@
 #include <vector>
 
 #include "families.hpp"
-#include "normkit/data.hpp"
+#include "normkit/standardizer.hpp"
 #include "numpy_views.hpp"
 
 namespace normkit::python {

@@ -26,8 +26,8 @@
 #include <string>
 #include <vector>
 
+#include "normkit/engine/nn.hpp"
 #include "normkit/error.hpp"
-#include "normkit/nn.hpp"
 
 namespace {
 

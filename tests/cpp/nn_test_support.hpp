@@ -24,9 +24,9 @@
 #include <vector>
 
 #include "nn/layers.hpp"
-#include "normkit/data.hpp"
+#include "normkit/engine/data.hpp"
+#include "normkit/engine/nn.hpp"
 #include "normkit/error.hpp"
-#include "normkit/nn.hpp"
 
 namespace nn_test {
 

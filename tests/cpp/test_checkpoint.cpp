@@ -15,7 +15,7 @@
 #include <string>
 #include <vector>
 
-#include "normkit/checkpoint.hpp"
+#include "normkit/engine/checkpoint.hpp"
 #include "normkit/error.hpp"
 
 namespace {

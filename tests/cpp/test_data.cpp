@@ -14,7 +14,8 @@
 #include <sstream>
 
 #include "nn_test_support.hpp"
-#include "normkit/data.hpp"
+#include "normkit/engine/data.hpp"
+#include "normkit/standardizer.hpp"
 
 namespace {
 

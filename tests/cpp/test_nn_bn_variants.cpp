@@ -9,7 +9,7 @@
 
 #include "nn_test_support.hpp"
 #include "normkit/bn_variants.hpp"
-#include "normkit/train.hpp"
+#include "normkit/engine/train.hpp"
 
 namespace {
 

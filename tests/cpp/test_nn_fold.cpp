@@ -1,4 +1,4 @@
-// Folding a model's batchnorm layers (normkit/nn_fold.hpp): the folded model's
+// Folding a model's batchnorm layers (normkit/engine/nn_fold.hpp): the folded model's
 // eval-mode logits equal the original's to float rounding (mlp and cnn specs,
 // both memory formats), which layers fold and which stay, the folded spec and
 // its checkpoint, and errors that leave the model alone.
@@ -13,8 +13,8 @@
 #include <vector>
 
 #include "nn_test_support.hpp"
-#include "normkit/checkpoint.hpp"
-#include "normkit/nn_fold.hpp"
+#include "normkit/engine/checkpoint.hpp"
+#include "normkit/engine/nn_fold.hpp"
 
 namespace {
 

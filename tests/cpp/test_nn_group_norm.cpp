@@ -4,8 +4,8 @@
 #include <gtest/gtest.h>
 
 #include "nn_test_support.hpp"
+#include "normkit/engine/train.hpp"
 #include "normkit/group_norm.hpp"
-#include "normkit/train.hpp"
 
 namespace {
 

@@ -6,8 +6,8 @@
 #include <cmath>
 
 #include "nn_test_support.hpp"
+#include "normkit/engine/train.hpp"
 #include "normkit/layer_norm.hpp"
-#include "normkit/train.hpp"
 
 namespace {
 

@@ -9,8 +9,8 @@
 #include <set>
 
 #include "nn_test_support.hpp"
+#include "normkit/engine/train.hpp"
 #include "normkit/threading.hpp"
-#include "normkit/train.hpp"
 
 namespace {
 

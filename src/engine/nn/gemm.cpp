@@ -5,8 +5,8 @@
 
 #include <algorithm>
 
-#include "core/check.hpp"
 #include "normkit/threading.hpp"
+#include "support.hpp"
 
 namespace normkit::nn::detail {
 
@@ -24,7 +24,7 @@ void gemm(bool transpose_a, bool transpose_b, int64_t m, int64_t n, int64_t k, f
                                           k, alpha, a, lda, b, ldb, beta, c, ldc);
   omp_set_num_threads(previous);
   if (status != dnnl_success)
-    normkit::detail::fail_runtime("oneDNN sgemm failed (status ", static_cast<int>(status), ") for ",
+    engine::fail_runtime("oneDNN sgemm failed (status ", static_cast<int>(status), ") for ",
                                   m, "x", n, "x", k);
 }
 

@@ -6,13 +6,13 @@
 #include <algorithm>
 #include <sstream>
 
-#include "core/check.hpp"
 #include "nn/layers.hpp"
 #include "normkit/bn_variants.hpp"
+#include "support.hpp"
 
 namespace normkit::nn::detail {
 
-using normkit::detail::fail_invalid;
+using engine::fail_invalid;
 
 namespace {
 

@@ -2,8 +2,8 @@
 // the same thing in both. Weight decay is L2 added to the gradient, as torch.optim.
 #include <cmath>
 
-#include "core/check.hpp"
-#include "normkit/nn.hpp"
+#include "normkit/engine/nn.hpp"
+#include "support.hpp"
 
 namespace normkit::nn {
 
@@ -17,11 +17,11 @@ std::vector<std::vector<float>> zeros_like(const std::vector<Parameter*>& parame
 
 void check_same(const std::vector<Parameter*>& parameters, const std::vector<std::vector<float>>& state) {
   if (parameters.size() != state.size())
-    normkit::detail::fail_invalid("optimizer: built for ", state.size(), " parameters, stepped with ",
+    engine::fail_invalid("optimizer: built for ", state.size(), " parameters, stepped with ",
                                   parameters.size());
   for (size_t i = 0; i < state.size(); ++i)
     if (parameters[i]->value.size() != state[i].size() || parameters[i]->grad.size() != state[i].size())
-      normkit::detail::fail_invalid("optimizer: parameter ", i, " (", parameters[i]->name, ") has ",
+      engine::fail_invalid("optimizer: parameter ", i, " (", parameters[i]->name, ") has ",
                                     parameters[i]->value.size(), " values and ",
                                     parameters[i]->grad.size(), " gradients, the optimizer ",
                                     state[i].size());
@@ -52,9 +52,9 @@ class Sgd final : public Optimizer {
       : options_(o), velocity_(zeros_like(parameters)) {
     learning_rate = o.lr;
     if (!(o.lr > 0) || !(o.momentum >= 0) || !(o.weight_decay >= 0))
-      normkit::detail::fail_invalid("sgd: lr must be > 0, momentum and weight decay >= 0");
+      engine::fail_invalid("sgd: lr must be > 0, momentum and weight decay >= 0");
     if (o.nesterov && o.momentum == 0)
-      normkit::detail::fail_invalid("sgd: Nesterov momentum requires momentum > 0");
+      engine::fail_invalid("sgd: Nesterov momentum requires momentum > 0");
   }
   void step(const std::vector<Parameter*>& parameters) override {
     check_same(parameters, velocity_);
@@ -104,7 +104,7 @@ class Adam final : public Optimizer {
     learning_rate = o.lr;
     if (!(o.lr > 0) || !(o.beta1 >= 0 && o.beta1 < 1) || !(o.beta2 >= 0 && o.beta2 < 1) ||
         !(o.eps > 0) || !(o.weight_decay >= 0))
-      normkit::detail::fail_invalid("adam: need lr > 0, betas in [0, 1), eps > 0, weight decay >= 0");
+      engine::fail_invalid("adam: need lr > 0, betas in [0, 1), eps > 0, weight decay >= 0");
   }
   void step(const std::vector<Parameter*>& parameters) override {
     check_same(parameters, m_);

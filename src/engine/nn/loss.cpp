@@ -1,13 +1,13 @@
 #include <cmath>
 
-#include "core/check.hpp"
-#include "normkit/nn.hpp"
+#include "normkit/engine/nn.hpp"
+#include "support.hpp"
 
 namespace normkit::nn {
 
 // loss = mean_n (logsumexp(z_n) - z_n[label_n]);  dL/dz_n = (softmax(z_n) - onehot_n) / N.
 LossResult softmax_cross_entropy(const Tensor& logits, const int32_t* labels, Tensor* dlogits) {
-  if (logits.shape.size() != 2) normkit::detail::fail_invalid("loss: logits must be [N, classes]");
+  if (logits.shape.size() != 2) engine::fail_invalid("loss: logits must be [N, classes]");
   const int64_t n = logits.shape[0], k = logits.shape[1];
   if (dlogits) dlogits->reshape({n, k}, MemoryFormat::channels_first);
   LossResult result;
@@ -15,7 +15,7 @@ LossResult softmax_cross_entropy(const Tensor& logits, const int32_t* labels, Te
     const float* z = logits.data.data() + i * k;
     const int32_t label = labels[i];
     if (label < 0 || label >= k)
-      normkit::detail::fail_invalid("loss: label ", label, " out of range [0, ", k, ")");
+      engine::fail_invalid("loss: label ", label, " out of range [0, ", k, ")");
     int64_t best = 0;
     for (int64_t j = 1; j < k; ++j)
       if (z[j] > z[best]) best = j;

@@ -5,38 +5,13 @@
 #include <optional>
 #include <sstream>
 
-#include "core/check.hpp"
-#include "normkit/nn.hpp"
+#include "nn/layers.hpp"
+#include "normkit/engine/nn.hpp"
+#include "support.hpp"
 
 namespace normkit::nn {
 
 namespace {
-
-struct LayerKind {
-  const char* type;
-  size_t min_args, max_args;
-  std::vector<std::string> options;
-};
-const std::vector<LayerKind>& kinds() {
-  static const std::vector<LayerKind> table = {
-      {"linear", 1, 1, {"bias"}},
-      {"conv", 2, 2, {"stride", "pad", "bias"}},
-      {"maxpool", 1, 1, {"stride"}},
-      {"avgpool", 1, 1, {"stride"}},
-      {"relu", 0, 0, {}},
-      {"sigmoid", 0, 0, {}},
-      {"tanh", 0, 0, {}},
-      {"dropout", 1, 1, {}},
-      {"flatten", 0, 0, {}},
-      {"batchnorm", 0, 0, {"eps", "momentum", "frozen"}},
-      {"batchrenorm", 0, 0, {"eps", "momentum", "rmax", "dmax", "warmup", "frozen"}},
-      {"ghostbatchnorm", 0, 0, {"eps", "momentum", "size", "frozen"}},
-      {"layernorm", 0, 0, {"eps"}},
-      {"groupnorm", 0, 0, {"groups", "eps", "affine"}},
-      {"instancenorm", 0, 0, {"eps", "momentum", "affine", "track_running_stats"}},
-  };
-  return table;
-}
 
 std::vector<std::string> split_statements(const std::string& text) {
   std::vector<std::string> out;
@@ -65,11 +40,12 @@ std::optional<double> parse_number(const std::string& s) {
 }
 
 bool is_norm(const ModelSpec::LayerSpec& layer) {
-  return layer.type == "batchnorm" || layer.type == "batchrenorm" || layer.type == "ghostbatchnorm" ||
-         layer.type == "layernorm" || layer.type == "groupnorm" || layer.type == "instancenorm";
+  const detail::LayerKind* kind = detail::find_layer_kind(layer.type);
+  return kind && kind->is_norm;
 }
 bool has_bias_option(const ModelSpec::LayerSpec& layer) {
-  return layer.type == "linear" || layer.type == "conv";
+  const detail::LayerKind* kind = detail::find_layer_kind(layer.type);
+  return kind && std::find(kind->options.begin(), kind->options.end(), "bias") != kind->options.end();
 }
 
 }  // namespace
@@ -92,7 +68,7 @@ ModelSpec ModelSpec::parse(const std::string& text) {
         layer.args.push_back(word);
     }
     auto fail = [&](const auto&... parts) {
-      detail::fail_invalid("model spec, statement ", statement, " ('", type, "'): ", parts...);
+      engine::fail_invalid("model spec, statement ", statement, " ('", type, "'): ", parts...);
     };
     auto number = [&](const std::string& s) {
       const std::optional<double> value = parse_number(s);
@@ -110,9 +86,8 @@ ModelSpec ModelSpec::parse(const std::string& text) {
       }
       continue;
     }
-    const auto kind = std::find_if(kinds().begin(), kinds().end(),
-                                   [&](const LayerKind& k) { return type == k.type; });
-    if (kind == kinds().end()) fail("unknown layer type");
+    const detail::LayerKind* kind = detail::find_layer_kind(type);
+    if (!kind) fail("unknown layer type");
     if (layer.args.size() < kind->min_args || layer.args.size() > kind->max_args)
       fail("expected ", kind->min_args, kind->min_args == kind->max_args ? "" : "+",
            " arguments, got ", layer.args.size());
@@ -139,8 +114,8 @@ ModelSpec ModelSpec::parse(const std::string& text) {
     }
     spec.layers.push_back(std::move(layer));
   }
-  if (spec.input_shape.empty()) detail::fail_invalid("model spec: missing 'input C [H W]'");
-  if (spec.layers.empty()) detail::fail_invalid("model spec: no layers");
+  if (spec.input_shape.empty()) engine::fail_invalid("model spec: missing 'input C [H W]'");
+  if (spec.layers.empty()) engine::fail_invalid("model spec: no layers");
   return spec;
 }
 
@@ -158,7 +133,7 @@ ModelSpec ModelSpec::preset(const std::string& name) {
         "conv 32 3 pad=1 bias=0; batchnorm; relu; maxpool 2;"
         "conv 64 3 pad=1 bias=0; batchnorm; relu; maxpool 2;"
         "flatten; linear 128 bias=0; batchnorm; relu; linear 10");
-  detail::fail_invalid("unknown model preset '", name, "'; expected mlp-paper or cnn-small");
+  engine::fail_invalid("unknown model preset '", name, "'; expected mlp-paper or cnn-small");
 }
 
 std::string ModelSpec::to_string() const {
@@ -196,7 +171,7 @@ const std::vector<std::string>& ModelSpec::norm_kinds() {
 ModelSpec ModelSpec::with_norm(const std::string& norm) const {
   if (norm == "none") return without_batch_norm();
   if (std::find(norm_kinds().begin(), norm_kinds().end(), norm) == norm_kinds().end())
-    detail::fail_invalid("unknown normalization '", norm, "'; expected one of batch, none, frozen, renorm, "
+    engine::fail_invalid("unknown normalization '", norm, "'; expected one of batch, none, frozen, renorm, "
                          "ghost, layer, group, instance");
   if (norm == "batch") return *this;
   static const std::map<std::string, std::string> layer_type = {
@@ -222,9 +197,7 @@ ModelSpec ModelSpec::with_norm(const std::string& norm) const {
       continue;
     }
     LayerSpec replaced{layer_type.at(norm), {}, {}};
-    const auto& allowed =
-        std::find_if(kinds().begin(), kinds().end(), [&](const LayerKind& k) { return replaced.type == k.type; })
-            ->options;
+    const auto& allowed = detail::find_layer_kind(replaced.type)->options;
     for (const auto& [key, value] : layer.options)
       if (std::find(allowed.begin(), allowed.end(), key) != allowed.end()) replaced.options[key] = value;
     // (insert_or_assign, not operator=: GCC 12 warns falsely about assigning "1" here)

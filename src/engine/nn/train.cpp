@@ -3,8 +3,8 @@
 #include <numeric>
 #include <random>
 
-#include "core/check.hpp"
-#include "normkit/train.hpp"
+#include "normkit/engine/train.hpp"
+#include "support.hpp"
 
 namespace normkit::train {
 
@@ -51,8 +51,8 @@ void make_batch(const data::Dataset& set, const std::vector<int64_t>& order, int
 EpochResult train_epoch(nn::Model& model, nn::Optimizer& optimizer, const data::Dataset& train,
                         int64_t batch_size, uint64_t seed, int64_t epoch,
                         const ProgressCallback& progress) {
-  if (batch_size < 2) detail::fail_invalid("batch size must be >= 2 for batch normalization, got ", batch_size);
-  if (train.count() < 2) detail::fail_invalid("training needs at least 2 samples");
+  if (batch_size < 2) engine::fail_invalid("batch size must be >= 2 for batch normalization, got ", batch_size);
+  if (train.count() < 2) engine::fail_invalid("training needs at least 2 samples");
   const auto order = epoch_order(train.count(), seed, epoch);
   int64_t steps = (train.count() + batch_size - 1) / batch_size;
   if (train.count() % batch_size == 1) --steps;  // a lone last sample cannot be batch-normalized
@@ -71,7 +71,7 @@ EpochResult train_epoch(nn::Model& model, nn::Optimizer& optimizer, const data::
     const nn::Tensor& logits = model.forward(batch, nn::Mode::train);
     const nn::LossResult loss = nn::softmax_cross_entropy(logits, labels.data(), &dlogits);
     if (!std::isfinite(loss.loss))
-      detail::fail_runtime("loss became ", loss.loss, " at epoch ", epoch + 1, ", step ", step + 1,
+      engine::fail_runtime("loss became ", loss.loss, " at epoch ", epoch + 1, ", step ", step + 1,
                            " of ", steps, "; training stopped");
     model.zero_grad();
     model.backward(dlogits);
@@ -94,8 +94,8 @@ EpochResult train_epoch(nn::Model& model, nn::Optimizer& optimizer, const data::
 }
 
 Evaluation evaluate(nn::Model& model, const data::Dataset& set, int64_t batch_size) {
-  if (set.count() < 1) detail::fail_invalid("evaluate: empty data set");
-  if (batch_size < 1) detail::fail_invalid("evaluate: batch size must be >= 1");
+  if (set.count() < 1) engine::fail_invalid("evaluate: empty data set");
+  if (batch_size < 1) engine::fail_invalid("evaluate: batch size must be >= 1");
   std::vector<int64_t> order(static_cast<size_t>(set.count()));
   std::iota(order.begin(), order.end(), 0);
   Evaluation out;

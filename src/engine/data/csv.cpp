@@ -5,12 +5,12 @@
 #include <string>
 #include <string_view>
 
-#include "core/check.hpp"
-#include "normkit/data.hpp"
+#include "normkit/engine/data.hpp"
+#include "support.hpp"
 
 namespace normkit::data {
 
-using detail::fail_runtime;
+using engine::fail_runtime;
 
 namespace {
 
@@ -43,7 +43,7 @@ bool parse_number(std::string_view text, double& value) {
 
 Dataset load_csv(const std::filesystem::path& path, const CsvOptions& options) {
   if (options.num_classes < 0)
-    detail::fail_invalid("num_classes must be >= 0 (0: infer), got ", options.num_classes);
+    engine::fail_invalid("num_classes must be >= 0 (0: infer), got ", options.num_classes);
   std::ifstream in(path);
   if (!in) fail_runtime(path.string(), ": cannot open");
   const std::string where = path.string();

@@ -9,13 +9,13 @@
 #include <sstream>
 #include <string>
 
-#include "core/check.hpp"
 #include "nn/layers.hpp"
 #include "normkit/group_norm.hpp"
+#include "support.hpp"
 
 namespace normkit::nn::detail {
 
-using normkit::detail::fail_invalid;
+using engine::fail_invalid;
 
 namespace {
 

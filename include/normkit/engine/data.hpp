@@ -1,6 +1,7 @@
 #pragma once
-// Data sets for training: IDX files (MNIST, Fashion-MNIST; gzipped or not),
-// CSV tables, and the input standardizer x' = (x - μ) / σ.
+// Data sets for training (the engine's loaders): IDX files (MNIST,
+// Fashion-MNIST; gzipped or not) and CSV tables. The input standardizer is in
+// the kernel library: normkit/standardizer.hpp.
 //
 // Loaders never trust a file: magic numbers, dimensions, sizes and labels are
 // checked, memory grows only as data actually arrives (a header that claims
@@ -8,12 +9,8 @@
 // normkit::Error naming the file and what is wrong with it.
 #include <cstdint>
 #include <filesystem>
-#include <iosfwd>
-#include <span>
 #include <string>
 #include <vector>
-
-#include "normkit/moments.hpp"
 
 namespace normkit::data {
 
@@ -47,38 +44,5 @@ struct CsvOptions {
   char delimiter = ',';
 };
 Dataset load_csv(const std::filesystem::path& path, const CsvOptions& options = {});
-
-// Per-feature standardization, fitted on training data only and kept with the
-// model: x' = (x - mean) / std, with the biased (population) std as
-// scikit-learn's StandardScaler and Keras' Normalization use. A feature with
-// zero variance gets scale 1, so it maps to 0 instead of NaN.
-class Standardizer {
- public:
-  // Statistics over rows × features, merged with what was seen before
-  // (fit = reset + partial_fit). Non-finite values are an error.
-  void fit(std::span<const float> x, int64_t features);
-  void partial_fit(std::span<const float> x, int64_t features);
-
-  void transform(std::span<float> x) const;          // in place
-  void inverse_transform(std::span<float> x) const;  // in place
-
-  bool fitted() const noexcept { return !moments_.empty(); }
-  int64_t features() const noexcept { return static_cast<int64_t>(moments_.size()); }
-  std::vector<float> mean() const;
-  std::vector<float> scale() const;  // std, or 1 for zero-variance features
-  // The biased (population) variance, 0 for zero-variance features; and the
-  // rows fitted since the last fit (0 when unfitted).
-  std::vector<float> variance() const;
-  int64_t samples_seen() const noexcept;
-
-  void save(std::ostream& out) const;
-  static Standardizer load(std::istream& in);  // throws normkit::Error on a bad stream
-  static Standardizer from_moments(std::vector<Moments> moments);
-  const std::vector<Moments>& moments() const noexcept { return moments_; }
-
- private:
-  void check_rows(std::span<const float> x) const;
-  std::vector<Moments> moments_;
-};
 
 }  // namespace normkit::data

@@ -1,5 +1,5 @@
 // Checkpoints: serialization, validation and the atomic save. The layout is
-// documented in include/normkit/checkpoint.hpp.
+// documented in include/normkit/engine/checkpoint.hpp.
 //
 // Loading never trusts a length: every count is checked against the bytes that
 // remain before anything is allocated for it, so a corrupted size field cannot
@@ -7,7 +7,7 @@
 // against the model and optimizer its spec builds; the caller's objects are
 // only touched afterwards (build_model, build_optimizer), so a bad file is
 // never partly loaded.
-#include "normkit/checkpoint.hpp"
+#include "normkit/engine/checkpoint.hpp"
 
 #include <fcntl.h>
 #include <sys/stat.h>
@@ -22,7 +22,7 @@
 #include <fstream>
 #include <sstream>
 
-#include "core/check.hpp"
+#include "support.hpp"
 
 namespace normkit::io {
 
@@ -36,7 +36,7 @@ constexpr size_t kHeaderSize = sizeof kMagic + 4 + 8;  // magic, version, conten
 constexpr size_t kChecksumSize = 4;
 
 [[noreturn]] void fail_file(const std::string& source, const auto&... parts) {
-  detail::fail_runtime("checkpoint '", source, "': ", parts...);
+  engine::fail_runtime("checkpoint '", source, "': ", parts...);
 }
 
 uint32_t checksum(const char* data, size_t size) {
@@ -414,11 +414,11 @@ std::unique_ptr<nn::Model> build_model(const Checkpoint& checkpoint) {
   auto model = std::make_unique<nn::Model>(checkpoint.spec, checkpoint.format);
   const auto state = model->state();
   if (state.size() != checkpoint.state.size())
-    detail::fail_invalid("build_model: the checkpoint's state does not match its model");
+    engine::fail_invalid("build_model: the checkpoint's state does not match its model");
   for (size_t i = 0; i < state.size(); ++i) {
     if (state[i].first != checkpoint.state[i].first ||
         state[i].second->size() != checkpoint.state[i].second.size())
-      detail::fail_invalid("build_model: state array '", checkpoint.state[i].first,
+      engine::fail_invalid("build_model: state array '", checkpoint.state[i].first,
                            "' does not match the model");
   }
   for (size_t i = 0; i < state.size(); ++i) *state[i].second = checkpoint.state[i].second;
@@ -431,10 +431,10 @@ std::unique_ptr<nn::Optimizer> build_optimizer(const Checkpoint& checkpoint, nn:
       make_optimizer(checkpoint.optimizer.name, checkpoint.optimizer.options, model.parameters());
   const auto arrays = optimizer->state();
   if (arrays.size() != checkpoint.optimizer.arrays.size())
-    detail::fail_invalid("build_optimizer: the checkpoint's optimizer state does not match the model");
+    engine::fail_invalid("build_optimizer: the checkpoint's optimizer state does not match the model");
   for (size_t i = 0; i < arrays.size(); ++i)
     if (arrays[i]->size() != checkpoint.optimizer.arrays[i].size())
-      detail::fail_invalid("build_optimizer: optimizer state array ", i, " does not match the model");
+      engine::fail_invalid("build_optimizer: optimizer state array ", i, " does not match the model");
   for (size_t i = 0; i < arrays.size(); ++i) *arrays[i] = checkpoint.optimizer.arrays[i];
   optimizer->steps() = checkpoint.optimizer.steps;
   return optimizer;
@@ -447,9 +447,9 @@ std::unique_ptr<nn::Optimizer> make_optimizer(const std::string& name,
     for (const auto& [key, value] : options) {
       const auto it = std::find_if(known.begin(), known.end(),
                                    [&](const auto& k) { return key == k.first; });
-      if (it == known.end()) detail::fail_invalid(name, ": unknown option '", key, "'");
+      if (it == known.end()) engine::fail_invalid(name, ": unknown option '", key, "'");
       if (!std::isfinite(value))
-        detail::fail_invalid(name, ": option '", key, "' is not finite");
+        engine::fail_invalid(name, ": option '", key, "' is not finite");
       *it->second = static_cast<float>(value);
     }
   };
@@ -458,7 +458,7 @@ std::unique_ptr<nn::Optimizer> make_optimizer(const std::string& name,
     float nesterov = 0;
     take({{"lr", &o.lr}, {"momentum", &o.momentum}, {"weight_decay", &o.weight_decay},
           {"nesterov", &nesterov}});
-    if (nesterov != 0 && nesterov != 1) detail::fail_invalid("sgd: nesterov must be 0 or 1");
+    if (nesterov != 0 && nesterov != 1) engine::fail_invalid("sgd: nesterov must be 0 or 1");
     o.nesterov = nesterov != 0;
     return nn::make_sgd(o, parameters);
   }
@@ -471,7 +471,7 @@ std::unique_ptr<nn::Optimizer> make_optimizer(const std::string& name,
           {"weight_decay", &o.weight_decay}});
     return nn::make_adam(o, parameters);
   }
-  detail::fail_invalid("unknown optimizer '", name, "'; expected sgd or adam");
+  engine::fail_invalid("unknown optimizer '", name, "'; expected sgd or adam");
 }
 
 }  // namespace normkit::io

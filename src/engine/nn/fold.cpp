@@ -1,15 +1,15 @@
 // Folding a model's batchnorm layers into the linear/conv layers before them
-// (normkit/nn_fold.hpp). The model is walked once, building the folded layer
+// (normkit/engine/nn_fold.hpp). The model is walked once, building the folded layer
 // list with its values; the folded Model is then built from that spec and
 // filled by parameter and buffer name, so it holds exactly what a checkpoint of
 // it would.
-#include "normkit/nn_fold.hpp"
+#include "normkit/engine/nn_fold.hpp"
 
 #include <map>
 #include <string>
 
-#include "core/check.hpp"
 #include "normkit/fold.hpp"
+#include "support.hpp"
 
 namespace normkit::nn {
 
@@ -36,7 +36,7 @@ const std::vector<float>& value(const std::map<std::string, std::vector<float>>&
                                 const std::string& name, size_t layer) {
   const auto it = values.find(name);
   if (it == values.end())
-    normkit::detail::fail_runtime("fold: layer ", layer, " has no '", name, "'");
+    engine::fail_runtime("fold: layer ", layer, " has no '", name, "'");
   return it->second;
 }
 
@@ -56,7 +56,7 @@ void fold_into(PendingLayer& target, const ModelSpec::LayerSpec& bn_spec,
                            value(bn, "running_var", bn_index), eps, weight, folded_bias);
   } catch (const Error& e) {
     // The model's own values cannot be folded: a problem of the data, not of the call.
-    throw Error(ErrorKind::runtime, normkit::detail::concat("fold: batchnorm ", bn_index, " into layer ",
+    throw Error(ErrorKind::runtime, engine::concat("fold: batchnorm ", bn_index, " into layer ",
                                                             target.original, ": ", e.what()));
   }
   target.values["bias"] = std::move(folded_bias);
@@ -95,7 +95,7 @@ FoldResult fold_batch_norms(Model& model) {
     auto fill = [&](const std::string& name, std::vector<float>& target) {
       const auto& source = value(pending[j].values, name, pending[j].original);
       if (source.size() != target.size())
-        normkit::detail::fail_runtime("fold: '", name, "' of layer ", pending[j].original, " has ",
+        engine::fail_runtime("fold: '", name, "' of layer ", pending[j].original, " has ",
                                       source.size(), " values, the folded layer ", target.size());
       target = source;
     };

@@ -1,5 +1,5 @@
-#include "core/check.hpp"
-#include "normkit/nn.hpp"
+#include "normkit/engine/nn.hpp"
+#include "support.hpp"
 
 namespace normkit::nn {
 
@@ -20,7 +20,7 @@ template <class T>
 TensorView<T> view_of(T* data, const std::vector<int64_t>& shape, MemoryFormat format) {
   if (shape.size() == 2) return TensorView<T>::contiguous(data, {shape[0], shape[1]}, Layout::NC);
   if (shape.size() != 4)
-    detail::fail_invalid("tensor: expected a [N, C] or [N, C, H, W] shape, got rank ", shape.size());
+    engine::fail_invalid("tensor: expected a [N, C] or [N, C, H, W] shape, got rank ", shape.size());
   const int64_t n = shape[0], c = shape[1], h = shape[2], w = shape[3];
   if (format == MemoryFormat::channels_first)
     return TensorView<T>::contiguous(data, {n, c, h, w}, Layout::NCHW);

@@ -5,8 +5,8 @@
 #include <functional>
 #include <vector>
 
-#include "normkit/data.hpp"
-#include "normkit/nn.hpp"
+#include "normkit/engine/data.hpp"
+#include "normkit/engine/nn.hpp"
 
 namespace normkit::train {
 

@@ -1,10 +1,29 @@
 #pragma once
 // Layer implementations; Model builds them from a ModelSpec.
+#include <cstddef>
 #include <memory>
+#include <string>
+#include <vector>
 
-#include "normkit/nn.hpp"
+#include "normkit/engine/nn.hpp"
 
 namespace normkit::nn::detail {
+
+// The one registry of layer types: what the model spec accepts for each type
+// (spec.cpp checks arguments and options against it) and how make_layer builds
+// it. A new layer type is one entry here.
+struct LayerKind {
+  const char* type;
+  size_t min_args, max_args;
+  std::vector<std::string> options;
+  bool is_norm;  // a normalization layer: ModelSpec::without_batch_norm drops it
+  // The layer for `spec` given its input shape (without N); see make_layer.
+  std::unique_ptr<Layer> (*build)(const ModelSpec::LayerSpec& spec,
+                                  const std::vector<int64_t>& input_shape, MemoryFormat format,
+                                  size_t index);
+};
+const std::vector<LayerKind>& layer_kinds();
+const LayerKind* find_layer_kind(const std::string& type);  // nullptr: no such type
 
 // Builds the layer for `spec` given its input shape (without N).
 // `index` (the layer's position) keeps the randomness of equal layers apart.
@@ -17,10 +36,10 @@ std::string shape_text(const std::vector<int64_t>& shape);
 // A spec option as a number, or `fallback` when the spec does not give it.
 double option_or(const ModelSpec::LayerSpec& spec, const std::string& key, double fallback);
 
-// Layer normalization over all of a sample's features (src/nn/layer_norm_layer.cpp).
+// Layer normalization over all of a sample's features (layer_norm_layer.cpp).
 std::unique_ptr<Layer> make_layer_norm(const std::vector<int64_t>& input_shape, double eps,
                                        MemoryFormat format);
-// "batchnorm", "batchrenorm" and "ghostbatchnorm" (src/nn/batch_norm_layers.cpp).
+// "batchnorm", "batchrenorm" and "ghostbatchnorm" (batch_norm_layers.cpp).
 constexpr int64_t kDefaultRenormWarmup = 500;   // steps over which rmax, dmax reach their values
 constexpr int64_t kDefaultGhostBatchSize = 32;  // virtual batch size
 std::unique_ptr<Layer> make_batch_norm_layer(const ModelSpec::LayerSpec& spec,

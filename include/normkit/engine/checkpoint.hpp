@@ -33,8 +33,8 @@
 #include <utility>
 #include <vector>
 
-#include "normkit/data.hpp"
-#include "normkit/nn.hpp"
+#include "normkit/engine/nn.hpp"
+#include "normkit/standardizer.hpp"
 
 namespace normkit::io {
 

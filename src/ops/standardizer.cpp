@@ -8,7 +8,7 @@
 
 #include "core/check.hpp"
 #include "normkit/batch_norm.hpp"
-#include "normkit/data.hpp"
+#include "normkit/standardizer.hpp"
 
 namespace normkit::data {
 

@@ -15,8 +15,8 @@
 #include <string>
 #include <vector>
 
-#include "normkit/checkpoint.hpp"
-#include "normkit/nn.hpp"
+#include "normkit/engine/checkpoint.hpp"
+#include "normkit/engine/nn.hpp"
 
 namespace normkit::nn {
 

@@ -5,12 +5,12 @@
 #include <memory>
 #include <string>
 
-#include "core/check.hpp"
-#include "normkit/data.hpp"
+#include "normkit/engine/data.hpp"
+#include "support.hpp"
 
 namespace normkit::data {
 
-using detail::fail_runtime;
+using engine::fail_runtime;
 
 namespace {
 
@@ -110,7 +110,7 @@ int64_t Dataset::sample_size() const noexcept {
 Dataset load_idx(const std::filesystem::path& images, const std::filesystem::path& labels,
                  int32_t num_classes) {
   if (num_classes < 1 || num_classes > 256)
-    detail::fail_invalid("num_classes must be in [1, 256] for IDX labels, got ", num_classes);
+    engine::fail_invalid("num_classes must be in [1, 256] for IDX labels, got ", num_classes);
   IdxReader image_file(images);
   const auto image_dims = image_file.header(3, "image");
   IdxReader label_file(labels);

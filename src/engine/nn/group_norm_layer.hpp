@@ -4,7 +4,7 @@
 #include <memory>
 #include <vector>
 
-#include "normkit/nn.hpp"
+#include "normkit/engine/nn.hpp"
 
 namespace normkit::nn::detail {
 

@@ -1,8 +1,8 @@
 #include <sstream>
 
-#include "core/check.hpp"
 #include "nn/layers.hpp"
-#include "normkit/nn.hpp"
+#include "normkit/engine/nn.hpp"
+#include "support.hpp"
 
 namespace normkit::nn {
 
@@ -17,7 +17,7 @@ Model::Model(const ModelSpec& spec, MemoryFormat format) : spec_(spec), format_(
     }
   }
   if (shape.size() != 1 || shape[0] < 2)
-    normkit::detail::fail_invalid("model spec: the last layer must give [classes >= 2] logits");
+    engine::fail_invalid("model spec: the last layer must give [classes >= 2] logits");
 }
 
 void Model::initialize(const InitOptions& options, uint64_t seed) {
@@ -33,14 +33,14 @@ const Tensor& Model::forward(const Tensor& x, Mode mode) {
   std::vector<int64_t> expected = {x.shape.empty() ? 0 : x.shape[0]};
   expected.insert(expected.end(), spec_.input_shape.begin(), spec_.input_shape.end());
   if (x.shape != expected || x.shape[0] < 1)
-    normkit::detail::fail_invalid("model: input shape does not match the spec's input");
+    engine::fail_invalid("model: input shape does not match the spec's input");
   if (static_cast<int64_t>(x.data.size()) != x.numel())
-    normkit::detail::fail_invalid("model: input holds ", x.data.size(), " values, its shape ",
+    engine::fail_invalid("model: input holds ", x.data.size(), " values, its shape ",
                                   x.numel());
   // Convolution and pooling read the input in the model's format; with one
   // channel both formats store the same thing.
   if (x.shape.size() == 4 && x.shape[1] > 1 && x.format != format_)
-    normkit::detail::fail_invalid("model: input is ",
+    engine::fail_invalid("model: input is ",
                                   x.format == MemoryFormat::channels_last ? "channels-last" : "channels-first",
                                   ", the model ",
                                   format_ == MemoryFormat::channels_last ? "channels-last" : "channels-first");

@@ -11,15 +11,14 @@
 #include <optional>
 #include <sstream>
 
-#include "core/check.hpp"
 #include "nn/gemm.hpp"
 #include "nn/group_norm_layer.hpp"
-#include "core/parallel.hpp"
+#include "support.hpp"
 
 namespace normkit::nn::detail {
 
-using normkit::detail::fail_invalid;
-using normkit::detail::threads_for;
+using engine::fail_invalid;
+using engine::threads_for;
 
 // Shared by the layer files (declared in layers.hpp).
 double option_or(const ModelSpec::LayerSpec& spec, const std::string& key, double fallback) {
@@ -711,52 +710,121 @@ class Flatten final : public Layer {
 
 }  // namespace
 
+namespace {
+
+using Input = std::vector<int64_t>;
+
+void need_image(const std::string& type, const Input& input) {
+  if (input.size() != 3) fail_invalid(type, ": needs a [C, H, W] input, got ", shape_text(input));
+}
+
+std::unique_ptr<Layer> build_linear(const ModelSpec::LayerSpec& spec, const Input& input,
+                                    MemoryFormat, size_t) {
+  if (input.size() != 1)
+    fail_invalid("linear: needs a flat input, got ", shape_text(input), " (add 'flatten')");
+  const int64_t out = int_arg(spec.args[0]);
+  if (out < 1) fail_invalid("linear: output size must be >= 1, got ", out);
+  return std::make_unique<Linear>(input[0], out, option_or(spec, "bias", 1) != 0);
+}
+
+std::unique_ptr<Layer> build_conv(const ModelSpec::LayerSpec& spec, const Input& input,
+                                  MemoryFormat format, size_t) {
+  need_image(spec.type, input);
+  const int64_t out = int_arg(spec.args[0]), k = int_arg(spec.args[1]);
+  const auto stride = static_cast<int64_t>(option_or(spec, "stride", 1));
+  const auto pad = static_cast<int64_t>(option_or(spec, "pad", 0));
+  if (out < 1 || k < 1 || stride < 1 || pad < 0)
+    fail_invalid("conv: bad sizes (out ", out, ", kernel ", k, ", stride ", stride, ", pad ", pad, ")");
+  if (input[1] + 2 * pad < k || input[2] + 2 * pad < k)
+    fail_invalid("conv: kernel ", k, " is larger than the padded input ", shape_text(input));
+  return std::make_unique<Conv2d>(input, out, k, stride, pad, option_or(spec, "bias", 1) != 0,
+                                  format);
+}
+
+std::unique_ptr<Layer> build_pool(const ModelSpec::LayerSpec& spec, const Input& input,
+                                  MemoryFormat format, size_t) {
+  const std::string& t = spec.type;
+  need_image(t, input);
+  const int64_t k = int_arg(spec.args[0]);
+  const auto stride = static_cast<int64_t>(option_or(spec, "stride", static_cast<double>(k)));
+  if (k < 1 || stride < 1 || input[1] < k || input[2] < k)
+    fail_invalid(t, ": window ", k, " (stride ", stride, ") does not fit input ", shape_text(input));
+  return std::make_unique<Pool2d>(input, k, stride, t == "maxpool", format);
+}
+
+template <Activation kActivation>
+std::unique_ptr<Layer> build_activation(const ModelSpec::LayerSpec&, const Input&, MemoryFormat,
+                                        size_t) {
+  return std::make_unique<Elementwise>(kActivation);
+}
+
+std::unique_ptr<Layer> build_dropout(const ModelSpec::LayerSpec& spec, const Input&, MemoryFormat,
+                                     size_t index) {
+  return std::make_unique<Dropout>(std::stod(spec.args[0]), 0x1000193ull * (index + 1));
+}
+
+std::unique_ptr<Layer> build_flatten(const ModelSpec::LayerSpec&, const Input& input,
+                                     MemoryFormat format, size_t) {
+  return std::make_unique<Flatten>(input, format);
+}
+
+std::unique_ptr<Layer> build_layer_norm(const ModelSpec::LayerSpec& spec, const Input& input,
+                                        MemoryFormat format, size_t) {
+  return make_layer_norm(input, option_or(spec, "eps", 1e-5), format);
+}
+
+std::unique_ptr<Layer> build_batch_norm(const ModelSpec::LayerSpec& spec, const Input& input,
+                                        MemoryFormat, size_t) {
+  return make_batch_norm_layer(spec, input);
+}
+
+std::unique_ptr<Layer> build_group_norm(const ModelSpec::LayerSpec& spec, const Input& input,
+                                        MemoryFormat, size_t) {
+  return make_group_norm_layer(spec, input);
+}
+
+std::unique_ptr<Layer> build_instance_norm(const ModelSpec::LayerSpec& spec, const Input& input,
+                                           MemoryFormat, size_t) {
+  return make_instance_norm_layer(spec, input);
+}
+
+}  // namespace
+
+const std::vector<LayerKind>& layer_kinds() {
+  static const std::vector<LayerKind> table = {
+      {"linear", 1, 1, {"bias"}, false, build_linear},
+      {"conv", 2, 2, {"stride", "pad", "bias"}, false, build_conv},
+      {"maxpool", 1, 1, {"stride"}, false, build_pool},
+      {"avgpool", 1, 1, {"stride"}, false, build_pool},
+      {"relu", 0, 0, {}, false, build_activation<Activation::relu>},
+      {"sigmoid", 0, 0, {}, false, build_activation<Activation::sigmoid>},
+      {"tanh", 0, 0, {}, false, build_activation<Activation::tanh>},
+      {"dropout", 1, 1, {}, false, build_dropout},
+      {"flatten", 0, 0, {}, false, build_flatten},
+      {"batchnorm", 0, 0, {"eps", "momentum", "frozen"}, true, build_batch_norm},
+      {"batchrenorm", 0, 0, {"eps", "momentum", "rmax", "dmax", "warmup", "frozen"}, true,
+       build_batch_norm},
+      {"ghostbatchnorm", 0, 0, {"eps", "momentum", "size", "frozen"}, true, build_batch_norm},
+      {"layernorm", 0, 0, {"eps"}, true, build_layer_norm},
+      {"groupnorm", 0, 0, {"groups", "eps", "affine"}, true, build_group_norm},
+      {"instancenorm", 0, 0, {"eps", "momentum", "affine", "track_running_stats"}, true,
+       build_instance_norm},
+  };
+  return table;
+}
+
+const LayerKind* find_layer_kind(const std::string& type) {
+  for (const LayerKind& kind : layer_kinds())
+    if (type == kind.type) return &kind;
+  return nullptr;
+}
+
 std::unique_ptr<Layer> make_layer(const ModelSpec::LayerSpec& spec,
                                   const std::vector<int64_t>& input, MemoryFormat format,
                                   size_t index) {
-  const std::string& t = spec.type;
-  auto need_image = [&] {
-    if (input.size() != 3)
-      fail_invalid(t, ": needs a [C, H, W] input, got ", shape_text(input));
-  };
-  if (t == "linear") {
-    if (input.size() != 1)
-      fail_invalid("linear: needs a flat input, got ", shape_text(input), " (add 'flatten')");
-    const int64_t out = int_arg(spec.args[0]);
-    if (out < 1) fail_invalid("linear: output size must be >= 1, got ", out);
-    return std::make_unique<Linear>(input[0], out, option_or(spec, "bias", 1) != 0);
-  }
-  if (t == "conv") {
-    need_image();
-    const int64_t out = int_arg(spec.args[0]), k = int_arg(spec.args[1]);
-    const auto stride = static_cast<int64_t>(option_or(spec, "stride", 1));
-    const auto pad = static_cast<int64_t>(option_or(spec, "pad", 0));
-    if (out < 1 || k < 1 || stride < 1 || pad < 0)
-      fail_invalid("conv: bad sizes (out ", out, ", kernel ", k, ", stride ", stride, ", pad ", pad, ")");
-    if (input[1] + 2 * pad < k || input[2] + 2 * pad < k)
-      fail_invalid("conv: kernel ", k, " is larger than the padded input ", shape_text(input));
-    return std::make_unique<Conv2d>(input, out, k, stride, pad, option_or(spec, "bias", 1) != 0,
-                                    format);
-  }
-  if (t == "maxpool" || t == "avgpool") {
-    need_image();
-    const int64_t k = int_arg(spec.args[0]);
-    const auto stride = static_cast<int64_t>(option_or(spec, "stride", static_cast<double>(k)));
-    if (k < 1 || stride < 1 || input[1] < k || input[2] < k)
-      fail_invalid(t, ": window ", k, " (stride ", stride, ") does not fit input ", shape_text(input));
-    return std::make_unique<Pool2d>(input, k, stride, t == "maxpool", format);
-  }
-  if (t == "relu") return std::make_unique<Elementwise>(Activation::relu);
-  if (t == "sigmoid") return std::make_unique<Elementwise>(Activation::sigmoid);
-  if (t == "tanh") return std::make_unique<Elementwise>(Activation::tanh);
-  if (t == "dropout")
-    return std::make_unique<Dropout>(std::stod(spec.args[0]), 0x1000193ull * (index + 1));
-  if (t == "flatten") return std::make_unique<Flatten>(input, format);
-  if (t == "layernorm") return make_layer_norm(input, option_or(spec, "eps", 1e-5), format);
-  if (t == "batchnorm" || t == "batchrenorm" || t == "ghostbatchnorm") return make_batch_norm_layer(spec, input);
-  if (t == "groupnorm") return make_group_norm_layer(spec, input);
-  if (t == "instancenorm") return make_instance_norm_layer(spec, input);
-  fail_invalid("unknown layer type '", t, "'");
+  const LayerKind* kind = find_layer_kind(spec.type);
+  if (!kind) fail_invalid("unknown layer type '", spec.type, "'");
+  return kind->build(spec, input, format, index);
 }
 
 }  // namespace normkit::nn::detail

@@ -9,13 +9,13 @@
 #include <memory>
 #include <sstream>
 
-#include "core/check.hpp"
 #include "nn/layers.hpp"
 #include "normkit/layer_norm.hpp"
+#include "support.hpp"
 
 namespace normkit::nn::detail {
 
-using normkit::detail::fail_invalid;
+using engine::fail_invalid;
 
 namespace {
 
