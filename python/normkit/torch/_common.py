@@ -64,7 +64,8 @@ def _torch_symbolic(name):
 
 
 def _onnx_float(g_value, default):
-    """A float argument of an op as a Python number (None: `default`)."""
+    """A float argument of an op as a Python number (None: `default`; for momentum, the
+    cumulative average, which moves no statistics in an exported graph: 0)."""
     from torch.onnx import symbolic_helper
     if symbolic_helper._is_none(g_value):
         return default

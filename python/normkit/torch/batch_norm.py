@@ -30,11 +30,10 @@ torch.fx.wrap("_batch_norm")
 
 def _momentum(module_momentum: Optional[float], used: bool,
               counter: Optional[torch.Tensor]) -> Optional[float]:
-    # Unused without running statistics to update (torch does not check it then); torch's
-    # cumulative average without a counter weights the batch by 0.
-    if not used:
-        return 0.1
-    if module_momentum is None and counter is None:
+    """The op's momentum: None (cumulative average, counted by the op) when the module's
+    is None and its counter moves; otherwise torch's exponential_average_factor (0 for a
+    None momentum), which is also what torch's ONNX export shows when it is unused."""
+    if module_momentum is None and (counter is None or not used):
         return 0.0
     return module_momentum
 
@@ -105,7 +104,7 @@ def _batch_norm_onnx(g, input, weight, bias, running_mean, running_var, num_batc
                      training, momentum, eps):
     return _torch_symbolic("aten::batch_norm")(
         g, input, weight, bias, running_mean, running_var, training,
-        _onnx_float(momentum, 0.1), eps, False)
+        _onnx_float(momentum, 0.0), eps, False)
 
 
 _register_onnx("batch_norm", _batch_norm_onnx)

@@ -75,7 +75,7 @@ def _batch_norm_relu_onnx(g, input, residual, weight, bias, running_mean, runnin
     from torch.onnx import symbolic_helper
     y = _torch_symbolic("aten::batch_norm")(
         g, input, weight, bias, running_mean, running_var, training,
-        _onnx_float(momentum, 0.1), eps, False)
+        _onnx_float(momentum, 0.0), eps, False)
     if not symbolic_helper._is_none(residual):
         y = g.op("Add", y, residual)
     return g.op("Relu", y)

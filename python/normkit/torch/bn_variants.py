@@ -10,7 +10,7 @@ import torch
 from .. import _normkit
 from ._common import _check_rank, _check_values_per_channel, _onnx_float, _register_onnx
 from ._common import _torch_symbolic
-from .batch_norm import _batch_norm, _BatchNormRanks, _NormkitBatchNorm
+from .batch_norm import _batch_norm, _BatchNormRanks, _momentum, _NormkitBatchNorm
 
 __all__ = [
     "BatchRenorm1d", "BatchRenorm2d", "BatchRenorm3d",
@@ -139,7 +139,7 @@ class _NormkitGhostBatchNorm:
         running_mean = self.running_mean if updating else None
         running_var = self.running_var if updating else None
         counter = self.num_batches_tracked if updating else None
-        momentum = self.momentum if running_mean is not None else 0.1  # unused without
+        momentum = _momentum(self.momentum, running_mean is not None, counter)
         return _ghost_batch_norm(input, self.virtual_batch_size, self.weight, self.bias,
                                  running_mean, running_var, counter, momentum, self.eps,
                                  self._min_rank, self._max_rank)
@@ -252,14 +252,14 @@ def _batch_renorm_onnx(g, input, weight, bias, running_mean, running_var, num_ba
     # Exported as what it is in eval (BatchNormalization); training export is torch's
     # batch norm's, which refuses it below opset 14.
     return _torch_symbolic("aten::batch_norm")(
-        g, input, weight, bias, running_mean, running_var, True, _onnx_float(momentum, 0.1), eps,
+        g, input, weight, bias, running_mean, running_var, True, _onnx_float(momentum, 0.0), eps,
         False)
 
 
 def _ghost_batch_norm_onnx(g, input, virtual_batch_size, weight, bias, running_mean,
                            running_var, num_batches_tracked, momentum, eps):
     return _torch_symbolic("aten::batch_norm")(
-        g, input, weight, bias, running_mean, running_var, True, _onnx_float(momentum, 0.1), eps,
+        g, input, weight, bias, running_mean, running_var, True, _onnx_float(momentum, 0.0), eps,
         False)
 
 

@@ -117,7 +117,7 @@ def _group_norm_onnx(g, input, num_groups, weight, bias, eps):
 
 def _instance_norm_onnx(g, input, weight, bias, running_mean, running_var, momentum, eps):
     return _torch_symbolic("aten::instance_norm")(
-        g, input, weight, bias, running_mean, running_var, True, _onnx_float(momentum, 0.1), eps,
+        g, input, weight, bias, running_mean, running_var, True, _onnx_float(momentum, 0.0), eps,
         False)
 
 

@@ -16,12 +16,14 @@ struct Closures : torch::CustomClassHolder {
   std::vector<bool> defined;  // which of first_order()'s outputs exist (Functions return only those)
 };
 
-// t as an input of the local graph: itself when the caller builds a graph of the
-// result (create_graph) and t has one, so that higher derivatives reach t's
-// history; else a fresh leaf.
+// t as an input of the local graph. The gradients asked of it must be partial
+// derivatives: dy may itself depend on x, and the engine chains through dy's history
+// on its own. When the caller builds a graph of the result (create_graph) and t has
+// one, an alias of t (view_as): gradients stop at the alias, and higher derivatives
+// still reach t's history through it. Else a fresh leaf.
 Tensor input_of(const Tensor& t, bool create_graph) {
   if (!t.defined()) return t;
-  if (create_graph && t.requires_grad()) return t;
+  if (create_graph && t.requires_grad()) return t.view_as(t);
   return t.detach().requires_grad_(true);
 }
 
