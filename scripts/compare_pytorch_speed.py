@@ -35,8 +35,8 @@ modules: normkit.torch (the PyTorch extension) against torch.nn, in one process:
   convert(model, fuse_relu=True), on random data; interleaved steps, medians; the issue's
   bar: convert(model) <= 0.95 x torch's time.
 
-The machines are noisy: compare only figures from the
-same run, and prefer --repeat 3 (median) for anything that matters.
+The machines are noisy (see bench/README.md): compare only figures from the same run, and
+prefer --repeat 3 (median) for anything that matters.
 """
 import argparse
 import gzip
