@@ -6,6 +6,7 @@
 #include <cstdint>
 #include <filesystem>
 #include <memory>
+#include <optional>
 #include <set>
 #include <string>
 #include <vector>
@@ -15,6 +16,7 @@
 #include "normkit/engine/checkpoint.hpp"
 #include "normkit/engine/data.hpp"
 #include "normkit/engine/nn.hpp"
+#include "normkit/engine/shift.hpp"
 #include "normkit/engine/train.hpp"
 #include "normkit/error.hpp"
 #include "normkit/standardizer.hpp"
@@ -30,6 +32,8 @@ using json = nlohmann::ordered_json;  // keeps keys in the order written
 
 // A usage error (exit code 2): a bad option value or combination.
 [[noreturn]] void usage_error(const std::string& message);
+// `text` as a whole number (all of it, no sign games), or nothing.
+std::optional<int64_t> whole_number(const std::string& text);
 // A runtime error (exit code 1): missing files, bad data, failed training.
 [[noreturn]] void runtime_error(const std::string& message);
 
@@ -80,6 +84,10 @@ struct RunOptions {
   std::string probe_at;
   int64_t probe_samples = 1000, probe_units = 4;
   bool probe_ics = false;
+  // After each epoch, also evaluate with these batch-norm statistics sources
+  // (comma-separated StatsSource texts, e.g. "precise:1000,batch:16"), into the
+  // metrics line's "bn_stats" object; the model keeps its running statistics.
+  std::string eval_bn_stats;
 };
 json to_json(const RunOptions& o);
 // The learning rate of 0-based `epoch` under the options' schedule; it depends
@@ -126,8 +134,10 @@ std::string describe_run(const RunOptions& options, const Data& data);
 // there is one (found relative to the executable), else the source tree's.
 fs::path data_file(const std::string& name);
 // Starts `argv[0]` with `argv`, stdout and stderr going to `log`; returns the pid
-// (a runtime error names what failed).
-int spawn_process(const std::vector<std::string>& argv, const fs::path& log);
+// (a runtime error names what failed). With own_group, the child is the leader
+// of a process group of its own: a terminal's Ctrl-C reaches only the parent,
+// which passes it on once (a second SIGINT would end a child mid-save).
+int spawn_process(const std::vector<std::string>& argv, const fs::path& log, bool own_group = false);
 // Waits for `pid`; returns its exit code, or 128 + the signal that ended it.
 int wait_process(int pid);
 // Runs one of normkit's Python scripts (data_file(script)) with Debian's
@@ -157,6 +167,9 @@ struct EpochRecord {
   json metrics;  // one line of metrics.jsonl (also when the epoch then counts as diverged)
   bool ok = true;
   std::string error;  // when the run diverged (NaN/inf loss, or --diverge-factor)
+  // The signal (SIGINT, SIGTERM) that stopped the epoch part-way: the run is
+  // saved where it stopped (metrics is null) and --resume continues it there.
+  int interrupted = 0;
 };
 
 // One training run in directory `out`: OUT/checkpoint.nkc and OUT/metrics.jsonl.
@@ -173,8 +186,12 @@ class Run {
   // saves the checkpoint, appends the metrics line. A NaN/inf loss leaves the
   // checkpoint as it was and returns ok = false; an epoch whose loss exceeds
   // the divergence factor is saved and returns ok = false. The run is then
-  // stopped, as diverged.
+  // stopped, as diverged. A stop request (train::install_stop_handlers) ends the
+  // epoch after the current step: the checkpoint then holds the position in the
+  // epoch (written atomically) and the record says interrupted.
   EpochRecord train_epoch(const Data& data, Progress* progress);
+  // Steps done in the epoch in progress (0 at an epoch's start).
+  int64_t epoch_step() const { return position_.step; }
   // OUT/run.json, the run's outcome for scripts: status "finished" or
   // "diverged", epochs and steps done, training seconds, the divergence (epoch,
   // step, reason) and the last metrics. Written when the run ends either way.
@@ -212,14 +229,32 @@ class Run {
   std::string stop_reason_;
   json divergence_;             // null, or {epoch, step, loss, reason}
   double initial_loss_ = -1;    // the first step's loss (-1: not yet trained)
+  // Mid-epoch: where the epoch in progress stands, and the training loss of the
+  // steps.jsonl window in progress (both saved in the checkpoint, so a resumed
+  // run logs what an uninterrupted one does).
+  train::EpochPosition position_;
+  struct {
+    double loss = 0;
+    int64_t correct = 0, samples = 0;
+  } window_;
 };
+
+// The exit status of a command stopped by `signal`: 128 + its number (130 for
+// SIGINT, 143 for SIGTERM), after a line saying where the run was saved.
+int report_interruption(int signal, const std::string& where);
 
 // What a command was told besides the run options.
 struct CommandFlags {
   fs::path out;
   std::string name;  // the run's name in metrics.jsonl; default: OUT's directory name
   bool resume = false, overwrite = false;
+  std::string max_memory;  // --max-memory: "8G", "512M", bytes; "" = this machine's memory
 };
+
+// Refuses (runtime error) to train `spec` with batches of `batch_size` when the
+// memory it needs (nn::ModelSize: parameters, gradients, optimizer state,
+// activations) exceeds `max_memory` (CommandFlags::max_memory), naming both.
+void check_memory(const nn::ModelSpec& spec, int64_t batch_size, const std::string& max_memory);
 // The run options given explicitly on the command line (as to_json keys).
 using GivenOptions = std::set<std::string>;
 
@@ -243,6 +278,61 @@ struct FoldFlags {
 };
 CLI::App* add_fold_command(CLI::App& app, FoldFlags& flags);
 int command_fold(const FoldFlags& flags);
+
+// `normkit recalibrate`, `adapt` and `shift` (tools/bn_stats.cpp).
+struct StatsCommandFlags {
+  fs::path checkpoint, out;
+  std::string data, shift = "none", split = "test";  // adapt only
+  int64_t samples = 10000, batch_size = 0;           // batch_size 0: the eval pass
+  uint64_t seed = 0;
+  int threads = 0;
+  bool overwrite = false, json = false;
+};
+struct ShiftFlags {
+  std::string data = data::kFashionMnistDirectory, shift;
+  fs::path out;
+  uint64_t seed = 0;
+  bool overwrite = false;
+};
+struct BnStatsFlags {
+  StatsCommandFlags recalibrate, adapt;
+  ShiftFlags shift;
+  CLI::App *recalibrate_command = nullptr, *adapt_command = nullptr, *shift_command = nullptr;
+};
+void add_bn_stats_commands(CLI::App& app, BnStatsFlags& flags);
+int command_bn_stats(const BnStatsFlags& flags);  // the one of the three that was given
+
+// Where batch-norm layers take their statistics at evaluation (normkit/engine/bn_stats.hpp):
+// running, precise:N (N training samples, eval pass), precise:N:B (train pass in
+// batches of B), adapt:N (N samples of the evaluated set itself, unlabeled), batch:B.
+struct StatsSource {
+  enum class Kind { running, precise, adapt, batch };
+  Kind kind = Kind::running;
+  int64_t samples = 0, batch_size = 0;
+  std::string text;  // as given
+};
+StatsSource parse_stats_source(const std::string& text);  // a usage error names a bad one
+// The sources of train's --eval-bn-stats (comma-separated).
+std::vector<StatsSource> eval_bn_stats_sources(const RunOptions& options);
+// `test` evaluated with the statistics of `s` (train: the training set, for
+// precise); the model's statistics are as they were afterwards.
+train::Evaluation evaluate_with(nn::Model& model, const data::Dataset& test, const StatsSource& s,
+                                const data::Dataset* train, uint64_t seed);
+// {"precise:1000": {"val_loss", "val_acc", "test_loss", "test_acc"}, ...} for `train --eval-bn-stats`.
+json evaluate_statistics_sources(nn::Model& model, const std::vector<StatsSource>& sources,
+                                 const Data& data, bool with_test, uint64_t seed);
+// `eval --shift`: the shift (a usage error names a bad one) and the pixels' range of a run's data.
+data::Shift parse_shift(const std::string& text);
+float pixel_max(const RunOptions& options);
+// `normkit eval --bn-stats ... --shift ...`: `test` (loaded, not yet standardized)
+// under every shift × statistics source; `run`: the checkpoint's own options (its
+// training data), `evaluated`: with eval's --data.
+int command_eval_statistics(const fs::path& checkpoint_path, const io::Checkpoint& checkpoint,
+                            const RunOptions& run, const RunOptions& evaluated, const data::Dataset& test,
+                            const std::vector<std::string>& sources, const std::vector<std::string>& shifts,
+                            uint64_t seed, bool json);
+// The run description `normkit train` stores in a checkpoint; null when absent.
+json application_json(const io::Checkpoint& checkpoint);
 
 // `normkit lab list|run|report` (tools/lab.cpp).
 struct LabFlags {

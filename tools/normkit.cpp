@@ -169,6 +169,11 @@ void add_run_options(CLI::App* app, RunOptions& o, OptionMap& options, bool with
                                      "are recorded")
                          ->check(CLI::Range(int64_t{0}, int64_t{1} << 20))
                          ->capture_default_str());
+  add("eval_bn_stats",
+      app->add_option("--eval-bn-stats", o.eval_bn_stats,
+                      "after each epoch, also evaluate with these batch-norm statistics (comma-separated: "
+                      "precise:N, precise:N:B, adapt:N, batch:B; see `normkit eval --bn-stats`), in "
+                      "metrics.jsonl's \"bn_stats\""));
   add("probe_ics", app->add_flag("--probe-ics", o.probe_ics,
                                  "probes also measure Santurkar et al.'s gradient ICS per weight "
                                  "layer (one more forward and backward per layer)"));
@@ -179,6 +184,9 @@ void add_command_flags(CLI::App* app, CommandFlags& f, const std::string& defaul
   app->add_option("--out", f.out, "output directory")->capture_default_str();
   auto* resume = app->add_flag("--resume", f.resume, "continue the run saved in --out");
   app->add_flag("--overwrite", f.overwrite, "replace a run already in --out")->excludes(resume);
+  app->add_option("--max-memory", f.max_memory,
+                  "refuse a model that needs more memory to train than this (8G, 512M, bytes; "
+                  "default: this machine's memory)");
 }
 
 GivenOptions given_options(const OptionMap& options) {
@@ -208,11 +216,15 @@ int command_train(const RunOptions& given_options, const GivenOptions& given,
   if (out_path.filename().empty()) out_path = out_path.parent_path();  // "runs/x/"
   std::string name = flags.name.empty() ? out_path.filename().string() : flags.name;
   if (name.empty()) name = "train";
+  // Ctrl-C or SIGTERM: the current step finishes, the run is saved where it
+  // stopped, and the exit status is 128 + the signal.
+  train::install_stop_handlers();
   std::optional<Run> run;
   Data data;
   if (flags.resume) {
     run.emplace(Run::resume(flags.out));
     run->options() = merge_resume_options(run->options(), given_options, given);
+    check_memory(run->model().spec(), run->options().batch_size, flags.max_memory);
     apply_threads(run->options().threads);
     data::Standardizer standardizer = run->standardizer();
     data = prepare_data(run->options(), &standardizer, false);
@@ -228,6 +240,7 @@ int command_train(const RunOptions& given_options, const GivenOptions& given,
     data::Standardizer standardizer;
     data = prepare_data(o, &standardizer, true);
     const nn::ModelSpec spec = resolve_spec(o, o.norm, data.train);
+    check_memory(spec, o.batch_size, flags.max_memory);
     check_data_fits(spec, data.train);
     check_data_fits(spec, data.test);
     run.emplace(Run::start(o, name, flags.out, o.norm, standardizer, data.train, flags.overwrite));
@@ -235,8 +248,10 @@ int command_train(const RunOptions& given_options, const GivenOptions& given,
   const RunOptions& o = run->options();
   fmt::print("normkit train: {} ({}), {}\n", describe_run(o, data),
              run->norm() == "none" ? "without normalization" : "with " + norm_label(run->norm()),
-             flags.resume ? fmt::format("resuming after epoch {}", run->epochs_done())
-                          : fmt::format("output in {}", flags.out.string()));
+             !flags.resume           ? fmt::format("output in {}", flags.out.string())
+             : run->epoch_step() > 0 ? fmt::format("resuming epoch {} after step {}",
+                                                   run->epochs_done() + 1, run->epoch_step())
+                                     : fmt::format("resuming after epoch {}", run->epochs_done()));
   std::fflush(stdout);
   if (run->epochs_done() >= o.epochs) {
     fmt::print("already trained {} of {} epochs; nothing to do (raise --epochs to continue)\n",
@@ -248,6 +263,12 @@ int command_train(const RunOptions& given_options, const GivenOptions& given,
   if (Progress::enabled()) progress.emplace("");
   while (run->epochs_done() < o.epochs) {
     const EpochRecord record = run->train_epoch(data, progress ? &*progress : nullptr);
+    if (record.interrupted)
+      return report_interruption(
+          record.interrupted, fmt::format("epoch {} stopped after step {}; saved in {}: continue with "
+                                          "`normkit train --resume --out {}`",
+                                          run->epochs_done() + 1, run->epoch_step(),
+                                          run->checkpoint_path().string(), flags.out.string()));
     const json& m = record.metrics;
     if (!m.is_null()) {
       std::string evaluated;
@@ -262,11 +283,26 @@ int command_train(const RunOptions& given_options, const GivenOptions& given,
       std::fflush(stdout);
     }
     if (!record.ok) return report_stop(*run);
+    // A signal during the epoch's last step, its evaluation or its save: the epoch is saved.
+    if (const int signal = train::stop_signal(); signal != 0 && run->epochs_done() < o.epochs)
+      return report_interruption(signal, fmt::format("saved after epoch {} in {}: continue with "
+                                                     "`normkit train --resume --out {}`",
+                                                     run->epochs_done(), run->checkpoint_path().string(),
+                                                     flags.out.string()));
   }
   run->write_outcome();
   fmt::print("saved {} (epoch {}); metrics in {}\n", run->checkpoint_path().string(),
              run->epochs_done(), (flags.out / "metrics.jsonl").string());
   return 0;
+}
+
+json application_json(const io::Checkpoint& c) {
+  if (c.progress.application.empty()) return nullptr;
+  try {
+    return json::parse(c.progress.application);
+  } catch (const json::exception&) {
+    return nullptr;
+  }
 }
 
 namespace {
@@ -279,17 +315,9 @@ struct InspectFlags {
   int64_t limit_test = -1;
   int threads = 0;
   bool json = false;
+  std::vector<std::string> bn_stats, shifts;  // eval: statistics sources and input shifts
+  uint64_t seed = 0;
 };
-
-// The run description the CLI stores in a checkpoint; null when absent.
-json application_json(const io::Checkpoint& c) {
-  if (c.progress.application.empty()) return nullptr;
-  try {
-    return json::parse(c.progress.application);
-  } catch (const json::exception&) {
-    return nullptr;
-  }
-}
 
 int command_eval(const InspectFlags& f) {
   apply_threads(f.threads);
@@ -319,6 +347,12 @@ int command_eval(const InspectFlags& f) {
   }
   if (data.test.count() == 0) usage_error("no test samples to evaluate");
   check_data_fits(checkpoint.spec, data.test);
+  if (!f.bn_stats.empty() || !f.shifts.empty()) {
+    RunOptions run;  // the checkpoint's own: its training data, for precise statistics
+    if (app.is_object() && app.contains("options")) run = run_options_from_json(app["options"]);
+    else run.data.clear();
+    return command_eval_statistics(f.checkpoint, checkpoint, run, o, data.test, f.bn_stats, f.shifts, f.seed, f.json);
+  }
   if (checkpoint.standardizer.fitted()) standardize(checkpoint.standardizer, data.test);
   auto model = io::build_model(checkpoint);
   const train::Evaluation e = train::evaluate(*model, data.test);
@@ -376,6 +410,7 @@ int command_info(const InspectFlags& f) {
                 {"format", c.format == nn::MemoryFormat::channels_last ? "nhwc" : "nchw"},
                 {"parameters", model->parameter_count()},
                 {"epochs_done", c.progress.epochs_done},
+                {"epoch_step", c.progress.position.step},  // steps done in the next epoch
                 {"seed", c.progress.seed},
                 {"batch_size", c.progress.batch_size},
                 {"optimizer", {{"name", c.optimizer.name},
@@ -387,6 +422,7 @@ int command_info(const InspectFlags& f) {
       out["norm"] = app.value("norm", "");
       if (app.contains("options")) out["options"] = app["options"];
       if (app.contains("history") && !app["history"].empty()) out["last_epoch"] = app["history"].back();
+      if (app.contains("bn_statistics")) out["bn_statistics"] = app["bn_statistics"];
     }
     std::cout << out.dump(2) << '\n';
     return 0;
@@ -405,8 +441,13 @@ int command_info(const InspectFlags& f) {
   fmt::print("spec: {}\n", c.spec.to_string());
   fmt::print("memory format: {}\n\n", c.format == nn::MemoryFormat::channels_last ? "nhwc" : "nchw");
   fmt::print("{}", model->summary());
-  fmt::print("\ntraining: {} epochs done{}, seed {}, batch size {}\n", c.progress.epochs_done,
-             target ? fmt::format(" of {}", target) : "", c.progress.seed, c.progress.batch_size);
+  fmt::print("\ntraining: {} epochs done{}{}, seed {}, batch size {}\n", c.progress.epochs_done,
+             target ? fmt::format(" of {}", target) : "",
+             c.progress.position.step > 0
+                 ? fmt::format(" and {} steps of epoch {} (interrupted there)", c.progress.position.step,
+                               c.progress.epochs_done + 1)
+                 : "",
+             c.progress.seed, c.progress.batch_size);
   if (!c.optimizer.name.empty()) {
     std::string options;
     for (const auto& [key, value] : c.optimizer.options)
@@ -419,6 +460,10 @@ int command_info(const InspectFlags& f) {
                last.value("train_loss", 0.0), last.value("train_acc", 0.0),
                last.value("test_loss", 0.0), last.value("test_acc", 0.0));
   }
+  if (app.is_object() && app.contains("bn_statistics"))
+    for (const auto& r : app["bn_statistics"])
+      fmt::print("batch-norm statistics: {} over {} samples ({} pass) from {}\n", r.value("command", "?"),
+                 r.value("samples", int64_t{0}), r.value("pass", "?"), r.value("from", "?"));
   if (c.standardizer.fitted())
     fmt::print("standardizer: {} features (fitted on {:.0f} samples)\n", c.standardizer.features(),
                c.standardizer.moments().front().count);
@@ -459,6 +504,19 @@ int run_main(int argc, char** argv) {
       ->check(kNonNegative);
   eval->add_option("--threads", eval_flags.threads, "threads")->check(CLI::Range(1, 4096));
   eval->add_flag("--json", eval_flags.json, "machine-readable output");
+  eval->add_option("--bn-stats", eval_flags.bn_stats,
+                   "the batch-norm statistics to evaluate with (repeat for several): running (as "
+                   "trained), precise:N (population statistics of N training samples), precise:N:B "
+                   "(pooled over training-mode batches of B), adapt:N (of N samples of the evaluated "
+                   "set, unlabeled), batch:B (each shuffled test batch of B its own)")
+      ->multi_option_policy(CLI::MultiOptionPolicy::TakeAll);
+  eval->add_option("--shift", eval_flags.shifts,
+                   "evaluate on shifted inputs (repeat for several): noise:S, contrast:C, brightness:B, "
+                   "saltpepper:P, none (see `normkit shift`)")
+      ->multi_option_policy(CLI::MultiOptionPolicy::TakeAll);
+  eval->add_option("--seed", eval_flags.seed, "seeds the samples of precise/adapt, the batches of batch:B "
+                                              "and the shifts' noise")
+      ->capture_default_str();
 
   auto* info = app.add_subcommand("info", "model summary, parameter count and training progress of a checkpoint");
   info->add_option("checkpoint", info_flags.checkpoint, "a checkpoint file (OUT/checkpoint.nkc)")->required();
@@ -468,6 +526,8 @@ int run_main(int argc, char** argv) {
   auto* fold = add_fold_command(app, fold_flags);
   LabFlags lab_flags;
   auto* lab = add_lab_command(app, lab_flags);
+  BnStatsFlags bn_stats_flags;
+  add_bn_stats_commands(app, bn_stats_flags);
 
   try {
     app.parse(argc, argv);
@@ -480,6 +540,9 @@ int run_main(int argc, char** argv) {
                : app.got_subcommand(info)    ? "normkit info"
                : app.got_subcommand(fold)    ? "normkit fold"
                : app.got_subcommand(lab)     ? "normkit lab"
+               : app.got_subcommand(bn_stats_flags.recalibrate_command) ? "normkit recalibrate"
+               : app.got_subcommand(bn_stats_flags.adapt_command)       ? "normkit adapt"
+               : app.got_subcommand(bn_stats_flags.shift_command)       ? "normkit shift"
                                              : "normkit");
     return 2;
   }
@@ -488,6 +551,8 @@ int run_main(int argc, char** argv) {
   if (*eval) return command_eval(eval_flags);
   if (*fold) return command_fold(fold_flags);
   if (*lab) return command_lab(lab_flags);
+  if (*bn_stats_flags.recalibrate_command || *bn_stats_flags.adapt_command || *bn_stats_flags.shift_command)
+    return command_bn_stats(bn_stats_flags);
   return command_info(info_flags);
 }
 

@@ -10,6 +10,8 @@ One module per family, as in the C++ library:
   in one pass);
 - ``layer_norm``: LayerNorm and RMSNorm;
 - ``group_norm``: GroupNorm and InstanceNorm1d/2d/3d;
+- ``bn_stats``: ``recalibrate_batch_norm`` (precise BN) and ``adapt_batch_norm`` (test-time
+  adaptation) for any model with batch-norm modules, torch's or these;
 and ``convert`` (``convert.py``), which swaps torch.nn's normalization modules in a model
 for these, optionally fusing BatchNorm and ReLU.
 
@@ -47,6 +49,7 @@ from .bn_variants import (
 from .convert import convert
 from .group_norm import GroupNorm, InstanceNorm1d, InstanceNorm2d, InstanceNorm3d
 from .layer_norm import LayerNorm, RMSNorm
+from .bn_stats import adapt_batch_norm, recalibrate_batch_norm
 
 __all__ = [
     "BatchNorm1d", "BatchNorm2d", "BatchNorm3d",
@@ -56,5 +59,5 @@ __all__ = [
     "BatchNormReLU1d", "BatchNormReLU2d", "BatchNormAddReLU1d", "BatchNormAddReLU2d",
     "LayerNorm", "RMSNorm",
     "GroupNorm", "InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d",
-    "convert",
+    "convert", "recalibrate_batch_norm", "adapt_batch_norm",
 ]
