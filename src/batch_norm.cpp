@@ -80,6 +80,43 @@ const kernels::Implementation* choose(const char* op, const Geometry& x,
   }
 }
 
+// The end of forward-training once the batch's moments are known to be finite:
+// saved mean and invstd, running statistics.
+template <class T>
+void save_and_track(std::span<const Moments> moments, SavedStats<T> saved, RunningStats<T> running,
+                    const BatchNormOptions& options) {
+  // Separate loops without branches: with thousands of channels (32×4096),
+  // these vectorize and cost a fraction of what per-channel scalar code does.
+  const auto channels = static_cast<int64_t>(moments.size());
+  if (!saved.mean.empty())
+    for (int64_t c = 0; c < channels; ++c) saved.mean[c] = static_cast<T>(moments[c].mean);
+  if (!saved.invstd.empty())
+    for (int64_t c = 0; c < channels; ++c)
+      saved.invstd[c] = static_cast<T>(kernels::invstd_of(moments[c].biased_variance(), options.eps));
+  batch_norm_update_running<T>(moments, running, options);
+}
+
+// x, dy and dx (data == nullptr: not wanted) of a backward: checked, with their
+// in-place rules, as one set of geometries the kernels can walk together.
+struct GradientGeometries {
+  Geometry x, dy, dx;
+};
+template <class T>
+GradientGeometries checked_gradients(ConstTensorView<T> x, ConstTensorView<T> dy, TensorView<T> dx) {
+  Geometry gx = checked_input(x, "x");
+  Geometry gdy = checked_like(dy, x, "dy");
+  Geometry gdx = dx.data ? checked_like(dx, x, "dx") : gdy;
+  if (dx.data && (dx.data == x.data || dx.data == dy.data) &&
+      !(gdx == gx && (dx.data != dy.data || gdx == gdy)))
+    fail_invalid("dx: in-place output must have the same strides as its input");
+  if (dx.data)
+    unify<T>(x, gx, {{&gdy, dy}, {&gdx, dx}});
+  else
+    unify<T>(x, gx, {{&gdy, dy}});
+  if (!dx.data) gdx = gdy;
+  return {gx, gdy, gdx};
+}
+
 }  // namespace
 
 template <class T>
@@ -145,21 +182,14 @@ void batch_norm_forward_training(ConstTensorView<T> x, TensorView<T> y, std::spa
     kernels::ref::forward_training(problem);
   }
   check_finite<T>(moments);
-
-  // Separate loops without branches: with thousands of channels (32×4096),
-  // these vectorize and cost a fraction of what per-channel scalar code does.
-  if (!saved.mean.empty())
-    for (int64_t c = 0; c < gx.channels; ++c) saved.mean[c] = static_cast<T>(moments[c].mean);
-  if (!saved.invstd.empty())
-    for (int64_t c = 0; c < gx.channels; ++c)
-      saved.invstd[c] = static_cast<T>(kernels::invstd_of(moments[c].biased_variance(), options.eps));
-  batch_norm_update_running<T>(moments, running, options);
+  save_and_track<T>(moments, saved, running, options);
 }
 
 template <class T>
-void batch_norm_forward_apply(ConstTensorView<T> x, TensorView<T> y, std::span<const T> gamma,
-                              std::span<const T> beta, std::span<const T> mean,
-                              std::span<const T> invstd) {
+void batch_norm_forward_from_moments(ConstTensorView<T> x, TensorView<T> y,
+                                     std::span<const T> gamma, std::span<const T> beta,
+                                     std::span<const Moments> moments, SavedStats<T> saved,
+                                     RunningStats<T> running, const BatchNormOptions& options) {
   Geometry gx = checked_input(x, "x");
   Geometry gy = checked_like(y, x, "y");
   if (y.data == x.data && !(gx == gy))
@@ -167,22 +197,31 @@ void batch_norm_forward_apply(ConstTensorView<T> x, TensorView<T> y, std::span<c
   unify<T>(x, gx, {{&gy, y}});
   check_per_channel(gamma, gx.channels, "weight (gamma)", false);
   check_per_channel(beta, gx.channels, "bias (beta)", false);
-  check_per_channel(mean, gx.channels, "mean", true);
-  check_per_channel(invstd, gx.channels, "invstd", true);
-  std::vector<double> mean_d(mean.begin(), mean.end()), invstd_d(invstd.begin(), invstd.end());
-  kernels::Apply<T> problem{gx,
-                            gy,
-                            x.data,
-                            y.data,
-                            gamma.empty() ? nullptr : gamma.data(),
-                            beta.empty() ? nullptr : beta.data(),
-                            mean_d.data(),
-                            invstd_d.data()};
-  if constexpr (std::is_same_v<T, float>) {
-    if (const auto* impl = choose<T>("batch_norm_forward_apply", gx, {gy}))
-      return impl->apply(problem);
+  check_per_channel(moments, gx.channels, "moments", true);
+  check_per_channel(saved.mean, gx.channels, "save_mean", false);
+  check_per_channel(saved.invstd, gx.channels, "save_invstd", false);
+  check_running(running, gx.channels, options);
+  for (size_t c = 0; c < moments.size(); ++c)
+    if (!(moments[c].count > 1))
+      fail_invalid("expected more than 1 value per channel when training, got moments of ",
+                   moments[c].count, " values for channel ", c);
+  check_finite<T>(moments);
+
+  std::vector<double> mean(gx.channels), invstd(gx.channels);
+  for (int64_t c = 0; c < gx.channels; ++c) {
+    mean[c] = moments[c].mean;
+    invstd[c] = kernels::invstd_of(moments[c].biased_variance(), options.eps);
   }
-  kernels::ref::apply(problem);
+  detail::batch_norm_apply_double_stats<T>(x, y, gamma, beta, mean, invstd);
+  save_and_track<T>(moments, saved, running, options);
+}
+
+template <class T>
+void batch_norm_forward_apply(ConstTensorView<T> x, TensorView<T> y, std::span<const T> gamma,
+                              std::span<const T> beta, std::span<const T> mean,
+                              std::span<const T> invstd) {
+  const std::vector<double> mean_d(mean.begin(), mean.end()), invstd_d(invstd.begin(), invstd.end());
+  detail::batch_norm_apply_double_stats<T>(x, y, gamma, beta, mean_d, invstd_d);
 }
 
 template <class T>
@@ -207,17 +246,7 @@ void batch_norm_backward(ConstTensorView<T> x, ConstTensorView<T> dy, TensorView
                          std::span<const T> gamma, std::span<const T> mean,
                          std::span<const T> invstd, std::span<T> dgamma, std::span<T> dbeta,
                          BackwardMode mode) {
-  Geometry gx = checked_input(x, "x");
-  Geometry gdy = checked_like(dy, x, "dy");
-  Geometry gdx = dx.data ? checked_like(dx, x, "dx") : gdy;
-  if (dx.data && (dx.data == x.data || dx.data == dy.data) &&
-      !(gdx == gx && (dx.data != dy.data || gdx == gdy)))
-    fail_invalid("dx: in-place output must have the same strides as its input");
-  if (dx.data)
-    unify<T>(x, gx, {{&gdy, dy}, {&gdx, dx}});
-  else
-    unify<T>(x, gx, {{&gdy, dy}});
-  if (!dx.data) gdx = gdy;
+  const auto [gx, gdy, gdx] = checked_gradients<T>(x, dy, dx);
   if (mode != BackwardMode::training && mode != BackwardMode::frozen)
     fail_invalid("mode: unknown backward mode");
   if (mode == BackwardMode::training) check_training_size(gx, x);
@@ -245,6 +274,57 @@ void batch_norm_backward(ConstTensorView<T> x, ConstTensorView<T> dy, TensorView
     if (!dgamma.empty()) dgamma[c] = static_cast<T>(sum_dy_xhat[c]);
     if (!dbeta.empty()) dbeta[c] = static_cast<T>(sum_dy[c]);
   }
+}
+
+template <class T>
+void batch_norm_backward_reduce(ConstTensorView<T> x, ConstTensorView<T> dy,
+                                std::span<const T> mean, std::span<const T> invstd,
+                                std::span<double> sum_dy, std::span<double> sum_dy_xhat) {
+  const auto [gx, gdy, gdx] = checked_gradients<T>(x, dy, TensorView<T>{});
+  check_per_channel(mean, gx.channels, "mean", true);
+  check_per_channel(invstd, gx.channels, "invstd", true);
+  check_per_channel(sum_dy, gx.channels, "sum_dy", true);
+  check_per_channel(sum_dy_xhat, gx.channels, "sum_dy_xhat", true);
+  std::vector<double> mean_d(mean.begin(), mean.end()), invstd_d(invstd.begin(), invstd.end());
+  // Backward without dx computes exactly these sums.
+  kernels::Backward<T> problem{gx,      gdy,           gdx,           x.data,
+                               dy.data, nullptr,       nullptr,       mean_d.data(),
+                               invstd_d.data(), BackwardMode::training, sum_dy.data(),
+                               sum_dy_xhat.data()};
+  if constexpr (std::is_same_v<T, float>) {
+    if (const auto* impl = choose<T>("batch_norm_backward_reduce", gx, {gdy}))
+      return impl->backward(problem);
+  }
+  kernels::ref::backward(problem);
+}
+
+template <class T>
+void batch_norm_backward_apply(ConstTensorView<T> x, ConstTensorView<T> dy, TensorView<T> dx,
+                               std::span<const T> gamma, std::span<const T> mean,
+                               std::span<const T> invstd, std::span<const double> sum_dy,
+                               std::span<const double> sum_dy_xhat, double count) {
+  if (!dx.data) fail_invalid("dx: data pointer is null");
+  const auto [gx, gdy, gdx] = checked_gradients<T>(x, dy, dx);
+  check_per_channel(gamma, gx.channels, "weight (gamma)", false);
+  check_per_channel(mean, gx.channels, "mean", true);
+  check_per_channel(invstd, gx.channels, "invstd", true);
+  check_per_channel(sum_dy, gx.channels, "sum_dy", true);
+  check_per_channel(sum_dy_xhat, gx.channels, "sum_dy_xhat", true);
+  if (!(count > 1) || !std::isfinite(count) ||
+      count < static_cast<double>(gx.reduction_size()))
+    fail_invalid("count (values per channel in the whole batch) must be above 1 and at least x's ",
+                 gx.reduction_size(), ", got ", count);
+  std::vector<double> mean_d(mean.begin(), mean.end()), invstd_d(invstd.begin(), invstd.end());
+  kernels::BackwardApply<T> problem{gx,           gdy,           gdx,
+                                    x.data,       dy.data,       dx.data,
+                                    gamma.empty() ? nullptr : gamma.data(),
+                                    mean_d.data(), invstd_d.data(), sum_dy.data(),
+                                    sum_dy_xhat.data(), count};
+  if constexpr (std::is_same_v<T, float>) {
+    if (const auto* impl = choose<T>("batch_norm_backward_apply", gx, {gdy, gdx}))
+      return impl->backward_apply(problem);
+  }
+  kernels::ref::backward_apply(problem);
 }
 
 template <class T>
@@ -288,7 +368,18 @@ void batch_norm_invstd(std::span<const T> var, double eps, std::span<T> invstd) 
                                             std::span<const T>, std::span<const T>);            \
   template void batch_norm_update_running<T>(std::span<const Moments>, RunningStats<T>,         \
                                              const BatchNormOptions&);                          \
-  template void batch_norm_invstd<T>(std::span<const T>, double, std::span<T>);
+  template void batch_norm_invstd<T>(std::span<const T>, double, std::span<T>);              \
+  template void batch_norm_forward_from_moments<T>(                                             \
+      ConstTensorView<T>, TensorView<T>, std::span<const T>, std::span<const T>,                \
+      std::span<const Moments>, SavedStats<T>, RunningStats<T>, const BatchNormOptions&);       \
+  template void batch_norm_backward_reduce<T>(ConstTensorView<T>, ConstTensorView<T>,           \
+                                              std::span<const T>, std::span<const T>,           \
+                                              std::span<double>, std::span<double>);            \
+  template void batch_norm_backward_apply<T>(ConstTensorView<T>, ConstTensorView<T>,            \
+                                             TensorView<T>, std::span<const T>,                 \
+                                             std::span<const T>, std::span<const T>,            \
+                                             std::span<const double>, std::span<const double>,  \
+                                             double);
 
 NORMKIT_INSTANTIATE(float)
 NORMKIT_INSTANTIATE(double)

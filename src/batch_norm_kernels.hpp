@@ -49,6 +49,22 @@ struct Backward {
   double* sum_dy_xhat;   // out: Σdy·x̂ per channel (= dγ)
 };
 
+// Training-mode dx from given per-channel sums over `count` values per channel
+// (synchronized BN: the sums and count are the whole batch's, x and dy a shard).
+template <class T>
+struct BackwardApply {
+  Geometry x_geom, dy_geom, dx_geom;
+  const T* x;
+  const T* dy;
+  T* dx;
+  const T* gamma;
+  const double* mean;
+  const double* invstd;
+  const double* sum_dy;
+  const double* sum_dy_xhat;
+  double count;
+};
+
 inline double invstd_of(double biased_var, double eps) { return 1.0 / std::sqrt(biased_var + eps); }
 
 // y = (x - mean) * invstd * γ + β as one subtraction and one multiply-add in
@@ -92,6 +108,7 @@ struct Implementation {
   void (*apply)(const Apply<float>&);
   void (*backward)(const Backward<float>&);
   void (*moments)(const Geometry&, const float*, Moments*);
+  void (*backward_apply)(const BackwardApply<float>&);
 };
 
 std::span<const Implementation> cpu_implementations();  // fast kernels, src/cpu
@@ -102,6 +119,7 @@ template <class T> void forward_training(const ForwardTraining<T>& p);
 template <class T> void apply(const Apply<T>& p);
 template <class T> void backward(const Backward<T>& p);
 template <class T> void moments(const Geometry& g, const T* x, Moments* out);
+template <class T> void backward_apply(const BackwardApply<T>& p);
 }  // namespace ref
 
 }  // namespace normkit::kernels

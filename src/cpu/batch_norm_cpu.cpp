@@ -513,6 +513,23 @@ void planes_backward(const Backward<float>& p) {
   }
 }
 
+// dx from given sums (synchronized BN): the apply half of planes_backward.
+void planes_backward_apply(const BackwardApply<float>& p) {
+  const Geometry& g = p.x_geom;
+  const ApplyUnits units(g);
+  const bool stream = streaming_output(p.dx_geom, p.dx, p.x, p.dy);
+  std::vector<BackwardCoefficients> coeff(g.channels);
+  for (int64_t c = 0; c < g.channels; ++c)
+    coeff[c] = backward_coefficients(p.mean[c], p.invstd[c], param_or(p.gamma, c, 1.0),
+                                     p.sum_dy[c], p.sum_dy_xhat[c], p.count, BackwardMode::training);
+#pragma omp parallel for num_threads(threads_for(2 * g.channels * g.reduction_size())) schedule(static)
+  for (int64_t t = 0; t < units.count; ++t)
+    for_each_run_of_unit(g, units, t, [&](int64_t o, int64_t c, int64_t first, int64_t len) {
+      backward_apply_runs(p.x + g.offset(o, c, first), 0, p.dy + p.dy_geom.offset(o, c, first), 0,
+                          p.dx + p.dx_geom.offset(o, c, first), 0, 1, len, coeff[c], stream);
+    });
+}
+
 const char* planes_decline(const Geometry& x, std::span<const Geometry> others) {
   if (x.inner_stride != 1 || x.inner < 2) return "inner run is not contiguous";
   for (const auto& o : others)
@@ -909,6 +926,33 @@ void rows_backward(const Backward<float>& p) {
   }
 }
 
+// dx from given sums (synchronized BN): the apply half of rows_backward.
+void rows_backward_apply(const BackwardApply<float>& p) {
+  const Geometry& gx = p.x_geom;
+  const RowPlan plan(gx);
+  const int64_t C = plan.channels;
+  std::vector<float> mean_hi(C), a(C), b(C), k(C);
+  for (int64_t c = 0; c < C; ++c) {
+    const BackwardCoefficients bc =
+        backward_coefficients(p.mean[c], p.invstd[c], param_or(p.gamma, c, 1.0), p.sum_dy[c],
+                              p.sum_dy_xhat[c], p.count, BackwardMode::training);
+    mean_hi[c] = bc.mean_hi;
+    a[c] = bc.a;
+    b[c] = bc.b;
+    k[c] = bc.k;
+  }
+  const bool stream = streaming_output(p.dx_geom, p.dx, p.x, p.dy);
+#pragma omp parallel for num_threads(threads_for(2 * C * plan.rows)) schedule(static)
+  for (int64_t chunk = 0; chunk < plan.chunks; ++chunk) {
+    const int64_t r0 = plan.first_row(chunk);
+    rows_backward_apply_chunk(p.x + r0 * gx.outer_stride, gx.outer_stride,
+                              p.dy + r0 * p.dy_geom.outer_stride, p.dy_geom.outer_stride,
+                              p.dx + r0 * p.dx_geom.outer_stride, p.dx_geom.outer_stride,
+                              plan.rows_in(chunk), C, mean_hi.data(), a.data(), b.data(), k.data(),
+                              stream);
+  }
+}
+
 const char* rows_decline(const Geometry& x, std::span<const Geometry> others) {
   if (x.inner != 1 || (x.channel_stride != 1 && x.channels > 1))
     return "channels are not contiguous rows";
@@ -920,9 +964,9 @@ const char* rows_decline(const Geometry& x, std::span<const Geometry> others) {
 
 constexpr Implementation kImplementations[] = {
     {"planes (channels-first, contiguous inner runs)", planes_decline, planes_forward_training,
-     planes_apply, planes_backward, planes_moments},
+     planes_apply, planes_backward, planes_moments, planes_backward_apply},
     {"rows (contiguous channels)", rows_decline, rows_forward_training, rows_apply,
-     rows_backward, rows_moments},
+     rows_backward, rows_moments, rows_backward_apply},
 };
 
 }  // namespace
