@@ -41,10 +41,23 @@ void make_batch(const data::Dataset& set, const std::vector<int64_t>& order, int
 // has a single sample: BN needs two). Throws normkit::Error (runtime) naming the
 // epoch and step when the loss becomes NaN or infinite; the model is then
 // partly updated and must not be saved.
+//
+// Data-parallel with a `group` (distributed.hpp): every rank calls this with the
+// same model, data and arguments; each takes its shard (dist::shard_of) of every
+// global batch of batch_size; after backward the gradients of the global
+// batch's mean loss are summed over the ranks and the buffers averaged (running
+// statistics kept per rank, with synchronized BN off, then track the mean of
+// the shards'); losses and accuracies returned and reported are the global
+// batch's. With synchronized batch norm (Model::synchronize_batch_norm) N ranks
+// compute what one process computes, to float rounding. A last batch too small
+// to give every rank a sample is dropped. At the end of the epoch the ranks'
+// parameters, buffers and optimizer state are compared (dist::check_same).
 EpochResult train_epoch(nn::Model& model, nn::Optimizer& optimizer, const data::Dataset& train,
                         int64_t batch_size, uint64_t seed, int64_t epoch,
-                        const ProgressCallback& progress = {});
+                        const ProgressCallback& progress = {}, dist::Communicator* group = nullptr);
 
-Evaluation evaluate(nn::Model& model, const data::Dataset& set, int64_t batch_size = 1000);
+// With a `group`, each rank evaluates its shard of `set` and every rank gets the totals.
+Evaluation evaluate(nn::Model& model, const data::Dataset& set, int64_t batch_size = 1000,
+                    dist::Communicator* group = nullptr);
 
 }  // namespace normkit::train

@@ -2,7 +2,9 @@
 #include <cmath>
 #include <numeric>
 #include <random>
+#include <tuple>
 
+#include "normkit/engine/distributed.hpp"
 #include "normkit/engine/train.hpp"
 #include "support.hpp"
 
@@ -48,17 +50,68 @@ void make_batch(const data::Dataset& set, const std::vector<int64_t>& order, int
   }
 }
 
+namespace {
+
+// Data-parallel, after backward: one sum over the ranks of the gradients (of the
+// global batch's mean loss), the buffers, and the step's loss sum and correct
+// count. Buffers become the ranks' mean: running statistics of batch norm that
+// each rank keeps from its own shard (synchronized BN off) then track the mean
+// of the shards' statistics, and identical buffers stay bit for bit what they
+// were (N equal floats add exactly in double). Returns the global batch's
+// (loss sum, correct).
+std::pair<double, int64_t> sum_over_ranks(dist::Communicator& group, nn::Model& model,
+                                          const std::vector<nn::Parameter*>& parameters,
+                                          double loss_sum, int64_t correct,
+                                          std::vector<double>& buffer) {
+  std::vector<std::vector<float>*> buffers;
+  for (const auto& layer : model.layers())
+    for (const nn::Buffer& b : layer->buffers()) buffers.push_back(b.values);
+  buffer.clear();
+  for (const auto* p : parameters) buffer.insert(buffer.end(), p->grad.begin(), p->grad.end());
+  for (const auto* b : buffers) buffer.insert(buffer.end(), b->begin(), b->end());
+  buffer.push_back(loss_sum);
+  buffer.push_back(static_cast<double>(correct));
+  dist::all_reduce_sum(group, buffer);
+  size_t at = 0;
+  for (auto* p : parameters)
+    for (float& g : p->grad) g = static_cast<float>(buffer[at++]);
+  const double ranks = group.size();
+  for (auto* b : buffers)
+    for (float& v : *b) v = static_cast<float>(buffer[at++] / ranks);
+  return {buffer[at], static_cast<int64_t>(buffer[at + 1])};
+}
+
+// Every rank must hold the same model after an epoch: checked, not assumed.
+void check_replicas(dist::Communicator& group, nn::Model& model, nn::Optimizer& optimizer,
+                    int64_t epoch) {
+  std::vector<const std::vector<float>*> arrays;
+  for (const auto& [name, values] : model.state()) arrays.push_back(values);
+  for (const auto* values : optimizer.state()) arrays.push_back(values);
+  dist::check_same(group, dist::fingerprint(arrays),
+                   engine::concat("the parameters, buffers and optimizer state after epoch ",
+                                  epoch + 1, " (the ranks have diverged)"));
+}
+
+}  // namespace
+
 EpochResult train_epoch(nn::Model& model, nn::Optimizer& optimizer, const data::Dataset& train,
                         int64_t batch_size, uint64_t seed, int64_t epoch,
-                        const ProgressCallback& progress) {
+                        const ProgressCallback& progress, dist::Communicator* group) {
   if (batch_size < 2) engine::fail_invalid("batch size must be >= 2 for batch normalization, got ", batch_size);
   if (train.count() < 2) engine::fail_invalid("training needs at least 2 samples");
+  const int ranks = group ? group->size() : 1, rank = group ? group->rank() : 0;
+  if (batch_size < ranks)
+    engine::fail_invalid("batch size ", batch_size, " is smaller than the number of ranks (",
+                         ranks, "): every rank needs a sample of every batch");
   const auto order = epoch_order(train.count(), seed, epoch);
   int64_t steps = (train.count() + batch_size - 1) / batch_size;
   if (train.count() % batch_size == 1) --steps;  // a lone last sample cannot be batch-normalized
+  const int64_t last_size = train.count() - (steps - 1) * batch_size;
+  if (steps > 1 && last_size < ranks) --steps;  // nor a last batch that leaves a rank empty
   const auto parameters = model.parameters();
   nn::Tensor batch, dlogits;
   std::vector<int32_t> labels;
+  std::vector<double> reduce_buffer;
   EpochResult result;
   double loss_sum = 0;
   int64_t correct = 0;
@@ -66,17 +119,28 @@ EpochResult train_epoch(nn::Model& model, nn::Optimizer& optimizer, const data::
   for (int64_t step = 0; step < steps; ++step) {
     const int64_t first = step * batch_size;
     const int64_t size = std::min(batch_size, train.count() - first);
-    make_batch(train, order, first, size, model.format(), batch, labels);
-    model.set_step(seed, static_cast<uint64_t>(epoch * steps + step));
+    const dist::Shard shard = dist::shard_of(size, rank, ranks);
+    make_batch(train, order, first + shard.first, shard.count, model.format(), batch, labels);
+    model.set_step(seed, static_cast<uint64_t>(epoch * steps + step), shard.first);
     const nn::Tensor& logits = model.forward(batch, nn::Mode::train);
-    const nn::LossResult loss = nn::softmax_cross_entropy(logits, labels.data(), &dlogits);
+    nn::LossResult loss = nn::softmax_cross_entropy(logits, labels.data(), &dlogits);
+    if (shard.count != size) {
+      // dL/dlogits of the global batch's mean loss: this shard's mean loss weighs count / size.
+      const float weight = static_cast<float>(static_cast<double>(shard.count) / static_cast<double>(size));
+      for (float& d : dlogits.data) d *= weight;
+    }
+    model.zero_grad();
+    model.backward(dlogits);
+    double batch_loss_sum = loss.loss * static_cast<double>(shard.count);
+    if (group)
+      std::tie(batch_loss_sum, loss.correct) =
+          sum_over_ranks(*group, model, parameters, batch_loss_sum, loss.correct, reduce_buffer);
+    loss.loss = batch_loss_sum / static_cast<double>(size);
     if (!std::isfinite(loss.loss))
       engine::fail_runtime("loss became ", loss.loss, " at epoch ", epoch + 1, ", step ", step + 1,
                            " of ", steps, "; training stopped");
-    model.zero_grad();
-    model.backward(dlogits);
     optimizer.step(parameters);
-    loss_sum += loss.loss * static_cast<double>(size);
+    loss_sum += batch_loss_sum;
     correct += loss.correct;
     result.samples += size;
     if (progress) {
@@ -87,24 +151,29 @@ EpochResult train_epoch(nn::Model& model, nn::Optimizer& optimizer, const data::
                 static_cast<double>(result.samples) / std::max(elapsed, 1e-9)});
     }
   }
+  if (group) check_replicas(*group, model, optimizer, epoch);
   result.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   result.loss = loss_sum / static_cast<double>(result.samples);
   result.accuracy = static_cast<double>(correct) / static_cast<double>(result.samples);
   return result;
 }
 
-Evaluation evaluate(nn::Model& model, const data::Dataset& set, int64_t batch_size) {
+Evaluation evaluate(nn::Model& model, const data::Dataset& set, int64_t batch_size,
+                    dist::Communicator* group) {
   if (set.count() < 1) engine::fail_invalid("evaluate: empty data set");
   if (batch_size < 1) engine::fail_invalid("evaluate: batch size must be >= 1");
   std::vector<int64_t> order(static_cast<size_t>(set.count()));
   std::iota(order.begin(), order.end(), 0);
+  const dist::Shard shard =
+      group ? dist::shard_of(set.count(), group->rank(), group->size()) : dist::Shard{0, set.count()};
   Evaluation out;
   nn::Tensor batch;
   std::vector<int32_t> labels;
   double loss_sum = 0;
   int64_t correct = 0;
-  for (int64_t first = 0; first < set.count(); first += batch_size) {
-    const int64_t size = std::min(batch_size, set.count() - first);
+  const int64_t end = shard.first + shard.count;
+  for (int64_t first = shard.first; first < end; first += batch_size) {
+    const int64_t size = std::min(batch_size, end - first);
     make_batch(set, order, first, size, model.format(), batch, labels);
     const nn::Tensor& logits = model.forward(batch, nn::Mode::eval);
     const int64_t classes = logits.shape[1];
@@ -120,6 +189,22 @@ Evaluation evaluate(nn::Model& model, const data::Dataset& set, int64_t batch_si
       const auto predicted = std::max_element(z, z + classes) - z;
       ++out.confusion[static_cast<size_t>(labels[i] * classes + predicted)];
     }
+  }
+  if (group) {
+    // A rank with no test sample still knows the class count: the model's output.
+    if (out.confusion.empty()) {
+      std::vector<int64_t> shape = model.spec().input_shape;
+      for (const auto& layer : model.layers()) shape = layer->output_shape(shape);
+      out.classes = static_cast<int32_t>(shape[0]);
+      out.confusion.assign(static_cast<size_t>(shape[0] * shape[0]), 0);
+    }
+    std::vector<double> totals(out.confusion.begin(), out.confusion.end());
+    totals.push_back(loss_sum);
+    totals.push_back(static_cast<double>(correct));
+    dist::all_reduce_sum(*group, totals);
+    for (size_t i = 0; i < out.confusion.size(); ++i) out.confusion[i] = static_cast<int64_t>(totals[i]);
+    loss_sum = totals[out.confusion.size()];
+    correct = static_cast<int64_t>(totals[out.confusion.size() + 1]);
   }
   out.loss = loss_sum / static_cast<double>(set.count());
   out.accuracy = static_cast<double>(correct) / static_cast<double>(set.count());
