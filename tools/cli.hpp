@@ -14,6 +14,7 @@
 
 #include "normkit/engine/checkpoint.hpp"
 #include "normkit/engine/data.hpp"
+#include "normkit/engine/distributed.hpp"
 #include "normkit/engine/nn.hpp"
 #include "normkit/engine/train.hpp"
 #include "normkit/error.hpp"
@@ -56,6 +57,9 @@ struct RunOptions {
   std::string format = "nhwc";
   int64_t limit_train = 0, limit_test = 0;  // 0: all samples
   int threads = 0;                          // 0: OpenMP's default
+  // Data-parallel runs (mpirun): batch-norm statistics of the global batch; off,
+  // each rank normalizes its shard (ghost BN with the shard as ghost batch).
+  bool sync_bn = true;
 };
 json to_json(const RunOptions& o);
 // The learning rate of 0-based `epoch` under the options' schedule; it depends
@@ -157,11 +161,30 @@ class Run {
   std::string stop_reason_;
 };
 
+// Data-parallel training (`mpirun -np N normkit train`, tools/process_group.cpp).
+struct GroupFlags {
+  int ranks = 0;           // the number of ranks expected (0: whatever the launcher started)
+  double timeout = 300.0;  // seconds a rank waits for the others in a collective
+};
+// Joins the process group when an MPI launcher started this process (once;
+// later calls return the same group), else returns nullptr. Ranks other than 0
+// write nothing to stdout; ranks on one machine share its cores (threads).
+dist::Communicator* join_process_group(const GroupFlags& flags);
+dist::Communicator* process_group();  // nullptr: not joined
+// Rank 0 of the group, or a process on its own: the one that writes checkpoints and metrics.
+bool writes_files();
+// "rank 1 of 2: " in a group, "" otherwise: for error messages.
+std::string rank_prefix();
+// The exit status of `normkit` with `code`: in a group, 0 finalizes MPI and
+// anything else ends every rank (MPI_Abort), since the others would wait for this one.
+int leave_process_group(int code);
+
 // What a command was told besides the run options.
 struct CommandFlags {
   fs::path out;
   std::string name;  // the run's name in metrics.jsonl; default: OUT's directory name
   bool resume = false, overwrite = false;
+  GroupFlags group;  // train only
 };
 // The run options given explicitly on the command line (as to_json keys).
 using GivenOptions = std::set<std::string>;

@@ -48,7 +48,8 @@ json to_json(const RunOptions& o) {
           {"format", o.format},
           {"limit_train", o.limit_train},
           {"limit_test", o.limit_test},
-          {"threads", o.threads}};
+          {"threads", o.threads},
+          {"sync_bn", o.sync_bn}};
 }
 
 RunOptions run_options_from_json(const json& j) {
@@ -74,6 +75,7 @@ RunOptions run_options_from_json(const json& j) {
     o.limit_train = j.at("limit_train").get<int64_t>();
     o.limit_test = j.at("limit_test").get<int64_t>();
     o.threads = j.at("threads").get<int>();
+    o.sync_bn = j.value("sync_bn", true);  // absent before data-parallel training
   } catch (const json::exception& e) {
     runtime_error(std::string("bad run options: ") + e.what());
   }
@@ -395,6 +397,7 @@ Run Run::start(const RunOptions& options, const std::string& name, const fs::pat
   run.model_->initialize(init_options(options), options.seed);
   run.optimizer_ = io::make_optimizer(options.optimizer, optimizer_options(options),
                                       run.model_->parameters());
+  if (!writes_files()) return run;
   fs::create_directories(out, ec);
   if (ec) runtime_error("cannot create '" + out.string() + "': " + ec.message());
   fs::remove(run.checkpoint_path(), ec);  // --overwrite: the old run is gone
@@ -433,7 +436,7 @@ Run Run::resume(const fs::path& out) {
   // metrics.jsonl may be missing its last line (a crash between saving the
   // checkpoint and appending) or hold lines of a later, lost epoch: the
   // checkpoint's copy is the truth.
-  run.rewrite_metrics();
+  if (writes_files()) run.rewrite_metrics();
   return run;
 }
 
@@ -446,7 +449,7 @@ EpochRecord Run::train_epoch(const Data& data, Progress* progress) {
   optimizer_->learning_rate = static_cast<float>(learning_rate_at(options_, epoch));
   try {
     result = train::train_epoch(*model_, *optimizer_, data.train, options_.batch_size,
-                                options_.seed, epoch, callback);
+                                options_.seed, epoch, callback, process_group());
   } catch (const Error& e) {
     if (progress) progress->clear();
     if (e.kind() != ErrorKind::runtime) throw;
@@ -460,7 +463,7 @@ EpochRecord Run::train_epoch(const Data& data, Progress* progress) {
   }
   if (progress) progress->clear();
   const auto eval_start = std::chrono::steady_clock::now();
-  const train::Evaluation evaluation = train::evaluate(*model_, data.test);
+  const train::Evaluation evaluation = train::evaluate(*model_, data.test, 1000, process_group());
   const double eval_seconds =
       std::chrono::duration<double>(std::chrono::steady_clock::now() - eval_start).count();
   json m = {{"run", name_},
@@ -479,9 +482,11 @@ EpochRecord Run::train_epoch(const Data& data, Progress* progress) {
             {"optimizer", options_.optimizer},
             {"lr", learning_rate_at(options_, epoch)},
             {"batch_size", options_.batch_size},
-            {"seed", options_.seed}};
+            {"seed", options_.seed},
+            {"ranks", process_group() ? process_group()->size() : 1}};
   ++epochs_done_;
   history_.push_back(m);
+  if (!writes_files()) return {m, true, ""};
   try {
     save_checkpoint();
   } catch (...) {
