@@ -19,6 +19,8 @@ packages=(
   pybind11-dev python3-dev python3-numpy python3-pytest python3-torch libtorch-dev
   # plots and the real data set
   python3-matplotlib dataset-fashion-mnist
+  # the claims lab: t quantiles for its verdicts; scikit-learn's bundled tables
+  python3-scipy python3-sklearn
   # data-parallel training: MPI for the engine and the CLI (torch.distributed's gloo
   # ships with python3-torch)
   libopenmpi-dev openmpi-bin

@@ -256,5 +256,5 @@ def test_a_rank_that_hangs_ends_the_job_after_the_timeout(table, tmp_path):
                 pass
     assert job.returncode == 1, stderr
     assert 3 <= elapsed < 30, f"{elapsed:.1f} s"
-    assert "rank 0 of 2: collective" in stderr and "did not complete within 3 s" in stderr, stderr
+    assert "rank 0 of 2: " in stderr and "did not complete within 3 s" in stderr, stderr
     assert_checkpoint_loads(out)

@@ -52,6 +52,7 @@ Dataset load_csv(const std::filesystem::path& path, const CsvOptions& options) {
   std::string line;
   int64_t line_number = 0, columns = 0, label_column = 0;
   int32_t max_label = -1;
+  bool header = false;
   std::vector<double> values;
   while (std::getline(in, line)) {
     ++line_number;
@@ -67,7 +68,13 @@ Dataset load_csv(const std::filesystem::path& path, const CsvOptions& options) {
       if (label_column >= columns)
         fail_runtime(where, ": label column ", label_column, " does not exist (", columns,
                      " columns)");
-      if (!numeric) continue;  // a header line
+      // A header line; its column count does not bind the data (scikit-learn's
+      // bundled tables start "n_samples,n_features,class names...").
+      if (!numeric && !header) {
+        header = true;
+        columns = 0;
+        continue;
+      }
     }
     if (static_cast<int64_t>(fields.size()) != columns)
       fail_runtime(where, ":", line_number, ": expected ", columns, " columns, got ", fields.size());

@@ -778,8 +778,8 @@ std::unique_ptr<Layer> build_layer_norm(const ModelSpec::LayerSpec& spec, const 
 }
 
 std::unique_ptr<Layer> build_batch_norm(const ModelSpec::LayerSpec& spec, const Input& input,
-                                        MemoryFormat, size_t) {
-  return make_batch_norm_layer(spec, input);
+                                        MemoryFormat, size_t index) {
+  return make_batch_norm_layer(spec, input, index);
 }
 
 std::unique_ptr<Layer> build_group_norm(const ModelSpec::LayerSpec& spec, const Input& input,
@@ -805,10 +805,10 @@ const std::vector<LayerKind>& layer_kinds() {
       {"tanh", 0, 0, {}, false, build_activation<Activation::tanh>},
       {"dropout", 1, 1, {}, false, build_dropout},
       {"flatten", 0, 0, {}, false, build_flatten},
-      {"batchnorm", 0, 0, {"eps", "momentum", "frozen"}, true, build_batch_norm},
-      {"batchrenorm", 0, 0, {"eps", "momentum", "rmax", "dmax", "warmup", "frozen"}, true,
+      {"batchnorm", 0, 0, {"eps", "momentum", "frozen", "noise"}, true, build_batch_norm},
+      {"batchrenorm", 0, 0, {"eps", "momentum", "rmax", "dmax", "warmup", "frozen", "noise"}, true,
        build_batch_norm},
-      {"ghostbatchnorm", 0, 0, {"eps", "momentum", "size", "frozen"}, true, build_batch_norm},
+      {"ghostbatchnorm", 0, 0, {"eps", "momentum", "size", "frozen", "noise"}, true, build_batch_norm},
       {"layernorm", 0, 0, {"eps"}, true, build_layer_norm},
       {"groupnorm", 0, 0, {"groups", "eps", "affine"}, true, build_group_norm},
       {"instancenorm", 0, 0, {"eps", "momentum", "affine", "track_running_stats"}, true,

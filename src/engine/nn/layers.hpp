@@ -42,7 +42,8 @@ std::unique_ptr<Layer> make_layer_norm(const std::vector<int64_t>& input_shape, 
 // "batchnorm", "batchrenorm" and "ghostbatchnorm" (batch_norm_layers.cpp).
 constexpr int64_t kDefaultRenormWarmup = 500;   // steps over which rmax, dmax reach their values
 constexpr int64_t kDefaultGhostBatchSize = 32;  // virtual batch size
+// `index` (the layer's position) keeps the noise of noisy BN layers (noise=S) apart.
 std::unique_ptr<Layer> make_batch_norm_layer(const ModelSpec::LayerSpec& spec,
-                                             const std::vector<int64_t>& input_shape);
+                                             const std::vector<int64_t>& input_shape, size_t index);
 
 }  // namespace normkit::nn::detail

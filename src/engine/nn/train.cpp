@@ -94,6 +94,14 @@ void check_replicas(dist::Communicator& group, nn::Model& model, nn::Optimizer& 
 
 }  // namespace
 
+int64_t steps_per_epoch(int64_t count, int64_t batch_size, int ranks) {
+  int64_t steps = (count + batch_size - 1) / batch_size;
+  if (count % batch_size == 1) --steps;  // a lone last sample cannot be batch-normalized
+  const int64_t last_size = count - (steps - 1) * batch_size;
+  if (steps > 1 && last_size < ranks) --steps;  // nor a last batch that leaves a rank empty
+  return steps;
+}
+
 EpochResult train_epoch(nn::Model& model, nn::Optimizer& optimizer, const data::Dataset& train,
                         int64_t batch_size, uint64_t seed, int64_t epoch,
                         const ProgressCallback& progress, dist::Communicator* group) {
@@ -104,10 +112,7 @@ EpochResult train_epoch(nn::Model& model, nn::Optimizer& optimizer, const data::
     engine::fail_invalid("batch size ", batch_size, " is smaller than the number of ranks (",
                          ranks, "): every rank needs a sample of every batch");
   const auto order = epoch_order(train.count(), seed, epoch);
-  int64_t steps = (train.count() + batch_size - 1) / batch_size;
-  if (train.count() % batch_size == 1) --steps;  // a lone last sample cannot be batch-normalized
-  const int64_t last_size = train.count() - (steps - 1) * batch_size;
-  if (steps > 1 && last_size < ranks) --steps;  // nor a last batch that leaves a rank empty
+  const int64_t steps = steps_per_epoch(train.count(), batch_size, ranks);
   const auto parameters = model.parameters();
   nn::Tensor batch, dlogits;
   std::vector<int32_t> labels;
@@ -148,7 +153,8 @@ EpochResult train_epoch(nn::Model& model, nn::Optimizer& optimizer, const data::
           std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
       progress({step + 1, steps, loss_sum / static_cast<double>(result.samples),
                 static_cast<double>(correct) / static_cast<double>(result.samples),
-                static_cast<double>(result.samples) / std::max(elapsed, 1e-9)});
+                static_cast<double>(result.samples) / std::max(elapsed, 1e-9), loss.loss,
+                loss.correct, size});
     }
   }
   if (group) check_replicas(*group, model, optimizer, epoch);
