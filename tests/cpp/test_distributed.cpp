@@ -183,6 +183,12 @@ TEST(DataParallel, CollectivesCombineInRankOrder) {
   double ordered = 1e16;
   for (int r = 1; r < ranks; ++r) ordered += 1.0;
   EXPECT_EQ(values[1], ordered);
+  // Floats travel as floats and add in double: 2^24 + 1 + ... is exact there.
+  const std::vector<float> floats = {16777216.0f, 1.0f};
+  std::vector<double> sums(2);
+  normkit::dist::all_reduce_sum(*group, floats, sums);
+  EXPECT_EQ(sums[0], 16777216.0 * ranks);
+  EXPECT_EQ(sums[1], 1.0 * ranks);
   // Moments: rank r holds the values {r, r + 1}; merged, all of them.
   std::vector<normkit::Moments> m = {{2, rank + 0.5, 0.5}};
   normkit::dist::merge_moments(*group, m);

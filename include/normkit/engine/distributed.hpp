@@ -5,7 +5,8 @@
 // parameters after every step.
 //
 // The engine talks to the group only through Communicator: one collective,
-// all_gather, from which the sums and merges below are built in rank order.
+// all_gather (of doubles or floats), from which the sums and merges below are
+// built in rank order.
 // A fixed order makes a run reproducible for a given number of ranks and gives
 // every rank the same bits; it costs ranks × the data of an all-reduce, which
 // docs/scaling.md weighs against a ring all-reduce. Implementations: one process
@@ -31,6 +32,7 @@ class Communicator {
   // group does not complete it within the communicator's timeout (a rank died,
   // is stuck, or runs a different sequence of collectives).
   virtual void all_gather(std::span<const double> mine, std::span<double> all) = 0;
+  virtual void all_gather(std::span<const float> mine, std::span<float> all) = 0;
   // Ends every rank of the group with exit status `code`: after an error on one
   // rank the others would wait in their next collective, so this is how a
   // program leaves a group it cannot finish with. Never returns.
@@ -68,6 +70,8 @@ std::unique_ptr<Communicator> mpi_world(double timeout_seconds);
 
 // Element-wise sum over ranks, added in rank order.
 void all_reduce_sum(Communicator& group, std::span<double> values);
+// The same for float values (sent as floats: half the bytes), summed in double.
+void all_reduce_sum(Communicator& group, std::span<const float> values, std::span<double> sums);
 
 // Every rank's per-channel moments merged in rank order (Moments::merge): the
 // statistics of the batch the ranks' shards form together, in rank order.

@@ -19,13 +19,33 @@ class SingleProcess final : public Communicator {
  public:
   int rank() const override { return 0; }
   int size() const override { return 1; }
-  void all_gather(std::span<const double> mine, std::span<double> all) override {
+  void all_gather(std::span<const double> mine, std::span<double> all) override { copy(mine, all); }
+  void all_gather(std::span<const float> mine, std::span<float> all) override { copy(mine, all); }
+  [[noreturn]] void abort(int code) noexcept override { std::_Exit(code); }
+
+ private:
+  template <class T>
+  static void copy(std::span<const T> mine, std::span<T> all) {
     if (all.size() != mine.size())
       fail_invalid("all_gather: expected room for ", mine.size(), " values, got ", all.size());
     std::copy(mine.begin(), mine.end(), all.begin());
   }
-  [[noreturn]] void abort(int code) noexcept override { std::_Exit(code); }
 };
+
+// sums[i] = Σ over ranks of every rank's values[i], in rank order, in double.
+template <class T>
+void ordered_sums(Communicator& group, std::span<const T> values, std::span<double> sums) {
+  const int ranks = group.size();
+  const size_t n = values.size();
+  if (sums.size() != n) fail_invalid("all_reduce_sum: ", n, " values but room for ", sums.size());
+  std::vector<T> all(n * static_cast<size_t>(ranks));
+  group.all_gather(values, all);
+  for (size_t i = 0; i < n; ++i) sums[i] = all[i];
+  for (int r = 1; r < ranks; ++r) {
+    const T* part = all.data() + static_cast<size_t>(r) * n;
+    for (size_t i = 0; i < n; ++i) sums[i] += part[i];
+  }
+}
 
 }  // namespace
 
@@ -40,16 +60,12 @@ bool started_by_mpi_launcher() {
 }
 
 void all_reduce_sum(Communicator& group, std::span<double> values) {
-  const int ranks = group.size();
-  if (ranks == 1) return;
-  std::vector<double> all(values.size() * static_cast<size_t>(ranks));
-  group.all_gather(values, all);
-  const size_t n = values.size();
-  std::copy(all.begin(), all.begin() + static_cast<std::ptrdiff_t>(n), values.begin());
-  for (int r = 1; r < ranks; ++r) {
-    const double* part = all.data() + static_cast<size_t>(r) * n;
-    for (size_t i = 0; i < n; ++i) values[i] += part[i];
-  }
+  if (group.size() == 1) return;
+  ordered_sums<double>(group, values, values);
+}
+
+void all_reduce_sum(Communicator& group, std::span<const float> values, std::span<double> sums) {
+  ordered_sums<float>(group, values, sums);
 }
 
 void merge_moments(Communicator& group, std::span<Moments> moments) {

@@ -47,21 +47,10 @@ class MpiWorld final : public Communicator {
   int size() const override { return size_; }
 
   void all_gather(std::span<const double> mine, std::span<double> all) override {
-    if (all.size() != mine.size() * static_cast<size_t>(size_))
-      fail_invalid("all_gather: expected room for ", mine.size() * static_cast<size_t>(size_),
-                   " values, got ", all.size());
-    if (mine.size() > static_cast<size_t>(std::numeric_limits<int>::max()))
-      fail_invalid("all_gather: ", mine.size(), " values are more than one MPI message holds");
-    const int count = static_cast<int>(mine.size());
-    MPI_Request request;
-    if (const int rc = MPI_Iallgather(mine.data(), count, MPI_DOUBLE, all.data(), count,
-                                      MPI_DOUBLE, MPI_COMM_WORLD, &request);
-        rc != MPI_SUCCESS)
-      fail_runtime("MPI_Iallgather failed: ", mpi_error_text(rc));
-    wait(request);
-    ++collectives_;
-    count_bytes(static_cast<int64_t>(mine.size_bytes()),
-                static_cast<int64_t>(mine.size_bytes()) * (size_ - 1));
+    gather(mine, all, MPI_DOUBLE);
+  }
+  void all_gather(std::span<const float> mine, std::span<float> all) override {
+    gather(mine, all, MPI_FLOAT);
   }
 
   [[noreturn]] void abort(int code) noexcept override {
@@ -70,6 +59,25 @@ class MpiWorld final : public Communicator {
   }
 
  private:
+  template <class T>
+  void gather(std::span<const T> mine, std::span<T> all, MPI_Datatype type) {
+    if (all.size() != mine.size() * static_cast<size_t>(size_))
+      fail_invalid("all_gather: expected room for ", mine.size() * static_cast<size_t>(size_),
+                   " values, got ", all.size());
+    if (mine.size() > static_cast<size_t>(std::numeric_limits<int>::max()))
+      fail_invalid("all_gather: ", mine.size(), " values are more than one MPI message holds");
+    const int count = static_cast<int>(mine.size());
+    MPI_Request request;
+    if (const int rc = MPI_Iallgather(mine.data(), count, type, all.data(), count, type,
+                                      MPI_COMM_WORLD, &request);
+        rc != MPI_SUCCESS)
+      fail_runtime("MPI_Iallgather failed: ", mpi_error_text(rc));
+    wait(request);
+    ++collectives_;
+    count_bytes(static_cast<int64_t>(mine.size_bytes()),
+                static_cast<int64_t>(mine.size_bytes()) * (size_ - 1));
+  }
+
   // Polls the request: spins briefly (a collective among ranks that arrive
   // together completes in microseconds), then sleeps between polls.
   void wait(MPI_Request& request) {
@@ -79,13 +87,11 @@ class MpiWorld final : public Communicator {
     for (int polls = 0;; ++polls) {
       int done = 0;
       if (const int rc = MPI_Test(&request, &done, MPI_STATUS_IGNORE); rc != MPI_SUCCESS)
-        fail_runtime("collective ", collectives_ + 1, " failed: ",
-                     mpi_error_text(rc));
+        fail_runtime("collective ", collectives_ + 1, " failed: ", mpi_error_text(rc));
       if (done) return;
       if (polls < 2000) continue;
       if (clock::now() > deadline)
-        fail_runtime("collective ", collectives_ + 1,
-                     " did not complete within ", timeout_,
+        fail_runtime("collective ", collectives_ + 1, " did not complete within ", timeout_,
                      " s: another rank died, is stuck, or runs a different program");
       std::this_thread::sleep_for(std::chrono::microseconds(polls < 20000 ? 20 : 200));
     }

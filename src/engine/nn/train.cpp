@@ -54,31 +54,38 @@ namespace {
 
 // Data-parallel, after backward: one sum over the ranks of the gradients (of the
 // global batch's mean loss), the buffers, and the step's loss sum and correct
-// count. Buffers become the ranks' mean: running statistics of batch norm that
+// count, all sent as floats (the loss as two, high and low part) and added in
+// double. Buffers become the ranks' mean: running statistics of batch norm that
 // each rank keeps from its own shard (synchronized BN off) then track the mean
 // of the shards' statistics, and identical buffers stay bit for bit what they
 // were (N equal floats add exactly in double). Returns the global batch's
 // (loss sum, correct).
+struct SumBuffers {
+  std::vector<float> values;
+  std::vector<double> sums;
+};
 std::pair<double, int64_t> sum_over_ranks(dist::Communicator& group, nn::Model& model,
                                           const std::vector<nn::Parameter*>& parameters,
-                                          double loss_sum, int64_t correct,
-                                          std::vector<double>& buffer) {
-  std::vector<std::vector<float>*> buffers;
+                                          double loss_sum, int64_t correct, SumBuffers& buffers) {
+  std::vector<std::vector<float>*> model_buffers;
   for (const auto& layer : model.layers())
-    for (const nn::Buffer& b : layer->buffers()) buffers.push_back(b.values);
-  buffer.clear();
-  for (const auto* p : parameters) buffer.insert(buffer.end(), p->grad.begin(), p->grad.end());
-  for (const auto* b : buffers) buffer.insert(buffer.end(), b->begin(), b->end());
-  buffer.push_back(loss_sum);
-  buffer.push_back(static_cast<double>(correct));
-  dist::all_reduce_sum(group, buffer);
-  size_t at = 0;
+    for (const nn::Buffer& b : layer->buffers()) model_buffers.push_back(b.values);
+  auto& v = buffers.values;
+  v.clear();
+  for (const auto* p : parameters) v.insert(v.end(), p->grad.begin(), p->grad.end());
+  for (const auto* b : model_buffers) v.insert(v.end(), b->begin(), b->end());
+  const auto loss_high = static_cast<float>(loss_sum);
+  v.insert(v.end(), {loss_high, static_cast<float>(loss_sum - loss_high),
+                     static_cast<float>(correct)});  // exact below 2^24 samples per rank
+  buffers.sums.resize(v.size());
+  dist::all_reduce_sum(group, v, buffers.sums);
+  const double* sum = buffers.sums.data();
   for (auto* p : parameters)
-    for (float& g : p->grad) g = static_cast<float>(buffer[at++]);
+    for (float& g : p->grad) g = static_cast<float>(*sum++);
   const double ranks = group.size();
-  for (auto* b : buffers)
-    for (float& v : *b) v = static_cast<float>(buffer[at++] / ranks);
-  return {buffer[at], static_cast<int64_t>(buffer[at + 1])};
+  for (auto* b : model_buffers)
+    for (float& value : *b) value = static_cast<float>(*sum++ / ranks);
+  return {sum[0] + sum[1], static_cast<int64_t>(sum[2])};
 }
 
 // Every rank must hold the same model after an epoch: checked, not assumed.
@@ -116,7 +123,7 @@ EpochResult train_epoch(nn::Model& model, nn::Optimizer& optimizer, const data::
   const auto parameters = model.parameters();
   nn::Tensor batch, dlogits;
   std::vector<int32_t> labels;
-  std::vector<double> reduce_buffer;
+  SumBuffers reduce_buffers;
   EpochResult result;
   double loss_sum = 0;
   int64_t correct = 0;
@@ -137,9 +144,9 @@ EpochResult train_epoch(nn::Model& model, nn::Optimizer& optimizer, const data::
     model.zero_grad();
     model.backward(dlogits);
     double batch_loss_sum = loss.loss * static_cast<double>(shard.count);
-    if (group)
+    if (group && ranks > 1)
       std::tie(batch_loss_sum, loss.correct) =
-          sum_over_ranks(*group, model, parameters, batch_loss_sum, loss.correct, reduce_buffer);
+          sum_over_ranks(*group, model, parameters, batch_loss_sum, loss.correct, reduce_buffers);
     loss.loss = batch_loss_sum / static_cast<double>(size);
     if (!std::isfinite(loss.loss))
       engine::fail_runtime("loss became ", loss.loss, " at epoch ", epoch + 1, ", step ", step + 1,
