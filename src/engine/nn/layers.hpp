@@ -36,6 +36,14 @@ std::string shape_text(const std::vector<int64_t>& shape);
 // A spec option as a number, or `fallback` when the spec does not give it.
 double option_or(const ModelSpec::LayerSpec& spec, const std::string& key, double fallback);
 
+// Fills weights of a layer with `fan_in` inputs and `fan_out` outputs per `init`.
+void fill_init(std::vector<float>& w, int64_t fan_in, int64_t fan_out, const InitOptions& init,
+               std::mt19937_64& rng);
+
+// Square kernel k, zero padding (conv_layer.cpp).
+std::unique_ptr<Layer> make_conv_layer(const std::vector<int64_t>& input, int64_t out, int64_t k,
+                                       int64_t stride, int64_t pad, bool bias, MemoryFormat format);
+
 // Layer normalization over all of a sample's features (layer_norm_layer.cpp).
 std::unique_ptr<Layer> make_layer_norm(const std::vector<int64_t>& input_shape, double eps,
                                        MemoryFormat format);
