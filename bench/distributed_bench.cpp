@@ -17,7 +17,7 @@
 // gathers); payload bytes sent per step per rank. Also the machine's collective
 // costs: an all-gather of one double (latency) and of 4 MB of floats
 // (bandwidth), and the one-thread compute time per step at per-rank batches
-// 2..global (the scaling model's inputs, docs/scaling.md).
+// 2..global (the inputs of a model of step time against rank count).
 #include <algorithm>
 #include <chrono>
 #include <cstdio>

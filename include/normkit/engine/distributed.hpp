@@ -8,8 +8,8 @@
 // all_gather (of doubles or floats), from which the sums and merges below are
 // built in rank order.
 // A fixed order makes a run reproducible for a given number of ranks and gives
-// every rank the same bits; it costs ranks × the data of an all-reduce, which
-// docs/scaling.md weighs against a ring all-reduce. Implementations: one process
+// every rank the same bits; it costs ranks × the data of an all-reduce (a ring
+// all-reduce receives about twice the data). Implementations: one process
 // (single_process) and MPI (mpi_world, Debian's OpenMPI).
 #include <cstdint>
 #include <memory>
