@@ -199,7 +199,7 @@ int main(int argc, char** argv) {
       set_threads(arm.distributed ? threads_per_rank : cores);
       timed.reset();
       const auto r = normkit::train::train_epoch(*arm.model, *arm.optimizer, data, batch, 1,
-                                                 round, {}, arm.distributed ? &timed : nullptr);
+                                                 round, {}, {}, arm.distributed ? &timed : nullptr);
       if (round == 0) continue;  // warm-up
       arm.step_seconds.push_back(r.seconds / static_cast<double>(steps));
       arm.stats_seconds.push_back(timed.stats_seconds / static_cast<double>(steps));

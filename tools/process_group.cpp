@@ -1,8 +1,10 @@
 // The process group of a data-parallel `normkit train`: joined when an MPI
-// launcher started this process, left with MPI_Finalize on success and with
-// MPI_Abort on an error (the other ranks would otherwise wait in their next
+// launcher started this process, left with MPI_Finalize on success or an
+// interruption every rank agreed on (train::train_epoch), and with MPI_Abort on
+// an error (the other ranks would otherwise wait in their next
 // collective until it timed out).
 #include <omp.h>
+#include <signal.h>
 
 #include <algorithm>
 #include <cstdio>
@@ -59,7 +61,7 @@ std::string rank_prefix() {
 int leave_process_group(int code) {
   auto& group = group_storage();
   if (!group) return code;
-  if (code != 0) {
+  if (code != 0 && code != 128 + SIGINT && code != 128 + SIGTERM) {
     std::fflush(stdout);
     std::fflush(stderr);
     group->abort(code);

@@ -21,11 +21,17 @@ TensorView<float> table_view(std::span<float> x, int64_t features) {
 }
 }  // namespace
 
+// Whole rows of finite values: a NaN standardized would reach training as data
+// (docs/nan-and-inf.md), so it is refused here, before anything is written.
 void Standardizer::check_rows(std::span<const float> x) const {
   if (!fitted()) detail::fail_invalid("standardizer: not fitted");
   if (x.empty() || x.size() % moments_.size() != 0)
     detail::fail_invalid("standardizer: ", x.size(), " values are not whole rows of ",
                          moments_.size(), " features");
+  for (size_t i = 0; i < x.size(); ++i)
+    if (!std::isfinite(x[i]))
+      detail::fail_runtime("standardizer: NaN or infinity at row ", i / moments_.size(), ", feature ",
+                           i % moments_.size());
 }
 
 void Standardizer::fit(std::span<const float> x, int64_t features) {

@@ -52,7 +52,7 @@ Trained train(const std::string& spec, normkit::nn::MemoryFormat format, Communi
   auto sgd = normkit::nn::make_sgd({0.05f, 0.9f, 1e-4f}, model.parameters());
   Trained t;
   for (int64_t epoch = 0; epoch < epochs; ++epoch) {
-    const auto r = normkit::train::train_epoch(model, *sgd, data, batch_size, 11, epoch, {}, ranks);
+    const auto r = normkit::train::train_epoch(model, *sgd, data, batch_size, 11, epoch, {}, {}, ranks);
     t.losses.push_back(r.loss);
     t.accuracies.push_back(r.accuracy);
   }

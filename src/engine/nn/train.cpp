@@ -1,3 +1,6 @@
+#include <signal.h>
+
+#include <atomic>
 #include <chrono>
 #include <cmath>
 #include <numeric>
@@ -58,13 +61,20 @@ namespace {
 // double. Buffers become the ranks' mean: running statistics of batch norm that
 // each rank keeps from its own shard (synchronized BN off) then track the mean
 // of the shards' statistics, and identical buffers stay bit for bit what they
-// were (N equal floats add exactly in double). Returns the global batch's
-// (loss sum, correct).
+// were (N equal floats add exactly in double). Also summed: whether each rank
+// was asked to stop, and by which signal (the ranks stop together after this
+// step when any was). Returns the global batch's loss sum and correct count,
+// and the stop.
 struct SumBuffers {
   std::vector<float> values;
   std::vector<double> sums;
 };
-std::pair<double, int64_t> sum_over_ranks(dist::Communicator& group, nn::Model& model,
+struct RankSums {
+  double loss_sum;
+  int64_t correct;
+  int stop;  // 0, or the signal (of the ranks that got one: the mean of their numbers)
+};
+RankSums sum_over_ranks(dist::Communicator& group, nn::Model& model,
                                           const std::vector<nn::Parameter*>& parameters,
                                           double loss_sum, int64_t correct, SumBuffers& buffers) {
   std::vector<std::vector<float>*> model_buffers;
@@ -75,8 +85,10 @@ std::pair<double, int64_t> sum_over_ranks(dist::Communicator& group, nn::Model& 
   for (const auto* p : parameters) v.insert(v.end(), p->grad.begin(), p->grad.end());
   for (const auto* b : model_buffers) v.insert(v.end(), b->begin(), b->end());
   const auto loss_high = static_cast<float>(loss_sum);
+  const int signal = stop_signal();
   v.insert(v.end(), {loss_high, static_cast<float>(loss_sum - loss_high),
-                     static_cast<float>(correct)});  // exact below 2^24 samples per rank
+                     static_cast<float>(correct),  // exact below 2^24 samples per rank
+                     signal ? 1.0f : 0.0f, static_cast<float>(signal)});
   buffers.sums.resize(v.size());
   dist::all_reduce_sum(group, v, buffers.sums);
   const double* sum = buffers.sums.data();
@@ -85,7 +97,8 @@ std::pair<double, int64_t> sum_over_ranks(dist::Communicator& group, nn::Model& 
   const double ranks = group.size();
   for (auto* b : model_buffers)
     for (float& value : *b) value = static_cast<float>(*sum++ / ranks);
-  return {sum[0] + sum[1], static_cast<int64_t>(sum[2])};
+  const int stop = sum[3] > 0 ? static_cast<int>(std::lround(sum[4] / sum[3])) : 0;
+  return {sum[0] + sum[1], static_cast<int64_t>(sum[2]), stop};
 }
 
 // Every rank must hold the same model after an epoch: checked, not assumed.
@@ -109,9 +122,42 @@ int64_t steps_per_epoch(int64_t count, int64_t batch_size, int ranks) {
   return steps;
 }
 
+
+namespace {
+// A lock-free atomic: the only kind a signal handler may touch.
+std::atomic<int> stop_requested{0};
+static_assert(std::atomic<int>::is_always_lock_free);
+
+// Records the signal, and gives both signals back their default action (ending
+// the process) for the next one. Only async-signal-safe calls.
+extern "C" void record_stop_signal(int signal) {
+  request_stop(signal);
+  struct sigaction fallback {};
+  fallback.sa_handler = SIG_DFL;
+  sigemptyset(&fallback.sa_mask);
+  ::sigaction(SIGINT, &fallback, nullptr);
+  ::sigaction(SIGTERM, &fallback, nullptr);
+}
+}  // namespace
+
+void install_stop_handlers() {
+  struct sigaction action {};
+  action.sa_handler = record_stop_signal;
+  sigemptyset(&action.sa_mask);
+  action.sa_flags = SA_RESTART;  // reads and writes in progress carry on
+  for (const int signal : {SIGINT, SIGTERM})
+    if (::sigaction(signal, &action, nullptr) != 0)
+      engine::fail_runtime("cannot install the handler of signal ", signal);
+}
+
+void request_stop(int signal) noexcept { stop_requested.store(signal); }
+int stop_signal() noexcept { return stop_requested.load(); }
+void clear_stop() noexcept { stop_requested.store(0); }
+
 EpochResult train_epoch(nn::Model& model, nn::Optimizer& optimizer, const data::Dataset& train,
                         int64_t batch_size, uint64_t seed, int64_t epoch,
-                        const ProgressCallback& progress, dist::Communicator* group) {
+                        const ProgressCallback& progress, const EpochPosition& begin,
+                        dist::Communicator* group) {
   if (batch_size < 2) engine::fail_invalid("batch size must be >= 2 for batch normalization, got ", batch_size);
   if (train.count() < 2) engine::fail_invalid("training needs at least 2 samples");
   const int ranks = group ? group->size() : 1, rank = group ? group->rank() : 0;
@@ -120,15 +166,32 @@ EpochResult train_epoch(nn::Model& model, nn::Optimizer& optimizer, const data::
                          ranks, "): every rank needs a sample of every batch");
   const auto order = epoch_order(train.count(), seed, epoch);
   const int64_t steps = steps_per_epoch(train.count(), batch_size, ranks);
+  if (begin.step < 0 || begin.step >= steps || begin.samples < 0 || begin.correct < 0 ||
+      begin.correct > begin.samples)
+    engine::fail_invalid("train_epoch: cannot continue at step ", begin.step, " of ", steps,
+                         " (", begin.samples, " samples, ", begin.correct, " correct)");
   const auto parameters = model.parameters();
   nn::Tensor batch, dlogits;
   std::vector<int32_t> labels;
   SumBuffers reduce_buffers;
   EpochResult result;
-  double loss_sum = 0;
-  int64_t correct = 0;
+  result.samples = begin.samples;
+  double loss_sum = begin.loss_sum;
+  int64_t correct = begin.correct;
   const auto start = std::chrono::steady_clock::now();
-  for (int64_t step = 0; step < steps; ++step) {
+  auto seconds = [&] {
+    return begin.seconds + std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  };
+  int group_stop = 0;
+  for (int64_t step = begin.step; step < steps; ++step) {
+    // Data-parallel: the stop the ranks agreed on in the last step's sum.
+    const int stop = group && ranks > 1 ? group_stop : stop_signal();
+    if (stop != 0) {
+      if (stop_signal() == 0) request_stop(stop);  // another rank's signal
+      result.interrupted = true;
+      result.position = {step, loss_sum, correct, result.samples, seconds()};
+      return result;
+    }
     const int64_t first = step * batch_size;
     const int64_t size = std::min(batch_size, train.count() - first);
     const dist::Shard shard = dist::shard_of(size, rank, ranks);
@@ -144,9 +207,13 @@ EpochResult train_epoch(nn::Model& model, nn::Optimizer& optimizer, const data::
     model.zero_grad();
     model.backward(dlogits);
     double batch_loss_sum = loss.loss * static_cast<double>(shard.count);
-    if (group && ranks > 1)
-      std::tie(batch_loss_sum, loss.correct) =
+    if (group && ranks > 1) {
+      const RankSums sums =
           sum_over_ranks(*group, model, parameters, batch_loss_sum, loss.correct, reduce_buffers);
+      batch_loss_sum = sums.loss_sum;
+      loss.correct = sums.correct;
+      group_stop = sums.stop;
+    }
     loss.loss = batch_loss_sum / static_cast<double>(size);
     if (!std::isfinite(loss.loss))
       engine::fail_runtime("loss became ", loss.loss, " at epoch ", epoch + 1, ", step ", step + 1,
@@ -156,16 +223,15 @@ EpochResult train_epoch(nn::Model& model, nn::Optimizer& optimizer, const data::
     correct += loss.correct;
     result.samples += size;
     if (progress) {
-      const double elapsed =
-          std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
       progress({step + 1, steps, loss_sum / static_cast<double>(result.samples),
                 static_cast<double>(correct) / static_cast<double>(result.samples),
-                static_cast<double>(result.samples) / std::max(elapsed, 1e-9), loss.loss,
-                loss.correct, size});
+                static_cast<double>(result.samples - begin.samples) /
+                    std::max(seconds() - begin.seconds, 1e-9),
+                loss.loss, loss.correct, size});
     }
   }
   if (group) check_replicas(*group, model, optimizer, epoch);
-  result.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  result.seconds = seconds();
   result.loss = loss_sum / static_cast<double>(result.samples);
   result.accuracy = static_cast<double>(correct) / static_cast<double>(result.samples);
   return result;
