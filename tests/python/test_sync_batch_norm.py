@@ -153,6 +153,62 @@ def test_parity_with_batch_norm_on_the_global_batch(world_size, tmp_path):
         print(f"  {dtype:14s} {quantity:13s} {error:.2e}")
 
 
+def _lost_peer_worker(rank, world_size, store, out_dir):
+    """Rank 0 shares a group with rank 1, which dies (exits without leaving it), and one
+    with rank 2, which hangs; in each it trains a step of a SyncBatchNorm and reports what
+    was raised, how long it took, and whether the layer's state changed."""
+    torch.set_num_threads(1)
+    timeout = datetime.timedelta(seconds=3)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank,
+                            world_size=world_size, timeout=timeout)
+    groups = {"dies": dist.new_group([0, 1], timeout=timeout),
+              "hangs": dist.new_group([0, 2], timeout=timeout)}
+    if rank == 1:
+        os._exit(0)
+    if rank == 2:
+        time.sleep(120)  # the test kills it
+    outcomes = {}
+    for how, group in groups.items():
+        layer = nkt.SyncBatchNorm(4, process_group=group)
+        before = {k: v.clone() for k, v in layer.state_dict().items()}
+        started = time.monotonic()
+        outcome = {"error": None}
+        try:
+            layer(torch.randn(3, 4, 2, 2))
+        except RuntimeError as error:
+            outcome["error"] = str(error)
+        outcome["seconds"] = time.monotonic() - started
+        outcome["unchanged"] = all(torch.equal(before[k], v)
+                                   for k, v in layer.state_dict().items())
+        outcomes[how] = outcome
+    with open(os.path.join(out_dir, "partial.json"), "w") as f:
+        json.dump(outcomes, f)
+    os.rename(os.path.join(out_dir, "partial.json"), os.path.join(out_dir, "rank0.json"))
+    os._exit(0)  # not destroy_process_group, which would wait for the lost processes
+
+
+def test_a_lost_process_is_a_clear_error_not_a_hang(tmp_path):
+    context = mp.start_processes(_lost_peer_worker,
+                                 args=(3, str(tmp_path / "store"), str(tmp_path)),
+                                 nprocs=3, join=False, start_method="spawn")
+    report = tmp_path / "rank0.json"
+    deadline = time.monotonic() + 90
+    while not report.exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    for process in context.processes:
+        process.kill()
+    assert report.exists(), "rank 0 neither finished nor failed within 90 s (a hang)"
+    for how, outcome in json.loads(report.read_text()).items():
+        print(f"\n[ measured ] a process that {how}: {outcome['seconds']:.2f} s to the error: "
+              f"{outcome['error']}")
+        assert outcome["error"] is not None, f"the forward succeeded though its peer {how}"
+        assert "SyncBatchNorm: exchanging the batch statistics" in outcome["error"], outcome
+        assert "running statistics left unchanged" in outcome["error"]
+        assert outcome["unchanged"], "the failed forward changed the layer's state"
+        # The groups' timeout is 3 s; a dead peer is noticed at once.
+        assert outcome["seconds"] < 20, outcome
+
+
 # ---------------------------------------------------------------- one process
 
 

@@ -39,10 +39,19 @@ _KEPT_BY_CONVERSION = (
     BatchNormReLU1d, BatchNormReLU2d, BatchNormAddReLU1d, BatchNormAddReLU2d)
 
 
-def _gather(tensor, group, world_size):
-    """Every process's `tensor` (same shape everywhere), in rank order."""
+def _gather(tensor, group, world_size, what, note=""):
+    """Every process's `tensor` (same shape everywhere), in rank order. A process that
+    died, hangs past the group's timeout or runs other collectives makes gloo raise; the
+    error says which exchange failed (nothing has been changed by then)."""
     parts = [torch.empty_like(tensor) for _ in range(world_size)]
-    dist.all_gather(parts, tensor, group=group)
+    try:
+        dist.all_gather(parts, tensor, group=group)
+    except RuntimeError as error:
+        raise RuntimeError(
+            f"SyncBatchNorm: exchanging the {what} with the other {world_size - 1} "
+            f"process(es) of the group failed (one died, did not answer within the "
+            f"process group's timeout, or runs a different sequence of collectives)"
+            f"{note}: {error}") from error
     return parts
 
 
@@ -62,7 +71,8 @@ class _SyncBatchNormFunction(torch.autograd.Function):
                  else _normkit.batch_norm_moments(_array(source)))
         parts = _moments_of(
             _gather(torch.from_numpy(local.view(np.float64).reshape(channels, 3)), group,
-                    world_size), channels)
+                    world_size, "batch statistics",
+                    "; running statistics left unchanged"), channels)
         merged = parts[0]
         for part in parts[1:]:
             merged = _normkit.merge_moments(merged, part)
@@ -98,7 +108,7 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         dx = None
         if want_dx:
             parts = _gather(torch.from_numpy(np.concatenate([sum_dy, sum_dy_xhat])), ctx.group,
-                            ctx.world_size)
+                            ctx.world_size, "gradient sums")
             total = parts[0].clone()
             for part in parts[1:]:
                 total += part
