@@ -8,6 +8,8 @@ One module per family, as in the C++ library:
   in one pass);
 - ``layer_norm``: LayerNorm and RMSNorm;
 - ``group_norm``: GroupNorm and InstanceNorm1d/2d/3d;
+- ``bn_stats``: ``recalibrate_batch_norm`` (precise BN) and ``adapt_batch_norm`` (test-time
+  adaptation) for any model with batch-norm modules, torch's or these.
 - ``sync_batch_norm``: SyncBatchNorm (CPU tensors over torch.distributed with gloo).
 
 The classes subclass PyTorch's own, so the constructor, parameters, buffers, state_dict
@@ -43,6 +45,7 @@ from .bn_variants import (
 )
 from .group_norm import GroupNorm, InstanceNorm1d, InstanceNorm2d, InstanceNorm3d
 from .layer_norm import LayerNorm, RMSNorm
+from .bn_stats import adapt_batch_norm, recalibrate_batch_norm
 from .sync_batch_norm import SyncBatchNorm
 
 # The autograd functions behind the modules, for tests that check their gradients directly.
@@ -58,5 +61,6 @@ __all__ = [
     "BatchNormReLU1d", "BatchNormReLU2d", "BatchNormAddReLU1d", "BatchNormAddReLU2d",
     "LayerNorm", "RMSNorm",
     "GroupNorm", "InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d",
+    "recalibrate_batch_norm", "adapt_batch_norm",
     "SyncBatchNorm",
 ]

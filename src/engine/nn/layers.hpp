@@ -70,9 +70,10 @@ void fill_init(std::vector<float>& w, int64_t fan_in, int64_t fan_out, const Ini
 std::unique_ptr<Layer> make_conv_layer(const std::vector<int64_t>& input, int64_t out, int64_t k,
                                        int64_t stride, int64_t pad, bool bias, MemoryFormat format);
 
-// Layer normalization over all of a sample's features (layer_norm_layer.cpp).
+// Layer normalization over all of a sample's features, or with rms RMS
+// normalization (no centering, no β) (layer_norm_layer.cpp).
 std::unique_ptr<Layer> make_layer_norm(const std::vector<int64_t>& input_shape, double eps,
-                                       MemoryFormat format);
+                                       MemoryFormat format, bool rms = false);
 // "batchnorm", "batchrenorm" and "ghostbatchnorm" (batch_norm_layers.cpp).
 constexpr int64_t kDefaultRenormWarmup = 500;   // steps over which rmax, dmax reach their values
 constexpr int64_t kDefaultGhostBatchSize = 32;  // virtual batch size

@@ -1,5 +1,6 @@
 #include <signal.h>
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <cmath>
@@ -245,48 +246,60 @@ Evaluation evaluate(nn::Model& model, const data::Dataset& set, int64_t batch_si
   std::iota(order.begin(), order.end(), 0);
   const dist::Shard shard =
       group ? dist::shard_of(set.count(), group->rank(), group->size()) : dist::Shard{0, set.count()};
-  Evaluation out;
+  Scorer scorer;
   nn::Tensor batch;
   std::vector<int32_t> labels;
-  double loss_sum = 0;
-  int64_t correct = 0;
   const int64_t end = shard.first + shard.count;
   for (int64_t first = shard.first; first < end; first += batch_size) {
     const int64_t size = std::min(batch_size, end - first);
     make_batch(set, order, first, size, model.format(), batch, labels);
-    const nn::Tensor& logits = model.forward(batch, nn::Mode::eval);
-    const int64_t classes = logits.shape[1];
-    if (out.confusion.empty()) {
-      out.classes = static_cast<int32_t>(classes);
-      out.confusion.assign(static_cast<size_t>(classes * classes), 0);
-    }
-    const nn::LossResult loss = nn::softmax_cross_entropy(logits, labels.data(), nullptr);
-    loss_sum += loss.loss * static_cast<double>(size);
-    correct += loss.correct;
-    for (int64_t i = 0; i < size; ++i) {
-      const float* z = logits.data.data() + i * classes;
-      const auto predicted = std::max_element(z, z + classes) - z;
-      ++out.confusion[static_cast<size_t>(labels[i] * classes + predicted)];
-    }
+    scorer.add(model.forward(batch, nn::Mode::eval), labels.data());
   }
   if (group) {
     // A rank with no test sample still knows the class count: the model's output.
-    if (out.confusion.empty()) {
-      std::vector<int64_t> shape = model.spec().input_shape;
-      for (const auto& layer : model.layers()) shape = layer->output_shape(shape);
-      out.classes = static_cast<int32_t>(shape[0]);
-      out.confusion.assign(static_cast<size_t>(shape[0] * shape[0]), 0);
-    }
-    std::vector<double> totals(out.confusion.begin(), out.confusion.end());
-    totals.push_back(loss_sum);
-    totals.push_back(static_cast<double>(correct));
-    dist::all_reduce_sum(*group, totals);
-    for (size_t i = 0; i < out.confusion.size(); ++i) out.confusion[i] = static_cast<int64_t>(totals[i]);
-    loss_sum = totals[out.confusion.size()];
-    correct = static_cast<int64_t>(totals[out.confusion.size() + 1]);
+    std::vector<int64_t> shape = model.spec().input_shape;
+    for (const auto& layer : model.layers()) shape = layer->output_shape(shape);
+    scorer.sum_over(*group, static_cast<int32_t>(shape[0]));
   }
-  out.loss = loss_sum / static_cast<double>(set.count());
-  out.accuracy = static_cast<double>(correct) / static_cast<double>(set.count());
+  return scorer.result();
+}
+
+void Scorer::sum_over(dist::Communicator& group, int32_t classes) {
+  if (e_.confusion.empty()) {
+    e_.classes = classes;
+    e_.confusion.assign(static_cast<size_t>(classes) * static_cast<size_t>(classes), 0);
+  }
+  std::vector<double> totals(e_.confusion.begin(), e_.confusion.end());
+  totals.insert(totals.end(), {loss_sum_, static_cast<double>(correct_), static_cast<double>(count_)});
+  dist::all_reduce_sum(group, totals);
+  const size_t n = e_.confusion.size();
+  for (size_t i = 0; i < n; ++i) e_.confusion[i] = static_cast<int64_t>(totals[i]);
+  loss_sum_ = totals[n];
+  correct_ = static_cast<int64_t>(totals[n + 1]);
+  count_ = static_cast<int64_t>(totals[n + 2]);
+}
+
+void Scorer::add(const nn::Tensor& logits, const int32_t* labels) {
+  const int64_t size = logits.shape[0], classes = logits.shape[1];
+  if (e_.confusion.empty()) {
+    e_.classes = static_cast<int32_t>(classes);
+    e_.confusion.assign(static_cast<size_t>(classes * classes), 0);
+  }
+  const nn::LossResult loss = nn::softmax_cross_entropy(logits, labels, nullptr);
+  loss_sum_ += loss.loss * static_cast<double>(size);
+  correct_ += loss.correct;
+  count_ += size;
+  for (int64_t i = 0; i < size; ++i) {
+    const float* z = logits.data.data() + i * classes;
+    const auto predicted = std::max_element(z, z + classes) - z;
+    ++e_.confusion[static_cast<size_t>(labels[i] * classes + predicted)];
+  }
+}
+
+Evaluation Scorer::result() const {
+  Evaluation out = e_;
+  out.loss = count_ ? loss_sum_ / static_cast<double>(count_) : 0.0;
+  out.accuracy = count_ ? static_cast<double>(correct_) / static_cast<double>(count_) : 0.0;
   return out;
 }
 
