@@ -17,6 +17,10 @@ packages=(
   libgtest-dev libgmock-dev libbenchmark-dev
   # Python bindings and their tests; PyTorch 1.13 is the reference we match
   pybind11-dev python3-dev python3-numpy python3-pytest python3-torch libtorch-dev
+  # normkit.torch's export tests (ONNX graphs) and convert() example (torchvision's ResNet-18)
+  python3-onnx python3-torchvision
+  # pip install --no-build-isolation . into a virtual environment (no package index needed)
+  python3-pip python3-setuptools python3-wheel python3-venv
   # plots and the real data set
   python3-matplotlib dataset-fashion-mnist
   # the claims lab: t quantiles for its verdicts; scikit-learn's bundled tables
