@@ -22,8 +22,8 @@ import torch
 import torch.distributed as dist
 
 from .. import _normkit
-from ._common import _array, _like_output, _output_like
-from .batch_norm import BatchNorm2d, _batch_norm_arguments
+from ._common import _check_values_per_channel
+from .batch_norm import _NormkitBatchNorm, _batch_norm
 from .batch_norm_fused import (
     BatchNormAddReLU1d, BatchNormAddReLU2d, BatchNormReLU1d, BatchNormReLU2d)
 from .bn_variants import (
@@ -31,6 +31,86 @@ from .bn_variants import (
     FrozenBatchNorm3d, GhostBatchNorm1d, GhostBatchNorm2d, GhostBatchNorm3d)
 
 __all__ = ["SyncBatchNorm"]
+
+# NumPy views of tensor memory and PyTorch's output memory format (the NumPy API's
+# calling conventions; the other modules call torch ops).
+def _array(tensor):
+    # detach() shares storage, and numpy() of a CPU tensor shares it again, strides included.
+    return None if tensor is None else tensor.detach().numpy()
+
+
+def _laid_out(tensor, strides, memory_format):
+    """`tensor` itself when it has these strides, else a copy in `memory_format`.
+
+    The kernels get x, y, dy and dx with one set of strides, so they stream all of them
+    the same way and the fast paths apply. Strides of size-1 axes address nothing and are
+    not compared.
+    """
+    if all(s == t for s, t, n in zip(tensor.stride(), strides, tensor.shape) if n > 1):
+        return tensor
+    return tensor.contiguous(memory_format=memory_format)
+
+
+def _output_like(ctx, x):
+    """(y, source): a new output in the memory format PyTorch gives x's output, and x laid
+    out as y; ctx keeps the layout for backward's _like_output."""
+    memory_format = _output_format(x)
+    y = torch.empty_like(x, memory_format=memory_format)
+    ctx.memory_format, ctx.strides = memory_format, y.stride()
+    return y, _laid_out(x, y.stride(), memory_format)
+
+
+def _like_output(ctx, tensor):
+    """`tensor` laid out as forward's output (backward's x and dy, a residual)."""
+    return _laid_out(tensor, ctx.strides, ctx.memory_format)
+
+
+def _output_format(x):
+    # PyTorch's batch_norm returns channels_last output for channels_last input and
+    # contiguous output otherwise, however x's other strides are permuted; code after a
+    # BatchNorm may rely on that (e.g. .view() on the output).
+    if not x.is_contiguous():
+        if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
+            return torch.channels_last
+        if x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d):
+            return torch.channels_last_3d
+    return torch.contiguous_format
+
+
+
+def _batch_norm_arguments(module, input, extra_tensors=()):
+    """(running_mean, running_var, num_batches_tracked, use_batch_stats, momentum) for a
+    forward of `module` (a torch _BatchNorm), after the checks torch makes.
+
+    Which statistics, and which buffers change, follow _BatchNorm.forward in torch 1.13:
+    batch statistics in training, and in eval when there are no running statistics;
+    running statistics (and the batch count) updated only in training with
+    track_running_stats. extra_tensors ((name, tensor) pairs) are checked with the rest.
+    """
+    use_batch_stats = module.training or (module.running_mean is None and module.running_var is None)
+    updating = module.training and module.track_running_stats
+    pass_buffers = not module.training or module.track_running_stats
+    running_mean = module.running_mean if pass_buffers else None
+    running_var = module.running_var if pass_buffers else None
+    num_batches_tracked = module.num_batches_tracked if updating else None
+
+    if not use_batch_stats and (running_mean is None or running_var is None):
+        raise RuntimeError(
+            "normkit.torch: running_mean and running_var must both be defined in "
+            "evaluation mode")
+    if use_batch_stats:
+        _check_values_per_channel(input.size())
+
+    momentum = module.momentum
+    if not (use_batch_stats and running_mean is not None):
+        # Unused without running statistics to update; PyTorch does not check it then.
+        momentum = 0.1
+    elif momentum is None and num_batches_tracked is None:
+        # PyTorch's cumulative average without a counter weights the batch by 0.
+        momentum = 0.0
+    return running_mean, running_var, num_batches_tracked, use_batch_stats, momentum
+
+
 
 # BatchNorm subclasses with semantics of their own: convert_sync_batchnorm keeps them.
 _KEPT_BY_CONVERSION = (
@@ -156,8 +236,11 @@ class SyncBatchNorm(torch.nn.modules.batchnorm._BatchNorm):
         self._check_non_zero_input_channels(input)
         group, world_size = self._group()
         if world_size == 1:
-            # normkit's BatchNorm (its forward takes any (N, C, *) input).
-            return BatchNorm2d.forward(self, input)
+            # normkit's BatchNorm (its op takes any (N, C, *) input).
+            running_mean, running_var, counter, use_batch_stats, momentum = \
+                _NormkitBatchNorm._arguments(self)
+            return _batch_norm(input, self.weight, self.bias, running_mean, running_var, counter,
+                               use_batch_stats, momentum, self.eps, 2, 5)
         running_mean, running_var, num_batches_tracked, use_batch_stats, momentum = \
             _batch_norm_arguments(self, input)
         assert use_batch_stats
