@@ -243,10 +243,7 @@ TEST(Dispatch, EveryBatchNormEntryMatchesTheReferenceOnEveryCaseItAccepts) {
     const Views v(k, in);
     const int64_t C = v.gx.channels;
     const BnReference r(v, in);
-    // Not a structured binding: clang 14 cannot capture those in lambdas.
-    const auto& moments = r.moments;
-    const auto& s = r.scales;
-    const std::vector<double> &mean = r.mean, &invstd = r.invstd;
+    const auto& [moments, mean, invstd, s] = r;
     auto walk = [&](auto&& f) { for_each(v.gx, v.gout, f); };
     for (const bn::Impl& impl : bn::implementations()) {
       if (impl.decline(v.gx, std::array{v.gout})) continue;
@@ -315,10 +312,10 @@ TEST(Dispatch, EveryFusedEntryMatchesTheReferenceOnEveryCaseItAccepts) {
     const int64_t C = v.gx.channels, numel = k.x.logical.numel();
     const bn_fused::MaskOrder order = bn_fused::mask_order_of(v.gx);
     const BnReference r(v, in);
-    // Not a structured binding: clang 14 cannot capture those in lambdas.
-    const auto& moments = r.moments;
-    const auto& s = r.scales;
-    const std::vector<double> &mean = r.mean, &invstd = r.invstd;
+    // Named references, not a structured binding: clang 14 cannot capture one in a lambda.
+    const std::vector<double>& mean = r.mean;
+    const std::vector<double>& invstd = r.invstd;
+    const Scales& s = r.scales;
     auto walk = [&](auto&& f) { for_each(v.gx, v.gout, f); };
     const size_t mask_bytes = static_cast<size_t>(normkit::relu_mask_bytes(numel));
     for (const bn_fused::Impl& impl : bn_fused::implementations()) {

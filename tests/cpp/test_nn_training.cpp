@@ -339,15 +339,12 @@ TEST(NnSpec, JsonDescribesTheSameModelAsText) {
            {"type": "batchnorm", "options": {"momentum": 0.2}}, "relu",
            {"type": "maxpool", "args": [2]}, {"type": "flatten"}, {"type": "linear", "args": ["10"]}]})");
   EXPECT_EQ(json, text);
-  // (pairs, not structured bindings: clang 14 cannot capture those in the lambda)
-  for (const auto& bad_words : std::vector<std::pair<std::string, std::string>>{
+  for (const auto& [bad, words] : std::vector<std::pair<std::string, std::string>>{
            {"{\"input\": [4], \"layers\": [\"linear 2\"", "not valid JSON"},
            {"{\"input\": [4]}", "expected {\"input\": [...], \"layers\": [...]}"},
            {"{\"input\": [4], \"layers\": [{\"args\": [2]}]}", "expected {\"input\""},
            {"{\"input\": [4], \"layers\": [\"linear 2\", \"softmax\"]}", "unknown layer type"}})
-    EXPECT_TRUE(throws_error([&] { ModelSpec::parse(bad_words.first); }, ErrorKind::invalid_argument,
-                             {bad_words.second}))
-        << bad_words.first;
+    EXPECT_TRUE(throws_error([&b = bad] { ModelSpec::parse(b); }, ErrorKind::invalid_argument, {words})) << bad;
 }
 
 TEST(NnSpec, PresetsAreThePapersModels) {

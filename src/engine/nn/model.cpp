@@ -96,8 +96,11 @@ void Model::initialize(const InitOptions& options, uint64_t seed) {
   for (auto& layer : layers_) layer->initialize(options, rng);
 }
 
-void Model::set_step(uint64_t seed, uint64_t step) {
-  for (auto& layer : layers_) layer->set_step(seed, step);
+void Model::set_step(uint64_t seed, uint64_t step, int64_t first_sample) {
+  for (auto& layer : layers_) {
+    layer->set_step(seed, step);
+    layer->set_batch_offset(first_sample);
+  }
 }
 
 const Tensor& Model::forward(const Tensor& x, Mode mode) {
@@ -137,6 +140,16 @@ int Model::freeze_batch_norm() {
       ++frozen;
     }
   return frozen;
+}
+
+int Model::synchronize_batch_norm(dist::Communicator* group) {
+  for (const auto& layer : layers_)
+    if (layer->type() == "batchrenorm" && group)
+      engine::fail_invalid(layer->describe(), ": batch renormalization has no synchronized form; "
+                           "train it with each rank's own statistics (synchronized BN off)");
+  int synchronized = 0;
+  for (auto& layer : layers_) synchronized += layer->set_batch_sync(group) ? 1 : 0;
+  return synchronized;
 }
 
 void Model::zero_grad() {
