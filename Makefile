@@ -47,7 +47,9 @@ LAB_OUT ?= runs/lab
 lab: build
 	@$(BUILD_DIR)/normkit lab run all --out $(LAB_OUT)
 
-# The second compiler: clang 14, optimized as the normal build, every test.
+# The second compiler: clang 14, optimized as the normal build, every test (but
+# normkit.torch's: clang 14 cannot compile libtorch 1.13's headers as C++20, so a
+# clang build has no PyTorch extension; python/CMakeLists.txt).
 CLANG       ?= clang++-14
 CLANG_DIR   ?= build-clang
 clang: deps
@@ -58,7 +60,8 @@ clang: deps
 
 # AddressSanitizer + UndefinedBehaviorSanitizer (clang, cmake/sanitizers.cmake) in
 # its own build directory: the C++ tests, the CLI tests, the Python tests (the runtime
-# preloaded), the find_package consumer and the fuzz corpus replays. Any report fails.
+# preloaded; not normkit.torch's, as in `make clang`), the find_package consumer and
+# the fuzz corpus replays. Any report fails.
 # Not the lab's tests (label lab): ~60 training runs of the CLI that cli_tests already
 # covers, several minutes under ASan; nor the pip install (label package: a build of its
 # own, uninstrumented); SANITIZE_CTEST_FLAGS= runs them too. This build

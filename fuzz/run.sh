@@ -17,9 +17,13 @@ for target in "${targets[@]}"; do
   mkdir -p "$work" "$crashes"
   log="$build/fuzz-$target.log"
   echo "fuzz: $target for ${seconds}s (log: $log)"
+  # -fsanitize=fuzzer puts libstdc++ before the shared ASan runtime (-shared-libsan,
+  # cmake/sanitizers.cmake) in the library list, and ASan refuses to start unless
+  # the runtime is preloaded.
+  runtime=$(ldd "$build/fuzz/fuzz_$target" | awk '/libclang_rt\.asan/ {print $3}')
   # -rss_limit_mb / -malloc_limit_mb: an input that makes a parser take 2 GB is a finding.
   # -timeout: one input taking 10 s is a finding too.
-  if nice -n "${FUZZ_NICE:-10}" "$build/fuzz/fuzz_$target" "$work" "$here/corpus/$target" "$crashes" \
+  if LD_PRELOAD="$runtime" nice -n "${FUZZ_NICE:-10}" "$build/fuzz/fuzz_$target" "$work" "$here/corpus/$target" "$crashes" \
       -max_total_time="$seconds" -timeout=10 -rss_limit_mb=2048 -malloc_limit_mb=2048 \
       -artifact_prefix="$crashes/" -print_final_stats=1 >"$log" 2>&1; then
     result=clean
