@@ -22,6 +22,7 @@ using cpu::ApplyCoefficients;
 using cpu::BackwardCoefficients;
 using cpu::expand_bits;
 using cpu::finish_channel;
+using cpu::RowBackwardCoefficients;
 using cpu::forward_coefficients;
 using cpu::kExpandBlock;
 using cpu::pack_positive_bits;
@@ -205,12 +206,7 @@ void rows_backward(const Backward<float>& p) {
   double* const stripe_g_xmu = scratch<double>(1, plan.stripes * C);
   std::fill(stripe_g, stripe_g + plan.stripes * C, 0.0);
   std::fill(stripe_g_xmu, stripe_g_xmu + plan.stripes * C, 0.0);
-  std::vector<float> mean_hi(C), a(C), b(C), k(C);
-  std::vector<double> mean_error(C);
-  for (int64_t c = 0; c < C; ++c) {
-    mean_hi[c] = static_cast<float>(p.mean[c]);
-    mean_error[c] = p.mean[c] - mean_hi[c];
-  }
+  RowBackwardCoefficients co(p.mean, C);
   const int64_t block_rows = std::clamp<int64_t>(kExpandBlock / std::max<int64_t>(C, 1), 1, plan.chunk_rows);
   const auto chunk_elements = static_cast<size_t>(block_rows * C);
 #pragma omp parallel num_threads(threads)
@@ -224,22 +220,10 @@ void rows_backward(const Backward<float>& p) {
           const int64_t rows = std::min(block_rows, end - r0);
           rows_expand_chunk(p, r0, rows, g);
           rows_gradient_sums_chunk(p.x + r0 * gx.outer_stride, gx.outer_stride, g, rows, C,
-                                   mean_hi.data(), stripe_g + s * C, stripe_g_xmu + s * C);
+                                   co.mean_hi.data(), stripe_g + s * C, stripe_g_xmu + s * C);
         }
       }
-#pragma omp for schedule(static)
-    for (int64_t c = 0; c < C; ++c) {
-      double sum_g = 0, sum_g_xmu = 0;
-      for (int64_t s = 0; s < plan.stripes; ++s) {
-        sum_g += stripe_g[s * C + c];
-        sum_g_xmu += stripe_g_xmu[s * C + c];
-      }
-      sum_g_xmu -= sum_g * mean_error[c];
-      const BackwardCoefficients bc = finish_channel(p, c, sum_g, sum_g_xmu);
-      a[c] = bc.a;
-      b[c] = bc.b;
-      k[c] = bc.k;
-    }
+    co.finish_from_stripes(p, plan.stripes, stripe_g, stripe_g_xmu);
     if (p.dx || p.dz) {
 #pragma omp for schedule(static)
       for (int64_t chunk = 0; chunk < plan.chunks; ++chunk) {
@@ -250,7 +234,7 @@ void rows_backward(const Backward<float>& p) {
           if (p.dx)
             rows_backward_apply_chunk(p.x + r0 * gx.outer_stride, gx.outer_stride, g,
                                       p.dx + r0 * p.dx_geom.outer_stride, p.dx_geom.outer_stride,
-                                      rows, C, mean_hi.data(), a.data(), b.data(), k.data());
+                                      rows, C, co.mean_hi.data(), co.a.data(), co.b.data(), co.k.data());
           if (p.dz)
             for (int64_t r = 0; r < rows; ++r)
               std::copy(g + r * C, g + (r + 1) * C, p.dz + (r0 + r) * p.dz_geom.outer_stride);

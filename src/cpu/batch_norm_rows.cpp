@@ -25,6 +25,7 @@ using cpu::apply_coefficients;
 using cpu::BackwardCoefficients;
 using cpu::backward_coefficients;
 using cpu::finish_channel;
+using cpu::RowBackwardCoefficients;
 using cpu::stream_apply;
 using cpu::stream_backward;
 using cpu::streaming_output;
@@ -378,12 +379,7 @@ void rows_backward(const Backward<float>& p) {
   double* const stripe_dy_xmu = scratch<double>(1, plan.stripes * C);
   std::fill(stripe_dy, stripe_dy + plan.stripes * C, 0.0);
   std::fill(stripe_dy_xmu, stripe_dy_xmu + plan.stripes * C, 0.0);
-  std::vector<float> mean_hi(C), a(C), b(C), k(C);
-  std::vector<double> mean_error(C);  // mean - float(mean)
-  for (int64_t c = 0; c < C; ++c) {
-    mean_hi[c] = static_cast<float>(p.mean[c]);
-    mean_error[c] = p.mean[c] - mean_hi[c];
-  }
+  RowBackwardCoefficients co(p.mean, C);
 #pragma omp parallel num_threads(threads)
   {
 #pragma omp for schedule(static)
@@ -392,22 +388,10 @@ void rows_backward(const Backward<float>& p) {
         const int64_t r0 = plan.first_row(chunk);
         rows_gradient_sums_chunk(p.x + r0 * gx.outer_stride, gx.outer_stride,
                                  p.dy + r0 * p.dy_geom.outer_stride, p.dy_geom.outer_stride,
-                                 plan.rows_in(chunk), C, mean_hi.data(), stripe_dy + s * C,
+                                 plan.rows_in(chunk), C, co.mean_hi.data(), stripe_dy + s * C,
                                  stripe_dy_xmu + s * C);
       }
-#pragma omp for schedule(static)
-    for (int64_t c = 0; c < C; ++c) {
-      double sum_dy = 0, sum_dy_xmu = 0;
-      for (int64_t s = 0; s < plan.stripes; ++s) {
-        sum_dy += stripe_dy[s * C + c];
-        sum_dy_xmu += stripe_dy_xmu[s * C + c];
-      }
-      sum_dy_xmu -= sum_dy * mean_error[c];
-      const BackwardCoefficients bc = finish_channel(p, c, sum_dy, sum_dy_xmu);
-      a[c] = bc.a;
-      b[c] = bc.b;
-      k[c] = bc.k;
-    }
+    co.finish_from_stripes(p, plan.stripes, stripe_dy, stripe_dy_xmu);
     if (p.dx) {
 #pragma omp for schedule(static)
       for (int64_t chunk = 0; chunk < plan.chunks; ++chunk) {
@@ -415,8 +399,8 @@ void rows_backward(const Backward<float>& p) {
         rows_backward_apply_chunk(p.x + r0 * gx.outer_stride, gx.outer_stride,
                                   p.dy + r0 * p.dy_geom.outer_stride, p.dy_geom.outer_stride,
                                   p.dx + r0 * p.dx_geom.outer_stride, p.dx_geom.outer_stride,
-                                  plan.rows_in(chunk), C, mean_hi.data(), a.data(), b.data(),
-                                  k.data(), streaming_output(p.dx_geom, p.dx, p.x, p.dy));
+                                  plan.rows_in(chunk), C, co.mean_hi.data(), co.a.data(), co.b.data(),
+                                  co.k.data(), streaming_output(p.dx_geom, p.dx, p.x, p.dy));
       }
     }
   }

@@ -9,6 +9,8 @@
 //   scale = γ·invstd,  shift = β - (mean - mean_hi)·scale.
 // x - mean_hi is exact when x is near the mean, so large means (1e6 with std 1)
 // keep their digits; the textbook fold shift = β - mean·scale would lose them.
+#include <vector>
+
 #include "cpu/leaf_loops.hpp"
 #include "kernels/batch_norm.hpp"
 #include "kernels/group_norm.hpp"
@@ -69,6 +71,44 @@ BackwardCoefficients finish_channel(const Problem& p, int64_t c, double sum_dy,
                                p.sum_dy_xhat[c], static_cast<double>(p.x_geom.reduction_size()),
                                p.mode);
 }
+
+// The rows kernels' batch-norm backward (channels last): dx's coefficients as
+// one array each, for the apply loop that streams whole rows.
+struct RowBackwardCoefficients {
+  explicit RowBackwardCoefficients(const double* mean, int64_t channels)
+      : mean_hi(channels), a(channels), b(channels), k(channels), mean_error(channels) {
+    for (int64_t c = 0; c < channels; ++c) {
+      mean_hi[c] = static_cast<float>(mean[c]);
+      mean_error[c] = mean[c] - mean_hi[c];
+    }
+  }
+  // Each stripe of rows summed Σdy and Σdy·(x - mean_hi) per channel into its
+  // own slots (stripe s, channel c at s·C + c). Per channel: the stripes added
+  // in stripe order (so results do not depend on the thread count), then
+  // Σdy·(x - mean) = Σdy·(x - mean_hi) - Σdy·(mean - mean_hi), then
+  // finish_channel. Called inside a parallel region, whose threads share the
+  // channels.
+  template <class Problem>
+  void finish_from_stripes(const Problem& p, int64_t stripes, const double* stripe_dy,
+                           const double* stripe_dy_xmu) {
+    const auto channels = static_cast<int64_t>(mean_hi.size());
+#pragma omp for schedule(static)
+    for (int64_t c = 0; c < channels; ++c) {
+      double sum_dy = 0, sum_dy_xmu = 0;
+      for (int64_t s = 0; s < stripes; ++s) {
+        sum_dy += stripe_dy[s * channels + c];
+        sum_dy_xmu += stripe_dy_xmu[s * channels + c];
+      }
+      sum_dy_xmu -= sum_dy * mean_error[c];
+      const BackwardCoefficients bc = finish_channel(p, c, sum_dy, sum_dy_xmu);
+      a[c] = bc.a;
+      b[c] = bc.b;
+      k[c] = bc.k;
+    }
+  }
+  std::vector<float> mean_hi, a, b, k;
+  std::vector<double> mean_error;  // mean - float(mean)
+};
 
 // ---- group norm: coefficients per (sample, group) block
 
