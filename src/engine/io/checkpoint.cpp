@@ -82,6 +82,7 @@ class Reader {
     if (size > remaining())
       fail_file(source_, "corrupted: ", what, " needs ", size, " bytes, only ", remaining(),
                 " remain");
+    if (size == 0) return;  // an empty array's out is null: memcpy(nullptr, p, 0) is UB
     std::memcpy(out, p_, size);
     p_ += size;
   }
