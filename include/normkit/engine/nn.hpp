@@ -90,11 +90,16 @@ class Layer {
 //   per channel). frozen=1: running statistics used in training too and never updated.
 // layernorm [eps=E] (over all of a sample's features), groupnorm [groups=G] [eps=E],
 // instancenorm [eps=E] [momentum=M].
+// A residual block: "residual; LAYERS...; [shortcut; LAYERS...;] end" computes
+// relu(body(x) + shortcut(x)), the shortcut the identity when not given; a body
+// ending in batchnorm runs its BN, the sum and the ReLU fused (BN+Add+ReLU).
+// docs/model-spec.md documents all of it, with the JSON form of specs.
 struct ModelSpec {
   struct LayerSpec {
     std::string type;
     std::vector<std::string> args;  // positional
     std::map<std::string, std::string> options;
+    std::vector<LayerSpec> body, shortcut;  // a residual block's layers
     bool operator==(const LayerSpec&) const = default;
   };
   std::vector<int64_t> input_shape;  // [C] or [C, H, W]

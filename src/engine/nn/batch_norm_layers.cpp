@@ -7,6 +7,7 @@
 #include <sstream>
 
 #include "nn/layers.hpp"
+#include "normkit/batch_norm_fused.hpp"
 #include "normkit/bn_variants.hpp"
 #include "support.hpp"
 
@@ -43,35 +44,19 @@ class BatchNormFamily : public Layer {
     } else {
       batch_norm_forward_inference<float>(x.view(), y_.view(), gamma_.value, beta_.value,
                                           running_mean_, running_var_, options_.eps);
-      if (mode == Mode::train) {  // frozen: backward needs the statistics used here
-        frozen_mean_ = running_mean_;
-        frozen_invstd_.resize(c_);
-        batch_norm_invstd<float>(running_var_, options_.eps, frozen_invstd_);
-      }
+      if (mode == Mode::train) keep_frozen_statistics();
     }
     trained_ = mode == Mode::train;
     return y_;
   }
   const Tensor& backward(const Tensor& dy, bool need_input_grad) override {
-    if (!trained_) fail_invalid(describe(), ": backward needs a forward in train mode first");
-    TensorView<float> dx{};
-    if (need_input_grad) {
-      dx_.reshape(dy.shape, dy.format);
-      dx = dx_.view();
-    } else {
-      dx_.reshape({}, dy.format);
-    }
-    dgamma_.resize(c_);
-    dbeta_.resize(c_);
+    const TensorView<float> dx = start_backward(dy, need_input_grad);
     if (frozen_)
       batch_norm_backward<float>(input_->view(), dy.view(), dx, gamma_.value, frozen_mean_,
                                  frozen_invstd_, dgamma_, dbeta_, BackwardMode::frozen);
     else
       train_backward(dy, dx);
-    for (int64_t c = 0; c < c_; ++c) {
-      gamma_.grad[c] += dgamma_[c];
-      beta_.grad[c] += dbeta_[c];
-    }
+    accumulate_gradients();
     return dx_;
   }
   std::vector<Parameter*> parameters() override { return {&gamma_, &beta_}; }
@@ -99,6 +84,31 @@ class BatchNormFamily : public Layer {
     s << "eps " << options_.eps << ", momentum " << *options_.momentum << (frozen_ ? ", frozen" : "");
     return s.str();
   }
+  // Sizes dx_ (empty unless need_input_grad: then the returned view has no data,
+  // so the kernels compute only dγ, dβ) and the parameter gradients.
+  TensorView<float> start_backward(const Tensor& dy, bool need_input_grad) {
+    if (!trained_) fail_invalid(describe(), ": backward needs a forward in train mode first");
+    dgamma_.resize(c_);
+    dbeta_.resize(c_);
+    if (!need_input_grad) {
+      dx_.reshape({}, dy.format);
+      return {};
+    }
+    dx_.reshape(dy.shape, dy.format);
+    return dx_.view();
+  }
+  // Frozen in training: backward needs the statistics forward normalized with.
+  void keep_frozen_statistics() {
+    frozen_mean_ = running_mean_;
+    frozen_invstd_.resize(c_);
+    batch_norm_invstd<float>(running_var_, options_.eps, frozen_invstd_);
+  }
+  void accumulate_gradients() {
+    for (int64_t c = 0; c < c_; ++c) {
+      gamma_.grad[c] += dgamma_[c];
+      beta_.grad[c] += dbeta_[c];
+    }
+  }
   // num_batches_tracked as the int64 the kernels count with (floats hold steps exactly to 2^24).
   int64_t tracked() const { return static_cast<int64_t>(batches_[0]); }
 
@@ -113,7 +123,7 @@ class BatchNormFamily : public Layer {
   Tensor y_, dx_;
 };
 
-class BatchNormLayer final : public BatchNormFamily {
+class BatchNormLayer final : public BatchNormFamily, public AddReluTail {
  public:
   BatchNormLayer(int64_t channels, double eps, double momentum, bool frozen)
       : BatchNormFamily(channels, eps, momentum, frozen) {
@@ -123,6 +133,36 @@ class BatchNormLayer final : public BatchNormFamily {
   std::string type() const override { return "batchnorm"; }
   std::string describe() const override {
     return "batchnorm(" + std::to_string(c_) + ", " + common_options() + ")";
+  }
+
+  // The tail of a residual block: y = relu(BN(x) + z), BN as forward() does it.
+  const Tensor& forward_add_relu(const Tensor& x, const Tensor& z, Mode mode) override {
+    input_ = &x;
+    y_.reshape(x.shape, x.format);
+    mask_.resize(static_cast<size_t>(relu_mask_bytes(x.numel())));
+    if (mode == Mode::train && !frozen_) {
+      int64_t count = tracked();
+      batch_norm_add_relu_forward_training<float>(x.view(), z.view(), y_.view(), mask_, gamma_.value,
+                                                  beta_.value, {mean_, invstd_},
+                                                  {running_mean_, running_var_, &count}, options_);
+      batches_[0] = static_cast<float>(count);
+    } else {
+      batch_norm_add_relu_forward_inference<float>(x.view(), z.view(), y_.view(), mask_, gamma_.value,
+                                                   beta_.value, running_mean_, running_var_, options_.eps);
+      if (mode == Mode::train) keep_frozen_statistics();
+    }
+    trained_ = mode == Mode::train;
+    return y_;
+  }
+  const Tensor& backward_add_relu(const Tensor& dy, bool need_input_grad, Tensor& dz) override {
+    const TensorView<float> dx = start_backward(dy, need_input_grad);
+    dz.reshape(dy.shape, dy.format);
+    batch_norm_add_relu_backward<float>(input_->view(), dy.view(), mask_, dx, dz.view(), gamma_.value,
+                                        frozen_ ? frozen_mean_ : mean_, frozen_ ? frozen_invstd_ : invstd_,
+                                        dgamma_, dbeta_,
+                                        frozen_ ? BackwardMode::frozen : BackwardMode::training);
+    accumulate_gradients();
+    return dx_;
   }
 
  private:
@@ -138,6 +178,7 @@ class BatchNormLayer final : public BatchNormFamily {
   }
 
   std::vector<float> mean_, invstd_;  // the batch's, saved for backward
+  std::vector<uint8_t> mask_;         // forward_add_relu's ReLU mask, one bit per element
 };
 
 // r and d follow BatchRenormSchedule::linear(warmup, rmax, dmax) over the

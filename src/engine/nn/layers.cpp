@@ -809,6 +809,7 @@ const std::vector<LayerKind>& layer_kinds() {
       {"groupnorm", 0, 0, {"groups", "eps", "affine"}, true, build_group_norm},
       {"instancenorm", 0, 0, {"eps", "momentum", "affine", "track_running_stats"}, true,
        build_instance_norm},
+      {"residual", 0, 0, {}, false, make_residual},
   };
   return table;
 }

@@ -36,6 +36,21 @@ std::string shape_text(const std::vector<int64_t>& shape);
 // A spec option as a number, or `fallback` when the spec does not give it.
 double option_or(const ModelSpec::LayerSpec& spec, const std::string& key, double fallback);
 
+// A layer that can end a residual block: y = relu(layer(x) + z) in one pass
+// (batchnorm: batch_norm_add_relu, the ReLU mask kept as bits).
+class AddReluTail {
+ public:
+  virtual ~AddReluTail() = default;
+  virtual const Tensor& forward_add_relu(const Tensor& x, const Tensor& z, Mode mode) = 0;
+  // Writes dz = dL/dz (= dL/d(layer(x) + z) where the ReLU passes) and returns
+  // dL/dx (an empty tensor unless need_input_grad); adds the parameter gradients.
+  virtual const Tensor& backward_add_relu(const Tensor& dy, bool need_input_grad, Tensor& dz) = 0;
+};
+
+// "residual ... [shortcut ...] end" (residual_layer.cpp).
+std::unique_ptr<Layer> make_residual(const ModelSpec::LayerSpec& spec, const std::vector<int64_t>& input,
+                                     MemoryFormat format, size_t index);
+
 // Layer normalization over all of a sample's features (layer_norm_layer.cpp).
 std::unique_ptr<Layer> make_layer_norm(const std::vector<int64_t>& input_shape, double eps,
                                        MemoryFormat format);

@@ -1,3 +1,4 @@
+#include <algorithm>
 #include <sstream>
 
 #include "nn/layers.hpp"
@@ -58,14 +59,26 @@ void Model::backward(const Tensor& dlogits) {
   for (size_t i = layers_.size(); i-- > first;) grad = &layers_[i]->backward(*grad, i > first);
 }
 
-int Model::freeze_batch_norm() {
+namespace {
+// Records frozen=1 on every layer spec that takes it (the batch-norm layers),
+// inside residual blocks too; returns how many.
+int mark_frozen(std::vector<ModelSpec::LayerSpec>& layers) {
   int frozen = 0;
-  for (size_t i = 0; i < layers_.size(); ++i)
-    if (layers_[i]->set_frozen(true)) {
-      spec_.layers[i].options.insert_or_assign("frozen", std::string("1"));
+  for (auto& layer : layers) {
+    const detail::LayerKind* kind = detail::find_layer_kind(layer.type);
+    if (kind && std::find(kind->options.begin(), kind->options.end(), "frozen") != kind->options.end()) {
+      layer.options.insert_or_assign("frozen", std::string("1"));
       ++frozen;
     }
+    frozen += mark_frozen(layer.body) + mark_frozen(layer.shortcut);
+  }
   return frozen;
+}
+}  // namespace
+
+int Model::freeze_batch_norm() {
+  for (auto& layer : layers_) layer->set_frozen(true);
+  return mark_frozen(spec_.layers);
 }
 
 void Model::zero_grad() {
