@@ -45,6 +45,8 @@ json to_json(const RunOptions& o) {
           {"data", o.data},
           {"test_data", o.test_data},
           {"csv_label_column", o.csv_label_column},
+          {"csv_header", o.csv_header},
+          {"csv_delimiter", o.csv_delimiter},
           {"format", o.format},
           {"limit_train", o.limit_train},
           {"limit_test", o.limit_test},
@@ -69,7 +71,13 @@ RunOptions run_options_from_json(const json& j) {
     o.seed = j.at("seed").get<uint64_t>();
     o.data = j.at("data").get<std::string>();
     o.test_data = j.at("test_data").get<std::string>();
-    o.csv_label_column = j.at("csv_label_column").get<int>();
+    // Before named columns: a number counted from 0, -1 for the last.
+    if (const json& label = j.at("csv_label_column"); label.is_number())
+      o.csv_label_column = label.get<int>() < 0 ? "last" : std::to_string(label.get<int>() + 1);
+    else
+      o.csv_label_column = label.get<std::string>();
+    o.csv_header = j.value("csv_header", std::string("auto"));
+    o.csv_delimiter = j.value("csv_delimiter", std::string(","));
     o.format = j.at("format").get<std::string>();
     o.limit_train = j.at("limit_train").get<int64_t>();
     o.limit_test = j.at("limit_test").get<int64_t>();
@@ -100,6 +108,18 @@ RunOptions merge_resume_options(const RunOptions& stored, const RunOptions& give
   return merged;
 }
 
+RunOptions with_absolute_paths(RunOptions o) {
+  auto absolute = [](std::string& path) {
+    if (!path.empty()) path = fs::absolute(path).lexically_normal().string();
+  };
+  absolute(o.data);
+  absolute(o.test_data);
+  std::error_code ec;
+  if (o.model != "mlp-paper" && o.model != "cnn-small" && fs::is_regular_file(o.model, ec))
+    absolute(o.model);
+  return o;
+}
+
 RunOptions finish_options(RunOptions o, const GivenOptions& given) {
   if (o.optimizer == "adam") {
     if (!given.contains("lr")) o.lr = 1e-3;
@@ -123,7 +143,34 @@ namespace {
 // A spec file is the text format of ModelSpec::parse, or JSON:
 //   {"input": [1, 28, 28],
 //    "layers": ["conv 32 3 pad=1 bias=0", {"type": "batchnorm", "options": {"momentum": 0.1}}, ...]}
-// where a layer is a line of the text format or an object {type, args, options}.
+// where a layer is a line of the text format or an object {type, args, options},
+// and a residual block {"type": "residual", "body": [layers], "shortcut": [layers]}
+// (docs/model-spec.md).
+std::string word_of(const json& v) { return v.is_string() ? v.get<std::string>() : v.dump(); }
+
+void append_layers(std::string& text, const json& layers) {
+  if (!layers.is_array()) usage_error("JSON spec: \"layers\", \"body\" and \"shortcut\" must be lists");
+  for (const auto& layer : layers) {
+    text += "\n";
+    if (layer.is_string()) {
+      text += layer.get<std::string>();
+      continue;
+    }
+    text += layer.at("type").get<std::string>();
+    for (const auto& a : layer.value("args", json::array())) text += " " + word_of(a);
+    const json options = layer.value("options", json::object());
+    for (const auto& [key, value] : options.items()) text += " " + key + "=" + word_of(value);
+    if (layer.contains("body") || layer.contains("shortcut")) {
+      append_layers(text, layer.value("body", json::array()));
+      if (layer.contains("shortcut")) {
+        text += "\nshortcut";
+        append_layers(text, layer.at("shortcut"));
+      }
+      text += "\nend";
+    }
+  }
+}
+
 std::string spec_text_of(const std::string& file) {
   const auto first = file.find_first_not_of(" \t\r\n");
   if (first == std::string::npos || file[first] != '{') return file;
@@ -133,22 +180,10 @@ std::string spec_text_of(const std::string& file) {
   } catch (const json::exception& e) {
     usage_error(std::string("not valid JSON: ") + e.what());
   }
-  auto word = [](const json& v) { return v.is_string() ? v.get<std::string>() : v.dump(); };
   std::string text = "input";
   try {
-    for (const auto& d : j.at("input")) text += " " + word(d);
-    for (const auto& layer : j.at("layers")) {
-      text += "\n";
-      if (layer.is_string()) {
-        text += layer.get<std::string>();
-        continue;
-      }
-      text += layer.at("type").get<std::string>();
-      for (const auto& a : layer.value("args", json::array())) text += " " + word(a);
-      const json options = layer.value("options", json::object());
-      for (const auto& [key, value] : options.items())
-        text += " " + key + "=" + word(value);
-    }
+    for (const auto& d : j.at("input")) text += " " + word_of(d);
+    append_layers(text, j.at("layers"));
   } catch (const json::exception& e) {
     usage_error(std::string("JSON spec: expected {\"input\": [...], \"layers\": [...]}: ") + e.what());
   }
@@ -183,6 +218,31 @@ nn::ModelSpec resolve_spec(const RunOptions& options, const std::string& norm) {
   }
 }
 
+void check_normalization(const nn::ModelSpec& spec, const nn::ModelSpec& result, const std::string& norm) {
+  // with_norm only drops layers (instance norm after flat features).
+  const size_t dropped = spec.layers.size() - result.layers.size();
+  if (norm != "none" && dropped > 0) {
+    if (result == spec.without_batch_norm())
+      usage_error("--norm " + norm + ": every batchnorm layer of the model follows flat features ([N, C]: one "
+                  "value per sample and channel), where " + norm_label(norm) +
+                  " has nothing to normalize, so none would be left; use --norm none for a model "
+                  "without normalization, or a model with convolutions");
+    fmt::print(stderr, "normkit: warning: --norm {}: {} of the model's batchnorm layers follow{} flat "
+               "features, where {} has nothing to normalize: {} dropped (see `normkit info`)\n",
+               norm, dropped, dropped == 1 ? "s" : "", norm_label(norm), dropped == 1 ? "it is" : "they are");
+  }
+  // A fresh model's running statistics are mean 0 and variance 1: frozen
+  // batch norm would compute γ·x/sqrt(1 + eps) + β, which is no normalization.
+  for (size_t i = 0; i < result.layers.size(); ++i)
+    if (const auto it = result.layers[i].options.find("frozen");
+        it != result.layers[i].options.end() && it->second != "0")
+      usage_error(fmt::format(
+          "{}layer {} ({} frozen=1): a model trained from scratch has no statistics to freeze (its "
+          "running statistics are mean 0 and variance 1, so frozen batch norm would not normalize "
+          "at all); train with batch norm, and freeze the statistics of a trained model",
+          norm == "frozen" ? "--norm frozen: " : "--model: ", i + 1, result.layers[i].type));
+}
+
 namespace {
 struct NormNames {
   const char *label, *name, *abbreviation;
@@ -212,6 +272,7 @@ data::Dataset subset(const data::Dataset& set, std::vector<int64_t> indices) {
   data::Dataset out;
   out.sample_shape = set.sample_shape;
   out.num_classes = set.num_classes;
+  out.class_names = set.class_names;
   const int64_t n = set.sample_size();
   out.features.reserve(indices.size() * static_cast<size_t>(n));
   for (const int64_t i : indices) {
@@ -236,6 +297,21 @@ std::string shape_text(const std::vector<int64_t>& shape) {
 
 }  // namespace
 
+data::CsvOptions csv_options(const RunOptions& o) {
+  data::CsvOptions csv;
+  csv.label_column = o.csv_label_column;
+  csv.header = o.csv_header == "yes" ? data::CsvHeader::yes
+               : o.csv_header == "no" ? data::CsvHeader::no
+                                      : data::CsvHeader::detect;
+  if (o.csv_delimiter == "tab" || o.csv_delimiter == "\\t")
+    csv.delimiter = '\t';
+  else if (o.csv_delimiter.size() == 1 && o.csv_delimiter != "\"")
+    csv.delimiter = o.csv_delimiter[0];
+  else
+    usage_error("--csv-delimiter '" + o.csv_delimiter + "': expected one character (or tab)");
+  return csv;
+}
+
 Data load_data(const RunOptions& o, bool need_train) {
   Data d;
   std::error_code ec;
@@ -245,11 +321,11 @@ Data load_data(const RunOptions& o, bool need_train) {
     if (need_train) d.train = data::load_mnist_directory(path, data::Split::train);
     d.test = data::load_mnist_directory(path, data::Split::test);
   } else if (fs::is_regular_file(path, ec)) {
-    data::CsvOptions csv;
-    csv.label_column = o.csv_label_column;
+    data::CsvOptions csv = csv_options(o);
     data::Dataset table = data::load_csv(path, csv);
     if (!o.test_data.empty()) {
       csv.num_classes = table.num_classes;
+      csv.class_names = table.class_names;
       d.test = data::load_csv(o.test_data, csv);
       d.train = std::move(table);
     } else {
@@ -314,9 +390,15 @@ std::string describe_run(const RunOptions& o, const Data& data) {
   if (o.optimizer == "sgd" && o.momentum > 0)
     optimizer += fmt::format(" momentum {:g}{}", o.momentum, o.nesterov ? " (Nesterov)" : "");
   if (o.weight_decay > 0) optimizer += fmt::format(" weight decay {:g}", o.weight_decay);
-  return fmt::format("{}, {} train / {} test samples, {}, batch {}, seed {}, {}", o.model,
-                     data.train.count(), data.test.count(), optimizer, o.batch_size, o.seed,
-                     o.format);
+  // A batch holds at most the whole training set.
+  const std::string batch =
+      data.train.count() > 0 && o.batch_size > data.train.count()
+          ? fmt::format("batch {} (--batch-size {} is more than the {} training samples: one "
+                        "batch per epoch)",
+                        data.train.count(), o.batch_size, data.train.count())
+          : fmt::format("batch {}", o.batch_size);
+  return fmt::format("{}, {} train / {} test samples, {}, {}, seed {}, {}", o.model,
+                     data.train.count(), data.test.count(), optimizer, batch, o.seed, o.format);
 }
 
 Data prepare_data(const RunOptions& o, data::Standardizer* standardizer, bool fit) {
@@ -328,31 +410,26 @@ Data prepare_data(const RunOptions& o, data::Standardizer* standardizer, bool fi
   return data;
 }
 
-// ---------------------------------------------------------------- progress
-
-Progress::Progress(std::string label) : label_(std::move(label)) {}
-
-bool Progress::enabled() { return ::isatty(STDERR_FILENO) == 1; }
-
-void Progress::update(int64_t epoch, int64_t epochs, const train::StepProgress& p) {
-  const auto now = std::chrono::steady_clock::now();
-  if (p.step != p.steps && shown_ && now - last_ < std::chrono::milliseconds(100)) return;
-  last_ = now;
-  shown_ = true;
-  constexpr int kWidth = 24;
-  const auto filled = static_cast<int>(kWidth * p.step / std::max<int64_t>(p.steps, 1));
-  const std::string bar = std::string(filled, '#') + std::string(kWidth - filled, '.');
-  fmt::print(stderr, "\r{}epoch {}/{} [{}] {}/{}  loss {:.4f}  acc {:.4f}  {:.0f} samples/s\033[K",
-             label_.empty() ? "" : label_ + "  ", epoch, epochs, bar, p.step, p.steps, p.loss,
-             p.accuracy, p.samples_per_second);
-  std::fflush(stderr);
+json application_json(const io::Checkpoint& c) {
+  if (c.progress.application.empty()) return nullptr;
+  try {
+    return json::parse(c.progress.application);
+  } catch (const json::exception&) {
+    return nullptr;
+  }
 }
 
-void Progress::clear() {
-  if (!shown_) return;
-  fmt::print(stderr, "\r\033[K");
-  std::fflush(stderr);
-  shown_ = false;
+RunOptions run_options_of(const json& app) {
+  if (app.is_object() && app.contains("options")) return run_options_from_json(app["options"]);
+  return {};
+}
+
+std::vector<std::string> class_names_of(const json& app) {
+  std::vector<std::string> names;
+  if (app.is_object() && app.contains("classes") && app["classes"].is_array())
+    for (const auto& name : app["classes"])
+      if (name.is_string()) names.push_back(name.get<std::string>());
+  return names;
 }
 
 // ---------------------------------------------------------------- a run
@@ -416,6 +493,7 @@ Run Run::resume(const fs::path& out) {
     run.name_ = app.at("name").get<std::string>();
     run.norm_ = app.at("norm").get<std::string>();
     run.history_ = app.at("history");
+    run.class_names_ = class_names_of(app);
     if (!run.history_.is_array()) throw std::runtime_error("history is not a list");
   } catch (const std::exception& e) {
     runtime_error("checkpoint '" + run.checkpoint_path().string() +
@@ -501,8 +579,9 @@ void Run::save_checkpoint() const {
   progress.epochs_done = epochs_done_;
   progress.seed = options_.seed;
   progress.batch_size = options_.batch_size;
-  progress.application =
-      json{{"name", name_}, {"norm", norm_}, {"options", to_json(options_)}, {"history", history_}}.dump();
+  json app = {{"name", name_}, {"norm", norm_}, {"options", to_json(options_)}, {"history", history_}};
+  if (!class_names_.empty()) app["classes"] = class_names_;
+  progress.application = app.dump();
   io::save_checkpoint(checkpoint_path(),
                       io::make_checkpoint(*model_, optimizer_.get(), standardizer_, std::move(progress)));
 }
