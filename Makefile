@@ -4,7 +4,7 @@ BUILD_DIR   ?= build
 JOBS        ?= $(shell nproc)
 CMAKE_FLAGS ?=
 
-.PHONY: deps configure build test bench demo clean
+.PHONY: deps configure build test bench demo lab clean
 
 deps:
 	@bash scripts/install-deps.sh
@@ -30,6 +30,13 @@ DEMO_OUT ?= runs/demo
 demo: build
 	@$(BUILD_DIR)/normkit compare --model cnn-small --epochs 2 --batch-size 128 --optimizer sgd \
 	  --lr 0.05 --momentum 0.9 --seed 1 --out $(DEMO_OUT) --overwrite
+
+# The claims lab: every experiment of experiments/ at its default tier (about
+# half an hour on 2 cores), then runs/lab/LAB.md and runs/lab/lab.html. Runs
+# already finished in runs/lab are kept: an interrupted `make lab` resumes.
+LAB_OUT ?= runs/lab
+lab: build
+	@$(BUILD_DIR)/normkit lab run all --out $(LAB_OUT)
 
 clean:
 	@rm -rf $(BUILD_DIR)

@@ -21,6 +21,8 @@ packages=(
   python3-sklearn
   # plots and the real data set
   python3-matplotlib dataset-fashion-mnist
+  # the claims lab: t quantiles for its verdicts; scikit-learn's bundled tables
+  python3-scipy python3-sklearn
 )
 
 missing=()

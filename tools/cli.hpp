@@ -60,6 +60,30 @@ struct RunOptions {
   std::string format = "nhwc";
   int64_t limit_train = 0, limit_test = 0;  // 0: all samples
   int threads = 0;                          // 0: OpenMP's default
+  // Data: a stratified validation split held out of the training set, a
+  // stratified subset of N training samples per class (both drawn with
+  // data_seed, not --seed, so every run of a comparison sees the same split),
+  // and the inputs standardized (fitted on the training split) or left raw.
+  double val_fraction = 0;
+  int64_t per_class = 0;  // 0: all
+  uint64_t data_seed = 0;
+  std::string inputs = "standardize";  // or raw: IDX pixels 0-255, CSV values as written
+  // The test set: evaluated every epoch, at the end only, or never; "auto" is
+  // every epoch without a validation split and at the end with one.
+  std::string test_eval = "auto";
+  // Divergence: a NaN/inf loss always stops the run; with a factor > 0 so does
+  // an epoch whose mean training loss exceeds factor × the first step's loss.
+  double diverge_factor = 0;
+  // Frozen BN from this epoch on (0: never): every batch-norm layer then
+  // normalizes with its running statistics, which stop updating (γ, β learn).
+  int64_t freeze_bn_after = 0;
+  // steps.jsonl: training loss every log_every steps, evaluation every
+  // eval_every steps, probes (probe.hpp) every probe_every steps and at the
+  // steps listed in probe_at (e.g. "0,1,10,100"); 0 / empty: none.
+  int64_t log_every = 0, eval_every = 0, probe_every = 0;
+  std::string probe_at;
+  int64_t probe_samples = 1000, probe_units = 4;
+  bool probe_ics = false;
 };
 json to_json(const RunOptions& o);
 // The learning rate of 0-based `epoch` under the options' schedule; it depends
@@ -67,11 +91,16 @@ json to_json(const RunOptions& o);
 double learning_rate_at(const RunOptions& o, int64_t epoch);
 RunOptions run_options_from_json(const json& j);  // throws normkit::Error on a bad document
 
+// The steps of --probe-at (a usage error names a bad list).
+std::set<int64_t> probe_steps(const RunOptions& options);
+
 // Sets normkit's and OpenMP's (oneDNN's) thread counts; 0 keeps the defaults.
 void apply_threads(int threads);
 
-// The model spec of `options` (preset or file), with or without its BN layers.
-nn::ModelSpec resolve_spec(const RunOptions& options, const std::string& norm);
+// The model spec of `options` (a preset, "mlp:OPTIONS" sized for `data`'s samples
+// and classes, or a spec file), with its batchnorm layers replaced as `norm` says.
+nn::ModelSpec resolve_spec(const RunOptions& options, const std::string& norm,
+                           const data::Dataset& data);
 
 // Refuses what --norm would silently turn into something else: instance norm
 // that drops every normalization (it has nothing to normalize after a linear
@@ -89,19 +118,36 @@ std::string norm_abbreviation(const std::string& norm);
 data::CsvOptions csv_options(const RunOptions& options);
 
 struct Data {
-  data::Dataset train, test;
+  data::Dataset train, val, test;  // val: empty without --val-fraction
 };
-// The training and test sets of `options`, the first limit_* samples of each;
-// for a CSV without --test-data a fixed 20% of the rows is held out as test set.
+// The training, validation and test sets of `options`: the validation split
+// and the per-class subset taken from the training set, then the first
+// limit_* samples of train and test; for a CSV without --test-data a fixed 20%
+// of the rows is held out as test set.
 Data load_data(const RunOptions& options, bool need_train = true);
 // Checks that the model's input matches the data's samples.
 void check_data_fits(const nn::ModelSpec& spec, const data::Dataset& set);
 void standardize(const data::Standardizer& standardizer, data::Dataset& set);
 // The data of a run, standardized with `standardizer` (fitted first on the
-// training set when `fit`).
+// training set when `fit`), or left as loaded with --inputs raw.
 Data prepare_data(const RunOptions& options, data::Standardizer* standardizer, bool fit);
 // One line: model, sample counts, optimizer, batch size, seed, format.
 std::string describe_run(const RunOptions& options, const Data& data);
+
+// A file that ships with normkit, by its installed name under <prefix>/share/normkit
+// ("plot_metrics.py", "lab/report.py", "experiments"): the installed copy when
+// there is one (found relative to the executable), else the source tree's.
+fs::path data_file(const std::string& name);
+// Starts `argv[0]` with `argv`, stdout and stderr going to `log`; returns the pid
+// (a runtime error names what failed).
+int spawn_process(const std::vector<std::string>& argv, const fs::path& log);
+// Waits for `pid`; returns its exit code, or 128 + the signal that ended it.
+int wait_process(int pid);
+// Runs one of normkit's Python scripts (data_file(script)) with Debian's
+// /usr/bin/python3 (or $NORMKIT_PYTHON), output to `log` (removed afterwards);
+// returns "" on success, else what went wrong (the script's last line).
+std::string run_python(const std::string& script, const std::vector<std::string>& args,
+                       const fs::path& log);
 
 // Writes `text` to `path` through a temporary file and a rename.
 void write_file_atomically(const fs::path& path, const std::string& text);
@@ -127,9 +173,9 @@ class Progress {
 };
 
 struct EpochRecord {
-  json metrics;  // one line of metrics.jsonl
+  json metrics;  // one line of metrics.jsonl (also when the epoch then counts as diverged)
   bool ok = true;
-  std::string error;  // when the loss became NaN or infinite
+  std::string error;  // when the run diverged (NaN/inf loss, or --diverge-factor)
 };
 
 // One training run in directory `out`: OUT/checkpoint.nkc and OUT/metrics.jsonl.
@@ -137,14 +183,21 @@ class Run {
  public:
   // A fresh run; fails if OUT already holds a checkpoint, unless overwrite.
   static Run start(const RunOptions& options, const std::string& name, const fs::path& out,
-                   const std::string& norm, const data::Standardizer& standardizer, bool overwrite);
+                   const std::string& norm, const data::Standardizer& standardizer,
+                   const data::Dataset& train, bool overwrite);
   // Continues the run saved in OUT/checkpoint.nkc.
   static Run resume(const fs::path& out);
 
-  // Trains epoch epochs_done() + 1, evaluates, saves the checkpoint, appends the
-  // metrics line. A NaN/inf loss leaves the checkpoint as it was and returns
-  // ok = false; the run is then stopped.
+  // Trains epoch epochs_done() + 1 (with the lines of steps.jsonl), evaluates,
+  // saves the checkpoint, appends the metrics line. A NaN/inf loss leaves the
+  // checkpoint as it was and returns ok = false; an epoch whose loss exceeds
+  // the divergence factor is saved and returns ok = false. The run is then
+  // stopped, as diverged.
   EpochRecord train_epoch(const Data& data, Progress* progress);
+  // OUT/run.json, the run's outcome for scripts: status "finished" or
+  // "diverged", epochs and steps done, training seconds, the divergence (epoch,
+  // step, reason) and the last metrics. Written when the run ends either way.
+  void write_outcome() const;
 
   const RunOptions& options() const { return options_; }
   RunOptions& options() { return options_; }
@@ -157,9 +210,8 @@ class Run {
   const std::string& stop_reason() const { return stop_reason_; }
   const json& history() const { return history_; }
   const data::Standardizer& standardizer() const { return standardizer_; }
-  // The data's class names (kept in the checkpoint for eval and predict).
+  // The training data's class names (kept in the checkpoint for eval and predict).
   const std::vector<std::string>& class_names() const { return class_names_; }
-  void set_class_names(std::vector<std::string> names) { class_names_ = std::move(names); }
   nn::Model& model() { return *model_; }
   std::string model_spec_text() const { return model_->spec().to_string(); }
 
@@ -167,6 +219,8 @@ class Run {
   Run() = default;
   void save_checkpoint() const;
   void rewrite_metrics() const;
+  void rewrite_steps(int64_t steps_done) const;
+  json evaluate_sets(const Data& data, bool with_test);
 
   RunOptions options_;
   std::string name_, norm_;
@@ -178,6 +232,8 @@ class Run {
   int64_t epochs_done_ = 0;
   json history_ = json::array();
   std::string stop_reason_;
+  json divergence_;             // null, or {epoch, step, loss, reason}
+  double initial_loss_ = -1;    // the first step's loss (-1: not yet trained)
 };
 
 // What a command was told besides the run options.
@@ -189,8 +245,8 @@ struct CommandFlags {
 // The run options given explicitly on the command line (as to_json keys).
 using GivenOptions = std::set<std::string>;
 
-// On --resume: the checkpoint's options, with --epochs, --threads, --data and
-// --test-data taken from the command line; any other option given explicitly
+// On --resume: the checkpoint's options, with --epochs, --threads, --data,
+// --test-data and the step logging and probe options taken from the command line; any other option given explicitly
 // must equal the checkpoint's (a usage error names the first that differs).
 RunOptions merge_resume_options(const RunOptions& stored, const RunOptions& given,
                                 const GivenOptions& given_keys);
@@ -232,5 +288,17 @@ struct FoldFlags {
 };
 CLI::App* add_fold_command(CLI::App& app, FoldFlags& flags);
 int command_fold(const FoldFlags& flags);
+
+// `normkit lab list|run|report` (tools/lab.cpp).
+struct LabFlags {
+  std::vector<std::string> names;  // run: experiment names, or "all"
+  bool quick = false, full = false, no_report = false;
+  int seeds = 0, jobs = 0, threads = 1;
+  fs::path out = "runs/lab";  // run: the lab's directory; report: the directory to report on
+  fs::path experiments;       // the declarations (default: data_file("experiments"))
+  CLI::App *list = nullptr, *run = nullptr, *report = nullptr;
+};
+CLI::App* add_lab_command(CLI::App& app, LabFlags& flags);
+int command_lab(const LabFlags& flags);
 
 }  // namespace normkit::cli

@@ -5,11 +5,6 @@
 // model has the same weight layers; BN's γ = 1, β = 0 take no random numbers),
 // the same standardized data and the same batches in the same order. Their
 // epochs are interleaved so the table grows as training goes.
-#include <fcntl.h>
-#include <spawn.h>
-#include <sys/wait.h>
-#include <unistd.h>
-
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
@@ -21,8 +16,6 @@
 
 #include "cli.hpp"
 #include "normkit/version.hpp"
-
-extern char** environ;
 
 namespace normkit::cli {
 
@@ -152,58 +145,15 @@ std::string summary(const Run& bn, const Run& plain) {
   return out;
 }
 
-fs::path plot_script() {
-  if (const char* env = std::getenv("NORMKIT_PLOT_SCRIPT")) return env;
-  std::error_code ec;
-  const fs::path exe = fs::read_symlink("/proc/self/exe", ec);
-  if (!ec) {
-    const fs::path installed = exe.parent_path().parent_path() / NORMKIT_INSTALLED_PLOT_SCRIPT;
-    if (fs::is_regular_file(installed, ec)) return installed;
-  }
-  return NORMKIT_SOURCE_PLOT_SCRIPT;
-}
-
 // Runs tools/plot_metrics.py; returns "" on success, else what went wrong.
 std::string plot_curves(const fs::path& out, const Run& a, const Run& b) {
-  const char* python_env = std::getenv("NORMKIT_PYTHON");
-  const std::string python = python_env ? python_env : "/usr/bin/python3";
-  const fs::path script = plot_script();
-  std::error_code ec;
-  if (!fs::is_regular_file(script, ec)) return "the plot script " + script.string() + " is missing";
-  const fs::path log = out / ".plot.log";
-  const std::vector<std::string> args = {
-      python,
-      script.string(),
-      "--out",
-      (out / "curves.png").string(),
-      "--title",
-      fmt::format("{}: with and without {}", a.options().model, norm_name(a.norm())),
-      "with " + norm_abbreviation(a.norm()) + "=" + (a.out() / "metrics.jsonl").string(),
-      "without " + norm_abbreviation(a.norm()) + "=" + (b.out() / "metrics.jsonl").string()};
-  std::vector<char*> argv;
-  for (const auto& s : args) argv.push_back(const_cast<char*>(s.c_str()));
-  argv.push_back(nullptr);
-  posix_spawn_file_actions_t actions;
-  posix_spawn_file_actions_init(&actions);
-  posix_spawn_file_actions_addopen(&actions, STDOUT_FILENO, log.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
-  posix_spawn_file_actions_adddup2(&actions, STDOUT_FILENO, STDERR_FILENO);
-  pid_t pid = 0;
-  const int spawned = posix_spawn(&pid, python.c_str(), &actions, nullptr, argv.data(), environ);
-  posix_spawn_file_actions_destroy(&actions);
-  if (spawned != 0) return "cannot run " + python + ": " + std::strerror(spawned);
-  int status = 0;
-  while (waitpid(pid, &status, 0) < 0 && errno == EINTR) {
-  }
-  std::ifstream in(log);
-  std::stringstream text;
-  text << in.rdbuf();
-  fs::remove(log, ec);
-  if (WIFEXITED(status) && WEXITSTATUS(status) == 0) return "";
-  std::string output = text.str();
-  while (!output.empty() && (output.back() == '\n' || output.back() == ' ')) output.pop_back();
-  if (const auto nl = output.rfind('\n'); nl != std::string::npos) output = output.substr(nl + 1);
-  return fmt::format("{} {} failed{}", python, script.filename().string(),
-                     output.empty() ? "" : ": " + output);
+  return run_python(
+      "plot_metrics.py",
+      {"--out", (out / "curves.png").string(), "--title",
+       fmt::format("{}: with and without {}", a.options().model, norm_name(a.norm())),
+       "with " + norm_abbreviation(a.norm()) + "=" + (a.out() / "metrics.jsonl").string(),
+       "without " + norm_abbreviation(a.norm()) + "=" + (b.out() / "metrics.jsonl").string()},
+      out / ".plot.log");
 }
 
 void write_report(const fs::path& out, const Run& a, const Run& b, const Data& data,
@@ -279,7 +229,9 @@ int command_compare(const RunOptions& given_options, const GivenOptions& given,
     data::Standardizer standardizer = with_bn->standardizer();
     data = prepare_data(merged, &standardizer, false);
   } else {
-    const RunOptions o = finish_options(given_options, given);
+    RunOptions o = finish_options(given_options, given);
+    // The comparison's table and plot are per-epoch test curves.
+    o.test_eval = "epoch";
     std::error_code ec;
     for (const std::string& sub : nn::ModelSpec::norm_kinds())
       if (fs::exists(flags.out / sub / "checkpoint.nkc", ec) && !flags.overwrite)
@@ -287,18 +239,16 @@ int command_compare(const RunOptions& given_options, const GivenOptions& given,
                     "continue it or --overwrite to start over");
     apply_threads(o.threads);
     if (o.norm == "none") usage_error("--norm none: compare needs a normalization to compare against none");
-    const nn::ModelSpec spec = resolve_spec(o, o.norm);
-    check_normalization(resolve_spec(o, "batch"), spec, o.norm);
-    if (spec == spec.without_batch_norm())
-      usage_error("--model '" + o.model + "' has no batchnorm layer: there is nothing to compare");
     data::Standardizer standardizer;
     data = prepare_data(o, &standardizer, true);
+    const nn::ModelSpec spec = resolve_spec(o, o.norm, data.train);
+    check_normalization(resolve_spec(o, "batch", data.train), spec, o.norm);
+    if (spec == spec.without_batch_norm())
+      usage_error("--model '" + o.model + "' has no batchnorm layer: there is nothing to compare");
     check_data_fits(spec, data.train);
     for (const char* stale : {"report.md", "curves.png"}) fs::remove(flags.out / stale, ec);
-    with_bn.emplace(Run::start(o, o.norm, flags.out / o.norm, o.norm, standardizer, flags.overwrite));
-    without_bn.emplace(Run::start(o, "none", flags.out / "none", "none", standardizer, flags.overwrite));
-    with_bn->set_class_names(data.train.class_names);
-    without_bn->set_class_names(data.train.class_names);
+    with_bn.emplace(Run::start(o, o.norm, flags.out / o.norm, o.norm, standardizer, data.train, flags.overwrite));
+    without_bn.emplace(Run::start(o, "none", flags.out / "none", "none", standardizer, data.train, flags.overwrite));
   }
   Run& a = *with_bn;
   Run& b = *without_bn;

@@ -48,16 +48,18 @@ const CLI::Validator kNonNegative = number_at_least_zero(true);
 void add_run_options(CLI::App* app, RunOptions& o, OptionMap& options, bool with_norm) {
   auto add = [&](const std::string& key, CLI::Option* option) { options[key] = option; };
   add("model", app->add_option("--model", o.model,
-                               "a preset (mlp-paper, cnn-small) or a model spec file (text or JSON)")
+                               "a preset (mlp-paper, cnn-small), mlp:OPTIONS (a plain MLP sized for "
+                               "the data: depth=L,width=W,act=relu|sigmoid|tanh,bn=before|after,"
+                               "dropout=P,input_bn=0|1) or a model spec file (text or JSON)")
                    ->capture_default_str());
   add("norm", app->add_option("--norm", o.norm,
                               with_norm
                                   ? "batch: the model as specified; none: without its batchnorm layers; "
-                                    "frozen, renorm, ghost, layer, group, instance: each batchnorm "
-                                    "replaced by frozen BN, batch renorm, ghost BN, layer, group or "
-                                    "instance norm"
+                                    "frozen, renorm, ghost, layer, group, instance, noisy: each "
+                                    "batchnorm replaced by frozen BN, batch renorm, ghost BN, layer, "
+                                    "group or instance norm, or noisy BN"
                                   : "the normalization compared against none: batch (the model as "
-                                    "specified), frozen, renorm, ghost, layer, group or instance")
+                                    "specified), frozen, renorm, ghost, layer, group, instance or noisy")
                   ->check(CLI::IsMember(nn::ModelSpec::norm_kinds()))
                   ->capture_default_str());
   add("epochs", app->add_option("--epochs", o.epochs, "epochs to train (in total, when resuming)")
@@ -124,6 +126,64 @@ void add_run_options(CLI::App* app, RunOptions& o, OptionMap& options, bool with
   add("limit_test", app->add_option("--limit-test", o.limit_test,
                                     "use only the first N test samples (0: all)")
                         ->check(kNonNegative));
+  add("val_fraction", app->add_option("--val-fraction", o.val_fraction,
+                                      "hold out this fraction of the training set (stratified, "
+                                      "drawn with --data-seed) as a validation set, evaluated "
+                                      "every epoch")
+                          ->check(CLI::Range(0.0, 0.99)));
+  add("per_class", app->add_option("--per-class", o.per_class,
+                                   "train on a stratified subset of N samples per class (0: all)")
+                       ->check(kNonNegative));
+  add("data_seed", app->add_option("--data-seed", o.data_seed,
+                                   "seeds the validation split and the per-class subset (not "
+                                   "--seed: runs that differ in --seed share the split)")
+                       ->capture_default_str());
+  add("inputs", app->add_option("--inputs", o.inputs,
+                                "standardize (per feature, fitted on the training set) or raw "
+                                "(IDX pixels 0-255, CSV values as written)")
+                    ->check(CLI::IsMember({"standardize", "raw"}))
+                    ->capture_default_str());
+  add("test_eval", app->add_option("--test-eval", o.test_eval,
+                                   "when the test set is evaluated: epoch, end or never (default: "
+                                   "every epoch, or only after the last with --val-fraction)")
+                       ->check(CLI::IsMember({"auto", "epoch", "end", "never"})));
+  add("diverge_factor",
+      app->add_option("--diverge-factor", o.diverge_factor,
+                      "also stop as diverged when an epoch's mean training loss exceeds F times "
+                      "the first step's loss (0: only a NaN/inf loss stops the run)")
+          ->check(kNonNegative));
+  add("freeze_bn_after",
+      app->add_option("--freeze-bn-after", o.freeze_bn_after,
+                      "from epoch N+1 on, freeze every batch-norm layer: normalize with the "
+                      "running statistics, stop updating them, keep training γ and β (0: never)")
+          ->check(kNonNegative));
+  add("log_every", app->add_option("--log-every", o.log_every,
+                                   "write the mean training loss and accuracy of the last K steps "
+                                   "to OUT/steps.jsonl every K steps (0: off)")
+                       ->check(kNonNegative));
+  add("eval_every", app->add_option("--eval-every", o.eval_every,
+                                    "evaluate the validation set (and the test set when it is "
+                                    "evaluated every epoch) every K steps, in steps.jsonl")
+                        ->check(kNonNegative));
+  add("probe_every", app->add_option("--probe-every", o.probe_every,
+                                     "probe the model every K steps and before the first: "
+                                     "activation percentiles, BN statistics, per-layer gradient "
+                                     "norms on a fixed probe batch, in steps.jsonl")
+                         ->check(kNonNegative));
+  add("probe_at", app->add_option("--probe-at", o.probe_at, "also probe at these steps (e.g. 0,1,10,100)"));
+  add("probe_samples", app->add_option("--probe-samples", o.probe_samples,
+                                       "the probe batch: the first N validation samples (training "
+                                       "samples without a validation split)")
+                           ->check(CLI::Range(int64_t{2}, int64_t{1} << 20))
+                           ->capture_default_str());
+  add("probe_units", app->add_option("--probe-units", o.probe_units,
+                                     "units per activation layer whose 15/50/85th percentiles "
+                                     "are recorded")
+                         ->check(CLI::Range(int64_t{0}, int64_t{1} << 20))
+                         ->capture_default_str());
+  add("probe_ics", app->add_flag("--probe-ics", o.probe_ics,
+                                 "probes also measure Santurkar et al.'s gradient ICS per weight "
+                                 "layer (one more forward and backward per layer)"));
 }
 
 void add_command_flags(CLI::App* app, CommandFlags& f, const std::string& default_out) {
@@ -143,6 +203,7 @@ GivenOptions given_options(const OptionMap& options) {
 // ---------------------------------------------------------------- train
 
 int report_stop(const Run& run) {
+  run.write_outcome();
   std::string message = run.stop_reason();
   if (run.epochs_done() > 0)
     message += fmt::format("; the last good checkpoint (epoch {}) is {}", run.epochs_done(),
@@ -176,14 +237,13 @@ int command_train(const RunOptions& given_options, const GivenOptions& given,
       usage_error("'" + flags.out.string() + "' already holds a run (checkpoint.nkc): pass --resume to "
                   "continue it or --overwrite to start over");
     apply_threads(o.threads);
-    const nn::ModelSpec spec = resolve_spec(o, o.norm);
-    check_normalization(resolve_spec(o, "batch"), spec, o.norm);
     data::Standardizer standardizer;
     data = prepare_data(o, &standardizer, true);
+    const nn::ModelSpec spec = resolve_spec(o, o.norm, data.train);
+    check_normalization(resolve_spec(o, "batch", data.train), spec, o.norm);
     check_data_fits(spec, data.train);
     check_data_fits(spec, data.test);
-    run.emplace(Run::start(o, name, flags.out, o.norm, standardizer, flags.overwrite));
-    run->set_class_names(data.train.class_names);
+    run.emplace(Run::start(o, name, flags.out, o.norm, standardizer, data.train, flags.overwrite));
   }
   const RunOptions& o = run->options();
   fmt::print("normkit train: {} ({}), {}\n", describe_run(o, data),
@@ -194,22 +254,29 @@ int command_train(const RunOptions& given_options, const GivenOptions& given,
   if (run->epochs_done() >= o.epochs) {
     fmt::print("already trained {} of {} epochs; nothing to do (raise --epochs to continue)\n",
                run->epochs_done(), o.epochs);
+    run->write_outcome();
     return 0;
   }
   std::optional<Progress> progress;
   if (Progress::enabled()) progress.emplace("");
   while (run->epochs_done() < o.epochs) {
     const EpochRecord record = run->train_epoch(data, progress ? &*progress : nullptr);
-    if (!record.ok) return report_stop(*run);
     const json& m = record.metrics;
-    fmt::print("epoch {}/{}  train loss {:.4f} acc {:.4f}  test loss {:.4f} acc {:.4f}  "
-               "{:.1f} s ({:.0f} samples/s)\n",
-               m["epoch"].get<int64_t>(), o.epochs, m["train_loss"].get<double>(),
-               m["train_acc"].get<double>(), m["test_loss"].get<double>(),
-               m["test_acc"].get<double>(), m["seconds"].get<double>(),
-               m["samples_per_second"].get<double>());
-    std::fflush(stdout);
+    if (!m.is_null()) {
+      std::string evaluated;
+      for (const char* set : {"val", "test"})
+        if (m.contains(std::string(set) + "_acc"))
+          evaluated += fmt::format("  {} loss {:.4f} acc {:.4f}", set, m[std::string(set) + "_loss"].get<double>(),
+                                   m[std::string(set) + "_acc"].get<double>());
+      fmt::print("epoch {}/{}  train loss {:.4f} acc {:.4f}{}  {:.1f} s ({:.0f} samples/s)\n",
+                 m["epoch"].get<int64_t>(), o.epochs, m["train_loss"].get<double>(),
+                 m["train_acc"].get<double>(), evaluated, m["seconds"].get<double>(),
+                 m["samples_per_second"].get<double>());
+      std::fflush(stdout);
+    }
+    if (!record.ok) return report_stop(*run);
   }
+  run->write_outcome();
   fmt::print("saved {} (epoch {}); metrics in {}\n", run->checkpoint_path().string(),
              run->epochs_done(), (flags.out / "metrics.jsonl").string());
   return 0;
@@ -444,6 +511,8 @@ int run_main(int argc, char** argv) {
 
   FoldFlags fold_flags;
   auto* fold = add_fold_command(app, fold_flags);
+  LabFlags lab_flags;
+  auto* lab = add_lab_command(app, lab_flags);
   PredictFlags predict_flags;
   auto* predict = add_predict_command(app, predict_flags);
 
@@ -458,6 +527,7 @@ int run_main(int argc, char** argv) {
                : app.got_subcommand(info)    ? "normkit info"
                : app.got_subcommand(fold)    ? "normkit fold"
                : app.got_subcommand(predict) ? "normkit predict"
+               : app.got_subcommand(lab)     ? "normkit lab"
                                              : "normkit");
     return 2;
   }
@@ -469,6 +539,7 @@ int run_main(int argc, char** argv) {
   if (*eval) return command_eval(eval_flags);
   if (*fold) return command_fold(fold_flags);
   if (*predict) return command_predict(predict_flags);
+  if (*lab) return command_lab(lab_flags);
   return command_info(info_flags);
 }
 

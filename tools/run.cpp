@@ -1,19 +1,30 @@
 // Run options, data loading and one training run (checkpoint + metrics) for the
 // `normkit` command.
+#include <fcntl.h>
 #include <omp.h>
+#include <spawn.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include <algorithm>
+#include <cerrno>
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
+#include <cstring>
 #include <fstream>
 #include <numeric>
+#include <optional>
+#include <set>
 #include <sstream>
 
 #include <fmt/format.h>
 
 #include "cli.hpp"
+#include "normkit/engine/probe.hpp"
 #include "normkit/threading.hpp"
+
+extern char** environ;
 
 namespace normkit::cli {
 
@@ -50,7 +61,21 @@ json to_json(const RunOptions& o) {
           {"format", o.format},
           {"limit_train", o.limit_train},
           {"limit_test", o.limit_test},
-          {"threads", o.threads}};
+          {"threads", o.threads},
+          {"val_fraction", o.val_fraction},
+          {"per_class", o.per_class},
+          {"data_seed", o.data_seed},
+          {"inputs", o.inputs},
+          {"test_eval", o.test_eval},
+          {"diverge_factor", o.diverge_factor},
+          {"freeze_bn_after", o.freeze_bn_after},
+          {"log_every", o.log_every},
+          {"eval_every", o.eval_every},
+          {"probe_every", o.probe_every},
+          {"probe_at", o.probe_at},
+          {"probe_samples", o.probe_samples},
+          {"probe_units", o.probe_units},
+          {"probe_ics", o.probe_ics}};
 }
 
 RunOptions run_options_from_json(const json& j) {
@@ -82,6 +107,22 @@ RunOptions run_options_from_json(const json& j) {
     o.limit_train = j.at("limit_train").get<int64_t>();
     o.limit_test = j.at("limit_test").get<int64_t>();
     o.threads = j.at("threads").get<int>();
+    // Absent in checkpoints written before these options existed: their defaults.
+    const RunOptions d;
+    o.val_fraction = j.value("val_fraction", d.val_fraction);
+    o.per_class = j.value("per_class", d.per_class);
+    o.data_seed = j.value("data_seed", d.data_seed);
+    o.inputs = j.value("inputs", d.inputs);
+    o.test_eval = j.value("test_eval", d.test_eval);
+    o.diverge_factor = j.value("diverge_factor", d.diverge_factor);
+    o.freeze_bn_after = j.value("freeze_bn_after", d.freeze_bn_after);
+    o.log_every = j.value("log_every", d.log_every);
+    o.eval_every = j.value("eval_every", d.eval_every);
+    o.probe_every = j.value("probe_every", d.probe_every);
+    o.probe_at = j.value("probe_at", d.probe_at);
+    o.probe_samples = j.value("probe_samples", d.probe_samples);
+    o.probe_units = j.value("probe_units", d.probe_units);
+    o.probe_ics = j.value("probe_ics", d.probe_ics);
   } catch (const json::exception& e) {
     runtime_error(std::string("bad run options: ") + e.what());
   }
@@ -90,22 +131,26 @@ RunOptions run_options_from_json(const json& j) {
 
 RunOptions merge_resume_options(const RunOptions& stored, const RunOptions& given,
                                 const GivenOptions& given_keys) {
+  // What may change on resume: how long, how many threads, where the data
+  // lives, and what is logged (none of it changes the training itself).
+  static const std::set<std::string> changeable = {
+      "epochs",    "threads",       "data",          "test_data",   "log_every", "eval_every",
+      "probe_every", "probe_at", "probe_samples", "probe_units", "probe_ics"};
   const json old_values = to_json(stored), new_values = to_json(given);
   for (const auto& key : given_keys) {
-    if (key == "epochs" || key == "threads" || key == "data" || key == "test_data") continue;
+    if (changeable.contains(key)) continue;
     if (!old_values.contains(key) || old_values[key] == new_values[key]) continue;
     std::string option = "--" + key;
     std::replace(option.begin(), option.end(), '_', '-');
     usage_error(option + " " + new_values[key].dump() + " differs from the checkpoint's " +
                 old_values[key].dump() +
-                ": a resumed run keeps its settings (only --epochs, --threads and --data may change)");
+                ": a resumed run keeps its settings (only --epochs, --threads, --data and the "
+                "logging and probe options may change)");
   }
-  RunOptions merged = stored;
-  if (given_keys.contains("epochs")) merged.epochs = given.epochs;
-  if (given_keys.contains("threads")) merged.threads = given.threads;
-  if (given_keys.contains("data")) merged.data = given.data;
-  if (given_keys.contains("test_data")) merged.test_data = given.test_data;
-  return merged;
+  json merged = old_values;
+  for (const auto& key : given_keys)
+    if (changeable.contains(key)) merged[key] = new_values[key];
+  return run_options_from_json(merged);
 }
 
 RunOptions with_absolute_paths(RunOptions o) {
@@ -129,7 +174,32 @@ RunOptions finish_options(RunOptions o, const GivenOptions& given) {
   if (o.nesterov && o.momentum == 0) usage_error("--nesterov needs --momentum > 0");
   if (given.contains("init_std") && o.init != "normal")
     usage_error("--init-std applies to --init normal only");
+  if (!(o.val_fraction >= 0 && o.val_fraction < 1))
+    usage_error("--val-fraction must be in [0, 1), got " + std::to_string(o.val_fraction));
+  if (o.test_eval == "auto") o.test_eval = o.val_fraction > 0 ? "end" : "epoch";
+  if (o.test_eval != "epoch" && o.val_fraction == 0 && given.contains("test_eval"))
+    usage_error("--test-eval " + o.test_eval + " needs --val-fraction: without a validation split "
+                "the test set is what each epoch is evaluated on");
+  (void)probe_steps(o);  // checks --probe-at
   return o;
+}
+
+std::set<int64_t> probe_steps(const RunOptions& o) {
+  std::set<int64_t> steps;
+  std::stringstream in(o.probe_at);
+  for (std::string item; std::getline(in, item, ',');) {
+    size_t used = 0;
+    int64_t step = -1;
+    try {
+      step = std::stoll(item, &used);
+    } catch (const std::exception&) {
+      used = 0;
+    }
+    if (used != item.size() || step < 0)
+      usage_error("--probe-at: expected steps like 0,1,10,100, got '" + o.probe_at + "'");
+    steps.insert(step);
+  }
+  return steps;
 }
 
 void apply_threads(int threads) {
@@ -192,15 +262,22 @@ std::string spec_text_of(const std::string& file) {
 
 }  // namespace
 
-nn::ModelSpec resolve_spec(const RunOptions& options, const std::string& norm) {
+nn::ModelSpec resolve_spec(const RunOptions& options, const std::string& norm,
+                           const data::Dataset& data) {
   nn::ModelSpec spec;
   if (options.model == "mlp-paper" || options.model == "cnn-small") {
     spec = nn::ModelSpec::preset(options.model);
+  } else if (options.model.starts_with("mlp:")) {
+    try {
+      spec = nn::ModelSpec::mlp(options.model.substr(4), data.sample_shape, data.num_classes);
+    } catch (const Error& e) {
+      usage_error("--model '" + options.model + "': " + e.what());
+    }
   } else {
     std::error_code ec;
     if (!fs::is_regular_file(options.model, ec))
       usage_error("--model '" + options.model +
-                  "' is neither a preset (mlp-paper, cnn-small) nor a model spec file");
+                  "' is neither a preset (mlp-paper, cnn-small, mlp:OPTIONS) nor a model spec file");
     std::ifstream in(options.model);
     std::stringstream text;
     text << in.rdbuf();
@@ -239,7 +316,7 @@ void check_normalization(const nn::ModelSpec& spec, const nn::ModelSpec& result,
       usage_error(fmt::format(
           "{}layer {} ({} frozen=1): a model trained from scratch has no statistics to freeze (its "
           "running statistics are mean 0 and variance 1, so frozen batch norm would not normalize "
-          "at all); train with batch norm, and freeze the statistics of a trained model",
+          "at all); train with batch norm and --freeze-bn-after N to freeze them after N epochs",
           norm == "frozen" ? "--norm frozen: " : "--model: ", i + 1, result.layers[i].type));
 }
 
@@ -255,6 +332,7 @@ NormNames norm_names(const std::string& norm) {
   if (norm == "layer") return {"layer norm", "layer normalization", "LN"};
   if (norm == "group") return {"group norm", "group normalization", "GN"};
   if (norm == "instance") return {"instance norm", "instance normalization", "IN"};
+  if (norm == "noisy") return {"noisy batch norm", "noisy batch normalization", "noisy BN"};
   return {"no normalization", "no normalization", "none"};
 }
 }  // namespace
@@ -281,6 +359,57 @@ data::Dataset subset(const data::Dataset& set, std::vector<int64_t> indices) {
     out.labels.push_back(set.labels[i]);
   }
   return out;
+}
+
+// Indices of each class in an order drawn from `seed` (the same for every run
+// of a comparison, whatever its --seed).
+std::vector<std::vector<int64_t>> shuffled_by_class(const data::Dataset& set, uint64_t seed) {
+  std::vector<std::vector<int64_t>> by_class(static_cast<size_t>(set.num_classes));
+  for (const int64_t i : train::epoch_order(set.count(), seed ^ 0xda7a5eedull, 0))
+    by_class[static_cast<size_t>(set.labels[i])].push_back(i);
+  return by_class;
+}
+
+// Keeps only the rows `indices` of `set`, in the file's order, in place (no
+// second copy of 60k images: the lab starts many runs).
+void keep_rows(data::Dataset& set, std::vector<int64_t> indices) {
+  std::sort(indices.begin(), indices.end());
+  const int64_t n = set.sample_size();
+  int64_t k = 0;
+  for (const int64_t i : indices) {
+    if (i != k) {
+      std::copy(set.features.begin() + i * n, set.features.begin() + (i + 1) * n,
+                set.features.begin() + k * n);
+      set.labels[static_cast<size_t>(k)] = set.labels[static_cast<size_t>(i)];
+    }
+    ++k;
+  }
+  set.features.resize(static_cast<size_t>(k * n));
+  set.labels.resize(static_cast<size_t>(k));
+}
+
+// Moves a stratified `fraction` of `set` (rounded per class) into the returned set.
+data::Dataset hold_out(data::Dataset& set, double fraction, uint64_t seed) {
+  std::vector<int64_t> held, kept;
+  for (const auto& members : shuffled_by_class(set, seed)) {
+    const auto n = static_cast<size_t>(std::llround(fraction * static_cast<double>(members.size())));
+    held.insert(held.end(), members.begin(), members.begin() + static_cast<std::ptrdiff_t>(n));
+    kept.insert(kept.end(), members.begin() + static_cast<std::ptrdiff_t>(n), members.end());
+  }
+  data::Dataset out = subset(set, held);
+  keep_rows(set, kept);
+  return out;
+}
+
+void keep_per_class(data::Dataset& set, int64_t per_class, uint64_t seed) {
+  std::vector<int64_t> kept;
+  for (const auto& members : shuffled_by_class(set, seed ^ 0x5ab5e7ull)) {
+    if (static_cast<int64_t>(members.size()) < per_class)
+      usage_error("--per-class " + std::to_string(per_class) + ": a class has only " +
+                  std::to_string(members.size()) + " training samples");
+    kept.insert(kept.end(), members.begin(), members.begin() + per_class);
+  }
+  keep_rows(set, kept);
 }
 
 void keep_first(data::Dataset& set, int64_t limit) {
@@ -341,8 +470,18 @@ Data load_data(const RunOptions& o, bool need_train) {
   } else {
     runtime_error("--data '" + o.data + "': no such file or directory");
   }
+  if (need_train && o.val_fraction > 0) {
+    d.val = hold_out(d.train, o.val_fraction, o.data_seed);
+    if (d.val.count() == 0)
+      usage_error("--val-fraction " + std::to_string(o.val_fraction) + " holds out no sample");
+  }
+  if (need_train && o.per_class > 0) keep_per_class(d.train, o.per_class, o.data_seed);
   keep_first(d.train, o.limit_train);
   keep_first(d.test, o.limit_test);
+  // Raw IDX pixels are the bytes of the file (the loader scales them to [0, 1]).
+  if (o.inputs == "raw" && fs::is_directory(path, ec))
+    for (data::Dataset* set : {&d.train, &d.val, &d.test})
+      for (float& v : set->features) v = std::round(v * 255.0f);
   return d;
 }
 
@@ -385,11 +524,75 @@ void write_file_atomically(const fs::path& path, const std::string& text) {
   }
 }
 
+fs::path data_file(const std::string& name) {
+  std::error_code ec;
+  const fs::path exe = fs::read_symlink("/proc/self/exe", ec);
+  if (!ec) {
+    const fs::path installed = exe.parent_path().parent_path() / NORMKIT_INSTALLED_DATA_DIR / name;
+    if (fs::exists(installed, ec)) return installed;
+  }
+  if (name == "experiments") return NORMKIT_SOURCE_EXPERIMENTS_DIR;
+  return fs::path(NORMKIT_SOURCE_TOOLS_DIR) / name;
+}
+
+int spawn_process(const std::vector<std::string>& args, const fs::path& log) {
+  std::vector<char*> argv;
+  for (const auto& a : args) argv.push_back(const_cast<char*>(a.c_str()));
+  argv.push_back(nullptr);
+  posix_spawn_file_actions_t actions;
+  posix_spawn_file_actions_init(&actions);
+  posix_spawn_file_actions_addopen(&actions, STDOUT_FILENO, log.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
+  posix_spawn_file_actions_adddup2(&actions, STDOUT_FILENO, STDERR_FILENO);
+  pid_t pid = 0;
+  const int spawned = posix_spawn(&pid, args[0].c_str(), &actions, nullptr, argv.data(), environ);
+  posix_spawn_file_actions_destroy(&actions);
+  if (spawned != 0) runtime_error("cannot run " + args[0] + ": " + std::strerror(spawned));
+  return pid;
+}
+
+int wait_process(int pid) {
+  int status = 0;
+  while (waitpid(pid, &status, 0) < 0)
+    if (errno != EINTR) return 127;
+  return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+}
+
+std::string run_python(const std::string& script_name, const std::vector<std::string>& args,
+                       const fs::path& log) {
+  const char* python_env = std::getenv("NORMKIT_PYTHON");
+  const std::string python = python_env ? python_env : "/usr/bin/python3";
+  const fs::path script = script_name == "plot_metrics.py" && std::getenv("NORMKIT_PLOT_SCRIPT")
+                              ? fs::path(std::getenv("NORMKIT_PLOT_SCRIPT"))
+                              : data_file(script_name);
+  std::error_code ec;
+  if (!fs::is_regular_file(script, ec)) return "the script " + script.string() + " is missing";
+  std::vector<std::string> argv = {python, script.string()};
+  argv.insert(argv.end(), args.begin(), args.end());
+  int code = 0;
+  try {
+    code = wait_process(spawn_process(argv, log));
+  } catch (const Error& e) {
+    return e.what();
+  }
+  std::ifstream in(log);
+  std::stringstream text;
+  text << in.rdbuf();
+  fs::remove(log, ec);
+  if (code == 0) return "";
+  std::string output = text.str();
+  while (!output.empty() && (output.back() == '\n' || output.back() == ' ')) output.pop_back();
+  if (const auto nl = output.rfind('\n'); nl != std::string::npos) output = output.substr(nl + 1);
+  return fmt::format("{} {} failed{}", python, script.filename().string(),
+                     output.empty() ? "" : ": " + output);
+}
+
 std::string describe_run(const RunOptions& o, const Data& data) {
   std::string optimizer = fmt::format("{} lr {:g}", o.optimizer, o.lr);
   if (o.optimizer == "sgd" && o.momentum > 0)
     optimizer += fmt::format(" momentum {:g}{}", o.momentum, o.nesterov ? " (Nesterov)" : "");
   if (o.weight_decay > 0) optimizer += fmt::format(" weight decay {:g}", o.weight_decay);
+  const std::string val =
+      data.val.count() > 0 ? fmt::format(" / {} validation", data.val.count()) : "";
   // A batch holds at most the whole training set.
   const std::string batch =
       data.train.count() > 0 && o.batch_size > data.train.count()
@@ -397,16 +600,17 @@ std::string describe_run(const RunOptions& o, const Data& data) {
                         "batch per epoch)",
                         data.train.count(), o.batch_size, data.train.count())
           : fmt::format("batch {}", o.batch_size);
-  return fmt::format("{}, {} train / {} test samples, {}, {}, seed {}, {}", o.model,
-                     data.train.count(), data.test.count(), optimizer, batch, o.seed, o.format);
+  return fmt::format("{}, {} train{} / {} test samples{}, {}, {}, seed {}, {}", o.model,
+                     data.train.count(), val, data.test.count(),
+                     o.inputs == "raw" ? " (raw inputs)" : "", optimizer, batch, o.seed, o.format);
 }
 
 Data prepare_data(const RunOptions& o, data::Standardizer* standardizer, bool fit) {
   Data data = load_data(o);
   if (data.train.count() < 2) usage_error("training needs at least 2 samples");
+  if (o.inputs == "raw") return data;  // the standardizer stays unfitted
   if (fit) standardizer->fit(data.train.features, data.train.sample_size());
-  standardize(*standardizer, data.train);
-  standardize(*standardizer, data.test);
+  for (data::Dataset* set : {&data.train, &data.val, &data.test}) standardize(*standardizer, *set);
   return data;
 }
 
@@ -454,7 +658,8 @@ nn::InitOptions init_options(const RunOptions& o) {
 }  // namespace
 
 Run Run::start(const RunOptions& options, const std::string& name, const fs::path& out,
-               const std::string& norm, const data::Standardizer& standardizer, bool overwrite) {
+               const std::string& norm, const data::Standardizer& standardizer,
+               const data::Dataset& train, bool overwrite) {
   Run run;
   run.options_ = options;
   run.options_.norm = norm;
@@ -462,11 +667,12 @@ Run Run::start(const RunOptions& options, const std::string& name, const fs::pat
   run.norm_ = norm;
   run.out_ = out;
   run.standardizer_ = standardizer;
+  run.class_names_ = train.class_names;
   std::error_code ec;
   if (fs::exists(run.checkpoint_path(), ec) && !overwrite)
     usage_error("'" + out.string() + "' already holds a run (" + run.checkpoint_path().string() +
                 "): pass --resume to continue it or --overwrite to start over");
-  const nn::ModelSpec spec = resolve_spec(options, norm);
+  const nn::ModelSpec spec = resolve_spec(options, norm, train);
   run.model_ = std::make_unique<nn::Model>(
       spec, options.format == "nchw" ? nn::MemoryFormat::channels_first : nn::MemoryFormat::channels_last);
   run.model_->initialize(init_options(options), options.seed);
@@ -475,7 +681,9 @@ Run Run::start(const RunOptions& options, const std::string& name, const fs::pat
   fs::create_directories(out, ec);
   if (ec) runtime_error("cannot create '" + out.string() + "': " + ec.message());
   fs::remove(run.checkpoint_path(), ec);  // --overwrite: the old run is gone
+  fs::remove(out / "run.json", ec);
   run.rewrite_metrics();
+  run.rewrite_steps(0);
   return run;
 }
 
@@ -494,6 +702,7 @@ Run Run::resume(const fs::path& out) {
     run.norm_ = app.at("norm").get<std::string>();
     run.history_ = app.at("history");
     run.class_names_ = class_names_of(app);
+    run.initial_loss_ = app.value("initial_loss", -1.0);
     if (!run.history_.is_array()) throw std::runtime_error("history is not a list");
   } catch (const std::exception& e) {
     runtime_error("checkpoint '" + run.checkpoint_path().string() +
@@ -510,21 +719,145 @@ Run Run::resume(const fs::path& out) {
                   std::to_string(run.epochs_done_));
   // metrics.jsonl may be missing its last line (a crash between saving the
   // checkpoint and appending) or hold lines of a later, lost epoch: the
-  // checkpoint's copy is the truth.
+  // checkpoint's copy is the truth. steps.jsonl keeps the steps it covers.
   run.rewrite_metrics();
+  run.rewrite_steps(run.history_.empty() ? 0 : run.history_.back().value("steps", int64_t{0}));
+  fs::remove(out / "run.json", ec);
   return run;
 }
 
+json Run::evaluate_sets(const Data& data, bool with_test) {
+  json m = json::object();
+  auto add = [&](const char* name, const data::Dataset& set) {
+    const train::Evaluation e = train::evaluate(*model_, set);
+    m[std::string(name) + "_loss"] = e.loss;
+    m[std::string(name) + "_acc"] = e.accuracy;
+  };
+  if (data.val.count() > 0) add("val", data.val);
+  if (with_test) add("test", data.test);
+  return m;
+}
+
+namespace {
+
+// The probe batch: the first probe_samples of the validation set, or of the
+// training set without one (never the test set), in the model's format.
+struct ProbeBatch {
+  nn::Tensor batch;
+  std::vector<int32_t> labels;
+};
+ProbeBatch probe_batch(const Data& data, const RunOptions& o, nn::MemoryFormat format) {
+  const data::Dataset& set = data.val.count() > 0 ? data.val : data.train;
+  const int64_t n = std::min<int64_t>(o.probe_samples, set.count());
+  std::vector<int64_t> order(static_cast<size_t>(n));
+  std::iota(order.begin(), order.end(), 0);
+  ProbeBatch p;
+  train::make_batch(set, order, 0, n, format, p.batch, p.labels);
+  return p;
+}
+
+json probe_json(const probe::Result& r) {
+  json out = {{"loss", r.loss}, {"acc", r.accuracy}};
+  json acts = json::array(), norms = json::array(), weights = json::array();
+  for (const auto& a : r.activations)
+    acts.push_back({{"layer", a.layer}, {"type", a.type}, {"units", a.units},
+                    {"input_mean", a.input_mean}, {"input_std", a.input_std},
+                    {"percentiles", a.percentiles}, {"output_mean", a.output_mean},
+                    {"dead_fraction", a.dead_fraction}});
+  for (const auto& n : r.norms)
+    norms.push_back({{"layer", n.layer}, {"type", n.type}, {"batch_mean_abs", n.batch_mean_abs},
+                     {"batch_var", n.batch_var}, {"running_mean_abs", n.running_mean_abs},
+                     {"running_var", n.running_var}, {"gamma", n.gamma}, {"beta", n.beta}});
+  for (const auto& w : r.weights) {
+    json item = {{"layer", w.layer}, {"type", w.type}, {"grad_norm", w.grad_norm},
+                 {"weight_norm", w.weight_norm}};
+    if (w.ics_distance >= 0) {
+      item["ics_distance"] = w.ics_distance;
+      item["ics_cosine"] = w.ics_cosine;
+    }
+    weights.push_back(item);
+  }
+  out["activations"] = acts;
+  out["norms"] = norms;
+  out["weights"] = weights;
+  return out;
+}
+
+double sum_seconds(const json& history) {
+  double total = 0;
+  for (const auto& m : history) total += m.value("seconds", 0.0);
+  return total;
+}
+
+}  // namespace
+
 EpochRecord Run::train_epoch(const Data& data, Progress* progress) {
   const int64_t epoch = epochs_done_;  // 0-based
-  train::ProgressCallback callback;
-  if (progress)
-    callback = [&](const train::StepProgress& p) { progress->update(epoch + 1, options_.epochs, p); };
+  const RunOptions& o = options_;
+  const int64_t steps = train::steps_per_epoch(data.train.count(), o.batch_size);
+  const int64_t first_step = epoch * steps;  // global steps done before this epoch
+  const bool test_each_epoch = o.test_eval == "epoch";
+  const std::set<int64_t> probe_at = probe_steps(o);
+  const bool logging = o.log_every > 0 || o.eval_every > 0 || o.probe_every > 0 || !probe_at.empty();
+  std::optional<ProbeBatch> probe_data;
+  probe::Options probe_options;
+  probe_options.units = o.probe_units;
+  probe_options.ics = o.probe_ics;
+  probe_options.ics_lr = learning_rate_at(o, epoch);
+  std::ofstream steps_file;
+  if (logging) {
+    steps_file.open(out_ / "steps.jsonl", std::ios::app);
+    if (!steps_file) runtime_error("cannot append to '" + (out_ / "steps.jsonl").string() + "'");
+  }
+  const auto start = std::chrono::steady_clock::now();
+  double overhead = 0;  // seconds spent logging, evaluating and probing, not training
+  const double seconds_before = sum_seconds(history_);
+  double window_loss = 0;
+  int64_t window_correct = 0, window_samples = 0;
+  // One line of steps.jsonl at global step `step`, with what is due there.
+  auto log_step = [&](int64_t step, bool train_window) {
+    const bool eval_due = o.eval_every > 0 && step % o.eval_every == 0;
+    const bool probe_due = (o.probe_every > 0 && step % o.probe_every == 0) || probe_at.contains(step);
+    const bool log_due = train_window && o.log_every > 0 && step % o.log_every == 0;
+    if (!eval_due && !probe_due && !log_due) return;
+    const auto t0 = std::chrono::steady_clock::now();
+    json line = {{"step", step},
+                 {"epoch", static_cast<double>(step) / static_cast<double>(steps)},
+                 {"lr", learning_rate_at(o, epoch)},
+                 {"seconds", seconds_before +
+                                 std::chrono::duration<double>(t0 - start).count() - overhead}};
+    if (train_window && window_samples > 0) {
+      line["train_loss"] = window_loss / static_cast<double>(window_samples);
+      line["train_acc"] = static_cast<double>(window_correct) / static_cast<double>(window_samples);
+    }
+    if (eval_due) line.update(evaluate_sets(data, test_each_epoch));
+    if (probe_due) {
+      if (!probe_data) probe_data = probe_batch(data, o, model_->format());
+      line["probe"] = probe_json(probe::run(*model_, probe_data->batch, probe_data->labels, probe_options));
+    }
+    steps_file << line.dump() << '\n';
+    steps_file.flush();
+    if (!steps_file) runtime_error("cannot append to '" + (out_ / "steps.jsonl").string() + "'");
+    if (log_due) window_loss = 0, window_correct = 0, window_samples = 0;
+    overhead += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  };
+  if (epoch == 0 && logging) log_step(0, false);
+  train::ProgressCallback callback = [&](const train::StepProgress& p) {
+    if (initial_loss_ < 0) initial_loss_ = p.batch_loss;
+    if (progress) progress->update(epoch + 1, o.epochs, p);
+    if (!logging) return;
+    window_loss += p.batch_loss * static_cast<double>(p.batch_size);
+    window_correct += p.batch_correct;
+    window_samples += p.batch_size;
+    log_step(first_step + p.step, true);
+  };
+  // The spec records frozen=1, so a resumed run stays frozen.
+  if (o.freeze_bn_after > 0 && epoch >= o.freeze_bn_after) model_->freeze_batch_norm();
   train::EpochResult result;
-  optimizer_->learning_rate = static_cast<float>(learning_rate_at(options_, epoch));
+  optimizer_->learning_rate = static_cast<float>(learning_rate_at(o, epoch));
   try {
-    result = train::train_epoch(*model_, *optimizer_, data.train, options_.batch_size,
-                                options_.seed, epoch, callback);
+    result = train::train_epoch(*model_, *optimizer_, data.train, o.batch_size, o.seed, epoch,
+                                callback);
   } catch (const Error& e) {
     if (progress) progress->clear();
     if (e.kind() != ErrorKind::runtime) throw;
@@ -534,30 +867,34 @@ EpochRecord Run::train_epoch(const Data& data, Progress* progress) {
     stop_reason_ = e.what();
     if (stop_reason_.find("at epoch") == std::string::npos)
       stop_reason_ = "training stopped in epoch " + std::to_string(epoch + 1) + ": " + stop_reason_;
+    divergence_ = {{"epoch", epoch + 1}, {"reason", stop_reason_}};
     return {{}, false, stop_reason_};
   }
   if (progress) progress->clear();
   const auto eval_start = std::chrono::steady_clock::now();
-  const train::Evaluation evaluation = train::evaluate(*model_, data.test);
+  const bool last = epoch + 1 >= o.epochs;
+  json evaluation = evaluate_sets(data, test_each_epoch || (o.test_eval == "end" && last));
   const double eval_seconds =
       std::chrono::duration<double>(std::chrono::steady_clock::now() - eval_start).count();
+  const double seconds = std::max(result.seconds - overhead, 0.0);
   json m = {{"run", name_},
             {"epoch", epoch + 1},
+            {"steps", first_step + steps},
             {"train_loss", result.loss},
-            {"train_acc", result.accuracy},
-            {"test_loss", evaluation.loss},
-            {"test_acc", evaluation.accuracy},
-            {"seconds", result.seconds},
-            {"eval_seconds", eval_seconds},
-            {"samples_per_second", static_cast<double>(result.samples) / std::max(result.seconds, 1e-9)},
-            {"train_samples", result.samples},
-            {"test_samples", data.test.count()},
-            {"norm", norm_},
-            {"model", options_.model},
-            {"optimizer", options_.optimizer},
-            {"lr", learning_rate_at(options_, epoch)},
-            {"batch_size", options_.batch_size},
-            {"seed", options_.seed}};
+            {"train_acc", result.accuracy}};
+  m.update(evaluation);
+  m.update(json{{"seconds", seconds},
+                {"eval_seconds", eval_seconds},
+                {"samples_per_second", static_cast<double>(result.samples) / std::max(seconds, 1e-9)},
+                {"train_samples", result.samples},
+                {"val_samples", data.val.count()},
+                {"test_samples", data.test.count()},
+                {"norm", norm_},
+                {"model", o.model},
+                {"optimizer", o.optimizer},
+                {"lr", learning_rate_at(o, epoch)},
+                {"batch_size", o.batch_size},
+                {"seed", o.seed}});
   ++epochs_done_;
   history_.push_back(m);
   try {
@@ -571,7 +908,28 @@ EpochRecord Run::train_epoch(const Data& data, Progress* progress) {
   metrics << m.dump() << '\n';
   metrics.flush();
   if (!metrics) runtime_error("cannot append to '" + (out_ / "metrics.jsonl").string() + "'");
+  if (o.diverge_factor > 0 && !(result.loss <= o.diverge_factor * initial_loss_)) {
+    stop_reason_ = fmt::format(
+        "training diverged in epoch {}: its mean loss {:.4g} exceeds {:g} × the first step's loss "
+        "{:.4g} (--diverge-factor)",
+        epoch + 1, result.loss, o.diverge_factor, initial_loss_);
+    divergence_ = {{"epoch", epoch + 1}, {"loss", result.loss}, {"reason", stop_reason_}};
+    return {m, false, stop_reason_};
+  }
   return {m, true, ""};
+}
+
+void Run::write_outcome() const {
+  const json out = {{"status", divergence_.is_null() ? "finished" : "diverged"},
+                    {"run", name_},
+                    {"epochs_done", epochs_done_},
+                    {"epochs", options_.epochs},
+                    {"steps_done", history_.empty() ? 0 : history_.back().value("steps", int64_t{0})},
+                    {"seconds", sum_seconds(history_)},
+                    {"initial_loss", initial_loss_},
+                    {"divergence", divergence_},
+                    {"last", history_.empty() ? json(nullptr) : history_.back()}};
+  write_file_atomically(out_ / "run.json", out.dump(2) + "\n");
 }
 
 void Run::save_checkpoint() const {
@@ -579,7 +937,11 @@ void Run::save_checkpoint() const {
   progress.epochs_done = epochs_done_;
   progress.seed = options_.seed;
   progress.batch_size = options_.batch_size;
-  json app = {{"name", name_}, {"norm", norm_}, {"options", to_json(options_)}, {"history", history_}};
+  json app = {{"name", name_},
+              {"norm", norm_},
+              {"options", to_json(options_)},
+              {"history", history_},
+              {"initial_loss", initial_loss_}};
   if (!class_names_.empty()) app["classes"] = class_names_;
   progress.application = app.dump();
   io::save_checkpoint(checkpoint_path(),
@@ -590,6 +952,25 @@ void Run::rewrite_metrics() const {
   std::string text;
   for (const auto& m : history_) text += m.dump() + "\n";
   write_file_atomically(out_ / "metrics.jsonl", text);
+}
+
+void Run::rewrite_steps(int64_t steps_done) const {
+  // Keeps the lines of the steps the checkpoint covers (a crash can leave a
+  // cut line or lines of a lost epoch); a fresh run starts without the file.
+  const fs::path path = out_ / "steps.jsonl";
+  std::error_code ec;
+  if (steps_done == 0 || !fs::exists(path, ec)) {
+    fs::remove(path, ec);
+    return;
+  }
+  std::ifstream in(path);
+  std::string text, line;
+  while (std::getline(in, line)) {
+    json j = json::parse(line, nullptr, false);
+    if (j.is_discarded() || !j.is_object() || !j.contains("step")) continue;
+    if (j["step"].get<int64_t>() <= steps_done) text += line + "\n";
+  }
+  write_file_atomically(path, text);
 }
 
 }  // namespace normkit::cli

@@ -1,9 +1,10 @@
 #pragma once
 // What the engine needs besides the kernel library's public headers: building
-// normkit::Error messages, and how many threads a loop deserves. The engine
-// uses the kernel library only through include/normkit/, as any user would, so
-// these few lines are its own (the kernel library keeps the same two ideas in
-// src/core/check.hpp and src/core/parallel.hpp).
+// normkit::Error messages, how many threads a loop deserves, and compiling a
+// leaf loop for several ISAs. The engine uses the kernel library only through
+// include/normkit/, as any user would, so these few lines are its own (the
+// kernel library keeps the same ideas in src/core/check.hpp,
+// src/core/parallel.hpp and src/cpu/leaf_loops.hpp).
 #include <algorithm>
 #include <cstdint>
 #include <sstream>
@@ -11,6 +12,17 @@
 
 #include "normkit/error.hpp"
 #include "normkit/threading.hpp"
+
+// NORMKIT_ENGINE_SIMD_CLONES compiles a function for x86-64-v4 (AVX-512),
+// x86-64-v3 (AVX2+FMA) and baseline x86-64, chosen at run time (GCC's
+// target_clones; there is no -march=native). For plain (non-template)
+// functions with internal linkage, so each file has its own resolver.
+#if defined(__x86_64__) && defined(__GNUC__)
+#define NORMKIT_ENGINE_SIMD_CLONES \
+  __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define NORMKIT_ENGINE_SIMD_CLONES
+#endif
 
 namespace normkit::engine {
 

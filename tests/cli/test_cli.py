@@ -69,7 +69,7 @@ def test_train_writes_metrics_and_checkpoint(table, tmp_path):
         assert m["train_samples"] == 480 and m["test_samples"] == 120  # 20% held out
     assert lines[-1]["test_acc"] > 0.6  # the blobs are separable
     assert (out / "checkpoint.nkc").is_file()
-    assert sorted(p.name for p in out.iterdir()) == ["checkpoint.nkc", "metrics.jsonl"]
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint.nkc", "metrics.jsonl", "run.json"]
 
     # A second fresh run into the same directory must not silently replace it.
     result = normkit(*train_args(table, out), check=2)

@@ -89,7 +89,9 @@ class Layer {
 //   samples, default 32; every virtual batch, the last included, needs more than one value
 //   per channel). frozen=1: running statistics used in training too and never updated.
 // layernorm [eps=E] (over all of a sample's features), groupnorm [groups=G] [eps=E],
-// instancenorm [eps=E] [momentum=M].
+// instancenorm [eps=E] [momentum=M]. The batch-norm layers also take noise=S: "noisy BN"
+//   (Santurkar et al. 2018), a random per-element scale and shift after the normalization
+//   whose distribution changes every training step (batch_norm_layers.cpp).
 // A residual block: "residual; LAYERS...; [shortcut; LAYERS...;] end" computes
 // relu(body(x) + shortcut(x)), the shortcut the identity when not given; a body
 // ending in batchnorm runs its BN, the sum and the ReLU fused (BN+Add+ReLU).
@@ -107,6 +109,13 @@ struct ModelSpec {
 
   static ModelSpec parse(const std::string& text);  // throws normkit::Error with the line
   static ModelSpec preset(const std::string& name);  // "mlp-paper", "cnn-small"
+  // A plain MLP for samples of `input_shape` and `classes` outputs, from
+  // comma-separated options (defaults in brackets): depth=L hidden layers [3],
+  // width=W [100], act=relu|sigmoid|tanh [relu], bn=before|after the activation
+  // or none in the hidden layers [before], dropout=P after each hidden layer [0],
+  // input_bn=0|1: a batchnorm on the inputs [0]. "depth=3,width=100,act=sigmoid" is mlp-paper.
+  static ModelSpec mlp(const std::string& options, const std::vector<int64_t>& input_shape,
+                       int64_t classes);
   std::string to_string() const;                     // parse(to_string()) == *this
   // The same model without its normalization layers; a layer that fed one gets
   // its bias back (the normalization's β made it redundant).
@@ -118,7 +127,7 @@ struct ModelSpec {
   //   (at least two channels per group on flat features);
   //   instance: instancenorm, except after a flat layer
   //   ([N, C] has one value per sample and channel: nothing to normalize), where
-  //   the batchnorm is dropped as with none. eps and momentum carry over where
+  //   the batchnorm is dropped as with none; noisy: batchnorm noise=1. eps and momentum carry over where
   //   the new layer takes them. Throws normkit::Error for an unknown name.
   ModelSpec with_norm(const std::string& norm) const;
   static const std::vector<std::string>& norm_kinds();

@@ -14,6 +14,12 @@ struct StepProgress {
   int64_t step, steps;        // within the epoch
   double loss, accuracy;      // running means over the epoch so far
   double samples_per_second;
+  // This step's batch: its mean loss, correct predictions and size (for
+  // per-step metrics). The callback runs after the optimizer step; it may
+  // evaluate or probe the model (see probe.hpp) as long as it leaves the
+  // parameters and buffers as it found them.
+  double batch_loss = 0;
+  int64_t batch_correct = 0, batch_size = 0;
 };
 using ProgressCallback = std::function<void(const StepProgress&)>;
 
@@ -36,6 +42,10 @@ std::vector<int64_t> epoch_order(int64_t count, uint64_t seed, int64_t epoch);
 void make_batch(const data::Dataset& set, const std::vector<int64_t>& order, int64_t first,
                 int64_t size, nn::MemoryFormat format, nn::Tensor& batch,
                 std::vector<int32_t>& labels);
+
+// The optimizer steps of one epoch: ceil(count / batch_size), less one when the
+// last batch would hold a single sample (it is dropped: BN needs two).
+int64_t steps_per_epoch(int64_t count, int64_t batch_size);
 
 // One epoch of mini-batch training (the last partial batch is kept, unless it
 // has a single sample: BN needs two). Throws normkit::Error (runtime) naming the

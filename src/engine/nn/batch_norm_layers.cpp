@@ -3,7 +3,15 @@
 // bn_variants.hpp). All hold BN's state (weight, bias; running_mean,
 // running_var, num_batches_tracked), infer as BN does, can be frozen
 // (frozen=1), and differ only in their training forward and backward.
+//
+// noise=S (any of them): "noisy BN" after Santurkar et al. 2018, §3.1: in
+// training, each output y becomes a·y + b with a ~ N(μa, σa²), b ~ N(μb, σb²)
+// drawn per element, and (μa, σa, μb, σb) drawn per channel at every step from
+// U(1 − S/2, 1 + S/2), U(0, S/2), U(−S, S), U(0, S/2): a distribution that
+// moves all the time. Evaluation is noise-free. The draws are hashes of (seed,
+// step, layer, index), as dropout's, so a resumed run draws the same noise.
 #include <algorithm>
+#include <cmath>
 #include <sstream>
 
 #include "nn/layers.hpp"
@@ -47,10 +55,12 @@ class BatchNormFamily : public Layer {
       if (mode == Mode::train) keep_frozen_statistics();
     }
     trained_ = mode == Mode::train;
+    if (trained_ && noise_ > 0) add_noise();
     return y_;
   }
-  const Tensor& backward(const Tensor& dy, bool need_input_grad) override {
-    const TensorView<float> dx = start_backward(dy, need_input_grad);
+  const Tensor& backward(const Tensor& given_dy, bool need_input_grad) override {
+    const TensorView<float> dx = start_backward(given_dy, need_input_grad);
+    const Tensor& dy = noise_ > 0 ? noise_scaled(given_dy) : given_dy;
     if (frozen_)
       batch_norm_backward<float>(input_->view(), dy.view(), dx, gamma_.value, frozen_mean_,
                                  frozen_invstd_, dgamma_, dbeta_, BackwardMode::frozen);
@@ -75,6 +85,12 @@ class BatchNormFamily : public Layer {
     frozen_ = frozen;
     return true;
   }
+  void set_step(uint64_t seed, uint64_t step) override { key_ = mix(seed ^ mix(step + salt_)); }
+  bool noisy() const { return noise_ > 0; }
+  void set_noise(double strength, uint64_t salt) {
+    noise_ = strength;
+    salt_ = salt;
+  }
 
  protected:
   virtual void train_forward(const Tensor& x) = 0;
@@ -82,6 +98,7 @@ class BatchNormFamily : public Layer {
   std::string common_options() const {
     std::ostringstream s;
     s << "eps " << options_.eps << ", momentum " << *options_.momentum << (frozen_ ? ", frozen" : "");
+    if (noise_ > 0) s << ", noise " << noise_;
     return s.str();
   }
   // Sizes dx_ (empty unless need_input_grad: then the returned view has no data,
@@ -121,6 +138,52 @@ class BatchNormFamily : public Layer {
   std::vector<float> frozen_mean_, frozen_invstd_, dgamma_, dbeta_;
   const Tensor* input_ = nullptr;
   Tensor y_, dx_;
+
+ private:
+  static uint64_t mix(uint64_t z) {  // splitmix64's finalizer
+    z += 0x9e3779b97f4a7c15ull;
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+    return z ^ (z >> 31);
+  }
+  static double uniform(uint64_t h) { return static_cast<double>(h >> 11) * 0x1.0p-53; }  // [0, 1)
+  // A standard normal from two hashes (Box-Muller).
+  static double normal(uint64_t h) {
+    const double u1 = 1.0 - uniform(mix(h)), u2 = uniform(mix(h ^ 0x5bd1e995ull));
+    return std::sqrt(-2.0 * std::log(u1)) * std::cos(6.283185307179586 * u2);
+  }
+  void add_noise() {
+    const double s = noise_;
+    std::vector<double> mu_a(c_), sd_a(c_), mu_b(c_), sd_b(c_);
+    for (int64_t c = 0; c < c_; ++c) {
+      const uint64_t h = mix(key_ ^ mix(static_cast<uint64_t>(c) * 4 + 0x100000000ull));
+      mu_a[c] = 1.0 + s * (uniform(mix(h + 1)) - 0.5);
+      sd_a[c] = 0.5 * s * uniform(mix(h + 2));
+      mu_b[c] = s * (2.0 * uniform(mix(h + 3)) - 1.0);
+      sd_b[c] = 0.5 * s * uniform(mix(h + 4));
+    }
+    const int64_t total = y_.numel();
+    const int64_t positions = total / (y_.shape[0] * c_);
+    const bool last = y_.shape.size() == 2 || y_.format == MemoryFormat::channels_last;
+    noise_scale_.resize(static_cast<size_t>(total));
+    for (int64_t i = 0; i < total; ++i) {
+      const int64_t c = last ? i % c_ : (i / positions) % c_;
+      const uint64_t h = mix(key_ + 2 * static_cast<uint64_t>(i));
+      const double a = mu_a[c] + sd_a[c] * normal(h), b = mu_b[c] + sd_b[c] * normal(h + 1);
+      noise_scale_[i] = static_cast<float>(a);
+      y_.data[i] = static_cast<float>(a * y_.data[i] + b);
+    }
+  }
+  // dL/dy of the noise-free output: a ⊙ dL/dy'.
+  const Tensor& noise_scaled(const Tensor& dy) {
+    noisy_dy_.reshape(dy.shape, dy.format);
+    for (size_t i = 0; i < dy.data.size(); ++i) noisy_dy_.data[i] = dy.data[i] * noise_scale_[i];
+    return noisy_dy_;
+  }
+  double noise_ = 0;
+  uint64_t salt_ = 0, key_ = 0;
+  std::vector<float> noise_scale_;
+  Tensor noisy_dy_;
 };
 
 class BatchNormLayer final : public BatchNormFamily, public AddReluTail {
@@ -136,6 +199,7 @@ class BatchNormLayer final : public BatchNormFamily, public AddReluTail {
   }
 
   // The tail of a residual block: y = relu(BN(x) + z), BN as forward() does it.
+  bool fuses_add_relu() const override { return !noisy(); }
   const Tensor& forward_add_relu(const Tensor& x, const Tensor& z, Mode mode) override {
     input_ = &x;
     y_.reshape(x.shape, x.format);
@@ -254,8 +318,9 @@ class GhostBatchNormLayer final : public BatchNormFamily {
 
 }  // namespace
 
-std::unique_ptr<Layer> make_batch_norm_layer(const ModelSpec::LayerSpec& spec,
-                                             const std::vector<int64_t>& input) {
+namespace {
+std::unique_ptr<Layer> make_family_layer(const ModelSpec::LayerSpec& spec,
+                                         const std::vector<int64_t>& input) {
   const std::string& t = spec.type;
   if (input.size() != 1 && input.size() != 3)
     fail_invalid(t, ": needs a [C] or [C, H, W] input, got ", shape_text(input));
@@ -282,6 +347,17 @@ std::unique_ptr<Layer> make_batch_norm_layer(const ModelSpec::LayerSpec& spec,
                                                  static_cast<int64_t>(size));
   }
   fail_invalid("not a batch-norm layer: '", t, "'");
+}
+}  // namespace
+
+std::unique_ptr<Layer> make_batch_norm_layer(const ModelSpec::LayerSpec& spec,
+                                             const std::vector<int64_t>& input, size_t index) {
+  auto layer = make_family_layer(spec, input);
+  const double noise = option_or(spec, "noise", 0.0);
+  if (!(noise >= 0 && noise <= 10))
+    fail_invalid(spec.type, ": noise must be in [0, 10], got ", noise);
+  static_cast<BatchNormFamily&>(*layer).set_noise(noise, 0x9e3779b1ull * (index + 1));
+  return layer;
 }
 
 }  // namespace normkit::nn::detail

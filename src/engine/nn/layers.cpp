@@ -1,10 +1,11 @@
 // The engine's layers. Matrix products go through oneDNN's sgemm (gemm.hpp);
-// convolution is im2col + sgemm; batch normalization is normkit's kernels.
+// convolution is oneDNN's (conv_layer.cpp); batch normalization is normkit's kernels.
 #include "nn/layers.hpp"
 
 #include <omp.h>
 
 #include <algorithm>
+#include <bit>
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -34,6 +35,29 @@ std::string shape_text(const std::vector<int64_t>& shape) {
   return out.str();
 }
 
+// Shared by the layers with weights (declared in layers.hpp).
+void fill_init(std::vector<float>& w, int64_t fan_in, int64_t fan_out, const InitOptions& init,
+               std::mt19937_64& rng) {
+  switch (init.kind) {
+    case Init::he: {  // He et al. 2015: N(0, 2 / fan_in)
+      std::normal_distribution<float> dist(0.0f, std::sqrt(2.0f / static_cast<float>(fan_in)));
+      for (auto& v : w) v = dist(rng);
+      break;
+    }
+    case Init::xavier: {  // Glorot & Bengio 2010: U(±sqrt(6 / (fan_in + fan_out)))
+      const float a = std::sqrt(6.0f / static_cast<float>(fan_in + fan_out));
+      std::uniform_real_distribution<float> dist(-a, a);
+      for (auto& v : w) v = dist(rng);
+      break;
+    }
+    case Init::normal: {
+      std::normal_distribution<float> dist(0.0f, init.normal_std);
+      for (auto& v : w) v = dist(rng);
+      break;
+    }
+  }
+}
+
 namespace {
 
 int64_t int_arg(const std::string& text) { return static_cast<int64_t>(std::stod(text)); }
@@ -59,28 +83,6 @@ struct Strides4 {
     return in * n + ic * c + ih * h + iw * w;
   }
 };
-
-void fill_init(std::vector<float>& w, int64_t fan_in, int64_t fan_out, const InitOptions& init,
-               std::mt19937_64& rng) {
-  switch (init.kind) {
-    case Init::he: {  // He et al. 2015: N(0, 2 / fan_in)
-      std::normal_distribution<float> dist(0.0f, std::sqrt(2.0f / static_cast<float>(fan_in)));
-      for (auto& v : w) v = dist(rng);
-      break;
-    }
-    case Init::xavier: {  // Glorot & Bengio 2010: U(±sqrt(6 / (fan_in + fan_out)))
-      const float a = std::sqrt(6.0f / static_cast<float>(fan_in + fan_out));
-      std::uniform_real_distribution<float> dist(-a, a);
-      for (auto& v : w) v = dist(rng);
-      break;
-    }
-    case Init::normal: {
-      std::normal_distribution<float> dist(0.0f, init.normal_std);
-      for (auto& v : w) v = dist(rng);
-      break;
-    }
-  }
-}
 
 // ---------------------------------------------------------------- Linear
 // y = x·Wᵀ + b, W: [out, in] (PyTorch's layout).
@@ -148,252 +150,132 @@ class Linear final : public Layer {
   Tensor y_, dx_;
 };
 
-// ---------------------------------------------------------------- Conv2d
-// Square kernel, zero padding; W: [out, in, k, k] (PyTorch's OIHW), the layout
-// of parameters and checkpoints in both formats.
-//   channels-last: im2col rows are output pixels, columns ordered (kh, kw, ci)
-//     so each (kh, kw) copies `in` contiguous values; with W permuted to
-//     [out, k, k, in], cols [N·P, k·k·in] · Wᵀ gives y [N·P, out] (NHWC) in one GEMM.
-//   channels-first: per sample, cols [in·k·k, P] ordered (ci, kh, kw) and
-//     W · cols gives y [out, P] (NCHW).
-class Conv2d final : public Layer {
- public:
-  Conv2d(const std::vector<int64_t>& input, int64_t out, int64_t k, int64_t stride, int64_t pad,
-         bool bias, MemoryFormat format)
-      : cin_(input[0]), h_(input[1]), w_(input[2]), cout_(out), k_(k), stride_(stride), pad_(pad),
-        format_(format) {
-    oh_ = (h_ + 2 * pad_ - k_) / stride_ + 1;
-    ow_ = (w_ + 2 * pad_ - k_) / stride_ + 1;
-    const int64_t size = cout_ * cin_ * k_ * k_;
-    weight_ = {"weight", std::vector<float>(size), std::vector<float>(size)};
-    if (bias) bias_ = Parameter{"bias", std::vector<float>(cout_), std::vector<float>(cout_)};
-  }
-  std::string type() const override { return "conv"; }
-  std::string describe() const override {
-    std::ostringstream s;
-    s << "conv(" << cin_ << " -> " << cout_ << ", " << k_ << "x" << k_ << ", stride " << stride_
-      << ", pad " << pad_ << (bias_ ? ", bias" : ", no bias") << ")";
-    return s.str();
-  }
-  std::vector<int64_t> output_shape(const std::vector<int64_t>& input) const override {
-    if (input.size() != 3 || input[0] != cin_ || input[1] != h_ || input[2] != w_)
-      fail_invalid(describe(), ": expected input [", cin_, ", ", h_, ", ", w_, "], got ",
-                   shape_text(input));
-    return {cout_, oh_, ow_};
-  }
-  const Tensor& forward(const Tensor& x, Mode) override {
-    const int64_t n = x.shape[0], P = oh_ * ow_, K = kdim();
-    cols_.resize(static_cast<size_t>(n * P * K));
-    y_.reshape({n, cout_, oh_, ow_}, format_);
-    if (format_ == MemoryFormat::channels_last) {
-      im2col_rows(x.data.data(), n);
-      permute_weight_to_ohwi();
-      gemm(false, true, n * P, cout_, K, 1.0f, cols_.data(), K, weight_ohwi_.data(), K, 0.0f,
-           y_.data.data(), cout_);
-    } else {
-      im2col_planes(x.data.data(), n);
-      for (int64_t i = 0; i < n; ++i)
-        gemm(false, false, cout_, P, K, 1.0f, weight_.value.data(), K, cols_.data() + i * K * P, P,
-             0.0f, y_.data.data() + i * cout_ * P, P);
-    }
-    if (bias_) add_bias(n);
-    return y_;
-  }
-  const Tensor& backward(const Tensor& dy, bool need_input_grad) override {
-    const int64_t n = dy.shape[0], P = oh_ * ow_, K = kdim();
-    if (format_ == MemoryFormat::channels_last) {
-      grad_ohwi_.resize(weight_ohwi_.size());
-      gemm(true, false, cout_, K, n * P, 1.0f, dy.data.data(), cout_, cols_.data(), K, 0.0f,
-           grad_ohwi_.data(), K);
-      add_weight_grad_from_ohwi();
-    } else {
-      for (int64_t i = 0; i < n; ++i)
-        gemm(false, true, cout_, K, P, 1.0f, dy.data.data() + i * cout_ * P, P,
-             cols_.data() + i * K * P, P, 1.0f, weight_.grad.data(), K);
-    }
-    if (bias_) bias_grad(dy, n);
-    if (!need_input_grad) return no_input_grad(dx_, format_);
-    dx_.reshape({n, cin_, h_, w_}, format_);
-    // dcols = dy·W (channels-last) or Wᵀ·dy per sample, then summed back into dx.
-    if (format_ == MemoryFormat::channels_last) {
-      gemm(false, false, n * P, K, cout_, 1.0f, dy.data.data(), cout_, weight_ohwi_.data(), K,
-           0.0f, cols_.data(), K);
-      col2im_rows(dx_.data.data(), n);
-    } else {
-      for (int64_t i = 0; i < n; ++i)
-        gemm(true, false, K, P, cout_, 1.0f, weight_.value.data(), K, dy.data.data() + i * cout_ * P,
-             P, 0.0f, cols_.data() + i * K * P, P);
-      col2im_planes(dx_.data.data(), n);
-    }
-    return dx_;
-  }
-  std::vector<Parameter*> parameters() override {
-    if (bias_) return {&weight_, &*bias_};
-    return {&weight_};
-  }
-  void initialize(const InitOptions& init, std::mt19937_64& rng) override {
-    fill_init(weight_.value, cin_ * k_ * k_, cout_ * k_ * k_, init, rng);
-    if (bias_) std::fill(bias_->value.begin(), bias_->value.end(), 0.0f);
-  }
-
- private:
-  int64_t kdim() const { return cin_ * k_ * k_; }
-
-  void permute_weight_to_ohwi() {
-    weight_ohwi_.resize(weight_.value.size());
-    for (int64_t o = 0; o < cout_; ++o)
-      for (int64_t ci = 0; ci < cin_; ++ci)
-        for (int64_t kk = 0; kk < k_ * k_; ++kk)
-          weight_ohwi_[(o * k_ * k_ + kk) * cin_ + ci] = weight_.value[(o * cin_ + ci) * k_ * k_ + kk];
-  }
-  void add_weight_grad_from_ohwi() {
-    for (int64_t o = 0; o < cout_; ++o)
-      for (int64_t ci = 0; ci < cin_; ++ci)
-        for (int64_t kk = 0; kk < k_ * k_; ++kk)
-          weight_.grad[(o * cin_ + ci) * k_ * k_ + kk] += grad_ohwi_[(o * k_ * k_ + kk) * cin_ + ci];
-  }
-
-  // Channels-last: row (i, oh, ow) holds, for each (kh, kw), the `in` values of
-  // input pixel (oh·s - pad + kh, ow·s - pad + kw), or zeros outside the image.
-  void im2col_rows(const float* src, int64_t n) {
-    const int64_t P = oh_ * ow_, K = kdim();
-#pragma omp parallel for num_threads(threads_for(n * P * K)) schedule(static)
-    for (int64_t r = 0; r < n * P; ++r) {
-      const int64_t i = r / P, oh = (r % P) / ow_, ow = r % ow_;
-      float* row = cols_.data() + r * K;
-      for (int64_t kh = 0; kh < k_; ++kh) {
-        const int64_t ih = oh * stride_ - pad_ + kh;
-        for (int64_t kw = 0; kw < k_; ++kw) {
-          const int64_t iw = ow * stride_ - pad_ + kw;
-          float* dst = row + (kh * k_ + kw) * cin_;
-          if (ih < 0 || ih >= h_ || iw < 0 || iw >= w_) {
-            std::fill(dst, dst + cin_, 0.0f);
-          } else {
-            const float* in = src + ((i * h_ + ih) * w_ + iw) * cin_;
-            std::copy(in, in + cin_, dst);
-          }
-        }
-      }
-    }
-  }
-  // The adjoint of im2col_rows: each sample's rows are summed into its pixels
-  // (one thread per sample, so no two threads write the same pixel).
-  void col2im_rows(float* dst, int64_t n) {
-    const int64_t P = oh_ * ow_, K = kdim();
-    std::fill(dst, dst + n * h_ * w_ * cin_, 0.0f);
-#pragma omp parallel for num_threads(threads_for(n * P * K)) schedule(static)
-    for (int64_t i = 0; i < n; ++i)
-      for (int64_t p = 0; p < P; ++p) {
-        const int64_t oh = p / ow_, ow = p % ow_;
-        const float* row = cols_.data() + (i * P + p) * K;
-        for (int64_t kh = 0; kh < k_; ++kh) {
-          const int64_t ih = oh * stride_ - pad_ + kh;
-          if (ih < 0 || ih >= h_) continue;
-          for (int64_t kw = 0; kw < k_; ++kw) {
-            const int64_t iw = ow * stride_ - pad_ + kw;
-            if (iw < 0 || iw >= w_) continue;
-            float* out = dst + ((i * h_ + ih) * w_ + iw) * cin_;
-            const float* g = row + (kh * k_ + kw) * cin_;
-            for (int64_t ci = 0; ci < cin_; ++ci) out[ci] += g[ci];
-          }
-        }
-      }
-  }
-
-  // Channels-first: per sample, column block (ci, kh, kw) holds input row
-  // (oh·s - pad + kh) shifted by kw, for every output pixel.
-  void im2col_planes(const float* src, int64_t n) {
-    const int64_t P = oh_ * ow_, K = kdim();
-#pragma omp parallel for num_threads(threads_for(n * P * K)) schedule(static)
-    for (int64_t i = 0; i < n; ++i)
-      for (int64_t col = 0; col < K; ++col) {
-        const int64_t ci = col / (k_ * k_), kh = (col / k_) % k_, kw = col % k_;
-        const float* plane = src + (i * cin_ + ci) * h_ * w_;
-        float* dst = cols_.data() + (i * K + col) * P;
-        for (int64_t oh = 0; oh < oh_; ++oh) {
-          const int64_t ih = oh * stride_ - pad_ + kh;
-          for (int64_t ow = 0; ow < ow_; ++ow) {
-            const int64_t iw = ow * stride_ - pad_ + kw;
-            dst[oh * ow_ + ow] =
-                ih >= 0 && ih < h_ && iw >= 0 && iw < w_ ? plane[ih * w_ + iw] : 0.0f;
-          }
-        }
-      }
-  }
-  void col2im_planes(float* dst, int64_t n) {
-    const int64_t P = oh_ * ow_, K = kdim();
-    std::fill(dst, dst + n * cin_ * h_ * w_, 0.0f);
-#pragma omp parallel for num_threads(threads_for(n * P * K)) schedule(static)
-    for (int64_t i = 0; i < n; ++i)
-      for (int64_t col = 0; col < K; ++col) {
-        const int64_t ci = col / (k_ * k_), kh = (col / k_) % k_, kw = col % k_;
-        float* plane = dst + (i * cin_ + ci) * h_ * w_;
-        const float* g = cols_.data() + (i * K + col) * P;
-        for (int64_t oh = 0; oh < oh_; ++oh) {
-          const int64_t ih = oh * stride_ - pad_ + kh;
-          if (ih < 0 || ih >= h_) continue;
-          for (int64_t ow = 0; ow < ow_; ++ow) {
-            const int64_t iw = ow * stride_ - pad_ + kw;
-            if (iw >= 0 && iw < w_) plane[ih * w_ + iw] += g[oh * ow_ + ow];
-          }
-        }
-      }
-  }
-
-  void add_bias(int64_t n) {
-    const int64_t P = oh_ * ow_;
-    const float* b = bias_->value.data();
-    float* y = y_.data.data();
-    const bool last = format_ == MemoryFormat::channels_last;
-#pragma omp parallel for num_threads(threads_for(n * P * cout_)) schedule(static)
-    for (int64_t i = 0; i < n; ++i)
-      for (int64_t p = 0; p < P; ++p)
-        for (int64_t c = 0; c < cout_; ++c)
-          y[last ? (i * P + p) * cout_ + c : (i * cout_ + c) * P + p] += b[c];
-  }
-
-  void bias_grad(const Tensor& dy, int64_t n) {
-    const int64_t P = oh_ * ow_;
-    const bool last = format_ == MemoryFormat::channels_last;
-    for (int64_t c = 0; c < cout_; ++c) {
-      double sum = 0;
-      for (int64_t i = 0; i < n; ++i)
-        for (int64_t p = 0; p < P; ++p)
-          sum += dy.data[last ? (i * P + p) * cout_ + c : (i * cout_ + c) * P + p];
-      bias_->grad[c] += static_cast<float>(sum);
-    }
-  }
-
-  int64_t cin_, h_, w_, cout_, k_, stride_, pad_, oh_ = 0, ow_ = 0;
-  MemoryFormat format_;
-  Parameter weight_;
-  std::optional<Parameter> bias_;
-  std::vector<float> cols_, weight_ohwi_, grad_ohwi_;
-  Tensor y_, dx_;
-};
-
 // ---------------------------------------------------------------- pooling
 // k×k windows, stride s, no padding (floor mode, as PyTorch's default).
-// One output pixel of channels-last pooling: every channel at once, the
-// channel loop innermost and unaliased so it vectorizes. NaN wins, as in PyTorch.
-void max_window_rows(const float* __restrict src, int64_t first, int64_t row_step,
-                     int64_t col_step, int64_t k, int64_t channels, float* __restrict out,
-                     int64_t* __restrict arg) {
-  for (int64_t c = 0; c < channels; ++c) {
-    out[c] = src[first + c];
-    arg[c] = first + c;
-  }
+// Max pooling keeps, per output, where in its window the maximum was: kh·k + kw
+// (uint16: windows up to 255 wide; 2 bytes per output instead of an 8-byte
+// index of the input). Ties go to the first position; NaN wins, the last NaN
+// if several (PyTorch's rule: take v when v > best or v is NaN).
+using WindowIndex = uint16_t;
+constexpr int64_t kMaxPoolWindow = 255;
+
+// The leaf loops: plain functions over unaliased pointers, compiled for
+// AVX-512/AVX2/baseline (support.hpp), written so that the compare, the
+// select and the index blend vectorize (no short-circuit ||, which GCC turns
+// into branches). `index` null: no indices wanted (eval).
+
+// Channels-last: one output pixel, its `channels` channels at once.
+NORMKIT_ENGINE_SIMD_CLONES
+void max_window_rows(const float* __restrict src, int64_t row_step, int64_t col_step, int64_t k,
+                     int64_t channels, float* __restrict out, WindowIndex* __restrict index) {
+  WindowIndex unused[1];
+  const bool keep = index != nullptr;
+  WindowIndex* __restrict at = keep ? index : unused;
+  for (int64_t c = 0; c < channels; ++c) out[c] = src[c];
+  if (keep)
+    for (int64_t c = 0; c < channels; ++c) at[c] = 0;
   for (int64_t kh = 0; kh < k; ++kh)
-    for (int64_t kw = 0; kw < k; ++kw) {
-      const int64_t at = first + kh * row_step + kw * col_step;
-      for (int64_t c = 0; c < channels; ++c) {
-        const float v = src[at + c];
-        const float best = out[c];
-        const bool take = v > best || v != v;
-        out[c] = take ? v : best;
-        arg[c] = take ? at + c : arg[c];
+    for (int64_t kw = kh == 0 ? 1 : 0; kw < k; ++kw) {
+      const float* __restrict p = src + kh * row_step + kw * col_step;
+      const auto position = static_cast<WindowIndex>(kh * k + kw);
+      if (keep) {
+        for (int64_t c = 0; c < channels; ++c) {
+          const float v = p[c], best = out[c];
+          const bool take = (v > best) | (v != v);
+          out[c] = take ? v : best;
+          at[c] = take ? position : at[c];
+        }
+      } else {
+        for (int64_t c = 0; c < channels; ++c) {
+          const float v = p[c], best = out[c];
+          out[c] = (v > best) | (v != v) ? v : best;
+        }
       }
     }
+}
+// Channels-first rows are short (14 or 7 outputs: too short for AVX-512
+// vectors), so their loops also run as scalar code; these selects by bit mask
+// keep that code free of branches, which random data would mispredict.
+inline float select(bool take, float a, float b) {
+  const uint32_t mask = 0u - static_cast<uint32_t>(take);
+  return std::bit_cast<float>((std::bit_cast<uint32_t>(a) & mask) | (std::bit_cast<uint32_t>(b) & ~mask));
+}
+inline uint32_t select(bool take, uint32_t a, uint32_t b) {
+  const uint32_t mask = 0u - static_cast<uint32_t>(take);
+  return (a & mask) | (b & ~mask);
+}
+inline void take_max(float v, uint32_t position, float& best, uint32_t& at) {
+  const bool take = (v > best) | (v != v);
+  best = select(take, v, best);
+  at = select(take, position, at);
+}
+
+// Channels-first, 2×2 windows with stride 2 (the common case, with constant
+// strides so the loads vectorize): one output row from input rows r0, r1.
+NORMKIT_ENGINE_SIMD_CLONES
+void max_window_row_2x2(const float* __restrict r0, const float* __restrict r1, int64_t width,
+                        float* __restrict out, WindowIndex* __restrict index) {
+  for (int64_t ow = 0; ow < width; ++ow) {
+    float best = r0[2 * ow];
+    uint32_t at = 0;
+    take_max(r0[2 * ow + 1], 1, best, at);
+    take_max(r1[2 * ow], 2, best, at);
+    take_max(r1[2 * ow + 1], 3, best, at);
+    out[ow] = best;
+    if (index) index[ow] = static_cast<WindowIndex>(at);
+  }
+}
+// Channels-first, any window: one output row of `width` pixels.
+void max_window_row(const float* __restrict src, int64_t row_step, int64_t stride, int64_t k,
+                    int64_t width, float* __restrict out, WindowIndex* __restrict index) {
+  for (int64_t ow = 0; ow < width; ++ow) {
+    float best = src[ow * stride];
+    uint32_t at = 0;
+    for (int64_t kh = 0; kh < k; ++kh)
+      for (int64_t kw = kh == 0 ? 1 : 0; kw < k; ++kw)
+        take_max(src[kh * row_step + ow * stride + kw], static_cast<uint32_t>(kh * k + kw), best, at);
+    out[ow] = best;
+    if (index) index[ow] = static_cast<WindowIndex>(at);
+  }
+}
+// Backward of disjoint windows, channels-last: one input row of `width` pixels
+// at window row kh, from its output row's `windows` windows (gradients g and
+// indices, `channels` per window); 0 outside every window.
+NORMKIT_ENGINE_SIMD_CLONES
+void max_unpool_rows(const float* __restrict g, const WindowIndex* __restrict index, int64_t kh,
+                     int64_t k, int64_t stride, int64_t windows, int64_t width, int64_t channels,
+                     float* __restrict out) {
+  for (int64_t iw = 0; iw < width; ++iw) {
+    const int64_t ow = iw / stride, kw = iw % stride;
+    float* __restrict o = out + iw * channels;
+    if (ow >= windows || kw >= k) {
+      for (int64_t c = 0; c < channels; ++c) o[c] = 0.0f;
+      continue;
+    }
+    const auto position = static_cast<WindowIndex>(kh * k + kw);
+    const float* __restrict gw = g + ow * channels;
+    const WindowIndex* __restrict iw_index = index + ow * channels;
+    for (int64_t c = 0; c < channels; ++c) o[c] = iw_index[c] == position ? gw[c] : 0.0f;
+  }
+}
+// Channels-first, 2×2 windows with stride 2: one input row at window row kh.
+NORMKIT_ENGINE_SIMD_CLONES
+void max_unpool_row_2x2(const float* __restrict g, const WindowIndex* __restrict index, int64_t kh,
+                        int64_t windows, int64_t width, float* __restrict out) {
+  const auto left = static_cast<WindowIndex>(2 * kh), right = static_cast<WindowIndex>(2 * kh + 1);
+  for (int64_t ow = 0; ow < windows; ++ow) {
+    out[2 * ow] = select(index[ow] == left, g[ow], 0.0f);
+    out[2 * ow + 1] = select(index[ow] == right, g[ow], 0.0f);
+  }
+  for (int64_t iw = 2 * windows; iw < width; ++iw) out[iw] = 0.0f;
+}
+// Channels-first, any disjoint windows: one input row at window row kh.
+void max_unpool_row(const float* __restrict g, const WindowIndex* __restrict index, int64_t kh,
+                    int64_t k, int64_t stride, int64_t windows, int64_t width, float* __restrict out) {
+  for (int64_t iw = 0; iw < width; ++iw) {
+    const int64_t ow = iw / stride, kw = iw % stride;
+    out[iw] = ow < windows && kw < k ? select(index[ow] == kh * k + kw, g[ow], 0.0f) : 0.0f;
+  }
 }
 void average_window_rows(const float* __restrict src, int64_t first, int64_t row_step,
                          int64_t col_step, int64_t k, int64_t channels, float* __restrict out) {
@@ -424,13 +306,16 @@ class Pool2d final : public Layer {
                    shape_text(input));
     return {c_, oh_, ow_};
   }
-  // Each output (i, c, oh, ow) reduces its window; channels-last runs the
-  // channel loop innermost (contiguous), channels-first the pixel loops.
   const Tensor& forward(const Tensor& x, Mode mode) override {
     const int64_t n = x.shape[0];
     y_.reshape({n, c_, oh_, ow_}, format_);
-    const bool keep = max_ && mode == Mode::train;
-    if (max_) argmax_.resize(y_.data.size());
+    if (max_) {
+      if (mode == Mode::train) index_.resize(y_.data.size());
+      max_forward(x, mode == Mode::train);
+      return y_;
+    }
+    // Average: each output (i, c, oh, ow) sums its window; channels-last runs the
+    // channel loop innermost (contiguous), channels-first the window loops.
     const Strides4 in(x.shape, format_), out(y_.shape, format_);
     const float inv_area = 1.0f / static_cast<float>(k_ * k_);
     const float* src = x.data.data();
@@ -439,35 +324,20 @@ class Pool2d final : public Layer {
 #pragma omp parallel for num_threads(threads_for(x.numel())) schedule(static)
       for (int64_t t = 0; t < n * oh_ * ow_; ++t) {
         const int64_t i = t / (oh_ * ow_), oh = (t / ow_) % oh_, ow = t % ow_;
-        const int64_t first = in.at(i, 0, oh * stride_, ow * stride_);
-        if (max_)
-          max_window_rows(src, first, in.h, in.w, k_, c_, dst + t * c_, argmax_.data() + t * c_);
-        else
-          average_window_rows(src, first, in.h, in.w, k_, c_, dst + t * c_);
+        average_window_rows(src, in.at(i, 0, oh * stride_, ow * stride_), in.h, in.w, k_, c_,
+                            dst + t * c_);
       }
       return y_;
     }
-    const int64_t cout_step = out.c;
 #pragma omp parallel for num_threads(threads_for(x.numel())) schedule(static)
     for (int64_t t = 0; t < n * oh_ * ow_; ++t) {
       const int64_t i = t / (oh_ * ow_), oh = (t / ow_) % oh_, ow = t % ow_;
       for (int64_t c = 0; c < c_; ++c) {
         const int64_t first = in.at(i, c, oh * stride_, ow * stride_);
-        float best = src[first], sum = 0.0f;
-        int64_t best_at = first;
+        float sum = 0.0f;
         for (int64_t kh = 0; kh < k_; ++kh)
-          for (int64_t kw = 0; kw < k_; ++kw) {
-            const int64_t at = first + kh * in.h + kw * in.w;
-            const float v = src[at];
-            sum += v;
-            if (v > best || (v != v && best == best)) {  // NaN wins, as in PyTorch
-              best = v;
-              best_at = at;
-            }
-          }
-        const int64_t o = out.at(i, 0, oh, ow) + c * cout_step;
-        dst[o] = max_ ? best : sum * inv_area;
-        if (keep) argmax_[o] = best_at;
+          for (int64_t kw = 0; kw < k_; ++kw) sum += src[first + kh * in.h + kw * in.w];
+        dst[out.at(i, c, oh, ow)] = sum * inv_area;
       }
     }
     return y_;
@@ -476,35 +346,96 @@ class Pool2d final : public Layer {
     if (!need_input_grad) return no_input_grad(dx_, format_);
     const int64_t n = dy.shape[0];
     dx_.reshape({n, c_, h_, w_}, format_);
+    if (max_ && stride_ >= k_) {
+      max_backward_disjoint(dy);
+      return dx_;
+    }
     std::fill(dx_.data.begin(), dx_.data.end(), 0.0f);
-    const int64_t per_sample_out = c_ * oh_ * ow_;
     const Strides4 in(dx_.shape, format_), out(dy.shape, format_);
     const float inv_area = 1.0f / static_cast<float>(k_ * k_);
-    // Windows of one sample only touch that sample: one thread per sample.
+    // Overlapping windows add into the same input: one thread per sample, so
+    // no two threads write the same element.
 #pragma omp parallel for num_threads(threads_for(dy.numel() * k_ * k_)) schedule(static)
-    for (int64_t i = 0; i < n; ++i) {
-      if (max_) {
-        for (int64_t o = i * per_sample_out; o < (i + 1) * per_sample_out; ++o)
-          dx_.data[argmax_[o]] += dy.data[o];
-        continue;
-      }
+    for (int64_t i = 0; i < n; ++i)
       for (int64_t c = 0; c < c_; ++c)
         for (int64_t oh = 0; oh < oh_; ++oh)
           for (int64_t ow = 0; ow < ow_; ++ow) {
-            const float g = dy.data[out.at(i, c, oh, ow)] * inv_area;
+            const int64_t o = out.at(i, c, oh, ow);
+            if (max_) {
+              const int64_t kh = index_[o] / k_, kw = index_[o] % k_;
+              dx_.data[in.at(i, c, oh * stride_ + kh, ow * stride_ + kw)] += dy.data[o];
+              continue;
+            }
+            const float g = dy.data[o] * inv_area;
             for (int64_t kh = 0; kh < k_; ++kh)
               for (int64_t kw = 0; kw < k_; ++kw)
                 dx_.data[in.at(i, c, oh * stride_ + kh, ow * stride_ + kw)] += g;
           }
-    }
     return dx_;
   }
 
  private:
+  // index_ is written in train mode only.
+  void max_forward(const Tensor& x, bool keep_index) {
+    const int64_t n = x.shape[0];
+    const Strides4 in(x.shape, format_);
+    const float* src = x.data.data();
+    float* dst = y_.data.data();
+    WindowIndex* index = keep_index ? index_.data() : nullptr;
+    if (format_ == MemoryFormat::channels_last) {
+#pragma omp parallel for num_threads(threads_for(x.numel())) schedule(static)
+      for (int64_t t = 0; t < n * oh_ * ow_; ++t) {
+        const int64_t i = t / (oh_ * ow_), oh = (t / ow_) % oh_, ow = t % ow_;
+        max_window_rows(src + in.at(i, 0, oh * stride_, ow * stride_), in.h, in.w, k_, c_,
+                        dst + t * c_, index ? index + t * c_ : nullptr);
+      }
+      return;
+    }
+#pragma omp parallel for num_threads(threads_for(x.numel())) schedule(static)
+    for (int64_t r = 0; r < n * c_ * oh_; ++r) {  // output rows, (i, c, oh)
+      const int64_t plane = r / oh_, oh = r % oh_;
+      const float* row = src + (plane * h_ + oh * stride_) * w_;
+      WindowIndex* row_index = index ? index + r * ow_ : nullptr;
+      if (k_ == 2 && stride_ == 2)
+        max_window_row_2x2(row, row + w_, ow_, dst + r * ow_, row_index);
+      else
+        max_window_row(row, w_, stride_, k_, ow_, dst + r * ow_, row_index);
+    }
+  }
+  // Windows that do not overlap (stride >= k): every input element is in at
+  // most one window, so dx is written once, in memory order, from its window's
+  // index and gradient (0 outside every window), with no zero fill first.
+  void max_backward_disjoint(const Tensor& dy) {
+    const float* g = dy.data.data();
+    const WindowIndex* index = index_.data();
+    float* dx = dx_.data.data();
+    // Input row ih is in window row oh = ih / stride at kh = ih % stride, unless
+    // kh >= k or oh >= the output rows: then it is in no window.
+    const bool last = format_ == MemoryFormat::channels_last;
+    const int64_t row_size = last ? w_ * c_ : w_;        // floats per input row
+    const int64_t window_row = last ? ow_ * c_ : ow_;    // per output row
+#pragma omp parallel for num_threads(threads_for(dx_.numel())) schedule(static)
+    for (int64_t r = 0; r < dx_.numel() / row_size; ++r) {  // input rows: (i, ih) or (i, c, ih)
+      const int64_t plane = r / h_, oh = (r % h_) / stride_, kh = (r % h_) % stride_;
+      float* out = dx + r * row_size;
+      if (oh >= oh_ || kh >= k_) {
+        std::fill(out, out + row_size, 0.0f);
+        continue;
+      }
+      const int64_t o = (plane * oh_ + oh) * window_row;
+      if (last)
+        max_unpool_rows(g + o, index + o, kh, k_, stride_, ow_, w_, c_, out);
+      else if (k_ == 2 && stride_ == 2)
+        max_unpool_row_2x2(g + o, index + o, kh, ow_, w_, out);
+      else
+        max_unpool_row(g + o, index + o, kh, k_, stride_, ow_, w_, out);
+    }
+  }
+
   int64_t c_, h_, w_, k_, stride_, oh_ = 0, ow_ = 0;
   bool max_;
   MemoryFormat format_;
-  std::vector<int64_t> argmax_;
+  std::vector<WindowIndex> index_;  // max pooling, train mode: kh·k + kw per output
   Tensor y_, dx_;
 };
 
@@ -737,8 +668,7 @@ std::unique_ptr<Layer> build_conv(const ModelSpec::LayerSpec& spec, const Input&
     fail_invalid("conv: bad sizes (out ", out, ", kernel ", k, ", stride ", stride, ", pad ", pad, ")");
   if (input[1] + 2 * pad < k || input[2] + 2 * pad < k)
     fail_invalid("conv: kernel ", k, " is larger than the padded input ", shape_text(input));
-  return std::make_unique<Conv2d>(input, out, k, stride, pad, option_or(spec, "bias", 1) != 0,
-                                  format);
+  return make_conv_layer(input, out, k, stride, pad, option_or(spec, "bias", 1) != 0, format);
 }
 
 std::unique_ptr<Layer> build_pool(const ModelSpec::LayerSpec& spec, const Input& input,
@@ -749,6 +679,8 @@ std::unique_ptr<Layer> build_pool(const ModelSpec::LayerSpec& spec, const Input&
   const auto stride = static_cast<int64_t>(option_or(spec, "stride", static_cast<double>(k)));
   if (k < 1 || stride < 1 || input[1] < k || input[2] < k)
     fail_invalid(t, ": window ", k, " (stride ", stride, ") does not fit input ", shape_text(input));
+  if (t == "maxpool" && k > kMaxPoolWindow)
+    fail_invalid(t, ": windows up to ", kMaxPoolWindow, " wide are supported, got ", k);
   return std::make_unique<Pool2d>(input, k, stride, t == "maxpool", format);
 }
 
@@ -774,8 +706,8 @@ std::unique_ptr<Layer> build_layer_norm(const ModelSpec::LayerSpec& spec, const 
 }
 
 std::unique_ptr<Layer> build_batch_norm(const ModelSpec::LayerSpec& spec, const Input& input,
-                                        MemoryFormat, size_t) {
-  return make_batch_norm_layer(spec, input);
+                                        MemoryFormat, size_t index) {
+  return make_batch_norm_layer(spec, input, index);
 }
 
 std::unique_ptr<Layer> build_group_norm(const ModelSpec::LayerSpec& spec, const Input& input,
@@ -801,10 +733,10 @@ const std::vector<LayerKind>& layer_kinds() {
       {"tanh", 0, 0, {}, false, build_activation<Activation::tanh>},
       {"dropout", 1, 1, {}, false, build_dropout},
       {"flatten", 0, 0, {}, false, build_flatten},
-      {"batchnorm", 0, 0, {"eps", "momentum", "frozen"}, true, build_batch_norm},
-      {"batchrenorm", 0, 0, {"eps", "momentum", "rmax", "dmax", "warmup", "frozen"}, true,
+      {"batchnorm", 0, 0, {"eps", "momentum", "frozen", "noise"}, true, build_batch_norm},
+      {"batchrenorm", 0, 0, {"eps", "momentum", "rmax", "dmax", "warmup", "frozen", "noise"}, true,
        build_batch_norm},
-      {"ghostbatchnorm", 0, 0, {"eps", "momentum", "size", "frozen"}, true, build_batch_norm},
+      {"ghostbatchnorm", 0, 0, {"eps", "momentum", "size", "frozen", "noise"}, true, build_batch_norm},
       {"layernorm", 0, 0, {"eps"}, true, build_layer_norm},
       {"groupnorm", 0, 0, {"groups", "eps", "affine"}, true, build_group_norm},
       {"instancenorm", 0, 0, {"eps", "momentum", "affine", "track_running_stats"}, true,

@@ -36,11 +36,21 @@ std::string shape_text(const std::vector<int64_t>& shape);
 // A spec option as a number, or `fallback` when the spec does not give it.
 double option_or(const ModelSpec::LayerSpec& spec, const std::string& key, double fallback);
 
+// Fills weights of a layer with `fan_in` inputs and `fan_out` outputs per `init`.
+void fill_init(std::vector<float>& w, int64_t fan_in, int64_t fan_out, const InitOptions& init,
+               std::mt19937_64& rng);
+
+// Square kernel k, zero padding (conv_layer.cpp).
+std::unique_ptr<Layer> make_conv_layer(const std::vector<int64_t>& input, int64_t out, int64_t k,
+                                       int64_t stride, int64_t pad, bool bias, MemoryFormat format);
+
 // A layer that can end a residual block: y = relu(layer(x) + z) in one pass
 // (batchnorm: batch_norm_add_relu, the ReLU mask kept as bits).
 class AddReluTail {
  public:
   virtual ~AddReluTail() = default;
+  // Whether it can (noisy BN cannot: its noise comes between the BN and the sum).
+  virtual bool fuses_add_relu() const = 0;
   virtual const Tensor& forward_add_relu(const Tensor& x, const Tensor& z, Mode mode) = 0;
   // Writes dz = dL/dz (= dL/d(layer(x) + z) where the ReLU passes) and returns
   // dL/dx (an empty tensor unless need_input_grad); adds the parameter gradients.
@@ -57,7 +67,8 @@ std::unique_ptr<Layer> make_layer_norm(const std::vector<int64_t>& input_shape, 
 // "batchnorm", "batchrenorm" and "ghostbatchnorm" (batch_norm_layers.cpp).
 constexpr int64_t kDefaultRenormWarmup = 500;   // steps over which rmax, dmax reach their values
 constexpr int64_t kDefaultGhostBatchSize = 32;  // virtual batch size
+// `index` (the layer's position) keeps the noise of noisy BN layers (noise=S) apart.
 std::unique_ptr<Layer> make_batch_norm_layer(const ModelSpec::LayerSpec& spec,
-                                             const std::vector<int64_t>& input_shape);
+                                             const std::vector<int64_t>& input_shape, size_t index);
 
 }  // namespace normkit::nn::detail

@@ -68,6 +68,7 @@ class Residual final : public Layer {
                                      : "");
     output_shape_ = body_shape;
     tail_ = dynamic_cast<AddReluTail*>(body_.back().get());
+    if (tail_ && !tail_->fuses_add_relu()) tail_ = nullptr;
   }
   std::string type() const override { return "residual"; }
   std::string describe() const override {

@@ -136,7 +136,7 @@ ModelSpec ModelSpec::parse(const std::string& text) {
         for (const auto& o : kind->options) known += (known.empty() ? "" : ", ") + o + "=";
         fail("unknown option '", key, "' (", type, known.empty() ? " takes no options" : " takes " + known, ")");
       }
-      if (key == "eps" || key == "momentum" || key == "rmax" || key == "dmax") {
+      if (key == "eps" || key == "momentum" || key == "rmax" || key == "dmax" || key == "noise") {
         number(value);
       } else if (const double v = whole(value);
                  (key == "bias" || key == "frozen" || key == "affine" || key == "track_running_stats") &&
@@ -173,6 +173,60 @@ ModelSpec ModelSpec::preset(const std::string& name) {
         "conv 64 3 pad=1 bias=0; batchnorm; relu; maxpool 2;"
         "flatten; linear 128 bias=0; batchnorm; relu; linear 10");
   engine::fail_invalid("unknown model preset '", name, "'; expected mlp-paper or cnn-small");
+}
+
+ModelSpec ModelSpec::mlp(const std::string& options, const std::vector<int64_t>& input_shape,
+                         int64_t classes) {
+  std::map<std::string, std::string> o = {{"depth", "3"},  {"width", "100"},    {"act", "relu"},
+                                          {"bn", "before"}, {"dropout", "0"}, {"input_bn", "0"}};
+  std::string item;
+  std::istringstream in(options);
+  while (std::getline(in, item, ',')) {
+    if (item.empty()) continue;
+    const auto eq = item.find('=');
+    const std::string key = item.substr(0, eq);
+    if (eq == std::string::npos || !o.contains(key))
+      engine::fail_invalid("mlp: expected key=value with keys depth, width, act, bn, dropout, input_bn; got '",
+                           item, "'");
+    o[key] = item.substr(eq + 1);
+  }
+  auto whole = [&](const std::string& key, double lo, double hi) {
+    const std::optional<double> v = parse_number(o[key]);
+    if (!v || *v != std::floor(*v) || *v < lo || *v > hi)
+      engine::fail_invalid("mlp: ", key, " must be a whole number in [", lo, ", ", hi, "], got '", o[key], "'");
+    return static_cast<int64_t>(*v);
+  };
+  const int64_t depth = whole("depth", 0, 1000), width = whole("width", 1, 1e6);
+  const int64_t input_bn = whole("input_bn", 0, 1);
+  const std::optional<double> dropout = parse_number(o["dropout"]);
+  if (!dropout || *dropout < 0 || *dropout >= 1)
+    engine::fail_invalid("mlp: dropout must be in [0, 1), got '", o["dropout"], "'");
+  const std::string& act = o["act"];
+  if (act != "relu" && act != "sigmoid" && act != "tanh")
+    engine::fail_invalid("mlp: act must be relu, sigmoid or tanh, got '", act, "'");
+  const std::string& bn = o["bn"];
+  if (bn != "before" && bn != "after" && bn != "none")
+    engine::fail_invalid("mlp: bn must be before, after (the activation) or none, got '", bn, "'");
+  if (input_shape.empty() || classes < 2)
+    engine::fail_invalid("mlp: needs the data's sample shape and at least 2 classes");
+  std::ostringstream text;
+  text << "input";
+  for (const auto d : input_shape) text << ' ' << d;
+  text << "; flatten;";
+  if (input_bn) text << " batchnorm;";
+  for (int64_t l = 0; l < depth; ++l) {
+    // A bias before BN is redundant (BN's β takes its place); after the
+    // activation it is not.
+    if (bn == "before")
+      text << " linear " << width << " bias=0; batchnorm; " << act << ";";
+    else if (bn == "after")
+      text << " linear " << width << "; " << act << "; batchnorm;";
+    else
+      text << " linear " << width << "; " << act << ";";
+    if (*dropout > 0) text << " dropout " << o["dropout"] << ";";
+  }
+  text << " linear " << classes;
+  return parse(text.str());
 }
 
 namespace {
@@ -224,8 +278,8 @@ ModelSpec ModelSpec::without_batch_norm() const {
 }
 
 const std::vector<std::string>& ModelSpec::norm_kinds() {
-  static const std::vector<std::string> kinds = {"batch",  "none",  "frozen",  "renorm",
-                                                 "ghost",  "layer", "group",   "instance"};
+  static const std::vector<std::string> kinds = {"batch", "none",  "frozen", "renorm",  "ghost",
+                                                 "layer", "group", "instance", "noisy"};
   return kinds;
 }
 
@@ -243,7 +297,8 @@ std::vector<ModelSpec::LayerSpec> replace_norms(const std::vector<ModelSpec::Lay
                                                 const std::string& norm, Activation& at) {
   static const std::map<std::string, std::string> layer_type = {
       {"frozen", "batchnorm"},      {"renorm", "batchrenorm"}, {"ghost", "ghostbatchnorm"},
-      {"layer", "layernorm"},       {"group", "groupnorm"},    {"instance", "instancenorm"}};
+      {"layer", "layernorm"},       {"group", "groupnorm"},    {"instance", "instancenorm"},
+      {"noisy", "batchnorm"}};
   std::vector<ModelSpec::LayerSpec> out;
   for (const auto& layer : layers) {
     if (layer.type == "flatten" || layer.type == "linear") at.flat = true;
@@ -271,6 +326,8 @@ std::vector<ModelSpec::LayerSpec> replace_norms(const std::vector<ModelSpec::Lay
       if (std::find(allowed.begin(), allowed.end(), key) != allowed.end()) replaced.options[key] = value;
     // (insert_or_assign, not operator=: GCC 12 warns falsely about assigning "1" here)
     if (norm == "frozen") replaced.options.insert_or_assign("frozen", std::string(1, '1'));
+    if (norm == "noisy" && !replaced.options.contains("noise"))
+      replaced.options.insert_or_assign("noise", std::string(1, '1'));
     // GroupNorm's usual 32 groups, or the most groups up to 32 that divide the
     // channels (mlp-paper's 100 features: 25 groups of 4). On flat features a
     // group of one channel has one value per sample and normalizes to β alone,
@@ -291,7 +348,7 @@ ModelSpec ModelSpec::with_norm(const std::string& norm) const {
   if (norm == "none") return without_batch_norm();
   if (std::find(norm_kinds().begin(), norm_kinds().end(), norm) == norm_kinds().end())
     engine::fail_invalid("unknown normalization '", norm, "'; expected one of batch, none, frozen, renorm, "
-                         "ghost, layer, group, instance");
+                         "ghost, layer, group, instance, noisy");
   if (norm == "batch") return *this;
   ModelSpec out;
   out.input_shape = input_shape;

@@ -48,14 +48,19 @@ void make_batch(const data::Dataset& set, const std::vector<int64_t>& order, int
   }
 }
 
+int64_t steps_per_epoch(int64_t count, int64_t batch_size) {
+  int64_t steps = (count + batch_size - 1) / batch_size;
+  if (count % batch_size == 1) --steps;  // a lone last sample cannot be batch-normalized
+  return steps;
+}
+
 EpochResult train_epoch(nn::Model& model, nn::Optimizer& optimizer, const data::Dataset& train,
                         int64_t batch_size, uint64_t seed, int64_t epoch,
                         const ProgressCallback& progress) {
   if (batch_size < 2) engine::fail_invalid("batch size must be >= 2 for batch normalization, got ", batch_size);
   if (train.count() < 2) engine::fail_invalid("training needs at least 2 samples");
   const auto order = epoch_order(train.count(), seed, epoch);
-  int64_t steps = (train.count() + batch_size - 1) / batch_size;
-  if (train.count() % batch_size == 1) --steps;  // a lone last sample cannot be batch-normalized
+  const int64_t steps = steps_per_epoch(train.count(), batch_size);
   const auto parameters = model.parameters();
   nn::Tensor batch, dlogits;
   std::vector<int32_t> labels;
@@ -84,7 +89,8 @@ EpochResult train_epoch(nn::Model& model, nn::Optimizer& optimizer, const data::
           std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
       progress({step + 1, steps, loss_sum / static_cast<double>(result.samples),
                 static_cast<double>(correct) / static_cast<double>(result.samples),
-                static_cast<double>(result.samples) / std::max(elapsed, 1e-9)});
+                static_cast<double>(result.samples) / std::max(elapsed, 1e-9), loss.loss,
+                loss.correct, size});
     }
   }
   result.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
