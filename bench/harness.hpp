@@ -5,7 +5,7 @@
 //
 // Normalization is memory-bound, so every case is reported next to a plain copy
 // of the same tensor measured in the same rounds: "× copy" is the figure that
-// survives a noisy, shared machine (DESIGN.md, "Measured anchors").
+// survives a noisy, shared machine (bench/README.md).
 #include <cstdint>
 #include <cstdlib>
 #include <functional>
@@ -21,9 +21,9 @@ namespace normkit_bench {
 enum class Memory { channels_first, channels_last };
 
 // One measured shape. `kind` names the normalization ("bn1d", "bn2d", "bn3d",
-// "bn_relu" and "bn_add_relu" for the fused BN+ReLU and BN+Add+ReLU;
-// later "layer_norm", "group_norm"); a library that does not know a kind offers
-// no cases for it.
+// "bn_relu" and "bn_add_relu" for the fused BN+ReLU and BN+Add+ReLU,
+// "layer_norm", "group_norm"); a library that does not know a kind offers no
+// cases for it.
 struct Problem {
   std::string kind;
   std::vector<int64_t> sizes;  // N, C, spatial...

@@ -18,7 +18,7 @@ training time of the epoch) or, with --engine driver or when the CLI is not buil
 <build>/train_fashion_mnist (examples/train_fashion_mnist.cpp, the same loop without
 checkpoints). Both standardize per pixel and initialize He as here. normkit runs in
 channels-last (nhwc, the CLI's default) and, for CNNs, also channels-first (nchw). PyTorch
-runs its default (contiguous NCHW) format. The machines are noisy (see DESIGN.md): compare
+runs its default (contiguous NCHW) format. The machines are noisy (see bench/README.md): compare
 only figures from the same run, and prefer --repeat 3 (median) for anything that matters.
 """
 import argparse

@@ -5,6 +5,7 @@
 #include <string>
 
 #include "core/check.hpp"
+#include "core/sample_geometry.hpp"
 
 namespace normkit {
 
@@ -121,20 +122,26 @@ bool collapse(const TensorView<T>& view, int first, int last, int64_t& size, int
   }
   return true;
 }
-}  // namespace
 
+// What every geometry needs: a known layout, sizes and strides >= 0.
 template <class T>
-Geometry geometry_of(const TensorView<T>& view, std::string_view argument_name, Folding folding) {
+void check_view(const TensorView<T>& view, std::string_view argument_name) {
   if (!is_known(view.layout))
     detail::fail_invalid(argument_name, ": unsupported layout value");
-  const int rank = view.rank();
-  for (int axis = 0; axis < rank; ++axis) {
+  for (int axis = 0; axis < view.rank(); ++axis) {
     if (view.shape[axis] < 0)
       detail::fail_invalid(argument_name, ": negative size in shape ", view.shape_string());
     if (view.strides[axis] < 0)
       detail::fail_invalid(argument_name, ": negative strides are not supported (shape ",
                            view.shape_string(), ")");
   }
+}
+}  // namespace
+
+template <class T>
+Geometry geometry_of(const TensorView<T>& view, std::string_view argument_name, Folding folding) {
+  check_view(view, argument_name);
+  const int rank = view.rank();
   const int c_axis = channel_axis(view.layout);
   Geometry g;
   g.channels = view.shape[c_axis];
@@ -167,6 +174,23 @@ Geometry geometry_of(const TensorView<T>& view, std::string_view argument_name, 
   return g;
 }
 
+template <class T>
+SampleGeometry sample_geometry_of(const TensorView<T>& view, std::string_view argument_name) {
+  check_view(view, argument_name);
+  const int c_axis = channel_axis(view.layout);
+  const int first = is_channels_last(view.layout) ? 1 : 2;
+  const int last = is_channels_last(view.layout) ? view.rank() - 1 : view.rank();
+  SampleGeometry g;
+  g.n = view.shape[0];
+  g.c = view.shape[c_axis];
+  g.n_stride = view.strides[0];
+  g.c_stride = view.strides[c_axis];
+  if (!collapse(view, first, last, g.s, g.s_stride))
+    detail::fail_invalid(argument_name, ": the strides of ", view.shape_string(),
+                         " do not let the spatial axes be viewed as one; pass a contiguous tensor");
+  return g;
+}
+
 template struct TensorView<float>;
 template struct TensorView<const float>;
 template struct TensorView<double>;
@@ -175,5 +199,9 @@ template Geometry geometry_of(const TensorView<float>&, std::string_view, Foldin
 template Geometry geometry_of(const TensorView<const float>&, std::string_view, Folding);
 template Geometry geometry_of(const TensorView<double>&, std::string_view, Folding);
 template Geometry geometry_of(const TensorView<const double>&, std::string_view, Folding);
+template SampleGeometry sample_geometry_of(const TensorView<float>&, std::string_view);
+template SampleGeometry sample_geometry_of(const TensorView<const float>&, std::string_view);
+template SampleGeometry sample_geometry_of(const TensorView<double>&, std::string_view);
+template SampleGeometry sample_geometry_of(const TensorView<const double>&, std::string_view);
 
 }  // namespace normkit

@@ -6,7 +6,7 @@
 // Everything here has internal linkage (an unnamed namespace), so every kernel
 // file that includes it compiles its own copy with its own target_clones
 // resolver: no clone or resolver is shared between translation units, and a
-// file's options (-fno-math-errno for batch_norm_cpu.cpp) apply to its copy.
+// file's compile options apply to its copy.
 // Functions are [[maybe_unused]] because not every file uses every loop.
 //
 // SIMD: the loops are written over fixed lanes, so the compiler vectorizes them
@@ -169,7 +169,7 @@ GradientSums gradient_sums_run(const float* __restrict x, const float* __restric
   return {lane_total<kDoubleLanes>(acc1) + tail1, lane_total<kDoubleLanes>(acc2) + tail2};
 }
 
-// ----- batch norm's plans (batch_norm_cpu.cpp, batch_norm_fused_cpu.cpp) -----
+// ----- batch norm's plans (batch_norm_{planes,rows}.cpp, batch_norm_fused_{planes,rows}.cpp) -----
 
 // A planes piece: small enough that its second pass reads from L1.
 constexpr int64_t kPieceElements = 4096;

@@ -7,9 +7,10 @@
 //             training: dx = γ·invstd·(g - dβ/M - x̂·dγ/M);  frozen: dx = γ·invstd·g
 #include <vector>
 
-#include "batch_norm_fused_kernels.hpp"
+#include "kernels/batch_norm.hpp"
+#include "kernels/batch_norm_fused.hpp"
 
-namespace normkit::kernels::ref {
+namespace normkit::kernels::bn_fused::ref {
 
 namespace {
 double value_or(const auto* p, int64_t c, double fallback) {
@@ -26,14 +27,14 @@ bool get_bit(const uint8_t* mask, int64_t k) { return (mask[k / 8] >> (k % 8)) &
 }  // namespace
 
 template <class T>
-void fused_forward(const FusedForward<T>& p) {
+void forward(const Forward<T>& p) {
   const Geometry& g = p.x_geom;
   std::vector<double> mean(g.channels), invstd(g.channels);
   if (p.training) {
-    moments(g, p.x, p.moments);
+    bn::ref::moments(bn::Statistics<T>{g, p.x, p.moments});
     for (int64_t c = 0; c < g.channels; ++c) {
       mean[c] = p.moments[c].mean;
-      invstd[c] = invstd_of(p.moments[c].biased_variance(), p.eps);
+      invstd[c] = bn::invstd_of(p.moments[c].biased_variance(), p.eps);
     }
   } else {
     for (int64_t c = 0; c < g.channels; ++c) {
@@ -55,7 +56,7 @@ void fused_forward(const FusedForward<T>& p) {
 }
 
 template <class T>
-void fused_backward(const FusedBackward<T>& p) {
+void backward(const Backward<T>& p) {
   const Geometry& gx = p.x_geom;
   const double count = static_cast<double>(gx.reduction_size());
   auto masked_dy = [&](int64_t o, int64_t c, int64_t i) {
@@ -92,9 +93,9 @@ void fused_backward(const FusedBackward<T>& p) {
   }
 }
 
-template void fused_forward(const FusedForward<float>&);
-template void fused_forward(const FusedForward<double>&);
-template void fused_backward(const FusedBackward<float>&);
-template void fused_backward(const FusedBackward<double>&);
+template void forward(const Forward<float>&);
+template void forward(const Forward<double>&);
+template void backward(const Backward<float>&);
+template void backward(const Backward<double>&);
 
-}  // namespace normkit::kernels::ref
+}  // namespace normkit::kernels::bn_fused::ref

@@ -4,9 +4,9 @@
 // and the implementation behind the double-precision API.
 #include <vector>
 
-#include "batch_norm_kernels.hpp"
+#include "kernels/batch_norm.hpp"
 
-namespace normkit::kernels::ref {
+namespace normkit::kernels::bn::ref {
 
 namespace {
 // Calls f(o, i) for every element of one channel.
@@ -22,7 +22,9 @@ double value_or(const auto* p, int64_t c, double fallback) {
 
 // mean = Σx / M;  M2 = Σ (x - mean)²  (two passes, so no cancellation).
 template <class T>
-void moments(const Geometry& g, const T* x, Moments* out) {
+void moments(const Statistics<T>& p) {
+  const Geometry& g = p.x_geom;
+  const T* x = p.x;
   const double count = static_cast<double>(g.reduction_size());
   for (int64_t c = 0; c < g.channels; ++c) {
     double sum = 0;
@@ -33,7 +35,7 @@ void moments(const Geometry& g, const T* x, Moments* out) {
       const double d = x[g.offset(o, c, i)] - mean;
       m2 += d * d;
     });
-    out[c] = {count, mean, m2};
+    p.moments[c] = {count, mean, m2};
   }
 }
 
@@ -52,8 +54,8 @@ void apply(const Apply<T>& p) {
 }
 
 template <class T>
-void forward_training(const ForwardTraining<T>& p) {
-  moments(p.x_geom, p.x, p.moments);
+void forward(const Forward<T>& p) {
+  moments(Statistics<T>{p.x_geom, p.x, p.moments});
   std::vector<double> mean(p.x_geom.channels), invstd(p.x_geom.channels);
   for (int64_t c = 0; c < p.x_geom.channels; ++c) {
     mean[c] = p.moments[c].mean;
@@ -96,13 +98,13 @@ void backward(const Backward<T>& p) {
   }
 }
 
-template void moments(const Geometry&, const float*, Moments*);
-template void moments(const Geometry&, const double*, Moments*);
+template void moments(const Statistics<float>&);
+template void moments(const Statistics<double>&);
 template void apply(const Apply<float>&);
 template void apply(const Apply<double>&);
-template void forward_training(const ForwardTraining<float>&);
-template void forward_training(const ForwardTraining<double>&);
+template void forward(const Forward<float>&);
+template void forward(const Forward<double>&);
 template void backward(const Backward<float>&);
 template void backward(const Backward<double>&);
 
-}  // namespace normkit::kernels::ref
+}  // namespace normkit::kernels::bn::ref

@@ -4,7 +4,7 @@
 #include <cmath>
 #include <vector>
 
-#include "group_norm_kernels.hpp"
+#include "kernels/group_norm.hpp"
 
 namespace normkit::kernels::gn::ref {
 
@@ -23,7 +23,10 @@ void for_each_in_group(const SampleGeometry& g, int64_t groups, int64_t group, F
 
 // Per (n, g), over M = C/G · S values: mean = Σx / M; M2 = Σ(x - mean)² (two passes).
 template <class T>
-void moments(const SampleGeometry& g, const T* x, int64_t groups, Moments* out) {
+void moments(const Statistics<T>& p) {
+  const SampleGeometry& g = p.x_geom;
+  const T* x = p.x;
+  const int64_t groups = p.groups;
   const double count = static_cast<double>(g.c / groups * g.s);
   for (int64_t n = 0; n < g.n; ++n)
     for (int64_t group = 0; group < groups; ++group) {
@@ -35,7 +38,7 @@ void moments(const SampleGeometry& g, const T* x, int64_t groups, Moments* out) 
         const double d = x[g.offset(n, c, s)] - mean;
         m2 += d * d;
       });
-      out[n * groups + group] = {count, mean, m2};
+      p.moments[n * groups + group] = {count, mean, m2};
     }
 }
 
@@ -43,7 +46,7 @@ void moments(const SampleGeometry& g, const T* x, int64_t groups, Moments* out) 
 template <class T>
 void forward(const Forward<T>& p) {
   const SampleGeometry& gx = p.x_geom;
-  moments(gx, p.x, p.groups, p.moments);
+  moments(Statistics<T>{gx, p.x, p.groups, p.moments});
   for (int64_t n = 0; n < gx.n; ++n)
     for (int64_t group = 0; group < p.groups; ++group) {
       const Moments& m = p.moments[n * p.groups + group];
@@ -92,8 +95,8 @@ void backward(const Backward<T>& p) {
     }
 }
 
-template void moments(const SampleGeometry&, const float*, int64_t, Moments*);
-template void moments(const SampleGeometry&, const double*, int64_t, Moments*);
+template void moments(const Statistics<float>&);
+template void moments(const Statistics<double>&);
 template void forward(const Forward<float>&);
 template void forward(const Forward<double>&);
 template void backward(const Backward<float>&);

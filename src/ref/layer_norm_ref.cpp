@@ -4,9 +4,9 @@
 // implementation behind the double-precision API.
 #include <cmath>
 
-#include "layer_norm_kernels.hpp"
+#include "kernels/layer_norm.hpp"
 
-namespace normkit::kernels::rows::ref {
+namespace normkit::kernels::ln::ref {
 
 namespace {
 double value_or(const auto* p, int64_t j, double fallback) {
@@ -90,4 +90,4 @@ template void forward<double>(const Forward<double>&);
 template void backward<float>(const Backward<float>&);
 template void backward<double>(const Backward<double>&);
 
-}  // namespace normkit::kernels::rows::ref
+}  // namespace normkit::kernels::ln::ref

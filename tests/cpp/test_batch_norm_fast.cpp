@@ -1,5 +1,5 @@
 // Differential tests: the float API (fast kernels, src/cpu) against the
-// reference kernels (kernels::ref::*: plain loops, double accumulation) run on
+// reference kernels (kernels::bn::ref::*: plain loops, double accumulation) run on
 // the same float data.
 //
 // Every case builds one logical tensor, scatters it into a view with the case's
@@ -35,7 +35,7 @@
 // names the case, the views' strides and the implementation that ran.
 #include <array>
 
-#include "batch_norm_kernels.hpp"
+#include "kernels/batch_norm.hpp"
 #include "test_support.hpp"
 
 namespace {
@@ -163,7 +163,7 @@ Arrangements arrange(const Case& k) {
   return {};
 }
 
-// Which implementation the dispatcher will choose (as batch_norm.cpp's choose()).
+// Which implementation the dispatcher will choose (as core/dispatch.hpp's choose()).
 std::string dispatch_of(const Arrangement& x, std::initializer_list<const Arrangement*> others) {
   std::vector<float> dummy(1);
   auto geom = [&](const Arrangement& a) {
@@ -173,7 +173,7 @@ std::string dispatch_of(const Arrangement& x, std::initializer_list<const Arrang
   const normkit::Geometry gx = geom(x);
   std::vector<normkit::Geometry> rest;
   for (const auto* o : others) rest.push_back(geom(*o));
-  for (const auto& impl : normkit::kernels::cpu_implementations())
+  for (const auto& impl : normkit::kernels::bn::implementations())
     if (!impl.decline(gx, rest)) return impl.name;
   return "reference";
 }
@@ -206,7 +206,7 @@ struct CaseData {
       beta.push_back(static_cast<float>(rng.uniform(-1, 1)));
     }
     moments.resize(g.c);
-    normkit::kernels::ref::moments(canonical, x.data(), moments.data());
+    normkit::kernels::bn::ref::moments<float>({canonical, x.data(), moments.data()});
     for (const auto& mo : moments) sigma.push_back(std::sqrt(mo.biased_variance()));
   }
 
@@ -265,7 +265,7 @@ void check_forward_training(const Case& k) {
                         : "without gamma, beta, saved or running statistics");
     // Reference: y, and the statistics the public API derives from its moments
     // (saved mean and invstd; PyTorch's running update with the unbiased variance).
-    normkit::kernels::ref::forward_training<float>(
+    normkit::kernels::bn::ref::forward<float>(
         {s.canonical, s.canonical, s.x.data(), y_ref.data(), pointer_or_null(s.gamma, affine),
          pointer_or_null(s.beta, affine), eps, moments_ref.data()});
     std::vector<double> mean_ref(g.c), invstd_ref(g.c), rm_ref(g.c), rv_ref(g.c);
@@ -331,7 +331,7 @@ void check_forward_inference(const Case& k) {
     // Reference: y = (x - running_mean) / sqrt(running_var + eps) * γ + β.
     std::vector<double> mean_d(rm.begin(), rm.end()), invstd_d(g.c);
     for (int64_t c = 0; c < g.c; ++c) invstd_d[c] = 1.0 / std::sqrt(double{rv[c]} + v.eps);
-    normkit::kernels::ref::apply<float>({s.canonical, s.canonical, s.x.data(), y_ref.data(),
+    normkit::kernels::bn::ref::apply<float>({s.canonical, s.canonical, s.x.data(), y_ref.data(),
                                          pointer_or_null(s.gamma, v.gamma),
                                          pointer_or_null(s.beta, v.beta), mean_d.data(),
                                          invstd_d.data()});
@@ -401,7 +401,7 @@ void check_backward(const Case& k, BackwardMode mode) {
     if (s.big() && !v.gamma) continue;
     SCOPED_TRACE(v.name);
     std::vector<double> dgamma_ref(g.c), dbeta_ref(g.c);
-    normkit::kernels::ref::backward<float>(
+    normkit::kernels::bn::ref::backward<float>(
         {s.canonical, s.canonical, s.canonical, s.x.data(), dy.data(),
          v.dx ? dx_ref.data() : nullptr, pointer_or_null(s.gamma, v.gamma), mean_d.data(),
          invstd_d.data(), mode, dbeta_ref.data(), dgamma_ref.data()});
@@ -541,21 +541,7 @@ INSTANTIATE_TEST_SUITE_P(Big, FastVsReference, ::testing::ValuesIn(big_cases()),
 INSTANTIATE_TEST_SUITE_P(Strided, FastVsReference, ::testing::ValuesIn(strided_cases()),
                          param_name);
 
-// The differential tests above prove something only if the float API really
-// runs a fast kernel for the common forms; this pins that down.
-TEST(FastDispatch, CommonFormsRunAFastKernel) {
-  const Logical nchw{4, 16, {16, 16}}, nhwc{4, 16, {16, 16}}, nc{256, 16, {}}, ncl{4, 16, {64}};
-  const std::vector<std::pair<std::string, Arrangement>> forms = {
-      {"dense NCHW", dense(Layout::NCHW, nchw)},
-      {"dense NCL", dense(Layout::NCL, ncl)},
-      {"dense NHWC", dense(Layout::NHWC, nhwc)},
-      {"dense NC", dense(Layout::NC, nc)},
-      {"NCHW with channels-last strides", nchw_channels_last(nchw)},
-      {"padded NHWC rows", rows_padded(Layout::NHWC, nhwc, 3)},
-      {"NCHW batch slice (outer padding)", outer_padded(Layout::NCHW, nchw, 5)},
-  };
-  for (const auto& [name, a] : forms)
-    EXPECT_NE(dispatch_of(a, {&a}), "reference") << name << ": " << a.describe();
-}
+// That the float API runs a fast kernel for the common forms at all (else the
+// tests above would compare the reference with itself): test_dispatch.cpp.
 
 }  // namespace

@@ -243,7 +243,7 @@ INSTANTIATE_TEST_SUITE_P(
         // Runs of 7×7 = 49 (position lanes), with more channels than threads.
         DeterminismCase{"NCHW_C96_7x7", dense(Layout::NCHW, {16, 96, {7, 7}})},
         // Outputs of 16.8 MB: written with streaming stores where the L3 cache
-        // is at most 32 MB (src/cpu/batch_norm_cpu.cpp, streaming_bytes).
+        // is at most 32 MB (src/cpu/streaming.hpp, streaming_bytes).
         DeterminismCase{"NCHW_C64_streamed", dense(Layout::NCHW, {16, 64, {64, 64}})},
         DeterminismCase{"NHWC_C64_streamed", dense(Layout::NHWC, {16, 64, {64, 64}})},
         DeterminismCase{"NHWC_C1", dense(Layout::NHWC, {8, 1, {50, 125}})},

@@ -23,7 +23,7 @@
 //   saved mean: atol 1e-6 with scale σ of the group; invstd: rtol 1e-6.
 #include <array>
 
-#include "group_norm_kernels.hpp"
+#include "kernels/group_norm.hpp"
 #include "test_support.hpp"
 
 namespace {
@@ -124,7 +124,7 @@ Data make_data(const Logical& g, uint64_t seed) {
   return d;
 }
 
-gn::SampleGeometry canonical_geometry(const Logical& g) {
+normkit::SampleGeometry canonical_geometry(const Logical& g) {
   return {g.n, g.c, g.s(), g.c * g.s(), g.s(), 1};
 }
 
@@ -233,19 +233,6 @@ TEST_P(GroupNormFastVsReference, ForwardAndBackward) {
 
 INSTANTIATE_TEST_SUITE_P(Sweep, GroupNormFastVsReference, ::testing::ValuesIn(sweep()), param_name);
 
-TEST(GroupNormFast, CommonLayoutsRunAFastKernel) {
-  int count = 0;
-  const auto* impls = gn::cpu_implementations(&count);
-  ASSERT_EQ(count, 2);
-  const gn::SampleGeometry nchw{16, 256, 784, 256 * 784, 784, 1};
-  const gn::SampleGeometry nhwc{16, 256, 784, 256 * 784, 1, 256};
-  EXPECT_EQ(impls[0].decline(nchw, &nchw, 1), nullptr) << "planes should take NCHW";
-  EXPECT_NE(impls[0].decline(nhwc, &nhwc, 1), nullptr);
-  EXPECT_EQ(impls[1].decline(nhwc, &nhwc, 1), nullptr) << "rows should take NHWC";
-  const gn::SampleGeometry nc{8, 64, 1, 64, 1, 1};
-  EXPECT_EQ(impls[1].decline(nc, &nc, 1), nullptr) << "rows should take NC";
-}
-
 // In place: y = x, dx = dy, same strides.
 TEST(GroupNormFast, InPlaceMatchesOutOfPlace) {
   for (const Layout layout : {Layout::NCHW, Layout::NHWC}) {
@@ -331,10 +318,9 @@ TEST(GroupNormDeterminism, BitwiseIdenticalFor1To3Threads) {
       // (a different merge order changes them long before it changes a float output).
       const int64_t S = shape.g.s(), C = shape.g.c, N = shape.g.n;
       const bool last = layout == Layout::NHWC;
-      const gn::SampleGeometry geom{N, C, S, C * S, last ? 1 : S, last ? C : 1};
-      int count = 0;
-      const gn::Implementation& impl = gn::cpu_implementations(&count)[last ? 1 : 0];
-      ASSERT_EQ(impl.decline(geom, &geom, 1), nullptr);
+      const normkit::SampleGeometry geom{N, C, S, C * S, last ? 1 : S, last ? C : 1};
+      const gn::Impl& impl = gn::implementations()[last ? 1 : 0];
+      ASSERT_EQ(impl.decline(geom, {&geom, 1}), nullptr);
       Buffer<float> x(k.arrangement), dy(k.arrangement);
       x.scatter(d.x);
       dy.scatter(d.dy);
@@ -358,7 +344,7 @@ TEST(GroupNormDeterminism, BitwiseIdenticalFor1To3Threads) {
         all.insert(all.end(), dgamma.begin(), dgamma.end());
         all.insert(all.end(), dbeta.begin(), dbeta.end());
         std::vector<Moments> direct(N * shape.groups);
-        impl.moments(geom, x.storage.data(), shape.groups, direct.data());
+        impl.moments({geom, x.storage.data(), shape.groups, direct.data()});
         for (const auto& m : direct) all.insert(all.end(), {m.count, m.mean, m.m2});
         bits.push_back(std::move(all));
       }

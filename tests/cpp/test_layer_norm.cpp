@@ -19,7 +19,7 @@
 // as much: far beyond these bounds.
 #include <array>
 
-#include "layer_norm_kernels.hpp"
+#include "kernels/layer_norm.hpp"
 #include "test_support.hpp"
 
 namespace {
@@ -398,8 +398,8 @@ TEST(LayerNormFast, ColumnSumsInDoubleAreBitwiseIdenticalForOneTwoThreeThreads) 
   // dγ and dβ leave the kernel as double sums and are rounded to float after:
   // a thread-dependent order of the double additions would almost never show in
   // the float results, so the kernel's double outputs are compared here.
-  using normkit::kernels::rows::Backward;
-  using normkit::kernels::rows::Centering;
+  using normkit::kernels::ln::Backward;
+  using normkit::kernels::ln::Centering;
   for (const Centering centering : {Centering::layer, Centering::rms})
     for (const Case& c : {Case{999, 768, 0}, Case{4096, 96, 1}, Case{70, 3000, 0}}) {
       SCOPED_TRACE(describe(centering == Centering::layer ? Op::layer : Op::rms, c));
@@ -415,7 +415,7 @@ TEST(LayerNormFast, ColumnSumsInDoubleAreBitwiseIdenticalForOneTwoThreeThreads) 
         ThreadCount scope(threads);
         dgamma.emplace_back(c.cols);
         dbeta.emplace_back(c.cols);
-        normkit::kernels::rows::cpu_backward(Backward<float>{
+        normkit::kernels::ln::implementations()[0].backward(Backward<float>{
             centering, c.rows, c.cols, in.x.data(), c.cols, in.dy.data(), c.cols, nullptr, 0,
             in.gamma.data(), centering == Centering::layer ? mean.data() : nullptr, invstd.data(),
             dgamma.back().data(), centering == Centering::layer ? dbeta.back().data() : nullptr});

@@ -507,7 +507,7 @@ TEST(NnTraining, ATinyModelsLossFallsAndRunsRepeat) {
   }
 }
 
-// DESIGN.md: results are bitwise identical across thread counts. The sizes are
+// Results are bitwise identical across thread counts (docs/design.md). The sizes are
 // large enough for the matrix products to be split between threads.
 TEST(NnTraining, ResultsDoNotDependOnTheThreadCount) {
   normkit::data::Dataset set;

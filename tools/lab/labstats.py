@@ -3,7 +3,7 @@ comparisons, equivalence tests (TOST), Holm's correction, and helpers to pick
 each arm's best setting. Plain numpy + scipy.stats (Debian's python3-scipy).
 
 Every function takes plain sequences and returns plain floats/dicts, so the
-tests (tests/python/test_labstats.py) check them on data whose answer is known.
+tests (tests/lab/test_labstats.py) check them on data whose answer is known.
 """
 import math
 

@@ -1,12 +1,12 @@
 #pragma once
-// What every layer-norm / RMS-norm implementation receives: validated problems
-// of `rows` rows of `cols` contiguous values. The public functions in
-// layer_norm.cpp check arguments and pick an implementation (float: the fast
-// kernels in src/cpu/layer_norm_cpu.cpp; double: the reference in
-// src/ref/layer_norm_ref.cpp); implementations only compute.
+// The layer-norm / RMS-norm contract: what every implementation (src/cpu/,
+// src/ref/) receives: checked problems of `rows` rows of `cols` contiguous
+// values. The public functions (src/ops/layer_norm.cpp) check arguments and
+// pick an implementation (core/dispatch.hpp); implementations only compute.
 #include <cstdint>
+#include <span>
 
-namespace normkit::kernels::rows {
+namespace normkit::kernels::ln {
 
 // layer: centre each row by its mean (LayerNorm); rms: do not (RMSNorm, mean = 0,
 // no β, and the Σg term of the gradient vanishes).
@@ -44,9 +44,17 @@ struct Backward {
   double* dbeta;         // out, per column (layer only); nullptr: not wanted
 };
 
-// Fast kernels for float (src/cpu/layer_norm_cpu.cpp).
-void cpu_forward(const Forward<float>& p);
-void cpu_backward(const Backward<float>& p);
+// One fast path for float data (core/dispatch.hpp): `decline` says why it
+// cannot take rows × cols (nullptr: it can).
+struct Impl {
+  const char* name;
+  const char* (*decline)(int64_t rows, int64_t cols);
+  void (*forward)(const Forward<float>&);
+  void (*backward)(const Backward<float>&);
+};
+
+// In the order tried (src/cpu/implementations.cpp).
+std::span<const Impl> implementations();
 
 namespace ref {
 // Plain loops, double accumulation: the oracle the fast kernels are tested against.
@@ -54,4 +62,4 @@ template <class T> void forward(const Forward<T>& p);
 template <class T> void backward(const Backward<T>& p);
 }  // namespace ref
 
-}  // namespace normkit::kernels::rows
+}  // namespace normkit::kernels::ln

@@ -4,65 +4,33 @@
 // its checks, shared through core/norm_checks.hpp).
 #include "normkit/batch_norm_fused.hpp"
 
-#include <algorithm>
 #include <array>
 #include <cmath>
-#include <cstdio>
-#include <cstdlib>
-#include <string>
-#include <type_traits>
 #include <vector>
 
-#include "batch_norm_fused_kernels.hpp"
 #include "core/check.hpp"
+#include "core/dispatch.hpp"
 #include "core/norm_checks.hpp"
+#include "kernels/batch_norm_fused.hpp"
+#include "ops/batch_norm_internal.hpp"
 
 namespace normkit {
 
+using detail::check_count;
 using detail::check_eps;
-using detail::check_per_channel;
+using detail::check_finite;
+using detail::check_in_place;
 using detail::check_running;
+using detail::check_training_size;
 using detail::checked_input;
+using detail::checked_like;
 using detail::fail_invalid;
-using detail::fail_runtime;
+using detail::kPerChannel;
+using detail::or_null;
 using detail::unify;
-using detail::verbose;
-
-namespace kernels {
-MaskOrder mask_order_of(const Geometry& x) {
-  struct Axis {
-    int64_t extent, stride;
-    int64_t* rank;
-  };
-  MaskOrder order;
-  std::array<Axis, 3> axes{{{x.outer, x.outer_stride, &order.outer},
-                            {x.channels, x.channel_stride, &order.channel},
-                            {x.inner, x.inner_stride, &order.inner}}};
-  // Axes of extent 1 address nothing; sort them last so they do not split a run.
-  std::stable_sort(axes.begin(), axes.end(), [](const Axis& a, const Axis& b) {
-    const int64_t sa = a.extent > 1 ? a.stride : -1, sb = b.extent > 1 ? b.stride : -1;
-    return sa > sb;
-  });
-  int64_t step = 1;
-  for (int k = 2; k >= 0; --k) {
-    *axes[k].rank = step;
-    step *= axes[k].extent;
-  }
-  return order;
-}
-}  // namespace kernels
+namespace bn_fused = kernels::bn_fused;
 
 namespace {
-
-template <class T, class U>
-Geometry checked_like(const TensorView<U>& view, ConstTensorView<T> x, const char* name) {
-  bool same = view.layout == x.layout && view.rank() == x.rank();
-  for (int axis = 0; same && axis < x.rank(); ++axis) same = view.shape[axis] == x.shape[axis];
-  if (!same)
-    fail_invalid(name, ": shape ", view.shape_string(), " does not match x's ", x.shape_string());
-  if (!view.data) fail_invalid(name, ": data pointer is null");
-  return geometry_of(view, name);
-}
 
 // A view that must have x's strides as well as its shape (z, dz): the mask and
 // the kernels index it with x's geometry.
@@ -84,45 +52,19 @@ void check_mask(std::span<M> mask, int64_t numel, bool required) {
                  numel, " elements), got ", mask.size());
 }
 
-template <class T>
-const T* data_or_null(std::span<const T> s) {
-  return s.empty() ? nullptr : s.data();
-}
-
 // The unused high bits of the last byte are defined as 0.
 void clear_mask_tail(uint8_t* mask, int64_t numel) {
   if (mask && numel % 8)
     mask[numel / 8] = static_cast<uint8_t>(mask[numel / 8] & ((1u << (numel % 8)) - 1u));
 }
 
-template <class T>
-void run_forward(const kernels::FusedForward<T>& problem, const char* op) {
-  if constexpr (std::is_same_v<T, float>) {
-    const char* reason = kernels::fused_cpu::forward(problem);
-    if (!reason) {
-      if (verbose()) std::fprintf(stderr, "normkit: %s: fast\n", op);
-      return;
-    }
-    if (verbose()) std::fprintf(stderr, "normkit: %s: reference (%s)\n", op, reason);
-  } else {
-    if (verbose()) std::fprintf(stderr, "normkit: %s: double data, reference\n", op);
-  }
-  kernels::ref::fused_forward(problem);
-}
-
-template <class T>
-void run_backward(const kernels::FusedBackward<T>& problem, const char* op) {
-  if constexpr (std::is_same_v<T, float>) {
-    const char* reason = kernels::fused_cpu::backward(problem);
-    if (!reason) {
-      if (verbose()) std::fprintf(stderr, "normkit: %s: fast\n", op);
-      return;
-    }
-    if (verbose()) std::fprintf(stderr, "normkit: %s: reference (%s)\n", op, reason);
-  } else {
-    if (verbose()) std::fprintf(stderr, "normkit: %s: double data, reference\n", op);
-  }
-  kernels::ref::fused_backward(problem);
+// Runs a forward or backward problem on the first fast path that takes it
+// (the views walked together and the mask order decide), else the reference.
+template <class Fast, class Problem>
+void run(const char* op, Fast bn_fused::Impl::*fast, void (*reference)(const Problem&),
+         const Problem& problem, std::initializer_list<Geometry> others) {
+  detail::run(op, bn_fused::implementations(), fast, reference, problem, problem.x_geom,
+              std::span<const Geometry>(others.begin(), others.size()), problem.order);
 }
 
 // Checks shared by every forward; returns the geometries of x, z, y.
@@ -137,18 +79,16 @@ std::array<Geometry, 3> checked_forward(ConstTensorView<T> x, const ConstTensorV
     check_strides_like(*z, x, "z");
   }
   Geometry gy = checked_like(y, x, "y");
-  if (y.data == x.data && !(gx == gy))
-    fail_invalid("y: in-place output must have the same strides as x");
-  if (z && y.data == z->data && !(gz == gy))
-    fail_invalid("y: in-place output must have the same strides as z");
+  check_in_place(y.data, gy, x.data, gx, "x");
+  if (z) check_in_place(y.data, gy, z->data, gz, "z");
   if (z)
     unify<T>(x, gx, {{&gy, y}, {&gz, *z}});
   else
     unify<T>(x, gx, {{&gy, y}});
   if (!z) gz = gx;
   check_mask(mask, x.numel(), false);
-  check_per_channel(gamma, gx.channels, "weight (gamma)", false);
-  check_per_channel(beta, gx.channels, "bias (beta)", false);
+  check_count(gamma, gx.channels, "weight (gamma)", kPerChannel, false);
+  check_count(beta, gx.channels, "bias (beta)", kPerChannel, false);
   return {gx, gz, gy};
 }
 
@@ -158,36 +98,21 @@ void forward_training(ConstTensorView<T> x, const ConstTensorView<T>* z, TensorV
                       SavedStats<T> saved, RunningStats<T> running, const BatchNormOptions& options,
                       const char* op) {
   const auto [gx, gz, gy] = checked_forward(x, z, y, mask, gamma, beta);
-  if (gx.reduction_size() <= 1)
-    fail_invalid("expected more than 1 value per channel when training, got input size ",
-                 x.shape_string());
-  check_per_channel(saved.mean, gx.channels, "save_mean", false);
-  check_per_channel(saved.invstd, gx.channels, "save_invstd", false);
+  check_training_size(gx, x);
+  check_count(saved.mean, gx.channels, "save_mean", kPerChannel, false);
+  check_count(saved.invstd, gx.channels, "save_invstd", kPerChannel, false);
   check_running(running, gx.channels, options);
 
   std::vector<Moments> moments(gx.channels);
-  uint8_t* mask_data = mask.empty() ? nullptr : mask.data();
-  const kernels::FusedForward<T> problem{gx,      gz,
-                                         gy,      x.data,
-                                         z ? z->data : nullptr,
-                                         y.data,  mask_data,
-                                         kernels::mask_order_of(gx),
-                                         data_or_null(gamma),
-                                         data_or_null(beta),
-                                         true,    options.eps,
-                                         moments.data(),
-                                         nullptr, nullptr};
-  run_forward(problem, op);
+  uint8_t* mask_data = or_null(mask);
+  const bn_fused::Forward<T> problem{gx,      gz,     gy,      x.data,
+                                     z ? z->data : nullptr, y.data, mask_data,
+                                     bn_fused::mask_order_of(gx), or_null(gamma), or_null(beta),
+                                     true,    options.eps, moments.data(), nullptr, nullptr};
+  run(op, &bn_fused::Impl::forward, bn_fused::ref::forward<T>, problem, {gy, gz});
   clear_mask_tail(mask_data, x.numel());
-  for (size_t c = 0; c < moments.size(); ++c)
-    if (!std::isfinite(moments[c].mean) || !std::isfinite(moments[c].m2))
-      fail_runtime("x: channel ", c,
-                   " contains NaN or infinite values; running statistics left unchanged");
-  for (int64_t c = 0; c < gx.channels; ++c) {
-    if (!saved.mean.empty()) saved.mean[c] = static_cast<T>(moments[c].mean);
-    if (!saved.invstd.empty())
-      saved.invstd[c] = static_cast<T>(kernels::invstd_of(moments[c].biased_variance(), options.eps));
-  }
+  check_finite(moments);
+  detail::write_saved(moments, saved, options.eps);
   batch_norm_update_running<T>(moments, running, options);
 }
 
@@ -198,27 +123,21 @@ void forward_inference(ConstTensorView<T> x, const ConstTensorView<T>* z, Tensor
                        const char* op) {
   check_eps(eps);
   const auto [gx, gz, gy] = checked_forward(x, z, y, mask, gamma, beta);
-  check_per_channel(running_mean, gx.channels, "running_mean", true);
-  check_per_channel(running_var, gx.channels, "running_var", true);
+  check_count(running_mean, gx.channels, "running_mean", kPerChannel, true);
+  check_count(running_var, gx.channels, "running_var", kPerChannel, true);
   for (size_t c = 0; c < running_var.size(); ++c)
     if (!(running_var[c] + eps > 0))
       fail_invalid("running_var[", c, "] + eps must be positive, got ", running_var[c]);
   std::vector<double> mean(running_mean.begin(), running_mean.end()), invstd(running_var.size());
   // Rounded to T first, as batch_norm_forward_inference does, so the two agree.
   for (size_t c = 0; c < running_var.size(); ++c)
-    invstd[c] = static_cast<T>(kernels::invstd_of(running_var[c], eps));
-  uint8_t* mask_data = mask.empty() ? nullptr : mask.data();
-  const kernels::FusedForward<T> problem{gx,      gz,
-                                         gy,      x.data,
-                                         z ? z->data : nullptr,
-                                         y.data,  mask_data,
-                                         kernels::mask_order_of(gx),
-                                         data_or_null(gamma),
-                                         data_or_null(beta),
-                                         false,   eps,
-                                         nullptr, mean.data(),
-                                         invstd.data()};
-  run_forward(problem, op);
+    invstd[c] = static_cast<T>(kernels::bn::invstd_of(running_var[c], eps));
+  uint8_t* mask_data = or_null(mask);
+  const bn_fused::Forward<T> problem{gx,      gz,     gy,      x.data,
+                                     z ? z->data : nullptr, y.data, mask_data,
+                                     bn_fused::mask_order_of(gx), or_null(gamma), or_null(beta),
+                                     false,   eps,    nullptr, mean.data(), invstd.data()};
+  run(op, &bn_fused::Impl::forward, bn_fused::ref::forward<T>, problem, {gy, gz});
   clear_mask_tail(mask_data, x.numel());
 }
 
@@ -250,35 +169,22 @@ void backward(ConstTensorView<T> x, ConstTensorView<T> dy, std::span<const uint8
   if (!want_dz) gdz = gx;
   if (mode != BackwardMode::training && mode != BackwardMode::frozen)
     fail_invalid("mode: unknown backward mode");
-  if (mode == BackwardMode::training && gx.reduction_size() <= 1)
-    fail_invalid("expected more than 1 value per channel when training, got input size ",
-                 x.shape_string());
+  if (mode == BackwardMode::training) check_training_size(gx, x);
   check_mask(mask, x.numel(), true);
-  check_per_channel(gamma, gx.channels, "weight (gamma)", false);
-  check_per_channel(mean, gx.channels, "mean", true);
-  check_per_channel(invstd, gx.channels, "invstd", true);
-  check_per_channel(dgamma, gx.channels, "dgamma", false);
-  check_per_channel(dbeta, gx.channels, "dbeta", false);
+  check_count(gamma, gx.channels, "weight (gamma)", kPerChannel, false);
+  check_count(mean, gx.channels, "mean", kPerChannel, true);
+  check_count(invstd, gx.channels, "invstd", kPerChannel, true);
+  check_count(dgamma, gx.channels, "dgamma", kPerChannel, false);
+  check_count(dbeta, gx.channels, "dbeta", kPerChannel, false);
 
   std::vector<double> mean_d(mean.begin(), mean.end()), invstd_d(invstd.begin(), invstd.end());
   std::vector<double> sum_dy(gx.channels), sum_dy_xhat(gx.channels);
-  const kernels::FusedBackward<T> problem{gx,
-                                          gdy,
-                                          gdx,
-                                          gdz,
-                                          x.data,
-                                          dy.data,
-                                          mask.data(),
-                                          kernels::mask_order_of(gx),
-                                          dx.data,
-                                          want_dz ? dz->data : nullptr,
-                                          data_or_null(gamma),
-                                          mean_d.data(),
-                                          invstd_d.data(),
-                                          mode,
-                                          sum_dy.data(),
-                                          sum_dy_xhat.data()};
-  run_backward(problem, op);
+  const bn_fused::Backward<T> problem{gx,      gdy,     gdx,           gdz,
+                                      x.data,  dy.data, mask.data(),   bn_fused::mask_order_of(gx),
+                                      dx.data, want_dz ? dz->data : nullptr, or_null(gamma),
+                                      mean_d.data(), invstd_d.data(), mode, sum_dy.data(),
+                                      sum_dy_xhat.data()};
+  run(op, &bn_fused::Impl::backward, bn_fused::ref::backward<T>, problem, {gdy, gdx, gdz});
   for (int64_t c = 0; c < gx.channels; ++c) {
     if (!dgamma.empty()) dgamma[c] = static_cast<T>(sum_dy_xhat[c]);
     if (!dbeta.empty()) dbeta[c] = static_cast<T>(sum_dy[c]);

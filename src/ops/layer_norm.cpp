@@ -1,24 +1,28 @@
 // The public layer-norm and RMS-norm functions: check every argument, then run
-// the fast kernels (float) or the reference (double). Nothing is written before
+// the first fast path that takes the problem (core/dispatch.hpp) or the
+// reference (double data). Nothing is written before
 // all checks have passed; saved statistics are written only once they are
 // known to be finite.
 #include "normkit/layer_norm.hpp"
 
 #include <cmath>
 #include <string>
-#include <type_traits>
 #include <vector>
 
 #include "core/check.hpp"
+#include "core/dispatch.hpp"
 #include "core/norm_checks.hpp"
-#include "layer_norm_kernels.hpp"
+#include "kernels/layer_norm.hpp"
 
 namespace normkit {
 
+using detail::check_count;
 using detail::check_eps;
 using detail::fail_invalid;
 using detail::fail_runtime;
-using kernels::rows::Centering;
+using detail::or_null;
+namespace ln = kernels::ln;
+using ln::Centering;
 
 namespace {
 
@@ -40,7 +44,7 @@ void check_input(const RowsView<T>& v, const char* name) {
 
 // A view walked together with x: same extent; in place only with the same stride.
 template <class T, class X>
-void check_like(const RowsView<T>& v, const RowsView<X>& x, const char* name, const char* x_name) {
+void check_rows_like(const RowsView<T>& v, const RowsView<X>& x, const char* name, const char* x_name) {
   if (v.rows != x.rows || v.cols != x.cols)
     fail_invalid(name, ": ", v.rows, " rows x ", v.cols, " cols do not match ", x_name, "'s ",
                  x.rows, " x ", x.cols);
@@ -52,33 +56,15 @@ void check_like(const RowsView<T>& v, const RowsView<X>& x, const char* name, co
 }
 
 template <class T>
-void check_size(std::span<T> values, int64_t expected, const char* name, const char* per,
-                bool required) {
-  if (values.empty() && !required) return;
-  if (static_cast<int64_t>(values.size()) != expected)
-    fail_invalid(name, " should contain ", expected, " elements (one per ", per, ") not ",
-                 values.size());
+void run_forward(const ln::Forward<T>& p, const char* op) {
+  detail::run(op, ln::implementations(), &ln::Impl::forward, ln::ref::forward<T>, p, p.rows,
+              p.cols);
 }
 
 template <class T>
-const T* or_null(std::span<const T> s) {
-  return s.empty() ? nullptr : s.data();
-}
-
-template <class T>
-void run_forward(const kernels::rows::Forward<T>& p) {
-  if constexpr (std::is_same_v<T, float>)
-    kernels::rows::cpu_forward(p);
-  else
-    kernels::rows::ref::forward(p);
-}
-
-template <class T>
-void run_backward(const kernels::rows::Backward<T>& p) {
-  if constexpr (std::is_same_v<T, float>)
-    kernels::rows::cpu_backward(p);
-  else
-    kernels::rows::ref::backward(p);
+void run_backward(const ln::Backward<T>& p, const char* op) {
+  detail::run(op, ln::implementations(), &ln::Impl::backward, ln::ref::backward<T>, p, p.rows,
+              p.cols);
 }
 
 // A row whose statistics are not finite held NaN or ∞ (or its variance
@@ -103,16 +89,16 @@ void backward_common(Centering centering, ConstRowsView<T> x, ConstRowsView<T> d
                      RowsView<T> dx, std::span<const T> gamma, std::span<const T> mean,
                      std::span<const T> invstd, std::span<T> dgamma, std::span<T> dbeta) {
   check_input(x, "x");
-  check_like(dy, x, "dy", "x");
+  check_rows_like(dy, x, "dy", "x");
   if (dx.data) {
-    check_like(dx, x, "dx", "x");
-    check_like(dx, dy, "dx", "dy");
+    check_rows_like(dx, x, "dx", "x");
+    check_rows_like(dx, dy, "dx", "dy");
   }
-  check_size(gamma, x.cols, "weight (gamma)", "column", false);
-  if (centering == Centering::layer) check_size(mean, x.rows, "mean", "row", true);
-  check_size(invstd, x.rows, centering == Centering::layer ? "invstd" : "inv_rms", "row", true);
-  check_size(dgamma, x.cols, "dgamma", "column", false);
-  check_size(dbeta, x.cols, "dbeta", "column", false);
+  check_count(gamma, x.cols, "weight (gamma)", "one per column", false);
+  if (centering == Centering::layer) check_count(mean, x.rows, "mean", "one per row", true);
+  check_count(invstd, x.rows, centering == Centering::layer ? "invstd" : "inv_rms", "one per row", true);
+  check_count(dgamma, x.cols, "dgamma", "one per column", false);
+  check_count(dbeta, x.cols, "dbeta", "one per column", false);
   check_statistics(mean, "mean");
   check_statistics(invstd, centering == Centering::layer ? "invstd" : "inv_rms");
 
@@ -122,7 +108,8 @@ void backward_common(Centering centering, ConstRowsView<T> x, ConstRowsView<T> d
                    dx.data, dx.row_stride, or_null(gamma),
                    centering == Centering::layer ? mean_d.data() : nullptr, invstd_d.data(),
                    dgamma.empty() ? nullptr : dgamma_d.data(),
-                   dbeta.empty() ? nullptr : dbeta_d.data()});
+                   dbeta.empty() ? nullptr : dbeta_d.data()},
+                  centering == Centering::layer ? "layer_norm_backward" : "rms_norm_backward");
   for (size_t j = 0; j < dgamma.size(); ++j) dgamma[j] = static_cast<T>(dgamma_d[j]);
   for (size_t j = 0; j < dbeta.size(); ++j) dbeta[j] = static_cast<T>(dbeta_d[j]);
 }
@@ -133,16 +120,17 @@ template <class T>
 void layer_norm_forward(ConstRowsView<T> x, RowsView<T> y, std::span<const T> gamma,
                         std::span<const T> beta, LayerNormSaved<T> saved, double eps) {
   check_input(x, "x");
-  check_like(y, x, "y", "x");
-  check_size(gamma, x.cols, "weight (gamma)", "column", false);
-  check_size(beta, x.cols, "bias (beta)", "column", false);
-  check_size(saved.mean, x.rows, "save_mean", "row", false);
-  check_size(saved.invstd, x.rows, "save_invstd", "row", false);
+  check_rows_like(y, x, "y", "x");
+  check_count(gamma, x.cols, "weight (gamma)", "one per column", false);
+  check_count(beta, x.cols, "bias (beta)", "one per column", false);
+  check_count(saved.mean, x.rows, "save_mean", "one per row", false);
+  check_count(saved.invstd, x.rows, "save_invstd", "one per row", false);
   check_eps(eps);
 
   std::vector<double> mean(x.rows), invstd(x.rows);
   run_forward<T>({Centering::layer, x.rows, x.cols, x.data, x.row_stride, y.data, y.row_stride,
-                  or_null(gamma), or_null(beta), eps, mean.data(), invstd.data()});
+                  or_null(gamma), or_null(beta), eps, mean.data(), invstd.data()},
+                 "layer_norm_forward");
   check_finite_rows(mean, invstd);
   for (size_t r = 0; r < saved.mean.size(); ++r) saved.mean[r] = static_cast<T>(mean[r]);
   for (size_t r = 0; r < saved.invstd.size(); ++r) saved.invstd[r] = static_cast<T>(invstd[r]);
@@ -159,14 +147,15 @@ template <class T>
 void rms_norm_forward(ConstRowsView<T> x, RowsView<T> y, std::span<const T> gamma, double eps,
                       std::span<T> save_inv_rms) {
   check_input(x, "x");
-  check_like(y, x, "y", "x");
-  check_size(gamma, x.cols, "weight (gamma)", "column", false);
-  check_size(save_inv_rms, x.rows, "save_inv_rms", "row", false);
+  check_rows_like(y, x, "y", "x");
+  check_count(gamma, x.cols, "weight (gamma)", "one per column", false);
+  check_count(save_inv_rms, x.rows, "save_inv_rms", "one per row", false);
   check_eps(eps);
 
   std::vector<double> inv_rms(x.rows);
   run_forward<T>({Centering::rms, x.rows, x.cols, x.data, x.row_stride, y.data, y.row_stride,
-                  or_null(gamma), nullptr, eps, nullptr, inv_rms.data()});
+                  or_null(gamma), nullptr, eps, nullptr, inv_rms.data()},
+                 "rms_norm_forward");
   check_finite_rows({}, inv_rms);
   for (size_t r = 0; r < save_inv_rms.size(); ++r) save_inv_rms[r] = static_cast<T>(inv_rms[r]);
 }

@@ -1,4 +1,7 @@
-// Fast layer normalization and RMS normalization for float rows.
+// Fast layer normalization and RMS normalization, rows form: rows of
+// contiguous values (the normalized features fastest). The rules every fast
+// kernel keeps (determinism, SIMD clones, internal linkage) are in
+// src/cpu/README.md.
 //
 // Forward, per row: statistics from blocks of at most kBlock values, two passes
 // over each block while it is in L1 (its mean, shifted by its first value; then
@@ -16,12 +19,6 @@
 // sums over all rows: rows are cut into stripes whose boundaries depend only on
 // the problem (never on the thread count), each stripe sums its rows in order
 // into its own double partials, and partials are added in stripe order.
-//
-// SIMD: leaf loops over fixed lanes (the statistics passes shared with the
-// other kernels in leaf_loops.hpp), compiled for AVX-512, AVX2 and baseline
-// x86-64 (target_clones), chosen at run time. The clones may differ in FMA
-// contraction, so two machines with different instruction sets can differ in
-// the last bits; on one machine the same clone always runs.
 #include <omp.h>
 
 #include <algorithm>
@@ -29,11 +26,12 @@
 #include <vector>
 
 #include "core/parallel.hpp"
-#include "layer_norm_kernels.hpp"
-#include "leaf_loops.hpp"
+#include "cpu/implementations.hpp"
+#include "cpu/leaf_loops.hpp"
+#include "kernels/layer_norm.hpp"
 #include "normkit/moments.hpp"
 
-namespace normkit::kernels::rows {
+namespace normkit::kernels::ln {
 namespace {
 
 using detail::threads_for;
@@ -239,14 +237,12 @@ std::vector<double>& partials_buffer() {
   return buffer;
 }
 
-}  // namespace
-
-void cpu_forward(const Forward<float>& p) {
+void rows_forward(const Forward<float>& p) {
 #pragma omp parallel for num_threads(threads_for(p.rows * p.cols)) schedule(static)
   for (int64_t r = 0; r < p.rows; ++r) forward_row(p, r);
 }
 
-void cpu_backward(const Backward<float>& p) {
+void rows_backward(const Backward<float>& p) {
   // Twice the data of forward: x and dy.
   const int threads = threads_for(2 * p.rows * p.cols);
   const bool sums = p.dgamma || p.dbeta;
@@ -284,4 +280,11 @@ void cpu_backward(const Backward<float>& p) {
   }
 }
 
-}  // namespace normkit::kernels::rows
+// Every checked problem: rows of any stride.
+const char* rows_decline(int64_t, int64_t) { return nullptr; }
+
+}  // namespace
+
+extern const Impl kRows = {"rows", rows_decline, rows_forward, rows_backward};
+
+}  // namespace normkit::kernels::ln

@@ -8,64 +8,23 @@
 #include <cmath>
 #include <vector>
 
-#include "batch_norm_internal.hpp"
-#include "batch_norm_kernels.hpp"
 #include "core/check.hpp"
+#include "core/norm_checks.hpp"
+#include "kernels/batch_norm.hpp"
+#include "ops/batch_norm_internal.hpp"
 
 namespace normkit {
 
+using detail::check_count;
+using detail::check_running;
+using detail::check_training_size;
+using detail::checked_input;
+using detail::checked_like;
 using detail::fail_invalid;
 using detail::fail_runtime;
+using detail::kPerChannel;
 
 namespace {
-
-template <class T>
-Geometry checked_x(ConstTensorView<T> x) {
-  if (!x.data && x.numel() > 0) fail_invalid("x: data pointer is null");
-  const Geometry g = geometry_of(x, "x");
-  if (x.numel() == 0) fail_invalid("x: empty tensor ", x.shape_string());
-  return g;
-}
-
-// A view that must have x's layout and shape (y, dy, dx).
-template <class T, class U>
-void check_like_x(const TensorView<U>& view, ConstTensorView<T> x, const char* name) {
-  bool same = view.layout == x.layout;
-  for (int axis = 0; same && axis < x.rank(); ++axis) same = view.shape[axis] == x.shape[axis];
-  if (!same)
-    fail_invalid(name, ": shape ", view.shape_string(), " does not match x's ", x.shape_string());
-  if (!view.data) fail_invalid(name, ": data pointer is null");
-  geometry_of(view, name);
-}
-
-template <class T>
-void check_count(std::span<T> values, int64_t expected, const char* name, const char* what,
-                 bool required) {
-  if (values.empty() && !required) return;
-  if (static_cast<int64_t>(values.size()) != expected)
-    fail_invalid(name, " should contain ", expected, " elements (", what, ") not ", values.size());
-}
-
-void check_options(const BatchNormOptions& options) {
-  if (!(options.eps > 0) || !std::isfinite(options.eps))
-    fail_invalid("eps must be positive and finite, got ", options.eps);
-  if (options.momentum && !(*options.momentum >= 0.0 && *options.momentum <= 1.0))
-    fail_invalid("momentum must be in [0, 1], got ", *options.momentum);
-}
-
-template <class T>
-void check_running(const RunningStats<T>& running, int64_t channels, const BatchNormOptions& options,
-                   bool required) {
-  if (required && (running.mean.empty() || running.var.empty()))
-    fail_invalid("running_mean and running_var are required (r and d are defined by them)");
-  if (running.mean.empty() != running.var.empty())
-    fail_invalid("running_mean and running_var must be given together (got ",
-                 running.mean.size(), " and ", running.var.size(), " elements)");
-  check_count(running.mean, channels, "running_mean", "one per channel", false);
-  check_count(running.var, channels, "running_var", "one per channel", false);
-  if (!running.mean.empty() && !options.momentum && !running.num_batches_tracked)
-    fail_invalid("momentum = None (cumulative moving average) needs num_batches_tracked");
-}
 
 void check_limits(RenormLimits limits) {
   if (!(limits.rmax >= 1.0) || !std::isfinite(limits.rmax))
@@ -123,19 +82,16 @@ void batch_renorm_forward_training(ConstTensorView<T> x, TensorView<T> y, std::s
                                    std::span<const T> beta, RenormSaved<T> saved,
                                    RunningStats<T> running, RenormLimits limits,
                                    const BatchNormOptions& options) {
-  const Geometry gx = checked_x(x);
-  check_like_x(y, x, "y");
-  if (gx.reduction_size() <= 1)
-    fail_invalid("expected more than 1 value per channel when training, got input size ",
-                 x.shape_string());
+  const Geometry gx = checked_input(x, "x");
+  checked_like(y, x, "y");
+  check_training_size(gx, x);
   const int64_t C = gx.channels;
-  check_count(gamma, C, "weight (gamma)", "one per channel", false);
-  check_count(beta, C, "bias (beta)", "one per channel", false);
-  check_count(saved.mean, C, "save_mean", "one per channel", false);
-  check_count(saved.invstd, C, "save_invstd", "one per channel", false);
-  check_count(saved.r, C, "save_r", "one per channel", false);
-  check_count(saved.d, C, "save_d", "one per channel", false);
-  check_options(options);
+  check_count(gamma, C, "weight (gamma)", kPerChannel, false);
+  check_count(beta, C, "bias (beta)", kPerChannel, false);
+  check_count(saved.mean, C, "save_mean", kPerChannel, false);
+  check_count(saved.invstd, C, "save_invstd", kPerChannel, false);
+  check_count(saved.r, C, "save_r", kPerChannel, false);
+  check_count(saved.d, C, "save_d", kPerChannel, false);
   check_running(running, C, options, true);
   check_limits(limits);
   for (int64_t c = 0; c < C; ++c)
@@ -157,7 +113,7 @@ void batch_renorm_forward_training(ConstTensorView<T> x, TensorView<T> y, std::s
   std::vector<T> gamma_r(C), beta_d(C);
   for (int64_t c = 0; c < C; ++c) {
     mean[c] = moments[c].mean;
-    invstd[c] = kernels::invstd_of(moments[c].biased_variance(), options.eps);
+    invstd[c] = kernels::bn::invstd_of(moments[c].biased_variance(), options.eps);
     const double sigma = std::sqrt(static_cast<double>(running.var[c]) + options.eps);
     const double sigma_batch = 1.0 / invstd[c];
     r[c] = std::clamp(sigma_batch / sigma, 1.0 / limits.rmax, limits.rmax);
@@ -168,7 +124,8 @@ void batch_renorm_forward_training(ConstTensorView<T> x, TensorView<T> y, std::s
     gamma_r[c] = static_cast<T>(g * r[c]);
     beta_d[c] = static_cast<T>(b + g * d[c]);
   }
-  detail::batch_norm_apply_double_stats<T>(x, y, gamma_r, beta_d, mean, invstd);
+  detail::batch_norm_apply_double_stats<T>(x, y, gamma_r, beta_d, mean, invstd,
+                                           "batch_renorm_forward_training");
 
   for (int64_t c = 0; c < C; ++c) {
     if (!saved.mean.empty()) saved.mean[c] = static_cast<T>(mean[c]);
@@ -184,13 +141,13 @@ void batch_renorm_backward(ConstTensorView<T> x, ConstTensorView<T> dy, TensorVi
                            std::span<const T> gamma, std::span<const T> mean,
                            std::span<const T> invstd, std::span<const T> r, std::span<const T> d,
                            std::span<T> dgamma, std::span<T> dbeta) {
-  const Geometry gx = checked_x(x);
+  const Geometry gx = checked_input(x, "x");
   const int64_t C = gx.channels;
-  check_count(gamma, C, "weight (gamma)", "one per channel", false);
-  check_count(r, C, "r", "one per channel", true);
-  check_count(d, C, "d", "one per channel", !dgamma.empty());
-  check_count(dgamma, C, "dgamma", "one per channel", false);
-  check_count(dbeta, C, "dbeta", "one per channel", false);
+  check_count(gamma, C, "weight (gamma)", kPerChannel, false);
+  check_count(r, C, "r", kPerChannel, true);
+  check_count(d, C, "d", kPerChannel, !dgamma.empty());
+  check_count(dgamma, C, "dgamma", kPerChannel, false);
+  check_count(dbeta, C, "dbeta", kPerChannel, false);
 
   // With r and d constant, y = (γ·r)·x̂_B + (β + γ·d): BN's backward with γ·r.
   std::vector<T> gamma_r(C), sum_dy_xhat(C), sum_dy(C);
@@ -222,17 +179,16 @@ void ghost_batch_norm_forward_training(ConstTensorView<T> x, TensorView<T> y,
                                        int64_t virtual_batch_size, SavedStats<T> saved,
                                        RunningStats<T> running, const BatchNormOptions& options) {
   check_virtual_batch_size(virtual_batch_size);
-  const Geometry gx = checked_x(x);
-  check_like_x(y, x, "y");
+  const Geometry gx = checked_input(x, "x");
+  checked_like(y, x, "y");
   const int64_t C = gx.channels, n = x.shape[0];
   check_ghost_sizes(x, gx, virtual_batch_size);
   const int64_t ghosts = ghost_batch_count(n, virtual_batch_size);
-  check_count(gamma, C, "weight (gamma)", "one per channel", false);
-  check_count(beta, C, "bias (beta)", "one per channel", false);
+  check_count(gamma, C, "weight (gamma)", kPerChannel, false);
+  check_count(beta, C, "bias (beta)", kPerChannel, false);
   check_count(saved.mean, ghosts * C, "save_mean", "virtual batches × channels", false);
   check_count(saved.invstd, ghosts * C, "save_invstd", "virtual batches × channels", false);
-  check_options(options);
-  check_running(running, C, options, false);
+  check_running(running, C, options);
 
   // Work on copies of the state, so that a NaN in a later virtual batch leaves
   // the caller's running and saved statistics as they were.
@@ -262,17 +218,17 @@ void ghost_batch_norm_backward(ConstTensorView<T> x, ConstTensorView<T> dy, Tens
                                std::span<const T> mean, std::span<const T> invstd,
                                std::span<T> dgamma, std::span<T> dbeta) {
   check_virtual_batch_size(virtual_batch_size);
-  const Geometry gx = checked_x(x);
-  check_like_x(dy, x, "dy");
-  if (dx.data) check_like_x(dx, x, "dx");
+  const Geometry gx = checked_input(x, "x");
+  checked_like(dy, x, "dy");
+  if (dx.data) checked_like(dx, x, "dx");
   const int64_t C = gx.channels, n = x.shape[0];
   check_ghost_sizes(x, gx, virtual_batch_size);
   const int64_t ghosts = ghost_batch_count(n, virtual_batch_size);
-  check_count(gamma, C, "weight (gamma)", "one per channel", false);
+  check_count(gamma, C, "weight (gamma)", kPerChannel, false);
   check_count(mean, ghosts * C, "mean", "virtual batches × channels", true);
   check_count(invstd, ghosts * C, "invstd", "virtual batches × channels", true);
-  check_count(dgamma, C, "dgamma", "one per channel", false);
-  check_count(dbeta, C, "dbeta", "one per channel", false);
+  check_count(dgamma, C, "dgamma", kPerChannel, false);
+  check_count(dbeta, C, "dbeta", kPerChannel, false);
 
   std::vector<double> total_dgamma(C, 0.0), total_dbeta(C, 0.0);
   std::vector<T> dgamma_g(C), dbeta_g(C);
@@ -299,8 +255,8 @@ void frozen_batch_norm_backward(ConstTensorView<T> x, ConstTensorView<T> dy, Ten
                                 std::span<const T> gamma, std::span<const T> running_mean,
                                 std::span<const T> running_var, double eps, std::span<T> dgamma,
                                 std::span<T> dbeta) {
-  const Geometry gx = checked_x(x);
-  check_count(running_var, gx.channels, "running_var", "one per channel", true);
+  const Geometry gx = checked_input(x, "x");
+  check_count(running_var, gx.channels, "running_var", kPerChannel, true);
   std::vector<T> invstd(running_var.size());
   batch_norm_invstd<T>(running_var, eps, invstd);
   batch_norm_backward<T>(x, dy, dx, gamma, running_mean, invstd, dgamma, dbeta,

@@ -1,0 +1,248 @@
+// Fast BN+ReLU and BN+Add+ReLU, planes form: channels-first data with
+// contiguous inner runs (NCL, NCHW, NCDHW) whose mask order is (outer,
+// channel, inner). The rules every fast kernel keeps are in src/cpu/README.md.
+//
+// Forward = batch statistics (the scheme of batch_norm_planes.cpp: pieces
+// fixed by the geometry, float lanes inside a piece, Chan merges in double in
+// a fixed order) + one pass that writes y = relu(BN(x) [+ z]) and packs the
+// mask from the y just written (y > 0 exactly where the pre-activation is > 0).
+// Planes works channel at a time when the channels keep every thread busy, so
+// x is re-read from cache for the apply pass, as the unfused BN kernel does.
+//
+// Backward = the BN backward of g = mask ? dy : 0, where g is expanded from the
+// bits into a small per-thread buffer (L1, kExpandBlock elements at a time)
+// right before each leaf loop uses it: it never exists as a tensor, and the
+// mask costs 1/32 of dy's bytes. (BN+Add+ReLU expands straight into dz, which
+// is g.)
+#include <omp.h>
+
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+#include "core/parallel.hpp"
+#include "cpu/coefficients.hpp"
+#include "cpu/implementations.hpp"
+#include "cpu/leaf_loops.hpp"
+#include "cpu/relu_mask.hpp"
+#include "kernels/batch_norm_fused.hpp"
+
+namespace normkit::kernels::bn_fused {
+namespace {
+
+using cpu::ApplyCoefficients;
+using cpu::BackwardCoefficients;
+using cpu::expand_bits;
+using cpu::finish_channel;
+using cpu::forward_coefficients;
+using cpu::kExpandBlock;
+using cpu::pack_positive_bits;
+using detail::threads_for;
+using leaf::GradientSums;
+using leaf::gradient_sums_run;
+using leaf::Pieces;
+using leaf::scratch;
+using leaf::whole_units_per_thread;
+
+// y = relu((x - mean_hi)·scale + shift) over one run; relu keeps NaN.
+NORMKIT_SIMD_CLONES
+void apply_relu_run(const float* __restrict x, float* __restrict y, int64_t len,
+                    ApplyCoefficients k) {
+  for (int64_t i = 0; i < len; ++i) {
+    const float p = (x[i] - k.mean_hi) * k.scale + k.shift;
+    y[i] = p < 0.0f ? 0.0f : p;
+  }
+}
+
+// y = relu((x - mean_hi)·scale + shift + z) over one run.
+NORMKIT_SIMD_CLONES
+void apply_add_relu_run(const float* __restrict x, const float* __restrict z, float* __restrict y,
+                        int64_t len, ApplyCoefficients k) {
+  for (int64_t i = 0; i < len; ++i) {
+    const float p = (x[i] - k.mean_hi) * k.scale + k.shift + z[i];
+    y[i] = p < 0.0f ? 0.0f : p;
+  }
+}
+
+// dx = a·g + b·(x - mean_hi) + k over one run.
+NORMKIT_SIMD_CLONES
+void backward_apply_run(const float* __restrict x, const float* __restrict g, float* dx,
+                        int64_t len, BackwardCoefficients k) {
+  for (int64_t i = 0; i < len; ++i) dx[i] = k.a * g[i] + k.b * (x[i] - k.mean_hi) + k.k;
+}
+
+
+// ======================= planes =======================
+
+Moments piece_moments(const Geometry& g, const float* x, int64_t c, const Pieces::Span& s) {
+  return leaf::run_moments(x + g.offset(s.first_run, c, s.first_inner), s.runs, s.len,
+                           g.outer_stride);
+}
+
+void piece_forward_apply(const Forward<float>& p, int64_t c, const Pieces::Span& s,
+                         ApplyCoefficients k) {
+  for (int64_t r = s.first_run; r < s.first_run + s.runs; ++r) {
+    const float* xr = p.x + p.x_geom.offset(r, c, s.first_inner);
+    float* yr = p.y + p.y_geom.offset(r, c, s.first_inner);
+    if (p.z)
+      apply_add_relu_run(xr, p.z + p.z_geom.offset(r, c, s.first_inner), yr, s.len, k);
+    else
+      apply_relu_run(xr, yr, s.len, k);
+    if (p.mask) pack_positive_bits(yr, s.len, p.mask, p.order.bit(r, c, s.first_inner));
+  }
+}
+
+void planes_forward(const Forward<float>& p) {
+  const Geometry& g = p.x_geom;
+  const Pieces pieces(g);
+  const int threads = threads_for(g.channels * g.reduction_size());
+  if (whole_units_per_thread(g.channels, threads)) {
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t c = 0; c < g.channels; ++c) {
+      if (p.training) {
+        Moments m;
+        for (int64_t i = 0; i < pieces.per_channel; ++i)
+          m.merge(piece_moments(g, p.x, c, pieces.span(g, i)));
+        p.moments[c] = m;
+      }
+      const ApplyCoefficients k = forward_coefficients(p, c);
+      for (int64_t i = 0; i < pieces.per_channel; ++i)
+        piece_forward_apply(p, c, pieces.span(g, i), k);
+    }
+    return;
+  }
+  const int64_t total = g.channels * pieces.per_channel;
+  std::vector<Moments> partial(p.training ? total : 0);
+  std::vector<ApplyCoefficients> coeff(g.channels);
+#pragma omp parallel num_threads(threads)
+  {
+    if (p.training) {
+#pragma omp for schedule(static)
+      for (int64_t t = 0; t < total; ++t)
+        partial[t] =
+            piece_moments(g, p.x, t / pieces.per_channel, pieces.span(g, t % pieces.per_channel));
+    }
+#pragma omp for schedule(static)
+    for (int64_t c = 0; c < g.channels; ++c) {
+      if (p.training) {
+        Moments m;
+        for (int64_t i = 0; i < pieces.per_channel; ++i) m.merge(partial[c * pieces.per_channel + i]);
+        p.moments[c] = m;
+      }
+      coeff[c] = forward_coefficients(p, c);
+    }
+#pragma omp for schedule(static)
+    for (int64_t t = 0; t < total; ++t) {
+      const int64_t c = t / pieces.per_channel;
+      piece_forward_apply(p, c, pieces.span(g, t % pieces.per_channel), coeff[c]);
+    }
+  }
+}
+
+// Σg and Σg·(x - mean) of a piece, g expanded run by run into L1 scratch.
+GradientSums piece_gradient_sums(const Backward<float>& p, int64_t c, const Pieces::Span& s,
+                                 float* g) {
+  const auto center = static_cast<float>(p.mean[c]);
+  double sum_g = 0, sum_g_xc = 0;
+  for (int64_t r = s.first_run; r < s.first_run + s.runs; ++r)
+    for (int64_t i0 = 0; i0 < s.len; i0 += kExpandBlock) {
+      const int64_t i = s.first_inner + i0, len = std::min(kExpandBlock, s.len - i0);
+      expand_bits(p.dy + p.dy_geom.offset(r, c, i), p.mask, p.order.bit(r, c, i), len, g);
+      const GradientSums block = gradient_sums_run(p.x + p.x_geom.offset(r, c, i), g, len, center);
+      sum_g += block.sum_g;
+      sum_g_xc += block.sum_g_xc;
+    }
+  // The float centre's error, taken off in double.
+  return {sum_g, sum_g_xc - sum_g * (p.mean[c] - center)};
+}
+
+void piece_backward_apply(const Backward<float>& p, int64_t c, const Pieces::Span& s,
+                          BackwardCoefficients k, float* scratch_g) {
+  for (int64_t r = s.first_run; r < s.first_run + s.runs; ++r)
+    for (int64_t i0 = 0; i0 < s.len; i0 += kExpandBlock) {
+      const int64_t i = s.first_inner + i0, len = std::min(kExpandBlock, s.len - i0);
+      // dz is g itself: expand straight into it.
+      float* g = p.dz ? p.dz + p.dz_geom.offset(r, c, i) : scratch_g;
+      expand_bits(p.dy + p.dy_geom.offset(r, c, i), p.mask, p.order.bit(r, c, i), len, g);
+      if (p.dx)
+        backward_apply_run(p.x + p.x_geom.offset(r, c, i), g, p.dx + p.dx_geom.offset(r, c, i),
+                           len, k);
+    }
+}
+
+void planes_backward(const Backward<float>& p) {
+  const Geometry& g = p.x_geom;
+  const Pieces pieces(g);
+  const int threads = threads_for(2 * g.channels * g.reduction_size());
+  const auto scratch_len = static_cast<size_t>(std::min(g.inner, kExpandBlock));
+  const bool second_pass = p.dx || p.dz;
+  if (whole_units_per_thread(g.channels, threads)) {
+#pragma omp parallel num_threads(threads)
+    {
+      float* const gbuf = scratch<float>(0, scratch_len);
+#pragma omp for schedule(static)
+      for (int64_t c = 0; c < g.channels; ++c) {
+        double sum_g = 0, sum_g_xmu = 0;
+        for (int64_t i = 0; i < pieces.per_channel; ++i) {
+          const GradientSums s = piece_gradient_sums(p, c, pieces.span(g, i), gbuf);
+          sum_g += s.sum_g;
+          sum_g_xmu += s.sum_g_xc;
+        }
+        const BackwardCoefficients k = finish_channel(p, c, sum_g, sum_g_xmu);
+        if (second_pass)
+          for (int64_t i = 0; i < pieces.per_channel; ++i)
+            piece_backward_apply(p, c, pieces.span(g, i), k, gbuf);
+      }
+    }
+    return;
+  }
+  const int64_t total = g.channels * pieces.per_channel;
+  std::vector<GradientSums> partial(total);
+  std::vector<BackwardCoefficients> coeff(g.channels);
+#pragma omp parallel num_threads(threads)
+  {
+    float* const gbuf = scratch<float>(0, scratch_len);
+#pragma omp for schedule(static)
+    for (int64_t t = 0; t < total; ++t)
+      partial[t] = piece_gradient_sums(p, t / pieces.per_channel,
+                                       pieces.span(g, t % pieces.per_channel), gbuf);
+#pragma omp for schedule(static)
+    for (int64_t c = 0; c < g.channels; ++c) {
+      double sum_g = 0, sum_g_xmu = 0;
+      for (int64_t i = 0; i < pieces.per_channel; ++i) {
+        sum_g += partial[c * pieces.per_channel + i].sum_g;
+        sum_g_xmu += partial[c * pieces.per_channel + i].sum_g_xc;
+      }
+      coeff[c] = finish_channel(p, c, sum_g, sum_g_xmu);
+    }
+    if (second_pass) {
+#pragma omp for schedule(static)
+      for (int64_t t = 0; t < total; ++t) {
+        const int64_t c = t / pieces.per_channel;
+        piece_backward_apply(p, c, pieces.span(g, t % pieces.per_channel), coeff[c], gbuf);
+      }
+    }
+  }
+}
+
+bool planes_order(const Geometry& x, const MaskOrder& order) {
+  return order.inner == 1 && (x.channels == 1 || order.channel == x.inner) &&
+         (x.outer == 1 || order.outer == x.channels * x.inner);
+}
+
+const char* planes_decline(const Geometry& x, std::span<const Geometry> others,
+                           const MaskOrder& order) {
+  if (x.inner_stride != 1 || x.inner < 2) return "inner run is not contiguous";
+  for (const Geometry& o : others)
+    if (o.inner_stride != 1 || o.inner != x.inner || o.outer != x.outer)
+      return "an output or gradient is not laid out like x";
+  if (!planes_order(x, order)) return "the mask order is not (outer, channel, inner)";
+  return nullptr;
+}
+
+
+}  // namespace
+
+extern const Impl kPlanes = {"planes", planes_decline, planes_forward, planes_backward};
+
+}  // namespace normkit::kernels::bn_fused

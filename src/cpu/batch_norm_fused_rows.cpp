@@ -1,0 +1,279 @@
+// Fast BN+ReLU and BN+Add+ReLU, rows form: contiguous channels, a row of C
+// values per position (NHWC, ...), whose mask order is (row, channel). The
+// rules every fast kernel keeps are in src/cpu/README.md; forward and backward
+// follow batch_norm_fused_planes.cpp's scheme over chunks of rows.
+#include <omp.h>
+
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+#include "core/parallel.hpp"
+#include "cpu/coefficients.hpp"
+#include "cpu/implementations.hpp"
+#include "cpu/leaf_loops.hpp"
+#include "cpu/relu_mask.hpp"
+#include "kernels/batch_norm_fused.hpp"
+
+namespace normkit::kernels::bn_fused {
+namespace {
+
+using cpu::ApplyCoefficients;
+using cpu::BackwardCoefficients;
+using cpu::expand_bits;
+using cpu::finish_channel;
+using cpu::forward_coefficients;
+using cpu::kExpandBlock;
+using cpu::pack_positive_bits;
+using detail::threads_for;
+using leaf::merge_moment_arrays;
+using leaf::RowPlan;
+using leaf::scratch;
+
+// ======================= rows =======================
+
+// One chunk's per-channel moments: mean shifted by the first row, then
+// corrected sums around it, vectorized across channels.
+NORMKIT_SIMD_CLONES
+void rows_chunk_moments(const float* __restrict x, int64_t stride, int64_t rows, int64_t channels,
+                        float* __restrict sum, float* __restrict center, float* __restrict sum_d2,
+                        double* __restrict mean, double* __restrict m2) {
+  const double n = static_cast<double>(rows);
+  std::fill(sum, sum + channels, 0.0f);
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* xp = x + r * stride;
+    for (int64_t c = 0; c < channels; ++c) sum[c] += xp[c] - x[c];
+  }
+  for (int64_t c = 0; c < channels; ++c)
+    center[c] = static_cast<float>(static_cast<double>(x[c]) + static_cast<double>(sum[c]) / n);
+  std::fill(sum, sum + channels, 0.0f);
+  std::fill(sum_d2, sum_d2 + channels, 0.0f);
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* xp = x + r * stride;
+    for (int64_t c = 0; c < channels; ++c) {
+      const float d = xp[c] - center[c];
+      sum[c] += d;
+      sum_d2[c] += d * d;
+    }
+  }
+  for (int64_t c = 0; c < channels; ++c) {
+    const double sd = sum[c];
+    mean[c] = center[c] + sd / n;
+    m2[c] = sum_d2[c] - sd * sd / n;
+  }
+}
+
+// Chunks merged in order within each stripe, stripes merged in order.
+void rows_moments(const Geometry& g, const float* x, Moments* out, int threads) {
+  const RowPlan plan(g);
+  const int64_t C = plan.channels;
+  double* const stripe_mean = scratch<double>(0, plan.stripes * C);
+  double* const stripe_m2 = scratch<double>(1, plan.stripes * C);
+  double* const stripe_count = scratch<double>(2, plan.stripes);
+#pragma omp parallel num_threads(threads)
+  {
+    float* const sums = scratch<float>(3, 3 * C);
+    double* const chunk_mean = scratch<double>(4, C);
+    double* const chunk_m2 = scratch<double>(5, C);
+#pragma omp for schedule(static)
+    for (int64_t s = 0; s < plan.stripes; ++s) {
+      double count = 0;
+      for (int64_t k = plan.first_chunk(s); k < plan.first_chunk(s + 1); ++k) {
+        const int64_t n = plan.rows_in(k);
+        rows_chunk_moments(x + plan.first_row(k) * g.outer_stride, g.outer_stride, n, C, sums,
+                           sums + C, sums + 2 * C, chunk_mean, chunk_m2);
+        merge_moment_arrays(count, stripe_mean + s * C, stripe_m2 + s * C, static_cast<double>(n),
+                            chunk_mean, chunk_m2, C);
+        count += static_cast<double>(n);
+      }
+      stripe_count[s] = count;
+    }
+  }
+  // Stripes in order (C values each: cheap, one thread).
+  double count = stripe_count[0];
+  for (int64_t s = 1; s < plan.stripes; ++s) {
+    merge_moment_arrays(count, stripe_mean, stripe_m2, stripe_count[s], stripe_mean + s * C,
+                        stripe_m2 + s * C, C);
+    count += stripe_count[s];
+  }
+  for (int64_t c = 0; c < C; ++c) out[c] = {count, stripe_mean[c], stripe_m2[c]};
+}
+
+NORMKIT_SIMD_CLONES
+void rows_apply_relu_chunk(const float* x, int64_t x_stride, const float* z, int64_t z_stride,
+                           float* y, int64_t y_stride, int64_t rows, int64_t channels,
+                           const float* __restrict mean_hi, const float* __restrict scale,
+                           const float* __restrict shift) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* xp = x + r * x_stride;
+    float* yp = y + r * y_stride;
+    if (z) {
+      const float* zp = z + r * z_stride;
+      for (int64_t c = 0; c < channels; ++c) {
+        const float p = (xp[c] - mean_hi[c]) * scale[c] + shift[c] + zp[c];
+        yp[c] = p < 0.0f ? 0.0f : p;
+      }
+    } else {
+      for (int64_t c = 0; c < channels; ++c) {
+        const float p = (xp[c] - mean_hi[c]) * scale[c] + shift[c];
+        yp[c] = p < 0.0f ? 0.0f : p;
+      }
+    }
+  }
+}
+
+void rows_forward(const Forward<float>& p) {
+  const Geometry& gx = p.x_geom;
+  const int64_t C = gx.channels;
+  const int threads = threads_for(C * gx.outer);
+  if (p.training) rows_moments(gx, p.x, p.moments, threads);
+  std::vector<float> mean_hi(C), scale(C), shift(C);
+  for (int64_t c = 0; c < C; ++c) {
+    const ApplyCoefficients k = forward_coefficients(p, c);
+    mean_hi[c] = k.mean_hi;
+    scale[c] = k.scale;
+    shift[c] = k.shift;
+  }
+  const RowPlan plan(gx);
+  const bool y_dense = p.y_geom.outer_stride == C;
+#pragma omp parallel for num_threads(threads) schedule(static)
+  for (int64_t chunk = 0; chunk < plan.chunks; ++chunk) {
+    const int64_t r0 = plan.first_row(chunk), rows = plan.rows_in(chunk);
+    float* y = p.y + r0 * p.y_geom.outer_stride;
+    rows_apply_relu_chunk(p.x + r0 * gx.outer_stride, gx.outer_stride,
+                          p.z ? p.z + r0 * p.z_geom.outer_stride : nullptr, p.z_geom.outer_stride,
+                          y, p.y_geom.outer_stride, rows, C, mean_hi.data(), scale.data(),
+                          shift.data());
+    if (!p.mask) continue;
+    if (y_dense) {
+      pack_positive_bits(y, rows * C, p.mask, r0 * C);
+    } else {
+      for (int64_t r = 0; r < rows; ++r)
+        pack_positive_bits(y + r * p.y_geom.outer_stride, C, p.mask, (r0 + r) * C);
+    }
+  }
+}
+
+// Σg and Σg·(x - center) of one chunk per channel, into a stripe's double sums.
+NORMKIT_SIMD_CLONES
+void rows_gradient_sums_chunk(const float* __restrict x, int64_t x_stride,
+                              const float* __restrict g, int64_t rows, int64_t channels,
+                              const float* __restrict center, double* __restrict sum_g,
+                              double* __restrict sum_g_xc) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* xp = x + r * x_stride;
+    const float* gp = g + r * channels;
+    for (int64_t c = 0; c < channels; ++c) {
+      const double gv = gp[c];
+      sum_g[c] += gv;
+      sum_g_xc[c] += gv * (static_cast<double>(xp[c]) - static_cast<double>(center[c]));
+    }
+  }
+}
+
+NORMKIT_SIMD_CLONES
+void rows_backward_apply_chunk(const float* x, int64_t x_stride, const float* g, float* dx,
+                               int64_t dx_stride, int64_t rows, int64_t channels,
+                               const float* mean_hi, const float* a, const float* b,
+                               const float* k) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* xp = x + r * x_stride;
+    const float* gp = g + r * channels;
+    float* dp = dx + r * dx_stride;
+    for (int64_t c = 0; c < channels; ++c)
+      dp[c] = a[c] * gp[c] + b[c] * (xp[c] - mean_hi[c]) + k[c];
+  }
+}
+
+// g of a chunk's rows, packed (rows × C) into `g`.
+void rows_expand_chunk(const Backward<float>& p, int64_t r0, int64_t rows, float* g) {
+  const int64_t C = p.x_geom.channels;
+  if (p.dy_geom.outer_stride == C) {
+    expand_bits(p.dy + r0 * C, p.mask, r0 * C, rows * C, g);
+    return;
+  }
+  for (int64_t r = 0; r < rows; ++r)
+    expand_bits(p.dy + (r0 + r) * p.dy_geom.outer_stride, p.mask, (r0 + r) * C, C, g + r * C);
+}
+
+void rows_backward(const Backward<float>& p) {
+  const Geometry& gx = p.x_geom;
+  const RowPlan plan(gx);
+  const int64_t C = plan.channels;
+  const int threads = threads_for(2 * C * plan.rows);
+  double* const stripe_g = scratch<double>(0, plan.stripes * C);
+  double* const stripe_g_xmu = scratch<double>(1, plan.stripes * C);
+  std::fill(stripe_g, stripe_g + plan.stripes * C, 0.0);
+  std::fill(stripe_g_xmu, stripe_g_xmu + plan.stripes * C, 0.0);
+  std::vector<float> mean_hi(C), a(C), b(C), k(C);
+  std::vector<double> mean_error(C);
+  for (int64_t c = 0; c < C; ++c) {
+    mean_hi[c] = static_cast<float>(p.mean[c]);
+    mean_error[c] = p.mean[c] - mean_hi[c];
+  }
+  const int64_t block_rows = std::clamp<int64_t>(kExpandBlock / std::max<int64_t>(C, 1), 1, plan.chunk_rows);
+  const auto chunk_elements = static_cast<size_t>(block_rows * C);
+#pragma omp parallel num_threads(threads)
+  {
+    float* const g = scratch<float>(2, chunk_elements);
+#pragma omp for schedule(static)
+    for (int64_t s = 0; s < plan.stripes; ++s)
+      for (int64_t chunk = plan.first_chunk(s); chunk < plan.first_chunk(s + 1); ++chunk) {
+        const int64_t first = plan.first_row(chunk), end = first + plan.rows_in(chunk);
+        for (int64_t r0 = first; r0 < end; r0 += block_rows) {
+          const int64_t rows = std::min(block_rows, end - r0);
+          rows_expand_chunk(p, r0, rows, g);
+          rows_gradient_sums_chunk(p.x + r0 * gx.outer_stride, gx.outer_stride, g, rows, C,
+                                   mean_hi.data(), stripe_g + s * C, stripe_g_xmu + s * C);
+        }
+      }
+#pragma omp for schedule(static)
+    for (int64_t c = 0; c < C; ++c) {
+      double sum_g = 0, sum_g_xmu = 0;
+      for (int64_t s = 0; s < plan.stripes; ++s) {
+        sum_g += stripe_g[s * C + c];
+        sum_g_xmu += stripe_g_xmu[s * C + c];
+      }
+      sum_g_xmu -= sum_g * mean_error[c];
+      const BackwardCoefficients bc = finish_channel(p, c, sum_g, sum_g_xmu);
+      a[c] = bc.a;
+      b[c] = bc.b;
+      k[c] = bc.k;
+    }
+    if (p.dx || p.dz) {
+#pragma omp for schedule(static)
+      for (int64_t chunk = 0; chunk < plan.chunks; ++chunk) {
+        const int64_t first = plan.first_row(chunk), end = first + plan.rows_in(chunk);
+        for (int64_t r0 = first; r0 < end; r0 += block_rows) {
+          const int64_t rows = std::min(block_rows, end - r0);
+          rows_expand_chunk(p, r0, rows, g);
+          if (p.dx)
+            rows_backward_apply_chunk(p.x + r0 * gx.outer_stride, gx.outer_stride, g,
+                                      p.dx + r0 * p.dx_geom.outer_stride, p.dx_geom.outer_stride,
+                                      rows, C, mean_hi.data(), a.data(), b.data(), k.data());
+          if (p.dz)
+            for (int64_t r = 0; r < rows; ++r)
+              std::copy(g + r * C, g + (r + 1) * C, p.dz + (r0 + r) * p.dz_geom.outer_stride);
+        }
+      }
+    }
+  }
+}
+
+const char* rows_decline(const Geometry& x, std::span<const Geometry> others,
+                         const MaskOrder& order) {
+  if (x.inner != 1 || (x.channel_stride != 1 && x.channels > 1))
+    return "channels are not contiguous rows";
+  for (const Geometry& o : others)
+    if (o.inner != 1 || (o.channel_stride != 1 && o.channels > 1) || o.outer != x.outer)
+      return "an output or gradient is not laid out like x";
+  if (order.channel != 1 || (x.outer > 1 && order.outer != x.channels))
+    return "the mask order is not (row, channel)";
+  return nullptr;
+}
+
+}  // namespace
+
+extern const Impl kRows = {"rows", rows_decline, rows_forward, rows_backward};
+
+}  // namespace normkit::kernels::bn_fused

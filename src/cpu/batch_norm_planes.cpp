@@ -1,0 +1,413 @@
+// Fast batch normalization, planes form: channels-first data whose inner run
+// is contiguous (NC·L, NCHW, NCDHW). The rules every fast kernel keeps
+// (determinism, SIMD clones, internal linkage) are in src/cpu/README.md.
+//
+// Accuracy: a piece's moments come from two passes over the piece while it is
+// in cache (its mean, then Σ(x - mean)² corrected by Σ(x - mean)), summed in
+// float lanes that each see a few hundred centred values; pieces combine in
+// double with Chan's merge. The apply pass subtracts the float-rounded mean
+// before scaling (cpu/coefficients.hpp), so a mean of 1e6 with std 1 keeps its
+// digits.
+#include <omp.h>
+#include <xmmintrin.h>
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include "core/parallel.hpp"
+#include "cpu/coefficients.hpp"
+#include "cpu/implementations.hpp"
+#include "cpu/leaf_loops.hpp"
+#include "cpu/streaming.hpp"
+#include "kernels/batch_norm.hpp"
+
+namespace normkit::kernels::bn {
+namespace {
+
+using cpu::ApplyCoefficients;
+using cpu::apply_coefficients;
+using cpu::BackwardCoefficients;
+using cpu::finish_channel;
+using cpu::stream_apply;
+using cpu::stream_backward;
+using cpu::streaming_output;
+using detail::threads_for;
+using leaf::CenteredSums;
+using leaf::kDoubleLanes;
+using leaf::kLanes;
+using leaf::kPieceElements;
+using leaf::kTailLanes;
+using leaf::lane_total;
+using leaf::param_or;
+using leaf::Pieces;
+using leaf::whole_units_per_thread;
+
+// Inside a piece, sums run in float lanes (leaf_loops.hpp); lane totals are
+// added in double, and pieces combine in double. Each lane sees at most a few
+// hundred values that are already centred (x - shift), so the float sums lose
+// almost nothing.
+
+// ----- leaf loops over `runs` runs of `len` contiguous floats, `stride` apart -----
+
+// The sums of leaf::run_moments for runs shorter than kLanes (7×7 = 49, 14 values...), where
+// the loops above would spend most of their time in their tails. Here a lane
+// is a position: run r adds its value i into lane (r mod k)·len + i, with k
+// runs side by side so that k·len <= kLanes lanes are in use and each sees at
+// most runs/k values. The lanes' order of additions is fixed by the geometry,
+// as above.
+NORMKIT_SIMD_CLONES
+double shifted_sum_short_runs(const float* __restrict x, int64_t runs, int64_t len,
+                              int64_t stride, float shift) {
+  float acc[kLanes] = {};
+  const int64_t k = kLanes / len;
+  for (int64_t r = 0, slot = 0; r < runs; ++r, slot = slot + 1 == k ? 0 : slot + 1) {
+    const float* __restrict p = x + r * stride;
+    float* __restrict a = acc + slot * len;
+    for (int64_t i = 0; i < len; ++i) a[i] += p[i] - shift;
+  }
+  return lane_total<kLanes>(acc);
+}
+
+NORMKIT_SIMD_CLONES
+CenteredSums centered_sums_short_runs(const float* __restrict x, int64_t runs, int64_t len,
+                                      int64_t stride, float center) {
+  float acc1[kLanes] = {}, acc2[kLanes] = {};
+  const int64_t k = kLanes / len;
+  for (int64_t r = 0, slot = 0; r < runs; ++r, slot = slot + 1 == k ? 0 : slot + 1) {
+    const float* __restrict p = x + r * stride;
+    float* __restrict a1 = acc1 + slot * len;
+    float* __restrict a2 = acc2 + slot * len;
+    for (int64_t i = 0; i < len; ++i) {
+      const float d = p[i] - center;
+      a1[i] += d;
+      a2[i] += d * d;
+    }
+  }
+  return {lane_total<kLanes>(acc1), lane_total<kLanes>(acc2)};
+}
+
+
+NORMKIT_SIMD_CLONES
+void apply_runs(const float* x, int64_t x_stride, float* y, int64_t y_stride, int64_t runs,
+                int64_t len, ApplyCoefficients k, bool stream) {
+  if (stream) {
+    for (int64_t r = 0; r < runs; ++r)
+      stream_apply(x + r * x_stride, y + r * y_stride, len, &k.mean_hi, &k.scale, &k.shift, 0);
+    _mm_sfence();  // the streamed lines are written before anyone reads y
+    return;
+  }
+  for (int64_t r = 0; r < runs; ++r) {
+    const float* xp = x + r * x_stride;
+    float* yp = y + r * y_stride;
+    for (int64_t i = 0; i < len; ++i) yp[i] = (xp[i] - k.mean_hi) * k.scale + k.shift;
+  }
+}
+
+// Σdy and Σdy·(x - center). dy is not centred, so Σdy·(x - center) cancels
+// heavily: its terms are formed and summed in double (32 lanes).
+struct GradientSums {
+  double sum_dy, sum_dy_xc;
+};
+NORMKIT_SIMD_CLONES
+GradientSums gradient_sums_runs(const float* __restrict x, int64_t x_stride,
+                                const float* __restrict dy, int64_t dy_stride, int64_t runs,
+                                int64_t len, float center) {
+  const double center_d = center;
+  double acc1[kDoubleLanes] = {}, acc2[kDoubleLanes] = {};
+  double acc1_8[kTailLanes] = {}, acc2_8[kTailLanes] = {};
+  double tail1 = 0, tail2 = 0;
+  for (int64_t r = 0; r < runs; ++r) {
+    const float* xp = x + r * x_stride;
+    const float* gp = dy + r * dy_stride;
+    int64_t i = 0;
+    for (; i + kDoubleLanes <= len; i += kDoubleLanes)
+      for (int l = 0; l < kDoubleLanes; ++l) {
+        const double g = gp[i + l];
+        acc1[l] += g;
+        acc2[l] += g * (static_cast<double>(xp[i + l]) - center_d);
+      }
+    for (; i + kTailLanes <= len; i += kTailLanes)
+      for (int l = 0; l < kTailLanes; ++l) {
+        const double g = gp[i + l];
+        acc1_8[l] += g;
+        acc2_8[l] += g * (static_cast<double>(xp[i + l]) - center_d);
+      }
+    for (; i < len; ++i) {
+      const double g = gp[i];
+      tail1 += g;
+      tail2 += g * (static_cast<double>(xp[i]) - center_d);
+    }
+  }
+  return {lane_total<kDoubleLanes>(acc1) + lane_total<kTailLanes>(acc1_8) + tail1,
+          lane_total<kDoubleLanes>(acc2) + lane_total<kTailLanes>(acc2_8) + tail2};
+}
+
+// Short runs, as shifted_sum_short_runs, in double lanes.
+NORMKIT_SIMD_CLONES
+GradientSums gradient_sums_short_runs(const float* __restrict x, int64_t x_stride,
+                                      const float* __restrict dy, int64_t dy_stride,
+                                      int64_t runs, int64_t len, float center) {
+  const double center_d = center;
+  double acc1[kLanes] = {}, acc2[kLanes] = {};
+  const int64_t k = kLanes / len;
+  for (int64_t r = 0, slot = 0; r < runs; ++r, slot = slot + 1 == k ? 0 : slot + 1) {
+    const float* __restrict xp = x + r * x_stride;
+    const float* __restrict gp = dy + r * dy_stride;
+    double* __restrict a1 = acc1 + slot * len;
+    double* __restrict a2 = acc2 + slot * len;
+    for (int64_t i = 0; i < len; ++i) {
+      const double g = gp[i];
+      a1[i] += g;
+      a2[i] += g * (static_cast<double>(xp[i]) - center_d);
+    }
+  }
+  return {lane_total<kLanes>(acc1), lane_total<kLanes>(acc2)};
+}
+
+NORMKIT_SIMD_CLONES
+void backward_apply_runs(const float* x, int64_t x_stride, const float* dy, int64_t dy_stride,
+                         float* dx, int64_t dx_stride, int64_t runs, int64_t len,
+                         BackwardCoefficients k, bool stream) {
+  if (stream) {
+    for (int64_t r = 0; r < runs; ++r)
+      stream_backward(x + r * x_stride, dy + r * dy_stride, dx + r * dx_stride, len, &k.mean_hi,
+                      &k.a, &k.b, &k.k, 0);
+    _mm_sfence();
+    return;
+  }
+  for (int64_t r = 0; r < runs; ++r) {
+    const float* xp = x + r * x_stride;
+    const float* gp = dy + r * dy_stride;
+    float* dp = dx + r * dx_stride;
+    for (int64_t i = 0; i < len; ++i) dp[i] = k.a * gp[i] + k.b * (xp[i] - k.mean_hi) + k.k;
+  }
+}
+
+// ================= planes: [outer, C, inner], inner contiguous =================
+
+// Two passes over a piece that stays in L1: its mean (shifted by its first
+// value), then the corrected sums of squares around that mean in float.
+// Short runs take the same two passes with a lane per position.
+Moments piece_moments(const Geometry& g, const float* x, int64_t c, const Pieces::Span& s) {
+  const float* base = x + g.offset(s.first_run, c, s.first_inner);
+  if (s.len >= kLanes) return leaf::run_moments(base, s.runs, s.len, g.outer_stride);
+  const double n = static_cast<double>(s.runs * s.len);
+  const float shift = base[0];
+  const double mean = shift + shifted_sum_short_runs(base, s.runs, s.len, g.outer_stride, shift) / n;
+  const auto center = static_cast<float>(mean);
+  const CenteredSums cs = centered_sums_short_runs(base, s.runs, s.len, g.outer_stride, center);
+  return {n, center + cs.sum_d / n, cs.sum_d2 - cs.sum_d * cs.sum_d / n};
+}
+
+void piece_apply(const Geometry& gx, const Geometry& gy, const float* x, float* y, int64_t c,
+                 const Pieces::Span& s, ApplyCoefficients k) {
+  apply_runs(x + gx.offset(s.first_run, c, s.first_inner), gx.outer_stride,
+             y + gy.offset(s.first_run, c, s.first_inner), gy.outer_stride, s.runs, s.len, k,
+             streaming_output(gy, y, x));
+}
+
+// The apply in memory order: (outer, channel) runs with channels fastest, cut
+// into units of about kPieceElements (several short runs, or a part of a long
+// one). No reduction here, so any order gives the same bits.
+struct ApplyUnits {
+  int64_t channels_per_unit, units_per_outer, parts_per_run, part_len, count;
+  explicit ApplyUnits(const Geometry& g) {
+    if (g.inner >= kPieceElements) {
+      channels_per_unit = 1;
+      parts_per_run = (g.inner + kPieceElements - 1) / kPieceElements;
+      part_len = kPieceElements;
+      units_per_outer = g.channels * parts_per_run;
+    } else {
+      channels_per_unit = std::max<int64_t>(1, kPieceElements / g.inner);
+      parts_per_run = 1;
+      part_len = g.inner;
+      units_per_outer = (g.channels + channels_per_unit - 1) / channels_per_unit;
+    }
+    count = g.outer * units_per_outer;
+  }
+};
+
+template <class RunFn>
+void for_each_run_of_unit(const Geometry& g, const ApplyUnits& u, int64_t unit, RunFn run) {
+  const int64_t o = unit / u.units_per_outer, within = unit % u.units_per_outer;
+  if (u.parts_per_run > 1) {
+    const int64_t c = within / u.parts_per_run, first = (within % u.parts_per_run) * u.part_len;
+    run(o, c, first, std::min(u.part_len, g.inner - first));
+    return;
+  }
+  const int64_t c0 = within * u.channels_per_unit;
+  for (int64_t c = c0; c < std::min(g.channels, c0 + u.channels_per_unit); ++c) run(o, c, 0, g.inner);
+}
+
+void planes_forward_training(const Forward<float>& p) {
+  const Geometry& g = p.x_geom;
+  const Pieces pieces(g);
+  const int threads = threads_for(g.channels * g.reduction_size());
+  auto coefficients = [&](int64_t c) {
+    return apply_coefficients(p.moments[c].mean, invstd_of(p.moments[c].biased_variance(), p.eps),
+                              param_or(p.gamma, c, 1.0), param_or(p.beta, c, 0.0));
+  };
+  if (whole_units_per_thread(g.channels, threads)) {
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t c = 0; c < g.channels; ++c) {
+      Moments m;
+      for (int64_t i = 0; i < pieces.per_channel; ++i)
+        m.merge(piece_moments(g, p.x, c, pieces.span(g, i)));
+      p.moments[c] = m;
+      const ApplyCoefficients k = coefficients(c);
+      for (int64_t i = 0; i < pieces.per_channel; ++i)
+        piece_apply(g, p.y_geom, p.x, p.y, c, pieces.span(g, i), k);
+    }
+    return;
+  }
+  const int64_t total = g.channels * pieces.per_channel;
+  const ApplyUnits units(g);
+  const bool stream = streaming_output(p.y_geom, p.y, p.x);
+  std::vector<Moments> partial(total);
+  std::vector<ApplyCoefficients> coeff(g.channels);
+#pragma omp parallel num_threads(threads)
+  {
+#pragma omp for schedule(static)
+    for (int64_t t = 0; t < total; ++t)
+      partial[t] = piece_moments(g, p.x, t / pieces.per_channel, pieces.span(g, t % pieces.per_channel));
+#pragma omp for schedule(static)
+    for (int64_t c = 0; c < g.channels; ++c) {
+      Moments m;
+      for (int64_t i = 0; i < pieces.per_channel; ++i) m.merge(partial[c * pieces.per_channel + i]);
+      p.moments[c] = m;
+      coeff[c] = coefficients(c);
+    }
+#pragma omp for schedule(static)
+    for (int64_t t = 0; t < units.count; ++t)
+      for_each_run_of_unit(g, units, t, [&](int64_t o, int64_t c, int64_t first, int64_t len) {
+        apply_runs(p.x + g.offset(o, c, first), 0, p.y + p.y_geom.offset(o, c, first), 0, 1, len,
+                   coeff[c], stream);
+      });
+  }
+}
+
+void planes_moments(const Geometry& g, const float* x, Moments* out) {
+  const Pieces pieces(g);
+  const int64_t total = g.channels * pieces.per_channel;
+  std::vector<Moments> partial(total);
+#pragma omp parallel num_threads(threads_for(g.channels * g.reduction_size()))
+  {
+#pragma omp for schedule(static)
+    for (int64_t t = 0; t < total; ++t)
+      partial[t] = piece_moments(g, x, t / pieces.per_channel, pieces.span(g, t % pieces.per_channel));
+#pragma omp for schedule(static)
+    for (int64_t c = 0; c < g.channels; ++c) {
+      Moments m;
+      for (int64_t i = 0; i < pieces.per_channel; ++i) m.merge(partial[c * pieces.per_channel + i]);
+      out[c] = m;
+    }
+  }
+}
+
+void planes_apply(const Apply<float>& p) {
+  const Geometry& g = p.x_geom;
+  const ApplyUnits units(g);
+  const bool stream = streaming_output(p.y_geom, p.y, p.x);
+  std::vector<ApplyCoefficients> coeff(g.channels);
+  for (int64_t c = 0; c < g.channels; ++c)
+    coeff[c] = apply_coefficients(p.mean[c], p.invstd[c], param_or(p.gamma, c, 1.0),
+                                  param_or(p.beta, c, 0.0));
+#pragma omp parallel for num_threads(threads_for(g.channels * g.reduction_size())) schedule(static)
+  for (int64_t t = 0; t < units.count; ++t)
+    for_each_run_of_unit(g, units, t, [&](int64_t o, int64_t c, int64_t first, int64_t len) {
+      apply_runs(p.x + g.offset(o, c, first), 0, p.y + p.y_geom.offset(o, c, first), 0, 1, len,
+                 coeff[c], stream);
+    });
+}
+
+// Σdy and Σdy·(x - mean) of a piece; the float sums run around float(mean)
+// and Σdy·(mean - float(mean)) is taken off in double.
+GradientSums piece_gradient_sums(const Backward<float>& p, int64_t c, const Pieces::Span& s) {
+  const Geometry& gx = p.x_geom;
+  const Geometry& gd = p.dy_geom;
+  const auto center = static_cast<float>(p.mean[c]);
+  const auto sums_of = s.len < kLanes ? gradient_sums_short_runs : gradient_sums_runs;
+  const GradientSums sums =
+      sums_of(p.x + gx.offset(s.first_run, c, s.first_inner), gx.outer_stride,
+              p.dy + gd.offset(s.first_run, c, s.first_inner), gd.outer_stride, s.runs, s.len,
+              center);
+  return {sums.sum_dy, sums.sum_dy_xc - sums.sum_dy * (p.mean[c] - center)};
+}
+
+void piece_backward_apply(const Backward<float>& p, int64_t c, const Pieces::Span& s,
+                          BackwardCoefficients k) {
+  const Geometry& gx = p.x_geom;
+  const Geometry& gd = p.dy_geom;
+  const Geometry& go = p.dx_geom;
+  backward_apply_runs(p.x + gx.offset(s.first_run, c, s.first_inner), gx.outer_stride,
+                      p.dy + gd.offset(s.first_run, c, s.first_inner), gd.outer_stride,
+                      p.dx + go.offset(s.first_run, c, s.first_inner), go.outer_stride, s.runs,
+                      s.len, k, streaming_output(go, p.dx, p.x, p.dy));
+}
+
+void planes_backward(const Backward<float>& p) {
+  const Geometry& g = p.x_geom;
+  const Pieces pieces(g);
+  const int threads = threads_for(2 * g.channels * g.reduction_size());
+  if (whole_units_per_thread(g.channels, threads)) {
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t c = 0; c < g.channels; ++c) {
+      double sum_dy = 0, sum_dy_xmu = 0;
+      for (int64_t i = 0; i < pieces.per_channel; ++i) {
+        const GradientSums s = piece_gradient_sums(p, c, pieces.span(g, i));
+        sum_dy += s.sum_dy;
+        sum_dy_xmu += s.sum_dy_xc;
+      }
+      const BackwardCoefficients k = finish_channel(p, c, sum_dy, sum_dy_xmu);
+      if (p.dx)
+        for (int64_t i = 0; i < pieces.per_channel; ++i) piece_backward_apply(p, c, pieces.span(g, i), k);
+    }
+    return;
+  }
+  const int64_t total = g.channels * pieces.per_channel;
+  const ApplyUnits units(g);
+  const bool stream = streaming_output(p.dx_geom, p.dx, p.x, p.dy);
+  std::vector<GradientSums> partial(total);
+  std::vector<BackwardCoefficients> coeff(g.channels);
+#pragma omp parallel num_threads(threads)
+  {
+#pragma omp for schedule(static)
+    for (int64_t t = 0; t < total; ++t)
+      partial[t] = piece_gradient_sums(p, t / pieces.per_channel, pieces.span(g, t % pieces.per_channel));
+#pragma omp for schedule(static)
+    for (int64_t c = 0; c < g.channels; ++c) {
+      double sum_dy = 0, sum_dy_xmu = 0;
+      for (int64_t i = 0; i < pieces.per_channel; ++i) {
+        sum_dy += partial[c * pieces.per_channel + i].sum_dy;
+        sum_dy_xmu += partial[c * pieces.per_channel + i].sum_dy_xc;
+      }
+      coeff[c] = finish_channel(p, c, sum_dy, sum_dy_xmu);
+    }
+    if (p.dx) {
+#pragma omp for schedule(static)
+      for (int64_t t = 0; t < units.count; ++t)
+        for_each_run_of_unit(g, units, t, [&](int64_t o, int64_t c, int64_t first, int64_t len) {
+          backward_apply_runs(p.x + g.offset(o, c, first), 0, p.dy + p.dy_geom.offset(o, c, first),
+                              0, p.dx + p.dx_geom.offset(o, c, first), 0, 1, len, coeff[c],
+                              stream);
+        });
+    }
+  }
+}
+
+const char* planes_decline(const Geometry& x, std::span<const Geometry> others) {
+  if (x.inner_stride != 1 || x.inner < 2) return "inner run is not contiguous";
+  for (const auto& o : others)
+    if (o.inner_stride != 1 || o.inner != x.inner || o.outer != x.outer)
+      return "an output or gradient is not laid out like x";
+  return nullptr;
+}
+
+}  // namespace
+
+extern const Impl kPlanes = {
+    "planes", planes_decline, planes_forward_training, planes_apply, planes_backward,
+    [](const Statistics<float>& p) { planes_moments(p.x_geom, p.x, p.moments); }};
+
+}  // namespace normkit::kernels::bn

@@ -1,0 +1,86 @@
+#pragma once
+// The batch-normalization contract: what every implementation (src/cpu/,
+// src/ref/) receives: checked problems in [outer, channels, inner] geometry
+// with per-channel statistics in double. The public functions (src/ops/
+// batch_norm.cpp) check arguments, pick an implementation (core/dispatch.hpp)
+// and own the running statistics; implementations only compute.
+#include <cmath>
+#include <span>
+
+#include "normkit/batch_norm.hpp"
+#include "normkit/moments.hpp"
+#include "normkit/tensor.hpp"
+
+namespace normkit::kernels::bn {
+
+// Forward-training: the batch statistics, then y.
+template <class T>
+struct Forward {
+  Geometry x_geom, y_geom;
+  const T* x;
+  T* y;
+  const T* gamma;  // nullptr: γ = 1
+  const T* beta;   // nullptr: β = 0
+  double eps;
+  Moments* moments;  // out: one per channel
+};
+
+// y = (x - mean) * invstd * γ + β with given per-channel statistics.
+template <class T>
+struct Apply {
+  Geometry x_geom, y_geom;
+  const T* x;
+  T* y;
+  const T* gamma;
+  const T* beta;
+  const double* mean;
+  const double* invstd;
+};
+
+template <class T>
+struct Backward {
+  Geometry x_geom, dy_geom, dx_geom;
+  const T* x;
+  const T* dy;
+  T* dx;  // nullptr: not wanted
+  const T* gamma;
+  const double* mean;
+  const double* invstd;
+  BackwardMode mode;
+  double* sum_dy;        // out: Σdy per channel (= dβ)
+  double* sum_dy_xhat;   // out: Σdy·x̂ per channel (= dγ)
+};
+
+inline double invstd_of(double biased_var, double eps) { return 1.0 / std::sqrt(biased_var + eps); }
+
+// Per-channel moments of x (batch_norm_moments).
+template <class T>
+struct Statistics {
+  Geometry x_geom;
+  const T* x;
+  Moments* moments;  // out: one per channel
+};
+
+// One fast path for float data (core/dispatch.hpp): `decline` says why it
+// cannot take x with the other views of the call (nullptr: it can).
+struct Impl {
+  const char* name;
+  const char* (*decline)(const Geometry& x, std::span<const Geometry> others);
+  void (*forward)(const Forward<float>&);
+  void (*apply)(const Apply<float>&);
+  void (*backward)(const Backward<float>&);
+  void (*moments)(const Statistics<float>&);
+};
+
+// In the order tried (src/cpu/implementations.cpp).
+std::span<const Impl> implementations();
+
+namespace ref {
+// Plain loops, double accumulation: the oracle the fast kernels are tested against.
+template <class T> void forward(const Forward<T>& p);
+template <class T> void apply(const Apply<T>& p);
+template <class T> void backward(const Backward<T>& p);
+template <class T> void moments(const Statistics<T>& p);
+}  // namespace ref
+
+}  // namespace normkit::kernels::bn

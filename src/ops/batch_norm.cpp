@@ -1,0 +1,221 @@
+// The public batch-normalization functions: check every argument, pick an
+// implementation, and own the running statistics. Nothing is written before
+// all checks have passed, and running statistics are updated only after the
+// batch statistics are known to be finite.
+#include "normkit/batch_norm.hpp"
+
+#include <array>
+#include <cmath>
+#include <vector>
+
+#include "core/check.hpp"
+#include "core/dispatch.hpp"
+#include "core/norm_checks.hpp"
+#include "kernels/batch_norm.hpp"
+#include "ops/batch_norm_internal.hpp"
+
+namespace normkit {
+
+using detail::check_count;
+using detail::check_eps;
+using detail::check_finite;
+using detail::check_in_place;
+using detail::check_in_place_dx;
+using detail::check_running;
+using detail::check_training_size;
+using detail::checked_input;
+using detail::checked_like;
+using detail::fail_invalid;
+using detail::kPerChannel;
+using detail::or_null;
+using detail::unify;
+namespace bn = kernels::bn;
+
+template <class T>
+void batch_norm_update_running(std::span<const Moments> moments, RunningStats<T> running,
+                               const BatchNormOptions& options) {
+  const auto channels = static_cast<int64_t>(moments.size());
+  check_running(running, channels, options);
+  if (running.mean.empty()) {
+    if (running.num_batches_tracked) ++*running.num_batches_tracked;
+    return;
+  }
+  for (const auto& m : moments)
+    if (m.count < 2) fail_invalid("expected more than 1 value per channel when training");
+  check_finite(moments);
+
+  int64_t batches = 0;
+  if (running.num_batches_tracked) batches = ++*running.num_batches_tracked;
+  const double momentum = options.momentum ? *options.momentum : 1.0 / static_cast<double>(batches);
+  // weight_on_new: running = (1 - m)·running + m·batch;  weight_on_old: m·running + (1 - m)·batch.
+  const double w_new =
+      options.momentum_convention == MomentumConvention::weight_on_new || !options.momentum
+          ? momentum
+          : 1.0 - momentum;
+  const bool unbiased = options.running_variance == RunningVariance::unbiased;
+  for (int64_t c = 0; c < channels; ++c) {
+    const double var = unbiased ? moments[c].unbiased_variance() : moments[c].biased_variance();
+    running.mean[c] = static_cast<T>((1.0 - w_new) * running.mean[c] + w_new * moments[c].mean);
+    running.var[c] = static_cast<T>((1.0 - w_new) * running.var[c] + w_new * var);
+  }
+}
+
+template <class T>
+void batch_norm_forward_training(ConstTensorView<T> x, TensorView<T> y, std::span<const T> gamma,
+                                 std::span<const T> beta, SavedStats<T> saved,
+                                 RunningStats<T> running, const BatchNormOptions& options) {
+  Geometry gx = checked_input(x, "x");
+  Geometry gy = checked_like(y, x, "y");
+  check_in_place(y.data, gy, x.data, gx, "x");
+  unify<T>(x, gx, {{&gy, y}});
+  check_training_size(gx, x);
+  check_count(gamma, gx.channels, "weight (gamma)", kPerChannel, false);
+  check_count(beta, gx.channels, "bias (beta)", kPerChannel, false);
+  check_count(saved.mean, gx.channels, "save_mean", kPerChannel, false);
+  check_count(saved.invstd, gx.channels, "save_invstd", kPerChannel, false);
+  check_running(running, gx.channels, options);
+
+  std::vector<Moments> moments(gx.channels);
+  const bn::Forward<T> problem{gx,          gy,       x.data,      y.data, or_null(gamma),
+                               or_null(beta), options.eps, moments.data()};
+  detail::run("batch_norm_forward_training", bn::implementations(), &bn::Impl::forward,
+              bn::ref::forward<T>, problem, gx, std::array{gy});
+  check_finite(moments);
+  detail::write_saved(moments, saved, options.eps);
+  batch_norm_update_running<T>(moments, running, options);
+}
+
+template <class T>
+void batch_norm_forward_apply(ConstTensorView<T> x, TensorView<T> y, std::span<const T> gamma,
+                              std::span<const T> beta, std::span<const T> mean,
+                              std::span<const T> invstd) {
+  const std::vector<double> mean_d(mean.begin(), mean.end()),
+      invstd_d(invstd.begin(), invstd.end());
+  detail::batch_norm_apply_double_stats<T>(x, y, gamma, beta, mean_d, invstd_d,
+                                           "batch_norm_forward_apply");
+}
+
+template <class T>
+void batch_norm_forward_inference(ConstTensorView<T> x, TensorView<T> y, std::span<const T> gamma,
+                                  std::span<const T> beta, std::span<const T> running_mean,
+                                  std::span<const T> running_var, double eps) {
+  check_eps(eps);
+  const Geometry gx = checked_input(x, "x");
+  check_count(running_mean, gx.channels, "running_mean", kPerChannel, true);
+  check_count(running_var, gx.channels, "running_var", kPerChannel, true);
+  for (size_t c = 0; c < running_var.size(); ++c)
+    if (!(running_var[c] + eps > 0))
+      fail_invalid("running_var[", c, "] + eps must be positive, got ", running_var[c]);
+  std::vector<T> invstd(running_var.size());
+  for (size_t c = 0; c < running_var.size(); ++c)
+    invstd[c] = static_cast<T>(bn::invstd_of(running_var[c], eps));
+  batch_norm_forward_apply<T>(x, y, gamma, beta, running_mean, invstd);
+}
+
+template <class T>
+void batch_norm_backward(ConstTensorView<T> x, ConstTensorView<T> dy, TensorView<T> dx,
+                         std::span<const T> gamma, std::span<const T> mean,
+                         std::span<const T> invstd, std::span<T> dgamma, std::span<T> dbeta,
+                         BackwardMode mode) {
+  Geometry gx = checked_input(x, "x");
+  Geometry gdy = checked_like(dy, x, "dy");
+  Geometry gdx = dx.data ? checked_like(dx, x, "dx") : gdy;
+  check_in_place_dx(dx.data, gdx, x.data, gx, dy.data, gdy);
+  if (dx.data)
+    unify<T>(x, gx, {{&gdy, dy}, {&gdx, dx}});
+  else
+    unify<T>(x, gx, {{&gdy, dy}});
+  if (!dx.data) gdx = gdy;
+  if (mode != BackwardMode::training && mode != BackwardMode::frozen)
+    fail_invalid("mode: unknown backward mode");
+  if (mode == BackwardMode::training) check_training_size(gx, x);
+  check_count(gamma, gx.channels, "weight (gamma)", kPerChannel, false);
+  check_count(mean, gx.channels, "mean", kPerChannel, true);
+  check_count(invstd, gx.channels, "invstd", kPerChannel, true);
+  check_count(dgamma, gx.channels, "dgamma", kPerChannel, false);
+  check_count(dbeta, gx.channels, "dbeta", kPerChannel, false);
+
+  std::vector<double> mean_d(mean.begin(), mean.end()), invstd_d(invstd.begin(), invstd.end());
+  std::vector<double> sum_dy(gx.channels), sum_dy_xhat(gx.channels);
+  const bn::Backward<T> problem{gx,     gdy,           gdx,            x.data, dy.data,
+                                dx.data, or_null(gamma), mean_d.data(), invstd_d.data(), mode,
+                                sum_dy.data(), sum_dy_xhat.data()};
+  detail::run("batch_norm_backward", bn::implementations(), &bn::Impl::backward,
+              bn::ref::backward<T>, problem, gx, std::array{gdy, gdx});
+  for (int64_t c = 0; c < gx.channels; ++c) {
+    if (!dgamma.empty()) dgamma[c] = static_cast<T>(sum_dy_xhat[c]);
+    if (!dbeta.empty()) dbeta[c] = static_cast<T>(sum_dy[c]);
+  }
+}
+
+template <class T>
+void batch_norm_moments(ConstTensorView<T> x, std::span<Moments> moments) {
+  const Geometry gx = checked_input(x, "x");
+  check_count(moments, gx.channels, "moments", kPerChannel, true);
+  detail::run("batch_norm_moments", bn::implementations(), &bn::Impl::moments,
+              bn::ref::moments<T>, bn::Statistics<T>{gx, x.data, moments.data()}, gx,
+              std::span<const Geometry>());
+}
+
+template <class T>
+void batch_norm_invstd(std::span<const T> var, double eps, std::span<T> invstd) {
+  check_eps(eps);
+  if (invstd.size() != var.size())
+    fail_invalid("invstd should contain ", var.size(), " elements not ", invstd.size());
+  for (size_t c = 0; c < var.size(); ++c) {
+    if (!(var[c] + eps > 0))
+      fail_invalid("var[", c, "] + eps must be positive, got ", var[c]);
+  }
+  for (size_t c = 0; c < var.size(); ++c) invstd[c] = static_cast<T>(bn::invstd_of(var[c], eps));
+}
+
+#define NORMKIT_INSTANTIATE(T)                                                                   \
+  template void batch_norm_forward_training<T>(ConstTensorView<T>, TensorView<T>,              \
+                                               std::span<const T>, std::span<const T>,          \
+                                               SavedStats<T>, RunningStats<T>,                  \
+                                               const BatchNormOptions&);                        \
+  template void batch_norm_forward_inference<T>(ConstTensorView<T>, TensorView<T>,             \
+                                                std::span<const T>, std::span<const T>,         \
+                                                std::span<const T>, std::span<const T>, double); \
+  template void batch_norm_backward<T>(ConstTensorView<T>, ConstTensorView<T>, TensorView<T>,  \
+                                       std::span<const T>, std::span<const T>,                  \
+                                       std::span<const T>, std::span<T>, std::span<T>,          \
+                                       BackwardMode);                                           \
+  template void batch_norm_moments<T>(ConstTensorView<T>, std::span<Moments>);                  \
+  template void batch_norm_forward_apply<T>(ConstTensorView<T>, TensorView<T>,                 \
+                                            std::span<const T>, std::span<const T>,             \
+                                            std::span<const T>, std::span<const T>);            \
+  template void batch_norm_update_running<T>(std::span<const Moments>, RunningStats<T>,         \
+                                             const BatchNormOptions&);                          \
+  template void batch_norm_invstd<T>(std::span<const T>, double, std::span<T>);
+
+NORMKIT_INSTANTIATE(float)
+NORMKIT_INSTANTIATE(double)
+
+// forward_apply with double statistics (batch_norm_internal.hpp).
+template <class T>
+void detail::batch_norm_apply_double_stats(ConstTensorView<T> x, TensorView<T> y,
+                                           std::span<const T> gamma, std::span<const T> beta,
+                                           std::span<const double> mean,
+                                           std::span<const double> invstd, const char* op) {
+  Geometry gx = checked_input(x, "x");
+  Geometry gy = checked_like(y, x, "y");
+  check_in_place(y.data, gy, x.data, gx, "x");
+  unify<T>(x, gx, {{&gy, y}});
+  check_count(gamma, gx.channels, "weight (gamma)", kPerChannel, false);
+  check_count(beta, gx.channels, "bias (beta)", kPerChannel, false);
+  check_count(mean, gx.channels, "mean", kPerChannel, true);
+  check_count(invstd, gx.channels, "invstd", kPerChannel, true);
+  const bn::Apply<T> problem{gx,           gy,          x.data,      y.data,
+                             or_null(gamma), or_null(beta), mean.data(), invstd.data()};
+  detail::run(op, bn::implementations(), &bn::Impl::apply, bn::ref::apply<T>, problem, gx,
+              std::array{gy});
+}
+template void detail::batch_norm_apply_double_stats<float>(
+    ConstTensorView<float>, TensorView<float>, std::span<const float>, std::span<const float>,
+    std::span<const double>, std::span<const double>, const char*);
+template void detail::batch_norm_apply_double_stats<double>(
+    ConstTensorView<double>, TensorView<double>, std::span<const double>, std::span<const double>,
+    std::span<const double>, std::span<const double>, const char*);
+
+}  // namespace normkit
