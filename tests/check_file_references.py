@@ -34,6 +34,7 @@ SKIP_PREFIXES = ("build/", "build-", "runs/", "/", "http", "<", "$", "~")
 NOT_IN_REPOSITORY = {
     "version.hpp", "normkitConfig.cmake", "normkitConfigVersion.cmake",  # the build
     "report.md", "LAB.md",                                               # normkit compare, lab
+    "classes.txt",                                         # an IDX dataset's class names
     "TorchConfig.cmake", "dnnl-config.cmake", "dnnl.hpp",                # other projects
 }
 IGNORED_FILES = {"tests/golden/before.txt"}

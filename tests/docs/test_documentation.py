@@ -194,7 +194,7 @@ def test_the_rules_are_stated_where_examples_are_written():
 
 def test_the_block_reader(tmp_path):
     """The parser finds what the runner relies on: tags, markers, line numbers."""
-    page = tmp_path / "page.md"
+    page = (tmp_path / "page").with_suffix(".md")  # a scratch page
     page.write_text("# t\n\n```sh\necho 1\n```\n\n<!-- doc-test: skip: slow -->\n\n```sh\nmake demo\n```\n"
                     "<!-- doc-test: instead: echo cheap\n -->\n```sh\nlong --command\n```\n"
                     "```\nuntagged\n```\n````python\nprint('```')\n````\n")
