@@ -4,7 +4,7 @@ BUILD_DIR   ?= build
 JOBS        ?= $(shell nproc)
 CMAKE_FLAGS ?=
 
-.PHONY: deps configure build test bench demo lab clean
+.PHONY: deps configure build test bench demo lab clean sanitize fuzz clang tsan
 
 deps:
 	@bash scripts/install-deps.sh
@@ -38,5 +38,52 @@ LAB_OUT ?= runs/lab
 lab: build
 	@$(BUILD_DIR)/normkit lab run all --out $(LAB_OUT)
 
+# The second compiler: clang 14, optimized as the normal build, every test.
+CLANG       ?= clang++-14
+CLANG_DIR   ?= build-clang
+clang: deps
+	@cmake -S . -B $(CLANG_DIR) -G Ninja -DCMAKE_CXX_COMPILER=$(CLANG) -DPython3_EXECUTABLE=$(PYTHON) \
+	  -DNORMKIT_BUILD_BENCH=OFF $(CMAKE_FLAGS) >/dev/null
+	@cmake --build $(CLANG_DIR) -j $(JOBS)
+	@cd $(CLANG_DIR) && ctest --output-on-failure -j $(JOBS)
+
+# AddressSanitizer + UndefinedBehaviorSanitizer (clang, cmake/sanitizers.cmake) in
+# its own build directory: the C++ tests, the CLI tests, the Python tests (the runtime
+# preloaded), the find_package consumer and the fuzz corpus replays. Any report fails.
+# Not the lab's tests (label lab): ~60 training runs of the CLI that cli_tests already
+# covers, several minutes under ASan; SANITIZE_CTEST_FLAGS= runs them too. This build
+# is also CI's clang 14 build: `make clang` (uninstrumented) is for speed comparisons.
+SANITIZE_DIR ?= build-sanitize
+SANITIZE_CONFIGURE = cmake -S . -B $(SANITIZE_DIR) -G Ninja -DCMAKE_CXX_COMPILER=$(CLANG) \
+  -DCMAKE_BUILD_TYPE=RelWithDebInfo -DNORMKIT_SANITIZE=address,undefined -DNORMKIT_BUILD_FUZZERS=ON \
+  -DNORMKIT_BUILD_BENCH=OFF -DPython3_EXECUTABLE=$(PYTHON) $(CMAKE_FLAGS) >/dev/null
+SANITIZE_CTEST_FLAGS ?= -LE lab
+sanitize: deps
+	@$(SANITIZE_CONFIGURE)
+	@cmake --build $(SANITIZE_DIR) -j $(JOBS)
+	@cd $(SANITIZE_DIR) && UBSAN_OPTIONS=print_stacktrace=1 ctest --output-on-failure -j $(JOBS) \
+	  $(SANITIZE_CTEST_FLAGS)
+
+# ThreadSanitizer on the kernel tests (the threaded code: OpenMP in the kernels). Clang's
+# OpenMP runtime with its TSan annotations (libarcher), which make TSan understand
+# OpenMP's barriers and reductions; without them it reports the runtime's own synchronization.
+TSAN_DIR    ?= build-tsan
+ARCHER      ?= /usr/lib/llvm-14/lib/libarcher.so
+tsan: deps
+	@cmake -S . -B $(TSAN_DIR) -G Ninja -DCMAKE_CXX_COMPILER=$(CLANG) -DCMAKE_BUILD_TYPE=RelWithDebInfo \
+	  -DNORMKIT_SANITIZE=thread -DNORMKIT_BUILD_PYTHON=OFF -DNORMKIT_BUILD_BENCH=OFF $(CMAKE_FLAGS) >/dev/null
+	@cmake --build $(TSAN_DIR) -j $(JOBS) --target normkit_tests
+	@OMP_TOOL_LIBRARIES=$(ARCHER) OMP_NUM_THREADS=$(or $(TSAN_THREADS),4) TSAN_OPTIONS=halt_on_error=1 \
+	  $(TSAN_DIR)/tests/cpp/normkit_tests --gtest_brief=1
+
+# libFuzzer on every parser of outside bytes, FUZZ_SECONDS per target, one after
+# another (fuzz/run.sh; FUZZ_TARGETS="spec csv" for some). Builds in the sanitizer directory.
+FUZZ_SECONDS ?= 60
+FUZZ_TARGETS ?= checkpoint spec csv idx standardizer
+fuzz: deps
+	@$(SANITIZE_CONFIGURE)
+	@cmake --build $(SANITIZE_DIR) -j $(JOBS) --target $(addprefix fuzz_,$(FUZZ_TARGETS))
+	@bash fuzz/run.sh $(SANITIZE_DIR) $(FUZZ_SECONDS) $(FUZZ_TARGETS)
+
 clean:
-	@rm -rf $(BUILD_DIR)
+	@rm -rf $(BUILD_DIR) $(CLANG_DIR) $(SANITIZE_DIR) $(TSAN_DIR)

@@ -5,6 +5,8 @@
 #   CONSUMER_SOURCE    examples/consumer
 #   WORK_DIR           scratch directory (emptied first)
 #   CXX_COMPILER, MAKE_PROGRAM   the toolchain of the main build
+#   CXX_FLAGS, EXE_LINKER_FLAGS  its flags (a sanitizer build's library needs
+#                                the sanitizer runtime in whatever links it)
 set(prefix "${WORK_DIR}/prefix")
 set(build "${WORK_DIR}/build")
 file(REMOVE_RECURSE "${WORK_DIR}")
@@ -41,6 +43,7 @@ endforeach()
 run("configure consumer" "${CMAKE_COMMAND}" -S "${CONSUMER_SOURCE}" -B "${build}" -G Ninja
     "-DCMAKE_PREFIX_PATH=${prefix}" "-DCMAKE_CXX_COMPILER=${CXX_COMPILER}"
     "-DCMAKE_MAKE_PROGRAM=${MAKE_PROGRAM}" -DCMAKE_BUILD_TYPE=Release
+    "-DCMAKE_CXX_FLAGS=${CXX_FLAGS}" "-DCMAKE_EXE_LINKER_FLAGS=${EXE_LINKER_FLAGS}"
     -DCMAKE_FIND_USE_PACKAGE_REGISTRY=OFF)
 file(STRINGS "${build}/CMakeCache.txt" found REGEX "^normkit_DIR:")
 string(FIND "${found}" "${prefix}/" at)

@@ -139,8 +139,10 @@ std::string describe_run(const RunOptions& options, const Data& data);
 // there is one (found relative to the executable), else the source tree's.
 fs::path data_file(const std::string& name);
 // Starts `argv[0]` with `argv`, stdout and stderr going to `log`; returns the pid
-// (a runtime error names what failed).
-int spawn_process(const std::vector<std::string>& argv, const fs::path& log);
+// (a runtime error names what failed). With own_group, the child is the leader
+// of a process group of its own: a terminal's Ctrl-C reaches only the parent,
+// which passes it on once (a second SIGINT would end a child mid-save).
+int spawn_process(const std::vector<std::string>& argv, const fs::path& log, bool own_group = false);
 // Waits for `pid`; returns its exit code, or 128 + the signal that ended it.
 int wait_process(int pid);
 // Runs one of normkit's Python scripts (data_file(script)) with Debian's
@@ -176,6 +178,9 @@ struct EpochRecord {
   json metrics;  // one line of metrics.jsonl (also when the epoch then counts as diverged)
   bool ok = true;
   std::string error;  // when the run diverged (NaN/inf loss, or --diverge-factor)
+  // The signal (SIGINT, SIGTERM) that stopped the epoch part-way: the run is
+  // saved where it stopped (metrics is null) and --resume continues it there.
+  int interrupted = 0;
 };
 
 // One training run in directory `out`: OUT/checkpoint.nkc and OUT/metrics.jsonl.
@@ -192,8 +197,12 @@ class Run {
   // saves the checkpoint, appends the metrics line. A NaN/inf loss leaves the
   // checkpoint as it was and returns ok = false; an epoch whose loss exceeds
   // the divergence factor is saved and returns ok = false. The run is then
-  // stopped, as diverged.
+  // stopped, as diverged. A stop request (train::install_stop_handlers) ends the
+  // epoch after the current step: the checkpoint then holds the position in the
+  // epoch (written atomically) and the record says interrupted.
   EpochRecord train_epoch(const Data& data, Progress* progress);
+  // Steps done in the epoch in progress (0 at an epoch's start).
+  int64_t epoch_step() const { return position_.step; }
   // OUT/run.json, the run's outcome for scripts: status "finished" or
   // "diverged", epochs and steps done, training seconds, the divergence (epoch,
   // step, reason) and the last metrics. Written when the run ends either way.
@@ -234,14 +243,32 @@ class Run {
   std::string stop_reason_;
   json divergence_;             // null, or {epoch, step, loss, reason}
   double initial_loss_ = -1;    // the first step's loss (-1: not yet trained)
+  // Mid-epoch: where the epoch in progress stands, and the training loss of the
+  // steps.jsonl window in progress (both saved in the checkpoint, so a resumed
+  // run logs what an uninterrupted one does).
+  train::EpochPosition position_;
+  struct {
+    double loss = 0;
+    int64_t correct = 0, samples = 0;
+  } window_;
 };
+
+// The exit status of a command stopped by `signal`: 128 + its number (130 for
+// SIGINT, 143 for SIGTERM), after a line saying where the run was saved.
+int report_interruption(int signal, const std::string& where);
 
 // What a command was told besides the run options.
 struct CommandFlags {
   fs::path out;
   std::string name;  // the run's name in metrics.jsonl; default: OUT's directory name
   bool resume = false, overwrite = false;
+  std::string max_memory;  // --max-memory: "8G", "512M", bytes; "" = this machine's memory
 };
+
+// Refuses (runtime error) to train `spec` with batches of `batch_size` when the
+// memory it needs (nn::ModelSize: parameters, gradients, optimizer state,
+// activations) exceeds `max_memory` (CommandFlags::max_memory), naming both.
+void check_memory(const nn::ModelSpec& spec, int64_t batch_size, const std::string& max_memory);
 // The run options given explicitly on the command line (as to_json keys).
 using GivenOptions = std::set<std::string>;
 

@@ -213,6 +213,9 @@ void write_report(const fs::path& out, const Run& a, const Run& b, const Data& d
 
 int command_compare(const RunOptions& given_options, const GivenOptions& given,
                     const CommandFlags& flags) {
+  // Ctrl-C or SIGTERM: the current step finishes, the run it belongs to is saved
+  // where it stopped, and the exit status is 128 + the signal (see command_train).
+  train::install_stop_handlers();
   std::optional<Run> with_bn, without_bn;
   Data data;
   if (flags.resume) {
@@ -245,6 +248,7 @@ int command_compare(const RunOptions& given_options, const GivenOptions& given,
     check_normalization(resolve_spec(o, "batch", data.train), spec, o.norm);
     if (spec == spec.without_batch_norm())
       usage_error("--model '" + o.model + "' has no batchnorm layer: there is nothing to compare");
+    check_memory(spec, o.batch_size, flags.max_memory);
     check_data_fits(spec, data.train);
     for (const char* stale : {"report.md", "curves.png"}) fs::remove(flags.out / stale, ec);
     with_bn.emplace(Run::start(o, o.norm, flags.out / o.norm, o.norm, standardizer, data.train, flags.overwrite));
@@ -269,6 +273,13 @@ int command_compare(const RunOptions& given_options, const GivenOptions& given,
       if (run->stopped() || run->epochs_done() > epoch) continue;
       const EpochRecord record = run->train_epoch(data, run == &a ? (progress_a ? &*progress_a : nullptr)
                                                                   : (progress_b ? &*progress_b : nullptr));
+      if (record.interrupted)
+        return report_interruption(
+            record.interrupted,
+            fmt::format("the run {} {} stopped in epoch {} after step {} and is saved: continue with "
+                        "`normkit compare --resume --out {}`",
+                        run == &a ? "with" : "without", norm_label(a.norm()), run->epochs_done() + 1,
+                        run->epoch_step(), flags.out.string()));
       trained = true;
       if (!record.ok)
         fmt::print(stderr, "normkit: warning: the run {} {} stopped: {}\n",
@@ -276,6 +287,10 @@ int command_compare(const RunOptions& given_options, const GivenOptions& given,
     }
     if (!trained) break;
     print_row(static_cast<size_t>(epoch), a, b);
+    if (const int signal = train::stop_signal(); signal != 0 && epoch + 1 < epochs)
+      return report_interruption(signal, fmt::format("both runs are saved after epoch {}: continue with "
+                                                     "`normkit compare --resume --out {}`",
+                                                     epoch + 1, flags.out.string()));
   }
   const std::string plot_problem = plot_curves(flags.out, a, b);
   if (!plot_problem.empty())

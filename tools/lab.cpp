@@ -10,6 +10,7 @@
 //                           finished only when its record is written)
 // OUT/NAME/runs/ID/         the run: metrics.jsonl, steps.jsonl, run.json, train.log
 // A run without a record (interrupted) is started again from scratch.
+#include <signal.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -198,8 +199,11 @@ std::vector<std::string> train_command(const RunSpec& run, int threads) {
     }
     argv.insert(argv.end(), {flag, value_text(value)});
   }
+  // A run the lab was interrupted in (SIGINT, SIGTERM) left a checkpoint of where
+  // it stopped: it resumes there, with the same options.
+  const bool resume = fs::exists(run.dir / "checkpoint.nkc", ec);
   argv.insert(argv.end(), {"--threads", std::to_string(threads), "--name", run.id, "--out",
-                           run.dir.string(), "--overwrite"});
+                           run.dir.string(), resume ? "--resume" : "--overwrite"});
   return argv;
 }
 
@@ -302,25 +306,36 @@ int command_lab_run(const LabFlags& f) {
   std::deque<RunSpec> queue(pending.begin(), pending.end());
   std::map<int, std::pair<RunSpec, std::chrono::steady_clock::time_point>> running;
   const auto start = std::chrono::steady_clock::now();
-  size_t finished = 0, diverged = 0;
+  size_t finished = 0, diverged = 0, interrupted = 0;
+  bool passed_on = false;  // a stop request was passed on to the runs
   std::vector<std::string> failures;
+  // Ctrl-C or SIGTERM: no new runs; the running ones are stopped and saved.
+  train::install_stop_handlers();
   while (!queue.empty() || !running.empty()) {
-    while (failures.empty() && !queue.empty() && static_cast<int>(running.size()) < jobs) {
+    while (failures.empty() && train::stop_signal() == 0 && !queue.empty() &&
+           static_cast<int>(running.size()) < jobs) {
       RunSpec run = std::move(queue.front());
       queue.pop_front();
       std::error_code ec;
-      fs::remove_all(run.dir, ec);  // a half-written run is redone from scratch
+      // A half-written run is redone from scratch; an interrupted one resumes (train_command).
+      if (!fs::exists(run.dir / "checkpoint.nkc", ec)) fs::remove_all(run.dir, ec);
       fs::create_directories(run.dir, ec);
-      const int pid = spawn_process(train_command(run, f.threads), run.dir / "train.log");
+      const int pid = spawn_process(train_command(run, f.threads), run.dir / "train.log", true);
       running.emplace(pid, std::make_pair(std::move(run), std::chrono::steady_clock::now()));
     }
     if (running.empty()) break;
-    int wait_status = 0;
-    const int pid = ::wait(&wait_status);
-    if (pid < 0) {
-      if (errno == EINTR) continue;
-      runtime_error(std::string("waiting for the runs: ") + std::strerror(errno));
+    // Waits for a run to end; a stop request (the runs have their own process
+    // groups, so it reached only the lab) is passed on to every run once: each
+    // finishes its step, saves where it stopped and exits with 128 + the signal.
+    int wait_status = 0, pid = 0;
+    while ((pid = ::waitpid(-1, &wait_status, WNOHANG)) == 0 || (pid < 0 && errno == EINTR)) {
+      if (const int signal = train::stop_signal(); signal != 0 && !passed_on) {
+        for (const auto& entry : running) ::kill(entry.first, signal);
+        passed_on = true;
+      }
+      ::usleep(50000);
     }
+    if (pid < 0) runtime_error(std::string("waiting for the runs: ") + std::strerror(errno));
     const auto it = running.find(pid);
     if (it == running.end()) continue;
     const RunSpec run = it->second.first;
@@ -329,6 +344,10 @@ int command_lab_run(const LabFlags& f) {
     running.erase(it);
     std::error_code ec;
     const fs::path outcome = run.dir / "run.json";
+    if (passed_on && WIFEXITED(wait_status) && WEXITSTATUS(wait_status) == 128 + train::stop_signal()) {
+      ++interrupted;  // saved where it stopped; the next `lab run` resumes it
+      continue;
+    }
     if (!fs::exists(outcome, ec)) {
       // Not an outcome of training (a usage error, a crash): the lab stops
       // starting runs, and says what the run said.
@@ -388,6 +407,10 @@ int command_lab_run(const LabFlags& f) {
   const double elapsed = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   fmt::print("{}{} runs in {} ({} diverged, kept as results)\n", tty ? "\r\033[K" : "", finished,
              duration_text(elapsed), diverged);
+  if (const int signal = train::stop_signal(); signal != 0)
+    return report_interruption(signal, fmt::format("{} run{} stopped and saved, {} not started; run the "
+                                                   "same command again to continue",
+                                                   interrupted, interrupted == 1 ? "" : "s", queue.size()));
   if (!failures.empty()) {
     fmt::print(stderr, "normkit: error: {} run{} failed (the first: {}); the finished runs are kept: "
                "run the same command again to continue\n",

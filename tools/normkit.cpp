@@ -191,6 +191,9 @@ void add_command_flags(CLI::App* app, CommandFlags& f, const std::string& defaul
   app->add_option("--out", f.out, "output directory")->capture_default_str();
   auto* resume = app->add_flag("--resume", f.resume, "continue the run saved in --out");
   app->add_flag("--overwrite", f.overwrite, "replace a run already in --out")->excludes(resume);
+  app->add_option("--max-memory", f.max_memory,
+                  "refuse a model that needs more memory to train than this (8G, 512M, bytes; "
+                  "default: this machine's memory)");
 }
 
 GivenOptions given_options(const OptionMap& options) {
@@ -220,11 +223,15 @@ int command_train(const RunOptions& given_options, const GivenOptions& given,
   if (out_path.filename().empty()) out_path = out_path.parent_path();  // "runs/x/"
   std::string name = flags.name.empty() ? out_path.filename().string() : flags.name;
   if (name.empty()) name = "train";
+  // Ctrl-C or SIGTERM: the current step finishes, the run is saved where it
+  // stopped, and the exit status is 128 + the signal.
+  train::install_stop_handlers();
   std::optional<Run> run;
   Data data;
   if (flags.resume) {
     run.emplace(Run::resume(flags.out));
     run->options() = merge_resume_options(run->options(), given_options, given);
+    check_memory(run->model().spec(), run->options().batch_size, flags.max_memory);
     apply_threads(run->options().threads);
     data::Standardizer standardizer = run->standardizer();
     data = prepare_data(run->options(), &standardizer, false);
@@ -241,6 +248,7 @@ int command_train(const RunOptions& given_options, const GivenOptions& given,
     data = prepare_data(o, &standardizer, true);
     const nn::ModelSpec spec = resolve_spec(o, o.norm, data.train);
     check_normalization(resolve_spec(o, "batch", data.train), spec, o.norm);
+    check_memory(spec, o.batch_size, flags.max_memory);
     check_data_fits(spec, data.train);
     check_data_fits(spec, data.test);
     run.emplace(Run::start(o, name, flags.out, o.norm, standardizer, data.train, flags.overwrite));
@@ -248,8 +256,10 @@ int command_train(const RunOptions& given_options, const GivenOptions& given,
   const RunOptions& o = run->options();
   fmt::print("normkit train: {} ({}), {}\n", describe_run(o, data),
              run->norm() == "none" ? "without normalization" : "with " + norm_label(run->norm()),
-             flags.resume ? fmt::format("resuming after epoch {}", run->epochs_done())
-                          : fmt::format("output in {}", flags.out.string()));
+             !flags.resume           ? fmt::format("output in {}", flags.out.string())
+             : run->epoch_step() > 0 ? fmt::format("resuming epoch {} after step {}",
+                                                   run->epochs_done() + 1, run->epoch_step())
+                                     : fmt::format("resuming after epoch {}", run->epochs_done()));
   std::fflush(stdout);
   if (run->epochs_done() >= o.epochs) {
     fmt::print("already trained {} of {} epochs; nothing to do (raise --epochs to continue)\n",
@@ -261,6 +271,12 @@ int command_train(const RunOptions& given_options, const GivenOptions& given,
   if (Progress::enabled()) progress.emplace("");
   while (run->epochs_done() < o.epochs) {
     const EpochRecord record = run->train_epoch(data, progress ? &*progress : nullptr);
+    if (record.interrupted)
+      return report_interruption(
+          record.interrupted, fmt::format("epoch {} stopped after step {}; saved in {}: continue with "
+                                          "`normkit train --resume --out {}`",
+                                          run->epochs_done() + 1, run->epoch_step(),
+                                          run->checkpoint_path().string(), flags.out.string()));
     const json& m = record.metrics;
     if (!m.is_null()) {
       std::string evaluated;
@@ -275,6 +291,12 @@ int command_train(const RunOptions& given_options, const GivenOptions& given,
       std::fflush(stdout);
     }
     if (!record.ok) return report_stop(*run);
+    // A signal during the epoch's last step, its evaluation or its save: the epoch is saved.
+    if (const int signal = train::stop_signal(); signal != 0 && run->epochs_done() < o.epochs)
+      return report_interruption(signal, fmt::format("saved after epoch {} in {}: continue with "
+                                                     "`normkit train --resume --out {}`",
+                                                     run->epochs_done(), run->checkpoint_path().string(),
+                                                     flags.out.string()));
   }
   run->write_outcome();
   fmt::print("saved {} (epoch {}); metrics in {}\n", run->checkpoint_path().string(),
@@ -418,6 +440,7 @@ int command_info(const InspectFlags& f) {
                 {"format", c.format == nn::MemoryFormat::channels_last ? "nhwc" : "nchw"},
                 {"parameters", model->parameter_count()},
                 {"epochs_done", c.progress.epochs_done},
+                {"epoch_step", c.progress.position.step},  // steps done in the next epoch
                 {"seed", c.progress.seed},
                 {"batch_size", c.progress.batch_size},
                 {"optimizer", {{"name", c.optimizer.name},
@@ -448,8 +471,13 @@ int command_info(const InspectFlags& f) {
   fmt::print("spec: {}\n", c.spec.to_string());
   fmt::print("memory format: {}\n\n", c.format == nn::MemoryFormat::channels_last ? "nhwc" : "nchw");
   fmt::print("{}", model->summary());
-  fmt::print("\ntraining: {} epochs done{}, seed {}, batch size {}\n", c.progress.epochs_done,
-             target ? fmt::format(" of {}", target) : "", c.progress.seed, c.progress.batch_size);
+  fmt::print("\ntraining: {} epochs done{}{}, seed {}, batch size {}\n", c.progress.epochs_done,
+             target ? fmt::format(" of {}", target) : "",
+             c.progress.position.step > 0
+                 ? fmt::format(" and {} steps of epoch {} (interrupted there)", c.progress.position.step,
+                               c.progress.epochs_done + 1)
+                 : "",
+             c.progress.seed, c.progress.batch_size);
   if (!c.optimizer.name.empty()) {
     std::string options;
     for (const auto& [key, value] : c.optimizer.options)

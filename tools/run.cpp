@@ -8,11 +8,13 @@
 
 #include <algorithm>
 #include <cerrno>
+#include <csignal>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <fstream>
+#include <map>
 #include <numeric>
 #include <optional>
 #include <set>
@@ -202,65 +204,53 @@ std::set<int64_t> probe_steps(const RunOptions& o) {
   return steps;
 }
 
+namespace {
+// "8G", "512M", "1.5T", "100000" (bytes).
+double bytes_of(const std::string& text) {
+  size_t used = 0;
+  double value = 0;
+  try {
+    value = std::stod(text, &used);
+  } catch (const std::exception&) {
+    used = 0;
+  }
+  const std::string unit = used > 0 ? text.substr(used) : "";
+  const std::map<std::string, double> units = {{"", 1},      {"K", 1e3},  {"M", 1e6},  {"G", 1e9},
+                                               {"T", 1e12},  {"KB", 1e3}, {"MB", 1e6}, {"GB", 1e9},
+                                               {"TB", 1e12}};
+  if (used == 0 || !units.contains(unit) || !(value > 0) || !std::isfinite(value))
+    usage_error("--max-memory '" + text + "': expected a size such as 8G, 512M or a number of bytes");
+  return value * units.at(unit);
+}
+}  // namespace
+
+void check_memory(const nn::ModelSpec& spec, int64_t batch_size, const std::string& max_memory) {
+  const double limit = max_memory.empty() ? nn::physical_memory_bytes() : bytes_of(max_memory);
+  nn::ModelSize size;
+  try {
+    size = spec.size();
+  } catch (const Error& e) {
+    usage_error(e.what());
+  }
+  if (size.training_bytes(batch_size) <= limit) return;
+  runtime_error("the model needs about " + size.describe(batch_size) + " to train, more than " +
+                (max_memory.empty() ? "this machine's " + nn::byte_text(limit) + " of memory"
+                                    : "--max-memory " + nn::byte_text(limit)) +
+                "; use a smaller model or batch" +
+                (max_memory.empty() ? "" : ", or raise --max-memory"));
+}
+
+int report_interruption(int signal, const std::string& where) {
+  std::fflush(stdout);
+  fmt::print(stderr, "normkit: interrupted by {}: {}\n", signal == SIGTERM ? "SIGTERM" : "SIGINT", where);
+  return 128 + signal;
+}
+
 void apply_threads(int threads) {
   if (threads <= 0) return;
   set_num_threads(threads);
   omp_set_num_threads(threads);  // oneDNN's sgemm runs on OpenMP
 }
-
-namespace {
-
-// A spec file is the text format of ModelSpec::parse, or JSON:
-//   {"input": [1, 28, 28],
-//    "layers": ["conv 32 3 pad=1 bias=0", {"type": "batchnorm", "options": {"momentum": 0.1}}, ...]}
-// where a layer is a line of the text format or an object {type, args, options},
-// and a residual block {"type": "residual", "body": [layers], "shortcut": [layers]}
-// (docs/model-spec.md).
-std::string word_of(const json& v) { return v.is_string() ? v.get<std::string>() : v.dump(); }
-
-void append_layers(std::string& text, const json& layers) {
-  if (!layers.is_array()) usage_error("JSON spec: \"layers\", \"body\" and \"shortcut\" must be lists");
-  for (const auto& layer : layers) {
-    text += "\n";
-    if (layer.is_string()) {
-      text += layer.get<std::string>();
-      continue;
-    }
-    text += layer.at("type").get<std::string>();
-    for (const auto& a : layer.value("args", json::array())) text += " " + word_of(a);
-    const json options = layer.value("options", json::object());
-    for (const auto& [key, value] : options.items()) text += " " + key + "=" + word_of(value);
-    if (layer.contains("body") || layer.contains("shortcut")) {
-      append_layers(text, layer.value("body", json::array()));
-      if (layer.contains("shortcut")) {
-        text += "\nshortcut";
-        append_layers(text, layer.at("shortcut"));
-      }
-      text += "\nend";
-    }
-  }
-}
-
-std::string spec_text_of(const std::string& file) {
-  const auto first = file.find_first_not_of(" \t\r\n");
-  if (first == std::string::npos || file[first] != '{') return file;
-  json j;
-  try {
-    j = json::parse(file);
-  } catch (const json::exception& e) {
-    usage_error(std::string("not valid JSON: ") + e.what());
-  }
-  std::string text = "input";
-  try {
-    for (const auto& d : j.at("input")) text += " " + word_of(d);
-    append_layers(text, j.at("layers"));
-  } catch (const json::exception& e) {
-    usage_error(std::string("JSON spec: expected {\"input\": [...], \"layers\": [...]}: ") + e.what());
-  }
-  return text;
-}
-
-}  // namespace
 
 nn::ModelSpec resolve_spec(const RunOptions& options, const std::string& norm,
                            const data::Dataset& data) {
@@ -283,7 +273,7 @@ nn::ModelSpec resolve_spec(const RunOptions& options, const std::string& norm,
     text << in.rdbuf();
     if (!in) runtime_error("--model '" + options.model + "': cannot read the file");
     try {
-      spec = nn::ModelSpec::parse(spec_text_of(text.str()));
+      spec = nn::ModelSpec::parse(text.str());  // the text form or JSON
     } catch (const Error& e) {
       usage_error("--model '" + options.model + "': " + e.what());
     }
@@ -510,13 +500,18 @@ void standardize(const data::Standardizer& standardizer, data::Dataset& set) {
 
 void write_file_atomically(const fs::path& path, const std::string& text) {
   const fs::path temp = path.parent_path() / ("." + path.filename().string() + ".tmp");
+  std::error_code ec;
   {
     std::ofstream out(temp, std::ios::binary | std::ios::trunc);
     out << text;
     out.flush();
-    if (!out) runtime_error("cannot write '" + temp.string() + "'");
+    if (!out) {  // a full disk: say so, and leave no partial temporary behind
+      const std::string reason = std::strerror(errno);
+      out.close();
+      fs::remove(temp, ec);
+      runtime_error("cannot write '" + path.string() + "': " + reason + "; it is unchanged");
+    }
   }
-  std::error_code ec;
   fs::rename(temp, path, ec);
   if (ec) {
     fs::remove(temp, ec);
@@ -535,7 +530,7 @@ fs::path data_file(const std::string& name) {
   return fs::path(NORMKIT_SOURCE_TOOLS_DIR) / name;
 }
 
-int spawn_process(const std::vector<std::string>& args, const fs::path& log) {
+int spawn_process(const std::vector<std::string>& args, const fs::path& log, bool own_group) {
   std::vector<char*> argv;
   for (const auto& a : args) argv.push_back(const_cast<char*>(a.c_str()));
   argv.push_back(nullptr);
@@ -543,8 +538,15 @@ int spawn_process(const std::vector<std::string>& args, const fs::path& log) {
   posix_spawn_file_actions_init(&actions);
   posix_spawn_file_actions_addopen(&actions, STDOUT_FILENO, log.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
   posix_spawn_file_actions_adddup2(&actions, STDOUT_FILENO, STDERR_FILENO);
+  posix_spawnattr_t attributes;
+  posix_spawnattr_init(&attributes);
+  if (own_group) {
+    posix_spawnattr_setpgroup(&attributes, 0);
+    posix_spawnattr_setflags(&attributes, POSIX_SPAWN_SETPGROUP);
+  }
   pid_t pid = 0;
-  const int spawned = posix_spawn(&pid, args[0].c_str(), &actions, nullptr, argv.data(), environ);
+  const int spawned = posix_spawn(&pid, args[0].c_str(), &actions, &attributes, argv.data(), environ);
+  posix_spawnattr_destroy(&attributes);
   posix_spawn_file_actions_destroy(&actions);
   if (spawned != 0) runtime_error("cannot run " + args[0] + ": " + std::strerror(spawned));
   return pid;
@@ -704,6 +706,10 @@ Run Run::resume(const fs::path& out) {
     run.class_names_ = class_names_of(app);
     run.initial_loss_ = app.value("initial_loss", -1.0);
     if (!run.history_.is_array()) throw std::runtime_error("history is not a list");
+    if (app.contains("window")) {
+      const json& w = app["window"];
+      run.window_ = {w.at("loss").get<double>(), w.at("correct").get<int64_t>(), w.at("samples").get<int64_t>()};
+    }
   } catch (const std::exception& e) {
     runtime_error("checkpoint '" + run.checkpoint_path().string() +
                   "' was not written by `normkit train` (its run description: " + e.what() + ")");
@@ -713,6 +719,7 @@ Run Run::resume(const fs::path& out) {
   run.optimizer_ = io::build_optimizer(checkpoint, *run.model_);
   if (!run.optimizer_) runtime_error("checkpoint '" + run.checkpoint_path().string() + "' holds no optimizer state");
   run.epochs_done_ = checkpoint.progress.epochs_done;
+  run.position_ = checkpoint.progress.position;
   if (static_cast<int64_t>(run.history_.size()) != run.epochs_done_)
     runtime_error("checkpoint '" + run.checkpoint_path().string() + "': its metrics cover " +
                   std::to_string(run.history_.size()) + " epochs, not " +
@@ -721,8 +728,11 @@ Run Run::resume(const fs::path& out) {
   // checkpoint and appending) or hold lines of a later, lost epoch: the
   // checkpoint's copy is the truth. steps.jsonl keeps the steps it covers.
   run.rewrite_metrics();
-  run.rewrite_steps(run.history_.empty() ? 0 : run.history_.back().value("steps", int64_t{0}));
+  const int64_t steps_before = run.history_.empty() ? 0 : run.history_.back().value("steps", int64_t{0});
+  run.rewrite_steps(steps_before + run.position_.step);
   fs::remove(out / "run.json", ec);
+  // What a save cut short by a crash left next to the checkpoint.
+  io::remove_stale_temporaries(run.checkpoint_path());
   return run;
 }
 
@@ -811,9 +821,9 @@ EpochRecord Run::train_epoch(const Data& data, Progress* progress) {
   }
   const auto start = std::chrono::steady_clock::now();
   double overhead = 0;  // seconds spent logging, evaluating and probing, not training
-  const double seconds_before = sum_seconds(history_);
-  double window_loss = 0;
-  int64_t window_correct = 0, window_samples = 0;
+  const double seconds_before = sum_seconds(history_) + position_.seconds;
+  double& window_loss = window_.loss;
+  int64_t &window_correct = window_.correct, &window_samples = window_.samples;
   // One line of steps.jsonl at global step `step`, with what is due there.
   auto log_step = [&](int64_t step, bool train_window) {
     const bool eval_due = o.eval_every > 0 && step % o.eval_every == 0;
@@ -841,7 +851,7 @@ EpochRecord Run::train_epoch(const Data& data, Progress* progress) {
     if (log_due) window_loss = 0, window_correct = 0, window_samples = 0;
     overhead += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   };
-  if (epoch == 0 && logging) log_step(0, false);
+  if (epoch == 0 && position_.step == 0 && logging) log_step(0, false);
   train::ProgressCallback callback = [&](const train::StepProgress& p) {
     if (initial_loss_ < 0) initial_loss_ = p.batch_loss;
     if (progress) progress->update(epoch + 1, o.epochs, p);
@@ -857,7 +867,7 @@ EpochRecord Run::train_epoch(const Data& data, Progress* progress) {
   optimizer_->learning_rate = static_cast<float>(learning_rate_at(o, epoch));
   try {
     result = train::train_epoch(*model_, *optimizer_, data.train, o.batch_size, o.seed, epoch,
-                                callback);
+                                callback, position_);
   } catch (const Error& e) {
     if (progress) progress->clear();
     if (e.kind() != ErrorKind::runtime) throw;
@@ -871,6 +881,19 @@ EpochRecord Run::train_epoch(const Data& data, Progress* progress) {
     return {{}, false, stop_reason_};
   }
   if (progress) progress->clear();
+  if (result.interrupted) {
+    const train::EpochPosition before = position_;
+    position_ = result.position;
+    try {
+      save_checkpoint();
+    } catch (...) {
+      position_ = before;
+      throw;
+    }
+    return {{}, true, "", train::stop_signal()};
+  }
+  position_ = {};
+  window_ = {};
   const auto eval_start = std::chrono::steady_clock::now();
   const bool last = epoch + 1 >= o.epochs;
   json evaluation = evaluate_sets(data, test_each_epoch || (o.test_eval == "end" && last));
@@ -937,12 +960,15 @@ void Run::save_checkpoint() const {
   progress.epochs_done = epochs_done_;
   progress.seed = options_.seed;
   progress.batch_size = options_.batch_size;
+  progress.position = position_;
   json app = {{"name", name_},
               {"norm", norm_},
               {"options", to_json(options_)},
               {"history", history_},
               {"initial_loss", initial_loss_}};
   if (!class_names_.empty()) app["classes"] = class_names_;
+  if (position_.step > 0)
+    app["window"] = {{"loss", window_.loss}, {"correct", window_.correct}, {"samples", window_.samples}};
   progress.application = app.dump();
   io::save_checkpoint(checkpoint_path(),
                       io::make_checkpoint(*model_, optimizer_.get(), standardizer_, std::move(progress)));

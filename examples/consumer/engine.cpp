@@ -32,7 +32,7 @@ bool engine_ok() {
   }
   const auto evaluation = normkit::train::evaluate(model, set);
   const auto checkpoint =
-      normkit::io::make_checkpoint(model, sgd.get(), {}, {20, 3, 16, ""});
+      normkit::io::make_checkpoint(model, sgd.get(), {}, {20, 3, 16, "", {}});
   const auto restored = normkit::io::from_bytes(normkit::io::to_bytes(checkpoint), "memory");
   const auto again = normkit::train::evaluate(*normkit::io::build_model(restored), set);
   const bool ok = std::isfinite(last) && last < first && evaluation.accuracy >= 0.9 &&

@@ -33,14 +33,22 @@
 // bitwise identical for any thread count.
 #include <cstdint>
 #include <span>
+#include <string>
 
 #include "normkit/batch_norm.hpp"
+#include "normkit/error.hpp"
 #include "normkit/tensor.hpp"
 
 namespace normkit {
 
-// Bytes of a mask for a tensor of `numel` elements: ceil(numel / 8).
-constexpr int64_t relu_mask_bytes(int64_t numel) noexcept { return (numel + 7) / 8; }
+// Bytes of a mask for a tensor of `numel` elements: ceil(numel / 8), for any
+// numel >= 0 (no overflow near 2^63); a negative numel is a normkit::Error.
+constexpr int64_t relu_mask_bytes(int64_t numel) {
+  if (numel < 0)
+    throw Error(ErrorKind::invalid_argument,
+                "relu_mask_bytes: numel must be >= 0, got " + std::to_string(numel));
+  return numel / 8 + (numel % 8 != 0);
+}
 
 // y may alias x (in place) when both have the same strides.
 template <class T>

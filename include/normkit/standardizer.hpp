@@ -56,7 +56,8 @@ class Standardizer {
   void fit_rows(std::span<const T> x, int64_t features);
   template <class T>
   void apply(std::span<T> x, bool inverse) const;
-  void check_rows(size_t values) const;
+  template <class T>
+  void check_rows(std::span<const T> x) const;
   std::vector<Moments> moments_;
 };
 

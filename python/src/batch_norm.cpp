@@ -16,7 +16,8 @@ py::tuple forward_training(const py::array& x, const py::object& weight, const p
                            const std::optional<std::string>& layout, const py::object& out) {
   auto n = normalization<T>(x, weight, bias, layout, out);
   const RunningStats<T> running =
-      running_in_place<T>(running_mean, running_var, num_batches_tracked, dtype_of(n.x));
+      running_in_place<T>(running_mean, running_var, num_batches_tracked, dtype_of(n.x),
+                          n.operands());
   py::array_t<T> save_mean(n.channels()), save_invstd(n.channels());
   const Staged staged = Staged::stage<T>(n.layout, {{&n.x, "x"}}, {&n.y, "out"});
   n.run([&](auto xv, auto yv, auto gamma, auto beta) {

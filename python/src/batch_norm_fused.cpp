@@ -65,6 +65,12 @@ struct FusedForward {
     return input_view<T>(*z, n.layout);
   }
   std::span<uint8_t> mask_bytes() { return {mask.mutable_data(), static_cast<size_t>(mask.size())}; }
+  std::vector<Operand> operands() const {
+    std::vector<Operand> all = n.operands();
+    all.push_back({z ? py::handle(*z) : py::handle(Py_None), "residual"});
+    all.push_back({mask, "mask"});
+    return all;
+  }
 
   // Runs call(x, residual or nullopt, y, mask, γ, β) on the views, without the GIL.
   template <class Call>
@@ -99,7 +105,8 @@ py::tuple forward_training(const py::array& x, const py::object& z_object, const
                            const py::object& mask_object) {
   auto f = fused_forward<T>(x, z_object, weight, bias, layout, out, mask_object);
   const RunningStats<T> running =
-      running_in_place<T>(running_mean, running_var, num_batches_tracked, dtype_of(f.n.x));
+      running_in_place<T>(running_mean, running_var, num_batches_tracked, dtype_of(f.n.x),
+                          f.operands());
   py::array_t<T> save_mean(f.n.channels()), save_invstd(f.n.channels());
   const SavedStats<T> saved{span_of(save_mean), span_of(save_invstd)};
   f.run([&](auto xv, auto zv, auto yv, auto mask, auto gamma, auto beta) {

@@ -18,7 +18,8 @@ py::tuple renorm_forward_training(const py::array& x, const py::object& weight,
                                   const std::optional<std::string>& layout, const py::object& out) {
   auto n = normalization<T>(x, weight, bias, layout, out);
   const RunningStats<T> running =
-      running_in_place<T>(running_mean, running_var, num_batches_tracked, dtype_of(n.x));
+      running_in_place<T>(running_mean, running_var, num_batches_tracked, dtype_of(n.x),
+                          n.operands());
   const int64_t channels = n.channels();
   py::array_t<T> save_mean(channels), save_invstd(channels), r(channels), d(channels);
   n.run([&](auto xv, auto yv, auto gamma, auto beta) {
@@ -56,7 +57,8 @@ py::tuple ghost_forward_training(const py::array& x, int64_t virtual_batch_size,
                                  const std::optional<std::string>& layout, const py::object& out) {
   auto n = normalization<T>(x, weight, bias, layout, out);
   const RunningStats<T> running =
-      running_in_place<T>(running_mean, running_var, num_batches_tracked, dtype_of(n.x));
+      running_in_place<T>(running_mean, running_var, num_batches_tracked, dtype_of(n.x),
+                          n.operands());
   const int64_t ghosts = ghost_batch_count(n.x.shape(0), virtual_batch_size);
   py::array_t<T> save_mean({ghosts, n.channels()}), save_invstd({ghosts, n.channels()});
   n.run([&](auto xv, auto yv, auto gamma, auto beta) {

@@ -55,7 +55,8 @@ py::tuple instance_norm_forward_training(const py::array& x, const py::object& w
                                          const py::object& out) {
   auto n = normalization<T>(x, weight, bias, layout, out);
   const RunningStats<T> running =
-      running_in_place<T>(running_mean, running_var, num_batches_tracked, dtype_of(n.x));
+      running_in_place<T>(running_mean, running_var, num_batches_tracked, dtype_of(n.x),
+                          n.operands());
   const int64_t samples = n.x.shape(0), channels = n.channels();
   py::array_t<T> save_mean({samples, channels}), save_invstd({samples, channels});
   n.run([&](auto xv, auto yv, auto gamma, auto beta) {

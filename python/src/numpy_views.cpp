@@ -1,6 +1,9 @@
 // The NumPy-to-view adapter's functions that do not depend on the element type.
 #include "numpy_views.hpp"
 
+#include <algorithm>
+#include <cstdlib>
+
 namespace normkit::python {
 
 void type_error(const std::string& message) { throw py::type_error(message); }
@@ -71,6 +74,39 @@ void check_no_partial_overlap(const py::array& out, const py::array& in, const c
   if (numpy().attr("may_share_memory")(out, in).cast<bool>())
     value_error(std::string(out_name) + ": overlaps " + in_name +
                 " (only exact in-place use, with the same strides, is supported)");
+}
+
+void check_no_self_overlap(const py::array& a, const char* name) {
+  // Sufficient for distinct elements: by increasing |stride|, each axis's stride
+  // clears the whole block of the axes below it. (A layout that interleaves
+  // without overlapping fails it too, and is refused with the same words.)
+  std::vector<std::pair<py::ssize_t, py::ssize_t>> axes;  // |stride|, extent
+  for (py::ssize_t axis = 0; axis < a.ndim(); ++axis)
+    if (a.shape(axis) > 1) axes.emplace_back(std::abs(a.strides(axis)), a.shape(axis));
+  std::sort(axes.begin(), axes.end());
+  py::ssize_t block = a.itemsize();
+  for (const auto& [stride, extent] : axes) {
+    if (stride < block)
+      value_error(std::string(name) + ": array overlaps itself (strides " + repr_of(a.attr("strides")) +
+                  " for shape " + shape_of(a) + "); every element needs its own memory");
+    block = stride * (extent - 1) + block;
+  }
+}
+
+void check_disjoint(const Operand& written, const std::vector<Operand>& others) {
+  if (!py::isinstance<py::array>(written.array)) return;
+  for (const Operand& other : others) {
+    if (!py::isinstance<py::array>(other.array)) continue;
+    const py::object shares = numpy().attr("shares_memory");
+    bool overlap = true;
+    try {
+      overlap = shares(written.array, other.array, py::arg("max_work") = 100000).cast<bool>();
+    } catch (const py::error_already_set&) {  // numpy.TooHardError: assume they do
+    }
+    if (overlap)
+      value_error(std::string(written.name) + ": shares memory with " + other.name +
+                  " (it is updated in place, so it needs memory of its own)");
+  }
 }
 
 py::array checked_array(const py::object& object, const char* name) {

@@ -31,6 +31,7 @@
 #include <string>
 #include <tuple>
 #include <utility>
+#include <vector>
 
 #include "normkit/normkit.hpp"
 
@@ -122,6 +123,11 @@ py::array readable_like(const py::object& object, const py::array& x, const char
   return readable<T>(a);
 }
 
+// An output whose elements overlap each other (a writable view with a zero
+// stride, or strides smaller than the block below them) would have the kernels
+// write two results into one place.
+void check_no_self_overlap(const py::array& a, const char* name);
+
 // An array the function writes in full: out=, or a new one in x's memory order
 // (numpy.empty_like keeps it), so that x and y share a geometry and the kernels
 // stream both the same way.
@@ -136,6 +142,7 @@ py::array writable_like(const py::object& out, const py::array& x, const char* n
   if (!a.writeable()) value_error(std::string(name) + ": array is read-only");
   if (!strides_expressible<T>(a))
     value_error(std::string(name) + ": array is misaligned or its strides are not whole elements");
+  check_no_self_overlap(a, name);
   return a;
 }
 
@@ -214,12 +221,32 @@ std::span<T> updated_in_place(const py::object& object, const char* name, const 
 
 int64_t* counter_in_place(const py::object& object);
 
-// running_mean, running_var and num_batches_tracked, updated in place when given.
+// An array of a call (x, out, weight, ...), by name; anything but an ndarray is
+// skipped (None, or a list that was converted to a new array).
+struct Operand {
+  py::handle array;
+  const char* name;
+};
+// An array written in place must share no memory with the call's other arrays
+// (running_mean given again as running_var, or a view into x, out or weight):
+// the kernels would read values they have already overwritten, or write one
+// statistic over another.
+void check_disjoint(const Operand& written, const std::vector<Operand>& others);
+
+// running_mean, running_var and num_batches_tracked, updated in place when given,
+// sharing no memory with each other or with `others` (the call's other arrays).
 template <class T>
 RunningStats<T> running_in_place(const py::object& mean, const py::object& var,
-                                 const py::object& num_batches_tracked, const std::string& x_dtype) {
-  return {updated_in_place<T>(mean, "running_mean", x_dtype),
-          updated_in_place<T>(var, "running_var", x_dtype), counter_in_place(num_batches_tracked)};
+                                 const py::object& num_batches_tracked, const std::string& x_dtype,
+                                 std::vector<Operand> others = {}) {
+  RunningStats<T> running{updated_in_place<T>(mean, "running_mean", x_dtype),
+                          updated_in_place<T>(var, "running_var", x_dtype),
+                          counter_in_place(num_batches_tracked)};
+  others.push_back({num_batches_tracked, "num_batches_tracked"});
+  check_disjoint({var, "running_var"}, others);
+  others.push_back({var, "running_var"});
+  check_disjoint({mean, "running_mean"}, others);
+  return running;
 }
 
 BatchNormOptions options_of(std::optional<double> momentum, double eps,
@@ -240,6 +267,12 @@ struct Normalization {
   ConstTensorView<T> x_view() const { return input_view<T>(x, layout); }
   TensorView<T> y_view() { return output_view<T>(y, layout); }
   int64_t channels() const { return channels_of(x, layout); }
+  // The arrays an array written in place must not share memory with.
+  std::vector<Operand> operands() const {
+    const py::handle none = Py_None;
+    return {{x, "x"}, {y, "out"}, {weight ? py::handle(*weight) : none, "weight"},
+            {bias ? py::handle(*bias) : none, "bias"}};
+  }
 
   // Runs call(x, y, γ, β) on the views, without the GIL.
   template <class Call>

@@ -16,8 +16,9 @@
 // NORMKIT_ENGINE_SIMD_CLONES compiles a function for x86-64-v4 (AVX-512),
 // x86-64-v3 (AVX2+FMA) and baseline x86-64, chosen at run time (GCC's
 // target_clones; there is no -march=native). For plain (non-template)
-// functions with internal linkage, so each file has its own resolver.
-#if defined(__x86_64__) && defined(__GNUC__)
+// functions with internal linkage, so each file has its own resolver. Not with
+// clang: clang 14 gives such resolvers global symbols (see src/cpu/leaf_loops.hpp).
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define NORMKIT_ENGINE_SIMD_CLONES \
   __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
@@ -41,6 +42,19 @@ template <class... Parts>
 template <class... Parts>
 [[noreturn]] void fail_runtime(const Parts&... parts) {
   throw Error(ErrorKind::runtime, concat(parts...));
+}
+
+// a·b and a + b, or a normkit::Error naming `what` when the result does not fit
+// in 64 bits (sizes from specs and files are checked before they are used).
+inline int64_t checked_mul(int64_t a, int64_t b, const char* what) {
+  int64_t r = 0;
+  if (__builtin_mul_overflow(a, b, &r)) fail_invalid(what, " overflows: ", a, " x ", b);
+  return r;
+}
+inline int64_t checked_add(int64_t a, int64_t b, const char* what) {
+  int64_t r = 0;
+  if (__builtin_add_overflow(a, b, &r)) fail_invalid(what, " overflows: ", a, " + ", b);
+  return r;
 }
 
 // Opening a parallel region costs microseconds, and on a shared machine a

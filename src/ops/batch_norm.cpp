@@ -6,6 +6,8 @@
 
 #include <array>
 #include <cmath>
+#include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "core/check.hpp"
@@ -26,6 +28,7 @@ using detail::check_training_size;
 using detail::checked_input;
 using detail::checked_like;
 using detail::fail_invalid;
+using detail::fail_runtime;
 using detail::kPerChannel;
 using detail::or_null;
 using detail::unify;
@@ -44,8 +47,7 @@ void batch_norm_update_running(std::span<const Moments> moments, RunningStats<T>
     if (m.count < 2) fail_invalid("expected more than 1 value per channel when training");
   check_finite(moments);
 
-  int64_t batches = 0;
-  if (running.num_batches_tracked) batches = ++*running.num_batches_tracked;
+  const int64_t batches = running.num_batches_tracked ? *running.num_batches_tracked + 1 : 0;
   const double momentum = options.momentum ? *options.momentum : 1.0 / static_cast<double>(batches);
   // weight_on_new: running = (1 - m)·running + m·batch;  weight_on_old: m·running + (1 - m)·batch.
   const double w_new =
@@ -53,10 +55,25 @@ void batch_norm_update_running(std::span<const Moments> moments, RunningStats<T>
           ? momentum
           : 1.0 - momentum;
   const bool unbiased = options.running_variance == RunningVariance::unbiased;
+  // The new values first: a finite batch can still have a variance beyond T's
+  // range (float32 data of ±1.4e19 and two values per channel: 4e38), which would
+  // make the running variance infinite (PyTorch lets it); nothing is written then.
+  std::vector<double> mean(channels), var(channels);
   for (int64_t c = 0; c < channels; ++c) {
-    const double var = unbiased ? moments[c].unbiased_variance() : moments[c].biased_variance();
-    running.mean[c] = static_cast<T>((1.0 - w_new) * running.mean[c] + w_new * moments[c].mean);
-    running.var[c] = static_cast<T>((1.0 - w_new) * running.var[c] + w_new * var);
+    const double batch_var = unbiased ? moments[c].unbiased_variance() : moments[c].biased_variance();
+    mean[c] = (1.0 - w_new) * running.mean[c] + w_new * moments[c].mean;
+    var[c] = (1.0 - w_new) * running.var[c] + w_new * batch_var;
+    constexpr double kMax = std::numeric_limits<T>::max();
+    if (!(std::abs(mean[c]) <= kMax && var[c] <= kMax))
+      fail_runtime("x: channel ", c, " would make the running ", std::abs(mean[c]) <= kMax ? "variance " : "mean ",
+                   std::abs(mean[c]) <= kMax ? var[c] : mean[c], ", beyond the range of ",
+                   std::is_same_v<T, float> ? "float32" : "float64",
+                   "; running statistics left unchanged");
+  }
+  if (running.num_batches_tracked) *running.num_batches_tracked = batches;
+  for (int64_t c = 0; c < channels; ++c) {
+    running.mean[c] = static_cast<T>(mean[c]);
+    running.var[c] = static_cast<T>(var[c]);
   }
 }
 
@@ -81,8 +98,9 @@ void batch_norm_forward_training(ConstTensorView<T> x, TensorView<T> y, std::spa
   detail::run("batch_norm_forward_training", bn::implementations(), &bn::Impl::forward,
               bn::ref::forward<T>, problem, gx, std::array{gy});
   check_finite(moments);
-  detail::write_saved(moments, saved, options.eps);
+  // The running statistics first: when they refuse the batch, only y has changed.
   batch_norm_update_running<T>(moments, running, options);
+  detail::write_saved(moments, saved, options.eps);
 }
 
 template <class T>

@@ -112,8 +112,9 @@ void forward_training(ConstTensorView<T> x, const ConstTensorView<T>* z, TensorV
   run(op, &bn_fused::Impl::forward, bn_fused::ref::forward<T>, problem, {gy, gz});
   clear_mask_tail(mask_data, x.numel());
   check_finite(moments);
-  detail::write_saved(moments, saved, options.eps);
+  // The running statistics first: when they refuse the batch, only y has changed.
   batch_norm_update_running<T>(moments, running, options);
+  detail::write_saved(moments, saved, options.eps);
 }
 
 template <class T>

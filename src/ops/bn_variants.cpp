@@ -126,6 +126,9 @@ void batch_renorm_forward_training(ConstTensorView<T> x, TensorView<T> y, std::s
   }
   detail::batch_norm_apply_double_stats<T>(x, y, gamma_r, beta_d, mean, invstd,
                                            "batch_renorm_forward_training");
+  // The running statistics first: when they refuse the batch (a variance beyond
+  // T's range), only y has changed.
+  batch_norm_update_running<T>(moments, running, options);
 
   for (int64_t c = 0; c < C; ++c) {
     if (!saved.mean.empty()) saved.mean[c] = static_cast<T>(mean[c]);
@@ -133,7 +136,6 @@ void batch_renorm_forward_training(ConstTensorView<T> x, TensorView<T> y, std::s
     if (!saved.r.empty()) saved.r[c] = static_cast<T>(r[c]);
     if (!saved.d.empty()) saved.d[c] = static_cast<T>(d[c]);
   }
-  batch_norm_update_running<T>(moments, running, options);
 }
 
 template <class T>

@@ -16,11 +16,18 @@ namespace {
 constexpr char kMagic[8] = {'N', 'K', 'S', 'T', 'D', '0', '0', '1'};
 }  // namespace
 
-void Standardizer::check_rows(size_t values) const {
+// Whole rows of finite values: a NaN standardized would reach training as data
+// (docs/nan-and-inf.md), so it is refused here, before anything is written.
+template <class T>
+void Standardizer::check_rows(std::span<const T> x) const {
   if (!fitted()) detail::fail_invalid("standardizer: not fitted");
-  if (values == 0 || values % moments_.size() != 0)
-    detail::fail_invalid("standardizer: ", values, " values are not whole rows of ", moments_.size(),
-                         " features");
+  if (x.empty() || x.size() % moments_.size() != 0)
+    detail::fail_invalid("standardizer: ", x.size(), " values are not whole rows of ",
+                         moments_.size(), " features");
+  for (size_t i = 0; i < x.size(); ++i)
+    if (!std::isfinite(x[i]))
+      detail::fail_runtime("standardizer: NaN or infinity at row ", i / moments_.size(), ", feature ",
+                           i % moments_.size());
 }
 
 void Standardizer::fit(std::span<const float> x, int64_t features) {
@@ -98,7 +105,7 @@ int64_t Standardizer::samples_seen() const noexcept {
 // inverse: x·scale + mean, the kernel with zero mean, unit invstd, γ = scale, β = mean.
 template <class T>
 void Standardizer::apply(std::span<T> x, bool inverse) const {
-  check_rows(x.size());
+  check_rows(std::span<const T>(x));
   const auto view = TensorView<T>::contiguous(
       x.data(), {static_cast<int64_t>(x.size()) / features(), features()}, Layout::NC);
   const std::vector<T> m = mean<T>(), s = scale<T>();

@@ -1,6 +1,7 @@
 // Every rejected call throws normkit::Error of the right kind with a message
 // naming the problem, and leaves all state as it was: running statistics,
 // num_batches_tracked, saved statistics, outputs and gradients.
+#include <functional>
 #include <limits>
 #include <optional>
 
@@ -466,6 +467,76 @@ TYPED_TEST(Rejected, NonFiniteInputLeavesStatisticsUnchanged) {
         normkit::batch_norm_update_running<T>(nan_moments, {this->running_mean, this->running_var, &this->batches});
       },
       kRuntime, {"channel 1 contains NaN"});
+}
+
+// A finite float32 batch whose variance is beyond float32's range (two values
+// ±1.414e19 per channel: unbiased variance 4e38 > 3.4e38) would make the running
+// variance infinite with momentum 1 (PyTorch lets it). Every entry point that
+// updates running statistics refuses it and changes no statistic and no counter.
+TEST(RejectedRunningStatistics, AVarianceBeyondFloatRangeIsRefusedEverywhere) {
+  std::vector<float> x = {1.414e19f, -1.414e19f}, y(2), z(2, 0.0f);
+  std::vector<uint8_t> mask(1);
+  const auto xv = normkit::ConstTensorView<float>::contiguous(x.data(), {2, 1}, normkit::Layout::NC);
+  const auto yv = normkit::TensorView<float>::contiguous(y.data(), {2, 1}, normkit::Layout::NC);
+  const auto zv = normkit::ConstTensorView<float>::contiguous(z.data(), {2, 1}, normkit::Layout::NC);
+  // instance norm: one sample, one channel, two positions
+  const auto xi = normkit::ConstTensorView<float>::contiguous(x.data(), {1, 1, 2}, normkit::Layout::NCL);
+  const auto yi = normkit::TensorView<float>::contiguous(y.data(), {1, 1, 2}, normkit::Layout::NCL);
+  BatchNormOptions options;
+  options.momentum = 1.0;
+  const std::vector<std::pair<std::string, std::function<void(normkit::RunningStats<float>,
+                                                              normkit::SavedStats<float>)>>>
+      calls = {
+          {"batch_norm_forward_training",
+           [&](auto running, auto saved) {
+             normkit::batch_norm_forward_training<float>(xv, yv, {}, {}, saved, running, options);
+           }},
+          {"batch_norm_relu_forward_training",
+           [&](auto running, auto saved) {
+             normkit::batch_norm_relu_forward_training<float>(xv, yv, mask, {}, {}, saved, running, options);
+           }},
+          {"batch_norm_add_relu_forward_training",
+           [&](auto running, auto saved) {
+             normkit::batch_norm_add_relu_forward_training<float>(xv, zv, yv, mask, {}, {}, saved, running,
+                                                                  options);
+           }},
+          {"batch_renorm_forward_training",
+           [&](auto running, auto saved) {
+             normkit::batch_renorm_forward_training<float>(xv, yv, {}, {}, {saved.mean, saved.invstd, {}, {}},
+                                                           running, {}, options);
+           }},
+          {"ghost_batch_norm_forward_training",
+           [&](auto running, auto saved) {
+             normkit::ghost_batch_norm_forward_training<float>(xv, yv, {}, {}, 2, saved, running, options);
+           }},
+          {"instance_norm_forward_training",
+           [&](auto running, auto) {
+             normkit::instance_norm_forward_training<float>(xi, yi, {}, {}, {}, running, options);
+           }},
+          {"batch_norm_update_running",
+           [&](auto running, auto) {
+             const std::vector<Moments> moments = {{2, 0, 2 * 1.414e19 * 1.414e19}};
+             normkit::batch_norm_update_running<float>(moments, running, options);
+           }},
+      };
+  for (const auto& entry : calls) {
+    SCOPED_TRACE(entry.first);
+    const auto& call = entry.second;  // (not a structured binding: clang 14 cannot capture those)
+    std::vector<float> rm = {0.5f}, rv = {2.0f}, save_mean = {7.0f}, save_invstd = {9.0f};
+    int64_t batches = 3;
+    EXPECT_TRUE(throws_error([&] { call({rm, rv, &batches}, {save_mean, save_invstd}); }, kRuntime,
+                             {"channel 0 would make the running variance", "beyond the range of float32",
+                              "running statistics left unchanged"}));
+    EXPECT_EQ(rm, std::vector<float>{0.5f});
+    EXPECT_EQ(rv, std::vector<float>{2.0f});
+    EXPECT_EQ(batches, 3);
+    EXPECT_EQ(save_mean, std::vector<float>{7.0f});
+    EXPECT_EQ(save_invstd, std::vector<float>{9.0f});
+  }
+  // With the default momentum 0.1 the same batch is representable and updates them.
+  std::vector<float> rm = {0.5f}, rv = {2.0f};
+  normkit::batch_norm_forward_training<float>(xv, yv, {}, {}, {}, {rm, rv, nullptr});
+  EXPECT_TRUE(std::isfinite(rv[0]) && rv[0] > 1e37f) << rv[0];
 }
 
 TEST(RejectedSettings, SetNumThreadsNeedsAtLeastOne) {

@@ -10,6 +10,7 @@
 // reference's (p > 0) wherever |p| exceeds 1e-4 (closer to 0, float and
 // double may legitimately round to different sides).
 #include <array>
+#include <limits>
 
 #include "normkit/batch_norm_fused.hpp"
 #include "test_support.hpp"
@@ -307,6 +308,16 @@ TEST_P(FusedVsReference, AddReluInference) { check_case(GetParam(), true, false)
 INSTANTIATE_TEST_SUITE_P(BatchNormFused, FusedVsReference, ::testing::ValuesIn(cases()), ByName{});
 
 // The documented bit order on a tiny dense NCHW and NHWC tensor, by hand.
+// ceil(numel / 8) without overflow up to the largest int64; negative sizes are errors.
+TEST(BatchNormFusedMask, MaskBytesForEveryCount) {
+  for (const auto& [numel, bytes] : std::vector<std::pair<int64_t, int64_t>>{
+           {0, 0}, {1, 1}, {7, 1}, {8, 1}, {9, 2}, {64, 8}, {65, 9},
+           {std::numeric_limits<int64_t>::max(), int64_t{1} << 60}})
+    EXPECT_EQ(normkit::relu_mask_bytes(numel), bytes) << numel;
+  for (const int64_t negative : {int64_t{-1}, int64_t{-5}, std::numeric_limits<int64_t>::min()})
+    EXPECT_THROW(normkit::relu_mask_bytes(negative), normkit::Error) << negative;
+}
+
 TEST(BatchNormFusedMask, BitOrderIsMemoryOrder) {
   // x: N=1, C=2, H=1, W=5; channel 0 = [-2, -1, 0, 1, 2] (mean 0), channel 1 = reversed.
   const std::vector<float> nchw = {-2, -1, 0, 1, 2, 2, 1, 0, -1, -2};

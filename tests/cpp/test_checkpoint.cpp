@@ -3,11 +3,16 @@
 // naming the file, lengths that lie never allocated, and the atomic save
 // leaving the previous file intact when writing fails.
 #include <gtest/gtest.h>
+#include <fcntl.h>
 #include <signal.h>
 #include <sys/resource.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
 #include <unistd.h>
 #include <zlib.h>
 
+#include <cerrno>
+#include <cmath>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
@@ -269,6 +274,36 @@ TEST(Checkpoint, WrongMagicAndVersion) {
   expect_rejected(newer, "unsupported checkpoint version " + std::to_string(version));
 }
 
+// Version 2 appended the position in the epoch (five 8-byte fields); a version 1
+// file, the same bytes without them, still loads at the epoch's start.
+TEST(Checkpoint, MidEpochPositionRoundTripsAndVersion1StillLoads) {
+  Trained t = trained();
+  io::Checkpoint c = checkpoint_of(t);
+  c.progress.position = {3, 2.75, 40, 48, 1.5};
+  const std::vector<char> bytes = io::to_bytes(c);
+  EXPECT_EQ(io::from_bytes(bytes, "v2.nkc").progress.position, c.progress.position);
+
+  std::vector<char> v1(bytes.begin(), bytes.end() - 4 - 40);
+  v1.resize(v1.size() + 4);
+  const uint32_t version = 1;
+  const uint64_t content = v1.size() - kHeader - 4;
+  std::memcpy(v1.data() + 8, &version, 4);
+  std::memcpy(v1.data() + 12, &content, 8);
+  reseal(v1);
+  const io::Checkpoint old = io::from_bytes(v1, "v1.nkc");
+  EXPECT_EQ(old.progress.position, io::TrainingProgress{}.position);
+  EXPECT_EQ(old.progress.epochs_done, c.progress.epochs_done);
+  EXPECT_EQ(old.state, c.state);
+
+  for (const auto& impossible : {normkit::train::EpochPosition{-1, 0, 0, 0, 0},
+                                 normkit::train::EpochPosition{2, 1.0, 33, 32, 0},
+                                 normkit::train::EpochPosition{2, NAN, 3, 32, 0},
+                                 normkit::train::EpochPosition{2, 1.0, 3, 32, -1}}) {
+    c.progress.position = impossible;
+    expect_rejected(io::to_bytes(c), "impossible position in the epoch");
+  }
+}
+
 TEST(Checkpoint, LyingLengthsWithAValidChecksumAllocateNothing) {
   Trained t = trained();
   const std::vector<char> bytes = io::to_bytes(checkpoint_of(t));
@@ -296,7 +331,13 @@ TEST(Checkpoint, StateMustMatchTheModelOfItsSpec) {
 
   io::Checkpoint other_spec = c;  // a wider hidden layer: every size differs
   other_spec.spec = nn::ModelSpec::parse("input 5; linear 9 bias=0; batchnorm; relu; linear 3");
-  expect_rejected(io::to_bytes(other_spec), "state array '0.weight' has 40 values, the model expects 45");
+  expect_rejected(io::to_bytes(other_spec),
+                  "its state arrays hold 100 values, the model of its spec has 112 parameters");
+
+  io::Checkpoint moved = c;  // the same total, one value moved from one array to the next
+  moved.state[1].second.push_back(moved.state[0].second.back());
+  moved.state[0].second.pop_back();
+  expect_rejected(io::to_bytes(moved), "state array '0.weight' has 39 values, the model expects 40");
 
   io::Checkpoint renamed = c;
   renamed.state[0].first = "0.kernel";
@@ -304,7 +345,12 @@ TEST(Checkpoint, StateMustMatchTheModelOfItsSpec) {
 
   io::Checkpoint missing = c;
   missing.state.pop_back();
-  expect_rejected(io::to_bytes(missing), "state arrays, its model has");
+  expect_rejected(io::to_bytes(missing), "its state arrays hold 97 values");
+
+  io::Checkpoint split = c;  // the same values in one array more
+  split.state.push_back({"9.extra", {split.state.back().second.back()}});
+  split.state[split.state.size() - 2].second.pop_back();
+  expect_rejected(io::to_bytes(split), "holds 9 state arrays, its model has 8");
 
   io::Checkpoint nan = c;
   nan.state[0].second[2] = std::numeric_limits<float>::quiet_NaN();
@@ -325,6 +371,19 @@ TEST(Checkpoint, StateMustMatchTheModelOfItsSpec) {
   io::Checkpoint bad_spec = c;
   bad_spec.spec.layers.back().type = "softmax";  // to_string writes it, parse refuses it
   expect_rejected(io::to_bytes(bad_spec), "model spec does not parse");
+}
+
+// A small, checksum-valid file whose spec asks for 12 billion parameters (a
+// 2.2 KB file of this kind once made `normkit info` take 3.1 GB before failing):
+// refused from the spec's sizes, before a model is built.
+TEST(Checkpoint, ArraysAreCheckedAgainstTheSpecsSizesBeforeTheModelIsBuilt) {
+  Trained t = trained();
+  io::Checkpoint c = checkpoint_of(t);
+  c.spec = nn::ModelSpec::parse("input 5; linear 1000000000 bias=0; batchnorm; relu; linear 3");
+  expect_rejected(io::to_bytes(c),
+                  "its state arrays hold 100 values, the model of its spec has 12000000004 parameters");
+  c.spec = nn::ModelSpec::parse("input 10000000 10000000 10000000; flatten; linear 3");
+  expect_rejected(io::to_bytes(c), "the input's size overflows");
 }
 
 TEST(Checkpoint, MissingFileAndDirectory) {
@@ -430,8 +489,8 @@ TEST(Checkpoint, UnwritableOrMissingDirectory) {
 }
 
 // A crash mid-save leaves at most a stray temporary file next to the intact
-// checkpoint; loading and the next save are unaffected.
-TEST(Checkpoint, StrayTemporaryFileFromACrashIsHarmless) {
+// checkpoint; loading is unaffected and the next save removes it (and only it).
+TEST(Checkpoint, StrayTemporaryFileFromACrashIsRemovedByTheNextSave) {
   TempDir dir;
   Trained t = trained();
   const fs::path path = dir.path() / "checkpoint.nkc";
@@ -439,9 +498,159 @@ TEST(Checkpoint, StrayTemporaryFileFromACrashIsHarmless) {
   const std::vector<char> bytes = read_file(path);
   write_file(dir.path() / ".checkpoint.nkc.tmp-abc123",
              {bytes.begin(), bytes.begin() + static_cast<std::ptrdiff_t>(bytes.size() / 3)});
+  for (const char* other : {".other.nkc.tmp-abc123", ".checkpoint.nkc.tmp-abc", "checkpoint.nkc.tmp-abc123"})
+    write_file(dir.path() / other, {'x'});
   EXPECT_NO_THROW(io::load_checkpoint(path));
   io::save_checkpoint(path, checkpoint_of(t));
   EXPECT_EQ(read_file(path), bytes);
+  EXPECT_EQ(names_in(dir.path()),
+            (std::vector<std::string>{".checkpoint.nkc.tmp-abc", ".other.nkc.tmp-abc123",
+                                      "checkpoint.nkc", "checkpoint.nkc.tmp-abc123"}));
+}
+
+// ---------------------------------------------------------------- injected faults
+//
+// The test executable is linked with -Wl,--wrap for each system call of the
+// save (tests/cpp/CMakeLists.txt), so a test can make exactly one of them fail
+// as a full or broken disk would, or kill the process right before it.
+
+struct Injection {
+  std::string call;  // "" = none
+  bool kill = false;
+  int error = ENOSPC;
+};
+Injection injection;
+
+// True when `call` must fail now (errno set); kills the process when asked to.
+bool strike(const char* call) {
+  if (injection.call != call) return false;
+  if (injection.kill) ::raise(SIGKILL);
+  errno = injection.error;
+  return true;
+}
+
+}  // namespace
+
+extern "C" {
+int __real_mkstemp(char* name);
+ssize_t __real_write(int fd, const void* data, size_t size);
+int __real_fchmod(int fd, mode_t mode);
+int __real_fsync(int fd);
+int __real_close(int fd);
+int __real_rename(const char* from, const char* to);
+
+int __wrap_mkstemp(char* name) { return strike("mkstemp") ? -1 : __real_mkstemp(name); }
+// A full disk takes part of the data first: half of the first write goes
+// through, the rest fails.
+ssize_t __wrap_write(int fd, const void* data, size_t size) {
+  if (injection.call == "write" && !injection.kill && size > 1) {
+    injection.call = "write, again";
+    return __real_write(fd, data, size / 2);
+  }
+  if (strike("write") || strike("write, again")) return -1;
+  return __real_write(fd, data, size);
+}
+int __wrap_fchmod(int fd, mode_t mode) { return strike("fchmod") ? -1 : __real_fchmod(fd, mode); }
+int __wrap_fsync(int fd) { return strike("fsync") ? -1 : __real_fsync(fd); }
+int __wrap_close(int fd) {
+  if (injection.call == "close") {  // Linux closes the descriptor even when close reports an error
+    __real_close(fd);
+    strike("close");
+    return -1;
+  }
+  return __real_close(fd);
+}
+int __wrap_rename(const char* from, const char* to) {
+  return strike("rename") ? -1 : __real_rename(from, to);
+}
+}
+
+namespace {
+
+const std::vector<std::string> kSaveCalls = {"mkstemp", "write", "fchmod", "fsync", "close", "rename"};
+
+// A saved checkpoint (`before`, its bytes) and the larger one the test tries to save over it.
+struct SaveOverAnother {
+  TempDir dir;
+  fs::path path = dir.path() / "checkpoint.nkc";
+  Trained small = trained("sgd", 4), large = trained("adam", 16);
+  io::Checkpoint next = checkpoint_of(large);
+  std::vector<char> before;
+  SaveOverAnother() {
+    io::save_checkpoint(path, checkpoint_of(small));
+    before = read_file(path);
+  }
+};
+
+// Each call of the save failing (ENOSPC, or EIO where a disk reports that):
+// an error naming the file and the step, the previous checkpoint byte for byte
+// as it was and loadable, no temporary file left.
+TEST(Checkpoint, AFailureAtEveryStepOfTheSaveLeavesThePreviousCheckpoint) {
+  SaveOverAnother s;
+  const fs::path& path = s.path;
+  const std::vector<char>& before = s.before;
+  const io::Checkpoint& next = s.next;
+  for (const auto& call : kSaveCalls) {
+    for (const int error : {ENOSPC, EIO}) {
+      SCOPED_TRACE(call + " fails with " + std::strerror(error));
+      injection = {call, false, error};
+      std::string message;
+      try {
+        io::save_checkpoint(path, next);
+      } catch (const Error& e) {
+        message = e.what();
+      }
+      injection = {};
+      ASSERT_FALSE(message.empty()) << "the save did not fail";
+      EXPECT_NE(message.find(path.string()), std::string::npos) << message;
+      EXPECT_NE(message.find(std::strerror(error)), std::string::npos) << message;
+      EXPECT_NE(message.find("previous checkpoint is unchanged"), std::string::npos) << message;
+      EXPECT_EQ(read_file(path), before);
+      EXPECT_EQ(names_in(s.dir.path()), std::vector<std::string>{"checkpoint.nkc"});
+      EXPECT_NO_THROW(io::load_checkpoint(path));
+    }
+  }
+  io::save_checkpoint(path, next);  // and with the disk working again, the save goes through
+  EXPECT_EQ(read_file(path), io::to_bytes(next));
+}
+
+// The process killed right before each call of the save (SIGKILL, in a child):
+// the previous checkpoint is intact; a temporary file may remain (a kill after
+// the write, before the rename, leaves the complete new file under its
+// temporary name), and the next save removes it.
+TEST(Checkpoint, AKillAtEveryStepOfTheSaveLeavesALoadableCheckpoint) {
+  SaveOverAnother s;
+  const fs::path& path = s.path;
+  const std::vector<char>& before = s.before;
+  const io::Checkpoint& next = s.next;
+  for (const auto& call : kSaveCalls) {
+    SCOPED_TRACE("killed before " + call);
+    const pid_t child = ::fork();
+    ASSERT_GE(child, 0);
+    if (child == 0) {
+      injection = {call, true};
+      io::save_checkpoint(path, next);
+      ::_exit(0);
+    }
+    int status = 0;
+    ASSERT_EQ(::waitpid(child, &status, 0), child);
+    ASSERT_TRUE(WIFSIGNALED(status) && WTERMSIG(status) == SIGKILL) << "the child was not killed";
+    EXPECT_EQ(read_file(path), before);
+    EXPECT_NO_THROW(io::load_checkpoint(path));
+    const auto names = names_in(s.dir.path());
+    if (call == "mkstemp") {
+      EXPECT_EQ(names, std::vector<std::string>{"checkpoint.nkc"});
+    } else {
+      ASSERT_EQ(names.size(), 2u);
+      EXPECT_TRUE(names[0].starts_with(".checkpoint.nkc.tmp-")) << names[0];
+      if (call == "rename") {
+        EXPECT_EQ(read_file(s.dir.path() / names[0]), io::to_bytes(next));
+      }
+    }
+  }
+  io::save_checkpoint(path, checkpoint_of(s.small));
+  EXPECT_EQ(names_in(s.dir.path()), std::vector<std::string>{"checkpoint.nkc"});
+  EXPECT_EQ(read_file(path), before);
 }
 
 TEST(Checkpoint, MakeOptimizerChecksNamesAndOptions) {

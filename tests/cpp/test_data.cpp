@@ -413,6 +413,12 @@ TEST(Standardizer, BadArgumentsAreRejectedAndLeaveTheFitAlone) {
                            ErrorKind::invalid_argument, {"fitted on 3 features, got 2"}));
   std::vector<float> partial = {1, 2, 3, 4};
   EXPECT_TRUE(throws_error([&] { s.transform(partial); }, ErrorKind::invalid_argument, {"whole rows"}));
+  // NaN or infinity is refused before anything is written (docs/nan-and-inf.md).
+  std::vector<float> rows = {1, 2, 3, 4, -INFINITY, 6};
+  const auto before = rows;
+  EXPECT_TRUE(throws_error([&] { s.transform(rows); }, ErrorKind::runtime, {"NaN or infinity at row 1, feature 1"}));
+  EXPECT_TRUE(throws_error([&] { s.inverse_transform(rows); }, ErrorKind::runtime, {"row 1, feature 1"}));
+  EXPECT_EQ(rows, before);
   EXPECT_TRUE(throws_error([&] { s.fit(partial, 0); }, ErrorKind::invalid_argument, {"features must be >= 1"}));
 }
 

@@ -205,7 +205,7 @@ TEST(NnFold, CheckpointOfTheFoldedModelLoadsAndPredictsTheSame) {
     normkit::data::Standardizer standardizer;
     standardizer.fit(normal_values(3 * 784, 4, 2.0f, 0.5f), 784);
     const io::Checkpoint original =
-        io::make_checkpoint(model, optimizer.get(), standardizer, {3, 77, 64, "{\"name\": \"x\"}"});
+        io::make_checkpoint(model, optimizer.get(), standardizer, {3, 77, 64, "{\"name\": \"x\"}", {}});
 
     const io::FoldedCheckpoint folded = io::fold_checkpoint(original);
     const io::Checkpoint& c = folded.checkpoint;

@@ -4,6 +4,7 @@
 
 #include <cmath>
 #include <numeric>
+#include <set>
 
 #include "nn_test_support.hpp"
 #include "normkit/batch_norm.hpp"
@@ -513,6 +514,103 @@ TEST(NnLoss, SoftmaxCrossEntropyValueGradientAndCount) {
   const int32_t bad = 4;
   EXPECT_TRUE(throws_error([&] { normkit::nn::softmax_cross_entropy(logits, &bad, nullptr); },
                            ErrorKind::invalid_argument, {"label 4", "[0, 4)"}));
+}
+
+// ---------------------------------------------------------------- sizes
+
+// ModelSpec::size against the models it describes: the same parameter and buffer
+// counts and output shapes, for every layer kind with its size-changing options,
+// in both formats. Checkpoints rely on it (their arrays are checked against the
+// sizes before the model is built).
+TEST(NnModelSize, AgreesWithTheBuiltModelForEveryLayerKind) {
+  const std::vector<std::string> specs = {
+      "input 3 9 9; conv 4 3 stride=2 pad=1; batchnorm; relu; maxpool 2; flatten; linear 5; "
+      "sigmoid; linear 3 bias=0",
+      "input 2 8 8; conv 6 3 bias=0; batchrenorm; tanh; avgpool 3 stride=1; groupnorm groups=3; "
+      "instancenorm track_running_stats=1; flatten; dropout 0.5; layernorm; linear 4",
+      "input 4 5 5; ghostbatchnorm size=4; instancenorm affine=0; groupnorm affine=0 groups=2; "
+      "layernorm; flatten; linear 2",
+      "input 7; linear 6 bias=0; batchnorm frozen=1; relu; groupnorm groups=2; layernorm; "
+      "ghostbatchnorm noise=0.5; dropout 0.1; linear 2",
+      "input 3 6 6; conv 4 3 pad=1 bias=0; batchnorm; relu; residual; conv 4 3 pad=1 bias=0; "
+      "batchnorm; relu; conv 4 3 pad=1 bias=0; batchnorm; end; residual; conv 8 3 stride=2 pad=1; "
+      "shortcut; conv 8 1 stride=2 bias=0; batchnorm; end; flatten; linear 3"};
+  std::set<std::string> kinds_seen;
+  for (const auto& text : specs) {
+    SCOPED_TRACE(text);
+    const auto spec = normkit::nn::ModelSpec::parse(text);
+    for (const auto& layer : spec.layers) kinds_seen.insert(layer.type);
+    const normkit::nn::ModelSize size = spec.size();
+    for (const auto format : kFormats) {
+      normkit::nn::Model model(spec, format);
+      int64_t parameters = 0, state = 0;
+      for (auto* p : model.parameters()) parameters += static_cast<int64_t>(p->value.size());
+      for (const auto& [name, values] : model.state()) state += static_cast<int64_t>(values->size());
+      EXPECT_EQ(size.parameters, parameters);
+      EXPECT_EQ(size.buffers, state - parameters);
+    }
+    // Every layer's output shape, through the registry's size functions.
+    std::vector<int64_t> shape = spec.input_shape;
+    normkit::nn::Model model(spec);
+    for (size_t i = 0; i < spec.layers.size(); ++i) {
+      const auto* kind = normkit::nn::detail::find_layer_kind(spec.layers[i].type);
+      const auto layer = kind->size(spec.layers[i], shape);
+      ASSERT_TRUE(layer) << spec.layers[i].type;
+      const auto built = model.layers()[i]->output_shape(shape);
+      EXPECT_EQ(layer->output, built) << spec.layers[i].type;
+      shape = built;
+    }
+  }
+  for (const auto& kind : normkit::nn::detail::layer_kinds())
+    EXPECT_TRUE(kinds_seen.contains(kind.type)) << kind.type << " has no size test";
+}
+
+// The activations of cnn-small, counted by hand: each layer's output and input
+// gradient, the convolutions' weight gradient per chunk of 16 samples, the
+// max-pooling positions (2 bytes each).
+TEST(NnModelSize, CountsTheActivationsOfCnnSmall) {
+  const auto size = normkit::nn::ModelSpec::preset("cnn-small").size();
+  const int64_t conv1 = 32 * 784 + 784 + 288 / 16, conv2 = 64 * 196 + 32 * 196 + 18432 / 16;
+  // batchnorm and relu keep two copies of their input's size; maxpool its input, output, positions
+  const int64_t block1 = 2 * (2 * 32 * 784) + 32 * 784 + 32 * 196 + 32 * 196 / 2;
+  const int64_t block2 = 2 * (2 * 64 * 196) + 64 * 196 + 64 * 49 + 64 * 49 / 2;
+  const int64_t head = 2 * 3136 + (128 + 3136) + 2 * (2 * 128) + (10 + 128);
+  EXPECT_EQ(size.activations, conv1 + block1 + conv2 + block2 + head);
+  EXPECT_EQ(size.parameters, 32 * 9 + 2 * 32 + 64 * 288 + 2 * 64 + 3136 * 128 + 2 * 128 + 1290);
+  EXPECT_EQ(size.buffers, 3 * 1 + 2 * (32 + 64 + 128));
+  EXPECT_DOUBLE_EQ(size.training_bytes(128),
+                   4.0 * (4.0 * size.parameters + size.buffers + 128.0 * size.activations));
+}
+
+// Sizes that do not fit in 64 bits are errors naming the layer, not undefined
+// behaviour (UBSan found these in Flatten and LayerNorm before the check).
+TEST(NnModelSize, OverflowingSizesAreErrors) {
+  using normkit::nn::ModelSpec;
+  EXPECT_TRUE(throws_error([] { ModelSpec::parse("input 10000000 10000000 10000000; flatten; linear 10").size(); },
+                           ErrorKind::invalid_argument, {"the input's size overflows"}));
+  EXPECT_TRUE(throws_error(
+      [] { normkit::nn::Model(ModelSpec::parse("input 1 28 28; conv 8 3 pad=1000000000; flatten; linear 10")); },
+      ErrorKind::invalid_argument, {"layer 1 (conv)", "overflows"}));
+  EXPECT_TRUE(throws_error(
+      [] { normkit::nn::Model(ModelSpec::parse("input 64 100000 100000; conv 64 1; conv 64 1 pad=1000000000; linear 2")); },
+      ErrorKind::invalid_argument, {"layer 2 (conv)", "overflows"}));
+}
+
+// A model whose parameters alone exceed any machine's memory is refused with the
+// figure before anything is allocated (it would take 160 TB).
+TEST(NnModelSize, AModelBeyondThisMachinesMemoryIsRefused) {
+  EXPECT_TRUE(throws_error(
+      [] { normkit::nn::Model(normkit::nn::ModelSpec::parse("input 1000000; linear 10000000; linear 10")); },
+      ErrorKind::runtime, {"10000110000010 parameters", "160 TB", "more than this machine's"}));
+}
+
+// A layer whose input does not suit it ends the sizes there; building the model
+// names the problem.
+TEST(NnModelSize, StopsAtALayerThatDoesNotFitAndTheModelNamesIt) {
+  const auto spec = normkit::nn::ModelSpec::parse("input 5; linear 4; conv 3 3; linear 2");
+  EXPECT_EQ(spec.size().parameters, 24);
+  EXPECT_TRUE(throws_error([&] { normkit::nn::Model model(spec); }, ErrorKind::invalid_argument,
+                           {"layer 2", "conv: needs a [C, H, W] input"}));
 }
 
 }  // namespace

@@ -3,12 +3,16 @@
 // the model spec, and the training loop (a tiny model whose loss falls,
 // deterministic epoch order, NaN detection).
 #include <gtest/gtest.h>
+#include <signal.h>
+#include <sys/wait.h>
+#include <unistd.h>
 
 #include <cmath>
 #include <numeric>
 #include <set>
 
 #include "nn_test_support.hpp"
+#include "normkit/engine/checkpoint.hpp"
 #include "normkit/engine/train.hpp"
 #include "normkit/threading.hpp"
 
@@ -327,6 +331,22 @@ TEST(NnSpec, ParseToStringRoundTrip) {
   EXPECT_EQ(spec.layers[1].type, "tanh");
 }
 
+TEST(NnSpec, JsonDescribesTheSameModelAsText) {
+  const auto text = ModelSpec::parse(
+      "input 1 4 4; conv 2 3 pad=1 bias=0; batchnorm momentum=0.2; relu; maxpool 2; flatten; linear 10");
+  const auto json = ModelSpec::parse(
+      R"( {"input": [1, 4, 4], "layers": ["conv 2 3 pad=1 bias=0",
+           {"type": "batchnorm", "options": {"momentum": 0.2}}, "relu",
+           {"type": "maxpool", "args": [2]}, {"type": "flatten"}, {"type": "linear", "args": ["10"]}]})");
+  EXPECT_EQ(json, text);
+  for (const auto& [bad, words] : std::vector<std::pair<std::string, std::string>>{
+           {"{\"input\": [4], \"layers\": [\"linear 2\"", "not valid JSON"},
+           {"{\"input\": [4]}", "expected {\"input\": [...], \"layers\": [...]}"},
+           {"{\"input\": [4], \"layers\": [{\"args\": [2]}]}", "expected {\"input\""},
+           {"{\"input\": [4], \"layers\": [\"linear 2\", \"softmax\"]}", "unknown layer type"}})
+    EXPECT_TRUE(throws_error([&] { ModelSpec::parse(bad); }, ErrorKind::invalid_argument, {words})) << bad;
+}
+
 TEST(NnSpec, PresetsAreThePapersModels) {
   const auto mlp = ModelSpec::preset("mlp-paper");
   EXPECT_EQ(mlp.input_shape, (std::vector<int64_t>{1, 28, 28}));
@@ -550,6 +570,101 @@ TEST(NnTraining, ProgressReportsEveryStepAndALoneLastSampleIsDropped) {
                                                   });
   EXPECT_EQ(steps, (std::vector<int64_t>{1, 2}));
   EXPECT_EQ(result.samples, 32);
+}
+
+// A stop requested after any step of an epoch, the run saved and rebuilt from
+// the checkpoint (as a resumed process sees it), then the epoch continued: the
+// epoch's metrics and the model's state equal an uninterrupted run's, bit for bit.
+TEST(NnTraining, AnEpochStoppedAfterAnyStepContinuesExactly) {
+  namespace train = normkit::train;
+  namespace io = normkit::io;
+  const auto data = blobs(70, 5);  // 5 steps of 16 samples, the last of 6
+  const auto spec = ModelSpec::parse(
+      "input 2 4 4; conv 3 3 pad=1 bias=0; batchnorm; relu; flatten; dropout 0.2; linear 4");
+  auto fresh = [&] {
+    auto model = std::make_unique<Model>(spec, MemoryFormat::channels_last);
+    model->initialize({}, 8);
+    return model;
+  };
+  auto reference = fresh();
+  auto reference_sgd = normkit::nn::make_sgd({0.05f, 0.9f}, reference->parameters());
+  train::train_epoch(*reference, *reference_sgd, data, 16, 8, 0);
+  const auto expected = train::train_epoch(*reference, *reference_sgd, data, 16, 8, 1);
+  ASSERT_FALSE(expected.interrupted);
+
+  for (int64_t stop_after = 0; stop_after <= 5; ++stop_after) {
+    SCOPED_TRACE("stop after step " + std::to_string(stop_after));
+    auto model = fresh();
+    auto sgd = normkit::nn::make_sgd({0.05f, 0.9f}, model->parameters());
+    train::train_epoch(*model, *sgd, data, 16, 8, 0);
+    train::clear_stop();
+    if (stop_after == 0) train::request_stop(SIGINT);
+    const auto first = train::train_epoch(*model, *sgd, data, 16, 8, 1, [&](const train::StepProgress& p) {
+      if (p.step == stop_after) train::request_stop(SIGTERM);
+    });
+    const int signal = train::stop_signal();
+    train::clear_stop();
+    if (stop_after == 5) {  // asked during the last step: the epoch is complete
+      EXPECT_EQ(signal, SIGTERM);
+      EXPECT_FALSE(first.interrupted);
+      EXPECT_EQ(first.loss, expected.loss);
+      continue;
+    }
+    ASSERT_TRUE(first.interrupted);
+    EXPECT_EQ(first.position.step, stop_after);
+    EXPECT_EQ(first.position.samples, 16 * stop_after);
+
+    io::TrainingProgress progress;
+    progress.epochs_done = 1;
+    progress.position = first.position;
+    const auto checkpoint = io::from_bytes(
+        io::to_bytes(io::make_checkpoint(*model, sgd.get(), {}, progress)), "stopped.nkc");
+    EXPECT_EQ(checkpoint.progress.position, first.position);
+    auto resumed = io::build_model(checkpoint);
+    auto resumed_sgd = io::build_optimizer(checkpoint, *resumed);
+    const auto rest = train::train_epoch(*resumed, *resumed_sgd, data, 16, 8, 1, {},
+                                         checkpoint.progress.position);
+    EXPECT_FALSE(rest.interrupted);
+    EXPECT_EQ(rest.loss, expected.loss);
+    EXPECT_EQ(rest.accuracy, expected.accuracy);
+    EXPECT_EQ(rest.samples, expected.samples);
+    const auto want = reference->state(), got = resumed->state();
+    ASSERT_EQ(want.size(), got.size());
+    for (size_t i = 0; i < want.size(); ++i) EXPECT_EQ(*got[i].second, *want[i].second) << want[i].first;
+  }
+}
+
+TEST(NnTraining, ContinuingAtAnImpossiblePositionIsAnError) {
+  const auto data = blobs(64, 5);
+  Model model(ModelSpec::parse("input 2 4 4; flatten; linear 8 bias=0; batchnorm; relu; linear 4"));
+  model.initialize({}, 1);
+  auto sgd = normkit::nn::make_sgd({0.01f}, model.parameters());
+  for (const normkit::train::EpochPosition position :
+       {normkit::train::EpochPosition{4, 0, 0, 64, 0}, {-1, 0, 0, 0, 0}, {1, 0, 17, 16, 0}})
+    EXPECT_TRUE(throws_error(
+        [&] { normkit::train::train_epoch(model, *sgd, data, 16, 1, 0, {}, position); },
+        ErrorKind::invalid_argument, {"cannot continue at step"}));
+}
+
+// The handlers record the first SIGINT or SIGTERM and let the second one end
+// the process (run in a child: the second signal kills it).
+TEST(NnTraining, StopHandlersRecordTheFirstSignalAndYieldToTheSecond) {
+  for (const int signal : {SIGINT, SIGTERM}) {
+    const pid_t child = ::fork();
+    ASSERT_GE(child, 0);
+    if (child == 0) {
+      normkit::train::clear_stop();
+      normkit::train::install_stop_handlers();
+      ::raise(signal);
+      if (normkit::train::stop_signal() != signal) ::_exit(3);
+      ::raise(signal == SIGINT ? SIGTERM : SIGINT);
+      ::_exit(4);  // survived the second signal
+    }
+    int status = 0;
+    ASSERT_EQ(::waitpid(child, &status, 0), child);
+    ASSERT_TRUE(WIFSIGNALED(status)) << "child exited with " << WEXITSTATUS(status);
+    EXPECT_EQ(WTERMSIG(status), signal == SIGINT ? SIGTERM : SIGINT);
+  }
 }
 
 TEST(NnTraining, NonFiniteLossStopsWithEpochAndStep) {

@@ -1,7 +1,7 @@
 """`normkit lab` end to end: every experiment's --quick tier runs and leaves its
 artefacts (figure, report section, verdict; LAB.md and a self-contained
-lab.html); a second run resumes without redoing finished runs, and redoes an
-interrupted one from scratch; diverged runs are kept as results; bad
+lab.html); a second run resumes without redoing finished runs, redoes a
+half-written one from scratch and resumes one a signal stopped; diverged runs are kept as results; bad
 declarations and mismatched directories are clear errors. Verdicts are not
 checked here: the quick tiers are too small to decide anything.
 
@@ -11,7 +11,9 @@ import base64
 import json
 import os
 import shutil
+import signal
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -129,6 +131,30 @@ def test_an_interrupted_run_is_redone_from_scratch(lab):
     assert redone["run"] == lost["run"]
     assert redone["last"]["train_loss"] == lost["last"]["train_loss"]  # same seed: same numbers
     assert len({r["run"] for r in records(path)}) == 8
+
+
+def test_a_signal_stops_the_lab_and_the_next_run_resumes_where_it_stopped(lab, tmp_path):
+    # One run at a time; SIGINT to the lab once the first run is recorded: the run in
+    # progress finishes its step and saves, no run is started, the lab exits 130.
+    out = tmp_path / "lab"
+    args = ["lab", "run", "placement", "--quick", "--jobs", 1, "--out", out, "--no-report"]
+    proc = subprocess.Popen([CLI, *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    path = out / "placement" / "runs.jsonl"
+    while proc.poll() is None and not (path.exists() and records(path)):
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=900)
+    assert proc.returncode == 130, stdout + stderr
+    assert "interrupted by SIGINT" in stderr and "run the same command again" in stderr
+    done_before = len(records(path))
+    assert 1 <= done_before < 8
+    result = normkit(*args)
+    assert f"{done_before} already done" in result.stdout
+    # Every run, the interrupted one included, has the numbers of the uninterrupted lab.
+    def by_run(p):
+        return {r["run"]: (r["status"], r["last"]["train_loss"], r["epochs_done"]) for r in records(p)}
+    assert by_run(path) == by_run(lab["out"] / "placement" / "runs.jsonl")
 
 
 def test_a_directory_of_another_tier_is_refused(lab):

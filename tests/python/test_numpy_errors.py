@@ -107,12 +107,38 @@ FORWARD_TRAINING_ERRORS = {
     "out_read_only": (dict(out=np.broadcast_to(np.float32(0), (8, 3, 4, 4))), ValueError,
                       r"out: array is read-only"),
     "out_not_an_array": (dict(out=[0.0]), TypeError, r"out: expected a numpy.ndarray, got list"),
+    # A writable view whose elements share memory: every output would land in one place.
+    "out_overlaps_itself": (dict(out=np.lib.stride_tricks.as_strided(
+        np.zeros(48, np.float32), (8, 3, 4, 4), (0, 64, 16, 4), writeable=True)), ValueError,
+        r"out: array overlaps itself \(strides \(0, 64, 16, 4\)"),
+    "out_strides_smaller_than_rows": (dict(out=np.lib.stride_tricks.as_strided(
+        np.zeros(400, np.float32), (8, 3, 4, 4), (48, 16, 8, 4), writeable=True)), ValueError,
+        r"out: array overlaps itself"),
+    # The same array as both running statistics, or one inside another argument.
+    "running_stats_one_array": ("running_var=running_mean", ValueError,
+                                r"running_mean: shares memory with running_var"),
+    "running_mean_inside_x": ("running_mean=x[0, 0, 0, :3]", ValueError,
+                              r"running_mean: shares memory with x"),
+    "running_var_inside_out": ("running_var=out[0, 0, 0, :3]", ValueError,
+                               r"running_var: shares memory with out"),
+    "running_var_is_weight": ("weight=running_var", ValueError,
+                              r"running_var: shares memory with weight"),
 }
+
+
+def aliasing(state, spec):
+    """The overrides of 'argument=expression': the expression over the state's arrays."""
+    name, expression = spec.split("=")
+    base, _, index = expression.partition("[")
+    array = getattr(state, base)
+    return {name: eval("array[" + index) if index else array}  # noqa: S307 (test data)
 
 
 @pytest.mark.parametrize("name", list(FORWARD_TRAINING_ERRORS))
 def test_forward_training_errors_change_nothing(name, state):
     overrides, exception, pattern = FORWARD_TRAINING_ERRORS[name]
+    if isinstance(overrides, str):
+        overrides = aliasing(state, overrides)
     with pytest.raises(exception, match=pattern):
         state.call(**overrides)
     # NaN or infinity shows in the batch statistics, which the kernel computes in the same
@@ -215,3 +241,33 @@ def test_update_running_errors_change_nothing(rng):
     np.testing.assert_array_equal(running_mean, np.zeros(3))
     np.testing.assert_array_equal(running_var, np.ones(3))
     assert int(batches) == 0
+
+
+def test_relu_mask_bytes_refuses_negative_sizes_and_never_overflows():
+    assert [normkit.relu_mask_bytes(n) for n in (0, 1, 8, 9)] == [0, 1, 1, 2]
+    assert normkit.relu_mask_bytes(2**63 - 1) == 2**60
+    with pytest.raises(ValueError, match=r"relu_mask_bytes: numel must be >= 0, got -5"):
+        normkit.relu_mask_bytes(-5)
+    with pytest.raises(TypeError):
+        normkit.relu_mask_bytes(2**63)
+
+
+def test_every_function_with_running_statistics_refuses_aliases(rng):
+    x = rng.standard_normal((8, 4, 3, 3)).astype(np.float32)
+    stats = np.zeros(4, np.float32)
+    calls = {
+        "batch_norm_forward_training": lambda: normkit.batch_norm_forward_training(
+            x, running_mean=stats, running_var=stats),
+        "batch_norm_relu_forward_training": lambda: normkit.batch_norm_relu_forward_training(
+            x, running_mean=stats, running_var=stats),
+        "batch_renorm_forward_training": lambda: normkit.batch_renorm_forward_training(
+            x, running_mean=stats, running_var=stats),
+        "ghost_batch_norm_forward_training": lambda: normkit.ghost_batch_norm_forward_training(
+            x, 4, running_mean=stats, running_var=stats),
+        "instance_norm_forward_training": lambda: normkit.instance_norm_forward_training(
+            x, running_mean=stats, running_var=stats),
+    }
+    for name, call in calls.items():
+        with pytest.raises(ValueError, match=r"running_mean: shares memory with running_var"):
+            call()
+        np.testing.assert_array_equal(stats, 0, err_msg=name)

@@ -14,7 +14,9 @@
 //                            (Model::state(): parameters and BN running statistics)
 //     optimizer     string name ("" for none), u64 count, then string key + f64 value
 //                   per option, i64 steps, u64 arrays, then per array u64 n, n × f32
-//     progress      i64 epochs done, u64 seed, i64 batch size, string application JSON
+//     progress      i64 epochs done, u64 seed, i64 batch size, string application JSON,
+//                   then (version 2) the position in the next epoch: i64 step,
+//                   f64 loss sum, i64 correct, i64 samples, f64 seconds
 //   crc32     u32      zlib's crc32 of every byte before it
 // A string or byte block is a u64 length and the bytes.
 //
@@ -34,11 +36,13 @@
 #include <vector>
 
 #include "normkit/engine/nn.hpp"
+#include "normkit/engine/train.hpp"
 #include "normkit/standardizer.hpp"
 
 namespace normkit::io {
 
-inline constexpr uint32_t kCheckpointVersion = 1;
+// Version 2 added the mid-epoch position; version 1 files still load (at an epoch's start).
+inline constexpr uint32_t kCheckpointVersion = 2;
 
 struct OptimizerState {
   std::string name;                       // "sgd", "adam"; empty: no optimizer saved
@@ -52,6 +56,7 @@ struct TrainingProgress {
   uint64_t seed = 0;
   int64_t batch_size = 0;
   std::string application;  // the application's own JSON (the CLI keeps its run options here)
+  train::EpochPosition position;  // in epoch epochs_done + 1; step 0: at its start
 };
 
 struct Checkpoint {
@@ -73,8 +78,13 @@ std::vector<char> to_bytes(const Checkpoint& checkpoint);
 Checkpoint from_bytes(const std::vector<char>& bytes, const std::string& source);
 
 // Atomic save (see above); on failure the old file is untouched, no temporary
-// file is left behind, and normkit::Error (runtime) names the file.
+// file is left behind, and normkit::Error (runtime) names the file. First removes
+// what remove_stale_temporaries removes.
 void save_checkpoint(const std::filesystem::path& path, const Checkpoint& checkpoint);
+// Removes the temporary files (".NAME.tmp-XXXXXX" next to it) that saves of the
+// checkpoint at `path` left when the process died between writing and renaming;
+// best effort, never throws. Two processes must not save one checkpoint at once.
+void remove_stale_temporaries(const std::filesystem::path& path) noexcept;
 // Fully validated: the build_* functions below cannot fail on its result.
 Checkpoint load_checkpoint(const std::filesystem::path& path);
 

@@ -76,6 +76,27 @@ class Layer {
   virtual bool set_frozen(bool /*frozen*/) { return false; }
 };
 
+// What a model takes in memory, computed from its spec alone (ModelSpec::size:
+// nothing is allocated), so that an absurd spec is refused before it exhausts
+// the machine.
+struct ModelSize {
+  int64_t parameters = 0;   // trained values; each also has a gradient
+  int64_t buffers = 0;      // running statistics
+  int64_t activations = 0;  // floats per sample that training keeps: every layer's
+                            // output and input gradient, the convolutions'
+                            // per-chunk weight gradients, max-pooling positions
+  // Parameters, their gradients and up to two optimizer values each (Adam's
+  // moments), the buffers, and the activations of a batch, in bytes.
+  double training_bytes(int64_t batch) const;
+  // "43.2 GB (parameters, gradients and optimizer state 9.6 GB, activations for
+  // a batch of 128 33.6 GB)"
+  std::string describe(int64_t batch) const;
+};
+// The memory of this machine (physical RAM), in bytes.
+double physical_memory_bytes();
+// "1.5 GB", "340 MB".
+std::string byte_text(double bytes);
+
 // A model spec: one layer per line or ';'-separated, e.g.
 //   input 1 28 28; conv 32 3 pad=1 bias=0; batchnorm; relu; maxpool 2;
 //   flatten; linear 128 bias=0; batchnorm; relu; linear 10
@@ -107,7 +128,10 @@ struct ModelSpec {
   std::vector<int64_t> input_shape;  // [C] or [C, H, W]
   std::vector<LayerSpec> layers;
 
-  static ModelSpec parse(const std::string& text);  // throws normkit::Error with the line
+  // The text above, or the same as JSON: {"input": [1, 28, 28], "layers": ["conv 32 3
+  // pad=1", {"type": "batchnorm", "args": [], "options": {"momentum": 0.1}}, ...]}
+  // (a layer a line of text or an object). Throws normkit::Error naming the statement.
+  static ModelSpec parse(const std::string& text_or_json);
   static ModelSpec preset(const std::string& name);  // "mlp-paper", "cnn-small"
   // A plain MLP for samples of `input_shape` and `classes` outputs, from
   // comma-separated options (defaults in brackets): depth=L hidden layers [3],
@@ -131,11 +155,17 @@ struct ModelSpec {
   //   the new layer takes them. Throws normkit::Error for an unknown name.
   ModelSpec with_norm(const std::string& norm) const;
   static const std::vector<std::string>& norm_kinds();
+  // The sizes of its model, with overflow-checked arithmetic (a size that does not
+  // fit in 64 bits is a normkit::Error naming the layer). Layers up to the first
+  // one whose input does not suit it: building the model names that problem.
+  ModelSize size() const;
   bool operator==(const ModelSpec&) const = default;
 };
 
 class Model {
  public:
+  // Refuses (normkit::Error, runtime) a spec whose parameters, gradients and
+  // buffers alone would not fit in this machine's memory, before allocating.
   Model(const ModelSpec& spec, MemoryFormat format = MemoryFormat::channels_first);
   const ModelSpec& spec() const noexcept { return spec_; }
   MemoryFormat format() const noexcept { return format_; }

@@ -23,10 +23,35 @@ struct StepProgress {
 };
 using ProgressCallback = std::function<void(const StepProgress&)>;
 
+// Where a partly trained epoch stands: the steps done and the running sums over
+// them. Training that stops after any step and later continues from here gives
+// the metrics, parameters and statistics an uninterrupted epoch gives.
+struct EpochPosition {
+  int64_t step = 0;     // steps done in the epoch
+  double loss_sum = 0;  // Σ batch loss × batch size over those steps
+  int64_t correct = 0, samples = 0;
+  double seconds = 0;   // training time spent on them
+  bool operator==(const EpochPosition&) const = default;
+};
+
 struct EpochResult {
   double loss = 0, accuracy = 0, seconds = 0;
   int64_t samples = 0;
+  // A stop was requested (stop_signal() != 0): the epoch ended after the step
+  // it was running; `position` continues it (loss, accuracy are then unset).
+  bool interrupted = false;
+  EpochPosition position;
 };
+
+// Stopping cleanly on SIGINT and SIGTERM. The handlers only record the signal;
+// train_epoch looks at it after every step, finishes that step and returns
+// interrupted, so the caller can save a checkpoint that resumes exactly there
+// and exit with 128 + the signal (130, 143). A second signal of either kind
+// ends the process at once (its default action), for a user who will not wait.
+void install_stop_handlers();
+void request_stop(int signal) noexcept;  // what the handlers do; also for tests
+int stop_signal() noexcept;              // the signal that asked to stop, 0 for none
+void clear_stop() noexcept;              // and reinstall the handlers with install_stop_handlers()
 
 struct Evaluation {
   double loss = 0, accuracy = 0;
@@ -48,12 +73,14 @@ void make_batch(const data::Dataset& set, const std::vector<int64_t>& order, int
 int64_t steps_per_epoch(int64_t count, int64_t batch_size);
 
 // One epoch of mini-batch training (the last partial batch is kept, unless it
-// has a single sample: BN needs two). Throws normkit::Error (runtime) naming the
-// epoch and step when the loss becomes NaN or infinite; the model is then
-// partly updated and must not be saved.
+// has a single sample: BN needs two), from step `start.step` on with `start`'s
+// sums (a resumed epoch). Throws normkit::Error (runtime) naming the epoch and
+// step when the loss becomes NaN or infinite; the model is then partly updated
+// and must not be saved. Returns interrupted after the current step when a stop
+// is requested (see install_stop_handlers).
 EpochResult train_epoch(nn::Model& model, nn::Optimizer& optimizer, const data::Dataset& train,
                         int64_t batch_size, uint64_t seed, int64_t epoch,
-                        const ProgressCallback& progress = {});
+                        const ProgressCallback& progress = {}, const EpochPosition& start = {});
 
 Evaluation evaluate(nn::Model& model, const data::Dataset& set, int64_t batch_size = 1000);
 

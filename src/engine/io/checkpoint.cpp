@@ -157,6 +157,20 @@ data::Standardizer read_standardizer(const std::string& block, const std::string
 // Everything that does not depend on the byte layout: the state against the
 // model its spec builds, the optimizer against that model's parameters.
 void validate(const Checkpoint& c, const std::string& source) {
+  // The arrays against the sizes of the spec's model before that model is built:
+  // a small file whose spec asks for billions of parameters allocates nothing.
+  nn::ModelSize size;
+  try {
+    size = c.spec.size();
+  } catch (const Error& e) {
+    fail_file(source, "its model spec does not build a model: ", e.what());
+  }
+  uint64_t stored = 0;
+  for (const auto& array : c.state) stored += array.second.size();
+  const auto planned = static_cast<uint64_t>(size.parameters) + static_cast<uint64_t>(size.buffers);
+  if (stored != planned)
+    fail_file(source, "its state arrays hold ", stored, " values, the model of its spec has ",
+              planned, " parameters and buffer values");
   std::unique_ptr<nn::Model> model;
   try {
     model = std::make_unique<nn::Model>(c.spec, c.format);
@@ -204,6 +218,11 @@ void validate(const Checkpoint& c, const std::string& source) {
   }
   if (c.progress.epochs_done < 0 || c.progress.batch_size < 0)
     fail_file(source, "negative epoch count or batch size");
+  const train::EpochPosition& p = c.progress.position;
+  if (p.step < 0 || p.samples < 0 || p.correct < 0 || p.correct > p.samples ||
+      !std::isfinite(p.loss_sum) || p.loss_sum < 0 || !std::isfinite(p.seconds) || p.seconds < 0)
+    fail_file(source, "corrupted: impossible position in the epoch (step ", p.step, ", ", p.samples,
+              " samples, ", p.correct, " correct)");
 }
 
 std::string system_error(int error) { return std::strerror(error); }
@@ -268,6 +287,12 @@ std::vector<char> to_bytes(const Checkpoint& c) {
   content.u64(c.progress.seed);
   content.i64(c.progress.batch_size);
   content.string(c.progress.application);
+  const train::EpochPosition& position = c.progress.position;
+  content.i64(position.step);
+  content.f64(position.loss_sum);
+  content.i64(position.correct);
+  content.i64(position.samples);
+  content.f64(position.seconds);
 
   Writer file;
   file.raw(kMagic, sizeof kMagic);
@@ -290,8 +315,8 @@ Checkpoint from_bytes(const std::vector<char>& bytes, const std::string& source)
   uint64_t content_size = 0;
   std::memcpy(&version, bytes.data() + sizeof kMagic, sizeof version);
   std::memcpy(&content_size, bytes.data() + sizeof kMagic + 4, sizeof content_size);
-  if (version != kCheckpointVersion)
-    fail_file(source, "unsupported checkpoint version ", version, " (this build reads version ",
+  if (version < 1 || version > kCheckpointVersion)
+    fail_file(source, "unsupported checkpoint version ", version, " (this build reads versions 1 to ",
               kCheckpointVersion, ")");
   const size_t available = size - kHeaderSize - kChecksumSize;
   if (content_size > available)
@@ -342,26 +367,59 @@ Checkpoint from_bytes(const std::vector<char>& bytes, const std::string& source)
   c.progress.seed = in.u64("seed");
   c.progress.batch_size = in.i64("batch size");
   c.progress.application = in.string("application data");
+  if (version >= 2) {
+    train::EpochPosition& position = c.progress.position;
+    position.step = in.i64("epoch step");
+    position.loss_sum = in.f64("epoch loss sum");
+    position.correct = in.i64("epoch correct count");
+    position.samples = in.i64("epoch sample count");
+    position.seconds = in.f64("epoch seconds");
+  }
   if (in.remaining() != 0)
     fail_file(source, "corrupted: ", in.remaining(), " bytes left over after the last field");
   validate(c, source);
   return c;
 }
 
+namespace {
+std::filesystem::path directory_of(const std::filesystem::path& path) {
+  return path.parent_path().empty() ? std::filesystem::path(".") : path.parent_path();
+}
+// Hidden, next to the checkpoint (so the rename stays within one file system);
+// mkstemp replaces the Xs.
+std::string temporary_name(const std::filesystem::path& path) {
+  std::string name = ".";  // (appended piece by piece: GCC 12 warns falsely about "." + string)
+  name += path.filename().string();
+  name += ".tmp-XXXXXX";
+  return name;
+}
+}  // namespace
+
+void remove_stale_temporaries(const std::filesystem::path& path) noexcept {
+  try {
+    const std::string pattern = temporary_name(path);
+    const std::string prefix = pattern.substr(0, pattern.size() - 6);
+    std::error_code ec;
+    for (const auto& entry : std::filesystem::directory_iterator(directory_of(path), ec)) {
+      const std::string file = entry.path().filename().string();
+      if (file.size() == pattern.size() && file.starts_with(prefix) && entry.is_regular_file(ec))
+        std::filesystem::remove(entry.path(), ec);
+    }
+  } catch (...) {  // best effort: a temporary that stays is harmless
+  }
+}
+
 void save_checkpoint(const std::filesystem::path& path, const Checkpoint& checkpoint) {
   const std::vector<char> bytes = to_bytes(checkpoint);
   const std::string name = path.string();
   if (path.filename().empty()) fail_file(name, "not a file name");
-  const std::filesystem::path directory =
-      path.parent_path().empty() ? std::filesystem::path(".") : path.parent_path();
-  std::string temp_name = ".";  // hidden, next to the checkpoint: rename stays within one file system
-  temp_name += path.filename().string();
-  temp_name += ".tmp-XXXXXX";
-  std::string temp = (directory / temp_name).string();
+  const std::filesystem::path directory = directory_of(path);
+  remove_stale_temporaries(path);
+  std::string temp = (directory / temporary_name(path)).string();
   const int fd = ::mkstemp(temp.data());
   if (fd < 0)
     fail_file(name, "cannot create a temporary file in '", directory.string(),
-              "': ", system_error(errno));
+              "': ", system_error(errno), "; the previous checkpoint is unchanged");
   auto abandon = [&](const char* step) {
     const int error = errno;
     ::close(fd);
@@ -445,8 +503,7 @@ std::unique_ptr<nn::Optimizer> make_optimizer(const std::string& name,
                                               const std::vector<nn::Parameter*>& parameters) {
   auto take = [&](const std::vector<std::pair<const char*, float*>>& known) {
     for (const auto& [key, value] : options) {
-      const auto it = std::find_if(known.begin(), known.end(),
-                                   [&](const auto& k) { return key == k.first; });
+      const auto it = std::ranges::find(known, key, &std::pair<const char*, float*>::first);
       if (it == known.end()) engine::fail_invalid(name, ": unknown option '", key, "'");
       if (!std::isfinite(value))
         engine::fail_invalid(name, ": option '", key, "' is not finite");

@@ -332,19 +332,18 @@ std::unique_ptr<Layer> make_family_layer(const ModelSpec::LayerSpec& spec,
   if (t == "batchnorm") return std::make_unique<BatchNormLayer>(input[0], eps, momentum, frozen);
   if (t == "batchrenorm") {
     const double rmax = option_or(spec, "rmax", 3.0), dmax = option_or(spec, "dmax", 5.0);
-    const double warmup = option_or(spec, "warmup", static_cast<double>(kDefaultRenormWarmup));
+    const int64_t warmup = int_option_or(spec, "warmup", kDefaultRenormWarmup);
     if (!(rmax >= 1)) fail_invalid(t, ": rmax must be >= 1, got ", rmax);
     if (!(dmax >= 0)) fail_invalid(t, ": dmax must be >= 0, got ", dmax);
     if (!(warmup >= 0)) fail_invalid(t, ": warmup must be >= 0 steps, got ", warmup);
     return std::make_unique<BatchRenormLayer>(
         input[0], eps, momentum, frozen,
-        BatchRenormSchedule::linear(static_cast<int64_t>(warmup), rmax, dmax));
+        BatchRenormSchedule::linear(warmup, rmax, dmax));
   }
   if (t == "ghostbatchnorm") {
-    const double size = option_or(spec, "size", static_cast<double>(kDefaultGhostBatchSize));
-    if (!(size >= 1)) fail_invalid(t, ": size (the virtual batch size) must be >= 1, got ", size);
-    return std::make_unique<GhostBatchNormLayer>(input[0], eps, momentum, frozen,
-                                                 static_cast<int64_t>(size));
+    const int64_t size = int_option_or(spec, "size", kDefaultGhostBatchSize);
+    if (size < 1) fail_invalid(t, ": size (the virtual batch size) must be >= 1, got ", size);
+    return std::make_unique<GhostBatchNormLayer>(input[0], eps, momentum, frozen, size);
   }
   fail_invalid("not a batch-norm layer: '", t, "'");
 }

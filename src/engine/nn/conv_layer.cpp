@@ -37,7 +37,7 @@ using engine::fail_runtime;
 namespace {
 
 // Samples per chunk: the unit of work of a thread and of the weight-gradient sums.
-constexpr int64_t kChunkSamples = 16;
+constexpr int64_t kChunkSamples = kConvChunkSamples;
 
 using dnnl::memory;
 using tag = dnnl::memory::format_tag;
@@ -69,8 +69,8 @@ class Conv2d final : public Layer {
          bool bias, MemoryFormat format)
       : cin_(input[0]), h_(input[1]), w_(input[2]), cout_(out), k_(k), stride_(stride), pad_(pad),
         format_(format) {
-    oh_ = (h_ + 2 * pad_ - k_) / stride_ + 1;
-    ow_ = (w_ + 2 * pad_ - k_) / stride_ + 1;
+    oh_ = window_positions(h_ + 2 * pad_, k_, stride_);
+    ow_ = window_positions(w_ + 2 * pad_, k_, stride_);
     const int64_t size = cout_ * cin_ * k_ * k_;
     weight_ = {"weight", std::vector<float>(size), std::vector<float>(size)};
     if (bias) bias_ = Parameter{"bias", std::vector<float>(cout_), std::vector<float>(cout_)};

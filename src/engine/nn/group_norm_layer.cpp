@@ -204,7 +204,7 @@ std::unique_ptr<Layer> make_group_norm_layer(const ModelSpec::LayerSpec& spec,
     fail_invalid("groupnorm: needs a [C] or [C, H, W] input, got ", shape_text(input));
   const int64_t channels = input[0];
   const bool given = spec.options.count("groups") > 0;
-  const auto groups = static_cast<int64_t>(option_or(spec, "groups", static_cast<double>(std::min<int64_t>(32, channels))));
+  const int64_t groups = int_option_or(spec, "groups", std::min<int64_t>(32, channels));
   if (groups < 1) fail_invalid("groupnorm: groups must be >= 1, got ", groups);
   if (channels % groups != 0) {
     if (given)

@@ -18,13 +18,45 @@
 
 namespace normkit::nn::detail {
 
+using engine::checked_add;
+using engine::checked_mul;
 using engine::fail_invalid;
 using engine::threads_for;
+
+namespace {
+// A number of a spec. ModelSpec::parse has checked the words of the specs it
+// makes; a spec built in code has not, so a word that is no number is an error
+// here rather than std::stod's exception.
+double spec_number(const std::string& text) {
+  size_t used = 0;
+  double value = 0;
+  try {
+    value = std::stod(text, &used);
+  } catch (const std::exception&) {
+    used = 0;
+  }
+  if (used == 0 || used != text.size() || !std::isfinite(value))
+    fail_invalid("'", text, "' is not a number");
+  return value;
+}
+// Beyond any size a layer can have; converting a larger double to int64_t is undefined.
+int64_t whole_number(double value, const std::string& text) {
+  if (!(std::abs(value) <= 1e15)) fail_invalid("'", text, "' is out of range");
+  return static_cast<int64_t>(value);
+}
+}  // namespace
 
 // Shared by the layer files (declared in layers.hpp).
 double option_or(const ModelSpec::LayerSpec& spec, const std::string& key, double fallback) {
   const auto it = spec.options.find(key);
-  return it == spec.options.end() ? fallback : std::stod(it->second);
+  return it == spec.options.end() ? fallback : spec_number(it->second);
+}
+
+int64_t int_arg(const std::string& text) { return whole_number(spec_number(text), text); }
+
+int64_t int_option_or(const ModelSpec::LayerSpec& spec, const std::string& key, int64_t fallback) {
+  const auto it = spec.options.find(key);
+  return it == spec.options.end() ? fallback : whole_number(spec_number(it->second), it->second);
 }
 
 std::string shape_text(const std::vector<int64_t>& shape) {
@@ -60,7 +92,6 @@ void fill_init(std::vector<float>& w, int64_t fan_in, int64_t fan_out, const Ini
 
 namespace {
 
-int64_t int_arg(const std::string& text) { return static_cast<int64_t>(std::stod(text)); }
 
 // What backward returns for the first layer, whose input needs no gradient.
 const Tensor& no_input_grad(Tensor& dx, MemoryFormat format) {
@@ -291,8 +322,8 @@ class Pool2d final : public Layer {
  public:
   Pool2d(const std::vector<int64_t>& input, int64_t k, int64_t stride, bool max, MemoryFormat format)
       : c_(input[0]), h_(input[1]), w_(input[2]), k_(k), stride_(stride), max_(max), format_(format) {
-    oh_ = (h_ - k_) / stride_ + 1;
-    ow_ = (w_ - k_) / stride_ + 1;
+    oh_ = window_positions(h_, k_, stride_);
+    ow_ = window_positions(w_, k_, stride_);
   }
   std::string type() const override { return max_ ? "maxpool" : "avgpool"; }
   std::string describe() const override {
@@ -662,8 +693,7 @@ std::unique_ptr<Layer> build_conv(const ModelSpec::LayerSpec& spec, const Input&
                                   MemoryFormat format, size_t) {
   need_image(spec.type, input);
   const int64_t out = int_arg(spec.args[0]), k = int_arg(spec.args[1]);
-  const auto stride = static_cast<int64_t>(option_or(spec, "stride", 1));
-  const auto pad = static_cast<int64_t>(option_or(spec, "pad", 0));
+  const int64_t stride = int_option_or(spec, "stride", 1), pad = int_option_or(spec, "pad", 0);
   if (out < 1 || k < 1 || stride < 1 || pad < 0)
     fail_invalid("conv: bad sizes (out ", out, ", kernel ", k, ", stride ", stride, ", pad ", pad, ")");
   if (input[1] + 2 * pad < k || input[2] + 2 * pad < k)
@@ -676,7 +706,7 @@ std::unique_ptr<Layer> build_pool(const ModelSpec::LayerSpec& spec, const Input&
   const std::string& t = spec.type;
   need_image(t, input);
   const int64_t k = int_arg(spec.args[0]);
-  const auto stride = static_cast<int64_t>(option_or(spec, "stride", static_cast<double>(k)));
+  const int64_t stride = int_option_or(spec, "stride", k);
   if (k < 1 || stride < 1 || input[1] < k || input[2] < k)
     fail_invalid(t, ": window ", k, " (stride ", stride, ") does not fit input ", shape_text(input));
   if (t == "maxpool" && k > kMaxPoolWindow)
@@ -692,7 +722,7 @@ std::unique_ptr<Layer> build_activation(const ModelSpec::LayerSpec&, const Input
 
 std::unique_ptr<Layer> build_dropout(const ModelSpec::LayerSpec& spec, const Input&, MemoryFormat,
                                      size_t index) {
-  return std::make_unique<Dropout>(std::stod(spec.args[0]), 0x1000193ull * (index + 1));
+  return std::make_unique<Dropout>(spec_number(spec.args[0]), 0x1000193ull * (index + 1));
 }
 
 std::unique_ptr<Layer> build_flatten(const ModelSpec::LayerSpec&, const Input& input,
@@ -720,28 +750,162 @@ std::unique_ptr<Layer> build_instance_norm(const ModelSpec::LayerSpec& spec, con
   return make_instance_norm_layer(spec, input);
 }
 
+// ---------------------------------------------------------------- sizes
+// LayerKind::size for each kind: the output shape, parameters and buffers of the
+// layer build would make (tests hold them against the built layers), and its
+// activations: every layer keeps its output and an input gradient for backward,
+// some layers more (below). nullopt: the input does not suit the layer.
+
+int64_t numel_of(const Input& shape) {
+  int64_t n = 1;
+  for (const int64_t d : shape) n = checked_mul(n, d, "a layer's size");
+  return n;
+}
+
+LayerSize sized(const Input& input, Input output, int64_t parameters = 0, int64_t buffers = 0,
+                int64_t extra_activations = 0) {
+  const int64_t kept = checked_add(numel_of(output), numel_of(input), "a layer's activations");
+  return {std::move(output), parameters, buffers,
+          checked_add(kept, extra_activations, "a layer's activations")};
+}
+
+std::optional<LayerSize> size_linear(const ModelSpec::LayerSpec& spec, const Input& input) {
+  const int64_t out = int_arg(spec.args[0]);
+  if (input.size() != 1 || out < 1) return std::nullopt;
+  const int64_t weights = checked_mul(input[0], out, "linear: the weight count");
+  const bool bias = option_or(spec, "bias", 1) != 0;
+  return sized(input, {out}, checked_add(weights, bias ? out : 0, "linear: the parameter count"));
+}
+
+// Beyond the output and input gradient: the weight gradient of every chunk of
+// kConvChunkSamples samples, kept apart until they are added in order (conv_layer.cpp).
+std::optional<LayerSize> size_conv(const ModelSpec::LayerSpec& spec, const Input& input) {
+  const int64_t out = int_arg(spec.args[0]), k = int_arg(spec.args[1]);
+  const int64_t stride = int_option_or(spec, "stride", 1), pad = int_option_or(spec, "pad", 0);
+  if (input.size() != 3 || out < 1 || k < 1 || stride < 1 || pad < 0) return std::nullopt;
+  const int64_t padding = checked_mul(2, pad, "conv: the padding");
+  const int64_t h = checked_add(input[1], padding, "conv: the padded height");
+  const int64_t w = checked_add(input[2], padding, "conv: the padded width");
+  if (h < k || w < k) return std::nullopt;
+  const int64_t oh = window_positions(h, k, stride), ow = window_positions(w, k, stride);
+  const int64_t per_position = checked_mul(checked_mul(k, k, "conv: the kernel"), input[0],
+                                           "conv: the weights per output channel");
+  const int64_t weights = checked_mul(per_position, out, "conv: the weight count");
+  const bool bias = option_or(spec, "bias", 1) != 0;
+  const int64_t parameters = checked_add(weights, bias ? out : 0, "conv: the parameter count");
+  return sized(input, {out, oh, ow}, parameters, 0,
+               parameters / kConvChunkSamples + (parameters % kConvChunkSamples != 0));
+}
+
+// Max pooling also keeps the position of each output's maximum in its window
+// (a WindowIndex: half a float's room).
+std::optional<LayerSize> size_pool(const ModelSpec::LayerSpec& spec, const Input& input) {
+  const int64_t k = int_arg(spec.args[0]), stride = int_option_or(spec, "stride", k);
+  if (input.size() != 3 || k < 1 || stride < 1 || input[1] < k || input[2] < k) return std::nullopt;
+  const Input output = {input[0], window_positions(input[1], k, stride),
+                        window_positions(input[2], k, stride)};
+  static_assert(sizeof(WindowIndex) * 2 == sizeof(float));
+  const int64_t outputs = numel_of(output);
+  return sized(input, output, 0, 0, spec.type == "maxpool" ? outputs / 2 + outputs % 2 : 0);
+}
+
+std::optional<LayerSize> size_activation(const ModelSpec::LayerSpec&, const Input& input) {
+  return sized(input, input);
+}
+
+// Dropout also keeps its scale (0 or 1/(1-p)) per element.
+std::optional<LayerSize> size_dropout(const ModelSpec::LayerSpec&, const Input& input) {
+  return sized(input, input, 0, 0, numel_of(input));
+}
+
+std::optional<LayerSize> size_flatten(const ModelSpec::LayerSpec&, const Input& input) {
+  return sized(input, {numel_of(input)});
+}
+
+bool flat_or_image(const Input& input) { return input.size() == 1 || input.size() == 3; }
+
+// γ, β; running mean and variance and the batch counter. Noisy BN also keeps
+// its noise and the gradient it scales, per element.
+std::optional<LayerSize> size_batch_norm(const ModelSpec::LayerSpec& spec, const Input& input) {
+  if (!flat_or_image(input)) return std::nullopt;
+  const int64_t c = input[0];
+  const bool noisy = option_or(spec, "noise", 0) > 0;
+  return sized(input, input, checked_mul(2, c, "the parameter count"),
+               checked_add(checked_mul(2, c, "the buffer count"), 1, "the buffer count"),
+               noisy ? checked_mul(2, numel_of(input), "the noise") : 0);
+}
+
+// γ and β for every feature of a sample.
+std::optional<LayerSize> size_layer_norm(const ModelSpec::LayerSpec&, const Input& input) {
+  if (!flat_or_image(input)) return std::nullopt;
+  return sized(input, input, checked_mul(2, numel_of(input), "layernorm: the parameter count"));
+}
+
+std::optional<LayerSize> size_group_norm(const ModelSpec::LayerSpec& spec, const Input& input) {
+  if (!flat_or_image(input)) return std::nullopt;
+  const bool affine = option_or(spec, "affine", 1) != 0;
+  return sized(input, input, affine ? checked_mul(2, input[0], "the parameter count") : 0);
+}
+
+std::optional<LayerSize> size_instance_norm(const ModelSpec::LayerSpec& spec, const Input& input) {
+  if (input.size() != 3) return std::nullopt;
+  const int64_t c2 = checked_mul(2, input[0], "the parameter count");
+  const bool affine = option_or(spec, "affine", 1) != 0;
+  const bool tracked = option_or(spec, "track_running_stats", 0) != 0;
+  return sized(input, input, affine ? c2 : 0, tracked ? c2 + 1 : 0);
+}
+
+// The layers of its body and shortcut (each sized by its own kind), and what the
+// block keeps itself: its output and the gradient of the sum (output-sized), and
+// its input gradient. nullopt when a layer does not suit its input or the body's
+// output is not the shortcut's (the build names which).
+std::optional<LayerSize> size_residual(const ModelSpec::LayerSpec& spec, const Input& input) {
+  if (spec.body.empty()) return std::nullopt;
+  int64_t parameters = 0, buffers = 0, activations = 0;
+  auto add = [&](const std::vector<ModelSpec::LayerSpec>& layers) -> std::optional<Input> {
+    Input shape = input;
+    for (const auto& layer : layers) {
+      const LayerKind* kind = find_layer_kind(layer.type);
+      if (!kind) return std::nullopt;
+      const std::optional<LayerSize> size = kind->size(layer, shape);
+      if (!size) return std::nullopt;
+      parameters = checked_add(parameters, size->parameters, "residual: the parameter count");
+      buffers = checked_add(buffers, size->buffers, "residual: the buffer count");
+      activations = checked_add(activations, size->activations, "residual: the activations");
+      shape = size->output;
+    }
+    return shape;
+  };
+  const std::optional<Input> body = add(spec.body), shortcut = add(spec.shortcut);
+  if (!body || !shortcut || *body != *shortcut) return std::nullopt;
+  return sized(input, *body, parameters, buffers,
+               checked_add(activations, numel_of(*body), "residual: the activations"));
+}
+
 }  // namespace
 
 const std::vector<LayerKind>& layer_kinds() {
   static const std::vector<LayerKind> table = {
-      {"linear", 1, 1, {"bias"}, false, build_linear},
-      {"conv", 2, 2, {"stride", "pad", "bias"}, false, build_conv},
-      {"maxpool", 1, 1, {"stride"}, false, build_pool},
-      {"avgpool", 1, 1, {"stride"}, false, build_pool},
-      {"relu", 0, 0, {}, false, build_activation<Activation::relu>},
-      {"sigmoid", 0, 0, {}, false, build_activation<Activation::sigmoid>},
-      {"tanh", 0, 0, {}, false, build_activation<Activation::tanh>},
-      {"dropout", 1, 1, {}, false, build_dropout},
-      {"flatten", 0, 0, {}, false, build_flatten},
-      {"batchnorm", 0, 0, {"eps", "momentum", "frozen", "noise"}, true, build_batch_norm},
+      {"linear", 1, 1, {"bias"}, false, build_linear, size_linear},
+      {"conv", 2, 2, {"stride", "pad", "bias"}, false, build_conv, size_conv},
+      {"maxpool", 1, 1, {"stride"}, false, build_pool, size_pool},
+      {"avgpool", 1, 1, {"stride"}, false, build_pool, size_pool},
+      {"relu", 0, 0, {}, false, build_activation<Activation::relu>, size_activation},
+      {"sigmoid", 0, 0, {}, false, build_activation<Activation::sigmoid>, size_activation},
+      {"tanh", 0, 0, {}, false, build_activation<Activation::tanh>, size_activation},
+      {"dropout", 1, 1, {}, false, build_dropout, size_dropout},
+      {"flatten", 0, 0, {}, false, build_flatten, size_flatten},
+      {"batchnorm", 0, 0, {"eps", "momentum", "frozen", "noise"}, true, build_batch_norm,
+       size_batch_norm},
       {"batchrenorm", 0, 0, {"eps", "momentum", "rmax", "dmax", "warmup", "frozen", "noise"}, true,
-       build_batch_norm},
-      {"ghostbatchnorm", 0, 0, {"eps", "momentum", "size", "frozen", "noise"}, true, build_batch_norm},
-      {"layernorm", 0, 0, {"eps"}, true, build_layer_norm},
-      {"groupnorm", 0, 0, {"groups", "eps", "affine"}, true, build_group_norm},
+       build_batch_norm, size_batch_norm},
+      {"ghostbatchnorm", 0, 0, {"eps", "momentum", "size", "frozen", "noise"}, true, build_batch_norm,
+       size_batch_norm},
+      {"layernorm", 0, 0, {"eps"}, true, build_layer_norm, size_layer_norm},
+      {"groupnorm", 0, 0, {"groups", "eps", "affine"}, true, build_group_norm, size_group_norm},
       {"instancenorm", 0, 0, {"eps", "momentum", "affine", "track_running_stats"}, true,
-       build_instance_norm},
-      {"residual", 0, 0, {}, false, make_residual},
+       build_instance_norm, size_instance_norm},
+      {"residual", 0, 0, {}, false, make_residual, size_residual},
   };
   return table;
 }

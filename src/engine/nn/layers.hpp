@@ -2,6 +2,7 @@
 // Layer implementations; Model builds them from a ModelSpec.
 #include <cstddef>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -12,6 +13,13 @@ namespace normkit::nn::detail {
 // The one registry of layer types: what the model spec accepts for each type
 // (spec.cpp checks arguments and options against it) and how make_layer builds
 // it. A new layer type is one entry here.
+// What one layer takes (ModelSize's terms) and gives, from its spec and input
+// shape alone.
+struct LayerSize {
+  std::vector<int64_t> output;  // shape without N
+  int64_t parameters = 0, buffers = 0, activations = 0;
+};
+
 struct LayerKind {
   const char* type;
   size_t min_args, max_args;
@@ -21,6 +29,12 @@ struct LayerKind {
   std::unique_ptr<Layer> (*build)(const ModelSpec::LayerSpec& spec,
                                   const std::vector<int64_t>& input_shape, MemoryFormat format,
                                   size_t index);
+  // Its sizes, in overflow-checked arithmetic (normkit::Error when one does not
+  // fit in 64 bits), without building it; nullopt when the input does not suit
+  // the layer (build names the problem). Must agree with what build makes
+  // (tests/cpp/test_nn_layers.cpp checks every kind).
+  std::optional<LayerSize> (*size)(const ModelSpec::LayerSpec& spec,
+                                   const std::vector<int64_t>& input_shape);
 };
 const std::vector<LayerKind>& layer_kinds();
 const LayerKind* find_layer_kind(const std::string& type);  // nullptr: no such type
@@ -31,10 +45,22 @@ std::unique_ptr<Layer> make_layer(const ModelSpec::LayerSpec& spec,
                                   const std::vector<int64_t>& input_shape, MemoryFormat format,
                                   size_t index);
 
+// Positions of a window of k along an extent (padding included), `stride` apart.
+inline int64_t window_positions(int64_t extent, int64_t k, int64_t stride) {
+  return (extent - k) / stride + 1;
+}
+// The samples of a chunk of the convolution's work, whose weight gradient it keeps
+// apart until the chunks are added in order (conv_layer.cpp).
+constexpr int64_t kConvChunkSamples = 16;
+
 // "[32, 28, 28]", for messages.
 std::string shape_text(const std::vector<int64_t>& shape);
-// A spec option as a number, or `fallback` when the spec does not give it.
+// A spec option as a number, or `fallback` when the spec does not give it;
+// int_option_or: a whole number (sizes, steps), |value| <= 10^15.
 double option_or(const ModelSpec::LayerSpec& spec, const std::string& key, double fallback);
+int64_t int_option_or(const ModelSpec::LayerSpec& spec, const std::string& key, int64_t fallback);
+// A positional argument of a spec as a whole number (sizes), |value| <= 10^15.
+int64_t int_arg(const std::string& text);
 
 // Fills weights of a layer with `fan_in` inputs and `fan_out` outputs per `init`.
 void fill_init(std::vector<float>& w, int64_t fan_in, int64_t fan_out, const InitOptions& init,

@@ -1,4 +1,7 @@
+#include <unistd.h>
+
 #include <algorithm>
+#include <optional>
 #include <sstream>
 
 #include "nn/layers.hpp"
@@ -7,7 +10,75 @@
 
 namespace normkit::nn {
 
+// ---------------------------------------------------------------- sizes
+
+double ModelSize::training_bytes(int64_t batch) const {
+  constexpr double kFloat = sizeof(float);
+  // Each parameter: its value, its gradient, and up to two optimizer values (Adam).
+  return kFloat * (4.0 * static_cast<double>(parameters) + static_cast<double>(buffers) +
+                   static_cast<double>(activations) * static_cast<double>(batch));
+}
+
+std::string ModelSize::describe(int64_t batch) const {
+  const double state = training_bytes(0);
+  return byte_text(training_bytes(batch)) + " (parameters, gradients and optimizer state " +
+         byte_text(state) + ", activations for a batch of " + std::to_string(batch) + " " +
+         byte_text(training_bytes(batch) - state) + ")";
+}
+
+double physical_memory_bytes() {
+  return static_cast<double>(::sysconf(_SC_PHYS_PAGES)) * static_cast<double>(::sysconf(_SC_PAGE_SIZE));
+}
+
+std::string byte_text(double bytes) {
+  const char* units[] = {"bytes", "KB", "MB", "GB", "TB", "PB", "EB"};
+  int unit = 0;
+  while (bytes >= 1000 && unit < 6) {
+    bytes /= 1000;
+    ++unit;
+  }
+  std::ostringstream out;
+  out.precision(unit == 0 ? 0 : 3);
+  out << bytes << " " << units[unit];
+  return out.str();
+}
+
+ModelSize ModelSpec::size() const {
+  ModelSize total;
+  std::vector<int64_t> shape = input_shape;
+  try {
+    int64_t values = 1;
+    for (const int64_t d : shape) values = engine::checked_mul(values, d, "the input's size");
+  } catch (const Error& e) {
+    throw Error(e.kind(), std::string("model spec: ") + e.what());
+  }
+  for (size_t i = 0; i < layers.size(); ++i) {
+    const detail::LayerKind* kind = detail::find_layer_kind(layers[i].type);
+    if (!kind) break;
+    try {
+      const std::optional<detail::LayerSize> layer = kind->size(layers[i], shape);
+      if (!layer) break;
+      total.parameters = engine::checked_add(total.parameters, layer->parameters, "the parameter count");
+      total.buffers = engine::checked_add(total.buffers, layer->buffers, "the buffer count");
+      total.activations = engine::checked_add(total.activations, layer->activations, "the activations");
+      shape = layer->output;
+    } catch (const Error& e) {
+      throw Error(e.kind(), "model spec, layer " + std::to_string(i + 1) + " (" + layers[i].type +
+                                "): " + e.what());
+    }
+  }
+  return total;
+}
+
+// ---------------------------------------------------------------- the model
+
 Model::Model(const ModelSpec& spec, MemoryFormat format) : spec_(spec), format_(format) {
+  const ModelSize size = spec.size();
+  if (size.training_bytes(0) > physical_memory_bytes())
+    engine::fail_runtime("model spec: its ", size.parameters, " parameters and ", size.buffers,
+                         " buffer values need ", byte_text(size.training_bytes(0)),
+                         " with their gradients and optimizer state, more than this machine's ",
+                         byte_text(physical_memory_bytes()), " of memory");
   std::vector<int64_t> shape = spec.input_shape;
   for (size_t i = 0; i < spec.layers.size(); ++i) {
     try {

@@ -1,9 +1,13 @@
 // The model spec: a small text format, its presets and its BN-free twin.
 #include <algorithm>
+#include <cctype>
 #include <cmath>
+#include <functional>
 #include <map>
 #include <optional>
 #include <sstream>
+
+#include <nlohmann/json.hpp>
 
 #include "nn/layers.hpp"
 #include "normkit/engine/nn.hpp"
@@ -48,9 +52,71 @@ bool has_bias_option(const ModelSpec::LayerSpec& layer) {
   return kind && std::find(kind->options.begin(), kind->options.end(), "bias") != kind->options.end();
 }
 
+// A JSON spec as the text form:
+//   {"input": [1, 28, 28],
+//    "layers": ["conv 32 3 pad=1 bias=0", {"type": "batchnorm", "options": {"momentum": 0.1}}, ...]}
+// where a layer is a line of the text format or an object {type, args, options}
+// (docs/model-spec.md).
+std::string text_of_json(const std::string& text) {
+  using json = nlohmann::ordered_json;  // options in the order written
+  json j;
+  try {
+    j = json::parse(text);
+  } catch (const json::exception& e) {
+    engine::fail_invalid("model spec: not valid JSON: ", e.what());
+  }
+  std::string out = "input";
+  // Appended piece by piece: GCC 12 warns falsely about " " + string.
+  auto word = [](const json& v) { return v.is_string() ? v.get<std::string>() : v.dump(); };
+  auto add = [&](const json& v) {
+    out += ' ';
+    out += word(v);
+  };
+  // A residual block is {"type": "residual", "body": [layers], "shortcut": [layers]}.
+  std::function<void(const json&)> add_layers = [&](const json& layers) {
+    if (!layers.is_array())
+      engine::fail_invalid("model spec: JSON: \"layers\", \"body\" and \"shortcut\" must be lists");
+    for (const auto& layer : layers) {
+      out += '\n';
+      if (layer.is_string()) {
+        out += layer.get<std::string>();
+        continue;
+      }
+      out += layer.at("type").get<std::string>();
+      for (const auto& a : layer.value("args", json::array())) add(a);
+      const json options = layer.value("options", json::object());  // items() needs it to live
+      for (const auto& [key, value] : options.items()) {
+        out += ' ';
+        out += key;
+        out += '=';
+        out += word(value);
+      }
+      if (layer.contains("body") || layer.contains("shortcut")) {
+        add_layers(layer.value("body", json::array()));
+        if (layer.contains("shortcut")) {
+          out += "\nshortcut";
+          add_layers(layer.at("shortcut"));
+        }
+        out += "\nend";
+      }
+    }
+  };
+  try {
+    for (const auto& d : j.at("input")) add(d);
+    add_layers(j.at("layers"));
+  } catch (const json::exception& e) {
+    engine::fail_invalid("model spec: JSON: expected {\"input\": [...], \"layers\": [...]}: ", e.what());
+  }
+  return out;
+}
+
 }  // namespace
 
-ModelSpec ModelSpec::parse(const std::string& text) {
+ModelSpec ModelSpec::parse(const std::string& text_or_json) {
+  const auto first = text_or_json.find_first_not_of(" \t\r\n");
+  const std::string text = first != std::string::npos && text_or_json[first] == '{'
+                               ? text_of_json(text_or_json)
+                               : text_or_json;
   ModelSpec spec;
   int statement = 0;
   // The residual blocks open at this statement, innermost last.
@@ -66,7 +132,8 @@ ModelSpec ModelSpec::parse(const std::string& text) {
     std::istringstream words(line);
     std::string type;
     if (!(words >> type)) continue;
-    std::transform(type.begin(), type.end(), type.begin(), ::tolower);
+    std::transform(type.begin(), type.end(), type.begin(),
+                   [](unsigned char c) { return static_cast<char>(std::tolower(c)); });
     LayerSpec layer{type, {}, {}, {}, {}};
     for (std::string word; words >> word;) {
       if (const auto eq = word.find('='); eq != std::string::npos)
@@ -107,7 +174,8 @@ ModelSpec ModelSpec::parse(const std::string& text) {
         fail("input takes C, or C H W");
       for (const auto& a : layer.args) {
         const double v = number(a);
-        if (v < 1 || v != static_cast<int64_t>(v) || v > 1e7) fail("bad input size ", a);
+        // (the range first: converting a double beyond int64_t is undefined)
+        if (v < 1 || v > 1e7 || v != std::floor(v)) fail("bad input size ", a);
         spec.input_shape.push_back(static_cast<int64_t>(v));
       }
       continue;
@@ -303,7 +371,7 @@ std::vector<ModelSpec::LayerSpec> replace_norms(const std::vector<ModelSpec::Lay
   for (const auto& layer : layers) {
     if (layer.type == "flatten" || layer.type == "linear") at.flat = true;
     if ((layer.type == "linear" || layer.type == "conv") && !layer.args.empty())
-      at.channels = static_cast<int64_t>(std::stod(layer.args[0]));
+      at.channels = detail::int_arg(layer.args[0]);
     if (layer.type == "residual") {
       Activation shortcut_at = at;
       out.push_back(layer);

@@ -1,3 +1,6 @@
+#include <signal.h>
+
+#include <atomic>
 #include <chrono>
 #include <cmath>
 #include <numeric>
@@ -54,21 +57,66 @@ int64_t steps_per_epoch(int64_t count, int64_t batch_size) {
   return steps;
 }
 
+
+namespace {
+// A lock-free atomic: the only kind a signal handler may touch.
+std::atomic<int> stop_requested{0};
+static_assert(std::atomic<int>::is_always_lock_free);
+
+// Records the signal, and gives both signals back their default action (ending
+// the process) for the next one. Only async-signal-safe calls.
+extern "C" void record_stop_signal(int signal) {
+  request_stop(signal);
+  struct sigaction fallback {};
+  fallback.sa_handler = SIG_DFL;
+  sigemptyset(&fallback.sa_mask);
+  ::sigaction(SIGINT, &fallback, nullptr);
+  ::sigaction(SIGTERM, &fallback, nullptr);
+}
+}  // namespace
+
+void install_stop_handlers() {
+  struct sigaction action {};
+  action.sa_handler = record_stop_signal;
+  sigemptyset(&action.sa_mask);
+  action.sa_flags = SA_RESTART;  // reads and writes in progress carry on
+  for (const int signal : {SIGINT, SIGTERM})
+    if (::sigaction(signal, &action, nullptr) != 0)
+      engine::fail_runtime("cannot install the handler of signal ", signal);
+}
+
+void request_stop(int signal) noexcept { stop_requested.store(signal); }
+int stop_signal() noexcept { return stop_requested.load(); }
+void clear_stop() noexcept { stop_requested.store(0); }
+
 EpochResult train_epoch(nn::Model& model, nn::Optimizer& optimizer, const data::Dataset& train,
                         int64_t batch_size, uint64_t seed, int64_t epoch,
-                        const ProgressCallback& progress) {
+                        const ProgressCallback& progress, const EpochPosition& begin) {
   if (batch_size < 2) engine::fail_invalid("batch size must be >= 2 for batch normalization, got ", batch_size);
   if (train.count() < 2) engine::fail_invalid("training needs at least 2 samples");
   const auto order = epoch_order(train.count(), seed, epoch);
   const int64_t steps = steps_per_epoch(train.count(), batch_size);
+  if (begin.step < 0 || begin.step >= steps || begin.samples < 0 || begin.correct < 0 ||
+      begin.correct > begin.samples)
+    engine::fail_invalid("train_epoch: cannot continue at step ", begin.step, " of ", steps,
+                         " (", begin.samples, " samples, ", begin.correct, " correct)");
   const auto parameters = model.parameters();
   nn::Tensor batch, dlogits;
   std::vector<int32_t> labels;
   EpochResult result;
-  double loss_sum = 0;
-  int64_t correct = 0;
+  result.samples = begin.samples;
+  double loss_sum = begin.loss_sum;
+  int64_t correct = begin.correct;
   const auto start = std::chrono::steady_clock::now();
-  for (int64_t step = 0; step < steps; ++step) {
+  auto seconds = [&] {
+    return begin.seconds + std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  };
+  for (int64_t step = begin.step; step < steps; ++step) {
+    if (stop_signal() != 0) {
+      result.interrupted = true;
+      result.position = {step, loss_sum, correct, result.samples, seconds()};
+      return result;
+    }
     const int64_t first = step * batch_size;
     const int64_t size = std::min(batch_size, train.count() - first);
     make_batch(train, order, first, size, model.format(), batch, labels);
@@ -85,15 +133,14 @@ EpochResult train_epoch(nn::Model& model, nn::Optimizer& optimizer, const data::
     correct += loss.correct;
     result.samples += size;
     if (progress) {
-      const double elapsed =
-          std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
       progress({step + 1, steps, loss_sum / static_cast<double>(result.samples),
                 static_cast<double>(correct) / static_cast<double>(result.samples),
-                static_cast<double>(result.samples) / std::max(elapsed, 1e-9), loss.loss,
-                loss.correct, size});
+                static_cast<double>(result.samples - begin.samples) /
+                    std::max(seconds() - begin.seconds, 1e-9),
+                loss.loss, loss.correct, size});
     }
   }
-  result.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  result.seconds = seconds();
   result.loss = loss_sum / static_cast<double>(result.samples);
   result.accuracy = static_cast<double>(correct) / static_cast<double>(result.samples);
   return result;

@@ -1,0 +1,38 @@
+// The standardizer's saved form (Standardizer::load; the checkpoint embeds it).
+// An accepted one has finite statistics and positive scales, saves to the bytes
+// it was loaded from, and transforms a row.
+#include <cmath>
+#include <sstream>
+
+#include "fuzz_support.hpp"
+#include "normkit/standardizer.hpp"
+
+extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
+  using normkit::data::Standardizer;
+  using normkit::fuzz::expect;
+  std::istringstream in(std::string(reinterpret_cast<const char*>(data), size));
+  Standardizer standardizer;
+  if (!normkit::fuzz::accepted([&] { standardizer = Standardizer::load(in); })) return 0;
+
+  expect(standardizer.fitted(), "a loaded standardizer is fitted");
+  const auto mean = standardizer.mean(), scale = standardizer.scale(), variance = standardizer.variance();
+  for (size_t f = 0; f < mean.size(); ++f) {
+    expect(std::isfinite(mean[f]), "the mean is finite", std::to_string(mean[f]));
+    expect(std::isfinite(scale[f]) && scale[f] > 0, "the scale is finite and positive",
+           std::to_string(scale[f]));
+    expect(std::isfinite(variance[f]) && variance[f] >= 0, "the variance is finite and >= 0",
+           std::to_string(variance[f]));
+  }
+  std::ostringstream out, again;
+  standardizer.save(out);
+  std::istringstream saved(out.str());
+  Standardizer::load(saved).save(again);
+  expect(again.str() == out.str(), "save(load(save(s))) == save(s)");
+  expect(out.str() == std::string(reinterpret_cast<const char*>(data), out.str().size()),
+         "save(load(bytes)) is what load read");
+
+  std::vector<float> row(mean.size(), 1.0f);
+  standardizer.transform(row);
+  standardizer.inverse_transform(row);
+  return 0;
+}
