@@ -6,6 +6,7 @@
 #include <cstdint>
 #include <filesystem>
 #include <memory>
+#include <optional>
 #include <set>
 #include <string>
 #include <vector>
@@ -15,6 +16,7 @@
 #include "normkit/engine/checkpoint.hpp"
 #include "normkit/engine/data.hpp"
 #include "normkit/engine/nn.hpp"
+#include "normkit/engine/shift.hpp"
 #include "normkit/engine/train.hpp"
 #include "normkit/error.hpp"
 #include "normkit/standardizer.hpp"
@@ -30,6 +32,8 @@ using json = nlohmann::ordered_json;  // keeps keys in the order written
 
 // A usage error (exit code 2): a bad option value or combination.
 [[noreturn]] void usage_error(const std::string& message);
+// `text` as a whole number (all of it, no sign games), or nothing.
+std::optional<int64_t> whole_number(const std::string& text);
 // A runtime error (exit code 1): missing files, bad data, failed training.
 [[noreturn]] void runtime_error(const std::string& message);
 
@@ -84,6 +88,10 @@ struct RunOptions {
   std::string probe_at;
   int64_t probe_samples = 1000, probe_units = 4;
   bool probe_ics = false;
+  // After each epoch, also evaluate with these batch-norm statistics sources
+  // (comma-separated StatsSource texts, e.g. "precise:1000,batch:16"), into the
+  // metrics line's "bn_stats" object; the model keeps its running statistics.
+  std::string eval_bn_stats;
 };
 json to_json(const RunOptions& o);
 // The learning rate of 0-based `epoch` under the options' schedule; it depends
@@ -315,6 +323,61 @@ struct FoldFlags {
 };
 CLI::App* add_fold_command(CLI::App& app, FoldFlags& flags);
 int command_fold(const FoldFlags& flags);
+
+// `normkit recalibrate`, `adapt` and `shift` (tools/bn_stats.cpp).
+struct StatsCommandFlags {
+  fs::path checkpoint, out;
+  std::string data, shift = "none", split = "test";  // adapt only
+  int64_t samples = 10000, batch_size = 0;           // batch_size 0: the eval pass
+  uint64_t seed = 0;
+  int threads = 0;
+  bool overwrite = false, json = false;
+};
+struct ShiftFlags {
+  std::string data = data::kFashionMnistDirectory, shift;
+  fs::path out;
+  uint64_t seed = 0;
+  bool overwrite = false;
+};
+struct BnStatsFlags {
+  StatsCommandFlags recalibrate, adapt;
+  ShiftFlags shift;
+  CLI::App *recalibrate_command = nullptr, *adapt_command = nullptr, *shift_command = nullptr;
+};
+void add_bn_stats_commands(CLI::App& app, BnStatsFlags& flags);
+int command_bn_stats(const BnStatsFlags& flags);  // the one of the three that was given
+
+// Where batch-norm layers take their statistics at evaluation (normkit/engine/bn_stats.hpp):
+// running, precise:N (N training samples, eval pass), precise:N:B (train pass in
+// batches of B), adapt:N (N samples of the evaluated set itself, unlabeled), batch:B.
+struct StatsSource {
+  enum class Kind { running, precise, adapt, batch };
+  Kind kind = Kind::running;
+  int64_t samples = 0, batch_size = 0;
+  std::string text;  // as given
+};
+StatsSource parse_stats_source(const std::string& text);  // a usage error names a bad one
+// The sources of train's --eval-bn-stats (comma-separated).
+std::vector<StatsSource> eval_bn_stats_sources(const RunOptions& options);
+// `test` evaluated with the statistics of `s` (train: the training set, for
+// precise); the model's statistics are as they were afterwards.
+train::Evaluation evaluate_with(nn::Model& model, const data::Dataset& test, const StatsSource& s,
+                                const data::Dataset* train, uint64_t seed);
+// {"precise:1000": {"val_loss", "val_acc", "test_loss", "test_acc"}, ...} for `train --eval-bn-stats`.
+json evaluate_statistics_sources(nn::Model& model, const std::vector<StatsSource>& sources,
+                                 const Data& data, bool with_test, uint64_t seed);
+// `eval --shift`: the shift (a usage error names a bad one) and the pixels' range of a run's data.
+data::Shift parse_shift(const std::string& text);
+float pixel_max(const RunOptions& options);
+// `normkit eval --bn-stats ... --shift ...`: `test` (loaded, not yet standardized)
+// under every shift × statistics source; `run`: the checkpoint's own options (its
+// training data), `evaluated`: with eval's --data.
+int command_eval_statistics(const fs::path& checkpoint_path, const io::Checkpoint& checkpoint,
+                            const RunOptions& run, const RunOptions& evaluated, const data::Dataset& test,
+                            const std::vector<std::string>& sources, const std::vector<std::string>& shifts,
+                            uint64_t seed, bool json);
+// The run description `normkit train` stores in a checkpoint; null when absent.
+json application_json(const io::Checkpoint& checkpoint);
 
 // `normkit lab list|run|report` (tools/lab.cpp).
 struct LabFlags {

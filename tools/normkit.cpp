@@ -181,6 +181,11 @@ void add_run_options(CLI::App* app, RunOptions& o, OptionMap& options, bool with
                                      "are recorded")
                          ->check(CLI::Range(int64_t{0}, int64_t{1} << 20))
                          ->capture_default_str());
+  add("eval_bn_stats",
+      app->add_option("--eval-bn-stats", o.eval_bn_stats,
+                      "after each epoch, also evaluate with these batch-norm statistics (comma-separated: "
+                      "precise:N, precise:N:B, adapt:N, batch:B; see `normkit eval --bn-stats`), in "
+                      "metrics.jsonl's \"bn_stats\""));
   add("probe_ics", app->add_flag("--probe-ics", o.probe_ics,
                                  "probes also measure Santurkar et al.'s gradient ICS per weight "
                                  "layer (one more forward and backward per layer)"));
@@ -304,6 +309,15 @@ int command_train(const RunOptions& given_options, const GivenOptions& given,
   return 0;
 }
 
+json application_json(const io::Checkpoint& c) {
+  if (c.progress.application.empty()) return nullptr;
+  try {
+    return json::parse(c.progress.application);
+  } catch (const json::exception&) {
+    return nullptr;
+  }
+}
+
 namespace {
 
 // ---------------------------------------------------------------- eval, info
@@ -314,6 +328,8 @@ struct InspectFlags {
   int64_t limit_test = -1;
   int threads = 0;
   bool json = false;
+  std::vector<std::string> bn_stats, shifts;  // eval: statistics sources and input shifts
+  uint64_t seed = 0;
 };
 
 int command_eval(const InspectFlags& f) {
@@ -348,6 +364,12 @@ int command_eval(const InspectFlags& f) {
   if (names.empty()) names = data.test.class_names;
   if (data.test.count() == 0) usage_error("no test samples to evaluate");
   check_data_fits(checkpoint.spec, data.test);
+  if (!f.bn_stats.empty() || !f.shifts.empty()) {
+    RunOptions run;  // the checkpoint's own: its training data, for precise statistics
+    if (app.is_object() && app.contains("options")) run = run_options_from_json(app["options"]);
+    else run.data.clear();
+    return command_eval_statistics(f.checkpoint, checkpoint, run, o, data.test, f.bn_stats, f.shifts, f.seed, f.json);
+  }
   if (checkpoint.standardizer.fitted()) standardize(checkpoint.standardizer, data.test);
   auto model = io::build_model(checkpoint);
   const train::Evaluation e = train::evaluate(*model, data.test);
@@ -453,6 +475,7 @@ int command_info(const InspectFlags& f) {
       out["norm"] = app.value("norm", "");
       if (app.contains("options")) out["options"] = app["options"];
       if (app.contains("history") && !app["history"].empty()) out["last_epoch"] = app["history"].back();
+      if (app.contains("bn_statistics")) out["bn_statistics"] = app["bn_statistics"];
     }
     std::cout << out.dump(2) << '\n';
     return 0;
@@ -490,6 +513,10 @@ int command_info(const InspectFlags& f) {
                last.value("train_loss", 0.0), last.value("train_acc", 0.0),
                last.value("test_loss", 0.0), last.value("test_acc", 0.0));
   }
+  if (app.is_object() && app.contains("bn_statistics"))
+    for (const auto& r : app["bn_statistics"])
+      fmt::print("batch-norm statistics: {} over {} samples ({} pass) from {}\n", r.value("command", "?"),
+                 r.value("samples", int64_t{0}), r.value("pass", "?"), r.value("from", "?"));
   if (c.standardizer.fitted())
     fmt::print("standardizer: {} features (fitted on {:.0f} samples)\n", c.standardizer.features(),
                c.standardizer.moments().front().count);
@@ -532,6 +559,19 @@ int run_main(int argc, char** argv) {
       ->check(kNonNegative);
   eval->add_option("--threads", eval_flags.threads, "threads")->check(CLI::Range(1, 4096));
   eval->add_flag("--json", eval_flags.json, "machine-readable output");
+  eval->add_option("--bn-stats", eval_flags.bn_stats,
+                   "the batch-norm statistics to evaluate with (repeat for several): running (as "
+                   "trained), precise:N (population statistics of N training samples), precise:N:B "
+                   "(pooled over training-mode batches of B), adapt:N (of N samples of the evaluated "
+                   "set, unlabeled), batch:B (each shuffled test batch of B its own)")
+      ->multi_option_policy(CLI::MultiOptionPolicy::TakeAll);
+  eval->add_option("--shift", eval_flags.shifts,
+                   "evaluate on shifted inputs (repeat for several): noise:S, contrast:C, brightness:B, "
+                   "saltpepper:P, none (see `normkit shift`)")
+      ->multi_option_policy(CLI::MultiOptionPolicy::TakeAll);
+  eval->add_option("--seed", eval_flags.seed, "seeds the samples of precise/adapt, the batches of batch:B "
+                                              "and the shifts' noise")
+      ->capture_default_str();
 
   auto* info = app.add_subcommand("info", "model summary, parameter count and training progress of a checkpoint");
   info->add_option("checkpoint", info_flags.checkpoint, "a checkpoint file (OUT/checkpoint.nkc)")->required();
@@ -543,6 +583,8 @@ int run_main(int argc, char** argv) {
   auto* lab = add_lab_command(app, lab_flags);
   PredictFlags predict_flags;
   auto* predict = add_predict_command(app, predict_flags);
+  BnStatsFlags bn_stats_flags;
+  add_bn_stats_commands(app, bn_stats_flags);
 
   try {
     app.parse(argc, argv);
@@ -556,6 +598,9 @@ int run_main(int argc, char** argv) {
                : app.got_subcommand(fold)    ? "normkit fold"
                : app.got_subcommand(predict) ? "normkit predict"
                : app.got_subcommand(lab)     ? "normkit lab"
+               : app.got_subcommand(bn_stats_flags.recalibrate_command) ? "normkit recalibrate"
+               : app.got_subcommand(bn_stats_flags.adapt_command)       ? "normkit adapt"
+               : app.got_subcommand(bn_stats_flags.shift_command)       ? "normkit shift"
                                              : "normkit");
     return 2;
   }
@@ -568,6 +613,8 @@ int run_main(int argc, char** argv) {
   if (*fold) return command_fold(fold_flags);
   if (*predict) return command_predict(predict_flags);
   if (*lab) return command_lab(lab_flags);
+  if (*bn_stats_flags.recalibrate_command || *bn_stats_flags.adapt_command || *bn_stats_flags.shift_command)
+    return command_bn_stats(bn_stats_flags);
   return command_info(info_flags);
 }
 

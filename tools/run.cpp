@@ -77,7 +77,8 @@ json to_json(const RunOptions& o) {
           {"probe_at", o.probe_at},
           {"probe_samples", o.probe_samples},
           {"probe_units", o.probe_units},
-          {"probe_ics", o.probe_ics}};
+          {"probe_ics", o.probe_ics},
+          {"eval_bn_stats", o.eval_bn_stats}};
 }
 
 RunOptions run_options_from_json(const json& j) {
@@ -125,6 +126,7 @@ RunOptions run_options_from_json(const json& j) {
     o.probe_samples = j.value("probe_samples", d.probe_samples);
     o.probe_units = j.value("probe_units", d.probe_units);
     o.probe_ics = j.value("probe_ics", d.probe_ics);
+    o.eval_bn_stats = j.value("eval_bn_stats", d.eval_bn_stats);
   } catch (const json::exception& e) {
     runtime_error(std::string("bad run options: ") + e.what());
   }
@@ -137,7 +139,7 @@ RunOptions merge_resume_options(const RunOptions& stored, const RunOptions& give
   // lives, and what is logged (none of it changes the training itself).
   static const std::set<std::string> changeable = {
       "epochs",    "threads",       "data",          "test_data",   "log_every", "eval_every",
-      "probe_every", "probe_at", "probe_samples", "probe_units", "probe_ics"};
+      "probe_every", "probe_at", "probe_samples", "probe_units", "probe_ics", "eval_bn_stats"};
   const json old_values = to_json(stored), new_values = to_json(given);
   for (const auto& key : given_keys) {
     if (changeable.contains(key)) continue;
@@ -183,25 +185,38 @@ RunOptions finish_options(RunOptions o, const GivenOptions& given) {
     usage_error("--test-eval " + o.test_eval + " needs --val-fraction: without a validation split "
                 "the test set is what each epoch is evaluated on");
   (void)probe_steps(o);  // checks --probe-at
+  (void)eval_bn_stats_sources(o);
   return o;
+}
+
+std::vector<StatsSource> eval_bn_stats_sources(const RunOptions& o) {
+  std::vector<StatsSource> out;
+  std::stringstream in(o.eval_bn_stats);
+  for (std::string item; std::getline(in, item, ',');) out.push_back(parse_stats_source(item));
+  return out;
 }
 
 std::set<int64_t> probe_steps(const RunOptions& o) {
   std::set<int64_t> steps;
   std::stringstream in(o.probe_at);
   for (std::string item; std::getline(in, item, ',');) {
-    size_t used = 0;
-    int64_t step = -1;
-    try {
-      step = std::stoll(item, &used);
-    } catch (const std::exception&) {
-      used = 0;
-    }
-    if (used != item.size() || step < 0)
-      usage_error("--probe-at: expected steps like 0,1,10,100, got '" + o.probe_at + "'");
-    steps.insert(step);
+    const auto step = whole_number(item);
+    if (!step || *step < 0) usage_error("--probe-at: expected steps like 0,1,10,100, got '" + o.probe_at + "'");
+    steps.insert(*step);
   }
   return steps;
+}
+
+std::optional<int64_t> whole_number(const std::string& text) {
+  size_t used = 0;
+  int64_t v = 0;
+  try {
+    v = std::stoll(text, &used);
+  } catch (const std::exception&) {
+    return std::nullopt;
+  }
+  if (text.empty() || used != text.size()) return std::nullopt;
+  return v;
 }
 
 namespace {
@@ -897,6 +912,9 @@ EpochRecord Run::train_epoch(const Data& data, Progress* progress) {
   const auto eval_start = std::chrono::steady_clock::now();
   const bool last = epoch + 1 >= o.epochs;
   json evaluation = evaluate_sets(data, test_each_epoch || (o.test_eval == "end" && last));
+  if (!o.eval_bn_stats.empty())
+    evaluation["bn_stats"] = evaluate_statistics_sources(*model_, eval_bn_stats_sources(o), data,
+                                                         test_each_epoch || (o.test_eval == "end" && last), o.seed);
   const double eval_seconds =
       std::chrono::duration<double>(std::chrono::steady_clock::now() - eval_start).count();
   const double seconds = std::max(result.seconds - overhead, 0.0);

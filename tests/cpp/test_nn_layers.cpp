@@ -527,7 +527,7 @@ TEST(NnModelSize, AgreesWithTheBuiltModelForEveryLayerKind) {
       "input 3 9 9; conv 4 3 stride=2 pad=1; batchnorm; relu; maxpool 2; flatten; linear 5; "
       "sigmoid; linear 3 bias=0",
       "input 2 8 8; conv 6 3 bias=0; batchrenorm; tanh; avgpool 3 stride=1; groupnorm groups=3; "
-      "instancenorm track_running_stats=1; flatten; dropout 0.5; layernorm; linear 4",
+      "instancenorm track_running_stats=1; rmsnorm; flatten; dropout 0.5; layernorm; rmsnorm; linear 4",
       "input 4 5 5; ghostbatchnorm size=4; instancenorm affine=0; groupnorm affine=0 groups=2; "
       "layernorm; flatten; linear 2",
       "input 7; linear 6 bias=0; batchnorm frozen=1; relu; groupnorm groups=2; layernorm; "

@@ -109,7 +109,9 @@ std::string byte_text(double bytes);
 // ghostbatchnorm [eps=E] [momentum=M] [size=S] [frozen=0|1] (Ghost BN, virtual batches of S
 //   samples, default 32; every virtual batch, the last included, needs more than one value
 //   per channel). frozen=1: running statistics used in training too and never updated.
-// layernorm [eps=E] (over all of a sample's features), groupnorm [groups=G] [eps=E],
+// layernorm [eps=E] (over all of a sample's features), rmsnorm [eps=E] (RMS normalization over
+//   them: no centering, no β; eps defaults to float's machine epsilon, as torch.nn.RMSNorm),
+//   groupnorm [groups=G] [eps=E],
 // instancenorm [eps=E] [momentum=M]. The batch-norm layers also take noise=S: "noisy BN"
 //   (Santurkar et al. 2018), a random per-element scale and shift after the normalization
 //   whose distribution changes every training step (batch_norm_layers.cpp).

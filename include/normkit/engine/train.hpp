@@ -84,4 +84,18 @@ EpochResult train_epoch(nn::Model& model, nn::Optimizer& optimizer, const data::
 
 Evaluation evaluate(nn::Model& model, const data::Dataset& set, int64_t batch_size = 1000);
 
+// The loss, accuracy and confusion matrix of batches of logits, accumulated:
+// what evaluate computes, for evaluations that produce their logits otherwise
+// (bn_stats.hpp: batch statistics at test time).
+class Scorer {
+ public:
+  void add(const nn::Tensor& logits, const int32_t* labels);
+  Evaluation result() const;
+
+ private:
+  Evaluation e_;
+  double loss_sum_ = 0;
+  int64_t correct_ = 0, count_ = 0;
+};
+
 }  // namespace normkit::train

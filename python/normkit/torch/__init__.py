@@ -7,7 +7,9 @@ One module per family, as in the C++ library:
 - ``batch_norm_fused``: BatchNormReLU1d/2d and BatchNormAddReLU1d/2d (BN [+ residual] + ReLU
   in one pass);
 - ``layer_norm``: LayerNorm and RMSNorm;
-- ``group_norm``: GroupNorm and InstanceNorm1d/2d/3d.
+- ``group_norm``: GroupNorm and InstanceNorm1d/2d/3d;
+- ``bn_stats``: ``recalibrate_batch_norm`` (precise BN) and ``adapt_batch_norm`` (test-time
+  adaptation) for any model with batch-norm modules, torch's or these.
 
 The classes subclass PyTorch's own, so the constructor, parameters, buffers, state_dict
 (both ways), repr, reset methods, input-dimension checks and ``isinstance(m,
@@ -42,6 +44,7 @@ from .bn_variants import (
 )
 from .group_norm import GroupNorm, InstanceNorm1d, InstanceNorm2d, InstanceNorm3d
 from .layer_norm import LayerNorm, RMSNorm
+from .bn_stats import adapt_batch_norm, recalibrate_batch_norm
 
 # The autograd functions behind the modules, for tests that check their gradients directly.
 from .batch_norm import _BatchNormFunction  # noqa: F401
@@ -56,4 +59,5 @@ __all__ = [
     "BatchNormReLU1d", "BatchNormReLU2d", "BatchNormAddReLU1d", "BatchNormAddReLU2d",
     "LayerNorm", "RMSNorm",
     "GroupNorm", "InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d",
+    "recalibrate_batch_norm", "adapt_batch_norm",
 ]

@@ -6,6 +6,10 @@
 // differs. The parameters keep the logical [C, H, W] order (the order of the
 // state and of checkpoints, whatever the format), and channels-last rows
 // (H, W, C order) get a permuted copy of them.
+//
+// "rmsnorm" is the same layer with RMS normalization (Zhang & Sennrich 2019):
+// y = x / sqrt(mean(x²) + eps) · γ over a sample's features, no centering and
+// no β (as torch.nn.RMSNorm([C, H, W])).
 #include <memory>
 #include <sstream>
 
@@ -21,8 +25,8 @@ namespace {
 
 class LayerNormLayer final : public Layer {
  public:
-  LayerNormLayer(std::vector<int64_t> sample_shape, double eps, MemoryFormat format)
-      : sample_(std::move(sample_shape)), eps_(eps) {
+  LayerNormLayer(std::vector<int64_t> sample_shape, double eps, MemoryFormat format, bool rms)
+      : sample_(std::move(sample_shape)), eps_(eps), rms_(rms) {
     features_ = 1;
     for (const int64_t d : sample_) features_ *= d;
     gamma_ = {"weight", std::vector<float>(features_, 1.0f), std::vector<float>(features_)};
@@ -36,10 +40,10 @@ class LayerNormLayer final : public Layer {
           for (int64_t w = 0; w < W; ++w) to_memory_[(c * H + h) * W + w] = (h * W + w) * C + c;
     }
   }
-  std::string type() const override { return "layernorm"; }
+  std::string type() const override { return rms_ ? "rmsnorm" : "layernorm"; }
   std::string describe() const override {
     std::ostringstream s;
-    s << "layernorm(" << shape_text(sample_) << ", eps " << eps_ << ")";
+    s << type() << "(" << shape_text(sample_) << ", eps " << eps_ << ")";
     return s.str();
   }
   std::vector<int64_t> output_shape(const std::vector<int64_t>& input) const override {
@@ -60,10 +64,13 @@ class LayerNormLayer final : public Layer {
       permute(gamma_.value, gamma_memory_);
       permute(beta_.value, beta_memory_);
     }
-    layer_norm_forward<float>(ConstRowsView<float>::contiguous(x.data.data(), rows, features_),
-                              RowsView<float>::contiguous(y_.data.data(), rows, features_),
-                              permuted ? gamma_memory_ : gamma_.value,
-                              permuted ? beta_memory_ : beta_.value, {mean_, invstd_}, eps_);
+    const auto xv = ConstRowsView<float>::contiguous(x.data.data(), rows, features_);
+    const auto yv = RowsView<float>::contiguous(y_.data.data(), rows, features_);
+    if (rms_)  // invstd_ holds 1 / rms
+      rms_norm_forward<float>(xv, yv, permuted ? gamma_memory_ : gamma_.value, eps_, invstd_);
+    else
+      layer_norm_forward<float>(xv, yv, permuted ? gamma_memory_ : gamma_.value,
+                                permuted ? beta_memory_ : beta_.value, {mean_, invstd_}, eps_);
     return y_;
   }
   const Tensor& backward(const Tensor& dy, bool need_input_grad) override {
@@ -78,19 +85,25 @@ class LayerNormLayer final : public Layer {
     const bool permuted = permuted_for(dy);
     dgamma_.resize(features_);
     dbeta_.resize(features_);
-    layer_norm_backward<float>(
-        ConstRowsView<float>::contiguous(input_->data.data(), rows, features_),
-        ConstRowsView<float>::contiguous(dy.data.data(), rows, features_), dx,
-        permuted ? gamma_memory_ : gamma_.value, mean_, invstd_, dgamma_, dbeta_);
+    const auto xv = ConstRowsView<float>::contiguous(input_->data.data(), rows, features_);
+    const auto dyv = ConstRowsView<float>::contiguous(dy.data.data(), rows, features_);
+    if (rms_)
+      rms_norm_backward<float>(xv, dyv, dx, permuted ? gamma_memory_ : gamma_.value, invstd_, dgamma_);
+    else
+      layer_norm_backward<float>(xv, dyv, dx, permuted ? gamma_memory_ : gamma_.value, mean_, invstd_,
+                                 dgamma_, dbeta_);
     // Parameters accumulate gradients, in logical order.
     for (int64_t i = 0; i < features_; ++i) {
       const int64_t m = permuted ? to_memory_[i] : i;
       gamma_.grad[i] += dgamma_[m];
-      beta_.grad[i] += dbeta_[m];
+      if (!rms_) beta_.grad[i] += dbeta_[m];
     }
     return dx_;
   }
-  std::vector<Parameter*> parameters() override { return {&gamma_, &beta_}; }
+  std::vector<Parameter*> parameters() override {
+    if (rms_) return {&gamma_};
+    return {&gamma_, &beta_};
+  }
   void initialize(const InitOptions&, std::mt19937_64&) override {
     std::fill(gamma_.value.begin(), gamma_.value.end(), 1.0f);
     std::fill(beta_.value.begin(), beta_.value.end(), 0.0f);
@@ -114,7 +127,8 @@ class LayerNormLayer final : public Layer {
   std::vector<int64_t> sample_;
   int64_t features_ = 0;
   double eps_;
-  Parameter gamma_, beta_;
+  bool rms_;
+  Parameter gamma_, beta_;  // rms: no β
   std::vector<int64_t> to_memory_;  // empty: rows are in logical order
   std::vector<float> gamma_memory_, beta_memory_, mean_, invstd_, dgamma_, dbeta_;
   const Tensor* input_ = nullptr;
@@ -124,11 +138,12 @@ class LayerNormLayer final : public Layer {
 }  // namespace
 
 std::unique_ptr<Layer> make_layer_norm(const std::vector<int64_t>& input, double eps,
-                                       MemoryFormat format) {
+                                       MemoryFormat format, bool rms) {
+  const char* type = rms ? "rmsnorm" : "layernorm";
   if (input.size() != 1 && input.size() != 3)
-    fail_invalid("layernorm: needs a [C] or [C, H, W] input, got ", shape_text(input));
-  if (!(eps > 0)) fail_invalid("layernorm: eps must be positive, got ", eps);
-  return std::make_unique<LayerNormLayer>(input, eps, format);
+    fail_invalid(type, ": needs a [C] or [C, H, W] input, got ", shape_text(input));
+  if (!(eps > 0)) fail_invalid(type, ": eps must be positive, got ", eps);
+  return std::make_unique<LayerNormLayer>(input, eps, format, rms);
 }
 
 }  // namespace normkit::nn::detail

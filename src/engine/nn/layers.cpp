@@ -735,6 +735,12 @@ std::unique_ptr<Layer> build_layer_norm(const ModelSpec::LayerSpec& spec, const 
   return make_layer_norm(input, option_or(spec, "eps", 1e-5), format);
 }
 
+// eps defaults to float's machine epsilon, as torch.nn.RMSNorm's eps=None.
+std::unique_ptr<Layer> build_rms_norm(const ModelSpec::LayerSpec& spec, const Input& input,
+                                      MemoryFormat format, size_t) {
+  return make_layer_norm(input, option_or(spec, "eps", 1.1920928955078125e-07), format, true);
+}
+
 std::unique_ptr<Layer> build_batch_norm(const ModelSpec::LayerSpec& spec, const Input& input,
                                         MemoryFormat, size_t index) {
   return make_batch_norm_layer(spec, input, index);
@@ -841,6 +847,11 @@ std::optional<LayerSize> size_layer_norm(const ModelSpec::LayerSpec&, const Inpu
   return sized(input, input, checked_mul(2, numel_of(input), "layernorm: the parameter count"));
 }
 
+std::optional<LayerSize> size_rms_norm(const ModelSpec::LayerSpec&, const Input& input) {
+  if (!flat_or_image(input)) return std::nullopt;  // γ only
+  return sized(input, input, numel_of(input));
+}
+
 std::optional<LayerSize> size_group_norm(const ModelSpec::LayerSpec& spec, const Input& input) {
   if (!flat_or_image(input)) return std::nullopt;
   const bool affine = option_or(spec, "affine", 1) != 0;
@@ -902,6 +913,7 @@ const std::vector<LayerKind>& layer_kinds() {
       {"ghostbatchnorm", 0, 0, {"eps", "momentum", "size", "frozen", "noise"}, true, build_batch_norm,
        size_batch_norm},
       {"layernorm", 0, 0, {"eps"}, true, build_layer_norm, size_layer_norm},
+      {"rmsnorm", 0, 0, {"eps"}, true, build_rms_norm, size_rms_norm},
       {"groupnorm", 0, 0, {"groups", "eps", "affine"}, true, build_group_norm, size_group_norm},
       {"instancenorm", 0, 0, {"eps", "momentum", "affine", "track_running_stats"}, true,
        build_instance_norm, size_instance_norm},

@@ -87,9 +87,10 @@ class AddReluTail {
 std::unique_ptr<Layer> make_residual(const ModelSpec::LayerSpec& spec, const std::vector<int64_t>& input,
                                      MemoryFormat format, size_t index);
 
-// Layer normalization over all of a sample's features (layer_norm_layer.cpp).
+// Layer normalization over all of a sample's features, or with rms RMS
+// normalization (no centering, no β) (layer_norm_layer.cpp).
 std::unique_ptr<Layer> make_layer_norm(const std::vector<int64_t>& input_shape, double eps,
-                                       MemoryFormat format);
+                                       MemoryFormat format, bool rms = false);
 // "batchnorm", "batchrenorm" and "ghostbatchnorm" (batch_norm_layers.cpp).
 constexpr int64_t kDefaultRenormWarmup = 500;   // steps over which rmax, dmax reach their values
 constexpr int64_t kDefaultGhostBatchSize = 32;  // virtual batch size

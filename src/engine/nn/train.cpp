@@ -1,5 +1,6 @@
 #include <signal.h>
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <cmath>
@@ -151,31 +152,38 @@ Evaluation evaluate(nn::Model& model, const data::Dataset& set, int64_t batch_si
   if (batch_size < 1) engine::fail_invalid("evaluate: batch size must be >= 1");
   std::vector<int64_t> order(static_cast<size_t>(set.count()));
   std::iota(order.begin(), order.end(), 0);
-  Evaluation out;
+  Scorer scorer;
   nn::Tensor batch;
   std::vector<int32_t> labels;
-  double loss_sum = 0;
-  int64_t correct = 0;
   for (int64_t first = 0; first < set.count(); first += batch_size) {
     const int64_t size = std::min(batch_size, set.count() - first);
     make_batch(set, order, first, size, model.format(), batch, labels);
-    const nn::Tensor& logits = model.forward(batch, nn::Mode::eval);
-    const int64_t classes = logits.shape[1];
-    if (out.confusion.empty()) {
-      out.classes = static_cast<int32_t>(classes);
-      out.confusion.assign(static_cast<size_t>(classes * classes), 0);
-    }
-    const nn::LossResult loss = nn::softmax_cross_entropy(logits, labels.data(), nullptr);
-    loss_sum += loss.loss * static_cast<double>(size);
-    correct += loss.correct;
-    for (int64_t i = 0; i < size; ++i) {
-      const float* z = logits.data.data() + i * classes;
-      const auto predicted = std::max_element(z, z + classes) - z;
-      ++out.confusion[static_cast<size_t>(labels[i] * classes + predicted)];
-    }
+    scorer.add(model.forward(batch, nn::Mode::eval), labels.data());
   }
-  out.loss = loss_sum / static_cast<double>(set.count());
-  out.accuracy = static_cast<double>(correct) / static_cast<double>(set.count());
+  return scorer.result();
+}
+
+void Scorer::add(const nn::Tensor& logits, const int32_t* labels) {
+  const int64_t size = logits.shape[0], classes = logits.shape[1];
+  if (e_.confusion.empty()) {
+    e_.classes = static_cast<int32_t>(classes);
+    e_.confusion.assign(static_cast<size_t>(classes * classes), 0);
+  }
+  const nn::LossResult loss = nn::softmax_cross_entropy(logits, labels, nullptr);
+  loss_sum_ += loss.loss * static_cast<double>(size);
+  correct_ += loss.correct;
+  count_ += size;
+  for (int64_t i = 0; i < size; ++i) {
+    const float* z = logits.data.data() + i * classes;
+    const auto predicted = std::max_element(z, z + classes) - z;
+    ++e_.confusion[static_cast<size_t>(labels[i] * classes + predicted)];
+  }
+}
+
+Evaluation Scorer::result() const {
+  Evaluation out = e_;
+  out.loss = count_ ? loss_sum_ / static_cast<double>(count_) : 0.0;
+  out.accuracy = count_ ? static_cast<double>(correct_) / static_cast<double>(count_) : 0.0;
   return out;
 }
 
