@@ -376,9 +376,6 @@ int command_eval_statistics(const fs::path& checkpoint_path, const io::Checkpoin
                             const RunOptions& run, const RunOptions& evaluated, const data::Dataset& test,
                             const std::vector<std::string>& sources, const std::vector<std::string>& shifts,
                             uint64_t seed, bool json);
-// The run description `normkit train` stores in a checkpoint; null when absent.
-json application_json(const io::Checkpoint& checkpoint);
-
 // `normkit lab list|run|report` (tools/lab.cpp).
 struct LabFlags {
   std::vector<std::string> names;  // run: experiment names, or "all"

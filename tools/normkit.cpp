@@ -309,15 +309,6 @@ int command_train(const RunOptions& given_options, const GivenOptions& given,
   return 0;
 }
 
-json application_json(const io::Checkpoint& c) {
-  if (c.progress.application.empty()) return nullptr;
-  try {
-    return json::parse(c.progress.application);
-  } catch (const json::exception&) {
-    return nullptr;
-  }
-}
-
 namespace {
 
 // ---------------------------------------------------------------- eval, info
