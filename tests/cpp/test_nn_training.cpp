@@ -453,7 +453,7 @@ TEST(NnSpec, ParseErrorsNameTheStatementAndTheProblem) {
       {"input 4; lineer 3",
        {"statement 2", "'lineer'", "unknown layer type",
         "input, linear, conv, maxpool, avgpool, relu, sigmoid, tanh, dropout, flatten, batchnorm, "
-        "batchrenorm, ghostbatchnorm, layernorm, groupnorm, instancenorm"}},
+        "batchrenorm, ghostbatchnorm, layernorm, rmsnorm, groupnorm, instancenorm"}},
       {"linear 3", {"missing 'input"}},
       {"input 4", {"no layers"}},
       {"input 4; input 4; linear 2", {"statement 2", "input given twice"}},
