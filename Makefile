@@ -51,13 +51,14 @@ clang: deps
 # its own build directory: the C++ tests, the CLI tests, the Python tests (the runtime
 # preloaded), the find_package consumer and the fuzz corpus replays. Any report fails.
 # Not the lab's tests (label lab): ~60 training runs of the CLI that cli_tests already
-# covers, several minutes under ASan; SANITIZE_CTEST_FLAGS= runs them too. This build
+# covers, several minutes under ASan; nor the pip install (label package: a build of its
+# own, uninstrumented); SANITIZE_CTEST_FLAGS= runs them too. This build
 # is also CI's clang 14 build: `make clang` (uninstrumented) is for speed comparisons.
 SANITIZE_DIR ?= build-sanitize
 SANITIZE_CONFIGURE = cmake -S . -B $(SANITIZE_DIR) -G Ninja -DCMAKE_CXX_COMPILER=$(CLANG) \
   -DCMAKE_BUILD_TYPE=RelWithDebInfo -DNORMKIT_SANITIZE=address,undefined -DNORMKIT_BUILD_FUZZERS=ON \
   -DNORMKIT_BUILD_BENCH=OFF -DPython3_EXECUTABLE=$(PYTHON) $(CMAKE_FLAGS) >/dev/null
-SANITIZE_CTEST_FLAGS ?= -LE lab
+SANITIZE_CTEST_FLAGS ?= -LE "lab|package"
 sanitize: deps
 	@$(SANITIZE_CONFIGURE)
 	@cmake --build $(SANITIZE_DIR) -j $(JOBS)

@@ -1,8 +1,10 @@
 #!/usr/bin/python3
-"""One epoch of Fashion-MNIST training in PyTorch 1.13 and in normkit's engine, timed in
-the same run on the same machine, with the identical model, batch size, optimizer (SGD,
-momentum 0.9), initialization (He), input standardization (per pixel, fitted on the
-training set) and thread count.
+"""normkit against PyTorch 1.13, timed side by side in the same run on the same machine,
+with the same thread count. Two suites (--suite):
+
+engine (the default): one epoch of Fashion-MNIST training in PyTorch and in normkit's
+engine, with the identical model, batch size, optimizer (SGD, momentum 0.9),
+initialization (He), input standardization (per pixel, fitted on the training set).
 
     /usr/bin/python3 scripts/compare_pytorch_speed.py [--build build] [--threads 2]
         [--models mlp-paper,cnn-small] [--repeat 1] [--json FILE]
@@ -18,8 +20,23 @@ training time of the epoch) or, with --engine driver or when the CLI is not buil
 <build>/train_fashion_mnist (examples/train_fashion_mnist.cpp, the same loop without
 checkpoints). Both standardize per pixel and initialize He as here. normkit runs in
 channels-last (nhwc, the CLI's default) and, for CNNs, also channels-first (nchw). PyTorch
-runs its default (contiguous NCHW) format. The machines are noisy (see bench/README.md): compare
-only figures from the same run, and prefer --repeat 3 (median) for anything that matters.
+runs its default (contiguous NCHW) format.
+
+modules: normkit.torch (the PyTorch extension) against torch.nn, in one process:
+
+    /usr/bin/python3 scripts/compare_pytorch_speed.py --suite modules [--build build]
+        [--threads 2] [--batch 32] [--resolution 112] [--steps 7] [--json FILE]
+
+- per-call overhead: forward + backward of BatchNorm2d on a tiny tensor (2x4x2x2), the
+  median over batches of calls, normkit.torch's and torch's; the issue's bar: normkit's
+  <= 60 us;
+- a training step (forward, cross-entropy, backward, SGD with momentum) of torchvision's
+  ResNet-18 as torch builds it, after normkit.torch.convert(model), and after
+  convert(model, fuse_relu=True), on random data; interleaved steps, medians; the issue's
+  bar: convert(model) <= 0.95 x torch's time.
+
+The machines are noisy (see bench/README.md): compare only figures from the same run, and
+prefer --repeat 3 (median) for anything that matters.
 """
 import argparse
 import gzip
@@ -163,10 +180,117 @@ def normkit_epoch(name, engine, program, fmt, threads, seed, data_dir):
         return json.loads(result.stdout.strip().splitlines()[-1])
 
 
+OVERHEAD_BAR_US = 60
+RESNET_BAR = 0.95
+
+
+def median_time(function, calls):
+    """Seconds per call of function(), the median of 7 batches of `calls` calls."""
+    times = []
+    for _ in range(7):
+        start = time.perf_counter()
+        for _ in range(calls):
+            function()
+        times.append((time.perf_counter() - start) / calls)
+    return statistics.median(times)
+
+
+def per_call_overhead(nkt):
+    """Forward + backward of BatchNorm2d on a 2x4x2x2 tensor, seconds per call."""
+    x = torch.randn(2, 4, 2, 2, requires_grad=True)
+    results = {}
+    for name, module in (("pytorch", torch.nn.BatchNorm2d(4)), ("normkit", nkt.BatchNorm2d(4))):
+        def call():
+            module(x).sum().backward()
+        median_time(call, 200)  # warm-up
+        results[name] = median_time(call, 2000)
+    return results
+
+
+def resnet18_steps(nkt, batch, resolution, steps):
+    """Seconds per training step of ResNet-18 as torch builds it and converted."""
+    import copy
+    import torchvision
+    torch.manual_seed(0)
+    reference = torchvision.models.resnet18(num_classes=10)
+    models = {"pytorch": reference,
+              "normkit convert": nkt.convert(copy.deepcopy(reference)),
+              "normkit convert(fuse_relu)": nkt.convert(copy.deepcopy(reference),
+                                                         fuse_relu=True)}
+    x = torch.randn(batch, 3, resolution, resolution)
+    target = torch.randint(0, 10, (batch,))
+    optimizers = {name: torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9)
+                  for name, m in models.items()}
+
+    def step(name):
+        optimizers[name].zero_grad()
+        F.cross_entropy(models[name](x), target).backward()
+        optimizers[name].step()
+
+    times = {name: [] for name in models}
+    for name in models:
+        step(name)  # warm-up: allocations, first-touch of the parameters
+    for _ in range(steps):  # interleaved, so drifts of the machine hit all of them
+        for name in models:
+            start = time.perf_counter()
+            step(name)
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def modules_suite(args):
+    sys.path.insert(0, os.path.join(args.build, "python"))
+    import normkit
+    import normkit.torch as nkt
+    torch.set_num_threads(args.threads)
+    normkit.set_num_threads(args.threads)
+    print(f"PyTorch {torch.__version__} vs normkit.torch ({os.path.dirname(normkit.__file__)}), "
+          f"{args.threads} threads\n")
+    results = []
+    overhead = per_call_overhead(nkt)
+    ours_us, torch_us = overhead["normkit"] * 1e6, overhead["pytorch"] * 1e6
+    verdict = "meets" if ours_us <= OVERHEAD_BAR_US else "MISSES"
+    print("Per call, forward + backward of BatchNorm2d on 2x4x2x2 (median of 7 x 2000 calls)")
+    print(f"  pytorch  {torch_us:7.1f} us")
+    print(f"  normkit  {ours_us:7.1f} us   ({verdict} the bar <= {OVERHEAD_BAR_US} us; "
+          f"{ours_us / torch_us:.2f} x PyTorch)\n")
+    results.append({"benchmark": "per-call overhead", "pytorch_us": torch_us,
+                    "normkit_us": ours_us, "bar_us": OVERHEAD_BAR_US})
+
+    times = resnet18_steps(nkt, args.batch, args.resolution, args.steps)
+    base = statistics.median(times["pytorch"])
+    print(f"ResNet-18 training step, batch {args.batch} x 3 x {args.resolution} x "
+          f"{args.resolution}, SGD momentum 0.9 (median of {args.steps} interleaved steps)")
+    for name, runs in times.items():
+        seconds = statistics.median(runs)
+        line = f"  {name:28s} {seconds * 1e3:9.1f} ms"
+        if name != "pytorch":
+            ratio = seconds / base
+            line += f"   ratio {ratio:.3f}"
+            if name == "normkit convert":
+                line += f" ({'meets' if ratio <= RESNET_BAR else 'MISSES'} the bar <= {RESNET_BAR})"
+        line += "   (steps: " + ", ".join(f"{t * 1e3:.0f}" for t in runs) + ")"
+        print(line)
+        results.append({"benchmark": "resnet18 step", "engine": name, "batch": args.batch,
+                        "resolution": args.resolution, "threads": args.threads,
+                        "seconds": runs, "median_seconds": seconds,
+                        "ratio_to_pytorch": seconds / base})
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--suite", choices=["engine", "modules"], default="engine",
+                        help="normkit's engine on Fashion-MNIST (default), or normkit.torch's "
+                             "modules (per-call overhead, ResNet-18)")
     parser.add_argument("--build", default="build", help="normkit's build directory")
     parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--batch", type=int, default=32, help="modules: ResNet-18's batch")
+    parser.add_argument("--resolution", type=int, default=112,
+                        help="modules: ResNet-18's input height and width")
+    parser.add_argument("--steps", type=int, default=7, help="modules: timed steps of each")
     parser.add_argument("--models", default="mlp-paper,cnn-small")
     parser.add_argument("--repeat", type=int, default=1, help="runs of each; medians are reported")
     parser.add_argument("--seed", type=int, default=1)
@@ -176,6 +300,9 @@ def main():
                              "or the CLI when it is built (auto)")
     parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args()
+    if args.suite == "modules":
+        modules_suite(args)
+        return
 
     programs = {"cli": os.path.join(args.build, "normkit"),
                 "driver": os.path.join(args.build, "train_fashion_mnist")}

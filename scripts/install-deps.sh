@@ -19,6 +19,10 @@ packages=(
   pybind11-dev python3-dev python3-numpy python3-pytest python3-torch libtorch-dev
   # normkit.Standardizer is tested inside scikit-learn's Pipeline
   python3-sklearn
+  # normkit.torch's export tests (ONNX graphs) and convert() example (torchvision's ResNet-18)
+  python3-onnx python3-torchvision
+  # pip install --no-build-isolation . into a virtual environment (no package index needed)
+  python3-pip python3-setuptools python3-wheel python3-venv
   # plots and the real data set
   python3-matplotlib dataset-fashion-mnist
   # the claims lab: t quantiles for its verdicts; scikit-learn's bundled tables

@@ -16,6 +16,7 @@
 
 #include <algorithm>
 #include <cerrno>
+#include <cstdlib>
 #include <chrono>
 #include <cstring>
 #include <cstdio>
@@ -64,7 +65,8 @@ std::map<std::string, json> load_experiments(const fs::path& dir) {
 }
 
 // The declaration with a tier applied: the tier's "seeds", "arms" (names to
-// keep), "grid" (keys replaced) and "train" (options merged) override the base.
+// keep), "grid" (keys replaced), "train" (options merged) and "evaluate"
+// (replaced; an arm's own stays) override the base.
 json resolve_tier(const json& e, const std::string& tier, int seeds_override) {
   json r = e;
   r.erase("tiers");
@@ -72,6 +74,7 @@ json resolve_tier(const json& e, const std::string& tier, int seeds_override) {
   const json t = e.contains("tiers") ? e["tiers"].value(tier, json::object()) : json::object();
   if (t.contains("seeds")) r["seeds"] = t["seeds"];
   if (t.contains("train")) r["train"].update(t["train"]);
+  if (t.contains("evaluate")) r["evaluate"] = t["evaluate"];
   // A tier's grid replaces those keys in the base grid and in every arm's own grid.
   if (t.contains("grid"))
     for (const auto& [key, values] : t["grid"].items()) {
@@ -98,6 +101,9 @@ struct RunSpec {
   json grid, train;  // the grid point; all train options of the run
   int seed = 1;
   fs::path dir;      // OUT/NAME/runs/ID
+  // `normkit eval CHECKPOINT --json ...` after training (the declaration's
+  // "evaluate" arguments), its output in the record's "evals"; empty: none.
+  std::vector<std::string> evaluate;
 };
 
 std::string value_text(const json& v) {
@@ -117,15 +123,31 @@ std::string run_id(const std::string& arm, const json& point, int seed) {
 }
 
 // Every run of a resolved declaration: arms × grid points × seeds.
-// An arm may have its own "grid" instead of the experiment's.
-std::vector<json> grid_points(const json& grid) {
+// An arm may have its own "grid" instead of the experiment's. Keys listed
+// together in "zip" (e.g. [["batch_size", "lr"]]: a learning rate per batch
+// size) advance together, as one axis; their lists must be equally long.
+std::vector<json> grid_points(const json& grid, const json& zip, const std::string& experiment) {
   std::vector<json> points = {json::object()};
+  std::set<std::string> done;
   for (const auto& [key, values] : grid.items()) {
+    if (done.contains(key)) continue;
+    std::vector<std::string> axis = {key};
+    for (const auto& group : zip)
+      if (std::find(group.begin(), group.end(), key) != group.end()) {
+        axis.clear();
+        for (const auto& k : group) axis.push_back(k.get<std::string>());
+      }
+    for (const auto& k : axis) {
+      if (!grid.contains(k) || grid[k].size() != values.size())
+        runtime_error("experiment " + experiment + ": the zipped grid keys " + json(axis).dump() +
+                      " need lists of the same length");
+      done.insert(k);
+    }
     std::vector<json> next;
     for (const auto& p : points)
-      for (const auto& v : values) {
+      for (size_t i = 0; i < values.size(); ++i) {
         json q = p;
-        q[key] = v;
+        for (const auto& k : axis) q[k] = grid[k][i];
         next.push_back(q);
       }
     points = next;
@@ -140,7 +162,8 @@ std::vector<RunSpec> expand(const json& r, const fs::path& exp_dir) {
   for (const auto& [key, value] : defaults.items()) options_known.insert(key);
   std::vector<RunSpec> runs;
   for (const auto& arm : r["arms"])
-    for (const auto& point : grid_points(arm.contains("grid") ? arm["grid"] : r.value("grid", json::object())))
+    for (const auto& point : grid_points(arm.contains("grid") ? arm["grid"] : r.value("grid", json::object()),
+                                         r.value("zip", json::array()), r["name"].get<std::string>()))
       // An arm may run fewer seeds than the experiment (an expensive model).
       for (int seed = 1; seed <= std::min(r["seeds"].get<int>(), arm.value("seeds", 1 << 30)); ++seed) {
         RunSpec run;
@@ -158,17 +181,19 @@ std::vector<RunSpec> expand(const json& r, const fs::path& exp_dir) {
         for (const auto& [key, value] : point.items())
           if (options_known.contains(key)) run.train[key] = value;
         run.train["seed"] = seed;
-        for (auto& [key, value] : run.train.items()) {
-          if (!value.is_string()) continue;
-          std::string text = value.get<std::string>();
+        auto substitute = [&](std::string text) {
           for (const auto& [name, v] : vars.items())
             for (size_t at; (at = text.find("${" + name + "}")) != std::string::npos;)
               text.replace(at, name.size() + 3, value_text(v));
           if (text.find("${") != std::string::npos)
             runtime_error("experiment " + run.experiment + ", arm " + run.arm + ": '" + text +
                           "' names a variable that is neither a grid key, an arm var nor seed");
-          value = text;
-        }
+          return text;
+        };
+        for (auto& [key, value] : run.train.items())
+          if (value.is_string()) value = substitute(value.get<std::string>());
+        for (const auto& a : arm.value("evaluate", r.value("evaluate", json::array())))
+          run.evaluate.push_back(substitute(a.is_string() ? a.get<std::string>() : value_text(a)));
         for (const auto& [key, value] : run.train.items())
           if (!options_known.contains(key))
             runtime_error("experiment " + run.experiment + ", arm " + run.arm + ": '" + key +
@@ -207,6 +232,25 @@ std::vector<std::string> train_command(const RunSpec& run, int threads) {
   return argv;
 }
 
+// The evaluation after training: `normkit eval CHECKPOINT --json` with the declared arguments.
+std::vector<std::string> eval_command(const RunSpec& run, int threads) {
+  std::error_code ec;
+  std::vector<std::string> argv = {fs::read_symlink("/proc/self/exe", ec).string(), "eval",
+                                   (run.dir / "checkpoint.nkc").string(), "--json", "--threads",
+                                   std::to_string(threads)};
+  argv.insert(argv.end(), run.evaluate.begin(), run.evaluate.end());
+  return argv;
+}
+
+// The last non-empty line of a log, for a failure message.
+std::string last_line(const fs::path& log) {
+  std::ifstream in(log);
+  std::string line, last;
+  while (std::getline(in, line))
+    if (!line.empty()) last = line;
+  return last.empty() ? "no output" : last;
+}
+
 // The ids recorded in runs.jsonl (a line cut by a crash is ignored).
 std::set<std::string> finished_runs(const fs::path& records) {
   std::set<std::string> done;
@@ -225,6 +269,15 @@ std::string duration_text(double seconds) {
 }
 
 std::string report(const fs::path& out, const fs::path& experiments) {
+  // normkit's own Python module, when built next to this executable
+  // (<build>/python): the relatives' invariances are measured on its kernels.
+  std::error_code ec;
+  const fs::path package = fs::read_symlink("/proc/self/exe", ec).parent_path() / "python";
+  if (!ec && fs::exists(package / "normkit" / "__init__.py", ec)) {
+    const char* old = std::getenv("PYTHONPATH");
+    const std::string path = package.string() + (old && *old ? ":" + std::string(old) : "");
+    ::setenv("PYTHONPATH", path.c_str(), 1);
+  }
   return run_python("lab/report.py", {"--lab", out.string(), "--experiments", experiments.string()},
                     out / ".report.log");
 }
@@ -304,7 +357,13 @@ int command_lab_run(const LabFlags& f) {
 
   const bool tty = ::isatty(STDOUT_FILENO) == 1;
   std::deque<RunSpec> queue(pending.begin(), pending.end());
-  std::map<int, std::pair<RunSpec, std::chrono::steady_clock::time_point>> running;
+  // pid -> the run, when it started, and whether the pid is its evaluation (after training).
+  struct Job {
+    RunSpec run;
+    std::chrono::steady_clock::time_point start;
+    bool evaluating = false;
+  };
+  std::map<int, Job> running;
   const auto start = std::chrono::steady_clock::now();
   size_t finished = 0, diverged = 0, interrupted = 0;
   bool passed_on = false;  // a stop request was passed on to the runs
@@ -320,8 +379,15 @@ int command_lab_run(const LabFlags& f) {
       // A half-written run is redone from scratch; an interrupted one resumes (train_command).
       if (!fs::exists(run.dir / "checkpoint.nkc", ec)) fs::remove_all(run.dir, ec);
       fs::create_directories(run.dir, ec);
+      // Training finished but its evaluation was interrupted: only the evaluation is redone.
+      if (!run.evaluate.empty() && fs::exists(run.dir / "run.json", ec) &&
+          read_json_file(run.dir / "run.json").value("status", "") == "finished") {
+        const int pid = spawn_process(eval_command(run, f.threads), run.dir / "eval.json", true);
+        running.emplace(pid, Job{std::move(run), std::chrono::steady_clock::now(), true});
+        continue;
+      }
       const int pid = spawn_process(train_command(run, f.threads), run.dir / "train.log", true);
-      running.emplace(pid, std::make_pair(std::move(run), std::chrono::steady_clock::now()));
+      running.emplace(pid, Job{std::move(run), std::chrono::steady_clock::now()});
     }
     if (running.empty()) break;
     // Waits for a run to end; a stop request (the runs have their own process
@@ -338,28 +404,35 @@ int command_lab_run(const LabFlags& f) {
     if (pid < 0) runtime_error(std::string("waiting for the runs: ") + std::strerror(errno));
     const auto it = running.find(pid);
     if (it == running.end()) continue;
-    const RunSpec run = it->second.first;
+    const Job job = it->second;
+    const RunSpec& run = job.run;
     const double wall =
-        std::chrono::duration<double>(std::chrono::steady_clock::now() - it->second.second).count();
+        std::chrono::duration<double>(std::chrono::steady_clock::now() - job.start).count();
     running.erase(it);
     std::error_code ec;
     const fs::path outcome = run.dir / "run.json";
-    if (passed_on && WIFEXITED(wait_status) && WEXITSTATUS(wait_status) == 128 + train::stop_signal()) {
-      ++interrupted;  // saved where it stopped; the next `lab run` resumes it
+    const fs::path eval_out = run.dir / "eval.json";
+    if (passed_on && (job.evaluating || (WIFEXITED(wait_status) &&
+                                         WEXITSTATUS(wait_status) == 128 + train::stop_signal()))) {
+      ++interrupted;  // saved where it stopped (or trained, not evaluated); the next `lab run` resumes it
       continue;
     }
-    if (!fs::exists(outcome, ec)) {
-      // Not an outcome of training (a usage error, a crash): the lab stops
-      // starting runs, and says what the run said.
-      std::ifstream log(run.dir / "train.log");
-      std::string line, last;
-      while (std::getline(log, line))
-        if (!line.empty()) last = line;
-      failures.push_back(fmt::format("{}/{}: {}", run.experiment, run.id, last.empty() ? "no output" : last));
+    if (!fs::exists(outcome, ec) ||
+        (job.evaluating && !(WIFEXITED(wait_status) && WEXITSTATUS(wait_status) == 0))) {
+      // Not an outcome of training (a usage error, a crash) or a failed
+      // evaluation: the lab stops starting runs, and says what the run said.
+      failures.push_back(fmt::format("{}/{}: {}", run.experiment, run.id,
+                                     last_line(job.evaluating ? eval_out : run.dir / "train.log")));
       fmt::print("{}failed: {}\n", tty ? "\r\033[K" : "", failures.back());
       continue;
     }
     const json o = read_json_file(outcome);
+    if (!job.evaluating && o["status"] == "finished" && !run.evaluate.empty()) {
+      // The same job slot evaluates the checkpoint; the record waits for it.
+      const int eval_pid = spawn_process(eval_command(run, f.threads), eval_out, true);
+      running.emplace(eval_pid, Job{run, job.start, true});
+      continue;
+    }
     json record = {{"experiment", run.experiment},
                    {"run", run.id},
                    {"arm", run.arm},
@@ -374,6 +447,7 @@ int command_lab_run(const LabFlags& f) {
                    {"divergence", o["divergence"]},
                    {"last", o["last"]},
                    {"dir", fs::relative(run.dir, f.out / run.experiment).string()}};
+    if (job.evaluating) record["evals"] = read_json_file(eval_out).value("results", json::array());
     {
       // A line cut by a crash stays a line of its own (ignored when read).
       const fs::path path = f.out / run.experiment / "runs.jsonl";

@@ -139,9 +139,10 @@ void add_run_options(CLI::App* app, RunOptions& o, OptionMap& options, bool with
                                    "--seed: runs that differ in --seed share the split)")
                        ->capture_default_str());
   add("inputs", app->add_option("--inputs", o.inputs,
-                                "standardize (per feature, fitted on the training set) or raw "
-                                "(IDX pixels 0-255, CSV values as written)")
-                    ->check(CLI::IsMember({"standardize", "raw"}))
+                                "standardize (per feature, fitted on the training set), raw "
+                                "(IDX pixels 0-255, CSV values as written) or scaled (IDX pixels "
+                                "in [0, 1], CSV values as written)")
+                    ->check(CLI::IsMember({"standardize", "raw", "scaled"}))
                     ->capture_default_str());
   add("test_eval", app->add_option("--test-eval", o.test_eval,
                                    "when the test set is evaluated: epoch, end or never (default: "

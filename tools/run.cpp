@@ -619,13 +619,14 @@ std::string describe_run(const RunOptions& o, const Data& data) {
           : fmt::format("batch {}", o.batch_size);
   return fmt::format("{}, {} train{} / {} test samples{}, {}, {}, seed {}, {}", o.model,
                      data.train.count(), val, data.test.count(),
-                     o.inputs == "raw" ? " (raw inputs)" : "", optimizer, batch, o.seed, o.format);
+                     o.inputs == "standardize" ? "" : " (" + o.inputs + " inputs)", optimizer, batch, o.seed,
+                     o.format);
 }
 
 Data prepare_data(const RunOptions& o, data::Standardizer* standardizer, bool fit) {
   Data data = load_data(o);
   if (data.train.count() < 2) usage_error("training needs at least 2 samples");
-  if (o.inputs == "raw") return data;  // the standardizer stays unfitted
+  if (o.inputs != "standardize") return data;  // raw, scaled: the standardizer stays unfitted
   if (fit) standardizer->fit(data.train.features, data.train.sample_size());
   for (data::Dataset* set : {&data.train, &data.val, &data.test}) standardize(*standardizer, *set);
   return data;

@@ -46,7 +46,9 @@ template <class T>
 void check_running(const RunningStats<T>& running, int64_t channels,
                    const BatchNormOptions& options, bool required = false) {
   check_eps(options.eps);
-  if (options.momentum && !(*options.momentum >= 0.0 && *options.momentum <= 1.0))
+  // Without running statistics momentum is unused and, as in PyTorch, not checked.
+  const bool updates_running = required || !running.mean.empty() || !running.var.empty();
+  if (updates_running && options.momentum && !(*options.momentum >= 0.0 && *options.momentum <= 1.0))
     fail_invalid("momentum must be in [0, 1], got ", *options.momentum);
   if (options.momentum_convention != MomentumConvention::weight_on_new &&
       options.momentum_convention != MomentumConvention::weight_on_old)

@@ -24,6 +24,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import analyses  # noqa: E402
+import weak_points  # noqa: E402
+
+KINDS = {**analyses.KINDS, **weak_points.KINDS}
 
 VERDICT_COLOURS = {"supported": "#1a7f37", "not supported": "#cf222e", "mixed": "#9a6700",
                    "inconclusive": "#6e7781"}
@@ -227,9 +230,9 @@ def main():
     for exp_dir in sorted(p for p in lab.iterdir() if (p / "experiment.json").exists()):
         exp = Experiment(exp_dir)
         kind = exp.decl["analysis"]["kind"]
-        if kind not in analyses.KINDS:
+        if kind not in KINDS:
             raise SystemExit(f"{exp_dir}: unknown analysis kind {kind!r}")
-        result = analyses.KINDS[kind](exp, exp_dir / "figure.png")
+        result = KINDS[kind](exp, exp_dir / "figure.png")
         v = result["verdict"]
         if not exp.complete:
             v["summary"] = (f"Only {len(exp.runs)} of {exp.expected} runs finished; the verdict waits "

@@ -1,118 +1,89 @@
-"""BatchNorm1d/2d/3d: torch.nn's modules with normkit's forward and gradients."""
+"""BatchNorm1d/2d/3d: torch.nn's modules with normkit's forward and gradients
+(the op normkit::batch_norm)."""
+from typing import Optional, Tuple
+
 import torch
 
-from .. import _normkit
-from ._common import (
-    _array, _check_supported, _check_values_per_channel, _like_output, _output_like)
+from ._common import _check_rank, _check_values_per_channel, _onnx_float, _register_onnx
+from ._common import _torch_symbolic
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d"]
 
 
-def _batch_norm_arguments(module, input, extra_tensors=()):
-    """(running_mean, running_var, num_batches_tracked, use_batch_stats, momentum) for a
-    forward of `module` (a torch _BatchNorm), after the checks torch makes.
+def _batch_norm(input: torch.Tensor, weight: Optional[torch.Tensor],
+                bias: Optional[torch.Tensor], running_mean: Optional[torch.Tensor],
+                running_var: Optional[torch.Tensor], num_batches_tracked: Optional[torch.Tensor],
+                use_batch_stats: bool, momentum: Optional[float], eps: float, min_rank: int,
+                max_rank: int) -> torch.Tensor:
+    """torch.nn.functional.batch_norm's checks, then normkit::batch_norm: the batch's
+    statistics (use_batch_stats; running statistics and the counter updated when given)
+    or the running ones."""
+    _check_rank(input, min_rank, max_rank)
+    if use_batch_stats:
+        _check_values_per_channel(input.size())
+    return torch.ops.normkit.batch_norm(input, weight, bias, running_mean, running_var,
+                                        num_batches_tracked, use_batch_stats, momentum, eps)
+
+
+torch.fx.wrap("_batch_norm")
+
+
+def _momentum(module_momentum: Optional[float], used: bool,
+              counter: Optional[torch.Tensor]) -> Optional[float]:
+    """The op's momentum: None (cumulative average, counted by the op) when the module's
+    is None and its counter moves; otherwise torch's exponential_average_factor (0 for a
+    None momentum), which is also what torch's ONNX export shows when it is unused."""
+    if module_momentum is None and (counter is None or not used):
+        return 0.0
+    return module_momentum
+
+
+class _BatchNormRanks:
+    """_min_rank and _max_rank: the input ranks torch's BatchNorm1d/2d/3d base of the class
+    accepts (its _check_input_dim), for the TorchScript functions that check them."""
+
+    _min_rank, _max_rank = 2, 5
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        for base, ranks in ((torch.nn.BatchNorm1d, (2, 3)), (torch.nn.BatchNorm2d, (4, 4)),
+                            (torch.nn.BatchNorm3d, (5, 5))):
+            if issubclass(cls, base):
+                cls._min_rank, cls._max_rank = ranks
+
+
+class _NormkitBatchNorm(_BatchNormRanks):
+    """forward() of torch.nn.modules.batchnorm._BatchNorm, computed by normkit.
 
     Which statistics, and which buffers change, follow _BatchNorm.forward in torch 1.13:
     batch statistics in training, and in eval when there are no running statistics;
     running statistics (and the batch count) updated only in training with
-    track_running_stats. extra_tensors ((name, tensor) pairs) are checked with the rest.
+    track_running_stats.
     """
-    use_batch_stats = module.training or (module.running_mean is None and module.running_var is None)
-    updating = module.training and module.track_running_stats
-    pass_buffers = not module.training or module.track_running_stats
-    running_mean = module.running_mean if pass_buffers else None
-    running_var = module.running_var if pass_buffers else None
-    num_batches_tracked = module.num_batches_tracked if updating else None
 
-    if not use_batch_stats and (running_mean is None or running_var is None):
-        raise RuntimeError(
-            "normkit.torch: running_mean and running_var must both be defined in "
-            "evaluation mode")
-    if use_batch_stats:
-        _check_values_per_channel(input.size())
-    _check_supported("batch_norm", input,
-                     [*extra_tensors, ("weight", module.weight), ("bias", module.bias),
-                      ("running_mean", running_mean), ("running_var", running_var),
-                      ("num_batches_tracked", num_batches_tracked)])
+    __constants__ = ["track_running_stats", "momentum", "eps", "num_features", "affine",
+                     "_min_rank", "_max_rank"]
 
-    momentum = module.momentum
-    if not (use_batch_stats and running_mean is not None):
-        # Unused without running statistics to update; PyTorch does not check it then.
-        momentum = 0.1
-    elif momentum is None and num_batches_tracked is None:
-        # PyTorch's cumulative average without a counter weights the batch by 0.
-        momentum = 0.0
-    return running_mean, running_var, num_batches_tracked, use_batch_stats, momentum
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return self._batch_norm_forward(input)
 
+    def _batch_norm_forward(self, input: torch.Tensor) -> torch.Tensor:
+        running_mean, running_var, counter, use_batch_stats, momentum = self._arguments()
+        return _batch_norm(input, self.weight, self.bias, running_mean, running_var, counter,
+                           use_batch_stats, momentum, self.eps, self._min_rank, self._max_rank)
 
-class _BatchNormFunction(torch.autograd.Function):
-    """y = batch_norm(x) with the batch's statistics ("training") or given running ones
-    ("frozen"); backward returns dx, dweight, dbias from one fused normkit kernel."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, running_mean, running_var, num_batches_tracked,
-                use_batch_stats, momentum, eps):
-        y, source = _output_like(ctx, x)
-        ctx.save_for_backward(x, weight)
-        ctx.mode = "training" if use_batch_stats else "frozen"
-        ctx.has_bias = bias is not None
-        if x.numel() == 0:
-            # PyTorch returns an empty result and, in training, still counts the batch.
-            if num_batches_tracked is not None:
-                num_batches_tracked.add_(1)
-            ctx.mean = ctx.invstd = None
-            return y
-        if use_batch_stats:
-            _, ctx.mean, ctx.invstd = _normkit.batch_norm_forward_training(
-                _array(source), _array(weight), _array(bias), _array(running_mean),
-                _array(running_var), _array(num_batches_tracked), momentum, eps,
-                out=_array(y))
-        else:
-            _normkit.batch_norm_forward_inference(
-                _array(source), _array(weight), _array(bias), _array(running_mean),
-                _array(running_var), eps, out=_array(y))
-            # Copies: backward must see the statistics this forward used, even if the
-            # buffers change before it runs.
-            ctx.mean = _array(running_mean).copy()
-            ctx.invstd = _normkit.batch_norm_invstd(_array(running_var), eps)
-        return y
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, dy):
-        x, weight = ctx.saved_tensors
-        want_dx, want_dweight, want_dbias = ctx.needs_input_grad[:3]
-        channels = x.shape[1]
-        dx = dweight = dbias = None
-        if x.numel() == 0:
-            dx = torch.zeros_like(x) if want_dx else None
-            sums = torch.zeros(channels, dtype=x.dtype)
-            dweight, dbias = sums, sums.clone()
-        else:
-            source = _like_output(ctx, x)
-            # The gradient of y.sum() arrives expanded, with zero strides.
-            dy = _like_output(ctx, dy)
-            dx = torch.empty_like(source) if want_dx else None
-            _, dweight, dbias = _normkit.batch_norm_backward(
-                _array(source), _array(dy), _array(weight), ctx.mean, ctx.invstd,
-                mode=ctx.mode, out=_array(dx), compute_dx=want_dx)
-            dweight, dbias = torch.from_numpy(dweight), torch.from_numpy(dbias)
-        return (dx,
-                dweight if weight is not None and want_dweight else None,
-                dbias if ctx.has_bias and want_dbias else None,
-                None, None, None, None, None, None)
-
-
-class _NormkitBatchNorm:
-    """forward() of torch.nn.modules.batchnorm._BatchNorm, computed by normkit."""
-
-    def forward(self, input):
-        self._check_input_dim(input)
-        running_mean, running_var, num_batches_tracked, use_batch_stats, momentum = \
-            _batch_norm_arguments(self, input)
-        return _BatchNormFunction.apply(
-            input, self.weight, self.bias, running_mean, running_var, num_batches_tracked,
-            use_batch_stats, momentum, self.eps)
+    def _arguments(self) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor],
+                                  Optional[torch.Tensor], bool, Optional[float]]:
+        """(running_mean, running_var, num_batches_tracked, use_batch_stats, momentum) as
+        the op takes them for this module's state."""
+        use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
+        updating = self.training and self.track_running_stats
+        pass_buffers = not self.training or self.track_running_stats
+        running_mean = self.running_mean if pass_buffers else None
+        running_var = self.running_var if pass_buffers else None
+        counter = self.num_batches_tracked if updating else None
+        momentum = _momentum(self.momentum, use_batch_stats and running_mean is not None, counter)
+        return running_mean, running_var, counter, use_batch_stats, momentum
 
 
 class BatchNorm1d(_NormkitBatchNorm, torch.nn.BatchNorm1d):
@@ -129,3 +100,11 @@ class BatchNorm3d(_NormkitBatchNorm, torch.nn.BatchNorm3d):
     channels_last_3d."""
 
 
+def _batch_norm_onnx(g, input, weight, bias, running_mean, running_var, num_batches_tracked,
+                     training, momentum, eps):
+    return _torch_symbolic("aten::batch_norm")(
+        g, input, weight, bias, running_mean, running_var, training,
+        _onnx_float(momentum, 0.0), eps, False)
+
+
+_register_onnx("batch_norm", _batch_norm_onnx)

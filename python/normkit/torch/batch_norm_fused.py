@@ -1,110 +1,53 @@
 """Fused BatchNorm + ReLU and BatchNorm + residual add + ReLU (a ResNet block's tail):
-torch.nn.BatchNorm1d/2d's constructor and state, one normkit pass."""
+torch.nn.BatchNorm1d/2d's constructor and state, one normkit pass (the op
+normkit::batch_norm_relu; its autograd node keeps the ReLU mask as bits)."""
+from typing import Optional
+
 import torch
 
-from .. import _normkit
-from ._common import _array, _like_output, _output_like
-from .batch_norm import _batch_norm_arguments
+from ._common import _check_rank, _check_values_per_channel, _onnx_float, _register_onnx
+from ._common import _torch_symbolic
+from .batch_norm import _NormkitBatchNorm
 
 __all__ = ["BatchNormReLU1d", "BatchNormReLU2d", "BatchNormAddReLU1d", "BatchNormAddReLU2d"]
 
 
-class _BatchNormReLUFunction(torch.autograd.Function):
-    """y = relu(batch_norm(x) [+ residual]); the ReLU mask is saved as a uint8 tensor of
-    bits (1/32 of a float mask), and backward returns dx, dresidual, dweight, dbias from
-    one fused normkit kernel."""
-
-    @staticmethod
-    def forward(ctx, x, residual, weight, bias, running_mean, running_var, num_batches_tracked,
-                use_batch_stats, momentum, eps):
-        y, source = _output_like(ctx, x)
-        z = None if residual is None else _like_output(ctx, residual)
-        ctx.mode = "training" if use_batch_stats else "frozen"
-        ctx.has_bias = bias is not None
-        ctx.has_residual = residual is not None
-        if x.numel() == 0:
-            if num_batches_tracked is not None:
-                num_batches_tracked.add_(1)
-            ctx.mean = ctx.invstd = None
-            ctx.save_for_backward(source, weight, None)
-            return y
-        extra = () if z is None else (_array(z),)
-        if use_batch_stats:
-            run = (_normkit.batch_norm_relu_forward_training if z is None
-                   else _normkit.batch_norm_add_relu_forward_training)
-            _, mask, ctx.mean, ctx.invstd = run(
-                _array(source), *extra, _array(weight), _array(bias), _array(running_mean),
-                _array(running_var), _array(num_batches_tracked), momentum, eps, out=_array(y))
-        else:
-            run = (_normkit.batch_norm_relu_forward_inference if z is None
-                   else _normkit.batch_norm_add_relu_forward_inference)
-            _, mask = run(_array(source), *extra, _array(weight), _array(bias),
-                          _array(running_mean), _array(running_var), eps, out=_array(y))
-            ctx.mean = _array(running_mean).copy()
-            ctx.invstd = _normkit.batch_norm_invstd(_array(running_var), eps)
-        # Bits in the memory order of `source`, which backward sees again.
-        ctx.save_for_backward(source, weight, torch.from_numpy(mask))
-        return y
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, dy):
-        source, weight, mask = ctx.saved_tensors
-        want_dx, want_dz, want_dweight, want_dbias = ctx.needs_input_grad[:4]
-        dx = dz = dweight = dbias = None
-        if source.numel() == 0:
-            dx = torch.zeros_like(source) if want_dx else None
-            dz = torch.zeros_like(source) if ctx.has_residual and want_dz else None
-            dweight = torch.zeros(source.shape[1], dtype=source.dtype)
-            dbias = dweight.clone()
-        else:
-            dy = _like_output(ctx, dy)
-            dx = torch.empty_like(source) if want_dx else None
-            if ctx.has_residual:
-                _, dz, dweight, dbias = _normkit.batch_norm_add_relu_backward(
-                    _array(source), _array(dy), mask.numpy(), _array(weight), ctx.mean,
-                    ctx.invstd, mode=ctx.mode, out=_array(dx), compute_dx=want_dx)
-                dz = torch.from_numpy(dz) if want_dz else None
-            else:
-                _, dweight, dbias = _normkit.batch_norm_relu_backward(
-                    _array(source), _array(dy), mask.numpy(), _array(weight), ctx.mean,
-                    ctx.invstd, mode=ctx.mode, out=_array(dx), compute_dx=want_dx)
-            dweight, dbias = torch.from_numpy(dweight), torch.from_numpy(dbias)
-        return (dx, dz,
-                dweight if weight is not None and want_dweight else None,
-                dbias if ctx.has_bias and want_dbias else None,
-                None, None, None, None, None, None)
+def _batch_norm_relu(input: torch.Tensor, residual: Optional[torch.Tensor],
+                     weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+                     running_mean: Optional[torch.Tensor], running_var: Optional[torch.Tensor],
+                     num_batches_tracked: Optional[torch.Tensor], use_batch_stats: bool,
+                     momentum: Optional[float], eps: float, min_rank: int,
+                     max_rank: int) -> torch.Tensor:
+    """relu(batch_norm(input) [+ residual]), arguments as _batch_norm's."""
+    _check_rank(input, min_rank, max_rank)
+    if use_batch_stats:
+        _check_values_per_channel(input.size())
+    return torch.ops.normkit.batch_norm_relu(input, residual, weight, bias, running_mean,
+                                             running_var, num_batches_tracked, use_batch_stats,
+                                             momentum, eps)
 
 
-class _NormkitBatchNormReLU:
-    """forward() of relu(_BatchNorm(x) [+ residual]), computed by normkit: the statistics,
-    buffers and checks follow _NormkitBatchNorm.forward (torch 1.13's _BatchNorm)."""
+torch.fx.wrap("_batch_norm_relu")
 
-    def _fused(self, input, residual):
-        self._check_input_dim(input)
-        if residual is not None:
-            if not isinstance(residual, torch.Tensor):
-                raise TypeError(f"normkit.torch: residual must be a Tensor, got "
-                                f"{type(residual).__name__}")
-            if residual.shape != input.shape:
-                raise ValueError(f"normkit.torch: residual has shape {tuple(residual.shape)}, "
-                                 f"input {tuple(input.shape)} (no broadcasting)")
-        running_mean, running_var, num_batches_tracked, use_batch_stats, momentum = \
-            _batch_norm_arguments(self, input, [("residual", residual)])
-        return _BatchNormReLUFunction.apply(
-            input, residual, self.weight, self.bias, running_mean, running_var,
-            num_batches_tracked, use_batch_stats, momentum, self.eps)
+
+class _NormkitBatchNormReLU(_NormkitBatchNorm):
+    """relu(_BatchNorm(x) [+ residual]), computed by normkit: the statistics, buffers and
+    checks follow _NormkitBatchNorm (torch 1.13's _BatchNorm.forward)."""
+
+    def _fused(self, input: torch.Tensor, residual: Optional[torch.Tensor]) -> torch.Tensor:
+        running_mean, running_var, counter, use_batch_stats, momentum = self._arguments()
+        return _batch_norm_relu(input, residual, self.weight, self.bias, running_mean,
+                                running_var, counter, use_batch_stats, momentum, self.eps,
+                                self._min_rank, self._max_rank)
 
 
 class _NormkitBatchNormReLUModule(_NormkitBatchNormReLU):
-    def forward(self, input):
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
         return self._fused(input, None)
 
 
 class _NormkitBatchNormAddReLUModule(_NormkitBatchNormReLU):
-    def forward(self, input, residual):
-        if residual is None:
-            raise TypeError("normkit.torch: forward(input, residual) needs the residual")
+    def forward(self, input: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         return self._fused(input, residual)
 
 
@@ -127,3 +70,15 @@ class BatchNormAddReLU2d(_NormkitBatchNormAddReLUModule, torch.nn.BatchNorm2d):
     basic block): forward(x, residual), residual of x's shape."""
 
 
+def _batch_norm_relu_onnx(g, input, residual, weight, bias, running_mean, running_var,
+                          num_batches_tracked, training, momentum, eps):
+    from torch.onnx import symbolic_helper
+    y = _torch_symbolic("aten::batch_norm")(
+        g, input, weight, bias, running_mean, running_var, training,
+        _onnx_float(momentum, 0.0), eps, False)
+    if not symbolic_helper._is_none(residual):
+        y = g.op("Add", y, residual)
+    return g.op("Relu", y)
+
+
+_register_onnx("batch_norm_relu", _batch_norm_relu_onnx)

@@ -1,12 +1,16 @@
-"""Batch Renormalization, Ghost BN and frozen BN (normkit's bn_variants.hpp). Each module
-subclasses torch.nn.BatchNorm1d/2d/3d, so parameters, buffers and state_dict are BN's: a
-BatchNorm's state loads into any of them and back."""
+"""Batch Renormalization, Ghost BN and frozen BN (normkit's bn_variants.hpp; the ops
+normkit::batch_renorm and normkit::ghost_batch_norm in training, normkit::batch_norm with
+the running statistics otherwise). Each module subclasses torch.nn.BatchNorm1d/2d/3d, so
+parameters, buffers and state_dict are BN's: a BatchNorm's state loads into any of them and
+back."""
+from typing import Optional
+
 import torch
 
 from .. import _normkit
-from ._common import (
-    _array, _check_supported, _check_values_per_channel, _like_output, _output_like)
-from .batch_norm import _BatchNormFunction, _NormkitBatchNorm
+from ._common import _check_rank, _check_values_per_channel, _onnx_float, _register_onnx
+from ._common import _torch_symbolic
+from .batch_norm import _batch_norm, _BatchNormRanks, _momentum, _NormkitBatchNorm
 
 __all__ = [
     "BatchRenorm1d", "BatchRenorm2d", "BatchRenorm3d",
@@ -16,36 +20,35 @@ __all__ = [
 ]
 
 
-class _BatchRenormFunction(torch.autograd.Function):
-    """Batch renormalization in training; backward with r and d constant."""
+def _batch_renorm(input: torch.Tensor, weight: Optional[torch.Tensor],
+                  bias: Optional[torch.Tensor], running_mean: torch.Tensor,
+                  running_var: torch.Tensor, num_batches_tracked: torch.Tensor, rmax: float,
+                  dmax: float, hold_steps: int, rmax_warmup_steps: int, dmax_warmup_steps: int,
+                  momentum: Optional[float], eps: float, min_rank: int,
+                  max_rank: int) -> torch.Tensor:
+    """Batch renormalization in training: the op reads the step from num_batches_tracked
+    and takes the limits of the schedule at it."""
+    _check_rank(input, min_rank, max_rank)
+    _check_values_per_channel(input.size())
+    return torch.ops.normkit.batch_renorm(
+        input, weight, bias, running_mean, running_var, num_batches_tracked, rmax, dmax,
+        hold_steps, rmax_warmup_steps, dmax_warmup_steps, momentum, eps)
 
-    @staticmethod
-    def forward(ctx, x, weight, bias, running_mean, running_var, num_batches_tracked, rmax,
-                dmax, momentum, eps):
-        y, source = _output_like(ctx, x)
-        ctx.save_for_backward(x, weight)
-        ctx.has_bias = bias is not None
-        _, ctx.mean, ctx.invstd, ctx.r, ctx.d = _normkit.batch_renorm_forward_training(
-            _array(source), _array(weight), _array(bias), _array(running_mean),
-            _array(running_var), _array(num_batches_tracked), rmax, dmax, momentum, eps,
-            out=_array(y))
-        return y
 
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, dy):
-        x, weight = ctx.saved_tensors
-        want_dx, want_dweight, want_dbias = ctx.needs_input_grad[:3]
-        source = _like_output(ctx, x)
-        dy = _like_output(ctx, dy)
-        dx = torch.empty_like(source) if want_dx else None
-        _, dweight, dbias = _normkit.batch_renorm_backward(
-            _array(source), _array(dy), _array(weight), ctx.mean, ctx.invstd, ctx.r, ctx.d,
-            out=_array(dx), compute_dx=want_dx)
-        return (dx,
-                torch.from_numpy(dweight) if weight is not None and want_dweight else None,
-                torch.from_numpy(dbias) if ctx.has_bias and want_dbias else None,
-                None, None, None, None, None, None, None)
+def _ghost_batch_norm(input: torch.Tensor, virtual_batch_size: int,
+                      weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+                      running_mean: Optional[torch.Tensor], running_var: Optional[torch.Tensor],
+                      num_batches_tracked: Optional[torch.Tensor], momentum: Optional[float],
+                      eps: float, min_rank: int, max_rank: int) -> torch.Tensor:
+    _check_rank(input, min_rank, max_rank)
+    return torch.ops.normkit.ghost_batch_norm(input, virtual_batch_size, weight, bias,
+                                              running_mean, running_var, num_batches_tracked,
+                                              momentum, eps)
+
+
+torch.fx.wrap("_batch_norm")
+torch.fx.wrap("_batch_renorm")
+torch.fx.wrap("_ghost_batch_norm")
 
 
 class _NormkitBatchRenorm:
@@ -88,19 +91,13 @@ class _NormkitBatchRenorm:
                 f"hold_steps={self.hold_steps}, rmax_warmup_steps={self.rmax_warmup_steps}, "
                 f"dmax_warmup_steps={self.dmax_warmup_steps}")
 
-    def forward(self, input):
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
         if not self.training:
-            return _NormkitBatchNorm.forward(self, input)
-        self._check_input_dim(input)
-        _check_values_per_channel(input.size())
-        _check_supported("batch_norm", input,
-                         [("weight", self.weight), ("bias", self.bias),
-                          ("running_mean", self.running_mean), ("running_var", self.running_var),
-                          ("num_batches_tracked", self.num_batches_tracked)])
-        rmax, dmax = self.limits()
-        return _BatchRenormFunction.apply(
-            input, self.weight, self.bias, self.running_mean, self.running_var,
-            self.num_batches_tracked, rmax, dmax, self.momentum, self.eps)
+            return self._batch_norm_forward(input)
+        return _batch_renorm(input, self.weight, self.bias, self.running_mean, self.running_var,
+                             self.num_batches_tracked, self.rmax, self.dmax, self.hold_steps,
+                             self.rmax_warmup_steps, self.dmax_warmup_steps, self.momentum,
+                             self.eps, self._min_rank, self._max_rank)
 
 
 class BatchRenorm1d(_NormkitBatchRenorm, _NormkitBatchNorm, torch.nn.BatchNorm1d):
@@ -113,39 +110,6 @@ class BatchRenorm2d(_NormkitBatchRenorm, _NormkitBatchNorm, torch.nn.BatchNorm2d
 
 class BatchRenorm3d(_NormkitBatchRenorm, _NormkitBatchNorm, torch.nn.BatchNorm3d):
     """Batch Renormalization for (N, C, D, H, W) input; see _NormkitBatchRenorm."""
-
-
-class _GhostBatchNormFunction(torch.autograd.Function):
-    """BatchNorm on each virtual batch of the input, with its own statistics."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, running_mean, running_var, num_batches_tracked,
-                virtual_batch_size, momentum, eps):
-        y, source = _output_like(ctx, x)
-        ctx.save_for_backward(x, weight)
-        ctx.has_bias = bias is not None
-        ctx.virtual_batch_size = virtual_batch_size
-        _, ctx.mean, ctx.invstd = _normkit.ghost_batch_norm_forward_training(
-            _array(source), virtual_batch_size, _array(weight), _array(bias),
-            _array(running_mean), _array(running_var), _array(num_batches_tracked), momentum,
-            eps, out=_array(y))
-        return y
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, dy):
-        x, weight = ctx.saved_tensors
-        want_dx, want_dweight, want_dbias = ctx.needs_input_grad[:3]
-        source = _like_output(ctx, x)
-        dy = _like_output(ctx, dy)
-        dx = torch.empty_like(source) if want_dx else None
-        _, dweight, dbias = _normkit.ghost_batch_norm_backward(
-            _array(source), _array(dy), _array(weight), ctx.virtual_batch_size, ctx.mean,
-            ctx.invstd, out=_array(dx), compute_dx=want_dx)
-        return (dx,
-                torch.from_numpy(dweight) if weight is not None and want_dweight else None,
-                torch.from_numpy(dbias) if ctx.has_bias and want_dbias else None,
-                None, None, None, None, None, None)
 
 
 class _NormkitGhostBatchNorm:
@@ -167,25 +131,18 @@ class _NormkitGhostBatchNorm:
     def extra_repr(self):
         return super().extra_repr() + f", virtual_batch_size={self.virtual_batch_size}"
 
-    def forward(self, input):
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
         use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
         if not use_batch_stats:
-            return _NormkitBatchNorm.forward(self, input)
-        self._check_input_dim(input)
+            return self._batch_norm_forward(input)
         updating = self.training and self.track_running_stats
         running_mean = self.running_mean if updating else None
         running_var = self.running_var if updating else None
-        num_batches_tracked = self.num_batches_tracked if updating else None
-        _check_supported("batch_norm", input,
-                         [("weight", self.weight), ("bias", self.bias),
-                          ("running_mean", running_mean), ("running_var", running_var),
-                          ("num_batches_tracked", num_batches_tracked)])
-        momentum = self.momentum
-        if running_mean is None:
-            momentum = 0.1  # unused without running statistics
-        return _GhostBatchNormFunction.apply(
-            input, self.weight, self.bias, running_mean, running_var, num_batches_tracked,
-            self.virtual_batch_size, momentum, self.eps)
+        counter = self.num_batches_tracked if updating else None
+        momentum = _momentum(self.momentum, running_mean is not None, counter)
+        return _ghost_batch_norm(input, self.virtual_batch_size, self.weight, self.bias,
+                                 running_mean, running_var, counter, momentum, self.eps,
+                                 self._min_rank, self._max_rank)
 
 
 class GhostBatchNorm1d(_NormkitGhostBatchNorm, _NormkitBatchNorm, torch.nn.BatchNorm1d):
@@ -200,7 +157,7 @@ class GhostBatchNorm3d(_NormkitGhostBatchNorm, _NormkitBatchNorm, torch.nn.Batch
     """Ghost BatchNorm for (N, C, D, H, W) input; see _NormkitGhostBatchNorm."""
 
 
-class _NormkitFrozenBatchNorm:
+class _NormkitFrozenBatchNorm(_BatchNormRanks):
     """BatchNorm frozen at its running statistics: the forward is BatchNorm's inference
     whatever the mode, the running statistics never change (a parent's .train() does not
     unfreeze it), and weight and bias still receive gradients (dx = weight·dy/sqrt(var +
@@ -218,16 +175,14 @@ class _NormkitFrozenBatchNorm:
             self.weight.requires_grad_(False)
             self.bias.requires_grad_(False)
 
+    __constants__ = _NormkitBatchNorm.__constants__
+
     def extra_repr(self):
         return super().extra_repr() + ", frozen"
 
-    def forward(self, input):
-        self._check_input_dim(input)
-        _check_supported("batch_norm", input,
-                         [("weight", self.weight), ("bias", self.bias),
-                          ("running_mean", self.running_mean), ("running_var", self.running_var)])
-        return _BatchNormFunction.apply(input, self.weight, self.bias, self.running_mean,
-                                        self.running_var, None, False, 0.1, self.eps)
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return _batch_norm(input, self.weight, self.bias, self.running_mean, self.running_var,
+                           None, False, 0.1, self.eps, self._min_rank, self._max_rank)
 
 
 class FrozenBatchNorm1d(_NormkitFrozenBatchNorm, torch.nn.BatchNorm1d):
@@ -290,3 +245,23 @@ def freeze_batch_norm(module, freeze_affine=False):
     return module
 
 
+
+
+def _batch_renorm_onnx(g, input, weight, bias, running_mean, running_var, num_batches_tracked,
+                       rmax, dmax, hold_steps, rmax_ramp_steps, dmax_ramp_steps, momentum, eps):
+    # Exported as what it is in eval (BatchNormalization); training export is torch's
+    # batch norm's, which refuses it below opset 14.
+    return _torch_symbolic("aten::batch_norm")(
+        g, input, weight, bias, running_mean, running_var, True, _onnx_float(momentum, 0.0), eps,
+        False)
+
+
+def _ghost_batch_norm_onnx(g, input, virtual_batch_size, weight, bias, running_mean,
+                           running_var, num_batches_tracked, momentum, eps):
+    return _torch_symbolic("aten::batch_norm")(
+        g, input, weight, bias, running_mean, running_var, True, _onnx_float(momentum, 0.0), eps,
+        False)
+
+
+_register_onnx("batch_renorm", _batch_renorm_onnx)
+_register_onnx("ghost_batch_norm", _ghost_batch_norm_onnx)

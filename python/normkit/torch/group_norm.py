@@ -1,137 +1,125 @@
-"""GroupNorm and InstanceNorm1d/2d/3d.
+"""GroupNorm and InstanceNorm1d/2d/3d (the ops normkit::group_norm and
+normkit::instance_norm; instance norm with running statistics is normkit::batch_norm).
 
 As for batch norm, the classes subclass PyTorch's own (constructor, parameters, buffers,
-state_dict, repr, input checks are PyTorch's) and only the computation is normkit's.
-Contiguous and channels_last inputs reach the kernels without copies, and the output keeps
-the input's memory format. Deliberate differences from torch 1.13:
+state_dict, repr are PyTorch's) and only the computation is normkit's. Contiguous and
+channels_last inputs reach the kernels without copies, and the output keeps the input's
+memory format. Deliberate differences from torch 1.13:
 - InstanceNorm2d/3d return channels_last output for channels_last input (torch's
   instance_norm returns a contiguous tensor; the values are the same);
 - InstanceNorm with track_running_stats raises RuntimeError for NaN or infinity in a
-  training batch and leaves the running statistics as they were;
-- float32/float64 CPU tensors only; no double backward.
+  training batch and leaves the running statistics as they were.
 """
+from typing import Optional
+
 import torch
 
-from .. import _normkit
-from ._common import (
-    _array, _check_supported, _check_values_per_channel, _like_output, _output_like)
-from .batch_norm import _BatchNormFunction
+from ._common import _check_rank, _check_values_per_channel, _onnx_float, _register_onnx
+from ._common import _torch_symbolic, _tracing
 
 __all__ = ["GroupNorm", "InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d"]
 
 
-def _kernel_array(tensor):
-    # The kernels take 2 to 5 dimensions; beyond that (GroupNorm takes any (N, C, *)),
-    # a contiguous tensor is the same data as (N, C, L).
-    if tensor is not None and tensor.dim() > 5:
-        tensor = tensor.reshape(tensor.shape[0], tensor.shape[1], -1)
-    return _array(tensor)
+def _group_norm(input: torch.Tensor, num_groups: int, weight: Optional[torch.Tensor],
+                bias: Optional[torch.Tensor], eps: float) -> torch.Tensor:
+    """torch.nn.functional.group_norm's checks (types and messages), then
+    normkit::group_norm."""
+    if input.dim() < 2:
+        raise RuntimeError(
+            f"normkit.torch: GroupNorm expects an input of shape (N, C, *), got {input.size()}")
+    size = [input.size(0) * input.size(1) // num_groups, num_groups]
+    _check_values_per_channel(size + list(input.size()[2:]))
+    if not _tracing() and input.size(1) % num_groups != 0:
+        raise RuntimeError(
+            "Expected number of channels in input to be divisible by num_groups, but got "
+            f"input of shape {list(input.size())} and num_groups={num_groups}")
+    return torch.ops.normkit.group_norm(input, num_groups, weight, bias, eps)
 
 
-class _GroupStatsFunction(torch.autograd.Function):
-    """y = group_norm(x) with per-(n, group) statistics; groups = None is instance norm
-    (groups = C), which may update running statistics. backward: dx, dweight, dbias."""
+def _instance_norm(input: torch.Tensor, weight: Optional[torch.Tensor],
+                   bias: Optional[torch.Tensor], running_mean: Optional[torch.Tensor],
+                   running_var: Optional[torch.Tensor], use_input_stats: bool,
+                   momentum: Optional[float], eps: float, no_batch_dim: int) -> torch.Tensor:
+    """_InstanceNorm.forward of torch 1.13 (the rank check, unbatched input), computed by
+    normkit::instance_norm, or by normkit::batch_norm with the running statistics."""
+    _check_rank(input, no_batch_dim, no_batch_dim + 1)
+    unbatched = input.dim() == no_batch_dim
+    if unbatched:
+        input = input.unsqueeze(0)
+    if use_input_stats and not _tracing():
+        spatial = 1
+        for extent in input.size()[2:]:
+            spatial *= extent
+        if spatial == 1:
+            raise ValueError(f"Expected more than 1 spatial element when training, got input "
+                             f"size {input.size()}")
+    if use_input_stats:
+        if running_mean is None:
+            momentum = 0.1  # unused
+        y = torch.ops.normkit.instance_norm(input, weight, bias, running_mean, running_var,
+                                            momentum, eps)
+    else:
+        # Eval with running statistics: per-channel constants, which is batch norm's
+        # inference (and its frozen backward).
+        y = torch.ops.normkit.batch_norm(input, weight, bias, running_mean, running_var, None,
+                                         False, 0.1, eps)
+    return y.squeeze(0) if unbatched else y
 
-    @staticmethod
-    def forward(ctx, x, weight, bias, groups, eps, running_mean, running_var, momentum):
-        y, source = _output_like(ctx, x)
-        ctx.save_for_backward(source, weight)
-        ctx.groups, ctx.has_bias = groups, bias is not None
-        if x.numel() == 0:
-            ctx.mean = ctx.invstd = None
-            return y
-        if groups is None:
-            _, ctx.mean, ctx.invstd = _normkit.instance_norm_forward_training(
-                _kernel_array(source), _array(weight), _array(bias), _array(running_mean),
-                _array(running_var), None, momentum, eps, out=_kernel_array(y))
-        else:
-            _, ctx.mean, ctx.invstd = _normkit.group_norm_forward(
-                _kernel_array(source), groups, _array(weight), _array(bias), eps,
-                out=_kernel_array(y))
-        return y
 
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, dy):
-        x, weight = ctx.saved_tensors
-        want_dx, want_dweight, want_dbias = ctx.needs_input_grad[:3]
-        channels = x.shape[1]
-        if x.numel() == 0:
-            dx = torch.zeros_like(x) if want_dx else None
-            dweight, dbias = torch.zeros(channels, dtype=x.dtype), torch.zeros(channels, dtype=x.dtype)
-        else:
-            dy = _like_output(ctx, dy)
-            dx = torch.empty_like(x) if want_dx else None
-            groups = channels if ctx.groups is None else ctx.groups
-            _, dweight, dbias = _normkit.group_norm_backward(
-                _kernel_array(x), _kernel_array(dy), groups, _array(weight), ctx.mean,
-                ctx.invstd, out=_kernel_array(dx), compute_dx=want_dx)
-            dweight, dbias = torch.from_numpy(dweight), torch.from_numpy(dbias)
-        return (dx,
-                dweight if weight is not None and want_dweight else None,
-                dbias if ctx.has_bias and want_dbias else None,
-                None, None, None, None, None)
+torch.fx.wrap("_group_norm")
+torch.fx.wrap("_instance_norm")
 
 
 class GroupNorm(torch.nn.GroupNorm):
     """torch.nn.GroupNorm computed by normkit: input (N, C, *), contiguous or channels_last
     (the output keeps the input's memory format, as PyTorch's does)."""
 
-    def forward(self, input):
-        if input.dim() < 2:
-            raise RuntimeError(
-                f"normkit.torch: GroupNorm expects an input of shape (N, C, *), got "
-                f"{tuple(input.shape)}")
-        # PyTorch's checks, types and messages (F.group_norm, native_group_norm).
-        size = [input.size(0) * input.size(1) // self.num_groups, self.num_groups]
-        _check_values_per_channel(size + list(input.size()[2:]))
-        if input.size(1) % self.num_groups != 0:
-            raise RuntimeError(
-                "Expected number of channels in input to be divisible by num_groups, but got "
-                f"input of shape {list(input.shape)} and num_groups={self.num_groups}")
-        _check_supported("group_norm", input, [("weight", self.weight), ("bias", self.bias)])
-        return _GroupStatsFunction.apply(input, self.weight, self.bias, self.num_groups, self.eps,
-                                         None, None, 0.1)
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return _group_norm(input, self.num_groups, self.weight, self.bias, self.eps)
 
 
 class _NormkitInstanceNorm:
-    """_apply_instance_norm of torch.nn.modules.instancenorm._InstanceNorm, computed by
-    normkit (PyTorch's forward keeps its input checks and unbatched-input handling)."""
+    """forward() of torch.nn.modules.instancenorm._InstanceNorm, computed by normkit."""
 
-    def _apply_instance_norm(self, input):
-        use_input_stats = self.training or not self.track_running_stats
-        _check_supported("instance_norm", input,
-                         [("weight", self.weight), ("bias", self.bias),
-                          ("running_mean", self.running_mean), ("running_var", self.running_var)])
-        if not use_input_stats:
-            # Eval with running statistics: per-channel constants, which is batch norm's
-            # inference (and its frozen backward).
-            return _BatchNormFunction.apply(input, self.weight, self.bias, self.running_mean,
-                                            self.running_var, None, False, 0.1, self.eps)
-        size = input.size()
-        spatial = 1
-        for extent in size[2:]:
-            spatial *= extent
-        if spatial == 1:
-            raise ValueError(
-                f"Expected more than 1 spatial element when training, got input size {size}")
-        momentum = self.momentum
-        if self.running_mean is None:
-            momentum = 0.1  # unused
-        return _GroupStatsFunction.apply(input, self.weight, self.bias, None, self.eps,
-                                         self.running_mean, self.running_var, momentum)
+    __constants__ = ["track_running_stats", "momentum", "eps", "num_features", "affine",
+                     "_no_batch_dim"]
+    _no_batch_dim = 2
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return _instance_norm(input, self.weight, self.bias, self.running_mean, self.running_var,
+                              self.training or not self.track_running_stats, self.momentum,
+                              self.eps, self._no_batch_dim)
 
 
 class InstanceNorm1d(_NormkitInstanceNorm, torch.nn.InstanceNorm1d):
     """torch.nn.InstanceNorm1d computed by normkit: input (N, C, L) or (C, L)."""
+
+    _no_batch_dim = 2
 
 
 class InstanceNorm2d(_NormkitInstanceNorm, torch.nn.InstanceNorm2d):
     """torch.nn.InstanceNorm2d computed by normkit: input (N, C, H, W) or (C, H, W),
     contiguous or channels_last."""
 
+    _no_batch_dim = 3
+
 
 class InstanceNorm3d(_NormkitInstanceNorm, torch.nn.InstanceNorm3d):
     """torch.nn.InstanceNorm3d computed by normkit: input (N, C, D, H, W) or (C, D, H, W),
     contiguous or channels_last_3d."""
 
+    _no_batch_dim = 4
+
+
+def _group_norm_onnx(g, input, num_groups, weight, bias, eps):
+    return _torch_symbolic("aten::group_norm")(g, input, num_groups, weight, bias, eps, False)
+
+
+def _instance_norm_onnx(g, input, weight, bias, running_mean, running_var, momentum, eps):
+    return _torch_symbolic("aten::instance_norm")(
+        g, input, weight, bias, running_mean, running_var, True, _onnx_float(momentum, 0.0), eps,
+        False)
+
+
+_register_onnx("group_norm", _group_norm_onnx)
+_register_onnx("instance_norm", _instance_norm_onnx)

@@ -1,31 +1,23 @@
 // The engine's 2-d convolution on oneDNN's convolution primitives (forward,
 // backward data, backward weights), in the model's memory format.
 //
-// Determinism: oneDNN's kernels split their work, and with it the order of
-// their sums, by the number of threads they see. Here every primitive is
-// created for one thread and runs on a fixed chunk of samples (kChunkSamples;
-// the batch's last chunk may be shorter); chunks are spread over normkit's
-// threads (dynamically, so a thread held up by another process does not hold
-// up the rest), and the weight gradient of each chunk is kept apart and the
-// chunks are added in chunk order. So the bits depend on the batch size, never
-// on the thread count.
+// Determinism (onednn.hpp): one-thread primitives on fixed chunks of samples
+// (kChunkSamples; the batch's last chunk may be shorter), spread over normkit's
+// threads; the weight gradient of each chunk is kept apart and the chunks are
+// added in chunk order. So the bits depend on the batch size, never on the
+// thread count.
 //
 // Measured against the im2col + sgemm this replaced (cnn-small, batch 128,
 // channels-last, one thread, CPU ms per step): conv 1 -> 32 forward 1.0 vs 3.3,
 // weight gradient 0.9 vs 1.7; conv 32 -> 64 forward 5.3 vs 8.7, data gradient
 // 5.8 vs 8.0, weight gradient 5.9 vs 6.2 (and 29 MB of im2col columns less).
-#include <omp.h>
-
-#include <oneapi/dnnl/dnnl.hpp>
-
 #include <algorithm>
-#include <exception>
-#include <map>
 #include <optional>
 #include <sstream>
 #include <unordered_map>
 
 #include "nn/layers.hpp"
+#include "nn/onednn.hpp"
 #include "normkit/threading.hpp"
 #include "support.hpp"
 
@@ -41,24 +33,6 @@ constexpr int64_t kChunkSamples = kConvChunkSamples;
 
 using dnnl::memory;
 using tag = dnnl::memory::format_tag;
-
-const dnnl::engine& cpu_engine() {
-  static const dnnl::engine engine(dnnl::engine::kind::cpu, 0);
-  return engine;
-}
-
-// oneDNN sizes a primitive's work split by omp_get_max_threads() when the
-// primitive is created: created under this guard, it is a one-thread primitive.
-class OneThread {
- public:
-  OneThread() : previous_(omp_get_max_threads()) { omp_set_num_threads(1); }
-  ~OneThread() { omp_set_num_threads(previous_); }
-  OneThread(const OneThread&) = delete;
-  OneThread& operator=(const OneThread&) = delete;
-
- private:
-  int previous_;
-};
 
 // Square kernel, zero padding; W: [out, in, k, k] (PyTorch's OIHW) in both
 // formats, the layout of parameters and checkpoints; oneDNN's own weight
@@ -94,13 +68,13 @@ class Conv2d final : public Layer {
     y_.reshape({n, cout_, oh_, ow_}, format_);
     try {
       for (Plan* p : plans_for(n)) p->reorder_weights(weight_.value, Plan::forward);
-      for_each_chunk(n, [&](int64_t first, int64_t samples, Buffers& buffers) {
+      for_each_sample_chunk(n, [&](int64_t first, int64_t samples, Buffers&) {
         Plan& p = plan(samples);
         std::unordered_map<int, memory> args = {
             {DNNL_ARG_SRC, p.src_at(x.data.data(), first)},
             {DNNL_ARG_WEIGHTS, p.weights(Plan::forward)},
             {DNNL_ARG_DST, p.dst_at(y_.data.data(), first)},
-            {DNNL_ARG_SCRATCHPAD, buffers.scratchpad(p.forward_pd.scratchpad_desc())}};
+            {DNNL_ARG_SCRATCHPAD, thread_scratchpad(p.forward_pd.scratchpad_desc())}};
         if (bias_) args.emplace(DNNL_ARG_BIAS, memory(p.bias, cpu_engine(), bias_->value.data()));
         dnnl::stream stream(cpu_engine());
         p.forward_primitive.execute(stream, args);
@@ -121,7 +95,7 @@ class Conv2d final : public Layer {
         dx_.reshape({n, cin_, h_, w_}, format_);
         for (Plan* p : plans_for(n)) p->reorder_weights(weight_.value, Plan::backward_data);
       }
-      for_each_chunk(n, [&](int64_t first, int64_t samples, Buffers& buffers) {
+      for_each_sample_chunk(n, [&](int64_t first, int64_t samples, Buffers& buffers) {
         Plan& p = plan(samples);
         const int64_t chunk = first / kChunkSamples;
         dnnl::stream stream(cpu_engine());
@@ -132,7 +106,7 @@ class Conv2d final : public Layer {
             {DNNL_ARG_SRC, p.src_at(x.data.data(), first)},
             {DNNL_ARG_DIFF_DST, dy_chunk},
             {DNNL_ARG_DIFF_WEIGHTS, weight_gradient},
-            {DNNL_ARG_SCRATCHPAD, buffers.scratchpad(p.backward_weights_pd.scratchpad_desc())}};
+            {DNNL_ARG_SCRATCHPAD, thread_scratchpad(p.backward_weights_pd.scratchpad_desc())}};
         if (bias_)
           args.emplace(DNNL_ARG_DIFF_BIAS,
                        memory(p.bias, cpu_engine(), partial_bias_.data() + cout_ * chunk));
@@ -144,7 +118,7 @@ class Conv2d final : public Layer {
             stream, {{DNNL_ARG_DIFF_DST, dy_chunk},
                      {DNNL_ARG_WEIGHTS, p.weights(Plan::backward_data)},
                      {DNNL_ARG_DIFF_SRC, p.src_at(dx_.data.data(), first)},
-                     {DNNL_ARG_SCRATCHPAD, buffers.scratchpad(p.backward_data_pd.scratchpad_desc())}});
+                     {DNNL_ARG_SCRATCHPAD, thread_scratchpad(p.backward_data_pd.scratchpad_desc())}});
       });
     } catch (const dnnl::error& e) {
       fail_runtime(describe(), ": oneDNN backward failed: ", e.what());
@@ -220,17 +194,8 @@ class Conv2d final : public Layer {
     if (n > kChunkSamples && n % kChunkSamples) out.push_back(&plan(n % kChunkSamples));
     return out;
   }
-  // Created on first use for each chunk size, then reused; looked up from
-  // several threads, so the map is read and filled under a lock.
   Plan& plan(int64_t samples) {
-    Plan* found = nullptr;
-#pragma omp critical(normkit_conv_plans)
-    {
-      auto it = plans_.find(samples);
-      if (it == plans_.end()) it = plans_.emplace(samples, make_plan(samples)).first;
-      found = &it->second;
-    }
-    return *found;
+    return plans_.get(samples, [&] { return make_plan(samples); });
   }
   Plan make_plan(int64_t samples) const {
     const tag image_tag = format_ == MemoryFormat::channels_last ? tag::nhwc : tag::nchw;
@@ -241,8 +206,7 @@ class Conv2d final : public Layer {
     const memory::desc bias = bias_ ? memory::desc({cout_}, f32, tag::x) : memory::desc();
     const memory::dims strides = {stride_, stride_}, padding = {pad_, pad_};
     const auto direct = dnnl::algorithm::convolution_direct;
-    dnnl::primitive_attr attr;
-    attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);  // one scratchpad per thread
+    const dnnl::primitive_attr attr = user_scratchpad();
     OneThread one_thread;
     dnnl::convolution_forward::primitive_desc forward_pd(
         {dnnl::prop_kind::forward_training, direct, src, weights, bias, dst, strides, padding, padding},
@@ -257,38 +221,25 @@ class Conv2d final : public Layer {
             dnnl::convolution_backward_weights(backward_weights_pd),
             memory::desc({cout_, cin_, k_, k_}, f32, tag::oihw), {}};
   }
-  // A thread's own buffers: oneDNN's scratchpad, a chunk's weight gradient in
-  // oneDNN's layout (before it is reordered into the chunk's OIHW partial).
+  // A thread's own buffer for a chunk's weight gradient in oneDNN's layout
+  // (before it is reordered into the chunk's OIHW partial).
   struct Buffers {
-    std::vector<char> scratchpad_bytes, gradient_bytes;
-    memory scratchpad(const memory::desc& desc) { return sized(desc, scratchpad_bytes); }
-    memory weight_gradient(const memory::desc& desc) { return sized(desc, gradient_bytes); }
-    static memory sized(const memory::desc& desc, std::vector<char>& bytes) {
-      if (bytes.size() < desc.get_size()) bytes.resize(desc.get_size());
-      return memory(desc, cpu_engine(), bytes.data());
+    std::vector<char> gradient_bytes;
+    memory weight_gradient(const memory::desc& desc) {
+      if (gradient_bytes.size() < desc.get_size()) gradient_bytes.resize(desc.get_size());
+      return memory(desc, cpu_engine(), gradient_bytes.data());
     }
   };
 
-  // Runs body(first sample, samples, the thread's buffers) for each chunk
-  // of the batch on normkit's threads; an exception in a chunk is rethrown here.
+  // Runs body(first sample, samples, the thread's buffers) for each chunk of the batch.
   template <class Body>
-  void for_each_chunk(int64_t n, const Body& body) {
+  void for_each_sample_chunk(int64_t n, const Body& body) {
     const int64_t chunks = (n + kChunkSamples - 1) / kChunkSamples;
-    const int threads = static_cast<int>(std::min<int64_t>(num_threads(), chunks));
-    if (buffers_.size() < static_cast<size_t>(threads)) buffers_.resize(static_cast<size_t>(threads));
-    std::exception_ptr failure;
-#pragma omp parallel for num_threads(threads) schedule(dynamic, 1)
-    for (int64_t chunk = 0; chunk < chunks; ++chunk) {
-      omp_set_num_threads(1);  // oneDNN in a team of one would open a region of its own
-      try {
-        const int64_t first = chunk * kChunkSamples;
-        body(first, std::min(kChunkSamples, n - first), buffers_[static_cast<size_t>(omp_get_thread_num())]);
-      } catch (...) {
-#pragma omp critical(normkit_conv_failure)
-        if (!failure) failure = std::current_exception();
-      }
-    }
-    if (failure) std::rethrow_exception(failure);
+    buffers_.resize(std::max<size_t>(buffers_.size(), static_cast<size_t>(num_threads())));
+    for_each_chunk(chunks, [&](int64_t chunk, int thread) {
+      const int64_t first = chunk * kChunkSamples;
+      body(first, std::min(kChunkSamples, n - first), buffers_[static_cast<size_t>(thread)]);
+    });
   }
 
   int64_t cin_, h_, w_, cout_, k_, stride_, pad_, oh_ = 0, ow_ = 0;
@@ -297,7 +248,7 @@ class Conv2d final : public Layer {
   std::optional<Parameter> bias_;
   const Tensor* input_ = nullptr;
   Tensor y_, dx_;
-  std::map<int64_t, Plan> plans_;
+  Cache<Plan> plans_;  // by samples per chunk
   std::vector<float> partial_weights_, partial_bias_;  // per chunk: OIHW, then the bias
   std::vector<Buffers> buffers_;                       // per thread
 };
