@@ -4,7 +4,7 @@ BUILD_DIR   ?= build
 JOBS        ?= $(shell nproc)
 CMAKE_FLAGS ?=
 
-.PHONY: deps configure build test bench demo lab clean sanitize fuzz clang tsan
+.PHONY: deps configure build test bench bench-distributed demo lab clean sanitize fuzz clang tsan
 
 deps:
 	@bash scripts/install-deps.sh
@@ -21,6 +21,15 @@ test: build
 bench: configure
 	@cmake --build $(BUILD_DIR) -j $(JOBS) --target normkit_bench
 	@$(BUILD_DIR)/bench/normkit_bench
+
+# Data-parallel training steps, one process vs 2 ranks with and without
+# synchronized batch norm (bench/distributed_bench.cpp, about 2 minutes);
+# JSON in $(BUILD_DIR)/bench/distributed.json. --bind-to none: the one-process
+# arm uses every core; OpenMPI refuses root without the two variables.
+bench-distributed: configure
+	@cmake --build $(BUILD_DIR) -j $(JOBS) --target normkit_distributed_bench
+	@OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 mpirun --oversubscribe --bind-to none \
+	  -np 2 $(BUILD_DIR)/bench/normkit_distributed_bench --json $(BUILD_DIR)/bench/distributed.json
 
 # The main job: cnn-small on Fashion-MNIST with and without batch normalization,
 # 2 epochs each (SGD momentum 0.9, lr 0.05, batch 128); table on stdout, then

@@ -27,6 +27,9 @@ packages=(
   python3-matplotlib dataset-fashion-mnist
   # the claims lab: t quantiles for its verdicts; scikit-learn's bundled tables
   python3-scipy python3-sklearn
+  # data-parallel training: MPI for the engine and the CLI (torch.distributed's gloo
+  # ships with python3-torch)
+  libopenmpi-dev openmpi-bin
 )
 
 missing=()

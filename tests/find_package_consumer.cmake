@@ -34,7 +34,7 @@ if(NOT engine MATCHES "normkit::normkit")
 endif()
 foreach(header normkit/normkit.hpp normkit/standardizer.hpp normkit/engine/nn.hpp
                normkit/engine/train.hpp normkit/engine/checkpoint.hpp normkit/engine/nn_fold.hpp
-               normkit/engine/data.hpp)
+               normkit/engine/data.hpp normkit/engine/distributed.hpp)
   if(NOT EXISTS "${prefix}/include/${header}")
     message(FATAL_ERROR "not installed: include/${header}")
   endif()

@@ -15,6 +15,7 @@
 
 #include "normkit/engine/checkpoint.hpp"
 #include "normkit/engine/data.hpp"
+#include "normkit/engine/distributed.hpp"
 #include "normkit/engine/nn.hpp"
 #include "normkit/engine/shift.hpp"
 #include "normkit/engine/train.hpp"
@@ -88,6 +89,9 @@ struct RunOptions {
   std::string probe_at;
   int64_t probe_samples = 1000, probe_units = 4;
   bool probe_ics = false;
+  // Data-parallel runs (mpirun): batch-norm statistics of the global batch; off,
+  // each rank normalizes its shard (ghost BN with the shard as ghost batch).
+  bool sync_bn = true;
   // After each epoch, also evaluate with these batch-norm statistics sources
   // (comma-separated StatsSource texts, e.g. "precise:1000,batch:16"), into the
   // metrics line's "bn_stats" object; the model keeps its running statistics.
@@ -261,6 +265,26 @@ class Run {
   } window_;
 };
 
+// Data-parallel training (`mpirun -np N normkit train`, tools/process_group.cpp).
+struct GroupFlags {
+  int ranks = 0;           // the number of ranks expected (0: whatever the launcher started)
+  double timeout = 300.0;  // seconds a rank waits for the others in a collective
+};
+// Joins the process group when an MPI launcher started this process (once;
+// later calls return the same group), else returns nullptr. Ranks other than 0
+// write nothing to stdout; ranks on one machine share its cores (threads).
+dist::Communicator* join_process_group(const GroupFlags& flags);
+dist::Communicator* process_group();  // nullptr: not joined
+// Rank 0 of the group, or a process on its own: the one that writes checkpoints and metrics.
+bool writes_files();
+// "rank 1 of 2: " in a group, "" otherwise: for error messages.
+std::string rank_prefix();
+// The exit status of `normkit` with `code`: in a group, 0 and an interruption
+// (128 + SIGINT or SIGTERM: every rank stopped after the same step, rank 0 saved)
+// finalize MPI; anything else ends every rank (MPI_Abort), since the others
+// would wait for this one.
+int leave_process_group(int code);
+
 // The exit status of a command stopped by `signal`: 128 + its number (130 for
 // SIGINT, 143 for SIGTERM), after a line saying where the run was saved.
 int report_interruption(int signal, const std::string& where);
@@ -270,6 +294,7 @@ struct CommandFlags {
   fs::path out;
   std::string name;  // the run's name in metrics.jsonl; default: OUT's directory name
   bool resume = false, overwrite = false;
+  GroupFlags group;  // train only
   std::string max_memory;  // --max-memory: "8G", "512M", bytes; "" = this machine's memory
 };
 

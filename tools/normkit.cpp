@@ -217,14 +217,42 @@ int report_stop(const Run& run) {
   if (run.epochs_done() > 0)
     message += fmt::format("; the last good checkpoint (epoch {}) is {}", run.epochs_done(),
                            run.checkpoint_path().string());
-  fmt::print(stderr, "normkit: error: {}\n", message);
+  fmt::print(stderr, "normkit: error: {}{}\n", rank_prefix(), message);
   return 1;
+}
+
+// The options of `train` for data-parallel runs under mpirun.
+void add_group_options(CLI::App* app, RunOptions& o, OptionMap& options, GroupFlags& group) {
+  options["sync_bn"] = app->add_flag(
+      "--sync-bn,!--no-sync-bn", o.sync_bn,
+      "under mpirun: batch norm with the statistics of the global batch, merged over the ranks "
+      "(default); --no-sync-bn: each rank normalizes its own shard (ghost BN, ghost batch = shard)");
+  app->add_option("--ranks", group.ranks,
+                  "under mpirun: the number of ranks this run expects; another number is an error")
+      ->check(CLI::Range(1, 1 << 20));
+  app->add_option("--timeout", group.timeout,
+                  "under mpirun: seconds a rank waits for the others before it ends the run "
+                  "(a rank that died or hangs)")
+      ->check(kPositive)
+      ->capture_default_str();
+}
+
+// Every rank starts from the same options, data and model: checked, not assumed.
+void check_same_start(dist::Communicator& group, Run& run, const Data& data) {
+  const std::string start = fmt::format("{} {} {} {}", to_json(run.options()).dump(),
+                                        run.epochs_done(), data.train.count(), data.test.count());
+  std::vector<const std::vector<float>*> arrays;
+  for (const auto& [name, values] : run.model().state()) arrays.push_back(values);
+  dist::check_same(group, dist::fingerprint(start) ^ dist::fingerprint(arrays),
+                   "the run's options, data or starting model (start every rank with the same "
+                   "command, files and --out)");
 }
 
 }  // namespace
 
 int command_train(const RunOptions& given_options, const GivenOptions& given,
                   const CommandFlags& flags) {
+  dist::Communicator* group = join_process_group(flags.group);
   fs::path out_path = fs::absolute(flags.out).lexically_normal();
   if (out_path.filename().empty()) out_path = out_path.parent_path();  // "runs/x/"
   std::string name = flags.name.empty() ? out_path.filename().string() : flags.name;
@@ -260,8 +288,20 @@ int command_train(const RunOptions& given_options, const GivenOptions& given,
     run.emplace(Run::start(o, name, flags.out, o.norm, standardizer, data.train, flags.overwrite));
   }
   const RunOptions& o = run->options();
-  fmt::print("normkit train: {} ({}), {}\n", describe_run(o, data),
+  std::string ranks;
+  if (group) {
+    if (o.probe_every > 0 || !o.probe_at.empty())
+      usage_error("--probe-every and --probe-at run in one process, not under mpirun");
+    const int synchronized = run->model().synchronize_batch_norm(o.sync_bn ? group : nullptr);
+    check_same_start(*group, *run, data);
+    ranks = fmt::format("; {} ranks{}", group->size(),
+                        synchronized ? o.sync_bn ? ", synchronized batch norm"
+                                                 : ", batch norm per rank"
+                                     : "");
+  }
+  fmt::print("normkit train: {} ({}{}), {}\n", describe_run(o, data),
              run->norm() == "none" ? "without normalization" : "with " + norm_label(run->norm()),
+             ranks,
              !flags.resume           ? fmt::format("output in {}", flags.out.string())
              : run->epoch_step() > 0 ? fmt::format("resuming epoch {} after step {}",
                                                    run->epochs_done() + 1, run->epoch_step())
@@ -274,7 +314,7 @@ int command_train(const RunOptions& given_options, const GivenOptions& given,
     return 0;
   }
   std::optional<Progress> progress;
-  if (Progress::enabled()) progress.emplace("");
+  if (Progress::enabled() && writes_files()) progress.emplace("");
   while (run->epochs_done() < o.epochs) {
     const EpochRecord record = run->train_epoch(data, progress ? &*progress : nullptr);
     if (record.interrupted)
@@ -533,6 +573,7 @@ int run_main(int argc, char** argv) {
   auto* train = app.add_subcommand("train", "train a model; per-epoch metrics and a checkpoint go to --out");
   add_run_options(train, train_options, train_given, true);
   add_command_flags(train, train_flags, "runs/train");
+  add_group_options(train, train_options, train_given, train_flags.group);
   train->add_option("--name", train_flags.name, "the run's name in metrics.jsonl (default: --out's name)");
 
   auto* compare = app.add_subcommand(
@@ -598,9 +639,12 @@ int run_main(int argc, char** argv) {
   }
   if (*train)
     return command_train(with_absolute_paths(train_options), given_options(train_given), train_flags);
-  if (*compare)
+  if (*compare) {
+    if (dist::started_by_mpi_launcher())
+      usage_error("compare runs in one process; under mpirun, train each arm with normkit train");
     return command_compare(with_absolute_paths(compare_options), given_options(compare_given),
                            compare_flags);
+  }
   if (*eval) return command_eval(eval_flags);
   if (*fold) return command_fold(fold_flags);
   if (*predict) return command_predict(predict_flags);
@@ -614,20 +658,28 @@ int run_main(int argc, char** argv) {
 
 }  // namespace normkit::cli
 
-int main(int argc, char** argv) {
+namespace {
+int run_and_report(int argc, char** argv) {
+  using normkit::cli::rank_prefix;
   try {
     return normkit::cli::run_main(argc, argv);
   } catch (const normkit::Error& e) {
     std::fflush(stdout);
-    fmt::print(stderr, "normkit: error: {}\n", e.what());
+    fmt::print(stderr, "normkit: error: {}{}\n", rank_prefix(), e.what());
     return e.kind() == normkit::ErrorKind::invalid_argument ? 2 : 1;
   } catch (const std::exception& e) {
     std::fflush(stdout);
-    fmt::print(stderr, "normkit: error: {}\n", e.what());
+    fmt::print(stderr, "normkit: error: {}{}\n", rank_prefix(), e.what());
     return 1;
   } catch (...) {
     std::fflush(stdout);
-    fmt::print(stderr, "normkit: error: unexpected failure\n");
+    fmt::print(stderr, "normkit: error: {}unexpected failure\n", rank_prefix());
     return 1;
   }
+}
+}  // namespace
+
+int main(int argc, char** argv) {
+  // Under mpirun an error on one rank ends them all (the others would wait for it).
+  return normkit::cli::leave_process_group(run_and_report(argc, argv));
 }

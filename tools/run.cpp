@@ -78,6 +78,7 @@ json to_json(const RunOptions& o) {
           {"probe_samples", o.probe_samples},
           {"probe_units", o.probe_units},
           {"probe_ics", o.probe_ics},
+          {"sync_bn", o.sync_bn},
           {"eval_bn_stats", o.eval_bn_stats}};
 }
 
@@ -126,6 +127,7 @@ RunOptions run_options_from_json(const json& j) {
     o.probe_samples = j.value("probe_samples", d.probe_samples);
     o.probe_units = j.value("probe_units", d.probe_units);
     o.probe_ics = j.value("probe_ics", d.probe_ics);
+    o.sync_bn = j.value("sync_bn", d.sync_bn);
     o.eval_bn_stats = j.value("eval_bn_stats", d.eval_bn_stats);
   } catch (const json::exception& e) {
     runtime_error(std::string("bad run options: ") + e.what());
@@ -696,6 +698,7 @@ Run Run::start(const RunOptions& options, const std::string& name, const fs::pat
   run.model_->initialize(init_options(options), options.seed);
   run.optimizer_ = io::make_optimizer(options.optimizer, optimizer_options(options),
                                       run.model_->parameters());
+  if (!writes_files()) return run;
   fs::create_directories(out, ec);
   if (ec) runtime_error("cannot create '" + out.string() + "': " + ec.message());
   fs::remove(run.checkpoint_path(), ec);  // --overwrite: the old run is gone
@@ -743,19 +746,22 @@ Run Run::resume(const fs::path& out) {
   // metrics.jsonl may be missing its last line (a crash between saving the
   // checkpoint and appending) or hold lines of a later, lost epoch: the
   // checkpoint's copy is the truth. steps.jsonl keeps the steps it covers.
-  run.rewrite_metrics();
-  const int64_t steps_before = run.history_.empty() ? 0 : run.history_.back().value("steps", int64_t{0});
-  run.rewrite_steps(steps_before + run.position_.step);
-  fs::remove(out / "run.json", ec);
-  // What a save cut short by a crash left next to the checkpoint.
-  io::remove_stale_temporaries(run.checkpoint_path());
+  if (writes_files()) {
+    run.rewrite_metrics();
+    const int64_t steps_before =
+        run.history_.empty() ? 0 : run.history_.back().value("steps", int64_t{0});
+    run.rewrite_steps(steps_before + run.position_.step);
+    fs::remove(out / "run.json", ec);
+    // What a save cut short by a crash left next to the checkpoint.
+    io::remove_stale_temporaries(run.checkpoint_path());
+  }
   return run;
 }
 
 json Run::evaluate_sets(const Data& data, bool with_test) {
   json m = json::object();
   auto add = [&](const char* name, const data::Dataset& set) {
-    const train::Evaluation e = train::evaluate(*model_, set);
+    const train::Evaluation e = train::evaluate(*model_, set, 1000, process_group());
     m[std::string(name) + "_loss"] = e.loss;
     m[std::string(name) + "_acc"] = e.accuracy;
   };
@@ -820,7 +826,8 @@ double sum_seconds(const json& history) {
 EpochRecord Run::train_epoch(const Data& data, Progress* progress) {
   const int64_t epoch = epochs_done_;  // 0-based
   const RunOptions& o = options_;
-  const int64_t steps = train::steps_per_epoch(data.train.count(), o.batch_size);
+  const int64_t steps = train::steps_per_epoch(data.train.count(), o.batch_size,
+                                               process_group() ? process_group()->size() : 1);
   const int64_t first_step = epoch * steps;  // global steps done before this epoch
   const bool test_each_epoch = o.test_eval == "epoch";
   const std::set<int64_t> probe_at = probe_steps(o);
@@ -831,7 +838,7 @@ EpochRecord Run::train_epoch(const Data& data, Progress* progress) {
   probe_options.ics = o.probe_ics;
   probe_options.ics_lr = learning_rate_at(o, epoch);
   std::ofstream steps_file;
-  if (logging) {
+  if (logging && writes_files()) {
     steps_file.open(out_ / "steps.jsonl", std::ios::app);
     if (!steps_file) runtime_error("cannot append to '" + (out_ / "steps.jsonl").string() + "'");
   }
@@ -861,9 +868,11 @@ EpochRecord Run::train_epoch(const Data& data, Progress* progress) {
       if (!probe_data) probe_data = probe_batch(data, o, model_->format());
       line["probe"] = probe_json(probe::run(*model_, probe_data->batch, probe_data->labels, probe_options));
     }
-    steps_file << line.dump() << '\n';
-    steps_file.flush();
-    if (!steps_file) runtime_error("cannot append to '" + (out_ / "steps.jsonl").string() + "'");
+    if (writes_files()) {  // every rank evaluates (a collective); rank 0 writes
+      steps_file << line.dump() << '\n';
+      steps_file.flush();
+      if (!steps_file) runtime_error("cannot append to '" + (out_ / "steps.jsonl").string() + "'");
+    }
     if (log_due) window_loss = 0, window_correct = 0, window_samples = 0;
     overhead += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   };
@@ -883,7 +892,7 @@ EpochRecord Run::train_epoch(const Data& data, Progress* progress) {
   optimizer_->learning_rate = static_cast<float>(learning_rate_at(o, epoch));
   try {
     result = train::train_epoch(*model_, *optimizer_, data.train, o.batch_size, o.seed, epoch,
-                                callback, position_);
+                                callback, position_, process_group());
   } catch (const Error& e) {
     if (progress) progress->clear();
     if (e.kind() != ErrorKind::runtime) throw;
@@ -901,11 +910,15 @@ EpochRecord Run::train_epoch(const Data& data, Progress* progress) {
     const train::EpochPosition before = position_;
     position_ = result.position;
     try {
-      save_checkpoint();
+      if (writes_files()) save_checkpoint();
     } catch (...) {
       position_ = before;
       throw;
     }
+    // Every rank stopped after the same step; they leave together once rank 0 has saved.
+    if (auto* group = process_group())
+      dist::check_same(*group, static_cast<uint64_t>(position_.step),
+                       "the step after which the run stopped");
     return {{}, true, "", train::stop_signal()};
   }
   position_ = {};
@@ -936,20 +949,23 @@ EpochRecord Run::train_epoch(const Data& data, Progress* progress) {
                 {"optimizer", o.optimizer},
                 {"lr", learning_rate_at(o, epoch)},
                 {"batch_size", o.batch_size},
-                {"seed", o.seed}});
+                {"seed", o.seed},
+                {"ranks", process_group() ? process_group()->size() : 1}});
   ++epochs_done_;
   history_.push_back(m);
-  try {
-    save_checkpoint();
-  } catch (...) {
-    --epochs_done_;
-    history_.erase(history_.end() - 1);
-    throw;
+  if (writes_files()) {
+    try {
+      save_checkpoint();
+    } catch (...) {
+      --epochs_done_;
+      history_.erase(history_.end() - 1);
+      throw;
+    }
+    std::ofstream metrics(out_ / "metrics.jsonl", std::ios::app);
+    metrics << m.dump() << '\n';
+    metrics.flush();
+    if (!metrics) runtime_error("cannot append to '" + (out_ / "metrics.jsonl").string() + "'");
   }
-  std::ofstream metrics(out_ / "metrics.jsonl", std::ios::app);
-  metrics << m.dump() << '\n';
-  metrics.flush();
-  if (!metrics) runtime_error("cannot append to '" + (out_ / "metrics.jsonl").string() + "'");
   if (o.diverge_factor > 0 && !(result.loss <= o.diverge_factor * initial_loss_)) {
     stop_reason_ = fmt::format(
         "training diverged in epoch {}: its mean loss {:.4g} exceeds {:g} × the first step's loss "
@@ -962,6 +978,7 @@ EpochRecord Run::train_epoch(const Data& data, Progress* progress) {
 }
 
 void Run::write_outcome() const {
+  if (!writes_files()) return;
   const json out = {{"status", divergence_.is_null() ? "finished" : "diverged"},
                     {"run", name_},
                     {"epochs_done", epochs_done_},

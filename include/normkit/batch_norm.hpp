@@ -111,6 +111,45 @@ template <class T>
 void batch_norm_update_running(std::span<const Moments> moments, RunningStats<T> running,
                                const BatchNormOptions& options = {});
 
+// Synchronized (data-parallel) batch normalization: each process holds a shard of
+// the batch, and the statistics and gradient sums of the whole batch are
+// assembled from every shard's partials between the halves below.
+//   forward:  batch_norm_moments (this shard) -> merge every shard's, in a fixed
+//             order (Moments::merge) -> batch_norm_forward_from_moments
+//   backward: batch_norm_backward_reduce (this shard's Σdy, Σdy·x̂) -> add every
+//             shard's, in a fixed order -> batch_norm_backward_apply
+// With one shard the halves give what forward-training and backward give
+// (bitwise for float data). dγ and dβ of the whole batch are the summed Σdy·x̂
+// and Σdy.
+
+// The second half of forward-training with the statistics of `moments` (the
+// whole batch's): y = (x - mean) / sqrt(biased var + eps) * γ + β, saved
+// statistics and running statistics as batch_norm_forward_training writes them.
+// Every channel needs a count above 1; non-finite moments raise a runtime error
+// before anything is written.
+template <class T>
+void batch_norm_forward_from_moments(ConstTensorView<T> x, TensorView<T> y,
+                                     std::span<const T> gamma, std::span<const T> beta,
+                                     std::span<const Moments> moments, SavedStats<T> saved,
+                                     RunningStats<T> running, const BatchNormOptions& options = {});
+
+// This shard's per-channel Σdy and Σdy·x̂, x̂ = (x - mean)·invstd, in double
+// (mean and invstd: the whole batch's, as forward saved them). Any number of
+// values per channel, one included.
+template <class T>
+void batch_norm_backward_reduce(ConstTensorView<T> x, ConstTensorView<T> dy,
+                                std::span<const T> mean, std::span<const T> invstd,
+                                std::span<double> sum_dy, std::span<double> sum_dy_xhat);
+
+// Training-mode dx of this shard from the whole batch's sums over `count` values
+// per channel: dx = γ·invstd·(dy - Σdy/count - x̂·Σdy·x̂/count). count must be
+// above 1 and at least this shard's values per channel.
+template <class T>
+void batch_norm_backward_apply(ConstTensorView<T> x, ConstTensorView<T> dy, TensorView<T> dx,
+                               std::span<const T> gamma, std::span<const T> mean,
+                               std::span<const T> invstd, std::span<const double> sum_dy,
+                               std::span<const double> sum_dy_xhat, double count);
+
 // invstd[c] = 1 / sqrt(var[c] + eps).
 template <class T>
 void batch_norm_invstd(std::span<const T> var, double eps, std::span<T> invstd);

@@ -9,11 +9,29 @@
 namespace normkit::python {
 namespace {
 
+py::array_t<Moments> moments_array(const py::object& object, const char* name) {
+  if (!py::isinstance<py::array_t<Moments>>(object))
+    type_error(std::string(name) + ": expected an array of normkit.moments_dtype (from "
+               "batch_norm_moments), got " +
+               (py::isinstance<py::array>(object)
+                    ? dtype_of(py::reinterpret_borrow<py::array>(object))
+                    : type_name(object)));
+  auto a = py::array_t<Moments, py::array::c_style>::ensure(object);
+  if (a.ndim() != 1)
+    value_error(std::string(name) + ": expected a 1-D array, got shape " + shape_of(a));
+  return a;
+}
+
+// Forward-training with the batch's own statistics, or (`moments` given) with
+// those of batch_norm_forward_from_moments (synchronized BN).
 template <class T>
 py::tuple forward_training(const py::array& x, const py::object& weight, const py::object& bias,
                            const py::object& running_mean, const py::object& running_var,
                            const py::object& num_batches_tracked, const BatchNormOptions& options,
-                           const std::optional<std::string>& layout, const py::object& out) {
+                           const std::optional<std::string>& layout, const py::object& out,
+                           const py::object& moments_object = py::none()) {
+  std::optional<py::array_t<Moments>> moments;
+  if (!moments_object.is_none()) moments = moments_array(moments_object, "moments");
   auto n = normalization<T>(x, weight, bias, layout, out);
   const RunningStats<T> running =
       running_in_place<T>(running_mean, running_var, num_batches_tracked, dtype_of(n.x),
@@ -21,8 +39,13 @@ py::tuple forward_training(const py::array& x, const py::object& weight, const p
   py::array_t<T> save_mean(n.channels()), save_invstd(n.channels());
   const Staged staged = Staged::stage<T>(n.layout, {{&n.x, "x"}}, {&n.y, "out"});
   n.run([&](auto xv, auto yv, auto gamma, auto beta) {
-    batch_norm_forward_training<T>(xv, yv, gamma, beta, {span_of(save_mean), span_of(save_invstd)},
-                                   running, options);
+    const SavedStats<T> saved{span_of(save_mean), span_of(save_invstd)};
+    if (moments)
+      batch_norm_forward_from_moments<T>(
+          xv, yv, gamma, beta, {moments->data(), static_cast<size_t>(moments->size())}, saved,
+          running, options);
+    else
+      batch_norm_forward_training<T>(xv, yv, gamma, beta, saved, running, options);
   });
   staged.finish(n.y);
   return py::make_tuple(n.y, save_mean, save_invstd);
@@ -67,6 +90,45 @@ py::tuple backward(const py::array& x, const py::object& dy, const py::object& w
   return g.result();
 }
 
+// Synchronized BN's backward halves: this shard's Σdy and Σdy·x̂ (float64), and
+// dx from the whole batch's.
+template <class T>
+py::tuple backward_reduce(const py::array& x, const py::object& dy, const py::object& mean_object,
+                          const py::object& invstd_object, const std::optional<std::string>& layout) {
+  auto g = gradients<T>(x, dy, py::none(), layout, py::none(), false);
+  const auto mean = required_channel_values<T>(mean_object, "mean");
+  const auto invstd = required_channel_values<T>(invstd_object, "invstd");
+  const auto channels = static_cast<py::ssize_t>(channels_of(g.x, g.layout));
+  py::array_t<double> sum_dy(channels), sum_dy_xhat(channels);
+  const Staged staged = Staged::stage<T>(g.layout, {{&g.x, "x"}, {&g.dy, "dy"}}, {nullptr, "out"});
+  g.run([&](auto xv, auto dyv, auto, auto, auto, auto) {
+    batch_norm_backward_reduce<T>(xv, dyv, span_of(mean), span_of(invstd), span_of(sum_dy),
+                                  span_of(sum_dy_xhat));
+  });
+  return py::make_tuple(sum_dy, sum_dy_xhat);
+}
+
+template <class T>
+py::array backward_apply(const py::array& x, const py::object& dy, const py::object& weight,
+                         const py::object& mean_object, const py::object& invstd_object,
+                         const py::object& sum_dy_object, const py::object& sum_dy_xhat_object,
+                         double count, const std::optional<std::string>& layout,
+                         const py::object& out) {
+  auto g = gradients<T>(x, dy, weight, layout, out, true);
+  const auto mean = required_channel_values<T>(mean_object, "mean");
+  const auto invstd = required_channel_values<T>(invstd_object, "invstd");
+  const auto sum_dy = required_channel_values<double>(sum_dy_object, "sum_dy");
+  const auto sum_dy_xhat = required_channel_values<double>(sum_dy_xhat_object, "sum_dy_xhat");
+  const Staged staged =
+      Staged::stage<T>(g.layout, {{&g.x, "x"}, {&g.dy, "dy"}}, {&*g.dx, "out"});
+  g.run([&](auto xv, auto dyv, auto dxv, auto gamma, auto, auto) {
+    batch_norm_backward_apply<T>(xv, dyv, dxv, gamma, span_of(mean), span_of(invstd),
+                                 span_of(sum_dy), span_of(sum_dy_xhat), count);
+  });
+  staged.finish(*g.dx);
+  return *g.dx;
+}
+
 template <class T>
 py::array_t<Moments> moments(py::array x, const std::optional<std::string>& layout_name) {
   const Layout layout = layout_for(layout_name, x);
@@ -79,19 +141,6 @@ py::array_t<Moments> moments(py::array x, const std::optional<std::string>& layo
     batch_norm_moments<T>(xv, out);
   }
   return result;
-}
-
-py::array_t<Moments> moments_array(const py::object& object, const char* name) {
-  if (!py::isinstance<py::array_t<Moments>>(object))
-    type_error(std::string(name) + ": expected an array of normkit.moments_dtype (from "
-               "batch_norm_moments), got " +
-               (py::isinstance<py::array>(object)
-                    ? dtype_of(py::reinterpret_borrow<py::array>(object))
-                    : type_name(object)));
-  auto a = py::array_t<Moments, py::array::c_style>::ensure(object);
-  if (a.ndim() != 1)
-    value_error(std::string(name) + ": expected a 1-D array, got shape " + shape_of(a));
-  return a;
 }
 
 py::array_t<Moments> merge(const py::object& a_object, const py::object& b_object) {
@@ -242,6 +291,59 @@ compute_dx=False returns dx as None and computes only dweight and dbias.)doc",
       py::arg("x"), py::kw_only(), py::arg("layout") = py::none(),
       "Per-channel (count, mean, m2) of x as an array of normkit.moments_dtype; "
       "m2 = sum((x - mean)**2). Combine partials with merge_moments.");
+
+  def(
+      m, "batch_norm_forward_from_moments",
+      [](const py::object& x, const py::object& weight, const py::object& bias,
+         const py::object& moments, const py::object& running_mean, const py::object& running_var,
+         const py::object& num_batches_tracked, std::optional<double> momentum, double eps,
+         const std::optional<std::string>& layout, const py::object& out,
+         const std::string& momentum_convention, const std::string& running_variance) {
+        return by_dtype(x, [&](auto t, const py::array& a) {
+          return forward_training<decltype(t)>(
+              a, weight, bias, running_mean, running_var, num_batches_tracked,
+              options_of(momentum, eps, momentum_convention, running_variance), layout, out,
+              moments);
+        });
+      },
+      R"doc(Forward-training with given batch statistics (synchronized BN).
+
+moments (normkit.moments_dtype, one per channel) are the whole batch's, usually every
+process's batch_norm_moments merged in a fixed order; x is this process's shard. Returns
+(y, save_mean, save_invstd) and updates the running statistics as
+batch_norm_forward_training does with the whole batch.)doc",
+      py::arg("x"), affine_args(), py::arg("moments"), running_args(), momentum_eps_args(),
+      layout_out_args(), convention_args());
+
+  m.def(
+      "batch_norm_backward_reduce",
+      [](const py::object& x, const py::object& dy, const py::object& mean,
+         const py::object& invstd, const std::optional<std::string>& layout) {
+        return by_dtype(x, [&](auto t, const py::array& a) {
+          return backward_reduce<decltype(t)>(a, dy, mean, invstd, layout);
+        });
+      },
+      py::arg("x"), py::arg("dy"), py::arg("mean"), py::arg("invstd"), py::kw_only(),
+      py::arg("layout") = py::none(),
+      "(sum_dy, sum_dy_xhat): this shard's per-channel sums of dy and dy * (x - mean) * invstd "
+      "as float64 (synchronized BN: add every process's, then batch_norm_backward_apply). "
+      "Their sums over the processes are dbias and dweight.");
+
+  def(
+      m, "batch_norm_backward_apply",
+      [](const py::object& x, const py::object& dy, const py::object& weight,
+         const py::object& mean, const py::object& invstd, const py::object& sum_dy,
+         const py::object& sum_dy_xhat, double count, const std::optional<std::string>& layout,
+         const py::object& out) {
+        return by_dtype(x, [&](auto t, const py::array& a) {
+          return backward_apply<decltype(t)>(a, dy, weight, mean, invstd, sum_dy, sum_dy_xhat,
+                                             count, layout, out);
+        });
+      },
+      "Training-mode dx of this shard from the whole batch's sums over `count` values per "
+      "channel: weight * invstd * (dy - sum_dy / count - x_hat * sum_dy_xhat / count).",
+      py::arg("x"), py::arg("dy"), py::arg("weight"), py::arg("mean"), py::arg("invstd"),
+      py::arg("sum_dy"), py::arg("sum_dy_xhat"), py::arg("count"), layout_out_args());
 
   m.def("merge_moments", &merge, py::arg("a"), py::arg("b"),
         "Channel-wise merge of two sets of moments (Chan et al.), as if their data were one "

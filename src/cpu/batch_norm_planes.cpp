@@ -28,6 +28,7 @@ namespace {
 using cpu::ApplyCoefficients;
 using cpu::apply_coefficients;
 using cpu::BackwardCoefficients;
+using cpu::backward_coefficients;
 using cpu::finish_channel;
 using cpu::stream_apply;
 using cpu::stream_backward;
@@ -396,6 +397,23 @@ void planes_backward(const Backward<float>& p) {
   }
 }
 
+// dx from given sums (synchronized BN): the apply half of planes_backward.
+void planes_backward_apply(const BackwardApply<float>& p) {
+  const Geometry& g = p.x_geom;
+  const ApplyUnits units(g);
+  const bool stream = streaming_output(p.dx_geom, p.dx, p.x, p.dy);
+  std::vector<BackwardCoefficients> coeff(g.channels);
+  for (int64_t c = 0; c < g.channels; ++c)
+    coeff[c] = backward_coefficients(p.mean[c], p.invstd[c], param_or(p.gamma, c, 1.0),
+                                     p.sum_dy[c], p.sum_dy_xhat[c], p.count, BackwardMode::training);
+#pragma omp parallel for num_threads(threads_for(2 * g.channels * g.reduction_size())) schedule(static)
+  for (int64_t t = 0; t < units.count; ++t)
+    for_each_run_of_unit(g, units, t, [&](int64_t o, int64_t c, int64_t first, int64_t len) {
+      backward_apply_runs(p.x + g.offset(o, c, first), 0, p.dy + p.dy_geom.offset(o, c, first), 0,
+                          p.dx + p.dx_geom.offset(o, c, first), 0, 1, len, coeff[c], stream);
+    });
+}
+
 const char* planes_decline(const Geometry& x, std::span<const Geometry> others) {
   if (x.inner_stride != 1 || x.inner < 2) return "inner run is not contiguous";
   for (const auto& o : others)
@@ -408,6 +426,7 @@ const char* planes_decline(const Geometry& x, std::span<const Geometry> others) 
 
 extern const Impl kPlanes = {
     "planes", planes_decline, planes_forward_training, planes_apply, planes_backward,
-    [](const Statistics<float>& p) { planes_moments(p.x_geom, p.x, p.moments); }};
+    [](const Statistics<float>& p) { planes_moments(p.x_geom, p.x, p.moments); },
+    planes_backward_apply};
 
 }  // namespace normkit::kernels::bn

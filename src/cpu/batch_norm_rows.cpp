@@ -23,6 +23,7 @@ namespace {
 using cpu::ApplyCoefficients;
 using cpu::apply_coefficients;
 using cpu::BackwardCoefficients;
+using cpu::backward_coefficients;
 using cpu::finish_channel;
 using cpu::stream_apply;
 using cpu::stream_backward;
@@ -421,6 +422,33 @@ void rows_backward(const Backward<float>& p) {
   }
 }
 
+// dx from given sums (synchronized BN): the apply half of rows_backward.
+void rows_backward_apply(const BackwardApply<float>& p) {
+  const Geometry& gx = p.x_geom;
+  const RowPlan plan(gx);
+  const int64_t C = plan.channels;
+  std::vector<float> mean_hi(C), a(C), b(C), k(C);
+  for (int64_t c = 0; c < C; ++c) {
+    const BackwardCoefficients bc =
+        backward_coefficients(p.mean[c], p.invstd[c], param_or(p.gamma, c, 1.0), p.sum_dy[c],
+                              p.sum_dy_xhat[c], p.count, BackwardMode::training);
+    mean_hi[c] = bc.mean_hi;
+    a[c] = bc.a;
+    b[c] = bc.b;
+    k[c] = bc.k;
+  }
+  const bool stream = streaming_output(p.dx_geom, p.dx, p.x, p.dy);
+#pragma omp parallel for num_threads(threads_for(2 * C * plan.rows)) schedule(static)
+  for (int64_t chunk = 0; chunk < plan.chunks; ++chunk) {
+    const int64_t r0 = plan.first_row(chunk);
+    rows_backward_apply_chunk(p.x + r0 * gx.outer_stride, gx.outer_stride,
+                              p.dy + r0 * p.dy_geom.outer_stride, p.dy_geom.outer_stride,
+                              p.dx + r0 * p.dx_geom.outer_stride, p.dx_geom.outer_stride,
+                              plan.rows_in(chunk), C, mean_hi.data(), a.data(), b.data(), k.data(),
+                              stream);
+  }
+}
+
 const char* rows_decline(const Geometry& x, std::span<const Geometry> others) {
   if (x.inner != 1 || (x.channel_stride != 1 && x.channels > 1))
     return "channels are not contiguous rows";
@@ -434,6 +462,7 @@ const char* rows_decline(const Geometry& x, std::span<const Geometry> others) {
 
 extern const Impl kRows = {
     "rows", rows_decline, rows_forward_training, rows_apply, rows_backward,
-    [](const Statistics<float>& p) { rows_moments(p.x_geom, p.x, p.moments); }};
+    [](const Statistics<float>& p) { rows_moments(p.x_geom, p.x, p.moments); },
+    rows_backward_apply};
 
 }  // namespace normkit::kernels::bn

@@ -51,6 +51,23 @@ struct Backward {
   double* sum_dy_xhat;   // out: Σdy·x̂ per channel (= dγ)
 };
 
+// Training-mode dx from given per-channel sums over `count` values per channel
+// (synchronized BN: the sums and count are the whole batch's, x and dy a shard;
+// batch_norm_backward_apply). Backward with dx == nullptr computes the sums.
+template <class T>
+struct BackwardApply {
+  Geometry x_geom, dy_geom, dx_geom;
+  const T* x;
+  const T* dy;
+  T* dx;
+  const T* gamma;
+  const double* mean;
+  const double* invstd;
+  const double* sum_dy;
+  const double* sum_dy_xhat;
+  double count;
+};
+
 inline double invstd_of(double biased_var, double eps) { return 1.0 / std::sqrt(biased_var + eps); }
 
 // Per-channel moments of x (batch_norm_moments).
@@ -70,6 +87,7 @@ struct Impl {
   void (*apply)(const Apply<float>&);
   void (*backward)(const Backward<float>&);
   void (*moments)(const Statistics<float>&);
+  void (*backward_apply)(const BackwardApply<float>&);
 };
 
 // In the order tried (src/cpu/implementations.cpp).
@@ -81,6 +99,7 @@ template <class T> void forward(const Forward<T>& p);
 template <class T> void apply(const Apply<T>& p);
 template <class T> void backward(const Backward<T>& p);
 template <class T> void moments(const Statistics<T>& p);
+template <class T> void backward_apply(const BackwardApply<T>& p);
 }  // namespace ref
 
 }  // namespace normkit::kernels::bn

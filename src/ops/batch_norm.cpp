@@ -34,6 +34,28 @@ using detail::or_null;
 using detail::unify;
 namespace bn = kernels::bn;
 
+namespace {
+// x, dy and dx (data == nullptr: not wanted) of a backward: checked, with the
+// in-place rules, as geometries the kernels can walk together.
+struct GradientGeometries {
+  Geometry x, dy, dx;
+};
+template <class T>
+GradientGeometries checked_gradients(ConstTensorView<T> x, ConstTensorView<T> dy,
+                                     TensorView<T> dx) {
+  Geometry gx = checked_input(x, "x");
+  Geometry gdy = checked_like(dy, x, "dy");
+  Geometry gdx = dx.data ? checked_like(dx, x, "dx") : gdy;
+  check_in_place_dx(dx.data, gdx, x.data, gx, dy.data, gdy);
+  if (dx.data)
+    unify<T>(x, gx, {{&gdy, dy}, {&gdx, dx}});
+  else
+    unify<T>(x, gx, {{&gdy, dy}});
+  if (!dx.data) gdx = gdy;
+  return {gx, gdy, gdx};
+}
+}  // namespace
+
 template <class T>
 void batch_norm_update_running(std::span<const Moments> moments, RunningStats<T> running,
                                const BatchNormOptions& options) {
@@ -114,6 +136,37 @@ void batch_norm_forward_apply(ConstTensorView<T> x, TensorView<T> y, std::span<c
 }
 
 template <class T>
+void batch_norm_forward_from_moments(ConstTensorView<T> x, TensorView<T> y,
+                                     std::span<const T> gamma, std::span<const T> beta,
+                                     std::span<const Moments> moments, SavedStats<T> saved,
+                                     RunningStats<T> running, const BatchNormOptions& options) {
+  Geometry gx = checked_input(x, "x");
+  Geometry gy = checked_like(y, x, "y");
+  check_in_place(y.data, gy, x.data, gx, "x");
+  check_count(gamma, gx.channels, "weight (gamma)", kPerChannel, false);
+  check_count(beta, gx.channels, "bias (beta)", kPerChannel, false);
+  check_count(moments, gx.channels, "moments", kPerChannel, true);
+  check_count(saved.mean, gx.channels, "save_mean", kPerChannel, false);
+  check_count(saved.invstd, gx.channels, "save_invstd", kPerChannel, false);
+  check_running(running, gx.channels, options);
+  for (size_t c = 0; c < moments.size(); ++c)
+    if (!(moments[c].count > 1))
+      fail_invalid("expected more than 1 value per channel when training, got moments of ",
+                   moments[c].count, " values for channel ", c);
+  check_finite(moments);
+
+  std::vector<double> mean(gx.channels), invstd(gx.channels);
+  for (int64_t c = 0; c < gx.channels; ++c) {
+    mean[c] = moments[c].mean;
+    invstd[c] = bn::invstd_of(moments[c].biased_variance(), options.eps);
+  }
+  detail::batch_norm_apply_double_stats<T>(x, y, gamma, beta, mean, invstd,
+                                           "batch_norm_forward_from_moments");
+  detail::write_saved(moments, saved, options.eps);
+  batch_norm_update_running<T>(moments, running, options);
+}
+
+template <class T>
 void batch_norm_forward_inference(ConstTensorView<T> x, TensorView<T> y, std::span<const T> gamma,
                                   std::span<const T> beta, std::span<const T> running_mean,
                                   std::span<const T> running_var, double eps) {
@@ -135,15 +188,7 @@ void batch_norm_backward(ConstTensorView<T> x, ConstTensorView<T> dy, TensorView
                          std::span<const T> gamma, std::span<const T> mean,
                          std::span<const T> invstd, std::span<T> dgamma, std::span<T> dbeta,
                          BackwardMode mode) {
-  Geometry gx = checked_input(x, "x");
-  Geometry gdy = checked_like(dy, x, "dy");
-  Geometry gdx = dx.data ? checked_like(dx, x, "dx") : gdy;
-  check_in_place_dx(dx.data, gdx, x.data, gx, dy.data, gdy);
-  if (dx.data)
-    unify<T>(x, gx, {{&gdy, dy}, {&gdx, dx}});
-  else
-    unify<T>(x, gx, {{&gdy, dy}});
-  if (!dx.data) gdx = gdy;
+  const auto [gx, gdy, gdx] = checked_gradients<T>(x, dy, dx);
   if (mode != BackwardMode::training && mode != BackwardMode::frozen)
     fail_invalid("mode: unknown backward mode");
   if (mode == BackwardMode::training) check_training_size(gx, x);
@@ -164,6 +209,48 @@ void batch_norm_backward(ConstTensorView<T> x, ConstTensorView<T> dy, TensorView
     if (!dgamma.empty()) dgamma[c] = static_cast<T>(sum_dy_xhat[c]);
     if (!dbeta.empty()) dbeta[c] = static_cast<T>(sum_dy[c]);
   }
+}
+
+template <class T>
+void batch_norm_backward_reduce(ConstTensorView<T> x, ConstTensorView<T> dy,
+                                std::span<const T> mean, std::span<const T> invstd,
+                                std::span<double> sum_dy, std::span<double> sum_dy_xhat) {
+  const auto [gx, gdy, gdx] = checked_gradients<T>(x, dy, TensorView<T>{});
+  check_count(mean, gx.channels, "mean", kPerChannel, true);
+  check_count(invstd, gx.channels, "invstd", kPerChannel, true);
+  check_count(sum_dy, gx.channels, "sum_dy", kPerChannel, true);
+  check_count(sum_dy_xhat, gx.channels, "sum_dy_xhat", kPerChannel, true);
+  std::vector<double> mean_d(mean.begin(), mean.end()), invstd_d(invstd.begin(), invstd.end());
+  // Backward without dx computes exactly these sums.
+  const bn::Backward<T> problem{gx,      gdy,     gdx,           x.data,          dy.data,
+                                nullptr, nullptr, mean_d.data(), invstd_d.data(),
+                                BackwardMode::training, sum_dy.data(), sum_dy_xhat.data()};
+  detail::run("batch_norm_backward_reduce", bn::implementations(), &bn::Impl::backward,
+              bn::ref::backward<T>, problem, gx, std::array{gdy});
+}
+
+template <class T>
+void batch_norm_backward_apply(ConstTensorView<T> x, ConstTensorView<T> dy, TensorView<T> dx,
+                               std::span<const T> gamma, std::span<const T> mean,
+                               std::span<const T> invstd, std::span<const double> sum_dy,
+                               std::span<const double> sum_dy_xhat, double count) {
+  if (!dx.data) fail_invalid("dx: data pointer is null");
+  const auto [gx, gdy, gdx] = checked_gradients<T>(x, dy, dx);
+  check_count(gamma, gx.channels, "weight (gamma)", kPerChannel, false);
+  check_count(mean, gx.channels, "mean", kPerChannel, true);
+  check_count(invstd, gx.channels, "invstd", kPerChannel, true);
+  check_count(sum_dy, gx.channels, "sum_dy", kPerChannel, true);
+  check_count(sum_dy_xhat, gx.channels, "sum_dy_xhat", kPerChannel, true);
+  if (!(count > 1) || !std::isfinite(count) || count < static_cast<double>(gx.reduction_size()))
+    fail_invalid("count (values per channel in the whole batch) must be above 1 and at least x's ",
+                 gx.reduction_size(), ", got ", count);
+  std::vector<double> mean_d(mean.begin(), mean.end()), invstd_d(invstd.begin(), invstd.end());
+  const bn::BackwardApply<T> problem{gx,            gdy,            gdx,
+                                     x.data,        dy.data,        dx.data,
+                                     or_null(gamma), mean_d.data(), invstd_d.data(),
+                                     sum_dy.data(), sum_dy_xhat.data(), count};
+  detail::run("batch_norm_backward_apply", bn::implementations(), &bn::Impl::backward_apply,
+              bn::ref::backward_apply<T>, problem, gx, std::array{gdy, gdx});
 }
 
 template <class T>
@@ -205,7 +292,18 @@ void batch_norm_invstd(std::span<const T> var, double eps, std::span<T> invstd) 
                                             std::span<const T>, std::span<const T>);            \
   template void batch_norm_update_running<T>(std::span<const Moments>, RunningStats<T>,         \
                                              const BatchNormOptions&);                          \
-  template void batch_norm_invstd<T>(std::span<const T>, double, std::span<T>);
+  template void batch_norm_invstd<T>(std::span<const T>, double, std::span<T>);              \
+  template void batch_norm_forward_from_moments<T>(                                             \
+      ConstTensorView<T>, TensorView<T>, std::span<const T>, std::span<const T>,                \
+      std::span<const Moments>, SavedStats<T>, RunningStats<T>, const BatchNormOptions&);       \
+  template void batch_norm_backward_reduce<T>(ConstTensorView<T>, ConstTensorView<T>,           \
+                                              std::span<const T>, std::span<const T>,           \
+                                              std::span<double>, std::span<double>);            \
+  template void batch_norm_backward_apply<T>(ConstTensorView<T>, ConstTensorView<T>,            \
+                                             TensorView<T>, std::span<const T>,                 \
+                                             std::span<const T>, std::span<const T>,            \
+                                             std::span<const double>, std::span<const double>,  \
+                                             double);
 
 NORMKIT_INSTANTIATE(float)
 NORMKIT_INSTANTIATE(double)

@@ -25,7 +25,7 @@ void batch_norm_apply_double_stats(ConstTensorView<T> x, TensorView<T> y,
 // 1 / sqrt(biased variance + eps), each where wanted. Separate loops without
 // branches: with thousands of channels (32×4096) they vectorize.
 template <class T>
-void write_saved(const std::vector<Moments>& moments, SavedStats<T> saved, double eps) {
+void write_saved(std::span<const Moments> moments, SavedStats<T> saved, double eps) {
   const size_t n = moments.size();
   if (!saved.mean.empty())
     for (size_t i = 0; i < n; ++i) saved.mean[i] = static_cast<T>(moments[i].mean);

@@ -98,6 +98,23 @@ void backward(const Backward<T>& p) {
   }
 }
 
+// Training-mode dx from given sums over `count` values per channel:
+//   dx = γ·invstd·(dy - Σdy/count - x̂·Σdy·x̂/count).
+template <class T>
+void backward_apply(const BackwardApply<T>& p) {
+  const Geometry& gx = p.x_geom;
+  for (int64_t c = 0; c < gx.channels; ++c) {
+    const double gamma = value_or(p.gamma, c, 1.0);
+    for_each_in_channel(gx, [&](int64_t o, int64_t i) {
+      const double dy = p.dy[p.dy_geom.offset(o, c, i)];
+      const double x_hat = (static_cast<double>(p.x[gx.offset(o, c, i)]) - p.mean[c]) * p.invstd[c];
+      const double dx =
+          gamma * p.invstd[c] * (dy - p.sum_dy[c] / p.count - x_hat * p.sum_dy_xhat[c] / p.count);
+      p.dx[p.dx_geom.offset(o, c, i)] = static_cast<T>(dx);
+    });
+  }
+}
+
 template void moments(const Statistics<float>&);
 template void moments(const Statistics<double>&);
 template void apply(const Apply<float>&);
@@ -106,5 +123,7 @@ template void forward(const Forward<float>&);
 template void forward(const Forward<double>&);
 template void backward(const Backward<float>&);
 template void backward(const Backward<double>&);
+template void backward_apply(const BackwardApply<float>&);
+template void backward_apply(const BackwardApply<double>&);
 
 }  // namespace normkit::kernels::bn::ref

@@ -312,7 +312,10 @@ TEST(Dispatch, EveryFusedEntryMatchesTheReferenceOnEveryCaseItAccepts) {
     const int64_t C = v.gx.channels, numel = k.x.logical.numel();
     const bn_fused::MaskOrder order = bn_fused::mask_order_of(v.gx);
     const BnReference r(v, in);
-    const auto& [moments, mean, invstd, s] = r;
+    // Named references, not a structured binding: clang 14 cannot capture one in a lambda.
+    const std::vector<double>& mean = r.mean;
+    const std::vector<double>& invstd = r.invstd;
+    const Scales& s = r.scales;
     auto walk = [&](auto&& f) { for_each(v.gx, v.gout, f); };
     const size_t mask_bytes = static_cast<size_t>(normkit::relu_mask_bytes(numel));
     for (const bn_fused::Impl& impl : bn_fused::implementations()) {

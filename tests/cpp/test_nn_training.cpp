@@ -344,7 +344,7 @@ TEST(NnSpec, JsonDescribesTheSameModelAsText) {
            {"{\"input\": [4]}", "expected {\"input\": [...], \"layers\": [...]}"},
            {"{\"input\": [4], \"layers\": [{\"args\": [2]}]}", "expected {\"input\""},
            {"{\"input\": [4], \"layers\": [\"linear 2\", \"softmax\"]}", "unknown layer type"}})
-    EXPECT_TRUE(throws_error([&] { ModelSpec::parse(bad); }, ErrorKind::invalid_argument, {words})) << bad;
+    EXPECT_TRUE(throws_error([&b = bad] { ModelSpec::parse(b); }, ErrorKind::invalid_argument, {words})) << bad;
 }
 
 TEST(NnSpec, PresetsAreThePapersModels) {

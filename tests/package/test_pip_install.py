@@ -55,7 +55,8 @@ def test_pip_install_from_a_fresh_clone():
 
 
 def install_and_use(tmp_path):
-    clone, venv = tmp_path / "normkit", tmp_path / "venv"
+    # Not named normkit: `import normkit` from tmp_path would find the clone as a namespace package.
+    clone, venv = tmp_path / "source", tmp_path / "venv"
     run(["git", "clone", "--quiet", SOURCE, str(clone)])
     run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)])
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}

@@ -16,6 +16,10 @@
 #include "normkit/batch_norm.hpp"
 #include "normkit/tensor.hpp"
 
+namespace normkit::dist {
+class Communicator;  // distributed.hpp
+}
+
 namespace normkit::nn {
 
 enum class Mode { train, eval };
@@ -74,6 +78,15 @@ class Layer {
   // their running statistics in training too and never update them, while γ and β
   // still learn. Returns false for layers that have no such mode.
   virtual bool set_frozen(bool /*frozen*/) { return false; }
+  // Data-parallel training (distributed.hpp): this process's batch holds samples
+  // [first_sample, ...) of the global batch. Randomness drawn per element
+  // (dropout) is then the global batch's, as one process would draw it.
+  virtual void set_batch_offset(int64_t /*first_sample*/) {}
+  // Synchronized batch norm: from now on the layer's batch statistics are those
+  // of the global batch, merged across `group` (nullptr: this process's batch
+  // again). Returns the number of batch-norm layers set (0 for layers without
+  // such a mode; a residual block counts its own).
+  virtual int set_batch_sync(dist::Communicator* /*group*/) { return 0; }
 };
 
 // What a model takes in memory, computed from its spec alone (ModelSpec::size:
@@ -173,7 +186,9 @@ class Model {
   MemoryFormat format() const noexcept { return format_; }
 
   void initialize(const InitOptions& options, uint64_t seed);
-  void set_step(uint64_t seed, uint64_t step);
+  // first_sample: where this process's batch starts in the global batch
+  // (data-parallel training; Layer::set_batch_offset).
+  void set_step(uint64_t seed, uint64_t step, int64_t first_sample = 0);
   // x: [N, ...input_shape] in the model's format. Returns logits [N, classes].
   const Tensor& forward(const Tensor& x, Mode mode);
   void backward(const Tensor& dlogits);
@@ -183,6 +198,12 @@ class Model {
   // them, and still train γ and β. The spec records it (frozen=1), so checkpoints
   // and to_string() keep it. Returns the number of layers frozen.
   int freeze_batch_norm();
+  // Synchronized batch norm across `group` (nullptr: off): every batchnorm layer
+  // normalizes with the statistics of the global batch (all ranks' shards), as
+  // one process with the whole batch would. Ghost BN keeps its virtual batches
+  // within each rank's shard; batch renormalization has no synchronized form
+  // (normkit::Error). Returns the number of layers synchronized.
+  int synchronize_batch_norm(dist::Communicator* group);
 
   std::vector<Parameter*> parameters();
   // Parameters and buffers by qualified name ("3.weight", "4.running_mean").

@@ -69,8 +69,9 @@ void make_batch(const data::Dataset& set, const std::vector<int64_t>& order, int
                 std::vector<int32_t>& labels);
 
 // The optimizer steps of one epoch: ceil(count / batch_size), less one when the
-// last batch would hold a single sample (it is dropped: BN needs two).
-int64_t steps_per_epoch(int64_t count, int64_t batch_size);
+// last batch would hold a single sample (it is dropped: BN needs two) or, over
+// `ranks` data-parallel ranks, fewer samples than ranks.
+int64_t steps_per_epoch(int64_t count, int64_t batch_size, int ranks = 1);
 
 // One epoch of mini-batch training (the last partial batch is kept, unless it
 // has a single sample: BN needs two), from step `start.step` on with `start`'s
@@ -78,11 +79,27 @@ int64_t steps_per_epoch(int64_t count, int64_t batch_size);
 // step when the loss becomes NaN or infinite; the model is then partly updated
 // and must not be saved. Returns interrupted after the current step when a stop
 // is requested (see install_stop_handlers).
+//
+// Data-parallel with a `group` (distributed.hpp): every rank calls this with the
+// same model, data and arguments; each takes its shard (dist::shard_of) of every
+// global batch of batch_size; after backward the gradients of the global
+// batch's mean loss are summed over the ranks and the buffers averaged (running
+// statistics kept per rank, with synchronized BN off, then track the mean of
+// the shards'); losses and accuracies returned and reported are the global
+// batch's. With synchronized batch norm (Model::synchronize_batch_norm) N ranks
+// compute what one process computes, to float rounding. A last batch too small
+// to give every rank a sample is dropped. A stop requested on any rank travels
+// with that step's gradient sum: every rank stops after the same step (and
+// stop_signal() then names it on every rank). At the end of the epoch the ranks'
+// parameters, buffers and optimizer state are compared (dist::check_same).
 EpochResult train_epoch(nn::Model& model, nn::Optimizer& optimizer, const data::Dataset& train,
                         int64_t batch_size, uint64_t seed, int64_t epoch,
-                        const ProgressCallback& progress = {}, const EpochPosition& start = {});
+                        const ProgressCallback& progress = {}, const EpochPosition& start = {},
+                        dist::Communicator* group = nullptr);
 
-Evaluation evaluate(nn::Model& model, const data::Dataset& set, int64_t batch_size = 1000);
+// With a `group`, each rank evaluates its shard of `set` and every rank gets the totals.
+Evaluation evaluate(nn::Model& model, const data::Dataset& set, int64_t batch_size = 1000,
+                    dist::Communicator* group = nullptr);
 
 // The loss, accuracy and confusion matrix of batches of logits, accumulated:
 // what evaluate computes, for evaluations that produce their logits otherwise
@@ -90,6 +107,9 @@ Evaluation evaluate(nn::Model& model, const data::Dataset& set, int64_t batch_si
 class Scorer {
  public:
   void add(const nn::Tensor& logits, const int32_t* labels);
+  // Data-parallel: every rank's scores summed (a collective), so that each rank's
+  // result() is the whole set's; `classes` for a rank that scored nothing.
+  void sum_over(dist::Communicator& group, int32_t classes);
   Evaluation result() const;
 
  private:

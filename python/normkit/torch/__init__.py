@@ -12,6 +12,7 @@ One module per family, as in the C++ library:
 - ``group_norm``: GroupNorm and InstanceNorm1d/2d/3d;
 - ``bn_stats``: ``recalibrate_batch_norm`` (precise BN) and ``adapt_batch_norm`` (test-time
   adaptation) for any model with batch-norm modules, torch's or these;
+- ``sync_batch_norm``: SyncBatchNorm (CPU tensors over torch.distributed with gloo);
 and ``convert`` (``convert.py``), which swaps torch.nn's normalization modules in a model
 for these, optionally fusing BatchNorm and ReLU.
 
@@ -50,6 +51,7 @@ from .convert import convert
 from .group_norm import GroupNorm, InstanceNorm1d, InstanceNorm2d, InstanceNorm3d
 from .layer_norm import LayerNorm, RMSNorm
 from .bn_stats import adapt_batch_norm, recalibrate_batch_norm
+from .sync_batch_norm import SyncBatchNorm
 
 __all__ = [
     "BatchNorm1d", "BatchNorm2d", "BatchNorm3d",
@@ -60,4 +62,5 @@ __all__ = [
     "LayerNorm", "RMSNorm",
     "GroupNorm", "InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d",
     "convert", "recalibrate_batch_norm", "adapt_batch_norm",
+    "SyncBatchNorm",
 ]

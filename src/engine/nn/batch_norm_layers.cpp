@@ -3,6 +3,8 @@
 // bn_variants.hpp). All hold BN's state (weight, bias; running_mean,
 // running_var, num_batches_tracked), infer as BN does, can be frozen
 // (frozen=1), and differ only in their training forward and backward.
+// "batchnorm" can also synchronize its statistics across data-parallel ranks
+// (Model::synchronize_batch_norm).
 //
 // noise=S (any of them): "noisy BN" after Santurkar et al. 2018, §3.1: in
 // training, each output y becomes a·y + b with a ~ N(μa, σa²), b ~ N(μb, σb²)
@@ -17,6 +19,7 @@
 #include "nn/layers.hpp"
 #include "normkit/batch_norm_fused.hpp"
 #include "normkit/bn_variants.hpp"
+#include "normkit/engine/distributed.hpp"
 #include "support.hpp"
 
 namespace normkit::nn::detail {
@@ -197,9 +200,14 @@ class BatchNormLayer final : public BatchNormFamily, public AddReluTail {
   std::string describe() const override {
     return "batchnorm(" + std::to_string(c_) + ", " + common_options() + ")";
   }
+  int set_batch_sync(dist::Communicator* group) override {
+    group_ = group;
+    return 1;
+  }
 
-  // The tail of a residual block: y = relu(BN(x) + z), BN as forward() does it.
-  bool fuses_add_relu() const override { return !noisy(); }
+  // The tail of a residual block: y = relu(BN(x) + z), BN as forward() does it
+  // (unsynchronized: synchronized, the block adds and applies the ReLU itself).
+  bool fuses_add_relu() const override { return !noisy() && !group_; }
   const Tensor& forward_add_relu(const Tensor& x, const Tensor& z, Mode mode) override {
     input_ = &x;
     y_.reshape(x.shape, x.format);
@@ -232,17 +240,47 @@ class BatchNormLayer final : public BatchNormFamily, public AddReluTail {
  private:
   void train_forward(const Tensor& x) override {
     int64_t count = tracked();
-    batch_norm_forward_training<float>(x.view(), y_.view(), gamma_.value, beta_.value, {mean_, invstd_},
-                                       {running_mean_, running_var_, &count}, options_);
+    if (group_) {
+      // Synchronized: this shard's moments, merged with every rank's in rank order.
+      moments_.resize(c_);
+      batch_norm_moments<float>(x.view(), moments_);
+      dist::merge_moments(*group_, moments_);
+      batch_norm_forward_from_moments<float>(x.view(), y_.view(), gamma_.value, beta_.value,
+                                             moments_, {mean_, invstd_},
+                                             {running_mean_, running_var_, &count}, options_);
+    } else {
+      batch_norm_forward_training<float>(x.view(), y_.view(), gamma_.value, beta_.value,
+                                         {mean_, invstd_}, {running_mean_, running_var_, &count},
+                                         options_);
+    }
     batches_[0] = static_cast<float>(count);
   }
   void train_backward(const Tensor& dy, TensorView<float> dx) override {
-    batch_norm_backward<float>(input_->view(), dy.view(), dx, gamma_.value, mean_, invstd_, dgamma_,
-                               dbeta_, BackwardMode::training);
+    if (!group_) {
+      batch_norm_backward<float>(input_->view(), dy.view(), dx, gamma_.value, mean_, invstd_,
+                                 dgamma_, dbeta_, BackwardMode::training);
+      return;
+    }
+    // Synchronized: dx needs the global batch's Σdy and Σdy·x̂. dγ and dβ are
+    // this shard's parts; the trainer's gradient sum adds the ranks' parts.
+    sums_.resize(2 * c_);
+    const std::span<double> sum_dy(sums_.data(), c_), sum_dy_xhat(sums_.data() + c_, c_);
+    batch_norm_backward_reduce<float>(input_->view(), dy.view(), mean_, invstd_, sum_dy, sum_dy_xhat);
+    for (int64_t c = 0; c < c_; ++c) {
+      dgamma_[c] = static_cast<float>(sum_dy_xhat[c]);
+      dbeta_[c] = static_cast<float>(sum_dy[c]);
+    }
+    if (!dx.data) return;
+    dist::all_reduce_sum(*group_, sums_);
+    batch_norm_backward_apply<float>(input_->view(), dy.view(), dx, gamma_.value, mean_, invstd_,
+                                     sum_dy, sum_dy_xhat, moments_[0].count);
   }
 
   std::vector<float> mean_, invstd_;  // the batch's, saved for backward
   std::vector<uint8_t> mask_;         // forward_add_relu's ReLU mask, one bit per element
+  dist::Communicator* group_ = nullptr;
+  std::vector<Moments> moments_;  // synchronized: the global batch's
+  std::vector<double> sums_;      // synchronized: Σdy, Σdy·x̂
 };
 
 // r and d follow BatchRenormSchedule::linear(warmup, rmax, dmax) over the

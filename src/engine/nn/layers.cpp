@@ -646,9 +646,12 @@ class Dropout final : public Layer {
     return input;
   }
   void set_step(uint64_t seed, uint64_t step) override { key_ = mix(seed ^ mix(step + salt_)); }
+  void set_batch_offset(int64_t first_sample) override { first_sample_ = first_sample; }
   const Tensor& forward(const Tensor& x, Mode mode) override {
     y_.reshape(x.shape, x.format);
     const int64_t total = x.numel();
+    // Element i of this batch is element `offset + i` of the global batch.
+    const auto offset = static_cast<uint64_t>(first_sample_ * (x.shape[0] ? total / x.shape[0] : 0));
     if (mode == Mode::eval || p_ == 0.0) {
       std::copy(x.data.begin(), x.data.end(), y_.data.begin());
       scale_.assign(static_cast<size_t>(total), 1.0f);
@@ -659,7 +662,7 @@ class Dropout final : public Layer {
     const auto threshold = static_cast<uint64_t>(p_ * 18446744073709551616.0);
 #pragma omp parallel for num_threads(threads_for(total)) schedule(static)
     for (int64_t i = 0; i < total; ++i) {
-      scale_[i] = mix(key_ + static_cast<uint64_t>(i)) < threshold ? 0.0f : keep_scale;
+      scale_[i] = mix(key_ + offset + static_cast<uint64_t>(i)) < threshold ? 0.0f : keep_scale;
       y_.data[i] = x.data[i] * scale_[i];
     }
     return y_;
@@ -680,6 +683,7 @@ class Dropout final : public Layer {
   }
   double p_;
   uint64_t salt_, key_ = 0;
+  int64_t first_sample_ = 0;
   std::vector<float> scale_;
   Tensor y_, dx_;
 };

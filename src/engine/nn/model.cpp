@@ -97,8 +97,11 @@ void Model::initialize(const InitOptions& options, uint64_t seed) {
   for (auto& layer : layers_) layer->initialize(options, rng);
 }
 
-void Model::set_step(uint64_t seed, uint64_t step) {
-  for (auto& layer : layers_) layer->set_step(seed, step);
+void Model::set_step(uint64_t seed, uint64_t step, int64_t first_sample) {
+  for (auto& layer : layers_) {
+    layer->set_step(seed, step);
+    layer->set_batch_offset(first_sample);
+  }
 }
 
 const Tensor& Model::forward(const Tensor& x, Mode mode) {
@@ -145,11 +148,27 @@ int mark_frozen(std::vector<ModelSpec::LayerSpec>& layers) {
   }
   return frozen;
 }
+
+// Whether `layers` (residual blocks' bodies and shortcuts included) have a layer of `type`.
+bool has_layer(const std::vector<ModelSpec::LayerSpec>& layers, const std::string& type) {
+  return std::any_of(layers.begin(), layers.end(), [&](const ModelSpec::LayerSpec& layer) {
+    return layer.type == type || has_layer(layer.body, type) || has_layer(layer.shortcut, type);
+  });
+}
 }  // namespace
 
 int Model::freeze_batch_norm() {
   for (auto& layer : layers_) layer->set_frozen(true);
   return mark_frozen(spec_.layers);
+}
+
+int Model::synchronize_batch_norm(dist::Communicator* group) {
+  if (group && has_layer(spec_.layers, "batchrenorm"))
+    engine::fail_invalid("batchrenorm: batch renormalization has no synchronized form; "
+                         "train it with each rank's own statistics (synchronized BN off)");
+  int synchronized = 0;
+  for (auto& layer : layers_) synchronized += layer->set_batch_sync(group);
+  return synchronized;
 }
 
 void Model::zero_grad() {

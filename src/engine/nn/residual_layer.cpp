@@ -68,14 +68,13 @@ class Residual final : public Layer {
                                      : "");
     output_shape_ = body_shape;
     tail_ = dynamic_cast<AddReluTail*>(body_.back().get());
-    if (tail_ && !tail_->fuses_add_relu()) tail_ = nullptr;
   }
   std::string type() const override { return "residual"; }
   std::string describe() const override {
     std::ostringstream s;
     s << "residual(";
     for (size_t j = 0; j < body_.size(); ++j) s << (j ? ", " : "") << body_[j]->describe();
-    s << (tail_ ? " + add + relu, fused" : "; + add, relu");
+    s << (fused() ? " + add + relu, fused" : "; + add, relu");
     s << "; shortcut ";
     if (shortcut_.empty()) s << "identity";
     for (size_t j = 0; j < shortcut_.size(); ++j) s << (j ? ", " : "") << shortcut_[j]->describe();
@@ -91,12 +90,14 @@ class Residual final : public Layer {
   const Tensor& forward(const Tensor& x, Mode mode) override {
     const Tensor& z = shortcut_.empty() ? x : forward_sequence(shortcut_, x, mode);
     // The body up to its tail; with a fused tail, its last layer runs with the sum.
+    // (Whether it fuses is asked at every forward: noise and synchronization are set later.)
+    fused_ = fused();
     const Tensor* h = &x;
-    const size_t plain = body_.size() - (tail_ ? 1 : 0);
+    const size_t plain = body_.size() - (fused_ ? 1 : 0);
     for (size_t j = 0; j < plain; ++j) h = &body_[j]->forward(*h, mode);
     if (h->shape != z.shape || h->format != z.format)
       fail_invalid("residual: body and shortcut outputs differ in shape or memory format");
-    if (tail_) return tail_->forward_add_relu(*h, z, mode);
+    if (fused_) return tail_->forward_add_relu(*h, z, mode);
     y_.reshape(h->shape, h->format);
     const int64_t total = y_.numel();
     const float* a = h->data.data();
@@ -112,8 +113,8 @@ class Residual final : public Layer {
     // its BN, and g itself for the shortcut.
     const Tensor* body_grad = nullptr;
     const Tensor* shortcut_grad = nullptr;
-    const size_t plain = body_.size() - (tail_ ? 1 : 0);
-    if (tail_) {
+    const size_t plain = body_.size() - (fused_ ? 1 : 0);
+    if (fused_) {
       body_grad = &tail_->backward_add_relu(dy, plain > 0 || need_input_grad, g_);
       shortcut_grad = &g_;
     } else {
@@ -171,11 +172,24 @@ class Residual final : public Layer {
       for (auto& layer : *layers) any = layer->set_frozen(frozen) || any;
     return any;
   }
+  void set_batch_offset(int64_t first_sample) override {
+    for (Layers* layers : {&body_, &shortcut_})
+      for (auto& layer : *layers) layer->set_batch_offset(first_sample);
+  }
+  int set_batch_sync(dist::Communicator* group) override {
+    int synchronized = 0;
+    for (Layers* layers : {&body_, &shortcut_})
+      for (auto& layer : *layers) synchronized += layer->set_batch_sync(group);
+    return synchronized;
+  }
 
  private:
+  bool fused() const { return tail_ && tail_->fuses_add_relu(); }
+
   std::vector<int64_t> input_shape_, output_shape_;
   Layers body_, shortcut_;
-  AddReluTail* tail_ = nullptr;  // body_.back() when it fuses the sum and the ReLU
+  AddReluTail* tail_ = nullptr;  // body_.back() when it has a fused BN+Add+ReLU form
+  bool fused_ = false;           // the last forward used it (backward follows it)
   Tensor y_, g_, dx_;
 };
 
