@@ -11,12 +11,14 @@ packages=(
   libgomp1 zlib1g-dev
   # matrix multiply and convolution (training engine), oneDNN side-by-side benchmarks
   libopenblas-dev libdnnl-dev
-  # CLI, JSON, formatting
-  libcli11-dev nlohmann-json3-dev libfmt-dev
+  # CLI, JSON, formatting; PNG images for `normkit predict`
+  libcli11-dev nlohmann-json3-dev libfmt-dev libpng-dev
   # tests and benchmarks
   libgtest-dev libgmock-dev libbenchmark-dev
   # Python bindings and their tests; PyTorch 1.13 is the reference we match
   pybind11-dev python3-dev python3-numpy python3-pytest python3-torch libtorch-dev
+  # normkit.Standardizer is tested inside scikit-learn's Pipeline
+  python3-sklearn
   # normkit.torch's export tests (ONNX graphs) and convert() example (torchvision's ResNet-18)
   python3-onnx python3-torchvision
   # pip install --no-build-isolation . into a virtual environment (no package index needed)

@@ -34,7 +34,9 @@ SKIP_PREFIXES = ("build/", "build-", "runs/", "/", "http", "<", "$", "~")
 NOT_IN_REPOSITORY = {
     "version.hpp", "normkitConfig.cmake", "normkitConfigVersion.cmake",  # the build
     "report.md", "LAB.md",                                               # normkit compare, lab
+    "classes.txt",                                         # an IDX dataset's class names
     "TorchConfig.cmake", "dnnl-config.cmake", "dnnl.hpp",                # other projects
+    "batchnorm.md", "plot_scaling_importance.py",  # sources the lab cites (docs/lab/LAB.md)
 }
 IGNORED_FILES = {"tests/golden/before.txt"}
 

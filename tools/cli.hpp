@@ -57,7 +57,11 @@ struct RunOptions {
   uint64_t seed = 1;
   std::string data = data::kFashionMnistDirectory;
   std::string test_data;  // CSV only: a separate test table
-  int csv_label_column = -1;
+  // CSV: the label column (last, first, a number counted from 1, or a header
+  // name), whether the first line is a header (auto, yes, no), the delimiter.
+  std::string csv_label_column = "last";
+  std::string csv_header = "auto";
+  std::string csv_delimiter = ",";
   std::string format = "nhwc";
   int64_t limit_train = 0, limit_test = 0;  // 0: all samples
   int threads = 0;                          // 0: OpenMP's default
@@ -110,11 +114,20 @@ void apply_threads(int threads);
 nn::ModelSpec resolve_spec(const RunOptions& options, const std::string& norm,
                            const data::Dataset& data);
 
+// Refuses what --norm would silently turn into something else: instance norm
+// that drops every normalization (it has nothing to normalize after a linear
+// layer; dropping some is a warning), and frozen batch norm in a model trained
+// from scratch (it would normalize with mean 0 and variance 1).
+void check_normalization(const nn::ModelSpec& spec, const nn::ModelSpec& result, const std::string& norm);
+
 // How a --norm value reads in tables and reports: "layer norm", "layer
 // normalization", "LN"; for none: "no normalization", "no normalization", "none".
 std::string norm_label(const std::string& norm);
 std::string norm_name(const std::string& norm);
 std::string norm_abbreviation(const std::string& norm);
+
+// The CSV loader's options of a run (a usage error names a bad --csv-delimiter).
+data::CsvOptions csv_options(const RunOptions& options);
 
 struct Data {
   data::Dataset train, val, test;  // val: empty without --val-fraction
@@ -153,11 +166,17 @@ std::string run_python(const std::string& script, const std::vector<std::string>
 // Writes `text` to `path` through a temporary file and a rename.
 void write_file_atomically(const fs::path& path, const std::string& text);
 
-// The terminal progress line on stderr (only when stderr is a terminal).
+// The terminal progress line on stderr (only when stderr is a terminal): one
+// line, redrawn in place, that fits the terminal's width (tools/progress.cpp).
 class Progress {
  public:
   explicit Progress(std::string label);
   static bool enabled();
+  // The terminal's width: stderr's window size, else $COLUMNS, else 80.
+  static int terminal_columns();
+  // The line drawn for `columns` columns: at most columns - 1 characters.
+  static std::string line(const std::string& label, int64_t epoch, int64_t epochs,
+                          const train::StepProgress& p, int columns);
   void update(int64_t epoch, int64_t epochs, const train::StepProgress& p);
   void clear();
 
@@ -212,6 +231,8 @@ class Run {
   const std::string& stop_reason() const { return stop_reason_; }
   const json& history() const { return history_; }
   const data::Standardizer& standardizer() const { return standardizer_; }
+  // The training data's class names (kept in the checkpoint for eval and predict).
+  const std::vector<std::string>& class_names() const { return class_names_; }
   nn::Model& model() { return *model_; }
   std::string model_spec_text() const { return model_->spec().to_string(); }
 
@@ -226,6 +247,7 @@ class Run {
   std::string name_, norm_;
   fs::path out_;
   data::Standardizer standardizer_;
+  std::vector<std::string> class_names_;
   std::unique_ptr<nn::Model> model_;
   std::unique_ptr<nn::Optimizer> optimizer_;
   int64_t epochs_done_ = 0;
@@ -289,12 +311,35 @@ using GivenOptions = std::set<std::string>;
 RunOptions merge_resume_options(const RunOptions& stored, const RunOptions& given,
                                 const GivenOptions& given_keys);
 
+// The options with --data, --test-data and a --model spec file as absolute
+// paths, so that the checkpoint's copy works from any directory (eval, --resume).
+RunOptions with_absolute_paths(RunOptions options);
+
 // Checks option combinations CLI11 cannot check by itself; sets Adam's
 // default learning rate when --lr was not given.
 RunOptions finish_options(RunOptions options, const GivenOptions& given);
 
 int command_train(const RunOptions& options, const GivenOptions& given, const CommandFlags& flags);
 int command_compare(const RunOptions& options, const GivenOptions& given, const CommandFlags& flags);
+
+// The run description the CLI stores in a checkpoint (null when absent or not
+// JSON), and the class names it holds (empty when the data named none).
+// The run options it holds (the defaults when it holds none).
+json application_json(const io::Checkpoint& checkpoint);
+RunOptions run_options_of(const json& application);
+std::vector<std::string> class_names_of(const json& application);
+
+// `normkit predict` (tools/predict.cpp).
+struct PredictFlags {
+  fs::path checkpoint;
+  std::vector<std::string> inputs;
+  int top = 3;
+  int64_t limit = 0;
+  int threads = 0;
+  bool json = false;
+};
+CLI::App* add_predict_command(CLI::App& app, PredictFlags& flags);
+int command_predict(const PredictFlags& flags);
 
 // `normkit fold` (tools/fold.cpp).
 struct FoldFlags {
@@ -356,9 +401,6 @@ int command_eval_statistics(const fs::path& checkpoint_path, const io::Checkpoin
                             const RunOptions& run, const RunOptions& evaluated, const data::Dataset& test,
                             const std::vector<std::string>& sources, const std::vector<std::string>& shifts,
                             uint64_t seed, bool json);
-// The run description `normkit train` stores in a checkpoint; null when absent.
-json application_json(const io::Checkpoint& checkpoint);
-
 // `normkit lab list|run|report` (tools/lab.cpp).
 struct LabFlags {
   std::vector<std::string> names;  // run: experiment names, or "all"

@@ -30,6 +30,10 @@ fs::path normalized_run_directory(const fs::path& out) {
   return out / "batch";  // Run::resume names what is missing
 }
 
+// The table's two sides: "epoch | side | side" is 79 characters, so that it
+// fits an 80-column terminal.
+constexpr int kSideWidth = 34;
+
 const json* record_at(const Run& run, size_t epoch) {
   return epoch < run.history().size() ? &run.history()[epoch] : nullptr;
 }
@@ -41,10 +45,10 @@ std::string loss_text(double loss) {
 
 std::string cells(const json* m, const Run& run) {
   if (m)
-    return fmt::format("{:>10} {:>10} {:>9.4f} {:>7.1f}s", loss_text((*m)["train_loss"].get<double>()),
+    return fmt::format("{:>10} {:>9} {:>6.4f} {:>5.1f}s", loss_text((*m)["train_loss"].get<double>()),
                        loss_text((*m)["test_loss"].get<double>()), (*m)["test_acc"].get<double>(),
                        (*m)["seconds"].get<double>());
-  return fmt::format("{:^40}", run.stopped() ? "stopped (non-finite loss)" : "-");
+  return fmt::format("{:^{}}", run.stopped() ? "stopped (non-finite loss)" : "-", kSideWidth);
 }
 
 void print_line(std::string line) {
@@ -53,10 +57,10 @@ void print_line(std::string line) {
 }
 
 void print_header(const std::string& norm) {
-  print_line(fmt::format("{:>5} | {:^40} | {:^40}", "", "with " + norm_label(norm),
-                         "without " + norm_label(norm)));
+  print_line(fmt::format("{:>5} | {:^{}} | {:^{}}", "", "with " + norm_label(norm), kSideWidth,
+                         "without " + norm_label(norm), kSideWidth));
   const std::string columns =
-      fmt::format("{:>10} {:>10} {:>9} {:>8}", "train loss", "test loss", "test acc", "time");
+      fmt::format("{:>10} {:>9} {:>6} {:>6}", "train loss", "test loss", "acc", "time");
   fmt::print("{:>5} | {} | {}\n", "epoch", columns, columns);
 }
 
@@ -217,9 +221,13 @@ int command_compare(const RunOptions& given_options, const GivenOptions& given,
   if (flags.resume) {
     with_bn.emplace(Run::resume(normalized_run_directory(flags.out)));
     without_bn.emplace(Run::resume(flags.out / "none"));
+    // --norm names the comparison's normalization: it is checked against the
+    // normalized run; the run without normalization stores "none".
     const RunOptions merged = merge_resume_options(with_bn->options(), given_options, given);
     with_bn->options() = merged;
-    without_bn->options() = merge_resume_options(without_bn->options(), given_options, given);
+    RunOptions given_plain = given_options;
+    given_plain.norm = "none";
+    without_bn->options() = merge_resume_options(without_bn->options(), given_plain, given);
     apply_threads(merged.threads);
     data::Standardizer standardizer = with_bn->standardizer();
     data = prepare_data(merged, &standardizer, false);
@@ -237,6 +245,7 @@ int command_compare(const RunOptions& given_options, const GivenOptions& given,
     data::Standardizer standardizer;
     data = prepare_data(o, &standardizer, true);
     const nn::ModelSpec spec = resolve_spec(o, o.norm, data.train);
+    check_normalization(resolve_spec(o, "batch", data.train), spec, o.norm);
     if (spec == spec.without_batch_norm())
       usage_error("--model '" + o.model + "' has no batchnorm layer: there is nothing to compare");
     check_memory(spec, o.batch_size, flags.max_memory);

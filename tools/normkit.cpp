@@ -103,8 +103,20 @@ void add_run_options(CLI::App* app, RunOptions& o, OptionMap& options, bool with
   add("test_data", app->add_option("--test-data", o.test_data,
                                    "CSV: a separate test table (default: a fixed 20% of --data)"));
   add("csv_label_column",
-      app->add_option("--csv-label-column", o.csv_label_column, "CSV: the label column (-1: last)")
+      app->add_option("--csv-label-column", o.csv_label_column,
+                      "CSV: the label column: last, first, a column number counted from 1 (as in "
+                      "error messages), or a column's name in the header line")
           ->capture_default_str());
+  add("csv_header", app->add_option("--csv-header", o.csv_header,
+                                    "CSV: whether the first line is a header: auto (when one of "
+                                    "its fields is not a number where the next line's is, or it "
+                                    "is scikit-learn's n_samples,n_features,class names line), "
+                                    "yes or no")
+                        ->check(CLI::IsMember({"auto", "yes", "no"}))
+                        ->capture_default_str());
+  add("csv_delimiter", app->add_option("--csv-delimiter", o.csv_delimiter,
+                                       "CSV: the field delimiter, one character (or tab)")
+                           ->capture_default_str());
   add("format", app->add_option("--format", o.format, "activation memory format: nchw or nhwc")
                     ->check(CLI::IsMember({"nchw", "nhwc"}))
                     ->capture_default_str());
@@ -269,6 +281,7 @@ int command_train(const RunOptions& given_options, const GivenOptions& given,
     data::Standardizer standardizer;
     data = prepare_data(o, &standardizer, true);
     const nn::ModelSpec spec = resolve_spec(o, o.norm, data.train);
+    check_normalization(resolve_spec(o, "batch", data.train), spec, o.norm);
     check_memory(spec, o.batch_size, flags.max_memory);
     check_data_fits(spec, data.train);
     check_data_fits(spec, data.test);
@@ -337,15 +350,6 @@ int command_train(const RunOptions& given_options, const GivenOptions& given,
   return 0;
 }
 
-json application_json(const io::Checkpoint& c) {
-  if (c.progress.application.empty()) return nullptr;
-  try {
-    return json::parse(c.progress.application);
-  } catch (const json::exception&) {
-    return nullptr;
-  }
-}
-
 namespace {
 
 // ---------------------------------------------------------------- eval, info
@@ -364,20 +368,23 @@ int command_eval(const InspectFlags& f) {
   apply_threads(f.threads);
   const io::Checkpoint checkpoint = io::load_checkpoint(f.checkpoint);
   const json app = application_json(checkpoint);
-  RunOptions o;
-  if (app.is_object() && app.contains("options")) o = run_options_from_json(app["options"]);
+  RunOptions o = run_options_of(app);
   bool whole_table = false;
   if (!f.data.empty()) {
     std::error_code ec;
-    whole_table = fs::is_regular_file(f.data, ec) && f.data != o.data;
-    o.data = f.data;
+    RunOptions given;
+    given.data = f.data;
+    given = with_absolute_paths(given);
+    whole_table = fs::is_regular_file(given.data, ec) && given.data != o.data;
+    o.data = given.data;
     o.test_data.clear();
   }
   if (f.limit_test >= 0) o.limit_test = f.limit_test;
   Data data;
+  std::vector<std::string> names = class_names_of(app);
   if (whole_table) {  // a table given for evaluation is all test data
-    data::CsvOptions csv;
-    csv.label_column = o.csv_label_column;
+    data::CsvOptions csv = csv_options(o);
+    csv.class_names = names;  // string labels mean what they meant in training
     data.test = data::load_csv(o.data, csv);
     if (o.limit_test > 0 && o.limit_test < data.test.count()) {
       data.test.labels.resize(static_cast<size_t>(o.limit_test));
@@ -386,6 +393,7 @@ int command_eval(const InspectFlags& f) {
   } else {
     data = load_data(o, false);
   }
+  if (names.empty()) names = data.test.class_names;
   if (data.test.count() == 0) usage_error("no test samples to evaluate");
   check_data_fits(checkpoint.spec, data.test);
   if (!f.bn_stats.empty() || !f.shifts.empty()) {
@@ -398,14 +406,30 @@ int command_eval(const InspectFlags& f) {
   auto model = io::build_model(checkpoint);
   const train::Evaluation e = train::evaluate(*model, data.test);
   const int32_t k = e.classes;
-  std::vector<double> per_class(static_cast<size_t>(k), 0.0);
-  for (int32_t t = 0; t < k; ++t) {
-    int64_t total = 0;
-    for (int32_t p = 0; p < k; ++p) total += e.confusion[static_cast<size_t>(t * k + p)];
-    per_class[t] = total ? static_cast<double>(e.confusion[static_cast<size_t>(t * k + t)]) /
-                               static_cast<double>(total)
-                         : 0.0;
+  auto count = [&](int32_t truth, int32_t predicted) {
+    return static_cast<double>(e.confusion[static_cast<size_t>(truth * k + predicted)]);
+  };
+  // Per class: precision = TP / predicted as it, recall = TP / truly it, F1
+  // their harmonic mean; 0 where a denominator is 0 (scikit-learn's zero_division=0).
+  std::vector<double> precision(k), recall(k), f1(k);
+  std::vector<int64_t> support(k);
+  for (int32_t c = 0; c < k; ++c) {
+    double predicted = 0, truly = 0;
+    for (int32_t other = 0; other < k; ++other) {
+      predicted += count(other, c);
+      truly += count(c, other);
+    }
+    support[c] = static_cast<int64_t>(truly);
+    precision[c] = predicted > 0 ? count(c, c) / predicted : 0.0;
+    recall[c] = truly > 0 ? count(c, c) / truly : 0.0;
+    f1[c] = precision[c] + recall[c] > 0 ? 2 * precision[c] * recall[c] / (precision[c] + recall[c]) : 0.0;
   }
+  auto mean = [&](const std::vector<double>& v) {
+    double sum = 0;
+    for (const double x : v) sum += x;
+    return k ? sum / k : 0.0;
+  };
+  auto name_of = [&](int32_t c) { return c < static_cast<int32_t>(names.size()) ? names[c] : std::to_string(c); };
   if (f.json) {
     json confusion = json::array();
     for (int32_t t = 0; t < k; ++t)
@@ -416,22 +440,41 @@ int command_eval(const InspectFlags& f) {
                       {"loss", e.loss},
                       {"accuracy", e.accuracy},
                       {"classes", k},
+                      {"class_names", names.empty() ? json(nullptr) : json(names)},
                       {"confusion", confusion},
-                      {"per_class_accuracy", per_class}};
+                      {"precision", precision},
+                      {"recall", recall},
+                      {"f1", f1},
+                      {"support", support},
+                      {"macro_f1", mean(f1)},
+                      {"per_class_accuracy", recall}};
     std::cout << out.dump(2) << '\n';
     return 0;
   }
   fmt::print("checkpoint {}: {} epochs trained\n", f.checkpoint.string(), checkpoint.progress.epochs_done);
   fmt::print("data {}: {} test samples\n", o.data, data.test.count());
   fmt::print("test loss {:.4f}  accuracy {:.4f}\n\n", e.loss, e.accuracy);
-  fmt::print("confusion matrix (rows: true class, columns: predicted class)\n");
+  size_t width = 11;  // "macro mean "
+  for (int32_t c = 0; c < k; ++c) width = std::max(width, fmt::format("{} {}", c, name_of(c)).size());
+  width = std::min<size_t>(width, 24);
+  fmt::print("{:<{}}  precision  recall      F1  support\n", "class", width);
+  for (int32_t c = 0; c < k; ++c) {
+    std::string label = names.empty() ? std::to_string(c) : fmt::format("{} {}", c, name_of(c));
+    if (label.size() > width) label.resize(width);
+    fmt::print("{:<{}}  {:>9.4f}  {:>6.4f}  {:>6.4f}  {:>7}\n", label, width, precision[c], recall[c], f1[c],
+               support[c]);
+  }
+  fmt::print("{:<{}}  {:>9.4f}  {:>6.4f}  {:>6.4f}  {:>7}\n\n", "macro mean", width, mean(precision),
+             mean(recall), mean(f1), data.test.count());
+  fmt::print("confusion matrix (rows: true class, columns: predicted class{})\n",
+             names.empty() ? "" : "; the numbers as in the table above");
   fmt::print("{:>6}", "");
   for (int32_t p = 0; p < k; ++p) fmt::print("{:>6}", p);
-  fmt::print("{:>9}\n", "recall");
+  fmt::print("\n");
   for (int32_t t = 0; t < k; ++t) {
     fmt::print("{:>6}", t);
     for (int32_t p = 0; p < k; ++p) fmt::print("{:>6}", e.confusion[static_cast<size_t>(t * k + p)]);
-    fmt::print("{:>9.4f}\n", per_class[t]);
+    fmt::print("\n");
   }
   return 0;
 }
@@ -457,7 +500,8 @@ int command_info(const InspectFlags& f) {
                 {"optimizer", {{"name", c.optimizer.name},
                                {"options", c.optimizer.options},
                                {"steps", c.optimizer.steps}}},
-                {"standardizer_features", c.standardizer.features()}};
+                {"standardizer_features", c.standardizer.features()},
+                {"class_names", class_names_of(app).empty() ? json(nullptr) : json(class_names_of(app))}};
     if (app.is_object()) {
       out["run"] = app.value("name", "");
       out["norm"] = app.value("norm", "");
@@ -510,6 +554,8 @@ int command_info(const InspectFlags& f) {
                c.standardizer.moments().front().count);
   else
     fmt::print("standardizer: none\n");
+  if (const auto names = class_names_of(app); !names.empty())
+    fmt::print("classes: {}\n", fmt::join(names, ", "));
   return 0;
 }
 
@@ -568,6 +614,8 @@ int run_main(int argc, char** argv) {
   auto* fold = add_fold_command(app, fold_flags);
   LabFlags lab_flags;
   auto* lab = add_lab_command(app, lab_flags);
+  PredictFlags predict_flags;
+  auto* predict = add_predict_command(app, predict_flags);
   BnStatsFlags bn_stats_flags;
   add_bn_stats_commands(app, bn_stats_flags);
 
@@ -581,6 +629,7 @@ int run_main(int argc, char** argv) {
                : app.got_subcommand(eval)    ? "normkit eval"
                : app.got_subcommand(info)    ? "normkit info"
                : app.got_subcommand(fold)    ? "normkit fold"
+               : app.got_subcommand(predict) ? "normkit predict"
                : app.got_subcommand(lab)     ? "normkit lab"
                : app.got_subcommand(bn_stats_flags.recalibrate_command) ? "normkit recalibrate"
                : app.got_subcommand(bn_stats_flags.adapt_command)       ? "normkit adapt"
@@ -588,14 +637,17 @@ int run_main(int argc, char** argv) {
                                              : "normkit");
     return 2;
   }
-  if (*train) return command_train(train_options, given_options(train_given), train_flags);
+  if (*train)
+    return command_train(with_absolute_paths(train_options), given_options(train_given), train_flags);
   if (*compare) {
     if (dist::started_by_mpi_launcher())
       usage_error("compare runs in one process; under mpirun, train each arm with normkit train");
-    return command_compare(compare_options, given_options(compare_given), compare_flags);
+    return command_compare(with_absolute_paths(compare_options), given_options(compare_given),
+                           compare_flags);
   }
   if (*eval) return command_eval(eval_flags);
   if (*fold) return command_fold(fold_flags);
+  if (*predict) return command_predict(predict_flags);
   if (*lab) return command_lab(lab_flags);
   if (*bn_stats_flags.recalibrate_command || *bn_stats_flags.adapt_command || *bn_stats_flags.shift_command)
     return command_bn_stats(bn_stats_flags);

@@ -58,6 +58,8 @@ json to_json(const RunOptions& o) {
           {"data", o.data},
           {"test_data", o.test_data},
           {"csv_label_column", o.csv_label_column},
+          {"csv_header", o.csv_header},
+          {"csv_delimiter", o.csv_delimiter},
           {"format", o.format},
           {"limit_train", o.limit_train},
           {"limit_test", o.limit_test},
@@ -98,7 +100,13 @@ RunOptions run_options_from_json(const json& j) {
     o.seed = j.at("seed").get<uint64_t>();
     o.data = j.at("data").get<std::string>();
     o.test_data = j.at("test_data").get<std::string>();
-    o.csv_label_column = j.at("csv_label_column").get<int>();
+    // Before named columns: a number counted from 0, -1 for the last.
+    if (const json& label = j.at("csv_label_column"); label.is_number())
+      o.csv_label_column = label.get<int>() < 0 ? "last" : std::to_string(label.get<int>() + 1);
+    else
+      o.csv_label_column = label.get<std::string>();
+    o.csv_header = j.value("csv_header", std::string("auto"));
+    o.csv_delimiter = j.value("csv_delimiter", std::string(","));
     o.format = j.at("format").get<std::string>();
     o.limit_train = j.at("limit_train").get<int64_t>();
     o.limit_test = j.at("limit_test").get<int64_t>();
@@ -149,6 +157,18 @@ RunOptions merge_resume_options(const RunOptions& stored, const RunOptions& give
   for (const auto& key : given_keys)
     if (changeable.contains(key)) merged[key] = new_values[key];
   return run_options_from_json(merged);
+}
+
+RunOptions with_absolute_paths(RunOptions o) {
+  auto absolute = [](std::string& path) {
+    if (!path.empty()) path = fs::absolute(path).lexically_normal().string();
+  };
+  absolute(o.data);
+  absolute(o.test_data);
+  std::error_code ec;
+  if (o.model != "mlp-paper" && o.model != "cnn-small" && fs::is_regular_file(o.model, ec))
+    absolute(o.model);
+  return o;
 }
 
 RunOptions finish_options(RunOptions o, const GivenOptions& given) {
@@ -249,7 +269,6 @@ void apply_threads(int threads) {
   omp_set_num_threads(threads);  // oneDNN's sgemm runs on OpenMP
 }
 
-
 nn::ModelSpec resolve_spec(const RunOptions& options, const std::string& norm,
                            const data::Dataset& data) {
   nn::ModelSpec spec;
@@ -283,6 +302,31 @@ nn::ModelSpec resolve_spec(const RunOptions& options, const std::string& norm,
   }
 }
 
+void check_normalization(const nn::ModelSpec& spec, const nn::ModelSpec& result, const std::string& norm) {
+  // with_norm only drops layers (instance norm after flat features).
+  const size_t dropped = spec.layers.size() - result.layers.size();
+  if (norm != "none" && dropped > 0) {
+    if (result == spec.without_batch_norm())
+      usage_error("--norm " + norm + ": every batchnorm layer of the model follows flat features ([N, C]: one "
+                  "value per sample and channel), where " + norm_label(norm) +
+                  " has nothing to normalize, so none would be left; use --norm none for a model "
+                  "without normalization, or a model with convolutions");
+    fmt::print(stderr, "normkit: warning: --norm {}: {} of the model's batchnorm layers follow{} flat "
+               "features, where {} has nothing to normalize: {} dropped (see `normkit info`)\n",
+               norm, dropped, dropped == 1 ? "s" : "", norm_label(norm), dropped == 1 ? "it is" : "they are");
+  }
+  // A fresh model's running statistics are mean 0 and variance 1: frozen
+  // batch norm would compute γ·x/sqrt(1 + eps) + β, which is no normalization.
+  for (size_t i = 0; i < result.layers.size(); ++i)
+    if (const auto it = result.layers[i].options.find("frozen");
+        it != result.layers[i].options.end() && it->second != "0")
+      usage_error(fmt::format(
+          "{}layer {} ({} frozen=1): a model trained from scratch has no statistics to freeze (its "
+          "running statistics are mean 0 and variance 1, so frozen batch norm would not normalize "
+          "at all); train with batch norm and --freeze-bn-after N to freeze them after N epochs",
+          norm == "frozen" ? "--norm frozen: " : "--model: ", i + 1, result.layers[i].type));
+}
+
 namespace {
 struct NormNames {
   const char *label, *name, *abbreviation;
@@ -313,6 +357,7 @@ data::Dataset subset(const data::Dataset& set, std::vector<int64_t> indices) {
   data::Dataset out;
   out.sample_shape = set.sample_shape;
   out.num_classes = set.num_classes;
+  out.class_names = set.class_names;
   const int64_t n = set.sample_size();
   out.features.reserve(indices.size() * static_cast<size_t>(n));
   for (const int64_t i : indices) {
@@ -388,6 +433,21 @@ std::string shape_text(const std::vector<int64_t>& shape) {
 
 }  // namespace
 
+data::CsvOptions csv_options(const RunOptions& o) {
+  data::CsvOptions csv;
+  csv.label_column = o.csv_label_column;
+  csv.header = o.csv_header == "yes" ? data::CsvHeader::yes
+               : o.csv_header == "no" ? data::CsvHeader::no
+                                      : data::CsvHeader::detect;
+  if (o.csv_delimiter == "tab" || o.csv_delimiter == "\\t")
+    csv.delimiter = '\t';
+  else if (o.csv_delimiter.size() == 1 && o.csv_delimiter != "\"")
+    csv.delimiter = o.csv_delimiter[0];
+  else
+    usage_error("--csv-delimiter '" + o.csv_delimiter + "': expected one character (or tab)");
+  return csv;
+}
+
 Data load_data(const RunOptions& o, bool need_train) {
   Data d;
   std::error_code ec;
@@ -397,11 +457,11 @@ Data load_data(const RunOptions& o, bool need_train) {
     if (need_train) d.train = data::load_mnist_directory(path, data::Split::train);
     d.test = data::load_mnist_directory(path, data::Split::test);
   } else if (fs::is_regular_file(path, ec)) {
-    data::CsvOptions csv;
-    csv.label_column = o.csv_label_column;
+    data::CsvOptions csv = csv_options(o);
     data::Dataset table = data::load_csv(path, csv);
     if (!o.test_data.empty()) {
       csv.num_classes = table.num_classes;
+      csv.class_names = table.class_names;
       d.test = data::load_csv(o.test_data, csv);
       d.train = std::move(table);
     } else {
@@ -552,9 +612,16 @@ std::string describe_run(const RunOptions& o, const Data& data) {
   if (o.weight_decay > 0) optimizer += fmt::format(" weight decay {:g}", o.weight_decay);
   const std::string val =
       data.val.count() > 0 ? fmt::format(" / {} validation", data.val.count()) : "";
-  return fmt::format("{}, {} train{} / {} test samples{}, {}, batch {}, seed {}, {}", o.model,
+  // A batch holds at most the whole training set.
+  const std::string batch =
+      data.train.count() > 0 && o.batch_size > data.train.count()
+          ? fmt::format("batch {} (--batch-size {} is more than the {} training samples: one "
+                        "batch per epoch)",
+                        data.train.count(), o.batch_size, data.train.count())
+          : fmt::format("batch {}", o.batch_size);
+  return fmt::format("{}, {} train{} / {} test samples{}, {}, {}, seed {}, {}", o.model,
                      data.train.count(), val, data.test.count(),
-                     o.inputs == "standardize" ? "" : " (" + o.inputs + " inputs)", optimizer, o.batch_size, o.seed,
+                     o.inputs == "standardize" ? "" : " (" + o.inputs + " inputs)", optimizer, batch, o.seed,
                      o.format);
 }
 
@@ -567,31 +634,26 @@ Data prepare_data(const RunOptions& o, data::Standardizer* standardizer, bool fi
   return data;
 }
 
-// ---------------------------------------------------------------- progress
-
-Progress::Progress(std::string label) : label_(std::move(label)) {}
-
-bool Progress::enabled() { return ::isatty(STDERR_FILENO) == 1; }
-
-void Progress::update(int64_t epoch, int64_t epochs, const train::StepProgress& p) {
-  const auto now = std::chrono::steady_clock::now();
-  if (p.step != p.steps && shown_ && now - last_ < std::chrono::milliseconds(100)) return;
-  last_ = now;
-  shown_ = true;
-  constexpr int kWidth = 24;
-  const auto filled = static_cast<int>(kWidth * p.step / std::max<int64_t>(p.steps, 1));
-  const std::string bar = std::string(filled, '#') + std::string(kWidth - filled, '.');
-  fmt::print(stderr, "\r{}epoch {}/{} [{}] {}/{}  loss {:.4f}  acc {:.4f}  {:.0f} samples/s\033[K",
-             label_.empty() ? "" : label_ + "  ", epoch, epochs, bar, p.step, p.steps, p.loss,
-             p.accuracy, p.samples_per_second);
-  std::fflush(stderr);
+json application_json(const io::Checkpoint& c) {
+  if (c.progress.application.empty()) return nullptr;
+  try {
+    return json::parse(c.progress.application);
+  } catch (const json::exception&) {
+    return nullptr;
+  }
 }
 
-void Progress::clear() {
-  if (!shown_) return;
-  fmt::print(stderr, "\r\033[K");
-  std::fflush(stderr);
-  shown_ = false;
+RunOptions run_options_of(const json& app) {
+  if (app.is_object() && app.contains("options")) return run_options_from_json(app["options"]);
+  return {};
+}
+
+std::vector<std::string> class_names_of(const json& app) {
+  std::vector<std::string> names;
+  if (app.is_object() && app.contains("classes") && app["classes"].is_array())
+    for (const auto& name : app["classes"])
+      if (name.is_string()) names.push_back(name.get<std::string>());
+  return names;
 }
 
 // ---------------------------------------------------------------- a run
@@ -625,6 +687,7 @@ Run Run::start(const RunOptions& options, const std::string& name, const fs::pat
   run.norm_ = norm;
   run.out_ = out;
   run.standardizer_ = standardizer;
+  run.class_names_ = train.class_names;
   std::error_code ec;
   if (fs::exists(run.checkpoint_path(), ec) && !overwrite)
     usage_error("'" + out.string() + "' already holds a run (" + run.checkpoint_path().string() +
@@ -659,6 +722,7 @@ Run Run::resume(const fs::path& out) {
     run.name_ = app.at("name").get<std::string>();
     run.norm_ = app.at("norm").get<std::string>();
     run.history_ = app.at("history");
+    run.class_names_ = class_names_of(app);
     run.initial_loss_ = app.value("initial_loss", -1.0);
     if (!run.history_.is_array()) throw std::runtime_error("history is not a list");
     if (app.contains("window")) {
@@ -938,6 +1002,7 @@ void Run::save_checkpoint() const {
               {"options", to_json(options_)},
               {"history", history_},
               {"initial_loss", initial_loss_}};
+  if (!class_names_.empty()) app["classes"] = class_names_;
   if (position_.step > 0)
     app["window"] = {{"loss", window_.loss}, {"correct", window_.correct}, {"samples", window_.samples}};
   progress.application = app.dump();

@@ -19,20 +19,31 @@ namespace normkit::data {
 class Standardizer {
  public:
   // Statistics over rows × features, merged with what was seen before
-  // (fit = reset + partial_fit). Non-finite values are an error.
+  // (fit = reset + partial_fit). Non-finite values are an error. float data
+  // runs the fast BN statistics kernels, double data the exact reference.
   void fit(std::span<const float> x, int64_t features);
   void partial_fit(std::span<const float> x, int64_t features);
+  void fit(std::span<const double> x, int64_t features);
+  void partial_fit(std::span<const double> x, int64_t features);
 
-  void transform(std::span<float> x) const;          // in place
-  void inverse_transform(std::span<float> x) const;  // in place
+  // In place, in the data's precision: float data with the statistics rounded
+  // to float (mean(), scale()), double data with them in double.
+  void transform(std::span<float> x) const;
+  void inverse_transform(std::span<float> x) const;
+  void transform(std::span<double> x) const;
+  void inverse_transform(std::span<double> x) const;
 
   bool fitted() const noexcept { return !moments_.empty(); }
   int64_t features() const noexcept { return static_cast<int64_t>(moments_.size()); }
-  std::vector<float> mean() const;
-  std::vector<float> scale() const;  // std, or 1 for zero-variance features
+  // The statistics in T (float: what transform of float data uses).
+  template <class T = float>
+  std::vector<T> mean() const;
+  template <class T = float>
+  std::vector<T> scale() const;  // std, or 1 for zero-variance features
   // The biased (population) variance, 0 for zero-variance features; and the
   // rows fitted since the last fit (0 when unfitted).
-  std::vector<float> variance() const;
+  template <class T = float>
+  std::vector<T> variance() const;
   int64_t samples_seen() const noexcept;
 
   void save(std::ostream& out) const;
@@ -41,7 +52,12 @@ class Standardizer {
   const std::vector<Moments>& moments() const noexcept { return moments_; }
 
  private:
-  void check_rows(std::span<const float> x) const;
+  template <class T>
+  void fit_rows(std::span<const T> x, int64_t features);
+  template <class T>
+  void apply(std::span<T> x, bool inverse) const;
+  template <class T>
+  void check_rows(std::span<const T> x) const;
   std::vector<Moments> moments_;
 };
 

@@ -3,9 +3,12 @@ deterministic.
 
 The functional NumPy API lives here (batch norm and its moments, batch renormalization,
 ghost BN, fused BN+ReLU, layer and RMS norm, group and instance norm, the Standardizer);
+``normkit.load_checkpoint`` reads the training engine's checkpoints (NumPy arrays, and the
+same network from torch.nn modules);
 ``normkit.torch`` holds drop-in replacements for torch.nn's normalization modules (importing
 it imports torch; importing ``normkit`` does not).
 """
+from .checkpoint import Checkpoint, load_checkpoint
 from ._normkit import (
     Standardizer,
     __version__,
@@ -48,6 +51,7 @@ from ._normkit import (
 )
 
 __all__ = [
+    "Checkpoint",
     "Standardizer",
     "__version__",
     "batch_norm_add_relu_backward",
@@ -78,6 +82,7 @@ __all__ = [
     "keras_options",
     "layer_norm_backward",
     "layer_norm_forward",
+    "load_checkpoint",
     "merge_moments",
     "moments_dtype",
     "num_threads",

@@ -1,7 +1,12 @@
-// normkit.Standardizer: the input standardizer (normkit::data::Standardizer) with
-// scikit-learn's StandardScaler names. It works in float32, as the engine does:
-// inputs of other real dtypes are converted (a copy), results are float32, and
-// mean_, var_, scale_ are the float32 values transform uses.
+// normkit.Standardizer: the input standardizer (normkit::data::Standardizer)
+// as a scikit-learn estimator: StandardScaler's names (fit, partial_fit,
+// transform, fit_transform, inverse_transform, mean_, var_, scale_, ...), the
+// estimator protocol (fit(X, y=None), get_params/set_params, pickling and
+// deep copies) so that it works inside sklearn.pipeline.Pipeline and clone(),
+// and the data's dtype kept: float32 data is fitted and transformed with the
+// fast kernels in float32, float64 data exactly in float64; other real dtypes
+// (integers) become float64, as in scikit-learn. mean_, var_ and scale_ are
+// float64 (the statistics are kept in double).
 #include <unistd.h>
 
 #include <algorithm>
@@ -9,8 +14,10 @@
 #include <cmath>
 #include <cstdio>
 #include <fstream>
+#include <optional>
 #include <sstream>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "families.hpp"
@@ -20,13 +27,18 @@
 namespace normkit::python {
 namespace {
 
-using Table = py::array_t<float, py::array::c_style | py::array::forcecast>;
-
 [[noreturn]] void attribute_error(const std::string& message) { throw py::attribute_error(message); }
 
-// x as a C-contiguous float32 [samples, features] table (converted only when it
-// is not one already), checked for shape and for NaN or infinity.
-Table table_of(const py::object& object, const char* what) {
+// The estimator: the statistics and StandardScaler's `copy` parameter.
+struct Estimator {
+  data::Standardizer stats;
+  bool copy = true;
+};
+
+// x as a checked [samples, features] array of real numbers, converted (a copy)
+// only when it is not C-contiguous float32 or float64 already: ints and other
+// real dtypes become float64.
+py::array table_of(const py::object& object, const char* what) {
   py::array a = py::array::ensure(object);
   if (!a) type_error(std::string(what) + ": expected an array, got " + type_name(object));
   const char kind = a.dtype().kind();
@@ -38,55 +50,119 @@ Table table_of(const py::object& object, const char* what) {
   if (a.shape(0) < 1 || a.shape(1) < 1)
     value_error(std::string(what) + ": expected at least one sample and one feature, got shape " +
                 shape_of(a));
-  Table table = Table::ensure(a);
-  if (!table) type_error(std::string(what) + ": cannot convert " + dtype_of(a) + " to float32");
-  const float* values = table.data();
-  const auto features = static_cast<size_t>(table.shape(1));
-  for (size_t i = 0, n = static_cast<size_t>(table.size()); i < n; ++i)
-    if (!std::isfinite(values[i]))
-      value_error(std::string(what) + ": NaN or infinity at sample " + std::to_string(i / features) +
-                  ", feature " + std::to_string(i % features) + " (as float32)");
+  constexpr int kFlags = py::array::c_style | py::array::forcecast;
+  py::array table;
+  if (has_dtype<float>(a))
+    table = py::array_t<float, kFlags>::ensure(a);
+  else
+    table = py::array_t<double, kFlags>::ensure(a);
+  if (!table) type_error(std::string(what) + ": cannot convert " + dtype_of(a) + " to a float array");
   return table;
 }
 
-std::span<const float> values_of(const Table& t) { return {t.data(), static_cast<size_t>(t.size())}; }
+// Runs call(T{}) with T the element type of a table from table_of.
+template <class F>
+auto by_table_dtype(const py::array& table, F&& call) {
+  if (has_dtype<float>(table)) return call(float{});
+  return call(double{});
+}
+
+template <class T>
+std::span<const T> values_of(const py::array& table) {
+  return {static_cast<const T*>(table.data()), static_cast<size_t>(table.size())};
+}
+
+// NaN or infinity anywhere is a ValueError naming the first one.
+template <class T>
+void check_finite(std::span<const T> values, int64_t features, const char* what) {
+  for (size_t i = 0; i < values.size(); ++i)
+    if (!std::isfinite(values[i]))
+      value_error(std::string(what) + ": NaN or infinity at sample " + std::to_string(i / features) +
+                  ", feature " + std::to_string(i % features) +
+                  (std::is_same_v<T, float> ? " (as float32)" : ""));
+}
 
 void require_fitted(const data::Standardizer& s) {
   if (!s.fitted()) value_error("this Standardizer is not fitted yet: call fit or partial_fit first");
 }
 
-py::array_t<float> float_vector(const std::vector<float>& values) {
-  py::array_t<float> out(static_cast<py::ssize_t>(values.size()));
+py::array_t<double> double_vector(const std::vector<double>& values) {
+  py::array_t<double> out(static_cast<py::ssize_t>(values.size()));
   std::copy(values.begin(), values.end(), out.mutable_data());
   return out;
 }
 
-// transform and inverse_transform: on a new array (copy=True), or in place on
-// x itself when it is already a writable C-contiguous float32 array.
-template <class Apply>
-py::array apply_to(const data::Standardizer& s, const py::object& x, bool copy, const char* what,
-                   Apply&& apply) {
+// Merges x's statistics into s (after fit's reset, when `reset`).
+void fit_table(data::Standardizer& s, const py::object& x, bool reset, const char* what) {
+  py::array table = table_of(x, what);
+  const int64_t features = table.shape(1);
+  if (!reset && s.fitted() && features != s.features())
+    value_error(std::string(what) + ": x has " + std::to_string(features) +
+                " features, the standardizer was fitted on " + std::to_string(s.features()));
+  by_table_dtype(table, [&](auto t) {
+    using T = decltype(t);
+    const std::span<const T> values = values_of<T>(table);
+    check_finite(values, features, what);
+    py::gil_scoped_release unlocked;
+    if (reset)
+      s.fit(values, features);
+    else
+      s.partial_fit(values, features);
+  });
+}
+
+// transform and inverse_transform: on a new array (copy), or in place on x
+// itself when it is already a writable C-contiguous float32 or float64 array.
+py::array apply_to(const Estimator& e, const py::object& x, const std::optional<bool>& copy_option,
+                   const char* what, bool inverse) {
+  const data::Standardizer& s = e.stats;
   require_fitted(s);
-  Table table = table_of(x, what);
+  py::array table = table_of(x, what);
   if (table.shape(1) != s.features())
     value_error(std::string(what) + ": x has " + std::to_string(table.shape(1)) +
                 " features, the standardizer was fitted on " + std::to_string(s.features()));
-  py::array_t<float> result;
-  if (copy) {
-    result = py::array_t<float>(std::vector<py::ssize_t>{table.shape(0), table.shape(1)});
-    std::copy(table.data(), table.data() + table.size(), result.mutable_data());
-  } else {
-    if (!table.is(x) || !table.writeable())
-      value_error(std::string(what) + ": copy=False works in place, so x must be a writable "
-                  "C-contiguous float32 array");
-    result = table;
+  const bool copy = copy_option.value_or(e.copy);
+  return by_table_dtype(table, [&](auto t) -> py::array {
+    using T = decltype(t);
+    check_finite(values_of<T>(table), table.shape(1), what);
+    py::array_t<T> result;
+    if (copy) {
+      result = py::array_t<T>(std::vector<py::ssize_t>{table.shape(0), table.shape(1)});
+      std::copy_n(static_cast<const T*>(table.data()), table.size(), result.mutable_data());
+    } else {
+      if (!table.is(x) || !table.writeable())
+        value_error(std::string(what) + ": copy=False works in place, so x must be a writable "
+                    "C-contiguous float32 or float64 array");
+      result = py::reinterpret_borrow<py::array_t<T>>(table);
+    }
+    std::span<T> values(result.mutable_data(), static_cast<size_t>(result.size()));
+    {
+      py::gil_scoped_release unlocked;
+      if (inverse)
+        s.inverse_transform(values);
+      else
+        s.transform(values);
+    }
+    return result;
+  });
+}
+
+py::bytes to_bytes(const data::Standardizer& s) {
+  std::ostringstream bytes;
+  if (s.fitted()) s.save(bytes);
+  return py::bytes(bytes.str());
+}
+
+data::Standardizer from_bytes(const std::string& bytes, const std::string& source) {
+  std::istringstream in(bytes);
+  try {
+    data::Standardizer s = data::Standardizer::load(in);
+    if (in.peek() != std::char_traits<char>::eof())
+      throw Error(ErrorKind::runtime, "standardizer: unexpected bytes after the statistics");
+    return s;
+  } catch (const Error& e) {
+    throw Error(ErrorKind::runtime, source + ": " + e.what());
   }
-  std::span<float> values(result.mutable_data(), static_cast<size_t>(result.size()));
-  {
-    py::gil_scoped_release unlocked;
-    apply(values);
-  }
-  return result;
 }
 
 std::string path_of(const py::object& path) {
@@ -129,103 +205,121 @@ void save_file(const data::Standardizer& s, const std::string& path) {
 data::Standardizer load_file(const std::string& path) {
   std::ifstream in(path, std::ios::binary);
   if (!in) os_error(path);
-  try {
-    data::Standardizer s = data::Standardizer::load(in);
-    if (in.peek() != std::char_traits<char>::eof())
-      throw Error(ErrorKind::runtime, "standardizer: unexpected bytes after the statistics");
-    return s;
-  } catch (const Error& e) {
-    throw Error(ErrorKind::runtime, "'" + path + "': " + e.what());
-  }
+  std::stringstream bytes;
+  bytes << in.rdbuf();
+  return from_bytes(bytes.str(), "'" + path + "'");
 }
 
 }  // namespace
 
 void register_standardizer(py::module_& m) {
-  using data::Standardizer;
-  py::class_<Standardizer>(m, "Standardizer", R"doc(Per-feature standardization x' = (x - mean_) / scale_.
+  py::class_<Estimator>(m, "Standardizer", R"doc(Standardizer(*, copy=True): per-feature standardization x' = (x - mean_) / scale_.
 
-scikit-learn's StandardScaler, in float32: scale_ is the population (biased) standard
-deviation, and 1 for features of zero variance (they map to 0, never NaN). fit and
-partial_fit take (samples, features) arrays; partial_fit merges the statistics of each
-chunk with those seen before (Chan et al.), so streaming a data set in chunks gives what
-one fit on all of it gives. NaN or infinity in any input is a ValueError.)doc")
-      .def(py::init<>())
+scikit-learn's StandardScaler (with_mean and with_std always on): scale_ is the population
+(biased) standard deviation, and 1 for features of zero variance (they map to 0, never NaN).
+An estimator as scikit-learn expects: fit(X, y=None), partial_fit, transform, fit_transform,
+inverse_transform, get_params/set_params, pickling and copy.deepcopy, so it can be a step of
+sklearn.pipeline.Pipeline. The data's dtype is kept: float32 runs normkit's BN statistics
+kernels in float32, float64 is exact in float64; integers become float64. partial_fit merges
+the statistics of each chunk with those seen before (Chan et al.), so streaming a data set in
+chunks gives what one fit on all of it gives. NaN or infinity in any input is a ValueError.
+copy=False makes transform work in place on a writable C-contiguous float32/float64 array.)doc")
+      .def(py::init([](bool copy) { return Estimator{{}, copy}; }), py::kw_only(), py::arg("copy") = true)
+      .def_readwrite("copy", &Estimator::copy, "transform's default for copy=None.")
+      .def(
+          "get_params", [](const Estimator& e, bool) { return py::dict(py::arg("copy") = e.copy); },
+          py::arg("deep") = true, "The estimator's parameters, {'copy': ...} (scikit-learn's protocol).")
+      .def(
+          "set_params",
+          [](Estimator& e, const py::kwargs& params) -> Estimator& {
+            for (const auto& [key, value] : params) {
+              const auto name = py::str(key).cast<std::string>();
+              if (name != "copy")
+                value_error("set_params: Standardizer has no parameter '" + name + "' (it has: copy)");
+              e.copy = value.cast<bool>();
+            }
+            return e;
+          },
+          py::return_value_policy::reference_internal, "Sets parameters by name; returns self.")
       .def(
           "fit",
-          [](Standardizer& s, const py::object& x) -> Standardizer& {
-            const Table table = table_of(x, "fit");
-            {
-              py::gil_scoped_release unlocked;
-              s.fit(values_of(table), table.shape(1));
-            }
-            return s;
+          [](Estimator& e, const py::object& x, const py::object&) -> Estimator& {
+            fit_table(e.stats, x, true, "fit");
+            return e;
           },
-          py::arg("x"), py::return_value_policy::reference_internal,
-          "Statistics of x alone (earlier fits are forgotten). Returns self.")
+          py::arg("X"), py::arg("y") = py::none(), py::return_value_policy::reference_internal,
+          "Statistics of X alone (earlier fits are forgotten); y is ignored. Returns self.")
       .def(
           "partial_fit",
-          [](Standardizer& s, const py::object& x) -> Standardizer& {
-            const Table table = table_of(x, "partial_fit");
-            if (s.fitted() && table.shape(1) != s.features())
-              value_error("partial_fit: x has " + std::to_string(table.shape(1)) +
-                          " features, the standardizer was fitted on " +
-                          std::to_string(s.features()));
-            {
-              py::gil_scoped_release unlocked;
-              s.partial_fit(values_of(table), table.shape(1));
-            }
-            return s;
+          [](Estimator& e, const py::object& x, const py::object&) -> Estimator& {
+            fit_table(e.stats, x, false, "partial_fit");
+            return e;
           },
-          py::arg("x"), py::return_value_policy::reference_internal,
-          "Merges the statistics of x into those seen so far. Returns self.")
+          py::arg("X"), py::arg("y") = py::none(), py::return_value_policy::reference_internal,
+          "Merges the statistics of X into those seen so far; y is ignored. Returns self.")
       .def(
           "transform",
-          [](const Standardizer& s, const py::object& x, bool copy) {
-            return apply_to(s, x, copy, "transform", [&](std::span<float> v) { s.transform(v); });
+          [](const Estimator& e, const py::object& x, const std::optional<bool>& copy) {
+            return apply_to(e, x, copy, "transform", false);
           },
-          py::arg("x"), py::arg("copy") = true,
-          "(x - mean_) / scale_ as a new float32 array; copy=False overwrites x (a writable "
-          "C-contiguous float32 array) and returns it.")
+          py::arg("X"), py::arg("copy") = py::none(),
+          "(X - mean_) / scale_ in X's dtype (float32 or float64), as a new array; copy=False "
+          "(or copy=None with the estimator's copy=False) overwrites X and returns it.")
+      .def(
+          "fit_transform",
+          [](Estimator& e, const py::object& x, const py::object&) {
+            fit_table(e.stats, x, true, "fit_transform");
+            return apply_to(e, x, std::nullopt, "fit_transform", false);
+          },
+          py::arg("X"), py::arg("y") = py::none(), "fit(X).transform(X).")
       .def(
           "inverse_transform",
-          [](const Standardizer& s, const py::object& x, bool copy) {
-            return apply_to(s, x, copy, "inverse_transform",
-                            [&](std::span<float> v) { s.inverse_transform(v); });
+          [](const Estimator& e, const py::object& x, const std::optional<bool>& copy) {
+            return apply_to(e, x, copy, "inverse_transform", true);
           },
-          py::arg("x"), py::arg("copy") = true, "x * scale_ + mean_; copy as for transform.")
-      .def_property_readonly("mean_", [](const Standardizer& s) {
-        if (!s.fitted()) attribute_error("mean_: the Standardizer is not fitted yet");
-        return float_vector(s.mean());
-      }, "Per-feature mean (float32).")
-      .def_property_readonly("var_", [](const Standardizer& s) {
-        if (!s.fitted()) attribute_error("var_: the Standardizer is not fitted yet");
-        return float_vector(s.variance());
-      }, "Per-feature population variance (float32; 0 for constant features).")
-      .def_property_readonly("scale_", [](const Standardizer& s) {
-        if (!s.fitted()) attribute_error("scale_: the Standardizer is not fitted yet");
-        return float_vector(s.scale());
-      }, "Per-feature population standard deviation, 1 where it is 0 (float32).")
-      .def_property_readonly("n_samples_seen_", [](const Standardizer& s) {
-        if (!s.fitted()) attribute_error("n_samples_seen_: the Standardizer is not fitted yet");
-        return s.samples_seen();
+          py::arg("X"), py::arg("copy") = py::none(), "X * scale_ + mean_; copy as for transform.")
+      .def_property_readonly("mean_", [](const Estimator& e) {
+        if (!e.stats.fitted()) attribute_error("mean_: the Standardizer is not fitted yet");
+        return double_vector(e.stats.mean<double>());
+      }, "Per-feature mean (float64).")
+      .def_property_readonly("var_", [](const Estimator& e) {
+        if (!e.stats.fitted()) attribute_error("var_: the Standardizer is not fitted yet");
+        return double_vector(e.stats.variance<double>());
+      }, "Per-feature population variance (float64; 0 for constant features).")
+      .def_property_readonly("scale_", [](const Estimator& e) {
+        if (!e.stats.fitted()) attribute_error("scale_: the Standardizer is not fitted yet");
+        return double_vector(e.stats.scale<double>());
+      }, "Per-feature population standard deviation, 1 where it is 0 (float64).")
+      .def_property_readonly("n_samples_seen_", [](const Estimator& e) {
+        if (!e.stats.fitted()) attribute_error("n_samples_seen_: the Standardizer is not fitted yet");
+        return e.stats.samples_seen();
       }, "Samples fitted since the last fit.")
-      .def_property_readonly("n_features_in_", [](const Standardizer& s) {
-        if (!s.fitted()) attribute_error("n_features_in_: the Standardizer is not fitted yet");
-        return s.features();
+      .def_property_readonly("n_features_in_", [](const Estimator& e) {
+        if (!e.stats.fitted()) attribute_error("n_features_in_: the Standardizer is not fitted yet");
+        return e.stats.features();
       })
       .def(
-          "save", [](const Standardizer& s, const py::object& path) { save_file(s, path_of(path)); },
+          "save", [](const Estimator& e, const py::object& path) { save_file(e.stats, path_of(path)); },
           py::arg("path"),
           "Writes the statistics (count, mean, M2 per feature, in double) to a file, atomically.")
       .def_static(
-          "load", [](const py::object& path) { return load_file(path_of(path)); }, py::arg("path"),
+          "load", [](const py::object& path) { return Estimator{load_file(path_of(path)), true}; },
+          py::arg("path"),
           "A Standardizer from a file written by save; a truncated or corrupted file is a "
           "RuntimeError naming it.")
-      .def("__repr__", [](const Standardizer& s) {
-        if (!s.fitted()) return std::string("Standardizer(not fitted)");
-        return "Standardizer(features=" + std::to_string(s.features()) +
-               ", samples=" + std::to_string(s.samples_seen()) + ")";
+      .def(py::pickle(
+          [](const Estimator& e) { return py::make_tuple(e.copy, to_bytes(e.stats)); },
+          [](const py::tuple& state) {
+            if (state.size() != 2) value_error("Standardizer: bad pickled state");
+            const auto bytes = state[1].cast<std::string>();
+            return Estimator{bytes.empty() ? data::Standardizer{} : from_bytes(bytes, "pickled Standardizer"),
+                             state[0].cast<bool>()};
+          }))
+      .def("__repr__", [](const Estimator& e) {
+        const std::string copy = e.copy ? "" : "copy=False, ";
+        if (!e.stats.fitted()) return "Standardizer(" + copy + "not fitted)";
+        return "Standardizer(" + copy + "features=" + std::to_string(e.stats.features()) +
+               ", samples=" + std::to_string(e.stats.samples_seen()) + ")";
       });
 }
 

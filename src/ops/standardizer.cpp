@@ -14,16 +14,12 @@ namespace normkit::data {
 
 namespace {
 constexpr char kMagic[8] = {'N', 'K', 'S', 'T', 'D', '0', '0', '1'};
-
-TensorView<float> table_view(std::span<float> x, int64_t features) {
-  return TensorView<float>::contiguous(x.data(), {static_cast<int64_t>(x.size()) / features, features},
-                                       Layout::NC);
-}
 }  // namespace
 
 // Whole rows of finite values: a NaN standardized would reach training as data
 // (docs/nan-and-inf.md), so it is refused here, before anything is written.
-void Standardizer::check_rows(std::span<const float> x) const {
+template <class T>
+void Standardizer::check_rows(std::span<const T> x) const {
   if (!fitted()) detail::fail_invalid("standardizer: not fitted");
   if (x.empty() || x.size() % moments_.size() != 0)
     detail::fail_invalid("standardizer: ", x.size(), " values are not whole rows of ",
@@ -39,8 +35,16 @@ void Standardizer::fit(std::span<const float> x, int64_t features) {
   fresh.partial_fit(x, features);
   *this = std::move(fresh);
 }
+void Standardizer::fit(std::span<const double> x, int64_t features) {
+  Standardizer fresh;
+  fresh.partial_fit(x, features);
+  *this = std::move(fresh);
+}
+void Standardizer::partial_fit(std::span<const float> x, int64_t features) { fit_rows(x, features); }
+void Standardizer::partial_fit(std::span<const double> x, int64_t features) { fit_rows(x, features); }
 
-void Standardizer::partial_fit(std::span<const float> x, int64_t features) {
+template <class T>
+void Standardizer::fit_rows(std::span<const T> x, int64_t features) {
   if (features < 1) detail::fail_invalid("standardizer: features must be >= 1, got ", features);
   if (fitted() && features != this->features())
     detail::fail_invalid("standardizer: fitted on ", this->features(), " features, got ", features);
@@ -48,9 +52,9 @@ void Standardizer::partial_fit(std::span<const float> x, int64_t features) {
     detail::fail_invalid("standardizer: ", x.size(), " values are not whole rows of ", features,
                          " features");
   std::vector<Moments> batch(features);
-  const auto view = TensorView<const float>::contiguous(
+  const auto view = TensorView<const T>::contiguous(
       x.data(), {static_cast<int64_t>(x.size()) / features, features}, Layout::NC);
-  batch_norm_moments<float>(view, batch);
+  batch_norm_moments<T>(view, batch);
   for (int64_t f = 0; f < features; ++f)
     if (!std::isfinite(batch[f].mean) || !std::isfinite(batch[f].m2))
       detail::fail_runtime("standardizer: feature ", f, " contains NaN or infinite values");
@@ -61,48 +65,64 @@ void Standardizer::partial_fit(std::span<const float> x, int64_t features) {
   for (int64_t f = 0; f < features; ++f) moments_[f].merge(batch[f]);
 }
 
-std::vector<float> Standardizer::mean() const {
-  std::vector<float> out;
-  for (const auto& m : moments_) out.push_back(static_cast<float>(m.mean));
+template <class T>
+std::vector<T> Standardizer::mean() const {
+  std::vector<T> out;
+  for (const auto& m : moments_) out.push_back(static_cast<T>(m.mean));
   return out;
 }
 
-std::vector<float> Standardizer::scale() const {
-  std::vector<float> out;
+template <class T>
+std::vector<T> Standardizer::scale() const {
+  std::vector<T> out;
   for (const auto& m : moments_) {
     const double sd = std::sqrt(m.biased_variance());
-    out.push_back(sd > 0 ? static_cast<float>(sd) : 1.0f);
+    out.push_back(sd > 0 ? static_cast<T>(sd) : T{1});
   }
   return out;
 }
 
-std::vector<float> Standardizer::variance() const {
-  std::vector<float> out;
-  for (const auto& m : moments_) out.push_back(static_cast<float>(m.biased_variance()));
+template <class T>
+std::vector<T> Standardizer::variance() const {
+  std::vector<T> out;
+  for (const auto& m : moments_) out.push_back(static_cast<T>(m.biased_variance()));
   return out;
 }
+
+template std::vector<float> Standardizer::mean<float>() const;
+template std::vector<double> Standardizer::mean<double>() const;
+template std::vector<float> Standardizer::scale<float>() const;
+template std::vector<double> Standardizer::scale<double>() const;
+template std::vector<float> Standardizer::variance<float>() const;
+template std::vector<double> Standardizer::variance<double>() const;
 
 // Every feature of a row is counted together, so any feature's count is the row count.
 int64_t Standardizer::samples_seen() const noexcept {
   return moments_.empty() ? 0 : static_cast<int64_t>(moments_.front().count);
 }
 
-void Standardizer::transform(std::span<float> x) const {
-  check_rows(x);
-  const auto m = mean(), s = scale();
-  std::vector<float> inv(s.size());
-  for (size_t f = 0; f < s.size(); ++f) inv[f] = 1.0f / s[f];
-  const auto view = table_view(x, features());
-  batch_norm_forward_apply<float>(view, view, {}, {}, m, inv);
+// transform: the apply kernel with the statistics (1/scale as invstd);
+// inverse: x·scale + mean, the kernel with zero mean, unit invstd, γ = scale, β = mean.
+template <class T>
+void Standardizer::apply(std::span<T> x, bool inverse) const {
+  check_rows(std::span<const T>(x));
+  const auto view = TensorView<T>::contiguous(
+      x.data(), {static_cast<int64_t>(x.size()) / features(), features()}, Layout::NC);
+  const std::vector<T> m = mean<T>(), s = scale<T>();
+  if (inverse) {
+    const std::vector<T> zero(s.size(), T{0}), one(s.size(), T{1});
+    batch_norm_forward_apply<T>(view, view, s, m, zero, one);
+    return;
+  }
+  std::vector<T> inv(s.size());
+  for (size_t f = 0; f < s.size(); ++f) inv[f] = T{1} / s[f];
+  batch_norm_forward_apply<T>(view, view, {}, {}, m, inv);
 }
 
-void Standardizer::inverse_transform(std::span<float> x) const {
-  check_rows(x);
-  // x·scale + mean, as the apply kernel with zero mean, unit invstd, γ = scale, β = mean.
-  const std::vector<float> zero(moments_.size(), 0.0f), one(moments_.size(), 1.0f);
-  const auto view = table_view(x, features());
-  batch_norm_forward_apply<float>(view, view, scale(), mean(), zero, one);
-}
+void Standardizer::transform(std::span<float> x) const { apply(x, false); }
+void Standardizer::transform(std::span<double> x) const { apply(x, false); }
+void Standardizer::inverse_transform(std::span<float> x) const { apply(x, true); }
+void Standardizer::inverse_transform(std::span<double> x) const { apply(x, true); }
 
 void Standardizer::save(std::ostream& out) const {
   const uint64_t n = moments_.size();

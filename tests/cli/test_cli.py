@@ -7,69 +7,10 @@ one uses Fashion-MNIST (cut to a few hundred samples) for the IDX path and cnn-s
 """
 import json
 import math
-import os
-import random
-import subprocess
-from pathlib import Path
 
 import pytest
 
-CLI = os.environ.get("NORMKIT_CLI", "")
-FASHION = Path("/usr/share/datasets/fashion-mnist")
-RESULT_KEYS = ["run", "epoch", "train_loss", "train_acc", "test_loss", "test_acc"]
-SPEC = "input 6\nlinear 16 bias=0\nbatchnorm\nrelu\nlinear 3\n"
-
-if not CLI or not Path(CLI).is_file():
-    pytest.exit("set NORMKIT_CLI to the normkit executable (ctest does)", returncode=2)
-
-
-def normkit(*args, env=None, check=None):
-    """Runs normkit; check=0/1/2 asserts the exit code."""
-    full_env = dict(os.environ)
-    full_env.update(env or {})
-    result = subprocess.run([CLI, *map(str, args)], capture_output=True, text=True, env=full_env,
-                            timeout=120)
-    assert result.returncode >= 0, f"normkit crashed (signal {-result.returncode}): {result.stderr}"
-    if check is not None:
-        assert result.returncode == check, (
-            f"normkit {' '.join(map(str, args))}: exit {result.returncode}, expected {check}\n"
-            f"stdout: {result.stdout}\nstderr: {result.stderr}")
-    if result.returncode != 0:
-        # Every failure is one clear line, never a stack trace or a CLI11 banner.
-        assert result.stderr.startswith("normkit: error: "), result.stderr
-    return result
-
-
-def metrics(path):
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
-
-
-def results(path):
-    """The metrics that must be reproducible (not the timings)."""
-    return [{k: m[k] for k in RESULT_KEYS if k != "run"} for m in metrics(path)]
-
-
-@pytest.fixture(scope="session")
-def table(tmp_path_factory):
-    """Three Gaussian blobs in 6 dimensions, 600 rows, with a header and far-off means."""
-    directory = tmp_path_factory.mktemp("data")
-    rng = random.Random(5)
-    rows = ["a,b,c,d,e,f,label"]
-    for i in range(600):
-        label = i % 3
-        values = [rng.gauss(100.0 + 4.0 * label * (j % 2), 3.0) for j in range(6)]
-        rows.append(",".join(f"{v:.5f}" for v in values) + f",{label}")
-    path = directory / "blobs.csv"
-    path.write_text("\n".join(rows) + "\n")
-    spec = directory / "mlp.spec"
-    spec.write_text(SPEC)
-    return {"csv": path, "spec": spec, "dir": directory}
-
-
-def train_args(table, out, *extra, epochs=2):
-    return ["train", "--model", table["spec"], "--data", table["csv"], "--epochs", epochs,
-            "--batch-size", 32, "--lr", 0.05, "--threads", 2, "--seed", 11, "--out", out, *extra]
-
+from cli_support import FASHION, RESULT_KEYS, metrics, normkit, results, train_args
 
 # ---------------------------------------------------------------- help and usage errors
 
@@ -276,9 +217,12 @@ def test_compare_table_report_and_plot(table, tmp_path):
     normkit("compare", "--resume", "--epochs", 3, "--out", out, check=0)
     assert len(metrics(out / "batch" / "metrics.jsonl")) == 3
     assert len(metrics(out / "none" / "metrics.jsonl")) == 3
+    # --norm names the comparison's normalization, so giving it on --resume is fine.
+    normkit("compare", "--resume", "--norm", "batch", "--epochs", 4, "--out", out, check=0)
+    assert len(metrics(out / "none" / "metrics.jsonl")) == 4
 
 
-@pytest.mark.parametrize("norm, layer", [("frozen", "batchnorm"), ("renorm", "batchrenorm"),
+@pytest.mark.parametrize("norm, layer", [("renorm", "batchrenorm"),
                                          ("ghost", "ghostbatchnorm"), ("layer", "layernorm"),
                                          ("group", "groupnorm")])
 def test_every_norm_trains_and_resumes(table, tmp_path, norm, layer):
@@ -290,8 +234,6 @@ def test_every_norm_trains_and_resumes(table, tmp_path, norm, layer):
     assert history[-1]["train_loss"] < history[0]["train_loss"] and history[-1]["test_acc"] > 0.6
     info = json.loads(normkit("info", out / "checkpoint.nkc", "--json", check=0).stdout)
     assert f"; {layer}" in info["spec"] and info["norm"] == norm
-    if norm == "frozen":
-        assert "frozen=1" in info["spec"]
     if norm == "group":  # 16 flat features: groups of two, not of one (which gives β alone)
         assert "groups=8" in info["spec"]
     # Resumed and uninterrupted runs agree for every normalization (ghost's
@@ -317,8 +259,10 @@ def test_norm_instance_on_images_and_compare_with_another_norm(table, tmp_path):
     assert "with layer norm" in result.stdout and "without layer norm" in result.stdout
     assert (cmp / "layer" / "metrics.jsonl").is_file() and (cmp / "none" / "metrics.jsonl").is_file()
     assert "the model with layer normalization reached" in (cmp / "report.md").read_text()
-    normkit("compare", "--resume", "--epochs", 2, "--out", cmp, check=0)
+    normkit("compare", "--resume", "--norm", "layer", "--epochs", 2, "--out", cmp, check=0)
     assert len(metrics(cmp / "layer" / "metrics.jsonl")) == 2
+    result = normkit("compare", "--resume", "--norm", "batch", "--epochs", 3, "--out", cmp, check=2)
+    assert '--norm "batch" differs from the checkpoint\'s "layer"' in result.stderr
     result = normkit("compare", "--model", table["spec"], "--data", table["csv"], "--norm", "none",
                      "--out", tmp_path / "c2", check=2)
     assert "--norm none" in result.stderr

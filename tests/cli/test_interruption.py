@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from test_cli import CLI, FASHION, normkit, results, table, train_args  # noqa: F401 (table: fixture)
+from cli_support import CLI, FASHION, normkit, results, train_args  # the table fixture: conftest.py
 
 STEPS = 32  # per epoch: 512 samples in batches of 16
 

@@ -230,9 +230,10 @@ TEST_F(CsvFiles, HeaderIsDetectedAndValuesParse) {
     EXPECT_EQ(set.features, (std::vector<float>{1.5f, -2, 300, 4, 0.25f, 5}));
     EXPECT_EQ(set.labels, (std::vector<int32_t>{1, 0, 2}));
     EXPECT_EQ(set.num_classes, 3);  // inferred: max + 1
+    EXPECT_TRUE(set.class_names.empty());
   }
   data::CsvOptions first;
-  first.label_column = 0;
+  first.label_column = "first";
   first.num_classes = 5;
   first.delimiter = ';';
   const auto set = load("label;f\n4;0.5\n1.0;7\n", first);
@@ -241,25 +242,108 @@ TEST_F(CsvFiles, HeaderIsDetectedAndValuesParse) {
   EXPECT_EQ(set.num_classes, 5);
 }
 
-TEST_F(CsvFiles, BadTablesAreRejectedWithTheLine) {
-  EXPECT_TRUE(rejects("a,b,c\n1,2,0\n1,2\n", {":3:", "expected 3 columns, got 2"}));
-  EXPECT_TRUE(rejects("1,2,0\n1,2,0,4\n", {":2:", "expected 3 columns, got 4"}));
-  EXPECT_TRUE(rejects("1,2,0\n1,abc,0\n", {":2:", "not a number"}));
-  EXPECT_TRUE(rejects("1,2,0\n1,,0\n", {":2:", "not a number"}));
+TEST_F(CsvFiles, ScikitLearnHeaderNamesTheClassesAndCountsTheRows) {
+  // sklearn/datasets/data/*.csv: n_samples, n_features, then the class names;
+  // its field count (here 5) need not be the rows' (here 4).
+  const auto set = load("3,3,low,high\n1,2,3,1\n4,5,6,0\n7,8,9,1\n");
+  EXPECT_EQ(set.count(), 3);
+  EXPECT_EQ(set.sample_shape, (std::vector<int64_t>{3}));
+  EXPECT_EQ(set.labels, (std::vector<int32_t>{1, 0, 1}));
+  EXPECT_EQ(set.class_names, (std::vector<std::string>{"low", "high"}));
+  EXPECT_EQ(set.num_classes, 2);
+  // iris.csv's header has as many fields as its rows.
+  EXPECT_EQ(load("2,4,a,b,c\n1,2,3,4,2\n1,2,3,4,0\n").class_names, (std::vector<std::string>{"a", "b", "c"}));
+  EXPECT_TRUE(rejects("3,2,a,b\n1,2,0\n3,4,1\n", {"the header says 3 samples, the file has 2 rows"}));
+  EXPECT_TRUE(rejects("2,2,a\n1,2,0\n3,4,1\n", {":3:", "label 1 has no class name"}));
+  // A table whose first rows end in class names is data, not such a header.
+  const auto named = load("1,2,cat\n3,4,dog\n");
+  EXPECT_EQ(named.count(), 2);
+  EXPECT_EQ(named.class_names, (std::vector<std::string>{"cat", "dog"}));
+}
+
+TEST_F(CsvFiles, HeaderOptionOverridesDetection) {
+  data::CsvOptions no;
+  no.header = data::CsvHeader::no;
+  EXPECT_TRUE(rejects("a,b,label\n1,2,0\n", {":1:", "column 1: 'a' is not a number"}, no));
+  data::CsvOptions yes;
+  yes.header = data::CsvHeader::yes;
+  const auto set = load("1,2,3\n4,5,0\n6,7,1\n", yes);  // a header of numbers
+  EXPECT_EQ(set.count(), 2);
+  EXPECT_EQ(set.features, (std::vector<float>{4, 5, 6, 7}));
+  EXPECT_TRUE(rejects("a,b,c\n", {"no data rows (only the header line)"}, yes));
+}
+
+TEST_F(CsvFiles, LabelColumnsCountFromOneOrGoByName) {
+  const std::string text = "w,species,h\n1,0,2\n3,1,4\n";
+  for (const std::string column : {"2", "species"}) {
+    SCOPED_TRACE(column);
+    data::CsvOptions options;
+    options.label_column = column;
+    const auto set = load(text, options);
+    EXPECT_EQ(set.labels, (std::vector<int32_t>{0, 1}));
+    EXPECT_EQ(set.features, (std::vector<float>{1, 2, 3, 4}));
+  }
+  for (const std::string bad : {"0", "-1", "-2", "1.5"}) {
+    data::CsvOptions options;
+    options.label_column = bad;
+    write_file(path, text);
+    EXPECT_TRUE(throws_error([&] { data::load_csv(path, options); }, ErrorKind::invalid_argument,
+                             {"label column '" + bad + "'", "counted from 1"}))
+        << bad;
+  }
+  data::CsvOptions four;
+  four.label_column = "4";
+  EXPECT_TRUE(rejects(text, {"label column 4 does not exist", "3 columns, counted from 1"}, four));
+  data::CsvOptions named;
+  named.label_column = "kind";
+  EXPECT_TRUE(rejects(text, {"no column named 'kind'", "w, species, h"}, named));
+  EXPECT_TRUE(rejects("1,0,2\n", {"'kind' is not a column number", "no header line"}, named));
+}
+
+TEST_F(CsvFiles, StringLabelsAreMappedInSortedOrder) {
+  const auto set = load("x,y,kind\n1,2,versicolor\n3,4,setosa\n5,6,\"virginica\"\n7,8,setosa\n");
+  EXPECT_EQ(set.class_names, (std::vector<std::string>{"setosa", "versicolor", "virginica"}));
+  EXPECT_EQ(set.labels, (std::vector<int32_t>{1, 0, 2, 0}));
+  EXPECT_EQ(set.num_classes, 3);
+  // A test table maps its names with the training table's classes.
+  data::CsvOptions train_classes;
+  train_classes.class_names = set.class_names;
+  EXPECT_EQ(load("1,2,virginica\n3,4,setosa\n", train_classes).labels, (std::vector<int32_t>{2, 0}));
+  EXPECT_TRUE(rejects("1,2,setosa\n3,4,rose\n", {":2:", "class 'rose' is not one of the classes",
+                                                   "setosa, versicolor, virginica"},
+                      train_classes));
+  EXPECT_TRUE(rejects("1,2,0\n3,4,cat\n", {"class indices (line 1: 0) and class names (line 2: 'cat')"}));
+}
+
+TEST_F(CsvFiles, DelimitersAndQuotes) {
+  data::CsvOptions tab;
+  tab.delimiter = '\t';
+  EXPECT_EQ(load("a\tb\n1.5\t1\n2\t0\n", tab).features, (std::vector<float>{1.5f, 2}));
+  const auto quoted = load("\"a,1\",\"b \"\"q\"\"\",label\n\"1\",2,\"x, y\"\n3,4,z\n");
+  EXPECT_EQ(quoted.features, (std::vector<float>{1, 2, 3, 4}));
+  EXPECT_EQ(quoted.class_names, (std::vector<std::string>{"x, y", "z"}));
+  EXPECT_TRUE(rejects("1,\"2,0\n", {":1:", "quoted field is not closed"}));
+  // Semicolon data read with the default comma: one column, named in the error.
+  EXPECT_TRUE(rejects("1;2;0\n3;4;1\n", {":1:", "need at least one feature and a label column, got 1 column"}));
+}
+
+TEST_F(CsvFiles, BadTablesAreRejectedWithLineColumnAndText) {
+  EXPECT_TRUE(rejects("a,b,c\n1,2,0\n1,2\n", {":3:", "expected 3 columns", "got 2"}));
+  EXPECT_TRUE(rejects("1,2,0\n1,2,0,4\n", {":2:", "expected 3 columns (as line 1), got 4"}));
+  EXPECT_TRUE(rejects("1,2,0\n1,abc,0\n", {":2:", "column 2: 'abc' is not a number"}));
+  EXPECT_TRUE(rejects("u,v,w\n1,2,0\n1,abc,0\n", {":3:", "column 2 (v): 'abc' is not a number"}));
+  EXPECT_TRUE(rejects("1,2,0\n1,,0\n", {":2:", "column 2: the field is empty"}));
   EXPECT_TRUE(rejects("1,2,1.5\n", {":1:", "label 1.5", "not a class index"}));
-  EXPECT_TRUE(rejects("1,2,-1\n", {":1:", "label -1"}));
+  EXPECT_TRUE(rejects("1,2,-1\n", {":1:", "column 3", "label -1"}));
   EXPECT_TRUE(rejects("1,2,nan\n", {":1:", "label nan"}));
   data::CsvOptions three;
   three.num_classes = 3;
   EXPECT_TRUE(rejects("1,2,0\n1,2,3\n", {":2:", "label 3 is out of range [0, 3)"}, three));
-  EXPECT_TRUE(rejects("1,nan,0\n", {":1:", "column 2", "not a finite number"}));
-  EXPECT_TRUE(rejects("1,2,0\ninf,2,0\n", {":2:", "column 1", "not a finite number"}));
+  EXPECT_TRUE(rejects("1,nan,0\n", {":1:", "column 2: 'nan' is not a finite number"}));
+  EXPECT_TRUE(rejects("1,2,0\ninf,2,0\n", {":2:", "column 1: 'inf' is not a finite number"}));
   EXPECT_TRUE(rejects("a,b,c\n", {"no data rows"}));
   EXPECT_TRUE(rejects("", {"no data rows"}));
   EXPECT_TRUE(rejects("1\n2\n", {"at least one feature"}));
-  data::CsvOptions far;
-  far.label_column = 7;
-  EXPECT_TRUE(rejects("1,2,0\n", {"label column 7 does not exist"}, far));
   EXPECT_TRUE(throws_error([&] { data::load_csv(dir / "missing.csv"); }, ErrorKind::runtime,
                            {"missing.csv", "cannot open"}));
 }

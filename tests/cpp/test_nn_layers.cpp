@@ -531,7 +531,10 @@ TEST(NnModelSize, AgreesWithTheBuiltModelForEveryLayerKind) {
       "input 4 5 5; ghostbatchnorm size=4; instancenorm affine=0; groupnorm affine=0 groups=2; "
       "layernorm; flatten; linear 2",
       "input 7; linear 6 bias=0; batchnorm frozen=1; relu; groupnorm groups=2; layernorm; "
-      "ghostbatchnorm noise=0.5; dropout 0.1; linear 2"};
+      "ghostbatchnorm noise=0.5; dropout 0.1; linear 2",
+      "input 3 6 6; conv 4 3 pad=1 bias=0; batchnorm; relu; residual; conv 4 3 pad=1 bias=0; "
+      "batchnorm; relu; conv 4 3 pad=1 bias=0; batchnorm; end; residual; conv 8 3 stride=2 pad=1; "
+      "shortcut; conv 8 1 stride=2 bias=0; batchnorm; end; flatten; linear 3"};
   std::set<std::string> kinds_seen;
   for (const auto& text : specs) {
     SCOPED_TRACE(text);

@@ -450,7 +450,10 @@ TEST(NnSpec, ParseErrorsNameTheStatementAndTheProblem) {
     std::vector<std::string> parts;
   };
   const std::vector<Case> cases = {
-      {"input 4; lineer 3", {"statement 2", "'lineer'", "unknown layer type"}},
+      {"input 4; lineer 3",
+       {"statement 2", "'lineer'", "unknown layer type",
+        "input, linear, conv, maxpool, avgpool, relu, sigmoid, tanh, dropout, flatten, batchnorm, "
+        "batchrenorm, ghostbatchnorm, layernorm, rmsnorm, groupnorm, instancenorm"}},
       {"linear 3", {"missing 'input"}},
       {"input 4", {"no layers"}},
       {"input 4; input 4; linear 2", {"statement 2", "input given twice"}},
@@ -460,7 +463,8 @@ TEST(NnSpec, ParseErrorsNameTheStatementAndTheProblem) {
       {"input 4; linear 3 4", {"expected 1 arguments, got 2"}},
       {"input 4; linear three", {"'three' is not a number"}},
       {"input 4; linear 3 bias=yes", {"'yes' is not a number"}},
-      {"input 4; linear 3 stride=2", {"unknown option 'stride'"}},
+      {"input 4; linear 3 stride=2", {"unknown option 'stride' (linear takes bias=)"}},
+      {"input 4; relu x=1", {"unknown option 'x' (relu takes no options)"}},
       {"input 4\nrelu\nconv 3", {"statement 3", "'conv'", "expected 2 arguments"}},
       {"input 4; relu 3; linear 2", {"statement 2", "expected 0 arguments, got 1"}},
       {"input 4; linear 10.5", {"statement 2", "'10.5' is not a whole number"}},

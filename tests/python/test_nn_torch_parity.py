@@ -27,6 +27,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from normkit.checkpoint import parse_spec, torch_module
+
 RTOL = 1e-4
 
 MODELS = {
@@ -44,6 +46,16 @@ MODELS = {
     "cnn-small": "input 1 28 28; conv 32 3 pad=1 bias=0; batchnorm; relu; maxpool 2; "
                  "conv 64 3 pad=1 bias=0; batchnorm; relu; maxpool 2; flatten; "
                  "linear 128 bias=0; batchnorm; relu; linear 10",
+    # Residual blocks: the fused BN+Add+ReLU tail with an identity and a projection
+    # shortcut (a strided 1x1 conv and its BN), as a ResNet's basic blocks.
+    "resnet-tiny": "input 3 8 8; conv 8 3 pad=1 bias=0; batchnorm; relu; "
+                   "residual; conv 8 3 pad=1 bias=0; batchnorm; relu; conv 8 3 pad=1 bias=0; "
+                   "batchnorm; end; "
+                   "residual; conv 16 3 stride=2 pad=1 bias=0; batchnorm; relu; "
+                   "conv 16 3 pad=1 bias=0; batchnorm; shortcut; conv 16 1 stride=2 bias=0; "
+                   "batchnorm; end; avgpool 4; flatten; linear 5",
+    # A block without BN (the sum and the ReLU unfused) on flat features.
+    "residual-mlp": "input 6; linear 12; relu; residual; linear 12; tanh; linear 12; end; linear 3",
 }
 
 SGD = {"lr": 0.1, "momentum": 0.9, "weight_decay": 0.05, "nesterov": False}
@@ -60,53 +72,13 @@ def helper_path():
 
 
 # ---------------------------------------------------------------------------------------
-# The same model in PyTorch, layer for layer, so state names ("3.weight") coincide.
-
-def parse_spec(text):
-    statements = []
-    for statement in text.split(";"):
-        words = statement.split()
-        if not words:
-            continue
-        args = [w for w in words[1:] if "=" not in w]
-        options = dict(w.split("=", 1) for w in words[1:] if "=" in w)
-        statements.append((words[0], args, options))
-    return statements
-
+# The same model in PyTorch, layer for layer, so state names ("3.weight", "5.body.1.bias")
+# coincide: normkit.checkpoint builds it from the spec, as normkit.load_checkpoint does.
 
 def torch_model(text):
-    statements = parse_spec(text)
-    kind, args, _ = statements[0]
-    assert kind == "input"
-    shape = [int(a) for a in args]
-    layers = []
-    for kind, args, options in statements[1:]:
-        if kind == "conv":
-            out, k = int(args[0]), int(args[1])
-            stride, pad = int(options.get("stride", 1)), int(options.get("pad", 0))
-            layers.append(torch.nn.Conv2d(shape[0], out, k, stride=stride, padding=pad,
-                                          bias=options.get("bias", "1") != "0"))
-            shape = [out, (shape[1] + 2 * pad - k) // stride + 1, (shape[2] + 2 * pad - k) // stride + 1]
-        elif kind in ("maxpool", "avgpool"):
-            k = int(args[0])
-            stride = int(options.get("stride", k))
-            pool = torch.nn.MaxPool2d if kind == "maxpool" else torch.nn.AvgPool2d
-            layers.append(pool(k, stride=stride))
-            shape = [shape[0], (shape[1] - k) // stride + 1, (shape[2] - k) // stride + 1]
-        elif kind == "batchnorm":
-            bn = torch.nn.BatchNorm2d if len(shape) == 3 else torch.nn.BatchNorm1d
-            layers.append(bn(shape[0], eps=float(options.get("eps", 1e-5)),
-                             momentum=float(options.get("momentum", 0.1))))
-        elif kind == "flatten":
-            layers.append(torch.nn.Flatten())
-            shape = [int(np.prod(shape))]
-        elif kind == "linear":
-            layers.append(torch.nn.Linear(shape[0], int(args[0]), bias=options.get("bias", "1") != "0"))
-            shape = [int(args[0])]
-        else:
-            layers.append({"relu": torch.nn.ReLU, "sigmoid": torch.nn.Sigmoid,
-                           "tanh": torch.nn.Tanh}[kind]())
-    return torch.nn.Sequential(*layers), [int(a) for a in statements[0][1]]
+    input_shape, layers = parse_spec(text)
+    model, _ = torch_module(layers, input_shape)
+    return model, input_shape
 
 
 def randomize(model, rng):
@@ -114,9 +86,9 @@ def randomize(model, rng):
     their defaults, so each of them is seen to be used and updated."""
     with torch.no_grad():
         for name, tensor in model.state_dict().items():
-            module = model[int(name.split(".")[0])]
+            module = model.get_submodule(name.rsplit(".", 1)[0])
             if isinstance(module, (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d)):
-                field = name.split(".")[1]
+                field = name.rsplit(".", 1)[1]
                 values = {"weight": lambda n: rng.uniform(0.5, 1.5, n),
                           "bias": lambda n: rng.normal(0, 0.2, n),
                           "running_mean": lambda n: rng.normal(0, 0.3, n),

@@ -84,8 +84,9 @@ class Layer {
   virtual void set_batch_offset(int64_t /*first_sample*/) {}
   // Synchronized batch norm: from now on the layer's batch statistics are those
   // of the global batch, merged across `group` (nullptr: this process's batch
-  // again). Returns false for layers without such a mode.
-  virtual bool set_batch_sync(dist::Communicator* /*group*/) { return false; }
+  // again). Returns the number of batch-norm layers set (0 for layers without
+  // such a mode; a residual block counts its own).
+  virtual int set_batch_sync(dist::Communicator* /*group*/) { return 0; }
 };
 
 // What a model takes in memory, computed from its spec alone (ModelSpec::size:
@@ -127,11 +128,16 @@ std::string byte_text(double bytes);
 // instancenorm [eps=E] [momentum=M]. The batch-norm layers also take noise=S: "noisy BN"
 //   (Santurkar et al. 2018), a random per-element scale and shift after the normalization
 //   whose distribution changes every training step (batch_norm_layers.cpp).
+// A residual block: "residual; LAYERS...; [shortcut; LAYERS...;] end" computes
+// relu(body(x) + shortcut(x)), the shortcut the identity when not given; a body
+// ending in batchnorm runs its BN, the sum and the ReLU fused (BN+Add+ReLU).
+// docs/model-spec.md documents all of it, with the JSON form of specs.
 struct ModelSpec {
   struct LayerSpec {
     std::string type;
     std::vector<std::string> args;  // positional
     std::map<std::string, std::string> options;
+    std::vector<LayerSpec> body, shortcut;  // a residual block's layers
     bool operator==(const LayerSpec&) const = default;
   };
   std::vector<int64_t> input_shape;  // [C] or [C, H, W]

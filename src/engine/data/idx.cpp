@@ -1,7 +1,10 @@
 // IDX files (LeCun's MNIST format), gzipped or plain: zlib's gzread reads both.
 #include <zlib.h>
 
+#include <algorithm>
 #include <array>
+#include <cctype>
+#include <fstream>
 #include <memory>
 #include <string>
 
@@ -99,6 +102,31 @@ class IdxReader {
   GzFile file_;
 };
 
+// classes.txt (one name per line), or Fashion-MNIST's names for a directory
+// named like it, or none.
+std::vector<std::string> directory_class_names(const std::filesystem::path& directory,
+                                               int32_t num_classes) {
+  const auto file = directory / "classes.txt";
+  if (std::filesystem::exists(file)) {
+    std::ifstream in(file);
+    std::vector<std::string> names;
+    for (std::string line; std::getline(in, line);) {
+      while (!line.empty() && (line.back() == '\r' || line.back() == ' ')) line.pop_back();
+      if (!line.empty()) names.push_back(line);
+    }
+    if (in.bad() || static_cast<int32_t>(names.size()) != num_classes)
+      fail_runtime(file.string(), ": expected ", num_classes, " class names, one per line, got ",
+                   names.size());
+    return names;
+  }
+  auto path = std::filesystem::absolute(directory).lexically_normal();
+  if (path.filename().empty()) path = path.parent_path();  // "dir/"
+  std::string name = path.filename().string();
+  std::transform(name.begin(), name.end(), name.begin(), [](unsigned char c) { return std::tolower(c); });
+  if (name.find("fashion") != std::string::npos && num_classes == 10) return fashion_mnist_classes();
+  return {};
+}
+
 }  // namespace
 
 int64_t Dataset::sample_size() const noexcept {
@@ -147,7 +175,15 @@ Dataset load_mnist_directory(const std::filesystem::path& directory, Split split
     }
     fail_runtime(directory.string(), ": missing ", prefix + stem, "[.gz]");
   };
-  return load_idx(find("-images-idx3-ubyte"), find("-labels-idx1-ubyte"));
+  Dataset set = load_idx(find("-images-idx3-ubyte"), find("-labels-idx1-ubyte"));
+  set.class_names = directory_class_names(directory, set.num_classes);
+  return set;
+}
+
+const std::vector<std::string>& fashion_mnist_classes() {
+  static const std::vector<std::string> names = {"T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+                                                 "Sandal",      "Shirt",   "Sneaker",  "Bag",   "Ankle boot"};
+  return names;
 }
 
 }  // namespace normkit::data

@@ -17,6 +17,7 @@
 #include <sstream>
 
 #include "nn/layers.hpp"
+#include "normkit/batch_norm_fused.hpp"
 #include "normkit/bn_variants.hpp"
 #include "normkit/engine/distributed.hpp"
 #include "support.hpp"
@@ -54,37 +55,21 @@ class BatchNormFamily : public Layer {
     } else {
       batch_norm_forward_inference<float>(x.view(), y_.view(), gamma_.value, beta_.value,
                                           running_mean_, running_var_, options_.eps);
-      if (mode == Mode::train) {  // frozen: backward needs the statistics used here
-        frozen_mean_ = running_mean_;
-        frozen_invstd_.resize(c_);
-        batch_norm_invstd<float>(running_var_, options_.eps, frozen_invstd_);
-      }
+      if (mode == Mode::train) keep_frozen_statistics();
     }
     trained_ = mode == Mode::train;
     if (trained_ && noise_ > 0) add_noise();
     return y_;
   }
   const Tensor& backward(const Tensor& given_dy, bool need_input_grad) override {
-    if (!trained_) fail_invalid(describe(), ": backward needs a forward in train mode first");
+    const TensorView<float> dx = start_backward(given_dy, need_input_grad);
     const Tensor& dy = noise_ > 0 ? noise_scaled(given_dy) : given_dy;
-    TensorView<float> dx{};
-    if (need_input_grad) {
-      dx_.reshape(dy.shape, dy.format);
-      dx = dx_.view();
-    } else {
-      dx_.reshape({}, dy.format);
-    }
-    dgamma_.resize(c_);
-    dbeta_.resize(c_);
     if (frozen_)
       batch_norm_backward<float>(input_->view(), dy.view(), dx, gamma_.value, frozen_mean_,
                                  frozen_invstd_, dgamma_, dbeta_, BackwardMode::frozen);
     else
       train_backward(dy, dx);
-    for (int64_t c = 0; c < c_; ++c) {
-      gamma_.grad[c] += dgamma_[c];
-      beta_.grad[c] += dbeta_[c];
-    }
+    accumulate_gradients();
     return dx_;
   }
   std::vector<Parameter*> parameters() override { return {&gamma_, &beta_}; }
@@ -104,6 +89,7 @@ class BatchNormFamily : public Layer {
     return true;
   }
   void set_step(uint64_t seed, uint64_t step) override { key_ = mix(seed ^ mix(step + salt_)); }
+  bool noisy() const { return noise_ > 0; }
   void set_noise(double strength, uint64_t salt) {
     noise_ = strength;
     salt_ = salt;
@@ -117,6 +103,31 @@ class BatchNormFamily : public Layer {
     s << "eps " << options_.eps << ", momentum " << *options_.momentum << (frozen_ ? ", frozen" : "");
     if (noise_ > 0) s << ", noise " << noise_;
     return s.str();
+  }
+  // Sizes dx_ (empty unless need_input_grad: then the returned view has no data,
+  // so the kernels compute only dγ, dβ) and the parameter gradients.
+  TensorView<float> start_backward(const Tensor& dy, bool need_input_grad) {
+    if (!trained_) fail_invalid(describe(), ": backward needs a forward in train mode first");
+    dgamma_.resize(c_);
+    dbeta_.resize(c_);
+    if (!need_input_grad) {
+      dx_.reshape({}, dy.format);
+      return {};
+    }
+    dx_.reshape(dy.shape, dy.format);
+    return dx_.view();
+  }
+  // Frozen in training: backward needs the statistics forward normalized with.
+  void keep_frozen_statistics() {
+    frozen_mean_ = running_mean_;
+    frozen_invstd_.resize(c_);
+    batch_norm_invstd<float>(running_var_, options_.eps, frozen_invstd_);
+  }
+  void accumulate_gradients() {
+    for (int64_t c = 0; c < c_; ++c) {
+      gamma_.grad[c] += dgamma_[c];
+      beta_.grad[c] += dbeta_[c];
+    }
   }
   // num_batches_tracked as the int64 the kernels count with (floats hold steps exactly to 2^24).
   int64_t tracked() const { return static_cast<int64_t>(batches_[0]); }
@@ -178,7 +189,7 @@ class BatchNormFamily : public Layer {
   Tensor noisy_dy_;
 };
 
-class BatchNormLayer final : public BatchNormFamily {
+class BatchNormLayer final : public BatchNormFamily, public AddReluTail {
  public:
   BatchNormLayer(int64_t channels, double eps, double momentum, bool frozen)
       : BatchNormFamily(channels, eps, momentum, frozen) {
@@ -189,9 +200,41 @@ class BatchNormLayer final : public BatchNormFamily {
   std::string describe() const override {
     return "batchnorm(" + std::to_string(c_) + ", " + common_options() + ")";
   }
-  bool set_batch_sync(dist::Communicator* group) override {
+  int set_batch_sync(dist::Communicator* group) override {
     group_ = group;
-    return true;
+    return 1;
+  }
+
+  // The tail of a residual block: y = relu(BN(x) + z), BN as forward() does it
+  // (unsynchronized: synchronized, the block adds and applies the ReLU itself).
+  bool fuses_add_relu() const override { return !noisy() && !group_; }
+  const Tensor& forward_add_relu(const Tensor& x, const Tensor& z, Mode mode) override {
+    input_ = &x;
+    y_.reshape(x.shape, x.format);
+    mask_.resize(static_cast<size_t>(relu_mask_bytes(x.numel())));
+    if (mode == Mode::train && !frozen_) {
+      int64_t count = tracked();
+      batch_norm_add_relu_forward_training<float>(x.view(), z.view(), y_.view(), mask_, gamma_.value,
+                                                  beta_.value, {mean_, invstd_},
+                                                  {running_mean_, running_var_, &count}, options_);
+      batches_[0] = static_cast<float>(count);
+    } else {
+      batch_norm_add_relu_forward_inference<float>(x.view(), z.view(), y_.view(), mask_, gamma_.value,
+                                                   beta_.value, running_mean_, running_var_, options_.eps);
+      if (mode == Mode::train) keep_frozen_statistics();
+    }
+    trained_ = mode == Mode::train;
+    return y_;
+  }
+  const Tensor& backward_add_relu(const Tensor& dy, bool need_input_grad, Tensor& dz) override {
+    const TensorView<float> dx = start_backward(dy, need_input_grad);
+    dz.reshape(dy.shape, dy.format);
+    batch_norm_add_relu_backward<float>(input_->view(), dy.view(), mask_, dx, dz.view(), gamma_.value,
+                                        frozen_ ? frozen_mean_ : mean_, frozen_ ? frozen_invstd_ : invstd_,
+                                        dgamma_, dbeta_,
+                                        frozen_ ? BackwardMode::frozen : BackwardMode::training);
+    accumulate_gradients();
+    return dx_;
   }
 
  private:
@@ -234,6 +277,7 @@ class BatchNormLayer final : public BatchNormFamily {
   }
 
   std::vector<float> mean_, invstd_;  // the batch's, saved for backward
+  std::vector<uint8_t> mask_;         // forward_add_relu's ReLU mask, one bit per element
   dist::Communicator* group_ = nullptr;
   std::vector<Moments> moments_;  // synchronized: the global batch's
   std::vector<double> sums_;      // synchronized: Σdy, Σdy·x̂

@@ -943,6 +943,33 @@ std::optional<LayerSize> size_instance_norm(const ModelSpec::LayerSpec& spec, co
   return sized(input, input, affine ? c2 : 0, tracked ? c2 + 1 : 0);
 }
 
+// The layers of its body and shortcut (each sized by its own kind), and what the
+// block keeps itself: its output and the gradient of the sum (output-sized), and
+// its input gradient. nullopt when a layer does not suit its input or the body's
+// output is not the shortcut's (the build names which).
+std::optional<LayerSize> size_residual(const ModelSpec::LayerSpec& spec, const Input& input) {
+  if (spec.body.empty()) return std::nullopt;
+  int64_t parameters = 0, buffers = 0, activations = 0;
+  auto add = [&](const std::vector<ModelSpec::LayerSpec>& layers) -> std::optional<Input> {
+    Input shape = input;
+    for (const auto& layer : layers) {
+      const LayerKind* kind = find_layer_kind(layer.type);
+      if (!kind) return std::nullopt;
+      const std::optional<LayerSize> size = kind->size(layer, shape);
+      if (!size) return std::nullopt;
+      parameters = checked_add(parameters, size->parameters, "residual: the parameter count");
+      buffers = checked_add(buffers, size->buffers, "residual: the buffer count");
+      activations = checked_add(activations, size->activations, "residual: the activations");
+      shape = size->output;
+    }
+    return shape;
+  };
+  const std::optional<Input> body = add(spec.body), shortcut = add(spec.shortcut);
+  if (!body || !shortcut || *body != *shortcut) return std::nullopt;
+  return sized(input, *body, parameters, buffers,
+               checked_add(activations, numel_of(*body), "residual: the activations"));
+}
+
 }  // namespace
 
 const std::vector<LayerKind>& layer_kinds() {
@@ -967,6 +994,7 @@ const std::vector<LayerKind>& layer_kinds() {
       {"groupnorm", 0, 0, {"groups", "eps", "affine"}, true, build_group_norm, size_group_norm},
       {"instancenorm", 0, 0, {"eps", "momentum", "affine", "track_running_stats"}, true,
        build_instance_norm, size_instance_norm},
+      {"residual", 0, 0, {}, false, make_residual, size_residual},
   };
   return table;
 }

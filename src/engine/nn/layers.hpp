@@ -70,6 +70,23 @@ void fill_init(std::vector<float>& w, int64_t fan_in, int64_t fan_out, const Ini
 std::unique_ptr<Layer> make_conv_layer(const std::vector<int64_t>& input, int64_t out, int64_t k,
                                        int64_t stride, int64_t pad, bool bias, MemoryFormat format);
 
+// A layer that can end a residual block: y = relu(layer(x) + z) in one pass
+// (batchnorm: batch_norm_add_relu, the ReLU mask kept as bits).
+class AddReluTail {
+ public:
+  virtual ~AddReluTail() = default;
+  // Whether it can (noisy BN cannot: its noise comes between the BN and the sum).
+  virtual bool fuses_add_relu() const = 0;
+  virtual const Tensor& forward_add_relu(const Tensor& x, const Tensor& z, Mode mode) = 0;
+  // Writes dz = dL/dz (= dL/d(layer(x) + z) where the ReLU passes) and returns
+  // dL/dx (an empty tensor unless need_input_grad); adds the parameter gradients.
+  virtual const Tensor& backward_add_relu(const Tensor& dy, bool need_input_grad, Tensor& dz) = 0;
+};
+
+// "residual ... [shortcut ...] end" (residual_layer.cpp).
+std::unique_ptr<Layer> make_residual(const ModelSpec::LayerSpec& spec, const std::vector<int64_t>& input,
+                                     MemoryFormat format, size_t index);
+
 // Layer normalization over all of a sample's features, or with rms RMS
 // normalization (no centering, no β) (layer_norm_layer.cpp).
 std::unique_ptr<Layer> make_layer_norm(const std::vector<int64_t>& input_shape, double eps,

@@ -1,5 +1,6 @@
 #include <unistd.h>
 
+#include <algorithm>
 #include <optional>
 #include <sstream>
 
@@ -132,23 +133,41 @@ void Model::backward(const Tensor& dlogits) {
   for (size_t i = layers_.size(); i-- > first;) grad = &layers_[i]->backward(*grad, i > first);
 }
 
-int Model::freeze_batch_norm() {
+namespace {
+// Records frozen=1 on every layer spec that takes it (the batch-norm layers),
+// inside residual blocks too; returns how many.
+int mark_frozen(std::vector<ModelSpec::LayerSpec>& layers) {
   int frozen = 0;
-  for (size_t i = 0; i < layers_.size(); ++i)
-    if (layers_[i]->set_frozen(true)) {
-      spec_.layers[i].options.insert_or_assign("frozen", std::string("1"));
+  for (auto& layer : layers) {
+    const detail::LayerKind* kind = detail::find_layer_kind(layer.type);
+    if (kind && std::find(kind->options.begin(), kind->options.end(), "frozen") != kind->options.end()) {
+      layer.options.insert_or_assign("frozen", std::string("1"));
       ++frozen;
     }
+    frozen += mark_frozen(layer.body) + mark_frozen(layer.shortcut);
+  }
   return frozen;
 }
 
+// Whether `layers` (residual blocks' bodies and shortcuts included) have a layer of `type`.
+bool has_layer(const std::vector<ModelSpec::LayerSpec>& layers, const std::string& type) {
+  return std::any_of(layers.begin(), layers.end(), [&](const ModelSpec::LayerSpec& layer) {
+    return layer.type == type || has_layer(layer.body, type) || has_layer(layer.shortcut, type);
+  });
+}
+}  // namespace
+
+int Model::freeze_batch_norm() {
+  for (auto& layer : layers_) layer->set_frozen(true);
+  return mark_frozen(spec_.layers);
+}
+
 int Model::synchronize_batch_norm(dist::Communicator* group) {
-  for (const auto& layer : layers_)
-    if (layer->type() == "batchrenorm" && group)
-      engine::fail_invalid(layer->describe(), ": batch renormalization has no synchronized form; "
-                           "train it with each rank's own statistics (synchronized BN off)");
+  if (group && has_layer(spec_.layers, "batchrenorm"))
+    engine::fail_invalid("batchrenorm: batch renormalization has no synchronized form; "
+                         "train it with each rank's own statistics (synchronized BN off)");
   int synchronized = 0;
-  for (auto& layer : layers_) synchronized += layer->set_batch_sync(group) ? 1 : 0;
+  for (auto& layer : layers_) synchronized += layer->set_batch_sync(group);
   return synchronized;
 }
 

@@ -2,6 +2,7 @@
 #include <algorithm>
 #include <cctype>
 #include <cmath>
+#include <functional>
 #include <map>
 #include <optional>
 #include <sstream>
@@ -54,7 +55,8 @@ bool has_bias_option(const ModelSpec::LayerSpec& layer) {
 // A JSON spec as the text form:
 //   {"input": [1, 28, 28],
 //    "layers": ["conv 32 3 pad=1 bias=0", {"type": "batchnorm", "options": {"momentum": 0.1}}, ...]}
-// where a layer is a line of the text format or an object {type, args, options}.
+// where a layer is a line of the text format or an object {type, args, options}
+// (docs/model-spec.md).
 std::string text_of_json(const std::string& text) {
   using json = nlohmann::ordered_json;  // options in the order written
   json j;
@@ -70,9 +72,11 @@ std::string text_of_json(const std::string& text) {
     out += ' ';
     out += word(v);
   };
-  try {
-    for (const auto& d : j.at("input")) add(d);
-    for (const auto& layer : j.at("layers")) {
+  // A residual block is {"type": "residual", "body": [layers], "shortcut": [layers]}.
+  std::function<void(const json&)> add_layers = [&](const json& layers) {
+    if (!layers.is_array())
+      engine::fail_invalid("model spec: JSON: \"layers\", \"body\" and \"shortcut\" must be lists");
+    for (const auto& layer : layers) {
       out += '\n';
       if (layer.is_string()) {
         out += layer.get<std::string>();
@@ -87,7 +91,19 @@ std::string text_of_json(const std::string& text) {
         out += '=';
         out += word(value);
       }
+      if (layer.contains("body") || layer.contains("shortcut")) {
+        add_layers(layer.value("body", json::array()));
+        if (layer.contains("shortcut")) {
+          out += "\nshortcut";
+          add_layers(layer.at("shortcut"));
+        }
+        out += "\nend";
+      }
     }
+  };
+  try {
+    for (const auto& d : j.at("input")) add(d);
+    add_layers(j.at("layers"));
   } catch (const json::exception& e) {
     engine::fail_invalid("model spec: JSON: expected {\"input\": [...], \"layers\": [...]}: ", e.what());
   }
@@ -103,6 +119,13 @@ ModelSpec ModelSpec::parse(const std::string& text_or_json) {
                                : text_or_json;
   ModelSpec spec;
   int statement = 0;
+  // The residual blocks open at this statement, innermost last.
+  struct OpenBlock {
+    LayerSpec* block;
+    bool shortcut;  // statements go to its shortcut (else to its body)
+    int statement;
+  };
+  std::vector<OpenBlock> open;
   for (std::string line : split_statements(text)) {
     ++statement;
     if (const auto hash = line.find('#'); hash != std::string::npos) line.resize(hash);
@@ -111,7 +134,7 @@ ModelSpec ModelSpec::parse(const std::string& text_or_json) {
     if (!(words >> type)) continue;
     std::transform(type.begin(), type.end(), type.begin(),
                    [](unsigned char c) { return static_cast<char>(std::tolower(c)); });
-    LayerSpec layer{type, {}, {}};
+    LayerSpec layer{type, {}, {}, {}, {}};
     for (std::string word; words >> word;) {
       if (const auto eq = word.find('='); eq != std::string::npos)
         layer.options[word.substr(0, eq)] = word.substr(eq + 1);
@@ -121,12 +144,31 @@ ModelSpec ModelSpec::parse(const std::string& text_or_json) {
     auto fail = [&](const auto&... parts) {
       engine::fail_invalid("model spec, statement ", statement, " ('", type, "'): ", parts...);
     };
+    std::vector<LayerSpec>& target =
+        open.empty() ? spec.layers : open.back().shortcut ? open.back().block->shortcut : open.back().block->body;
+    if (type == "shortcut" || type == "end") {
+      if (!layer.args.empty() || !layer.options.empty()) fail("takes no arguments or options");
+      if (open.empty()) fail("'", type, "' outside a residual block");
+      OpenBlock& block = open.back();
+      if (type == "shortcut") {
+        if (block.shortcut) fail("the block already has its shortcut");
+        if (block.block->body.empty()) fail("the residual block has no layers before its shortcut");
+        block.shortcut = true;
+        continue;
+      }
+      if (block.block->body.empty()) fail("the residual block has no layers");
+      if (block.shortcut && block.block->shortcut.empty())
+        fail("the shortcut has no layers (leave 'shortcut' out for the identity)");
+      open.pop_back();
+      continue;
+    }
     auto number = [&](const std::string& s) {
       const std::optional<double> value = parse_number(s);
       if (!value) fail("'", s, "' is not a number");
       return *value;
     };
     if (type == "input") {
+      if (!open.empty()) fail("input inside a residual block");
       if (!spec.input_shape.empty()) fail("input given twice");
       if (layer.args.size() != 1 && layer.args.size() != 3)
         fail("input takes C, or C H W");
@@ -139,7 +181,12 @@ ModelSpec ModelSpec::parse(const std::string& text_or_json) {
       continue;
     }
     const detail::LayerKind* kind = detail::find_layer_kind(type);
-    if (!kind) fail("unknown layer type");
+    if (!kind) {
+      std::string known = "input";
+      for (const detail::LayerKind& k : detail::layer_kinds()) known += std::string(", ") + k.type;
+      fail("unknown layer type; the layer types are ", known,
+           " (with its 'shortcut' and 'end'; see docs/model-spec.md)");
+    }
     if (layer.args.size() < kind->min_args || layer.args.size() > kind->max_args)
       fail("expected ", kind->min_args, kind->min_args == kind->max_args ? "" : "+",
            " arguments, got ", layer.args.size());
@@ -152,8 +199,11 @@ ModelSpec ModelSpec::parse(const std::string& text_or_json) {
     };
     for (const auto& a : layer.args) type == "dropout" ? number(a) : whole(a);
     for (const auto& [key, value] : layer.options) {
-      if (std::find(kind->options.begin(), kind->options.end(), key) == kind->options.end())
-        fail("unknown option '", key, "'");
+      if (std::find(kind->options.begin(), kind->options.end(), key) == kind->options.end()) {
+        std::string known;
+        for (const auto& o : kind->options) known += (known.empty() ? "" : ", ") + o + "=";
+        fail("unknown option '", key, "' (", type, known.empty() ? " takes no options" : " takes " + known, ")");
+      }
       if (key == "eps" || key == "momentum" || key == "rmax" || key == "dmax" || key == "noise") {
         number(value);
       } else if (const double v = whole(value);
@@ -164,8 +214,13 @@ ModelSpec ModelSpec::parse(const std::string& text_or_json) {
         fail("groups must be >= 1, got ", value);
       }
     }
-    spec.layers.push_back(std::move(layer));
+    target.push_back(std::move(layer));
+    // The block's address is stable: until its 'end', statements go into it.
+    if (type == "residual") open.push_back({&target.back(), false, statement});
   }
+  if (!open.empty())
+    engine::fail_invalid("model spec, statement ", open.back().statement,
+                         " ('residual'): the block has no 'end'");
   if (spec.input_shape.empty()) engine::fail_invalid("model spec: missing 'input C [H W]'");
   if (spec.layers.empty()) engine::fail_invalid("model spec: no layers");
   return spec;
@@ -242,29 +297,51 @@ ModelSpec ModelSpec::mlp(const std::string& options, const std::vector<int64_t>&
   return parse(text.str());
 }
 
-std::string ModelSpec::to_string() const {
-  std::ostringstream out;
-  out << "input";
-  for (const auto d : input_shape) out << ' ' << d;
+namespace {
+void write_layers(std::ostringstream& out, const std::vector<ModelSpec::LayerSpec>& layers) {
   for (const auto& layer : layers) {
     out << "; " << layer.type;
     for (const auto& a : layer.args) out << ' ' << a;
     for (const auto& [key, value] : layer.options) out << ' ' << key << '=' << value;
+    if (layer.type != "residual") continue;
+    write_layers(out, layer.body);
+    if (!layer.shortcut.empty()) {
+      out << "; shortcut";
+      write_layers(out, layer.shortcut);
+    }
+    out << "; end";
   }
+}
+}  // namespace
+
+std::string ModelSpec::to_string() const {
+  std::ostringstream out;
+  out << "input";
+  for (const auto d : input_shape) out << ' ' << d;
+  write_layers(out, layers);
   return out.str();
 }
+
+namespace {
+std::vector<ModelSpec::LayerSpec> without_norms(const std::vector<ModelSpec::LayerSpec>& layers) {
+  std::vector<ModelSpec::LayerSpec> out;
+  for (const auto& layer : layers) {
+    if (is_norm(layer)) {
+      if (!out.empty() && has_bias_option(out.back())) out.back().options.erase("bias");  // default: with bias
+      continue;
+    }
+    out.push_back(layer);
+    out.back().body = without_norms(layer.body);
+    out.back().shortcut = without_norms(layer.shortcut);
+  }
+  return out;
+}
+}  // namespace
 
 ModelSpec ModelSpec::without_batch_norm() const {
   ModelSpec out;
   out.input_shape = input_shape;
-  for (const auto& layer : layers) {
-    if (is_norm(layer)) {
-      if (!out.layers.empty() && has_bias_option(out.layers.back()))
-        out.layers.back().options.erase("bias");  // default: with bias
-      continue;
-    }
-    out.layers.push_back(layer);
-  }
+  out.layers = without_norms(layers);
   return out;
 }
 
@@ -274,36 +351,44 @@ const std::vector<std::string>& ModelSpec::norm_kinds() {
   return kinds;
 }
 
-ModelSpec ModelSpec::with_norm(const std::string& norm) const {
-  if (norm == "none") return without_batch_norm();
-  if (std::find(norm_kinds().begin(), norm_kinds().end(), norm) == norm_kinds().end())
-    engine::fail_invalid("unknown normalization '", norm, "'; expected one of batch, none, frozen, renorm, "
-                         "ghost, layer, group, instance, noisy");
-  if (norm == "batch") return *this;
+namespace {
+
+// What with_norm needs to know about the activation at a point of the model:
+// whether it is flat ([N, C]: instance norm has nothing to normalize there, one
+// value per channel and sample) and its channels (for groupnorm's groups).
+struct Activation {
+  bool flat;
+  int64_t channels;
+};
+
+std::vector<ModelSpec::LayerSpec> replace_norms(const std::vector<ModelSpec::LayerSpec>& layers,
+                                                const std::string& norm, Activation& at) {
   static const std::map<std::string, std::string> layer_type = {
       {"frozen", "batchnorm"},      {"renorm", "batchrenorm"}, {"ghost", "ghostbatchnorm"},
       {"layer", "layernorm"},       {"group", "groupnorm"},    {"instance", "instancenorm"},
       {"noisy", "batchnorm"}};
-  ModelSpec out;
-  out.input_shape = input_shape;
-  // Whether the current activation is flat ([N, C]): instance normalization
-  // has nothing to normalize over there (one value per channel and sample).
-  bool flat = input_shape.size() == 1;
-  int64_t channels = input_shape.empty() ? 0 : input_shape[0];
+  std::vector<ModelSpec::LayerSpec> out;
   for (const auto& layer : layers) {
-    if (layer.type == "flatten" || layer.type == "linear") flat = true;
+    if (layer.type == "flatten" || layer.type == "linear") at.flat = true;
     if ((layer.type == "linear" || layer.type == "conv") && !layer.args.empty())
-      channels = detail::int_arg(layer.args[0]);
+      at.channels = detail::int_arg(layer.args[0]);
+    if (layer.type == "residual") {
+      Activation shortcut_at = at;
+      out.push_back(layer);
+      out.back().body = replace_norms(layer.body, norm, at);  // the block's output is its body's
+      out.back().shortcut = replace_norms(layer.shortcut, norm, shortcut_at);
+      continue;
+    }
     if (layer.type != "batchnorm") {
-      out.layers.push_back(layer);
+      out.push_back(layer);
       continue;
     }
-    if (norm == "instance" && flat) {
+    if (norm == "instance" && at.flat) {
       // Dropped, as --norm none would: the layer before it gets its bias back.
-      if (!out.layers.empty() && has_bias_option(out.layers.back())) out.layers.back().options.erase("bias");
+      if (!out.empty() && has_bias_option(out.back())) out.back().options.erase("bias");
       continue;
     }
-    LayerSpec replaced{layer_type.at(norm), {}, {}};
+    ModelSpec::LayerSpec replaced{layer_type.at(norm), {}, {}, {}, {}};
     const auto& allowed = detail::find_layer_kind(replaced.type)->options;
     for (const auto& [key, value] : layer.options)
       if (std::find(allowed.begin(), allowed.end(), key) != allowed.end()) replaced.options[key] = value;
@@ -315,13 +400,28 @@ ModelSpec ModelSpec::with_norm(const std::string& norm) const {
     // channels (mlp-paper's 100 features: 25 groups of 4). On flat features a
     // group of one channel has one value per sample and normalizes to β alone,
     // so groups there hold at least two channels.
-    if (norm == "group" && channels > 0) {
-      int64_t groups = std::max<int64_t>(1, std::min<int64_t>(32, flat ? channels / 2 : channels));
-      while (channels % groups != 0) --groups;
+    if (norm == "group" && at.channels > 0) {
+      int64_t groups = std::max<int64_t>(1, std::min<int64_t>(32, at.flat ? at.channels / 2 : at.channels));
+      while (at.channels % groups != 0) --groups;
       replaced.options.insert_or_assign("groups", std::to_string(groups));
     }
-    out.layers.push_back(std::move(replaced));
+    out.push_back(std::move(replaced));
   }
+  return out;
+}
+
+}  // namespace
+
+ModelSpec ModelSpec::with_norm(const std::string& norm) const {
+  if (norm == "none") return without_batch_norm();
+  if (std::find(norm_kinds().begin(), norm_kinds().end(), norm) == norm_kinds().end())
+    engine::fail_invalid("unknown normalization '", norm, "'; expected one of batch, none, frozen, renorm, "
+                         "ghost, layer, group, instance, noisy");
+  if (norm == "batch") return *this;
+  ModelSpec out;
+  out.input_shape = input_shape;
+  Activation at{input_shape.size() == 1, input_shape.empty() ? 0 : input_shape[0]};
+  out.layers = replace_norms(layers, norm, at);
   return out;
 }
 
