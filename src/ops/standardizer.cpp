@@ -155,7 +155,11 @@ Standardizer Standardizer::load(std::istream& in) {
 Standardizer Standardizer::from_moments(std::vector<Moments> moments) {
   for (size_t f = 0; f < moments.size(); ++f) {
     const auto& m = moments[f];
-    if (!(m.count > 0) || !std::isfinite(m.mean) || !std::isfinite(m.m2) || m.m2 < 0)
+    // A count is a number of rows: a whole number from 1 to 2^53 (a tiny one,
+    // 1e-231, made the variance m2/count overflow).
+    const bool count_ok = m.count >= 1 && m.count <= 9007199254740992.0 && m.count == std::floor(m.count);
+    if (!count_ok || !std::isfinite(m.mean) || !std::isfinite(m.m2) || m.m2 < 0 ||
+        !std::isfinite(m.biased_variance()))
       detail::fail_runtime("standardizer: feature ", f, " has invalid statistics");
   }
   Standardizer s;
