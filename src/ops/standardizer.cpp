@@ -2,6 +2,7 @@
 // channel of a [rows, features] table, fitting is batch_norm_moments with
 // Chan's merge across calls, transforming is batch_norm_forward_apply.
 #include <cmath>
+#include <limits>
 #include <cstring>
 #include <istream>
 #include <ostream>
@@ -76,8 +77,10 @@ template <class T>
 std::vector<T> Standardizer::scale() const {
   std::vector<T> out;
   for (const auto& m : moments_) {
-    const double sd = std::sqrt(m.biased_variance());
-    out.push_back(sd > 0 ? static_cast<T>(sd) : T{1});
+    // Zero in T, not only in double: a deviation of 3e-159 is 0 as a float, and
+    // would divide by 0 there.
+    const auto sd = static_cast<T>(std::sqrt(m.biased_variance()));
+    out.push_back(sd > 0 ? sd : T{1});
   }
   return out;
 }
@@ -161,6 +164,10 @@ Standardizer Standardizer::from_moments(std::vector<Moments> moments) {
     if (!count_ok || !std::isfinite(m.mean) || !std::isfinite(m.m2) || m.m2 < 0 ||
         !std::isfinite(m.biased_variance()))
       detail::fail_runtime("standardizer: feature ", f, " has invalid statistics");
+    // float data is standardized with float statistics: they must be finite there too.
+    constexpr double kFloatMax = std::numeric_limits<float>::max();
+    if (std::abs(m.mean) > kFloatMax || std::sqrt(m.biased_variance()) > kFloatMax)
+      detail::fail_runtime("standardizer: feature ", f, " has statistics beyond float's range");
   }
   Standardizer s;
   s.moments_ = std::move(moments);
