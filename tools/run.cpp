@@ -914,8 +914,11 @@ EpochRecord Run::train_epoch(const Data& data, Progress* progress) {
   if (epoch == 0 && position_.step == 0 && logging) log_step(0, false);
   train::ProgressCallback callback = [&](const train::StepProgress& p) {
     if (initial_loss_ < 0) initial_loss_ = p.batch_loss;
-    // The next step's rate (warm-up changes it every step).
-    optimizer_->learning_rate = static_cast<float>(learning_rate_at(o, first_step + p.step, steps));
+    // The next step's rate (warm-up changes it every step); after the epoch's
+    // last, the optimizer keeps that step's (the next epoch's is set before it:
+    // a cosine schedule's rate at epochs/epochs is 0, which no optimizer accepts).
+    if (p.step < p.steps)
+      optimizer_->learning_rate = static_cast<float>(learning_rate_at(o, first_step + p.step, steps));
     if (progress) progress->update(epoch + 1, o.epochs, p);
     if (!logging) return;
     window_loss += p.batch_loss * static_cast<double>(p.batch_size);
