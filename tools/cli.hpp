@@ -47,7 +47,14 @@ struct RunOptions {
   int64_t epochs = 10;
   int64_t batch_size = 128;
   double lr = 0.05;  // Adam's default (1e-3) when --optimizer adam and no --lr
-  std::string lr_schedule = "constant";  // constant, or cosine: lr·(1 + cos(π·epoch/epochs))/2
+  // The learning rate per step (learning_rate_at): the epoch's rate under
+  // lr_schedule (constant; cosine: lr·(1 + cos(π·epoch/epochs))/2; step:
+  // lr·lr_gamma^⌊epoch/lr_step⌋), times a linear warm-up over the first
+  // warmup_steps steps ((step + 1)/warmup_steps).
+  std::string lr_schedule = "constant";
+  int64_t lr_step = 0;     // epochs per decay of the step schedule
+  double lr_gamma = 0.1;   // the step schedule's factor
+  int64_t warmup_steps = 0;
   std::string optimizer = "sgd";
   double momentum = 0.9;
   bool nesterov = false;
@@ -82,6 +89,12 @@ struct RunOptions {
   // Frozen BN from this epoch on (0: never): every batch-norm layer then
   // normalizes with its running statistics, which stop updating (γ, β learn).
   int64_t freeze_bn_after = 0;
+  // Model selection by the validation loss (needs val_fraction > 0; the test
+  // set never chooses): keep "best" also writes OUT/best.nkc at each new lowest
+  // validation loss; early_stop N > 0 ends the run N epochs after the last
+  // epoch that lowered it.
+  int64_t early_stop = 0;
+  std::string keep = "last";
   // steps.jsonl: training loss every log_every steps, evaluation every
   // eval_every steps, probes (probe.hpp) every probe_every steps and at the
   // steps listed in probe_at (e.g. "0,1,10,100"); 0 / empty: none.
@@ -98,10 +111,16 @@ struct RunOptions {
   std::string eval_bn_stats;
 };
 json to_json(const RunOptions& o);
-// The learning rate of 0-based `epoch` under the options' schedule; it depends
-// only on (lr, epoch, epochs), so resumed runs use the rates uninterrupted ones do.
-double learning_rate_at(const RunOptions& o, int64_t epoch);
+// The learning rate of the 0-based global training `step` (steps_per_epoch of
+// them per epoch) under the options' schedule and warm-up. It depends only on
+// the options and the step, so resumed runs use the rates uninterrupted ones do.
+double learning_rate_at(const RunOptions& o, int64_t step, int64_t steps_per_epoch);
 RunOptions run_options_from_json(const json& j);  // throws normkit::Error on a bad document
+// Model selection by the epochs' validation losses: the 1-based epoch of the
+// lowest (the first on ties; 0: none), and whether `patience` (--early-stop)
+// epochs have passed since it (never with patience 0).
+int64_t lowest_epoch(const std::vector<double>& losses);
+bool patience_over(const std::vector<double>& losses, int64_t patience);
 
 // The steps of --probe-at (a usage error names a bad list).
 std::set<int64_t> probe_steps(const RunOptions& options);
@@ -217,8 +236,16 @@ class Run {
   int64_t epoch_step() const { return position_.step; }
   // OUT/run.json, the run's outcome for scripts: status "finished" or
   // "diverged", epochs and steps done, training seconds, the divergence (epoch,
-  // step, reason) and the last metrics. Written when the run ends either way.
+  // step, reason), the best epoch (lowest validation loss; 0 without a
+  // validation split), whether --early-stop ended it, and the last metrics.
+  // Written when the run ends either way.
   void write_outcome() const;
+  // The 1-based epoch of the lowest validation loss so far (the first on
+  // ties; 0 without a validation split), and whether --early-stop has ended
+  // the run: early_stop epochs have passed since it.
+  int64_t best_epoch() const;
+  bool stopped_early() const;
+  fs::path best_checkpoint_path() const { return out_ / "best.nkc"; }
 
   const RunOptions& options() const { return options_; }
   RunOptions& options() { return options_; }
@@ -241,7 +268,9 @@ class Run {
   void save_checkpoint() const;
   void rewrite_metrics() const;
   void rewrite_steps(int64_t steps_done) const;
-  json evaluate_sets(const Data& data, bool with_test);
+  // The validation and/or the test set's loss and accuracy (val_/test_ keys).
+  json evaluate_sets(const Data& data, bool with_val, bool with_test);
+  std::vector<double> val_losses() const;  // the epochs' so far
 
   RunOptions options_;
   std::string name_, norm_;
@@ -295,6 +324,7 @@ struct CommandFlags {
   std::string name;  // the run's name in metrics.jsonl; default: OUT's directory name
   bool resume = false, overwrite = false;
   GroupFlags group;  // train only
+  bool report = false;  // train only: OUT/report.md and OUT/curves.png when the run ends
   std::string max_memory;  // --max-memory: "8G", "512M", bytes; "" = this machine's memory
 };
 

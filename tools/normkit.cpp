@@ -71,10 +71,22 @@ void add_run_options(CLI::App* app, RunOptions& o, OptionMap& options, bool with
   add("lr", app->add_option("--lr", o.lr, "learning rate (default 0.05 for sgd, 0.001 for adam)")
                 ->check(kPositive));
   add("lr_schedule", app->add_option("--lr-schedule", o.lr_schedule,
-                                     "constant, or cosine: lr·(1 + cos(π·epoch/epochs))/2 per epoch "
-                                     "(follows --epochs, also when resuming)")
-                         ->check(CLI::IsMember({"constant", "cosine"}))
+                                     "per epoch: constant; cosine: lr·(1 + cos(π·epoch/epochs))/2 "
+                                     "(follows --epochs, also when resuming); step: lr·gamma^⌊epoch/N⌋ "
+                                     "(--lr-step N, --lr-gamma)")
+                         ->check(CLI::IsMember({"constant", "cosine", "step"}))
                          ->capture_default_str());
+  add("lr_step", app->add_option("--lr-step", o.lr_step,
+                                 "--lr-schedule step: multiply the rate by --lr-gamma every N epochs")
+                     ->check(CLI::Range(int64_t{1}, int64_t{100000})));
+  add("lr_gamma", app->add_option("--lr-gamma", o.lr_gamma, "--lr-schedule step: the factor")
+                      ->check(kPositive)
+                      ->capture_default_str());
+  add("warmup_steps", app->add_option("--warmup-steps", o.warmup_steps,
+                                      "linear warm-up: step s (from 0) of the first N trains with "
+                                      "(s + 1)/N of the scheduled rate")
+                          ->check(CLI::Range(int64_t{0}, int64_t{1} << 40))
+                          ->capture_default_str());
   add("optimizer", app->add_option("--optimizer", o.optimizer, "sgd or adam")
                        ->check(CLI::IsMember({"sgd", "adam"}))
                        ->capture_default_str());
@@ -211,6 +223,43 @@ GivenOptions given_options(const OptionMap& options) {
 
 // ---------------------------------------------------------------- train
 
+// `train --report`: OUT/curves.png (plot_metrics.py: the losses and accuracies
+// per epoch, the training loss per logged step) and OUT/report.md, the run in
+// one page. Returns what kept the plot from being drawn ("" if nothing).
+std::string write_train_report(const Run& run, const Data& data) {
+  const fs::path& out = run.out();
+  const RunOptions& o = run.options();
+  std::error_code ec;
+  fs::remove(out / "curves.png", ec);  // never a stale figure
+  const std::string plot_problem = run_python(
+      "plot_metrics.py",
+      {"--out", (out / "curves.png").string(), "--title", fmt::format("{}, {}", o.model, norm_label(run.norm())),
+       run.name() + "=" + (out / "metrics.jsonl").string()},
+      out / ".plot.log");
+  std::string r = fmt::format("# {}: {}\n\n{}, {}.\n\n", run.name(), o.model, describe_run(o, data),
+                              run.norm() == "none" ? "without normalization" : "with " + norm_label(run.norm()));
+  r += fmt::format("{} of {} epochs trained", run.epochs_done(), o.epochs);
+  if (run.stopped_early()) r += fmt::format(", stopped early (--early-stop {})", o.early_stop);
+  if (run.best_epoch() > 0) r += fmt::format("; the lowest validation loss in epoch {}", run.best_epoch());
+  r += ".\n\n## Per epoch\n\n| epoch | lr | train loss | train acc | val loss | val acc | test loss | test acc | s |\n"
+       "|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n";
+  for (const json& m : run.history()) {
+    r += fmt::format("| {} | {:.4g} |", m["epoch"].get<int64_t>(), m["lr"].get<double>());
+    for (const char* key : {"train_loss", "train_acc", "val_loss", "val_acc", "test_loss", "test_acc"})
+      r += m.contains(key) ? fmt::format(" {:.4f} |", m[key].get<double>()) : " |";
+    r += fmt::format(" {:.1f} |\n", m["seconds"].get<double>());
+  }
+  r += "\n## Curves\n\n";
+  r += plot_problem.empty() ? "![loss and accuracy per epoch, training loss per logged step](curves.png)\n"
+                            : "No plot: " + plot_problem + ".\n";
+  r += "\n## Files\n\n- `checkpoint.nkc`: the last epoch (`--resume` continues it)\n";
+  if (fs::is_regular_file(out / "best.nkc", ec)) r += fmt::format("- `best.nkc`: epoch {}\n", run.best_epoch());
+  r += "- `metrics.jsonl`: one line per epoch; `run.json`: the outcome\n";
+  if (fs::is_regular_file(out / "steps.jsonl", ec)) r += "- `steps.jsonl`: one line per logged step\n";
+  write_file_atomically(out / "report.md", r);
+  return plot_problem;
+}
+
 int report_stop(const Run& run) {
   run.write_outcome();
   std::string message = run.stop_reason();
@@ -307,6 +356,12 @@ int command_train(const RunOptions& given_options, const GivenOptions& given,
                                                    run->epochs_done() + 1, run->epoch_step())
                                      : fmt::format("resuming after epoch {}", run->epochs_done()));
   std::fflush(stdout);
+  if (run->stopped_early()) {
+    fmt::print("stopped early after epoch {}: no lower validation loss for {} epochs (best: epoch {}); "
+               "nothing to do\n", run->epochs_done(), o.early_stop, run->best_epoch());
+    run->write_outcome();
+    return 0;
+  }
   if (run->epochs_done() >= o.epochs) {
     fmt::print("already trained {} of {} epochs; nothing to do (raise --epochs to continue)\n",
                run->epochs_done(), o.epochs);
@@ -337,6 +392,11 @@ int command_train(const RunOptions& given_options, const GivenOptions& given,
       std::fflush(stdout);
     }
     if (!record.ok) return report_stop(*run);
+    if (run->stopped_early()) {
+      fmt::print("stopped early after epoch {}: no lower validation loss for {} epochs (best: epoch {})\n",
+                 run->epochs_done(), o.early_stop, run->best_epoch());
+      break;
+    }
     // A signal during the epoch's last step, its evaluation or its save: the epoch is saved.
     if (const int signal = train::stop_signal(); signal != 0 && run->epochs_done() < o.epochs)
       return report_interruption(signal, fmt::format("saved after epoch {} in {}: continue with "
@@ -347,6 +407,15 @@ int command_train(const RunOptions& given_options, const GivenOptions& given,
   run->write_outcome();
   fmt::print("saved {} (epoch {}); metrics in {}\n", run->checkpoint_path().string(),
              run->epochs_done(), (flags.out / "metrics.jsonl").string());
+  if (o.keep == "best" && run->best_epoch() > 0)
+    fmt::print("best epoch {} (validation loss {:.4f}): {}\n", run->best_epoch(),
+               run->history()[static_cast<size_t>(run->best_epoch() - 1)]["val_loss"].get<double>(),
+               run->best_checkpoint_path().string());
+  if (flags.report && writes_files()) {
+    const std::string plot_problem = write_train_report(*run, data);
+    fmt::print("report: {}{}\n", (flags.out / "report.md").string(),
+               plot_problem.empty() ? "" : " (no plot: " + plot_problem + ")");
+  }
   return 0;
 }
 
@@ -575,6 +644,20 @@ int run_main(int argc, char** argv) {
   add_command_flags(train, train_flags, "runs/train");
   add_group_options(train, train_options, train_given, train_flags.group);
   train->add_option("--name", train_flags.name, "the run's name in metrics.jsonl (default: --out's name)");
+  train->add_flag("--report", train_flags.report,
+                  "when the run ends, also write OUT/report.md and OUT/curves.png (losses and accuracies per "
+                  "epoch, the training loss per step logged with --log-every; python3-matplotlib)");
+  // Model selection: train only (compare's two runs train the same epochs).
+  train_given["early_stop"] =
+      train->add_option("--early-stop", train_options.early_stop,
+                        "stop N epochs after the last epoch that lowered the validation loss "
+                        "(needs --val-fraction; 0: never)")
+          ->check(kNonNegative);
+  train_given["keep"] = train->add_option("--keep", train_options.keep,
+                                          "last, or best: also keep the epoch of the lowest validation "
+                                          "loss in OUT/best.nkc (needs --val-fraction)")
+                            ->check(CLI::IsMember({"last", "best"}))
+                            ->capture_default_str();
 
   auto* compare = app.add_subcommand(
       "compare", "train the same model with and without its normalization (batch norm, or --norm; same seed, data order and "

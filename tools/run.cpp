@@ -35,10 +35,25 @@ void runtime_error(const std::string& message) { throw Error(ErrorKind::runtime,
 
 // ---------------------------------------------------------------- options
 
-double learning_rate_at(const RunOptions& o, int64_t epoch) {
-  if (o.lr_schedule != "cosine") return o.lr;
-  const double pi = 3.14159265358979323846;
-  return o.lr * 0.5 * (1.0 + std::cos(pi * static_cast<double>(epoch) / static_cast<double>(o.epochs)));
+double learning_rate_at(const RunOptions& o, int64_t step, int64_t steps_per_epoch) {
+  const int64_t epoch = step / std::max<int64_t>(steps_per_epoch, 1);
+  double lr = o.lr;
+  if (o.lr_schedule == "cosine") {
+    const double pi = 3.14159265358979323846;
+    lr *= 0.5 * (1.0 + std::cos(pi * static_cast<double>(epoch) / static_cast<double>(o.epochs)));
+  } else if (o.lr_schedule == "step") {
+    lr *= std::pow(o.lr_gamma, static_cast<double>(epoch / o.lr_step));
+  }
+  if (step < o.warmup_steps) lr *= static_cast<double>(step + 1) / static_cast<double>(o.warmup_steps);
+  return lr;
+}
+
+int64_t lowest_epoch(const std::vector<double>& losses) {
+  return losses.empty() ? 0 : std::min_element(losses.begin(), losses.end()) - losses.begin() + 1;
+}
+
+bool patience_over(const std::vector<double>& losses, int64_t patience) {
+  return patience > 0 && !losses.empty() && static_cast<int64_t>(losses.size()) - lowest_epoch(losses) >= patience;
 }
 
 json to_json(const RunOptions& o) {
@@ -48,6 +63,9 @@ json to_json(const RunOptions& o) {
           {"batch_size", o.batch_size},
           {"lr", o.lr},
           {"lr_schedule", o.lr_schedule},
+          {"lr_step", o.lr_step},
+          {"lr_gamma", o.lr_gamma},
+          {"warmup_steps", o.warmup_steps},
           {"optimizer", o.optimizer},
           {"momentum", o.momentum},
           {"nesterov", o.nesterov},
@@ -71,6 +89,8 @@ json to_json(const RunOptions& o) {
           {"test_eval", o.test_eval},
           {"diverge_factor", o.diverge_factor},
           {"freeze_bn_after", o.freeze_bn_after},
+          {"early_stop", o.early_stop},
+          {"keep", o.keep},
           {"log_every", o.log_every},
           {"eval_every", o.eval_every},
           {"probe_every", o.probe_every},
@@ -91,6 +111,9 @@ RunOptions run_options_from_json(const json& j) {
     o.batch_size = j.at("batch_size").get<int64_t>();
     o.lr = j.at("lr").get<double>();
     o.lr_schedule = j.value("lr_schedule", std::string("constant"));  // absent before schedules
+    o.lr_step = j.value("lr_step", RunOptions{}.lr_step);
+    o.lr_gamma = j.value("lr_gamma", RunOptions{}.lr_gamma);
+    o.warmup_steps = j.value("warmup_steps", RunOptions{}.warmup_steps);
     o.optimizer = j.at("optimizer").get<std::string>();
     o.momentum = j.at("momentum").get<double>();
     o.nesterov = j.at("nesterov").get<bool>();
@@ -120,6 +143,8 @@ RunOptions run_options_from_json(const json& j) {
     o.test_eval = j.value("test_eval", d.test_eval);
     o.diverge_factor = j.value("diverge_factor", d.diverge_factor);
     o.freeze_bn_after = j.value("freeze_bn_after", d.freeze_bn_after);
+    o.early_stop = j.value("early_stop", d.early_stop);
+    o.keep = j.value("keep", d.keep);
     o.log_every = j.value("log_every", d.log_every);
     o.eval_every = j.value("eval_every", d.eval_every);
     o.probe_every = j.value("probe_every", d.probe_every);
@@ -137,10 +162,11 @@ RunOptions run_options_from_json(const json& j) {
 
 RunOptions merge_resume_options(const RunOptions& stored, const RunOptions& given,
                                 const GivenOptions& given_keys) {
-  // What may change on resume: how long, how many threads, where the data
-  // lives, and what is logged (none of it changes the training itself).
+  // What may change on resume: how long (epochs, early stopping), how many
+  // threads, where the data lives, and what is logged (none of it changes the
+  // training itself).
   static const std::set<std::string> changeable = {
-      "epochs",    "threads",       "data",          "test_data",   "log_every", "eval_every",
+      "epochs",    "early_stop",    "threads",       "data",          "test_data",   "log_every", "eval_every",
       "probe_every", "probe_at", "probe_samples", "probe_units", "probe_ics", "eval_bn_stats"};
   const json old_values = to_json(stored), new_values = to_json(given);
   for (const auto& key : given_keys) {
@@ -178,6 +204,11 @@ RunOptions finish_options(RunOptions o, const GivenOptions& given) {
       usage_error("--momentum and --nesterov apply to --optimizer sgd only");
   }
   if (o.nesterov && o.momentum == 0) usage_error("--nesterov needs --momentum > 0");
+  if (o.lr_schedule == "step" && o.lr_step < 1)
+    usage_error("--lr-schedule step needs --lr-step N: the epochs between decays by --lr-gamma");
+  if (!(o.lr_gamma <= 1)) usage_error("--lr-gamma must be in (0, 1], got " + std::to_string(o.lr_gamma));
+  if (o.lr_schedule != "step" && (given.contains("lr_step") || given.contains("lr_gamma")))
+    usage_error("--lr-step and --lr-gamma apply to --lr-schedule step only");
   if (given.contains("init_std") && o.init != "normal")
     usage_error("--init-std applies to --init normal only");
   if (!(o.val_fraction >= 0 && o.val_fraction < 1))
@@ -186,6 +217,10 @@ RunOptions finish_options(RunOptions o, const GivenOptions& given) {
   if (o.test_eval != "epoch" && o.val_fraction == 0 && given.contains("test_eval"))
     usage_error("--test-eval " + o.test_eval + " needs --val-fraction: without a validation split "
                 "the test set is what each epoch is evaluated on");
+  for (const auto& [key, option] : {std::pair{"early_stop", "--early-stop"}, std::pair{"keep", "--keep"}})
+    if (given.contains(key) && o.val_fraction == 0 && (o.early_stop > 0 || o.keep == "best"))
+      usage_error(std::string(option) + " chooses by the validation loss: give --val-fraction "
+                  "(the test set is never used to choose)");
   (void)probe_steps(o);  // checks --probe-at
   (void)eval_bn_stats_sources(o);
   return o;
@@ -758,14 +793,14 @@ Run Run::resume(const fs::path& out) {
   return run;
 }
 
-json Run::evaluate_sets(const Data& data, bool with_test) {
+json Run::evaluate_sets(const Data& data, bool with_val, bool with_test) {
   json m = json::object();
   auto add = [&](const char* name, const data::Dataset& set) {
     const train::Evaluation e = train::evaluate(*model_, set, 1000, process_group());
     m[std::string(name) + "_loss"] = e.loss;
     m[std::string(name) + "_acc"] = e.accuracy;
   };
-  if (data.val.count() > 0) add("val", data.val);
+  if (with_val && data.val.count() > 0) add("val", data.val);
   if (with_test) add("test", data.test);
   return m;
 }
@@ -836,7 +871,6 @@ EpochRecord Run::train_epoch(const Data& data, Progress* progress) {
   probe::Options probe_options;
   probe_options.units = o.probe_units;
   probe_options.ics = o.probe_ics;
-  probe_options.ics_lr = learning_rate_at(o, epoch);
   std::ofstream steps_file;
   if (logging && writes_files()) {
     steps_file.open(out_ / "steps.jsonl", std::ios::app);
@@ -856,15 +890,16 @@ EpochRecord Run::train_epoch(const Data& data, Progress* progress) {
     const auto t0 = std::chrono::steady_clock::now();
     json line = {{"step", step},
                  {"epoch", static_cast<double>(step) / static_cast<double>(steps)},
-                 {"lr", learning_rate_at(o, epoch)},
+                 {"lr", learning_rate_at(o, std::max<int64_t>(step - 1, 0), steps)},  // the last step's
                  {"seconds", seconds_before +
                                  std::chrono::duration<double>(t0 - start).count() - overhead}};
     if (train_window && window_samples > 0) {
       line["train_loss"] = window_loss / static_cast<double>(window_samples);
       line["train_acc"] = static_cast<double>(window_correct) / static_cast<double>(window_samples);
     }
-    if (eval_due) line.update(evaluate_sets(data, test_each_epoch));
+    if (eval_due) line.update(evaluate_sets(data, true, test_each_epoch));
     if (probe_due) {
+      probe_options.ics_lr = learning_rate_at(o, step, steps);  // the next step's
       if (!probe_data) probe_data = probe_batch(data, o, model_->format());
       line["probe"] = probe_json(probe::run(*model_, probe_data->batch, probe_data->labels, probe_options));
     }
@@ -879,6 +914,11 @@ EpochRecord Run::train_epoch(const Data& data, Progress* progress) {
   if (epoch == 0 && position_.step == 0 && logging) log_step(0, false);
   train::ProgressCallback callback = [&](const train::StepProgress& p) {
     if (initial_loss_ < 0) initial_loss_ = p.batch_loss;
+    // The next step's rate (warm-up changes it every step); after the epoch's
+    // last, the optimizer keeps that step's (the next epoch's is set before it:
+    // a cosine schedule's rate at epochs/epochs is 0, which no optimizer accepts).
+    if (p.step < p.steps)
+      optimizer_->learning_rate = static_cast<float>(learning_rate_at(o, first_step + p.step, steps));
     if (progress) progress->update(epoch + 1, o.epochs, p);
     if (!logging) return;
     window_loss += p.batch_loss * static_cast<double>(p.batch_size);
@@ -889,7 +929,7 @@ EpochRecord Run::train_epoch(const Data& data, Progress* progress) {
   // The spec records frozen=1, so a resumed run stays frozen.
   if (o.freeze_bn_after > 0 && epoch >= o.freeze_bn_after) model_->freeze_batch_norm();
   train::EpochResult result;
-  optimizer_->learning_rate = static_cast<float>(learning_rate_at(o, epoch));
+  optimizer_->learning_rate = static_cast<float>(learning_rate_at(o, first_step + position_.step, steps));
   try {
     result = train::train_epoch(*model_, *optimizer_, data.train, o.batch_size, o.seed, epoch,
                                 callback, position_, process_group());
@@ -924,11 +964,17 @@ EpochRecord Run::train_epoch(const Data& data, Progress* progress) {
   position_ = {};
   window_ = {};
   const auto eval_start = std::chrono::steady_clock::now();
-  const bool last = epoch + 1 >= o.epochs;
-  json evaluation = evaluate_sets(data, test_each_epoch || (o.test_eval == "end" && last));
+  json evaluation = evaluate_sets(data, true, test_each_epoch);
+  // The run's last epoch: --epochs reached, or --early-stop ends the run here
+  // (by this epoch's validation loss); --test-eval end evaluates the test set there.
+  std::vector<double> losses = val_losses();
+  if (evaluation.contains("val_loss")) losses.push_back(evaluation["val_loss"].get<double>());
+  const bool last = epoch + 1 >= o.epochs || patience_over(losses, o.early_stop);
+  const bool with_test = test_each_epoch || (o.test_eval == "end" && last);
+  if (with_test && !test_each_epoch) evaluation.update(evaluate_sets(data, false, true));
   if (!o.eval_bn_stats.empty())
-    evaluation["bn_stats"] = evaluate_statistics_sources(*model_, eval_bn_stats_sources(o), data,
-                                                         test_each_epoch || (o.test_eval == "end" && last), o.seed);
+    evaluation["bn_stats"] =
+        evaluate_statistics_sources(*model_, eval_bn_stats_sources(o), data, with_test, o.seed);
   const double eval_seconds =
       std::chrono::duration<double>(std::chrono::steady_clock::now() - eval_start).count();
   const double seconds = std::max(result.seconds - overhead, 0.0);
@@ -947,7 +993,7 @@ EpochRecord Run::train_epoch(const Data& data, Progress* progress) {
                 {"norm", norm_},
                 {"model", o.model},
                 {"optimizer", o.optimizer},
-                {"lr", learning_rate_at(o, epoch)},
+                {"lr", learning_rate_at(o, first_step + steps - 1, steps)},  // its last step's
                 {"batch_size", o.batch_size},
                 {"seed", o.seed},
                 {"ranks", process_group() ? process_group()->size() : 1}});
@@ -956,6 +1002,13 @@ EpochRecord Run::train_epoch(const Data& data, Progress* progress) {
   if (writes_files()) {
     try {
       save_checkpoint();
+      if (o.keep == "best" && best_epoch() == epochs_done_) {
+        // A copy of the checkpoint just written (whole: it was renamed into place),
+        // renamed into place in turn.
+        const fs::path temporary = best_checkpoint_path().string() + ".tmp";
+        fs::copy_file(checkpoint_path(), temporary, fs::copy_options::overwrite_existing);
+        fs::rename(temporary, best_checkpoint_path());
+      }
     } catch (...) {
       --epochs_done_;
       history_.erase(history_.end() - 1);
@@ -977,9 +1030,22 @@ EpochRecord Run::train_epoch(const Data& data, Progress* progress) {
   return {m, true, ""};
 }
 
+std::vector<double> Run::val_losses() const {
+  std::vector<double> losses;
+  for (const json& m : history_)
+    if (m.contains("val_loss")) losses.push_back(m["val_loss"].get<double>());
+  return losses;
+}
+
+int64_t Run::best_epoch() const { return lowest_epoch(val_losses()); }
+
+bool Run::stopped_early() const { return patience_over(val_losses(), options_.early_stop); }
+
 void Run::write_outcome() const {
   if (!writes_files()) return;
   const json out = {{"status", divergence_.is_null() ? "finished" : "diverged"},
+                    {"stopped_early", stopped_early()},
+                    {"best_epoch", best_epoch()},
                     {"run", name_},
                     {"epochs_done", epochs_done_},
                     {"epochs", options_.epochs},

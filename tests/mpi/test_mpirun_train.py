@@ -120,6 +120,22 @@ def test_ranks_with_synchronized_batch_norm_equal_one_process(table, one_process
     print(f"\n[ measured ] {ranks} ranks vs 1 process: worst relative loss difference {worst:.2e}")
 
 
+def test_batch_norm_inside_residual_blocks_is_synchronized(table, tmp_path):
+    """A residual block's batchnorm layers (the body's fused BN+Add+ReLU tail included)
+    see the global batch too: 2 ranks give one process's run."""
+    spec = table / "residual.spec"
+    spec.write_text("input 6\nlinear 16 bias=0\nbatchnorm\nrelu\n"
+                    "residual\nlinear 16 bias=0\nbatchnorm\nrelu\ndropout 0.1\nlinear 16 bias=0\nbatchnorm\nend\n"
+                    "linear 3\n")
+    args = [train_args(table, tmp_path / name, epochs=2) for name in ("one", "two")]
+    for a in args:
+        a[a.index("--model") + 1] = spec
+    normkit(*args[0])
+    result = normkit(*args[1], ranks=2)
+    assert "2 ranks, synchronized batch norm" in result.stdout
+    assert_close_runs(tmp_path / "two", tmp_path / "one", RTOL)
+
+
 def test_one_rank_under_mpirun_is_one_process_bit_for_bit(table, one_process, tmp_path):
     out = tmp_path / "ranks1"
     normkit(*train_args(table, out), ranks=1)
