@@ -33,12 +33,13 @@ bench-distributed: configure
 
 # The main job: cnn-small on Fashion-MNIST with and without batch normalization,
 # 2 epochs each (SGD momentum 0.9, lr 0.05, batch 128); table on stdout, then
-# runs/demo/report.md, curves.png and each run's metrics.jsonl and checkpoint.
+# runs/demo/report.md, curves.png (the training loss every 20 steps, the test
+# metrics per epoch) and each run's metrics.jsonl, steps.jsonl and checkpoint.
 # (The BN kernel demo that `make demo` used to run is still built: $(BUILD_DIR)/bn_demo.)
 DEMO_OUT ?= runs/demo
 demo: build
 	@$(BUILD_DIR)/normkit compare --model cnn-small --epochs 2 --batch-size 128 --optimizer sgd \
-	  --lr 0.05 --momentum 0.9 --seed 1 --out $(DEMO_OUT) --overwrite
+	  --lr 0.05 --momentum 0.9 --seed 1 --log-every 20 --out $(DEMO_OUT) --overwrite
 
 # The claims lab: every experiment of experiments/ at its default tier (about
 # half an hour on 2 cores), then runs/lab/LAB.md and runs/lab/lab.html. Runs
