@@ -341,6 +341,8 @@ TEST_F(CsvFiles, BadTablesAreRejectedWithLineColumnAndText) {
   EXPECT_TRUE(rejects("1,2,0\n1,2,3\n", {":2:", "label 3 is out of range [0, 3)"}, three));
   EXPECT_TRUE(rejects("1,nan,0\n", {":1:", "column 2: 'nan' is not a finite number"}));
   EXPECT_TRUE(rejects("1,2,0\ninf,2,0\n", {":2:", "column 1: 'inf' is not a finite number"}));
+  // Finite as a double, infinite as the float feature (make fuzz found it).
+  EXPECT_TRUE(rejects("1,2,0\n1,-1e39,0\n", {":2:", "column 2: '-1e39' is beyond a float's range"}));
   EXPECT_TRUE(rejects("a,b,c\n", {"no data rows"}));
   EXPECT_TRUE(rejects("", {"no data rows"}));
   EXPECT_TRUE(rejects("1\n2\n", {"at least one feature"}));

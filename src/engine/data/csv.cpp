@@ -3,6 +3,7 @@
 #include <charconv>
 #include <cmath>
 #include <fstream>
+#include <limits>
 #include <map>
 #include <optional>
 #include <string>
@@ -234,6 +235,10 @@ Dataset load_csv(const std::filesystem::path& path, const CsvOptions& options) {
       if (!v)
         fail_runtime(at, ": ", column_text(c), ": ", field.empty() ? "the field is empty" : shown(field) + " is not a number");
       if (!std::isfinite(*v)) fail_runtime(at, ": ", column_text(c), ": ", shown(field), " is not a finite number");
+      // Features are floats: a larger magnitude would become ±inf there.
+      if (std::fabs(*v) > std::numeric_limits<float>::max())
+        fail_runtime(at, ": ", column_text(c), ": ", shown(field),
+                     " is beyond a float's range (magnitude at most 3.4e38)");
       set.features.push_back(static_cast<float>(*v));
     }
   };
