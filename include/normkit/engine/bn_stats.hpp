@@ -108,7 +108,6 @@ class SavedStatistics {
   void keep();  // the model keeps its current statistics: nothing is put back
 
  private:
-  nn::Model& model_;
   std::vector<std::pair<std::vector<float>*, std::vector<float>>> saved_;
 };
 

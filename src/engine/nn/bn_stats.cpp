@@ -89,7 +89,7 @@ void check_fits(const nn::Model& model, const data::Dataset& set, const char* wh
 
 }  // namespace
 
-SavedStatistics::SavedStatistics(nn::Model& model) : model_(model) {
+SavedStatistics::SavedStatistics(nn::Model& model) {
   for (const size_t i : batch_norm_layers(model))
     for (const char* name : {"running_mean", "running_var"}) {
       auto& values = buffer(*model.layers()[i], name);
