@@ -65,8 +65,9 @@ clang: deps
 # the fuzz corpus replays. Any report fails.
 # Not the lab's tests (label lab): ~60 training runs of the CLI that cli_tests already
 # covers, several minutes under ASan; nor the pip install (label package: a build of its
-# own, uninstrumented); SANITIZE_CTEST_FLAGS= runs them too. This build
-# is also CI's clang 14 build: `make clang` (uninstrumented) is for speed comparisons.
+# own, uninstrumented); SANITIZE_CTEST_FLAGS= runs them too. No documentation test: a
+# clang build has no normkit.torch, which the examples use. This build is also CI's
+# clang 14 build (.ci/run): `make clang` (uninstrumented) is for speed comparisons.
 SANITIZE_DIR ?= build-sanitize
 SANITIZE_CONFIGURE = cmake -S . -B $(SANITIZE_DIR) -G Ninja -DCMAKE_CXX_COMPILER=$(CLANG) \
   -DCMAKE_BUILD_TYPE=RelWithDebInfo -DNORMKIT_SANITIZE=address,undefined -DNORMKIT_BUILD_FUZZERS=ON \

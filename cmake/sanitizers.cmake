@@ -28,6 +28,18 @@ if(NORMKIT_SANITIZE)
   endforeach()
 endif()
 
+# The tests that load the instrumented Python module into the (uninstrumented)
+# interpreter: the runtime must come first, and the interpreter's own allocations
+# at exit are no leaks of ours. Nothing to do in other builds.
+function(normkit_preload_sanitizer_runtime)
+  if(NORMKIT_SANITIZER_PRELOAD)
+    foreach(test IN LISTS ARGN)
+      set_property(TEST ${test} APPEND PROPERTY ENVIRONMENT
+                   "LD_PRELOAD=${NORMKIT_SANITIZER_PRELOAD}" "ASAN_OPTIONS=detect_leaks=0")
+    endforeach()
+  endif()
+endfunction()
+
 # NORMKIT_BUILD_FUZZERS: libFuzzer's coverage feedback must see the library's
 # parsers, not only the fuzz targets, so every file gets the coverage
 # instrumentation; only the fuzz targets link libFuzzer (fuzz/CMakeLists.txt),

@@ -57,6 +57,18 @@ inline int64_t checked_add(int64_t a, int64_t b, const char* what) {
   return r;
 }
 
+// Counter-based randomness (dropout masks, BN noise, data shifts): splitmix64's
+// step and finalizer, so a draw depends only on its key (seed, step, index),
+// never on the order or thread that asks for it.
+inline uint64_t splitmix64(uint64_t z) {
+  z += 0x9e3779b97f4a7c15ull;
+  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+  z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+  return z ^ (z >> 31);
+}
+// A hash's top 53 bits as a double in [0, 1).
+inline double unit_uniform(uint64_t h) { return static_cast<double>(h >> 11) * 0x1.0p-53; }
+
 // Opening a parallel region costs microseconds, and on a shared machine a
 // region stalls whenever another process holds one of its cores, so small
 // loops run on fewer threads. Results never depend on the choice.

@@ -13,6 +13,8 @@ The signals are sent when steps.jsonl (--log-every 1) shows the run in the middl
 epoch of cnn-small on Fashion-MNIST: each step takes milliseconds, an epoch a second or more.
 """
 import json
+import resource
+import shutil
 import signal
 import subprocess
 import time
@@ -44,10 +46,27 @@ def steps_logged(path):
     return done
 
 
-def interrupted(args, steps_file, at_step, sig):
-    """Runs normkit; sends `sig` once steps_file shows step `at_step`. Returns the result."""
+def allow_core_dump():
+    resource.setrlimit(resource.RLIMIT_CORE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+
+
+def crash_backtrace(directory):
+    """gdb's backtraces of a core the process left in `directory` (its working directory),
+    for the failure message: a rare heap corruption seen only under heavy load (glibc's
+    "corrupted size vs. prev_size" in an interrupted run) needs its call site."""
+    cores = sorted(Path(directory).glob("core*"))
+    if not cores or not shutil.which("gdb"):
+        return "(no core dump or no gdb: /proc/sys/kernel/core_pattern decides where cores go)"
+    trace = subprocess.run(["gdb", "-batch", "-ex", "thread apply all bt 30", CLI, str(cores[0])],
+                           capture_output=True, text=True, timeout=300)
+    return trace.stdout[-12000:]
+
+
+def interrupted(args, steps_file, at_step, sig, workdir):
+    """Runs normkit in `workdir`; sends `sig` once steps_file shows step `at_step`. Returns the
+    result; a crash's backtrace is appended to its stderr."""
     proc = subprocess.Popen([CLI, *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+                            text=True, cwd=workdir, preexec_fn=allow_core_dump)
     deadline = time.monotonic() + 600
     while proc.poll() is None and time.monotonic() < deadline:
         if steps_logged(steps_file) >= at_step:
@@ -55,6 +74,8 @@ def interrupted(args, steps_file, at_step, sig):
             break
         time.sleep(0.005)
     stdout, stderr = proc.communicate(timeout=600)
+    if proc.returncode < 0:
+        stderr += f"\n--- killed by signal {-proc.returncode}; backtraces:\n" + crash_backtrace(workdir)
     return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
 
 
@@ -76,7 +97,7 @@ def uninterrupted(tmp_path_factory):
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_a_signal_mid_epoch_saves_the_run_and_resume_matches(uninterrupted, tmp_path, sig):
     out = tmp_path / "run"
-    result = interrupted(["train", *image_args(out)], out / "steps.jsonl", STEPS + 8, sig)
+    result = interrupted(["train", *image_args(out)], out / "steps.jsonl", STEPS + 8, sig, tmp_path)
     assert result.returncode == 128 + sig, result.stderr
     assert f"interrupted by {sig.name}" in result.stderr and "--resume" in result.stderr
     info = json.loads(normkit("info", out / "checkpoint.nkc", "--json", check=0).stdout)
@@ -92,7 +113,8 @@ def test_a_signal_mid_epoch_saves_the_run_and_resume_matches(uninterrupted, tmp_
 def test_compare_interrupted_in_its_second_run_resumes_both(uninterrupted, tmp_path):
     out = tmp_path / "compare"
     # Epochs interleave: batch/ epoch 1, none/ epoch 1, batch/ epoch 2, ...: stop none/ in epoch 1.
-    result = interrupted(["compare", *image_args(out)], out / "none" / "steps.jsonl", 8, signal.SIGINT)
+    result = interrupted(["compare", *image_args(out)], out / "none" / "steps.jsonl", 8, signal.SIGINT,
+                         tmp_path)
     assert result.returncode == 130, result.stderr
     assert "the run without batch norm stopped in epoch 1" in result.stderr
     normkit("compare", "--resume", "--out", out, check=0)

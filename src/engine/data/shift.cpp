@@ -26,12 +26,11 @@ constexpr Name kNames[] = {{Shift::Kind::none, "none"},
 struct Stream {
   uint64_t state;
   uint64_t next() {
-    uint64_t z = (state += 0x9e3779b97f4a7c15ull);
-    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-    return z ^ (z >> 31);
+    const uint64_t z = engine::splitmix64(state);
+    state += 0x9e3779b97f4a7c15ull;
+    return z;
   }
-  double uniform() { return static_cast<double>(next() >> 11) * 0x1.0p-53; }  // [0, 1)
+  double uniform() { return engine::unit_uniform(next()); }  // [0, 1)
   // Box-Muller with our own draws (std::normal_distribution's are not the same
   // on every standard library).
   double normal() {

@@ -25,6 +25,8 @@
 namespace normkit::nn::detail {
 
 using engine::fail_invalid;
+using engine::splitmix64;
+using engine::unit_uniform;
 
 namespace {
 
@@ -88,7 +90,7 @@ class BatchNormFamily : public Layer {
     frozen_ = frozen;
     return true;
   }
-  void set_step(uint64_t seed, uint64_t step) override { key_ = mix(seed ^ mix(step + salt_)); }
+  void set_step(uint64_t seed, uint64_t step) override { key_ = splitmix64(seed ^ splitmix64(step + salt_)); }
   bool noisy() const { return noise_ > 0; }
   void set_noise(double strength, uint64_t salt) {
     noise_ = strength;
@@ -143,27 +145,20 @@ class BatchNormFamily : public Layer {
   Tensor y_, dx_;
 
  private:
-  static uint64_t mix(uint64_t z) {  // splitmix64's finalizer
-    z += 0x9e3779b97f4a7c15ull;
-    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-    return z ^ (z >> 31);
-  }
-  static double uniform(uint64_t h) { return static_cast<double>(h >> 11) * 0x1.0p-53; }  // [0, 1)
   // A standard normal from two hashes (Box-Muller).
   static double normal(uint64_t h) {
-    const double u1 = 1.0 - uniform(mix(h)), u2 = uniform(mix(h ^ 0x5bd1e995ull));
+    const double u1 = 1.0 - unit_uniform(splitmix64(h)), u2 = unit_uniform(splitmix64(h ^ 0x5bd1e995ull));
     return std::sqrt(-2.0 * std::log(u1)) * std::cos(6.283185307179586 * u2);
   }
   void add_noise() {
     const double s = noise_;
     std::vector<double> mu_a(c_), sd_a(c_), mu_b(c_), sd_b(c_);
     for (int64_t c = 0; c < c_; ++c) {
-      const uint64_t h = mix(key_ ^ mix(static_cast<uint64_t>(c) * 4 + 0x100000000ull));
-      mu_a[c] = 1.0 + s * (uniform(mix(h + 1)) - 0.5);
-      sd_a[c] = 0.5 * s * uniform(mix(h + 2));
-      mu_b[c] = s * (2.0 * uniform(mix(h + 3)) - 1.0);
-      sd_b[c] = 0.5 * s * uniform(mix(h + 4));
+      const uint64_t h = splitmix64(key_ ^ splitmix64(static_cast<uint64_t>(c) * 4 + 0x100000000ull));
+      mu_a[c] = 1.0 + s * (unit_uniform(splitmix64(h + 1)) - 0.5);
+      sd_a[c] = 0.5 * s * unit_uniform(splitmix64(h + 2));
+      mu_b[c] = s * (2.0 * unit_uniform(splitmix64(h + 3)) - 1.0);
+      sd_b[c] = 0.5 * s * unit_uniform(splitmix64(h + 4));
     }
     const int64_t total = y_.numel();
     const int64_t positions = total / (y_.shape[0] * c_);
@@ -171,7 +166,7 @@ class BatchNormFamily : public Layer {
     noise_scale_.resize(static_cast<size_t>(total));
     for (int64_t i = 0; i < total; ++i) {
       const int64_t c = last ? i % c_ : (i / positions) % c_;
-      const uint64_t h = mix(key_ + 2 * static_cast<uint64_t>(i));
+      const uint64_t h = splitmix64(key_ + 2 * static_cast<uint64_t>(i));
       const double a = mu_a[c] + sd_a[c] * normal(h), b = mu_b[c] + sd_b[c] * normal(h + 1);
       noise_scale_[i] = static_cast<float>(a);
       y_.data[i] = static_cast<float>(a * y_.data[i] + b);

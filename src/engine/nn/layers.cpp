@@ -24,6 +24,7 @@ using engine::checked_add;
 using engine::checked_mul;
 using engine::fail_invalid;
 using engine::fail_runtime;
+using engine::splitmix64;
 using engine::threads_for;
 
 namespace {
@@ -645,7 +646,7 @@ class Dropout final : public Layer {
   std::vector<int64_t> output_shape(const std::vector<int64_t>& input) const override {
     return input;
   }
-  void set_step(uint64_t seed, uint64_t step) override { key_ = mix(seed ^ mix(step + salt_)); }
+  void set_step(uint64_t seed, uint64_t step) override { key_ = splitmix64(seed ^ splitmix64(step + salt_)); }
   void set_batch_offset(int64_t first_sample) override { first_sample_ = first_sample; }
   const Tensor& forward(const Tensor& x, Mode mode) override {
     y_.reshape(x.shape, x.format);
@@ -662,7 +663,7 @@ class Dropout final : public Layer {
     const auto threshold = static_cast<uint64_t>(p_ * 18446744073709551616.0);
 #pragma omp parallel for num_threads(threads_for(total)) schedule(static)
     for (int64_t i = 0; i < total; ++i) {
-      scale_[i] = mix(key_ + offset + static_cast<uint64_t>(i)) < threshold ? 0.0f : keep_scale;
+      scale_[i] = splitmix64(key_ + offset + static_cast<uint64_t>(i)) < threshold ? 0.0f : keep_scale;
       y_.data[i] = x.data[i] * scale_[i];
     }
     return y_;
@@ -675,12 +676,6 @@ class Dropout final : public Layer {
   }
 
  private:
-  static uint64_t mix(uint64_t z) {  // splitmix64's finalizer
-    z += 0x9e3779b97f4a7c15ull;
-    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-    return z ^ (z >> 31);
-  }
   double p_;
   uint64_t salt_, key_ = 0;
   int64_t first_sample_ = 0;
