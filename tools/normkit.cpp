@@ -8,6 +8,7 @@
 
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
 #include <iostream>
 #include <map>
 
@@ -763,6 +764,18 @@ int run_and_report(int argc, char** argv) {
 }  // namespace
 
 int main(int argc, char** argv) {
+  // OpenMP's runtime reads its wait policy from the environment when it loads,
+  // before main. libgomp's default lets an idle thread spin ~300000 times (about
+  // a millisecond or more) before it sleeps: on a machine shared with other jobs
+  // that spinning holds the core the thread being waited for needs, and a
+  // cnn-small run (100 steps, 2 threads, 2 cores with a second job) took 21.8 s
+  // instead of 3.5 s passive; unloaded, passive costs no more than noise. So the
+  // CLI runs itself again with OMP_WAIT_POLICY=passive unless the user set a
+  // policy (OMP_WAIT_POLICY, or libgomp's GOMP_SPINCOUNT); same process id,
+  // arguments and environment otherwise. If the exec fails, it runs as it is.
+  if (!std::getenv("OMP_WAIT_POLICY") && !std::getenv("GOMP_SPINCOUNT") &&
+      ::setenv("OMP_WAIT_POLICY", "passive", 1) == 0)
+    ::execv("/proc/self/exe", argv);
   // Under mpirun an error on one rank ends them all (the others would wait for it).
   return normkit::cli::leave_process_group(run_and_report(argc, argv));
 }
