@@ -12,6 +12,11 @@ namespace normkit::fuzz {
 
 // Bytes a fuzzed model may take for a step on two samples: small models only.
 constexpr double kModelBudget = 16e6;
+// And work: parameters x activations per sample bounds a step's multiply-adds
+// (a convolution's are its weights x its output positions). Within the byte budget
+// a wide convolution on a large image still took over 10 s under ASan: a timeout
+// of the fuzzer, not a finding.
+constexpr double kModelWork = 5e8;
 
 inline void exercise_model(nn::Model& model) {
   const nn::ModelSize size = model.spec().size();
@@ -20,7 +25,9 @@ inline void exercise_model(nn::Model& model) {
   for (const auto& entry : model.state()) state += static_cast<int64_t>(entry.second->size());
   expect(size.parameters == parameters && size.buffers == state - parameters,
          "ModelSpec::size agrees with the built model", model.spec().to_string());
-  if (size.training_bytes(2) > kModelBudget) return;
+  if (size.training_bytes(2) > kModelBudget ||
+      static_cast<double>(size.parameters) * static_cast<double>(size.activations) > kModelWork)
+    return;
 
   nn::Tensor x;
   std::vector<int64_t> shape = {2};
