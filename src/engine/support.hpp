@@ -60,8 +60,10 @@ inline int64_t checked_add(int64_t a, int64_t b, const char* what) {
 // Counter-based randomness (dropout masks, BN noise, data shifts): splitmix64's
 // step and finalizer, so a draw depends only on its key (seed, step, index),
 // never on the order or thread that asks for it.
+// A splitmix64 stream's state advances by this odd constant per draw.
+constexpr uint64_t kSplitmix64Increment = 0x9e3779b97f4a7c15ull;
 inline uint64_t splitmix64(uint64_t z) {
-  z += 0x9e3779b97f4a7c15ull;
+  z += kSplitmix64Increment;
   z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
   z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
   return z ^ (z >> 31);

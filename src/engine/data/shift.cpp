@@ -27,7 +27,7 @@ struct Stream {
   uint64_t state;
   uint64_t next() {
     const uint64_t z = engine::splitmix64(state);
-    state += 0x9e3779b97f4a7c15ull;
+    state += engine::kSplitmix64Increment;
     return z;
   }
   double uniform() { return engine::unit_uniform(next()); }  // [0, 1)
