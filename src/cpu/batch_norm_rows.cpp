@@ -49,6 +49,7 @@ using leaf::scratch;
 constexpr int64_t kRowBlock = 64;
 constexpr int64_t kMaxBlockedChannels = 256;
 constexpr int64_t kColumnBlock = 256;
+constexpr int64_t kRowGroup = 4;
 inline int64_t blocked_channels(int64_t channels) {
   return channels <= kMaxBlockedChannels ? channels / kRowBlock * kRowBlock : 0;
 }
@@ -83,24 +84,50 @@ void rows_chunk_moments(const float* __restrict x, int64_t stride, int64_t rows,
     }
   }
   // Long rows: columns of kColumnBlock channels, so that the sums stay in L1
-  // and a column of the chunk in L2 between the passes.
+  // and a column of the chunk in L2 between the passes; kRowGroup rows at a
+  // time, added one after the other, so a sum is loaded and stored once per group.
   for (int64_t b0 = c0; b0 < channels; b0 += kColumnBlock) {
     const int64_t b1 = std::min(channels, b0 + kColumnBlock);
     std::fill(sum + b0, sum + b1, 0.0f);
-    for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t r = 0; r < rows; r += kRowGroup) {
       const float* xp = x + r * stride;
-      for (int64_t c = b0; c < b1; ++c) sum[c] += xp[c] - x[c];
+      const int64_t group = std::min(kRowGroup, rows - r);
+      if (group == kRowGroup) {
+        for (int64_t c = b0; c < b1; ++c) {
+          float a = sum[c];
+          for (int j = 0; j < kRowGroup; ++j) a += xp[j * stride + c] - x[c];
+          sum[c] = a;
+        }
+      } else {
+        for (int64_t j = 0; j < group; ++j)
+          for (int64_t c = b0; c < b1; ++c) sum[c] += xp[j * stride + c] - x[c];
+      }
     }
     for (int64_t c = b0; c < b1; ++c)
       center[c] = static_cast<float>(static_cast<double>(x[c]) + static_cast<double>(sum[c]) / n);
     std::fill(sum + b0, sum + b1, 0.0f);
     std::fill(sum_d2 + b0, sum_d2 + b1, 0.0f);
-    for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t r = 0; r < rows; r += kRowGroup) {
       const float* xp = x + r * stride;
-      for (int64_t c = b0; c < b1; ++c) {
-        const float d = xp[c] - center[c];
-        sum[c] += d;
-        sum_d2[c] += d * d;
+      const int64_t group = std::min(kRowGroup, rows - r);
+      if (group == kRowGroup) {
+        for (int64_t c = b0; c < b1; ++c) {
+          float a1 = sum[c], a2 = sum_d2[c];
+          for (int j = 0; j < kRowGroup; ++j) {
+            const float d = xp[j * stride + c] - center[c];
+            a1 += d;
+            a2 += d * d;
+          }
+          sum[c] = a1;
+          sum_d2[c] = a2;
+        }
+      } else {
+        for (int64_t j = 0; j < group; ++j)
+          for (int64_t c = b0; c < b1; ++c) {
+            const float d = xp[j * stride + c] - center[c];
+            sum[c] += d;
+            sum_d2[c] += d * d;
+          }
       }
     }
     for (int64_t c = b0; c < b1; ++c) {
@@ -171,7 +198,20 @@ void rows_apply_chunk(const float* x, int64_t x_stride, float* y,
       for (int l = 0; l < kRowBlock; ++l) yp[l] = (xp[l] - m[l]) * sc[l] + t[l];
     }
   }
-  for (int64_t r = 0; r < rows && c0 < channels; ++r) {
+  // Then kRowGroup rows at a time: a channel's coefficients are loaded once per
+  // group. (ivdep: y may be x, but element c of a row is read only for its own
+  // store; without it the compiler gives up vectorizing over four rows' aliasing.)
+  int64_t r = 0;
+  for (; r + kRowGroup <= rows && c0 < channels; r += kRowGroup) {
+    const float* xp = x + r * x_stride;
+    float* yp = y + r * y_stride;
+#pragma GCC ivdep
+    for (int64_t c = c0; c < channels; ++c) {
+      const float m = mean_hi[c], sc = scale[c], t = shift[c];
+      for (int j = 0; j < kRowGroup; ++j) yp[j * y_stride + c] = (xp[j * x_stride + c] - m) * sc + t;
+    }
+  }
+  for (; r < rows && c0 < channels; ++r) {
     const float* xp = x + r * x_stride;
     float* yp = y + r * y_stride;
     for (int64_t c = c0; c < channels; ++c) yp[c] = (xp[c] - mean_hi[c]) * scale[c] + shift[c];
@@ -401,15 +441,33 @@ void rows_gradient_sums_chunk(const float* __restrict x, int64_t x_stride,
       sum_dy_xc[c0 + l] = s2[l];
     }
   }
-  for (int64_t b0 = c0; b0 < channels; b0 += kColumnBlock) {  // long rows: sums stay in L1
+  // Long rows: the sums stay in L1; kRowGroup rows at a time, one after the other.
+  for (int64_t b0 = c0; b0 < channels; b0 += kColumnBlock) {
     const int64_t b1 = std::min(channels, b0 + kColumnBlock);
-    for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t r = 0; r < rows; r += kRowGroup) {
       const float* xp = x + r * x_stride;
       const float* gp = dy + r * dy_stride;
-      for (int64_t c = b0; c < b1; ++c) {
-        const double g = gp[c];
-        sum_dy[c] += g;
-        sum_dy_xc[c] += g * (static_cast<double>(xp[c]) - static_cast<double>(center[c]));
+      const int64_t group = std::min(kRowGroup, rows - r);
+      if (group == kRowGroup) {
+        for (int64_t c = b0; c < b1; ++c) {
+          const double ctr = center[c];
+          double s1 = sum_dy[c], s2 = sum_dy_xc[c];
+          for (int j = 0; j < kRowGroup; ++j) {
+            const double g = gp[j * dy_stride + c];
+            s1 += g;
+            s2 += g * (static_cast<double>(xp[j * x_stride + c]) - ctr);
+          }
+          sum_dy[c] = s1;
+          sum_dy_xc[c] = s2;
+        }
+      } else {
+        for (int64_t j = 0; j < group; ++j)
+          for (int64_t c = b0; c < b1; ++c) {
+            const double g = gp[j * dy_stride + c];
+            sum_dy[c] += g;
+            sum_dy_xc[c] +=
+                g * (static_cast<double>(xp[j * x_stride + c]) - static_cast<double>(center[c]));
+          }
       }
     }
   }
@@ -443,7 +501,20 @@ void rows_backward_apply_chunk(const float* x, int64_t x_stride, const float* dy
       for (int l = 0; l < kRowBlock; ++l) dp[l] = av[l] * gp[l] + bv[l] * (xp[l] - m[l]) + kv[l];
     }
   }
-  for (int64_t r = 0; r < rows && c0 < channels; ++r) {
+  // Then kRowGroup rows at a time, as rows_apply_chunk.
+  int64_t r = 0;
+  for (; r + kRowGroup <= rows && c0 < channels; r += kRowGroup) {
+    const float* xp = x + r * x_stride;
+    const float* gp = dy + r * dy_stride;
+    float* dp = dx + r * dx_stride;
+#pragma GCC ivdep
+    for (int64_t c = c0; c < channels; ++c) {
+      const float m = mean_hi[c], av = a[c], bv = b[c], kv = k[c];
+      for (int j = 0; j < kRowGroup; ++j)
+        dp[j * dx_stride + c] = av * gp[j * dy_stride + c] + bv * (xp[j * x_stride + c] - m) + kv;
+    }
+  }
+  for (; r < rows && c0 < channels; ++r) {
     const float* xp = x + r * x_stride;
     const float* gp = dy + r * dy_stride;
     float* dp = dx + r * dx_stride;
