@@ -22,18 +22,8 @@
 #include <cstdint>
 #include <vector>
 
+#include "core/simd_clones.hpp"
 #include "normkit/moments.hpp"
-
-// Not with clang: clang 14 gives the resolver of an internal-linkage clone a
-// global symbol, so two files' copies collide at link time (and it refuses
-// [[maybe_unused]] next to target_clones). Clang builds (sanitizers, fuzzing,
-// the second-compiler check) run the baseline loops.
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define NORMKIT_SIMD_CLONES \
-  __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define NORMKIT_SIMD_CLONES
-#endif
 
 namespace normkit::kernels::leaf {
 namespace {

@@ -81,10 +81,10 @@ void batch_norm_update_running(std::span<const Moments> moments, RunningStats<T>
   // range (float32 data of ±1.4e19 and two values per channel: 4e38), which would
   // make the running variance infinite (PyTorch lets it); nothing is written then.
   std::vector<double> mean(channels), var(channels);
+  detail::variances(moments.data(), moments.size(), unbiased ? 1.0 : 0.0, var.data());
   for (int64_t c = 0; c < channels; ++c) {
-    const double batch_var = unbiased ? moments[c].unbiased_variance() : moments[c].biased_variance();
     mean[c] = (1.0 - w_new) * running.mean[c] + w_new * moments[c].mean;
-    var[c] = (1.0 - w_new) * running.var[c] + w_new * batch_var;
+    var[c] = (1.0 - w_new) * running.var[c] + w_new * var[c];
     constexpr double kMax = std::numeric_limits<T>::max();
     if (!(std::abs(mean[c]) <= kMax && var[c] <= kMax))
       fail_runtime("x: channel ", c, " would make the running ", std::abs(mean[c]) <= kMax ? "variance " : "mean ",
