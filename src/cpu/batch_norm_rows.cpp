@@ -24,7 +24,7 @@ using cpu::ApplyCoefficients;
 using cpu::apply_coefficients;
 using cpu::BackwardCoefficients;
 using cpu::backward_coefficients;
-using cpu::finish_channel;
+using cpu::finish_channel_from_hi;
 using cpu::RowBackwardCoefficients;
 using cpu::stream_apply;
 using cpu::stream_backward;
@@ -49,6 +49,7 @@ using leaf::scratch;
 constexpr int64_t kRowBlock = 64;
 constexpr int64_t kMaxBlockedChannels = 256;
 constexpr int64_t kColumnBlock = 256;
+constexpr int64_t kRowGroup = 4;
 inline int64_t blocked_channels(int64_t channels) {
   return channels <= kMaxBlockedChannels ? channels / kRowBlock * kRowBlock : 0;
 }
@@ -58,11 +59,10 @@ inline int64_t blocked_channels(int64_t channels) {
 // first row, then corrected sums around it.
 NORMKIT_SIMD_CLONES
 void rows_chunk_moments(const float* __restrict x, int64_t stride, int64_t rows,
-                        int64_t channels, float* __restrict sum, float* __restrict center,
-                        float* __restrict sum_d2, double* __restrict mean,
-                        double* __restrict m2) {
+                        int64_t channels, int64_t blocked, float* __restrict sum,
+                        float* __restrict center, float* __restrict sum_d2,
+                        double* __restrict mean, double* __restrict m2) {
   const double n = static_cast<double>(rows);
-  const int64_t blocked = blocked_channels(channels);
   int64_t c0 = 0;
   for (; c0 < blocked; c0 += kRowBlock) {
     const float* __restrict xb = x + c0;
@@ -84,24 +84,50 @@ void rows_chunk_moments(const float* __restrict x, int64_t stride, int64_t rows,
     }
   }
   // Long rows: columns of kColumnBlock channels, so that the sums stay in L1
-  // and a column of the chunk in L2 between the passes.
+  // and a column of the chunk in L2 between the passes; kRowGroup rows at a
+  // time, added one after the other, so a sum is loaded and stored once per group.
   for (int64_t b0 = c0; b0 < channels; b0 += kColumnBlock) {
     const int64_t b1 = std::min(channels, b0 + kColumnBlock);
     std::fill(sum + b0, sum + b1, 0.0f);
-    for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t r = 0; r < rows; r += kRowGroup) {
       const float* xp = x + r * stride;
-      for (int64_t c = b0; c < b1; ++c) sum[c] += xp[c] - x[c];
+      const int64_t group = std::min(kRowGroup, rows - r);
+      if (group == kRowGroup) {
+        for (int64_t c = b0; c < b1; ++c) {
+          float a = sum[c];
+          for (int j = 0; j < kRowGroup; ++j) a += xp[j * stride + c] - x[c];
+          sum[c] = a;
+        }
+      } else {
+        for (int64_t j = 0; j < group; ++j)
+          for (int64_t c = b0; c < b1; ++c) sum[c] += xp[j * stride + c] - x[c];
+      }
     }
     for (int64_t c = b0; c < b1; ++c)
       center[c] = static_cast<float>(static_cast<double>(x[c]) + static_cast<double>(sum[c]) / n);
     std::fill(sum + b0, sum + b1, 0.0f);
     std::fill(sum_d2 + b0, sum_d2 + b1, 0.0f);
-    for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t r = 0; r < rows; r += kRowGroup) {
       const float* xp = x + r * stride;
-      for (int64_t c = b0; c < b1; ++c) {
-        const float d = xp[c] - center[c];
-        sum[c] += d;
-        sum_d2[c] += d * d;
+      const int64_t group = std::min(kRowGroup, rows - r);
+      if (group == kRowGroup) {
+        for (int64_t c = b0; c < b1; ++c) {
+          float a1 = sum[c], a2 = sum_d2[c];
+          for (int j = 0; j < kRowGroup; ++j) {
+            const float d = xp[j * stride + c] - center[c];
+            a1 += d;
+            a2 += d * d;
+          }
+          sum[c] = a1;
+          sum_d2[c] = a2;
+        }
+      } else {
+        for (int64_t j = 0; j < group; ++j)
+          for (int64_t c = b0; c < b1; ++c) {
+            const float d = xp[j * stride + c] - center[c];
+            sum[c] += d;
+            sum_d2[c] += d * d;
+          }
       }
     }
     for (int64_t c = b0; c < b1; ++c) {
@@ -149,7 +175,7 @@ struct RowCoefficients {
 
 NORMKIT_SIMD_CLONES
 void rows_apply_chunk(const float* x, int64_t x_stride, float* y,
-                      int64_t y_stride, int64_t rows, int64_t channels,
+                      int64_t y_stride, int64_t rows, int64_t channels, int64_t blocked,
                       const float* __restrict mean_hi, const float* __restrict scale,
                       const float* __restrict shift, bool stream) {
   if (stream) {
@@ -158,7 +184,6 @@ void rows_apply_chunk(const float* x, int64_t x_stride, float* y,
     _mm_sfence();
     return;
   }
-  const int64_t blocked = blocked_channels(channels);
   int64_t c0 = 0;
   for (; c0 < blocked; c0 += kRowBlock) {
     float m[kRowBlock], sc[kRowBlock], t[kRowBlock];
@@ -173,7 +198,20 @@ void rows_apply_chunk(const float* x, int64_t x_stride, float* y,
       for (int l = 0; l < kRowBlock; ++l) yp[l] = (xp[l] - m[l]) * sc[l] + t[l];
     }
   }
-  for (int64_t r = 0; r < rows && c0 < channels; ++r) {
+  // Then kRowGroup rows at a time: a channel's coefficients are loaded once per
+  // group. (ivdep: y may be x, but element c of a row is read only for its own
+  // store; without it the compiler gives up vectorizing over four rows' aliasing.)
+  int64_t r = 0;
+  for (; r + kRowGroup <= rows && c0 < channels; r += kRowGroup) {
+    const float* xp = x + r * x_stride;
+    float* yp = y + r * y_stride;
+#pragma GCC ivdep
+    for (int64_t c = c0; c < channels; ++c) {
+      const float m = mean_hi[c], sc = scale[c], t = shift[c];
+      for (int j = 0; j < kRowGroup; ++j) yp[j * y_stride + c] = (xp[j * x_stride + c] - m) * sc + t;
+    }
+  }
+  for (; r < rows && c0 < channels; ++r) {
     const float* xp = x + r * x_stride;
     float* yp = y + r * y_stride;
     for (int64_t c = c0; c < channels; ++c) yp[c] = (xp[c] - mean_hi[c]) * scale[c] + shift[c];
@@ -189,8 +227,8 @@ void rows_apply_phase(const Geometry& gx, const Geometry& gy, const float* x, fl
   for (int64_t chunk = 0; chunk < plan.chunks; ++chunk) {
     const int64_t r0 = plan.first_row(chunk);
     rows_apply_chunk(x + r0 * gx.outer_stride, gx.outer_stride, y + r0 * gy.outer_stride,
-                     gy.outer_stride, plan.rows_in(chunk), plan.channels, k.mean_hi, k.scale,
-                     k.shift, stream);
+                     gy.outer_stride, plan.rows_in(chunk), plan.channels,
+                     blocked_channels(plan.channels), k.mean_hi, k.scale, k.shift, stream);
   }
 }
 
@@ -214,8 +252,8 @@ void rows_moments_phase(const Geometry& g, const float* x, double* stripe_mean, 
     double count = 0;
     for (int64_t k = plan.first_chunk(s); k < plan.first_chunk(s + 1); ++k) {
       const int64_t n = plan.rows_in(k);
-      rows_chunk_moments(x + plan.first_row(k) * g.outer_stride, g.outer_stride, n, C, sums,
-                         sums + C, sums + 2 * C, chunk_mean, chunk_m2);
+      rows_chunk_moments(x + plan.first_row(k) * g.outer_stride, g.outer_stride, n, C,
+                         blocked_channels(C), sums, sums + C, sums + 2 * C, chunk_mean, chunk_m2);
       merge_moment_arrays(count, stripe_mean + s * C, stripe_m2 + s * C,
                           static_cast<double>(n), chunk_mean, chunk_m2, C);
       count += static_cast<double>(n);
@@ -248,6 +286,88 @@ void rows_moments_into(const Geometry& g, const float* x, Moments* out, int thre
                      });
 }
 
+// ---- column units: small problems ----
+// When all rows of a block of channels fit in L2 (256×1024, 32×4096), each
+// thread takes whole blocks of channels ("units") over all rows: their moments,
+// coefficients and apply (or gradient sums and dx) in one go, while the block is
+// in cache, with no barrier between the phases: on a small problem the phased
+// path's barriers, merges of every channel per chunk and second read of x cost
+// more than the data passes. A channel's sums run over the same chunks and
+// stripes (RowPlan) in the same order as the phased path: the results are
+// bitwise the same, for any width and any thread count.
+constexpr int64_t kUnitBytes = 256 * 1024;  // a unit's part of x (and of dy)
+struct ColumnUnits {
+  int64_t width = 0, count = 0;  // count 0: the phased path
+};
+// Units are at most
+// kColumnBlock wide (the sums stay in L1), in steps of 16 channels (whole cache
+// lines), and as many as keep the threads evenly busy. Only when a full-width
+// unit fits: narrower ones read x in short strided runs, which the prefetchers
+// follow badly (32×2048×7×7 NHWC in units of 32 channels took twice as long as
+// the phased path).
+ColumnUnits column_units(const RowPlan& plan, int threads) {
+  int64_t width = std::min(kColumnBlock, plan.channels);
+  if (plan.rows * width * static_cast<int64_t>(sizeof(float)) > kUnitBytes) return {};
+  int64_t count = (plan.channels + width - 1) / width;
+  if (!leaf::whole_units_per_thread(count, threads)) {
+    const int64_t even = (count + threads - 1) / threads * threads;
+    width = ((plan.channels + even - 1) / even + 15) / 16 * 16;
+    count = (plan.channels + width - 1) / width;
+  }
+  return {width, count};
+}
+
+// A unit narrower than the rows is walked row by row, not in register blocks:
+// a block's column of a long row's rows, 4 KB or more apart, falls into a few
+// L1 sets (and L2 sets) and is evicted before its next pass.
+int64_t unit_blocked(const RowPlan& plan, int64_t width) {
+  return width == plan.channels ? blocked_channels(width) : 0;
+}
+
+// Moments of channels [c0, c0 + width) over all rows into mean and m2: chunks
+// merged in order within each stripe, stripes in order, as rows_moments_phase.
+// Returns the count. Per-thread scratch slots 0-5.
+double unit_moments(const Geometry& g, const RowPlan& plan, const float* x, int64_t c0,
+                    int64_t width, double* mean, double* m2) {
+  float* const sums = scratch<float>(3, 3 * width);
+  double* const stripe_mean = scratch<double>(0, width);
+  double* const stripe_m2 = scratch<double>(1, width);
+  double* const chunk_mean = scratch<double>(4, width);
+  double* const chunk_m2 = scratch<double>(5, width);
+  double count = 0;
+  for (int64_t s = 0; s < plan.stripes; ++s) {
+    double stripe_count = 0;
+    for (int64_t k = plan.first_chunk(s); k < plan.first_chunk(s + 1); ++k) {
+      const int64_t n = plan.rows_in(k);
+      rows_chunk_moments(x + plan.first_row(k) * g.outer_stride + c0, g.outer_stride, n, width,
+                         unit_blocked(plan, width), sums, sums + width, sums + 2 * width, chunk_mean, chunk_m2);
+      merge_moment_arrays(stripe_count, stripe_mean, stripe_m2, static_cast<double>(n),
+                          chunk_mean, chunk_m2, width);
+      stripe_count += static_cast<double>(n);
+    }
+    merge_moment_arrays(count, mean, m2, stripe_count, stripe_mean, stripe_m2, width);
+    count += stripe_count;
+  }
+  return count;
+}
+
+void rows_forward_units(const Forward<float>& p, const RowPlan& plan, ColumnUnits units,
+                        int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static)
+  for (int64_t u = 0; u < units.count; ++u) {
+    const int64_t c0 = u * units.width, width = std::min(units.width, plan.channels - c0);
+    double* const mean = scratch<double>(6, width);
+    double* const m2 = scratch<double>(7, width);
+    const RowCoefficients k(scratch<float>(7, 3 * width), width);
+    const double count = unit_moments(p.x_geom, plan, p.x, c0, width, mean, m2);
+    for (int64_t c = 0; c < width; ++c) p.moments[c0 + c] = {count, mean[c], m2[c]};
+    coefficient_arrays(width, count, mean, m2, p.gamma ? p.gamma + c0 : nullptr,
+                       p.beta ? p.beta + c0 : nullptr, p.eps, k.mean_hi, k.scale, k.shift);
+    rows_apply_chunk(p.x + c0, p.x_geom.outer_stride, p.y + c0, p.y_geom.outer_stride, plan.rows,
+                     width, unit_blocked(plan, width), k.mean_hi, k.scale, k.shift, false);
+  }
+}
+
 // Statistics, coefficients and apply in one parallel region: opening a region
 // and waking threads costs microseconds, which small problems (256×1024) notice.
 void rows_forward_training(const Forward<float>& p) {
@@ -255,6 +375,10 @@ void rows_forward_training(const Forward<float>& p) {
   const RowPlan plan(g);
   const int64_t C = plan.channels;
   const int threads = threads_for(C * g.outer);
+  if (!streaming_output(p.y_geom, p.y, p.x)) {
+    if (const ColumnUnits units = column_units(plan, threads); units.count > 0)
+      return rows_forward_units(p, plan, units, threads);
+  }
   double* const stripe_mean = scratch<double>(0, plan.stripes * C);
   double* const stripe_m2 = scratch<double>(1, plan.stripes * C);
   double* const stripe_count = scratch<double>(2, plan.stripes);
@@ -293,9 +417,8 @@ void rows_apply(const Apply<float>& p) {
 NORMKIT_SIMD_CLONES
 void rows_gradient_sums_chunk(const float* __restrict x, int64_t x_stride,
                               const float* __restrict dy, int64_t dy_stride, int64_t rows,
-                              int64_t channels, const float* __restrict center,
+                              int64_t channels, int64_t blocked, const float* __restrict center,
                               double* __restrict sum_dy, double* __restrict sum_dy_xc) {
-  const int64_t blocked = blocked_channels(channels);
   int64_t c0 = 0;
   for (; c0 < blocked; c0 += kRowBlock) {
     double s1[kRowBlock], s2[kRowBlock], ctr[kRowBlock];
@@ -318,15 +441,33 @@ void rows_gradient_sums_chunk(const float* __restrict x, int64_t x_stride,
       sum_dy_xc[c0 + l] = s2[l];
     }
   }
-  for (int64_t b0 = c0; b0 < channels; b0 += kColumnBlock) {  // long rows: sums stay in L1
+  // Long rows: the sums stay in L1; kRowGroup rows at a time, one after the other.
+  for (int64_t b0 = c0; b0 < channels; b0 += kColumnBlock) {
     const int64_t b1 = std::min(channels, b0 + kColumnBlock);
-    for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t r = 0; r < rows; r += kRowGroup) {
       const float* xp = x + r * x_stride;
       const float* gp = dy + r * dy_stride;
-      for (int64_t c = b0; c < b1; ++c) {
-        const double g = gp[c];
-        sum_dy[c] += g;
-        sum_dy_xc[c] += g * (static_cast<double>(xp[c]) - static_cast<double>(center[c]));
+      const int64_t group = std::min(kRowGroup, rows - r);
+      if (group == kRowGroup) {
+        for (int64_t c = b0; c < b1; ++c) {
+          const double ctr = center[c];
+          double s1 = sum_dy[c], s2 = sum_dy_xc[c];
+          for (int j = 0; j < kRowGroup; ++j) {
+            const double g = gp[j * dy_stride + c];
+            s1 += g;
+            s2 += g * (static_cast<double>(xp[j * x_stride + c]) - ctr);
+          }
+          sum_dy[c] = s1;
+          sum_dy_xc[c] = s2;
+        }
+      } else {
+        for (int64_t j = 0; j < group; ++j)
+          for (int64_t c = b0; c < b1; ++c) {
+            const double g = gp[j * dy_stride + c];
+            sum_dy[c] += g;
+            sum_dy_xc[c] +=
+                g * (static_cast<double>(xp[j * x_stride + c]) - static_cast<double>(center[c]));
+          }
       }
     }
   }
@@ -335,8 +476,8 @@ void rows_gradient_sums_chunk(const float* __restrict x, int64_t x_stride,
 NORMKIT_SIMD_CLONES
 void rows_backward_apply_chunk(const float* x, int64_t x_stride, const float* dy,
                                int64_t dy_stride, float* dx, int64_t dx_stride, int64_t rows,
-                               int64_t channels, const float* mean_hi, const float* a,
-                               const float* b, const float* k, bool stream) {
+                               int64_t channels, int64_t blocked, const float* mean_hi,
+                               const float* a, const float* b, const float* k, bool stream) {
   if (stream) {
     for (int64_t r = 0; r < rows; ++r)
       stream_backward(x + r * x_stride, dy + r * dy_stride, dx + r * dx_stride, channels, mean_hi,
@@ -344,7 +485,6 @@ void rows_backward_apply_chunk(const float* x, int64_t x_stride, const float* dy
     _mm_sfence();
     return;
   }
-  const int64_t blocked = blocked_channels(channels);
   int64_t c0 = 0;
   for (; c0 < blocked; c0 += kRowBlock) {
     float m[kRowBlock], av[kRowBlock], bv[kRowBlock], kv[kRowBlock];
@@ -361,7 +501,20 @@ void rows_backward_apply_chunk(const float* x, int64_t x_stride, const float* dy
       for (int l = 0; l < kRowBlock; ++l) dp[l] = av[l] * gp[l] + bv[l] * (xp[l] - m[l]) + kv[l];
     }
   }
-  for (int64_t r = 0; r < rows && c0 < channels; ++r) {
+  // Then kRowGroup rows at a time, as rows_apply_chunk.
+  int64_t r = 0;
+  for (; r + kRowGroup <= rows && c0 < channels; r += kRowGroup) {
+    const float* xp = x + r * x_stride;
+    const float* gp = dy + r * dy_stride;
+    float* dp = dx + r * dx_stride;
+#pragma GCC ivdep
+    for (int64_t c = c0; c < channels; ++c) {
+      const float m = mean_hi[c], av = a[c], bv = b[c], kv = k[c];
+      for (int j = 0; j < kRowGroup; ++j)
+        dp[j * dx_stride + c] = av * gp[j * dy_stride + c] + bv * (xp[j * x_stride + c] - m) + kv;
+    }
+  }
+  for (; r < rows && c0 < channels; ++r) {
     const float* xp = x + r * x_stride;
     const float* gp = dy + r * dy_stride;
     float* dp = dx + r * dx_stride;
@@ -370,11 +523,55 @@ void rows_backward_apply_chunk(const float* x, int64_t x_stride, const float* dy
   }
 }
 
+// Backward over column units (see ColumnUnits): per channel, Σdy and
+// Σdy·(x - mean_hi) summed over the stripes' rows in order and the stripes
+// added in order, as the phased path; then dx while x and dy are in cache.
+void rows_backward_units(const Backward<float>& p, const RowPlan& plan, ColumnUnits units,
+                         int threads) {
+  const Geometry &gx = p.x_geom, &gdy = p.dy_geom;
+#pragma omp parallel for num_threads(threads) schedule(static)
+  for (int64_t u = 0; u < units.count; ++u) {
+    const int64_t c0 = u * units.width, width = std::min(units.width, plan.channels - c0);
+    const int64_t blocked = unit_blocked(plan, width);
+    float* const mean_hi = scratch<float>(0, 4 * width);
+    float *const a = mean_hi + width, *const b = a + width, *const k = b + width;
+    double* const stripe = scratch<double>(0, 2 * width);  // a stripe's Σdy, Σdy·(x - mean_hi)
+    double* const total = scratch<double>(1, 2 * width);
+    for (int64_t c = 0; c < width; ++c) mean_hi[c] = static_cast<float>(p.mean[c0 + c]);
+    std::fill(total, total + 2 * width, 0.0);
+    for (int64_t s = 0; s < plan.stripes; ++s) {
+      std::fill(stripe, stripe + 2 * width, 0.0);
+      for (int64_t chunk = plan.first_chunk(s); chunk < plan.first_chunk(s + 1); ++chunk) {
+        const int64_t r0 = plan.first_row(chunk);
+        rows_gradient_sums_chunk(p.x + r0 * gx.outer_stride + c0, gx.outer_stride,
+                                 p.dy + r0 * gdy.outer_stride + c0, gdy.outer_stride,
+                                 plan.rows_in(chunk), width, blocked, mean_hi, stripe,
+                                 stripe + width);
+      }
+      for (int64_t c = 0; c < 2 * width; ++c) total[c] += stripe[c];
+    }
+    for (int64_t c = 0; c < width; ++c) {
+      const BackwardCoefficients bc = finish_channel_from_hi(p, c0 + c, total[c], total[width + c]);
+      a[c] = bc.a;
+      b[c] = bc.b;
+      k[c] = bc.k;
+    }
+    if (p.dx)
+      rows_backward_apply_chunk(p.x + c0, gx.outer_stride, p.dy + c0, gdy.outer_stride, p.dx + c0,
+                                p.dx_geom.outer_stride, plan.rows, width, blocked, mean_hi, a, b, k,
+                                false);
+  }
+}
+
 void rows_backward(const Backward<float>& p) {
   const Geometry& gx = p.x_geom;
   const RowPlan plan(gx);
   const int64_t C = plan.channels;
   const int threads = threads_for(2 * C * plan.rows);
+  if (!p.dx || !streaming_output(p.dx_geom, p.dx, p.x, p.dy)) {
+    if (const ColumnUnits units = column_units(plan, threads); units.count > 0)
+      return rows_backward_units(p, plan, units, threads);
+  }
   double* const stripe_dy = scratch<double>(0, plan.stripes * C);
   double* const stripe_dy_xmu = scratch<double>(1, plan.stripes * C);
   std::fill(stripe_dy, stripe_dy + plan.stripes * C, 0.0);
@@ -388,8 +585,8 @@ void rows_backward(const Backward<float>& p) {
         const int64_t r0 = plan.first_row(chunk);
         rows_gradient_sums_chunk(p.x + r0 * gx.outer_stride, gx.outer_stride,
                                  p.dy + r0 * p.dy_geom.outer_stride, p.dy_geom.outer_stride,
-                                 plan.rows_in(chunk), C, co.mean_hi.data(), stripe_dy + s * C,
-                                 stripe_dy_xmu + s * C);
+                                 plan.rows_in(chunk), C, blocked_channels(C), co.mean_hi.data(),
+                                 stripe_dy + s * C, stripe_dy_xmu + s * C);
       }
     co.finish_from_stripes(p, plan.stripes, stripe_dy, stripe_dy_xmu);
     if (p.dx) {
@@ -399,8 +596,9 @@ void rows_backward(const Backward<float>& p) {
         rows_backward_apply_chunk(p.x + r0 * gx.outer_stride, gx.outer_stride,
                                   p.dy + r0 * p.dy_geom.outer_stride, p.dy_geom.outer_stride,
                                   p.dx + r0 * p.dx_geom.outer_stride, p.dx_geom.outer_stride,
-                                  plan.rows_in(chunk), C, co.mean_hi.data(), co.a.data(), co.b.data(),
-                                  co.k.data(), streaming_output(p.dx_geom, p.dx, p.x, p.dy));
+                                  plan.rows_in(chunk), C, blocked_channels(C), co.mean_hi.data(),
+                                  co.a.data(), co.b.data(), co.k.data(),
+                                  streaming_output(p.dx_geom, p.dx, p.x, p.dy));
       }
     }
   }
@@ -428,8 +626,8 @@ void rows_backward_apply(const BackwardApply<float>& p) {
     rows_backward_apply_chunk(p.x + r0 * gx.outer_stride, gx.outer_stride,
                               p.dy + r0 * p.dy_geom.outer_stride, p.dy_geom.outer_stride,
                               p.dx + r0 * p.dx_geom.outer_stride, p.dx_geom.outer_stride,
-                              plan.rows_in(chunk), C, mean_hi.data(), a.data(), b.data(), k.data(),
-                              stream);
+                              plan.rows_in(chunk), C, blocked_channels(C), mean_hi.data(), a.data(),
+                              b.data(), k.data(), stream);
   }
 }
 

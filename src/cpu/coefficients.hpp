@@ -72,22 +72,28 @@ BackwardCoefficients finish_channel(const Problem& p, int64_t c, double sum_dy,
                                p.mode);
 }
 
+// The same from Σdy·(x - mean_hi), mean_hi = float(mean), as the kernels sum
+// it (x - mean_hi is exact near the mean): Σdy·(x - mean) = Σdy·(x - mean_hi) -
+// Σdy·(mean - mean_hi).
+template <class Problem>
+BackwardCoefficients finish_channel_from_hi(const Problem& p, int64_t c, double sum_dy,
+                                            double sum_dy_xhi) {
+  const double mean_error = p.mean[c] - static_cast<double>(static_cast<float>(p.mean[c]));
+  return finish_channel(p, c, sum_dy, sum_dy_xhi - sum_dy * mean_error);
+}
+
 // The rows kernels' batch-norm backward (channels last): dx's coefficients as
 // one array each, for the apply loop that streams whole rows.
 struct RowBackwardCoefficients {
   explicit RowBackwardCoefficients(const double* mean, int64_t channels)
-      : mean_hi(channels), a(channels), b(channels), k(channels), mean_error(channels) {
-    for (int64_t c = 0; c < channels; ++c) {
-      mean_hi[c] = static_cast<float>(mean[c]);
-      mean_error[c] = mean[c] - mean_hi[c];
-    }
+      : mean_hi(channels), a(channels), b(channels), k(channels) {
+    for (int64_t c = 0; c < channels; ++c) mean_hi[c] = static_cast<float>(mean[c]);
   }
   // Each stripe of rows summed Σdy and Σdy·(x - mean_hi) per channel into its
   // own slots (stripe s, channel c at s·C + c). Per channel: the stripes added
   // in stripe order (so results do not depend on the thread count), then
-  // Σdy·(x - mean) = Σdy·(x - mean_hi) - Σdy·(mean - mean_hi), then
-  // finish_channel. Called inside a parallel region, whose threads share the
-  // channels.
+  // finish_channel_from_hi. Called inside a parallel region, whose threads
+  // share the channels.
   template <class Problem>
   void finish_from_stripes(const Problem& p, int64_t stripes, const double* stripe_dy,
                            const double* stripe_dy_xmu) {
@@ -99,15 +105,13 @@ struct RowBackwardCoefficients {
         sum_dy += stripe_dy[s * channels + c];
         sum_dy_xmu += stripe_dy_xmu[s * channels + c];
       }
-      sum_dy_xmu -= sum_dy * mean_error[c];
-      const BackwardCoefficients bc = finish_channel(p, c, sum_dy, sum_dy_xmu);
+      const BackwardCoefficients bc = finish_channel_from_hi(p, c, sum_dy, sum_dy_xmu);
       a[c] = bc.a;
       b[c] = bc.b;
       k[c] = bc.k;
     }
   }
   std::vector<float> mean_hi, a, b, k;
-  std::vector<double> mean_error;  // mean - float(mean)
 };
 
 // ---- group norm: coefficients per (sample, group) block
