@@ -10,9 +10,13 @@
 // x is re-read from cache for the apply pass, as the unfused BN kernel does.
 //
 // Backward = the BN backward of g = mask ? dy : 0, where g is expanded from the
-// bits into a small per-thread buffer (L1, kExpandBlock elements at a time)
-// right before each leaf loop uses it: it never exists as a tensor, and the
-// mask costs 1/32 of dy's bytes. (BN+Add+ReLU expands straight into dz, which
+// bits into a small per-thread buffer (L1) right before each leaf loop uses it:
+// a piece at a time for the sums, kExpandBlock elements at a time for dx. It
+// never exists as a tensor, and the mask costs 1/32 of dy's bytes.
+//
+// The statistics and the gradient sums are batch_norm_planes.cpp's own
+// (leaf::piece_moments, leaf::piece_gradient_sums): BN+ReLU gives relu(BN(x))
+// and its gradients bit for bit. (BN+Add+ReLU expands straight into dz, which
 // is g.)
 #include <omp.h>
 
@@ -39,7 +43,7 @@ using cpu::kExpandBlock;
 using cpu::pack_positive_bits;
 using detail::threads_for;
 using leaf::GradientSums;
-using leaf::gradient_sums_run;
+using leaf::kPieceElements;
 using leaf::Pieces;
 using leaf::scratch;
 using leaf::whole_units_per_thread;
@@ -74,8 +78,9 @@ void backward_apply_run(const float* __restrict x, const float* __restrict g, fl
 
 // ======================= planes =======================
 
+// BN's piece moments (leaf::piece_moments): BN+ReLU's statistics are BN's bit for bit.
 Moments piece_moments(const Geometry& g, const float* x, int64_t c, const Pieces::Span& s) {
-  return leaf::run_moments(x + g.offset(s.first_run, c, s.first_inner), s.runs, s.len,
+  return leaf::piece_moments(x + g.offset(s.first_run, c, s.first_inner), s.runs, s.len,
                            g.outer_stride);
 }
 
@@ -139,21 +144,16 @@ void planes_forward(const Forward<float>& p) {
   }
 }
 
-// Σg and Σg·(x - mean) of a piece, g expanded run by run into L1 scratch.
+// Σg and Σg·(x - mean) of a piece: g expanded into L1 scratch (the piece's
+// runs side by side, at most kPieceElements), then BN's sums over it
+// (leaf::piece_gradient_sums), so that they are the unfused kernel's bit for bit.
 GradientSums piece_gradient_sums(const Backward<float>& p, int64_t c, const Pieces::Span& s,
                                  float* g) {
-  const auto center = static_cast<float>(p.mean[c]);
-  double sum_g = 0, sum_g_xc = 0;
-  for (int64_t r = s.first_run; r < s.first_run + s.runs; ++r)
-    for (int64_t i0 = 0; i0 < s.len; i0 += kExpandBlock) {
-      const int64_t i = s.first_inner + i0, len = std::min(kExpandBlock, s.len - i0);
-      expand_bits(p.dy + p.dy_geom.offset(r, c, i), p.mask, p.order.bit(r, c, i), len, g);
-      const GradientSums block = gradient_sums_run(p.x + p.x_geom.offset(r, c, i), g, len, center);
-      sum_g += block.sum_g;
-      sum_g_xc += block.sum_g_xc;
-    }
-  // The float centre's error, taken off in double.
-  return {sum_g, sum_g_xc - sum_g * (p.mean[c] - center)};
+  for (int64_t r = 0; r < s.runs; ++r)
+    expand_bits(p.dy + p.dy_geom.offset(s.first_run + r, c, s.first_inner), p.mask,
+                p.order.bit(s.first_run + r, c, s.first_inner), s.len, g + r * s.len);
+  return leaf::piece_gradient_sums(p.x + p.x_geom.offset(s.first_run, c, s.first_inner),
+                                   p.x_geom.outer_stride, g, s.len, s.runs, s.len, p.mean[c]);
 }
 
 void piece_backward_apply(const Backward<float>& p, int64_t c, const Pieces::Span& s,
@@ -174,7 +174,8 @@ void planes_backward(const Backward<float>& p) {
   const Geometry& g = p.x_geom;
   const Pieces pieces(g);
   const int threads = threads_for(2 * g.channels * g.reduction_size());
-  const auto scratch_len = static_cast<size_t>(std::min(g.inner, kExpandBlock));
+  // Room for a whole piece (piece_gradient_sums); the apply pass uses kExpandBlock of it.
+  const auto scratch_len = static_cast<size_t>(std::max(kPieceElements, kExpandBlock));
   const bool second_pass = p.dx || p.dz;
   if (whole_units_per_thread(g.channels, threads)) {
 #pragma omp parallel num_threads(threads)

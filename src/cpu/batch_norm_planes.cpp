@@ -34,12 +34,8 @@ using cpu::stream_apply;
 using cpu::stream_backward;
 using cpu::streaming_output;
 using detail::threads_for;
-using leaf::CenteredSums;
-using leaf::kDoubleLanes;
-using leaf::kLanes;
+using leaf::GradientSums;
 using leaf::kPieceElements;
-using leaf::kTailLanes;
-using leaf::lane_total;
 using leaf::param_or;
 using leaf::Pieces;
 using leaf::whole_units_per_thread;
@@ -50,44 +46,6 @@ using leaf::whole_units_per_thread;
 // almost nothing.
 
 // ----- leaf loops over `runs` runs of `len` contiguous floats, `stride` apart -----
-
-// The sums of leaf::run_moments for runs shorter than kLanes (7×7 = 49, 14 values...), where
-// the loops above would spend most of their time in their tails. Here a lane
-// is a position: run r adds its value i into lane (r mod k)·len + i, with k
-// runs side by side so that k·len <= kLanes lanes are in use and each sees at
-// most runs/k values. The lanes' order of additions is fixed by the geometry,
-// as above.
-NORMKIT_SIMD_CLONES
-double shifted_sum_short_runs(const float* __restrict x, int64_t runs, int64_t len,
-                              int64_t stride, float shift) {
-  float acc[kLanes] = {};
-  const int64_t k = kLanes / len;
-  for (int64_t r = 0, slot = 0; r < runs; ++r, slot = slot + 1 == k ? 0 : slot + 1) {
-    const float* __restrict p = x + r * stride;
-    float* __restrict a = acc + slot * len;
-    for (int64_t i = 0; i < len; ++i) a[i] += p[i] - shift;
-  }
-  return lane_total<kLanes>(acc);
-}
-
-NORMKIT_SIMD_CLONES
-CenteredSums centered_sums_short_runs(const float* __restrict x, int64_t runs, int64_t len,
-                                      int64_t stride, float center) {
-  float acc1[kLanes] = {}, acc2[kLanes] = {};
-  const int64_t k = kLanes / len;
-  for (int64_t r = 0, slot = 0; r < runs; ++r, slot = slot + 1 == k ? 0 : slot + 1) {
-    const float* __restrict p = x + r * stride;
-    float* __restrict a1 = acc1 + slot * len;
-    float* __restrict a2 = acc2 + slot * len;
-    for (int64_t i = 0; i < len; ++i) {
-      const float d = p[i] - center;
-      a1[i] += d;
-      a2[i] += d * d;
-    }
-  }
-  return {lane_total<kLanes>(acc1), lane_total<kLanes>(acc2)};
-}
-
 
 NORMKIT_SIMD_CLONES
 void apply_runs(const float* x, int64_t x_stride, float* y, int64_t y_stride, int64_t runs,
@@ -103,67 +61,6 @@ void apply_runs(const float* x, int64_t x_stride, float* y, int64_t y_stride, in
     float* yp = y + r * y_stride;
     for (int64_t i = 0; i < len; ++i) yp[i] = (xp[i] - k.mean_hi) * k.scale + k.shift;
   }
-}
-
-// Σdy and Σdy·(x - center). dy is not centred, so Σdy·(x - center) cancels
-// heavily: its terms are formed and summed in double (32 lanes).
-struct GradientSums {
-  double sum_dy, sum_dy_xc;
-};
-NORMKIT_SIMD_CLONES
-GradientSums gradient_sums_runs(const float* __restrict x, int64_t x_stride,
-                                const float* __restrict dy, int64_t dy_stride, int64_t runs,
-                                int64_t len, float center) {
-  const double center_d = center;
-  double acc1[kDoubleLanes] = {}, acc2[kDoubleLanes] = {};
-  double acc1_8[kTailLanes] = {}, acc2_8[kTailLanes] = {};
-  double tail1 = 0, tail2 = 0;
-  for (int64_t r = 0; r < runs; ++r) {
-    const float* xp = x + r * x_stride;
-    const float* gp = dy + r * dy_stride;
-    int64_t i = 0;
-    for (; i + kDoubleLanes <= len; i += kDoubleLanes)
-      for (int l = 0; l < kDoubleLanes; ++l) {
-        const double g = gp[i + l];
-        acc1[l] += g;
-        acc2[l] += g * (static_cast<double>(xp[i + l]) - center_d);
-      }
-    for (; i + kTailLanes <= len; i += kTailLanes)
-      for (int l = 0; l < kTailLanes; ++l) {
-        const double g = gp[i + l];
-        acc1_8[l] += g;
-        acc2_8[l] += g * (static_cast<double>(xp[i + l]) - center_d);
-      }
-    for (; i < len; ++i) {
-      const double g = gp[i];
-      tail1 += g;
-      tail2 += g * (static_cast<double>(xp[i]) - center_d);
-    }
-  }
-  return {lane_total<kDoubleLanes>(acc1) + lane_total<kTailLanes>(acc1_8) + tail1,
-          lane_total<kDoubleLanes>(acc2) + lane_total<kTailLanes>(acc2_8) + tail2};
-}
-
-// Short runs, as shifted_sum_short_runs, in double lanes.
-NORMKIT_SIMD_CLONES
-GradientSums gradient_sums_short_runs(const float* __restrict x, int64_t x_stride,
-                                      const float* __restrict dy, int64_t dy_stride,
-                                      int64_t runs, int64_t len, float center) {
-  const double center_d = center;
-  double acc1[kLanes] = {}, acc2[kLanes] = {};
-  const int64_t k = kLanes / len;
-  for (int64_t r = 0, slot = 0; r < runs; ++r, slot = slot + 1 == k ? 0 : slot + 1) {
-    const float* __restrict xp = x + r * x_stride;
-    const float* __restrict gp = dy + r * dy_stride;
-    double* __restrict a1 = acc1 + slot * len;
-    double* __restrict a2 = acc2 + slot * len;
-    for (int64_t i = 0; i < len; ++i) {
-      const double g = gp[i];
-      a1[i] += g;
-      a2[i] += g * (static_cast<double>(xp[i]) - center_d);
-    }
-  }
-  return {lane_total<kLanes>(acc1), lane_total<kLanes>(acc2)};
 }
 
 NORMKIT_SIMD_CLONES
@@ -187,18 +84,10 @@ void backward_apply_runs(const float* x, int64_t x_stride, const float* dy, int6
 
 // ================= planes: [outer, C, inner], inner contiguous =================
 
-// Two passes over a piece that stays in L1: its mean (shifted by its first
-// value), then the corrected sums of squares around that mean in float.
-// Short runs take the same two passes with a lane per position.
+// A piece's moments (leaf::piece_moments, shared with the fused kernels).
 Moments piece_moments(const Geometry& g, const float* x, int64_t c, const Pieces::Span& s) {
-  const float* base = x + g.offset(s.first_run, c, s.first_inner);
-  if (s.len >= kLanes) return leaf::run_moments(base, s.runs, s.len, g.outer_stride);
-  const double n = static_cast<double>(s.runs * s.len);
-  const float shift = base[0];
-  const double mean = shift + shifted_sum_short_runs(base, s.runs, s.len, g.outer_stride, shift) / n;
-  const auto center = static_cast<float>(mean);
-  const CenteredSums cs = centered_sums_short_runs(base, s.runs, s.len, g.outer_stride, center);
-  return {n, center + cs.sum_d / n, cs.sum_d2 - cs.sum_d * cs.sum_d / n};
+  return leaf::piece_moments(x + g.offset(s.first_run, c, s.first_inner), s.runs, s.len,
+                             g.outer_stride);
 }
 
 void piece_apply(const Geometry& gx, const Geometry& gy, const float* x, float* y, int64_t c,
@@ -324,16 +213,13 @@ void planes_apply(const Apply<float>& p) {
 
 // Σdy and Σdy·(x - mean) of a piece; the float sums run around float(mean)
 // and Σdy·(mean - float(mean)) is taken off in double.
+// The piece's sums (leaf::piece_gradient_sums, shared with the fused kernels).
 GradientSums piece_gradient_sums(const Backward<float>& p, int64_t c, const Pieces::Span& s) {
   const Geometry& gx = p.x_geom;
   const Geometry& gd = p.dy_geom;
-  const auto center = static_cast<float>(p.mean[c]);
-  const auto sums_of = s.len < kLanes ? gradient_sums_short_runs : gradient_sums_runs;
-  const GradientSums sums =
-      sums_of(p.x + gx.offset(s.first_run, c, s.first_inner), gx.outer_stride,
-              p.dy + gd.offset(s.first_run, c, s.first_inner), gd.outer_stride, s.runs, s.len,
-              center);
-  return {sums.sum_dy, sums.sum_dy_xc - sums.sum_dy * (p.mean[c] - center)};
+  return leaf::piece_gradient_sums(p.x + gx.offset(s.first_run, c, s.first_inner), gx.outer_stride,
+                                   p.dy + gd.offset(s.first_run, c, s.first_inner), gd.outer_stride,
+                                   s.runs, s.len, p.mean[c]);
 }
 
 void piece_backward_apply(const Backward<float>& p, int64_t c, const Pieces::Span& s,
@@ -357,8 +243,8 @@ void planes_backward(const Backward<float>& p) {
       double sum_dy = 0, sum_dy_xmu = 0;
       for (int64_t i = 0; i < pieces.per_channel; ++i) {
         const GradientSums s = piece_gradient_sums(p, c, pieces.span(g, i));
-        sum_dy += s.sum_dy;
-        sum_dy_xmu += s.sum_dy_xc;
+        sum_dy += s.sum_g;
+        sum_dy_xmu += s.sum_g_xc;
       }
       const BackwardCoefficients k = finish_channel(p, c, sum_dy, sum_dy_xmu);
       if (p.dx)
@@ -380,8 +266,8 @@ void planes_backward(const Backward<float>& p) {
     for (int64_t c = 0; c < g.channels; ++c) {
       double sum_dy = 0, sum_dy_xmu = 0;
       for (int64_t i = 0; i < pieces.per_channel; ++i) {
-        sum_dy += partial[c * pieces.per_channel + i].sum_dy;
-        sum_dy_xmu += partial[c * pieces.per_channel + i].sum_dy_xc;
+        sum_dy += partial[c * pieces.per_channel + i].sum_g;
+        sum_dy_xmu += partial[c * pieces.per_channel + i].sum_g_xc;
       }
       coeff[c] = finish_channel(p, c, sum_dy, sum_dy_xmu);
     }

@@ -32,7 +32,7 @@ using cpu::finish_block;
 using cpu::finish_parameters;
 using detail::threads_for;
 using leaf::GradientSums;
-using leaf::gradient_sums_run;
+using leaf::gradient_sums_runs;
 using leaf::kPieceElements;
 using leaf::param_or;
 using leaf::whole_units_per_thread;
@@ -191,9 +191,9 @@ void planes_moments(const SampleGeometry& g, const float* x, int64_t groups, Mom
 GradientSums planes_part_sums(const Backward<float>& p, int64_t n, int64_t c, int64_t first,
                               int64_t len) {
   const int64_t block = n * p.groups + c / (p.x_geom.c / p.groups);
-  return gradient_sums_run(p.x + p.x_geom.offset(n, c, first),
-                           p.dy + p.dy_geom.offset(n, c, first), len,
-                           static_cast<float>(p.mean[block]));
+  return gradient_sums_runs(p.x + p.x_geom.offset(n, c, first), 0,
+                            p.dy + p.dy_geom.offset(n, c, first), 0, 1, len,
+                            static_cast<float>(p.mean[block]));
 }
 
 void planes_backward(const Backward<float>& p) {

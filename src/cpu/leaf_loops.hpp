@@ -127,40 +127,145 @@ CenteredSums centered_sums_runs(const float* x, int64_t runs, int64_t len, int64
 
 // The moments of `runs` runs of `len` floats, two passes while they are in
 // cache: their mean shifted by their first value, then the corrected sums of
-// squares around that mean (rounded to float) in float lanes.
-[[maybe_unused]] Moments run_moments(const float* x, int64_t runs, int64_t len, int64_t stride) {
+// squares around that mean (rounded to float) in float lanes; the passes are
+// `shifted` and `centered` (shifted_sum_runs and centered_sums_runs, or their
+// short-run forms).
+template <class Shifted, class Centered>
+Moments two_pass_moments(const float* x, int64_t runs, int64_t len, int64_t stride,
+                         Shifted shifted, Centered centered) {
   const double n = static_cast<double>(runs * len);
   const float shift = x[0];
-  const double mean = shift + shifted_sum_runs(x, runs, len, stride, shift) / n;
+  const double mean = shift + shifted(x, runs, len, stride, shift) / n;
   const auto center = static_cast<float>(mean);
-  const CenteredSums cs = centered_sums_runs(x, runs, len, stride, center);
+  const CenteredSums cs = centered(x, runs, len, stride, center);
   return {n, center + cs.sum_d / n, cs.sum_d2 - cs.sum_d * cs.sum_d / n};
 }
+[[maybe_unused]] Moments run_moments(const float* x, int64_t runs, int64_t len, int64_t stride) {
+  return two_pass_moments(x, runs, len, stride, shifted_sum_runs, centered_sums_runs);
+}
 
-// Σg and Σg·(x - center) of one run, in double lanes: the gradient g is not
-// centred, so the second sum cancels heavily.
+// Σg and Σg·(x - center) in double lanes (gradient_sums_runs, below): the
+// gradient g is not centred, so the second sum cancels heavily.
 struct GradientSums {
   double sum_g, sum_g_xc;
 };
+
+// ----- batch norm's planes pieces (batch_norm_planes.cpp, batch_norm_fused_planes.cpp) -----
+// Both kernels take a piece's statistics and gradient sums from here, so that
+// BN+ReLU's are BN's bit for bit: the engine runs "batchnorm; relu" fused and
+// must land on the bits of the unfused layers (synchronized BN, probes).
+
+// The sums of leaf::run_moments for runs shorter than kLanes (7×7 = 49, 14 values...), where
+// the loops of run_moments would spend most of their time in their tails. Here a lane
+// is a position: run r adds its value i into lane (r mod k)·len + i, with k
+// runs side by side so that k·len <= kLanes lanes are in use and each sees at
+// most runs/k values. The lanes' order of additions is fixed by the geometry,
+// as above.
 [[maybe_unused]] NORMKIT_SIMD_CLONES
-GradientSums gradient_sums_run(const float* __restrict x, const float* __restrict g, int64_t len,
-                               float center) {
+double shifted_sum_short_runs(const float* __restrict x, int64_t runs, int64_t len,
+                              int64_t stride, float shift) {
+  float acc[kLanes] = {};
+  const int64_t k = kLanes / len;
+  for (int64_t r = 0, slot = 0; r < runs; ++r, slot = slot + 1 == k ? 0 : slot + 1) {
+    const float* __restrict p = x + r * stride;
+    float* __restrict a = acc + slot * len;
+    for (int64_t i = 0; i < len; ++i) a[i] += p[i] - shift;
+  }
+  return lane_total<kLanes>(acc);
+}
+
+[[maybe_unused]] NORMKIT_SIMD_CLONES
+CenteredSums centered_sums_short_runs(const float* __restrict x, int64_t runs, int64_t len,
+                                      int64_t stride, float center) {
+  float acc1[kLanes] = {}, acc2[kLanes] = {};
+  const int64_t k = kLanes / len;
+  for (int64_t r = 0, slot = 0; r < runs; ++r, slot = slot + 1 == k ? 0 : slot + 1) {
+    const float* __restrict p = x + r * stride;
+    float* __restrict a1 = acc1 + slot * len;
+    float* __restrict a2 = acc2 + slot * len;
+    for (int64_t i = 0; i < len; ++i) {
+      const float d = p[i] - center;
+      a1[i] += d;
+      a2[i] += d * d;
+    }
+  }
+  return {lane_total<kLanes>(acc1), lane_total<kLanes>(acc2)};
+}
+
+// Σg and Σg·(x - center) of `runs` runs of x and g (strided), in 32 double
+// lanes, a run's remainder through 8 more, then one by one.
+[[maybe_unused]] NORMKIT_SIMD_CLONES
+GradientSums gradient_sums_runs(const float* __restrict x, int64_t x_stride,
+                                const float* __restrict dy, int64_t dy_stride, int64_t runs,
+                                int64_t len, float center) {
   const double center_d = center;
   double acc1[kDoubleLanes] = {}, acc2[kDoubleLanes] = {};
+  double acc1_8[kTailLanes] = {}, acc2_8[kTailLanes] = {};
   double tail1 = 0, tail2 = 0;
-  int64_t i = 0;
-  for (; i + kDoubleLanes <= len; i += kDoubleLanes)
-    for (int l = 0; l < kDoubleLanes; ++l) {
-      const double gv = g[i + l];
-      acc1[l] += gv;
-      acc2[l] += gv * (static_cast<double>(x[i + l]) - center_d);
+  for (int64_t r = 0; r < runs; ++r) {
+    const float* xp = x + r * x_stride;
+    const float* gp = dy + r * dy_stride;
+    int64_t i = 0;
+    for (; i + kDoubleLanes <= len; i += kDoubleLanes)
+      for (int l = 0; l < kDoubleLanes; ++l) {
+        const double g = gp[i + l];
+        acc1[l] += g;
+        acc2[l] += g * (static_cast<double>(xp[i + l]) - center_d);
+      }
+    for (; i + kTailLanes <= len; i += kTailLanes)
+      for (int l = 0; l < kTailLanes; ++l) {
+        const double g = gp[i + l];
+        acc1_8[l] += g;
+        acc2_8[l] += g * (static_cast<double>(xp[i + l]) - center_d);
+      }
+    for (; i < len; ++i) {
+      const double g = gp[i];
+      tail1 += g;
+      tail2 += g * (static_cast<double>(xp[i]) - center_d);
     }
-  for (; i < len; ++i) {
-    const double gv = g[i];
-    tail1 += gv;
-    tail2 += gv * (static_cast<double>(x[i]) - center_d);
   }
-  return {lane_total<kDoubleLanes>(acc1) + tail1, lane_total<kDoubleLanes>(acc2) + tail2};
+  return {lane_total<kDoubleLanes>(acc1) + lane_total<kTailLanes>(acc1_8) + tail1,
+          lane_total<kDoubleLanes>(acc2) + lane_total<kTailLanes>(acc2_8) + tail2};
+}
+
+// Short runs, as shifted_sum_short_runs, in double lanes.
+[[maybe_unused]] NORMKIT_SIMD_CLONES
+GradientSums gradient_sums_short_runs(const float* __restrict x, int64_t x_stride,
+                                      const float* __restrict dy, int64_t dy_stride,
+                                      int64_t runs, int64_t len, float center) {
+  const double center_d = center;
+  double acc1[kLanes] = {}, acc2[kLanes] = {};
+  const int64_t k = kLanes / len;
+  for (int64_t r = 0, slot = 0; r < runs; ++r, slot = slot + 1 == k ? 0 : slot + 1) {
+    const float* __restrict xp = x + r * x_stride;
+    const float* __restrict gp = dy + r * dy_stride;
+    double* __restrict a1 = acc1 + slot * len;
+    double* __restrict a2 = acc2 + slot * len;
+    for (int64_t i = 0; i < len; ++i) {
+      const double g = gp[i];
+      a1[i] += g;
+      a2[i] += g * (static_cast<double>(xp[i]) - center_d);
+    }
+  }
+  return {lane_total<kLanes>(acc1), lane_total<kLanes>(acc2)};
+}
+
+// A piece's moments: run_moments, or for short runs the same two passes with
+// a lane per position.
+[[maybe_unused]] Moments piece_moments(const float* x, int64_t runs, int64_t len, int64_t stride) {
+  if (len >= kLanes) return run_moments(x, runs, len, stride);
+  return two_pass_moments(x, runs, len, stride, shifted_sum_short_runs, centered_sums_short_runs);
+}
+
+// A piece's Σg and Σg·(x - mean): the double sums run around float(mean), and
+// Σg·(mean - float(mean)) is taken off in double.
+[[maybe_unused]] GradientSums piece_gradient_sums(const float* x, int64_t x_stride, const float* g,
+                                                  int64_t g_stride, int64_t runs, int64_t len,
+                                                  double mean) {
+  const auto center = static_cast<float>(mean);
+  const auto sums_of = len < kLanes ? gradient_sums_short_runs : gradient_sums_runs;
+  const GradientSums sums = sums_of(x, x_stride, g, g_stride, runs, len, center);
+  return {sums.sum_g, sums.sum_g_xc - sums.sum_g * (mean - center)};
 }
 
 // ----- batch norm's plans (batch_norm_{planes,rows}.cpp, batch_norm_fused_{planes,rows}.cpp) -----

@@ -143,6 +143,80 @@ TEST(NnModel, BothFormatsComputeTheSameModel) {
   for (size_t i = 0; i < grads[0].size(); ++i) ASSERT_NEAR(grads[0][i], grads[1][i], 1e-4 * scale) << i;
 }
 
+// In training, "batchnorm; relu" runs as one fused pass (Model::forward); the same
+// model with an identity between them ("dropout 0": a copy forward, dy·1 backward)
+// runs BN and ReLU as separate layers. Both compute the same logits, gradients and
+// running statistics bit for bit (the fused kernels take BN's statistics and
+// gradient sums), for batch statistics and for frozen BN, over a few SGD steps.
+TEST(NnModel, FusedBatchNormReluEqualsTheSeparateLayers) {
+  const std::string head = "input 3 6 6; conv 8 3 pad=1 bias=0; batchnorm; ";
+  const std::string middle = "relu; maxpool 2; flatten; linear 16 bias=0; batchnorm; ";
+  const std::string tail = "relu; linear 5";
+  const auto fused_spec = ModelSpec::parse(head + middle + tail);
+  const auto plain_spec = ModelSpec::parse(head + "dropout 0; " + middle + "dropout 0; " + tail);
+  const int64_t N = 12;
+  const auto labels = some_labels(N, 5);
+  for (const auto format : kFormats) {
+    SCOPED_TRACE(name_of(format));
+    Model fused(fused_spec, format), plain(plain_spec, format);
+    fused.initialize({}, 5);
+    const auto fused_parameters = fused.parameters(), plain_parameters = plain.parameters();
+    ASSERT_EQ(fused_parameters.size(), plain_parameters.size());
+    for (size_t k = 0; k < fused_parameters.size(); ++k)
+      plain_parameters[k]->value = fused_parameters[k]->value;
+    auto fused_sgd = normkit::nn::make_sgd({0.1f, 0.9f}, fused_parameters);
+    auto plain_sgd = normkit::nn::make_sgd({0.1f, 0.9f}, plain_parameters);
+    for (int step = 0; step < 4; ++step) {
+      SCOPED_TRACE(step);
+      if (step == 2) {  // frozen: running statistics in training, γ and β still learn
+        fused.freeze_batch_norm();
+        plain.freeze_batch_norm();
+      }
+      const Tensor x = make_tensor({N, 3, 6, 6}, format, normal_values(N * 108, 40 + step, 2.0f, 0.5f));
+      const std::vector<float> fused_logits = fused.forward(x, Mode::train).data;
+      const std::vector<float> plain_logits = plain.forward(x, Mode::train).data;
+      ASSERT_EQ(fused_logits.size(), plain_logits.size());
+      for (size_t i = 0; i < plain_logits.size(); ++i)
+        ASSERT_EQ(fused_logits[i], plain_logits[i]) << i;
+      compute_gradients(fused, x, labels);
+      compute_gradients(plain, x, labels);
+      for (size_t k = 0; k < plain_parameters.size(); ++k)
+        for (size_t i = 0; i < plain_parameters[k]->grad.size(); ++i)
+          ASSERT_EQ(fused_parameters[k]->grad[i], plain_parameters[k]->grad[i])
+              << plain_parameters[k]->name << " " << i;
+      if (step == 1) {
+        // A probe (probe.cpp) runs the layers one by one on another batch after a
+        // step's forward, then Model::backward: that backward follows the layers'
+        // own, unfused forward.
+        const int64_t M = 5;
+        const Tensor probe = make_tensor({M, 3, 6, 6}, format, normal_values(M * 108, 60));
+        for (Model* model : {&fused, &plain}) {
+          const Tensor* current = &probe;
+          for (const auto& layer : model->layers()) current = &layer->forward(*current, Mode::train);
+          Tensor dlogits;
+          normkit::nn::softmax_cross_entropy(*current, some_labels(M, 5).data(), &dlogits);
+          model->zero_grad();
+          model->backward(dlogits);
+        }
+        for (size_t k = 0; k < plain_parameters.size(); ++k)
+          for (size_t i = 0; i < plain_parameters[k]->grad.size(); ++i)
+            ASSERT_EQ(fused_parameters[k]->grad[i], plain_parameters[k]->grad[i])
+                << "probe " << plain_parameters[k]->name << " " << i;
+        compute_gradients(fused, x, labels);
+        compute_gradients(plain, x, labels);
+      }
+      fused_sgd->step(fused_parameters);
+      plain_sgd->step(plain_parameters);
+      const auto fused_state = fused.state(), plain_state = plain.state();
+      ASSERT_EQ(fused_state.size(), plain_state.size());
+      for (size_t k = 0; k < plain_state.size(); ++k)
+        for (size_t i = 0; i < plain_state[k].second->size(); ++i)
+          ASSERT_EQ((*fused_state[k].second)[i], (*plain_state[k].second)[i])
+              << plain_state[k].first << " " << i;
+    }
+  }
+}
+
 TEST(NnModel, ParametersStateAndSummary) {
   Model model(ModelSpec::preset("mlp-paper"));
   // 784·100 + 3·(100+100) BN + 100·100·2 + 100·10 + 10

@@ -190,6 +190,9 @@ class Model {
   // (data-parallel training; Layer::set_batch_offset).
   void set_step(uint64_t seed, uint64_t step, int64_t first_sample = 0);
   // x: [N, ...input_shape] in the model's format. Returns logits [N, classes].
+  // In train mode a batchnorm followed by relu runs as one pass (the fused
+  // batch_norm_relu kernels, the ReLU mask kept as bits); the relu layer is
+  // then skipped and keeps no output of its own.
   const Tensor& forward(const Tensor& x, Mode mode);
   void backward(const Tensor& dlogits);
   void zero_grad();

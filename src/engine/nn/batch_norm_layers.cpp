@@ -184,7 +184,7 @@ class BatchNormFamily : public Layer {
   Tensor noisy_dy_;
 };
 
-class BatchNormLayer final : public BatchNormFamily, public AddReluTail {
+class BatchNormLayer final : public BatchNormFamily, public AddReluTail, public ReluTail {
  public:
   BatchNormLayer(int64_t channels, double eps, double momentum, bool frozen)
       : BatchNormFamily(channels, eps, momentum, frozen) {
@@ -204,35 +204,69 @@ class BatchNormLayer final : public BatchNormFamily, public AddReluTail {
   // (unsynchronized: synchronized, the block adds and applies the ReLU itself).
   bool fuses_add_relu() const override { return !noisy() && !group_; }
   const Tensor& forward_add_relu(const Tensor& x, const Tensor& z, Mode mode) override {
+    return forward_fused(x, &z, mode);
+  }
+  const Tensor& backward_add_relu(const Tensor& dy, bool need_input_grad, Tensor& dz) override {
+    dz.reshape(dy.shape, dy.format);
+    return backward_fused(dy, need_input_grad, &dz);
+  }
+  // Followed by a relu layer, in training (Model::forward): y = relu(BN(x)).
+  bool fuses_relu() const override { return !noisy() && !group_; }
+  const Tensor& forward_relu(const Tensor& x) override { return forward_fused(x, nullptr, Mode::train); }
+  bool ran_with_relu() const override { return with_relu_; }
+  const Tensor& forward(const Tensor& x, Mode mode) override {
+    with_relu_ = false;
+    return BatchNormFamily::forward(x, mode);
+  }
+  const Tensor& backward_relu(const Tensor& dy, bool need_input_grad) override {
+    return backward_fused(dy, need_input_grad, nullptr);
+  }
+
+ private:
+  // y = relu(BN(x) + z), or relu(BN(x)) without z, BN as forward() does it.
+  const Tensor& forward_fused(const Tensor& x, const Tensor* z, Mode mode) {
+    with_relu_ = z == nullptr;
     input_ = &x;
     y_.reshape(x.shape, x.format);
     mask_.resize(static_cast<size_t>(relu_mask_bytes(x.numel())));
     if (mode == Mode::train && !frozen_) {
       int64_t count = tracked();
-      batch_norm_add_relu_forward_training<float>(x.view(), z.view(), y_.view(), mask_, gamma_.value,
-                                                  beta_.value, {mean_, invstd_},
-                                                  {running_mean_, running_var_, &count}, options_);
+      const SavedStats<float> saved = {mean_, invstd_};
+      const RunningStats<float> running = {running_mean_, running_var_, &count};
+      if (z)
+        batch_norm_add_relu_forward_training<float>(x.view(), z->view(), y_.view(), mask_, gamma_.value,
+                                                    beta_.value, saved, running, options_);
+      else
+        batch_norm_relu_forward_training<float>(x.view(), y_.view(), mask_, gamma_.value, beta_.value,
+                                                saved, running, options_);
       batches_[0] = static_cast<float>(count);
     } else {
-      batch_norm_add_relu_forward_inference<float>(x.view(), z.view(), y_.view(), mask_, gamma_.value,
-                                                   beta_.value, running_mean_, running_var_, options_.eps);
+      if (z)
+        batch_norm_add_relu_forward_inference<float>(x.view(), z->view(), y_.view(), mask_, gamma_.value,
+                                                     beta_.value, running_mean_, running_var_, options_.eps);
+      else
+        batch_norm_relu_forward_inference<float>(x.view(), y_.view(), mask_, gamma_.value, beta_.value,
+                                                 running_mean_, running_var_, options_.eps);
       if (mode == Mode::train) keep_frozen_statistics();
     }
     trained_ = mode == Mode::train;
     return y_;
   }
-  const Tensor& backward_add_relu(const Tensor& dy, bool need_input_grad, Tensor& dz) override {
+  // Backward of forward_fused; dz (sized by the caller) gets dL/dz when given.
+  const Tensor& backward_fused(const Tensor& dy, bool need_input_grad, Tensor* dz) {
     const TensorView<float> dx = start_backward(dy, need_input_grad);
-    dz.reshape(dy.shape, dy.format);
-    batch_norm_add_relu_backward<float>(input_->view(), dy.view(), mask_, dx, dz.view(), gamma_.value,
-                                        frozen_ ? frozen_mean_ : mean_, frozen_ ? frozen_invstd_ : invstd_,
-                                        dgamma_, dbeta_,
-                                        frozen_ ? BackwardMode::frozen : BackwardMode::training);
+    const std::span<const float> mean = frozen_ ? frozen_mean_ : mean_;
+    const std::span<const float> invstd = frozen_ ? frozen_invstd_ : invstd_;
+    const BackwardMode backward_mode = frozen_ ? BackwardMode::frozen : BackwardMode::training;
+    if (dz)
+      batch_norm_add_relu_backward<float>(input_->view(), dy.view(), mask_, dx, dz->view(), gamma_.value,
+                                          mean, invstd, dgamma_, dbeta_, backward_mode);
+    else
+      batch_norm_relu_backward<float>(input_->view(), dy.view(), mask_, dx, gamma_.value, mean, invstd,
+                                      dgamma_, dbeta_, backward_mode);
     accumulate_gradients();
     return dx_;
   }
-
- private:
   void train_forward(const Tensor& x) override {
     int64_t count = tracked();
     if (group_) {
@@ -272,7 +306,8 @@ class BatchNormLayer final : public BatchNormFamily, public AddReluTail {
   }
 
   std::vector<float> mean_, invstd_;  // the batch's, saved for backward
-  std::vector<uint8_t> mask_;         // forward_add_relu's ReLU mask, one bit per element
+  std::vector<uint8_t> mask_;         // forward_(add_)relu's ReLU mask, one bit per element
+  bool with_relu_ = false;            // the last forward was forward_relu
   dist::Communicator* group_ = nullptr;
   std::vector<Moments> moments_;  // synchronized: the global batch's
   std::vector<double> sums_;      // synchronized: Σdy, Σdy·x̂

@@ -120,7 +120,16 @@ const Tensor& Model::forward(const Tensor& x, Mode mode) {
                                   ", the model ",
                                   format_ == MemoryFormat::channels_last ? "channels-last" : "channels-first");
   const Tensor* current = &x;
-  for (auto& layer : layers_) current = &layer->forward(*current, mode);
+  for (size_t i = 0; i < layers_.size(); ++i) {
+    auto* tail = dynamic_cast<detail::ReluTail*>(layers_[i].get());
+    if (mode == Mode::train && tail && tail->fuses_relu() && i + 1 < layers_.size() &&
+        layers_[i + 1]->type() == "relu") {
+      current = &tail->forward_relu(*current);
+      ++i;  // the relu: done
+      continue;
+    }
+    current = &layers_[i]->forward(*current, mode);
+  }
   return *current;
 }
 
@@ -130,7 +139,17 @@ void Model::backward(const Tensor& dlogits) {
   size_t first = 0;
   while (first < layers_.size() && layers_[first]->parameters().empty()) ++first;
   const Tensor* grad = &dlogits;
-  for (size_t i = layers_.size(); i-- > first;) grad = &layers_[i]->backward(*grad, i > first);
+  for (size_t i = layers_.size(); i-- > first;) {
+    // Layer i - 1 ran with this relu in one pass (its last forward was
+    // Model::forward's, not a probe's layer by layer): so does the backward.
+    auto* tail = i > 0 ? dynamic_cast<detail::ReluTail*>(layers_[i - 1].get()) : nullptr;
+    if (tail && tail->ran_with_relu() && layers_[i]->type() == "relu") {
+      --i;
+      grad = &tail->backward_relu(*grad, i > first);
+      continue;
+    }
+    grad = &layers_[i]->backward(*grad, i > first);
+  }
 }
 
 namespace {
