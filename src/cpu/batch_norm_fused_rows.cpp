@@ -1,7 +1,9 @@
 // Fast BN+ReLU and BN+Add+ReLU, rows form: contiguous channels, a row of C
 // values per position (NHWC, ...), whose mask order is (row, channel). The
 // rules every fast kernel keeps are in src/cpu/README.md; forward and backward
-// follow batch_norm_fused_planes.cpp's scheme over chunks of rows.
+// follow batch_norm_fused_planes.cpp's scheme over chunks of rows. The chunk
+// loops of the statistics and gradient sums are BN's own (cpu/rows_loops.hpp),
+// so the results are relu(BN(x)) and its gradients bit for bit.
 #include <omp.h>
 
 #include <algorithm>
@@ -13,6 +15,7 @@
 #include "cpu/implementations.hpp"
 #include "cpu/leaf_loops.hpp"
 #include "cpu/relu_mask.hpp"
+#include "cpu/rows_loops.hpp"
 #include "kernels/batch_norm_fused.hpp"
 
 namespace normkit::kernels::bn_fused {
@@ -20,9 +23,12 @@ namespace {
 
 using cpu::ApplyCoefficients;
 using cpu::BackwardCoefficients;
+using cpu::blocked_channels;
 using cpu::expand_bits;
 using cpu::finish_channel;
 using cpu::RowBackwardCoefficients;
+using cpu::rows_chunk_moments;
+using cpu::rows_gradient_sums_chunk;
 using cpu::forward_coefficients;
 using cpu::kExpandBlock;
 using cpu::pack_positive_bits;
@@ -32,37 +38,6 @@ using leaf::RowPlan;
 using leaf::scratch;
 
 // ======================= rows =======================
-
-// One chunk's per-channel moments: mean shifted by the first row, then
-// corrected sums around it, vectorized across channels.
-NORMKIT_SIMD_CLONES
-void rows_chunk_moments(const float* __restrict x, int64_t stride, int64_t rows, int64_t channels,
-                        float* __restrict sum, float* __restrict center, float* __restrict sum_d2,
-                        double* __restrict mean, double* __restrict m2) {
-  const double n = static_cast<double>(rows);
-  std::fill(sum, sum + channels, 0.0f);
-  for (int64_t r = 0; r < rows; ++r) {
-    const float* xp = x + r * stride;
-    for (int64_t c = 0; c < channels; ++c) sum[c] += xp[c] - x[c];
-  }
-  for (int64_t c = 0; c < channels; ++c)
-    center[c] = static_cast<float>(static_cast<double>(x[c]) + static_cast<double>(sum[c]) / n);
-  std::fill(sum, sum + channels, 0.0f);
-  std::fill(sum_d2, sum_d2 + channels, 0.0f);
-  for (int64_t r = 0; r < rows; ++r) {
-    const float* xp = x + r * stride;
-    for (int64_t c = 0; c < channels; ++c) {
-      const float d = xp[c] - center[c];
-      sum[c] += d;
-      sum_d2[c] += d * d;
-    }
-  }
-  for (int64_t c = 0; c < channels; ++c) {
-    const double sd = sum[c];
-    mean[c] = center[c] + sd / n;
-    m2[c] = sum_d2[c] - sd * sd / n;
-  }
-}
 
 // Chunks merged in order within each stripe, stripes merged in order.
 void rows_moments(const Geometry& g, const float* x, Moments* out, int threads) {
@@ -81,8 +56,8 @@ void rows_moments(const Geometry& g, const float* x, Moments* out, int threads) 
       double count = 0;
       for (int64_t k = plan.first_chunk(s); k < plan.first_chunk(s + 1); ++k) {
         const int64_t n = plan.rows_in(k);
-        rows_chunk_moments(x + plan.first_row(k) * g.outer_stride, g.outer_stride, n, C, sums,
-                           sums + C, sums + 2 * C, chunk_mean, chunk_m2);
+        rows_chunk_moments(x + plan.first_row(k) * g.outer_stride, g.outer_stride, n, C,
+                           blocked_channels(C), sums, sums + C, sums + 2 * C, chunk_mean, chunk_m2);
         merge_moment_arrays(count, stripe_mean + s * C, stripe_m2 + s * C, static_cast<double>(n),
                             chunk_mean, chunk_m2, C);
         count += static_cast<double>(n);
@@ -155,23 +130,6 @@ void rows_forward(const Forward<float>& p) {
   }
 }
 
-// Σg and Σg·(x - center) of one chunk per channel, into a stripe's double sums.
-NORMKIT_SIMD_CLONES
-void rows_gradient_sums_chunk(const float* __restrict x, int64_t x_stride,
-                              const float* __restrict g, int64_t rows, int64_t channels,
-                              const float* __restrict center, double* __restrict sum_g,
-                              double* __restrict sum_g_xc) {
-  for (int64_t r = 0; r < rows; ++r) {
-    const float* xp = x + r * x_stride;
-    const float* gp = g + r * channels;
-    for (int64_t c = 0; c < channels; ++c) {
-      const double gv = gp[c];
-      sum_g[c] += gv;
-      sum_g_xc[c] += gv * (static_cast<double>(xp[c]) - static_cast<double>(center[c]));
-    }
-  }
-}
-
 NORMKIT_SIMD_CLONES
 void rows_backward_apply_chunk(const float* x, int64_t x_stride, const float* g, float* dx,
                                int64_t dx_stride, int64_t rows, int64_t channels,
@@ -208,20 +166,20 @@ void rows_backward(const Backward<float>& p) {
   std::fill(stripe_g_xmu, stripe_g_xmu + plan.stripes * C, 0.0);
   RowBackwardCoefficients co(p.mean, C);
   const int64_t block_rows = std::clamp<int64_t>(kExpandBlock / std::max<int64_t>(C, 1), 1, plan.chunk_rows);
-  const auto chunk_elements = static_cast<size_t>(block_rows * C);
 #pragma omp parallel num_threads(threads)
   {
-    float* const g = scratch<float>(2, chunk_elements);
+    // A whole chunk of g for the sums (BN's loop over it, so the sums are BN's
+    // bit for bit; its accumulators stay in registers over the chunk's rows),
+    // block_rows of it at a time for dx.
+    float* const g = scratch<float>(2, static_cast<size_t>(plan.chunk_rows * C));
 #pragma omp for schedule(static)
     for (int64_t s = 0; s < plan.stripes; ++s)
       for (int64_t chunk = plan.first_chunk(s); chunk < plan.first_chunk(s + 1); ++chunk) {
-        const int64_t first = plan.first_row(chunk), end = first + plan.rows_in(chunk);
-        for (int64_t r0 = first; r0 < end; r0 += block_rows) {
-          const int64_t rows = std::min(block_rows, end - r0);
-          rows_expand_chunk(p, r0, rows, g);
-          rows_gradient_sums_chunk(p.x + r0 * gx.outer_stride, gx.outer_stride, g, rows, C,
-                                   co.mean_hi.data(), stripe_g + s * C, stripe_g_xmu + s * C);
-        }
+        const int64_t r0 = plan.first_row(chunk), rows = plan.rows_in(chunk);
+        rows_expand_chunk(p, r0, rows, g);
+        rows_gradient_sums_chunk(p.x + r0 * gx.outer_stride, gx.outer_stride, g, C, rows, C,
+                                 blocked_channels(C), co.mean_hi.data(), stripe_g + s * C,
+                                 stripe_g_xmu + s * C);
       }
     co.finish_from_stripes(p, plan.stripes, stripe_g, stripe_g_xmu);
     if (p.dx || p.dz) {

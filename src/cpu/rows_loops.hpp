@@ -1,0 +1,179 @@
+#pragma once
+// The rows form's statistics and gradient-sum loops over one chunk of rows
+// (channels contiguous), shared by batch_norm_rows.cpp and
+// batch_norm_fused_rows.cpp: BN+ReLU's moments and sums are BN's bit for bit,
+// which the engine relies on (it fuses "batchnorm; relu", and synchronized BN
+// and probes run the layers unfused). Internal linkage, as leaf_loops.hpp
+// explains.
+#include <algorithm>
+#include <cstdint>
+
+#include "cpu/leaf_loops.hpp"
+
+namespace normkit::kernels::cpu {
+namespace {
+
+// Rows kernels walk channels in blocks of kRowBlock: a block's accumulators
+// and coefficients stay in registers (rather than being loaded and stored for
+// every row), and its part of a chunk (at most 64 rows × 64 floats = 16 KB)
+// stays in L1 between passes. Every channel still adds its rows in row order,
+// so blocking changes no result; channels past the last whole block take the
+// plain loops. Only short rows are blocked: with long ones (1024 channels and
+// more) a block is a narrow strided column of the chunk, which the hardware
+// prefetchers follow worse than whole rows, and whose rows, 4 KB or more apart,
+// compete for the same few L1 sets.
+constexpr int64_t kRowBlock = 64;
+constexpr int64_t kMaxBlockedChannels = 256;
+constexpr int64_t kColumnBlock = 256;
+constexpr int64_t kRowGroup = 4;
+[[maybe_unused]] inline int64_t blocked_channels(int64_t channels) {
+  return channels <= kMaxBlockedChannels ? channels / kRowBlock * kRowBlock : 0;
+}
+
+// Per-channel moments of one chunk (at most kMaxChunkRows rows): the same two
+// passes as planes, vectorized across channels: the chunk's mean shifted by its
+// first row, then corrected sums around it.
+[[maybe_unused]] NORMKIT_SIMD_CLONES
+void rows_chunk_moments(const float* __restrict x, int64_t stride, int64_t rows,
+                        int64_t channels, int64_t blocked, float* __restrict sum,
+                        float* __restrict center, float* __restrict sum_d2,
+                        double* __restrict mean, double* __restrict m2) {
+  const double n = static_cast<double>(rows);
+  int64_t c0 = 0;
+  for (; c0 < blocked; c0 += kRowBlock) {
+    const float* __restrict xb = x + c0;
+    float s[kRowBlock] = {}, ctr[kRowBlock], s1[kRowBlock] = {}, s2[kRowBlock] = {};
+    for (int64_t r = 0; r < rows; ++r)
+      for (int l = 0; l < kRowBlock; ++l) s[l] += xb[r * stride + l] - xb[l];
+    for (int l = 0; l < kRowBlock; ++l)
+      ctr[l] = static_cast<float>(static_cast<double>(xb[l]) + static_cast<double>(s[l]) / n);
+    for (int64_t r = 0; r < rows; ++r)
+      for (int l = 0; l < kRowBlock; ++l) {
+        const float d = xb[r * stride + l] - ctr[l];
+        s1[l] += d;
+        s2[l] += d * d;
+      }
+    for (int l = 0; l < kRowBlock; ++l) {
+      const double sd = s1[l];
+      mean[c0 + l] = ctr[l] + sd / n;
+      m2[c0 + l] = s2[l] - sd * sd / n;
+    }
+  }
+  // Long rows: columns of kColumnBlock channels, so that the sums stay in L1
+  // and a column of the chunk in L2 between the passes; kRowGroup rows at a
+  // time, added one after the other, so a sum is loaded and stored once per group.
+  for (int64_t b0 = c0; b0 < channels; b0 += kColumnBlock) {
+    const int64_t b1 = std::min(channels, b0 + kColumnBlock);
+    std::fill(sum + b0, sum + b1, 0.0f);
+    for (int64_t r = 0; r < rows; r += kRowGroup) {
+      const float* xp = x + r * stride;
+      const int64_t group = std::min(kRowGroup, rows - r);
+      if (group == kRowGroup) {
+        for (int64_t c = b0; c < b1; ++c) {
+          float a = sum[c];
+          for (int j = 0; j < kRowGroup; ++j) a += xp[j * stride + c] - x[c];
+          sum[c] = a;
+        }
+      } else {
+        for (int64_t j = 0; j < group; ++j)
+          for (int64_t c = b0; c < b1; ++c) sum[c] += xp[j * stride + c] - x[c];
+      }
+    }
+    for (int64_t c = b0; c < b1; ++c)
+      center[c] = static_cast<float>(static_cast<double>(x[c]) + static_cast<double>(sum[c]) / n);
+    std::fill(sum + b0, sum + b1, 0.0f);
+    std::fill(sum_d2 + b0, sum_d2 + b1, 0.0f);
+    for (int64_t r = 0; r < rows; r += kRowGroup) {
+      const float* xp = x + r * stride;
+      const int64_t group = std::min(kRowGroup, rows - r);
+      if (group == kRowGroup) {
+        for (int64_t c = b0; c < b1; ++c) {
+          float a1 = sum[c], a2 = sum_d2[c];
+          for (int j = 0; j < kRowGroup; ++j) {
+            const float d = xp[j * stride + c] - center[c];
+            a1 += d;
+            a2 += d * d;
+          }
+          sum[c] = a1;
+          sum_d2[c] = a2;
+        }
+      } else {
+        for (int64_t j = 0; j < group; ++j)
+          for (int64_t c = b0; c < b1; ++c) {
+            const float d = xp[j * stride + c] - center[c];
+            sum[c] += d;
+            sum_d2[c] += d * d;
+          }
+      }
+    }
+    for (int64_t c = b0; c < b1; ++c) {
+      const double sd = sum[c];
+      mean[c] = center[c] + sd / n;
+      m2[c] = sum_d2[c] - sd * sd / n;
+    }
+  }
+}
+
+// Σdy and Σdy·(x - mean) of one chunk per channel, added to a stripe's double
+// sums (double: dy is not centred, so the second sum cancels heavily).
+[[maybe_unused]] NORMKIT_SIMD_CLONES
+void rows_gradient_sums_chunk(const float* __restrict x, int64_t x_stride,
+                              const float* __restrict dy, int64_t dy_stride, int64_t rows,
+                              int64_t channels, int64_t blocked, const float* __restrict center,
+                              double* __restrict sum_dy, double* __restrict sum_dy_xc) {
+  int64_t c0 = 0;
+  for (; c0 < blocked; c0 += kRowBlock) {
+    double s1[kRowBlock], s2[kRowBlock], ctr[kRowBlock];
+    for (int l = 0; l < kRowBlock; ++l) {
+      s1[l] = sum_dy[c0 + l];
+      s2[l] = sum_dy_xc[c0 + l];
+      ctr[l] = center[c0 + l];
+    }
+    for (int64_t r = 0; r < rows; ++r) {
+      const float* xp = x + r * x_stride + c0;
+      const float* gp = dy + r * dy_stride + c0;
+      for (int l = 0; l < kRowBlock; ++l) {
+        const double g = gp[l];
+        s1[l] += g;
+        s2[l] += g * (static_cast<double>(xp[l]) - ctr[l]);
+      }
+    }
+    for (int l = 0; l < kRowBlock; ++l) {
+      sum_dy[c0 + l] = s1[l];
+      sum_dy_xc[c0 + l] = s2[l];
+    }
+  }
+  // Long rows: the sums stay in L1; kRowGroup rows at a time, one after the other.
+  for (int64_t b0 = c0; b0 < channels; b0 += kColumnBlock) {
+    const int64_t b1 = std::min(channels, b0 + kColumnBlock);
+    for (int64_t r = 0; r < rows; r += kRowGroup) {
+      const float* xp = x + r * x_stride;
+      const float* gp = dy + r * dy_stride;
+      const int64_t group = std::min(kRowGroup, rows - r);
+      if (group == kRowGroup) {
+        for (int64_t c = b0; c < b1; ++c) {
+          const double ctr = center[c];
+          double s1 = sum_dy[c], s2 = sum_dy_xc[c];
+          for (int j = 0; j < kRowGroup; ++j) {
+            const double g = gp[j * dy_stride + c];
+            s1 += g;
+            s2 += g * (static_cast<double>(xp[j * x_stride + c]) - ctr);
+          }
+          sum_dy[c] = s1;
+          sum_dy_xc[c] = s2;
+        }
+      } else {
+        for (int64_t j = 0; j < group; ++j)
+          for (int64_t c = b0; c < b1; ++c) {
+            const double g = gp[j * dy_stride + c];
+            sum_dy[c] += g;
+            sum_dy_xc[c] +=
+                g * (static_cast<double>(xp[j * x_stride + c]) - static_cast<double>(center[c]));
+          }
+      }
+    }
+  }
+}
+
+}  // namespace
+}  // namespace normkit::kernels::cpu
