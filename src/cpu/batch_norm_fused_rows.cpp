@@ -168,18 +168,21 @@ void rows_backward(const Backward<float>& p) {
   const int64_t block_rows = std::clamp<int64_t>(kExpandBlock / std::max<int64_t>(C, 1), 1, plan.chunk_rows);
 #pragma omp parallel num_threads(threads)
   {
-    // A whole chunk of g for the sums (BN's loop over it, so the sums are BN's
-    // bit for bit; its accumulators stay in registers over the chunk's rows),
-    // block_rows of it at a time for dx.
-    float* const g = scratch<float>(2, static_cast<size_t>(plan.chunk_rows * C));
+    // g is expanded block_rows at a time (reads of dy and of x alternate
+    // quickly), and BN's chunk loop sums each block: a channel adds its rows in
+    // row order either way, so the sums are BN's bit for bit.
+    float* const g = scratch<float>(2, static_cast<size_t>(block_rows * C));
 #pragma omp for schedule(static)
     for (int64_t s = 0; s < plan.stripes; ++s)
       for (int64_t chunk = plan.first_chunk(s); chunk < plan.first_chunk(s + 1); ++chunk) {
-        const int64_t r0 = plan.first_row(chunk), rows = plan.rows_in(chunk);
-        rows_expand_chunk(p, r0, rows, g);
-        rows_gradient_sums_chunk(p.x + r0 * gx.outer_stride, gx.outer_stride, g, C, rows, C,
-                                 blocked_channels(C), co.mean_hi.data(), stripe_g + s * C,
-                                 stripe_g_xmu + s * C);
+        const int64_t first = plan.first_row(chunk), end = first + plan.rows_in(chunk);
+        for (int64_t r0 = first; r0 < end; r0 += block_rows) {
+          const int64_t rows = std::min(block_rows, end - r0);
+          rows_expand_chunk(p, r0, rows, g);
+          rows_gradient_sums_chunk(p.x + r0 * gx.outer_stride, gx.outer_stride, g, C, rows, C,
+                                   blocked_channels(C), co.mean_hi.data(), stripe_g + s * C,
+                                   stripe_g_xmu + s * C);
+        }
       }
     co.finish_from_stripes(p, plan.stripes, stripe_g, stripe_g_xmu);
     if (p.dx || p.dz) {
