@@ -26,54 +26,17 @@ using cpu::BackwardCoefficients;
 using cpu::blocked_channels;
 using cpu::expand_bits;
 using cpu::finish_channel;
-using cpu::RowBackwardCoefficients;
-using cpu::rows_chunk_moments;
-using cpu::rows_gradient_sums_chunk;
 using cpu::forward_coefficients;
+using cpu::RowBackwardCoefficients;
+using cpu::rows_gradient_sums_chunk;
+using cpu::rows_moments_into;
 using cpu::kExpandBlock;
 using cpu::pack_positive_bits;
 using detail::threads_for;
-using leaf::merge_moment_arrays;
 using leaf::RowPlan;
 using leaf::scratch;
 
 // ======================= rows =======================
-
-// Chunks merged in order within each stripe, stripes merged in order.
-void rows_moments(const Geometry& g, const float* x, Moments* out, int threads) {
-  const RowPlan plan(g);
-  const int64_t C = plan.channels;
-  double* const stripe_mean = scratch<double>(0, plan.stripes * C);
-  double* const stripe_m2 = scratch<double>(1, plan.stripes * C);
-  double* const stripe_count = scratch<double>(2, plan.stripes);
-#pragma omp parallel num_threads(threads)
-  {
-    float* const sums = scratch<float>(3, 3 * C);
-    double* const chunk_mean = scratch<double>(4, C);
-    double* const chunk_m2 = scratch<double>(5, C);
-#pragma omp for schedule(static)
-    for (int64_t s = 0; s < plan.stripes; ++s) {
-      double count = 0;
-      for (int64_t k = plan.first_chunk(s); k < plan.first_chunk(s + 1); ++k) {
-        const int64_t n = plan.rows_in(k);
-        rows_chunk_moments(x + plan.first_row(k) * g.outer_stride, g.outer_stride, n, C,
-                           blocked_channels(C), sums, sums + C, sums + 2 * C, chunk_mean, chunk_m2);
-        merge_moment_arrays(count, stripe_mean + s * C, stripe_m2 + s * C, static_cast<double>(n),
-                            chunk_mean, chunk_m2, C);
-        count += static_cast<double>(n);
-      }
-      stripe_count[s] = count;
-    }
-  }
-  // Stripes in order (C values each: cheap, one thread).
-  double count = stripe_count[0];
-  for (int64_t s = 1; s < plan.stripes; ++s) {
-    merge_moment_arrays(count, stripe_mean, stripe_m2, stripe_count[s], stripe_mean + s * C,
-                        stripe_m2 + s * C, C);
-    count += stripe_count[s];
-  }
-  for (int64_t c = 0; c < C; ++c) out[c] = {count, stripe_mean[c], stripe_m2[c]};
-}
 
 NORMKIT_SIMD_CLONES
 void rows_apply_relu_chunk(const float* x, int64_t x_stride, const float* z, int64_t z_stride,
@@ -102,7 +65,7 @@ void rows_forward(const Forward<float>& p) {
   const Geometry& gx = p.x_geom;
   const int64_t C = gx.channels;
   const int threads = threads_for(C * gx.outer);
-  if (p.training) rows_moments(gx, p.x, p.moments, threads);
+  if (p.training) rows_moments_into(gx, p.x, p.moments, threads);  // BN's own
   std::vector<float> mean_hi(C), scale(C), shift(C);
   for (int64_t c = 0; c < C; ++c) {
     const ApplyCoefficients k = forward_coefficients(p, c);

@@ -32,6 +32,8 @@ using cpu::kRowGroup;
 using cpu::finish_channel_from_hi;
 using cpu::RowBackwardCoefficients;
 using cpu::rows_chunk_moments;
+using cpu::rows_moments_into;
+using cpu::rows_moments_phase;
 using cpu::rows_gradient_sums_chunk;
 using cpu::stream_apply;
 using cpu::stream_backward;
@@ -139,60 +141,6 @@ void rows_apply_phase(const Geometry& gx, const Geometry& gy, const float* x, fl
                      gy.outer_stride, plan.rows_in(chunk), plan.channels,
                      blocked_channels(plan.channels), k.mean_hi, k.scale, k.shift, stream);
   }
-}
-
-// Moments per channel over all rows: chunks merged in order within each
-// stripe, stripes merged in order (in blocks of channels, one block per task).
-// Runs inside a parallel region (orphaned omp for); each merged block of
-// channels is handed to on_block(c0, width, count, mean, m2) by the thread that
-// merged it, mean and m2 pointing at channel c0.
-template <class OnBlock>
-void rows_moments_phase(const Geometry& g, const float* x, double* stripe_mean, double* stripe_m2,
-                        double* stripe_count, OnBlock on_block) {
-  const RowPlan plan(g);
-  const int64_t C = plan.channels;
-  constexpr int64_t kChannelBlock = 256;
-  const int64_t blocks = (C + kChannelBlock - 1) / kChannelBlock;
-  float* const sums = scratch<float>(3, 3 * C);
-  double* const chunk_mean = scratch<double>(4, C);
-  double* const chunk_m2 = scratch<double>(5, C);
-#pragma omp for schedule(static)
-  for (int64_t s = 0; s < plan.stripes; ++s) {
-    double count = 0;
-    for (int64_t k = plan.first_chunk(s); k < plan.first_chunk(s + 1); ++k) {
-      const int64_t n = plan.rows_in(k);
-      rows_chunk_moments(x + plan.first_row(k) * g.outer_stride, g.outer_stride, n, C,
-                         blocked_channels(C), sums, sums + C, sums + 2 * C, chunk_mean, chunk_m2);
-      merge_moment_arrays(count, stripe_mean + s * C, stripe_m2 + s * C,
-                          static_cast<double>(n), chunk_mean, chunk_m2, C);
-      count += static_cast<double>(n);
-    }
-    stripe_count[s] = count;
-  }
-#pragma omp for schedule(static)
-  for (int64_t block = 0; block < blocks; ++block) {
-    const int64_t c0 = block * kChannelBlock, width = std::min(kChannelBlock, C - c0);
-    double count = stripe_count[0];
-    for (int64_t s = 1; s < plan.stripes; ++s) {
-      merge_moment_arrays(count, stripe_mean + c0, stripe_m2 + c0, stripe_count[s],
-                          stripe_mean + s * C + c0, stripe_m2 + s * C + c0, width);
-      count += stripe_count[s];
-    }
-    on_block(c0, width, count, stripe_mean + c0, stripe_m2 + c0);
-  }
-}
-
-void rows_moments_into(const Geometry& g, const float* x, Moments* out, int threads) {
-  const RowPlan plan(g);
-  double* const stripe_mean = scratch<double>(0, plan.stripes * plan.channels);
-  double* const stripe_m2 = scratch<double>(1, plan.stripes * plan.channels);
-  double* const stripe_count = scratch<double>(2, plan.stripes);
-#pragma omp parallel num_threads(threads)
-  rows_moments_phase(g, x, stripe_mean, stripe_m2, stripe_count,
-                     [&](int64_t c0, int64_t width, double count, const double* mean,
-                         const double* m2) {
-                       for (int64_t c = 0; c < width; ++c) out[c0 + c] = {count, mean[c], m2[c]};
-                     });
 }
 
 // ---- column units: small problems ----
