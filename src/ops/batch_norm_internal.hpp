@@ -37,14 +37,12 @@ namespace {
   }
 }
 
-// invstd_of(biased variance) of every channel, as `variances`.
+// invstd_of(biased variance) of every channel: `variances`, then a loop that
+// vectorizes as well.
 [[maybe_unused]] NORMKIT_SIMD_CLONES void invstds(const Moments* moments, size_t n, double eps,
                                                   double* out) {
-  for (size_t i = 0; i < n; ++i) {
-    const double count = moments[i].count;
-    out[i] = kernels::bn::invstd_of((count > 0 ? moments[i].m2 : 0.0) / (count > 0 ? count : 1.0),
-                                    eps);
-  }
+  variances(moments, n, 0.0, out);
+  for (size_t i = 0; i < n; ++i) out[i] = kernels::bn::invstd_of(out[i], eps);
 }
 
 }  // namespace
