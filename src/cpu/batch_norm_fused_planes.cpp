@@ -12,12 +12,12 @@
 // Backward = the BN backward of g = mask ? dy : 0, where g is expanded from the
 // bits into a small per-thread buffer (L1) right before each leaf loop uses it:
 // a piece at a time for the sums, kExpandBlock elements at a time for dx. It
-// never exists as a tensor, and the mask costs 1/32 of dy's bytes.
+// never exists as a tensor, and the mask costs 1/32 of dy's bytes. (BN+Add+ReLU
+// expands straight into dz, which is g.)
 //
 // The statistics and the gradient sums are batch_norm_planes.cpp's own
 // (leaf::piece_moments, leaf::piece_gradient_sums): BN+ReLU gives relu(BN(x))
-// and its gradients bit for bit. (BN+Add+ReLU expands straight into dz, which
-// is g.)
+// and its gradients bit for bit.
 #include <omp.h>
 
 #include <algorithm>
