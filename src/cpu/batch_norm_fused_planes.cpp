@@ -6,8 +6,9 @@
 // fixed by the geometry, float lanes inside a piece, Chan merges in double in
 // a fixed order) + one pass that writes y = relu(BN(x) [+ z]) and packs the
 // mask from the y just written (y > 0 exactly where the pre-activation is > 0).
-// Planes works channel at a time when the channels keep every thread busy, so
-// x is re-read from cache for the apply pass, as the unfused BN kernel does.
+// The plan is the unfused BN kernel's (batch_norm_planes.cpp): channel at a
+// time, x re-read from cache, for problems that fit in cache; otherwise the
+// statistics, then the output pass in memory order.
 //
 // Backward = the BN backward of g = mask ? dy : 0, where g is expanded from the
 // bits into a small per-thread buffer (L1) right before each leaf loop uses it:
@@ -42,7 +43,10 @@ using cpu::forward_coefficients;
 using cpu::kExpandBlock;
 using cpu::pack_positive_bits;
 using detail::threads_for;
+using leaf::ApplyUnits;
+using leaf::for_each_piece;
 using leaf::GradientSums;
+using leaf::kInCacheBytesPerThread;
 using leaf::kPieceElements;
 using leaf::Pieces;
 using leaf::scratch;
@@ -84,24 +88,26 @@ Moments piece_moments(const Geometry& g, const float* x, int64_t c, const Pieces
                            g.outer_stride);
 }
 
-void piece_forward_apply(const Forward<float>& p, int64_t c, const Pieces::Span& s,
-                         ApplyCoefficients k) {
-  for (int64_t r = s.first_run; r < s.first_run + s.runs; ++r) {
-    const float* xr = p.x + p.x_geom.offset(r, c, s.first_inner);
-    float* yr = p.y + p.y_geom.offset(r, c, s.first_inner);
-    if (p.z)
-      apply_add_relu_run(xr, p.z + p.z_geom.offset(r, c, s.first_inner), yr, s.len, k);
-    else
-      apply_relu_run(xr, yr, s.len, k);
-    if (p.mask) pack_positive_bits(yr, s.len, p.mask, p.order.bit(r, c, s.first_inner));
-  }
+// One run (or part of one) of the output pass: y, and the mask from the y just written.
+void run_forward_apply(const Forward<float>& p, int64_t o, int64_t c, int64_t first, int64_t len,
+                       ApplyCoefficients k) {
+  const float* xr = p.x + p.x_geom.offset(o, c, first);
+  float* yr = p.y + p.y_geom.offset(o, c, first);
+  if (p.z)
+    apply_add_relu_run(xr, p.z + p.z_geom.offset(o, c, first), yr, len, k);
+  else
+    apply_relu_run(xr, yr, len, k);
+  if (p.mask) pack_positive_bits(yr, len, p.mask, p.order.bit(o, c, first));
 }
 
+// BN's plan (batch_norm_planes.cpp): channel at a time when x fits in cache,
+// otherwise statistics, then the output pass in memory order.
 void planes_forward(const Forward<float>& p) {
   const Geometry& g = p.x_geom;
   const Pieces pieces(g);
   const int threads = threads_for(g.channels * g.reduction_size());
-  if (whole_units_per_thread(g.channels, threads)) {
+  const int64_t x_bytes = g.channels * g.reduction_size() * int64_t{sizeof(float)};
+  if (whole_units_per_thread(g.channels, threads) && x_bytes <= kInCacheBytesPerThread * threads) {
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t c = 0; c < g.channels; ++c) {
       if (p.training) {
@@ -111,22 +117,23 @@ void planes_forward(const Forward<float>& p) {
         p.moments[c] = m;
       }
       const ApplyCoefficients k = forward_coefficients(p, c);
-      for (int64_t i = 0; i < pieces.per_channel; ++i)
-        piece_forward_apply(p, c, pieces.span(g, i), k);
+      for (int64_t i = 0; i < pieces.per_channel; ++i) {
+        const Pieces::Span s = pieces.span(g, i);
+        for (int64_t r = s.first_run; r < s.first_run + s.runs; ++r)
+          run_forward_apply(p, r, c, s.first_inner, s.len, k);
+      }
     }
     return;
   }
-  const int64_t total = g.channels * pieces.per_channel;
-  std::vector<Moments> partial(p.training ? total : 0);
+  const ApplyUnits units(g);
+  std::vector<Moments> partial(p.training ? g.channels * pieces.per_channel : 0);
   std::vector<ApplyCoefficients> coeff(g.channels);
 #pragma omp parallel num_threads(threads)
   {
-    if (p.training) {
-#pragma omp for schedule(static)
-      for (int64_t t = 0; t < total; ++t)
-        partial[t] =
-            piece_moments(g, p.x, t / pieces.per_channel, pieces.span(g, t % pieces.per_channel));
-    }
+    if (p.training)
+      for_each_piece(g, pieces, [&](int64_t c, int64_t i) {
+        partial[c * pieces.per_channel + i] = piece_moments(g, p.x, c, pieces.span(g, i));
+      });
 #pragma omp for schedule(static)
     for (int64_t c = 0; c < g.channels; ++c) {
       if (p.training) {
@@ -137,10 +144,10 @@ void planes_forward(const Forward<float>& p) {
       coeff[c] = forward_coefficients(p, c);
     }
 #pragma omp for schedule(static)
-    for (int64_t t = 0; t < total; ++t) {
-      const int64_t c = t / pieces.per_channel;
-      piece_forward_apply(p, c, pieces.span(g, t % pieces.per_channel), coeff[c]);
-    }
+    for (int64_t t = 0; t < units.count; ++t)
+      units.for_each_run(g, t, [&](int64_t o, int64_t c, int64_t first, int64_t len) {
+        run_forward_apply(p, o, c, first, len, coeff[c]);
+      });
   }
 }
 
@@ -203,10 +210,9 @@ void planes_backward(const Backward<float>& p) {
 #pragma omp parallel num_threads(threads)
   {
     float* const gbuf = scratch<float>(0, scratch_len);
-#pragma omp for schedule(static)
-    for (int64_t t = 0; t < total; ++t)
-      partial[t] = piece_gradient_sums(p, t / pieces.per_channel,
-                                       pieces.span(g, t % pieces.per_channel), gbuf);
+    for_each_piece(g, pieces, [&](int64_t c, int64_t i) {
+      partial[c * pieces.per_channel + i] = piece_gradient_sums(p, c, pieces.span(g, i), gbuf);
+    });
 #pragma omp for schedule(static)
     for (int64_t c = 0; c < g.channels; ++c) {
       double sum_g = 0, sum_g_xmu = 0;

@@ -38,6 +38,9 @@ using leaf::GradientSums;
 using leaf::kPieceElements;
 using leaf::param_or;
 using leaf::Pieces;
+using leaf::ApplyUnits;
+using leaf::for_each_piece;
+using leaf::kInCacheBytesPerThread;
 using leaf::whole_units_per_thread;
 
 // Inside a piece, sums run in float lanes (leaf_loops.hpp); lane totals are
@@ -97,39 +100,6 @@ void piece_apply(const Geometry& gx, const Geometry& gy, const float* x, float* 
              streaming_output(gy, y, x));
 }
 
-// The apply in memory order: (outer, channel) runs with channels fastest, cut
-// into units of about kPieceElements (several short runs, or a part of a long
-// one). No reduction here, so any order gives the same bits.
-struct ApplyUnits {
-  int64_t channels_per_unit, units_per_outer, parts_per_run, part_len, count;
-  explicit ApplyUnits(const Geometry& g) {
-    if (g.inner >= kPieceElements) {
-      channels_per_unit = 1;
-      parts_per_run = (g.inner + kPieceElements - 1) / kPieceElements;
-      part_len = kPieceElements;
-      units_per_outer = g.channels * parts_per_run;
-    } else {
-      channels_per_unit = std::max<int64_t>(1, kPieceElements / g.inner);
-      parts_per_run = 1;
-      part_len = g.inner;
-      units_per_outer = (g.channels + channels_per_unit - 1) / channels_per_unit;
-    }
-    count = g.outer * units_per_outer;
-  }
-};
-
-template <class RunFn>
-void for_each_run_of_unit(const Geometry& g, const ApplyUnits& u, int64_t unit, RunFn run) {
-  const int64_t o = unit / u.units_per_outer, within = unit % u.units_per_outer;
-  if (u.parts_per_run > 1) {
-    const int64_t c = within / u.parts_per_run, first = (within % u.parts_per_run) * u.part_len;
-    run(o, c, first, std::min(u.part_len, g.inner - first));
-    return;
-  }
-  const int64_t c0 = within * u.channels_per_unit;
-  for (int64_t c = c0; c < std::min(g.channels, c0 + u.channels_per_unit); ++c) run(o, c, 0, g.inner);
-}
-
 void planes_forward_training(const Forward<float>& p) {
   const Geometry& g = p.x_geom;
   const Pieces pieces(g);
@@ -138,7 +108,8 @@ void planes_forward_training(const Forward<float>& p) {
     return apply_coefficients(p.moments[c].mean, invstd_of(p.moments[c].biased_variance(), p.eps),
                               param_or(p.gamma, c, 1.0), param_or(p.beta, c, 0.0));
   };
-  if (whole_units_per_thread(g.channels, threads)) {
+  const int64_t x_bytes = g.channels * g.reduction_size() * int64_t{sizeof(float)};
+  if (whole_units_per_thread(g.channels, threads) && x_bytes <= kInCacheBytesPerThread * threads) {
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t c = 0; c < g.channels; ++c) {
       Moments m;
@@ -158,9 +129,9 @@ void planes_forward_training(const Forward<float>& p) {
   std::vector<ApplyCoefficients> coeff(g.channels);
 #pragma omp parallel num_threads(threads)
   {
-#pragma omp for schedule(static)
-    for (int64_t t = 0; t < total; ++t)
-      partial[t] = piece_moments(g, p.x, t / pieces.per_channel, pieces.span(g, t % pieces.per_channel));
+    for_each_piece(g, pieces, [&](int64_t c, int64_t i) {
+      partial[c * pieces.per_channel + i] = piece_moments(g, p.x, c, pieces.span(g, i));
+    });
 #pragma omp for schedule(static)
     for (int64_t c = 0; c < g.channels; ++c) {
       Moments m;
@@ -170,7 +141,7 @@ void planes_forward_training(const Forward<float>& p) {
     }
 #pragma omp for schedule(static)
     for (int64_t t = 0; t < units.count; ++t)
-      for_each_run_of_unit(g, units, t, [&](int64_t o, int64_t c, int64_t first, int64_t len) {
+      units.for_each_run(g, t, [&](int64_t o, int64_t c, int64_t first, int64_t len) {
         apply_runs(p.x + g.offset(o, c, first), 0, p.y + p.y_geom.offset(o, c, first), 0, 1, len,
                    coeff[c], stream);
       });
@@ -183,9 +154,9 @@ void planes_moments(const Geometry& g, const float* x, Moments* out) {
   std::vector<Moments> partial(total);
 #pragma omp parallel num_threads(threads_for(g.channels * g.reduction_size()))
   {
-#pragma omp for schedule(static)
-    for (int64_t t = 0; t < total; ++t)
-      partial[t] = piece_moments(g, x, t / pieces.per_channel, pieces.span(g, t % pieces.per_channel));
+    for_each_piece(g, pieces, [&](int64_t c, int64_t i) {
+      partial[c * pieces.per_channel + i] = piece_moments(g, x, c, pieces.span(g, i));
+    });
 #pragma omp for schedule(static)
     for (int64_t c = 0; c < g.channels; ++c) {
       Moments m;
@@ -205,7 +176,7 @@ void planes_apply(const Apply<float>& p) {
                                   param_or(p.beta, c, 0.0));
 #pragma omp parallel for num_threads(threads_for(g.channels * g.reduction_size())) schedule(static)
   for (int64_t t = 0; t < units.count; ++t)
-    for_each_run_of_unit(g, units, t, [&](int64_t o, int64_t c, int64_t first, int64_t len) {
+    units.for_each_run(g, t, [&](int64_t o, int64_t c, int64_t first, int64_t len) {
       apply_runs(p.x + g.offset(o, c, first), 0, p.y + p.y_geom.offset(o, c, first), 0, 1, len,
                  coeff[c], stream);
     });
@@ -259,9 +230,9 @@ void planes_backward(const Backward<float>& p) {
   std::vector<BackwardCoefficients> coeff(g.channels);
 #pragma omp parallel num_threads(threads)
   {
-#pragma omp for schedule(static)
-    for (int64_t t = 0; t < total; ++t)
-      partial[t] = piece_gradient_sums(p, t / pieces.per_channel, pieces.span(g, t % pieces.per_channel));
+    for_each_piece(g, pieces, [&](int64_t c, int64_t i) {
+      partial[c * pieces.per_channel + i] = piece_gradient_sums(p, c, pieces.span(g, i));
+    });
 #pragma omp for schedule(static)
     for (int64_t c = 0; c < g.channels; ++c) {
       double sum_dy = 0, sum_dy_xmu = 0;
@@ -274,7 +245,7 @@ void planes_backward(const Backward<float>& p) {
     if (p.dx) {
 #pragma omp for schedule(static)
       for (int64_t t = 0; t < units.count; ++t)
-        for_each_run_of_unit(g, units, t, [&](int64_t o, int64_t c, int64_t first, int64_t len) {
+        units.for_each_run(g, t, [&](int64_t o, int64_t c, int64_t first, int64_t len) {
           backward_apply_runs(p.x + g.offset(o, c, first), 0, p.dy + p.dy_geom.offset(o, c, first),
                               0, p.dx + p.dx_geom.offset(o, c, first), 0, 1, len, coeff[c],
                               stream);
@@ -294,7 +265,7 @@ void planes_backward_apply(const BackwardApply<float>& p) {
                                      p.sum_dy[c], p.sum_dy_xhat[c], p.count, BackwardMode::training);
 #pragma omp parallel for num_threads(threads_for(2 * g.channels * g.reduction_size())) schedule(static)
   for (int64_t t = 0; t < units.count; ++t)
-    for_each_run_of_unit(g, units, t, [&](int64_t o, int64_t c, int64_t first, int64_t len) {
+    units.for_each_run(g, t, [&](int64_t o, int64_t c, int64_t first, int64_t len) {
       backward_apply_runs(p.x + g.offset(o, c, first), 0, p.dy + p.dy_geom.offset(o, c, first), 0,
                           p.dx + p.dx_geom.offset(o, c, first), 0, 1, len, coeff[c], stream);
     });

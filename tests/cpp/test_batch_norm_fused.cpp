@@ -441,6 +441,9 @@ TEST(BatchNormFusedDeterminism, ThreadCounts) {
   const std::vector<Case> big = {
       {"NCHW C5 phases", dense(Layout::NCHW, {8, 5, {50, 53}})},
       {"NCHW C24 channels", dense(Layout::NCHW, {4, 24, {33, 35}})},
+      // 614 KB: statistics then the output in memory order with 1 and 2
+      // threads, a channel at a time with 3 (leaf_loops.hpp, kInCacheBytesPerThread).
+      {"NCHW C64 both plans", dense(Layout::NCHW, {4, 64, {24, 25}})},
       {"NHWC", dense(Layout::NHWC, {8, 13, {31, 33}})},
   };
   for (const Case& cs : big) {

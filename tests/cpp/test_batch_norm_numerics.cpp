@@ -241,7 +241,12 @@ INSTANTIATE_TEST_SUITE_P(
         DeterminismCase{"NCHW_C64", dense(Layout::NCHW, {8, 64, {32, 32}})},
         DeterminismCase{"NCL_C5_short_runs", dense(Layout::NCL, {3000, 5, {7}})},
         // Runs of 7×7 = 49 (position lanes), with more channels than threads.
+        // x is 301 KB: with 1 thread the forward takes statistics, then the
+        // output pass in memory order; with 2 and 3 a channel at a time
+        // (leaf_loops.hpp, kInCacheBytesPerThread). Both must give the same bits.
         DeterminismCase{"NCHW_C96_7x7", dense(Layout::NCHW, {16, 96, {7, 7}})},
+        // The same with long runs: 614 KB, two passes with 1 and 2 threads.
+        DeterminismCase{"NCHW_C64_both_plans", dense(Layout::NCHW, {4, 64, {24, 25}})},
         // Outputs of 16.8 MB: written with streaming stores where the L3 cache
         // is at most 32 MB (src/cpu/streaming.hpp, streaming_bytes).
         DeterminismCase{"NCHW_C64_streamed", dense(Layout::NCHW, {16, 64, {64, 64}})},
