@@ -8,6 +8,8 @@
 #include <new>
 #include <stdexcept>
 
+#include "core/simd_clones.hpp"
+
 namespace normkit_bench {
 
 int64_t Problem::numel() const {
@@ -161,6 +163,79 @@ Case streaming_copy_case(Data& data, int threads) {
     }
   };
   return c;
+}
+
+namespace {
+
+// The floor's passes over [begin, end) of one thread's share (floor_cases).
+// Sums in double lanes the compiler may reorder (omp simd): their value is
+// never used, only their cost.
+struct Sums {
+  double a = 0, b = 0;
+};
+NORMKIT_SIMD_CLONES
+Sums sums_pass(const float* __restrict u, const float* __restrict v, int64_t begin, int64_t end) {
+  double a = 0, b = 0;
+#pragma omp simd reduction(+ : a, b)
+  for (int64_t i = begin; i < end; ++i) {
+    a += u[i];
+    b += static_cast<double>(u[i]) * v[i];
+  }
+  return {a, b};
+}
+
+NORMKIT_SIMD_CLONES
+void output_pass(const float* __restrict u, const float* __restrict v, float* __restrict out,
+                 int64_t begin, int64_t end, float a, float b, float c) {
+  if (v == nullptr) {
+    for (int64_t i = begin; i < end; ++i) out[i] = a * u[i] + b;
+  } else {
+    for (int64_t i = begin; i < end; ++i) out[i] = a * u[i] + b * v[i] + c;
+  }
+}
+
+// Runs pass(begin, end) on `threads` threads, each on a contiguous share cut
+// on 64-byte lines (as copy_case).
+template <class Pass>
+void on_shares(int64_t n, int threads, Pass pass) {
+#pragma omp parallel num_threads(threads)
+  {
+    const int64_t lines = (n + 15) / 16, t = omp_get_thread_num(), T = omp_get_num_threads();
+    pass(std::min(n, lines * t / T * 16), std::min(n, lines * (t + 1) / T * 16));
+  }
+}
+
+}  // namespace
+
+std::vector<Case> floor_cases(Data& data, int threads) {
+  const float* x = data.x.data();
+  const float* dy = data.dy.data();
+  float* y = data.y.data();
+  float* dx = data.dx.data();
+  const int64_t n = data.problem.numel();
+  const auto forward = [=] {
+    on_shares(n, threads, [&](int64_t begin, int64_t end) {
+      const Sums s = sums_pass(x, x, begin, end);  // used, so the pass is kept
+      output_pass(x, nullptr, y, begin, end, 0.5f, static_cast<float>(s.a * 1e-30), 0);
+    });
+  };
+  const auto backward = [=] {
+    on_shares(n, threads, [&](int64_t begin, int64_t end) {
+      const Sums s = sums_pass(dy, x, begin, end);
+      output_pass(dy, x, dx, begin, end, 0.5f, 0.25f, static_cast<float>(s.b * 1e-30));
+    });
+  };
+  const auto inference = [=] {
+    on_shares(n, threads, [&](int64_t begin, int64_t end) {
+      output_pass(x, nullptr, y, begin, end, 0.5f, 0.25f, 0);
+    });
+  };
+  const std::string note = "two-pass floor, memory order, " + std::to_string(threads) +
+                           " thread" + (threads == 1 ? "" : "s");
+  return {{"floor", Op::forward_training, note, forward, nullptr},
+          {"floor", Op::backward, note, backward, nullptr},
+          {"floor", Op::forward_backward, note, [=] { forward(); backward(); }, nullptr},
+          {"floor", Op::inference, "one pass, memory order", inference, nullptr}};
 }
 
 double minimal_bytes(Op op, const Problem& problem) {

@@ -106,6 +106,18 @@ Case copy_case(Data& data, int threads);
 // destination: what a kernel using them can reach. Reported, not a baseline.
 Case streaming_copy_case(Data& data, int threads);
 
+// For reference, the floor of any two-pass kernel: its memory traffic and the
+// least arithmetic on it, with one constant for the whole tensor instead of
+// per-channel ones, in memory order, `threads` threads (library "floor"):
+//   forward-train     Σx and Σx², then y = a·x + b      (read x twice, write y)
+//   inference         y = a·x + b
+//   backward          Σdy and Σdy·x, then dx = a·dy + b·x + c
+//   forward+backward  both
+// A kernel that reads its inputs once for the statistics and once more for the
+// output cannot beat its row; a bar set below it needs the data kept in cache
+// between the passes. Not cross-checked: the outputs mean nothing.
+std::vector<Case> floor_cases(Data& data, int threads);
+
 // A library under test. set_threads is called before a thread count's cases
 // are built; cases() builds (and may run once, to set up saved statistics) the
 // cases it offers for a problem, or none.
