@@ -1,12 +1,13 @@
 // Fast group normalization, rows form: channels contiguous (NLC, NHWC, NDHWC,
-// NC, PyTorch channels_last): per sample, S rows of C floats, cut into slabs
-// of whole groups about 64 channels wide. Per-channel partial moments of a
-// chunk of a slab's rows are vectorized along C, then merged per group. A
-// thread takes whole slabs (200 KB of that shape, so the apply pass re-reads x
-// from L2; a whole sample, 800 KB, 1.6 MB with dy for backward, would not stay
-// there). When slabs are too few, the work is spread in three phases as in
-// group_norm_planes.cpp. The rules every fast kernel keeps are in
-// src/cpu/README.md.
+// NC, PyTorch channels_last): per sample, S rows of C floats. Statistics:
+// per chunk of rows, per-channel partial moments vectorized along C, merged
+// per group. Forward: a thread takes whole samples, their statistics over
+// whole rows, then y in memory order while the sample is in L2 (800 KB for
+// 16×256×28×28). Backward: a thread takes slabs of whole groups about 64
+// channels wide over all rows (200 KB of x, 400 KB with dy, stay in L2
+// between the sums and dx). When samples (or slabs) are too few, the work is
+// spread in three phases as in group_norm_planes.cpp. The rules every fast
+// kernel keeps are in src/cpu/README.md.
 #include <algorithm>
 #include <cmath>
 #include <vector>
@@ -35,14 +36,15 @@ using leaf::whole_units_per_thread;
 
 // ================= rows: per sample, S rows of C contiguous floats =================
 
-// A sample is cut into slabs of whole groups, about kSlabChannels channels wide,
-// taken over all S rows: a slab of x (200 KB for GN(32) on 16×256×28×28, x and
-// dy 400 KB) stays in L2 between its statistics and its apply, where a whole
-// sample (800 KB, 1.6 MB with dy) would not. Rows of a slab are cut into chunks
-// of at most kRowChunkValues (16 KB: the two statistics passes read from L1).
-// Both cuts depend only on the geometry.
+// Slabs: whole groups, about kSlabChannels channels wide, over all S rows (the
+// backward's units; the forward's statistics pieces when samples are few).
+// Rows are cut into chunks of kRowChunkValues / slab width rows (16 KB of a
+// slab: the two statistics passes of a block of channels read from L1). The
+// chunks fix the order of every float sum, and both cuts depend only on the
+// geometry; how many channels are computed together does not change a bit.
 constexpr int64_t kSlabChannels = 64;
 constexpr int64_t kRowChunkValues = 4096;
+constexpr int kLineFloats = 16;
 
 struct RowPlan {
   int64_t per_group, slab_channels, slabs, chunk_rows, chunks;
@@ -62,53 +64,60 @@ struct RowPlan {
 
 // Per-channel moments of a chunk of rows, vectorized across channels: the
 // chunk's mean shifted by its first row, then corrected sums around it. Blocks
-// of kChannelBlock channels keep their sums in registers while the rows go by
-// (the block's rows stay in L1 for the second pass); the channels after the
-// last whole block go one by one. Every channel's sums run over the rows in
-// order either way.
+// of B channels keep their sums in registers while the rows go by (the
+// block's rows stay in L1 for the second pass): wide blocks first (more
+// independent sums in flight), then narrower ones, then the channels left go
+// one by one. Every channel's sums run over the rows in order either way, so
+// a channel's result does not depend on the block it falls in. While the
+// second pass reads from cache, the lines of the next chunk (`next`, the
+// same columns of the following rows) are requested, so that its first pass
+// does not wait for memory. Always inlined into rows_chunk_moments, so that
+// it is compiled for that function's instruction sets (an outlined copy would
+// be baseline x86-64, without FMA: other bits).
+template <int B>
+[[gnu::always_inline]] inline void rows_block_moments(const float* __restrict xb, int64_t stride,
+                                                      int64_t rows, double* __restrict mean,
+                                                      double* __restrict m2, const float* next,
+                                                      int64_t next_rows) {
+  const double n = static_cast<double>(rows);
+  float shift[B], sum[B] = {}, center[B];
+  for (int l = 0; l < B; ++l) shift[l] = xb[l];
+  for (int64_t r = 0; r < rows; ++r)
+    for (int l = 0; l < B; ++l) sum[l] += xb[r * stride + l] - shift[l];
+  for (int l = 0; l < B; ++l)
+    center[l] = static_cast<float>(static_cast<double>(shift[l]) + static_cast<double>(sum[l]) / n);
+  float sum_d[B] = {}, sum_d2[B] = {};
+  for (int64_t r = 0; r < rows; ++r) {
+    if (r < next_rows)
+      for (int l = 0; l < B; l += kLineFloats) __builtin_prefetch(next + r * stride + l);
+    for (int l = 0; l < B; ++l) {
+      const float d = xb[r * stride + l] - center[l];
+      sum_d[l] += d;
+      sum_d2[l] += d * d;
+    }
+  }
+  for (int l = 0; l < B; ++l) {
+    const double sd = sum_d[l];
+    mean[l] = center[l] + sd / n;
+    m2[l] = sum_d2[l] - sd * sd / n;
+  }
+}
+
+constexpr int kWideBlock = 64;
 constexpr int kChannelBlock = 32;
 
 NORMKIT_SIMD_CLONES
 void rows_chunk_moments(const float* __restrict x, int64_t stride, int64_t rows, int64_t channels,
-                        double* __restrict mean, double* __restrict m2) {
-  const double n = static_cast<double>(rows);
+                        double* __restrict mean, double* __restrict m2, const float* next,
+                        int64_t next_rows) {
   int64_t c0 = 0;
-  for (; c0 + kChannelBlock <= channels; c0 += kChannelBlock) {
-    const float* xb = x + c0;
-    float shift[kChannelBlock], sum[kChannelBlock] = {}, center[kChannelBlock];
-    for (int l = 0; l < kChannelBlock; ++l) shift[l] = xb[l];
-    for (int64_t r = 0; r < rows; ++r)
-      for (int l = 0; l < kChannelBlock; ++l) sum[l] += xb[r * stride + l] - shift[l];
-    for (int l = 0; l < kChannelBlock; ++l)
-      center[l] = static_cast<float>(static_cast<double>(shift[l]) + static_cast<double>(sum[l]) / n);
-    float sum_d[kChannelBlock] = {}, sum_d2[kChannelBlock] = {};
-    for (int64_t r = 0; r < rows; ++r)
-      for (int l = 0; l < kChannelBlock; ++l) {
-        const float d = xb[r * stride + l] - center[l];
-        sum_d[l] += d;
-        sum_d2[l] += d * d;
-      }
-    for (int l = 0; l < kChannelBlock; ++l) {
-      const double sd = sum_d[l];
-      mean[c0 + l] = center[l] + sd / n;
-      m2[c0 + l] = sum_d2[l] - sd * sd / n;
-    }
-  }
-  for (int64_t c = c0; c < channels; ++c) {
-    const float shift = x[c];
-    float sum = 0;
-    for (int64_t r = 0; r < rows; ++r) sum += x[r * stride + c] - shift;
-    const auto center = static_cast<float>(static_cast<double>(shift) + static_cast<double>(sum) / n);
-    float sum_d = 0, sum_d2 = 0;
-    for (int64_t r = 0; r < rows; ++r) {
-      const float d = x[r * stride + c] - center;
-      sum_d += d;
-      sum_d2 += d * d;
-    }
-    const double sd = sum_d;
-    mean[c] = center + sd / n;
-    m2[c] = sum_d2 - sd * sd / n;
-  }
+  for (; c0 + kWideBlock <= channels; c0 += kWideBlock)
+    rows_block_moments<kWideBlock>(x + c0, stride, rows, mean + c0, m2 + c0, next + c0, next_rows);
+  for (; c0 + kChannelBlock <= channels; c0 += kChannelBlock)
+    rows_block_moments<kChannelBlock>(x + c0, stride, rows, mean + c0, m2 + c0, next + c0,
+                                      next_rows);
+  for (int64_t c = c0; c < channels; ++c)
+    rows_block_moments<1>(x + c, stride, rows, mean + c, m2 + c, nullptr, 0);
 }
 
 NORMKIT_SIMD_CLONES
@@ -122,16 +131,20 @@ void rows_apply_chunk(const float* x, int64_t x_stride, float* y, int64_t y_stri
   }
 }
 
-// The moments of each group of a slab over one chunk of rows: per-channel
-// moments merged over the group's channels in channel order. out: one per
-// group of the slab.
+// The moments of the groups of channels [c0, c0 + width) (whole groups) over
+// one chunk of rows: per-channel moments merged over each group's channels in
+// channel order. out: one per group of the range. A channel's moments do not
+// depend on which channels are computed with it, so any cut of a chunk into
+// ranges of whole groups gives the same bits.
 void rows_chunk_group_moments(const SampleGeometry& g, const float* x, const RowPlan& plan,
-                              int64_t n, int64_t slab, int64_t chunk, Moments* out) {
-  const int64_t c0 = plan.first_channel(slab), width = plan.width(slab, g.c);
+                              int64_t n, int64_t c0, int64_t width, int64_t chunk, Moments* out) {
   const int64_t rows = plan.rows_in(chunk, g.s);
   double* const mean = scratch<double>(0, 2 * width);
   double* const m2 = mean + width;
-  rows_chunk_moments(x + g.offset(n, c0, plan.first_row(chunk)), g.s_stride, rows, width, mean, m2);
+  const bool last = chunk + 1 == plan.chunks;
+  rows_chunk_moments(x + g.offset(n, c0, plan.first_row(chunk)), g.s_stride, rows, width, mean, m2,
+                     last ? x : x + g.offset(n, c0, plan.first_row(chunk + 1)),
+                     last ? 0 : plan.rows_in(chunk + 1, g.s));
   const double count = static_cast<double>(rows);
   for (int64_t j = 0; j < width / plan.per_group; ++j) {
     Moments m;
@@ -141,19 +154,64 @@ void rows_chunk_group_moments(const SampleGeometry& g, const float* x, const Row
   }
 }
 
-// Statistics of a slab's groups over all rows, chunks merged in order, into
-// moments[n·G + group].
-void rows_slab_moments(const SampleGeometry& g, const float* x, const RowPlan& plan,
-                       int64_t groups, int64_t n, int64_t slab, Moments* moments) {
-  const int64_t first_group = plan.first_channel(slab) / plan.per_group;
-  const int64_t count = plan.width(slab, g.c) / plan.per_group;
-  Moments* const out = moments + n * groups + first_group;
-  Moments* const chunk_moments = scratch<Moments>(1, count);
-  for (int64_t j = 0; j < count; ++j) out[j] = Moments{};
+// Statistics of sample n's groups, chunks of whole rows merged in chunk order,
+// into moments[n·G + group].
+void rows_sample_moments(const SampleGeometry& g, const float* x, const RowPlan& plan,
+                         int64_t groups, int64_t n, Moments* moments) {
+  Moments* const out = moments + n * groups;
+  Moments* const chunk_moments = scratch<Moments>(1, groups);
+  for (int64_t j = 0; j < groups; ++j) out[j] = Moments{};
   for (int64_t chunk = 0; chunk < plan.chunks; ++chunk) {
-    rows_chunk_group_moments(g, x, plan, n, slab, chunk, chunk_moments);
-    for (int64_t j = 0; j < count; ++j) out[j].merge(chunk_moments[j]);
+    rows_chunk_group_moments(g, x, plan, n, 0, g.c, chunk, chunk_moments);
+    for (int64_t j = 0; j < groups; ++j) out[j].merge(chunk_moments[j]);
   }
+}
+
+// When samples are too few for the threads, the statistics are spread in
+// pieces (sample, chunk of rows, part of the channels), merged in chunk
+// order. Parts are whole slabs, and only as many as it takes to give every
+// thread several pieces: whole rows are read in memory order, slabs in short
+// strided segments (slow to fetch), and the bits are the same either way.
+struct StatisticsPieces {
+  int64_t parts, part_channels, count;
+  StatisticsPieces(const SampleGeometry& g, const RowPlan& plan, int threads) {
+    const int64_t wanted = (8 * threads + g.n * plan.chunks - 1) / (g.n * plan.chunks);
+    parts = std::clamp<int64_t>(wanted, 1, plan.slabs);
+    part_channels = ((plan.slabs + parts - 1) / parts) * plan.slab_channels;
+    parts = (g.c + part_channels - 1) / part_channels;
+    count = g.n * plan.chunks * parts;
+  }
+  // Piece t: sample, chunk, first channel, channels.
+  int64_t sample(int64_t t, const RowPlan& plan) const { return t / (plan.chunks * parts); }
+  int64_t chunk(int64_t t, const RowPlan& plan) const { return t / parts % plan.chunks; }
+  int64_t first_channel(int64_t t) const { return t % parts * part_channels; }
+  int64_t width(int64_t t, int64_t c) const {
+    return std::min(part_channels, c - first_channel(t));
+  }
+};
+
+// Phases 1 and 2 (inside a parallel region): the pieces' group moments, then
+// each sample's groups merged in chunk order into moments[n·G + group].
+void rows_moments_phases(const SampleGeometry& g, const float* x, const RowPlan& plan,
+                         int64_t groups, const StatisticsPieces& pieces,
+                         std::vector<Moments>& partial, Moments* moments) {
+  const int64_t per_piece = pieces.part_channels / plan.per_group;
+#pragma omp for schedule(static)
+  for (int64_t t = 0; t < pieces.count; ++t) {
+    const int64_t c0 = pieces.first_channel(t);
+    rows_chunk_group_moments(g, x, plan, pieces.sample(t, plan), c0, pieces.width(t, g.c),
+                             pieces.chunk(t, plan), &partial[t * per_piece]);
+  }
+#pragma omp for schedule(static)
+  for (int64_t n = 0; n < g.n; ++n)
+    for (int64_t j = 0; j < groups; ++j) {
+      const int64_t part = j / per_piece;
+      Moments m;
+      for (int64_t chunk = 0; chunk < plan.chunks; ++chunk)
+        m.merge(partial[((n * plan.chunks + chunk) * pieces.parts + part) * per_piece +
+                        j % per_piece]);
+      moments[n * groups + j] = m;
+    }
 }
 
 // Coefficient arrays over C per sample, so the row loop vectorizes along C.
@@ -161,11 +219,10 @@ struct SampleCoefficients {
   float *mean_hi, *scale, *shift;
 };
 
-void rows_slab_coefficients(const Forward<float>& p, const RowPlan& plan, int64_t n,
-                            int64_t slab, SampleCoefficients k) {
-  const int64_t c0 = plan.first_channel(slab);
-  for (int64_t c = c0; c < c0 + plan.width(slab, p.x_geom.c); ++c) {
-    const Moments& m = p.moments[n * p.groups + c / plan.per_group];
+void rows_sample_coefficients(const Forward<float>& p, int64_t per_group, int64_t n,
+                              SampleCoefficients k) {
+  for (int64_t c = 0; c < p.x_geom.c; ++c) {
+    const Moments& m = p.moments[n * p.groups + c / per_group];
     const ApplyCoefficients a =
         apply_coefficients(m.mean, 1.0 / std::sqrt(m.biased_variance() + p.eps),
                            param_or(p.gamma, c, 1.0), param_or(p.beta, c, 0.0));
@@ -175,78 +232,68 @@ void rows_slab_coefficients(const Forward<float>& p, const RowPlan& plan, int64_
   }
 }
 
-void rows_slab_apply(const Forward<float>& p, const RowPlan& plan, int64_t n, int64_t slab,
-                     int64_t first_row, int64_t rows, const SampleCoefficients& k) {
-  const int64_t c0 = plan.first_channel(slab);
-  rows_apply_chunk(p.x + p.x_geom.offset(n, c0, first_row), p.x_geom.s_stride,
-                   p.y + p.y_geom.offset(n, c0, first_row), p.y_geom.s_stride, rows,
-                   plan.width(slab, p.x_geom.c), k.mean_hi + c0, k.scale + c0, k.shift + c0);
+// y of rows [first_row, first_row + rows) of sample n, whole rows in memory order.
+void rows_sample_apply(const Forward<float>& p, int64_t n, int64_t first_row, int64_t rows,
+                       const SampleCoefficients& k) {
+  rows_apply_chunk(p.x + p.x_geom.offset(n, 0, first_row), p.x_geom.s_stride,
+                   p.y + p.y_geom.offset(n, 0, first_row), p.y_geom.s_stride, rows, p.x_geom.c,
+                   k.mean_hi, k.scale, k.shift);
 }
 
+// A thread takes whole samples when they keep every thread busy: statistics
+// over whole rows, then y while the sample is in L2 (800 KB for
+// 16×256×28×28). Otherwise three phases: statistics pieces, merges, then y
+// in chunks of rows.
 void rows_forward(const Forward<float>& p) {
   const SampleGeometry& g = p.x_geom;
   const RowPlan plan(g, p.groups);
   const int threads = threads_for(g.n * g.c * g.s);
-  const int64_t units = g.n * plan.slabs;
   std::vector<float> coeff(3 * g.n * g.c);
   auto coefficients_of = [&](int64_t n) {
     float* base = coeff.data() + 3 * n * g.c;
     return SampleCoefficients{base, base + g.c, base + 2 * g.c};
   };
-  if (whole_units_per_thread(units, threads)) {
+  if (whole_units_per_thread(g.n, threads)) {
 #pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t u = 0; u < units; ++u) {
-      const int64_t n = u / plan.slabs, slab = u % plan.slabs;
-      rows_slab_moments(g, p.x, plan, p.groups, n, slab, p.moments);
-      const SampleCoefficients k = coefficients_of(n);
-      rows_slab_coefficients(p, plan, n, slab, k);
-      rows_slab_apply(p, plan, n, slab, 0, g.s, k);
+    for (int64_t n = 0; n < g.n; ++n) {
+      rows_sample_moments(g, p.x, plan, p.groups, n, p.moments);
+      rows_sample_coefficients(p, plan.per_group, n, coefficients_of(n));
+      rows_sample_apply(p, n, 0, g.s, coefficients_of(n));
     }
     return;
   }
-  // Phases: chunks of every slab spread over the threads, merged in chunk order.
-  const int64_t pieces = units * plan.chunks, per_slab = plan.slab_channels / plan.per_group;
-  std::vector<Moments> partial(pieces * per_slab);
+  const StatisticsPieces pieces(g, plan, threads);
+  std::vector<Moments> partial(pieces.count * (pieces.part_channels / plan.per_group));
 #pragma omp parallel num_threads(threads)
   {
+    rows_moments_phases(g, p.x, plan, p.groups, pieces, partial, p.moments);
 #pragma omp for schedule(static)
-    for (int64_t t = 0; t < pieces; ++t) {
-      const int64_t u = t / plan.chunks;
-      rows_chunk_group_moments(g, p.x, plan, u / plan.slabs, u % plan.slabs, t % plan.chunks,
-                               &partial[t * per_slab]);
-    }
+    for (int64_t n = 0; n < g.n; ++n)
+      rows_sample_coefficients(p, plan.per_group, n, coefficients_of(n));
 #pragma omp for schedule(static)
-    for (int64_t u = 0; u < units; ++u) {
-      const int64_t n = u / plan.slabs, slab = u % plan.slabs;
-      const int64_t count = plan.width(slab, g.c) / plan.per_group;
-      Moments* const out = p.moments + n * p.groups + plan.first_channel(slab) / plan.per_group;
-      for (int64_t j = 0; j < count; ++j) {
-        Moments m;
-        for (int64_t chunk = 0; chunk < plan.chunks; ++chunk)
-          m.merge(partial[(u * plan.chunks + chunk) * per_slab + j]);
-        out[j] = m;
-      }
-      rows_slab_coefficients(p, plan, n, slab, coefficients_of(n));
-    }
-#pragma omp for schedule(static)
-    for (int64_t t = 0; t < pieces; ++t) {
-      const int64_t u = t / plan.chunks, chunk = t % plan.chunks;
-      rows_slab_apply(p, plan, u / plan.slabs, u % plan.slabs, plan.first_row(chunk),
-                      plan.rows_in(chunk, g.s), coefficients_of(u / plan.slabs));
+    for (int64_t t = 0; t < g.n * plan.chunks; ++t) {
+      const int64_t n = t / plan.chunks, chunk = t % plan.chunks;
+      rows_sample_apply(p, n, plan.first_row(chunk), plan.rows_in(chunk, g.s), coefficients_of(n));
     }
   }
 }
 
 void rows_moments(const SampleGeometry& g, const float* x, int64_t groups, Moments* out) {
   const RowPlan plan(g, groups);
-  const int64_t units = g.n * plan.slabs;
-#pragma omp parallel for num_threads(threads_for(g.n * g.c * g.s)) schedule(static)
-  for (int64_t u = 0; u < units; ++u)
-    rows_slab_moments(g, x, plan, groups, u / plan.slabs, u % plan.slabs, out);
+  const int threads = threads_for(g.n * g.c * g.s);
+  if (whole_units_per_thread(g.n, threads)) {
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t n = 0; n < g.n; ++n) rows_sample_moments(g, x, plan, groups, n, out);
+    return;
+  }
+  const StatisticsPieces pieces(g, plan, threads);
+  std::vector<Moments> partial(pieces.count * (pieces.part_channels / plan.per_group));
+#pragma omp parallel num_threads(threads)
+  rows_moments_phases(g, x, plan, groups, pieces, partial, out);
 }
 
 // Σdy and Σdy·(x - center[c]) of one chunk per channel, from zero, in double,
-// blocked over channels as rows_chunk_moments.
+// in blocks of kChannelBlock channels whose sums stay in registers.
 NORMKIT_SIMD_CLONES
 void rows_gradient_sums_chunk(const float* __restrict x, int64_t x_stride,
                               const float* __restrict dy, int64_t dy_stride, int64_t rows,

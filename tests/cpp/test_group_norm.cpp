@@ -287,10 +287,14 @@ TEST(GroupNormDeterminism, BitwiseIdenticalFor1To3Threads) {
     int64_t groups;
   };
   // Blocks or samples: 6 (whole per thread at 1, 2 and 3 threads), 2 and 3
-  // (phases at some thread counts), so both schedules are compared.
+  // (phases at some thread counts), so both schedules are compared. The last
+  // shape, channels-last: one thread takes the sample's whole rows (channel
+  // blocks 64, 64, 32), two and three cut them into 3 parts of 60 channels
+  // (blocks 32 and 28 channels one by one), so a channel's sums must not
+  // depend on the block it falls in.
   const std::vector<Shape> shapes = {
       {{3, 64, {32, 32}}, 2}, {{1, 4, {160, 160}}, 2}, {{3, 8, {100, 100}}, 1},
-      {{2, 96, {24, 24}}, 32},
+      {{2, 96, {24, 24}}, 32}, {{1, 160, {20, 20}}, 16},
   };
   for (const auto& shape : shapes)
     for (const Layout layout : {Layout::NCHW, Layout::NHWC}) {
