@@ -48,6 +48,7 @@ using leaf::for_each_piece;
 using leaf::GradientSums;
 using leaf::kInCacheBytesPerThread;
 using leaf::kPieceElements;
+using leaf::piece_moments;
 using leaf::Pieces;
 using leaf::scratch;
 using leaf::whole_units_per_thread;
@@ -81,12 +82,6 @@ void backward_apply_run(const float* __restrict x, const float* __restrict g, fl
 
 
 // ======================= planes =======================
-
-// BN's piece moments (leaf::piece_moments): BN+ReLU's statistics are BN's bit for bit.
-Moments piece_moments(const Geometry& g, const float* x, int64_t c, const Pieces::Span& s) {
-  return leaf::piece_moments(x + g.offset(s.first_run, c, s.first_inner), s.runs, s.len,
-                           g.outer_stride);
-}
 
 // One run (or part of one) of the output pass: y, and the mask from the y just written.
 void run_forward_apply(const Forward<float>& p, int64_t o, int64_t c, int64_t first, int64_t len,

@@ -34,13 +34,14 @@ using cpu::stream_apply;
 using cpu::stream_backward;
 using cpu::streaming_output;
 using detail::threads_for;
-using leaf::GradientSums;
-using leaf::kPieceElements;
-using leaf::param_or;
-using leaf::Pieces;
 using leaf::ApplyUnits;
 using leaf::for_each_piece;
+using leaf::GradientSums;
 using leaf::kInCacheBytesPerThread;
+using leaf::kPieceElements;
+using leaf::param_or;
+using leaf::piece_moments;
+using leaf::Pieces;
 using leaf::whole_units_per_thread;
 
 // Inside a piece, sums run in float lanes (leaf_loops.hpp); lane totals are
@@ -86,12 +87,6 @@ void backward_apply_runs(const float* x, int64_t x_stride, const float* dy, int6
 }
 
 // ================= planes: [outer, C, inner], inner contiguous =================
-
-// A piece's moments (leaf::piece_moments, shared with the fused kernels).
-Moments piece_moments(const Geometry& g, const float* x, int64_t c, const Pieces::Span& s) {
-  return leaf::piece_moments(x + g.offset(s.first_run, c, s.first_inner), s.runs, s.len,
-                             g.outer_stride);
-}
 
 void piece_apply(const Geometry& gx, const Geometry& gy, const float* x, float* y, int64_t c,
                  const Pieces::Span& s, ApplyCoefficients k) {

@@ -315,6 +315,13 @@ struct Pieces {
   }
 };
 
+// Channel c's piece `s` of planes data x (geometry g): its moments, for BN and
+// the fused kernels alike.
+template <class Geometry>
+Moments piece_moments(const Geometry& g, const float* x, int64_t c, const Pieces::Span& s) {
+  return piece_moments(x + g.offset(s.first_run, c, s.first_inner), s.runs, s.len, g.outer_stride);
+}
+
 // The planes forward passes read x twice when the problem does not fit in
 // cache: statistics, then the output in memory order. Channel at a time (the
 // second pass from cache) writes y and reads x in a channel's runs, one per

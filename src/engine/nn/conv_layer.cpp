@@ -67,12 +67,12 @@ class Conv2d final : public Layer {
     const int64_t n = x.shape[0];
     y_.reshape({n, cout_, oh_, ow_}, format_);
     try {
-      for (Plan* p : plans_for(n)) p->reorder_weights(weight_.value, Plan::forward);
+      for (Plan* p : plans_for(n)) p->reorder_weights(weight_.value, Plan::Weights::forward);
       for_each_sample_chunk(n, [&](int64_t first, int64_t samples, Buffers&) {
         Plan& p = plan(samples);
         std::unordered_map<int, memory> args = {
             {DNNL_ARG_SRC, p.src_at(x.data.data(), first)},
-            {DNNL_ARG_WEIGHTS, p.weights(Plan::forward)},
+            {DNNL_ARG_WEIGHTS, p.weights(Plan::Weights::forward)},
             {DNNL_ARG_DST, p.dst_at(y_.data.data(), first)},
             {DNNL_ARG_SCRATCHPAD, thread_scratchpad(p.forward_pd.scratchpad_desc())}};
         if (bias_) args.emplace(DNNL_ARG_BIAS, memory(p.bias, cpu_engine(), bias_->value.data()));
@@ -93,7 +93,7 @@ class Conv2d final : public Layer {
     try {
       if (need_input_grad) {
         dx_.reshape({n, cin_, h_, w_}, format_);
-        for (Plan* p : plans_for(n)) p->reorder_weights(weight_.value, Plan::backward_data);
+        for (Plan* p : plans_for(n)) p->reorder_weights(weight_.value, Plan::Weights::backward_data);
       }
       for_each_sample_chunk(n, [&](int64_t first, int64_t samples, Buffers& buffers) {
         Plan& p = plan(samples);
@@ -116,7 +116,7 @@ class Conv2d final : public Layer {
         if (!need_input_grad) return;
         p.backward_data_primitive.execute(
             stream, {{DNNL_ARG_DIFF_DST, dy_chunk},
-                     {DNNL_ARG_WEIGHTS, p.weights(Plan::backward_data)},
+                     {DNNL_ARG_WEIGHTS, p.weights(Plan::Weights::backward_data)},
                      {DNNL_ARG_DIFF_SRC, p.src_at(dx_.data.data(), first)},
                      {DNNL_ARG_SCRATCHPAD, thread_scratchpad(p.backward_data_pd.scratchpad_desc())}});
       });
@@ -151,7 +151,7 @@ class Conv2d final : public Layer {
   // The one-thread primitives for chunks of `samples` samples, and the
   // weights in the layouts they chose.
   struct Plan {
-    enum Weights { forward, backward_data };
+    enum class Weights { forward, backward_data };
     memory::desc src, dst, bias;
     int64_t src_sample, dst_sample;  // floats per sample
     dnnl::convolution_forward::primitive_desc forward_pd;
@@ -171,10 +171,11 @@ class Conv2d final : public Layer {
       return memory(dst, cpu_engine(), const_cast<float*>(data) + first * dst_sample);
     }
     memory::desc weights_desc(Weights which) const {
-      return which == forward ? forward_pd.weights_desc() : backward_data_pd.weights_desc();
+      return which == Weights::forward ? forward_pd.weights_desc()
+                                       : backward_data_pd.weights_desc();
     }
     memory weights(Weights which) {
-      std::vector<float>& values = weight_values[which];
+      std::vector<float>& values = weight_values[static_cast<int>(which)];
       values.resize(weights_desc(which).get_size() / sizeof(float));
       return memory(weights_desc(which), cpu_engine(), values.data());
     }

@@ -264,7 +264,7 @@ void max_window_rows(const float* __restrict src, int64_t row_step, int64_t col_
       } else {
         for (int64_t c = 0; c < channels; ++c) {
           const float v = p[c], best = out[c];
-          out[c] = (v > best) | (v != v) ? v : best;
+          out[c] = ((v > best) | (v != v)) ? v : best;
         }
       }
     }
