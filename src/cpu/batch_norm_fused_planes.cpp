@@ -45,8 +45,8 @@ using cpu::pack_positive_bits;
 using detail::threads_for;
 using leaf::ApplyUnits;
 using leaf::for_each_piece;
+using leaf::forward_channel_at_a_time;
 using leaf::GradientSums;
-using leaf::kInCacheBytesPerThread;
 using leaf::kPieceElements;
 using leaf::piece_moments;
 using leaf::Pieces;
@@ -101,8 +101,7 @@ void planes_forward(const Forward<float>& p) {
   const Geometry& g = p.x_geom;
   const Pieces pieces(g);
   const int threads = threads_for(g.channels * g.reduction_size());
-  const int64_t x_bytes = g.channels * g.reduction_size() * int64_t{sizeof(float)};
-  if (whole_units_per_thread(g.channels, threads) && x_bytes <= kInCacheBytesPerThread * threads) {
+  if (forward_channel_at_a_time(g, threads)) {
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t c = 0; c < g.channels; ++c) {
       if (p.training) {

@@ -36,8 +36,8 @@ using cpu::streaming_output;
 using detail::threads_for;
 using leaf::ApplyUnits;
 using leaf::for_each_piece;
+using leaf::forward_channel_at_a_time;
 using leaf::GradientSums;
-using leaf::kInCacheBytesPerThread;
 using leaf::kPieceElements;
 using leaf::param_or;
 using leaf::piece_moments;
@@ -103,8 +103,7 @@ void planes_forward_training(const Forward<float>& p) {
     return apply_coefficients(p.moments[c].mean, invstd_of(p.moments[c].biased_variance(), p.eps),
                               param_or(p.gamma, c, 1.0), param_or(p.beta, c, 0.0));
   };
-  const int64_t x_bytes = g.channels * g.reduction_size() * int64_t{sizeof(float)};
-  if (whole_units_per_thread(g.channels, threads) && x_bytes <= kInCacheBytesPerThread * threads) {
+  if (forward_channel_at_a_time(g, threads)) {
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t c = 0; c < g.channels; ++c) {
       Moments m;

@@ -322,14 +322,19 @@ Moments piece_moments(const Geometry& g, const float* x, int64_t c, const Pieces
   return piece_moments(x + g.offset(s.first_run, c, s.first_inner), s.runs, s.len, g.outer_stride);
 }
 
-// The planes forward passes read x twice when the problem does not fit in
-// cache: statistics, then the output in memory order. Channel at a time (the
-// second pass from cache) writes y and reads x in a channel's runs, one per
-// outer index and far apart, which the prefetchers follow badly: measured
-// 1.2-1.6× slower than the two passes on 12.8 MB tensors (28×28 and 7×7
-// planes, NCHW), and up to 2× on 128×32×28×28. Below this many bytes of x per
-// thread everything stays in cache, and one pass over fewer, larger steps wins.
+// The planes forward passes (BN, fused BN+ReLU) work channel at a time, the
+// output pass re-reading x from cache, only when x fits in cache (at most this
+// many bytes per thread). Otherwise they read x twice: statistics, then the
+// output in memory order. Channel at a time reads and writes a channel's runs,
+// one per outer index and far apart, which the prefetchers follow badly: it
+// measured 1.1-1.4× slower than the two passes on 12.8 MB tensors (28×28 and
+// 7×7 planes, NCHW) and 2× on 128×32×28×28, but faster below 256 KB per thread.
 constexpr int64_t kInCacheBytesPerThread = int64_t{256} << 10;
+template <class Geometry>
+bool forward_channel_at_a_time(const Geometry& g, int threads) {
+  const int64_t x_bytes = g.channels * g.reduction_size() * int64_t{sizeof(float)};
+  return whole_units_per_thread(g.channels, threads) && x_bytes <= kInCacheBytesPerThread * threads;
+}
 
 // Calls fn(c, i) for every piece i of every channel c, from inside a parallel
 // region, and waits for all threads. When channels alone keep the threads
