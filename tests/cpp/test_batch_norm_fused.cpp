@@ -441,9 +441,10 @@ TEST(BatchNormFusedDeterminism, ThreadCounts) {
   const std::vector<Case> big = {
       {"NCHW C5 phases", dense(Layout::NCHW, {8, 5, {50, 53}})},
       {"NCHW C24 channels", dense(Layout::NCHW, {4, 24, {33, 35}})},
-      // 614 KB: statistics then the output in memory order with 1 and 2
-      // threads, a channel at a time with 3 (leaf_loops.hpp, kInCacheBytesPerThread).
-      {"NCHW C64 both plans", dense(Layout::NCHW, {4, 64, {24, 25}})},
+      // 749 KB, three pieces per channel: statistics then the output in memory
+      // order with 1 and 2 threads, a channel at a time with 3
+      // (leaf_loops.hpp, forward_channel_at_a_time).
+      {"NCHW C24 both plans", dense(Layout::NCHW, {13, 24, {24, 25}})},
       {"NHWC", dense(Layout::NHWC, {8, 13, {31, 33}})},
   };
   for (const Case& cs : big) {
