@@ -200,7 +200,7 @@ CenteredSums centered_sums_short_runs(const float* __restrict x, int64_t runs, i
 // mask in bits (relu_mask.hpp). Their loops read the bits themselves, 32 lanes
 // at a time, so that x, dy and the bits stream together: expanding g into an
 // L1 buffer first and summing it then measured 1.3-1.6x slower than BN's
-// loops over the same bytes (2 cores, 32×64×56×56). A masked loop adds exactly
+// loops over the same bytes (1 thread, 32×64×56×56). A masked loop adds exactly
 // the values BN's loop adds for g, in the same order, so the fused kernels'
 // sums are BN's bit for bit. Run r's first bit is bit_first + r·bit_stride.
 struct GradientSource {
@@ -240,10 +240,13 @@ inline void prefetch_bits(const uint8_t* mask, int64_t first, int64_t count) {
   for (; p < end; p += 64) __builtin_prefetch(p);
   __builtin_prefetch(end - 1);
 }
-// The two cache lines of 32 floats at p + kPrefetchFloats (never faults).
+// The two cache lines of 32 floats kPrefetchFloats after p, which may lie past
+// the end of p's array: a prefetch never faults, and the address is computed
+// as an integer, not as a pointer out of bounds.
 inline void prefetch_ahead(const float* p) {
-  __builtin_prefetch(p + kPrefetchFloats);
-  __builtin_prefetch(p + kPrefetchFloats + 16);
+  const uintptr_t ahead = reinterpret_cast<uintptr_t>(p) + kPrefetchFloats * sizeof(float);
+  __builtin_prefetch(reinterpret_cast<const void*>(ahead));
+  __builtin_prefetch(reinterpret_cast<const void*>(ahead + 16 * sizeof(float)));
 }
 
 // g of lane l, given the lanes' mask bits m (32 or 64 of them).
