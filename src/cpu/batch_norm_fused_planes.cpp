@@ -10,11 +10,12 @@
 // time, x re-read from cache, for problems that fit in cache; otherwise the
 // statistics, then the output pass in memory order.
 //
-// Backward = the BN backward of g = mask ? dy : 0, where g is expanded from the
-// bits into a small per-thread buffer (L1) right before each leaf loop uses it:
-// a piece at a time for the sums, kExpandBlock elements at a time for dx. It
-// never exists as a tensor, and the mask costs 1/32 of dy's bytes. (BN+Add+ReLU
-// expands straight into dz, which is g.)
+// Backward = the BN backward of g = mask ? dy : 0, where the leaf loops take g
+// from dy and the bits themselves, 32 lanes at a time (leaf::GradientSource),
+// so that x, dy and the bits stream together; only pieces of runs shorter than
+// kLanes expand g into a small per-thread buffer (L1) first. g never exists as
+// a tensor, and the mask costs 1/32 of dy's bytes. (BN+Add+ReLU writes g as dz
+// in the same loop as dx.)
 //
 // The statistics and the gradient sums are batch_norm_planes.cpp's own
 // (leaf::piece_moments, leaf::piece_gradient_sums): BN+ReLU gives relu(BN(x))
@@ -40,7 +41,6 @@ using cpu::BackwardCoefficients;
 using cpu::expand_bits;
 using cpu::finish_channel;
 using cpu::forward_coefficients;
-using cpu::kExpandBlock;
 using cpu::pack_positive_bits;
 using detail::threads_for;
 using leaf::ApplyUnits;
@@ -72,14 +72,6 @@ void apply_add_relu_run(const float* __restrict x, const float* __restrict z, fl
     y[i] = p < 0.0f ? 0.0f : p;
   }
 }
-
-// dx = a·g + b·(x - mean_hi) + k over one run.
-NORMKIT_SIMD_CLONES
-void backward_apply_run(const float* __restrict x, const float* __restrict g, float* dx,
-                        int64_t len, BackwardCoefficients k) {
-  for (int64_t i = 0; i < len; ++i) dx[i] = k.a * g[i] + k.b * (x[i] - k.mean_hi) + k.k;
-}
-
 
 // ======================= planes =======================
 
@@ -145,38 +137,75 @@ void planes_forward(const Forward<float>& p) {
   }
 }
 
-// Σg and Σg·(x - mean) of a piece: g expanded into L1 scratch (the piece's
-// runs side by side, at most kPieceElements), then BN's sums over it
-// (leaf::piece_gradient_sums), so that they are the unfused kernel's bit for bit.
+// Σg and Σg·(x - mean) of a piece, BN's sums (leaf::piece_gradient_sums) bit
+// for bit: runs of kLanes values or more read g from the bits inside the loop
+// (leaf::GradientSource); shorter ones, whose runs' bits are a few bytes at
+// any bit offset, expand g into L1 scratch `g` first (the piece's runs side by
+// side, at most kPieceElements).
 GradientSums piece_gradient_sums(const Backward<float>& p, int64_t c, const Pieces::Span& s,
                                  float* g) {
+  const float* x = p.x + p.x_geom.offset(s.first_run, c, s.first_inner);
+  if (s.len >= leaf::kLanes) {
+    const leaf::GradientSource src{p.dy + p.dy_geom.offset(s.first_run, c, s.first_inner),
+                                   p.dy_geom.outer_stride, p.mask,
+                                   p.order.bit(s.first_run, c, s.first_inner), p.order.outer};
+    return leaf::piece_gradient_sums(x, p.x_geom.outer_stride, src, s.runs, s.len, p.mean[c]);
+  }
   for (int64_t r = 0; r < s.runs; ++r)
     expand_bits(p.dy + p.dy_geom.offset(s.first_run + r, c, s.first_inner), p.mask,
                 p.order.bit(s.first_run + r, c, s.first_inner), s.len, g + r * s.len);
-  return leaf::piece_gradient_sums(p.x + p.x_geom.offset(s.first_run, c, s.first_inner),
-                                   p.x_geom.outer_stride, g, s.len, s.runs, s.len, p.mean[c]);
+  return leaf::piece_gradient_sums(x, p.x_geom.outer_stride, g, s.len, s.runs, s.len, p.mean[c]);
+}
+
+// g = mask ? dy : 0 over one run from its bits (from bit `bit`), into dz if
+// wanted, and dx = a·g + b·(x - mean_hi) + k if wanted: x, dy and the bits
+// stream together, as in the sums (leaf::GradientSource).
+NORMKIT_SIMD_CLONES
+void backward_apply_masked_run(const float* __restrict x, const float* __restrict dy,
+                               const uint8_t* mask, int64_t bit, float* __restrict dx,
+                               float* __restrict dz, int64_t len, BackwardCoefficients k) {
+  constexpr int kBlock = 32;
+  leaf::prefetch_bits(mask, bit, len);
+  int64_t i = 0;
+  for (; i + kBlock <= len; i += kBlock) {
+    const uint32_t m = leaf::mask_bits(mask, bit + i, kBlock);
+    leaf::prefetch_ahead(x + i);
+    leaf::prefetch_ahead(dy + i);
+    float g[kBlock];
+    for (int l = 0; l < kBlock; ++l) g[l] = leaf::lane_gradient<true>(dy + i, m, l);
+    if (dz)
+      for (int l = 0; l < kBlock; ++l) dz[i + l] = g[l];
+    if (dx)
+      for (int l = 0; l < kBlock; ++l) dx[i + l] = k.a * g[l] + k.b * (x[i + l] - k.mean_hi) + k.k;
+  }
+  for (; i < len; i += 8) {  // the rest, at most 8 at a time
+    const int n = static_cast<int>(std::min<int64_t>(8, len - i));
+    const uint32_t m = leaf::mask_bits(mask, bit + i, n);
+    for (int l = 0; l < n; ++l) {
+      const float g = leaf::lane_gradient<true>(dy + i, m, l);
+      if (dz) dz[i + l] = g;
+      if (dx) dx[i + l] = k.a * g + k.b * (x[i + l] - k.mean_hi) + k.k;
+    }
+  }
 }
 
 void piece_backward_apply(const Backward<float>& p, int64_t c, const Pieces::Span& s,
-                          BackwardCoefficients k, float* scratch_g) {
-  for (int64_t r = s.first_run; r < s.first_run + s.runs; ++r)
-    for (int64_t i0 = 0; i0 < s.len; i0 += kExpandBlock) {
-      const int64_t i = s.first_inner + i0, len = std::min(kExpandBlock, s.len - i0);
-      // dz is g itself: expand straight into it.
-      float* g = p.dz ? p.dz + p.dz_geom.offset(r, c, i) : scratch_g;
-      expand_bits(p.dy + p.dy_geom.offset(r, c, i), p.mask, p.order.bit(r, c, i), len, g);
-      if (p.dx)
-        backward_apply_run(p.x + p.x_geom.offset(r, c, i), g, p.dx + p.dx_geom.offset(r, c, i),
-                           len, k);
-    }
+                          BackwardCoefficients k) {
+  for (int64_t r = s.first_run; r < s.first_run + s.runs; ++r) {
+    const int64_t i = s.first_inner;
+    backward_apply_masked_run(p.x + p.x_geom.offset(r, c, i), p.dy + p.dy_geom.offset(r, c, i),
+                              p.mask, p.order.bit(r, c, i),
+                              p.dx ? p.dx + p.dx_geom.offset(r, c, i) : nullptr,
+                              p.dz ? p.dz + p.dz_geom.offset(r, c, i) : nullptr, s.len, k);
+  }
 }
 
 void planes_backward(const Backward<float>& p) {
   const Geometry& g = p.x_geom;
   const Pieces pieces(g);
   const int threads = threads_for(2 * g.channels * g.reduction_size());
-  // Room for a whole piece (piece_gradient_sums); the apply pass uses kExpandBlock of it.
-  const auto scratch_len = static_cast<size_t>(std::max(kPieceElements, kExpandBlock));
+  // Room for a whole piece of short runs (piece_gradient_sums).
+  const auto scratch_len = static_cast<size_t>(kPieceElements);
   const bool second_pass = p.dx || p.dz;
   if (whole_units_per_thread(g.channels, threads)) {
 #pragma omp parallel num_threads(threads)
@@ -193,7 +222,7 @@ void planes_backward(const Backward<float>& p) {
         const BackwardCoefficients k = finish_channel(p, c, sum_g, sum_g_xmu);
         if (second_pass)
           for (int64_t i = 0; i < pieces.per_channel; ++i)
-            piece_backward_apply(p, c, pieces.span(g, i), k, gbuf);
+            piece_backward_apply(p, c, pieces.span(g, i), k);
       }
     }
     return;
@@ -220,7 +249,7 @@ void planes_backward(const Backward<float>& p) {
 #pragma omp for schedule(static)
       for (int64_t t = 0; t < total; ++t) {
         const int64_t c = t / pieces.per_channel;
-        piece_backward_apply(p, c, pieces.span(g, t % pieces.per_channel), coeff[c], gbuf);
+        piece_backward_apply(p, c, pieces.span(g, t % pieces.per_channel), coeff[c]);
       }
     }
   }

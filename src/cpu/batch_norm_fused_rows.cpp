@@ -3,7 +3,9 @@
 // rules every fast kernel keeps are in src/cpu/README.md; forward and backward
 // follow batch_norm_fused_planes.cpp's scheme over chunks of rows. The chunk
 // loops of the statistics and gradient sums are BN's own (cpu/rows_loops.hpp),
-// so the results are relu(BN(x)) and its gradients bit for bit.
+// so the results are relu(BN(x)) and its gradients bit for bit. The backward
+// reads the mask bits inside its loops where the channels allow it
+// (rows_backward_masked), as the planes kernels do.
 #include <omp.h>
 
 #include <algorithm>
@@ -107,6 +109,84 @@ void rows_backward_apply_chunk(const float* x, int64_t x_stride, const float* g,
   }
 }
 
+// g = mask ? dy : 0 of `rows` rows from their bits (row r's from bit
+// bit_first + r·C), into dz if wanted, and dx = a·g + b·(x - mean_hi) + k if
+// wanted; every channel in a kRowBlock block (blocked_channels(C) == C).
+NORMKIT_SIMD_CLONES
+void rows_backward_apply_masked_chunk(const float* __restrict x, int64_t x_stride,
+                                      const leaf::GradientSource& src, float* __restrict dx,
+                                      int64_t dx_stride, float* __restrict dz, int64_t dz_stride,
+                                      int64_t rows, int64_t channels, const float* mean_hi,
+                                      const float* a, const float* b, const float* k) {
+  constexpr int64_t kBlock = cpu::kRowBlock;
+  for (int64_t c0 = 0; c0 < channels; c0 += kBlock) {
+    float m_hi[kBlock], av[kBlock], bv[kBlock], kv[kBlock];
+    for (int l = 0; l < kBlock; ++l) {
+      m_hi[l] = mean_hi[c0 + l];
+      av[l] = a[c0 + l];
+      bv[l] = b[c0 + l];
+      kv[l] = k[c0 + l];
+    }
+    for (int64_t r = 0; r < rows; ++r) {
+      const float* xp = x + r * x_stride + c0;
+      const float* gp = src.dy + r * src.stride + c0;
+      float g[kBlock];
+      for (int h = 0; h < kBlock / 32; ++h) {
+        const uint32_t m =
+            leaf::mask_bits(src.mask, src.bit_first + r * src.bit_stride + c0 + 32 * h, 32);
+        for (int l = 0; l < 32; ++l) g[32 * h + l] = leaf::lane_gradient<true>(gp + 32 * h, m, l);
+      }
+      if (dz)
+        for (int l = 0; l < kBlock; ++l) dz[r * dz_stride + c0 + l] = g[l];
+      if (dx)
+        for (int l = 0; l < kBlock; ++l)
+          dx[r * dx_stride + c0 + l] = av[l] * g[l] + bv[l] * (xp[l] - m_hi[l]) + kv[l];
+    }
+  }
+}
+
+// The backward with g read from dy and the bits inside the loops
+// (leaf::GradientSource), when every channel is in a kRowBlock block (64, 128,
+// 192 or 256 channels): BN's sums over chunks and stripes, then dx and dz in
+// one pass. Other channel counts expand g first (rows_backward).
+void rows_backward_masked(const Backward<float>& p, const RowPlan& plan, int threads) {
+  const Geometry& gx = p.x_geom;
+  const int64_t C = plan.channels;
+  double* const stripe_g = scratch<double>(0, plan.stripes * C);
+  double* const stripe_g_xmu = scratch<double>(1, plan.stripes * C);
+  std::fill(stripe_g, stripe_g + plan.stripes * C, 0.0);
+  std::fill(stripe_g_xmu, stripe_g_xmu + plan.stripes * C, 0.0);
+  RowBackwardCoefficients co(p.mean, C);
+  auto source = [&](int64_t r0) {
+    return leaf::GradientSource{p.dy + r0 * p.dy_geom.outer_stride, p.dy_geom.outer_stride, p.mask,
+                                r0 * C, C};
+  };
+#pragma omp parallel num_threads(threads)
+  {
+#pragma omp for schedule(static)
+    for (int64_t s = 0; s < plan.stripes; ++s)
+      for (int64_t chunk = plan.first_chunk(s); chunk < plan.first_chunk(s + 1); ++chunk) {
+        const int64_t r0 = plan.first_row(chunk);
+        cpu::rows_gradient_sums_masked_chunk(p.x + r0 * gx.outer_stride, gx.outer_stride,
+                                             source(r0), plan.rows_in(chunk), C,
+                                             co.mean_hi.data(), stripe_g + s * C,
+                                             stripe_g_xmu + s * C);
+      }
+    co.finish_from_stripes(p, plan.stripes, stripe_g, stripe_g_xmu);
+    if (p.dx || p.dz) {
+#pragma omp for schedule(static)
+      for (int64_t chunk = 0; chunk < plan.chunks; ++chunk) {
+        const int64_t r0 = plan.first_row(chunk);
+        rows_backward_apply_masked_chunk(
+            p.x + r0 * gx.outer_stride, gx.outer_stride, source(r0),
+            p.dx ? p.dx + r0 * p.dx_geom.outer_stride : nullptr, p.dx_geom.outer_stride,
+            p.dz ? p.dz + r0 * p.dz_geom.outer_stride : nullptr, p.dz_geom.outer_stride,
+            plan.rows_in(chunk), C, co.mean_hi.data(), co.a.data(), co.b.data(), co.k.data());
+      }
+    }
+  }
+}
+
 // g of a chunk's rows, packed (rows × C) into `g`.
 void rows_expand_chunk(const Backward<float>& p, int64_t r0, int64_t rows, float* g) {
   const int64_t C = p.x_geom.channels;
@@ -123,6 +203,7 @@ void rows_backward(const Backward<float>& p) {
   const RowPlan plan(gx);
   const int64_t C = plan.channels;
   const int threads = threads_for(2 * C * plan.rows);
+  if (C > 0 && blocked_channels(C) == C) return rows_backward_masked(p, plan, threads);
   double* const stripe_g = scratch<double>(0, plan.stripes * C);
   double* const stripe_g_xmu = scratch<double>(1, plan.stripes * C);
   std::fill(stripe_g, stripe_g + plan.stripes * C, 0.0);

@@ -97,13 +97,15 @@ void rows_chunk_moments(const float* __restrict x, int64_t stride, int64_t rows,
   }
 }
 
-// Σdy and Σdy·(x - mean) of one chunk per channel, added to a stripe's double
-// sums (double: dy is not centred, so the second sum cancels heavily).
-[[maybe_unused]] NORMKIT_SIMD_CLONES
-void rows_gradient_sums_chunk(const float* __restrict x, int64_t x_stride,
-                              const float* __restrict dy, int64_t dy_stride, int64_t rows,
-                              int64_t channels, int64_t blocked, const float* __restrict center,
-                              double* __restrict sum_dy, double* __restrict sum_dy_xc) {
+// The blocked part of rows_gradient_sums_chunk (below): channels [0, blocked)
+// in blocks of kRowBlock, g from a leaf::GradientSource (row r's bits start at
+// bit_first + r·bit_stride), so that the fused kernel's masked sums add
+// exactly BN's values in BN's order. Returns the first channel not summed.
+template <bool Masked>
+[[gnu::always_inline]] inline int64_t rows_gradient_sums_blocks(
+    const float* __restrict x, int64_t x_stride, const leaf::GradientSource& src, int64_t rows,
+    int64_t blocked, const float* __restrict center, double* __restrict sum_dy,
+    double* __restrict sum_dy_xc) {
   int64_t c0 = 0;
   for (; c0 < blocked; c0 += kRowBlock) {
     double s1[kRowBlock], s2[kRowBlock], ctr[kRowBlock];
@@ -114,11 +116,21 @@ void rows_gradient_sums_chunk(const float* __restrict x, int64_t x_stride,
     }
     for (int64_t r = 0; r < rows; ++r) {
       const float* xp = x + r * x_stride + c0;
-      const float* gp = dy + r * dy_stride + c0;
-      for (int l = 0; l < kRowBlock; ++l) {
-        const double g = gp[l];
-        s1[l] += g;
-        s2[l] += g * (static_cast<double>(xp[l]) - ctr[l]);
+      const float* gp = src.dy + r * src.stride + c0;
+      const auto add = [&](int l, double gl) {
+        s1[l] += gl;
+        s2[l] += gl * (static_cast<double>(xp[l]) - ctr[l]);
+      };
+      if constexpr (Masked) {
+        float g[kRowBlock];
+        for (int h = 0; h < kRowBlock / 32; ++h) {
+          const uint32_t m =
+              leaf::mask_bits(src.mask, src.bit_first + r * src.bit_stride + c0 + 32 * h, 32);
+          for (int l = 0; l < 32; ++l) g[32 * h + l] = leaf::lane_gradient<true>(gp + 32 * h, m, l);
+        }
+        for (int l = 0; l < kRowBlock; ++l) add(l, g[l]);
+      } else {
+        for (int l = 0; l < kRowBlock; ++l) add(l, gp[l]);
       }
     }
     for (int l = 0; l < kRowBlock; ++l) {
@@ -126,6 +138,28 @@ void rows_gradient_sums_chunk(const float* __restrict x, int64_t x_stride,
       sum_dy_xc[c0 + l] = s2[l];
     }
   }
+  return c0;
+}
+
+// rows_gradient_sums_blocks with g = mask ? dy : 0, for channels that are all
+// in blocks (blocked_channels(C) == C).
+[[maybe_unused]] NORMKIT_SIMD_CLONES
+void rows_gradient_sums_masked_chunk(const float* __restrict x, int64_t x_stride,
+                                     const leaf::GradientSource& src, int64_t rows,
+                                     int64_t channels, const float* __restrict center,
+                                     double* __restrict sum_dy, double* __restrict sum_dy_xc) {
+  rows_gradient_sums_blocks<true>(x, x_stride, src, rows, channels, center, sum_dy, sum_dy_xc);
+}
+
+// Σdy and Σdy·(x - mean) of one chunk per channel, added to a stripe's double
+// sums (double: dy is not centred, so the second sum cancels heavily).
+[[maybe_unused]] NORMKIT_SIMD_CLONES
+void rows_gradient_sums_chunk(const float* __restrict x, int64_t x_stride,
+                              const float* __restrict dy, int64_t dy_stride, int64_t rows,
+                              int64_t channels, int64_t blocked, const float* __restrict center,
+                              double* __restrict sum_dy, double* __restrict sum_dy_xc) {
+  const int64_t c0 = rows_gradient_sums_blocks<false>(x, x_stride, {dy, dy_stride}, rows, blocked,
+                                                      center, sum_dy, sum_dy_xc);
   // Long rows: the sums stay in L1; kRowGroup rows at a time, one after the other.
   for (int64_t b0 = c0; b0 < channels; b0 += kColumnBlock) {
     const int64_t b1 = std::min(channels, b0 + kColumnBlock);

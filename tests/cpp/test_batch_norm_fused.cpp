@@ -54,7 +54,8 @@ std::vector<Case> cases() {
   const Logical long_runs{2, 3, {70, 61}};  // inner 4270 > one piece; 25620 elements
   const Logical many_rows{3, 7, {30, 31}};  // 2790 rows: many chunks and stripes
   const Logical wide{2, 70, {3, 1}};       // C not a multiple of 8 in rows
-  for (const Logical& g : {odd, long_runs, many_rows, wide}) {
+  const Logical blocks{3, 128, {5, 7}};     // rows whose channels are all in 64-lane blocks
+  for (const Logical& g : {odd, long_runs, many_rows, wide, blocks}) {
     const std::string shape = std::to_string(g.n) + "x" + std::to_string(g.c) + "x" +
                               std::to_string(g.spatial[0]) + "x" + std::to_string(g.spatial[1]);
     add("NCHW_" + shape, dense(Layout::NCHW, g));
@@ -69,6 +70,7 @@ std::vector<Case> cases() {
   add("NCHW_outer_padded", outer_padded(Layout::NCHW, odd, 5));
   add("NCHW_channel_padded", channel_padded(Layout::NCHW, odd, 3));
   add("NHWC_rows_padded", rows_padded(Layout::NHWC, odd, 3));
+  add("NHWC_blocks_rows_padded", rows_padded(Layout::NHWC, blocks, 3));
   add("channels_last_padded", nchw_channels_last(odd, 2));
   // Inner stride 2: no fast path, the reference runs.
   out.push_back({"NCHW_inner_stride_2",
