@@ -11,11 +11,9 @@
 // statistics, then the output pass in memory order.
 //
 // Backward = the BN backward of g = mask ? dy : 0, where the leaf loops take g
-// from dy and the bits themselves, 32 lanes at a time (leaf::GradientSource),
-// so that x, dy and the bits stream together; only pieces of runs shorter than
-// kLanes expand g into a small per-thread buffer (L1) first. g never exists as
-// a tensor, and the mask costs 1/32 of dy's bytes. (BN+Add+ReLU writes g as dz
-// in the same loop as dx.)
+// from dy and the bits themselves (leaf::GradientSource), so that x, dy and
+// the bits stream together. g never exists as a tensor, and the mask costs
+// 1/32 of dy's bytes. (BN+Add+ReLU writes g as dz in the same loop as dx.)
 //
 // The statistics and the gradient sums are batch_norm_planes.cpp's own
 // (leaf::piece_moments, leaf::piece_gradient_sums): BN+ReLU gives relu(BN(x))
@@ -38,7 +36,6 @@ namespace {
 
 using cpu::ApplyCoefficients;
 using cpu::BackwardCoefficients;
-using cpu::expand_bits;
 using cpu::finish_channel;
 using cpu::forward_coefficients;
 using cpu::pack_positive_bits;
@@ -50,7 +47,6 @@ using leaf::GradientSums;
 using leaf::kPieceElements;
 using leaf::piece_moments;
 using leaf::Pieces;
-using leaf::scratch;
 using leaf::whole_units_per_thread;
 
 // y = relu((x - mean_hi)·scale + shift) over one run; relu keeps NaN.
@@ -137,24 +133,14 @@ void planes_forward(const Forward<float>& p) {
   }
 }
 
-// Σg and Σg·(x - mean) of a piece, BN's sums (leaf::piece_gradient_sums) bit
-// for bit: runs of kLanes values or more read g from the bits inside the loop
-// (leaf::GradientSource); shorter ones, whose runs' bits are a few bytes at
-// any bit offset, expand g into L1 scratch `g` first (the piece's runs side by
-// side, at most kPieceElements).
-GradientSums piece_gradient_sums(const Backward<float>& p, int64_t c, const Pieces::Span& s,
-                                 float* g) {
-  const float* x = p.x + p.x_geom.offset(s.first_run, c, s.first_inner);
-  if (s.len >= leaf::kLanes) {
-    const leaf::GradientSource src{p.dy + p.dy_geom.offset(s.first_run, c, s.first_inner),
-                                   p.dy_geom.outer_stride, p.mask,
-                                   p.order.bit(s.first_run, c, s.first_inner), p.order.outer};
-    return leaf::piece_gradient_sums(x, p.x_geom.outer_stride, src, s.runs, s.len, p.mean[c]);
-  }
-  for (int64_t r = 0; r < s.runs; ++r)
-    expand_bits(p.dy + p.dy_geom.offset(s.first_run + r, c, s.first_inner), p.mask,
-                p.order.bit(s.first_run + r, c, s.first_inner), s.len, g + r * s.len);
-  return leaf::piece_gradient_sums(x, p.x_geom.outer_stride, g, s.len, s.runs, s.len, p.mean[c]);
+// Σg and Σg·(x - mean) of a piece: BN's sums (leaf::piece_gradient_sums) bit
+// for bit, with g read from dy and the bits inside the loop (leaf::GradientSource).
+GradientSums piece_gradient_sums(const Backward<float>& p, int64_t c, const Pieces::Span& s) {
+  const leaf::GradientSource src{p.dy + p.dy_geom.offset(s.first_run, c, s.first_inner),
+                                 p.dy_geom.outer_stride, p.mask,
+                                 p.order.bit(s.first_run, c, s.first_inner), p.order.outer};
+  return leaf::piece_gradient_sums(p.x + p.x_geom.offset(s.first_run, c, s.first_inner),
+                                   p.x_geom.outer_stride, src, s.runs, s.len, p.mean[c]);
 }
 
 // g = mask ? dy : 0 over one run from its bits (from bit `bit`), into dz if
@@ -178,8 +164,8 @@ void backward_apply_masked_run(const float* __restrict x, const float* __restric
     if (dx)
       for (int l = 0; l < kBlock; ++l) dx[i + l] = k.a * g[l] + k.b * (x[i + l] - k.mean_hi) + k.k;
   }
-  for (; i < len; i += 8) {  // the rest, at most 8 at a time
-    const int n = static_cast<int>(std::min<int64_t>(8, len - i));
+  if (i < len) {  // the rest, fewer than kBlock
+    const int n = static_cast<int>(len - i);
     const uint32_t m = leaf::mask_bits(mask, bit + i, n);
     for (int l = 0; l < n; ++l) {
       const float g = leaf::lane_gradient<true>(dy + i, m, l);
@@ -204,26 +190,20 @@ void planes_backward(const Backward<float>& p) {
   const Geometry& g = p.x_geom;
   const Pieces pieces(g);
   const int threads = threads_for(2 * g.channels * g.reduction_size());
-  // Room for a whole piece of short runs (piece_gradient_sums).
-  const auto scratch_len = static_cast<size_t>(kPieceElements);
   const bool second_pass = p.dx || p.dz;
   if (whole_units_per_thread(g.channels, threads)) {
-#pragma omp parallel num_threads(threads)
-    {
-      float* const gbuf = scratch<float>(0, scratch_len);
-#pragma omp for schedule(static)
-      for (int64_t c = 0; c < g.channels; ++c) {
-        double sum_g = 0, sum_g_xmu = 0;
-        for (int64_t i = 0; i < pieces.per_channel; ++i) {
-          const GradientSums s = piece_gradient_sums(p, c, pieces.span(g, i), gbuf);
-          sum_g += s.sum_g;
-          sum_g_xmu += s.sum_g_xc;
-        }
-        const BackwardCoefficients k = finish_channel(p, c, sum_g, sum_g_xmu);
-        if (second_pass)
-          for (int64_t i = 0; i < pieces.per_channel; ++i)
-            piece_backward_apply(p, c, pieces.span(g, i), k);
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t c = 0; c < g.channels; ++c) {
+      double sum_g = 0, sum_g_xmu = 0;
+      for (int64_t i = 0; i < pieces.per_channel; ++i) {
+        const GradientSums s = piece_gradient_sums(p, c, pieces.span(g, i));
+        sum_g += s.sum_g;
+        sum_g_xmu += s.sum_g_xc;
       }
+      const BackwardCoefficients k = finish_channel(p, c, sum_g, sum_g_xmu);
+      if (second_pass)
+        for (int64_t i = 0; i < pieces.per_channel; ++i)
+          piece_backward_apply(p, c, pieces.span(g, i), k);
     }
     return;
   }
@@ -232,9 +212,8 @@ void planes_backward(const Backward<float>& p) {
   std::vector<BackwardCoefficients> coeff(g.channels);
 #pragma omp parallel num_threads(threads)
   {
-    float* const gbuf = scratch<float>(0, scratch_len);
     for_each_piece(g, pieces, [&](int64_t c, int64_t i) {
-      partial[c * pieces.per_channel + i] = piece_gradient_sums(p, c, pieces.span(g, i), gbuf);
+      partial[c * pieces.per_channel + i] = piece_gradient_sums(p, c, pieces.span(g, i));
     });
 #pragma omp for schedule(static)
     for (int64_t c = 0; c < g.channels; ++c) {

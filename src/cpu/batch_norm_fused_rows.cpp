@@ -111,7 +111,7 @@ void rows_backward_apply_chunk(const float* x, int64_t x_stride, const float* g,
 
 // g = mask ? dy : 0 of `rows` rows from their bits (row r's from bit
 // bit_first + r·C), into dz if wanted, and dx = a·g + b·(x - mean_hi) + k if
-// wanted; every channel in a kRowBlock block (blocked_channels(C) == C).
+// wanted; C a multiple of kRowBlock.
 NORMKIT_SIMD_CLONES
 void rows_backward_apply_masked_chunk(const float* __restrict x, int64_t x_stride,
                                       const leaf::GradientSource& src, float* __restrict dx,
@@ -146,9 +146,11 @@ void rows_backward_apply_masked_chunk(const float* __restrict x, int64_t x_strid
 }
 
 // The backward with g read from dy and the bits inside the loops
-// (leaf::GradientSource), when every channel is in a kRowBlock block (64, 128,
-// 192 or 256 channels): BN's sums over chunks and stripes, then dx and dz in
-// one pass. Other channel counts expand g first (rows_backward).
+// (leaf::GradientSource), when C is a multiple of kRowBlock (64, 128, ...,
+// 512, 1024...): BN's sums over chunks and stripes, then dx and dz in one
+// pass. Each channel adds its rows in row order, as in BN's blocked and long-row
+// loops alike, so the sums are BN's bit for bit for any C. Other channel
+// counts expand g first (rows_backward).
 void rows_backward_masked(const Backward<float>& p, const RowPlan& plan, int threads) {
   const Geometry& gx = p.x_geom;
   const int64_t C = plan.channels;
@@ -203,7 +205,7 @@ void rows_backward(const Backward<float>& p) {
   const RowPlan plan(gx);
   const int64_t C = plan.channels;
   const int threads = threads_for(2 * C * plan.rows);
-  if (C > 0 && blocked_channels(C) == C) return rows_backward_masked(p, plan, threads);
+  if (C > 0 && C % cpu::kRowBlock == 0) return rows_backward_masked(p, plan, threads);
   double* const stripe_g = scratch<double>(0, plan.stripes * C);
   double* const stripe_g_xmu = scratch<double>(1, plan.stripes * C);
   std::fill(stripe_g, stripe_g + plan.stripes * C, 0.0);

@@ -246,17 +246,25 @@ inline void prefetch_ahead(const float* p) {
   __builtin_prefetch(p + kPrefetchFloats + 16);
 }
 
-// g of lane l, given the lanes' mask bits m.
-template <bool Masked>
-[[gnu::always_inline]] inline float lane_gradient(const float* gp, uint32_t m, int l) {
+// g of lane l, given the lanes' mask bits m (32 or 64 of them).
+template <bool Masked, class Bits>
+[[gnu::always_inline]] inline float lane_gradient(const float* gp, Bits m, int64_t l) {
   float v = gp[l];
   if constexpr (Masked) {  // v's bits and-ed with the lane's bit spread out: integer ops vectorize
     uint32_t u;
     std::memcpy(&u, &v, 4);
-    u &= 0u - ((m >> l) & 1u);
+    u &= 0u - static_cast<uint32_t>((m >> l) & 1u);
     std::memcpy(&v, &u, 4);
   }
   return v;
+}
+
+// The bits of a run of `len` < 64 values from bit `first`: bit i is value i's.
+inline uint64_t short_run_bits(const uint8_t* mask, int64_t first, int64_t len) {
+  const auto lo = static_cast<int>(std::min<int64_t>(len, 32));
+  uint64_t m = mask_bits(mask, first, lo);
+  if (len > 32) m |= uint64_t{mask_bits(mask, first + 32, static_cast<int>(len - 32))} << 32;
+  return m;
 }
 
 // Σg and Σg·(x - center) of `runs` runs of x and g (strided), in 32 double
@@ -325,26 +333,45 @@ GradientSums gradient_sums_masked_runs(const float* __restrict x, int64_t x_stri
   return gradient_sums_body<true>(x, x_stride, src, runs, len, center);
 }
 
-// Short runs, as shifted_sum_short_runs, in double lanes.
-[[maybe_unused]] NORMKIT_SIMD_CLONES
-GradientSums gradient_sums_short_runs(const float* __restrict x, int64_t x_stride,
-                                      const float* __restrict dy, int64_t dy_stride,
-                                      int64_t runs, int64_t len, float center) {
+// Short runs, as shifted_sum_short_runs, in double lanes (g as in
+// gradient_sums_body).
+template <bool Masked>
+[[gnu::always_inline]] inline GradientSums gradient_sums_short_body(const float* __restrict x,
+                                                                    int64_t x_stride,
+                                                                    const GradientSource& src,
+                                                                    int64_t runs, int64_t len,
+                                                                    float center) {
   const double center_d = center;
   double acc1[kLanes] = {}, acc2[kLanes] = {};
   const int64_t k = kLanes / len;
   for (int64_t r = 0, slot = 0; r < runs; ++r, slot = slot + 1 == k ? 0 : slot + 1) {
     const float* __restrict xp = x + r * x_stride;
-    const float* __restrict gp = dy + r * dy_stride;
+    const float* __restrict gp = src.dy + r * src.stride;
     double* __restrict a1 = acc1 + slot * len;
     double* __restrict a2 = acc2 + slot * len;
+    uint64_t m = ~uint64_t{0};
+    if constexpr (Masked) m = short_run_bits(src.mask, src.bit_first + r * src.bit_stride, len);
     for (int64_t i = 0; i < len; ++i) {
-      const double g = gp[i];
+      const double g = lane_gradient<Masked>(gp, m, i);
       a1[i] += g;
       a2[i] += g * (static_cast<double>(xp[i]) - center_d);
     }
   }
   return {lane_total<kLanes>(acc1), lane_total<kLanes>(acc2)};
+}
+
+[[maybe_unused]] NORMKIT_SIMD_CLONES
+GradientSums gradient_sums_short_runs(const float* __restrict x, int64_t x_stride,
+                                      const float* __restrict dy, int64_t dy_stride,
+                                      int64_t runs, int64_t len, float center) {
+  return gradient_sums_short_body<false>(x, x_stride, {dy, dy_stride}, runs, len, center);
+}
+
+[[maybe_unused]] NORMKIT_SIMD_CLONES
+GradientSums gradient_sums_masked_short_runs(const float* __restrict x, int64_t x_stride,
+                                             const GradientSource& src, int64_t runs,
+                                             int64_t len, float center) {
+  return gradient_sums_short_body<true>(x, x_stride, src, runs, len, center);
 }
 
 // A piece's moments: run_moments, or for short runs the same two passes with
@@ -365,13 +392,13 @@ GradientSums gradient_sums_short_runs(const float* __restrict x, int64_t x_strid
   return {sums.sum_g, sums.sum_g_xc - sums.sum_g * (mean - center)};
 }
 
-// piece_gradient_sums for g from a GradientSource (the fused kernels' masked
-// g), for runs of at least kLanes values.
+// piece_gradient_sums for g from a GradientSource (the fused kernels' masked g).
 [[maybe_unused]] GradientSums piece_gradient_sums(const float* x, int64_t x_stride,
                                                   const GradientSource& g, int64_t runs,
                                                   int64_t len, double mean) {
   const auto center = static_cast<float>(mean);
-  const GradientSums sums = gradient_sums_masked_runs(x, x_stride, g, runs, len, center);
+  const auto sums_of = len < kLanes ? gradient_sums_masked_short_runs : gradient_sums_masked_runs;
+  const GradientSums sums = sums_of(x, x_stride, g, runs, len, center);
   return {sums.sum_g, sums.sum_g_xc - sums.sum_g * (mean - center)};
 }
 

@@ -139,7 +139,8 @@ void update_byte(uint8_t* byte, unsigned range, unsigned bits) {
 }
 
 // Expands bits [first, first + count) of mask into g from dy.
-void expand_bits(const float* dy, const uint8_t* mask, int64_t first, int64_t count, float* g) {
+[[maybe_unused]] void expand_bits(const float* dy, const uint8_t* mask, int64_t first, int64_t count,
+                                 float* g) {
   int64_t k = 0;
   for (; k < count && (first + k) % 8 != 0; ++k)
     g[k] = (mask[(first + k) / 8] >> ((first + k) % 8)) & 1u ? dy[k] : 0.0f;

@@ -55,7 +55,9 @@ std::vector<Case> cases() {
   const Logical many_rows{3, 7, {30, 31}};  // 2790 rows: many chunks and stripes
   const Logical wide{2, 70, {3, 1}};       // C not a multiple of 8 in rows
   const Logical blocks{3, 128, {5, 7}};     // rows whose channels are all in 64-lane blocks
-  for (const Logical& g : {odd, long_runs, many_rows, wide, blocks}) {
+  const Logical long_rows{2, 320, {3, 5}};  // as blocks, more channels than BN blocks
+  const Logical runs_of_49{5, 3, {7, 7}};   // planes runs of 33-63 values: two mask words
+  for (const Logical& g : {odd, long_runs, many_rows, wide, blocks, long_rows, runs_of_49}) {
     const std::string shape = std::to_string(g.n) + "x" + std::to_string(g.c) + "x" +
                               std::to_string(g.spatial[0]) + "x" + std::to_string(g.spatial[1]);
     add("NCHW_" + shape, dense(Layout::NCHW, g));
