@@ -405,16 +405,11 @@ void rows_backward_apply(const BackwardApply<float>& p) {
   const Geometry& gx = p.x_geom;
   const RowPlan plan(gx);
   const int64_t C = plan.channels;
-  std::vector<float> mean_hi(C), a(C), b(C), k(C);
-  for (int64_t c = 0; c < C; ++c) {
-    const BackwardCoefficients bc =
-        backward_coefficients(p.mean[c], p.invstd[c], param_or(p.gamma, c, 1.0), p.sum_dy[c],
-                              p.sum_dy_xhat[c], p.count, BackwardMode::training);
-    mean_hi[c] = bc.mean_hi;
-    a[c] = bc.a;
-    b[c] = bc.b;
-    k[c] = bc.k;
-  }
+  RowBackwardCoefficients co(p.mean, C);
+  for (int64_t c = 0; c < C; ++c)
+    co.set(c, backward_coefficients(p.mean[c], p.invstd[c], param_or(p.gamma, c, 1.0),
+                                    p.sum_dy[c], p.sum_dy_xhat[c], p.count,
+                                    BackwardMode::training));
   const bool stream = streaming_output(p.dx_geom, p.dx, p.x, p.dy);
 #pragma omp parallel for num_threads(threads_for(2 * C * plan.rows)) schedule(static)
   for (int64_t chunk = 0; chunk < plan.chunks; ++chunk) {
@@ -422,8 +417,8 @@ void rows_backward_apply(const BackwardApply<float>& p) {
     rows_backward_apply_chunk(p.x + r0 * gx.outer_stride, gx.outer_stride,
                               p.dy + r0 * p.dy_geom.outer_stride, p.dy_geom.outer_stride,
                               p.dx + r0 * p.dx_geom.outer_stride, p.dx_geom.outer_stride,
-                              plan.rows_in(chunk), C, blocked_channels(C), mean_hi.data(), a.data(),
-                              b.data(), k.data(), stream);
+                              plan.rows_in(chunk), C, blocked_channels(C), co.mean_hi.data(),
+                              co.a.data(), co.b.data(), co.k.data(), stream);
   }
 }
 

@@ -105,11 +105,13 @@ struct RowBackwardCoefficients {
         sum_dy += stripe_dy[s * channels + c];
         sum_dy_xmu += stripe_dy_xmu[s * channels + c];
       }
-      const BackwardCoefficients bc = finish_channel_from_hi(p, c, sum_dy, sum_dy_xmu);
-      a[c] = bc.a;
-      b[c] = bc.b;
-      k[c] = bc.k;
+      set(c, finish_channel_from_hi(p, c, sum_dy, sum_dy_xmu));
     }
+  }
+  void set(int64_t c, const BackwardCoefficients& bc) {
+    a[c] = bc.a;
+    b[c] = bc.b;
+    k[c] = bc.k;
   }
   std::vector<float> mean_hi, a, b, k;
 };

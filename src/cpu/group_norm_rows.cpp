@@ -31,6 +31,7 @@ using cpu::finish_parameters;
 using detail::threads_for;
 using leaf::kMaxChunkRows;
 using leaf::param_or;
+using leaf::rows_block_moments;
 using leaf::scratch;
 using leaf::whole_units_per_thread;
 
@@ -44,7 +45,6 @@ using leaf::whole_units_per_thread;
 // geometry; how many channels are computed together does not change a bit.
 constexpr int64_t kSlabChannels = 64;
 constexpr int64_t kRowChunkValues = 4096;
-constexpr int kLineFloats = 16;
 
 struct RowPlan {
   int64_t per_group, slab_channels, slabs, chunk_rows, chunks;
@@ -62,47 +62,9 @@ struct RowPlan {
   }
 };
 
-// Per-channel moments of a chunk of rows, vectorized across channels: the
-// chunk's mean shifted by its first row, then corrected sums around it. Blocks
-// of B channels keep their sums in registers while the rows go by (the
-// block's rows stay in L1 for the second pass): wide blocks first (more
-// independent sums in flight), then narrower ones, then the channels left go
-// one by one. Every channel's sums run over the rows in order either way, so
-// a channel's result does not depend on the block it falls in. While the
-// second pass reads from cache, the lines of the next chunk (`next`, the
-// same columns of the following rows) are requested, so that its first pass
-// does not wait for memory. Always inlined into rows_chunk_moments, so that
-// it is compiled for that function's instruction sets (an outlined copy would
-// be baseline x86-64, without FMA: other bits).
-template <int B>
-[[gnu::always_inline]] inline void rows_block_moments(const float* __restrict xb, int64_t stride,
-                                                      int64_t rows, double* __restrict mean,
-                                                      double* __restrict m2, const float* next,
-                                                      int64_t next_rows) {
-  const double n = static_cast<double>(rows);
-  float shift[B], sum[B] = {}, center[B];
-  for (int l = 0; l < B; ++l) shift[l] = xb[l];
-  for (int64_t r = 0; r < rows; ++r)
-    for (int l = 0; l < B; ++l) sum[l] += xb[r * stride + l] - shift[l];
-  for (int l = 0; l < B; ++l)
-    center[l] = static_cast<float>(static_cast<double>(shift[l]) + static_cast<double>(sum[l]) / n);
-  float sum_d[B] = {}, sum_d2[B] = {};
-  for (int64_t r = 0; r < rows; ++r) {
-    if (r < next_rows)
-      for (int l = 0; l < B; l += kLineFloats) __builtin_prefetch(next + r * stride + l);
-    for (int l = 0; l < B; ++l) {
-      const float d = xb[r * stride + l] - center[l];
-      sum_d[l] += d;
-      sum_d2[l] += d * d;
-    }
-  }
-  for (int l = 0; l < B; ++l) {
-    const double sd = sum_d[l];
-    mean[l] = center[l] + sd / n;
-    m2[l] = sum_d2[l] - sd * sd / n;
-  }
-}
-
+// A chunk's per-channel moments (leaf::rows_block_moments): wide blocks first
+// (more independent sums in flight), then narrower ones, then the channels left
+// one by one; the next chunk's lines requested meanwhile.
 constexpr int kWideBlock = 64;
 constexpr int kChannelBlock = 32;
 

@@ -545,6 +545,49 @@ struct RowPlan {
   int64_t rows_in(int64_t chunk) const { return std::min(chunk_rows, rows - chunk * chunk_rows); }
 };
 
+constexpr int kLineFloats = 16;  // floats per 64-byte cache line
+
+// Per-channel moments of a block of B channels over a chunk of rows (B
+// contiguous floats per row, rows `stride` apart), vectorized across channels:
+// the chunk's mean shifted by its first row, then corrected sums around it.
+// The sums stay in registers while the rows go by, and the block's rows in L1
+// for the second pass. Every channel's sums run over the rows in order, so a
+// channel's result does not depend on B or on the block it falls in (the rows
+// kernels of BN and GN pick blocks freely). While the second pass reads from
+// cache, the lines of the next chunk (`next`: the same columns of the
+// following next_rows rows; none when 0) can be requested, so that its first
+// pass does not wait for memory. Always inlined into its caller, so that it is
+// compiled for that function's instruction sets (an outlined copy would be
+// baseline x86-64, without FMA: other bits).
+template <int B>
+[[gnu::always_inline]] inline void rows_block_moments(const float* __restrict xb, int64_t stride,
+                                                      int64_t rows, double* __restrict mean,
+                                                      double* __restrict m2, const float* next,
+                                                      int64_t next_rows) {
+  const double n = static_cast<double>(rows);
+  float shift[B], sum[B] = {}, center[B];
+  for (int l = 0; l < B; ++l) shift[l] = xb[l];
+  for (int64_t r = 0; r < rows; ++r)
+    for (int l = 0; l < B; ++l) sum[l] += xb[r * stride + l] - shift[l];
+  for (int l = 0; l < B; ++l)
+    center[l] = static_cast<float>(static_cast<double>(shift[l]) + static_cast<double>(sum[l]) / n);
+  float sum_d[B] = {}, sum_d2[B] = {};
+  for (int64_t r = 0; r < rows; ++r) {
+    if (r < next_rows)
+      for (int l = 0; l < B; l += kLineFloats) __builtin_prefetch(next + r * stride + l);
+    for (int l = 0; l < B; ++l) {
+      const float d = xb[r * stride + l] - center[l];
+      sum_d[l] += d;
+      sum_d2[l] += d * d;
+    }
+  }
+  for (int l = 0; l < B; ++l) {
+    const double sd = sum_d[l];
+    mean[l] = center[l] + sd / n;
+    m2[l] = sum_d2[l] - sd * sd / n;
+  }
+}
+
 // Chan's merge of (count_b, mean_b[c], m2_b[c]) into (count_a, mean_a[c],
 // m2_a[c]) for every channel: Moments::merge, vectorized across channels
 // (every channel of a rows chunk has seen the same number of rows).

@@ -40,25 +40,8 @@ void rows_chunk_moments(const float* __restrict x, int64_t stride, int64_t rows,
                         double* __restrict mean, double* __restrict m2) {
   const double n = static_cast<double>(rows);
   int64_t c0 = 0;
-  for (; c0 < blocked; c0 += kRowBlock) {
-    const float* __restrict xb = x + c0;
-    float s[kRowBlock] = {}, ctr[kRowBlock], s1[kRowBlock] = {}, s2[kRowBlock] = {};
-    for (int64_t r = 0; r < rows; ++r)
-      for (int l = 0; l < kRowBlock; ++l) s[l] += xb[r * stride + l] - xb[l];
-    for (int l = 0; l < kRowBlock; ++l)
-      ctr[l] = static_cast<float>(static_cast<double>(xb[l]) + static_cast<double>(s[l]) / n);
-    for (int64_t r = 0; r < rows; ++r)
-      for (int l = 0; l < kRowBlock; ++l) {
-        const float d = xb[r * stride + l] - ctr[l];
-        s1[l] += d;
-        s2[l] += d * d;
-      }
-    for (int l = 0; l < kRowBlock; ++l) {
-      const double sd = s1[l];
-      mean[c0 + l] = ctr[l] + sd / n;
-      m2[c0 + l] = s2[l] - sd * sd / n;
-    }
-  }
+  for (; c0 < blocked; c0 += kRowBlock)
+    leaf::rows_block_moments<kRowBlock>(x + c0, stride, rows, mean + c0, m2 + c0, nullptr, 0);
   // Long rows: columns of kColumnBlock channels, so that the sums stay in L1
   // and a column of the chunk in L2 between the passes; kRowGroup rows at a
   // time, added one after the other, so a sum is loaded and stored once per group.

@@ -4,6 +4,7 @@
 // batch statistics are known to be finite.
 #include "normkit/batch_norm.hpp"
 
+#include <algorithm>
 #include <array>
 #include <cmath>
 #include <limits>
@@ -65,8 +66,9 @@ void batch_norm_update_running(std::span<const Moments> moments, RunningStats<T>
     if (running.num_batches_tracked) ++*running.num_batches_tracked;
     return;
   }
-  for (const auto& m : moments)
-    if (m.count < 2) fail_invalid("expected more than 1 value per channel when training");
+  uint64_t too_few = 0;  // (branch-free, and not a bool, so that it vectorizes)
+  for (const auto& m : moments) too_few |= static_cast<uint64_t>(m.count < 2);
+  if (too_few) fail_invalid("expected more than 1 value per channel when training");
   check_finite(moments);
 
   const int64_t batches = running.num_batches_tracked ? *running.num_batches_tracked + 1 : 0;
@@ -81,16 +83,16 @@ void batch_norm_update_running(std::span<const Moments> moments, RunningStats<T>
   // range (float32 data of ±1.4e19 and two values per channel: 4e38), which would
   // make the running variance infinite (PyTorch lets it); nothing is written then.
   std::vector<double> mean(channels), var(channels);
-  detail::variances(moments.data(), moments.size(), unbiased ? 1.0 : 0.0, var.data());
-  for (int64_t c = 0; c < channels; ++c) {
-    mean[c] = (1.0 - w_new) * running.mean[c] + w_new * moments[c].mean;
-    var[c] = (1.0 - w_new) * running.var[c] + w_new * var[c];
+  if (!detail::next_running<T>(moments.data(), moments.size(), unbiased ? 1.0 : 0.0, w_new,
+                               running.mean.data(), running.var.data(), mean.data(), var.data())) {
     constexpr double kMax = std::numeric_limits<T>::max();
-    if (!(std::abs(mean[c]) <= kMax && var[c] <= kMax))
-      fail_runtime("x: channel ", c, " would make the running ", std::abs(mean[c]) <= kMax ? "variance " : "mean ",
-                   std::abs(mean[c]) <= kMax ? var[c] : mean[c], ", beyond the range of ",
-                   std::is_same_v<T, float> ? "float32" : "float64",
-                   "; running statistics left unchanged");
+    for (int64_t c = 0; c < channels; ++c)
+      if (!(std::abs(mean[c]) <= kMax && var[c] <= kMax))
+        fail_runtime("x: channel ", c, " would make the running ",
+                     std::abs(mean[c]) <= kMax ? "variance " : "mean ",
+                     std::abs(mean[c]) <= kMax ? var[c] : mean[c], ", beyond the range of ",
+                     std::is_same_v<T, float> ? "float32" : "float64",
+                     "; running statistics left unchanged");
   }
   if (running.num_batches_tracked) *running.num_batches_tracked = batches;
   for (int64_t c = 0; c < channels; ++c) {

@@ -1,6 +1,9 @@
 #pragma once
 // What the op files of the batch-norm family share (batch_norm.cpp,
 // bn_variants.cpp, batch_norm_fused.cpp, group_norm.cpp).
+#include <cmath>
+#include <cstdint>
+#include <limits>
 #include <span>
 #include <vector>
 
@@ -24,41 +27,57 @@ void batch_norm_apply_double_stats(ConstTensorView<T> x, TensorView<T> y,
 
 namespace {
 
-// Moments::biased_variance (ddof 0) or unbiased_variance (ddof 1) of every
-// channel, in a loop that vectorizes (the choices pick operands; a division
-// under a condition would not be vectorized): with thousands of channels
-// (32×4096) a scalar division and square root per channel cost as much as the
-// kernel. Divisions and square roots round alike in every clone.
-[[maybe_unused]] NORMKIT_SIMD_CLONES void variances(const Moments* moments, size_t n,
-                                                    double ddof, double* out) {
-  for (size_t i = 0; i < n; ++i) {
-    const double count = moments[i].count;
-    out[i] = (count > ddof ? moments[i].m2 : 0.0) / (count > ddof ? count - ddof : 1.0);
-  }
+// Moments::biased_variance (ddof 0) or unbiased_variance (ddof 1), written so
+// that the per-channel loops below vectorize (the choices pick operands; a
+// division under a condition would not be vectorized): with thousands of
+// channels (32×4096) scalar divisions and square roots per channel cost as much
+// as the kernel. Divisions and square roots round alike in every clone.
+inline double variance_of(const Moments& m, double ddof) {
+  return (m.count > ddof ? m.m2 : 0.0) / (m.count > ddof ? m.count - ddof : 1.0);
 }
 
-// invstd_of(biased variance) of every channel: `variances`, then a loop that
-// vectorizes as well.
-[[maybe_unused]] NORMKIT_SIMD_CLONES void invstds(const Moments* moments, size_t n, double eps,
-                                                  double* out) {
-  variances(moments, n, 0.0, out);
-  for (size_t i = 0; i < n; ++i) out[i] = kernels::bn::invstd_of(out[i], eps);
+// The saved statistics from the batch moments, each where wanted (non-null):
+// mean, and invstd = 1 / sqrt(biased variance + eps).
+template <class T>
+[[maybe_unused]] NORMKIT_SIMD_CLONES void saved_from(const Moments* moments, size_t n, double eps,
+                                                     T* mean, T* invstd) {
+  if (mean)
+    for (size_t i = 0; i < n; ++i) mean[i] = static_cast<T>(moments[i].mean);
+  if (invstd)
+    for (size_t i = 0; i < n; ++i)
+      invstd[i] = static_cast<T>(kernels::bn::invstd_of(variance_of(moments[i], 0.0), eps));
+}
+
+// The running statistics' next values, (1 - w)·running + w·batch, into mean and
+// var (the batch variance with `ddof`); false when one of them
+// is NaN or beyond T's range. Branch-free, so that it vectorizes. (src/ops is
+// built with -ffp-contract=off: every clone rounds these as the baseline does.)
+template <class T>
+[[maybe_unused]] NORMKIT_SIMD_CLONES bool next_running(const Moments* moments, size_t n,
+                                                       double ddof, double w_new,
+                                                       const T* running_mean,
+                                                       const T* running_var, double* mean,
+                                                       double* var) {
+  constexpr double kMax = std::numeric_limits<T>::max();
+  uint64_t beyond = 0;  // (not a bool: GCC would not vectorize the loop)
+  for (size_t i = 0; i < n; ++i) {
+    const double batch_var = variance_of(moments[i], ddof);
+    mean[i] = (1.0 - w_new) * static_cast<double>(running_mean[i]) + w_new * moments[i].mean;
+    var[i] = (1.0 - w_new) * static_cast<double>(running_var[i]) + w_new * batch_var;
+    beyond |= static_cast<uint64_t>(!(std::abs(mean[i]) <= kMax)) |
+              static_cast<uint64_t>(!(var[i] <= kMax));
+  }
+  return beyond == 0;
 }
 
 }  // namespace
 
-// The saved statistics from the batch moments: mean and invstd =
-// 1 / sqrt(biased variance + eps), each where wanted.
+// The saved statistics from the batch moments (saved_from).
 template <class T>
 void write_saved(std::span<const Moments> moments, SavedStats<T> saved, double eps) {
-  const size_t n = moments.size();
-  if (!saved.mean.empty())
-    for (size_t i = 0; i < n; ++i) saved.mean[i] = static_cast<T>(moments[i].mean);
-  if (!saved.invstd.empty()) {
-    std::vector<double> invstd(n);
-    invstds(moments.data(), n, eps, invstd.data());
-    for (size_t i = 0; i < n; ++i) saved.invstd[i] = static_cast<T>(invstd[i]);
-  }
+  saved_from<T>(moments.data(), moments.size(), eps,
+                saved.mean.empty() ? nullptr : saved.mean.data(),
+                saved.invstd.empty() ? nullptr : saved.invstd.data());
 }
 
 }  // namespace normkit::detail
