@@ -237,10 +237,11 @@ std::vector<double>& partials_buffer() {
   return buffer;
 }
 
-// The first lines of the next row (its inputs, and its output to be written)
-// requested while this row is computed. Between rows the hardware prefetcher
-// loses the stream (a row's reads are interleaved with the writes of its
-// output), and the next row's first pass would wait on memory.
+// The first 4 KB of the next row (x, and y to be written) requested while this
+// row is computed, so that the next row's first pass does not start by waiting
+// on memory. Measured on 8192×768: the forward 6-7% faster at 1 and 2 threads;
+// requesting only its first 4 or 16 lines gained nothing, nor did the same for
+// the backward.
 constexpr int64_t kPrefetchFloats = 1024;
 void prefetch_row(int64_t cols, const float* x, float* y) {
   const int64_t n = std::min(cols, kPrefetchFloats);

@@ -4,9 +4,9 @@
 // batch statistics are known to be finite.
 #include "normkit/batch_norm.hpp"
 
-#include <algorithm>
 #include <array>
 #include <cmath>
+#include <cstdint>
 #include <limits>
 #include <type_traits>
 #include <vector>
