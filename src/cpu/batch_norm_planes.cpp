@@ -9,7 +9,6 @@
 // before scaling (cpu/coefficients.hpp), so a mean of 1e6 with std 1 keeps its
 // digits.
 #include <omp.h>
-#include <xmmintrin.h>
 
 #include <algorithm>
 #include <cmath>
@@ -19,7 +18,6 @@
 #include "cpu/coefficients.hpp"
 #include "cpu/implementations.hpp"
 #include "cpu/leaf_loops.hpp"
-#include "cpu/streaming.hpp"
 #include "kernels/batch_norm.hpp"
 
 namespace normkit::kernels::bn {
@@ -30,9 +28,6 @@ using cpu::apply_coefficients;
 using cpu::BackwardCoefficients;
 using cpu::backward_coefficients;
 using cpu::finish_channel;
-using cpu::stream_apply;
-using cpu::stream_backward;
-using cpu::streaming_output;
 using detail::threads_for;
 using leaf::ApplyUnits;
 using leaf::for_each_piece;
@@ -53,13 +48,7 @@ using leaf::whole_units_per_thread;
 
 NORMKIT_SIMD_CLONES
 void apply_runs(const float* x, int64_t x_stride, float* y, int64_t y_stride, int64_t runs,
-                int64_t len, ApplyCoefficients k, bool stream) {
-  if (stream) {
-    for (int64_t r = 0; r < runs; ++r)
-      stream_apply(x + r * x_stride, y + r * y_stride, len, &k.mean_hi, &k.scale, &k.shift, 0);
-    _mm_sfence();  // the streamed lines are written before anyone reads y
-    return;
-  }
+                int64_t len, ApplyCoefficients k) {
   for (int64_t r = 0; r < runs; ++r) {
     const float* xp = x + r * x_stride;
     float* yp = y + r * y_stride;
@@ -70,14 +59,7 @@ void apply_runs(const float* x, int64_t x_stride, float* y, int64_t y_stride, in
 NORMKIT_SIMD_CLONES
 void backward_apply_runs(const float* x, int64_t x_stride, const float* dy, int64_t dy_stride,
                          float* dx, int64_t dx_stride, int64_t runs, int64_t len,
-                         BackwardCoefficients k, bool stream) {
-  if (stream) {
-    for (int64_t r = 0; r < runs; ++r)
-      stream_backward(x + r * x_stride, dy + r * dy_stride, dx + r * dx_stride, len, &k.mean_hi,
-                      &k.a, &k.b, &k.k, 0);
-    _mm_sfence();
-    return;
-  }
+                         BackwardCoefficients k) {
   for (int64_t r = 0; r < runs; ++r) {
     const float* xp = x + r * x_stride;
     const float* gp = dy + r * dy_stride;
@@ -91,8 +73,7 @@ void backward_apply_runs(const float* x, int64_t x_stride, const float* dy, int6
 void piece_apply(const Geometry& gx, const Geometry& gy, const float* x, float* y, int64_t c,
                  const Pieces::Span& s, ApplyCoefficients k) {
   apply_runs(x + gx.offset(s.first_run, c, s.first_inner), gx.outer_stride,
-             y + gy.offset(s.first_run, c, s.first_inner), gy.outer_stride, s.runs, s.len, k,
-             streaming_output(gy, y, x));
+             y + gy.offset(s.first_run, c, s.first_inner), gy.outer_stride, s.runs, s.len, k);
 }
 
 void planes_forward_training(const Forward<float>& p) {
@@ -118,7 +99,6 @@ void planes_forward_training(const Forward<float>& p) {
   }
   const int64_t total = g.channels * pieces.per_channel;
   const ApplyUnits units(g);
-  const bool stream = streaming_output(p.y_geom, p.y, p.x);
   std::vector<Moments> partial(total);
   std::vector<ApplyCoefficients> coeff(g.channels);
 #pragma omp parallel num_threads(threads)
@@ -137,7 +117,7 @@ void planes_forward_training(const Forward<float>& p) {
     for (int64_t t = 0; t < units.count; ++t)
       units.for_each_run(g, t, [&](int64_t o, int64_t c, int64_t first, int64_t len) {
         apply_runs(p.x + g.offset(o, c, first), 0, p.y + p.y_geom.offset(o, c, first), 0, 1, len,
-                   coeff[c], stream);
+                   coeff[c]);
       });
   }
 }
@@ -163,7 +143,6 @@ void planes_moments(const Geometry& g, const float* x, Moments* out) {
 void planes_apply(const Apply<float>& p) {
   const Geometry& g = p.x_geom;
   const ApplyUnits units(g);
-  const bool stream = streaming_output(p.y_geom, p.y, p.x);
   std::vector<ApplyCoefficients> coeff(g.channels);
   for (int64_t c = 0; c < g.channels; ++c)
     coeff[c] = apply_coefficients(p.mean[c], p.invstd[c], param_or(p.gamma, c, 1.0),
@@ -172,7 +151,7 @@ void planes_apply(const Apply<float>& p) {
   for (int64_t t = 0; t < units.count; ++t)
     units.for_each_run(g, t, [&](int64_t o, int64_t c, int64_t first, int64_t len) {
       apply_runs(p.x + g.offset(o, c, first), 0, p.y + p.y_geom.offset(o, c, first), 0, 1, len,
-                 coeff[c], stream);
+                 coeff[c]);
     });
 }
 
@@ -195,7 +174,7 @@ void piece_backward_apply(const Backward<float>& p, int64_t c, const Pieces::Spa
   backward_apply_runs(p.x + gx.offset(s.first_run, c, s.first_inner), gx.outer_stride,
                       p.dy + gd.offset(s.first_run, c, s.first_inner), gd.outer_stride,
                       p.dx + go.offset(s.first_run, c, s.first_inner), go.outer_stride, s.runs,
-                      s.len, k, streaming_output(go, p.dx, p.x, p.dy));
+                      s.len, k);
 }
 
 void planes_backward(const Backward<float>& p) {
@@ -219,7 +198,6 @@ void planes_backward(const Backward<float>& p) {
   }
   const int64_t total = g.channels * pieces.per_channel;
   const ApplyUnits units(g);
-  const bool stream = streaming_output(p.dx_geom, p.dx, p.x, p.dy);
   std::vector<GradientSums> partial(total);
   std::vector<BackwardCoefficients> coeff(g.channels);
 #pragma omp parallel num_threads(threads)
@@ -241,8 +219,7 @@ void planes_backward(const Backward<float>& p) {
       for (int64_t t = 0; t < units.count; ++t)
         units.for_each_run(g, t, [&](int64_t o, int64_t c, int64_t first, int64_t len) {
           backward_apply_runs(p.x + g.offset(o, c, first), 0, p.dy + p.dy_geom.offset(o, c, first),
-                              0, p.dx + p.dx_geom.offset(o, c, first), 0, 1, len, coeff[c],
-                              stream);
+                              0, p.dx + p.dx_geom.offset(o, c, first), 0, 1, len, coeff[c]);
         });
     }
   }
@@ -252,7 +229,6 @@ void planes_backward(const Backward<float>& p) {
 void planes_backward_apply(const BackwardApply<float>& p) {
   const Geometry& g = p.x_geom;
   const ApplyUnits units(g);
-  const bool stream = streaming_output(p.dx_geom, p.dx, p.x, p.dy);
   std::vector<BackwardCoefficients> coeff(g.channels);
   for (int64_t c = 0; c < g.channels; ++c)
     coeff[c] = backward_coefficients(p.mean[c], p.invstd[c], param_or(p.gamma, c, 1.0),
@@ -261,7 +237,7 @@ void planes_backward_apply(const BackwardApply<float>& p) {
   for (int64_t t = 0; t < units.count; ++t)
     units.for_each_run(g, t, [&](int64_t o, int64_t c, int64_t first, int64_t len) {
       backward_apply_runs(p.x + g.offset(o, c, first), 0, p.dy + p.dy_geom.offset(o, c, first), 0,
-                          p.dx + p.dx_geom.offset(o, c, first), 0, 1, len, coeff[c], stream);
+                          p.dx + p.dx_geom.offset(o, c, first), 0, 1, len, coeff[c]);
     });
 }
 

@@ -4,7 +4,6 @@
 // internal linkage) are in src/cpu/README.md; the accuracy scheme is the
 // planes form's (batch_norm_planes.cpp), over chunks of rows instead of pieces.
 #include <omp.h>
-#include <xmmintrin.h>
 
 #include <algorithm>
 #include <cmath>
@@ -15,7 +14,6 @@
 #include "cpu/implementations.hpp"
 #include "cpu/leaf_loops.hpp"
 #include "cpu/rows_loops.hpp"
-#include "cpu/streaming.hpp"
 #include "kernels/batch_norm.hpp"
 
 namespace normkit::kernels::bn {
@@ -35,9 +33,6 @@ using cpu::rows_chunk_moments;
 using cpu::rows_moments_into;
 using cpu::rows_moments_phase;
 using cpu::rows_gradient_sums_chunk;
-using cpu::stream_apply;
-using cpu::stream_backward;
-using cpu::streaming_output;
 using detail::threads_for;
 using leaf::merge_moment_arrays;
 using leaf::param_or;
@@ -88,13 +83,7 @@ NORMKIT_SIMD_CLONES
 void rows_apply_chunk(const float* x, int64_t x_stride, float* y,
                       int64_t y_stride, int64_t rows, int64_t channels, int64_t blocked,
                       const float* __restrict mean_hi, const float* __restrict scale,
-                      const float* __restrict shift, bool stream) {
-  if (stream) {
-    for (int64_t r = 0; r < rows; ++r)
-      stream_apply(x + r * x_stride, y + r * y_stride, channels, mean_hi, scale, shift, 1);
-    _mm_sfence();
-    return;
-  }
+                      const float* __restrict shift) {
   int64_t c0 = 0;
   for (; c0 < blocked; c0 += kRowBlock) {
     float m[kRowBlock], sc[kRowBlock], t[kRowBlock];
@@ -133,13 +122,12 @@ void rows_apply_chunk(const float* x, int64_t x_stride, float* y,
 void rows_apply_phase(const Geometry& gx, const Geometry& gy, const float* x, float* y,
                       const RowCoefficients& k) {
   const RowPlan plan(gx);
-  const bool stream = streaming_output(gy, y, x);
 #pragma omp for schedule(static)
   for (int64_t chunk = 0; chunk < plan.chunks; ++chunk) {
     const int64_t r0 = plan.first_row(chunk);
     rows_apply_chunk(x + r0 * gx.outer_stride, gx.outer_stride, y + r0 * gy.outer_stride,
                      gy.outer_stride, plan.rows_in(chunk), plan.channels,
-                     blocked_channels(plan.channels), k.mean_hi, k.scale, k.shift, stream);
+                     blocked_channels(plan.channels), k.mean_hi, k.scale, k.shift);
   }
 }
 
@@ -221,7 +209,7 @@ void rows_forward_units(const Forward<float>& p, const RowPlan& plan, ColumnUnit
     coefficient_arrays(width, count, mean, m2, p.gamma ? p.gamma + c0 : nullptr,
                        p.beta ? p.beta + c0 : nullptr, p.eps, k.mean_hi, k.scale, k.shift);
     rows_apply_chunk(p.x + c0, p.x_geom.outer_stride, p.y + c0, p.y_geom.outer_stride, plan.rows,
-                     width, unit_blocked(plan, width), k.mean_hi, k.scale, k.shift, false);
+                     width, unit_blocked(plan, width), k.mean_hi, k.scale, k.shift);
   }
 }
 
@@ -232,10 +220,8 @@ void rows_forward_training(const Forward<float>& p) {
   const RowPlan plan(g);
   const int64_t C = plan.channels;
   const int threads = threads_for(C * g.outer);
-  if (!streaming_output(p.y_geom, p.y, p.x)) {
-    if (const ColumnUnits units = column_units(plan, threads); units.count > 0)
-      return rows_forward_units(p, plan, units, threads);
-  }
+  if (const ColumnUnits units = column_units(plan, threads); units.count > 0)
+    return rows_forward_units(p, plan, units, threads);
   double* const stripe_mean = scratch<double>(0, plan.stripes * C);
   double* const stripe_m2 = scratch<double>(1, plan.stripes * C);
   double* const stripe_count = scratch<double>(2, plan.stripes);
@@ -273,14 +259,7 @@ NORMKIT_SIMD_CLONES
 void rows_backward_apply_chunk(const float* x, int64_t x_stride, const float* dy,
                                int64_t dy_stride, float* dx, int64_t dx_stride, int64_t rows,
                                int64_t channels, int64_t blocked, const float* mean_hi,
-                               const float* a, const float* b, const float* k, bool stream) {
-  if (stream) {
-    for (int64_t r = 0; r < rows; ++r)
-      stream_backward(x + r * x_stride, dy + r * dy_stride, dx + r * dx_stride, channels, mean_hi,
-                      a, b, k, 1);
-    _mm_sfence();
-    return;
-  }
+                               const float* a, const float* b, const float* k) {
   int64_t c0 = 0;
   for (; c0 < blocked; c0 += kRowBlock) {
     float m[kRowBlock], av[kRowBlock], bv[kRowBlock], kv[kRowBlock];
@@ -354,8 +333,7 @@ void rows_backward_units(const Backward<float>& p, const RowPlan& plan, ColumnUn
     }
     if (p.dx)
       rows_backward_apply_chunk(p.x + c0, gx.outer_stride, p.dy + c0, gdy.outer_stride, p.dx + c0,
-                                p.dx_geom.outer_stride, plan.rows, width, blocked, mean_hi, a, b, k,
-                                false);
+                                p.dx_geom.outer_stride, plan.rows, width, blocked, mean_hi, a, b, k);
   }
 }
 
@@ -364,10 +342,8 @@ void rows_backward(const Backward<float>& p) {
   const RowPlan plan(gx);
   const int64_t C = plan.channels;
   const int threads = threads_for(2 * C * plan.rows);
-  if (!p.dx || !streaming_output(p.dx_geom, p.dx, p.x, p.dy)) {
-    if (const ColumnUnits units = column_units(plan, threads); units.count > 0)
-      return rows_backward_units(p, plan, units, threads);
-  }
+  if (const ColumnUnits units = column_units(plan, threads); units.count > 0)
+    return rows_backward_units(p, plan, units, threads);
   double* const stripe_dy = scratch<double>(0, plan.stripes * C);
   double* const stripe_dy_xmu = scratch<double>(1, plan.stripes * C);
   std::fill(stripe_dy, stripe_dy + plan.stripes * C, 0.0);
@@ -393,8 +369,7 @@ void rows_backward(const Backward<float>& p) {
                                   p.dy + r0 * p.dy_geom.outer_stride, p.dy_geom.outer_stride,
                                   p.dx + r0 * p.dx_geom.outer_stride, p.dx_geom.outer_stride,
                                   plan.rows_in(chunk), C, blocked_channels(C), co.mean_hi.data(),
-                                  co.a.data(), co.b.data(), co.k.data(),
-                                  streaming_output(p.dx_geom, p.dx, p.x, p.dy));
+                                  co.a.data(), co.b.data(), co.k.data());
       }
     }
   }
@@ -410,7 +385,6 @@ void rows_backward_apply(const BackwardApply<float>& p) {
     co.set(c, backward_coefficients(p.mean[c], p.invstd[c], param_or(p.gamma, c, 1.0),
                                     p.sum_dy[c], p.sum_dy_xhat[c], p.count,
                                     BackwardMode::training));
-  const bool stream = streaming_output(p.dx_geom, p.dx, p.x, p.dy);
 #pragma omp parallel for num_threads(threads_for(2 * C * plan.rows)) schedule(static)
   for (int64_t chunk = 0; chunk < plan.chunks; ++chunk) {
     const int64_t r0 = plan.first_row(chunk);
@@ -418,7 +392,7 @@ void rows_backward_apply(const BackwardApply<float>& p) {
                               p.dy + r0 * p.dy_geom.outer_stride, p.dy_geom.outer_stride,
                               p.dx + r0 * p.dx_geom.outer_stride, p.dx_geom.outer_stride,
                               plan.rows_in(chunk), C, blocked_channels(C), co.mean_hi.data(),
-                              co.a.data(), co.b.data(), co.k.data(), stream);
+                              co.a.data(), co.b.data(), co.k.data());
   }
 }
 
