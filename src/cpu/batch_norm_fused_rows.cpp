@@ -40,29 +40,6 @@ using leaf::scratch;
 
 // ======================= rows =======================
 
-NORMKIT_SIMD_CLONES
-void rows_apply_relu_chunk(const float* x, int64_t x_stride, const float* z, int64_t z_stride,
-                           float* y, int64_t y_stride, int64_t rows, int64_t channels,
-                           const float* __restrict mean_hi, const float* __restrict scale,
-                           const float* __restrict shift) {
-  for (int64_t r = 0; r < rows; ++r) {
-    const float* xp = x + r * x_stride;
-    float* yp = y + r * y_stride;
-    if (z) {
-      const float* zp = z + r * z_stride;
-      for (int64_t c = 0; c < channels; ++c) {
-        const float p = (xp[c] - mean_hi[c]) * scale[c] + shift[c] + zp[c];
-        yp[c] = p < 0.0f ? 0.0f : p;
-      }
-    } else {
-      for (int64_t c = 0; c < channels; ++c) {
-        const float p = (xp[c] - mean_hi[c]) * scale[c] + shift[c];
-        yp[c] = p < 0.0f ? 0.0f : p;
-      }
-    }
-  }
-}
-
 void rows_forward(const Forward<float>& p) {
   const Geometry& gx = p.x_geom;
   const int64_t C = gx.channels;
@@ -81,10 +58,10 @@ void rows_forward(const Forward<float>& p) {
   for (int64_t chunk = 0; chunk < plan.chunks; ++chunk) {
     const int64_t r0 = plan.first_row(chunk), rows = plan.rows_in(chunk);
     float* y = p.y + r0 * p.y_geom.outer_stride;
-    rows_apply_relu_chunk(p.x + r0 * gx.outer_stride, gx.outer_stride,
-                          p.z ? p.z + r0 * p.z_geom.outer_stride : nullptr, p.z_geom.outer_stride,
-                          y, p.y_geom.outer_stride, rows, C, mean_hi.data(), scale.data(),
-                          shift.data());
+    cpu::rows_apply_relu_chunk(p.x + r0 * gx.outer_stride, gx.outer_stride,
+                               p.z ? p.z + r0 * p.z_geom.outer_stride : nullptr,
+                               p.z_geom.outer_stride, y, p.y_geom.outer_stride, rows, C,
+                               blocked_channels(C), mean_hi.data(), scale.data(), shift.data());
     if (!p.mask) continue;
     if (y_dense) {
       pack_positive_bits(y, rows * C, p.mask, r0 * C);
@@ -95,59 +72,9 @@ void rows_forward(const Forward<float>& p) {
   }
 }
 
-NORMKIT_SIMD_CLONES
-void rows_backward_apply_chunk(const float* x, int64_t x_stride, const float* g, float* dx,
-                               int64_t dx_stride, int64_t rows, int64_t channels,
-                               const float* mean_hi, const float* a, const float* b,
-                               const float* k) {
-  for (int64_t r = 0; r < rows; ++r) {
-    const float* xp = x + r * x_stride;
-    const float* gp = g + r * channels;
-    float* dp = dx + r * dx_stride;
-    for (int64_t c = 0; c < channels; ++c)
-      dp[c] = a[c] * gp[c] + b[c] * (xp[c] - mean_hi[c]) + k[c];
-  }
-}
-
-// g = mask ? dy : 0 of `rows` rows from their bits (row r's from bit
-// bit_first + r·C), into dz if wanted, and dx = a·g + b·(x - mean_hi) + k if
-// wanted; C a multiple of kRowBlock.
-NORMKIT_SIMD_CLONES
-void rows_backward_apply_masked_chunk(const float* __restrict x, int64_t x_stride,
-                                      const leaf::GradientSource& src, float* __restrict dx,
-                                      int64_t dx_stride, float* __restrict dz, int64_t dz_stride,
-                                      int64_t rows, int64_t channels, const float* mean_hi,
-                                      const float* a, const float* b, const float* k) {
-  constexpr int64_t kBlock = cpu::kRowBlock;
-  for (int64_t c0 = 0; c0 < channels; c0 += kBlock) {
-    float m_hi[kBlock], av[kBlock], bv[kBlock], kv[kBlock];
-    for (int l = 0; l < kBlock; ++l) {
-      m_hi[l] = mean_hi[c0 + l];
-      av[l] = a[c0 + l];
-      bv[l] = b[c0 + l];
-      kv[l] = k[c0 + l];
-    }
-    for (int64_t r = 0; r < rows; ++r) {
-      const float* xp = x + r * x_stride + c0;
-      const float* gp = src.dy + r * src.stride + c0;
-      float g[kBlock];
-      for (int h = 0; h < kBlock / 32; ++h) {
-        const uint32_t m =
-            leaf::mask_bits(src.mask, src.bit_first + r * src.bit_stride + c0 + 32 * h, 32);
-        for (int l = 0; l < 32; ++l) g[32 * h + l] = leaf::lane_gradient<true>(gp + 32 * h, m, l);
-      }
-      if (dz)
-        for (int l = 0; l < kBlock; ++l) dz[r * dz_stride + c0 + l] = g[l];
-      if (dx)
-        for (int l = 0; l < kBlock; ++l)
-          dx[r * dx_stride + c0 + l] = av[l] * g[l] + bv[l] * (xp[l] - m_hi[l]) + kv[l];
-    }
-  }
-}
-
 // The backward with g read from dy and the bits inside the loops
-// (leaf::GradientSource), when C is a multiple of kRowBlock (64, 128, ...,
-// 512, 1024...): BN's sums over chunks and stripes, then dx and dz in one
+// (leaf::GradientSource), when C is a multiple of kNarrowRowBlock (32, 64,
+// 96, ..., 512, 1024...): BN's sums over chunks and stripes, then dx and dz in one
 // pass. Each channel adds its rows in row order, as in BN's blocked and long-row
 // loops alike, so the sums are BN's bit for bit for any C. Other channel
 // counts expand g first (rows_backward).
@@ -179,7 +106,7 @@ void rows_backward_masked(const Backward<float>& p, const RowPlan& plan, int thr
 #pragma omp for schedule(static)
       for (int64_t chunk = 0; chunk < plan.chunks; ++chunk) {
         const int64_t r0 = plan.first_row(chunk);
-        rows_backward_apply_masked_chunk(
+        cpu::rows_backward_apply_masked_chunk(
             p.x + r0 * gx.outer_stride, gx.outer_stride, source(r0),
             p.dx ? p.dx + r0 * p.dx_geom.outer_stride : nullptr, p.dx_geom.outer_stride,
             p.dz ? p.dz + r0 * p.dz_geom.outer_stride : nullptr, p.dz_geom.outer_stride,
@@ -205,7 +132,7 @@ void rows_backward(const Backward<float>& p) {
   const RowPlan plan(gx);
   const int64_t C = plan.channels;
   const int threads = threads_for(2 * C * plan.rows);
-  if (C > 0 && C % cpu::kRowBlock == 0) return rows_backward_masked(p, plan, threads);
+  if (C > 0 && C % cpu::kNarrowRowBlock == 0) return rows_backward_masked(p, plan, threads);
   double* const stripe_g = scratch<double>(0, plan.stripes * C);
   double* const stripe_g_xmu = scratch<double>(1, plan.stripes * C);
   std::fill(stripe_g, stripe_g + plan.stripes * C, 0.0);
@@ -239,9 +166,11 @@ void rows_backward(const Backward<float>& p) {
           const int64_t rows = std::min(block_rows, end - r0);
           rows_expand_chunk(p, r0, rows, g);
           if (p.dx)
-            rows_backward_apply_chunk(p.x + r0 * gx.outer_stride, gx.outer_stride, g,
-                                      p.dx + r0 * p.dx_geom.outer_stride, p.dx_geom.outer_stride,
-                                      rows, C, co.mean_hi.data(), co.a.data(), co.b.data(), co.k.data());
+            cpu::rows_backward_apply_chunk(p.x + r0 * gx.outer_stride, gx.outer_stride, g, C,
+                                           p.dx + r0 * p.dx_geom.outer_stride,
+                                           p.dx_geom.outer_stride, rows, C, blocked_channels(C),
+                                           co.mean_hi.data(), co.a.data(), co.b.data(),
+                                           co.k.data());
           if (p.dz)
             for (int64_t r = 0; r < rows; ++r)
               std::copy(g + r * C, g + (r + 1) * C, p.dz + (r0 + r) * p.dz_geom.outer_stride);

@@ -25,13 +25,14 @@ using cpu::BackwardCoefficients;
 using cpu::backward_coefficients;
 using cpu::blocked_channels;
 using cpu::kColumnBlock;
-using cpu::kRowBlock;
 using cpu::kRowGroup;
 using cpu::finish_channel_from_hi;
 using cpu::RowBackwardCoefficients;
 using cpu::rows_chunk_moments;
 using cpu::rows_moments_into;
 using cpu::rows_moments_phase;
+using cpu::rows_apply_chunk;
+using cpu::rows_backward_apply_chunk;
 using cpu::rows_gradient_sums_chunk;
 using detail::threads_for;
 using leaf::merge_moment_arrays;
@@ -78,45 +79,6 @@ struct RowCoefficients {
     shift[c] = k.shift;
   }
 };
-
-NORMKIT_SIMD_CLONES
-void rows_apply_chunk(const float* x, int64_t x_stride, float* y,
-                      int64_t y_stride, int64_t rows, int64_t channels, int64_t blocked,
-                      const float* __restrict mean_hi, const float* __restrict scale,
-                      const float* __restrict shift) {
-  int64_t c0 = 0;
-  for (; c0 < blocked; c0 += kRowBlock) {
-    float m[kRowBlock], sc[kRowBlock], t[kRowBlock];
-    for (int l = 0; l < kRowBlock; ++l) {
-      m[l] = mean_hi[c0 + l];
-      sc[l] = scale[c0 + l];
-      t[l] = shift[c0 + l];
-    }
-    for (int64_t r = 0; r < rows; ++r) {
-      const float* xp = x + r * x_stride + c0;
-      float* yp = y + r * y_stride + c0;
-      for (int l = 0; l < kRowBlock; ++l) yp[l] = (xp[l] - m[l]) * sc[l] + t[l];
-    }
-  }
-  // Then kRowGroup rows at a time: a channel's coefficients are loaded once per
-  // group. (ivdep: y may be x, but element c of a row is read only for its own
-  // store; without it the compiler gives up vectorizing over four rows' aliasing.)
-  int64_t r = 0;
-  for (; r + kRowGroup <= rows && c0 < channels; r += kRowGroup) {
-    const float* xp = x + r * x_stride;
-    float* yp = y + r * y_stride;
-#pragma GCC ivdep
-    for (int64_t c = c0; c < channels; ++c) {
-      const float m = mean_hi[c], sc = scale[c], t = shift[c];
-      for (int j = 0; j < kRowGroup; ++j) yp[j * y_stride + c] = (xp[j * x_stride + c] - m) * sc + t;
-    }
-  }
-  for (; r < rows && c0 < channels; ++r) {
-    const float* xp = x + r * x_stride;
-    float* yp = y + r * y_stride;
-    for (int64_t c = c0; c < channels; ++c) yp[c] = (xp[c] - mean_hi[c]) * scale[c] + shift[c];
-  }
-}
 
 // The apply over every chunk; inside a parallel region (an orphaned omp for).
 void rows_apply_phase(const Geometry& gx, const Geometry& gy, const float* x, float* y,
@@ -253,49 +215,6 @@ void rows_apply(const Apply<float>& p) {
                                 param_or(p.beta, c, 0.0)));
 #pragma omp parallel num_threads(threads_for(C * p.x_geom.outer))
   rows_apply_phase(p.x_geom, p.y_geom, p.x, p.y, k);
-}
-
-NORMKIT_SIMD_CLONES
-void rows_backward_apply_chunk(const float* x, int64_t x_stride, const float* dy,
-                               int64_t dy_stride, float* dx, int64_t dx_stride, int64_t rows,
-                               int64_t channels, int64_t blocked, const float* mean_hi,
-                               const float* a, const float* b, const float* k) {
-  int64_t c0 = 0;
-  for (; c0 < blocked; c0 += kRowBlock) {
-    float m[kRowBlock], av[kRowBlock], bv[kRowBlock], kv[kRowBlock];
-    for (int l = 0; l < kRowBlock; ++l) {
-      m[l] = mean_hi[c0 + l];
-      av[l] = a[c0 + l];
-      bv[l] = b[c0 + l];
-      kv[l] = k[c0 + l];
-    }
-    for (int64_t r = 0; r < rows; ++r) {
-      const float* xp = x + r * x_stride + c0;
-      const float* gp = dy + r * dy_stride + c0;
-      float* dp = dx + r * dx_stride + c0;
-      for (int l = 0; l < kRowBlock; ++l) dp[l] = av[l] * gp[l] + bv[l] * (xp[l] - m[l]) + kv[l];
-    }
-  }
-  // Then kRowGroup rows at a time, as rows_apply_chunk.
-  int64_t r = 0;
-  for (; r + kRowGroup <= rows && c0 < channels; r += kRowGroup) {
-    const float* xp = x + r * x_stride;
-    const float* gp = dy + r * dy_stride;
-    float* dp = dx + r * dx_stride;
-#pragma GCC ivdep
-    for (int64_t c = c0; c < channels; ++c) {
-      const float m = mean_hi[c], av = a[c], bv = b[c], kv = k[c];
-      for (int j = 0; j < kRowGroup; ++j)
-        dp[j * dx_stride + c] = av * gp[j * dy_stride + c] + bv * (xp[j * x_stride + c] - m) + kv;
-    }
-  }
-  for (; r < rows && c0 < channels; ++r) {
-    const float* xp = x + r * x_stride;
-    const float* gp = dy + r * dy_stride;
-    float* dp = dx + r * dx_stride;
-    for (int64_t c = c0; c < channels; ++c)
-      dp[c] = a[c] * gp[c] + b[c] * (xp[c] - mean_hi[c]) + k[c];
-  }
 }
 
 // Backward over column units (see ColumnUnits): per channel, Σdy and

@@ -13,21 +13,49 @@
 namespace normkit::kernels::cpu {
 namespace {
 
-// Rows kernels walk channels in blocks of kRowBlock: a block's accumulators
-// and coefficients stay in registers (rather than being loaded and stored for
-// every row), and its part of a chunk (at most 64 rows × 64 floats = 16 KB)
-// stays in L1 between passes. Every channel still adds its rows in row order,
-// so blocking changes no result; channels past the last whole block take the
-// plain loops. Only short rows are blocked: with long ones (1024 channels and
-// more) a block is a narrow strided column of the chunk, which the hardware
-// prefetchers follow worse than whole rows, and whose rows, 4 KB or more apart,
-// compete for the same few L1 sets.
+// Rows kernels walk channels in register blocks of kRowBlock, the last one
+// kNarrowRowBlock wide when that is what remains (32, 96, 160 channels): a
+// block's accumulators and coefficients stay in registers (rather than being
+// loaded and stored for every row), and its part of a chunk (at most 64 rows ×
+// 64 floats = 16 KB) stays in L1 between passes. Every channel still adds its
+// rows in row order, so blocking changes no result; channels past the last
+// whole block take the plain loops. Only short rows are blocked: with long ones
+// (1024 channels and more) a block is a narrow strided column of the chunk,
+// which the hardware prefetchers follow worse than whole rows, and whose rows,
+// 4 KB or more apart, compete for the same few L1 sets.
 constexpr int64_t kRowBlock = 64;
+constexpr int64_t kNarrowRowBlock = 32;
 constexpr int64_t kMaxBlockedChannels = 256;
 constexpr int64_t kColumnBlock = 256;
 constexpr int64_t kRowGroup = 4;
 [[maybe_unused]] inline int64_t blocked_channels(int64_t channels) {
-  return channels <= kMaxBlockedChannels ? channels / kRowBlock * kRowBlock : 0;
+  return channels <= kMaxBlockedChannels ? channels / kNarrowRowBlock * kNarrowRowBlock : 0;
+}
+
+// Runs block.template operator()<B>(c0) for the register blocks of channels
+// [0, blocked), blocked a multiple of kNarrowRowBlock. The lambdas passed here
+// are always inlined, so they are compiled for their SIMD clone's instruction
+// set (an outlined lambda would be baseline x86-64, without FMA: other bits).
+template <class Block>
+[[gnu::always_inline]] inline void for_each_row_block(int64_t blocked, Block&& block) {
+  int64_t c0 = 0;
+  for (; c0 + kRowBlock <= blocked; c0 += kRowBlock) block.template operator()<kRowBlock>(c0);
+  if (c0 < blocked) block.template operator()<kNarrowRowBlock>(c0);
+}
+
+// g of row r, channels [c0, c0 + B), from a leaf::GradientSource: dy itself,
+// or mask ? dy : 0 (reading the row's bits 32 at a time) written into g.
+template <bool Masked, int B>
+[[gnu::always_inline]] inline const float* row_block_gradient(const leaf::GradientSource& src,
+                                                              int64_t r, int64_t c0, float* g) {
+  const float* gp = src.dy + r * src.stride + c0;
+  if constexpr (!Masked) return gp;
+  for (int h = 0; h < B / 32; ++h) {
+    const uint32_t m =
+        leaf::mask_bits(src.mask, src.bit_first + r * src.bit_stride + c0 + 32 * h, 32);
+    for (int l = 0; l < 32; ++l) g[32 * h + l] = leaf::lane_gradient<true>(gp + 32 * h, m, l);
+  }
+  return g;
 }
 
 // Per-channel moments of one chunk (at most kMaxChunkRows rows): the same two
@@ -39,9 +67,10 @@ void rows_chunk_moments(const float* __restrict x, int64_t stride, int64_t rows,
                         float* __restrict center, float* __restrict sum_d2,
                         double* __restrict mean, double* __restrict m2) {
   const double n = static_cast<double>(rows);
-  int64_t c0 = 0;
-  for (; c0 < blocked; c0 += kRowBlock)
-    leaf::rows_block_moments<kRowBlock>(x + c0, stride, rows, mean + c0, m2 + c0, nullptr, 0);
+  for_each_row_block(blocked, [&]<int B>(int64_t c0) __attribute__((always_inline)) {
+    leaf::rows_block_moments<B>(x + c0, stride, rows, mean + c0, m2 + c0, nullptr, 0);
+  });
+  const int64_t c0 = blocked;
   // Long rows: columns of kColumnBlock channels, so that the sums stay in L1
   // and a column of the chunk in L2 between the passes; kRowGroup rows at a
   // time, added one after the other, so a sum is loaded and stored once per group.
@@ -98,51 +127,39 @@ void rows_chunk_moments(const float* __restrict x, int64_t stride, int64_t rows,
 }
 
 // The blocked part of rows_gradient_sums_chunk (below): channels [0, blocked)
-// in blocks of kRowBlock, g from a leaf::GradientSource (row r's bits start at
+// in register blocks, g from a leaf::GradientSource (row r's bits start at
 // bit_first + r·bit_stride), so that the fused kernel's masked sums add
-// exactly BN's values in BN's order. Returns the first channel not summed.
+// exactly BN's values in BN's order.
 template <bool Masked>
-[[gnu::always_inline]] inline int64_t rows_gradient_sums_blocks(
+[[gnu::always_inline]] inline void rows_gradient_sums_blocks(
     const float* __restrict x, int64_t x_stride, const leaf::GradientSource& src, int64_t rows,
     int64_t blocked, const float* __restrict center, double* __restrict sum_dy,
     double* __restrict sum_dy_xc) {
-  int64_t c0 = 0;
-  for (; c0 < blocked; c0 += kRowBlock) {
-    double s1[kRowBlock], s2[kRowBlock], ctr[kRowBlock];
-    for (int l = 0; l < kRowBlock; ++l) {
+  for_each_row_block(blocked, [&]<int B>(int64_t c0) __attribute__((always_inline)) {
+    double s1[B], s2[B], ctr[B];
+    for (int l = 0; l < B; ++l) {
       s1[l] = sum_dy[c0 + l];
       s2[l] = sum_dy_xc[c0 + l];
       ctr[l] = center[c0 + l];
     }
     for (int64_t r = 0; r < rows; ++r) {
       const float* xp = x + r * x_stride + c0;
-      const float* gp = src.dy + r * src.stride + c0;
-      const auto add = [&](int l, double gl) {
-        s1[l] += gl;
-        s2[l] += gl * (static_cast<double>(xp[l]) - ctr[l]);
-      };
-      if constexpr (Masked) {
-        float g[kRowBlock];
-        for (int h = 0; h < kRowBlock / 32; ++h) {
-          const uint32_t m =
-              leaf::mask_bits(src.mask, src.bit_first + r * src.bit_stride + c0 + 32 * h, 32);
-          for (int l = 0; l < 32; ++l) g[32 * h + l] = leaf::lane_gradient<true>(gp + 32 * h, m, l);
-        }
-        for (int l = 0; l < kRowBlock; ++l) add(l, g[l]);
-      } else {
-        for (int l = 0; l < kRowBlock; ++l) add(l, gp[l]);
+      float masked[B];
+      const float* g = row_block_gradient<Masked, B>(src, r, c0, masked);
+      for (int l = 0; l < B; ++l) {
+        s1[l] += g[l];
+        s2[l] += g[l] * (static_cast<double>(xp[l]) - ctr[l]);
       }
     }
-    for (int l = 0; l < kRowBlock; ++l) {
+    for (int l = 0; l < B; ++l) {
       sum_dy[c0 + l] = s1[l];
       sum_dy_xc[c0 + l] = s2[l];
     }
-  }
-  return c0;
+  });
 }
 
-// rows_gradient_sums_blocks with g = mask ? dy : 0, for channels that are all
-// in blocks (blocked_channels(C) == C).
+// rows_gradient_sums_blocks with g = mask ? dy : 0, every channel in a block
+// (channels a multiple of kNarrowRowBlock, however many).
 [[maybe_unused]] NORMKIT_SIMD_CLONES
 void rows_gradient_sums_masked_chunk(const float* __restrict x, int64_t x_stride,
                                      const leaf::GradientSource& src, int64_t rows,
@@ -158,8 +175,9 @@ void rows_gradient_sums_chunk(const float* __restrict x, int64_t x_stride,
                               const float* __restrict dy, int64_t dy_stride, int64_t rows,
                               int64_t channels, int64_t blocked, const float* __restrict center,
                               double* __restrict sum_dy, double* __restrict sum_dy_xc) {
-  const int64_t c0 = rows_gradient_sums_blocks<false>(x, x_stride, {dy, dy_stride}, rows, blocked,
-                                                      center, sum_dy, sum_dy_xc);
+  rows_gradient_sums_blocks<false>(x, x_stride, {dy, dy_stride}, rows, blocked, center, sum_dy,
+                                   sum_dy_xc);
+  const int64_t c0 = blocked;
   // Long rows: the sums stay in L1; kRowGroup rows at a time, one after the other.
   for (int64_t b0 = c0; b0 < channels; b0 += kColumnBlock) {
     const int64_t b1 = std::min(channels, b0 + kColumnBlock);
@@ -190,6 +208,173 @@ void rows_gradient_sums_chunk(const float* __restrict x, int64_t x_stride,
       }
     }
   }
+}
+
+// y = (x - mean_hi)·scale + shift per channel over one chunk of rows; with
+// Relu, y = relu(that + z) (z may be null): BN+ReLU's forward is BN's to the
+// bit before the ReLU. Channels [0, blocked) in register blocks, the rest
+// kRowGroup rows at a time, so that a channel's coefficients are loaded once
+// per group. (ivdep: y may be x or z, but element c of a row is read only for
+// its own store; without it the compiler gives up vectorizing over four rows'
+// aliasing.)
+template <bool Relu>
+[[gnu::always_inline]] inline void rows_apply_body(const float* x, int64_t x_stride,
+                                                   const float* z, int64_t z_stride, float* y,
+                                                   int64_t y_stride, int64_t rows,
+                                                   int64_t channels, int64_t blocked,
+                                                   const float* __restrict mean_hi,
+                                                   const float* __restrict scale,
+                                                   const float* __restrict shift) {
+  const auto out = [](float p) __attribute__((always_inline)) {
+    return Relu && p < 0.0f ? 0.0f : p;
+  };
+  for_each_row_block(blocked, [&]<int B>(int64_t c0) __attribute__((always_inline)) {
+    float m[B], sc[B], t[B];
+    for (int l = 0; l < B; ++l) {
+      m[l] = mean_hi[c0 + l];
+      sc[l] = scale[c0 + l];
+      t[l] = shift[c0 + l];
+    }
+    for (int64_t r = 0; r < rows; ++r) {
+      const float* xp = x + r * x_stride + c0;
+      float* yp = y + r * y_stride + c0;
+      if (z) {
+        const float* zp = z + r * z_stride + c0;
+        for (int l = 0; l < B; ++l) yp[l] = out((xp[l] - m[l]) * sc[l] + t[l] + zp[l]);
+      } else {
+        for (int l = 0; l < B; ++l) yp[l] = out((xp[l] - m[l]) * sc[l] + t[l]);
+      }
+    }
+  });
+  // (z is tested outside the loops: a select inside them is if-converted into
+  // masked multiplies, which are not contracted into FMAs, and BN+ReLU's y
+  // would round otherwise than BN's.)
+  int64_t r = 0;
+  for (; r + kRowGroup <= rows && blocked < channels; r += kRowGroup) {
+    const float* xp = x + r * x_stride;
+    float* yp = y + r * y_stride;
+    if (z) {
+      const float* zp = z + r * z_stride;
+#pragma GCC ivdep
+      for (int64_t c = blocked; c < channels; ++c) {
+        const float m = mean_hi[c], sc = scale[c], t = shift[c];
+        for (int j = 0; j < kRowGroup; ++j)
+          yp[j * y_stride + c] = out((xp[j * x_stride + c] - m) * sc + t + zp[j * z_stride + c]);
+      }
+    } else {
+#pragma GCC ivdep
+      for (int64_t c = blocked; c < channels; ++c) {
+        const float m = mean_hi[c], sc = scale[c], t = shift[c];
+        for (int j = 0; j < kRowGroup; ++j)
+          yp[j * y_stride + c] = out((xp[j * x_stride + c] - m) * sc + t);
+      }
+    }
+  }
+  for (; r < rows && blocked < channels; ++r) {
+    const float* xp = x + r * x_stride;
+    float* yp = y + r * y_stride;
+    if (z) {
+      const float* zp = z + r * z_stride;
+      for (int64_t c = blocked; c < channels; ++c)
+        yp[c] = out((xp[c] - mean_hi[c]) * scale[c] + shift[c] + zp[c]);
+    } else {
+      for (int64_t c = blocked; c < channels; ++c)
+        yp[c] = out((xp[c] - mean_hi[c]) * scale[c] + shift[c]);
+    }
+  }
+}
+
+[[maybe_unused]] NORMKIT_SIMD_CLONES
+void rows_apply_chunk(const float* x, int64_t x_stride, float* y, int64_t y_stride, int64_t rows,
+                      int64_t channels, int64_t blocked, const float* __restrict mean_hi,
+                      const float* __restrict scale, const float* __restrict shift) {
+  rows_apply_body<false>(x, x_stride, nullptr, 0, y, y_stride, rows, channels, blocked, mean_hi,
+                         scale, shift);
+}
+
+[[maybe_unused]] NORMKIT_SIMD_CLONES
+void rows_apply_relu_chunk(const float* x, int64_t x_stride, const float* z, int64_t z_stride,
+                           float* y, int64_t y_stride, int64_t rows, int64_t channels,
+                           int64_t blocked, const float* __restrict mean_hi,
+                           const float* __restrict scale, const float* __restrict shift) {
+  rows_apply_body<true>(x, x_stride, z, z_stride, y, y_stride, rows, channels, blocked, mean_hi,
+                        scale, shift);
+}
+
+// dx = a·g + b·(x - mean_hi) + k per channel over one chunk of rows, g from a
+// leaf::GradientSource: channels [0, blocked) in register blocks, the rest
+// kRowGroup rows at a time. Masked (every channel blocked) also writes dz = g
+// when dz is not null, and dx only when dx is not null. dx may be dy (same
+// strides): element c of a row is read only for its own store.
+template <bool Masked>
+[[gnu::always_inline]] inline void rows_backward_apply_body(
+    const float* x, int64_t x_stride, const leaf::GradientSource& src, float* dx,
+    int64_t dx_stride, float* dz, int64_t dz_stride, int64_t rows, int64_t channels,
+    int64_t blocked, const float* mean_hi, const float* a, const float* b, const float* k) {
+  for_each_row_block(blocked, [&]<int B>(int64_t c0) __attribute__((always_inline)) {
+    float m[B], av[B], bv[B], kv[B];
+    for (int l = 0; l < B; ++l) {
+      m[l] = mean_hi[c0 + l];
+      av[l] = a[c0 + l];
+      bv[l] = b[c0 + l];
+      kv[l] = k[c0 + l];
+    }
+    for (int64_t r = 0; r < rows; ++r) {
+      const float* xp = x + r * x_stride + c0;
+      float masked[B];
+      const float* g = row_block_gradient<Masked, B>(src, r, c0, masked);
+      if (Masked && dz)
+        for (int l = 0; l < B; ++l) dz[r * dz_stride + c0 + l] = g[l];
+      if (!Masked || dx)
+        for (int l = 0; l < B; ++l)
+          dx[r * dx_stride + c0 + l] = av[l] * g[l] + bv[l] * (xp[l] - m[l]) + kv[l];
+    }
+  });
+  if constexpr (!Masked) {
+    const float* dy = src.dy;
+    const int64_t dy_stride = src.stride;
+    int64_t r = 0;
+    for (; r + kRowGroup <= rows && blocked < channels; r += kRowGroup) {
+      const float* xp = x + r * x_stride;
+      const float* gp = dy + r * dy_stride;
+      float* dp = dx + r * dx_stride;
+#pragma GCC ivdep
+      for (int64_t c = blocked; c < channels; ++c) {
+        const float mc = mean_hi[c], ac = a[c], bc = b[c], kc = k[c];
+        for (int j = 0; j < kRowGroup; ++j)
+          dp[j * dx_stride + c] = ac * gp[j * dy_stride + c] + bc * (xp[j * x_stride + c] - mc) + kc;
+      }
+    }
+    for (; r < rows && blocked < channels; ++r) {
+      const float* xp = x + r * x_stride;
+      const float* gp = dy + r * dy_stride;
+      float* dp = dx + r * dx_stride;
+      for (int64_t c = blocked; c < channels; ++c)
+        dp[c] = a[c] * gp[c] + b[c] * (xp[c] - mean_hi[c]) + k[c];
+    }
+  }
+}
+
+// rows_backward_apply_body from dy.
+[[maybe_unused]] NORMKIT_SIMD_CLONES
+void rows_backward_apply_chunk(const float* x, int64_t x_stride, const float* dy,
+                               int64_t dy_stride, float* dx, int64_t dx_stride, int64_t rows,
+                               int64_t channels, int64_t blocked, const float* mean_hi,
+                               const float* a, const float* b, const float* k) {
+  rows_backward_apply_body<false>(x, x_stride, {dy, dy_stride}, dx, dx_stride, nullptr, 0, rows,
+                                  channels, blocked, mean_hi, a, b, k);
+}
+
+// rows_backward_apply_body with g = mask ? dy : 0, every channel in a block
+// (channels a multiple of kNarrowRowBlock, however many).
+[[maybe_unused]] NORMKIT_SIMD_CLONES
+void rows_backward_apply_masked_chunk(const float* x, int64_t x_stride,
+                                      const leaf::GradientSource& src, float* dx,
+                                      int64_t dx_stride, float* dz, int64_t dz_stride,
+                                      int64_t rows, int64_t channels, const float* mean_hi,
+                                      const float* a, const float* b, const float* k) {
+  rows_backward_apply_body<true>(x, x_stride, src, dx, dx_stride, dz, dz_stride, rows, channels,
+                                 channels, mean_hi, a, b, k);
 }
 
 // Moments per channel over all rows: chunks merged in order within each
