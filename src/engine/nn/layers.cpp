@@ -274,6 +274,41 @@ void max_window_rows(const float* __restrict src, int64_t row_step, int64_t col_
       }
     }
 }
+// Channels-last, 2×2 windows with stride 2 (the common case): one output row
+// of `windows` pixels from input rows r0 and r1, each window's four values
+// compared in registers. (index is tested outside the loops: a select inside
+// them is if-converted into masked operations.)
+NORMKIT_ENGINE_SIMD_CLONES
+void max_window_rows_2x2(const float* __restrict r0, const float* __restrict r1, int64_t windows,
+                         int64_t channels, float* __restrict out, WindowIndex* __restrict index) {
+  for (int64_t ow = 0; ow < windows; ++ow) {
+    const float* __restrict a = r0 + 2 * ow * channels;
+    const float* __restrict b = r1 + 2 * ow * channels;
+    float* __restrict o = out + ow * channels;
+    if (index) {
+      WindowIndex* __restrict at = index + ow * channels;
+      for (int64_t c = 0; c < channels; ++c) {
+        float best = a[c];
+        WindowIndex position = 0;
+        const float v[3] = {a[channels + c], b[c], b[channels + c]};
+        for (int j = 0; j < 3; ++j) {
+          const bool take = (v[j] > best) | (v[j] != v[j]);
+          best = take ? v[j] : best;
+          position = take ? static_cast<WindowIndex>(j + 1) : position;
+        }
+        o[c] = best;
+        at[c] = position;
+      }
+    } else {
+      for (int64_t c = 0; c < channels; ++c) {
+        float best = a[c];
+        const float v[3] = {a[channels + c], b[c], b[channels + c]};
+        for (int j = 0; j < 3; ++j) best = ((v[j] > best) | (v[j] != v[j])) ? v[j] : best;
+        o[c] = best;
+      }
+    }
+  }
+}
 // Channels-first rows are short (14 or 7 outputs: too short for AVX-512
 // vectors), so their loops also run as scalar code; these selects by bit mask
 // keep that code free of branches, which random data would mispredict.
@@ -338,6 +373,21 @@ void max_unpool_rows(const float* __restrict g, const WindowIndex* __restrict in
     const WindowIndex* __restrict iw_index = index + ow * channels;
     for (int64_t c = 0; c < channels; ++c) o[c] = iw_index[c] == position ? gw[c] : 0.0f;
   }
+}
+// Channels-last, 2×2 windows with stride 2: one input row at window row kh.
+NORMKIT_ENGINE_SIMD_CLONES
+void max_unpool_rows_2x2(const float* __restrict g, const WindowIndex* __restrict index,
+                         int64_t kh, int64_t windows, int64_t width, int64_t channels,
+                         float* __restrict out) {
+  const auto left = static_cast<WindowIndex>(2 * kh), right = static_cast<WindowIndex>(2 * kh + 1);
+  for (int64_t ow = 0; ow < windows; ++ow) {
+    const float* __restrict gw = g + ow * channels;
+    const WindowIndex* __restrict at = index + ow * channels;
+    float* __restrict o = out + 2 * ow * channels;
+    for (int64_t c = 0; c < channels; ++c) o[c] = at[c] == left ? gw[c] : 0.0f;
+    for (int64_t c = 0; c < channels; ++c) o[channels + c] = at[c] == right ? gw[c] : 0.0f;
+  }
+  for (int64_t i = 2 * windows * channels; i < width * channels; ++i) out[i] = 0.0f;
 }
 // Channels-first, 2×2 windows with stride 2: one input row at window row kh.
 NORMKIT_ENGINE_SIMD_CLONES
@@ -463,6 +513,15 @@ class Pool2d final : public Layer {
     const float* src = x.data.data();
     float* dst = y_.data.data();
     WindowIndex* index = keep_index ? index_.data() : nullptr;
+    if (format_ == MemoryFormat::channels_last && k_ == 2 && stride_ == 2) {
+#pragma omp parallel for num_threads(threads_for(x.numel())) schedule(static)
+      for (int64_t r = 0; r < n * oh_; ++r) {  // output rows, (i, oh)
+        const float* row = src + in.at(r / oh_, 0, 2 * (r % oh_), 0);
+        max_window_rows_2x2(row, row + in.h, ow_, c_, dst + r * ow_ * c_,
+                            index ? index + r * ow_ * c_ : nullptr);
+      }
+      return;
+    }
     if (format_ == MemoryFormat::channels_last) {
 #pragma omp parallel for num_threads(threads_for(x.numel())) schedule(static)
       for (int64_t t = 0; t < n * oh_ * ow_; ++t) {
@@ -504,7 +563,9 @@ class Pool2d final : public Layer {
         continue;
       }
       const int64_t o = (plane * oh_ + oh) * window_row;
-      if (last)
+      if (last && k_ == 2 && stride_ == 2)
+        max_unpool_rows_2x2(g + o, index + o, kh, ow_, w_, c_, out);
+      else if (last)
         max_unpool_rows(g + o, index + o, kh, k_, stride_, ow_, w_, c_, out);
       else if (k_ == 2 && stride_ == 2)
         max_unpool_row_2x2(g + o, index + o, kh, ow_, w_, out);
