@@ -374,21 +374,6 @@ void max_unpool_rows(const float* __restrict g, const WindowIndex* __restrict in
     for (int64_t c = 0; c < channels; ++c) o[c] = iw_index[c] == position ? gw[c] : 0.0f;
   }
 }
-// Channels-last, 2×2 windows with stride 2: one input row at window row kh.
-NORMKIT_ENGINE_SIMD_CLONES
-void max_unpool_rows_2x2(const float* __restrict g, const WindowIndex* __restrict index,
-                         int64_t kh, int64_t windows, int64_t width, int64_t channels,
-                         float* __restrict out) {
-  const auto left = static_cast<WindowIndex>(2 * kh), right = static_cast<WindowIndex>(2 * kh + 1);
-  for (int64_t ow = 0; ow < windows; ++ow) {
-    const float* __restrict gw = g + ow * channels;
-    const WindowIndex* __restrict at = index + ow * channels;
-    float* __restrict o = out + 2 * ow * channels;
-    for (int64_t c = 0; c < channels; ++c) o[c] = at[c] == left ? gw[c] : 0.0f;
-    for (int64_t c = 0; c < channels; ++c) o[channels + c] = at[c] == right ? gw[c] : 0.0f;
-  }
-  for (int64_t i = 2 * windows * channels; i < width * channels; ++i) out[i] = 0.0f;
-}
 // Channels-first, 2×2 windows with stride 2: one input row at window row kh.
 NORMKIT_ENGINE_SIMD_CLONES
 void max_unpool_row_2x2(const float* __restrict g, const WindowIndex* __restrict index, int64_t kh,
@@ -563,9 +548,7 @@ class Pool2d final : public Layer {
         continue;
       }
       const int64_t o = (plane * oh_ + oh) * window_row;
-      if (last && k_ == 2 && stride_ == 2)
-        max_unpool_rows_2x2(g + o, index + o, kh, ow_, w_, c_, out);
-      else if (last)
+      if (last)
         max_unpool_rows(g + o, index + o, kh, k_, stride_, ow_, w_, c_, out);
       else if (k_ == 2 && stride_ == 2)
         max_unpool_row_2x2(g + o, index + o, kh, ow_, w_, out);
