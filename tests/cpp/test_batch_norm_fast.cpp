@@ -475,7 +475,8 @@ TEST_P(FastVsReference, BackwardFrozen) {
   for_each_case([](const Case& k) { check_backward(k, BackwardMode::frozen); });
 }
 
-const std::vector<int64_t> kChannels = {1, 3, 16, 17, 64, 1000};
+// 96: a 64-lane and a 32-lane register block in the rows form (rows_loops.hpp).
+const std::vector<int64_t> kChannels = {1, 3, 16, 17, 64, 96, 1000};
 const std::vector<int64_t> kSizes = {2, 3, 7, 1024, 50000};
 
 // Every layout over every (C, M) pair, one test per layout and C, except

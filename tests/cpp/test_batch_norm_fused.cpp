@@ -56,8 +56,10 @@ std::vector<Case> cases() {
   const Logical wide{2, 70, {3, 1}};       // C not a multiple of 8 in rows
   const Logical blocks{3, 128, {5, 7}};     // rows whose channels are all in 64-lane blocks
   const Logical long_rows{2, 320, {3, 5}};  // as blocks, more channels than BN blocks
+  const Logical narrow_block{3, 96, {5, 7}};  // a 64-lane block, then a 32-lane one
   const Logical runs_of_49{5, 3, {7, 7}};   // planes runs of 33-63 values: two mask words
-  for (const Logical& g : {odd, long_runs, many_rows, wide, blocks, long_rows, runs_of_49}) {
+  for (const Logical& g :
+       {odd, long_runs, many_rows, wide, blocks, long_rows, narrow_block, runs_of_49}) {
     const std::string shape = std::to_string(g.n) + "x" + std::to_string(g.c) + "x" +
                               std::to_string(g.spatial[0]) + "x" + std::to_string(g.spatial[1]);
     add("NCHW_" + shape, dense(Layout::NCHW, g));
