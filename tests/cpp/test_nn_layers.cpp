@@ -262,46 +262,55 @@ TEST(NnPool, MaxPoolPropagatesNaNLikePyTorch) {
 }
 
 // PyTorch's rule in every format and window path (the 2×2 stride-2 loops are
-// their own): ties go to the first position in the window, NaN wins, the
-// last NaN if several; the gradient goes to the position that won.
+// their own, and channels-first ones work in blocks of 16, 8 or 4 windows):
+// ties go to the first position in the window, NaN wins, the last NaN if
+// several; the gradient goes to the position that won.
 TEST(NnPool, MaxPoolTiesGoFirstAndTheLastNaNWinsInBothFormats) {
-  // Four channels of one 2×2 window (positions 0-3 in (kh, kw) order), two
-  // windows wide (the second one mirrors the first), and an input row of 5
-  // (the last column in no window).
-  const std::vector<std::vector<float>> windows = {
+  // Four kinds of 2×2 window (positions 0-3 in (kh, kw) order); window `win`
+  // of channel c is of kind (c + win) % 4. Rows of 2, 5, 9 and 17 windows reach
+  // every block width and the overlapping last block; the input row has one
+  // column more (in no window).
+  const std::vector<std::vector<float>> kinds = {
       {2.0f, 2.0f, 2.0f, 2.0f}, {1.0f, 5.0f, 5.0f, 0.0f}, {1.0f, NAN, 3.0f, NAN}, {NAN, 9.0f, 1.0f, 2.0f}};
-  const int expected_position[] = {0, 1, 3, 0};
+  const int winner[] = {0, 1, 3, 0};
   for (const int64_t s : {2, 3})
-    for (const auto format : kFormats) {
-      const std::string what = "maxpool 2 stride=" + std::to_string(s) + ", " + name_of(format);
-      SCOPED_TRACE(what);
-      const int64_t C = 4, W = 2 * s + 1;
-      std::vector<float> xs(C * 2 * W, -7.0f);
-      for (int64_t c = 0; c < C; ++c)
-        for (int64_t win = 0; win < 2; ++win)
-          for (int j = 0; j < 4; ++j) xs[(c * 2 + j / 2) * W + win * s + j % 2] = windows[c][j];
-      auto layer = make_layer(what.substr(0, what.find(',')), {C, 2, W}, format);
-      const Tensor x = make_tensor({1, C, 2, W}, format, xs);
-      const auto y = canonical(layer->forward(x, Mode::train));
-      ASSERT_EQ(y.size(), static_cast<size_t>(2 * C));
-      const Tensor dy = make_tensor({1, C, 1, 2}, format, std::vector<float>(2 * C, 1.0f));
-      const auto dx = canonical(layer->backward(dy, true));
-      for (int64_t c = 0; c < C; ++c)
-        for (int64_t win = 0; win < 2; ++win) {
-          const float best = windows[c][expected_position[c]];
-          if (std::isnan(best)) EXPECT_TRUE(std::isnan(y[c * 2 + win])) << c;
-          else EXPECT_EQ(y[c * 2 + win], best) << c;
-          for (int j = 0; j < 4; ++j)
-            EXPECT_EQ(dx[(c * 2 + j / 2) * W + win * s + j % 2], j == expected_position[c] ? 1.0f : 0.0f)
-                << "channel " << c << " window " << win << " position " << j;
-        }
-      for (int64_t c = 0; c < C; ++c)  // the columns in no window
-        for (int64_t h = 0; h < 2; ++h)
-          for (int64_t w = 0; w < W; ++w)
-            if (w % s >= 2 || w >= 2 * s) {
-              EXPECT_EQ(dx[(c * 2 + h) * W + w], 0.0f) << c << " " << h << " " << w;
+    for (const int64_t windows : {2, 5, 9, 17})
+      for (const auto format : kFormats) {
+        const std::string line = "maxpool 2 stride=" + std::to_string(s);
+        SCOPED_TRACE(line + ", " + std::to_string(windows) + " windows, " + name_of(format));
+        const int64_t C = 4, W = s * (windows - 1) + 3;
+        std::vector<float> xs(C * 2 * W, -7.0f);
+        const auto at = [&](int64_t c, int64_t win, int j) { return (c * 2 + j / 2) * W + win * s + j % 2; };
+        for (int64_t c = 0; c < C; ++c)
+          for (int64_t win = 0; win < windows; ++win)
+            for (int j = 0; j < 4; ++j) xs[at(c, win, j)] = kinds[(c + win) % 4][j];
+        auto layer = make_layer(line, {C, 2, W}, format);
+        const Tensor x = make_tensor({1, C, 2, W}, format, xs);
+        const auto y = canonical(layer->forward(x, Mode::train));
+        ASSERT_EQ(y.size(), static_cast<size_t>(windows * C));
+        const Tensor dy = make_tensor({1, C, 1, windows}, format, std::vector<float>(windows * C, 1.0f));
+        const auto dx = canonical(layer->backward(dy, true));
+        const auto eval_y = canonical(layer->forward(x, Mode::eval));
+        std::vector<bool> in_window(xs.size(), false);
+        for (int64_t c = 0; c < C; ++c)
+          for (int64_t win = 0; win < windows; ++win) {
+            const int kind = static_cast<int>((c + win) % 4);
+            const float best = kinds[kind][winner[kind]];
+            for (const float got : {y[c * windows + win], eval_y[c * windows + win]}) {
+              if (std::isnan(best)) EXPECT_TRUE(std::isnan(got)) << "channel " << c << " window " << win;
+              else EXPECT_EQ(got, best) << "channel " << c << " window " << win;
             }
-    }
+            for (int j = 0; j < 4; ++j) {
+              in_window[at(c, win, j)] = true;
+              EXPECT_EQ(dx[at(c, win, j)], j == winner[kind] ? 1.0f : 0.0f)
+                  << "channel " << c << " window " << win << " position " << j;
+            }
+          }
+        for (size_t i = 0; i < xs.size(); ++i)  // the columns in no window
+          if (!in_window[i]) {
+            EXPECT_EQ(dx[i], 0.0f) << "input " << i;
+          }
+      }
 }
 
 // ---------------------------------------------------------------- activations
