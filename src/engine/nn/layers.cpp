@@ -274,6 +274,26 @@ void max_window_rows(const float* __restrict src, int64_t row_step, int64_t col_
       }
     }
 }
+// The maximum of one 2×2 window's values (v0 v1 on its first row, v2 v3 on
+// its second) and where it is (0-3), by the rule above. Positions are 32-bit
+// like the floats: mixed widths keep the callers' loops from vectorizing.
+[[gnu::always_inline]] inline float max_of_2x2(float v0, float v1, float v2, float v3,
+                                               uint32_t& at) {
+  float best = v0;
+  uint32_t position = 0;
+  bool take = (v1 > best) | (v1 != v1);
+  best = take ? v1 : best;
+  position = take ? 1u : position;
+  take = (v2 > best) | (v2 != v2);
+  best = take ? v2 : best;
+  position = take ? 2u : position;
+  take = (v3 > best) | (v3 != v3);
+  best = take ? v3 : best;
+  position = take ? 3u : position;
+  at = position;
+  return best;
+}
+
 // Channels-last, 2×2 windows with stride 2 (the common case): one output row
 // of `windows` pixels from input rows r0 and r1, each window's four values
 // compared in registers. (index is tested outside the loops: a select inside
@@ -285,27 +305,16 @@ void max_window_rows_2x2(const float* __restrict r0, const float* __restrict r1,
     const float* __restrict a = r0 + 2 * ow * channels;
     const float* __restrict b = r1 + 2 * ow * channels;
     float* __restrict o = out + ow * channels;
+    uint32_t at;
     if (index) {
-      WindowIndex* __restrict at = index + ow * channels;
+      WindowIndex* __restrict positions = index + ow * channels;
       for (int64_t c = 0; c < channels; ++c) {
-        float best = a[c];
-        WindowIndex position = 0;
-        const float v[3] = {a[channels + c], b[c], b[channels + c]};
-        for (int j = 0; j < 3; ++j) {
-          const bool take = (v[j] > best) | (v[j] != v[j]);
-          best = take ? v[j] : best;
-          position = take ? static_cast<WindowIndex>(j + 1) : position;
-        }
-        o[c] = best;
-        at[c] = position;
+        o[c] = max_of_2x2(a[c], a[channels + c], b[c], b[channels + c], at);
+        positions[c] = static_cast<WindowIndex>(at);
       }
     } else {
-      for (int64_t c = 0; c < channels; ++c) {
-        float best = a[c];
-        const float v[3] = {a[channels + c], b[c], b[channels + c]};
-        for (int j = 0; j < 3; ++j) best = ((v[j] > best) | (v[j] != v[j])) ? v[j] : best;
-        o[c] = best;
-      }
+      for (int64_t c = 0; c < channels; ++c)
+        o[c] = max_of_2x2(a[c], a[channels + c], b[c], b[channels + c], at);
     }
   }
 }
@@ -338,26 +347,12 @@ template <int B>
                                                    float* __restrict out,
                                                    WindowIndex* __restrict index) {
   float best[B];
-  uint32_t at[B];  // 32-bit like the floats: mixed widths keep the loop from vectorizing
+  uint32_t at[B];
   // Not unrolled first: unrolled, the straight-line code is not vectorized,
   // and its branches on the compares mispredict on real data (ReLU's zeros).
 #pragma GCC unroll 1
-  for (int l = 0; l < B; ++l) {
-    float b = r0[2 * l];
-    uint32_t a = 0;
-    const float v1 = r0[2 * l + 1], v2 = r1[2 * l], v3 = r1[2 * l + 1];
-    bool take = (v1 > b) | (v1 != v1);
-    b = take ? v1 : b;
-    a = take ? 1u : a;
-    take = (v2 > b) | (v2 != v2);
-    b = take ? v2 : b;
-    a = take ? 2u : a;
-    take = (v3 > b) | (v3 != v3);
-    b = take ? v3 : b;
-    a = take ? 3u : a;
-    best[l] = b;
-    at[l] = a;
-  }
+  for (int l = 0; l < B; ++l)
+    best[l] = max_of_2x2(r0[2 * l], r0[2 * l + 1], r1[2 * l], r1[2 * l + 1], at[l]);
   for (int l = 0; l < B; ++l) out[l] = best[l];
   if (index)
     for (int l = 0; l < B; ++l) index[l] = static_cast<WindowIndex>(at[l]);
