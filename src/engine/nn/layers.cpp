@@ -430,9 +430,10 @@ void max_unpool_rows(const float* __restrict g, const WindowIndex* __restrict in
   }
 }
 // Channels-first, 2×2 windows with stride 2: one input row at window row kh.
-NORMKIT_ENGINE_SIMD_CLONES
-void max_unpool_row_2x2(const float* __restrict g, const WindowIndex* __restrict index, int64_t kh,
-                        int64_t windows, int64_t width, float* __restrict out) {
+[[gnu::always_inline]] inline void max_unpool_row_2x2(const float* __restrict g,
+                                                      const WindowIndex* __restrict index,
+                                                      int64_t kh, int64_t windows, int64_t width,
+                                                      float* __restrict out) {
   const auto left = static_cast<WindowIndex>(2 * kh), right = static_cast<WindowIndex>(2 * kh + 1);
   const bool done = for_window_blocks(windows, [&]<int B>(int64_t ow) __attribute__((always_inline)) {
     float* __restrict pairs = out + 2 * ow;
@@ -449,6 +450,22 @@ void max_unpool_row_2x2(const float* __restrict g, const WindowIndex* __restrict
     out[2 * ow + 1] = select(index[ow] == right, g[ow], 0.0f);
   }
   for (int64_t iw = 2 * windows; iw < width; ++iw) out[iw] = 0.0f;
+}
+// Channels-first, 2×2 windows with stride 2: the `height` input rows of one
+// plane from its `rows` output rows. A plane per call, not a row: a call per
+// row of 14 values (cnn-small's second pooling) cost more than the row.
+NORMKIT_ENGINE_SIMD_CLONES
+void max_unpool_plane_2x2(const float* __restrict g, const WindowIndex* __restrict index,
+                          int64_t rows, int64_t windows, int64_t height, int64_t width,
+                          float* __restrict out) {
+  for (int64_t ih = 0; ih < height; ++ih) {
+    float* row = out + ih * width;
+    const int64_t oh = ih / 2;
+    if (oh >= rows)
+      std::fill(row, row + width, 0.0f);
+    else
+      max_unpool_row_2x2(g + oh * windows, index + oh * windows, ih % 2, windows, width, row);
+  }
 }
 // Channels-first, any disjoint windows: one input row at window row kh.
 void max_unpool_row(const float* __restrict g, const WindowIndex* __restrict index, int64_t kh,
@@ -605,6 +622,13 @@ class Pool2d final : public Layer {
     // Input row ih is in window row oh = ih / stride at kh = ih % stride, unless
     // kh >= k or oh >= the output rows: then it is in no window.
     const bool last = format_ == MemoryFormat::channels_last;
+    if (!last && k_ == 2 && stride_ == 2) {
+#pragma omp parallel for num_threads(threads_for(dx_.numel())) schedule(static)
+      for (int64_t plane = 0; plane < dx_.shape[0] * c_; ++plane)  // (i, c)
+        max_unpool_plane_2x2(g + plane * oh_ * ow_, index + plane * oh_ * ow_, oh_, ow_, h_, w_,
+                             dx + plane * h_ * w_);
+      return;
+    }
     const int64_t row_size = last ? w_ * c_ : w_;        // floats per input row
     const int64_t window_row = last ? ow_ * c_ : ow_;    // per output row
 #pragma omp parallel for num_threads(threads_for(dx_.numel())) schedule(static)
@@ -618,8 +642,6 @@ class Pool2d final : public Layer {
       const int64_t o = (plane * oh_ + oh) * window_row;
       if (last)
         max_unpool_rows(g + o, index + o, kh, k_, stride_, ow_, w_, c_, out);
-      else if (k_ == 2 && stride_ == 2)
-        max_unpool_row_2x2(g + o, index + o, kh, ow_, w_, out);
       else
         max_unpool_row(g + o, index + o, kh, k_, stride_, ow_, w_, out);
     }
