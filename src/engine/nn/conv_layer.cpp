@@ -1,5 +1,6 @@
 // The engine's 2-d convolution on oneDNN's convolution primitives (forward,
-// backward data, backward weights), in the model's memory format.
+// backward data, backward weights): channels-last images as they are,
+// channels-first ones through oneDNN's blocked layout (make_plan says why).
 //
 // Determinism (onednn.hpp): one-thread primitives on fixed chunks of samples
 // (kChunkSamples; the batch's last chunk may be shorter), spread over normkit's
@@ -68,16 +69,20 @@ class Conv2d final : public Layer {
     y_.reshape({n, cout_, oh_, ow_}, format_);
     try {
       for (Plan* p : plans_for(n)) p->reorder_weights(weight_.value, Plan::Weights::forward);
-      for_each_sample_chunk(n, [&](int64_t first, int64_t samples, Buffers&) {
+      for_each_sample_chunk(n, [&](int64_t first, int64_t samples, Buffers& buffers) {
         Plan& p = plan(samples);
+        dnnl::stream stream(cpu_engine());
+        const memory y_chunk = p.dst_at(y_.data.data(), first);
+        const memory dst = buffers.in_layout(Buffers::dst, p.conv_dst, y_chunk);
         std::unordered_map<int, memory> args = {
-            {DNNL_ARG_SRC, p.src_at(x.data.data(), first)},
+            {DNNL_ARG_SRC,
+             buffers.copy_in(Buffers::src, p.conv_src, p.src_at(x.data.data(), first), stream)},
             {DNNL_ARG_WEIGHTS, p.weights(Plan::Weights::forward)},
-            {DNNL_ARG_DST, p.dst_at(y_.data.data(), first)},
+            {DNNL_ARG_DST, dst},
             {DNNL_ARG_SCRATCHPAD, thread_scratchpad(p.forward_pd.scratchpad_desc())}};
         if (bias_) args.emplace(DNNL_ARG_BIAS, memory(p.bias, cpu_engine(), bias_->value.data()));
-        dnnl::stream stream(cpu_engine());
         p.forward_primitive.execute(stream, args);
+        Buffers::copy_out(dst, y_chunk, stream);
       });
     } catch (const dnnl::error& e) {
       fail_runtime(describe(), ": oneDNN forward failed: ", e.what());
@@ -99,11 +104,13 @@ class Conv2d final : public Layer {
         Plan& p = plan(samples);
         const int64_t chunk = first / kChunkSamples;
         dnnl::stream stream(cpu_engine());
-        const memory dy_chunk = p.dst_at(dy.data.data(), first);
+        const memory dy_chunk =
+            buffers.copy_in(Buffers::dst, p.conv_dst, p.dst_at(dy.data.data(), first), stream);
         memory weight_gradient =
             buffers.weight_gradient(p.backward_weights_pd.diff_weights_desc());
         std::unordered_map<int, memory> args = {
-            {DNNL_ARG_SRC, p.src_at(x.data.data(), first)},
+            {DNNL_ARG_SRC,
+             buffers.copy_in(Buffers::src, p.conv_src, p.src_at(x.data.data(), first), stream)},
             {DNNL_ARG_DIFF_DST, dy_chunk},
             {DNNL_ARG_DIFF_WEIGHTS, weight_gradient},
             {DNNL_ARG_SCRATCHPAD, thread_scratchpad(p.backward_weights_pd.scratchpad_desc())}};
@@ -114,11 +121,14 @@ class Conv2d final : public Layer {
         memory oihw(p.oihw, cpu_engine(), partial_weights_.data() + weight_size * chunk);
         dnnl::reorder(weight_gradient, oihw).execute(stream, weight_gradient, oihw);
         if (!need_input_grad) return;
+        const memory dx_chunk = p.src_at(dx_.data.data(), first);
+        const memory diff_src = buffers.in_layout(Buffers::src, p.conv_src, dx_chunk);
         p.backward_data_primitive.execute(
             stream, {{DNNL_ARG_DIFF_DST, dy_chunk},
                      {DNNL_ARG_WEIGHTS, p.weights(Plan::Weights::backward_data)},
-                     {DNNL_ARG_DIFF_SRC, p.src_at(dx_.data.data(), first)},
+                     {DNNL_ARG_DIFF_SRC, diff_src},
                      {DNNL_ARG_SCRATCHPAD, thread_scratchpad(p.backward_data_pd.scratchpad_desc())}});
+        Buffers::copy_out(diff_src, dx_chunk, stream);
       });
     } catch (const dnnl::error& e) {
       fail_runtime(describe(), ": oneDNN backward failed: ", e.what());
@@ -152,7 +162,8 @@ class Conv2d final : public Layer {
   // weights in the layouts they chose.
   struct Plan {
     enum class Weights { forward, backward_data };
-    memory::desc src, dst, bias;
+    memory::desc src, dst, bias;  // src and dst in the model's format
+    memory::desc conv_src, conv_dst;  // in the primitives' (all three take the same)
     int64_t src_sample, dst_sample;  // floats per sample
     dnnl::convolution_forward::primitive_desc forward_pd;
     dnnl::convolution_backward_data::primitive_desc backward_data_pd;
@@ -203,6 +214,15 @@ class Conv2d final : public Layer {
     const auto f32 = memory::data_type::f32;
     const memory::desc src({samples, cin_, h_, w_}, f32, image_tag);
     const memory::desc dst({samples, cout_, oh_, ow_}, f32, image_tag);
+    // Channels-first images: the primitives pick their own layout (blocks of
+    // 16 channels), and each chunk is reordered into it and back (Buffers):
+    // oneDNN's NCHW kernels took 1.6-2x as long as that, reorders included
+    // (cnn-small: conv 32 -> 64 forward 6.9-7.4 against 4.3 ms a step,
+    // backward 16.1-17.9 against 8.5-8.9). Channels-last images are taken as
+    // they are: the blocked layout measured no faster for them.
+    const bool own_layout = format_ == MemoryFormat::channels_first;
+    const memory::desc any_src = own_layout ? memory::desc(src.dims(), f32, tag::any) : src;
+    const memory::desc any_dst = own_layout ? memory::desc(dst.dims(), f32, tag::any) : dst;
     const memory::desc weights({cout_, cin_, k_, k_}, f32, tag::any);
     const memory::desc bias = bias_ ? memory::desc({cout_}, f32, tag::x) : memory::desc();
     const memory::dims strides = {stride_, stride_}, padding = {pad_, pad_};
@@ -210,25 +230,54 @@ class Conv2d final : public Layer {
     const dnnl::primitive_attr attr = user_scratchpad();
     OneThread one_thread;
     dnnl::convolution_forward::primitive_desc forward_pd(
-        {dnnl::prop_kind::forward_training, direct, src, weights, bias, dst, strides, padding, padding},
+        {dnnl::prop_kind::forward_training, direct, any_src, weights, bias, any_dst, strides,
+         padding, padding},
         attr, cpu_engine());
+    // The backward primitives take the forward's layouts, so that one reorder
+    // of a chunk's dy serves both.
+    const memory::desc conv_src = forward_pd.src_desc(), conv_dst = forward_pd.dst_desc();
     dnnl::convolution_backward_data::primitive_desc backward_data_pd(
-        {direct, src, weights, dst, strides, padding, padding}, attr, cpu_engine(), forward_pd);
+        {direct, conv_src, weights, conv_dst, strides, padding, padding}, attr, cpu_engine(),
+        forward_pd);
     dnnl::convolution_backward_weights::primitive_desc backward_weights_pd(
-        {direct, src, weights, bias, dst, strides, padding, padding}, attr, cpu_engine(), forward_pd);
-    return {src, dst, bias, cin_ * h_ * w_, cout_ * oh_ * ow_, forward_pd, backward_data_pd,
-            backward_weights_pd, dnnl::convolution_forward(forward_pd),
+        {direct, conv_src, weights, bias, conv_dst, strides, padding, padding}, attr, cpu_engine(),
+        forward_pd);
+    return {src, dst, bias, conv_src, conv_dst, cin_ * h_ * w_, cout_ * oh_ * ow_, forward_pd,
+            backward_data_pd, backward_weights_pd, dnnl::convolution_forward(forward_pd),
             dnnl::convolution_backward_data(backward_data_pd),
             dnnl::convolution_backward_weights(backward_weights_pd),
             memory::desc({cout_, cin_, k_, k_}, f32, tag::oihw), {}};
   }
-  // A thread's own buffer for a chunk's weight gradient in oneDNN's layout
-  // (before it is reordered into the chunk's OIHW partial).
+  // A thread's own buffers: a chunk's weight gradient in oneDNN's layout
+  // (before it is reordered into the chunk's OIHW partial), and a chunk's
+  // images in the primitives' layout when it is not the model's. in_layout()
+  // gives `image` itself when it already is in layout `want`, else the
+  // thread's buffer for that role (src: x, then dx in backward, once the
+  // weight gradient is done with x; dst: y, or dy); copy_in() also copies
+  // image's values there, copy_out() copies a result back.
   struct Buffers {
+    enum Role { src, dst };
     std::vector<char> gradient_bytes;
+    std::vector<float> images[2];
     memory weight_gradient(const memory::desc& desc) {
       if (gradient_bytes.size() < desc.get_size()) gradient_bytes.resize(desc.get_size());
       return memory(desc, cpu_engine(), gradient_bytes.data());
+    }
+    memory in_layout(Role role, const memory::desc& want, const memory& image) {
+      if (want == image.get_desc()) return image;
+      std::vector<float>& values = images[role];
+      values.resize(want.get_size() / sizeof(float));
+      return memory(want, cpu_engine(), values.data());
+    }
+    memory copy_in(Role role, const memory::desc& want, memory image, const dnnl::stream& stream) {
+      memory chosen = in_layout(role, want, image);
+      if (chosen.get_data_handle() != image.get_data_handle())
+        dnnl::reorder(image, chosen).execute(stream, image, chosen);
+      return chosen;
+    }
+    static void copy_out(memory result, memory image, const dnnl::stream& stream) {
+      if (result.get_data_handle() != image.get_data_handle())
+        dnnl::reorder(result, image).execute(stream, result, image);
     }
   };
 
