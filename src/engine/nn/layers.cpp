@@ -239,6 +239,10 @@ class Linear final : public Layer {
 // if several (PyTorch's rule: take v when v > best or v is NaN).
 using WindowIndex = uint16_t;
 constexpr int64_t kMaxPoolWindow = 255;
+// That rule, written once (| rather than ||: see the leaf loops below).
+[[gnu::always_inline]] inline bool takes_over(float v, float best) {
+  return (v > best) | (v != v);
+}
 
 // The leaf loops: plain functions over unaliased pointers, compiled for
 // AVX-512/AVX2/baseline (support.hpp), written so that the compare, the
@@ -262,14 +266,14 @@ void max_window_rows(const float* __restrict src, int64_t row_step, int64_t col_
       if (keep) {
         for (int64_t c = 0; c < channels; ++c) {
           const float v = p[c], best = out[c];
-          const bool take = (v > best) | (v != v);
+          const bool take = takes_over(v, best);
           out[c] = take ? v : best;
           at[c] = take ? position : at[c];
         }
       } else {
         for (int64_t c = 0; c < channels; ++c) {
           const float v = p[c], best = out[c];
-          out[c] = ((v > best) | (v != v)) ? v : best;
+          out[c] = takes_over(v, best) ? v : best;
         }
       }
     }
@@ -281,13 +285,13 @@ void max_window_rows(const float* __restrict src, int64_t row_step, int64_t col_
                                                uint32_t& at) {
   float best = v0;
   uint32_t position = 0;
-  bool take = (v1 > best) | (v1 != v1);
+  bool take = takes_over(v1, best);
   best = take ? v1 : best;
   position = take ? 1u : position;
-  take = (v2 > best) | (v2 != v2);
+  take = takes_over(v2, best);
   best = take ? v2 : best;
   position = take ? 2u : position;
-  take = (v3 > best) | (v3 != v3);
+  take = takes_over(v3, best);
   best = take ? v3 : best;
   position = take ? 3u : position;
   at = position;
@@ -331,7 +335,7 @@ inline uint32_t select(bool take, uint32_t a, uint32_t b) {
   return (a & mask) | (b & ~mask);
 }
 inline void take_max(float v, uint32_t position, float& best, uint32_t& at) {
-  const bool take = (v > best) | (v != v);
+  const bool take = takes_over(v, best);
   best = select(take, v, best);
   at = select(take, position, at);
 }
