@@ -8,6 +8,7 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <memory>
 #include <type_traits>
 #include <vector>
 
@@ -57,19 +58,27 @@ GradientGeometries checked_gradients(ConstTensorView<T> x, ConstTensorView<T> dy
 }
 }  // namespace
 
+namespace {
+// Why a batch's moments cannot update running statistics, as the error that
+// names it: fewer than 2 values in a channel, or NaN or ∞ in x.
+void check_batch_moments(std::span<const Moments> moments) {
+  uint64_t too_few = 0;  // (branch-free, and not a bool, so that it vectorizes)
+  for (const auto& m : moments) too_few |= static_cast<uint64_t>(m.count < 2);
+  if (too_few) fail_invalid("expected more than 1 value per channel when training");
+  check_finite(moments);
+}
+}  // namespace
+
 template <class T>
 void batch_norm_update_running(std::span<const Moments> moments, RunningStats<T> running,
                                const BatchNormOptions& options) {
   const auto channels = static_cast<int64_t>(moments.size());
   check_running(running, channels, options);
   if (running.mean.empty()) {
+    check_batch_moments(moments);
     if (running.num_batches_tracked) ++*running.num_batches_tracked;
     return;
   }
-  uint64_t too_few = 0;  // (branch-free, and not a bool, so that it vectorizes)
-  for (const auto& m : moments) too_few |= static_cast<uint64_t>(m.count < 2);
-  if (too_few) fail_invalid("expected more than 1 value per channel when training");
-  check_finite(moments);
 
   const int64_t batches = running.num_batches_tracked ? *running.num_batches_tracked + 1 : 0;
   const double momentum = options.momentum ? *options.momentum : 1.0 / static_cast<double>(batches);
@@ -82,9 +91,13 @@ void batch_norm_update_running(std::span<const Moments> moments, RunningStats<T>
   // The new values first: a finite batch can still have a variance beyond T's
   // range (float32 data of ±1.4e19 and two values per channel: 4e38), which would
   // make the running variance infinite (PyTorch lets it); nothing is written then.
-  std::vector<double> mean(channels), var(channels);
+  // One pass computes them and finds any fault of the batch's moments; which
+  // fault it was is looked for only when there is one.
+  const auto mean = std::make_unique_for_overwrite<double[]>(static_cast<size_t>(channels));
+  const auto var = std::make_unique_for_overwrite<double[]>(static_cast<size_t>(channels));
   if (!detail::next_running<T>(moments.data(), moments.size(), unbiased ? 1.0 : 0.0, w_new,
-                               running.mean.data(), running.var.data(), mean.data(), var.data())) {
+                               running.mean.data(), running.var.data(), mean.get(), var.get())) {
+    check_batch_moments(moments);
     constexpr double kMax = std::numeric_limits<T>::max();
     for (int64_t c = 0; c < channels; ++c)
       if (!(std::abs(mean[c]) <= kMax && var[c] <= kMax))
@@ -121,8 +134,8 @@ void batch_norm_forward_training(ConstTensorView<T> x, TensorView<T> y, std::spa
                                or_null(beta), options.eps, moments.data()};
   detail::run("batch_norm_forward_training", bn::implementations(), &bn::Impl::forward,
               bn::ref::forward<T>, problem, gx, std::array{gy});
-  check_finite(moments);
-  // The running statistics first: when they refuse the batch, only y has changed.
+  // The running statistics first (they check the moments for NaN and ∞): when
+  // they refuse the batch, only y has changed.
   batch_norm_update_running<T>(moments, running, options);
   detail::write_saved(moments, saved, options.eps);
 }

@@ -18,7 +18,6 @@ namespace normkit {
 
 using detail::check_count;
 using detail::check_eps;
-using detail::check_finite;
 using detail::check_in_place;
 using detail::check_running;
 using detail::check_training_size;
@@ -111,8 +110,8 @@ void forward_training(ConstTensorView<T> x, const ConstTensorView<T>* z, TensorV
                                      true,    options.eps, moments.data(), nullptr, nullptr};
   run(op, &bn_fused::Impl::forward, bn_fused::ref::forward<T>, problem, {gy, gz});
   clear_mask_tail(mask_data, x.numel());
-  check_finite(moments);
-  // The running statistics first: when they refuse the batch, only y has changed.
+  // The running statistics first (they check the moments for NaN and ∞): when
+  // they refuse the batch, only y has changed.
   batch_norm_update_running<T>(moments, running, options);
   detail::write_saved(moments, saved, options.eps);
 }

@@ -49,9 +49,10 @@ template <class T>
 }
 
 // The running statistics' next values, (1 - w)·running + w·batch, into mean and
-// var (the batch variance with `ddof`); false when one of them
-// is NaN or beyond T's range. Branch-free, so that it vectorizes. (src/ops is
-// built with -ffp-contract=off: every clone rounds these as the baseline does.)
+// var (the batch variance with `ddof`); false when one of them is NaN or beyond
+// T's range, or a channel's moments are of fewer than 2 values or not finite.
+// Branch-free, so that it vectorizes. (src/ops is built with -ffp-contract=off:
+// every clone rounds these as the baseline does.)
 template <class T>
 [[maybe_unused]] NORMKIT_SIMD_CLONES bool next_running(const Moments* moments, size_t n,
                                                        double ddof, double w_new,
@@ -59,8 +60,12 @@ template <class T>
                                                        const T* running_var, double* mean,
                                                        double* var) {
   constexpr double kMax = std::numeric_limits<T>::max();
+  constexpr double kMaxDouble = std::numeric_limits<double>::max();
   uint64_t beyond = 0;  // (not a bool: GCC would not vectorize the loop)
   for (size_t i = 0; i < n; ++i) {
+    beyond |= static_cast<uint64_t>(moments[i].count < 2) |
+              static_cast<uint64_t>(!(std::abs(moments[i].mean) <= kMaxDouble)) |
+              static_cast<uint64_t>(!(std::abs(moments[i].m2) <= kMaxDouble));
     const double batch_var = variance_of(moments[i], ddof);
     mean[i] = (1.0 - w_new) * static_cast<double>(running_mean[i]) + w_new * moments[i].mean;
     var[i] = (1.0 - w_new) * static_cast<double>(running_var[i]) + w_new * batch_var;

@@ -459,6 +459,14 @@ TYPED_TEST(Rejected, NonFiniteInputLeavesStatisticsUnchanged) {
           },
           kRuntime, {"x: channel 1 contains NaN or infinite values", "running statistics left unchanged"}));
       EXPECT_TRUE(this->unchanged());
+      // Without running statistics too: the saved ones are not written.
+      EXPECT_TRUE(throws_error(
+          [&] {
+            normkit::batch_norm_forward_training<T>(
+                xb.cview(), yb.view(), this->gamma, this->beta, {this->save_mean, this->save_invstd}, {});
+          },
+          kRuntime, {"x: channel 1 contains NaN or infinite values"}));
+      EXPECT_TRUE(this->unchanged());
     }
   }
   const std::vector<Moments> nan_moments = {{8, 0, 1}, {8, kNaN, 1}, {8, 0, 1}};
