@@ -78,6 +78,11 @@ class Cache {
 template <class Body>
 void for_each_chunk(int64_t chunks, const Body& body) {
   const int threads = static_cast<int>(std::clamp<int64_t>(chunks, 1, num_threads()));
+  if (threads == 1) {  // no region to open (mlp-paper's small products)
+    OneThread one_thread;
+    for (int64_t chunk = 0; chunk < chunks; ++chunk) body(chunk, 0);
+    return;
+  }
   std::exception_ptr failure;
 #pragma omp parallel for num_threads(threads) schedule(dynamic, 1)
   for (int64_t chunk = 0; chunk < chunks; ++chunk) {
