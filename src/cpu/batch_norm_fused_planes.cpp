@@ -39,6 +39,8 @@ using cpu::BackwardCoefficients;
 using cpu::finish_channel;
 using cpu::forward_coefficients;
 using cpu::pack_positive_bits;
+using detail::parallel_for;
+using detail::parallel_region;
 using detail::threads_for;
 using leaf::ApplyUnits;
 using leaf::for_each_piece;
@@ -90,8 +92,7 @@ void planes_forward(const Forward<float>& p) {
   const Pieces pieces(g);
   const int threads = threads_for(g.channels * g.reduction_size());
   if (forward_channel_at_a_time(g, threads)) {
-#pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t c = 0; c < g.channels; ++c) {
+    parallel_for(threads, g.channels, [&](int64_t c) {
       if (p.training) {
         Moments m;
         for (int64_t i = 0; i < pieces.per_channel; ++i)
@@ -104,14 +105,13 @@ void planes_forward(const Forward<float>& p) {
         for (int64_t r = s.first_run; r < s.first_run + s.runs; ++r)
           run_forward_apply(p, r, c, s.first_inner, s.len, k);
       }
-    }
+    });
     return;
   }
   const ApplyUnits units(g);
   std::vector<Moments> partial(p.training ? g.channels * pieces.per_channel : 0);
   std::vector<ApplyCoefficients> coeff(g.channels);
-#pragma omp parallel num_threads(threads)
-  {
+  parallel_region(threads, [&] {
     if (p.training)
       for_each_piece(g, pieces, [&](int64_t c, int64_t i) {
         partial[c * pieces.per_channel + i] = piece_moments(g, p.x, c, pieces.span(g, i));
@@ -130,7 +130,7 @@ void planes_forward(const Forward<float>& p) {
       units.for_each_run(g, t, [&](int64_t o, int64_t c, int64_t first, int64_t len) {
         run_forward_apply(p, o, c, first, len, coeff[c]);
       });
-  }
+  });
 }
 
 // Σg and Σg·(x - mean) of a piece: BN's sums (leaf::piece_gradient_sums) bit
@@ -192,8 +192,7 @@ void planes_backward(const Backward<float>& p) {
   const int threads = threads_for(2 * g.channels * g.reduction_size());
   const bool second_pass = p.dx || p.dz;
   if (whole_units_per_thread(g.channels, threads)) {
-#pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t c = 0; c < g.channels; ++c) {
+    parallel_for(threads, g.channels, [&](int64_t c) {
       double sum_g = 0, sum_g_xmu = 0;
       for (int64_t i = 0; i < pieces.per_channel; ++i) {
         const GradientSums s = piece_gradient_sums(p, c, pieces.span(g, i));
@@ -204,14 +203,13 @@ void planes_backward(const Backward<float>& p) {
       if (second_pass)
         for (int64_t i = 0; i < pieces.per_channel; ++i)
           piece_backward_apply(p, c, pieces.span(g, i), k);
-    }
+    });
     return;
   }
   const int64_t total = g.channels * pieces.per_channel;
   std::vector<GradientSums> partial(total);
   std::vector<BackwardCoefficients> coeff(g.channels);
-#pragma omp parallel num_threads(threads)
-  {
+  parallel_region(threads, [&] {
     for_each_piece(g, pieces, [&](int64_t c, int64_t i) {
       partial[c * pieces.per_channel + i] = piece_gradient_sums(p, c, pieces.span(g, i));
     });
@@ -231,7 +229,7 @@ void planes_backward(const Backward<float>& p) {
         piece_backward_apply(p, c, pieces.span(g, t % pieces.per_channel), coeff[c]);
       }
     }
-  }
+  });
 }
 
 bool planes_order(const Geometry& x, const MaskOrder& order) {

@@ -34,6 +34,8 @@ using cpu::rows_gradient_sums_chunk;
 using cpu::rows_moments_into;
 using cpu::kExpandBlock;
 using cpu::pack_positive_bits;
+using detail::parallel_for;
+using detail::parallel_region;
 using detail::threads_for;
 using leaf::RowPlan;
 using leaf::scratch;
@@ -54,22 +56,21 @@ void rows_forward(const Forward<float>& p) {
   }
   const RowPlan plan(gx);
   const bool y_dense = p.y_geom.outer_stride == C;
-#pragma omp parallel for num_threads(threads) schedule(static)
-  for (int64_t chunk = 0; chunk < plan.chunks; ++chunk) {
+  parallel_for(threads, plan.chunks, [&](int64_t chunk) {
     const int64_t r0 = plan.first_row(chunk), rows = plan.rows_in(chunk);
     float* y = p.y + r0 * p.y_geom.outer_stride;
     cpu::rows_apply_relu_chunk(p.x + r0 * gx.outer_stride, gx.outer_stride,
                                p.z ? p.z + r0 * p.z_geom.outer_stride : nullptr,
                                p.z_geom.outer_stride, y, p.y_geom.outer_stride, rows, C,
                                blocked_channels(C), mean_hi.data(), scale.data(), shift.data());
-    if (!p.mask) continue;
+    if (!p.mask) return;
     if (y_dense) {
       pack_positive_bits(y, rows * C, p.mask, r0 * C);
     } else {
       for (int64_t r = 0; r < rows; ++r)
         pack_positive_bits(y + r * p.y_geom.outer_stride, C, p.mask, (r0 + r) * C);
     }
-  }
+  });
 }
 
 // The backward with g read from dy and the bits inside the loops
@@ -90,8 +91,7 @@ void rows_backward_masked(const Backward<float>& p, const RowPlan& plan, int thr
     return leaf::GradientSource{p.dy + r0 * p.dy_geom.outer_stride, p.dy_geom.outer_stride, p.mask,
                                 r0 * C, C};
   };
-#pragma omp parallel num_threads(threads)
-  {
+  parallel_region(threads, [&] {
 #pragma omp for schedule(static)
     for (int64_t s = 0; s < plan.stripes; ++s)
       for (int64_t chunk = plan.first_chunk(s); chunk < plan.first_chunk(s + 1); ++chunk) {
@@ -113,7 +113,7 @@ void rows_backward_masked(const Backward<float>& p, const RowPlan& plan, int thr
             plan.rows_in(chunk), C, co.mean_hi.data(), co.a.data(), co.b.data(), co.k.data());
       }
     }
-  }
+  });
 }
 
 // g of a chunk's rows, packed (rows × C) into `g`.
@@ -139,8 +139,7 @@ void rows_backward(const Backward<float>& p) {
   std::fill(stripe_g_xmu, stripe_g_xmu + plan.stripes * C, 0.0);
   RowBackwardCoefficients co(p.mean, C);
   const int64_t block_rows = std::clamp<int64_t>(kExpandBlock / std::max<int64_t>(C, 1), 1, plan.chunk_rows);
-#pragma omp parallel num_threads(threads)
-  {
+  parallel_region(threads, [&] {
     // g is expanded block_rows at a time (reads of dy and of x alternate
     // quickly), and BN's chunk loop sums each block: a channel adds its rows in
     // row order either way, so the sums are BN's bit for bit.
@@ -177,7 +176,7 @@ void rows_backward(const Backward<float>& p) {
         }
       }
     }
-  }
+  });
 }
 
 const char* rows_decline(const Geometry& x, std::span<const Geometry> others,

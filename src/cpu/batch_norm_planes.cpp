@@ -28,6 +28,8 @@ using cpu::apply_coefficients;
 using cpu::BackwardCoefficients;
 using cpu::backward_coefficients;
 using cpu::finish_channel;
+using detail::parallel_for;
+using detail::parallel_region;
 using detail::threads_for;
 using leaf::ApplyUnits;
 using leaf::for_each_piece;
@@ -85,8 +87,7 @@ void planes_forward_training(const Forward<float>& p) {
                               param_or(p.gamma, c, 1.0), param_or(p.beta, c, 0.0));
   };
   if (forward_channel_at_a_time(g, threads)) {
-#pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t c = 0; c < g.channels; ++c) {
+    parallel_for(threads, g.channels, [&](int64_t c) {
       Moments m;
       for (int64_t i = 0; i < pieces.per_channel; ++i)
         m.merge(piece_moments(g, p.x, c, pieces.span(g, i)));
@@ -94,15 +95,14 @@ void planes_forward_training(const Forward<float>& p) {
       const ApplyCoefficients k = coefficients(c);
       for (int64_t i = 0; i < pieces.per_channel; ++i)
         piece_apply(g, p.y_geom, p.x, p.y, c, pieces.span(g, i), k);
-    }
+    });
     return;
   }
   const int64_t total = g.channels * pieces.per_channel;
   const ApplyUnits units(g);
   std::vector<Moments> partial(total);
   std::vector<ApplyCoefficients> coeff(g.channels);
-#pragma omp parallel num_threads(threads)
-  {
+  parallel_region(threads, [&] {
     for_each_piece(g, pieces, [&](int64_t c, int64_t i) {
       partial[c * pieces.per_channel + i] = piece_moments(g, p.x, c, pieces.span(g, i));
     });
@@ -119,15 +119,14 @@ void planes_forward_training(const Forward<float>& p) {
         apply_runs(p.x + g.offset(o, c, first), 0, p.y + p.y_geom.offset(o, c, first), 0, 1, len,
                    coeff[c]);
       });
-  }
+  });
 }
 
 void planes_moments(const Geometry& g, const float* x, Moments* out) {
   const Pieces pieces(g);
   const int64_t total = g.channels * pieces.per_channel;
   std::vector<Moments> partial(total);
-#pragma omp parallel num_threads(threads_for(g.channels * g.reduction_size()))
-  {
+  parallel_region(threads_for(g.channels * g.reduction_size()), [&] {
     for_each_piece(g, pieces, [&](int64_t c, int64_t i) {
       partial[c * pieces.per_channel + i] = piece_moments(g, x, c, pieces.span(g, i));
     });
@@ -137,7 +136,7 @@ void planes_moments(const Geometry& g, const float* x, Moments* out) {
       for (int64_t i = 0; i < pieces.per_channel; ++i) m.merge(partial[c * pieces.per_channel + i]);
       out[c] = m;
     }
-  }
+  });
 }
 
 void planes_apply(const Apply<float>& p) {
@@ -147,12 +146,12 @@ void planes_apply(const Apply<float>& p) {
   for (int64_t c = 0; c < g.channels; ++c)
     coeff[c] = apply_coefficients(p.mean[c], p.invstd[c], param_or(p.gamma, c, 1.0),
                                   param_or(p.beta, c, 0.0));
-#pragma omp parallel for num_threads(threads_for(g.channels * g.reduction_size())) schedule(static)
-  for (int64_t t = 0; t < units.count; ++t)
+  parallel_for(threads_for(g.channels * g.reduction_size()), units.count, [&](int64_t t) {
     units.for_each_run(g, t, [&](int64_t o, int64_t c, int64_t first, int64_t len) {
       apply_runs(p.x + g.offset(o, c, first), 0, p.y + p.y_geom.offset(o, c, first), 0, 1, len,
                  coeff[c]);
     });
+  });
 }
 
 // Σdy and Σdy·(x - mean) of a piece; the float sums run around float(mean)
@@ -182,8 +181,7 @@ void planes_backward(const Backward<float>& p) {
   const Pieces pieces(g);
   const int threads = threads_for(2 * g.channels * g.reduction_size());
   if (whole_units_per_thread(g.channels, threads)) {
-#pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t c = 0; c < g.channels; ++c) {
+    parallel_for(threads, g.channels, [&](int64_t c) {
       double sum_dy = 0, sum_dy_xmu = 0;
       for (int64_t i = 0; i < pieces.per_channel; ++i) {
         const GradientSums s = piece_gradient_sums(p, c, pieces.span(g, i));
@@ -193,15 +191,14 @@ void planes_backward(const Backward<float>& p) {
       const BackwardCoefficients k = finish_channel(p, c, sum_dy, sum_dy_xmu);
       if (p.dx)
         for (int64_t i = 0; i < pieces.per_channel; ++i) piece_backward_apply(p, c, pieces.span(g, i), k);
-    }
+    });
     return;
   }
   const int64_t total = g.channels * pieces.per_channel;
   const ApplyUnits units(g);
   std::vector<GradientSums> partial(total);
   std::vector<BackwardCoefficients> coeff(g.channels);
-#pragma omp parallel num_threads(threads)
-  {
+  parallel_region(threads, [&] {
     for_each_piece(g, pieces, [&](int64_t c, int64_t i) {
       partial[c * pieces.per_channel + i] = piece_gradient_sums(p, c, pieces.span(g, i));
     });
@@ -222,7 +219,7 @@ void planes_backward(const Backward<float>& p) {
                               0, p.dx + p.dx_geom.offset(o, c, first), 0, 1, len, coeff[c]);
         });
     }
-  }
+  });
 }
 
 // dx from given sums (synchronized BN): the apply half of planes_backward.
@@ -233,12 +230,12 @@ void planes_backward_apply(const BackwardApply<float>& p) {
   for (int64_t c = 0; c < g.channels; ++c)
     coeff[c] = backward_coefficients(p.mean[c], p.invstd[c], param_or(p.gamma, c, 1.0),
                                      p.sum_dy[c], p.sum_dy_xhat[c], p.count, BackwardMode::training);
-#pragma omp parallel for num_threads(threads_for(2 * g.channels * g.reduction_size())) schedule(static)
-  for (int64_t t = 0; t < units.count; ++t)
+  parallel_for(threads_for(2 * g.channels * g.reduction_size()), units.count, [&](int64_t t) {
     units.for_each_run(g, t, [&](int64_t o, int64_t c, int64_t first, int64_t len) {
       backward_apply_runs(p.x + g.offset(o, c, first), 0, p.dy + p.dy_geom.offset(o, c, first), 0,
                           p.dx + p.dx_geom.offset(o, c, first), 0, 1, len, coeff[c]);
     });
+  });
 }
 
 const char* planes_decline(const Geometry& x, std::span<const Geometry> others) {

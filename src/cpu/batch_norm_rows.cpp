@@ -34,6 +34,8 @@ using cpu::rows_moments_phase;
 using cpu::rows_apply_chunk;
 using cpu::rows_backward_apply_chunk;
 using cpu::rows_gradient_sums_chunk;
+using detail::parallel_for;
+using detail::parallel_region;
 using detail::threads_for;
 using leaf::merge_moment_arrays;
 using leaf::param_or;
@@ -160,8 +162,7 @@ double unit_moments(const Geometry& g, const RowPlan& plan, const float* x, int6
 
 void rows_forward_units(const Forward<float>& p, const RowPlan& plan, ColumnUnits units,
                         int threads) {
-#pragma omp parallel for num_threads(threads) schedule(static)
-  for (int64_t u = 0; u < units.count; ++u) {
+  parallel_for(threads, units.count, [&](int64_t u) {
     const int64_t c0 = u * units.width, width = std::min(units.width, plan.channels - c0);
     double* const mean = scratch<double>(6, width);
     double* const m2 = scratch<double>(7, width);
@@ -172,7 +173,7 @@ void rows_forward_units(const Forward<float>& p, const RowPlan& plan, ColumnUnit
                        p.beta ? p.beta + c0 : nullptr, p.eps, k.mean_hi, k.scale, k.shift);
     rows_apply_chunk(p.x + c0, p.x_geom.outer_stride, p.y + c0, p.y_geom.outer_stride, plan.rows,
                      width, unit_blocked(plan, width), k.mean_hi, k.scale, k.shift);
-  }
+  });
 }
 
 // Statistics, coefficients and apply in one parallel region: opening a region
@@ -188,8 +189,7 @@ void rows_forward_training(const Forward<float>& p) {
   double* const stripe_m2 = scratch<double>(1, plan.stripes * C);
   double* const stripe_count = scratch<double>(2, plan.stripes);
   const RowCoefficients k(scratch<float>(6, 3 * C), C);
-#pragma omp parallel num_threads(threads)
-  {
+  parallel_region(threads, [&] {
     rows_moments_phase(g, p.x, stripe_mean, stripe_m2, stripe_count,
                        [&](int64_t c0, int64_t width, double count, const double* mean,
                            const double* m2) {
@@ -200,7 +200,7 @@ void rows_forward_training(const Forward<float>& p) {
                                             k.scale + c0, k.shift + c0);
                        });
     rows_apply_phase(g, p.y_geom, p.x, p.y, k);  // its omp for waits for the coefficients
-  }
+  });
 }
 
 void rows_moments(const Geometry& g, const float* x, Moments* out) {
@@ -213,8 +213,8 @@ void rows_apply(const Apply<float>& p) {
   for (int64_t c = 0; c < C; ++c)
     k.set(c, apply_coefficients(p.mean[c], p.invstd[c], param_or(p.gamma, c, 1.0),
                                 param_or(p.beta, c, 0.0)));
-#pragma omp parallel num_threads(threads_for(C * p.x_geom.outer))
-  rows_apply_phase(p.x_geom, p.y_geom, p.x, p.y, k);
+  parallel_region(threads_for(C * p.x_geom.outer),
+                  [&] { rows_apply_phase(p.x_geom, p.y_geom, p.x, p.y, k); });
 }
 
 // Backward over column units (see ColumnUnits): per channel, Σdy and
@@ -223,8 +223,7 @@ void rows_apply(const Apply<float>& p) {
 void rows_backward_units(const Backward<float>& p, const RowPlan& plan, ColumnUnits units,
                          int threads) {
   const Geometry &gx = p.x_geom, &gdy = p.dy_geom;
-#pragma omp parallel for num_threads(threads) schedule(static)
-  for (int64_t u = 0; u < units.count; ++u) {
+  parallel_for(threads, units.count, [&](int64_t u) {
     const int64_t c0 = u * units.width, width = std::min(units.width, plan.channels - c0);
     const int64_t blocked = unit_blocked(plan, width);
     float* const mean_hi = scratch<float>(0, 4 * width);
@@ -253,7 +252,7 @@ void rows_backward_units(const Backward<float>& p, const RowPlan& plan, ColumnUn
     if (p.dx)
       rows_backward_apply_chunk(p.x + c0, gx.outer_stride, p.dy + c0, gdy.outer_stride, p.dx + c0,
                                 p.dx_geom.outer_stride, plan.rows, width, blocked, mean_hi, a, b, k);
-  }
+  });
 }
 
 void rows_backward(const Backward<float>& p) {
@@ -268,8 +267,7 @@ void rows_backward(const Backward<float>& p) {
   std::fill(stripe_dy, stripe_dy + plan.stripes * C, 0.0);
   std::fill(stripe_dy_xmu, stripe_dy_xmu + plan.stripes * C, 0.0);
   RowBackwardCoefficients co(p.mean, C);
-#pragma omp parallel num_threads(threads)
-  {
+  parallel_region(threads, [&] {
 #pragma omp for schedule(static)
     for (int64_t s = 0; s < plan.stripes; ++s)
       for (int64_t chunk = plan.first_chunk(s); chunk < plan.first_chunk(s + 1); ++chunk) {
@@ -291,7 +289,7 @@ void rows_backward(const Backward<float>& p) {
                                   co.a.data(), co.b.data(), co.k.data());
       }
     }
-  }
+  });
 }
 
 // dx from given sums (synchronized BN): the apply half of rows_backward.
@@ -304,15 +302,14 @@ void rows_backward_apply(const BackwardApply<float>& p) {
     co.set(c, backward_coefficients(p.mean[c], p.invstd[c], param_or(p.gamma, c, 1.0),
                                     p.sum_dy[c], p.sum_dy_xhat[c], p.count,
                                     BackwardMode::training));
-#pragma omp parallel for num_threads(threads_for(2 * C * plan.rows)) schedule(static)
-  for (int64_t chunk = 0; chunk < plan.chunks; ++chunk) {
+  parallel_for(threads_for(2 * C * plan.rows), plan.chunks, [&](int64_t chunk) {
     const int64_t r0 = plan.first_row(chunk);
     rows_backward_apply_chunk(p.x + r0 * gx.outer_stride, gx.outer_stride,
                               p.dy + r0 * p.dy_geom.outer_stride, p.dy_geom.outer_stride,
                               p.dx + r0 * p.dx_geom.outer_stride, p.dx_geom.outer_stride,
                               plan.rows_in(chunk), C, blocked_channels(C), co.mean_hi.data(),
                               co.a.data(), co.b.data(), co.k.data());
-  }
+  });
 }
 
 const char* rows_decline(const Geometry& x, std::span<const Geometry> others) {

@@ -30,6 +30,8 @@ using cpu::BlockGradient;
 using cpu::channel_backward;
 using cpu::finish_block;
 using cpu::finish_parameters;
+using detail::parallel_for;
+using detail::parallel_region;
 using detail::threads_for;
 using leaf::GradientSums;
 using leaf::gradient_sums_runs;
@@ -128,8 +130,7 @@ void planes_forward(const Forward<float>& p) {
     return p.x + g.offset(n, first_c, 0);
   };
   if (whole_units_per_thread(blocks, threads)) {
-#pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t block = 0; block < blocks; ++block) {
+    parallel_for(threads, blocks, [&](int64_t block) {
       const float* base = block_base(block);
       Moments m;
       for (int64_t i = 0; i < plan.pieces; ++i) m.merge(plan.piece_moments(base, i));
@@ -138,15 +139,14 @@ void planes_forward(const Forward<float>& p) {
       for (int64_t c = first_c; c < first_c + plan.per_group; ++c)
         apply_any(p.x + g.offset(n, c, 0), p.y + p.y_geom.offset(n, c, 0), g.s,
                   channel_coefficients(p, n, c));
-    }
+    });
     return;
   }
   const int64_t total = blocks * plan.pieces;
   const RunParts parts(g.s);
   const int64_t apply_units = g.n * g.c * parts.parts;
   std::vector<Moments> partial(total);
-#pragma omp parallel num_threads(threads)
-  {
+  parallel_region(threads, [&] {
 #pragma omp for schedule(static)
     for (int64_t t = 0; t < total; ++t)
       partial[t] = plan.piece_moments(block_base(t / plan.pieces), t % plan.pieces);
@@ -163,15 +163,14 @@ void planes_forward(const Forward<float>& p) {
       apply_any(p.x + g.offset(n, c, first), p.y + p.y_geom.offset(n, c, first),
                 parts.len(part, g.s), channel_coefficients(p, n, c));
     }
-  }
+  });
 }
 
 void planes_moments(const SampleGeometry& g, const float* x, int64_t groups, Moments* out) {
   const BlockPlan plan(g, groups);
   const int64_t blocks = g.n * groups, total = blocks * plan.pieces;
   std::vector<Moments> partial(total);
-#pragma omp parallel num_threads(threads_for(g.n * g.c * g.s))
-  {
+  parallel_region(threads_for(g.n * g.c * g.s), [&] {
 #pragma omp for schedule(static)
     for (int64_t t = 0; t < total; ++t) {
       const int64_t block = t / plan.pieces;
@@ -184,7 +183,7 @@ void planes_moments(const SampleGeometry& g, const float* x, int64_t groups, Mom
       for (int64_t i = 0; i < plan.pieces; ++i) m.merge(partial[block * plan.pieces + i]);
       out[block] = m;
     }
-  }
+  });
 }
 
 // Σdy and Σdy·(x - float(mean)) of one part of channel c of sample n.
@@ -213,8 +212,7 @@ void planes_backward(const Backward<float>& p) {
     sum_dy_xmu[n * g.c + c] = b;
   };
   if (whole_units_per_thread(blocks, threads)) {
-#pragma omp parallel num_threads(threads)
-    {
+    parallel_region(threads, [&] {
       std::vector<GradientSums> part_sums(parts.parts);
 #pragma omp for schedule(static)
       for (int64_t block = 0; block < blocks; ++block) {
@@ -232,13 +230,12 @@ void planes_backward(const Backward<float>& p) {
                                p.dx + p.dx_geom.offset(n, c, 0), g.s,
                                channel_backward(p, block, c, bg));
       }
-    }
+    });
   } else {
     const int64_t units = g.n * g.c * parts.parts;
     std::vector<GradientSums> partial(units);
     std::vector<BlockGradient> block_coeff(blocks);
-#pragma omp parallel num_threads(threads)
-    {
+    parallel_region(threads, [&] {
 #pragma omp for schedule(static)
       for (int64_t u = 0; u < units; ++u) {
         const int64_t part = u % parts.parts, nc = u / parts.parts;
@@ -263,7 +260,7 @@ void planes_backward(const Backward<float>& p) {
                              channel_backward(p, block, c, block_coeff[block]));
         }
       }
-    }
+    });
   }
   finish_parameters(p, sum_dy.data(), sum_dy_xmu.data());
 }

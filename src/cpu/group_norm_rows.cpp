@@ -28,6 +28,8 @@ using cpu::BlockGradient;
 using cpu::channel_backward;
 using cpu::finish_block;
 using cpu::finish_parameters;
+using detail::parallel_for;
+using detail::parallel_region;
 using detail::threads_for;
 using leaf::kMaxChunkRows;
 using leaf::param_or;
@@ -216,18 +218,16 @@ void rows_forward(const Forward<float>& p) {
     return SampleCoefficients{base, base + g.c, base + 2 * g.c};
   };
   if (whole_units_per_thread(g.n, threads)) {
-#pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t n = 0; n < g.n; ++n) {
+    parallel_for(threads, g.n, [&](int64_t n) {
       rows_sample_moments(g, p.x, plan, p.groups, n, p.moments);
       rows_sample_coefficients(p, plan.per_group, n, coefficients_of(n));
       rows_sample_apply(p, n, 0, g.s, coefficients_of(n));
-    }
+    });
     return;
   }
   const StatisticsPieces pieces(g, plan, threads);
   std::vector<Moments> partial(pieces.count * (pieces.part_channels / plan.per_group));
-#pragma omp parallel num_threads(threads)
-  {
+  parallel_region(threads, [&] {
     rows_moments_phases(g, p.x, plan, p.groups, pieces, partial, p.moments);
 #pragma omp for schedule(static)
     for (int64_t n = 0; n < g.n; ++n)
@@ -237,21 +237,19 @@ void rows_forward(const Forward<float>& p) {
       const int64_t n = t / plan.chunks, chunk = t % plan.chunks;
       rows_sample_apply(p, n, plan.first_row(chunk), plan.rows_in(chunk, g.s), coefficients_of(n));
     }
-  }
+  });
 }
 
 void rows_moments(const SampleGeometry& g, const float* x, int64_t groups, Moments* out) {
   const RowPlan plan(g, groups);
   const int threads = threads_for(g.n * g.c * g.s);
   if (whole_units_per_thread(g.n, threads)) {
-#pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t n = 0; n < g.n; ++n) rows_sample_moments(g, x, plan, groups, n, out);
+    parallel_for(threads, g.n, [&](int64_t n) { rows_sample_moments(g, x, plan, groups, n, out); });
     return;
   }
   const StatisticsPieces pieces(g, plan, threads);
   std::vector<Moments> partial(pieces.count * (pieces.part_channels / plan.per_group));
-#pragma omp parallel num_threads(threads)
-  rows_moments_phases(g, x, plan, groups, pieces, partial, out);
+  parallel_region(threads, [&] { rows_moments_phases(g, x, plan, groups, pieces, partial, out); });
 }
 
 // Σdy and Σdy·(x - center[c]) of one chunk per channel, from zero, in double,
@@ -359,8 +357,7 @@ void rows_backward(const Backward<float>& p) {
                               k + 3 * C + c0);
   };
   if (whole_units_per_thread(units, threads)) {
-#pragma omp parallel num_threads(threads)
-    {
+    parallel_region(threads, [&] {
       std::vector<double> a(plan.slab_channels), b(plan.slab_channels);
 #pragma omp for schedule(static)
       for (int64_t u = 0; u < units; ++u) {
@@ -372,12 +369,11 @@ void rows_backward(const Backward<float>& p) {
         finish_slab(n, slab);
         if (p.dx) apply(n, slab, 0, g.s);
       }
-    }
+    });
   } else {
     const int64_t pieces = units * plan.chunks, width = plan.slab_channels;
     std::vector<double> partial(2 * pieces * width);
-#pragma omp parallel num_threads(threads)
-    {
+    parallel_region(threads, [&] {
 #pragma omp for schedule(static)
       for (int64_t t = 0; t < pieces; ++t) {
         const int64_t u = t / plan.chunks;
@@ -400,7 +396,7 @@ void rows_backward(const Backward<float>& p) {
           apply(u / plan.slabs, u % plan.slabs, plan.first_row(chunk), plan.rows_in(chunk, g.s));
         }
       }
-    }
+    });
   }
   finish_parameters(p, sum_dy.data(), sum_dy_xmu.data());
 }

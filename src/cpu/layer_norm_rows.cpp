@@ -34,6 +34,8 @@
 namespace normkit::kernels::ln {
 namespace {
 
+using detail::parallel_for;
+using detail::parallel_region;
 using detail::threads_for;
 using leaf::kDoubleLanes;
 using leaf::kTailLanes;
@@ -252,12 +254,11 @@ void prefetch_row(int64_t cols, const float* x, float* y) {
 }
 
 void rows_forward(const Forward<float>& p) {
-#pragma omp parallel for num_threads(threads_for(p.rows * p.cols)) schedule(static)
-  for (int64_t r = 0; r < p.rows; ++r) {
+  parallel_for(threads_for(p.rows * p.cols), p.rows, [&](int64_t r) {
     if (r + 1 < p.rows)
       prefetch_row(p.cols, p.x + (r + 1) * p.x_stride, p.y + (r + 1) * p.y_stride);
     forward_row(p, r);
-  }
+  });
 }
 
 void rows_backward(const Backward<float>& p) {
@@ -265,8 +266,7 @@ void rows_backward(const Backward<float>& p) {
   const int threads = threads_for(2 * p.rows * p.cols);
   const bool sums = p.dgamma || p.dbeta;
   if (!sums) {
-#pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t r = 0; r < p.rows; ++r) row_backward(p, r, nullptr, nullptr);
+    parallel_for(threads, p.rows, [&](int64_t r) { row_backward(p, r, nullptr, nullptr); });
     return;
   }
   // Stripes depend on rows and cols only.
@@ -280,8 +280,7 @@ void rows_backward(const Backward<float>& p) {
   double* const part_gamma = p.dgamma ? buffer.data() : nullptr;
   double* const part_beta = p.dbeta ? buffer.data() + per_array : nullptr;
   const int64_t column_blocks = (cols + kMergeColumns - 1) / kMergeColumns;
-#pragma omp parallel num_threads(threads)
-  {
+  parallel_region(threads, [&] {
 #pragma omp for schedule(static)
     for (int64_t s = 0; s < stripes; ++s) {
       const int64_t first = s * p.rows / stripes, last = (s + 1) * p.rows / stripes;
@@ -295,7 +294,7 @@ void rows_backward(const Backward<float>& p) {
       if (part_gamma) merge_stripes(part_gamma + j0, cols, stripes, width, p.dgamma + j0);
       if (part_beta) merge_stripes(part_beta + j0, cols, stripes, width, p.dbeta + j0);
     }
-  }
+  });
 }
 
 // Every checked problem: rows of any stride.

@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <cstdint>
 
+#include "core/parallel.hpp"
 #include "cpu/leaf_loops.hpp"
 
 namespace normkit::kernels::cpu {
@@ -425,12 +426,13 @@ void rows_moments_into(const Geometry& g, const float* x, Moments* out, int thre
   double* const stripe_mean = leaf::scratch<double>(0, plan.stripes * plan.channels);
   double* const stripe_m2 = leaf::scratch<double>(1, plan.stripes * plan.channels);
   double* const stripe_count = leaf::scratch<double>(2, plan.stripes);
-#pragma omp parallel num_threads(threads)
-  rows_moments_phase(g, x, stripe_mean, stripe_m2, stripe_count,
-                     [&](int64_t c0, int64_t width, double count, const double* mean,
-                         const double* m2) {
-                       for (int64_t c = 0; c < width; ++c) out[c0 + c] = {count, mean[c], m2[c]};
-                     });
+  detail::parallel_region(threads, [&] {
+    rows_moments_phase(g, x, stripe_mean, stripe_m2, stripe_count,
+                       [&](int64_t c0, int64_t width, double count, const double* mean,
+                           const double* m2) {
+                         for (int64_t c = 0; c < width; ++c) out[c0 + c] = {count, mean[c], m2[c]};
+                       });
+  });
 }
 
 }  // namespace

@@ -1,5 +1,7 @@
 // Numerics of the float API: large means, constant channels, and bitwise
 // determinism across thread counts.
+#include <omp.h>
+
 #include "test_support.hpp"
 
 namespace {
@@ -193,17 +195,38 @@ struct DeterminismCase {
 class Determinism : public ::testing::TestWithParam<DeterminismCase> {};
 
 // 1, 2 and 3 threads give the same bits, for C below and above the thread count.
-TEST_P(Determinism, SameBitsForAnyThreadCount) {
-  const Arrangement& a = GetParam().arrangement;
+// x (channel means in [-50, 50], deviations in [0.1, 3]) and dy for a.
+std::pair<std::vector<float>, std::vector<float>> determinism_data(const Arrangement& a,
+                                                                   const std::string& name) {
   const Logical& g = a.logical;
-  Rng rng(seed_of(GetParam().name));
+  Rng rng(seed_of(name));
   std::vector<double> mean_c, std_c;
   for (int64_t c = 0; c < g.c; ++c) {
     mean_c.push_back(rng.uniform(-50, 50));
     std_c.push_back(rng.uniform(0.1, 3));
   }
-  const auto x = channel_data(g, mean_c, std_c, rng);
-  const auto dy = uniform_floats(x.size(), -1, 1, rng);
+  auto x = channel_data(g, mean_c, std_c, rng);
+  auto dy = uniform_floats(x.size(), -1, 1, rng);
+  return {std::move(x), std::move(dy)};
+}
+
+void expect_same_outputs(const Outputs& other, const Outputs& one) {
+  EXPECT_TRUE(bitwise_equal("y", other.y, one.y));
+  EXPECT_TRUE(bitwise_equal("save_mean", other.mean, one.mean));
+  EXPECT_TRUE(bitwise_equal("save_invstd", other.invstd, one.invstd));
+  EXPECT_TRUE(bitwise_equal("running_mean", other.rm, one.rm));
+  EXPECT_TRUE(bitwise_equal("running_var", other.rv, one.rv));
+  EXPECT_TRUE(bitwise_equal("inference y", other.y_inference, one.y_inference));
+  EXPECT_TRUE(bitwise_equal("dx (training)", other.dx, one.dx));
+  EXPECT_TRUE(bitwise_equal("dgamma", other.dgamma, one.dgamma));
+  EXPECT_TRUE(bitwise_equal("dbeta", other.dbeta, one.dbeta));
+  EXPECT_TRUE(bitwise_equal("dx (frozen)", other.dx_frozen, one.dx_frozen));
+  EXPECT_TRUE(bitwise_equal("moments", other.moments, one.moments));
+}
+
+TEST_P(Determinism, SameBitsForAnyThreadCount) {
+  const Arrangement& a = GetParam().arrangement;
+  const auto [x, dy] = determinism_data(a, GetParam().name);
   const int before = normkit::num_threads();
   Outputs one;
   {
@@ -218,19 +241,27 @@ TEST_P(Determinism, SameBitsForAnyThreadCount) {
       ASSERT_EQ(normkit::num_threads(), n);
       other = run_all(a, x, dy);
     }
-    EXPECT_TRUE(bitwise_equal("y", other.y, one.y));
-    EXPECT_TRUE(bitwise_equal("save_mean", other.mean, one.mean));
-    EXPECT_TRUE(bitwise_equal("save_invstd", other.invstd, one.invstd));
-    EXPECT_TRUE(bitwise_equal("running_mean", other.rm, one.rm));
-    EXPECT_TRUE(bitwise_equal("running_var", other.rv, one.rv));
-    EXPECT_TRUE(bitwise_equal("inference y", other.y_inference, one.y_inference));
-    EXPECT_TRUE(bitwise_equal("dx (training)", other.dx, one.dx));
-    EXPECT_TRUE(bitwise_equal("dgamma", other.dgamma, one.dgamma));
-    EXPECT_TRUE(bitwise_equal("dbeta", other.dbeta, one.dbeta));
-    EXPECT_TRUE(bitwise_equal("dx (frozen)", other.dx_frozen, one.dx_frozen));
-    EXPECT_TRUE(bitwise_equal("moments", other.moments, one.moments));
+    expect_same_outputs(other, one);
   }
   EXPECT_EQ(normkit::num_threads(), before);
+}
+
+// Called from inside a caller's parallel region (each thread on its own
+// tensors), the kernels give the bits of a call from outside one. Small
+// problems run on the calling thread without a region of their own
+// (core/parallel.hpp); their worksharing loops must not bind to the caller's team.
+TEST_P(Determinism, SameBitsWhenCalledInsideAParallelRegion) {
+  const Arrangement& a = GetParam().arrangement;
+  const auto [x, dy] = determinism_data(a, GetParam().name);
+  ThreadCount threads(2);
+  const Outputs one = run_all(a, x, dy);
+  std::vector<Outputs> inside(2);
+#pragma omp parallel num_threads(2)
+  inside[static_cast<size_t>(omp_get_thread_num())] = run_all(a, x, dy);
+  for (size_t t = 0; t < inside.size(); ++t) {
+    SCOPED_TRACE("thread " + std::to_string(t) + " of a region of 2");
+    expect_same_outputs(inside[t], one);
+  }
 }
 
 INSTANTIATE_TEST_SUITE_P(
