@@ -1,10 +1,13 @@
 #pragma once
 // What the engine needs besides the kernel library's public headers: building
-// normkit::Error messages, how many threads a loop deserves, and compiling a
-// leaf loop for several ISAs. The engine uses the kernel library only through
+// normkit::Error messages, how many threads a loop deserves and its parallel
+// region, and compiling a leaf loop for several ISAs. The engine uses the
+// kernel library only through
 // include/normkit/, as any user would, so these few lines are its own (the
 // kernel library keeps the same ideas in src/core/check.hpp,
 // src/core/parallel.hpp and src/cpu/leaf_loops.hpp).
+#include <omp.h>
+
 #include <algorithm>
 #include <cstdint>
 #include <sstream>
@@ -77,6 +80,31 @@ inline double unit_uniform(uint64_t h) { return static_cast<double>(h >> 11) * 0
 inline int threads_for(int64_t elements) {
   constexpr int64_t kElementsPerThread = 32768;
   return static_cast<int>(std::clamp<int64_t>(elements / kElementsPerThread, 1, num_threads()));
+}
+
+// body() on `threads` threads, or on the caller without a region when that is
+// one (unless inside a caller's active region): libgomp builds a team even
+// for a region of one, about 2 us, which mlp-paper's activations paid a
+// dozen times a step. Worksharing loops inside body work either way.
+template <class Body>
+void parallel_region(int threads, Body&& body) {
+  if (threads <= 1 && !omp_in_parallel()) {
+    body();
+    return;
+  }
+#pragma omp parallel num_threads(threads)
+  body();
+}
+
+// body(i) for i in [0, count), statically split over `threads` threads.
+template <class Body>
+void parallel_for(int threads, int64_t count, Body&& body) {
+  if (threads <= 1 && !omp_in_parallel()) {
+    for (int64_t i = 0; i < count; ++i) body(i);
+    return;
+  }
+#pragma omp parallel for num_threads(threads) schedule(static)
+  for (int64_t i = 0; i < count; ++i) body(i);
 }
 
 }  // namespace normkit::engine

@@ -24,6 +24,8 @@ using engine::checked_add;
 using engine::checked_mul;
 using engine::fail_invalid;
 using engine::fail_runtime;
+using engine::parallel_for;
+using engine::parallel_region;
 using engine::splitmix64;
 using engine::threads_for;
 
@@ -523,16 +525,14 @@ class Pool2d final : public Layer {
     const float* src = x.data.data();
     float* dst = y_.data.data();
     if (format_ == MemoryFormat::channels_last) {
-#pragma omp parallel for num_threads(threads_for(x.numel())) schedule(static)
-      for (int64_t t = 0; t < n * oh_ * ow_; ++t) {
+      parallel_for(threads_for(x.numel()), n * oh_ * ow_, [&](int64_t t) {
         const int64_t i = t / (oh_ * ow_), oh = (t / ow_) % oh_, ow = t % ow_;
         average_window_rows(src, in.at(i, 0, oh * stride_, ow * stride_), in.h, in.w, k_, c_,
                             dst + t * c_);
-      }
+      });
       return y_;
     }
-#pragma omp parallel for num_threads(threads_for(x.numel())) schedule(static)
-    for (int64_t t = 0; t < n * oh_ * ow_; ++t) {
+    parallel_for(threads_for(x.numel()), n * oh_ * ow_, [&](int64_t t) {
       const int64_t i = t / (oh_ * ow_), oh = (t / ow_) % oh_, ow = t % ow_;
       for (int64_t c = 0; c < c_; ++c) {
         const int64_t first = in.at(i, c, oh * stride_, ow * stride_);
@@ -541,7 +541,7 @@ class Pool2d final : public Layer {
           for (int64_t kw = 0; kw < k_; ++kw) sum += src[first + kh * in.h + kw * in.w];
         dst[out.at(i, c, oh, ow)] = sum * inv_area;
       }
-    }
+    });
     return y_;
   }
   const Tensor& backward(const Tensor& dy, bool need_input_grad) override {
@@ -557,8 +557,7 @@ class Pool2d final : public Layer {
     const float inv_area = 1.0f / static_cast<float>(k_ * k_);
     // Overlapping windows add into the same input: one thread per sample, so
     // no two threads write the same element.
-#pragma omp parallel for num_threads(threads_for(dy.numel() * k_ * k_)) schedule(static)
-    for (int64_t i = 0; i < n; ++i)
+    parallel_for(threads_for(dy.numel() * k_ * k_), n, [&](int64_t i) {
       for (int64_t c = 0; c < c_; ++c)
         for (int64_t oh = 0; oh < oh_; ++oh)
           for (int64_t ow = 0; ow < ow_; ++ow) {
@@ -573,6 +572,7 @@ class Pool2d final : public Layer {
               for (int64_t kw = 0; kw < k_; ++kw)
                 dx_.data[in.at(i, c, oh * stride_ + kh, ow * stride_ + kw)] += g;
           }
+    });
     return dx_;
   }
 
@@ -585,36 +585,34 @@ class Pool2d final : public Layer {
     float* dst = y_.data.data();
     WindowIndex* index = keep_index ? index_.data() : nullptr;
     if (format_ == MemoryFormat::channels_last && k_ == 2 && stride_ == 2) {
-#pragma omp parallel for num_threads(threads_for(x.numel())) schedule(static)
-      for (int64_t r = 0; r < n * oh_; ++r) {  // output rows, (i, oh)
+      parallel_for(threads_for(x.numel()), n * oh_, [&](int64_t r) {  // output rows, (i, oh)
         const float* row = src + in.at(r / oh_, 0, 2 * (r % oh_), 0);
         max_window_rows_2x2(row, row + in.h, ow_, c_, dst + r * ow_ * c_,
                             index ? index + r * ow_ * c_ : nullptr);
-      }
+      });
       return;
     }
     if (format_ == MemoryFormat::channels_last) {
-#pragma omp parallel for num_threads(threads_for(x.numel())) schedule(static)
-      for (int64_t t = 0; t < n * oh_ * ow_; ++t) {
+      parallel_for(threads_for(x.numel()), n * oh_ * ow_, [&](int64_t t) {
         const int64_t i = t / (oh_ * ow_), oh = (t / ow_) % oh_, ow = t % ow_;
         max_window_rows(src + in.at(i, 0, oh * stride_, ow * stride_), in.h, in.w, k_, c_,
                         dst + t * c_, index ? index + t * c_ : nullptr);
-      }
+      });
       return;
     }
     if (k_ == 2 && stride_ == 2) {
-#pragma omp parallel for num_threads(threads_for(x.numel())) schedule(static)
-      for (int64_t plane = 0; plane < n * c_; ++plane)  // (i, c)
+      parallel_for(threads_for(x.numel()), n * c_, [&](int64_t plane) {  // (i, c)
         max_window_plane_2x2(src + plane * h_ * w_, w_, oh_, ow_, dst + plane * oh_ * ow_,
                              index ? index + plane * oh_ * ow_ : nullptr);
+      });
       return;
     }
-#pragma omp parallel for num_threads(threads_for(x.numel())) schedule(static)
-    for (int64_t r = 0; r < n * c_ * oh_; ++r) {  // output rows, (i, c, oh)
+    // Output rows, (i, c, oh).
+    parallel_for(threads_for(x.numel()), n * c_ * oh_, [&](int64_t r) {
       const int64_t plane = r / oh_, oh = r % oh_;
       const float* row = src + (plane * h_ + oh * stride_) * w_;
       max_window_row(row, w_, stride_, k_, ow_, dst + r * ow_, index ? index + r * ow_ : nullptr);
-    }
+    });
   }
   // Windows that do not overlap (stride >= k): every input element is in at
   // most one window, so dx is written once, in memory order, from its window's
@@ -627,28 +625,28 @@ class Pool2d final : public Layer {
     // kh >= k or oh >= the output rows: then it is in no window.
     const bool last = format_ == MemoryFormat::channels_last;
     if (!last && k_ == 2 && stride_ == 2) {
-#pragma omp parallel for num_threads(threads_for(dx_.numel())) schedule(static)
-      for (int64_t plane = 0; plane < dx_.shape[0] * c_; ++plane)  // (i, c)
+      parallel_for(threads_for(dx_.numel()), dx_.shape[0] * c_, [&](int64_t plane) {  // (i, c)
         max_unpool_plane_2x2(g + plane * oh_ * ow_, index + plane * oh_ * ow_, oh_, ow_, h_, w_,
                              dx + plane * h_ * w_);
+      });
       return;
     }
     const int64_t row_size = last ? w_ * c_ : w_;        // floats per input row
     const int64_t window_row = last ? ow_ * c_ : ow_;    // per output row
-#pragma omp parallel for num_threads(threads_for(dx_.numel())) schedule(static)
-    for (int64_t r = 0; r < dx_.numel() / row_size; ++r) {  // input rows: (i, ih) or (i, c, ih)
+    // Input rows: (i, ih) or (i, c, ih).
+    parallel_for(threads_for(dx_.numel()), dx_.numel() / row_size, [&](int64_t r) {
       const int64_t plane = r / h_, oh = (r % h_) / stride_, kh = (r % h_) % stride_;
       float* out = dx + r * row_size;
       if (oh >= oh_ || kh >= k_) {
         std::fill(out, out + row_size, 0.0f);
-        continue;
+        return;
       }
       const int64_t o = (plane * oh_ + oh) * window_row;
       if (last)
         max_unpool_rows(g + o, index + o, kh, k_, stride_, ow_, w_, c_, out);
       else
         max_unpool_row(g + o, index + o, kh, k_, stride_, ow_, w_, out);
-    }
+    });
   }
 
   int64_t c_, h_, w_, k_, stride_, oh_ = 0, ow_ = 0;
@@ -696,11 +694,10 @@ class Elementwise final : public Layer {
     float* out = y_.data.data();
     switch (kind_) {
       case Activation::relu:
-#pragma omp parallel num_threads(threads_for(total))
-        {
+        parallel_region(threads_for(total), [&] {
           const auto [begin, end] = thread_share(total);
           relu_forward(in, out, begin, end);
-        }
+        });
         break;
       case Activation::sigmoid:
       case Activation::tanh:
@@ -719,19 +716,18 @@ class Elementwise final : public Layer {
     float* out = dx_.data.data();
     switch (kind_) {
       case Activation::relu:
-#pragma omp parallel num_threads(threads_for(total))
-        {
+        parallel_region(threads_for(total), [&] {
           const auto [begin, end] = thread_share(total);
           relu_backward(y, g, out, begin, end);
-        }
+        });
         break;
       case Activation::sigmoid:
-#pragma omp parallel for num_threads(threads_for(total)) schedule(static)
-        for (int64_t i = 0; i < total; ++i) out[i] = g[i] * y[i] * (1.0f - y[i]);
+        parallel_for(threads_for(total), total,
+                     [&](int64_t i) { out[i] = g[i] * y[i] * (1.0f - y[i]); });
         break;
       case Activation::tanh:
-#pragma omp parallel for num_threads(threads_for(total)) schedule(static)
-        for (int64_t i = 0; i < total; ++i) out[i] = g[i] * (1.0f - y[i] * y[i]);
+        parallel_for(threads_for(total), total,
+                     [&](int64_t i) { out[i] = g[i] * (1.0f - y[i] * y[i]); });
         break;
     }
     return dx_;
@@ -804,11 +800,10 @@ class Dropout final : public Layer {
     scale_.resize(static_cast<size_t>(total));
     const float keep_scale = static_cast<float>(1.0 / (1.0 - p_));
     const auto threshold = static_cast<uint64_t>(p_ * 18446744073709551616.0);
-#pragma omp parallel for num_threads(threads_for(total)) schedule(static)
-    for (int64_t i = 0; i < total; ++i) {
+    parallel_for(threads_for(total), total, [&](int64_t i) {
       scale_[i] = splitmix64(key_ + offset + static_cast<uint64_t>(i)) < threshold ? 0.0f : keep_scale;
       y_.data[i] = x.data[i] * scale_[i];
-    }
+    });
     return y_;
   }
   const Tensor& backward(const Tensor& dy, bool need_input_grad) override {

@@ -14,6 +14,8 @@
 namespace normkit::nn::detail {
 
 using engine::fail_invalid;
+using engine::parallel_for;
+using engine::parallel_region;
 using engine::threads_for;
 
 namespace {
@@ -103,8 +105,8 @@ class Residual final : public Layer {
     const float* a = h->data.data();
     const float* b = z.data.data();
     float* y = y_.data.data();
-#pragma omp parallel for num_threads(threads_for(total)) schedule(static)
-    for (int64_t i = 0; i < total; ++i) y[i] = std::max(a[i] + b[i], 0.0f);
+    parallel_for(threads_for(total), total,
+                 [&](int64_t i) { y[i] = std::max(a[i] + b[i], 0.0f); });
     return y_;
   }
 
@@ -120,8 +122,8 @@ class Residual final : public Layer {
     } else {
       g_.reshape(dy.shape, dy.format);
       const int64_t total = g_.numel();
-#pragma omp parallel for num_threads(threads_for(total)) schedule(static)
-      for (int64_t i = 0; i < total; ++i) g_.data[i] = y_.data[i] > 0.0f ? dy.data[i] : 0.0f;
+      parallel_for(threads_for(total), total,
+                   [&](int64_t i) { g_.data[i] = y_.data[i] > 0.0f ? dy.data[i] : 0.0f; });
       body_grad = shortcut_grad = &g_;
     }
     // The body below the tail.
@@ -136,8 +138,7 @@ class Residual final : public Layer {
     const int64_t total = dx_.numel();
     const float* a = body_grad->data.data();
     const float* b = through_shortcut.data.data();
-#pragma omp parallel for num_threads(threads_for(total)) schedule(static)
-    for (int64_t i = 0; i < total; ++i) dx_.data[i] = a[i] + b[i];
+    parallel_for(threads_for(total), total, [&](int64_t i) { dx_.data[i] = a[i] + b[i]; });
     return dx_;
   }
 
