@@ -252,7 +252,10 @@ TEST_P(Determinism, SameBitsForAnyThreadCount) {
 // (core/parallel.hpp); their worksharing loops must not bind to the caller's team.
 TEST_P(Determinism, SameBitsWhenCalledInsideAParallelRegion) {
   const Arrangement& a = GetParam().arrangement;
-  const auto [x, dy] = determinism_data(a, GetParam().name);
+  // (Not a structured binding: clang 14 cannot capture one in an OpenMP region.)
+  const auto data = determinism_data(a, GetParam().name);
+  const std::vector<float>& x = data.first;
+  const std::vector<float>& dy = data.second;
   ThreadCount threads(2);
   const Outputs one = run_all(a, x, dy);
   std::vector<Outputs> inside(2);
