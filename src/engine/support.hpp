@@ -2,10 +2,9 @@
 // What the engine needs besides the kernel library's public headers: building
 // normkit::Error messages, how many threads a loop deserves and its parallel
 // region, and compiling a leaf loop for several ISAs. The engine uses the
-// kernel library only through
-// include/normkit/, as any user would, so these few lines are its own (the
-// kernel library keeps the same ideas in src/core/check.hpp,
-// src/core/parallel.hpp and src/cpu/leaf_loops.hpp).
+// kernel library only through include/normkit/, as any user would, so these
+// few lines are its own (the kernel library keeps the same ideas in
+// src/core/check.hpp, src/core/parallel.hpp and src/cpu/leaf_loops.hpp).
 #include <omp.h>
 
 #include <algorithm>

@@ -56,9 +56,7 @@ GradientGeometries checked_gradients(ConstTensorView<T> x, ConstTensorView<T> dy
   if (!dx.data) gdx = gdy;
   return {gx, gdy, gdx};
 }
-}  // namespace
 
-namespace {
 // Why a batch's moments cannot update running statistics, as the error that
 // names it: fewer than 2 values in a channel, or NaN or ∞ in x.
 void check_batch_moments(std::span<const Moments> moments) {

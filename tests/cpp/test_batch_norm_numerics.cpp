@@ -194,7 +194,6 @@ struct DeterminismCase {
 
 class Determinism : public ::testing::TestWithParam<DeterminismCase> {};
 
-// 1, 2 and 3 threads give the same bits, for C below and above the thread count.
 // x (channel means in [-50, 50], deviations in [0.1, 3]) and dy for a.
 std::pair<std::vector<float>, std::vector<float>> determinism_data(const Arrangement& a,
                                                                    const std::string& name) {
@@ -224,6 +223,7 @@ void expect_same_outputs(const Outputs& other, const Outputs& one) {
   EXPECT_TRUE(bitwise_equal("moments", other.moments, one.moments));
 }
 
+// 1, 2 and 3 threads give the same bits, for C below and above the thread count.
 TEST_P(Determinism, SameBitsForAnyThreadCount) {
   const Arrangement& a = GetParam().arrangement;
   const auto [x, dy] = determinism_data(a, GetParam().name);
