@@ -62,7 +62,7 @@ void rows_forward(const Forward<float>& p) {
     cpu::rows_apply_relu_chunk(p.x + r0 * gx.outer_stride, gx.outer_stride,
                                p.z ? p.z + r0 * p.z_geom.outer_stride : nullptr,
                                p.z_geom.outer_stride, y, p.y_geom.outer_stride, rows, C,
-                               blocked_channels(C), mean_hi.data(), scale.data(), shift.data());
+                               mean_hi.data(), scale.data(), shift.data());
     if (!p.mask) return;
     if (y_dense) {
       pack_positive_bits(y, rows * C, p.mask, r0 * C);

@@ -90,8 +90,8 @@ void rows_apply_phase(const Geometry& gx, const Geometry& gy, const float* x, fl
   for (int64_t chunk = 0; chunk < plan.chunks; ++chunk) {
     const int64_t r0 = plan.first_row(chunk);
     rows_apply_chunk(x + r0 * gx.outer_stride, gx.outer_stride, y + r0 * gy.outer_stride,
-                     gy.outer_stride, plan.rows_in(chunk), plan.channels,
-                     blocked_channels(plan.channels), k.mean_hi, k.scale, k.shift);
+                     gy.outer_stride, plan.rows_in(chunk), plan.channels, k.mean_hi, k.scale,
+                     k.shift);
   }
 }
 
@@ -172,7 +172,7 @@ void rows_forward_units(const Forward<float>& p, const RowPlan& plan, ColumnUnit
     coefficient_arrays(width, count, mean, m2, p.gamma ? p.gamma + c0 : nullptr,
                        p.beta ? p.beta + c0 : nullptr, p.eps, k.mean_hi, k.scale, k.shift);
     rows_apply_chunk(p.x + c0, p.x_geom.outer_stride, p.y + c0, p.y_geom.outer_stride, plan.rows,
-                     width, unit_blocked(plan, width), k.mean_hi, k.scale, k.shift);
+                     width, k.mean_hi, k.scale, k.shift);
   });
 }
 
