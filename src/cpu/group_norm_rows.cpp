@@ -16,6 +16,7 @@
 #include "cpu/coefficients.hpp"
 #include "cpu/implementations.hpp"
 #include "cpu/leaf_loops.hpp"
+#include "cpu/rows_loops.hpp"
 #include "kernels/group_norm.hpp"
 
 namespace normkit::kernels::gn {
@@ -82,17 +83,6 @@ void rows_chunk_moments(const float* __restrict x, int64_t stride, int64_t rows,
                                       next_rows);
   for (int64_t c = c0; c < channels; ++c)
     rows_block_moments<1>(x + c, stride, rows, mean + c, m2 + c, nullptr, 0);
-}
-
-NORMKIT_SIMD_CLONES
-void rows_apply_chunk(const float* x, int64_t x_stride, float* y, int64_t y_stride, int64_t rows,
-                      int64_t channels, const float* __restrict mean_hi,
-                      const float* __restrict scale, const float* __restrict shift) {
-  for (int64_t r = 0; r < rows; ++r) {
-    const float* xp = x + r * x_stride;
-    float* yp = y + r * y_stride;
-    for (int64_t c = 0; c < channels; ++c) yp[c] = (xp[c] - mean_hi[c]) * scale[c] + shift[c];
-  }
 }
 
 // The moments of the groups of channels [c0, c0 + width) (whole groups) over
@@ -199,7 +189,7 @@ void rows_sample_coefficients(const Forward<float>& p, int64_t per_group, int64_
 // y of rows [first_row, first_row + rows) of sample n, whole rows in memory order.
 void rows_sample_apply(const Forward<float>& p, int64_t n, int64_t first_row, int64_t rows,
                        const SampleCoefficients& k) {
-  rows_apply_chunk(p.x + p.x_geom.offset(n, 0, first_row), p.x_geom.s_stride,
+  cpu::rows_apply_chunk(p.x + p.x_geom.offset(n, 0, first_row), p.x_geom.s_stride,
                    p.y + p.y_geom.offset(n, 0, first_row), p.y_geom.s_stride, rows, p.x_geom.c,
                    k.mean_hi, k.scale, k.shift);
 }
