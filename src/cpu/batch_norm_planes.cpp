@@ -48,26 +48,52 @@ using leaf::whole_units_per_thread;
 
 // ----- leaf loops over `runs` runs of `len` contiguous floats, `stride` apart -----
 
+// Run r takes the coefficients k[r·k_step]: one channel's runs (k_step 0), or
+// a unit's runs of consecutive channels (k_step 1), so that a unit of short
+// runs (7×7: 83 channels of 49 values) is one call, not one per run: per-run
+// calls through the clones' resolver took a quarter of the 7×7 output pass.
+
 NORMKIT_SIMD_CLONES
 void apply_runs(const float* x, int64_t x_stride, float* y, int64_t y_stride, int64_t runs,
-                int64_t len, ApplyCoefficients k) {
+                int64_t len, const ApplyCoefficients* k, int64_t k_step) {
   for (int64_t r = 0; r < runs; ++r) {
     const float* xp = x + r * x_stride;
     float* yp = y + r * y_stride;
-    for (int64_t i = 0; i < len; ++i) yp[i] = (xp[i] - k.mean_hi) * k.scale + k.shift;
+    const ApplyCoefficients kr = k[r * k_step];
+    for (int64_t i = 0; i < len; ++i) yp[i] = (xp[i] - kr.mean_hi) * kr.scale + kr.shift;
   }
 }
 
 NORMKIT_SIMD_CLONES
 void backward_apply_runs(const float* x, int64_t x_stride, const float* dy, int64_t dy_stride,
                          float* dx, int64_t dx_stride, int64_t runs, int64_t len,
-                         BackwardCoefficients k) {
+                         const BackwardCoefficients* k, int64_t k_step) {
   for (int64_t r = 0; r < runs; ++r) {
     const float* xp = x + r * x_stride;
     const float* gp = dy + r * dy_stride;
     float* dp = dx + r * dx_stride;
-    for (int64_t i = 0; i < len; ++i) dp[i] = k.a * gp[i] + k.b * (xp[i] - k.mean_hi) + k.k;
+    const BackwardCoefficients kr = k[r * k_step];
+    for (int64_t i = 0; i < len; ++i) dp[i] = kr.a * gp[i] + kr.b * (xp[i] - kr.mean_hi) + kr.k;
   }
+}
+
+// The output pass over unit t (leaf::ApplyUnits) in one call.
+void unit_apply(const Geometry& gx, const Geometry& gy, const float* x, float* y,
+                const ApplyUnits& units, int64_t t, const ApplyCoefficients* coeff) {
+  const ApplyUnits::Span s = units.span(gx, t);
+  apply_runs(x + gx.offset(s.o, s.c0, s.first), gx.channel_stride,
+             y + gy.offset(s.o, s.c0, s.first), gy.channel_stride, s.channels, s.len,
+             coeff + s.c0, 1);
+}
+
+void unit_backward_apply(const Geometry& gx, const Geometry& gdy, const Geometry& gdx,
+                         const float* x, const float* dy, float* dx, const ApplyUnits& units,
+                         int64_t t, const BackwardCoefficients* coeff) {
+  const ApplyUnits::Span s = units.span(gx, t);
+  backward_apply_runs(x + gx.offset(s.o, s.c0, s.first), gx.channel_stride,
+                      dy + gdy.offset(s.o, s.c0, s.first), gdy.channel_stride,
+                      dx + gdx.offset(s.o, s.c0, s.first), gdx.channel_stride, s.channels, s.len,
+                      coeff + s.c0, 1);
 }
 
 // ================= planes: [outer, C, inner], inner contiguous =================
@@ -75,7 +101,7 @@ void backward_apply_runs(const float* x, int64_t x_stride, const float* dy, int6
 void piece_apply(const Geometry& gx, const Geometry& gy, const float* x, float* y, int64_t c,
                  const Pieces::Span& s, ApplyCoefficients k) {
   apply_runs(x + gx.offset(s.first_run, c, s.first_inner), gx.outer_stride,
-             y + gy.offset(s.first_run, c, s.first_inner), gy.outer_stride, s.runs, s.len, k);
+             y + gy.offset(s.first_run, c, s.first_inner), gy.outer_stride, s.runs, s.len, &k, 0);
 }
 
 void planes_forward_training(const Forward<float>& p) {
@@ -115,10 +141,7 @@ void planes_forward_training(const Forward<float>& p) {
     }
 #pragma omp for schedule(static)
     for (int64_t t = 0; t < units.count; ++t)
-      units.for_each_run(g, t, [&](int64_t o, int64_t c, int64_t first, int64_t len) {
-        apply_runs(p.x + g.offset(o, c, first), 0, p.y + p.y_geom.offset(o, c, first), 0, 1, len,
-                   coeff[c]);
-      });
+      unit_apply(g, p.y_geom, p.x, p.y, units, t, coeff.data());
   });
 }
 
@@ -146,12 +169,8 @@ void planes_apply(const Apply<float>& p) {
   for (int64_t c = 0; c < g.channels; ++c)
     coeff[c] = apply_coefficients(p.mean[c], p.invstd[c], param_or(p.gamma, c, 1.0),
                                   param_or(p.beta, c, 0.0));
-  parallel_for(threads_for(g.channels * g.reduction_size()), units.count, [&](int64_t t) {
-    units.for_each_run(g, t, [&](int64_t o, int64_t c, int64_t first, int64_t len) {
-      apply_runs(p.x + g.offset(o, c, first), 0, p.y + p.y_geom.offset(o, c, first), 0, 1, len,
-                 coeff[c]);
-    });
-  });
+  parallel_for(threads_for(g.channels * g.reduction_size()), units.count,
+               [&](int64_t t) { unit_apply(g, p.y_geom, p.x, p.y, units, t, coeff.data()); });
 }
 
 // Σdy and Σdy·(x - mean) of a piece; the float sums run around float(mean)
@@ -173,7 +192,7 @@ void piece_backward_apply(const Backward<float>& p, int64_t c, const Pieces::Spa
   backward_apply_runs(p.x + gx.offset(s.first_run, c, s.first_inner), gx.outer_stride,
                       p.dy + gd.offset(s.first_run, c, s.first_inner), gd.outer_stride,
                       p.dx + go.offset(s.first_run, c, s.first_inner), go.outer_stride, s.runs,
-                      s.len, k);
+                      s.len, &k, 0);
 }
 
 void planes_backward(const Backward<float>& p) {
@@ -214,10 +233,7 @@ void planes_backward(const Backward<float>& p) {
     if (p.dx) {
 #pragma omp for schedule(static)
       for (int64_t t = 0; t < units.count; ++t)
-        units.for_each_run(g, t, [&](int64_t o, int64_t c, int64_t first, int64_t len) {
-          backward_apply_runs(p.x + g.offset(o, c, first), 0, p.dy + p.dy_geom.offset(o, c, first),
-                              0, p.dx + p.dx_geom.offset(o, c, first), 0, 1, len, coeff[c]);
-        });
+        unit_backward_apply(g, p.dy_geom, p.dx_geom, p.x, p.dy, p.dx, units, t, coeff.data());
     }
   });
 }
@@ -231,10 +247,7 @@ void planes_backward_apply(const BackwardApply<float>& p) {
     coeff[c] = backward_coefficients(p.mean[c], p.invstd[c], param_or(p.gamma, c, 1.0),
                                      p.sum_dy[c], p.sum_dy_xhat[c], p.count, BackwardMode::training);
   parallel_for(threads_for(2 * g.channels * g.reduction_size()), units.count, [&](int64_t t) {
-    units.for_each_run(g, t, [&](int64_t o, int64_t c, int64_t first, int64_t len) {
-      backward_apply_runs(p.x + g.offset(o, c, first), 0, p.dy + p.dy_geom.offset(o, c, first), 0,
-                          p.dx + p.dx_geom.offset(o, c, first), 0, 1, len, coeff[c]);
-    });
+    unit_backward_apply(g, p.dy_geom, p.dx_geom, p.x, p.dy, p.dx, units, t, coeff.data());
   });
 }
 

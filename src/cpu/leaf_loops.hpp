@@ -514,17 +514,27 @@ struct ApplyUnits {
     count = g.outer * units_per_outer;
   }
 
-  // Calls run(o, c, first, len) for each run (or part of one) of unit `unit`.
-  template <class Geometry, class RunFn>
-  void for_each_run(const Geometry& g, int64_t unit, RunFn run) const {
+  // Unit `unit`: channels [c0, c0 + channels) of outer index o, each the
+  // inner positions [first, first + len).
+  struct Span {
+    int64_t o, c0, channels, first, len;
+  };
+  template <class Geometry>
+  Span span(const Geometry& g, int64_t unit) const {
     const int64_t o = unit / units_per_outer, within = unit % units_per_outer;
     if (parts_per_run > 1) {
       const int64_t c = within / parts_per_run, first = (within % parts_per_run) * part_len;
-      run(o, c, first, std::min(part_len, g.inner - first));
-      return;
+      return {o, c, 1, first, std::min(part_len, g.inner - first)};
     }
     const int64_t c0 = within * channels_per_unit;
-    for (int64_t c = c0; c < std::min(g.channels, c0 + channels_per_unit); ++c) run(o, c, 0, g.inner);
+    return {o, c0, std::min(g.channels, c0 + channels_per_unit) - c0, 0, g.inner};
+  }
+
+  // Calls run(o, c, first, len) for each run (or part of one) of unit `unit`.
+  template <class Geometry, class RunFn>
+  void for_each_run(const Geometry& g, int64_t unit, RunFn run) const {
+    const Span s = span(g, unit);
+    for (int64_t c = s.c0; c < s.c0 + s.channels; ++c) run(s.o, c, s.first, s.len);
   }
 };
 
