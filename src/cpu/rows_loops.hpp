@@ -1,10 +1,11 @@
 #pragma once
-// The rows form's statistics and gradient-sum loops over one chunk of rows
-// (channels contiguous), shared by batch_norm_rows.cpp and
+// The rows form's statistics, gradient-sum and output loops over one chunk of
+// rows (channels contiguous), shared by batch_norm_rows.cpp and
 // batch_norm_fused_rows.cpp: BN+ReLU's moments and sums are BN's bit for bit,
 // which the engine relies on (it fuses "batchnorm; relu", and synchronized BN
-// and probes run the layers unfused). Internal linkage, as leaf_loops.hpp
-// explains.
+// and probes run the layers unfused). group_norm_rows.cpp takes the apply
+// (rows_apply_chunk): the same formula over per-channel coefficients. Internal
+// linkage, as leaf_loops.hpp explains.
 #include <algorithm>
 #include <cstdint>
 
