@@ -24,20 +24,22 @@ namespace {
 // whole block take the plain loops. Only short rows are blocked: with long ones
 // (1024 channels and more) a block is a narrow strided column of the chunk,
 // which the hardware prefetchers follow worse than whole rows, and whose rows,
-// 4 KB or more apart, compete for the same few L1 sets. (The apply reads each
-// row once, with nothing to keep in L1: it is blocked on rows of any length.)
+// 4 KB or more apart, compete for the same few L1 sets. (The apply takes wider
+// blocks: kApplyBlock.)
 constexpr int64_t kRowBlock = 64;
 constexpr int64_t kNarrowRowBlock = 32;
 constexpr int64_t kMaxBlockedChannels = 256;
 constexpr int64_t kColumnBlock = 256;
 constexpr int64_t kRowGroup = 4;
 // The apply (one read of x, one write of y, nothing kept between passes) takes
-// wider register blocks, on rows of any length: a block's coefficients stay in
-// registers (or are spilled once per block instead of reloaded per element),
-// and each row is read in runs of 1 KB. Measured in cache at 2 threads: the
-// inference of 16×256×28×28 NHWC went from 1.5× to 1.2× a copy (blocks of 64
-// before), forward-train of 256×1024 from 66-70 to 49-51 µs (groups of 4 rows
-// with coefficients loaded from L1 before).
+// wider register blocks, up to a whole row of kApplyBlock channels: a block's
+// coefficients stay in registers (or are spilled once per block instead of
+// reloaded per element), and each row is read in runs of up to 1 KB. Measured
+// in cache at 2 threads: the inference of 16×256×28×28 NHWC went from 1.5× to
+// 1.2× a copy (blocks of 64 before), forward-train of 256×1024 (units of 256
+// channels) from 66-70 to 49-51 µs. Longer rows keep groups of kRowGroup rows:
+// on rows of 4096 channels (32×4096 inference) 256-wide blocks took 47-51 µs
+// against 35-41, and on 2048 (32×2048×7×7 NHWC) they were no faster.
 constexpr int64_t kApplyBlock = 256;
 [[maybe_unused]] inline int64_t blocked_channels(int64_t channels) {
   return channels <= kMaxBlockedChannels ? channels / kNarrowRowBlock * kNarrowRowBlock : 0;
@@ -54,10 +56,12 @@ template <class Block>
   if (c0 < blocked) block.template operator()<kNarrowRowBlock>(c0);
 }
 
-// The apply's blocks (kApplyBlock, then as for_each_row_block) over channels
-// [0, channels): returns how many they cover, all but the last channels % 32.
+// The apply's blocks (kApplyBlock, then as for_each_row_block) over rows of
+// `channels` values: returns how many channels they cover, all but the last
+// channels % 32, or none on rows longer than kApplyBlock.
 template <class Block>
 [[gnu::always_inline]] inline int64_t for_each_apply_block(int64_t channels, Block&& block) {
+  if (channels > kApplyBlock) return 0;
   int64_t c0 = 0;
   for (; c0 + kApplyBlock <= channels; c0 += kApplyBlock) block.template operator()<kApplyBlock>(c0);
   const int64_t blocked = channels / kNarrowRowBlock * kNarrowRowBlock;
