@@ -52,7 +52,6 @@ using leaf::whole_units_per_thread;
 // a unit's runs of consecutive channels (k_step 1), so that a unit of short
 // runs (7×7: 83 channels of 49 values) is one call, not one per run: per-run
 // calls through the clones' resolver took a quarter of the 7×7 output pass.
-
 NORMKIT_SIMD_CLONES
 void apply_runs(const float* x, int64_t x_stride, float* y, int64_t y_stride, int64_t runs,
                 int64_t len, const ApplyCoefficients* k, int64_t k_step) {

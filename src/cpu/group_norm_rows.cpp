@@ -190,8 +190,8 @@ void rows_sample_coefficients(const Forward<float>& p, int64_t per_group, int64_
 void rows_sample_apply(const Forward<float>& p, int64_t n, int64_t first_row, int64_t rows,
                        const SampleCoefficients& k) {
   cpu::rows_apply_chunk(p.x + p.x_geom.offset(n, 0, first_row), p.x_geom.s_stride,
-                   p.y + p.y_geom.offset(n, 0, first_row), p.y_geom.s_stride, rows, p.x_geom.c,
-                   k.mean_hi, k.scale, k.shift);
+                        p.y + p.y_geom.offset(n, 0, first_row), p.y_geom.s_stride, rows,
+                        p.x_geom.c, k.mean_hi, k.scale, k.shift);
 }
 
 // A thread takes whole samples when they keep every thread busy: statistics

@@ -62,12 +62,12 @@ template <class Block>
 template <class Block>
 [[gnu::always_inline]] inline int64_t for_each_apply_block(int64_t channels, Block&& block) {
   if (channels > kApplyBlock) return 0;
-  int64_t c0 = 0;
-  for (; c0 + kApplyBlock <= channels; c0 += kApplyBlock) block.template operator()<kApplyBlock>(c0);
+  if (channels == kApplyBlock) {
+    block.template operator()<kApplyBlock>(0);
+    return kApplyBlock;
+  }
   const int64_t blocked = channels / kNarrowRowBlock * kNarrowRowBlock;
-  for_each_row_block(blocked - c0, [&]<int B>(int64_t c) __attribute__((always_inline)) {
-    block.template operator()<B>(c0 + c);
-  });
+  for_each_row_block(blocked, block);
   return blocked;
 }
 
@@ -241,10 +241,10 @@ void rows_gradient_sums_chunk(const float* __restrict x, int64_t x_stride,
 // y = (x - mean_hi)·scale + shift per channel over one chunk of rows; with
 // Relu, y = relu(that + z) (z may be null): BN+ReLU's forward is BN's to the
 // bit before the ReLU. Channels in register blocks (for_each_apply_block), the
-// last channels % 32 kRowGroup rows at a time, so that a channel's coefficients
-// are loaded once per group. (ivdep: y may be x or z, but element c of a row is read only for
-// its own store; without it the compiler gives up vectorizing over four rows'
-// aliasing.)
+// rest kRowGroup rows at a time, so that a channel's coefficients are loaded
+// once per group. (ivdep: y may be x or z, but element c of a row is read only
+// for its own store; without it the compiler gives up vectorizing over four
+// rows' aliasing.)
 template <bool Relu>
 [[gnu::always_inline]] inline void rows_apply_body(const float* x, int64_t x_stride,
                                                    const float* z, int64_t z_stride, float* y,
@@ -256,7 +256,7 @@ template <bool Relu>
   const auto out = [](float p) __attribute__((always_inline)) {
     return Relu && p < 0.0f ? 0.0f : p;
   };
-  const int64_t blocked = for_each_apply_block(channels, [&]<int B>(int64_t c0) __attribute__((always_inline)) {
+  const auto block = [&]<int B>(int64_t c0) __attribute__((always_inline)) {
     float m[B], sc[B], t[B];
     for (int l = 0; l < B; ++l) {
       m[l] = mean_hi[c0 + l];
@@ -273,7 +273,8 @@ template <bool Relu>
         for (int l = 0; l < B; ++l) yp[l] = out((xp[l] - m[l]) * sc[l] + t[l]);
       }
     }
-  });
+  };
+  const int64_t blocked = for_each_apply_block(channels, block);
   // (z is tested outside the loops: a select inside them is if-converted into
   // masked multiplies, which are not contracted into FMAs, and BN+ReLU's y
   // would round otherwise than BN's.)
