@@ -25,6 +25,7 @@
 #include <cstring>
 #include <vector>
 
+#include "core/scratch.hpp"
 #include "core/simd_clones.hpp"
 #include "normkit/moments.hpp"
 
@@ -49,17 +50,7 @@ inline double lane_total(const A* acc) {
   }
 }
 
-// Per-thread scratch that outlives a call: a fresh large vector per call is
-// fresh pages from the kernel, whose faults cost more than a small problem.
-// Each thread (and each including file) has its own, so a call's slot must not
-// be used by a callee or by another thread; `slot` tells a call's buffers apart.
-template <class T>
-T* scratch(int slot, size_t count) {
-  thread_local std::vector<T> buffers[8];
-  auto& buffer = buffers[slot];
-  if (buffer.size() < count) buffer.resize(count);
-  return buffer.data();
-}
+using normkit::detail::scratch;
 
 [[maybe_unused]] double param_or(const float* p, int64_t c, double fallback) {
   return p ? static_cast<double>(p[c]) : fallback;
