@@ -117,6 +117,7 @@ void planes_forward_training(const Forward<float>& p) {
       for (int64_t i = 0; i < pieces.per_channel; ++i)
         m.merge(piece_moments(g, p.x, c, pieces.span(g, i)));
       p.moments[c] = m;
+      p.moments_done(c, 1);
       const ApplyCoefficients k = coefficients(c);
       for (int64_t i = 0; i < pieces.per_channel; ++i)
         piece_apply(g, p.y_geom, p.x, p.y, c, pieces.span(g, i), k);
@@ -136,6 +137,7 @@ void planes_forward_training(const Forward<float>& p) {
       Moments m;
       for (int64_t i = 0; i < pieces.per_channel; ++i) m.merge(partial[c * pieces.per_channel + i]);
       p.moments[c] = m;
+      p.moments_done(c, 1);
       coeff[c] = coefficients(c);
     }
 #pragma omp for schedule(static)

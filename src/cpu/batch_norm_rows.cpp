@@ -169,6 +169,7 @@ void rows_forward_units(const Forward<float>& p, const RowPlan& plan, ColumnUnit
     const RowCoefficients k(scratch<float>(7, 3 * width), width);
     const double count = unit_moments(p.x_geom, plan, p.x, c0, width, mean, m2);
     for (int64_t c = 0; c < width; ++c) p.moments[c0 + c] = {count, mean[c], m2[c]};
+    p.moments_done(c0, width);
     coefficient_arrays(width, count, mean, m2, p.gamma ? p.gamma + c0 : nullptr,
                        p.beta ? p.beta + c0 : nullptr, p.eps, k.mean_hi, k.scale, k.shift);
     rows_apply_chunk(p.x + c0, p.x_geom.outer_stride, p.y + c0, p.y_geom.outer_stride, plan.rows,
@@ -195,6 +196,7 @@ void rows_forward_training(const Forward<float>& p) {
                            const double* m2) {
                          for (int64_t c = 0; c < width; ++c)
                            p.moments[c0 + c] = {count, mean[c], m2[c]};
+                         p.moments_done(c0, width);
                          coefficient_arrays(width, count, mean, m2, p.gamma ? p.gamma + c0 : nullptr,
                                             p.beta ? p.beta + c0 : nullptr, p.eps, k.mean_hi + c0,
                                             k.scale + c0, k.shift + c0);

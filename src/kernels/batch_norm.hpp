@@ -23,6 +23,17 @@ struct Forward {
   const T* beta;   // nullptr: β = 0
   double eps;
   Moments* moments;  // out: one per channel
+  // Optional: called on the thread that computed them, once the moments of
+  // channels [c0, c0 + n) are final, with `context`. The op's per-channel
+  // work on them (running and saved statistics) then reads them where they
+  // were written: from the main thread, afterwards, it pulled every other
+  // thread's moments from that core's cache (32x4096: 9 of 44 us). Every
+  // channel is reported once; the callback does not throw.
+  void (*on_moments)(const void* context, int64_t c0, int64_t n) = nullptr;
+  const void* context = nullptr;
+  void moments_done(int64_t c0, int64_t n) const {
+    if (on_moments) on_moments(context, c0, n);
+  }
 };
 
 // y = (x - mean) * invstd * γ + β with given per-channel statistics.

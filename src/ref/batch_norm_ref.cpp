@@ -56,6 +56,7 @@ void apply(const Apply<T>& p) {
 template <class T>
 void forward(const Forward<T>& p) {
   moments(Statistics<T>{p.x_geom, p.x, p.moments});
+  p.moments_done(0, p.x_geom.channels);
   std::vector<double> mean(p.x_geom.channels), invstd(p.x_geom.channels);
   for (int64_t c = 0; c < p.x_geom.channels; ++c) {
     mean[c] = p.moments[c].mean;

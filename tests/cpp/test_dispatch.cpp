@@ -15,6 +15,7 @@
 // of the sum of their terms' sizes; statistics 1e-6 (mean: of σ).
 #include <array>
 #include <map>
+#include <mutex>
 #include <optional>
 #include <string>
 
@@ -236,6 +237,37 @@ struct BnReference {
   }
 };
 
+// What a forward reported through bn::Forward::on_moments: how often each
+// channel, and its moments when reported, which must be the final ones (the
+// op computes the running and saved statistics from them there and then).
+struct MomentsReports {
+  const std::vector<Moments>& out;
+  std::vector<int> times = std::vector<int>(out.size());
+  std::vector<Moments> seen = std::vector<Moments>(out.size());
+  std::mutex mutex;  // reported from the kernel's threads
+  explicit MomentsReports(const std::vector<Moments>& moments) : out(moments) {}
+  static void record(const void* context, int64_t c0, int64_t n) {
+    auto& r = *static_cast<MomentsReports*>(const_cast<void*>(context));
+    const std::lock_guard lock(r.mutex);
+    for (int64_t c = c0; c < c0 + n; ++c) {
+      ++r.times[c];
+      r.seen[c] = r.out[c];
+    }
+  }
+  ::testing::AssertionResult each_once_and_final(std::string_view what) const {
+    for (size_t c = 0; c < out.size(); ++c) {
+      if (times[c] != 1)
+        return ::testing::AssertionFailure()
+               << what << ": channel " << c << " reported " << times[c] << " times";
+      if (!same_bits(seen[c].mean, out[c].mean) || !same_bits(seen[c].m2, out[c].m2) ||
+          seen[c].count != out[c].count)
+        return ::testing::AssertionFailure()
+               << what << ": channel " << c << " reported before its moments were final";
+    }
+    return ::testing::AssertionSuccess();
+  }
+};
+
 TEST(Dispatch, EveryBatchNormEntryMatchesTheReferenceOnEveryCaseItAccepts) {
   std::map<std::string, int> runs;
   for (const Case& k : tensor_cases()) {
@@ -253,12 +285,16 @@ TEST(Dispatch, EveryBatchNormEntryMatchesTheReferenceOnEveryCaseItAccepts) {
       {  // forward (training)
         Buffer<float> y = v.output(), y_ref = v.output();
         std::vector<Moments> m(C), m_ref(C);
-        impl.forward(
-            {v.gx, v.gout, x, y.storage.data(), in.gamma.data(), in.beta.data(), kEps, m.data()});
+        MomentsReports reports(m), ref_reports(m_ref);
+        impl.forward({v.gx, v.gout, x, y.storage.data(), in.gamma.data(), in.beta.data(), kEps,
+                      m.data(), &MomentsReports::record, &reports});
         bn::ref::forward<float>({v.gx, v.gout, x, y_ref.storage.data(), in.gamma.data(),
-                                 in.beta.data(), kEps, m_ref.data()});
+                                 in.beta.data(), kEps, m_ref.data(), &MomentsReports::record,
+                                 &ref_reports});
         EXPECT_TRUE(same_output("forward y", y, y_ref, kY, s.one, walk));
         EXPECT_TRUE(same_moments("forward moments", m, m_ref));
+        EXPECT_TRUE(reports.each_once_and_final("forward"));
+        EXPECT_TRUE(ref_reports.each_once_and_final("reference forward"));
       }
       {  // apply
         Buffer<float> y = v.output(), y_ref = v.output();
