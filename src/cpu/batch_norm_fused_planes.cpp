@@ -98,6 +98,7 @@ void planes_forward(const Forward<float>& p) {
         for (int64_t i = 0; i < pieces.per_channel; ++i)
           m.merge(piece_moments(g, p.x, c, pieces.span(g, i)));
         p.moments[c] = m;
+        p.moments_done(c, 1);
       }
       const ApplyCoefficients k = forward_coefficients(p, c);
       for (int64_t i = 0; i < pieces.per_channel; ++i) {
@@ -122,6 +123,7 @@ void planes_forward(const Forward<float>& p) {
         Moments m;
         for (int64_t i = 0; i < pieces.per_channel; ++i) m.merge(partial[c * pieces.per_channel + i]);
         p.moments[c] = m;
+        p.moments_done(c, 1);
       }
       coeff[c] = forward_coefficients(p, c);
     }

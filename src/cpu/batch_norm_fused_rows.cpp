@@ -46,7 +46,7 @@ void rows_forward(const Forward<float>& p) {
   const Geometry& gx = p.x_geom;
   const int64_t C = gx.channels;
   const int threads = threads_for(C * gx.outer);
-  if (p.training) rows_moments_into(gx, p.x, p.moments, threads);  // BN's own
+  if (p.training) rows_moments_into(gx, p.x, p.moments, threads, p.moments_done);  // BN's own
   std::vector<float> mean_hi(C), scale(C), shift(C);
   for (int64_t c = 0; c < C; ++c) {
     const ApplyCoefficients k = forward_coefficients(p, c);

@@ -447,9 +447,11 @@ void rows_moments_phase(const Geometry& g, const float* x, double* stripe_mean, 
   }
 }
 
-// rows_moments_phase over every block, into out (its own parallel region).
-template <class Geometry>
-void rows_moments_into(const Geometry& g, const float* x, Moments* out, int threads) {
+// rows_moments_phase over every block, into out (its own parallel region);
+// done(c0, width) after each block's are written (bn::MomentsReport).
+template <class Geometry, class Done = void (*)(int64_t, int64_t)>
+void rows_moments_into(const Geometry& g, const float* x, Moments* out, int threads,
+                       const Done& done = [](int64_t, int64_t) {}) {
   const leaf::RowPlan plan(g);
   double* const stripe_mean = leaf::scratch<double>(0, plan.stripes * plan.channels);
   double* const stripe_m2 = leaf::scratch<double>(1, plan.stripes * plan.channels);
@@ -459,6 +461,7 @@ void rows_moments_into(const Geometry& g, const float* x, Moments* out, int thre
                        [&](int64_t c0, int64_t width, double count, const double* mean,
                            const double* m2) {
                          for (int64_t c = 0; c < width; ++c) out[c0 + c] = {count, mean[c], m2[c]};
+                         done(c0, width);
                        });
   });
 }

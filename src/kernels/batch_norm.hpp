@@ -3,7 +3,8 @@
 // src/ref/) receives: checked problems in [outer, channels, inner] geometry
 // with per-channel statistics in double. The public functions (src/ops/
 // batch_norm.cpp) check arguments, pick an implementation (core/dispatch.hpp)
-// and own the running statistics; implementations only compute.
+// and own the running statistics; implementations only compute, and tell a
+// forward-training's caller when each block of channels' moments is final.
 #include <cmath>
 #include <span>
 
@@ -12,6 +13,20 @@
 #include "normkit/tensor.hpp"
 
 namespace normkit::kernels::bn {
+
+// A forward-training's report that the moments of channels [c0, c0 + n) are
+// final, made on the thread that computed them, once per channel; `call`
+// (optional) does not throw. The op's per-channel work on the moments (running
+// and saved statistics) runs there and reads them where they were written:
+// from the caller, after the region, it pulled every other thread's moments
+// from that core's cache (32x4096 at 2 threads: 9 of 44 us).
+struct MomentsReport {
+  void (*call)(const void* context, int64_t c0, int64_t n) = nullptr;
+  const void* context = nullptr;
+  void operator()(int64_t c0, int64_t n) const {
+    if (call) call(context, c0, n);
+  }
+};
 
 // Forward-training: the batch statistics, then y.
 template <class T>
@@ -23,17 +38,7 @@ struct Forward {
   const T* beta;   // nullptr: β = 0
   double eps;
   Moments* moments;  // out: one per channel
-  // Optional: called on the thread that computed them, once the moments of
-  // channels [c0, c0 + n) are final, with `context`. The op's per-channel
-  // work on them (running and saved statistics) then reads them where they
-  // were written: from the main thread, afterwards, it pulled every other
-  // thread's moments from that core's cache (32x4096: 9 of 44 us). Every
-  // channel is reported once; the callback does not throw.
-  void (*on_moments)(const void* context, int64_t c0, int64_t n) = nullptr;
-  const void* context = nullptr;
-  void moments_done(int64_t c0, int64_t n) const {
-    if (on_moments) on_moments(context, c0, n);
-  }
+  MomentsReport moments_done = {};
 };
 
 // y = (x - mean) * invstd * γ + β with given per-channel statistics.

@@ -10,6 +10,7 @@
 #include <cstdint>
 #include <span>
 
+#include "kernels/batch_norm.hpp"
 #include "normkit/batch_norm.hpp"
 #include "normkit/moments.hpp"
 #include "normkit/tensor.hpp"
@@ -70,6 +71,7 @@ struct Forward {
   Moments* moments;    // training: out, one per channel
   const double* mean;  // inference
   const double* invstd;
+  bn::MomentsReport moments_done = {};  // training
 };
 
 // Backward: g = mask ? dy : 0; dz = g; BN backward of g (see bn::Backward).

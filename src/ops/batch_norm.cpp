@@ -6,12 +6,10 @@
 
 #include <algorithm>
 #include <array>
-#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <limits>
 #include <type_traits>
-#include <utility>
 #include <vector>
 
 #include "core/check.hpp"
@@ -76,88 +74,6 @@ void check_batch_moments(std::span<const Moments> moments) {
   if (too_few) fail_invalid("expected more than 1 value per channel when training");
   check_finite(moments);
 }
-
-// What updating running statistics with a batch takes: the batch count after
-// it, the batch's weight w in running = (1 - w)·running + w·batch, and the
-// batch variance's ddof.
-struct RunningUpdate {
-  int64_t batches;
-  double w_new, ddof;
-};
-template <class T>
-RunningUpdate running_update(const RunningStats<T>& running, const BatchNormOptions& options) {
-  const int64_t batches = running.num_batches_tracked ? *running.num_batches_tracked + 1 : 0;
-  const double momentum = options.momentum ? *options.momentum : 1.0 / static_cast<double>(batches);
-  // weight_on_new: running = (1 - m)·running + m·batch;  weight_on_old: m·running + (1 - m)·batch.
-  const double w_new =
-      options.momentum_convention == MomentumConvention::weight_on_new || !options.momentum
-          ? momentum
-          : 1.0 - momentum;
-  return {batches, w_new, options.running_variance == RunningVariance::unbiased ? 1.0 : 0.0};
-}
-
-// Forward-training's per-channel work on the batch moments, done for each
-// block of channels as the kernel finishes it, on the thread that computed
-// them (bn::Forward::on_moments): the running statistics' next values and the
-// saved statistics, written at once, with the values they replace kept aside.
-// A fault (a moment or a next value that is NaN or beyond T's range) is only
-// flagged there; the op then puts every value back and reports it, so that
-// nothing but y changes (batch_norm_update_running's and write_saved's
-// results, bit for bit, otherwise).
-template <class T>
-struct TrainingEpilogue {
-  const Moments* moments;
-  RunningStats<T> running;
-  SavedStats<T> saved;
-  double eps;
-  RunningUpdate update;
-  T* kept[4];  // the replaced running mean, running var, saved mean, saved invstd
-  mutable std::atomic<bool> fault{false};
-
-  static constexpr int64_t kBlock = 256;  // next values on the stack: no allocation in a region
-  static void finish(const void* context, int64_t c0, int64_t n) {
-    const auto& e = *static_cast<const TrainingEpilogue*>(context);
-    bool ok = true;
-    for (int64_t b = c0; b < c0 + n; b += kBlock) {
-      const auto m = static_cast<size_t>(std::min(kBlock, c0 + n - b));
-      if (!e.running.mean.empty()) {
-        double mean[kBlock], var[kBlock];
-        ok &= detail::next_running<T>(e.moments + b, m, e.update.ddof, e.update.w_new,
-                                      e.running.mean.data() + b, e.running.var.data() + b, mean,
-                                      var);
-        for (size_t i = 0; i < m; ++i) {
-          e.kept[0][b + i] = std::exchange(e.running.mean[b + i], static_cast<T>(mean[i]));
-          e.kept[1][b + i] = std::exchange(e.running.var[b + i], static_cast<T>(var[i]));
-        }
-      } else {
-        ok &= usable(e.moments + b, m);
-      }
-      if (!e.saved.mean.empty()) std::copy_n(e.saved.mean.data() + b, m, e.kept[2] + b);
-      if (!e.saved.invstd.empty()) std::copy_n(e.saved.invstd.data() + b, m, e.kept[3] + b);
-      detail::saved_from<T>(e.moments + b, m, e.eps,
-                            e.saved.mean.empty() ? nullptr : e.saved.mean.data() + b,
-                            e.saved.invstd.empty() ? nullptr : e.saved.invstd.data() + b);
-    }
-    if (!ok) e.fault.store(true, std::memory_order_relaxed);
-  }
-  // Moments of at least 2 values, finite (check_batch_moments, branch-free).
-  static bool usable(const Moments* m, size_t n) {
-    uint64_t bad = 0;
-    for (size_t i = 0; i < n; ++i)
-      bad |= static_cast<uint64_t>(!(m[i].count >= 2)) |
-             static_cast<uint64_t>(!std::isfinite(m[i].mean)) |
-             static_cast<uint64_t>(!std::isfinite(m[i].m2));
-    return bad == 0;
-  }
-  // Every value the blocks replaced, put back.
-  void restore() const {
-    const size_t channels = running.mean.empty() ? 0 : running.mean.size();
-    std::copy_n(kept[0], channels, running.mean.data());
-    std::copy_n(kept[1], channels, running.var.data());
-    std::copy_n(kept[2], saved.mean.size(), saved.mean.data());
-    std::copy_n(kept[3], saved.invstd.size(), saved.invstd.data());
-  }
-};
 }  // namespace
 
 template <class T>
@@ -171,7 +87,7 @@ void batch_norm_update_running(std::span<const Moments> moments, RunningStats<T>
     return;
   }
 
-  const auto [batches, w_new, ddof] = running_update(running, options);
+  const auto [batches, w_new, ddof] = detail::running_update(running, options);
   // The new values first: a finite batch can still have a variance beyond T's
   // range (float32 data of ±1.4e19 and two values per channel: 4e38), which would
   // make the running variance infinite (PyTorch lets it); nothing is written then.
@@ -213,27 +129,16 @@ void batch_norm_forward_training(ConstTensorView<T> x, TensorView<T> y, std::spa
   check_count(saved.invstd, gx.channels, "save_invstd", kPerChannel, false);
   check_running(running, gx.channels, options);
 
-  const std::span<Moments> moments(scratch<Moments>(0, static_cast<size_t>(gx.channels)),
-                                   static_cast<size_t>(gx.channels));
   const auto channels = static_cast<size_t>(gx.channels);
-  const TrainingEpilogue<T> epilogue{moments.data(),
-                                     running,
-                                     saved,
-                                     options.eps,
-                                     running_update(running, options),
-                                     {scratch<T>(2, channels), scratch<T>(3, channels),
-                                      scratch<T>(4, channels), scratch<T>(5, channels)}};
+  const std::span<Moments> moments(scratch<Moments>(0, channels), channels);
+  const detail::TrainingEpilogue<T> epilogue(moments, running, saved, options,
+                                             {scratch<T>(2, channels), scratch<T>(3, channels),
+                                              scratch<T>(4, channels), scratch<T>(5, channels)});
   const bn::Forward<T> problem{gx,          gy,       x.data,      y.data, or_null(gamma),
-                               or_null(beta), options.eps, moments.data(),
-                               &TrainingEpilogue<T>::finish, &epilogue};
+                               or_null(beta), options.eps, moments.data(), epilogue.report()};
   detail::run("batch_norm_forward_training", bn::implementations(), &bn::Impl::forward,
               bn::ref::forward<T>, problem, gx, std::array{gy});
-  if (epilogue.fault.load()) {
-    epilogue.restore();
-    batch_norm_update_running<T>(moments, running, options);  // throws the error that names it
-    fail_runtime("batch_norm_forward_training: a fault in the batch statistics");
-  }
-  if (running.num_batches_tracked) *running.num_batches_tracked = epilogue.update.batches;
+  epilogue.conclude();
 }
 
 template <class T>

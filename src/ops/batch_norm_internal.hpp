@@ -1,12 +1,17 @@
 #pragma once
 // What the op files of the batch-norm family share (batch_norm.cpp,
 // bn_variants.cpp, batch_norm_fused.cpp, group_norm.cpp).
+#include <algorithm>
+#include <array>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <limits>
 #include <span>
+#include <utility>
 #include <vector>
 
+#include "core/check.hpp"
 #include "core/simd_clones.hpp"
 #include "kernels/batch_norm.hpp"
 #include "normkit/batch_norm.hpp"
@@ -74,6 +79,111 @@ template <class T>
   }
   return beyond == 0;
 }
+
+// What updating running statistics with a batch takes: the batch count after
+// it, the batch's weight w in running = (1 - w)·running + w·batch, and the
+// batch variance's ddof.
+struct RunningUpdate {
+  int64_t batches;
+  double w_new, ddof;
+};
+template <class T>
+RunningUpdate running_update(const RunningStats<T>& running, const BatchNormOptions& options) {
+  const int64_t batches = running.num_batches_tracked ? *running.num_batches_tracked + 1 : 0;
+  const double momentum = options.momentum ? *options.momentum : 1.0 / static_cast<double>(batches);
+  // weight_on_new: running = (1 - m)·running + m·batch;  weight_on_old: m·running + (1 - m)·batch.
+  const double w_new =
+      options.momentum_convention == MomentumConvention::weight_on_new || !options.momentum
+          ? momentum
+          : 1.0 - momentum;
+  return {batches, w_new, options.running_variance == RunningVariance::unbiased ? 1.0 : 0.0};
+}
+
+// A forward-training's per-channel work on the batch moments (batch norm, and
+// BN+ReLU): the running statistics' next values and the saved statistics,
+// done for each block of channels as the kernel reports it final
+// (bn::MomentsReport), on the thread that computed it, and written at once
+// with the values they replace kept aside (`kept`: 4 arrays of a value per
+// channel: running mean and var, saved mean and invstd). A fault (a moment, or
+// a next value, that is NaN or beyond T's range) is only flagged there;
+// conclude() then puts every value back and throws the error
+// batch_norm_update_running gives, so that nothing but y changes. Otherwise
+// the results are batch_norm_update_running's and write_saved's, bit for bit.
+template <class T>
+class TrainingEpilogue {
+ public:
+  TrainingEpilogue(std::span<const Moments> moments, RunningStats<T> running, SavedStats<T> saved,
+                   const BatchNormOptions& options, std::array<T*, 4> kept)
+      : moments_(moments), running_(running), saved_(saved), options_(options),
+        update_(running_update(running, options)), kept_(kept) {}
+
+  kernels::bn::MomentsReport report() const { return {&finish, this}; }
+
+  // After the kernel: the counter, or on a fault every value back and the error.
+  void conclude() const {
+    if (fault_.load()) {
+      restore();
+      batch_norm_update_running<T>(moments_, running_, options_);  // throws what it was
+      fail_runtime("batch norm forward-training: a fault in the batch moments");
+    }
+    if (running_.num_batches_tracked) *running_.num_batches_tracked = update_.batches;
+  }
+
+ private:
+  static constexpr int64_t kBlock = 256;  // next values on the stack: no allocation in a region
+
+  static void finish(const void* context, int64_t c0, int64_t n) {
+    const auto& e = *static_cast<const TrainingEpilogue*>(context);
+    const Moments* const m = e.moments_.data();
+    bool ok = true;
+    for (int64_t b = c0; b < c0 + n; b += kBlock) {
+      const auto len = static_cast<size_t>(std::min(kBlock, c0 + n - b));
+      if (!e.running_.mean.empty()) {
+        double mean[kBlock], var[kBlock];
+        ok &= next_running<T>(m + b, len, e.update_.ddof, e.update_.w_new,
+                              e.running_.mean.data() + b, e.running_.var.data() + b, mean, var);
+        for (size_t i = 0; i < len; ++i) {
+          e.kept_[0][b + i] = std::exchange(e.running_.mean[b + i], static_cast<T>(mean[i]));
+          e.kept_[1][b + i] = std::exchange(e.running_.var[b + i], static_cast<T>(var[i]));
+        }
+      } else {
+        ok &= usable(m + b, len);
+      }
+      T* const saved_mean = e.saved_.mean.empty() ? nullptr : e.saved_.mean.data() + b;
+      T* const saved_invstd = e.saved_.invstd.empty() ? nullptr : e.saved_.invstd.data() + b;
+      if (saved_mean) std::copy_n(saved_mean, len, e.kept_[2] + b);
+      if (saved_invstd) std::copy_n(saved_invstd, len, e.kept_[3] + b);
+      saved_from<T>(m + b, len, e.eps(), saved_mean, saved_invstd);
+    }
+    if (!ok) e.fault_.store(true, std::memory_order_relaxed);
+  }
+  // Moments of at least 2 values, finite (check_batch_moments' test, branch-free).
+  static bool usable(const Moments* m, size_t n) {
+    uint64_t bad = 0;
+    for (size_t i = 0; i < n; ++i)
+      bad |= static_cast<uint64_t>(!(m[i].count >= 2)) |
+             static_cast<uint64_t>(!std::isfinite(m[i].mean)) |
+             static_cast<uint64_t>(!std::isfinite(m[i].m2));
+    return bad == 0;
+  }
+  void restore() const {
+    if (!running_.mean.empty()) {
+      std::copy_n(kept_[0], running_.mean.size(), running_.mean.data());
+      std::copy_n(kept_[1], running_.var.size(), running_.var.data());
+    }
+    std::copy_n(kept_[2], saved_.mean.size(), saved_.mean.data());
+    std::copy_n(kept_[3], saved_.invstd.size(), saved_.invstd.data());
+  }
+  double eps() const { return options_.eps; }
+
+  std::span<const Moments> moments_;
+  RunningStats<T> running_;
+  SavedStats<T> saved_;
+  const BatchNormOptions& options_;
+  RunningUpdate update_;
+  std::array<T*, 4> kept_;
+  mutable std::atomic<bool> fault_{false};
+};
 
 }  // namespace
 

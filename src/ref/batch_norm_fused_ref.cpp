@@ -32,6 +32,7 @@ void forward(const Forward<T>& p) {
   std::vector<double> mean(g.channels), invstd(g.channels);
   if (p.training) {
     bn::ref::moments(bn::Statistics<T>{g, p.x, p.moments});
+    p.moments_done(0, g.channels);
     for (int64_t c = 0; c < g.channels; ++c) {
       mean[c] = p.moments[c].mean;
       invstd[c] = bn::invstd_of(p.moments[c].biased_variance(), p.eps);

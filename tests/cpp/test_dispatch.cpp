@@ -13,6 +13,7 @@
 // Tolerances are the families' own (derived in test_batch_norm_fast.cpp's
 // header): y 2e-6; dx 2e-6 (group norm 4e-6) of |γ|·invstd·max|dy|; sums 1e-6
 // of the sum of their terms' sizes; statistics 1e-6 (mean: of σ).
+#include <algorithm>
 #include <array>
 #include <map>
 #include <mutex>
@@ -237,7 +238,7 @@ struct BnReference {
   }
 };
 
-// What a forward reported through bn::Forward::on_moments: how often each
+// What a forward reported through its bn::MomentsReport: how often each
 // channel, and its moments when reported, which must be the final ones (the
 // op computes the running and saved statistics from them there and then).
 struct MomentsReports {
@@ -254,6 +255,7 @@ struct MomentsReports {
       r.seen[c] = r.out[c];
     }
   }
+  bool none() const { return std::all_of(times.begin(), times.end(), [](int t) { return t == 0; }); }
   ::testing::AssertionResult each_once_and_final(std::string_view what) const {
     for (size_t c = 0; c < out.size(); ++c) {
       if (times[c] != 1)
@@ -287,10 +289,10 @@ TEST(Dispatch, EveryBatchNormEntryMatchesTheReferenceOnEveryCaseItAccepts) {
         std::vector<Moments> m(C), m_ref(C);
         MomentsReports reports(m), ref_reports(m_ref);
         impl.forward({v.gx, v.gout, x, y.storage.data(), in.gamma.data(), in.beta.data(), kEps,
-                      m.data(), &MomentsReports::record, &reports});
+                      m.data(), {&MomentsReports::record, &reports}});
         bn::ref::forward<float>({v.gx, v.gout, x, y_ref.storage.data(), in.gamma.data(),
-                                 in.beta.data(), kEps, m_ref.data(), &MomentsReports::record,
-                                 &ref_reports});
+                                 in.beta.data(), kEps, m_ref.data(),
+                                 {&MomentsReports::record, &ref_reports}});
         EXPECT_TRUE(same_output("forward y", y, y_ref, kY, s.one, walk));
         EXPECT_TRUE(same_moments("forward moments", m, m_ref));
         EXPECT_TRUE(reports.each_once_and_final("forward"));
@@ -367,18 +369,23 @@ TEST(Dispatch, EveryFusedEntryMatchesTheReferenceOnEveryCaseItAccepts) {
           std::vector<uint8_t> mask(mask_bytes, 0), mask_ref(mask_bytes, 0);
           std::vector<Moments> m(C), m_ref(C);
           const float* z = add ? v.z.storage.data() : nullptr;
-          auto problem = [&](float* out, uint8_t* bits, Moments* mo) {
+          MomentsReports reports(m), ref_reports(m_ref);
+          auto problem = [&](float* out, uint8_t* bits, Moments* mo, MomentsReports* report) {
             return bn_fused::Forward<float>{
                 v.gx,         v.gout,          v.gout,         x,        z,    out, bits,
                 order,        in.gamma.data(), in.beta.data(), training, kEps, mo,  mean.data(),
-                invstd.data()};
+                invstd.data(), {&MomentsReports::record, report}};
           };
-          impl.forward(problem(y.storage.data(), mask.data(), m.data()));
+          impl.forward(problem(y.storage.data(), mask.data(), m.data(), &reports));
           bn_fused::ref::forward<float>(
-              problem(y_ref.storage.data(), mask_ref.data(), m_ref.data()));
+              problem(y_ref.storage.data(), mask_ref.data(), m_ref.data(), &ref_reports));
           EXPECT_TRUE(same_output("y", y, y_ref, kY, s.one, walk));
           if (training) {
             EXPECT_TRUE(same_moments("moments", m, m_ref));
+            EXPECT_TRUE(reports.each_once_and_final("forward"));
+            EXPECT_TRUE(ref_reports.each_once_and_final("reference forward"));
+          } else {
+            EXPECT_TRUE(reports.none() && ref_reports.none()) << "moments reported in inference";
           }
           // Each bit is (y > 0) of the y written (y matches the reference's above).
           int64_t wrong = 0;
