@@ -477,6 +477,71 @@ TYPED_TEST(Rejected, NonFiniteInputLeavesStatisticsUnchanged) {
       kRuntime, {"channel 1 contains NaN"});
 }
 
+// Forward-training writes the running and saved statistics on the threads that
+// computed each block of channels (TrainingEpilogue) and puts them back when
+// any block was faulty. On problems that the fast kernels split over two
+// threads, in every form (rows in units, rows in phases, planes per channel,
+// planes in pieces), a NaN in the last channel, which another thread than the
+// first reports, must leave every channel's statistics and the counter as they
+// were, for BN and BN+ReLU; a clean call must then still update all of them.
+TEST(RejectedRunningStatistics, AFaultOnAnyThreadPutsEveryChannelBack) {
+  const ThreadCount threads(2);
+  struct Shape {
+    std::vector<int64_t> dims;  // in the layout's order
+    normkit::Layout layout;
+  };
+  const std::vector<Shape> shapes = {{{256, 1024}, normkit::Layout::NC},
+                                     {{32, 4096}, normkit::Layout::NC},
+                                     {{4096, 96}, normkit::Layout::NC},
+                                     {{16, 16, 16, 64}, normkit::Layout::NHWC},
+                                     {{8, 64, 32, 32}, normkit::Layout::NCHW},
+                                     {{16, 128, 7, 7}, normkit::Layout::NCHW}};
+  for (const Shape& shape : shapes) {
+    int64_t numel = 1;
+    for (const int64_t d : shape.dims) numel *= d;
+    const int64_t C = shape.layout == normkit::Layout::NHWC ? shape.dims[3] : shape.dims[1];
+    std::vector<float> x(static_cast<size_t>(numel)), y(x.size());
+    std::vector<uint8_t> mask(static_cast<size_t>(normkit::relu_mask_bytes(numel)));
+    for (size_t i = 0; i < x.size(); ++i) x[i] = static_cast<float>((i * 7919) % 1000) * 1e-3f;
+    const size_t last = x.size() - 1;  // in each of these dense layouts, of channel C-1
+    const auto xv = normkit::ConstTensorView<float>::contiguous(x.data(), shape.dims, shape.layout);
+    const auto yv = normkit::TensorView<float>::contiguous(y.data(), shape.dims, shape.layout);
+    for (const bool fused : {false, true}) {
+      SCOPED_TRACE(std::to_string(shape.dims[0]) + "x" + std::to_string(C) + " " +
+                   std::string(normkit::to_string(shape.layout)) + (fused ? " BN+ReLU" : " BN"));
+      auto call = [&](normkit::RunningStats<float> running, normkit::SavedStats<float> saved) {
+        if (fused)
+          normkit::batch_norm_relu_forward_training<float>(xv, yv, mask, {}, {}, saved, running);
+        else
+          normkit::batch_norm_forward_training<float>(xv, yv, {}, {}, saved, running);
+      };
+      const std::vector<float> rm0(C, 0.25f), rv0(C, 4.0f), sm0(C, 7.0f), si0(C, 9.0f);
+      std::vector<float> rm = rm0, rv = rv0, sm = sm0, si = si0;
+      int64_t batches = 3;
+      x[last] = std::numeric_limits<float>::quiet_NaN();
+      EXPECT_TRUE(throws_error([&] { call({rm, rv, &batches}, {sm, si}); }, kRuntime,
+                               {"x: channel " + std::to_string(C - 1) + " contains NaN"}));
+      EXPECT_EQ(rm, rm0);
+      EXPECT_EQ(rv, rv0);
+      EXPECT_EQ(sm, sm0);
+      EXPECT_EQ(si, si0);
+      EXPECT_EQ(batches, 3);
+      EXPECT_TRUE(throws_error([&] { call({}, {sm, si}); }, kRuntime,
+                               {"x: channel " + std::to_string(C - 1) + " contains NaN"}));
+      EXPECT_EQ(sm, sm0);
+      EXPECT_EQ(si, si0);
+      x[last] = 0.5f;
+      call({rm, rv, &batches}, {sm, si});
+      EXPECT_EQ(batches, 4);
+      for (int64_t c = 0; c < C; ++c)
+        if (rm[c] == rm0[c] || rv[c] == rv0[c] || sm[c] == sm0[c] || si[c] == si0[c]) {
+          ADD_FAILURE() << "channel " << c << " not updated by a clean batch";
+          break;
+        }
+    }
+  }
+}
+
 // A finite float32 batch whose variance is beyond float32's range (two values
 // ±1.414e19 per channel: unbiased variance 4e38 > 3.4e38) would make the running
 // variance infinite with momentum 1 (PyTorch lets it). Every entry point that
