@@ -38,12 +38,11 @@ using detail::unify;
 namespace bn = kernels::bn;
 
 namespace {
-// Forward-training's per-channel arrays live in scratch (core/scratch.hpp),
-// not in fresh vectors: at 32x4096 those cost a page fault per call and a
-// heap trim (brk, and a TLB flush on both cores) every 2-3 calls. The
-// backward's stay vectors: in scratch it measured slower at 2 threads (32x4096:
-// 67 -> 80 us; its sums cross from the threads to the caller either way).
-// Slots: forward-training's 0-5, batch_norm_update_running's 6-7.
+// Per-channel arrays in scratch (core/scratch.hpp), as forward-training's
+// (detail::TrainingEpilogue, slots 0-4): batch_norm_update_running's next
+// values, slots 6-7. The backward's stay vectors: in scratch it measured
+// slower at 2 threads (32x4096: 67 -> 80 us; its sums cross from the threads
+// to the caller either way).
 using detail::scratch;
 
 // x, dy and dx (data == nullptr: not wanted) of a backward: checked, with the
@@ -129,13 +128,10 @@ void batch_norm_forward_training(ConstTensorView<T> x, TensorView<T> y, std::spa
   check_count(saved.invstd, gx.channels, "save_invstd", kPerChannel, false);
   check_running(running, gx.channels, options);
 
-  const auto channels = static_cast<size_t>(gx.channels);
-  const std::span<Moments> moments(scratch<Moments>(0, channels), channels);
-  const detail::TrainingEpilogue<T> epilogue(moments, running, saved, options,
-                                             {scratch<T>(2, channels), scratch<T>(3, channels),
-                                              scratch<T>(4, channels), scratch<T>(5, channels)});
-  const bn::Forward<T> problem{gx,          gy,       x.data,      y.data, or_null(gamma),
-                               or_null(beta), options.eps, moments.data(), epilogue.report()};
+  const detail::TrainingEpilogue<T> epilogue(gx.channels, running, saved, options);
+  const bn::Forward<T> problem{gx,          gy,       x.data,           y.data, or_null(gamma),
+                               or_null(beta), options.eps, epilogue.moments().data(),
+                               epilogue.report()};
   detail::run("batch_norm_forward_training", bn::implementations(), &bn::Impl::forward,
               bn::ref::forward<T>, problem, gx, std::array{gy});
   epilogue.conclude();

@@ -11,7 +11,6 @@
 #include "core/check.hpp"
 #include "core/dispatch.hpp"
 #include "core/norm_checks.hpp"
-#include "core/scratch.hpp"
 #include "kernels/batch_norm_fused.hpp"
 #include "ops/batch_norm_internal.hpp"
 
@@ -27,9 +26,6 @@ using detail::checked_like;
 using detail::fail_invalid;
 using detail::kPerChannel;
 using detail::or_null;
-// Forward-training's moments and kept values in per-thread scratch slots 0-4
-// (core/scratch.hpp; batch_norm.cpp says why).
-using detail::scratch;
 using detail::unify;
 namespace bn_fused = kernels::bn_fused;
 
@@ -106,16 +102,12 @@ void forward_training(ConstTensorView<T> x, const ConstTensorView<T>* z, TensorV
   check_count(saved.invstd, gx.channels, "save_invstd", kPerChannel, false);
   check_running(running, gx.channels, options);
 
-  const auto channels = static_cast<size_t>(gx.channels);
-  const std::span<Moments> moments(scratch<Moments>(0, channels), channels);
-  const detail::TrainingEpilogue<T> epilogue(moments, running, saved, options,
-                                             {scratch<T>(1, channels), scratch<T>(2, channels),
-                                              scratch<T>(3, channels), scratch<T>(4, channels)});
+  const detail::TrainingEpilogue<T> epilogue(gx.channels, running, saved, options);
   uint8_t* mask_data = or_null(mask);
   const bn_fused::Forward<T> problem{gx,      gz,     gy,      x.data,
                                      z ? z->data : nullptr, y.data, mask_data,
                                      bn_fused::mask_order_of(gx), or_null(gamma), or_null(beta),
-                                     true,    options.eps, moments.data(), nullptr, nullptr,
+                                     true,    options.eps, epilogue.moments().data(), nullptr, nullptr,
                                      epilogue.report()};
   run(op, &bn_fused::Impl::forward, bn_fused::ref::forward<T>, problem, {gy, gz});
   clear_mask_tail(mask_data, x.numel());

@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "core/check.hpp"
+#include "core/scratch.hpp"
 #include "core/simd_clones.hpp"
 #include "kernels/batch_norm.hpp"
 #include "normkit/batch_norm.hpp"
@@ -103,20 +104,30 @@ RunningUpdate running_update(const RunningStats<T>& running, const BatchNormOpti
 // BN+ReLU): the running statistics' next values and the saved statistics,
 // done for each block of channels as the kernel reports it final
 // (bn::MomentsReport), on the thread that computed it, and written at once
-// with the values they replace kept aside (`kept`: 4 arrays of a value per
-// channel: running mean and var, saved mean and invstd). A fault (a moment, or
+// with the values they replace kept aside (running mean and var, saved mean
+// and invstd). A fault (a moment, or
 // a next value, that is NaN or beyond T's range) is only flagged there;
 // conclude() then puts every value back and throws the error
 // batch_norm_update_running gives, so that nothing but y changes. Otherwise
 // the results are batch_norm_update_running's and write_saved's, bit for bit.
+// The moments and the kept values live in the including file's per-thread
+// scratch (core/scratch.hpp), slots 0-4: at 32x4096 fresh vectors cost a page
+// fault per call and a heap trim (brk, and a TLB flush on both cores) every
+// 2-3 calls.
 template <class T>
 class TrainingEpilogue {
  public:
-  TrainingEpilogue(std::span<const Moments> moments, RunningStats<T> running, SavedStats<T> saved,
-                   const BatchNormOptions& options, std::array<T*, 4> kept)
-      : moments_(moments), running_(running), saved_(saved), options_(options),
-        update_(running_update(running, options)), kept_(kept) {}
+  TrainingEpilogue(int64_t channels, RunningStats<T> running, SavedStats<T> saved,
+                   const BatchNormOptions& options)
+      : moments_(scratch<Moments>(0, static_cast<size_t>(channels)),
+                 static_cast<size_t>(channels)),
+        running_(running), saved_(saved), options_(options),
+        update_(running_update(running, options)),
+        kept_{scratch<T>(1, moments_.size()), scratch<T>(2, moments_.size()),
+              scratch<T>(3, moments_.size()), scratch<T>(4, moments_.size())} {}
 
+  // Where the kernel writes the batch moments, and how it reports them final.
+  std::span<Moments> moments() const { return moments_; }
   kernels::bn::MomentsReport report() const { return {&finish, this}; }
 
   // After the kernel: the counter, or on a fault every value back and the error.
@@ -153,7 +164,7 @@ class TrainingEpilogue {
       T* const saved_invstd = e.saved_.invstd.empty() ? nullptr : e.saved_.invstd.data() + b;
       if (saved_mean) std::copy_n(saved_mean, len, e.kept_[2] + b);
       if (saved_invstd) std::copy_n(saved_invstd, len, e.kept_[3] + b);
-      saved_from<T>(m + b, len, e.eps(), saved_mean, saved_invstd);
+      saved_from<T>(m + b, len, e.options_.eps, saved_mean, saved_invstd);
     }
     if (!ok) e.fault_.store(true, std::memory_order_relaxed);
   }
@@ -174,9 +185,8 @@ class TrainingEpilogue {
     std::copy_n(kept_[2], saved_.mean.size(), saved_.mean.data());
     std::copy_n(kept_[3], saved_.invstd.size(), saved_.invstd.data());
   }
-  double eps() const { return options_.eps; }
 
-  std::span<const Moments> moments_;
+  std::span<Moments> moments_;
   RunningStats<T> running_;
   SavedStats<T> saved_;
   const BatchNormOptions& options_;
