@@ -45,6 +45,10 @@ struct State {
   std::vector<float> eval_mean, eval_var;  // inference's statistics, which training leaves alone
   std::vector<float> dgamma, dbeta;
   int64_t batches = 0;
+  // The phases (--phases): the split API synchronized BN calls.
+  std::vector<normkit::Moments> moments;
+  std::vector<double> sum_dy, sum_dy_xhat;
+  double count = 0;  // values per channel
 
   void forward_training() {
     normkit::batch_norm_forward_training<float>(x, y, gamma, beta, {save_mean, save_invstd},
@@ -56,6 +60,18 @@ struct State {
   }
   void inference() {
     normkit::batch_norm_forward_inference<float>(x, y, gamma, beta, eval_mean, eval_var);
+  }
+  void statistics() { normkit::batch_norm_moments<float>(x, moments); }
+  void forward_apply() {
+    normkit::batch_norm_forward_apply<float>(x, y, gamma, beta, save_mean, save_invstd);
+  }
+  void backward_reduce() {
+    normkit::batch_norm_backward_reduce<float>(x, dy, save_mean, save_invstd, sum_dy,
+                                               sum_dy_xhat);
+  }
+  void backward_apply() {
+    normkit::batch_norm_backward_apply<float>(x, dy, dx, gamma, save_mean, save_invstd, sum_dy,
+                                              sum_dy_xhat, count);
   }
 };
 
@@ -79,7 +95,12 @@ std::vector<Case> batch_norm_cases(Data& data) {
   s->save_invstd.resize(c);
   s->dgamma.resize(c);
   s->dbeta.resize(c);
+  s->moments.resize(c);
+  s->sum_dy.resize(c);
+  s->sum_dy_xhat.resize(c);
+  s->count = static_cast<double>(p.numel() / p.channels());
   s->forward_training();  // the saved statistics the backward case uses
+  s->backward_reduce();   // the sums backward-apply uses
 
   const std::string note = std::string("Layout::") + std::string(normkit::to_string(layout));
   const auto y = [s] { return static_cast<const float*>(s->y.data); };
@@ -94,6 +115,13 @@ std::vector<Case> batch_norm_cases(Data& data) {
        },
        dx},
       {"normkit", Op::inference, note, [s] { s->inference(); }, y},
+      {"normkit", Op::moments, note + ", batch_norm_moments", [s] { s->statistics(); }, nullptr},
+      {"normkit", Op::forward_apply, note + ", batch_norm_forward_apply",
+       [s] { s->forward_apply(); }, y},
+      {"normkit", Op::backward_reduce, note + ", batch_norm_backward_reduce",
+       [s] { s->backward_reduce(); }, nullptr},
+      {"normkit", Op::backward_apply, note + ", batch_norm_backward_apply",
+       [s] { s->backward_apply(); }, dx},
   };
 }
 

@@ -113,8 +113,21 @@ const char* op_name(Op op) {
       return "forward+backward";
     case Op::inference:
       return "inference";
+    case Op::moments:
+      return "moments";
+    case Op::forward_apply:
+      return "forward-apply";
+    case Op::backward_reduce:
+      return "backward-reduce";
+    case Op::backward_apply:
+      return "backward-apply";
   }
   return "?";
+}
+
+bool is_phase(Op op) {
+  return op == Op::moments || op == Op::forward_apply || op == Op::backward_reduce ||
+         op == Op::backward_apply;
 }
 
 Case copy_case(Data& data, int threads) {
@@ -238,6 +251,46 @@ std::vector<Case> floor_cases(Data& data, int threads) {
           {"floor", Op::inference, "one pass, memory order", inference, nullptr}};
 }
 
+std::vector<Case> floor_phase_cases(Data& data, int threads) {
+  const float* x = data.x.data();
+  const float* dy = data.dy.data();
+  float* y = data.y.data();
+  float* dx = data.dx.data();
+  const int64_t n = data.problem.numel();
+  // The sums are kept somewhere the compiler cannot see through, so the passes stay.
+  auto sink = std::make_shared<double>(0);
+  const auto moments = [=] {
+    on_shares(n, threads, [&](int64_t begin, int64_t end) {
+      const Sums s = sums_pass(x, x, begin, end);
+#pragma omp atomic
+      *sink += s.a + s.b;
+    });
+  };
+  const auto reduce = [=] {
+    on_shares(n, threads, [&](int64_t begin, int64_t end) {
+      const Sums s = sums_pass(dy, x, begin, end);
+#pragma omp atomic
+      *sink += s.a + s.b;
+    });
+  };
+  const auto apply = [=] {
+    on_shares(n, threads, [&](int64_t begin, int64_t end) {
+      output_pass(x, nullptr, y, begin, end, 0.5f, 0.25f, 0);
+    });
+  };
+  const auto backward_apply = [=] {
+    on_shares(n, threads, [&](int64_t begin, int64_t end) {
+      output_pass(dy, x, dx, begin, end, 0.5f, 0.25f, 0.125f);
+    });
+  };
+  const std::string note = "one pass, memory order, " + std::to_string(threads) + " thread" +
+                           (threads == 1 ? "" : "s");
+  return {{"floor", Op::moments, note, moments, nullptr},
+          {"floor", Op::forward_apply, note, apply, nullptr},
+          {"floor", Op::backward_reduce, note, reduce, nullptr},
+          {"floor", Op::backward_apply, note, backward_apply, nullptr}};
+}
+
 double minimal_bytes(Op op, const Problem& problem) {
   const double tensor = static_cast<double>(problem.numel()) * sizeof(float);
   // bn_add_relu also reads the residual (forward) and writes its gradient (backward).
@@ -250,6 +303,13 @@ double minimal_bytes(Op op, const Problem& problem) {
     case Op::forward_training:
     case Op::inference:
       return 2 * tensor + residual;
+    case Op::moments:
+      return tensor;
+    case Op::forward_apply:
+    case Op::backward_reduce:
+      return 2 * tensor;
+    case Op::backward_apply:
+      return 3 * tensor;
     default:
       return 2 * tensor;
   }

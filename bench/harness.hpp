@@ -77,12 +77,21 @@ enum class Op {
   backward,
   forward_backward,
   inference,
+  // The phases of a two-pass kernel, timed one by one with --phases: normkit's
+  // split API (what synchronized BN calls), next to the floor's single passes.
+  moments,          // per-channel statistics of x
+  forward_apply,    // y from x and given statistics
+  backward_reduce,  // per-channel Σdy and Σdy·x̂
+  backward_apply,   // dx from x, dy and given sums
 };
 const char* op_name(Op op);  // "forward-train", "backward", ...
+bool is_phase(Op op);         // one of the four above
 // What the op must at least read and write, in bytes:
 //   copy, clone, forward-train, inference: read x, write y        (2 tensors)
 //   backward:                              read x, dy, write dx   (3 tensors)
 //   forward+backward:                      both of the above      (5 tensors)
+//   moments: read x (1); backward-reduce: read x, dy (2);
+//   forward-apply: as inference (2); backward-apply: as backward (3)
 double minimal_bytes(Op op, const Problem& problem);
 
 // One library running one op on one problem.
@@ -117,6 +126,10 @@ Case streaming_copy_case(Data& data, int threads);
 // output cannot beat its row; a bar set below it needs the data kept in cache
 // between the passes. Not cross-checked: the outputs mean nothing.
 std::vector<Case> floor_cases(Data& data, int threads);
+// The floor of each phase: its passes above, one at a time (moments: Σx and
+// Σx²; forward-apply: y = a·x + b; backward-reduce: Σdy and Σdy·x;
+// backward-apply: dx = a·dy + b·x + c).
+std::vector<Case> floor_phase_cases(Data& data, int threads);
 
 // A library under test. set_threads is called before a thread count's cases
 // are built; cases() builds (and may run once, to set up saved statistics) the

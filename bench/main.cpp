@@ -14,7 +14,7 @@
 //
 //   normkit_bench [--quick] [--threads 1,2] [--filter SUBSTRING]... [--all]
 //                 [--rounds N] [--budget SECONDS] [--json PATH]
-//                 [--warm-cache] [--cold-malloc]
+//                 [--warm-cache] [--cold-malloc] [--phases]
 #include <malloc.h>
 #include <omp.h>
 #include <time.h>
@@ -90,6 +90,7 @@ struct Settings {
   double budget = 15.0;      // seconds of rounds per (thread count, problem)
   double min_sample = 1e-3;  // shorter ops are repeated inside one sample
   bool warm_heap = true;     // see keep_freed_memory
+  bool phases = false;       // also time the phases (Op::moments ...) of BN
   bool flush = true;         // see CacheFlush
 };
 
@@ -108,6 +109,9 @@ void usage(std::FILE* out) {
                "  --json PATH        where to write results (default: bench_results.json\n"
                "                     next to this executable)\n"
                "  --warm-cache       do not evict the caches before each timed sample\n"
+               "  --phases           also time batch norm's phases one by one (normkit's\n"
+               "                     split API: moments, forward-apply, backward-reduce,\n"
+               "                     backward-apply) next to the floor's single passes\n"
                "  --cold-malloc      keep glibc's malloc defaults: PyTorch's outputs then\n"
                "                     often come from fresh mmap()ed pages (page faults)\n");
 }
@@ -164,6 +168,8 @@ Settings parse(int argc, char** argv) {
         budget_given = true;
       } else if (arg == "--warm-cache") {
         s.flush = false;
+      } else if (arg == "--phases") {
+        s.phases = true;
       } else if (arg == "--cold-malloc") {
         s.warm_heap = false;
       } else if (arg == "--help" || arg == "-h") {
@@ -355,6 +361,11 @@ bool measure(const Settings& s, const std::vector<Backend>& backends, const Cach
   cases.push_back({streaming_copy_case(data, threads), "", 1, {}, -1, ""});
   if (problem.kind != "bn_relu" && problem.kind != "bn_add_relu")
     for (auto& c : floor_cases(data, threads)) cases.push_back({std::move(c), "", 1, {}, -1, ""});
+  // Phases: batch norm's alone (normkit offers them for bn1d, bn2d, bn3d).
+  const bool phases = s.phases && (problem.kind == "bn1d" || problem.kind == "bn2d" ||
+                                   problem.kind == "bn3d");
+  if (phases)
+    for (auto& c : floor_phase_cases(data, threads)) cases.push_back({std::move(c), "", 1, {}, -1, ""});
   for (const auto& backend : backends) {
     try {
       for (auto& c : backend.cases(data)) cases.push_back({std::move(c), "", 1, {}, -1, ""});
@@ -364,7 +375,9 @@ bool measure(const Settings& s, const std::vector<Backend>& backends, const Cach
     }
   }
   for (auto& m : cases) m.id = case_id(problem, m.c);
-  std::erase_if(cases, [&](const Measured& m) { return m.c.op != Op::copy && !selected(s, m.id); });
+  std::erase_if(cases, [&](const Measured& m) {
+    return m.c.op != Op::copy && (!selected(s, m.id) || (is_phase(m.c.op) && !phases));
+  });
   if (cases.size() <= 1) return false;
   std::stable_sort(cases.begin(), cases.end(),
                    [](const Measured& a, const Measured& b) { return a.c.op < b.c.op; });
