@@ -96,10 +96,10 @@ void rows_backward_masked(const Backward<float>& p, const RowPlan& plan, int thr
     for (int64_t s = 0; s < plan.stripes; ++s)
       for (int64_t chunk = plan.first_chunk(s); chunk < plan.first_chunk(s + 1); ++chunk) {
         const int64_t r0 = plan.first_row(chunk);
-        cpu::rows_gradient_sums_masked_chunk(p.x + r0 * gx.outer_stride, gx.outer_stride,
-                                             source(r0), plan.rows_in(chunk), C,
-                                             co.mean_hi.data(), stripe_g + s * C,
-                                             stripe_g_xmu + s * C);
+        cpu::rows_gradient_sums_masked_chunk(
+            p.x + r0 * gx.outer_stride, gx.outer_stride, source(r0), plan.rows_in(chunk), C,
+            co.mean_hi.data(), stripe_g + s * C, stripe_g_xmu + s * C,
+            cpu::next_chunk(plan, chunk, gx, p.x, p.dy_geom, p.dy));
       }
     co.finish_from_stripes(p, plan.stripes, stripe_g, stripe_g_xmu);
     if (p.dx || p.dz) {

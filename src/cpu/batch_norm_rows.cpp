@@ -26,6 +26,7 @@ using cpu::backward_coefficients;
 using cpu::blocked_channels;
 using cpu::kColumnBlock;
 using cpu::kRowGroup;
+using cpu::next_chunk;
 using cpu::finish_channel_from_hi;
 using cpu::RowBackwardCoefficients;
 using cpu::rows_chunk_moments;
@@ -277,7 +278,8 @@ void rows_backward(const Backward<float>& p) {
         rows_gradient_sums_chunk(p.x + r0 * gx.outer_stride, gx.outer_stride,
                                  p.dy + r0 * p.dy_geom.outer_stride, p.dy_geom.outer_stride,
                                  plan.rows_in(chunk), C, blocked_channels(C), co.mean_hi.data(),
-                                 stripe_dy + s * C, stripe_dy_xmu + s * C);
+                                 stripe_dy + s * C, stripe_dy_xmu + s * C,
+                                 next_chunk(plan, chunk, gx, p.x, p.dy_geom, p.dy));
       }
     co.finish_from_stripes(p, plan.stripes, stripe_dy, stripe_dy_xmu);
     if (p.dx) {

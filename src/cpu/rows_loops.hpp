@@ -93,10 +93,12 @@ template <bool Masked, int B>
 void rows_chunk_moments(const float* __restrict x, int64_t stride, int64_t rows,
                         int64_t channels, int64_t blocked, float* __restrict sum,
                         float* __restrict center, float* __restrict sum_d2,
-                        double* __restrict mean, double* __restrict m2) {
+                        double* __restrict mean, double* __restrict m2,
+                        const float* next = nullptr, int64_t next_rows = 0) {
   const double n = static_cast<double>(rows);
   for_each_row_block(blocked, [&]<int B>(int64_t c0) __attribute__((always_inline)) {
-    leaf::rows_block_moments<B>(x + c0, stride, rows, mean + c0, m2 + c0, nullptr, 0);
+    leaf::rows_block_moments<B>(x + c0, stride, rows, mean + c0, m2 + c0,
+                                next_rows > 0 ? next + c0 : nullptr, next_rows);
   });
   const int64_t c0 = blocked;
   // Long rows: columns of kColumnBlock channels, so that the sums stay in L1
@@ -154,6 +156,23 @@ void rows_chunk_moments(const float* __restrict x, int64_t stride, int64_t rows,
   }
 }
 
+// The chunk after `chunk` of x and dy (same columns, `rows` rows; none when 0),
+// whose lines the blocked sums request while they add the current chunk from
+// cache, as rows_block_moments does for the statistics. It may be the next
+// thread's first chunk: then it is requested twice, once too early.
+struct NextChunk {
+  const float* x = nullptr;
+  const float* dy = nullptr;
+  int64_t rows = 0;
+};
+template <class Geometry>
+NextChunk next_chunk(const leaf::RowPlan& plan, int64_t chunk, const Geometry& gx, const float* x,
+                     const Geometry& gdy, const float* dy) {
+  if (chunk + 1 >= plan.chunks) return {};
+  const int64_t r = plan.first_row(chunk + 1);
+  return {x + r * gx.outer_stride, dy + r * gdy.outer_stride, plan.rows_in(chunk + 1)};
+}
+
 // The blocked part of rows_gradient_sums_chunk (below): channels [0, blocked)
 // in register blocks, g from a leaf::GradientSource (row r's bits start at
 // bit_first + r·bit_stride), so that the fused kernel's masked sums add
@@ -162,7 +181,7 @@ template <bool Masked>
 [[gnu::always_inline]] inline void rows_gradient_sums_blocks(
     const float* __restrict x, int64_t x_stride, const leaf::GradientSource& src, int64_t rows,
     int64_t blocked, const float* __restrict center, double* __restrict sum_dy,
-    double* __restrict sum_dy_xc) {
+    double* __restrict sum_dy_xc, const NextChunk& next) {
   for_each_row_block(blocked, [&]<int B>(int64_t c0) __attribute__((always_inline)) {
     double s1[B], s2[B], ctr[B];
     for (int l = 0; l < B; ++l) {
@@ -171,6 +190,11 @@ template <bool Masked>
       ctr[l] = center[c0 + l];
     }
     for (int64_t r = 0; r < rows; ++r) {
+      if (r < next.rows)
+        for (int l = 0; l < B; l += leaf::kLineFloats) {
+          __builtin_prefetch(next.x + r * x_stride + c0 + l);
+          __builtin_prefetch(next.dy + r * src.stride + c0 + l);
+        }
       const float* xp = x + r * x_stride + c0;
       float masked[B];
       const float* g = row_block_gradient<Masked, B>(src, r, c0, masked);
@@ -192,8 +216,10 @@ template <bool Masked>
 void rows_gradient_sums_masked_chunk(const float* __restrict x, int64_t x_stride,
                                      const leaf::GradientSource& src, int64_t rows,
                                      int64_t channels, const float* __restrict center,
-                                     double* __restrict sum_dy, double* __restrict sum_dy_xc) {
-  rows_gradient_sums_blocks<true>(x, x_stride, src, rows, channels, center, sum_dy, sum_dy_xc);
+                                     double* __restrict sum_dy, double* __restrict sum_dy_xc,
+                                     NextChunk next = {}) {
+  rows_gradient_sums_blocks<true>(x, x_stride, src, rows, channels, center, sum_dy, sum_dy_xc,
+                                  next);
 }
 
 // Σdy and Σdy·(x - mean) of one chunk per channel, added to a stripe's double
@@ -202,9 +228,10 @@ void rows_gradient_sums_masked_chunk(const float* __restrict x, int64_t x_stride
 void rows_gradient_sums_chunk(const float* __restrict x, int64_t x_stride,
                               const float* __restrict dy, int64_t dy_stride, int64_t rows,
                               int64_t channels, int64_t blocked, const float* __restrict center,
-                              double* __restrict sum_dy, double* __restrict sum_dy_xc) {
+                              double* __restrict sum_dy, double* __restrict sum_dy_xc,
+                              NextChunk next = {}) {
   rows_gradient_sums_blocks<false>(x, x_stride, {dy, dy_stride}, rows, blocked, center, sum_dy,
-                                   sum_dy_xc);
+                                   sum_dy_xc, next);
   const int64_t c0 = blocked;
   // Long rows: the sums stay in L1; kRowGroup rows at a time, one after the other.
   for (int64_t b0 = c0; b0 < channels; b0 += kColumnBlock) {
@@ -426,8 +453,11 @@ void rows_moments_phase(const Geometry& g, const float* x, double* stripe_mean, 
     double count = 0;
     for (int64_t k = plan.first_chunk(s); k < plan.first_chunk(s + 1); ++k) {
       const int64_t n = plan.rows_in(k);
+      const bool more = k + 1 < plan.chunks;  // the next chunk's lines, requested meanwhile
       rows_chunk_moments(x + plan.first_row(k) * g.outer_stride, g.outer_stride, n, C,
-                         blocked_channels(C), sums, sums + C, sums + 2 * C, chunk_mean, chunk_m2);
+                         blocked_channels(C), sums, sums + C, sums + 2 * C, chunk_mean, chunk_m2,
+                         more ? x + plan.first_row(k + 1) * g.outer_stride : nullptr,
+                         more ? plan.rows_in(k + 1) : 0);
       leaf::merge_moment_arrays(count, stripe_mean + s * C, stripe_m2 + s * C,
                           static_cast<double>(n), chunk_mean, chunk_m2, C);
       count += static_cast<double>(n);
