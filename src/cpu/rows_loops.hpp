@@ -104,6 +104,7 @@ void rows_chunk_moments(const float* __restrict x, int64_t stride, int64_t rows,
   // Long rows: columns of kColumnBlock channels, so that the sums stay in L1
   // and a column of the chunk in L2 between the passes; kRowGroup rows at a
   // time, added one after the other, so a sum is loaded and stored once per group.
+  // The second pass asks for the same column of the next chunk (next).
   for (int64_t b0 = c0; b0 < channels; b0 += kColumnBlock) {
     const int64_t b1 = std::min(channels, b0 + kColumnBlock);
     std::fill(sum + b0, sum + b1, 0.0f);
@@ -126,6 +127,9 @@ void rows_chunk_moments(const float* __restrict x, int64_t stride, int64_t rows,
     std::fill(sum + b0, sum + b1, 0.0f);
     std::fill(sum_d2 + b0, sum_d2 + b1, 0.0f);
     for (int64_t r = 0; r < rows; r += kRowGroup) {
+      for (int64_t j = r; j < std::min(r + kRowGroup, next_rows); ++j)  // see NextChunk
+        for (int64_t c = b0; c < b1; c += leaf::kLineFloats)
+          __builtin_prefetch(next + j * stride + c);
       const float* xp = x + r * stride;
       const int64_t group = std::min(kRowGroup, rows - r);
       if (group == kRowGroup) {
@@ -157,9 +161,10 @@ void rows_chunk_moments(const float* __restrict x, int64_t stride, int64_t rows,
 }
 
 // The chunk after `chunk` of x and dy (same columns, `rows` rows; none when 0),
-// whose lines the blocked sums request while they add the current chunk from
-// cache, as rows_block_moments does for the statistics. It may be the next
-// thread's first chunk: then it is requested twice, once too early.
+// whose lines the gradient sums request while they add the current chunk, as
+// the statistics do in their second pass (rows_chunk_moments' `next`): the
+// hardware prefetchers follow a chunk's short strided columns badly. It may be
+// the next thread's first chunk: then it is requested twice, once too early.
 struct NextChunk {
   const float* x = nullptr;
   const float* dy = nullptr;
@@ -233,10 +238,16 @@ void rows_gradient_sums_chunk(const float* __restrict x, int64_t x_stride,
   rows_gradient_sums_blocks<false>(x, x_stride, {dy, dy_stride}, rows, blocked, center, sum_dy,
                                    sum_dy_xc, next);
   const int64_t c0 = blocked;
-  // Long rows: the sums stay in L1; kRowGroup rows at a time, one after the other.
+  // Long rows: the sums stay in L1; kRowGroup rows at a time, one after the
+  // other, asking for the same rows and columns of the next chunk.
   for (int64_t b0 = c0; b0 < channels; b0 += kColumnBlock) {
     const int64_t b1 = std::min(channels, b0 + kColumnBlock);
     for (int64_t r = 0; r < rows; r += kRowGroup) {
+      for (int64_t j = r; j < std::min(r + kRowGroup, next.rows); ++j)
+        for (int64_t c = b0; c < b1; c += leaf::kLineFloats) {
+          __builtin_prefetch(next.x + j * x_stride + c);
+          __builtin_prefetch(next.dy + j * dy_stride + c);
+        }
       const float* xp = x + r * x_stride;
       const float* gp = dy + r * dy_stride;
       const int64_t group = std::min(kRowGroup, rows - r);
