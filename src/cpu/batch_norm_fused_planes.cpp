@@ -51,23 +51,32 @@ using leaf::piece_moments;
 using leaf::Pieces;
 using leaf::whole_units_per_thread;
 
-// y = relu((x - mean_hi)·scale + shift) over one run; relu keeps NaN.
+// y = relu((x - mean_hi)·scale + shift [+ z]) over `runs` runs of `len`
+// values, run r `stride` elements after run r - 1 in x, y and z alike (z may be
+// null), with coefficients k[r] (runs of consecutive channels) or k[0]
+// (k_step 0); relu keeps NaN. One call for a unit's short runs (7×7: 83
+// channels of 49 values), as BN's apply_runs: a call per run through the
+// clones' resolver costs as much as a short run's arithmetic.
 NORMKIT_SIMD_CLONES
-void apply_relu_run(const float* __restrict x, float* __restrict y, int64_t len,
-                    ApplyCoefficients k) {
-  for (int64_t i = 0; i < len; ++i) {
-    const float p = (x[i] - k.mean_hi) * k.scale + k.shift;
-    y[i] = p < 0.0f ? 0.0f : p;
-  }
-}
-
-// y = relu((x - mean_hi)·scale + shift + z) over one run.
-NORMKIT_SIMD_CLONES
-void apply_add_relu_run(const float* __restrict x, const float* __restrict z, float* __restrict y,
-                        int64_t len, ApplyCoefficients k) {
-  for (int64_t i = 0; i < len; ++i) {
-    const float p = (x[i] - k.mean_hi) * k.scale + k.shift + z[i];
-    y[i] = p < 0.0f ? 0.0f : p;
+void apply_relu_runs(const float* __restrict x, const float* __restrict z, float* __restrict y,
+                     int64_t stride, int64_t runs, int64_t len, const ApplyCoefficients* k,
+                     int64_t k_step) {
+  for (int64_t r = 0; r < runs; ++r) {
+    const float* xr = x + r * stride;
+    float* yr = y + r * stride;
+    const ApplyCoefficients kr = k[r * k_step];
+    if (z) {
+      const float* zr = z + r * stride;
+      for (int64_t i = 0; i < len; ++i) {
+        const float p = (xr[i] - kr.mean_hi) * kr.scale + kr.shift + zr[i];
+        yr[i] = p < 0.0f ? 0.0f : p;
+      }
+    } else {
+      for (int64_t i = 0; i < len; ++i) {
+        const float p = (xr[i] - kr.mean_hi) * kr.scale + kr.shift;
+        yr[i] = p < 0.0f ? 0.0f : p;
+      }
+    }
   }
 }
 
@@ -76,13 +85,41 @@ void apply_add_relu_run(const float* __restrict x, const float* __restrict z, fl
 // One run (or part of one) of the output pass: y, and the mask from the y just written.
 void run_forward_apply(const Forward<float>& p, int64_t o, int64_t c, int64_t first, int64_t len,
                        ApplyCoefficients k) {
-  const float* xr = p.x + p.x_geom.offset(o, c, first);
+  const float* zr = p.z ? p.z + p.z_geom.offset(o, c, first) : nullptr;
   float* yr = p.y + p.y_geom.offset(o, c, first);
-  if (p.z)
-    apply_add_relu_run(xr, p.z + p.z_geom.offset(o, c, first), yr, len, k);
-  else
-    apply_relu_run(xr, yr, len, k);
+  apply_relu_runs(p.x + p.x_geom.offset(o, c, first), zr, yr, 0, 1, len, &k, 0);
   if (p.mask) pack_positive_bits(yr, len, p.mask, p.order.bit(o, c, first));
+}
+
+// Whether a unit of whole runs of consecutive channels lies back to back in x,
+// y, z and the mask (contiguous NCHW data): then it is one span of memory and
+// of bits.
+bool unit_is_one_span(const Forward<float>& p, const ApplyUnits::Span& s) {
+  const int64_t len = p.x_geom.inner;
+  const auto packed = [&](const Geometry& g) { return g.channel_stride == len; };
+  return s.channels > 1 && s.first == 0 && s.len == len && packed(p.x_geom) &&
+         packed(p.y_geom) && (!p.z || packed(p.z_geom)) && p.order.channel == len &&
+         p.order.inner == 1;
+}
+
+// The output pass over unit t (ApplyUnits) with per-channel coefficients. A
+// unit of short runs laid out as one span is one apply and one pack of its
+// bits: packing run by run took four atomic byte updates per run (the bytes
+// a run shares with its neighbours), as much as the run's arithmetic.
+void unit_forward_apply(const Forward<float>& p, const ApplyUnits& units, int64_t t,
+                        const ApplyCoefficients* coeff) {
+  const Geometry& g = p.x_geom;
+  const ApplyUnits::Span s = units.span(g, t);
+  if (!unit_is_one_span(p, s)) {
+    units.for_each_run(g, t, [&](int64_t o, int64_t c, int64_t first, int64_t len) {
+      run_forward_apply(p, o, c, first, len, coeff[c]);
+    });
+    return;
+  }
+  const float* z = p.z ? p.z + p.z_geom.offset(s.o, s.c0, 0) : nullptr;
+  float* y = p.y + p.y_geom.offset(s.o, s.c0, 0);
+  apply_relu_runs(p.x + g.offset(s.o, s.c0, 0), z, y, s.len, s.channels, s.len, coeff + s.c0, 1);
+  if (p.mask) pack_positive_bits(y, s.channels * s.len, p.mask, p.order.bit(s.o, s.c0, 0));
 }
 
 // BN's plan (batch_norm_planes.cpp): channel at a time when x fits in cache,
@@ -128,10 +165,7 @@ void planes_forward(const Forward<float>& p) {
       coeff[c] = forward_coefficients(p, c);
     }
 #pragma omp for schedule(static)
-    for (int64_t t = 0; t < units.count; ++t)
-      units.for_each_run(g, t, [&](int64_t o, int64_t c, int64_t first, int64_t len) {
-        run_forward_apply(p, o, c, first, len, coeff[c]);
-      });
+    for (int64_t t = 0; t < units.count; ++t) unit_forward_apply(p, units, t, coeff.data());
   });
 }
 
