@@ -365,7 +365,8 @@ bool measure(const Settings& s, const std::vector<Backend>& backends, const Cach
   const bool phases = s.phases && (problem.kind == "bn1d" || problem.kind == "bn2d" ||
                                    problem.kind == "bn3d");
   if (phases)
-    for (auto& c : floor_phase_cases(data, threads)) cases.push_back({std::move(c), "", 1, {}, -1, ""});
+    for (auto& c : floor_phase_cases(data, threads))
+      cases.push_back({std::move(c), "", 1, {}, -1, ""});
   for (const auto& backend : backends) {
     try {
       for (auto& c : backend.cases(data)) cases.push_back({std::move(c), "", 1, {}, -1, ""});
