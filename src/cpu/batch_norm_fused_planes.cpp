@@ -179,13 +179,32 @@ GradientSums piece_gradient_sums(const Backward<float>& p, int64_t c, const Piec
                                    p.x_geom.outer_stride, src, s.runs, s.len, p.mean[c]);
 }
 
-// g = mask ? dy : 0 over one run from its bits (from bit `bit`), into dz if
-// wanted, and dx = a·g + b·(x - mean_hi) + k if wanted: x, dy and the bits
-// stream together, as in the sums (leaf::GradientSource).
-NORMKIT_SIMD_CLONES
-void backward_apply_masked_run(const float* __restrict x, const float* __restrict dy,
-                               const uint8_t* mask, int64_t bit, float* __restrict dx,
-                               float* __restrict dz, int64_t len, BackwardCoefficients k) {
+// g = mask ? dy : 0 over `runs` runs of `len` values from their bits (run r's
+// from bit `bit` + r·bit_stride), into dz if wanted, and dx = a·g + b·(x -
+// mean_hi) + k if wanted: x, dy and the bits stream together, as in the sums
+// (leaf::GradientSource). One call per piece, not per run: for short runs
+// (7×7, 14×14) a call through the clones' resolver per run cost as much as the
+// run's arithmetic.
+struct MaskedRuns {
+  const float* x;
+  int64_t x_stride;
+  const float* dy;
+  int64_t dy_stride;
+  const uint8_t* mask;
+  int64_t bit, bit_stride;
+  float* dx;
+  int64_t dx_stride;
+  float* dz;
+  int64_t dz_stride;
+};
+// One run, with dx and dz wanted or not as template arguments, so that no
+// loop tests them: a test inside a loop is if-converted into masked
+// operations, which are not contracted into FMAs, and dx would round otherwise
+// than BN's (backward_apply_runs in batch_norm_planes.cpp).
+template <bool DX, bool DZ>
+[[gnu::always_inline]] inline void backward_apply_masked_run(
+    const float* __restrict x, const float* __restrict dy, const uint8_t* mask, int64_t bit,
+    float* __restrict dx, float* __restrict dz, int64_t len, BackwardCoefficients k) {
   constexpr int kBlock = 32;
   leaf::prefetch_bits(mask, bit, len);
   int64_t i = 0;
@@ -195,9 +214,9 @@ void backward_apply_masked_run(const float* __restrict x, const float* __restric
     leaf::prefetch_ahead(dy + i);
     float g[kBlock];
     for (int l = 0; l < kBlock; ++l) g[l] = leaf::lane_gradient<true>(dy + i, m, l);
-    if (dz)
+    if constexpr (DZ)
       for (int l = 0; l < kBlock; ++l) dz[i + l] = g[l];
-    if (dx)
+    if constexpr (DX)
       for (int l = 0; l < kBlock; ++l) dx[i + l] = k.a * g[l] + k.b * (x[i + l] - k.mean_hi) + k.k;
   }
   if (i < len) {  // the rest, fewer than kBlock
@@ -205,21 +224,46 @@ void backward_apply_masked_run(const float* __restrict x, const float* __restric
     const uint32_t m = leaf::mask_bits(mask, bit + i, n);
     for (int l = 0; l < n; ++l) {
       const float g = leaf::lane_gradient<true>(dy + i, m, l);
-      if (dz) dz[i + l] = g;
-      if (dx) dx[i + l] = k.a * g + k.b * (x[i + l] - k.mean_hi) + k.k;
+      if constexpr (DZ) dz[i + l] = g;
+      if constexpr (DX) dx[i + l] = k.a * g + k.b * (x[i + l] - k.mean_hi) + k.k;
     }
   }
 }
 
+template <bool DX, bool DZ>
+[[gnu::always_inline]] inline void backward_apply_masked_runs_of(const MaskedRuns& m, int64_t runs,
+                                                                 int64_t len,
+                                                                 BackwardCoefficients k) {
+  for (int64_t r = 0; r < runs; ++r)
+    backward_apply_masked_run<DX, DZ>(m.x + r * m.x_stride, m.dy + r * m.dy_stride, m.mask,
+                                      m.bit + r * m.bit_stride,
+                                      DX ? m.dx + r * m.dx_stride : nullptr,
+                                      DZ ? m.dz + r * m.dz_stride : nullptr, len, k);
+}
+
+NORMKIT_SIMD_CLONES
+void backward_apply_masked_runs(const MaskedRuns& m, int64_t runs, int64_t len,
+                                BackwardCoefficients k) {
+  if (m.dx && m.dz) return backward_apply_masked_runs_of<true, true>(m, runs, len, k);
+  if (m.dx) return backward_apply_masked_runs_of<true, false>(m, runs, len, k);
+  if (m.dz) return backward_apply_masked_runs_of<false, true>(m, runs, len, k);
+}
+
 void piece_backward_apply(const Backward<float>& p, int64_t c, const Pieces::Span& s,
                           BackwardCoefficients k) {
-  for (int64_t r = s.first_run; r < s.first_run + s.runs; ++r) {
-    const int64_t i = s.first_inner;
-    backward_apply_masked_run(p.x + p.x_geom.offset(r, c, i), p.dy + p.dy_geom.offset(r, c, i),
-                              p.mask, p.order.bit(r, c, i),
-                              p.dx ? p.dx + p.dx_geom.offset(r, c, i) : nullptr,
-                              p.dz ? p.dz + p.dz_geom.offset(r, c, i) : nullptr, s.len, k);
-  }
+  const int64_t r = s.first_run, i = s.first_inner;
+  const MaskedRuns m{p.x + p.x_geom.offset(r, c, i),
+                     p.x_geom.outer_stride,
+                     p.dy + p.dy_geom.offset(r, c, i),
+                     p.dy_geom.outer_stride,
+                     p.mask,
+                     p.order.bit(r, c, i),
+                     p.order.outer,
+                     p.dx ? p.dx + p.dx_geom.offset(r, c, i) : nullptr,
+                     p.dx_geom.outer_stride,
+                     p.dz ? p.dz + p.dz_geom.offset(r, c, i) : nullptr,
+                     p.dz_geom.outer_stride};
+  backward_apply_masked_runs(m, s.runs, s.len, k);
 }
 
 void planes_backward(const Backward<float>& p) {
