@@ -210,8 +210,8 @@ template <bool DX, bool DZ>
   int64_t i = 0;
   for (; i + kBlock <= len; i += kBlock) {
     const uint32_t m = leaf::mask_bits(mask, bit + i, kBlock);
-    leaf::prefetch_ahead(x + i);
-    leaf::prefetch_ahead(dy + i);
+    leaf::prefetch_ahead<kBlock>(x + i);
+    leaf::prefetch_ahead<kBlock>(dy + i);
     float g[kBlock];
     for (int l = 0; l < kBlock; ++l) g[l] = leaf::lane_gradient<true>(dy + i, m, l);
     if constexpr (DZ)

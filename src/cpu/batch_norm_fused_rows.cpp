@@ -99,7 +99,7 @@ void rows_backward_masked(const Backward<float>& p, const RowPlan& plan, int thr
         cpu::rows_gradient_sums_masked_chunk(
             p.x + r0 * gx.outer_stride, gx.outer_stride, source(r0), plan.rows_in(chunk), C,
             co.mean_hi.data(), stripe_g + s * C, stripe_g_xmu + s * C,
-            cpu::next_chunk(plan, chunk, gx, p.x, p.dy_geom, p.dy));
+            cpu::next_chunk(plan, chunk, gx, p.x, &p.dy_geom, p.dy));
       }
     co.finish_from_stripes(p, plan.stripes, stripe_g, stripe_g_xmu);
     if (p.dx || p.dz) {

@@ -279,7 +279,7 @@ void rows_backward(const Backward<float>& p) {
                                  p.dy + r0 * p.dy_geom.outer_stride, p.dy_geom.outer_stride,
                                  plan.rows_in(chunk), C, blocked_channels(C), co.mean_hi.data(),
                                  stripe_dy + s * C, stripe_dy_xmu + s * C,
-                                 next_chunk(plan, chunk, gx, p.x, p.dy_geom, p.dy));
+                                 next_chunk(plan, chunk, gx, p.x, &p.dy_geom, p.dy));
       }
     co.finish_from_stripes(p, plan.stripes, stripe_dy, stripe_dy_xmu);
     if (p.dx) {

@@ -74,13 +74,14 @@ using normkit::detail::scratch;
 // backward at 0.8-0.9× its time without (16×256×28×28, 32×64×56×56) and 0.67-
 // 0.83× on 32×2048×7×7, its forward-train at 0.85-0.95×.
 constexpr int64_t kPrefetchFloats = 512;
-// The two cache lines of 32 floats kPrefetchFloats after p, which may lie past
-// the end of p's array: a prefetch never faults, and the address is computed
-// as an integer, not as a pointer out of bounds.
+// The cache lines of the `Floats` floats kPrefetchFloats after p (one per 16),
+// which may lie past the end of p's array: a prefetch never faults, and the
+// address is computed as an integer, not as a pointer out of bounds.
+template <int Floats>
 inline void prefetch_ahead(const float* p) {
   const uintptr_t ahead = reinterpret_cast<uintptr_t>(p) + kPrefetchFloats * sizeof(float);
-  __builtin_prefetch(reinterpret_cast<const void*>(ahead));
-  __builtin_prefetch(reinterpret_cast<const void*>(ahead + 16 * sizeof(float)));
+  for (int line = 0; line < Floats / 16; ++line)
+    __builtin_prefetch(reinterpret_cast<const void*>(ahead + line * 16 * sizeof(float)));
 }
 
 // ----- leaf loops over `runs` runs of `len` contiguous floats, `stride` apart -----
@@ -96,8 +97,7 @@ double shifted_sum_runs(const float* __restrict x, int64_t runs, int64_t len, in
     const float* p = x + r * stride;
     int64_t i = 0;
     for (; i + kLanes <= len; i += kLanes) {
-      prefetch_ahead(p + i);
-      prefetch_ahead(p + i + 32);  // the four lines of 64 floats
+      prefetch_ahead<kLanes>(p + i);
       for (int l = 0; l < kLanes; ++l) acc[l] += p[i + l] - shift;
     }
     for (; i + kTailLanes <= len; i += kTailLanes)
@@ -185,8 +185,7 @@ double shifted_sum_short_runs(const float* __restrict x, int64_t runs, int64_t l
   const int64_t k = kLanes / len;
   for (int64_t r = 0, slot = 0; r < runs; ++r, slot = slot + 1 == k ? 0 : slot + 1) {
     const float* __restrict p = x + r * stride;
-    prefetch_ahead(p);
-    prefetch_ahead(p + 32);
+    prefetch_ahead<kLanes>(p);
     float* __restrict a = acc + slot * len;
     for (int64_t i = 0; i < len; ++i) a[i] += p[i] - shift;
   }
@@ -296,8 +295,8 @@ template <bool Masked>
     int64_t i = 0;
     for (; i + kDoubleLanes <= len; i += kDoubleLanes) {
       if constexpr (Masked) m = mask_bits(src.mask, bit + i, kDoubleLanes);
-      prefetch_ahead(xp + i);
-      prefetch_ahead(gp + i);
+      prefetch_ahead<kDoubleLanes>(xp + i);
+      prefetch_ahead<kDoubleLanes>(gp + i);
       for (int l = 0; l < kDoubleLanes; ++l) {
         const double g = lane_gradient<Masked>(gp + i, m, l);
         acc1[l] += g;
@@ -351,10 +350,8 @@ template <bool Masked>
   for (int64_t r = 0, slot = 0; r < runs; ++r, slot = slot + 1 == k ? 0 : slot + 1) {
     const float* __restrict xp = x + r * x_stride;
     const float* __restrict gp = src.dy + r * src.stride;
-    prefetch_ahead(xp);
-    prefetch_ahead(xp + 32);
-    prefetch_ahead(gp);
-    prefetch_ahead(gp + 32);
+    prefetch_ahead<kLanes>(xp);
+    prefetch_ahead<kLanes>(gp);
     double* __restrict a1 = acc1 + slot * len;
     double* __restrict a2 = acc2 + slot * len;
     uint64_t m = ~uint64_t{0};
@@ -562,6 +559,13 @@ struct RowPlan {
 
 constexpr int kLineFloats = 16;  // floats per 64-byte cache line
 
+// Requests the lines of rows [r0, r1) of p (rows `stride` apart), columns [c0, c1).
+[[gnu::always_inline]] inline void request_lines(const float* p, int64_t stride, int64_t r0,
+                                                 int64_t r1, int64_t c0, int64_t c1) {
+  for (int64_t r = r0; r < r1; ++r)
+    for (int64_t c = c0; c < c1; c += kLineFloats) __builtin_prefetch(p + r * stride + c);
+}
+
 // Per-channel moments of a block of B channels over a chunk of rows (B
 // contiguous floats per row, rows `stride` apart), vectorized across channels:
 // the chunk's mean shifted by its first row, then corrected sums around it.
@@ -588,8 +592,7 @@ template <int B>
     center[l] = static_cast<float>(static_cast<double>(shift[l]) + static_cast<double>(sum[l]) / n);
   float sum_d[B] = {}, sum_d2[B] = {};
   for (int64_t r = 0; r < rows; ++r) {
-    if (r < next_rows)
-      for (int l = 0; l < B; l += kLineFloats) __builtin_prefetch(next + r * stride + l);
+    if (r < next_rows) request_lines(next, stride, r, r + 1, 0, B);
     for (int l = 0; l < B; ++l) {
       const float d = xb[r * stride + l] - center[l];
       sum_d[l] += d;

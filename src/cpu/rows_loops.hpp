@@ -86,6 +86,26 @@ template <bool Masked, int B>
   return g;
 }
 
+// The chunk after `chunk` of x (and of dy for the gradient sums; null for the
+// statistics): same columns, `rows` rows, none when 0. The statistics' second
+// pass and the gradient sums request its lines while they add the current
+// chunk: the hardware prefetchers follow a chunk's short strided columns
+// badly. It may be the next thread's first chunk: then it is requested twice,
+// once too early.
+struct NextChunk {
+  const float* x = nullptr;
+  const float* dy = nullptr;
+  int64_t rows = 0;
+};
+template <class Geometry>
+NextChunk next_chunk(const leaf::RowPlan& plan, int64_t chunk, const Geometry& gx, const float* x,
+                     const Geometry* gdy = nullptr, const float* dy = nullptr) {
+  if (chunk + 1 >= plan.chunks) return {};
+  const int64_t r = plan.first_row(chunk + 1);
+  return {x + r * gx.outer_stride, dy ? dy + r * gdy->outer_stride : nullptr,
+          plan.rows_in(chunk + 1)};
+}
+
 // Per-channel moments of one chunk (at most kMaxChunkRows rows): the same two
 // passes as planes, vectorized across channels: the chunk's mean shifted by its
 // first row, then corrected sums around it.
@@ -94,17 +114,17 @@ void rows_chunk_moments(const float* __restrict x, int64_t stride, int64_t rows,
                         int64_t channels, int64_t blocked, float* __restrict sum,
                         float* __restrict center, float* __restrict sum_d2,
                         double* __restrict mean, double* __restrict m2,
-                        const float* next = nullptr, int64_t next_rows = 0) {
+                        const NextChunk& next = {}) {
   const double n = static_cast<double>(rows);
   for_each_row_block(blocked, [&]<int B>(int64_t c0) __attribute__((always_inline)) {
     leaf::rows_block_moments<B>(x + c0, stride, rows, mean + c0, m2 + c0,
-                                next_rows > 0 ? next + c0 : nullptr, next_rows);
+                                next.rows > 0 ? next.x + c0 : nullptr, next.rows);
   });
   const int64_t c0 = blocked;
   // Long rows: columns of kColumnBlock channels, so that the sums stay in L1
   // and a column of the chunk in L2 between the passes; kRowGroup rows at a
   // time, added one after the other, so a sum is loaded and stored once per group.
-  // The second pass asks for the same column of the next chunk (next).
+  // The second pass asks for the same column of the next chunk.
   for (int64_t b0 = c0; b0 < channels; b0 += kColumnBlock) {
     const int64_t b1 = std::min(channels, b0 + kColumnBlock);
     std::fill(sum + b0, sum + b1, 0.0f);
@@ -127,9 +147,7 @@ void rows_chunk_moments(const float* __restrict x, int64_t stride, int64_t rows,
     std::fill(sum + b0, sum + b1, 0.0f);
     std::fill(sum_d2 + b0, sum_d2 + b1, 0.0f);
     for (int64_t r = 0; r < rows; r += kRowGroup) {
-      for (int64_t j = r; j < std::min(r + kRowGroup, next_rows); ++j)  // see NextChunk
-        for (int64_t c = b0; c < b1; c += leaf::kLineFloats)
-          __builtin_prefetch(next + j * stride + c);
+      leaf::request_lines(next.x, stride, r, std::min(r + kRowGroup, next.rows), b0, b1);
       const float* xp = x + r * stride;
       const int64_t group = std::min(kRowGroup, rows - r);
       if (group == kRowGroup) {
@@ -160,24 +178,6 @@ void rows_chunk_moments(const float* __restrict x, int64_t stride, int64_t rows,
   }
 }
 
-// The chunk after `chunk` of x and dy (same columns, `rows` rows; none when 0),
-// whose lines the gradient sums request while they add the current chunk, as
-// the statistics do in their second pass (rows_chunk_moments' `next`): the
-// hardware prefetchers follow a chunk's short strided columns badly. It may be
-// the next thread's first chunk: then it is requested twice, once too early.
-struct NextChunk {
-  const float* x = nullptr;
-  const float* dy = nullptr;
-  int64_t rows = 0;
-};
-template <class Geometry>
-NextChunk next_chunk(const leaf::RowPlan& plan, int64_t chunk, const Geometry& gx, const float* x,
-                     const Geometry& gdy, const float* dy) {
-  if (chunk + 1 >= plan.chunks) return {};
-  const int64_t r = plan.first_row(chunk + 1);
-  return {x + r * gx.outer_stride, dy + r * gdy.outer_stride, plan.rows_in(chunk + 1)};
-}
-
 // The blocked part of rows_gradient_sums_chunk (below): channels [0, blocked)
 // in register blocks, g from a leaf::GradientSource (row r's bits start at
 // bit_first + r·bit_stride), so that the fused kernel's masked sums add
@@ -195,11 +195,10 @@ template <bool Masked>
       ctr[l] = center[c0 + l];
     }
     for (int64_t r = 0; r < rows; ++r) {
-      if (r < next.rows)
-        for (int l = 0; l < B; l += leaf::kLineFloats) {
-          __builtin_prefetch(next.x + r * x_stride + c0 + l);
-          __builtin_prefetch(next.dy + r * src.stride + c0 + l);
-        }
+      if (r < next.rows) {
+        leaf::request_lines(next.x, x_stride, r, r + 1, c0, c0 + B);
+        leaf::request_lines(next.dy, src.stride, r, r + 1, c0, c0 + B);
+      }
       const float* xp = x + r * x_stride + c0;
       float masked[B];
       const float* g = row_block_gradient<Masked, B>(src, r, c0, masked);
@@ -243,11 +242,8 @@ void rows_gradient_sums_chunk(const float* __restrict x, int64_t x_stride,
   for (int64_t b0 = c0; b0 < channels; b0 += kColumnBlock) {
     const int64_t b1 = std::min(channels, b0 + kColumnBlock);
     for (int64_t r = 0; r < rows; r += kRowGroup) {
-      for (int64_t j = r; j < std::min(r + kRowGroup, next.rows); ++j)
-        for (int64_t c = b0; c < b1; c += leaf::kLineFloats) {
-          __builtin_prefetch(next.x + j * x_stride + c);
-          __builtin_prefetch(next.dy + j * dy_stride + c);
-        }
+      leaf::request_lines(next.x, x_stride, r, std::min(r + kRowGroup, next.rows), b0, b1);
+      leaf::request_lines(next.dy, dy_stride, r, std::min(r + kRowGroup, next.rows), b0, b1);
       const float* xp = x + r * x_stride;
       const float* gp = dy + r * dy_stride;
       const int64_t group = std::min(kRowGroup, rows - r);
@@ -464,11 +460,9 @@ void rows_moments_phase(const Geometry& g, const float* x, double* stripe_mean, 
     double count = 0;
     for (int64_t k = plan.first_chunk(s); k < plan.first_chunk(s + 1); ++k) {
       const int64_t n = plan.rows_in(k);
-      const bool more = k + 1 < plan.chunks;  // the next chunk's lines, requested meanwhile
       rows_chunk_moments(x + plan.first_row(k) * g.outer_stride, g.outer_stride, n, C,
                          blocked_channels(C), sums, sums + C, sums + 2 * C, chunk_mean, chunk_m2,
-                         more ? x + plan.first_row(k + 1) * g.outer_stride : nullptr,
-                         more ? plan.rows_in(k + 1) : 0);
+                         next_chunk(plan, k, g, x));
       leaf::merge_moment_arrays(count, stripe_mean + s * C, stripe_m2 + s * C,
                           static_cast<double>(n), chunk_mean, chunk_m2, C);
       count += static_cast<double>(n);
