@@ -91,15 +91,14 @@ void run_forward_apply(const Forward<float>& p, int64_t o, int64_t c, int64_t fi
   if (p.mask) pack_positive_bits(yr, len, p.mask, p.order.bit(o, c, first));
 }
 
-// Whether a unit of whole runs of consecutive channels lies back to back in x,
-// y, z and the mask (contiguous NCHW data): then it is one span of memory and
-// of bits.
+// Whether a unit of several channels lies back to back in x, y and z
+// (contiguous NCHW data): then it is one span of memory and of bits. A unit of
+// several channels holds their whole runs (ApplyUnits), and this entry takes
+// only masks in (outer, channel, inner) order (planes_order), so its bits
+// are consecutive already.
 bool unit_is_one_span(const Forward<float>& p, const ApplyUnits::Span& s) {
-  const int64_t len = p.x_geom.inner;
-  const auto packed = [&](const Geometry& g) { return g.channel_stride == len; };
-  return s.channels > 1 && s.first == 0 && s.len == len && packed(p.x_geom) &&
-         packed(p.y_geom) && (!p.z || packed(p.z_geom)) && p.order.channel == len &&
-         p.order.inner == 1;
+  const auto packed = [&](const Geometry& g) { return g.channel_stride == p.x_geom.inner; };
+  return s.channels > 1 && packed(p.x_geom) && packed(p.y_geom) && (!p.z || packed(p.z_geom));
 }
 
 // The output pass over unit t (ApplyUnits) with per-channel coefficients. A
