@@ -252,43 +252,32 @@ std::vector<Case> floor_cases(Data& data, int threads) {
 }
 
 std::vector<Case> floor_phase_cases(Data& data, int threads) {
-  const float* x = data.x.data();
-  const float* dy = data.dy.data();
-  float* y = data.y.data();
-  float* dx = data.dx.data();
   const int64_t n = data.problem.numel();
-  // The sums are kept somewhere the compiler cannot see through, so the passes stay.
+  // The sums go somewhere the compiler cannot see through, so the passes stay.
   auto sink = std::make_shared<double>(0);
-  const auto moments = [=] {
-    on_shares(n, threads, [&](int64_t begin, int64_t end) {
-      const Sums s = sums_pass(x, x, begin, end);
+  const auto sums = [=](const float* u, const float* v) {
+    return [=] {
+      on_shares(n, threads, [&](int64_t begin, int64_t end) {
+        const Sums s = sums_pass(u, v, begin, end);
 #pragma omp atomic
-      *sink += s.a + s.b;
-    });
+        *sink += s.a + s.b;
+      });
+    };
   };
-  const auto reduce = [=] {
-    on_shares(n, threads, [&](int64_t begin, int64_t end) {
-      const Sums s = sums_pass(dy, x, begin, end);
-#pragma omp atomic
-      *sink += s.a + s.b;
-    });
+  const auto output = [=](const float* u, const float* v, float* out) {
+    return [=] {
+      on_shares(n, threads, [&](int64_t begin, int64_t end) {
+        output_pass(u, v, out, begin, end, 0.5f, 0.25f, 0.125f);
+      });
+    };
   };
-  const auto apply = [=] {
-    on_shares(n, threads, [&](int64_t begin, int64_t end) {
-      output_pass(x, nullptr, y, begin, end, 0.5f, 0.25f, 0);
-    });
-  };
-  const auto backward_apply = [=] {
-    on_shares(n, threads, [&](int64_t begin, int64_t end) {
-      output_pass(dy, x, dx, begin, end, 0.5f, 0.25f, 0.125f);
-    });
-  };
+  const float *x = data.x.data(), *dy = data.dy.data();
   const std::string note = "one pass, memory order, " + std::to_string(threads) + " thread" +
                            (threads == 1 ? "" : "s");
-  return {{"floor", Op::moments, note, moments, nullptr},
-          {"floor", Op::forward_apply, note, apply, nullptr},
-          {"floor", Op::backward_reduce, note, reduce, nullptr},
-          {"floor", Op::backward_apply, note, backward_apply, nullptr}};
+  return {{"floor", Op::moments, note, sums(x, x), nullptr},
+          {"floor", Op::forward_apply, note, output(x, nullptr, data.y.data()), nullptr},
+          {"floor", Op::backward_reduce, note, sums(dy, x), nullptr},
+          {"floor", Op::backward_apply, note, output(dy, x, data.dx.data()), nullptr}};
 }
 
 double minimal_bytes(Op op, const Problem& problem) {
