@@ -22,7 +22,7 @@
 
 #include <algorithm>
 #include <cstring>
-#include <vector>
+#include <span>
 
 #include "core/parallel.hpp"
 #include "cpu/coefficients.hpp"
@@ -50,6 +50,7 @@ using leaf::kPieceElements;
 using leaf::piece_moments;
 using leaf::Pieces;
 using leaf::whole_units_per_thread;
+using leaf::Workspace;
 
 // y = relu((x - mean_hi)·scale + shift [+ z]) over `runs` runs of `len`
 // values, run r `stride` elements after run r - 1 in x, y and z alike (z may be
@@ -146,8 +147,9 @@ void planes_forward(const Forward<float>& p) {
     return;
   }
   const ApplyUnits units(g);
-  std::vector<Moments> partial(p.training ? g.channels * pieces.per_channel : 0);
-  std::vector<ApplyCoefficients> coeff(g.channels);
+  Workspace ws;
+  const std::span<Moments> partial = ws.take<Moments>(p.training ? g.channels * pieces.per_channel : 0);
+  const std::span<ApplyCoefficients> coeff = ws.take_for_overwrite<ApplyCoefficients>(g.channels);
   parallel_region(threads, [&] {
     if (p.training)
       for_each_piece(g, pieces, [&](int64_t c, int64_t i) {
@@ -286,8 +288,10 @@ void planes_backward(const Backward<float>& p) {
     return;
   }
   const int64_t total = g.channels * pieces.per_channel;
-  std::vector<GradientSums> partial(total);
-  std::vector<BackwardCoefficients> coeff(g.channels);
+  Workspace ws;
+  const std::span<GradientSums> partial = ws.take<GradientSums>(total);
+  const std::span<BackwardCoefficients> coeff =
+      ws.take_for_overwrite<BackwardCoefficients>(g.channels);
   parallel_region(threads, [&] {
     for_each_piece(g, pieces, [&](int64_t c, int64_t i) {
       partial[c * pieces.per_channel + i] = piece_gradient_sums(p, c, pieces.span(g, i));

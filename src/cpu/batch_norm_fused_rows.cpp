@@ -10,7 +10,7 @@
 
 #include <algorithm>
 #include <cstring>
-#include <vector>
+#include <span>
 
 #include "core/parallel.hpp"
 #include "cpu/coefficients.hpp"
@@ -38,7 +38,7 @@ using detail::parallel_for;
 using detail::parallel_region;
 using detail::threads_for;
 using leaf::RowPlan;
-using leaf::scratch;
+using leaf::Workspace;
 
 // ======================= rows =======================
 
@@ -47,7 +47,10 @@ void rows_forward(const Forward<float>& p) {
   const int64_t C = gx.channels;
   const int threads = threads_for(C * gx.outer);
   if (p.training) rows_moments_into(gx, p.x, p.moments, threads, p.moments_done);  // BN's own
-  std::vector<float> mean_hi(C), scale(C), shift(C);
+  Workspace ws;
+  const std::span<float> mean_hi = ws.take_for_overwrite<float>(C),
+                         scale = ws.take_for_overwrite<float>(C),
+                         shift = ws.take_for_overwrite<float>(C);
   for (int64_t c = 0; c < C; ++c) {
     const ApplyCoefficients k = forward_coefficients(p, c);
     mean_hi[c] = k.mean_hi;
@@ -82,11 +85,10 @@ void rows_forward(const Forward<float>& p) {
 void rows_backward_masked(const Backward<float>& p, const RowPlan& plan, int threads) {
   const Geometry& gx = p.x_geom;
   const int64_t C = plan.channels;
-  double* const stripe_g = scratch<double>(0, plan.stripes * C);
-  double* const stripe_g_xmu = scratch<double>(1, plan.stripes * C);
-  std::fill(stripe_g, stripe_g + plan.stripes * C, 0.0);
-  std::fill(stripe_g_xmu, stripe_g_xmu + plan.stripes * C, 0.0);
-  RowBackwardCoefficients co(p.mean, C);
+  Workspace ws;
+  double* const stripe_g = ws.take<double>(plan.stripes * C).data();
+  double* const stripe_g_xmu = ws.take<double>(plan.stripes * C).data();
+  RowBackwardCoefficients co(ws, p.mean, C);
   auto source = [&](int64_t r0) {
     return leaf::GradientSource{p.dy + r0 * p.dy_geom.outer_stride, p.dy_geom.outer_stride, p.mask,
                                 r0 * C, C};
@@ -133,17 +135,17 @@ void rows_backward(const Backward<float>& p) {
   const int64_t C = plan.channels;
   const int threads = threads_for(2 * C * plan.rows);
   if (C > 0 && C % cpu::kNarrowRowBlock == 0) return rows_backward_masked(p, plan, threads);
-  double* const stripe_g = scratch<double>(0, plan.stripes * C);
-  double* const stripe_g_xmu = scratch<double>(1, plan.stripes * C);
-  std::fill(stripe_g, stripe_g + plan.stripes * C, 0.0);
-  std::fill(stripe_g_xmu, stripe_g_xmu + plan.stripes * C, 0.0);
-  RowBackwardCoefficients co(p.mean, C);
+  Workspace ws;
+  double* const stripe_g = ws.take<double>(plan.stripes * C).data();
+  double* const stripe_g_xmu = ws.take<double>(plan.stripes * C).data();
+  RowBackwardCoefficients co(ws, p.mean, C);
   const int64_t block_rows = std::clamp<int64_t>(kExpandBlock / std::max<int64_t>(C, 1), 1, plan.chunk_rows);
   parallel_region(threads, [&] {
     // g is expanded block_rows at a time (reads of dy and of x alternate
     // quickly), and BN's chunk loop sums each block: a channel adds its rows in
     // row order either way, so the sums are BN's bit for bit.
-    float* const g = scratch<float>(2, static_cast<size_t>(block_rows * C));
+    Workspace own;  // this thread's
+    float* const g = own.take_for_overwrite<float>(static_cast<size_t>(block_rows * C)).data();
 #pragma omp for schedule(static)
     for (int64_t s = 0; s < plan.stripes; ++s)
       for (int64_t chunk = plan.first_chunk(s); chunk < plan.first_chunk(s + 1); ++chunk) {

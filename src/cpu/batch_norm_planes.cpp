@@ -12,7 +12,7 @@
 
 #include <algorithm>
 #include <cmath>
-#include <vector>
+#include <span>
 
 #include "core/parallel.hpp"
 #include "cpu/coefficients.hpp"
@@ -40,6 +40,7 @@ using leaf::param_or;
 using leaf::piece_moments;
 using leaf::Pieces;
 using leaf::whole_units_per_thread;
+using leaf::Workspace;
 
 // Inside a piece, sums run in float lanes (leaf_loops.hpp); lane totals are
 // added in double, and pieces combine in double. Each lane sees at most a few
@@ -126,8 +127,9 @@ void planes_forward_training(const Forward<float>& p) {
   }
   const int64_t total = g.channels * pieces.per_channel;
   const ApplyUnits units(g);
-  std::vector<Moments> partial(total);
-  std::vector<ApplyCoefficients> coeff(g.channels);
+  Workspace ws;
+  const std::span<Moments> partial = ws.take<Moments>(total);
+  const std::span<ApplyCoefficients> coeff = ws.take_for_overwrite<ApplyCoefficients>(g.channels);
   parallel_region(threads, [&] {
     for_each_piece(g, pieces, [&](int64_t c, int64_t i) {
       partial[c * pieces.per_channel + i] = piece_moments(g, p.x, c, pieces.span(g, i));
@@ -149,7 +151,8 @@ void planes_forward_training(const Forward<float>& p) {
 void planes_moments(const Geometry& g, const float* x, Moments* out) {
   const Pieces pieces(g);
   const int64_t total = g.channels * pieces.per_channel;
-  std::vector<Moments> partial(total);
+  Workspace ws;
+  const std::span<Moments> partial = ws.take<Moments>(total);
   parallel_region(threads_for(g.channels * g.reduction_size()), [&] {
     for_each_piece(g, pieces, [&](int64_t c, int64_t i) {
       partial[c * pieces.per_channel + i] = piece_moments(g, x, c, pieces.span(g, i));
@@ -166,7 +169,8 @@ void planes_moments(const Geometry& g, const float* x, Moments* out) {
 void planes_apply(const Apply<float>& p) {
   const Geometry& g = p.x_geom;
   const ApplyUnits units(g);
-  std::vector<ApplyCoefficients> coeff(g.channels);
+  Workspace ws;
+  const std::span<ApplyCoefficients> coeff = ws.take_for_overwrite<ApplyCoefficients>(g.channels);
   for (int64_t c = 0; c < g.channels; ++c)
     coeff[c] = apply_coefficients(p.mean[c], p.invstd[c], param_or(p.gamma, c, 1.0),
                                   param_or(p.beta, c, 0.0));
@@ -216,8 +220,10 @@ void planes_backward(const Backward<float>& p) {
   }
   const int64_t total = g.channels * pieces.per_channel;
   const ApplyUnits units(g);
-  std::vector<GradientSums> partial(total);
-  std::vector<BackwardCoefficients> coeff(g.channels);
+  Workspace ws;
+  const std::span<GradientSums> partial = ws.take<GradientSums>(total);
+  const std::span<BackwardCoefficients> coeff =
+      ws.take_for_overwrite<BackwardCoefficients>(g.channels);
   parallel_region(threads, [&] {
     for_each_piece(g, pieces, [&](int64_t c, int64_t i) {
       partial[c * pieces.per_channel + i] = piece_gradient_sums(p, c, pieces.span(g, i));
@@ -243,7 +249,9 @@ void planes_backward(const Backward<float>& p) {
 void planes_backward_apply(const BackwardApply<float>& p) {
   const Geometry& g = p.x_geom;
   const ApplyUnits units(g);
-  std::vector<BackwardCoefficients> coeff(g.channels);
+  Workspace ws;
+  const std::span<BackwardCoefficients> coeff =
+      ws.take_for_overwrite<BackwardCoefficients>(g.channels);
   for (int64_t c = 0; c < g.channels; ++c)
     coeff[c] = backward_coefficients(p.mean[c], p.invstd[c], param_or(p.gamma, c, 1.0),
                                      p.sum_dy[c], p.sum_dy_xhat[c], p.count, BackwardMode::training);

@@ -7,7 +7,7 @@
 
 #include <algorithm>
 #include <cmath>
-#include <vector>
+#include <span>
 
 #include "core/parallel.hpp"
 #include "cpu/coefficients.hpp"
@@ -41,7 +41,7 @@ using detail::threads_for;
 using leaf::merge_moment_arrays;
 using leaf::param_or;
 using leaf::RowPlan;
-using leaf::scratch;
+using leaf::Workspace;
 
 // ================= rows: [rows, C], channels contiguous =================
 
@@ -136,14 +136,15 @@ int64_t unit_blocked(const RowPlan& plan, int64_t width) {
 
 // Moments of channels [c0, c0 + width) over all rows into mean and m2: chunks
 // merged in order within each stripe, stripes in order, as rows_moments_phase.
-// Returns the count. Per-thread scratch slots 0-5.
+// Returns the count.
 double unit_moments(const Geometry& g, const RowPlan& plan, const float* x, int64_t c0,
                     int64_t width, double* mean, double* m2) {
-  float* const sums = scratch<float>(3, 3 * width);
-  double* const stripe_mean = scratch<double>(0, width);
-  double* const stripe_m2 = scratch<double>(1, width);
-  double* const chunk_mean = scratch<double>(4, width);
-  double* const chunk_m2 = scratch<double>(5, width);
+  Workspace ws;
+  float* const sums = ws.take_for_overwrite<float>(3 * width).data();
+  double* const stripe_mean = ws.take_for_overwrite<double>(width).data();
+  double* const stripe_m2 = ws.take_for_overwrite<double>(width).data();
+  double* const chunk_mean = ws.take_for_overwrite<double>(width).data();
+  double* const chunk_m2 = ws.take_for_overwrite<double>(width).data();
   double count = 0;
   for (int64_t s = 0; s < plan.stripes; ++s) {
     double stripe_count = 0;
@@ -165,9 +166,10 @@ void rows_forward_units(const Forward<float>& p, const RowPlan& plan, ColumnUnit
                         int threads) {
   parallel_for(threads, units.count, [&](int64_t u) {
     const int64_t c0 = u * units.width, width = std::min(units.width, plan.channels - c0);
-    double* const mean = scratch<double>(6, width);
-    double* const m2 = scratch<double>(7, width);
-    const RowCoefficients k(scratch<float>(7, 3 * width), width);
+    Workspace ws;  // this thread's
+    double* const mean = ws.take_for_overwrite<double>(width).data();
+    double* const m2 = ws.take_for_overwrite<double>(width).data();
+    const RowCoefficients k(ws.take_for_overwrite<float>(3 * width).data(), width);
     const double count = unit_moments(p.x_geom, plan, p.x, c0, width, mean, m2);
     for (int64_t c = 0; c < width; ++c) p.moments[c0 + c] = {count, mean[c], m2[c]};
     p.moments_done(c0, width);
@@ -187,10 +189,11 @@ void rows_forward_training(const Forward<float>& p) {
   const int threads = threads_for(C * g.outer);
   if (const ColumnUnits units = column_units(plan, threads); units.count > 0)
     return rows_forward_units(p, plan, units, threads);
-  double* const stripe_mean = scratch<double>(0, plan.stripes * C);
-  double* const stripe_m2 = scratch<double>(1, plan.stripes * C);
-  double* const stripe_count = scratch<double>(2, plan.stripes);
-  const RowCoefficients k(scratch<float>(6, 3 * C), C);
+  Workspace ws;
+  double* const stripe_mean = ws.take_for_overwrite<double>(plan.stripes * C).data();
+  double* const stripe_m2 = ws.take_for_overwrite<double>(plan.stripes * C).data();
+  double* const stripe_count = ws.take_for_overwrite<double>(plan.stripes).data();
+  const RowCoefficients k(ws.take_for_overwrite<float>(3 * C).data(), C);
   parallel_region(threads, [&] {
     rows_moments_phase(g, p.x, stripe_mean, stripe_m2, stripe_count,
                        [&](int64_t c0, int64_t width, double count, const double* mean,
@@ -212,7 +215,8 @@ void rows_moments(const Geometry& g, const float* x, Moments* out) {
 
 void rows_apply(const Apply<float>& p) {
   const int64_t C = p.x_geom.channels;
-  const RowCoefficients k(scratch<float>(6, 3 * C), C);
+  Workspace ws;
+  const RowCoefficients k(ws.take_for_overwrite<float>(3 * C).data(), C);
   for (int64_t c = 0; c < C; ++c)
     k.set(c, apply_coefficients(p.mean[c], p.invstd[c], param_or(p.gamma, c, 1.0),
                                 param_or(p.beta, c, 0.0)));
@@ -229,10 +233,12 @@ void rows_backward_units(const Backward<float>& p, const RowPlan& plan, ColumnUn
   parallel_for(threads, units.count, [&](int64_t u) {
     const int64_t c0 = u * units.width, width = std::min(units.width, plan.channels - c0);
     const int64_t blocked = unit_blocked(plan, width);
-    float* const mean_hi = scratch<float>(0, 4 * width);
+    Workspace ws;  // this thread's
+    float* const mean_hi = ws.take_for_overwrite<float>(4 * width).data();
     float *const a = mean_hi + width, *const b = a + width, *const k = b + width;
-    double* const stripe = scratch<double>(0, 2 * width);  // a stripe's Σdy, Σdy·(x - mean_hi)
-    double* const total = scratch<double>(1, 2 * width);
+    // a stripe's Σdy, Σdy·(x - mean_hi)
+    double* const stripe = ws.take_for_overwrite<double>(2 * width).data();
+    double* const total = ws.take_for_overwrite<double>(2 * width).data();
     for (int64_t c = 0; c < width; ++c) mean_hi[c] = static_cast<float>(p.mean[c0 + c]);
     std::fill(total, total + 2 * width, 0.0);
     for (int64_t s = 0; s < plan.stripes; ++s) {
@@ -265,11 +271,10 @@ void rows_backward(const Backward<float>& p) {
   const int threads = threads_for(2 * C * plan.rows);
   if (const ColumnUnits units = column_units(plan, threads); units.count > 0)
     return rows_backward_units(p, plan, units, threads);
-  double* const stripe_dy = scratch<double>(0, plan.stripes * C);
-  double* const stripe_dy_xmu = scratch<double>(1, plan.stripes * C);
-  std::fill(stripe_dy, stripe_dy + plan.stripes * C, 0.0);
-  std::fill(stripe_dy_xmu, stripe_dy_xmu + plan.stripes * C, 0.0);
-  RowBackwardCoefficients co(p.mean, C);
+  Workspace ws;
+  double* const stripe_dy = ws.take<double>(plan.stripes * C).data();
+  double* const stripe_dy_xmu = ws.take<double>(plan.stripes * C).data();
+  RowBackwardCoefficients co(ws, p.mean, C);
   parallel_region(threads, [&] {
 #pragma omp for schedule(static)
     for (int64_t s = 0; s < plan.stripes; ++s)
@@ -301,7 +306,8 @@ void rows_backward_apply(const BackwardApply<float>& p) {
   const Geometry& gx = p.x_geom;
   const RowPlan plan(gx);
   const int64_t C = plan.channels;
-  RowBackwardCoefficients co(p.mean, C);
+  Workspace ws;
+  RowBackwardCoefficients co(ws, p.mean, C);
   for (int64_t c = 0; c < C; ++c)
     co.set(c, backward_coefficients(p.mean[c], p.invstd[c], param_or(p.gamma, c, 1.0),
                                     p.sum_dy[c], p.sum_dy_xhat[c], p.count,

@@ -9,7 +9,7 @@
 //   scale = γ·invstd,  shift = β - (mean - mean_hi)·scale.
 // x - mean_hi is exact when x is near the mean, so large means (1e6 with std 1)
 // keep their digits; the textbook fold shift = β - mean·scale would lose them.
-#include <vector>
+#include <span>
 
 #include "cpu/leaf_loops.hpp"
 #include "kernels/batch_norm.hpp"
@@ -85,8 +85,11 @@ BackwardCoefficients finish_channel_from_hi(const Problem& p, int64_t c, double 
 // The rows kernels' batch-norm backward (channels last): dx's coefficients as
 // one array each, for the apply loop that streams whole rows.
 struct RowBackwardCoefficients {
-  explicit RowBackwardCoefficients(const double* mean, int64_t channels)
-      : mean_hi(channels), a(channels), b(channels), k(channels) {
+  RowBackwardCoefficients(leaf::Workspace& ws, const double* mean, int64_t channels)
+      : mean_hi(ws.take_for_overwrite<float>(channels)),
+        a(ws.take_for_overwrite<float>(channels)),
+        b(ws.take_for_overwrite<float>(channels)),
+        k(ws.take_for_overwrite<float>(channels)) {
     for (int64_t c = 0; c < channels; ++c) mean_hi[c] = static_cast<float>(mean[c]);
   }
   // Each stripe of rows summed Σdy and Σdy·(x - mean_hi) per channel into its
@@ -113,7 +116,7 @@ struct RowBackwardCoefficients {
     b[c] = bc.b;
     k[c] = bc.k;
   }
-  std::vector<float> mean_hi, a, b, k;
+  std::span<float> mean_hi, a, b, k;
 };
 
 // ---- group norm: coefficients per (sample, group) block

@@ -12,7 +12,7 @@
 // run in double. The rules every fast kernel keeps are in src/cpu/README.md.
 #include <algorithm>
 #include <cmath>
-#include <vector>
+#include <span>
 
 #include "core/parallel.hpp"
 #include "cpu/coefficients.hpp"
@@ -145,7 +145,8 @@ void planes_forward(const Forward<float>& p) {
   const int64_t total = blocks * plan.pieces;
   const RunParts parts(g.s);
   const int64_t apply_units = g.n * g.c * parts.parts;
-  std::vector<Moments> partial(total);
+  leaf::Workspace ws;
+  const std::span<Moments> partial = ws.take<Moments>(total);
   parallel_region(threads, [&] {
 #pragma omp for schedule(static)
     for (int64_t t = 0; t < total; ++t)
@@ -169,7 +170,8 @@ void planes_forward(const Forward<float>& p) {
 void planes_moments(const SampleGeometry& g, const float* x, int64_t groups, Moments* out) {
   const BlockPlan plan(g, groups);
   const int64_t blocks = g.n * groups, total = blocks * plan.pieces;
-  std::vector<Moments> partial(total);
+  leaf::Workspace ws;
+  const std::span<Moments> partial = ws.take<Moments>(total);
   parallel_region(threads_for(g.n * g.c * g.s), [&] {
 #pragma omp for schedule(static)
     for (int64_t t = 0; t < total; ++t) {
@@ -200,7 +202,9 @@ void planes_backward(const Backward<float>& p) {
   const int64_t per_group = g.c / p.groups, blocks = g.n * p.groups;
   const RunParts parts(g.s);
   const int threads = threads_for(2 * g.n * g.c * g.s);
-  std::vector<double> sum_dy(g.n * g.c), sum_dy_xmu(g.n * g.c);
+  leaf::Workspace ws;
+  const std::span<double> sum_dy = ws.take<double>(g.n * g.c),
+                          sum_dy_xmu = ws.take<double>(g.n * g.c);
   // Σ over a channel's parts in part order, the same in both schedules.
   auto channel_sums = [&](int64_t n, int64_t c, const GradientSums* part_sums) {
     double a = 0, b = 0;
@@ -213,7 +217,8 @@ void planes_backward(const Backward<float>& p) {
   };
   if (whole_units_per_thread(blocks, threads)) {
     parallel_region(threads, [&] {
-      std::vector<GradientSums> part_sums(parts.parts);
+      leaf::Workspace own;  // this thread's
+      const std::span<GradientSums> part_sums = own.take<GradientSums>(parts.parts);
 #pragma omp for schedule(static)
       for (int64_t block = 0; block < blocks; ++block) {
         const int64_t n = block / p.groups, first_c = (block % p.groups) * per_group;
@@ -233,8 +238,8 @@ void planes_backward(const Backward<float>& p) {
     });
   } else {
     const int64_t units = g.n * g.c * parts.parts;
-    std::vector<GradientSums> partial(units);
-    std::vector<BlockGradient> block_coeff(blocks);
+    const std::span<GradientSums> partial = ws.take<GradientSums>(units);
+    const std::span<BlockGradient> block_coeff = ws.take<BlockGradient>(blocks);
     parallel_region(threads, [&] {
 #pragma omp for schedule(static)
       for (int64_t u = 0; u < units; ++u) {

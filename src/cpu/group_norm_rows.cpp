@@ -10,7 +10,7 @@
 // kernel keeps are in src/cpu/README.md.
 #include <algorithm>
 #include <cmath>
-#include <vector>
+#include <span>
 
 #include "core/parallel.hpp"
 #include "cpu/coefficients.hpp"
@@ -35,7 +35,7 @@ using detail::threads_for;
 using leaf::kMaxChunkRows;
 using leaf::param_or;
 using leaf::rows_block_moments;
-using leaf::scratch;
+using leaf::Workspace;
 using leaf::whole_units_per_thread;
 
 // ================= rows: per sample, S rows of C contiguous floats =================
@@ -93,7 +93,8 @@ void rows_chunk_moments(const float* __restrict x, int64_t stride, int64_t rows,
 void rows_chunk_group_moments(const SampleGeometry& g, const float* x, const RowPlan& plan,
                               int64_t n, int64_t c0, int64_t width, int64_t chunk, Moments* out) {
   const int64_t rows = plan.rows_in(chunk, g.s);
-  double* const mean = scratch<double>(0, 2 * width);
+  Workspace ws;
+  double* const mean = ws.take_for_overwrite<double>(2 * width).data();
   double* const m2 = mean + width;
   const bool last = chunk + 1 == plan.chunks;
   rows_chunk_moments(x + g.offset(n, c0, plan.first_row(chunk)), g.s_stride, rows, width, mean, m2,
@@ -113,7 +114,8 @@ void rows_chunk_group_moments(const SampleGeometry& g, const float* x, const Row
 void rows_sample_moments(const SampleGeometry& g, const float* x, const RowPlan& plan,
                          int64_t groups, int64_t n, Moments* moments) {
   Moments* const out = moments + n * groups;
-  Moments* const chunk_moments = scratch<Moments>(1, groups);
+  Workspace ws;
+  Moments* const chunk_moments = ws.take<Moments>(groups).data();
   for (int64_t j = 0; j < groups; ++j) out[j] = Moments{};
   for (int64_t chunk = 0; chunk < plan.chunks; ++chunk) {
     rows_chunk_group_moments(g, x, plan, n, 0, g.c, chunk, chunk_moments);
@@ -148,7 +150,7 @@ struct StatisticsPieces {
 // each sample's groups merged in chunk order into moments[n·G + group].
 void rows_moments_phases(const SampleGeometry& g, const float* x, const RowPlan& plan,
                          int64_t groups, const StatisticsPieces& pieces,
-                         std::vector<Moments>& partial, Moments* moments) {
+                         std::span<Moments> partial, Moments* moments) {
   const int64_t per_piece = pieces.part_channels / plan.per_group;
 #pragma omp for schedule(static)
   for (int64_t t = 0; t < pieces.count; ++t) {
@@ -202,7 +204,8 @@ void rows_forward(const Forward<float>& p) {
   const SampleGeometry& g = p.x_geom;
   const RowPlan plan(g, p.groups);
   const int threads = threads_for(g.n * g.c * g.s);
-  std::vector<float> coeff(3 * g.n * g.c);
+  Workspace ws;
+  const std::span<float> coeff = ws.take_for_overwrite<float>(3 * g.n * g.c);
   auto coefficients_of = [&](int64_t n) {
     float* base = coeff.data() + 3 * n * g.c;
     return SampleCoefficients{base, base + g.c, base + 2 * g.c};
@@ -216,7 +219,8 @@ void rows_forward(const Forward<float>& p) {
     return;
   }
   const StatisticsPieces pieces(g, plan, threads);
-  std::vector<Moments> partial(pieces.count * (pieces.part_channels / plan.per_group));
+  const std::span<Moments> partial =
+      ws.take<Moments>(pieces.count * (pieces.part_channels / plan.per_group));
   parallel_region(threads, [&] {
     rows_moments_phases(g, p.x, plan, p.groups, pieces, partial, p.moments);
 #pragma omp for schedule(static)
@@ -238,7 +242,9 @@ void rows_moments(const SampleGeometry& g, const float* x, int64_t groups, Momen
     return;
   }
   const StatisticsPieces pieces(g, plan, threads);
-  std::vector<Moments> partial(pieces.count * (pieces.part_channels / plan.per_group));
+  Workspace ws;
+  const std::span<Moments> partial =
+      ws.take<Moments>(pieces.count * (pieces.part_channels / plan.per_group));
   parallel_region(threads, [&] { rows_moments_phases(g, x, plan, groups, pieces, partial, out); });
 }
 
@@ -301,9 +307,10 @@ void rows_backward(const Backward<float>& p) {
   const int64_t C = g.c, G = p.groups;
   const int threads = threads_for(2 * g.n * g.c * g.s);
   const int64_t units = g.n * plan.slabs;
-  std::vector<double> sum_dy(g.n * C, 0.0), sum_dy_xmu(g.n * C, 0.0);
+  Workspace ws;
+  const std::span<double> sum_dy = ws.take<double>(g.n * C), sum_dy_xmu = ws.take<double>(g.n * C);
   // Per sample: mean_hi (the centre of the sums, then of dx), a, b, k per channel.
-  std::vector<float> coeff(4 * g.n * C);
+  const std::span<float> coeff = ws.take_for_overwrite<float>(4 * g.n * C);
   for (int64_t n = 0; n < g.n; ++n)
     for (int64_t c = 0; c < C; ++c)
       coeff[4 * n * C + c] = static_cast<float>(p.mean[n * G + c / plan.per_group]);
@@ -348,7 +355,9 @@ void rows_backward(const Backward<float>& p) {
   };
   if (whole_units_per_thread(units, threads)) {
     parallel_region(threads, [&] {
-      std::vector<double> a(plan.slab_channels), b(plan.slab_channels);
+      Workspace own;  // this thread's
+      const std::span<double> a = own.take_for_overwrite<double>(plan.slab_channels),
+                              b = own.take_for_overwrite<double>(plan.slab_channels);
 #pragma omp for schedule(static)
       for (int64_t u = 0; u < units; ++u) {
         const int64_t n = u / plan.slabs, slab = u % plan.slabs;
@@ -362,7 +371,7 @@ void rows_backward(const Backward<float>& p) {
     });
   } else {
     const int64_t pieces = units * plan.chunks, width = plan.slab_channels;
-    std::vector<double> partial(2 * pieces * width);
+    const std::span<double> partial = ws.take_for_overwrite<double>(2 * pieces * width);
     parallel_region(threads, [&] {
 #pragma omp for schedule(static)
       for (int64_t t = 0; t < pieces; ++t) {

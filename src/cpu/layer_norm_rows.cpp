@@ -23,7 +23,7 @@
 
 #include <algorithm>
 #include <cmath>
-#include <vector>
+#include <span>
 
 #include "core/parallel.hpp"
 #include "cpu/implementations.hpp"
@@ -269,8 +269,8 @@ void rows_backward(const Backward<float>& p) {
                           std::max<int64_t>(1, kMaxPartials / p.cols));
   const int64_t cols = p.cols;
   const size_t per_array = static_cast<size_t>(stripes * cols);
-  double* const buffer = leaf::scratch<double>(0, 2 * per_array);
-  std::fill(buffer, buffer + 2 * per_array, 0.0);
+  leaf::Workspace ws;
+  double* const buffer = ws.take<double>(2 * per_array).data();
   double* const part_gamma = p.dgamma ? buffer : nullptr;
   double* const part_beta = p.dbeta ? buffer + per_array : nullptr;
   const int64_t column_blocks = (cols + kMergeColumns - 1) / kMergeColumns;

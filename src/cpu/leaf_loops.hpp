@@ -1,7 +1,7 @@
 #pragma once
 // Leaf loops and small helpers shared by the fast CPU kernels (batch norm,
 // fused BN+ReLU, group norm, layer norm): the statistics passes over runs of
-// contiguous floats, and the per-thread scratch and plans they share.
+// contiguous floats, and the plans they share.
 //
 // Everything here has internal linkage (an unnamed namespace), so every kernel
 // file that includes it compiles its own copy with its own target_clones
@@ -23,9 +23,9 @@
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
-#include <vector>
+#include <span>
 
-#include "core/scratch.hpp"
+#include "core/workspace.hpp"
 #include "core/simd_clones.hpp"
 #include "normkit/moments.hpp"
 
@@ -50,7 +50,7 @@ inline double lane_total(const A* acc) {
   }
 }
 
-using normkit::detail::scratch;
+using normkit::detail::Workspace;
 
 [[maybe_unused]] double param_or(const float* p, int64_t c, double fallback) {
   return p ? static_cast<double>(p[c]) : fallback;

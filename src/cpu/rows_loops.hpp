@@ -452,9 +452,10 @@ void rows_moments_phase(const Geometry& g, const float* x, double* stripe_mean, 
   const int64_t C = plan.channels;
   constexpr int64_t kChannelBlock = 256;
   const int64_t blocks = (C + kChannelBlock - 1) / kChannelBlock;
-  float* const sums = leaf::scratch<float>(3, 3 * C);
-  double* const chunk_mean = leaf::scratch<double>(4, C);
-  double* const chunk_m2 = leaf::scratch<double>(5, C);
+  leaf::Workspace ws;  // this thread's
+  float* const sums = ws.take_for_overwrite<float>(3 * C).data();
+  double* const chunk_mean = ws.take_for_overwrite<double>(C).data();
+  double* const chunk_m2 = ws.take_for_overwrite<double>(C).data();
 #pragma omp for schedule(static)
   for (int64_t s = 0; s < plan.stripes; ++s) {
     double count = 0;
@@ -488,9 +489,10 @@ template <class Geometry, class Done = void (*)(int64_t, int64_t)>
 void rows_moments_into(const Geometry& g, const float* x, Moments* out, int threads,
                        const Done& done = [](int64_t, int64_t) {}) {
   const leaf::RowPlan plan(g);
-  double* const stripe_mean = leaf::scratch<double>(0, plan.stripes * plan.channels);
-  double* const stripe_m2 = leaf::scratch<double>(1, plan.stripes * plan.channels);
-  double* const stripe_count = leaf::scratch<double>(2, plan.stripes);
+  leaf::Workspace ws;
+  double* const stripe_mean = ws.take_for_overwrite<double>(plan.stripes * plan.channels).data();
+  double* const stripe_m2 = ws.take_for_overwrite<double>(plan.stripes * plan.channels).data();
+  double* const stripe_count = ws.take_for_overwrite<double>(plan.stripes).data();
   detail::parallel_region(threads, [&] {
     rows_moments_phase(g, x, stripe_mean, stripe_m2, stripe_count,
                        [&](int64_t c0, int64_t width, double count, const double* mean,

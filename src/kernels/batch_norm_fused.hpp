@@ -41,10 +41,10 @@ inline MaskOrder mask_order_of(const Geometry& x) {
                             {x.channels, x.channel_stride, &order.channel},
                             {x.inner, x.inner_stride, &order.inner}}};
   // Axes of extent 1 address nothing; sort them last so they do not split a run.
-  std::stable_sort(axes.begin(), axes.end(), [](const Axis& a, const Axis& b) {
-    const int64_t sa = a.extent > 1 ? a.stride : -1, sb = b.extent > 1 ? b.stride : -1;
-    return sa > sb;
-  });
+  // A stable insertion sort: std::stable_sort allocates a buffer, even for three.
+  const auto key = [](const Axis& a) { return a.extent > 1 ? a.stride : int64_t{-1}; };
+  for (size_t i = 1; i < axes.size(); ++i)
+    for (size_t j = i; j > 0 && key(axes[j]) > key(axes[j - 1]); --j) std::swap(axes[j], axes[j - 1]);
   int64_t step = 1;
   for (int k = 2; k >= 0; --k) {
     *axes[k].rank = step;

@@ -15,7 +15,7 @@
 #include "core/check.hpp"
 #include "core/dispatch.hpp"
 #include "core/norm_checks.hpp"
-#include "core/scratch.hpp"
+#include "core/workspace.hpp"
 #include "kernels/batch_norm.hpp"
 #include "ops/batch_norm_internal.hpp"
 
@@ -38,12 +38,9 @@ using detail::unify;
 namespace bn = kernels::bn;
 
 namespace {
-// Per-channel arrays in scratch (core/scratch.hpp), as forward-training's
-// (detail::TrainingEpilogue, slots 0-4): batch_norm_update_running's next
-// values, slots 6-7. The backward's stay vectors: in scratch it measured
-// slower at 2 threads (32x4096: 67 -> 80 us; its sums cross from the threads
-// to the caller either way).
-using detail::scratch;
+// Every per-channel array of a call comes from the calling thread's
+// Workspace (core/workspace.hpp), as forward-training's (detail::TrainingEpilogue).
+using detail::Workspace;
 
 // x, dy and dx (data == nullptr: not wanted) of a backward: checked, with the
 // in-place rules, as geometries the kernels can walk together.
@@ -92,8 +89,9 @@ void batch_norm_update_running(std::span<const Moments> moments, RunningStats<T>
   // make the running variance infinite (PyTorch lets it); nothing is written then.
   // One pass computes them and finds any fault of the batch's moments; which
   // fault it was is looked for only when there is one.
-  double* const mean = scratch<double>(6, static_cast<size_t>(channels));
-  double* const var = scratch<double>(7, static_cast<size_t>(channels));
+  Workspace ws;
+  double* const mean = ws.take_for_overwrite<double>(static_cast<size_t>(channels)).data();
+  double* const var = ws.take_for_overwrite<double>(static_cast<size_t>(channels)).data();
   if (!detail::next_running<T>(moments.data(), moments.size(), ddof, w_new,
                                running.mean.data(), running.var.data(), mean, var)) {
     check_batch_moments(moments);
@@ -141,10 +139,9 @@ template <class T>
 void batch_norm_forward_apply(ConstTensorView<T> x, TensorView<T> y, std::span<const T> gamma,
                               std::span<const T> beta, std::span<const T> mean,
                               std::span<const T> invstd) {
-  const std::vector<double> mean_d(mean.begin(), mean.end()),
-      invstd_d(invstd.begin(), invstd.end());
-  detail::batch_norm_apply_double_stats<T>(x, y, gamma, beta, mean_d, invstd_d,
-                                           "batch_norm_forward_apply");
+  Workspace ws;
+  detail::batch_norm_apply_double_stats<T>(x, y, gamma, beta, ws.copy<double>(mean),
+                                           ws.copy<double>(invstd), "batch_norm_forward_apply");
 }
 
 template <class T>
@@ -167,7 +164,9 @@ void batch_norm_forward_from_moments(ConstTensorView<T> x, TensorView<T> y,
                    moments[c].count, " values for channel ", c);
   check_finite(moments);
 
-  std::vector<double> mean(gx.channels), invstd(gx.channels);
+  Workspace ws;
+  const std::span<double> mean = ws.take_for_overwrite<double>(gx.channels),
+                          invstd = ws.take_for_overwrite<double>(gx.channels);
   for (int64_t c = 0; c < gx.channels; ++c) {
     mean[c] = moments[c].mean;
     invstd[c] = bn::invstd_of(moments[c].biased_variance(), options.eps);
@@ -189,7 +188,8 @@ void batch_norm_forward_inference(ConstTensorView<T> x, TensorView<T> y, std::sp
   for (size_t c = 0; c < running_var.size(); ++c)
     if (!(running_var[c] + eps > 0))
       fail_invalid("running_var[", c, "] + eps must be positive, got ", running_var[c]);
-  std::vector<T> invstd(running_var.size());
+  Workspace ws;
+  const std::span<T> invstd = ws.take_for_overwrite<T>(running_var.size());
   for (size_t c = 0; c < running_var.size(); ++c)
     invstd[c] = static_cast<T>(bn::invstd_of(running_var[c], eps));
   batch_norm_forward_apply<T>(x, y, gamma, beta, running_mean, invstd);
@@ -210,8 +210,10 @@ void batch_norm_backward(ConstTensorView<T> x, ConstTensorView<T> dy, TensorView
   check_count(dgamma, gx.channels, "dgamma", kPerChannel, false);
   check_count(dbeta, gx.channels, "dbeta", kPerChannel, false);
 
-  std::vector<double> mean_d(mean.begin(), mean.end()), invstd_d(invstd.begin(), invstd.end());
-  std::vector<double> sum_dy(gx.channels), sum_dy_xhat(gx.channels);
+  Workspace ws;
+  const std::span<double> mean_d = ws.copy<double>(mean), invstd_d = ws.copy<double>(invstd);
+  const std::span<double> sum_dy = ws.take<double>(gx.channels),
+                          sum_dy_xhat = ws.take<double>(gx.channels);
   const bn::Backward<T> problem{gx,     gdy,           gdx,            x.data, dy.data,
                                 dx.data, or_null(gamma), mean_d.data(), invstd_d.data(), mode,
                                 sum_dy.data(), sum_dy_xhat.data()};
@@ -232,7 +234,8 @@ void batch_norm_backward_reduce(ConstTensorView<T> x, ConstTensorView<T> dy,
   check_count(invstd, gx.channels, "invstd", kPerChannel, true);
   check_count(sum_dy, gx.channels, "sum_dy", kPerChannel, true);
   check_count(sum_dy_xhat, gx.channels, "sum_dy_xhat", kPerChannel, true);
-  std::vector<double> mean_d(mean.begin(), mean.end()), invstd_d(invstd.begin(), invstd.end());
+  Workspace ws;
+  const std::span<double> mean_d = ws.copy<double>(mean), invstd_d = ws.copy<double>(invstd);
   // Backward without dx computes exactly these sums.
   const bn::Backward<T> problem{gx,      gdy,     gdx,           x.data,          dy.data,
                                 nullptr, nullptr, mean_d.data(), invstd_d.data(),
@@ -256,7 +259,8 @@ void batch_norm_backward_apply(ConstTensorView<T> x, ConstTensorView<T> dy, Tens
   if (!(count > 1) || !std::isfinite(count) || count < static_cast<double>(gx.reduction_size()))
     fail_invalid("count (values per channel in the whole batch) must be above 1 and at least x's ",
                  gx.reduction_size(), ", got ", count);
-  std::vector<double> mean_d(mean.begin(), mean.end()), invstd_d(invstd.begin(), invstd.end());
+  Workspace ws;
+  const std::span<double> mean_d = ws.copy<double>(mean), invstd_d = ws.copy<double>(invstd);
   const bn::BackwardApply<T> problem{gx,            gdy,            gdx,
                                      x.data,        dy.data,        dx.data,
                                      or_null(gamma), mean_d.data(), invstd_d.data(),

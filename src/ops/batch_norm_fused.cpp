@@ -6,11 +6,12 @@
 
 #include <array>
 #include <cmath>
-#include <vector>
+#include <span>
 
 #include "core/check.hpp"
 #include "core/dispatch.hpp"
 #include "core/norm_checks.hpp"
+#include "core/workspace.hpp"
 #include "kernels/batch_norm_fused.hpp"
 #include "ops/batch_norm_internal.hpp"
 
@@ -27,6 +28,7 @@ using detail::fail_invalid;
 using detail::kPerChannel;
 using detail::or_null;
 using detail::unify;
+using detail::Workspace;
 namespace bn_fused = kernels::bn_fused;
 
 namespace {
@@ -126,7 +128,9 @@ void forward_inference(ConstTensorView<T> x, const ConstTensorView<T>* z, Tensor
   for (size_t c = 0; c < running_var.size(); ++c)
     if (!(running_var[c] + eps > 0))
       fail_invalid("running_var[", c, "] + eps must be positive, got ", running_var[c]);
-  std::vector<double> mean(running_mean.begin(), running_mean.end()), invstd(running_var.size());
+  Workspace ws;
+  const std::span<double> mean = ws.copy<double>(running_mean),
+                          invstd = ws.take_for_overwrite<double>(running_var.size());
   // Rounded to T first, as batch_norm_forward_inference does, so the two agree.
   for (size_t c = 0; c < running_var.size(); ++c)
     invstd[c] = static_cast<T>(kernels::bn::invstd_of(running_var[c], eps));
@@ -175,8 +179,10 @@ void backward(ConstTensorView<T> x, ConstTensorView<T> dy, std::span<const uint8
   check_count(dgamma, gx.channels, "dgamma", kPerChannel, false);
   check_count(dbeta, gx.channels, "dbeta", kPerChannel, false);
 
-  std::vector<double> mean_d(mean.begin(), mean.end()), invstd_d(invstd.begin(), invstd.end());
-  std::vector<double> sum_dy(gx.channels), sum_dy_xhat(gx.channels);
+  Workspace ws;
+  const std::span<double> mean_d = ws.copy<double>(mean), invstd_d = ws.copy<double>(invstd);
+  const std::span<double> sum_dy = ws.take<double>(gx.channels),
+                          sum_dy_xhat = ws.take<double>(gx.channels);
   const bn_fused::Backward<T> problem{gx,      gdy,     gdx,           gdz,
                                       x.data,  dy.data, mask.data(),   bn_fused::mask_order_of(gx),
                                       dx.data, want_dz ? dz->data : nullptr, or_null(gamma),

@@ -12,7 +12,7 @@
 #include <vector>
 
 #include "core/check.hpp"
-#include "core/scratch.hpp"
+#include "core/workspace.hpp"
 #include "core/simd_clones.hpp"
 #include "kernels/batch_norm.hpp"
 #include "normkit/batch_norm.hpp"
@@ -110,21 +110,17 @@ RunningUpdate running_update(const RunningStats<T>& running, const BatchNormOpti
 // conclude() then puts every value back and throws the error
 // batch_norm_update_running gives, so that nothing but y changes. Otherwise
 // the results are batch_norm_update_running's and write_saved's, bit for bit.
-// The moments and the kept values live in the including file's per-thread
-// scratch (core/scratch.hpp), slots 0-4: at 32x4096 fresh vectors cost a page
-// fault per call and a heap trim (brk, and a TLB flush on both cores) every
-// 2-3 calls.
+// The moments and the kept values live in the calling thread's Workspace
+// (core/workspace.hpp), not in fresh vectors.
 template <class T>
 class TrainingEpilogue {
  public:
   TrainingEpilogue(int64_t channels, RunningStats<T> running, SavedStats<T> saved,
                    const BatchNormOptions& options)
-      : moments_(scratch<Moments>(0, static_cast<size_t>(channels)),
-                 static_cast<size_t>(channels)),
+      : moments_(workspace_.take<Moments>(static_cast<size_t>(channels))),
         running_(running), saved_(saved), options_(options),
         update_(running_update(running, options)),
-        kept_{scratch<T>(1, moments_.size()), scratch<T>(2, moments_.size()),
-              scratch<T>(3, moments_.size()), scratch<T>(4, moments_.size())} {}
+        kept_{kept_array(), kept_array(), kept_array(), kept_array()} {}
 
   // Where the kernel writes the batch moments, and how it reports them final.
   std::span<Moments> moments() const { return moments_; }
@@ -186,6 +182,9 @@ class TrainingEpilogue {
     std::copy_n(kept_[3], saved_.invstd.size(), saved_.invstd.data());
   }
 
+  T* kept_array() { return workspace_.take_for_overwrite<T>(moments_.size()).data(); }
+
+  Workspace workspace_;  // first: the arrays below are taken from it
   std::span<Moments> moments_;
   RunningStats<T> running_;
   SavedStats<T> saved_;

@@ -6,10 +6,11 @@
 
 #include <algorithm>
 #include <cmath>
-#include <vector>
+#include <span>
 
 #include "core/check.hpp"
 #include "core/norm_checks.hpp"
+#include "core/workspace.hpp"
 #include "kernels/batch_norm.hpp"
 #include "ops/batch_norm_internal.hpp"
 
@@ -23,6 +24,7 @@ using detail::checked_like;
 using detail::fail_invalid;
 using detail::fail_runtime;
 using detail::kPerChannel;
+using detail::Workspace;
 
 namespace {
 
@@ -101,7 +103,8 @@ void batch_renorm_forward_training(ConstTensorView<T> x, TensorView<T> y, std::s
       fail_invalid("running statistics of channel ", c, " must be finite with running_var + eps > 0, got mean ",
                    running.mean[c], ", var ", running.var[c]);
 
-  std::vector<Moments> moments(C);
+  Workspace ws;
+  const std::span<Moments> moments = ws.take<Moments>(C);
   batch_norm_moments<T>(x, moments);
   for (int64_t c = 0; c < C; ++c)
     if (!std::isfinite(moments[c].mean) || !std::isfinite(moments[c].m2))
@@ -109,8 +112,9 @@ void batch_renorm_forward_training(ConstTensorView<T> x, TensorView<T> y, std::s
                    " contains NaN or infinite values; nothing written, running statistics left unchanged");
 
   // y = (x − μ_B)·invstd_B·(γ·r) + (β + γ·d): BN's apply with folded coefficients.
-  std::vector<double> mean(C), invstd(C), r(C), d(C);
-  std::vector<T> gamma_r(C), beta_d(C);
+  const std::span<double> mean = ws.take<double>(C), invstd = ws.take<double>(C),
+                          r = ws.take<double>(C), d = ws.take<double>(C);
+  const std::span<T> gamma_r = ws.take<T>(C), beta_d = ws.take<T>(C);
   for (int64_t c = 0; c < C; ++c) {
     mean[c] = moments[c].mean;
     invstd[c] = kernels::bn::invstd_of(moments[c].biased_variance(), options.eps);
@@ -152,7 +156,8 @@ void batch_renorm_backward(ConstTensorView<T> x, ConstTensorView<T> dy, TensorVi
   check_count(dbeta, C, "dbeta", kPerChannel, false);
 
   // With r and d constant, y = (γ·r)·x̂_B + (β + γ·d): BN's backward with γ·r.
-  std::vector<T> gamma_r(C), sum_dy_xhat(C), sum_dy(C);
+  Workspace ws;
+  const std::span<T> gamma_r = ws.take<T>(C), sum_dy_xhat = ws.take<T>(C), sum_dy = ws.take<T>(C);
   for (int64_t c = 0; c < C; ++c)
     gamma_r[c] = static_cast<T>((gamma.empty() ? 1.0 : static_cast<double>(gamma[c])) *
                                 static_cast<double>(r[c]));
@@ -194,10 +199,10 @@ void ghost_batch_norm_forward_training(ConstTensorView<T> x, TensorView<T> y,
 
   // Work on copies of the state, so that a NaN in a later virtual batch leaves
   // the caller's running and saved statistics as they were.
-  std::vector<T> running_mean(running.mean.begin(), running.mean.end());
-  std::vector<T> running_var(running.var.begin(), running.var.end());
+  Workspace ws;
+  const std::span<T> running_mean = ws.copy<T>(running.mean), running_var = ws.copy<T>(running.var);
   int64_t tracked = running.num_batches_tracked ? *running.num_batches_tracked : 0;
-  std::vector<T> save_mean(ghosts * C), save_invstd(ghosts * C);
+  const std::span<T> save_mean = ws.take<T>(ghosts * C), save_invstd = ws.take<T>(ghosts * C);
   for (int64_t g = 0; g < ghosts; ++g) {
     const int64_t first = g * virtual_batch_size, count = std::min(virtual_batch_size, n - first);
     const std::span<T> mean_g(save_mean.data() + g * C, C), invstd_g(save_invstd.data() + g * C, C);
@@ -232,8 +237,9 @@ void ghost_batch_norm_backward(ConstTensorView<T> x, ConstTensorView<T> dy, Tens
   check_count(dgamma, C, "dgamma", kPerChannel, false);
   check_count(dbeta, C, "dbeta", kPerChannel, false);
 
-  std::vector<double> total_dgamma(C, 0.0), total_dbeta(C, 0.0);
-  std::vector<T> dgamma_g(C), dbeta_g(C);
+  Workspace ws;
+  const std::span<double> total_dgamma = ws.take<double>(C), total_dbeta = ws.take<double>(C);
+  const std::span<T> dgamma_g = ws.take<T>(C), dbeta_g = ws.take<T>(C);
   for (int64_t g = 0; g < ghosts; ++g) {
     const int64_t first = g * virtual_batch_size, count = std::min(virtual_batch_size, n - first);
     batch_norm_backward<T>(batch_slice(x, first, count), batch_slice(dy, first, count),
@@ -259,7 +265,8 @@ void frozen_batch_norm_backward(ConstTensorView<T> x, ConstTensorView<T> dy, Ten
                                 std::span<T> dbeta) {
   const Geometry gx = checked_input(x, "x");
   check_count(running_var, gx.channels, "running_var", kPerChannel, true);
-  std::vector<T> invstd(running_var.size());
+  Workspace ws;
+  const std::span<T> invstd = ws.take<T>(running_var.size());
   batch_norm_invstd<T>(running_var, eps, invstd);
   batch_norm_backward<T>(x, dy, dx, gamma, running_mean, invstd, dgamma, dbeta,
                          BackwardMode::frozen);

@@ -6,7 +6,7 @@
 
 #include <array>
 #include <cmath>
-#include <vector>
+#include <span>
 
 #include "core/check.hpp"
 #include "core/dispatch.hpp"
@@ -27,6 +27,7 @@ using detail::checked_like;
 using detail::fail_invalid;
 using detail::kPerChannel;
 using detail::or_null;
+using detail::Workspace;
 namespace gn = kernels::gn;
 
 namespace {
@@ -42,11 +43,11 @@ void check_groups(int64_t groups, ConstTensorView<T> x, int64_t channels) {
                  groups);
 }
 
-// Runs the problem; fills moments (N·G).
+// Runs the problem; returns its moments (N·G), taken from ws.
 template <class T>
-void run_forward(ConstTensorView<T> x, TensorView<T> y, int64_t groups, std::span<const T> gamma,
-                 std::span<const T> beta, double eps, std::vector<Moments>& moments,
-                 const char* op) {
+std::span<Moments> run_forward(ConstTensorView<T> x, TensorView<T> y, int64_t groups,
+                               std::span<const T> gamma, std::span<const T> beta, double eps,
+                               Workspace& ws, const char* op) {
   const SampleGeometry gx = checked_input<SampleGeometry>(x, "x");
   const SampleGeometry gy = checked_like<SampleGeometry>(y, x, "y");
   check_in_place(y.data, gy, x.data, gx, "x");
@@ -54,11 +55,12 @@ void run_forward(ConstTensorView<T> x, TensorView<T> y, int64_t groups, std::spa
   check_count(gamma, gx.c, "weight (gamma)", kPerChannel, false);
   check_count(beta, gx.c, "bias (beta)", kPerChannel, false);
   check_eps(eps);
-  moments.assign(static_cast<size_t>(gx.n * groups), Moments{});
+  const std::span<Moments> moments = ws.take<Moments>(static_cast<size_t>(gx.n * groups));
   const gn::Forward<T> problem{gx,     gy,     x.data, y.data,        or_null(gamma),
                                or_null(beta), groups, eps,    moments.data()};
   detail::run(op, gn::implementations(), &gn::Impl::forward, gn::ref::forward<T>, problem, gx,
               std::array{gy});
+  return moments;
 }
 
 }  // namespace
@@ -72,8 +74,9 @@ void group_norm_forward(ConstTensorView<T> x, TensorView<T> y, int64_t num_group
   check_groups(num_groups, x, gx.c);
   check_count(saved.mean, gx.n * num_groups, "save_mean", kPerSampleAndGroup, false);
   check_count(saved.invstd, gx.n * num_groups, "save_invstd", kPerSampleAndGroup, false);
-  std::vector<Moments> moments;
-  run_forward(x, y, num_groups, gamma, beta, eps, moments, "group_norm_forward");
+  Workspace ws;
+  const std::span<Moments> moments =
+      run_forward(x, y, num_groups, gamma, beta, eps, ws, "group_norm_forward");
   detail::write_saved(moments, saved, eps);
 }
 
@@ -92,8 +95,9 @@ void group_norm_backward(ConstTensorView<T> x, ConstTensorView<T> dy, TensorView
   check_count(dgamma, gx.c, "dgamma", kPerChannel, false);
   check_count(dbeta, gx.c, "dbeta", kPerChannel, false);
 
-  std::vector<double> mean_d(mean.begin(), mean.end()), invstd_d(invstd.begin(), invstd.end());
-  std::vector<double> dgamma_d(gx.c), dbeta_d(gx.c);
+  Workspace ws;
+  const std::span<double> mean_d = ws.copy<double>(mean), invstd_d = ws.copy<double>(invstd);
+  const std::span<double> dgamma_d = ws.take<double>(gx.c), dbeta_d = ws.take<double>(gx.c);
   const gn::Backward<T> problem{gx,      gdy,           gdx,           x.data,
                                 dy.data, dx.data,       or_null(gamma), num_groups,
                                 mean_d.data(), invstd_d.data(), dgamma_d.data(), dbeta_d.data()};
@@ -128,8 +132,9 @@ void instance_norm_forward_training(ConstTensorView<T> x, TensorView<T> y,
   check_count(saved.invstd, gx.n * gx.c, "save_invstd", "one per sample and channel", false);
   check_running(running, gx.c, options);
 
-  std::vector<Moments> moments;
-  run_forward(x, y, gx.c, gamma, beta, options.eps, moments, "instance_norm_forward_training");
+  Workspace ws;
+  const std::span<Moments> moments =
+      run_forward(x, y, gx.c, gamma, beta, options.eps, ws, "instance_norm_forward_training");
 
   // The batch value of a channel is the average over samples of the instance
   // mean and of the instance unbiased variance (PyTorch's instance_norm
@@ -138,7 +143,7 @@ void instance_norm_forward_training(ConstTensorView<T> x, TensorView<T> y,
   // biased_variance() = m2 / S its biased counterpart (Keras' convention).
   if (!running.mean.empty() || running.num_batches_tracked) {
     const double s = static_cast<double>(gx.s);
-    std::vector<Moments> per_channel(static_cast<size_t>(gx.c));
+    const std::span<Moments> per_channel = ws.take<Moments>(static_cast<size_t>(gx.c));
     for (int64_t c = 0; c < gx.c; ++c) {
       double mean = 0, var = 0;
       for (int64_t n = 0; n < gx.n; ++n) {

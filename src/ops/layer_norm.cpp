@@ -7,11 +7,12 @@
 
 #include <cmath>
 #include <string>
-#include <vector>
+#include <span>
 
 #include "core/check.hpp"
 #include "core/dispatch.hpp"
 #include "core/norm_checks.hpp"
+#include "core/workspace.hpp"
 #include "kernels/layer_norm.hpp"
 
 namespace normkit {
@@ -21,6 +22,7 @@ using detail::check_eps;
 using detail::fail_invalid;
 using detail::fail_runtime;
 using detail::or_null;
+using detail::Workspace;
 namespace ln = kernels::ln;
 using ln::Centering;
 
@@ -69,7 +71,7 @@ void run_backward(const ln::Backward<T>& p, const char* op) {
 
 // A row whose statistics are not finite held NaN or ∞ (or its variance
 // overflowed); an infinite variance or mean square shows as invstd = 0.
-void check_finite_rows(const std::vector<double>& mean, const std::vector<double>& invstd) {
+void check_finite_rows(std::span<const double> mean, std::span<const double> invstd) {
   for (size_t r = 0; r < invstd.size(); ++r)
     if (!(std::isfinite(invstd[r]) && invstd[r] > 0) || (!mean.empty() && !std::isfinite(mean[r])))
       fail_runtime("x: row ", r,
@@ -102,8 +104,10 @@ void backward_common(Centering centering, ConstRowsView<T> x, ConstRowsView<T> d
   check_statistics(mean, "mean");
   check_statistics(invstd, centering == Centering::layer ? "invstd" : "inv_rms");
 
-  const std::vector<double> mean_d(mean.begin(), mean.end()), invstd_d(invstd.begin(), invstd.end());
-  std::vector<double> dgamma_d(dgamma.empty() ? 0 : x.cols), dbeta_d(dbeta.empty() ? 0 : x.cols);
+  Workspace ws;
+  const std::span<double> mean_d = ws.copy<double>(mean), invstd_d = ws.copy<double>(invstd);
+  const std::span<double> dgamma_d = ws.take<double>(dgamma.empty() ? 0 : x.cols),
+                          dbeta_d = ws.take<double>(dbeta.empty() ? 0 : x.cols);
   run_backward<T>({centering, x.rows, x.cols, x.data, x.row_stride, dy.data, dy.row_stride,
                    dx.data, dx.row_stride, or_null(gamma),
                    centering == Centering::layer ? mean_d.data() : nullptr, invstd_d.data(),
@@ -127,7 +131,8 @@ void layer_norm_forward(ConstRowsView<T> x, RowsView<T> y, std::span<const T> ga
   check_count(saved.invstd, x.rows, "save_invstd", "one per row", false);
   check_eps(eps);
 
-  std::vector<double> mean(x.rows), invstd(x.rows);
+  Workspace ws;
+  const std::span<double> mean = ws.take<double>(x.rows), invstd = ws.take<double>(x.rows);
   run_forward<T>({Centering::layer, x.rows, x.cols, x.data, x.row_stride, y.data, y.row_stride,
                   or_null(gamma), or_null(beta), eps, mean.data(), invstd.data()},
                  "layer_norm_forward");
@@ -152,7 +157,8 @@ void rms_norm_forward(ConstRowsView<T> x, RowsView<T> y, std::span<const T> gamm
   check_count(save_inv_rms, x.rows, "save_inv_rms", "one per row", false);
   check_eps(eps);
 
-  std::vector<double> inv_rms(x.rows);
+  Workspace ws;
+  const std::span<double> inv_rms = ws.take<double>(x.rows);
   run_forward<T>({Centering::rms, x.rows, x.cols, x.data, x.row_stride, y.data, y.row_stride,
                   or_null(gamma), nullptr, eps, nullptr, inv_rms.data()},
                  "rms_norm_forward");
