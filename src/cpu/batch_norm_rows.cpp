@@ -24,10 +24,12 @@ using cpu::apply_coefficients;
 using cpu::BackwardCoefficients;
 using cpu::backward_coefficients;
 using cpu::blocked_channels;
+using cpu::coefficient_arrays;
 using cpu::kColumnBlock;
 using cpu::kRowGroup;
 using cpu::next_chunk;
 using cpu::finish_channel_from_hi;
+using cpu::finish_forward_block;
 using cpu::RowBackwardCoefficients;
 using cpu::rows_chunk_moments;
 using cpu::rows_moments_into;
@@ -47,27 +49,6 @@ using leaf::Workspace;
 
 // Channel blocks, row groups and the chunk loops of the statistics and
 // gradient sums: cpu/rows_loops.hpp (shared with the fused kernels).
-
-// Per-channel apply coefficients (apply_coefficients) for a block of channels
-// from merged moments, as arrays, in a loop the compiler vectorizes: with
-// thousands of channels and few rows (32×4096), scalar square roots and
-// divisions per channel cost as much as the data passes. (This file is built
-// with -fno-math-errno, without which the square root does not vectorize.)
-NORMKIT_SIMD_CLONES
-void coefficient_arrays(int64_t channels, double count, const double* __restrict mean,
-                        const double* __restrict m2, const float* __restrict gamma,
-                        const float* __restrict beta, double eps, float* __restrict mean_hi,
-                        float* __restrict scale, float* __restrict shift) {
-  for (int64_t c = 0; c < channels; ++c) {
-    const double invstd = 1.0 / std::sqrt(m2[c] / count + eps);
-    const float hi = static_cast<float>(mean[c]);
-    const double sc = (gamma ? static_cast<double>(gamma[c]) : 1.0) * invstd;
-    mean_hi[c] = hi;
-    scale[c] = static_cast<float>(sc);
-    shift[c] = static_cast<float>((beta ? static_cast<double>(beta[c]) : 0.0) -
-                                  (mean[c] - static_cast<double>(hi)) * sc);
-  }
-}
 
 // Per-channel coefficients as three arrays, so the row loop vectorizes over channels.
 struct RowCoefficients {
@@ -198,12 +179,8 @@ void rows_forward_training(const Forward<float>& p) {
     rows_moments_phase(g, p.x, stripe_mean, stripe_m2, stripe_count,
                        [&](int64_t c0, int64_t width, double count, const double* mean,
                            const double* m2) {
-                         for (int64_t c = 0; c < width; ++c)
-                           p.moments[c0 + c] = {count, mean[c], m2[c]};
-                         p.moments_done(c0, width);
-                         coefficient_arrays(width, count, mean, m2, p.gamma ? p.gamma + c0 : nullptr,
-                                            p.beta ? p.beta + c0 : nullptr, p.eps, k.mean_hi + c0,
-                                            k.scale + c0, k.shift + c0);
+                         finish_forward_block(p, c0, width, count, mean, m2, k.mean_hi, k.scale,
+                                              k.shift);
                        });
     rows_apply_phase(g, p.y_geom, p.x, p.y, k);  // its omp for waits for the coefficients
   });
