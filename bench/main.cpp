@@ -69,6 +69,8 @@ const std::vector<ShapeRow>& shape_table() {
       // Fused BN+ReLU and BN+Add+ReLU against the unfused sequences (normkit's, PyTorch's).
       {"bn_relu", {32, 64, 56, 56}, {Memory::channels_first, Memory::channels_last}, false},
       {"bn_add_relu", {32, 64, 56, 56}, {Memory::channels_first, Memory::channels_last}, false},
+      // BN1d + ReLU (an MLP's hidden layer): the rows kernels.
+      {"bn_relu", {32, 4096}, {Memory::channels_first}, false},
       {"bn2d", {64, 512, 14, 14}, {Memory::channels_first, Memory::channels_last}, true},
       // 103 MB per tensor, three times a 32 MB L3 (outputs past every cache).
       {"bn2d", {128, 64, 56, 56}, {Memory::channels_first, Memory::channels_last}, true},
