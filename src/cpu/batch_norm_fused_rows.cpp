@@ -25,6 +25,7 @@ namespace {
 
 using cpu::ApplyCoefficients;
 using cpu::BackwardCoefficients;
+using cpu::ColumnUnits;
 using cpu::blocked_channels;
 using cpu::expand_bits;
 using cpu::finish_channel;
@@ -35,6 +36,7 @@ using cpu::finish_forward_block;
 using cpu::rows_moments_phase;
 using cpu::kExpandBlock;
 using cpu::pack_positive_bits;
+using detail::parallel_for;
 using detail::parallel_region;
 using detail::threads_for;
 using leaf::RowPlan;
@@ -102,6 +104,40 @@ void rows_forward(const Forward<float>& p) {
   });
 }
 
+// rows_backward_masked on a small problem: BN's column units (as BN's
+// rows_backward_units), each unit's sums over the stripes' chunks in order,
+// its coefficients, then dx and dz while its columns are in cache. The same
+// sums in the same order as the phased path: the same bits. Units whose width
+// is not a multiple of kNarrowRowBlock (the masked loops' blocks) decline.
+bool rows_backward_masked_units(const Backward<float>& p, const RowPlan& plan, int threads) {
+  const ColumnUnits units = cpu::column_units(plan, threads);
+  if (units.count == 0 || units.width % cpu::kNarrowRowBlock != 0) return false;
+  const Geometry& gx = p.x_geom;
+  const int64_t C = plan.channels;
+  auto source = [&](int64_t r0, int64_t c0) {
+    return leaf::GradientSource{p.dy + r0 * p.dy_geom.outer_stride + c0, p.dy_geom.outer_stride,
+                                p.mask, r0 * C + c0, C};
+  };
+  parallel_for(threads, units.count, [&](int64_t u) {
+    cpu::unit_backward(
+        p, plan, units, u,
+        [&](int64_t r0, int64_t rows, int64_t c0, int64_t width, const float* mean_hi,
+            double* s1, double* s2) {
+          cpu::rows_gradient_sums_masked_chunk(p.x + r0 * gx.outer_stride + c0, gx.outer_stride,
+                                               source(r0, c0), rows, width, mean_hi, s1, s2);
+        },
+        [&](int64_t c0, int64_t width, const float* mean_hi, const float* a, const float* b,
+            const float* k) {
+          if (p.dx || p.dz)
+            cpu::rows_backward_apply_masked_chunk(
+                p.x + c0, gx.outer_stride, source(0, c0), p.dx ? p.dx + c0 : nullptr,
+                p.dx_geom.outer_stride, p.dz ? p.dz + c0 : nullptr, p.dz_geom.outer_stride,
+                plan.rows, width, mean_hi, a, b, k);
+        });
+  });
+  return true;
+}
+
 // The backward with g read from dy and the bits inside the loops
 // (leaf::GradientSource), when C is a multiple of kNarrowRowBlock (32, 64,
 // 96, ..., 512, 1024...): BN's sums over chunks and stripes, then dx and dz in one
@@ -109,6 +145,7 @@ void rows_forward(const Forward<float>& p) {
 // loops alike, so the sums are BN's bit for bit for any C. Other channel
 // counts expand g first (rows_backward).
 void rows_backward_masked(const Backward<float>& p, const RowPlan& plan, int threads) {
+  if (rows_backward_masked_units(p, plan, threads)) return;
   const Geometry& gx = p.x_geom;
   const int64_t C = plan.channels;
   Workspace ws;

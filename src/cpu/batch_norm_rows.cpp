@@ -21,26 +21,25 @@ namespace {
 
 using cpu::ApplyCoefficients;
 using cpu::apply_coefficients;
-using cpu::BackwardCoefficients;
 using cpu::backward_coefficients;
 using cpu::blocked_channels;
+using cpu::column_units;
+using cpu::ColumnUnits;
 using cpu::coefficient_arrays;
-using cpu::kColumnBlock;
-using cpu::kRowGroup;
 using cpu::next_chunk;
-using cpu::finish_channel_from_hi;
 using cpu::finish_forward_block;
 using cpu::RowBackwardCoefficients;
-using cpu::rows_chunk_moments;
 using cpu::rows_moments_into;
 using cpu::rows_moments_phase;
 using cpu::rows_apply_chunk;
 using cpu::rows_backward_apply_chunk;
 using cpu::rows_gradient_sums_chunk;
+using cpu::unit_backward;
+using cpu::unit_blocked;
+using cpu::unit_moments;
 using detail::parallel_for;
 using detail::parallel_region;
 using detail::threads_for;
-using leaf::merge_moment_arrays;
 using leaf::param_or;
 using leaf::RowPlan;
 using leaf::Workspace;
@@ -75,72 +74,6 @@ void rows_apply_phase(const Geometry& gx, const Geometry& gy, const float* x, fl
                      gy.outer_stride, plan.rows_in(chunk), plan.channels, k.mean_hi, k.scale,
                      k.shift);
   }
-}
-
-// ---- column units: small problems ----
-// When all rows of a block of channels fit in L2 (256×1024, 32×4096), each
-// thread takes whole blocks of channels ("units") over all rows: their moments,
-// coefficients and apply (or gradient sums and dx) in one go, while the block is
-// in cache, with no barrier between the phases: on a small problem the phased
-// path's barriers, merges of every channel per chunk and second read of x cost
-// more than the data passes. A channel's sums run over the same chunks and
-// stripes (RowPlan) in the same order as the phased path: the results are
-// bitwise the same, for any width and any thread count.
-constexpr int64_t kUnitBytes = 256 * 1024;  // a unit's part of x (and of dy)
-struct ColumnUnits {
-  int64_t width = 0, count = 0;  // count 0: the phased path
-};
-// Units are at most
-// kColumnBlock wide (the sums stay in L1), in steps of 16 channels (whole cache
-// lines), and as many as keep the threads evenly busy. Only when a full-width
-// unit fits: narrower ones read x in short strided runs, which the prefetchers
-// follow badly (32×2048×7×7 NHWC in units of 32 channels took twice as long as
-// the phased path).
-ColumnUnits column_units(const RowPlan& plan, int threads) {
-  int64_t width = std::min(kColumnBlock, plan.channels);
-  if (plan.rows * width * static_cast<int64_t>(sizeof(float)) > kUnitBytes) return {};
-  int64_t count = (plan.channels + width - 1) / width;
-  if (!leaf::whole_units_per_thread(count, threads)) {
-    const int64_t even = (count + threads - 1) / threads * threads;
-    width = ((plan.channels + even - 1) / even + 15) / 16 * 16;
-    count = (plan.channels + width - 1) / width;
-  }
-  return {width, count};
-}
-
-// A unit narrower than the rows is walked row by row, not in register blocks:
-// a block's column of a long row's rows, 4 KB or more apart, falls into a few
-// L1 sets (and L2 sets) and is evicted before its next pass.
-int64_t unit_blocked(const RowPlan& plan, int64_t width) {
-  return width == plan.channels ? blocked_channels(width) : 0;
-}
-
-// Moments of channels [c0, c0 + width) over all rows into mean and m2: chunks
-// merged in order within each stripe, stripes in order, as rows_moments_phase.
-// Returns the count.
-double unit_moments(const Geometry& g, const RowPlan& plan, const float* x, int64_t c0,
-                    int64_t width, double* mean, double* m2) {
-  Workspace ws;
-  float* const sums = ws.take_for_overwrite<float>(3 * width).data();
-  double* const stripe_mean = ws.take_for_overwrite<double>(width).data();
-  double* const stripe_m2 = ws.take_for_overwrite<double>(width).data();
-  double* const chunk_mean = ws.take_for_overwrite<double>(width).data();
-  double* const chunk_m2 = ws.take_for_overwrite<double>(width).data();
-  double count = 0;
-  for (int64_t s = 0; s < plan.stripes; ++s) {
-    double stripe_count = 0;
-    for (int64_t k = plan.first_chunk(s); k < plan.first_chunk(s + 1); ++k) {
-      const int64_t n = plan.rows_in(k);
-      rows_chunk_moments(x + plan.first_row(k) * g.outer_stride + c0, g.outer_stride, n, width,
-                         unit_blocked(plan, width), sums, sums + width, sums + 2 * width, chunk_mean, chunk_m2);
-      merge_moment_arrays(stripe_count, stripe_mean, stripe_m2, static_cast<double>(n),
-                          chunk_mean, chunk_m2, width);
-      stripe_count += static_cast<double>(n);
-    }
-    merge_moment_arrays(count, mean, m2, stripe_count, stripe_mean, stripe_m2, width);
-    count += stripe_count;
-  }
-  return count;
 }
 
 void rows_forward_units(const Forward<float>& p, const RowPlan& plan, ColumnUnits units,
@@ -208,36 +141,23 @@ void rows_backward_units(const Backward<float>& p, const RowPlan& plan, ColumnUn
                          int threads) {
   const Geometry &gx = p.x_geom, &gdy = p.dy_geom;
   parallel_for(threads, units.count, [&](int64_t u) {
-    const int64_t c0 = u * units.width, width = std::min(units.width, plan.channels - c0);
+    const int64_t width = std::min(units.width, plan.channels - u * units.width);
     const int64_t blocked = unit_blocked(plan, width);
-    Workspace ws;  // this thread's
-    float* const mean_hi = ws.take_for_overwrite<float>(4 * width).data();
-    float *const a = mean_hi + width, *const b = a + width, *const k = b + width;
-    // a stripe's Σdy, Σdy·(x - mean_hi)
-    double* const stripe = ws.take_for_overwrite<double>(2 * width).data();
-    double* const total = ws.take_for_overwrite<double>(2 * width).data();
-    for (int64_t c = 0; c < width; ++c) mean_hi[c] = static_cast<float>(p.mean[c0 + c]);
-    std::fill(total, total + 2 * width, 0.0);
-    for (int64_t s = 0; s < plan.stripes; ++s) {
-      std::fill(stripe, stripe + 2 * width, 0.0);
-      for (int64_t chunk = plan.first_chunk(s); chunk < plan.first_chunk(s + 1); ++chunk) {
-        const int64_t r0 = plan.first_row(chunk);
-        rows_gradient_sums_chunk(p.x + r0 * gx.outer_stride + c0, gx.outer_stride,
-                                 p.dy + r0 * gdy.outer_stride + c0, gdy.outer_stride,
-                                 plan.rows_in(chunk), width, blocked, mean_hi, stripe,
-                                 stripe + width);
-      }
-      for (int64_t c = 0; c < 2 * width; ++c) total[c] += stripe[c];
-    }
-    for (int64_t c = 0; c < width; ++c) {
-      const BackwardCoefficients bc = finish_channel_from_hi(p, c0 + c, total[c], total[width + c]);
-      a[c] = bc.a;
-      b[c] = bc.b;
-      k[c] = bc.k;
-    }
-    if (p.dx)
-      rows_backward_apply_chunk(p.x + c0, gx.outer_stride, p.dy + c0, gdy.outer_stride, p.dx + c0,
-                                p.dx_geom.outer_stride, plan.rows, width, blocked, mean_hi, a, b, k);
+    unit_backward(
+        p, plan, units, u,
+        [&](int64_t r0, int64_t rows, int64_t c0, int64_t w, const float* mean_hi, double* s1,
+            double* s2) {
+          rows_gradient_sums_chunk(p.x + r0 * gx.outer_stride + c0, gx.outer_stride,
+                                   p.dy + r0 * gdy.outer_stride + c0, gdy.outer_stride, rows, w,
+                                   blocked, mean_hi, s1, s2);
+        },
+        [&](int64_t c0, int64_t w, const float* mean_hi, const float* a, const float* b,
+            const float* k) {
+          if (p.dx)
+            rows_backward_apply_chunk(p.x + c0, gx.outer_stride, p.dy + c0, gdy.outer_stride,
+                                      p.dx + c0, p.dx_geom.outer_stride, plan.rows, w, blocked,
+                                      mean_hi, a, b, k);
+        });
   });
 }
 
