@@ -32,8 +32,7 @@ using cpu::finish_channel;
 using cpu::forward_coefficients;
 using cpu::RowBackwardCoefficients;
 using cpu::rows_gradient_sums_chunk;
-using cpu::finish_forward_block;
-using cpu::rows_moments_phase;
+using cpu::rows_forward_training_region;
 using cpu::kExpandBlock;
 using cpu::pack_positive_bits;
 using detail::parallel_for;
@@ -46,8 +45,7 @@ using leaf::Workspace;
 
 // y and the mask bits of one chunk of rows.
 void rows_apply_relu_pack(const Forward<float>& p, const RowPlan& plan, int64_t chunk,
-                          bool y_dense, const float* mean_hi, const float* scale,
-                          const float* shift) {
+                          const float* mean_hi, const float* scale, const float* shift) {
   const Geometry& gx = p.x_geom;
   const int64_t C = plan.channels, r0 = plan.first_row(chunk), rows = plan.rows_in(chunk);
   float* y = p.y + r0 * p.y_geom.outer_stride;
@@ -56,7 +54,7 @@ void rows_apply_relu_pack(const Forward<float>& p, const RowPlan& plan, int64_t 
                              p.z_geom.outer_stride, y, p.y_geom.outer_stride, rows, C, mean_hi,
                              scale, shift);
   if (!p.mask) return;
-  if (y_dense) {
+  if (p.y_geom.outer_stride == C) {  // one run: a call per row costs a dispatch and two atomics
     pack_positive_bits(y, rows * C, p.mask, r0 * C);
   } else {
     for (int64_t r = 0; r < rows; ++r)
@@ -64,44 +62,26 @@ void rows_apply_relu_pack(const Forward<float>& p, const RowPlan& plan, int64_t 
   }
 }
 
-// Statistics and coefficients as batch norm's rows_forward_training computes
-// them (rows_moments_phase, finish_forward_block: BN's bits), then y and the
-// mask, in one parallel region.
+// Training: batch norm's statistics and coefficients (rows_forward_training_region,
+// finish_forward_block: BN's bits), then y and the mask, in one parallel region.
 void rows_forward(const Forward<float>& p) {
-  const Geometry& gx = p.x_geom;
-  const RowPlan plan(gx);
+  const RowPlan plan(p.x_geom);
   const int64_t C = plan.channels;
-  const int threads = threads_for(C * gx.outer);
+  const int threads = threads_for(C * p.x_geom.outer);
   Workspace ws;
   float* const mean_hi = ws.take_for_overwrite<float>(C).data();
   float* const scale = ws.take_for_overwrite<float>(C).data();
   float* const shift = ws.take_for_overwrite<float>(C).data();
-  const size_t stripe_values = p.training ? plan.stripes * C : 0;
-  double* const stripe_mean = ws.take_for_overwrite<double>(stripe_values).data();
-  double* const stripe_m2 = ws.take_for_overwrite<double>(stripe_values).data();
-  double* const stripe_count = ws.take_for_overwrite<double>(p.training ? plan.stripes : 0).data();
-  const bool y_dense = p.y_geom.outer_stride == C;
-  parallel_region(threads, [&] {
-    if (p.training) {
-      rows_moments_phase(gx, p.x, stripe_mean, stripe_m2, stripe_count,
-                         [&](int64_t c0, int64_t width, double count, const double* mean,
-                             const double* m2) {
-                           finish_forward_block(p, c0, width, count, mean, m2, mean_hi, scale,
-                                                shift);
-                         });
-    } else {
-#pragma omp for schedule(static)
-      for (int64_t c = 0; c < C; ++c) {
-        const ApplyCoefficients k = forward_coefficients(p, c);
-        mean_hi[c] = k.mean_hi;
-        scale[c] = k.scale;
-        shift[c] = k.shift;
-      }
-    }
-#pragma omp for schedule(static)  // waits for the coefficients
-    for (int64_t chunk = 0; chunk < plan.chunks; ++chunk)
-      rows_apply_relu_pack(p, plan, chunk, y_dense, mean_hi, scale, shift);
-  });
+  auto apply = [&](int64_t chunk) { rows_apply_relu_pack(p, plan, chunk, mean_hi, scale, shift); };
+  if (p.training)
+    return rows_forward_training_region(p, plan, threads, mean_hi, scale, shift, apply);
+  for (int64_t c = 0; c < C; ++c) {
+    const ApplyCoefficients k = forward_coefficients(p, c);
+    mean_hi[c] = k.mean_hi;
+    scale[c] = k.scale;
+    shift[c] = k.shift;
+  }
+  parallel_for(threads, plan.chunks, apply);
 }
 
 // rows_backward_masked on a small problem: BN's column units (as BN's

@@ -25,12 +25,11 @@ using cpu::backward_coefficients;
 using cpu::blocked_channels;
 using cpu::column_units;
 using cpu::ColumnUnits;
-using cpu::coefficient_arrays;
 using cpu::next_chunk;
 using cpu::finish_forward_block;
 using cpu::RowBackwardCoefficients;
 using cpu::rows_moments_into;
-using cpu::rows_moments_phase;
+using cpu::rows_forward_training_region;
 using cpu::rows_apply_chunk;
 using cpu::rows_backward_apply_chunk;
 using cpu::rows_gradient_sums_chunk;
@@ -63,39 +62,33 @@ struct RowCoefficients {
   }
 };
 
-// The apply over every chunk; inside a parallel region (an orphaned omp for).
-void rows_apply_phase(const Geometry& gx, const Geometry& gy, const float* x, float* y,
-                      const RowCoefficients& k) {
-  const RowPlan plan(gx);
-#pragma omp for schedule(static)
-  for (int64_t chunk = 0; chunk < plan.chunks; ++chunk) {
-    const int64_t r0 = plan.first_row(chunk);
-    rows_apply_chunk(x + r0 * gx.outer_stride, gx.outer_stride, y + r0 * gy.outer_stride,
-                     gy.outer_stride, plan.rows_in(chunk), plan.channels, k.mean_hi, k.scale,
-                     k.shift);
-  }
+// y of one chunk of rows.
+void rows_apply_rows(const Geometry& gx, const Geometry& gy, const float* x, float* y,
+                     const RowPlan& plan, int64_t chunk, const RowCoefficients& k) {
+  const int64_t r0 = plan.first_row(chunk);
+  rows_apply_chunk(x + r0 * gx.outer_stride, gx.outer_stride, y + r0 * gy.outer_stride,
+                   gy.outer_stride, plan.rows_in(chunk), plan.channels, k.mean_hi, k.scale,
+                   k.shift);
 }
 
+// Each unit's moments and coefficients (finish_forward_block, into arrays over
+// all channels), then its y while its columns are in cache.
 void rows_forward_units(const Forward<float>& p, const RowPlan& plan, ColumnUnits units,
                         int threads) {
+  Workspace ws;
+  const RowCoefficients k(ws.take_for_overwrite<float>(3 * plan.channels).data(), plan.channels);
   parallel_for(threads, units.count, [&](int64_t u) {
     const int64_t c0 = u * units.width, width = std::min(units.width, plan.channels - c0);
-    Workspace ws;  // this thread's
-    double* const mean = ws.take_for_overwrite<double>(width).data();
-    double* const m2 = ws.take_for_overwrite<double>(width).data();
-    const RowCoefficients k(ws.take_for_overwrite<float>(3 * width).data(), width);
+    Workspace own;  // this thread's
+    double* const mean = own.take_for_overwrite<double>(width).data();
+    double* const m2 = own.take_for_overwrite<double>(width).data();
     const double count = unit_moments(p.x_geom, plan, p.x, c0, width, mean, m2);
-    for (int64_t c = 0; c < width; ++c) p.moments[c0 + c] = {count, mean[c], m2[c]};
-    p.moments_done(c0, width);
-    coefficient_arrays(width, count, mean, m2, p.gamma ? p.gamma + c0 : nullptr,
-                       p.beta ? p.beta + c0 : nullptr, p.eps, k.mean_hi, k.scale, k.shift);
+    finish_forward_block(p, c0, width, count, mean, m2, k.mean_hi, k.scale, k.shift);
     rows_apply_chunk(p.x + c0, p.x_geom.outer_stride, p.y + c0, p.y_geom.outer_stride, plan.rows,
-                     width, k.mean_hi, k.scale, k.shift);
+                     width, k.mean_hi + c0, k.scale + c0, k.shift + c0);
   });
 }
 
-// Statistics, coefficients and apply in one parallel region: opening a region
-// and waking threads costs microseconds, which small problems (256×1024) notice.
 void rows_forward_training(const Forward<float>& p) {
   const Geometry& g = p.x_geom;
   const RowPlan plan(g);
@@ -104,18 +97,9 @@ void rows_forward_training(const Forward<float>& p) {
   if (const ColumnUnits units = column_units(plan, threads); units.count > 0)
     return rows_forward_units(p, plan, units, threads);
   Workspace ws;
-  double* const stripe_mean = ws.take_for_overwrite<double>(plan.stripes * C).data();
-  double* const stripe_m2 = ws.take_for_overwrite<double>(plan.stripes * C).data();
-  double* const stripe_count = ws.take_for_overwrite<double>(plan.stripes).data();
   const RowCoefficients k(ws.take_for_overwrite<float>(3 * C).data(), C);
-  parallel_region(threads, [&] {
-    rows_moments_phase(g, p.x, stripe_mean, stripe_m2, stripe_count,
-                       [&](int64_t c0, int64_t width, double count, const double* mean,
-                           const double* m2) {
-                         finish_forward_block(p, c0, width, count, mean, m2, k.mean_hi, k.scale,
-                                              k.shift);
-                       });
-    rows_apply_phase(g, p.y_geom, p.x, p.y, k);  // its omp for waits for the coefficients
+  rows_forward_training_region(p, plan, threads, k.mean_hi, k.scale, k.shift, [&](int64_t chunk) {
+    rows_apply_rows(g, p.y_geom, p.x, p.y, plan, chunk, k);
   });
 }
 
@@ -130,8 +114,9 @@ void rows_apply(const Apply<float>& p) {
   for (int64_t c = 0; c < C; ++c)
     k.set(c, apply_coefficients(p.mean[c], p.invstd[c], param_or(p.gamma, c, 1.0),
                                 param_or(p.beta, c, 0.0)));
-  parallel_region(threads_for(C * p.x_geom.outer),
-                  [&] { rows_apply_phase(p.x_geom, p.y_geom, p.x, p.y, k); });
+  const RowPlan plan(p.x_geom);
+  parallel_for(threads_for(C * p.x_geom.outer), plan.chunks,
+               [&](int64_t chunk) { rows_apply_rows(p.x_geom, p.y_geom, p.x, p.y, plan, chunk, k); });
 }
 
 // Backward over column units (see ColumnUnits): per channel, Σdy and

@@ -482,8 +482,9 @@ struct ColumnUnits {
 // Moments of channels [c0, c0 + width) over all rows into mean and m2: chunks
 // merged in order within each stripe, stripes in order, as rows_moments_phase.
 // Returns the count.
-[[maybe_unused]] double unit_moments(const Geometry& g, const leaf::RowPlan& plan, const float* x, int64_t c0,
-                    int64_t width, double* mean, double* m2) {
+[[maybe_unused]] double unit_moments(const Geometry& g, const leaf::RowPlan& plan,
+                                     const float* x, int64_t c0, int64_t width, double* mean,
+                                     double* m2) {
   leaf::Workspace ws;
   float* const sums = ws.take_for_overwrite<float>(3 * width).data();
   double* const stripe_mean = ws.take_for_overwrite<double>(width).data();
@@ -496,9 +497,10 @@ struct ColumnUnits {
     for (int64_t k = plan.first_chunk(s); k < plan.first_chunk(s + 1); ++k) {
       const int64_t n = plan.rows_in(k);
       rows_chunk_moments(x + plan.first_row(k) * g.outer_stride + c0, g.outer_stride, n, width,
-                         unit_blocked(plan, width), sums, sums + width, sums + 2 * width, chunk_mean, chunk_m2);
+                         unit_blocked(plan, width), sums, sums + width, sums + 2 * width,
+                         chunk_mean, chunk_m2);
       leaf::merge_moment_arrays(stripe_count, stripe_mean, stripe_m2, static_cast<double>(n),
-                          chunk_mean, chunk_m2, width);
+                                chunk_mean, chunk_m2, width);
       stripe_count += static_cast<double>(n);
     }
     leaf::merge_moment_arrays(count, mean, m2, stripe_count, stripe_mean, stripe_m2, width);
@@ -580,6 +582,31 @@ void rows_moments_phase(const Geometry& g, const float* x, double* stripe_mean, 
     }
     on_block(c0, width, count, stripe_mean + c0, stripe_m2 + c0);
   }
+}
+
+// A forward-training over rows in one parallel region (opening one and waking
+// threads costs microseconds, which small problems notice): the moments
+// (rows_moments_phase), each merged block finished by finish_forward_block
+// into mean_hi, scale and shift; then apply_chunk(chunk) for every chunk of
+// the plan, once every coefficient is in. Batch norm's and BN+ReLU's.
+template <class Forward, class ApplyChunk>
+void rows_forward_training_region(const Forward& p, const leaf::RowPlan& plan, int threads,
+                                  float* mean_hi, float* scale, float* shift,
+                                  ApplyChunk&& apply_chunk) {
+  leaf::Workspace ws;
+  double* const stripe_mean = ws.take_for_overwrite<double>(plan.stripes * plan.channels).data();
+  double* const stripe_m2 = ws.take_for_overwrite<double>(plan.stripes * plan.channels).data();
+  double* const stripe_count = ws.take_for_overwrite<double>(plan.stripes).data();
+  detail::parallel_region(threads, [&] {
+    rows_moments_phase(p.x_geom, p.x, stripe_mean, stripe_m2, stripe_count,
+                       [&](int64_t c0, int64_t width, double count, const double* mean,
+                           const double* m2) {
+                         finish_forward_block(p, c0, width, count, mean, m2, mean_hi, scale,
+                                              shift);
+                       });
+#pragma omp for schedule(static)  // after rows_moments_phase's, which ends with the coefficients
+    for (int64_t chunk = 0; chunk < plan.chunks; ++chunk) apply_chunk(chunk);
+  });
 }
 
 // rows_moments_phase over every block, into out (its own parallel region);
