@@ -154,8 +154,8 @@ int command_predict(const PredictFlags& f) {
   nn::Tensor batch;
   std::vector<int32_t> labels;
   std::vector<std::vector<double>> probabilities;
-  for (int64_t first = 0; first < n; first += 1000) {
-    const int64_t size = std::min<int64_t>(1000, n - first);
+  for (int64_t first = 0; first < n; first += train::kEvaluationBatch) {
+    const int64_t size = std::min(train::kEvaluationBatch, n - first);
     train::make_batch(set, order, first, size, model->format(), batch, labels);
     const nn::Tensor& logits = model->forward(batch, nn::Mode::eval);
     const int64_t k = logits.shape[1];

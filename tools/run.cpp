@@ -796,7 +796,7 @@ Run Run::resume(const fs::path& out) {
 json Run::evaluate_sets(const Data& data, bool with_val, bool with_test) {
   json m = json::object();
   auto add = [&](const char* name, const data::Dataset& set) {
-    const train::Evaluation e = train::evaluate(*model_, set, 1000, process_group());
+    const train::Evaluation e = train::evaluate(*model_, set, train::kEvaluationBatch, process_group());
     m[std::string(name) + "_loss"] = e.loss;
     m[std::string(name) + "_acc"] = e.accuracy;
   };

@@ -601,6 +601,34 @@ TEST(NnTraining, ATinyModelsLossFallsAndRunsRepeat) {
   }
 }
 
+// Evaluation runs in eval mode, where a sample's logits do not depend on the
+// others in its batch: the batch (kEvaluationBatch by default, chosen for
+// memory) changes no result but the loss's last bits (its summation order).
+TEST(NnTraining, EvaluationDoesNotDependOnItsBatch) {
+  const auto train = blobs(200, 1);
+  const auto test = blobs(300, 2);
+  const auto spec = ModelSpec::parse(
+      "input 2 4 4; conv 4 3 pad=1 bias=0; batchnorm; relu; maxpool 2; flatten;"
+      "linear 16 bias=0; batchnorm; relu; linear 4");
+  for (const auto format : kFormats) {
+    SCOPED_TRACE(name_of(format));
+    Model model(spec, format);
+    model.initialize({}, 7);
+    auto sgd = normkit::nn::make_sgd({0.05f, 0.9f, 0.0f}, model.parameters());
+    for (int64_t epoch = 0; epoch < 2; ++epoch)
+      normkit::train::train_epoch(model, *sgd, train, 16, 7, epoch);
+    const auto whole = normkit::train::evaluate(model, test, 300);
+    for (const int64_t batch : {int64_t{1}, int64_t{7}, normkit::train::kEvaluationBatch}) {
+      SCOPED_TRACE(batch);
+      const auto e = normkit::train::evaluate(model, test, batch);
+      EXPECT_EQ(e.confusion, whole.confusion);
+      EXPECT_EQ(e.accuracy, whole.accuracy);
+      EXPECT_NEAR(e.loss, whole.loss, 1e-12 * std::abs(whole.loss));
+    }
+    EXPECT_EQ(normkit::train::evaluate(model, test).confusion, whole.confusion);
+  }
+}
+
 // Results are bitwise identical across thread counts (docs/design.md). The sizes are
 // large enough for the matrix products to be split between threads (the 256 -> 1024
 // product at batch 128 runs as two chunks at once); 2 threads run three times, since
