@@ -9,7 +9,6 @@
 #include <limits>
 #include <span>
 #include <utility>
-#include <vector>
 
 #include "core/check.hpp"
 #include "core/workspace.hpp"
