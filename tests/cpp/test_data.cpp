@@ -106,6 +106,37 @@ TEST_F(IdxFiles, AGoodPairLoadsPlainAndGzipped) {
   }
 }
 
+// The loader reads a body in pieces of 4 MB: a body of several pieces (plain
+// and gzipped) loads every value, across the pieces' edges, and one cut short
+// in its last piece says how much it has.
+TEST_F(IdxFiles, BodiesOfSeveralReadPiecesLoadWhole) {
+  constexpr uint32_t kImages = 3, kRows = 1000, kCols = 1500;  // 4.5 MB
+  const size_t values = size_t{kImages} * kRows * kCols;
+  std::string pixels(values, '\0');
+  for (size_t i = 0; i < values; ++i) pixels[i] = static_cast<char>((i * 131 + i / 4099) % 256);
+  const std::string image_bytes = idx_bytes({kImages, kRows, kCols}, pixels);
+  const std::string label_bytes = idx_bytes({kImages}, std::string{1, 0, 2});
+  for (const bool gz : {false, true}) {
+    SCOPED_TRACE(gz ? "gzipped" : "plain");
+    if (gz)
+      write_gzip(images, image_bytes);
+    else
+      write_file(images, image_bytes);
+    write_file(labels, label_bytes);
+    const auto set = data::load_idx(images, labels);
+    EXPECT_EQ(set.labels, (std::vector<int32_t>{1, 0, 2}));
+    ASSERT_EQ(set.features.size(), values);
+    size_t wrong = 0;
+    for (size_t i = 0; i < values; ++i)
+      wrong += set.features[i] !=
+               static_cast<float>(static_cast<unsigned char>(pixels[i])) / 255.0f;
+    EXPECT_EQ(wrong, 0u);
+  }
+  EXPECT_TRUE(rejects(image_bytes.substr(0, image_bytes.size() - 1), label_bytes, images,
+                      {"truncated", "promises " + std::to_string(values) + " data bytes",
+                       "has " + std::to_string(values - 1)}));
+}
+
 TEST_F(IdxFiles, CorruptCompressedFilesAreRejected) {
   // A gzip stream cut short, and one whose deflate data are garbage.
   write_gzip(images, good_images());

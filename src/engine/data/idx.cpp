@@ -1,4 +1,5 @@
 // IDX files (LeCun's MNIST format), gzipped or plain: zlib's gzread reads both.
+#include <sys/mman.h>
 #include <zlib.h>
 
 #include <algorithm>
@@ -19,11 +20,29 @@ namespace {
 
 // Beyond any real IDX data set; a header claiming more is corrupt.
 constexpr uint64_t kMaxValues = uint64_t{1} << 32;
+// Reserved up front, so that a data set of up to 2^27 values is written once
+// into its final place; beyond that it grows as the data arrive. (A header that
+// lies reserves at most that much address space, never touched.)
+constexpr uint64_t kReserveValues = uint64_t{1} << 27;
 
 struct GzCloser {
   void operator()(gzFile_s* file) const { gzclose(file); }
 };
 using GzFile = std::unique_ptr<gzFile_s, GzCloser>;
+
+// Asks the kernel to back [p, p + bytes) with transparent huge pages where it
+// does so on request (THP "madvise", Debian's default): one page fault per 2 MB
+// instead of 512. Only a hint; a kernel that declines changes nothing.
+void prefer_huge_pages(void* p, size_t bytes) {
+#ifdef MADV_HUGEPAGE
+  constexpr uintptr_t kHuge = uintptr_t{2} << 20;
+  const uintptr_t first = (reinterpret_cast<uintptr_t>(p) + kHuge - 1) & ~(kHuge - 1);
+  const uintptr_t last = (reinterpret_cast<uintptr_t>(p) + bytes) & ~(kHuge - 1);
+  if (last > first) madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);
+#else
+  (void)p, (void)bytes;
+#endif
+}
 
 class IdxReader {
  public:
@@ -31,6 +50,9 @@ class IdxReader {
     if (!std::filesystem::exists(path)) fail_runtime(path_, ": no such file");
     file_.reset(gzopen(path_.c_str(), "rb"));
     if (!file_) fail_runtime(path_, ": cannot open");
+    // zlib reads 8 KB at a time by default: Fashion-MNIST's training images took
+    // 3,780 reads, and loading them 0.35-0.54 s; with 256 KB, 129 and 0.20-0.25 s.
+    gzbuffer(file_.get(), 1u << 18);
   }
 
   // Reads up to `size` bytes; returns how many arrived.
@@ -76,25 +98,28 @@ class IdxReader {
     return dims;
   }
 
-  // Exactly `count` bytes and then the end of the file. Memory grows with the
-  // data that actually arrives.
-  std::vector<unsigned char> body(uint64_t count) {
-    std::vector<unsigned char> bytes;
+  // Exactly `count` bytes and then the end of the file, handed to
+  // consume(const unsigned char*, size_t) in pieces of at most 4 MB as they
+  // arrive: no copy of the whole body is kept, and what the caller builds
+  // grows with the data that actually arrives, not with what the header claims.
+  template <class Consume>
+  void body(uint64_t count, Consume&& consume) {
     constexpr size_t kStep = size_t{1} << 22;
-    while (bytes.size() < count) {
-      const size_t want = static_cast<size_t>(std::min<uint64_t>(kStep, count - bytes.size()));
-      const size_t old = bytes.size();
-      bytes.resize(old + want);
-      const size_t got = read(bytes.data() + old, want);
+    std::vector<unsigned char> piece(static_cast<size_t>(std::min<uint64_t>(kStep, count)));
+    uint64_t done = 0;
+    while (done < count) {
+      const size_t want = static_cast<size_t>(std::min<uint64_t>(kStep, count - done));
+      const size_t got = read(piece.data(), want);
       if (got < want)
         fail_runtime(path_, ": truncated: the header promises ", count, " data bytes, the file has ",
-                     old + got);
+                     done + got);
+      consume(piece.data(), want);
+      done += want;
     }
     unsigned char extra = 0;
     if (read(&extra, 1) != 0)
       fail_runtime(path_, ": the file is longer than its header says (", count,
                    " data bytes); dimensions do not match the file size");
-    return bytes;
   }
 
  private:
@@ -147,20 +172,27 @@ Dataset load_idx(const std::filesystem::path& images, const std::filesystem::pat
     fail_runtime(labels.string(), ": ", label_dims[0], " labels for ", image_dims[0], " images in ",
                  images.string());
 
-  const auto label_bytes = label_file.body(label_dims[0]);
   Dataset set;
   set.num_classes = num_classes;
-  set.labels.reserve(label_bytes.size());
-  for (size_t i = 0; i < label_bytes.size(); ++i) {
-    if (label_bytes[i] >= num_classes)
-      fail_runtime(labels.string(), ": label ", int{label_bytes[i]}, " at index ", i,
-                   " is out of range [0, ", num_classes, ")");
-    set.labels.push_back(label_bytes[i]);
-  }
-  const auto pixels = image_file.body(image_dims[0] * image_dims[1] * image_dims[2]);
+  set.labels.reserve(static_cast<size_t>(std::min(label_dims[0], kReserveValues)));
+  label_file.body(label_dims[0], [&](const unsigned char* bytes, size_t n) {
+    for (size_t i = 0; i < n; ++i) {
+      if (bytes[i] >= num_classes)
+        fail_runtime(labels.string(), ": label ", int{bytes[i]}, " at index ", set.labels.size(),
+                     " is out of range [0, ", num_classes, ")");
+      set.labels.push_back(bytes[i]);
+    }
+  });
+  const uint64_t values = image_dims[0] * image_dims[1] * image_dims[2];
   set.sample_shape = {1, static_cast<int64_t>(image_dims[1]), static_cast<int64_t>(image_dims[2])};
-  set.features.resize(pixels.size());
-  for (size_t i = 0; i < pixels.size(); ++i) set.features[i] = static_cast<float>(pixels[i]) / 255.0f;
+  set.features.reserve(static_cast<size_t>(std::min(values, kReserveValues)));
+  prefer_huge_pages(set.features.data(), set.features.capacity() * sizeof(float));
+  image_file.body(values, [&](const unsigned char* pixels, size_t n) {
+    const size_t old = set.features.size();
+    set.features.resize(old + n);
+    float* const out = set.features.data() + old;
+    for (size_t i = 0; i < n; ++i) out[i] = static_cast<float>(pixels[i]) / 255.0f;
+  });
   return set;
 }
 
