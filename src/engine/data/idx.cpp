@@ -20,10 +20,12 @@ namespace {
 
 // Beyond any real IDX data set; a header claiming more is corrupt.
 constexpr uint64_t kMaxValues = uint64_t{1} << 32;
-// Reserved up front, so that a data set of up to 2^27 values is written once
-// into its final place; beyond that it grows as the data arrive. (A header that
-// lies reserves at most that much address space, never touched.)
+// Reserved up front (IdxReader::room), so that a data set of up to 2^27
+// values is written once into its final place; beyond that it grows as the
+// data arrive.
 constexpr uint64_t kReserveValues = uint64_t{1} << 27;
+// deflate's largest expansion (zlib's technical details: 1032:1).
+constexpr uint64_t kMaxInflation = 1032;
 
 struct GzCloser {
   void operator()(gzFile_s* file) const { gzclose(file); }
@@ -122,6 +124,18 @@ class IdxReader {
                    " data bytes); dimensions do not match the file size");
   }
 
+  // How many of `count` data bytes to make room for before reading them: no
+  // more than kReserveValues, nor than the file can hold (its size, times
+  // deflate's largest expansion when compressed), so that a header that lies
+  // costs no memory it claims.
+  uint64_t room(uint64_t count) const {
+    std::error_code ec;
+    const uint64_t size = std::filesystem::file_size(path_, ec);
+    if (ec) return 0;
+    const uint64_t most = gzdirect(file_.get()) ? size : size * kMaxInflation;
+    return std::min({count, most, kReserveValues});
+  }
+
  private:
   std::string path_;
   GzFile file_;
@@ -174,7 +188,7 @@ Dataset load_idx(const std::filesystem::path& images, const std::filesystem::pat
 
   Dataset set;
   set.num_classes = num_classes;
-  set.labels.reserve(static_cast<size_t>(std::min(label_dims[0], kReserveValues)));
+  set.labels.reserve(static_cast<size_t>(label_file.room(label_dims[0])));
   label_file.body(label_dims[0], [&](const unsigned char* bytes, size_t n) {
     for (size_t i = 0; i < n; ++i) {
       if (bytes[i] >= num_classes)
@@ -185,7 +199,7 @@ Dataset load_idx(const std::filesystem::path& images, const std::filesystem::pat
   });
   const uint64_t values = image_dims[0] * image_dims[1] * image_dims[2];
   set.sample_shape = {1, static_cast<int64_t>(image_dims[1]), static_cast<int64_t>(image_dims[2])};
-  set.features.reserve(static_cast<size_t>(std::min(values, kReserveValues)));
+  set.features.reserve(static_cast<size_t>(image_file.room(values)));
   prefer_huge_pages(set.features.data(), set.features.capacity() * sizeof(float));
   image_file.body(values, [&](const unsigned char* pixels, size_t n) {
     const size_t old = set.features.size();
