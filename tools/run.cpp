@@ -507,7 +507,10 @@ Data load_data(const RunOptions& o, bool need_train) {
       const auto order = train::epoch_order(table.count(), 0x7e57, 0);
       const auto held_out = table.count() / 5;
       d.test = subset(table, {order.begin(), order.begin() + held_out});
-      if (need_train) d.train = subset(table, {order.begin() + held_out, order.end()});
+      if (need_train) {  // the rest, in place: no second copy of the table
+        keep_rows(table, {order.begin() + held_out, order.end()});
+        d.train = std::move(table);
+      }
     }
   } else {
     runtime_error("--data '" + o.data + "': no such file or directory");

@@ -1,5 +1,4 @@
 // IDX files (LeCun's MNIST format), gzipped or plain: zlib's gzread reads both.
-#include <sys/mman.h>
 #include <zlib.h>
 
 #include <algorithm>
@@ -31,20 +30,6 @@ struct GzCloser {
   void operator()(gzFile_s* file) const { gzclose(file); }
 };
 using GzFile = std::unique_ptr<gzFile_s, GzCloser>;
-
-// Asks the kernel to back [p, p + bytes) with transparent huge pages where it
-// does so on request (THP "madvise", Debian's default): one page fault per 2 MB
-// instead of 512. Only a hint; a kernel that declines changes nothing.
-void prefer_huge_pages(void* p, size_t bytes) {
-#ifdef MADV_HUGEPAGE
-  constexpr uintptr_t kHuge = uintptr_t{2} << 20;
-  const uintptr_t first = (reinterpret_cast<uintptr_t>(p) + kHuge - 1) & ~(kHuge - 1);
-  const uintptr_t last = (reinterpret_cast<uintptr_t>(p) + bytes) & ~(kHuge - 1);
-  if (last > first) madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);
-#else
-  (void)p, (void)bytes;
-#endif
-}
 
 class IdxReader {
  public:
@@ -200,7 +185,7 @@ Dataset load_idx(const std::filesystem::path& images, const std::filesystem::pat
   const uint64_t values = image_dims[0] * image_dims[1] * image_dims[2];
   set.sample_shape = {1, static_cast<int64_t>(image_dims[1]), static_cast<int64_t>(image_dims[2])};
   set.features.reserve(static_cast<size_t>(image_file.room(values)));
-  prefer_huge_pages(set.features.data(), set.features.capacity() * sizeof(float));
+  engine::prefer_huge_pages(set.features.data(), set.features.capacity() * sizeof(float));
   image_file.body(values, [&](const unsigned char* pixels, size_t n) {
     const size_t old = set.features.size();
     set.features.resize(old + n);
