@@ -187,6 +187,9 @@ TEST_F(IdxFiles, SizesThatDoNotMatchTheFileAreRejected) {
 TEST_F(IdxFiles, LabelsOutOfRangeAreRejected) {
   EXPECT_TRUE(rejects(good_images(), idx_bytes({3}, std::string{0, 10, 1}), labels,
                       {"label 10 at index 1", "[0, 10)"}));
+  // A file of the wrong length says so before any label is judged.
+  EXPECT_TRUE(rejects(good_images(), idx_bytes({3}, std::string{0, 10, 1}) + "x", labels,
+                      {"longer than its header"}));
   EXPECT_TRUE(rejects(good_images(), good_labels(), labels, {"label 2", "[0, 2)"}, 2));
   EXPECT_TRUE(throws_error([&] { data::load_idx(images, labels, 0); }, ErrorKind::invalid_argument,
                            {"num_classes"}));
@@ -223,28 +226,41 @@ TEST_F(IdxFiles, AbsurdDimensionsFailFastWithoutAllocating) {
 #endif
 
 // Nor does the reader reserve what a lying header claims (only what the file
-// could hold): in a child process whose address space may grow by 128 MB at
-// most, a 100-byte file claiming 4·10^9 pixels, or 10^8 labels, gives the
-// truncation error, not an out-of-memory one.
+// holds): in a child process whose address space may grow by 128 MB at most,
+// a 256 KB file claiming 4·10^9 pixels, or 10^8 labels, plain or gzipped,
+// gives the truncation error, not an out-of-memory one.
 TEST_F(IdxFiles, ALyingHeaderReservesNoAddressSpace) {
 #ifdef NORMKIT_TEST_ASAN
   GTEST_SKIP() << "AddressSanitizer's shadow memory needs its own address space";
 #else
-  for (const bool images_lie : {true, false}) {
-    SCOPED_TRACE(images_lie ? "images" : "labels");
+  for (int kind = 0; kind < 4; ++kind) {
+    const bool gz = kind >= 2, images_lie = kind % 2 == 0;
+    SCOPED_TRACE(std::string(gz ? "gzipped " : "plain ") + (images_lie ? "images" : "labels"));
+    auto write = [&](const std::filesystem::path& path, const std::string& bytes) {
+      if (gz)
+        write_gzip(path, bytes);
+      else
+        write_file(path, bytes);
+    };
+    // 256 KB that do not compress: deflate's largest expansion (1032:1) would
+    // allow 264 MB of them.
+    std::string noise(256 << 10, '\0');
+    uint32_t state = 12345;
+    for (char& c : noise) c = static_cast<char>((state = state * 1664525u + 1013904223u) >> 24);
     if (images_lie) {  // 1000 good labels
-      write_file(images, idx_bytes({1000, 2000, 2000}, std::string(100, '\1')));
-      write_file(labels, idx_bytes({1000}, std::string(1000, '\0')));
+      write(images, idx_bytes({1000, 2000, 2000}, noise));
+      write(labels, idx_bytes({1000}, std::string(1000, '\0')));
     } else {
-      write_file(images, idx_bytes({100000000, 2, 2}, std::string(100, '\1')));
-      write_file(labels, idx_bytes({100000000}, std::string(100, '\0')));
+      write(images, idx_bytes({100000000, 2, 2}, noise));
+      write(labels, idx_bytes({100000000}, noise));
     }
     const pid_t child = fork();
     ASSERT_GE(child, 0);
     if (child == 0) {
       long pages = 0;
-      std::ifstream("/proc/self/statm") >> pages;
-      const rlim_t limit = static_cast<rlim_t>(pages) * 4096 + (rlim_t{128} << 20);
+      if (!(std::ifstream("/proc/self/statm") >> pages) || pages <= 0) _exit(5);
+      const rlim_t page = static_cast<rlim_t>(sysconf(_SC_PAGESIZE));
+      const rlim_t limit = static_cast<rlim_t>(pages) * page + (rlim_t{128} << 20);
       const rlimit address_space{limit, limit};
       if (setrlimit(RLIMIT_AS, &address_space) != 0) _exit(3);
       try {
@@ -259,6 +275,7 @@ TEST_F(IdxFiles, ALyingHeaderReservesNoAddressSpace) {
     int status = 0;
     ASSERT_EQ(waitpid(child, &status, 0), child);
     ASSERT_TRUE(WIFEXITED(status));
+    if (WEXITSTATUS(status) == 5) GTEST_SKIP() << "no /proc/self/statm to measure the address space";
     EXPECT_EQ(WEXITSTATUS(status), 0) << "1: out of memory, 2: another error, 3: setrlimit failed";
   }
 #endif
@@ -414,6 +431,11 @@ TEST_F(CsvFiles, DelimitersAndQuotes) {
 TEST_F(CsvFiles, BadTablesAreRejectedWithLineColumnAndText) {
   EXPECT_TRUE(rejects("a,b,c\n1,2,0\n1,2\n", {":3:", "expected 3 columns", "got 2"}));
   EXPECT_TRUE(rejects("1,2,0\n1,2,0,4\n", {":2:", "expected 3 columns (as line 1), got 4"}));
+  // A short row after full ones (the reader reuses its fields), after a longer
+  // one, and after a quoted one.
+  EXPECT_TRUE(rejects("1,2,0\n1,2,0\n1,2,0\n1,2\n", {":4:", "expected 3 columns", "got 2"}));
+  EXPECT_TRUE(rejects("1,2,0\n1,2,0\n1\n", {":3:", "expected 3 columns", "got 1"}));
+  EXPECT_TRUE(rejects("\"1\",2,0\n1,2\n", {":2:", "expected 3 columns", "got 2"}));
   EXPECT_TRUE(rejects("1,2,0\n1,abc,0\n", {":2:", "column 2: 'abc' is not a number"}));
   EXPECT_TRUE(rejects("u,v,w\n1,2,0\n1,abc,0\n", {":3:", "column 2 (v): 'abc' is not a number"}));
   EXPECT_TRUE(rejects("1,2,0\n1,,0\n", {":2:", "column 2: the field is empty"}));

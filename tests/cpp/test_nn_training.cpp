@@ -603,7 +603,8 @@ TEST(NnTraining, ATinyModelsLossFallsAndRunsRepeat) {
 
 // Evaluation runs in eval mode, where a sample's logits do not depend on the
 // others in its batch: the batch (kEvaluationBatch by default, chosen for
-// memory) changes no result but the loss's last bits (its summation order).
+// memory) changes no prediction, and the loss only in its last bits (its
+// summation order, and oneDNN may choose other kernels for other batches).
 TEST(NnTraining, EvaluationDoesNotDependOnItsBatch) {
   const auto train = blobs(200, 1);
   const auto test = blobs(300, 2);
@@ -623,7 +624,7 @@ TEST(NnTraining, EvaluationDoesNotDependOnItsBatch) {
       const auto e = normkit::train::evaluate(model, test, batch);
       EXPECT_EQ(e.confusion, whole.confusion);
       EXPECT_EQ(e.accuracy, whole.accuracy);
-      EXPECT_NEAR(e.loss, whole.loss, 1e-12 * std::abs(whole.loss));
+      EXPECT_NEAR(e.loss, whole.loss, 1e-6 * std::abs(whole.loss));
     }
     EXPECT_EQ(normkit::train::evaluate(model, test).confusion, whole.confusion);
   }

@@ -274,6 +274,9 @@ Dataset load_csv(const std::filesystem::path& path, const CsvOptions& options) {
   if (has_second) add_row(second, second_line);
   std::vector<std::string> fields;
   for (int64_t line = 0; reader.next(fields, line);) add_row(fields, line);
+  // Values of many digits leave most of that room unused: keep at most twice
+  // what the table holds (one copy, where growing by doubling took several).
+  if (set.features.capacity() > 2 * set.features.size()) set.features.shrink_to_fit();
   if (unlabelled) {
     if (set.features.empty()) fail_runtime(where, ": no data rows");
     set.labels.assign(set.features.size() / static_cast<size_t>(columns), -1);

@@ -19,12 +19,6 @@ namespace {
 
 // Beyond any real IDX data set; a header claiming more is corrupt.
 constexpr uint64_t kMaxValues = uint64_t{1} << 32;
-// Reserved up front (IdxReader::room), so that a data set of up to 2^27
-// values is written once into its final place; beyond that it grows as the
-// data arrive.
-constexpr uint64_t kReserveValues = uint64_t{1} << 27;
-// deflate's largest expansion (zlib's technical details: 1032:1).
-constexpr uint64_t kMaxInflation = 1032;
 
 struct GzCloser {
   void operator()(gzFile_s* file) const { gzclose(file); }
@@ -109,16 +103,25 @@ class IdxReader {
                    " data bytes); dimensions do not match the file size");
   }
 
-  // How many of `count` data bytes to make room for before reading them: no
-  // more than kReserveValues, nor than the file can hold (its size, times
-  // deflate's largest expansion when compressed), so that a header that lies
-  // costs no memory it claims.
+  // How many of `count` data bytes to make room for before reading them, so
+  // that the data are written once into their final place: no more than the
+  // file holds, its size when plain, or when gzipped the size its trailer
+  // records (modulo 2^32, as gzip keeps it: a bigger or multi-member file gets
+  // too little room and grows as it is read). A header that lies costs no
+  // memory it claims.
   uint64_t room(uint64_t count) const {
     std::error_code ec;
     const uint64_t size = std::filesystem::file_size(path_, ec);
     if (ec) return 0;
-    const uint64_t most = gzdirect(file_.get()) ? size : size * kMaxInflation;
-    return std::min({count, most, kReserveValues});
+    if (gzdirect(file_.get())) return std::min(count, size);
+    std::ifstream in(path_, std::ios::binary);
+    std::array<unsigned char, 4> isize{};
+    if (size < 18 || !in.seekg(-4, std::ios::end) ||
+        !in.read(reinterpret_cast<char*>(isize.data()), 4))
+      return 0;
+    const uint64_t inflated = uint64_t{isize[0]} | uint64_t{isize[1]} << 8 |
+                              uint64_t{isize[2]} << 16 | uint64_t{isize[3]} << 24;
+    return std::min(count, inflated);
   }
 
  private:
@@ -175,13 +178,13 @@ Dataset load_idx(const std::filesystem::path& images, const std::filesystem::pat
   set.num_classes = num_classes;
   set.labels.reserve(static_cast<size_t>(label_file.room(label_dims[0])));
   label_file.body(label_dims[0], [&](const unsigned char* bytes, size_t n) {
-    for (size_t i = 0; i < n; ++i) {
-      if (bytes[i] >= num_classes)
-        fail_runtime(labels.string(), ": label ", int{bytes[i]}, " at index ", set.labels.size(),
-                     " is out of range [0, ", num_classes, ")");
-      set.labels.push_back(bytes[i]);
-    }
+    set.labels.insert(set.labels.end(), bytes, bytes + n);
   });
+  // After the whole file is read: a file of the wrong length says so first.
+  for (size_t i = 0; i < set.labels.size(); ++i)
+    if (set.labels[i] >= num_classes)
+      fail_runtime(labels.string(), ": label ", set.labels[i], " at index ", i,
+                   " is out of range [0, ", num_classes, ")");
   const uint64_t values = image_dims[0] * image_dims[1] * image_dims[2];
   set.sample_shape = {1, static_cast<int64_t>(image_dims[1]), static_cast<int64_t>(image_dims[2])};
   set.features.reserve(static_cast<size_t>(image_file.room(values)));
