@@ -11,7 +11,10 @@
 #include <algorithm>
 #include <cstdint>
 #include <sstream>
+#include <new>
+#include <stdexcept>
 #include <string>
+#include <vector>
 
 #include "normkit/error.hpp"
 #include "normkit/threading.hpp"
@@ -60,6 +63,19 @@ inline void prefer_huge_pages(void* p, size_t bytes) {
 #else
   (void)p, (void)bytes;
 #endif
+}
+
+// Room for `count` values, if the system grants it: a hint that lets a loader
+// write its data once into their place. Without it (a limit on the address
+// space, a count from a corrupt file) the vector grows as it is filled, and
+// the loader still finds the file's real length.
+template <class T>
+void reserve_hint(std::vector<T>& values, uint64_t count) {
+  try {
+    values.reserve(static_cast<size_t>(std::min<uint64_t>(count, values.max_size())));
+  } catch (const std::bad_alloc&) {
+  } catch (const std::length_error&) {
+  }
 }
 
 // a·b and a + b, or a normkit::Error naming `what` when the result does not fit

@@ -230,7 +230,7 @@ Dataset load_csv(const std::filesystem::path& path, const CsvOptions& options) {
   {
     std::error_code ec;
     const auto bytes = std::filesystem::file_size(path, ec);
-    if (!ec) set.features.reserve(static_cast<size_t>(std::min<uintmax_t>(bytes / 2, kReserveValues)));
+    if (!ec) engine::reserve_hint(set.features, std::min<uintmax_t>(bytes / 2, kReserveValues));
     engine::prefer_huge_pages(set.features.data(), set.features.capacity() * sizeof(float));
   }
   // Each row's label and line, until the kind of labels is known.

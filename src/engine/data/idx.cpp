@@ -108,7 +108,8 @@ class IdxReader {
   // file holds, its size when plain, or when gzipped the size its trailer
   // records (modulo 2^32, as gzip keeps it: a bigger or multi-member file gets
   // too little room and grows as it is read). A header that lies costs no
-  // memory it claims.
+  // memory it claims; a corrupt trailer at most a hint the system may refuse
+  // (engine::reserve_hint).
   uint64_t room(uint64_t count) const {
     std::error_code ec;
     const uint64_t size = std::filesystem::file_size(path_, ec);
@@ -121,7 +122,9 @@ class IdxReader {
       return 0;
     const uint64_t inflated = uint64_t{isize[0]} | uint64_t{isize[1]} << 8 |
                               uint64_t{isize[2]} << 16 | uint64_t{isize[3]} << 24;
-    return std::min(count, inflated);
+    // A cut-short file's last bytes are no trailer: deflate's largest
+    // expansion (1032:1) bounds what they can claim.
+    return std::min({count, inflated, size * 1032});
   }
 
  private:
@@ -176,7 +179,7 @@ Dataset load_idx(const std::filesystem::path& images, const std::filesystem::pat
 
   Dataset set;
   set.num_classes = num_classes;
-  set.labels.reserve(static_cast<size_t>(label_file.room(label_dims[0])));
+  engine::reserve_hint(set.labels, label_file.room(label_dims[0]));
   label_file.body(label_dims[0], [&](const unsigned char* bytes, size_t n) {
     set.labels.insert(set.labels.end(), bytes, bytes + n);
   });
@@ -187,7 +190,7 @@ Dataset load_idx(const std::filesystem::path& images, const std::filesystem::pat
                    " is out of range [0, ", num_classes, ")");
   const uint64_t values = image_dims[0] * image_dims[1] * image_dims[2];
   set.sample_shape = {1, static_cast<int64_t>(image_dims[1]), static_cast<int64_t>(image_dims[2])};
-  set.features.reserve(static_cast<size_t>(image_file.room(values)));
+  engine::reserve_hint(set.features, image_file.room(values));
   engine::prefer_huge_pages(set.features.data(), set.features.capacity() * sizeof(float));
   image_file.body(values, [&](const unsigned char* pixels, size_t n) {
     const size_t old = set.features.size();
