@@ -50,32 +50,29 @@ template <class... Parts>
   throw Error(ErrorKind::runtime, concat(parts...));
 }
 
-// Asks the kernel to back [p, p + bytes) with transparent huge pages where it
-// does so on request (THP "madvise", Debian's default): one page fault per 2 MB
-// instead of 512, for the large arrays a loader fills once (a data set's
-// features). Only a hint; a kernel that declines changes nothing.
-inline void prefer_huge_pages(void* p, size_t bytes) {
-#ifdef MADV_HUGEPAGE
-  constexpr uintptr_t kHuge = uintptr_t{2} << 20;
-  const uintptr_t first = (reinterpret_cast<uintptr_t>(p) + kHuge - 1) & ~(kHuge - 1);
-  const uintptr_t last = (reinterpret_cast<uintptr_t>(p) + bytes) & ~(kHuge - 1);
-  if (last > first) madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);
-#else
-  (void)p, (void)bytes;
-#endif
-}
-
-// Room for `count` values, if the system grants it: a hint that lets a loader
-// write its data once into their place. Without it (a limit on the address
-// space, a count from a corrupt file) the vector grows as it is filled, and
-// the loader still finds the file's real length.
+// Room for `count` values, if the system grants it, before a loader fills
+// them: a hint that lets it write its data once into their place. Without it
+// (a limit on the address space, a count from a corrupt file) the vector grows
+// as it is filled, and the loader still finds the file's real length. The room
+// asks to be backed by transparent huge pages where the kernel does so on
+// request (THP "madvise", Debian's default): one page fault per 2 MB instead of
+// 512. Also only a hint; a kernel that declines changes nothing.
 template <class T>
 void reserve_hint(std::vector<T>& values, uint64_t count) {
   try {
     values.reserve(static_cast<size_t>(std::min<uint64_t>(count, values.max_size())));
   } catch (const std::bad_alloc&) {
+    return;
   } catch (const std::length_error&) {
+    return;
   }
+#ifdef MADV_HUGEPAGE
+  constexpr uintptr_t kHuge = uintptr_t{2} << 20;
+  const auto begin = reinterpret_cast<uintptr_t>(values.data());
+  const uintptr_t first = (begin + kHuge - 1) & ~(kHuge - 1);
+  const uintptr_t last = (begin + values.capacity() * sizeof(T)) & ~(kHuge - 1);
+  if (last > first) madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);
+#endif
 }
 
 // a·b and a + b, or a normkit::Error naming `what` when the result does not fit

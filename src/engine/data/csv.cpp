@@ -231,7 +231,6 @@ Dataset load_csv(const std::filesystem::path& path, const CsvOptions& options) {
     std::error_code ec;
     const auto bytes = std::filesystem::file_size(path, ec);
     if (!ec) engine::reserve_hint(set.features, std::min<uintmax_t>(bytes / 2, kReserveValues));
-    engine::prefer_huge_pages(set.features.data(), set.features.capacity() * sizeof(float));
   }
   // Each row's label and line, until the kind of labels is known.
   std::vector<std::string> label_texts;

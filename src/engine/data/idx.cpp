@@ -191,7 +191,6 @@ Dataset load_idx(const std::filesystem::path& images, const std::filesystem::pat
   const uint64_t values = image_dims[0] * image_dims[1] * image_dims[2];
   set.sample_shape = {1, static_cast<int64_t>(image_dims[1]), static_cast<int64_t>(image_dims[2])};
   engine::reserve_hint(set.features, image_file.room(values));
-  engine::prefer_huge_pages(set.features.data(), set.features.capacity() * sizeof(float));
   image_file.body(values, [&](const unsigned char* pixels, size_t n) {
     const size_t old = set.features.size();
     set.features.resize(old + n);
