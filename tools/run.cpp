@@ -595,10 +595,16 @@ int spawn_process(const std::vector<std::string>& args, const fs::path& log, boo
   posix_spawn_file_actions_adddup2(&actions, STDOUT_FILENO, STDERR_FILENO);
   posix_spawnattr_t attributes;
   posix_spawnattr_init(&attributes);
+  // The child starts with no signal blocked (train::install_stop_handlers blocks two here).
+  sigset_t none;
+  sigemptyset(&none);
+  posix_spawnattr_setsigmask(&attributes, &none);
+  short flags = POSIX_SPAWN_SETSIGMASK;
   if (own_group) {
     posix_spawnattr_setpgroup(&attributes, 0);
-    posix_spawnattr_setflags(&attributes, POSIX_SPAWN_SETPGROUP);
+    flags |= POSIX_SPAWN_SETPGROUP;
   }
+  posix_spawnattr_setflags(&attributes, flags);
   pid_t pid = 0;
   const int spawned = posix_spawn(&pid, args[0].c_str(), &actions, &attributes, argv.data(), environ);
   posix_spawnattr_destroy(&attributes);

@@ -52,8 +52,9 @@ def allow_core_dump():
 
 def crash_backtrace(directory):
     """gdb's backtraces of a core the process left in `directory` (its working directory),
-    for the failure message: a rare heap corruption seen only under heavy load (glibc's
-    "corrupted size vs. prev_size" in an interrupted run) needs its call site."""
+    for the failure message. Such a core named the cause of the interrupted runs that glibc
+    aborted ("corrupted size vs. prev_size"): the signal handled on a thread inside oneDNN's
+    sgemm (see src/engine/nn/stop_signals.cpp)."""
     cores = sorted(Path(directory).glob("core*"))
     if not cores or not shutil.which("gdb"):
         return "(no core dump or no gdb: /proc/sys/kernel/core_pattern decides where cores go)"
@@ -189,3 +190,15 @@ def test_a_model_that_cannot_fit_is_refused_with_the_figure(table, tmp_path):
     normkit(*train_args(table, tmp_path / "fits", epochs=1), "--max-memory", "1G", check=0)
     result = normkit(*train_args(table, tmp_path / "bad"), "--max-memory", "lots", check=2)
     assert "--max-memory 'lots'" in result.stderr
+
+
+def test_children_start_with_no_signal_blocked(table, tmp_path):
+    """The command blocks SIGINT and SIGTERM in its own threads (a thread of its own takes
+    them); what it starts, here the plotting script, gets them unblocked."""
+    script, mask = tmp_path / "plot.py", tmp_path / "mask.txt"
+    script.write_text("import pathlib, sys\n"
+                      "status = pathlib.Path('/proc/self/status').read_text().splitlines()\n"
+                      f"pathlib.Path({str(mask)!r}).write_text(next(l for l in status if l.startswith('SigBlk')))\n")
+    normkit("compare", "--model", table["spec"], "--data", table["csv"], "--epochs", 1, "--batch-size", 32,
+            "--out", tmp_path / "cmp", env={"NORMKIT_PLOT_SCRIPT": script}, check=0)
+    assert int(mask.read_text().split()[1], 16) == 0, mask.read_text()

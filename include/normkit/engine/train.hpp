@@ -43,15 +43,22 @@ struct EpochResult {
   EpochPosition position;
 };
 
-// Stopping cleanly on SIGINT and SIGTERM. The handlers only record the signal;
-// train_epoch looks at it after every step, finishes that step and returns
+// Stopping cleanly on SIGINT and SIGTERM. The signals are only recorded;
+// train_epoch looks after every step, finishes that step and returns
 // interrupted, so the caller can save a checkpoint that resumes exactly there
 // and exit with 128 + the signal (130, 143). A second signal of either kind
 // ends the process at once (its default action), for a user who will not wait.
+// install_stop_handlers blocks both signals in the calling thread and in
+// OpenMP's threads, and starts a thread that takes them (sigwait): no thread
+// that computes ever runs a handler (oneDNN 2.x's sgemm corrupts the heap when
+// one does). Threads started earlier, other than OpenMP's, may still run the
+// handler: call it before starting threads that compute. Processes started
+// afterwards inherit the blocked signals through exec: unblock them there.
+// Throws normkit::Error (runtime) if it cannot. Calling it again is harmless.
 void install_stop_handlers();
-void request_stop(int signal) noexcept;  // what the handlers do; also for tests
+void request_stop(int signal) noexcept;  // what the signals do; also for tests
 int stop_signal() noexcept;              // the signal that asked to stop, 0 for none
-void clear_stop() noexcept;              // and reinstall the handlers with install_stop_handlers()
+void clear_stop() noexcept;              // the next signal is a first one again
 
 struct Evaluation {
   double loss = 0, accuracy = 0;

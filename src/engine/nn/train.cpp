@@ -1,7 +1,4 @@
-#include <signal.h>
-
 #include <algorithm>
-#include <atomic>
 #include <chrono>
 #include <cmath>
 #include <numeric>
@@ -133,38 +130,6 @@ int64_t steps_per_epoch(int64_t count, int64_t batch_size, int ranks) {
   if (steps > 1 && last_size < ranks) --steps;  // nor a last batch that leaves a rank empty
   return steps;
 }
-
-
-namespace {
-// A lock-free atomic: the only kind a signal handler may touch.
-std::atomic<int> stop_requested{0};
-static_assert(std::atomic<int>::is_always_lock_free);
-
-// Records the signal, and gives both signals back their default action (ending
-// the process) for the next one. Only async-signal-safe calls.
-extern "C" void record_stop_signal(int signal) {
-  request_stop(signal);
-  struct sigaction fallback {};
-  fallback.sa_handler = SIG_DFL;
-  sigemptyset(&fallback.sa_mask);
-  ::sigaction(SIGINT, &fallback, nullptr);
-  ::sigaction(SIGTERM, &fallback, nullptr);
-}
-}  // namespace
-
-void install_stop_handlers() {
-  struct sigaction action {};
-  action.sa_handler = record_stop_signal;
-  sigemptyset(&action.sa_mask);
-  action.sa_flags = SA_RESTART;  // reads and writes in progress carry on
-  for (const int signal : {SIGINT, SIGTERM})
-    if (::sigaction(signal, &action, nullptr) != 0)
-      engine::fail_runtime("cannot install the handler of signal ", signal);
-}
-
-void request_stop(int signal) noexcept { stop_requested.store(signal); }
-int stop_signal() noexcept { return stop_requested.load(); }
-void clear_stop() noexcept { stop_requested.store(0); }
 
 EpochResult train_epoch(nn::Model& model, nn::Optimizer& optimizer, const data::Dataset& train,
                         int64_t batch_size, uint64_t seed, int64_t epoch,
