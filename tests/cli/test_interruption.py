@@ -195,7 +195,7 @@ def test_a_model_that_cannot_fit_is_refused_with_the_figure(table, tmp_path):
 def test_children_start_with_no_signal_blocked(table, tmp_path):
     """The command blocks SIGINT and SIGTERM in its own threads (a thread of its own takes
     them); what it starts, here the plotting script, gets them unblocked."""
-    script, mask = tmp_path / "plot.py", tmp_path / "mask.txt"
+    script, mask = tmp_path / "plot", tmp_path / "mask"
     script.write_text("import pathlib, sys\n"
                       "status = pathlib.Path('/proc/self/status').read_text().splitlines()\n"
                       f"pathlib.Path({str(mask)!r}).write_text(next(l for l in status if l.startswith('SigBlk')))\n")
