@@ -403,19 +403,9 @@ data::Dataset subset(const data::Dataset& set, std::vector<int64_t> indices) {
   return out;
 }
 
-// Indices of each class in an order drawn from `seed` (the same for every run
-// of a comparison, whatever its --seed).
-std::vector<std::vector<int64_t>> shuffled_by_class(const data::Dataset& set, uint64_t seed) {
-  std::vector<std::vector<int64_t>> by_class(static_cast<size_t>(set.num_classes));
-  for (const int64_t i : train::epoch_order(set.count(), seed ^ 0xda7a5eedull, 0))
-    by_class[static_cast<size_t>(set.labels[i])].push_back(i);
-  return by_class;
-}
-
-// Keeps only the rows `indices` of `set`, in the file's order, in place (no
-// second copy of 60k images: the lab starts many runs).
-void keep_rows(data::Dataset& set, std::vector<int64_t> indices) {
-  std::sort(indices.begin(), indices.end());
+// Keeps only the rows `indices` (increasing) of `set`, in place (no second copy
+// of 60k images: the lab starts many runs).
+void keep_rows(data::Dataset& set, const std::vector<int64_t>& indices) {
   const int64_t n = set.sample_size();
   int64_t k = 0;
   for (const int64_t i : indices) {
@@ -430,28 +420,65 @@ void keep_rows(data::Dataset& set, std::vector<int64_t> indices) {
   set.labels.resize(static_cast<size_t>(k));
 }
 
-// Moves a stratified `fraction` of `set` (rounded per class) into the returned set.
-data::Dataset hold_out(data::Dataset& set, double fraction, uint64_t seed) {
-  std::vector<int64_t> held, kept;
-  for (const auto& members : shuffled_by_class(set, seed)) {
-    const auto n = static_cast<size_t>(std::llround(fraction * static_cast<double>(members.size())));
-    held.insert(held.end(), members.begin(), members.begin() + static_cast<std::ptrdiff_t>(n));
-    kept.insert(kept.end(), members.begin() + static_cast<std::ptrdiff_t>(n), members.end());
-  }
-  data::Dataset out = subset(set, held);
-  keep_rows(set, kept);
-  return out;
+// The rows of a training set a run uses, as increasing indices into it: the
+// validation split (--val-fraction) and what trains (the rest, then
+// --per-class of each class, then the first --limit-train).
+struct TrainRows {
+  std::vector<int64_t> val, train;
+};
+
+// The positions in `rows` of each class, in an order drawn from `seed` (the
+// same for every run of a comparison, whatever its --seed).
+std::vector<std::vector<int64_t>> shuffled_by_class(const data::Dataset& set,
+                                                    const std::vector<int64_t>& rows, uint64_t seed) {
+  std::vector<std::vector<int64_t>> by_class(static_cast<size_t>(set.num_classes));
+  for (const int64_t i : train::epoch_order(static_cast<int64_t>(rows.size()), seed ^ 0xda7a5eedull, 0))
+    by_class[static_cast<size_t>(set.labels[static_cast<size_t>(rows[static_cast<size_t>(i)])])].push_back(i);
+  return by_class;
 }
 
-void keep_per_class(data::Dataset& set, int64_t per_class, uint64_t seed) {
-  std::vector<int64_t> kept;
-  for (const auto& members : shuffled_by_class(set, seed ^ 0x5ab5e7ull)) {
-    if (static_cast<int64_t>(members.size()) < per_class)
-      usage_error("--per-class " + std::to_string(per_class) + ": a class has only " +
-                  std::to_string(members.size()) + " training samples");
-    kept.insert(kept.end(), members.begin(), members.begin() + per_class);
+// From the labels alone: the IDX loader then converts only these rows.
+TrainRows choose_train_rows(const data::Dataset& set, const RunOptions& o) {
+  TrainRows chosen;
+  chosen.train.resize(static_cast<size_t>(set.count()));
+  std::iota(chosen.train.begin(), chosen.train.end(), 0);
+  auto rows_at = [&](std::vector<int64_t> positions) {
+    std::sort(positions.begin(), positions.end());  // the file's order
+    for (int64_t& p : positions) p = chosen.train[static_cast<size_t>(p)];
+    return positions;
+  };
+  if (o.val_fraction > 0) {  // a stratified fraction (rounded per class)
+    std::vector<int64_t> held, kept;
+    for (const auto& members : shuffled_by_class(set, chosen.train, o.data_seed)) {
+      const auto n = static_cast<std::ptrdiff_t>(
+          std::llround(o.val_fraction * static_cast<double>(members.size())));
+      held.insert(held.end(), members.begin(), members.begin() + n);
+      kept.insert(kept.end(), members.begin() + n, members.end());
+    }
+    if (held.empty())
+      usage_error("--val-fraction " + std::to_string(o.val_fraction) + " holds out no sample");
+    chosen.val = rows_at(std::move(held));
+    chosen.train = rows_at(std::move(kept));
   }
-  keep_rows(set, kept);
+  if (o.per_class > 0) {
+    std::vector<int64_t> kept;
+    for (const auto& members : shuffled_by_class(set, chosen.train, o.data_seed ^ 0x5ab5e7ull)) {
+      if (static_cast<int64_t>(members.size()) < o.per_class)
+        usage_error("--per-class " + std::to_string(o.per_class) + ": a class has only " +
+                    std::to_string(members.size()) + " training samples");
+      kept.insert(kept.end(), members.begin(), members.begin() + o.per_class);
+    }
+    chosen.train = rows_at(std::move(kept));
+  }
+  if (o.limit_train > 0 && o.limit_train < static_cast<int64_t>(chosen.train.size()))
+    chosen.train.resize(static_cast<size_t>(o.limit_train));
+  return chosen;
+}
+
+// Splits `train` (its rows indexed by `chosen`) into the validation set and what trains.
+void take_rows(Data& d, const TrainRows& chosen) {
+  if (!chosen.val.empty()) d.val = subset(d.train, chosen.val);
+  keep_rows(d.train, chosen.train);
 }
 
 void keep_first(data::Dataset& set, int64_t limit) {
@@ -489,8 +516,29 @@ Data load_data(const RunOptions& o, bool need_train) {
   const fs::path path = o.data;
   if (fs::is_directory(path, ec)) {
     if (!o.test_data.empty()) usage_error("--test-data applies to CSV tables only");
-    if (need_train) d.train = data::load_mnist_directory(path, data::Split::train);
-    d.test = data::load_mnist_directory(path, data::Split::test);
+    if (need_train) {
+      // Only the rows the run uses are converted; then they are indexed anew.
+      TrainRows chosen;
+      std::vector<int64_t> loaded;
+      d.train = data::load_mnist_directory(path, data::Split::train, [&](const data::Dataset& labels) {
+        chosen = choose_train_rows(labels, o);
+        std::merge(chosen.val.begin(), chosen.val.end(), chosen.train.begin(), chosen.train.end(),
+                   std::back_inserter(loaded));
+        return loaded;
+      });
+      for (auto* rows : {&chosen.val, &chosen.train})
+        for (int64_t& i : *rows)
+          i = std::lower_bound(loaded.begin(), loaded.end(), i) - loaded.begin();
+      take_rows(d, chosen);
+    }
+    data::RowChoice first_test_rows;
+    if (o.limit_test > 0)
+      first_test_rows = [&](const data::Dataset& labels) {
+        std::vector<int64_t> rows(static_cast<size_t>(std::min(o.limit_test, labels.count())));
+        std::iota(rows.begin(), rows.end(), 0);
+        return rows;
+      };
+    d.test = data::load_mnist_directory(path, data::Split::test, first_test_rows);
   } else if (fs::is_regular_file(path, ec)) {
     data::CsvOptions csv = csv_options(o);
     data::Dataset table = data::load_csv(path, csv);
@@ -504,25 +552,20 @@ Data load_data(const RunOptions& o, bool need_train) {
       if (table.count() < 10)
         runtime_error("--data '" + o.data + "': " + std::to_string(table.count()) +
                       " rows are too few to hold out a test set; give --test-data");
-      const auto order = train::epoch_order(table.count(), 0x7e57, 0);
+      auto order = train::epoch_order(table.count(), 0x7e57, 0);
       const auto held_out = table.count() / 5;
       d.test = subset(table, {order.begin(), order.begin() + held_out});
       if (need_train) {  // the rest, in place: no second copy of the table
+        std::sort(order.begin() + held_out, order.end());
         keep_rows(table, {order.begin() + held_out, order.end()});
         d.train = std::move(table);
       }
     }
+    if (need_train) take_rows(d, choose_train_rows(d.train, o));
+    keep_first(d.test, o.limit_test);
   } else {
     runtime_error("--data '" + o.data + "': no such file or directory");
   }
-  if (need_train && o.val_fraction > 0) {
-    d.val = hold_out(d.train, o.val_fraction, o.data_seed);
-    if (d.val.count() == 0)
-      usage_error("--val-fraction " + std::to_string(o.val_fraction) + " holds out no sample");
-  }
-  if (need_train && o.per_class > 0) keep_per_class(d.train, o.per_class, o.data_seed);
-  keep_first(d.train, o.limit_train);
-  keep_first(d.test, o.limit_test);
   // Raw IDX pixels are the bytes of the file (the loader scales them to [0, 1]).
   if (o.inputs == "raw" && fs::is_directory(path, ec))
     for (data::Dataset* set : {&d.train, &d.val, &d.test})

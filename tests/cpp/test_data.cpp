@@ -139,6 +139,40 @@ TEST_F(IdxFiles, BodiesOfSeveralReadPiecesLoadWhole) {
                        "has " + std::to_string(values - 1)}));
 }
 
+// Only the chosen rows are converted, and they are the whole set's rows: images
+// of 1 MB, so rows cross the loader's 4 MB read pieces.
+TEST_F(IdxFiles, ChosenRowsAreThoseOfTheWholeSet) {
+  constexpr uint32_t kImages = 7, kSide = 1000;
+  const size_t per_image = size_t{kSide} * kSide, values = kImages * per_image;
+  std::string pixels(values, '\0');
+  for (size_t i = 0; i < values; ++i) pixels[i] = static_cast<char>((i * 131 + i / 4099) % 256);
+  write_gzip(images, idx_bytes({kImages, kSide, kSide}, pixels));
+  write_file(labels, idx_bytes({kImages}, std::string{3, 1, 4, 1, 5, 9, 2}));
+  const auto whole = data::load_idx(images, labels);
+  for (const std::vector<int64_t>& rows :
+       std::vector<std::vector<int64_t>>{{}, {0}, {6}, {1, 3, 4}, {0, 1, 2, 3, 4, 5, 6}, {2, 5}}) {
+    SCOPED_TRACE(::testing::PrintToString(rows));
+    const auto set = data::load_idx(images, labels, 10, [&](const data::Dataset& given) {
+      EXPECT_EQ(given.labels, whole.labels);
+      EXPECT_EQ(given.num_classes, 10);
+      EXPECT_TRUE(given.features.empty());
+      return rows;
+    });
+    ASSERT_EQ(set.count(), static_cast<int64_t>(rows.size()));
+    EXPECT_EQ(set.sample_shape, whole.sample_shape);
+    ASSERT_EQ(set.features.size(), rows.size() * per_image);
+    for (size_t k = 0; k < rows.size(); ++k) {
+      EXPECT_EQ(set.labels[k], whole.labels[static_cast<size_t>(rows[k])]);
+      EXPECT_TRUE(std::equal(set.features.begin() + static_cast<std::ptrdiff_t>(k * per_image),
+                             set.features.begin() + static_cast<std::ptrdiff_t>((k + 1) * per_image),
+                             whole.features.begin() + rows[k] * static_cast<std::ptrdiff_t>(per_image)));
+    }
+  }
+  for (const std::vector<int64_t>& bad : std::vector<std::vector<int64_t>>{{3, 1}, {2, 2}, {-1}, {7}})
+    EXPECT_TRUE(throws_error([&] { data::load_idx(images, labels, 10, [&](const data::Dataset&) { return bad; }); },
+                             ErrorKind::invalid_argument, {"strictly increasing", "[0, 7)"}));
+}
+
 TEST_F(IdxFiles, CorruptCompressedFilesAreRejected) {
   // A gzip stream cut short, and one whose deflate data are garbage.
   write_gzip(images, good_images());

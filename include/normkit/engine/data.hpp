@@ -9,6 +9,7 @@
 // normkit::Error naming the file and what is wrong with it.
 #include <cstdint>
 #include <filesystem>
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -27,10 +28,17 @@ struct Dataset {
   int64_t sample_size() const noexcept;
 };
 
+// The rows of a data set to keep, chosen from its labels before any sample is
+// converted: `set` holds the labels and num_classes, no features. Returns
+// indices into the file's rows, strictly increasing. A run that trains on a
+// subset (--per-class, a validation split) then never holds the whole set.
+using RowChoice = std::function<std::vector<int64_t>(const Dataset& set)>;
+
 // An IDX image file (unsigned bytes, magic 0x00000803, 3 dimensions) and its
-// label file (0x00000801, 1 dimension); pixels are scaled to [0, 1].
+// label file (0x00000801, 1 dimension); pixels are scaled to [0, 1]. With
+// `rows`, only those rows (every image is still read and checked).
 Dataset load_idx(const std::filesystem::path& images, const std::filesystem::path& labels,
-                 int32_t num_classes = 10);
+                 int32_t num_classes = 10, const RowChoice& rows = {});
 
 // Fashion-MNIST (or MNIST) from a directory holding the four standard files,
 // gzipped or not: {train,t10k}-{images-idx3,labels-idx1}-ubyte[.gz]. The class
@@ -38,7 +46,8 @@ Dataset load_idx(const std::filesystem::path& images, const std::filesystem::pat
 // Fashion-MNIST's ten (fashion_mnist_classes()) when the directory's name
 // contains "fashion", else none.
 enum class Split { train, test };
-Dataset load_mnist_directory(const std::filesystem::path& directory, Split split);
+Dataset load_mnist_directory(const std::filesystem::path& directory, Split split,
+                             const RowChoice& rows = {});
 inline const char* kFashionMnistDirectory = "/usr/share/datasets/fashion-mnist";
 const std::vector<std::string>& fashion_mnist_classes();  // "T-shirt/top", "Trouser", ...
 

@@ -166,7 +166,7 @@ int64_t Dataset::sample_size() const noexcept {
 }
 
 Dataset load_idx(const std::filesystem::path& images, const std::filesystem::path& labels,
-                 int32_t num_classes) {
+                 int32_t num_classes, const RowChoice& rows) {
   if (num_classes < 1 || num_classes > 256)
     engine::fail_invalid("num_classes must be in [1, 256] for IDX labels, got ", num_classes);
   IdxReader image_file(images);
@@ -188,19 +188,52 @@ Dataset load_idx(const std::filesystem::path& images, const std::filesystem::pat
     if (set.labels[i] >= num_classes)
       fail_runtime(labels.string(), ": label ", set.labels[i], " at index ", i,
                    " is out of range [0, ", num_classes, ")");
-  const uint64_t values = image_dims[0] * image_dims[1] * image_dims[2];
+  const uint64_t pixels_per_image = image_dims[1] * image_dims[2];
+  const uint64_t values = image_dims[0] * pixels_per_image;
   set.sample_shape = {1, static_cast<int64_t>(image_dims[1]), static_cast<int64_t>(image_dims[2])};
-  engine::reserve_hint(set.features, image_file.room(values));
+  std::vector<int64_t> kept;
+  if (rows) {
+    kept = rows(set);
+    for (size_t i = 0; i < kept.size(); ++i)
+      if (kept[i] < 0 || kept[i] >= set.count() || (i > 0 && kept[i] <= kept[i - 1]))
+        engine::fail_invalid("load_idx: the rows to keep must be strictly increasing indices in [0, ",
+                             set.count(), "), got ", kept[i], " at position ", i);
+    for (size_t i = 0; i < kept.size(); ++i) set.labels[i] = set.labels[static_cast<size_t>(kept[i])];
+    set.labels.resize(kept.size());
+    set.labels.shrink_to_fit();
+  }
+  const uint64_t wanted = rows ? kept.size() * pixels_per_image : values;
+  engine::reserve_hint(set.features, image_file.room(wanted));
+  // The file's pixels arrive in pieces; `at` is the index of the next one, and
+  // the next kept row's pixels are copied as their part of a piece goes by.
+  uint64_t at = 0;
+  size_t next = 0;
   image_file.body(values, [&](const unsigned char* pixels, size_t n) {
-    const size_t old = set.features.size();
-    set.features.resize(old + n);
-    float* const out = set.features.data() + old;
-    for (size_t i = 0; i < n; ++i) out[i] = static_cast<float>(pixels[i]) / 255.0f;
+    const uint64_t end = at + n;
+    while (at < end) {
+      uint64_t stop = end;
+      if (rows) {
+        if (next == kept.size()) break;
+        const uint64_t first = static_cast<uint64_t>(kept[next]) * pixels_per_image;
+        if (first >= end) break;
+        at = std::max(at, first);
+        stop = std::min(end, first + pixels_per_image);
+        if (stop == first + pixels_per_image) ++next;
+      }
+      const size_t old = set.features.size(), count = static_cast<size_t>(stop - at);
+      set.features.resize(old + count);
+      float* const out = set.features.data() + old;
+      const unsigned char* const in = pixels + (at - (end - n));
+      for (size_t i = 0; i < count; ++i) out[i] = static_cast<float>(in[i]) / 255.0f;
+      at = stop;
+    }
+    at = end;
   });
   return set;
 }
 
-Dataset load_mnist_directory(const std::filesystem::path& directory, Split split) {
+Dataset load_mnist_directory(const std::filesystem::path& directory, Split split,
+                             const RowChoice& rows) {
   if (!std::filesystem::is_directory(directory))
     fail_runtime(directory.string(), ": not a directory (expected the MNIST/Fashion-MNIST files)");
   const std::string prefix = split == Split::train ? "train" : "t10k";
@@ -211,7 +244,7 @@ Dataset load_mnist_directory(const std::filesystem::path& directory, Split split
     }
     fail_runtime(directory.string(), ": missing ", prefix + stem, "[.gz]");
   };
-  Dataset set = load_idx(find("-images-idx3-ubyte"), find("-labels-idx1-ubyte"));
+  Dataset set = load_idx(find("-images-idx3-ubyte"), find("-labels-idx1-ubyte"), 10, rows);
   set.class_names = directory_class_names(directory, set.num_classes);
   return set;
 }
