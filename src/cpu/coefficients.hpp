@@ -9,6 +9,7 @@
 //   scale = γ·invstd,  shift = β - (mean - mean_hi)·scale.
 // x - mean_hi is exact when x is near the mean, so large means (1e6 with std 1)
 // keep their digits; the textbook fold shift = β - mean·scale would lose them.
+#include <algorithm>
 #include <cmath>
 #include <span>
 
@@ -32,19 +33,24 @@ struct ApplyCoefficients {
 }
 
 // Per-channel apply coefficients (apply_coefficients) for a block of channels
-// from merged moments, as arrays, in a loop the compiler vectorizes: with
+// from merged moments, as arrays, in loops the compiler vectorizes: with
 // thousands of channels and few rows (32×4096), scalar square roots and
 // divisions per channel cost as much as the data passes. (src/cpu is built
 // with -fno-math-errno, without which the square root does not vectorize.)
+// invstd is bn::invstd_of's, bit for bit: IEEE division and square root.
 [[maybe_unused]] NORMKIT_SIMD_CLONES
-void coefficient_arrays(int64_t channels, double count, const double* __restrict mean,
-                        const double* __restrict m2, const float* __restrict gamma,
-                        const float* __restrict beta, double eps, float* __restrict mean_hi,
+void invstd_array(int64_t channels, double count, const double* __restrict m2, double eps,
+                  double* __restrict invstd) {
+  for (int64_t c = 0; c < channels; ++c) invstd[c] = 1.0 / std::sqrt(m2[c] / count + eps);
+}
+[[maybe_unused]] NORMKIT_SIMD_CLONES
+void coefficient_arrays(int64_t channels, const double* __restrict mean,
+                        const double* __restrict invstd, const float* __restrict gamma,
+                        const float* __restrict beta, float* __restrict mean_hi,
                         float* __restrict scale, float* __restrict shift) {
   for (int64_t c = 0; c < channels; ++c) {
-    const double invstd = 1.0 / std::sqrt(m2[c] / count + eps);
     const float hi = static_cast<float>(mean[c]);
-    const double sc = (gamma ? static_cast<double>(gamma[c]) : 1.0) * invstd;
+    const double sc = (gamma ? static_cast<double>(gamma[c]) : 1.0) * invstd[c];
     mean_hi[c] = hi;
     scale[c] = static_cast<float>(sc);
     shift[c] = static_cast<float>((beta ? static_cast<double>(beta[c]) : 0.0) -
@@ -54,16 +60,23 @@ void coefficient_arrays(int64_t channels, double count, const double* __restrict
 
 // A forward-training's block of channels [c0, c0 + width) once its moments are
 // merged (the on_block of rows_moments_phase): the moments written and reported
-// final, and the block's apply coefficients. Batch norm and BN+ReLU both, so
-// that their y agree bit for bit.
+// final with their invstd, and the block's apply coefficients. Batch norm and
+// BN+ReLU both, so that their y agree bit for bit.
 template <class Forward>
 void finish_forward_block(const Forward& p, int64_t c0, int64_t width, double count,
                           const double* mean, const double* m2, float* mean_hi, float* scale,
                           float* shift) {
-  for (int64_t c = 0; c < width; ++c) p.moments[c0 + c] = {count, mean[c], m2[c]};
-  p.moments_done(c0, width);
-  coefficient_arrays(width, count, mean, m2, p.gamma ? p.gamma + c0 : nullptr,
-                     p.beta ? p.beta + c0 : nullptr, p.eps, mean_hi + c0, scale + c0, shift + c0);
+  constexpr int64_t kPiece = 256;  // invstd on the stack: no allocation in a region
+  double invstd[kPiece];
+  for (int64_t b = 0; b < width; b += kPiece) {
+    const int64_t n = std::min(kPiece, width - b);
+    for (int64_t c = b; c < b + n; ++c) p.moments[c0 + c] = {count, mean[c], m2[c]};
+    invstd_array(n, count, m2 + b, p.eps, invstd);
+    p.moments_done(c0 + b, n, invstd);
+    coefficient_arrays(n, mean + b, invstd, p.gamma ? p.gamma + c0 + b : nullptr,
+                       p.beta ? p.beta + c0 + b : nullptr, mean_hi + c0 + b, scale + c0 + b,
+                       shift + c0 + b);
+  }
 }
 
 // Training backward folded into dx = a·dy + b·(x - mean_hi) + k:

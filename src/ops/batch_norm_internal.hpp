@@ -42,13 +42,17 @@ inline double variance_of(const Moments& m, double ddof) {
 }
 
 // The saved statistics from the batch moments, each where wanted (non-null):
-// mean, and invstd = 1 / sqrt(biased variance + eps).
+// mean, and invstd = 1 / sqrt(biased variance + eps), or from `given` (the
+// kernel's invstd of the same moments) when not null.
 template <class T>
 [[maybe_unused]] NORMKIT_SIMD_CLONES void saved_from(const Moments* moments, size_t n, double eps,
-                                                     T* mean, T* invstd) {
+                                                     T* mean, T* invstd,
+                                                     const double* given = nullptr) {
   if (mean)
     for (size_t i = 0; i < n; ++i) mean[i] = static_cast<T>(moments[i].mean);
-  if (invstd)
+  if (invstd && given)
+    for (size_t i = 0; i < n; ++i) invstd[i] = static_cast<T>(given[i]);
+  else if (invstd)
     for (size_t i = 0; i < n; ++i)
       invstd[i] = static_cast<T>(kernels::bn::invstd_of(variance_of(moments[i], 0.0), eps));
 }
@@ -138,7 +142,7 @@ class TrainingEpilogue {
  private:
   static constexpr int64_t kBlock = 256;  // next values on the stack: no allocation in a region
 
-  static void finish(const void* context, int64_t c0, int64_t n) {
+  static void finish(const void* context, int64_t c0, int64_t n, const double* invstd) {
     const auto& e = *static_cast<const TrainingEpilogue*>(context);
     const Moments* const m = e.moments_.data();
     bool ok = true;
@@ -159,7 +163,8 @@ class TrainingEpilogue {
       T* const saved_invstd = e.saved_.invstd.empty() ? nullptr : e.saved_.invstd.data() + b;
       if (saved_mean) std::copy_n(saved_mean, len, e.kept_[2] + b);
       if (saved_invstd) std::copy_n(saved_invstd, len, e.kept_[3] + b);
-      saved_from<T>(m + b, len, e.options_.eps, saved_mean, saved_invstd);
+      saved_from<T>(m + b, len, e.options_.eps, saved_mean, saved_invstd,
+                    invstd ? invstd + (b - c0) : nullptr);
     }
     if (!ok) e.fault_.store(true, std::memory_order_relaxed);
   }

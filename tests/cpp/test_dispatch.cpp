@@ -241,22 +241,30 @@ struct BnReference {
 // What a forward reported through its bn::MomentsReport: how often each
 // channel, and its moments when reported, which must be the final ones (the
 // op computes the running and saved statistics from them there and then).
+// An invstd given with the report must be bn::invstd_of's of the moments, bit for bit.
 struct MomentsReports {
   const std::vector<Moments>& out;
   std::vector<int> times = std::vector<int>(out.size());
   std::vector<Moments> seen = std::vector<Moments>(out.size());
+  int64_t wrong_invstd = 0;
   std::mutex mutex;  // reported from the kernel's threads
   explicit MomentsReports(const std::vector<Moments>& moments) : out(moments) {}
-  static void record(const void* context, int64_t c0, int64_t n) {
+  static void record(const void* context, int64_t c0, int64_t n, const double* invstd) {
     auto& r = *static_cast<MomentsReports*>(const_cast<void*>(context));
     const std::lock_guard lock(r.mutex);
     for (int64_t c = c0; c < c0 + n; ++c) {
       ++r.times[c];
       r.seen[c] = r.out[c];
+      if (invstd && !same_bits(invstd[c - c0],
+                               bn::invstd_of(r.out[c].m2 / r.out[c].count, kEps)))
+        ++r.wrong_invstd;
     }
   }
   bool none() const { return std::all_of(times.begin(), times.end(), [](int t) { return t == 0; }); }
   ::testing::AssertionResult each_once_and_final(std::string_view what) const {
+    if (wrong_invstd != 0)
+      return ::testing::AssertionFailure() << what << ": " << wrong_invstd
+                                           << " channels reported with another invstd";
     for (size_t c = 0; c < out.size(); ++c) {
       if (times[c] != 1)
         return ::testing::AssertionFailure()
