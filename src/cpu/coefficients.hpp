@@ -41,7 +41,9 @@ struct ApplyCoefficients {
 [[maybe_unused]] NORMKIT_SIMD_CLONES
 void invstd_array(int64_t channels, double count, const double* __restrict m2, double eps,
                   double* __restrict invstd) {
-  for (int64_t c = 0; c < channels; ++c) invstd[c] = 1.0 / std::sqrt(m2[c] / count + eps);
+  leaf::with_division_by(count, [&](auto divide) __attribute__((always_inline)) {
+    for (int64_t c = 0; c < channels; ++c) invstd[c] = 1.0 / std::sqrt(divide(m2[c]) + eps);
+  });
 }
 [[maybe_unused]] NORMKIT_SIMD_CLONES
 void coefficient_arrays(int64_t channels, const double* __restrict mean,

@@ -143,8 +143,10 @@ void rows_chunk_moments(const float* __restrict x, int64_t stride, int64_t rows,
           for (int64_t c = b0; c < b1; ++c) sum[c] += xp[j * stride + c] - x[c];
       }
     }
-    for (int64_t c = b0; c < b1; ++c)
-      center[c] = static_cast<float>(static_cast<double>(x[c]) + static_cast<double>(sum[c]) / n);
+    leaf::with_division_by(n, [&](auto divide) __attribute__((always_inline)) {
+      for (int64_t c = b0; c < b1; ++c)
+        center[c] = static_cast<float>(static_cast<double>(x[c]) + divide(static_cast<double>(sum[c])));
+    });
     std::fill(sum + b0, sum + b1, 0.0f);
     std::fill(sum_d2 + b0, sum_d2 + b1, 0.0f);
     for (int64_t r = 0; r < rows; r += kRowGroup) {
@@ -171,11 +173,13 @@ void rows_chunk_moments(const float* __restrict x, int64_t stride, int64_t rows,
           }
       }
     }
-    for (int64_t c = b0; c < b1; ++c) {
-      const double sd = sum[c];
-      mean[c] = center[c] + sd / n;
-      m2[c] = sum_d2[c] - sd * sd / n;
-    }
+    leaf::with_division_by(n, [&](auto divide) __attribute__((always_inline)) {
+      for (int64_t c = b0; c < b1; ++c) {
+        const double sd = sum[c];
+        mean[c] = center[c] + divide(sd);
+        m2[c] = sum_d2[c] - divide(sd * sd);
+      }
+    });
   }
 }
 
