@@ -8,6 +8,7 @@
 #include <unistd.h>
 
 #include <atomic>
+#include <chrono>
 #include <cmath>
 #include <cstdlib>
 #include <numeric>
@@ -759,7 +760,7 @@ TEST(NnTraining, ContinuingAtAnImpossiblePositionIsAnError) {
 namespace stop_test {
 // The signal the stop thread recorded, waited for up to 10 s (it takes them asynchronously).
 int recorded_stop() {
-  for (int i = 0; i < 1000 && normkit::train::stop_signal() == 0; ++i) ::usleep(10000);
+  for (int i = 0; i < 100000 && normkit::train::stop_signal() == 0; ++i) ::usleep(100);
   return normkit::train::stop_signal();
 }
 
@@ -775,6 +776,26 @@ int recorded_stop() {
   ::kill(::getpid(), first);
   ::sleep(10);
   std::_Exit(5);  // survived the second signal
+}
+
+// A child of fork() has no stop thread: it starts with nothing recorded and the
+// signals unblocked.
+[[noreturn]] void fork_child_starts_clean() {
+  normkit::train::install_stop_handlers();
+  ::kill(::getpid(), SIGINT);
+  if (recorded_stop() != SIGINT) std::_Exit(3);
+  const pid_t child = ::fork();
+  if (child == 0) {
+    sigset_t blocked;
+    ::pthread_sigmask(SIG_BLOCK, nullptr, &blocked);
+    std::_Exit(normkit::train::stop_signal() == 0 && !sigismember(&blocked, SIGINT) &&
+                       !sigismember(&blocked, SIGTERM)
+                   ? 0
+                   : 9);
+  }
+  int status = 0;
+  if (child < 0 || ::waitpid(child, &status, 0) != child) std::_Exit(10);
+  std::_Exit(WIFEXITED(status) ? WEXITSTATUS(status) : 11);
 }
 
 // SIGINT sent to the process again and again (cleared once recorded) while a
@@ -813,8 +834,12 @@ int recorded_stop() {
       ::usleep(200);
     }
   });
+  // At least 150 steps and 100 signals (a minute at most).
   int wrong = 0;
-  for (int step = 0; step < 150; ++step)
+  const auto start = std::chrono::steady_clock::now();
+  for (int step = 0; (step < 150 || sent.load() < 100) &&
+                     std::chrono::steady_clock::now() - start < std::chrono::minutes(1);
+       ++step)
     if (gradients() != expected) ++wrong;
   done.store(true);
   sender.join();
@@ -828,6 +853,7 @@ TEST(NnTraining, StopSignalsRecordTheFirstAndYieldToTheSecond) {
   GTEST_FLAG_SET(death_test_style, "threadsafe");
   EXPECT_EXIT(stop_test::first_recorded_second_ends(SIGINT, SIGTERM), ::testing::KilledBySignal(SIGINT), "");
   EXPECT_EXIT(stop_test::first_recorded_second_ends(SIGTERM, SIGINT), ::testing::KilledBySignal(SIGTERM), "");
+  EXPECT_EXIT(stop_test::fork_child_starts_clean(), ::testing::ExitedWithCode(0), "");
 }
 
 TEST(NnTraining, StopSignalsNeverReachAThreadThatComputes) {

@@ -48,17 +48,20 @@ struct EpochResult {
 // interrupted, so the caller can save a checkpoint that resumes exactly there
 // and exit with 128 + the signal (130, 143). A second signal of either kind
 // ends the process at once (its default action), for a user who will not wait.
-// install_stop_handlers blocks both signals in the calling thread and in
-// OpenMP's threads, and starts a thread that takes them (sigwait): no thread
-// that computes ever runs a handler (oneDNN 2.x's sgemm corrupts the heap when
-// one does). Threads started earlier, other than OpenMP's, may still run the
-// handler: call it before starting threads that compute. Processes started
-// afterwards inherit the blocked signals through exec: unblock them there.
+// install_stop_handlers starts a thread that takes both signals (sigwait) and
+// blocks them in the calling thread and in its OpenMP threads (libgomp's pool):
+// no thread that computes ever runs a handler (oneDNN 2.x's sgemm corrupts the
+// heap when one does). Threads started earlier by others (MPI's) may still run
+// the handler: call it before starting threads that compute. Processes started
+// afterwards with exec inherit the blocked signals: unblock them there (a
+// child of fork alone starts with them unblocked and nothing recorded).
 // Throws normkit::Error (runtime) if it cannot. Calling it again is harmless.
 void install_stop_handlers();
-void request_stop(int signal) noexcept;  // what the signals do; also for tests
-int stop_signal() noexcept;              // the signal that asked to stop, 0 for none
-void clear_stop() noexcept;              // the next signal is a first one again
+// A stop as a signal asks it (another rank's signal; tests); it does not count
+// as the first signal.
+void request_stop(int signal) noexcept;
+int stop_signal() noexcept;  // the signal that asked to stop, 0 for none
+void clear_stop() noexcept;  // no stop, and the next signal is a first one again
 
 struct Evaluation {
   double loss = 0, accuracy = 0;
