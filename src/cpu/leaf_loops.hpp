@@ -410,14 +410,14 @@ GradientSums gradient_sums_masked_short_runs(const float* __restrict x, int64_t 
 
 // ----- batch norm's plans (batch_norm_{planes,rows}.cpp, batch_norm_fused_{planes,rows}.cpp) -----
 
-// A planes piece: small enough that its second pass reads from L1.
-constexpr int64_t kPieceElements = 4096;
 // Calls f(divide), divide(x) = x / n: as x * (1 / n) when n is a power of two,
 // for then 1/n is exact and the product is the quotient bit for bit (both
-// are x·2^-k correctly rounded), at a fraction of a division's cost. Per-channel
-// finishing with thousands of channels and few rows divides 4096 values by the
-// same row count several times (bn1d 32x4096, chunks of 16 rows).
-// (n is a count: a whole number.)
+// are x·2^-k correctly rounded), at a fraction of a division's cost. The
+// products the kernels form this way (a float's sums and squares, an M2, in
+// double) are exact, never subnormal, so a multiply-add the compiler fuses
+// from one rounds as the division's add does. Per-channel finishing with
+// thousands of channels and few rows divides 4096 values by the same row count
+// several times (bn1d 32x4096, chunks of 16 rows). (n is a count: a whole number.)
 template <class F>
 [[gnu::always_inline]] inline void with_division_by(double n, F&& f) {
   const auto whole = n >= 1 && n < 0x1p53 ? static_cast<uint64_t>(n) : 0;
@@ -427,6 +427,35 @@ template <class F>
     f([n](double x) __attribute__((always_inline)) { return x / n; });
 }
 
+// The two ends of a rows chunk's moments (n rows), per channel, for the blocked
+// and the long-row loops alike. First the point the second pass sums around:
+// the first row's value `shift` plus the mean difference from it (Σ in `sum`).
+[[gnu::always_inline]] inline void chunk_centers(double n, int64_t channels,
+                                                 const float* __restrict shift,
+                                                 const float* __restrict sum,
+                                                 float* __restrict center) {
+  with_division_by(n, [&](auto divide) __attribute__((always_inline)) {
+    for (int64_t c = 0; c < channels; ++c)
+      center[c] = static_cast<float>(static_cast<double>(shift[c]) + divide(static_cast<double>(sum[c])));
+  });
+}
+// Then mean = center + Σd/n and M2 = Σd² - (Σd)²/n from the second pass's sums.
+[[gnu::always_inline]] inline void chunk_moments(double n, int64_t channels,
+                                                 const float* __restrict center,
+                                                 const float* __restrict sum_d,
+                                                 const float* __restrict sum_d2,
+                                                 double* __restrict mean, double* __restrict m2) {
+  with_division_by(n, [&](auto divide) __attribute__((always_inline)) {
+    for (int64_t c = 0; c < channels; ++c) {
+      const double sd = sum_d[c];
+      mean[c] = center[c] + divide(sd);
+      m2[c] = sum_d2[c] - divide(sd * sd);
+    }
+  });
+}
+
+// A planes piece: small enough that its second pass reads from L1.
+constexpr int64_t kPieceElements = 4096;
 // A rows chunk: at most this many elements and kMaxChunkRows rows (the number
 // of float additions per channel accumulator).
 constexpr int64_t kRowChunkElements = 65536;
@@ -604,8 +633,7 @@ template <int B>
   for (int l = 0; l < B; ++l) shift[l] = xb[l];
   for (int64_t r = 0; r < rows; ++r)
     for (int l = 0; l < B; ++l) sum[l] += xb[r * stride + l] - shift[l];
-  for (int l = 0; l < B; ++l)
-    center[l] = static_cast<float>(static_cast<double>(shift[l]) + static_cast<double>(sum[l]) / n);
+  chunk_centers(n, B, shift, sum, center);
   float sum_d[B] = {}, sum_d2[B] = {};
   for (int64_t r = 0; r < rows; ++r) {
     if (r < next_rows) request_lines(next, stride, r, r + 1, 0, B);
@@ -615,11 +643,7 @@ template <int B>
       sum_d2[l] += d * d;
     }
   }
-  for (int l = 0; l < B; ++l) {
-    const double sd = sum_d[l];
-    mean[l] = center[l] + sd / n;
-    m2[l] = sum_d2[l] - sd * sd / n;
-  }
+  chunk_moments(n, B, center, sum_d, sum_d2, mean, m2);
 }
 
 // Chan's merge of (count_b, mean_b[c], m2_b[c]) into (count_a, mean_a[c],

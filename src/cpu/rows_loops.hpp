@@ -143,10 +143,7 @@ void rows_chunk_moments(const float* __restrict x, int64_t stride, int64_t rows,
           for (int64_t c = b0; c < b1; ++c) sum[c] += xp[j * stride + c] - x[c];
       }
     }
-    leaf::with_division_by(n, [&](auto divide) __attribute__((always_inline)) {
-      for (int64_t c = b0; c < b1; ++c)
-        center[c] = static_cast<float>(static_cast<double>(x[c]) + divide(static_cast<double>(sum[c])));
-    });
+    leaf::chunk_centers(n, b1 - b0, x + b0, sum + b0, center + b0);
     std::fill(sum + b0, sum + b1, 0.0f);
     std::fill(sum_d2 + b0, sum_d2 + b1, 0.0f);
     for (int64_t r = 0; r < rows; r += kRowGroup) {
@@ -173,13 +170,7 @@ void rows_chunk_moments(const float* __restrict x, int64_t stride, int64_t rows,
           }
       }
     }
-    leaf::with_division_by(n, [&](auto divide) __attribute__((always_inline)) {
-      for (int64_t c = b0; c < b1; ++c) {
-        const double sd = sum[c];
-        mean[c] = center[c] + divide(sd);
-        m2[c] = sum_d2[c] - divide(sd * sd);
-      }
-    });
+    leaf::chunk_moments(n, b1 - b0, center + b0, sum + b0, sum_d2 + b0, mean + b0, m2 + b0);
   }
 }
 
