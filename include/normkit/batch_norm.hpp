@@ -133,6 +133,15 @@ void batch_norm_forward_from_moments(ConstTensorView<T> x, TensorView<T> y,
                                      std::span<const Moments> moments, SavedStats<T> saved,
                                      RunningStats<T> running, const BatchNormOptions& options = {});
 
+// The statistics half of batch_norm_forward_from_moments, without y: saved
+// and running statistics from the whole batch's moments, checked as there, for
+// a caller that applies the normalization itself, fused with what follows it
+// (the engine's batchnorm, relu, 2×2 max pooling in one pass).
+template <class T>
+void batch_norm_statistics_from_moments(std::span<const Moments> moments, SavedStats<T> saved,
+                                        RunningStats<T> running,
+                                        const BatchNormOptions& options = {});
+
 // This shard's per-channel Σdy and Σdy·x̂, x̂ = (x - mean)·invstd, in double
 // (mean and invstd: the whole batch's, as forward saved them). Any number of
 // values per channel, one included.

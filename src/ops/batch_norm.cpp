@@ -70,6 +70,22 @@ void check_batch_moments(std::span<const Moments> moments) {
   if (too_few) fail_invalid("expected more than 1 value per channel when training");
   check_finite(moments);
 }
+// What the statistics half of a forward-training from given moments checks:
+// the counts of its arrays, and moments that can make statistics.
+template <class T>
+void check_statistics_from_moments(std::span<const Moments> moments, int64_t channels,
+                                   SavedStats<T> saved, RunningStats<T> running,
+                                   const BatchNormOptions& options) {
+  check_count(moments, channels, "moments", kPerChannel, true);
+  check_count(saved.mean, channels, "save_mean", kPerChannel, false);
+  check_count(saved.invstd, channels, "save_invstd", kPerChannel, false);
+  check_running(running, channels, options);
+  for (size_t c = 0; c < moments.size(); ++c)
+    if (!(moments[c].count > 1))
+      fail_invalid("expected more than 1 value per channel when training, got moments of ",
+                   moments[c].count, " values for channel ", c);
+  check_finite(moments);
+}
 }  // namespace
 
 template <class T>
@@ -154,15 +170,7 @@ void batch_norm_forward_from_moments(ConstTensorView<T> x, TensorView<T> y,
   check_in_place(y.data, gy, x.data, gx, "x");
   check_count(gamma, gx.channels, "weight (gamma)", kPerChannel, false);
   check_count(beta, gx.channels, "bias (beta)", kPerChannel, false);
-  check_count(moments, gx.channels, "moments", kPerChannel, true);
-  check_count(saved.mean, gx.channels, "save_mean", kPerChannel, false);
-  check_count(saved.invstd, gx.channels, "save_invstd", kPerChannel, false);
-  check_running(running, gx.channels, options);
-  for (size_t c = 0; c < moments.size(); ++c)
-    if (!(moments[c].count > 1))
-      fail_invalid("expected more than 1 value per channel when training, got moments of ",
-                   moments[c].count, " values for channel ", c);
-  check_finite(moments);
+  check_statistics_from_moments(moments, gx.channels, saved, running, options);
 
   Workspace ws;
   const std::span<double> mean = ws.take_for_overwrite<double>(gx.channels),
@@ -173,6 +181,16 @@ void batch_norm_forward_from_moments(ConstTensorView<T> x, TensorView<T> y,
   }
   detail::batch_norm_apply_double_stats<T>(x, y, gamma, beta, mean, invstd,
                                            "batch_norm_forward_from_moments");
+  detail::write_saved(moments, saved, options.eps);
+  batch_norm_update_running<T>(moments, running, options);
+}
+
+template <class T>
+void batch_norm_statistics_from_moments(std::span<const Moments> moments, SavedStats<T> saved,
+                                        RunningStats<T> running, const BatchNormOptions& options) {
+  const auto channels = static_cast<int64_t>(moments.size());
+  if (channels < 1) fail_invalid("moments: expected at least one channel");
+  check_statistics_from_moments(moments, channels, saved, running, options);
   detail::write_saved(moments, saved, options.eps);
   batch_norm_update_running<T>(moments, running, options);
 }
@@ -312,6 +330,8 @@ void batch_norm_invstd(std::span<const T> var, double eps, std::span<T> invstd) 
   template void batch_norm_forward_from_moments<T>(                                             \
       ConstTensorView<T>, TensorView<T>, std::span<const T>, std::span<const T>,                \
       std::span<const Moments>, SavedStats<T>, RunningStats<T>, const BatchNormOptions&);       \
+  template void batch_norm_statistics_from_moments<T>(std::span<const Moments>, SavedStats<T>,   \
+                                                     RunningStats<T>, const BatchNormOptions&); \
   template void batch_norm_backward_reduce<T>(ConstTensorView<T>, ConstTensorView<T>,           \
                                               std::span<const T>, std::span<const T>,           \
                                               std::span<double>, std::span<double>);            \

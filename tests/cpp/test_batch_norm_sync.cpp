@@ -192,6 +192,32 @@ void check_shards(const SyncCase& c, double rtol) {
 TEST_P(SyncBatchNorm, ShardsGiveTheWholeBatchFloat) { check_shards<float>(GetParam(), 2e-6); }
 TEST_P(SyncBatchNorm, ShardsGiveTheWholeBatchDouble) { check_shards<double>(GetParam(), 1e-13); }
 
+// The statistics half alone (batch_norm_statistics_from_moments, for callers
+// that apply the normalization themselves): the saved and running statistics
+// forward_from_moments writes, bit for bit.
+template <class T>
+void check_statistics_half(const SyncCase& c) {
+  SyncProblem<T> p(c);
+  const int64_t C = p.g.c;
+  std::vector<Moments> moments(C);
+  normkit::batch_norm_moments<T>(p.x.cview(), moments);
+  std::vector<T> mean(C), invstd(C), rm(C, T(0.5)), rv(C, T(2)), mean2(C), invstd2(C), rm2 = rm, rv2 = rv;
+  int64_t batches = 3, batches2 = 3;
+  Buffer<T> y(p.arr);
+  normkit::batch_norm_forward_from_moments<T>(p.x.cview(), y.view(), p.gamma, p.beta, moments, {mean, invstd},
+                                              {rm, rv, &batches});
+  normkit::batch_norm_statistics_from_moments<T>(moments, {mean2, invstd2}, {rm2, rv2, &batches2});
+  EXPECT_TRUE(bitwise_equal("save_mean", mean2, mean));
+  EXPECT_TRUE(bitwise_equal("save_invstd", invstd2, invstd));
+  EXPECT_TRUE(bitwise_equal("running_mean", rm2, rm));
+  EXPECT_TRUE(bitwise_equal("running_var", rv2, rv));
+  EXPECT_EQ(batches2, batches);
+}
+TEST_P(SyncBatchNorm, TheStatisticsHalfWritesWhatForwardFromMomentsDoes) {
+  check_statistics_half<float>(GetParam());
+  check_statistics_half<double>(GetParam());
+}
+
 INSTANTIATE_TEST_SUITE_P(Layouts, SyncBatchNorm, ::testing::ValuesIn(sync_cases()), ByName());
 
 // ---------------------------------------------------------------- errors
@@ -236,6 +262,35 @@ TEST_F(SyncErrors, ForwardChecksTheMomentsCount) {
   EXPECT_TRUE(throws_error([&] { forward(moments); }, ErrorKind::invalid_argument,
                            {"moments should contain 3 elements"}));
   EXPECT_TRUE(unchanged());
+}
+
+TEST_F(SyncErrors, TheStatisticsHalfChecksAsForwardFromMomentsDoes) {
+  std::vector<float> saved_mean(3, 9.0f), saved_invstd(3, 9.0f);
+  auto statistics = [&](std::span<const Moments> m) {
+    normkit::batch_norm_statistics_from_moments<float>(m, {saved_mean, saved_invstd}, {rm, rv, &batches});
+  };
+  auto untouched = [&] {
+    return unchanged() && saved_mean == std::vector<float>(3, 9.0f) &&
+           saved_invstd == std::vector<float>(3, 9.0f);
+  };
+  std::vector<Moments> few = moments, nan = moments, none;
+  few[1].count = 1;
+  nan[2].m2 = std::numeric_limits<double>::quiet_NaN();
+  EXPECT_TRUE(throws_error([&] { statistics(few); }, ErrorKind::invalid_argument,
+                           {"more than 1 value per channel", "channel 1"}));
+  EXPECT_TRUE(untouched());
+  EXPECT_TRUE(throws_error([&] { statistics(nan); }, ErrorKind::runtime, {"channel 2", "NaN"}));
+  EXPECT_TRUE(untouched());
+  EXPECT_TRUE(throws_error([&] { statistics(none); }, ErrorKind::invalid_argument, {"moments", "at least one"}));
+  EXPECT_TRUE(untouched());
+  std::vector<float> short_mean(2);
+  EXPECT_TRUE(throws_error(
+      [&] { normkit::batch_norm_statistics_from_moments<float>(moments, {short_mean, saved_invstd}, {}); },
+      ErrorKind::invalid_argument, {"save_mean should contain 3"}));
+  EXPECT_TRUE(untouched());
+  statistics(moments);  // and a good call writes them
+  EXPECT_EQ(batches, 6);
+  EXPECT_EQ(saved_mean, std::vector<float>(3, 1.0f));
 }
 
 TEST_F(SyncErrors, BackwardApplyChecksTheCount) {

@@ -15,6 +15,7 @@
 #include <set>
 #include <thread>
 
+#include "nn/layers.hpp"
 #include "nn_test_support.hpp"
 #include "normkit/engine/checkpoint.hpp"
 #include "normkit/engine/train.hpp"
@@ -147,14 +148,36 @@ TEST(NnModel, BothFormatsComputeTheSameModel) {
   for (size_t i = 0; i < grads[0].size(); ++i) ASSERT_NEAR(grads[0][i], grads[1][i], 1e-4 * scale) << i;
 }
 
+// Both models' training-mode logits for x, which must be equal bit for bit.
+::testing::AssertionResult same_logits(Model& a, Model& b, const Tensor& x) {
+  const std::vector<float> la = a.forward(x, Mode::train).data;
+  const std::vector<float>& lb = b.forward(x, Mode::train).data;
+  if (la.size() != lb.size()) return ::testing::AssertionFailure() << "logit counts differ";
+  for (size_t i = 0; i < la.size(); ++i)
+    if (la[i] != lb[i]) return ::testing::AssertionFailure() << "logit " << i << ": " << la[i] << " vs " << lb[i];
+  return ::testing::AssertionSuccess();
+}
+// What a probe (probe.cpp) does after a step's forward: the layers one by one on
+// another batch, then Model::backward, which must follow the layers' own forward.
+void probe_then_backward(Model& model, const Tensor& batch, const std::vector<int32_t>& labels) {
+  const Tensor* current = &batch;
+  for (const auto& layer : model.layers()) current = &layer->forward(*current, Mode::train);
+  Tensor dlogits;
+  normkit::nn::softmax_cross_entropy(*current, labels.data(), &dlogits);
+  model.zero_grad();
+  model.backward(dlogits);
+}
+
 // In training, "batchnorm; relu" runs as one fused pass (Model::forward); the same
 // model with an identity between them ("dropout 0": a copy forward, dy·1 backward)
 // runs BN and ReLU as separate layers. Both compute the same logits, gradients and
 // running statistics bit for bit (the fused kernels take BN's statistics and
 // gradient sums), for batch statistics and for frozen BN, over a few SGD steps.
+// (Average pooling: a max pooling after the relu joins the pass in channels-last,
+// FusedBatchNormReluMaxPoolMatchesTheSeparateLayers.)
 TEST(NnModel, FusedBatchNormReluEqualsTheSeparateLayers) {
   const std::string head = "input 3 6 6; conv 8 3 pad=1 bias=0; batchnorm; ";
-  const std::string middle = "relu; maxpool 2; flatten; linear 16 bias=0; batchnorm; ";
+  const std::string middle = "relu; avgpool 2; flatten; linear 16 bias=0; batchnorm; ";
   const std::string tail = "relu; linear 5";
   const auto fused_spec = ModelSpec::parse(head + middle + tail);
   const auto plain_spec = ModelSpec::parse(head + "dropout 0; " + middle + "dropout 0; " + tail);
@@ -177,11 +200,7 @@ TEST(NnModel, FusedBatchNormReluEqualsTheSeparateLayers) {
         plain.freeze_batch_norm();
       }
       const Tensor x = make_tensor({N, 3, 6, 6}, format, normal_values(N * 108, 40 + step, 2.0f, 0.5f));
-      const std::vector<float> fused_logits = fused.forward(x, Mode::train).data;
-      const std::vector<float> plain_logits = plain.forward(x, Mode::train).data;
-      ASSERT_EQ(fused_logits.size(), plain_logits.size());
-      for (size_t i = 0; i < plain_logits.size(); ++i)
-        ASSERT_EQ(fused_logits[i], plain_logits[i]) << i;
+      ASSERT_TRUE(same_logits(fused, plain, x));
       compute_gradients(fused, x, labels);
       compute_gradients(plain, x, labels);
       for (size_t k = 0; k < plain_parameters.size(); ++k)
@@ -194,14 +213,7 @@ TEST(NnModel, FusedBatchNormReluEqualsTheSeparateLayers) {
         // own, unfused forward.
         const int64_t M = 5;
         const Tensor probe = make_tensor({M, 3, 6, 6}, format, normal_values(M * 108, 60));
-        for (Model* model : {&fused, &plain}) {
-          const Tensor* current = &probe;
-          for (const auto& layer : model->layers()) current = &layer->forward(*current, Mode::train);
-          Tensor dlogits;
-          normkit::nn::softmax_cross_entropy(*current, some_labels(M, 5).data(), &dlogits);
-          model->zero_grad();
-          model->backward(dlogits);
-        }
+        for (Model* model : {&fused, &plain}) probe_then_backward(*model, probe, some_labels(M, 5));
         for (size_t k = 0; k < plain_parameters.size(); ++k)
           for (size_t i = 0; i < plain_parameters[k]->grad.size(); ++i)
             ASSERT_EQ(fused_parameters[k]->grad[i], plain_parameters[k]->grad[i])
@@ -219,6 +231,77 @@ TEST(NnModel, FusedBatchNormReluEqualsTheSeparateLayers) {
               << plain_state[k].first << " " << i;
     }
   }
+}
+
+// In channels-last training, "batchnorm; relu; maxpool 2" runs as one pass
+// (ReluTail::forward_relu_max_pool); with an identity before the pooling
+// ("dropout 0") the same model runs BN+ReLU, then the pooling. Same logits and
+// running statistics bit for bit (the same statistics and coefficients), and
+// the same gradients to rounding (the gradient sums are added in another
+// order); the same bits on 1 and 2 threads; odd extents (a row and a column in
+// no window); frozen BN and a probe's layer-by-layer forward fall back to the
+// separate layers.
+TEST(NnModel, FusedBatchNormReluMaxPoolMatchesTheSeparateLayers) {
+  const auto fused_spec = ModelSpec::parse(
+      "input 3 7 9; conv 8 3 pad=1 bias=0; batchnorm; relu; maxpool 2; flatten; linear 5");
+  const auto plain_spec = ModelSpec::parse(
+      "input 3 7 9; conv 8 3 pad=1 bias=0; batchnorm; relu; dropout 0; maxpool 2; flatten; linear 5");
+  const int64_t N = 6;
+  const auto labels = some_labels(N, 5);
+  const auto format = MemoryFormat::channels_last;
+  std::vector<std::vector<float>> gradients_by_threads;
+  const int saved_threads = normkit::num_threads();
+  for (const int threads : {1, 2}) {
+    SCOPED_TRACE(threads);
+    normkit::set_num_threads(threads);
+    Model fused(fused_spec, format), plain(plain_spec, format);
+    fused.initialize({}, 5);
+    const auto fused_parameters = fused.parameters(), plain_parameters = plain.parameters();
+    ASSERT_EQ(fused_parameters.size(), plain_parameters.size());
+    for (size_t k = 0; k < fused_parameters.size(); ++k)
+      plain_parameters[k]->value = fused_parameters[k]->value;
+    std::vector<float> all_gradients;
+    for (int step = 0; step < 4; ++step) {
+      SCOPED_TRACE(step);
+      if (step == 3) {
+        fused.freeze_batch_norm();
+        plain.freeze_batch_norm();
+      }
+      const Tensor x = make_tensor({N, 3, 7, 9}, format, normal_values(N * 189, 70 + step, 2.0f, 0.5f));
+      ASSERT_TRUE(same_logits(fused, plain, x));
+      const bool ran_fused =
+          dynamic_cast<normkit::nn::detail::ReluTail&>(*fused.layers()[1]).ran_with_max_pool();
+      EXPECT_EQ(ran_fused, step < 3);  // frozen BN: the separate layers
+      compute_gradients(fused, x, labels);
+      compute_gradients(plain, x, labels);
+      for (size_t k = 0; k < plain_parameters.size(); ++k) {
+        double scale = 0;
+        for (const float g : plain_parameters[k]->grad) scale = std::max(scale, double{std::abs(g)});
+        for (size_t i = 0; i < plain_parameters[k]->grad.size(); ++i)
+          ASSERT_NEAR(fused_parameters[k]->grad[i], plain_parameters[k]->grad[i], 1e-5 * scale)
+              << plain_parameters[k]->name << " " << i;
+        all_gradients.insert(all_gradients.end(), fused_parameters[k]->grad.begin(),
+                             fused_parameters[k]->grad.end());
+      }
+      if (step == 1) {  // a probe's forward, then Model::backward: unfused
+        const Tensor probe = make_tensor({N, 3, 7, 9}, format, normal_values(N * 189, 80));
+        for (Model* model : {&fused, &plain}) probe_then_backward(*model, probe, labels);
+        EXPECT_FALSE(dynamic_cast<normkit::nn::detail::ReluTail&>(*fused.layers()[1]).ran_with_max_pool());
+        for (size_t k = 0; k < plain_parameters.size(); ++k)
+          for (size_t i = 0; i < plain_parameters[k]->grad.size(); ++i)
+            ASSERT_EQ(fused_parameters[k]->grad[i], plain_parameters[k]->grad[i])
+                << "probe " << plain_parameters[k]->name << " " << i;
+      }
+      const auto fused_state = fused.state(), plain_state = plain.state();
+      for (size_t k = 0; k < plain_state.size(); ++k)
+        for (size_t i = 0; i < plain_state[k].second->size(); ++i)
+          ASSERT_EQ((*fused_state[k].second)[i], (*plain_state[k].second)[i])
+              << plain_state[k].first << " " << i;
+    }
+    gradients_by_threads.push_back(all_gradients);
+  }
+  normkit::set_num_threads(saved_threads);
+  EXPECT_EQ(gradients_by_threads[0], gradients_by_threads[1]);
 }
 
 TEST(NnModel, ParametersStateAndSummary) {

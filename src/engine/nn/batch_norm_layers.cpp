@@ -214,11 +214,17 @@ class BatchNormLayer final : public BatchNormFamily, public AddReluTail, public 
   bool fuses_relu() const override { return !noisy() && !group_; }
   const Tensor& forward_relu(const Tensor& x) override { return forward_fused(x, nullptr, Mode::train); }
   bool ran_with_relu() const override { return with_relu_; }
+  // Followed by relu and a 2×2 max pooling, in training, not frozen;
+  // synchronized too (the ranks' moments and sums are merged between the halves).
+  bool fuses_relu_max_pool() const override { return !noisy() && !frozen_; }
+  const Tensor& forward_relu_max_pool(const Tensor& x) override;
+  bool ran_with_max_pool() const override { return with_max_pool_; }
   const Tensor& forward(const Tensor& x, Mode mode) override {
-    with_relu_ = false;
+    with_relu_ = with_max_pool_ = false;
     return BatchNormFamily::forward(x, mode);
   }
   const Tensor& backward_relu(const Tensor& dy, bool need_input_grad) override {
+    if (with_max_pool_) return backward_relu_max_pool(dy, need_input_grad);
     return backward_fused(dy, need_input_grad, nullptr);
   }
 
@@ -226,6 +232,7 @@ class BatchNormLayer final : public BatchNormFamily, public AddReluTail, public 
   // y = relu(BN(x) + z), or relu(BN(x)) without z, BN as forward() does it.
   const Tensor& forward_fused(const Tensor& x, const Tensor* z, Mode mode) {
     with_relu_ = z == nullptr;
+    with_max_pool_ = false;
     input_ = &x;
     y_.reshape(x.shape, x.format);
     mask_.resize(static_cast<size_t>(relu_mask_bytes(x.numel())));
@@ -305,13 +312,92 @@ class BatchNormLayer final : public BatchNormFamily, public AddReluTail, public 
                                      sum_dy, sum_dy_xhat, moments_[0].count);
   }
 
+  const Tensor& backward_relu_max_pool(const Tensor& dy, bool need_input_grad);
+
   std::vector<float> mean_, invstd_;  // the batch's, saved for backward
   std::vector<uint8_t> mask_;         // forward_(add_)relu's ReLU mask, one bit per element
   bool with_relu_ = false;            // the last forward was forward_relu
+  bool with_max_pool_ = false;        // the last forward was forward_relu_max_pool
+  ReluMaxPool2x2 pool_;
+  std::vector<float> coefficients_;   // per channel: mean_hi, scale, shift; backward mean_hi, a, b, k
+  std::vector<double> statistics_;    // per channel: the saved mean, in double
   dist::Communicator* group_ = nullptr;
-  std::vector<Moments> moments_;  // synchronized: the global batch's
-  std::vector<double> sums_;      // synchronized: Σdy, Σdy·x̂
+  std::vector<Moments> moments_;  // synchronized or with max pooling: the (global) batch's
+  std::vector<double> sums_;      // synchronized: Σdy, Σdy·x̂ (with max pooling: Σg, Σg·(x - mean))
 };
+
+// BN's part of batchnorm, relu, maxpool 2 in one pass: the batch statistics as
+// batch_norm_forward_training makes them (the moments, then the saved and
+// running statistics from them), and the coefficients its kernels apply
+// (cpu/coefficients.hpp: mean_hi = float(mean), scale = γ·invstd, shift =
+// β - (mean - mean_hi)·scale, from the double statistics); ReluMaxPool2x2 does
+// the rest.
+const Tensor& BatchNormLayer::forward_relu_max_pool(const Tensor& x) {
+  if (!fuses_relu_max_pool())
+    fail_invalid(describe(), ": cannot run with the relu and max pooling after it now");
+  input_ = &x;
+  with_relu_ = with_max_pool_ = true;
+  moments_.resize(c_);
+  batch_norm_moments<float>(x.view(), moments_);
+  if (group_) dist::merge_moments(*group_, moments_);  // in rank order, as train_forward
+  int64_t count = tracked();
+  batch_norm_statistics_from_moments<float>(moments_, {mean_, invstd_},
+                                            {running_mean_, running_var_, &count}, options_);
+  batches_[0] = static_cast<float>(count);
+  coefficients_.resize(3 * c_);
+  float *mean_hi = coefficients_.data(), *scale = mean_hi + c_, *shift = scale + c_;
+  for (int64_t c = 0; c < c_; ++c) {
+    const double mean = moments_[c].mean;
+    const double invstd = 1.0 / std::sqrt(moments_[c].biased_variance() + options_.eps);
+    const double sc = static_cast<double>(gamma_.value[c]) * invstd;
+    mean_hi[c] = static_cast<float>(mean);
+    scale[c] = static_cast<float>(sc);
+    shift[c] = static_cast<float>(static_cast<double>(beta_.value[c]) -
+                                  (mean - static_cast<double>(mean_hi[c])) * sc);
+  }
+  pool_.forward(x, mean_hi, scale, shift, y_);
+  trained_ = true;
+  return y_;
+}
+
+// Backward of forward_relu_max_pool: Σg, Σg·(x - mean) over the windows'
+// maxima, then dγ, dβ and dx's coefficients as batch_norm_backward folds them
+// (cpu/coefficients.hpp: a = γ·invstd, b = -a·invstd·dγ/M, k = -a·dβ/M -
+// b·(mean - mean_hi), M values per channel), from the saved statistics.
+const Tensor& BatchNormLayer::backward_relu_max_pool(const Tensor& dy, bool need_input_grad) {
+  start_backward(*input_, need_input_grad);
+  sums_.resize(2 * c_);
+  statistics_.resize(c_);
+  double *mean = statistics_.data(), *sum_g = sums_.data(), *sum_gx = sum_g + c_;
+  for (int64_t c = 0; c < c_; ++c) mean[c] = mean_[c];
+  pool_.sums(dy, mean, sum_g, sum_gx);
+  // dγ and dβ are this shard's parts (the trainer's gradient sum adds the
+  // ranks'); dx needs the whole batch's sums, over the whole batch's count.
+  for (int64_t c = 0; c < c_; ++c) {
+    dbeta_[c] = static_cast<float>(sum_g[c]);
+    dgamma_[c] = static_cast<float>(sum_gx[c] * static_cast<double>(invstd_[c]));
+  }
+  if (!need_input_grad) {
+    accumulate_gradients();
+    return dx_;
+  }
+  if (group_) dist::all_reduce_sum(*group_, sums_);
+  const double count = moments_[0].count;
+  coefficients_.resize(4 * c_);
+  float *mean_hi = coefficients_.data(), *a = mean_hi + c_, *b = a + c_, *k = b + c_;
+  for (int64_t c = 0; c < c_; ++c) {
+    const double invstd = invstd_[c], sum_gxhat = sum_gx[c] * invstd;
+    const double ac = static_cast<double>(gamma_.value[c]) * invstd;
+    const double bc = -ac * invstd * sum_gxhat / count;
+    mean_hi[c] = static_cast<float>(mean[c]);
+    a[c] = static_cast<float>(ac);
+    b[c] = static_cast<float>(bc);
+    k[c] = static_cast<float>(-ac * sum_g[c] / count - bc * (mean[c] - static_cast<double>(mean_hi[c])));
+  }
+  pool_.dx(*input_, dy, mean_hi, a, b, k, dx_);
+  accumulate_gradients();
+  return dx_;
+}
 
 // r and d follow BatchRenormSchedule::linear(warmup, rmax, dmax) over the
 // layer's own training steps (num_batches_tracked, so a resumed run continues

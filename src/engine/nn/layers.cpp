@@ -491,6 +491,99 @@ void average_window_rows(const float* __restrict src, int64_t first, int64_t row
   for (int64_t c = 0; c < channels; ++c) out[c] *= inv_area;
 }
 
+// BN, ReLU and 2×2 max pooling with stride 2 in one pass, channels-last
+// (layers.hpp, ReluMaxPool2x2): one output row of `windows` pixels from input
+// rows r0 and r1. Each value is normalized as the BN kernels do it,
+// p = (x - mean_hi)·scale + shift, and the window's maximum is taken by max
+// pooling's rule above on p, not on relu(p): the ReLU never changes which
+// positive value is the first maximum, and a maximum <= 0 gets no gradient
+// whichever it is. So y = relu(max p) (NaN stays NaN; only a maximum of -0
+// differs, +0 here against the separate layers' first -0), and the selects
+// stay branch-free (the ReLU inside the compare chain stopped GCC's
+// vectorizer).
+NORMKIT_ENGINE_SIMD_CLONES
+void bn_relu_max_rows_2x2(const float* __restrict r0, const float* __restrict r1, int64_t windows,
+                          int64_t channels, const float* __restrict mean_hi,
+                          const float* __restrict scale, const float* __restrict shift,
+                          float* __restrict out, uint8_t* __restrict index,
+                          float* __restrict x_at) {
+  for (int64_t ow = 0; ow < windows; ++ow) {
+    const float* __restrict a = r0 + 2 * ow * channels;
+    const float* __restrict b = r1 + 2 * ow * channels;
+    const int64_t o = ow * channels;
+    for (int64_t c = 0; c < channels; ++c) {
+      const float m = mean_hi[c], s = scale[c], t = shift[c];
+      const float x0 = a[c], x1 = a[channels + c], x2 = b[c], x3 = b[channels + c];
+      const float p1 = (x1 - m) * s + t, p2 = (x2 - m) * s + t, p3 = (x3 - m) * s + t;
+      float best = (x0 - m) * s + t, x_best = x0;
+      uint32_t at = 0;
+      bool take = takes_over(p1, best);
+      best = take ? p1 : best;
+      x_best = take ? x1 : x_best;
+      at = take ? 1u : at;
+      take = takes_over(p2, best);
+      best = take ? p2 : best;
+      x_best = take ? x2 : x_best;
+      at = take ? 2u : at;
+      take = takes_over(p3, best);
+      best = take ? p3 : best;
+      x_best = take ? x3 : x_best;
+      at = take ? 3u : at;
+      out[o + c] = best < 0.0f ? 0.0f : best;
+      x_at[o + c] = x_best;
+      index[o + c] = static_cast<uint8_t>(best > 0.0f ? at : ReluMaxPool2x2::kNoGradient);
+    }
+  }
+}
+// Its backward's sums over `pixels` output pixels: per channel Σg and
+// Σg·(x - mean) in double, g = dL/dy where the window's maximum passed the ReLU.
+// (The mask as bits: a select on the index compare did not vectorize.)
+NORMKIT_ENGINE_SIMD_CLONES
+void bn_relu_max_sums(const float* __restrict g, const uint8_t* __restrict index,
+                      const float* __restrict x_at, int64_t pixels, int64_t channels,
+                      const double* __restrict mean, double* __restrict sum_g,
+                      double* __restrict sum_gx) {
+  for (int64_t c = 0; c < channels; ++c) sum_g[c] = sum_gx[c] = 0.0;
+  for (int64_t p = 0; p < pixels; ++p) {
+    const float* __restrict gp = g + p * channels;
+    const uint8_t* __restrict ip = index + p * channels;
+    const float* __restrict xp = x_at + p * channels;
+    for (int64_t c = 0; c < channels; ++c) {
+      const uint32_t keep = 0u - static_cast<uint32_t>(ip[c] != ReluMaxPool2x2::kNoGradient);
+      const double gi = std::bit_cast<float>(std::bit_cast<uint32_t>(gp[c]) & keep);
+      sum_g[c] += gi;
+      sum_gx[c] += gi * (static_cast<double>(xp[c]) - mean[c]);
+    }
+  }
+}
+// And its dx on one input row of `width` pixels at window row kh, from its
+// output row (g, index; null when the row is in no window):
+// dx = a·g + b·(x - mean_hi) + k, g the row's gradient at its windows' maxima
+// and 0 elsewhere (the coefficients as the BN kernels fold them).
+NORMKIT_ENGINE_SIMD_CLONES
+void bn_relu_max_dx_row(const float* __restrict x, const float* __restrict g,
+                        const uint8_t* __restrict index, int64_t kh, int64_t windows,
+                        int64_t width, int64_t channels, const float* __restrict mean_hi,
+                        const float* __restrict a, const float* __restrict b,
+                        const float* __restrict k, float* __restrict dx) {
+  for (int64_t iw = 0; iw < width; ++iw) {
+    const float* __restrict xi = x + iw * channels;
+    float* __restrict o = dx + iw * channels;
+    const int64_t ow = iw / 2;
+    if (!g || ow >= windows) {
+      for (int64_t c = 0; c < channels; ++c) o[c] = b[c] * (xi[c] - mean_hi[c]) + k[c];
+      continue;
+    }
+    const auto position = static_cast<uint8_t>(2 * kh + iw % 2);
+    const float* __restrict gw = g + ow * channels;
+    const uint8_t* __restrict at = index + ow * channels;
+    for (int64_t c = 0; c < channels; ++c) {
+      const float gi = gw[c];  // loaded unconditionally: a conditional load blocks vectorization
+      o[c] = a[c] * (at[c] == position ? gi : 0.0f) + (b[c] * (xi[c] - mean_hi[c]) + k[c]);
+    }
+  }
+}
+
 class Pool2d final : public Layer {
  public:
   Pool2d(const std::vector<int64_t>& input, int64_t k, int64_t stride, bool max, MemoryFormat format)
@@ -499,6 +592,7 @@ class Pool2d final : public Layer {
     ow_ = window_positions(w_, k_, stride_);
   }
   std::string type() const override { return max_ ? "maxpool" : "avgpool"; }
+  bool is_max_2x2() const { return max_ && k_ == 2 && stride_ == 2; }
   std::string describe() const override {
     std::ostringstream s;
     s << type() << "(" << k_ << "x" << k_ << ", stride " << stride_ << ")";
@@ -655,6 +749,75 @@ class Pool2d final : public Layer {
   std::vector<WindowIndex> index_;  // max pooling, train mode: kh·k + kw per output
   Tensor y_, dx_;
 };
+
+}  // namespace
+
+bool is_max_pool_2x2(const Layer& layer) {
+  const auto* pool = dynamic_cast<const Pool2d*>(&layer);
+  return pool && pool->is_max_2x2();
+}
+
+void ReluMaxPool2x2::forward(const Tensor& x, const float* mean_hi, const float* scale,
+                             const float* shift, Tensor& y) {
+  if (x.shape.size() != 4 || x.format != MemoryFormat::channels_last || x.shape[2] < 2 ||
+      x.shape[3] < 2)
+    fail_invalid("batchnorm, relu, maxpool in one pass: expected channels-last [N, C, H, W] with "
+                 "H, W >= 2, got ", shape_text(x.shape));
+  const int64_t n = x.shape[0], c = x.shape[1], h = x.shape[2], w = x.shape[3];
+  const int64_t oh = h / 2, ow = w / 2;
+  y.reshape({n, c, oh, ow}, MemoryFormat::channels_last);
+  index_.resize(y.data.size());
+  x_at_.resize(y.data.size());
+  const float* src = x.data.data();
+  parallel_for(threads_for(x.numel()), n * oh, [&](int64_t r) {  // output rows, (i, oh)
+    const float* row = src + ((r / oh) * h + 2 * (r % oh)) * w * c;
+    const int64_t o = r * ow * c;
+    bn_relu_max_rows_2x2(row, row + w * c, ow, c, mean_hi, scale, shift, y.data.data() + o,
+                         index_.data() + o, x_at_.data() + o);
+  });
+}
+
+void ReluMaxPool2x2::sums(const Tensor& dy, const double* mean, double* sum_g,
+                          double* sum_gx) const {
+  if (dy.data.size() != index_.size() || dy.shape.size() != 4)
+    fail_invalid("batchnorm, relu, maxpool in one pass: dy ", shape_text(dy.shape),
+                 " is not the shape of the last forward's output");
+  const int64_t c = dy.shape[1], pixels = dy.numel() / c;
+  // Partial sums per fixed chunk of pixels, added in chunk order: the same
+  // bits on any number of threads.
+  constexpr int64_t kChunkPixels = 256;
+  const int64_t chunks = (pixels + kChunkPixels - 1) / kChunkPixels;
+  partials_.resize(static_cast<size_t>(2 * c * chunks));
+  parallel_for(threads_for(dy.numel()), chunks, [&](int64_t chunk) {
+    const int64_t first = chunk * kChunkPixels, count = std::min(kChunkPixels, pixels - first);
+    double* part = partials_.data() + 2 * c * chunk;
+    bn_relu_max_sums(dy.data.data() + first * c, index_.data() + first * c,
+                     x_at_.data() + first * c, count, c, mean, part, part + c);
+  });
+  for (int64_t ch = 0; ch < c; ++ch) sum_g[ch] = sum_gx[ch] = 0.0;
+  for (int64_t chunk = 0; chunk < chunks; ++chunk)
+    for (int64_t ch = 0; ch < c; ++ch) {
+      sum_g[ch] += partials_[2 * c * chunk + ch];
+      sum_gx[ch] += partials_[2 * c * chunk + c + ch];
+    }
+}
+
+void ReluMaxPool2x2::dx(const Tensor& x, const Tensor& dy, const float* mean_hi, const float* a,
+                        const float* b, const float* k, Tensor& dx) const {
+  const int64_t n = x.shape[0], c = x.shape[1], h = x.shape[2], w = x.shape[3];
+  const int64_t oh = h / 2, ow = w / 2;
+  dx.reshape(x.shape, MemoryFormat::channels_last);
+  parallel_for(threads_for(x.numel()), n * h, [&](int64_t r) {  // input rows, (i, ih)
+    const int64_t i = r / h, ih = r % h;
+    const int64_t o = (i * oh + ih / 2) * ow * c;  // the output row, when ih / 2 < oh
+    const bool in_window = ih / 2 < oh;
+    bn_relu_max_dx_row(x.data.data() + r * w * c, in_window ? dy.data.data() + o : nullptr,
+                       in_window ? index_.data() + o : nullptr, ih % 2, ow, w, c, mean_hi, a, b,
+                       k, dx.data.data() + r * w * c);
+  });
+}
+
+namespace {
 
 // ---------------------------------------------------------------- elementwise
 enum class Activation { relu, sigmoid, tanh };

@@ -1,6 +1,7 @@
 #pragma once
 // Layer implementations; Model builds them from a ModelSpec.
 #include <cstddef>
+#include <cstdint>
 #include <memory>
 #include <optional>
 #include <string>
@@ -96,12 +97,51 @@ class ReluTail {
   virtual bool fuses_relu() const = 0;
   // y = relu(layer(x)), train mode.
   virtual const Tensor& forward_relu(const Tensor& x) = 0;
-  // Whether its last forward was forward_relu (not its own forward, as a probe
-  // running the layers one by one calls it): backward must then be backward_relu.
+  // Whether it can also take the 2×2 max pooling with stride 2 that follows the
+  // relu (is_max_pool_2x2), channels-last (synchronized BN too, whose
+  // fuses_relu is false): y = maxpool(relu(layer(x))), and no
+  // relu output is written or read again (cnn-small: 12.8 MB written and read
+  // forward, and the pooling's dense gradient written and read twice backward).
+  virtual bool fuses_relu_max_pool() const = 0;
+  virtual const Tensor& forward_relu_max_pool(const Tensor& x) = 0;
+  // Whether its last forward was forward_relu or forward_relu_max_pool (not its
+  // own forward, as a probe running the layers one by one calls it): backward
+  // must then be backward_relu, given dL/dy of that forward's y.
   virtual bool ran_with_relu() const = 0;
-  // dL/dy of relu(layer(x)) -> dL/dx (an empty tensor unless need_input_grad);
-  // adds the parameter gradients.
+  virtual bool ran_with_max_pool() const = 0;
+  // dL/dy of relu(layer(x)) (or of its max pooling) -> dL/dx (an empty tensor
+  // unless need_input_grad); adds the parameter gradients.
   virtual const Tensor& backward_relu(const Tensor& dy, bool need_input_grad) = 0;
+};
+
+// A "maxpool 2" layer (2×2 windows, stride 2): what ReluTail can fuse.
+bool is_max_pool_2x2(const Layer& layer);
+
+// The pooling half of BN → ReLU → 2×2 max pooling (stride 2) in one pass, on
+// channels-last activations, given BN's per-channel coefficients as the BN
+// kernels fold them (cpu/coefficients.hpp): p = (x - mean_hi)·scale + shift,
+// z = max(p, 0) (NaN stays NaN), y = each window's maximum of z by max
+// pooling's rule (first of ties, NaN wins). Odd rows and columns left over are
+// in no window (floor mode). It keeps per output where the maximum was, or that
+// it did not pass the ReLU (no gradient), and the x there.
+class ReluMaxPool2x2 {
+ public:
+  static constexpr uint8_t kNoGradient = 4;  // the window's maximum is <= 0 or NaN
+  // x: [N, C, H, W] channels-last, H, W >= 2; y: [N, C, H/2, W/2].
+  void forward(const Tensor& x, const float* mean_hi, const float* scale, const float* shift,
+               Tensor& y);
+  // Backward, dy = dL/dy of the last forward: per channel Σg and Σg·(x - mean)
+  // in double, g = dL/dz at the windows' maxima that passed the ReLU (0
+  // elsewhere); the same bits on any number of threads.
+  void sums(const Tensor& dy, const double* mean, double* sum_g, double* sum_gx) const;
+  // dx = a·g + b·(x - mean_hi) + k per channel, g as above.
+  void dx(const Tensor& x, const Tensor& dy, const float* mean_hi, const float* a, const float* b,
+          const float* k, Tensor& dx) const;
+
+ private:
+  std::vector<uint8_t> index_;  // per output: 2·kh + kw of the maximum, or kNoGradient
+  std::vector<float> x_at_;     // per output: x at the maximum
+  mutable std::vector<double> partials_;
 };
 
 // "residual ... [shortcut ...] end" (residual_layer.cpp).

@@ -122,8 +122,15 @@ const Tensor& Model::forward(const Tensor& x, Mode mode) {
   const Tensor* current = &x;
   for (size_t i = 0; i < layers_.size(); ++i) {
     auto* tail = dynamic_cast<detail::ReluTail*>(layers_[i].get());
-    if (mode == Mode::train && tail && tail->fuses_relu() && i + 1 < layers_.size() &&
-        layers_[i + 1]->type() == "relu") {
+    const bool relu_next = i + 1 < layers_.size() && layers_[i + 1]->type() == "relu";
+    if (mode == Mode::train && tail && relu_next && format_ == MemoryFormat::channels_last &&
+        i + 2 < layers_.size() && tail->fuses_relu_max_pool() &&
+        detail::is_max_pool_2x2(*layers_[i + 2])) {
+      current = &tail->forward_relu_max_pool(*current);
+      i += 2;  // the relu and the pooling: done
+      continue;
+    }
+    if (mode == Mode::train && tail && relu_next && tail->fuses_relu()) {
       current = &tail->forward_relu(*current);
       ++i;  // the relu: done
       continue;
@@ -142,6 +149,12 @@ void Model::backward(const Tensor& dlogits) {
   for (size_t i = layers_.size(); i-- > first;) {
     // Layer i - 1 ran with this relu in one pass (its last forward was
     // Model::forward's, not a probe's layer by layer): so does the backward.
+    auto* pooled = i > 1 ? dynamic_cast<detail::ReluTail*>(layers_[i - 2].get()) : nullptr;
+    if (pooled && pooled->ran_with_max_pool() && layers_[i]->type() == "maxpool") {
+      i -= 2;
+      grad = &pooled->backward_relu(*grad, i > first);
+      continue;
+    }
     auto* tail = i > 0 ? dynamic_cast<detail::ReluTail*>(layers_[i - 1].get()) : nullptr;
     if (tail && tail->ran_with_relu() && layers_[i]->type() == "relu") {
       --i;
