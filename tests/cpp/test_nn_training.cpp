@@ -233,14 +233,14 @@ TEST(NnModel, FusedBatchNormReluEqualsTheSeparateLayers) {
   }
 }
 
-// In channels-last training, "batchnorm; relu; maxpool 2" runs as one pass
+// In training, "batchnorm; relu; maxpool 2" runs as one pass
 // (ReluTail::forward_relu_max_pool); with an identity before the pooling
 // ("dropout 0") the same model runs BN+ReLU, then the pooling. Same logits and
 // running statistics bit for bit (the same statistics and coefficients), and
 // the same gradients to rounding (the gradient sums are added in another
-// order); the same bits on 1 and 2 threads; odd extents (a row and a column in
-// no window); frozen BN and a probe's layer-by-layer forward fall back to the
-// separate layers.
+// order); the same bits on 1 and 2 threads; both formats; odd extents (a row
+// and a column in no window); frozen BN and a probe's layer-by-layer forward
+// fall back to the separate layers.
 TEST(NnModel, FusedBatchNormReluMaxPoolMatchesTheSeparateLayers) {
   const auto fused_spec = ModelSpec::parse(
       "input 3 7 9; conv 8 3 pad=1 bias=0; batchnorm; relu; maxpool 2; flatten; linear 5");
@@ -248,60 +248,61 @@ TEST(NnModel, FusedBatchNormReluMaxPoolMatchesTheSeparateLayers) {
       "input 3 7 9; conv 8 3 pad=1 bias=0; batchnorm; relu; dropout 0; maxpool 2; flatten; linear 5");
   const int64_t N = 6;
   const auto labels = some_labels(N, 5);
-  const auto format = MemoryFormat::channels_last;
-  std::vector<std::vector<float>> gradients_by_threads;
   const int saved_threads = normkit::num_threads();
-  for (const int threads : {1, 2}) {
-    SCOPED_TRACE(threads);
-    normkit::set_num_threads(threads);
-    Model fused(fused_spec, format), plain(plain_spec, format);
-    fused.initialize({}, 5);
-    const auto fused_parameters = fused.parameters(), plain_parameters = plain.parameters();
-    ASSERT_EQ(fused_parameters.size(), plain_parameters.size());
-    for (size_t k = 0; k < fused_parameters.size(); ++k)
-      plain_parameters[k]->value = fused_parameters[k]->value;
-    std::vector<float> all_gradients;
-    for (int step = 0; step < 4; ++step) {
-      SCOPED_TRACE(step);
-      if (step == 3) {
-        fused.freeze_batch_norm();
-        plain.freeze_batch_norm();
-      }
-      const Tensor x = make_tensor({N, 3, 7, 9}, format, normal_values(N * 189, 70 + step, 2.0f, 0.5f));
-      ASSERT_TRUE(same_logits(fused, plain, x));
-      const bool ran_fused =
-          dynamic_cast<normkit::nn::detail::ReluTail&>(*fused.layers()[1]).ran_with_max_pool();
-      EXPECT_EQ(ran_fused, step < 3);  // frozen BN: the separate layers
-      compute_gradients(fused, x, labels);
-      compute_gradients(plain, x, labels);
-      for (size_t k = 0; k < plain_parameters.size(); ++k) {
-        double scale = 0;
-        for (const float g : plain_parameters[k]->grad) scale = std::max(scale, double{std::abs(g)});
-        for (size_t i = 0; i < plain_parameters[k]->grad.size(); ++i)
-          ASSERT_NEAR(fused_parameters[k]->grad[i], plain_parameters[k]->grad[i], 1e-5 * scale)
-              << plain_parameters[k]->name << " " << i;
-        all_gradients.insert(all_gradients.end(), fused_parameters[k]->grad.begin(),
-                             fused_parameters[k]->grad.end());
-      }
-      if (step == 1) {  // a probe's forward, then Model::backward: unfused
-        const Tensor probe = make_tensor({N, 3, 7, 9}, format, normal_values(N * 189, 80));
-        for (Model* model : {&fused, &plain}) probe_then_backward(*model, probe, labels);
-        EXPECT_FALSE(dynamic_cast<normkit::nn::detail::ReluTail&>(*fused.layers()[1]).ran_with_max_pool());
-        for (size_t k = 0; k < plain_parameters.size(); ++k)
+  for (const auto format : kFormats) {
+    SCOPED_TRACE(name_of(format));
+    std::vector<std::vector<float>> gradients_by_threads;
+    for (const int threads : {1, 2}) {
+      SCOPED_TRACE(threads);
+      normkit::set_num_threads(threads);
+      Model fused(fused_spec, format), plain(plain_spec, format);
+      fused.initialize({}, 5);
+      const auto fused_parameters = fused.parameters(), plain_parameters = plain.parameters();
+      ASSERT_EQ(fused_parameters.size(), plain_parameters.size());
+      for (size_t k = 0; k < fused_parameters.size(); ++k)
+        plain_parameters[k]->value = fused_parameters[k]->value;
+      auto& tail = dynamic_cast<normkit::nn::detail::ReluTail&>(*fused.layers()[1]);
+      std::vector<float> all_gradients;
+      for (int step = 0; step < 4; ++step) {
+        SCOPED_TRACE(step);
+        if (step == 3) {
+          fused.freeze_batch_norm();
+          plain.freeze_batch_norm();
+        }
+        const Tensor x = make_tensor({N, 3, 7, 9}, format, normal_values(N * 189, 70 + step, 2.0f, 0.5f));
+        ASSERT_TRUE(same_logits(fused, plain, x));
+        EXPECT_EQ(tail.ran_with_max_pool(), step < 3);  // frozen BN: the separate layers
+        compute_gradients(fused, x, labels);
+        compute_gradients(plain, x, labels);
+        for (size_t k = 0; k < plain_parameters.size(); ++k) {
+          double scale = 0;
+          for (const float g : plain_parameters[k]->grad) scale = std::max(scale, double{std::abs(g)});
           for (size_t i = 0; i < plain_parameters[k]->grad.size(); ++i)
-            ASSERT_EQ(fused_parameters[k]->grad[i], plain_parameters[k]->grad[i])
-                << "probe " << plain_parameters[k]->name << " " << i;
+            ASSERT_NEAR(fused_parameters[k]->grad[i], plain_parameters[k]->grad[i], 1e-5 * scale)
+                << plain_parameters[k]->name << " " << i;
+          all_gradients.insert(all_gradients.end(), fused_parameters[k]->grad.begin(),
+                               fused_parameters[k]->grad.end());
+        }
+        if (step == 1) {
+          const Tensor probe = make_tensor({N, 3, 7, 9}, format, normal_values(N * 189, 80));
+          for (Model* model : {&fused, &plain}) probe_then_backward(*model, probe, labels);
+          EXPECT_FALSE(tail.ran_with_max_pool());
+          for (size_t k = 0; k < plain_parameters.size(); ++k)
+            for (size_t i = 0; i < plain_parameters[k]->grad.size(); ++i)
+              ASSERT_EQ(fused_parameters[k]->grad[i], plain_parameters[k]->grad[i])
+                  << "probe " << plain_parameters[k]->name << " " << i;
+        }
+        const auto fused_state = fused.state(), plain_state = plain.state();
+        for (size_t k = 0; k < plain_state.size(); ++k)
+          for (size_t i = 0; i < plain_state[k].second->size(); ++i)
+            ASSERT_EQ((*fused_state[k].second)[i], (*plain_state[k].second)[i])
+                << plain_state[k].first << " " << i;
       }
-      const auto fused_state = fused.state(), plain_state = plain.state();
-      for (size_t k = 0; k < plain_state.size(); ++k)
-        for (size_t i = 0; i < plain_state[k].second->size(); ++i)
-          ASSERT_EQ((*fused_state[k].second)[i], (*plain_state[k].second)[i])
-              << plain_state[k].first << " " << i;
+      gradients_by_threads.push_back(all_gradients);
     }
-    gradients_by_threads.push_back(all_gradients);
+    EXPECT_EQ(gradients_by_threads[0], gradients_by_threads[1]);
   }
   normkit::set_num_threads(saved_threads);
-  EXPECT_EQ(gradients_by_threads[0], gradients_by_threads[1]);
 }
 
 TEST(NnModel, ParametersStateAndSummary) {

@@ -192,10 +192,10 @@ class Model {
   // x: [N, ...input_shape] in the model's format. Returns logits [N, classes].
   // In train mode a batchnorm followed by relu runs as one pass (the fused
   // batch_norm_relu kernels, the ReLU mask kept as bits); the relu layer is
-  // then skipped and keeps no output of its own. Channels-last, a "maxpool 2"
-  // after that relu joins the pass too (batchnorm, relu and 2×2 max pooling:
-  // the relu's output is never written; synchronized BN too), and is skipped
-  // likewise. Frozen or noisy BN runs the separate layers.
+  // then skipped and keeps no output of its own. A "maxpool 2" after that relu
+  // joins the pass too (batchnorm, relu and 2×2 max pooling: the relu's output
+  // is never written; synchronized BN too), and is skipped likewise. Frozen or
+  // noisy BN runs the separate layers.
   const Tensor& forward(const Tensor& x, Mode mode);
   void backward(const Tensor& dlogits);
   void zero_grad();

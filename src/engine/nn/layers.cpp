@@ -491,16 +491,38 @@ void average_window_rows(const float* __restrict src, int64_t first, int64_t row
   for (int64_t c = 0; c < channels; ++c) out[c] *= inv_area;
 }
 
-// BN, ReLU and 2×2 max pooling with stride 2 in one pass, channels-last
-// (layers.hpp, ReluMaxPool2x2): one output row of `windows` pixels from input
-// rows r0 and r1. Each value is normalized as the BN kernels do it,
-// p = (x - mean_hi)·scale + shift, and the window's maximum is taken by max
-// pooling's rule above on p, not on relu(p): the ReLU never changes which
-// positive value is the first maximum, and a maximum <= 0 gets no gradient
-// whichever it is. So y = relu(max p) (NaN stays NaN; only a maximum of -0
-// differs, +0 here against the separate layers' first -0), and the selects
-// stay branch-free (the ReLU inside the compare chain stopped GCC's
-// vectorizer).
+// BN, ReLU and 2×2 max pooling with stride 2 in one pass (layers.hpp,
+// ReluMaxPool2x2), one window: its four x (x0 x1 on its first row, x2 x3 on
+// its second) normalized as the BN kernels do it, p = (x - m)·s + t, and the
+// maximum taken by max pooling's rule above on p, not on relu(p): the ReLU
+// never changes which positive value is the first maximum, and a maximum <= 0
+// gets no gradient whichever it is. So y = relu(max p) (NaN stays NaN; only a
+// maximum of -0 differs, +0 here against the separate layers' first -0), and
+// the selects stay branch-free (the ReLU inside the compare chain stopped
+// GCC's vectorizer). Also where the maximum was (or kNoGradient) and the x there.
+[[gnu::always_inline]] inline void bn_relu_max_window(float x0, float x1, float x2, float x3,
+                                                      float m, float s, float t, float& y,
+                                                      float& x_at, uint32_t& index) {
+  const float p1 = (x1 - m) * s + t, p2 = (x2 - m) * s + t, p3 = (x3 - m) * s + t;
+  float best = (x0 - m) * s + t, x_best = x0;
+  uint32_t at = 0;
+  bool take = takes_over(p1, best);
+  best = take ? p1 : best;
+  x_best = take ? x1 : x_best;
+  at = take ? 1u : at;
+  take = takes_over(p2, best);
+  best = take ? p2 : best;
+  x_best = take ? x2 : x_best;
+  at = take ? 2u : at;
+  take = takes_over(p3, best);
+  best = take ? p3 : best;
+  x_best = take ? x3 : x_best;
+  at = take ? 3u : at;
+  y = best < 0.0f ? 0.0f : best;
+  x_at = x_best;
+  index = best > 0.0f ? at : ReluMaxPool2x2::kNoGradient;
+}
+// Channels-last: one output row of `windows` pixels from input rows r0, r1.
 NORMKIT_ENGINE_SIMD_CLONES
 void bn_relu_max_rows_2x2(const float* __restrict r0, const float* __restrict r1, int64_t windows,
                           int64_t channels, const float* __restrict mean_hi,
@@ -512,26 +534,40 @@ void bn_relu_max_rows_2x2(const float* __restrict r0, const float* __restrict r1
     const float* __restrict b = r1 + 2 * ow * channels;
     const int64_t o = ow * channels;
     for (int64_t c = 0; c < channels; ++c) {
-      const float m = mean_hi[c], s = scale[c], t = shift[c];
-      const float x0 = a[c], x1 = a[channels + c], x2 = b[c], x3 = b[channels + c];
-      const float p1 = (x1 - m) * s + t, p2 = (x2 - m) * s + t, p3 = (x3 - m) * s + t;
-      float best = (x0 - m) * s + t, x_best = x0;
-      uint32_t at = 0;
-      bool take = takes_over(p1, best);
-      best = take ? p1 : best;
-      x_best = take ? x1 : x_best;
-      at = take ? 1u : at;
-      take = takes_over(p2, best);
-      best = take ? p2 : best;
-      x_best = take ? x2 : x_best;
-      at = take ? 2u : at;
-      take = takes_over(p3, best);
-      best = take ? p3 : best;
-      x_best = take ? x3 : x_best;
-      at = take ? 3u : at;
-      out[o + c] = best < 0.0f ? 0.0f : best;
-      x_at[o + c] = x_best;
-      index[o + c] = static_cast<uint8_t>(best > 0.0f ? at : ReluMaxPool2x2::kNoGradient);
+      uint32_t at;
+      bn_relu_max_window(a[c], a[channels + c], b[c], b[channels + c], mean_hi[c], scale[c],
+                         shift[c], out[o + c], x_at[o + c], at);
+      index[o + c] = static_cast<uint8_t>(at);
+    }
+  }
+}
+// Channels-first: the `rows` output rows of one plane (input rows row_step
+// apart), in blocks of windows as max_window_plane_2x2 takes them (the
+// positions narrowed to bytes in a loop of their own: in the same loop, the
+// mixed widths did not vectorize).
+NORMKIT_ENGINE_SIMD_CLONES
+void bn_relu_max_plane_2x2(const float* __restrict plane, int64_t row_step, int64_t rows,
+                           int64_t width, float m, float s, float t, float* __restrict out,
+                           uint8_t* __restrict index, float* __restrict x_at) {
+  for (int64_t oh = 0; oh < rows; ++oh) {
+    const float* r0 = plane + 2 * oh * row_step;
+    const float* r1 = r0 + row_step;
+    const int64_t o = oh * width;
+    const bool done = for_window_blocks(width, [&]<int B>(int64_t ow) __attribute__((always_inline)) {
+      uint32_t at[B];
+#pragma GCC unroll 1  // as in max_windows_2x2
+      for (int l = 0; l < B; ++l) {
+        const int64_t w = ow + l;
+        bn_relu_max_window(r0[2 * w], r0[2 * w + 1], r1[2 * w], r1[2 * w + 1], m, s, t, out[o + w],
+                           x_at[o + w], at[l]);
+      }
+      for (int l = 0; l < B; ++l) index[o + ow + l] = static_cast<uint8_t>(at[l]);
+    });
+    for (int64_t w = 0; !done && w < width; ++w) {
+      uint32_t at;
+      bn_relu_max_window(r0[2 * w], r0[2 * w + 1], r1[2 * w], r1[2 * w + 1], m, s, t, out[o + w],
+                         x_at[o + w], at);
+      index[o + w] = static_cast<uint8_t>(at);
     }
   }
 }
@@ -581,6 +617,65 @@ void bn_relu_max_dx_row(const float* __restrict x, const float* __restrict g,
       const float gi = gw[c];  // loaded unconditionally: a conditional load blocks vectorization
       o[c] = a[c] * (at[c] == position ? gi : 0.0f) + (b[c] * (xi[c] - mean_hi[c]) + k[c]);
     }
+  }
+}
+
+// Channels-first sums: one plane's `count` outputs, one channel: Σg and
+// Σg·(x - mean) in double, in eight lanes (output k in lane k % 8) added in
+// lane order at the end, so that the loop vectorizes and the bits are fixed.
+NORMKIT_ENGINE_SIMD_CLONES
+void bn_relu_max_plane_sums(const float* __restrict g, const uint8_t* __restrict index,
+                            const float* __restrict x_at, int64_t count, double mean,
+                            double& sum_g, double& sum_gx) {
+  constexpr int kLanes = 8;
+  double lane_g[kLanes] = {}, lane_gx[kLanes] = {};
+  auto add = [&](int64_t i, int lane) __attribute__((always_inline)) {
+    const uint32_t keep = 0u - static_cast<uint32_t>(index[i] != ReluMaxPool2x2::kNoGradient);
+    const double gi = std::bit_cast<float>(std::bit_cast<uint32_t>(g[i]) & keep);
+    lane_g[lane] += gi;
+    lane_gx[lane] += gi * (static_cast<double>(x_at[i]) - mean);
+  };
+  int64_t i = 0;
+  for (; i + kLanes <= count; i += kLanes)
+    for (int l = 0; l < kLanes; ++l) add(i + l, l);
+  for (int l = 0; i + l < count; ++l) add(i + l, l);
+  sum_g = sum_gx = 0.0;
+  for (int l = 0; l < kLanes; ++l) {
+    sum_g += lane_g[l];
+    sum_gx += lane_gx[l];
+  }
+}
+// Channels-first dx: the `height` input rows of one plane (one channel's
+// coefficients) from its `rows` output rows, in blocks of windows as
+// max_unpool_row_2x2 takes them; rows and columns in no window get g = 0.
+NORMKIT_ENGINE_SIMD_CLONES
+void bn_relu_max_plane_dx(const float* __restrict x, const float* __restrict g,
+                          const uint8_t* __restrict index, int64_t rows, int64_t windows,
+                          int64_t height, int64_t width, float m, float a, float b, float k,
+                          float* __restrict dx) {
+  for (int64_t ih = 0; ih < height; ++ih) {
+    const float* __restrict xr = x + ih * width;
+    float* __restrict o = dx + ih * width;
+    const int64_t oh = ih / 2;
+    int64_t first_free = 0;  // the columns from here on are in no window
+    if (oh < rows) {
+      const float* gr = g + oh * windows;
+      const uint8_t* ir = index + oh * windows;
+      const auto left = static_cast<uint32_t>(2 * (ih % 2)), right = left + 1;
+      auto pair = [&](int64_t w) __attribute__((always_inline)) {
+        const uint32_t at = ir[w];  // 32-bit, as the floats: mixed widths did not vectorize
+        const float gw = gr[w];
+        o[2 * w] = a * (at == left ? gw : 0.0f) + (b * (xr[2 * w] - m) + k);
+        o[2 * w + 1] = a * (at == right ? gw : 0.0f) + (b * (xr[2 * w + 1] - m) + k);
+      };
+      const bool done = for_window_blocks(windows, [&]<int B>(int64_t ow) __attribute__((always_inline)) {
+#pragma GCC unroll 1  // as in max_windows_2x2
+        for (int l = 0; l < B; ++l) pair(ow + l);
+      });
+      for (int64_t w = 0; !done && w < windows; ++w) pair(w);
+      first_free = 2 * windows;
+    }
+    for (int64_t iw = first_free; iw < width; ++iw) o[iw] = b * (xr[iw] - m) + k;
   }
 }
 
@@ -759,16 +854,23 @@ bool is_max_pool_2x2(const Layer& layer) {
 
 void ReluMaxPool2x2::forward(const Tensor& x, const float* mean_hi, const float* scale,
                              const float* shift, Tensor& y) {
-  if (x.shape.size() != 4 || x.format != MemoryFormat::channels_last || x.shape[2] < 2 ||
-      x.shape[3] < 2)
-    fail_invalid("batchnorm, relu, maxpool in one pass: expected channels-last [N, C, H, W] with "
-                 "H, W >= 2, got ", shape_text(x.shape));
+  if (x.shape.size() != 4 || x.shape[2] < 2 || x.shape[3] < 2)
+    fail_invalid("batchnorm, relu, maxpool in one pass: expected [N, C, H, W] with H, W >= 2, got ",
+                 shape_text(x.shape));
   const int64_t n = x.shape[0], c = x.shape[1], h = x.shape[2], w = x.shape[3];
   const int64_t oh = h / 2, ow = w / 2;
-  y.reshape({n, c, oh, ow}, MemoryFormat::channels_last);
+  y.reshape({n, c, oh, ow}, x.format);
   index_.resize(y.data.size());
   x_at_.resize(y.data.size());
   const float* src = x.data.data();
+  if (x.format == MemoryFormat::channels_first) {
+    parallel_for(threads_for(x.numel()), n * c, [&](int64_t plane) {  // (i, c)
+      const int64_t ch = plane % c, o = plane * oh * ow;
+      bn_relu_max_plane_2x2(src + plane * h * w, w, oh, ow, mean_hi[ch], scale[ch], shift[ch],
+                            y.data.data() + o, index_.data() + o, x_at_.data() + o);
+    });
+    return;
+  }
   parallel_for(threads_for(x.numel()), n * oh, [&](int64_t r) {  // output rows, (i, oh)
     const float* row = src + ((r / oh) * h + 2 * (r % oh)) * w * c;
     const int64_t o = r * ow * c;
@@ -783,30 +885,53 @@ void ReluMaxPool2x2::sums(const Tensor& dy, const double* mean, double* sum_g,
     fail_invalid("batchnorm, relu, maxpool in one pass: dy ", shape_text(dy.shape),
                  " is not the shape of the last forward's output");
   const int64_t c = dy.shape[1], pixels = dy.numel() / c;
-  // Partial sums per fixed chunk of pixels, added in chunk order: the same
-  // bits on any number of threads.
+  // Partial sums per fixed chunk (channels-last: of pixels; channels-first: a
+  // plane), added in chunk order: the same bits on any number of threads.
+  const bool first = dy.format == MemoryFormat::channels_first;
   constexpr int64_t kChunkPixels = 256;
-  const int64_t chunks = (pixels + kChunkPixels - 1) / kChunkPixels;
-  partials_.resize(static_cast<size_t>(2 * c * chunks));
+  const int64_t chunks = first ? dy.shape[0] * c : (pixels + kChunkPixels - 1) / kChunkPixels;
+  partials_.resize(static_cast<size_t>(first ? 2 * chunks : 2 * c * chunks));
   parallel_for(threads_for(dy.numel()), chunks, [&](int64_t chunk) {
-    const int64_t first = chunk * kChunkPixels, count = std::min(kChunkPixels, pixels - first);
+    if (first) {
+      const int64_t plane_size = pixels / dy.shape[0], at = chunk * plane_size;
+      bn_relu_max_plane_sums(dy.data.data() + at, index_.data() + at, x_at_.data() + at,
+                             plane_size, mean[chunk % c], partials_[2 * chunk],
+                             partials_[2 * chunk + 1]);
+      return;
+    }
+    const int64_t start = chunk * kChunkPixels, count = std::min(kChunkPixels, pixels - start);
     double* part = partials_.data() + 2 * c * chunk;
-    bn_relu_max_sums(dy.data.data() + first * c, index_.data() + first * c,
-                     x_at_.data() + first * c, count, c, mean, part, part + c);
+    bn_relu_max_sums(dy.data.data() + start * c, index_.data() + start * c,
+                     x_at_.data() + start * c, count, c, mean, part, part + c);
   });
   for (int64_t ch = 0; ch < c; ++ch) sum_g[ch] = sum_gx[ch] = 0.0;
-  for (int64_t chunk = 0; chunk < chunks; ++chunk)
+  for (int64_t chunk = 0; chunk < chunks; ++chunk) {
+    if (first) {
+      sum_g[chunk % c] += partials_[2 * chunk];
+      sum_gx[chunk % c] += partials_[2 * chunk + 1];
+      continue;
+    }
     for (int64_t ch = 0; ch < c; ++ch) {
       sum_g[ch] += partials_[2 * c * chunk + ch];
       sum_gx[ch] += partials_[2 * c * chunk + c + ch];
     }
+  }
 }
 
 void ReluMaxPool2x2::dx(const Tensor& x, const Tensor& dy, const float* mean_hi, const float* a,
                         const float* b, const float* k, Tensor& dx) const {
   const int64_t n = x.shape[0], c = x.shape[1], h = x.shape[2], w = x.shape[3];
   const int64_t oh = h / 2, ow = w / 2;
-  dx.reshape(x.shape, MemoryFormat::channels_last);
+  dx.reshape(x.shape, x.format);
+  if (x.format == MemoryFormat::channels_first) {
+    parallel_for(threads_for(x.numel()), n * c, [&](int64_t plane) {  // (i, c)
+      const int64_t ch = plane % c, o = plane * oh * ow;
+      bn_relu_max_plane_dx(x.data.data() + plane * h * w, dy.data.data() + o, index_.data() + o,
+                           oh, ow, h, w, mean_hi[ch], a[ch], b[ch], k[ch],
+                           dx.data.data() + plane * h * w);
+    });
+    return;
+  }
   parallel_for(threads_for(x.numel()), n * h, [&](int64_t r) {  // input rows, (i, ih)
     const int64_t i = r / h, ih = r % h;
     const int64_t o = (i * oh + ih / 2) * ow * c;  // the output row, when ih / 2 < oh

@@ -98,8 +98,8 @@ class ReluTail {
   // y = relu(layer(x)), train mode.
   virtual const Tensor& forward_relu(const Tensor& x) = 0;
   // Whether it can also take the 2×2 max pooling with stride 2 that follows the
-  // relu (is_max_pool_2x2), channels-last (synchronized BN too, whose
-  // fuses_relu is false): y = maxpool(relu(layer(x))), and no
+  // relu (is_max_pool_2x2; synchronized BN too, whose fuses_relu is false):
+  // y = maxpool(relu(layer(x))), and no
   // relu output is written or read again (cnn-small: 12.8 MB written and read
   // forward, and the pooling's dense gradient written and read twice backward).
   virtual bool fuses_relu_max_pool() const = 0;
@@ -117,8 +117,8 @@ class ReluTail {
 // A "maxpool 2" layer (2×2 windows, stride 2): what ReluTail can fuse.
 bool is_max_pool_2x2(const Layer& layer);
 
-// The pooling half of BN → ReLU → 2×2 max pooling (stride 2) in one pass, on
-// channels-last activations, given BN's per-channel coefficients as the BN
+// The pooling half of BN → ReLU → 2×2 max pooling (stride 2) in one pass, in
+// either format, given BN's per-channel coefficients as the BN
 // kernels fold them (cpu/coefficients.hpp): p = (x - mean_hi)·scale + shift,
 // z = max(p, 0) (NaN stays NaN), y = each window's maximum of z by max
 // pooling's rule (first of ties, NaN wins). Odd rows and columns left over are
@@ -127,7 +127,7 @@ bool is_max_pool_2x2(const Layer& layer);
 class ReluMaxPool2x2 {
  public:
   static constexpr uint8_t kNoGradient = 4;  // the window's maximum is <= 0 or NaN
-  // x: [N, C, H, W] channels-last, H, W >= 2; y: [N, C, H/2, W/2].
+  // x: [N, C, H, W], H, W >= 2; y: [N, C, H/2, W/2] in x's format.
   void forward(const Tensor& x, const float* mean_hi, const float* scale, const float* shift,
                Tensor& y);
   // Backward, dy = dL/dy of the last forward: per channel Σg and Σg·(x - mean)

@@ -123,8 +123,8 @@ const Tensor& Model::forward(const Tensor& x, Mode mode) {
   for (size_t i = 0; i < layers_.size(); ++i) {
     auto* tail = dynamic_cast<detail::ReluTail*>(layers_[i].get());
     const bool relu_next = i + 1 < layers_.size() && layers_[i + 1]->type() == "relu";
-    if (mode == Mode::train && tail && relu_next && format_ == MemoryFormat::channels_last &&
-        i + 2 < layers_.size() && tail->fuses_relu_max_pool() &&
+    if (mode == Mode::train && tail && relu_next && i + 2 < layers_.size() &&
+        tail->fuses_relu_max_pool() &&
         detail::is_max_pool_2x2(*layers_[i + 2])) {
       current = &tail->forward_relu_max_pool(*current);
       i += 2;  // the relu and the pooling: done
