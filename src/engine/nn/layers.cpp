@@ -621,62 +621,47 @@ void bn_relu_max_dx_row(const float* __restrict x, const float* __restrict g,
 }
 
 // Channels-first sums: one plane's `count` outputs, one channel: Σg and
-// Σg·(x - mean) in double, in eight lanes (output k in lane k % 8) added in
-// lane order at the end, so that the loop vectorizes and the bits are fixed.
-NORMKIT_ENGINE_SIMD_CLONES
-void bn_relu_max_plane_sums(const float* __restrict g, const uint8_t* __restrict index,
-                            const float* __restrict x_at, int64_t count, double mean,
-                            double& sum_g, double& sum_gx) {
-  constexpr int kLanes = 8;
-  double lane_g[kLanes] = {}, lane_gx[kLanes] = {};
-  auto add = [&](int64_t i, int lane) __attribute__((always_inline)) {
-    const uint32_t keep = 0u - static_cast<uint32_t>(index[i] != ReluMaxPool2x2::kNoGradient);
-    const double gi = std::bit_cast<float>(std::bit_cast<uint32_t>(g[i]) & keep);
-    lane_g[lane] += gi;
-    lane_gx[lane] += gi * (static_cast<double>(x_at[i]) - mean);
-  };
-  int64_t i = 0;
-  for (; i + kLanes <= count; i += kLanes)
-    for (int l = 0; l < kLanes; ++l) add(i + l, l);
-  for (int l = 0; i + l < count; ++l) add(i + l, l);
+// Σg·(x - mean) in double, in eight lanes (output i in lane i % 8) added in
+// lane order at the end, so that the bits are fixed. The lanes are the
+// channels-last loop's channels (outputs as rows of 8): a loop of its own over
+// eight lanes was unrolled into slow scalar loads.
+void bn_relu_max_plane_sums(const float* g, const uint8_t* index, const float* x_at,
+                            int64_t count, double mean, double& sum_g, double& sum_gx) {
+  constexpr int64_t kLanes = 8;
+  const double means[kLanes] = {mean, mean, mean, mean, mean, mean, mean, mean};
+  double lane_g[kLanes], lane_gx[kLanes];
+  const int64_t whole = count / kLanes * kLanes;
+  bn_relu_max_sums(g, index, x_at, count / kLanes, kLanes, means, lane_g, lane_gx);
+  for (int64_t i = whole; i < count; ++i) {
+    const double gi = index[i] != ReluMaxPool2x2::kNoGradient ? static_cast<double>(g[i]) : 0.0;
+    lane_g[i - whole] += gi;
+    lane_gx[i - whole] += gi * (static_cast<double>(x_at[i]) - mean);
+  }
   sum_g = sum_gx = 0.0;
-  for (int l = 0; l < kLanes; ++l) {
+  for (int64_t l = 0; l < kLanes; ++l) {
     sum_g += lane_g[l];
     sum_gx += lane_gx[l];
   }
 }
-// Channels-first dx: the `height` input rows of one plane (one channel's
-// coefficients) from its `rows` output rows, in blocks of windows as
-// max_unpool_row_2x2 takes them; rows and columns in no window get g = 0.
+// Channels-first dx: one plane (one channel's coefficients) from its `rows` ×
+// `windows` outputs: first dx = b·(x - mean_hi) + k over the whole plane in
+// one flat loop, then a·g added at each window's maximum (a window without
+// gradient adds 0 at its first position, so the loop has no branch). Written
+// as one pass over pairs of columns, rows of 14 or 7 windows vectorized only
+// 4 wide, and the plane took 3 times as long.
 NORMKIT_ENGINE_SIMD_CLONES
 void bn_relu_max_plane_dx(const float* __restrict x, const float* __restrict g,
                           const uint8_t* __restrict index, int64_t rows, int64_t windows,
                           int64_t height, int64_t width, float m, float a, float b, float k,
                           float* __restrict dx) {
-  for (int64_t ih = 0; ih < height; ++ih) {
-    const float* __restrict xr = x + ih * width;
-    float* __restrict o = dx + ih * width;
-    const int64_t oh = ih / 2;
-    int64_t first_free = 0;  // the columns from here on are in no window
-    if (oh < rows) {
-      const float* gr = g + oh * windows;
-      const uint8_t* ir = index + oh * windows;
-      const auto left = static_cast<uint32_t>(2 * (ih % 2)), right = left + 1;
-      auto pair = [&](int64_t w) __attribute__((always_inline)) {
-        const uint32_t at = ir[w];  // 32-bit, as the floats: mixed widths did not vectorize
-        const float gw = gr[w];
-        o[2 * w] = a * (at == left ? gw : 0.0f) + (b * (xr[2 * w] - m) + k);
-        o[2 * w + 1] = a * (at == right ? gw : 0.0f) + (b * (xr[2 * w + 1] - m) + k);
-      };
-      const bool done = for_window_blocks(windows, [&]<int B>(int64_t ow) __attribute__((always_inline)) {
-#pragma GCC unroll 1  // as in max_windows_2x2
-        for (int l = 0; l < B; ++l) pair(ow + l);
-      });
-      for (int64_t w = 0; !done && w < windows; ++w) pair(w);
-      first_free = 2 * windows;
+  for (int64_t i = 0; i < height * width; ++i) dx[i] = b * (x[i] - m) + k;
+  for (int64_t oh = 0; oh < rows; ++oh)
+    for (int64_t ow = 0; ow < windows; ++ow) {
+      const int64_t o = oh * windows + ow;
+      const uint32_t at = index[o];
+      const float add = at != ReluMaxPool2x2::kNoGradient ? a * g[o] : 0.0f;
+      dx[(2 * oh + (at >> 1 & 1)) * width + 2 * ow + (at & 1)] += add;
     }
-    for (int64_t iw = first_free; iw < width; ++iw) o[iw] = b * (xr[iw] - m) + k;
-  }
 }
 
 class Pool2d final : public Layer {
