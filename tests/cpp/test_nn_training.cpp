@@ -157,6 +157,17 @@ TEST(NnModel, BothFormatsComputeTheSameModel) {
     if (la[i] != lb[i]) return ::testing::AssertionFailure() << "logit " << i << ": " << la[i] << " vs " << lb[i];
   return ::testing::AssertionSuccess();
 }
+// Two models' parameter gradients, which must be equal bit for bit.
+::testing::AssertionResult same_gradients(const std::vector<Parameter*>& a,
+                                          const std::vector<Parameter*>& b, const char* what = "") {
+  if (a.size() != b.size()) return ::testing::AssertionFailure() << "parameter counts differ";
+  for (size_t k = 0; k < a.size(); ++k)
+    for (size_t i = 0; i < a[k]->grad.size(); ++i)
+      if (a[k]->grad[i] != b[k]->grad[i])
+        return ::testing::AssertionFailure() << what << a[k]->name << " " << i << ": "
+                                             << a[k]->grad[i] << " vs " << b[k]->grad[i];
+  return ::testing::AssertionSuccess();
+}
 // What a probe (probe.cpp) does after a step's forward: the layers one by one on
 // another batch, then Model::backward, which must follow the layers' own forward.
 void probe_then_backward(Model& model, const Tensor& batch, const std::vector<int32_t>& labels) {
@@ -203,10 +214,7 @@ TEST(NnModel, FusedBatchNormReluEqualsTheSeparateLayers) {
       ASSERT_TRUE(same_logits(fused, plain, x));
       compute_gradients(fused, x, labels);
       compute_gradients(plain, x, labels);
-      for (size_t k = 0; k < plain_parameters.size(); ++k)
-        for (size_t i = 0; i < plain_parameters[k]->grad.size(); ++i)
-          ASSERT_EQ(fused_parameters[k]->grad[i], plain_parameters[k]->grad[i])
-              << plain_parameters[k]->name << " " << i;
+      ASSERT_TRUE(same_gradients(fused_parameters, plain_parameters));
       if (step == 1) {
         // A probe (probe.cpp) runs the layers one by one on another batch after a
         // step's forward, then Model::backward: that backward follows the layers'
@@ -214,10 +222,7 @@ TEST(NnModel, FusedBatchNormReluEqualsTheSeparateLayers) {
         const int64_t M = 5;
         const Tensor probe = make_tensor({M, 3, 6, 6}, format, normal_values(M * 108, 60));
         for (Model* model : {&fused, &plain}) probe_then_backward(*model, probe, some_labels(M, 5));
-        for (size_t k = 0; k < plain_parameters.size(); ++k)
-          for (size_t i = 0; i < plain_parameters[k]->grad.size(); ++i)
-            ASSERT_EQ(fused_parameters[k]->grad[i], plain_parameters[k]->grad[i])
-                << "probe " << plain_parameters[k]->name << " " << i;
+        ASSERT_TRUE(same_gradients(fused_parameters, plain_parameters, "probe "));
         compute_gradients(fused, x, labels);
         compute_gradients(plain, x, labels);
       }
@@ -287,10 +292,7 @@ TEST(NnModel, FusedBatchNormReluMaxPoolMatchesTheSeparateLayers) {
           const Tensor probe = make_tensor({N, 3, 7, 9}, format, normal_values(N * 189, 80));
           for (Model* model : {&fused, &plain}) probe_then_backward(*model, probe, labels);
           EXPECT_FALSE(tail.ran_with_max_pool());
-          for (size_t k = 0; k < plain_parameters.size(); ++k)
-            for (size_t i = 0; i < plain_parameters[k]->grad.size(); ++i)
-              ASSERT_EQ(fused_parameters[k]->grad[i], plain_parameters[k]->grad[i])
-                  << "probe " << plain_parameters[k]->name << " " << i;
+          ASSERT_TRUE(same_gradients(fused_parameters, plain_parameters, "probe "));
         }
         const auto fused_state = fused.state(), plain_state = plain.state();
         for (size_t k = 0; k < plain_state.size(); ++k)
@@ -303,6 +305,38 @@ TEST(NnModel, FusedBatchNormReluMaxPoolMatchesTheSeparateLayers) {
     EXPECT_EQ(gradients_by_threads[0], gradients_by_threads[1]);
   }
   normkit::set_num_threads(saved_threads);
+}
+
+// Without a batchnorm before it, "relu; maxpool K" runs as one pass in training
+// (MaxPoolAfterRelu): the pooling of x, then the ReLU of each maximum, and no
+// gradient for a window whose maximum is <= 0. With an identity between them
+// ("dropout 0") the layers run apart. Logits and gradients bit for bit, both
+// formats, disjoint 2×2 windows (odd extents) and overlapping 3×3 ones with
+// stride 2, windows whose maximum is exactly 0.
+TEST(NnModel, FusedReluMaxPoolEqualsTheSeparateLayers) {
+  const int64_t N = 5;
+  const auto labels = some_labels(N, 4);
+  for (const std::string pool : {"maxpool 2", "maxpool 3 stride=2"}) {
+    const std::string head = "input 2 7 9; conv 6 3 pad=1; relu; ", tail = pool + "; flatten; linear 4";
+    for (const auto format : kFormats) {
+      SCOPED_TRACE(pool + ", " + name_of(format));
+      Model fused(ModelSpec::parse(head + tail), format), plain(ModelSpec::parse(head + "dropout 0; " + tail), format);
+      fused.initialize({}, 9);
+      const auto fused_parameters = fused.parameters(), plain_parameters = plain.parameters();
+      for (size_t k = 0; k < fused_parameters.size(); ++k)
+        plain_parameters[k]->value = fused_parameters[k]->value;
+      // The first sample all zeros: its convolution (bias 0) is exactly 0, so
+      // windows whose maximum is 0, which must pass no gradient (ReLU'(0) = 0).
+      auto values = normal_values(N * 126, 33);
+      std::fill(values.begin(), values.begin() + 126, 0.0f);
+      const Tensor x = make_tensor({N, 2, 7, 9}, format, values);
+      ASSERT_TRUE(same_logits(fused, plain, x));
+      EXPECT_TRUE(dynamic_cast<normkit::nn::detail::MaxPoolAfterRelu&>(*fused.layers()[2]).ran_after_relu());
+      compute_gradients(fused, x, labels);
+      compute_gradients(plain, x, labels);
+      ASSERT_TRUE(same_gradients(fused_parameters, plain_parameters));
+    }
+  }
 }
 
 TEST(NnModel, ParametersStateAndSummary) {

@@ -195,7 +195,8 @@ class Model {
   // then skipped and keeps no output of its own. A "maxpool 2" after that relu
   // joins the pass too (batchnorm, relu and 2×2 max pooling: the relu's output
   // is never written; synchronized BN too), and is skipped likewise. Frozen or
-  // noisy BN runs the separate layers.
+  // noisy BN runs the separate layers. Without a batchnorm, "relu; maxpool K"
+  // runs as one pass (the pooling, then the ReLU of each maximum).
   const Tensor& forward(const Tensor& x, Mode mode);
   void backward(const Tensor& dlogits);
   void zero_grad();

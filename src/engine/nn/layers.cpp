@@ -241,6 +241,8 @@ class Linear final : public Layer {
 // if several (PyTorch's rule: take v when v > best or v is NaN).
 using WindowIndex = uint16_t;
 constexpr int64_t kMaxPoolWindow = 255;
+// A window that passes no gradient (MaxPoolAfterRelu): no position is this.
+constexpr WindowIndex kNoWindowPosition = 0xFFFF;
 // That rule, written once (| rather than ||: see the leaf loops below).
 [[gnu::always_inline]] inline bool takes_over(float v, float best) {
   return (v > best) | (v != v);
@@ -664,7 +666,18 @@ void bn_relu_max_plane_dx(const float* __restrict x, const float* __restrict g,
     }
 }
 
-class Pool2d final : public Layer {
+// Max pooling after a relu (Pool2d::forward_after_relu): the ReLU of each
+// maximum, and no position for a maximum that does not pass it.
+NORMKIT_ENGINE_SIMD_CLONES
+void relu_of_maxima(float* __restrict y, WindowIndex* __restrict index, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    const float v = y[i];
+    y[i] = v < 0.0f ? 0.0f : v;
+    index[i] = v > 0.0f ? index[i] : kNoWindowPosition;
+  }
+}
+
+class Pool2d final : public Layer, public MaxPoolAfterRelu {
  public:
   Pool2d(const std::vector<int64_t>& input, int64_t k, int64_t stride, bool max, MemoryFormat format)
       : c_(input[0]), h_(input[1]), w_(input[2]), k_(k), stride_(stride), max_(max), format_(format) {
@@ -684,7 +697,26 @@ class Pool2d final : public Layer {
                    shape_text(input));
     return {c_, oh_, ow_};
   }
+  bool takes_relu() const override { return max_; }
+  bool ran_after_relu() const override { return after_relu_; }
+  // Max pooling of relu(x), train mode: the pooling of x, then the ReLU of each
+  // maximum; a window whose maximum is <= 0 (or NaN) keeps no position
+  // (kNoWindowPosition), so backward passes it no gradient, as the relu's
+  // backward would (the first maximum of relu(x), when positive, is x's).
+  const Tensor& forward_after_relu(const Tensor& x) override {
+    if (!max_) fail_invalid(describe(), ": only max pooling takes the relu before it");
+    forward(x, Mode::train);
+    after_relu_ = true;
+    constexpr int64_t kPiece = 16384;
+    const int64_t total = y_.numel();
+    parallel_for(threads_for(total), (total + kPiece - 1) / kPiece, [&](int64_t piece) {
+      const int64_t first = piece * kPiece;
+      relu_of_maxima(y_.data.data() + first, index_.data() + first, std::min(kPiece, total - first));
+    });
+    return y_;
+  }
   const Tensor& forward(const Tensor& x, Mode mode) override {
+    after_relu_ = false;
     const int64_t n = x.shape[0];
     y_.reshape({n, c_, oh_, ow_}, format_);
     if (max_) {
@@ -737,6 +769,7 @@ class Pool2d final : public Layer {
           for (int64_t ow = 0; ow < ow_; ++ow) {
             const int64_t o = out.at(i, c, oh, ow);
             if (max_) {
+              if (index_[o] == kNoWindowPosition) continue;  // after a relu: no gradient
               const int64_t kh = index_[o] / k_, kw = index_[o] % k_;
               dx_.data[in.at(i, c, oh * stride_ + kh, ow * stride_ + kw)] += dy.data[o];
               continue;
@@ -825,6 +858,7 @@ class Pool2d final : public Layer {
 
   int64_t c_, h_, w_, k_, stride_, oh_ = 0, ow_ = 0;
   bool max_;
+  bool after_relu_ = false;  // the last forward was forward_after_relu
   MemoryFormat format_;
   std::vector<WindowIndex> index_;  // max pooling, train mode: kh·k + kw per output
   Tensor y_, dx_;

@@ -135,6 +135,13 @@ const Tensor& Model::forward(const Tensor& x, Mode mode) {
       ++i;  // the relu: done
       continue;
     }
+    auto* pool = i + 1 < layers_.size() ? dynamic_cast<detail::MaxPoolAfterRelu*>(layers_[i + 1].get())
+                                        : nullptr;
+    if (mode == Mode::train && layers_[i]->type() == "relu" && pool && pool->takes_relu()) {
+      current = &pool->forward_after_relu(*current);
+      ++i;  // the pooling: done
+      continue;
+    }
     current = &layers_[i]->forward(*current, mode);
   }
   return *current;
@@ -153,6 +160,12 @@ void Model::backward(const Tensor& dlogits) {
     if (pooled && pooled->ran_with_max_pool() && layers_[i]->type() == "maxpool") {
       i -= 2;
       grad = &pooled->backward_relu(*grad, i > first);
+      continue;
+    }
+    auto* pool = dynamic_cast<detail::MaxPoolAfterRelu*>(layers_[i].get());
+    if (pool && pool->ran_after_relu() && i > 0 && layers_[i - 1]->type() == "relu") {
+      --i;  // the relu's backward is the pooling's
+      grad = &layers_[i + 1]->backward(*grad, i > first);
       continue;
     }
     auto* tail = i > 0 ? dynamic_cast<detail::ReluTail*>(layers_[i - 1].get()) : nullptr;
