@@ -157,6 +157,14 @@ TEST(NnModel, BothFormatsComputeTheSameModel) {
     if (la[i] != lb[i]) return ::testing::AssertionFailure() << "logit " << i << ": " << la[i] << " vs " << lb[i];
   return ::testing::AssertionSuccess();
 }
+// `to` starts where `from` does after initialize({}, seed): the same
+// parameters, layer for layer (the models differ in parameter-free layers only).
+void initialize_alike(Model& from, Model& to, uint64_t seed) {
+  from.initialize({}, seed);
+  const auto a = from.parameters(), b = to.parameters();
+  ASSERT_EQ(a.size(), b.size());
+  for (size_t k = 0; k < a.size(); ++k) b[k]->value = a[k]->value;
+}
 // Two models' parameter gradients, which must be equal bit for bit.
 ::testing::AssertionResult same_gradients(const std::vector<Parameter*>& a,
                                           const std::vector<Parameter*>& b, const char* what = "") {
@@ -197,11 +205,8 @@ TEST(NnModel, FusedBatchNormReluEqualsTheSeparateLayers) {
   for (const auto format : kFormats) {
     SCOPED_TRACE(name_of(format));
     Model fused(fused_spec, format), plain(plain_spec, format);
-    fused.initialize({}, 5);
+    initialize_alike(fused, plain, 5);
     const auto fused_parameters = fused.parameters(), plain_parameters = plain.parameters();
-    ASSERT_EQ(fused_parameters.size(), plain_parameters.size());
-    for (size_t k = 0; k < fused_parameters.size(); ++k)
-      plain_parameters[k]->value = fused_parameters[k]->value;
     auto fused_sgd = normkit::nn::make_sgd({0.1f, 0.9f}, fused_parameters);
     auto plain_sgd = normkit::nn::make_sgd({0.1f, 0.9f}, plain_parameters);
     for (int step = 0; step < 4; ++step) {
@@ -261,11 +266,8 @@ TEST(NnModel, FusedBatchNormReluMaxPoolMatchesTheSeparateLayers) {
       SCOPED_TRACE(threads);
       normkit::set_num_threads(threads);
       Model fused(fused_spec, format), plain(plain_spec, format);
-      fused.initialize({}, 5);
+      initialize_alike(fused, plain, 5);
       const auto fused_parameters = fused.parameters(), plain_parameters = plain.parameters();
-      ASSERT_EQ(fused_parameters.size(), plain_parameters.size());
-      for (size_t k = 0; k < fused_parameters.size(); ++k)
-        plain_parameters[k]->value = fused_parameters[k]->value;
       auto& tail = dynamic_cast<normkit::nn::detail::ReluTail&>(*fused.layers()[1]);
       std::vector<float> all_gradients;
       for (int step = 0; step < 4; ++step) {
@@ -321,10 +323,8 @@ TEST(NnModel, FusedReluMaxPoolEqualsTheSeparateLayers) {
     for (const auto format : kFormats) {
       SCOPED_TRACE(pool + ", " + name_of(format));
       Model fused(ModelSpec::parse(head + tail), format), plain(ModelSpec::parse(head + "dropout 0; " + tail), format);
-      fused.initialize({}, 9);
+      initialize_alike(fused, plain, 9);
       const auto fused_parameters = fused.parameters(), plain_parameters = plain.parameters();
-      for (size_t k = 0; k < fused_parameters.size(); ++k)
-        plain_parameters[k]->value = fused_parameters[k]->value;
       // The first sample all zeros: its convolution (bias 0) is exactly 0, so
       // windows whose maximum is 0, which must pass no gradient (ReLU'(0) = 0).
       auto values = normal_values(N * 126, 33);
