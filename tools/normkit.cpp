@@ -765,16 +765,24 @@ int run_and_report(int argc, char** argv) {
 
 int main(int argc, char** argv) {
   // OpenMP's runtime reads its wait policy from the environment when it loads,
-  // before main. libgomp's default lets an idle thread spin ~300000 times (about
-  // a millisecond or more) before it sleeps: on a machine shared with other jobs
-  // that spinning holds the core the thread being waited for needs, and a
-  // cnn-small run (100 steps, 2 threads, 2 cores with a second job) took 21.8 s
-  // instead of 3.5 s passive; unloaded, passive costs no more than noise. So the
-  // CLI runs itself again with OMP_WAIT_POLICY=passive unless the user set a
-  // policy (OMP_WAIT_POLICY, or libgomp's GOMP_SPINCOUNT); same process id,
-  // arguments and environment otherwise. If the exec fails, it runs as it is.
+  // before main. Both of libgomp's usual policies cost a training run time:
+  // - its default lets an idle thread spin ~300000 times before it sleeps; on a
+  //   machine shared with other jobs that spinning holds the core the thread
+  //   being waited for needs (cnn-small, 100 steps, 2 threads, 2 cores with a
+  //   second job: 21.8 s against 3.5 s passive);
+  // - passive waiting puts the second thread to sleep after every parallel
+  //   region, and a training step opens dozens: an empty 2-thread region took
+  //   2.7 us back to back but 53-66 us after 40 us of serial work (this VM
+  //   halts the idle core; waking it goes through the hypervisor).
+  // 3000 spins (20-40 us here) keep the thread awake between the regions of one
+  // step and let it sleep soon after. cnn-small, 100 steps of 128, 2 threads:
+  // 1.45-1.51 s against 1.58-1.64 s passive; with a busy-looping second job
+  // 3.08-3.17 s against 2.88-3.10 s (10000 spins: 3.31-3.52 s). So the CLI runs
+  // itself again with GOMP_SPINCOUNT=3000 unless the user set a policy
+  // (OMP_WAIT_POLICY or GOMP_SPINCOUNT); same process id, arguments and
+  // environment otherwise. If the exec fails, it runs as it is.
   if (!std::getenv("OMP_WAIT_POLICY") && !std::getenv("GOMP_SPINCOUNT") &&
-      ::setenv("OMP_WAIT_POLICY", "passive", 1) == 0)
+      ::setenv("GOMP_SPINCOUNT", "3000", 1) == 0)
     ::execv("/proc/self/exe", argv);
   // Under mpirun an error on one rank ends them all (the others would wait for it).
   return normkit::cli::leave_process_group(run_and_report(argc, argv));

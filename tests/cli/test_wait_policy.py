@@ -1,5 +1,5 @@
 """The command's OpenMP wait policy (tools/normkit.cpp): `normkit` runs itself again with
-OMP_WAIT_POLICY=passive, in the same process, unless the user chose a policy
+GOMP_SPINCOUNT=3000 (a short spin, then sleep), in the same process, unless the user chose a policy
 (OMP_WAIT_POLICY or libgomp's GOMP_SPINCOUNT), which it then leaves alone.
 
 What the running process has is read from /proc/PID/environ (the environment its current
@@ -37,9 +37,9 @@ def environment_while_training(table, tmp_path, env):
         proc.communicate(timeout=300)
 
 
-def test_passive_unless_the_user_chose_a_policy(table, tmp_path):
+def test_a_short_spin_unless_the_user_chose_a_policy(table, tmp_path):
     default = environment_while_training(table, tmp_path / "default", {})
-    assert default.get("OMP_WAIT_POLICY") == "passive"
+    assert default.get("GOMP_SPINCOUNT") == "3000" and "OMP_WAIT_POLICY" not in default
     active = environment_while_training(table, tmp_path / "active", {"OMP_WAIT_POLICY": "active"})
     assert active["OMP_WAIT_POLICY"] == "active"
     spin = environment_while_training(table, tmp_path / "spin", {"GOMP_SPINCOUNT": "5000"})

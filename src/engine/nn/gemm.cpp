@@ -13,10 +13,13 @@ namespace normkit::nn::detail {
 void gemm(bool transpose_a, bool transpose_b, int64_t m, int64_t n, int64_t k, float alpha,
           const float* a, int64_t lda, const float* b, int64_t ldb, float beta, float* c,
           int64_t ldc) {
-  // oneDNN threads over omp_get_max_threads(); small products are faster on
-  // fewer threads than the cost of waking the others (see Linear's
-  // kMultiplyAddsPerChunk: at 1M per thread, mlp-paper's dW of 100x784 over
-  // 64 samples took 223 us per step on 2 threads against 68 us on one).
+  // oneDNN threads over omp_get_max_threads(); for the engine's shapes its
+  // split leaves each element's sum to one thread (the same bits on 1 and 2
+  // threads: NnTraining.ResultsDoNotDependOnTheThreadCount). Small products stay
+  // on one thread, as waking a second costs more than it saves: mlp-paper's
+  // step (64 samples, 784 -> 100 -> ...) with all its products on 2 threads
+  // (sgemm) took 348-360 us against 293 us with the CLI's short spin
+  // (tools/normkit.cpp), and gained 4% only with threads that never sleep.
   constexpr int64_t kMultiplyAddsPerThread = 4 << 20;
   const int threads = static_cast<int>(
       std::clamp<int64_t>(m * n * k / kMultiplyAddsPerThread, 1, num_threads()));
