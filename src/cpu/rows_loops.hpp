@@ -38,9 +38,12 @@ constexpr int64_t kRowGroup = 4;
 // reloaded per element), and each row is read in runs of up to 1 KB. Measured
 // in cache at 2 threads: the inference of 16×256×28×28 NHWC went from 1.5× to
 // 1.2× a copy (blocks of 64 before), forward-train of 256×1024 (units of 256
-// channels) from 66-70 to 49-51 µs. Longer rows keep groups of kRowGroup rows:
-// on rows of 4096 channels (32×4096 inference) 256-wide blocks took 47-51 µs
-// against 35-41, and on 2048 (32×2048×7×7 NHWC) they were no faster.
+// channels) from 66-70 to 49-51 µs. Longer rows are taken one at a time, with
+// the coefficients loaded per vector: groups of kRowGroup rows (coefficients
+// loaded once per group, four streams of x and of y) measured slower on a Xeon
+// (2 threads, bench medians of two runs each): 32×2048×7×7 NHWC inference
+// 1.07-1.10 ms against 0.86-0.88 (a copy: 0.78-0.85), bn1d 256×1024 33-38 µs
+// against 28-30, 32×4096 37-41 against 36-37.
 constexpr int64_t kApplyBlock = 256;
 [[maybe_unused]] inline int64_t blocked_channels(int64_t channels) {
   return channels <= kMaxBlockedChannels ? channels / kNarrowRowBlock * kNarrowRowBlock : 0;
@@ -271,10 +274,8 @@ void rows_gradient_sums_chunk(const float* __restrict x, int64_t x_stride,
 // y = (x - mean_hi)·scale + shift per channel over one chunk of rows; with
 // Relu, y = relu(that + z) (z may be null): BN+ReLU's forward is BN's to the
 // bit before the ReLU. Channels in register blocks (for_each_apply_block), the
-// rest kRowGroup rows at a time, so that a channel's coefficients are loaded
-// once per group. (ivdep: y may be x or z, but element c of a row is read only
-// for its own store; without it the compiler gives up vectorizing over four
-// rows' aliasing.)
+// rest one row at a time (see kApplyBlock). (ivdep: y may be x or z, but
+// element c of a row is read only for its own store.)
 template <bool Relu>
 [[gnu::always_inline]] inline void rows_apply_body(const float* x, int64_t x_stride,
                                                    const float* z, int64_t z_stride, float* y,
@@ -308,35 +309,16 @@ template <bool Relu>
   // (z is tested outside the loops: a select inside them is if-converted into
   // masked multiplies, which are not contracted into FMAs, and BN+ReLU's y
   // would round otherwise than BN's.)
-  int64_t r = 0;
-  for (; r + kRowGroup <= rows && blocked < channels; r += kRowGroup) {
+  for (int64_t r = 0; r < rows && blocked < channels; ++r) {
     const float* xp = x + r * x_stride;
     float* yp = y + r * y_stride;
     if (z) {
       const float* zp = z + r * z_stride;
 #pragma GCC ivdep
-      for (int64_t c = blocked; c < channels; ++c) {
-        const float m = mean_hi[c], sc = scale[c], t = shift[c];
-        for (int j = 0; j < kRowGroup; ++j)
-          yp[j * y_stride + c] = out((xp[j * x_stride + c] - m) * sc + t + zp[j * z_stride + c]);
-      }
-    } else {
-#pragma GCC ivdep
-      for (int64_t c = blocked; c < channels; ++c) {
-        const float m = mean_hi[c], sc = scale[c], t = shift[c];
-        for (int j = 0; j < kRowGroup; ++j)
-          yp[j * y_stride + c] = out((xp[j * x_stride + c] - m) * sc + t);
-      }
-    }
-  }
-  for (; r < rows && blocked < channels; ++r) {
-    const float* xp = x + r * x_stride;
-    float* yp = y + r * y_stride;
-    if (z) {
-      const float* zp = z + r * z_stride;
       for (int64_t c = blocked; c < channels; ++c)
         yp[c] = out((xp[c] - mean_hi[c]) * scale[c] + shift[c] + zp[c]);
     } else {
+#pragma GCC ivdep
       for (int64_t c = blocked; c < channels; ++c)
         yp[c] = out((xp[c] - mean_hi[c]) * scale[c] + shift[c]);
     }
@@ -362,9 +344,11 @@ void rows_apply_relu_chunk(const float* x, int64_t x_stride, const float* z, int
 
 // dx = a·g + b·(x - mean_hi) + k per channel over one chunk of rows, g from a
 // leaf::GradientSource: channels [0, blocked) in register blocks, the rest
-// kRowGroup rows at a time. Masked (every channel blocked) also writes dz = g
-// when dz is not null, and dx only when dx is not null. dx may be dy (same
-// strides): element c of a row is read only for its own store.
+// one row at a time, as in the apply (32×2048×7×7 NHWC backward: 2.35-2.41 ms
+// with groups of kRowGroup rows, 2.18-2.21 without). Masked (every channel
+// blocked) also writes dz = g when dz is not null, and dx only when dx is not
+// null. dx may be dy (same strides): element c of a row is read only for its
+// own store.
 template <bool Masked>
 [[gnu::always_inline]] inline void rows_backward_apply_body(
     const float* x, int64_t x_stride, const leaf::GradientSource& src, float* dx,
@@ -392,22 +376,11 @@ template <bool Masked>
   if constexpr (!Masked) {
     const float* dy = src.dy;
     const int64_t dy_stride = src.stride;
-    int64_t r = 0;
-    for (; r + kRowGroup <= rows && blocked < channels; r += kRowGroup) {
+    for (int64_t r = 0; r < rows && blocked < channels; ++r) {
       const float* xp = x + r * x_stride;
       const float* gp = dy + r * dy_stride;
       float* dp = dx + r * dx_stride;
 #pragma GCC ivdep
-      for (int64_t c = blocked; c < channels; ++c) {
-        const float mc = mean_hi[c], ac = a[c], bc = b[c], kc = k[c];
-        for (int j = 0; j < kRowGroup; ++j)
-          dp[j * dx_stride + c] = ac * gp[j * dy_stride + c] + bc * (xp[j * x_stride + c] - mc) + kc;
-      }
-    }
-    for (; r < rows && blocked < channels; ++r) {
-      const float* xp = x + r * x_stride;
-      const float* gp = dy + r * dy_stride;
-      float* dp = dx + r * dx_stride;
       for (int64_t c = blocked; c < channels; ++c)
         dp[c] = a[c] * gp[c] + b[c] * (xp[c] - mean_hi[c]) + k[c];
     }
