@@ -108,7 +108,10 @@ void add_run_options(CLI::App* app, RunOptions& o, OptionMap& options, bool with
                               "seeds the initialization and the data order: the same command "
                               "gives the same metrics")
                   ->capture_default_str());
-  add("threads", app->add_option("--threads", o.threads, "threads (default: OpenMP's default)")
+  add("threads", app->add_option("--threads", o.threads,
+                                 "threads (default: OpenMP's default); idle ones spin briefly, "
+                                 "then sleep (GOMP_SPINCOUNT=3000 unless OMP_WAIT_POLICY or "
+                                 "GOMP_SPINCOUNT is set)")
                      ->check(CLI::Range(1, 4096)));
   add("data", app->add_option("--data", o.data,
                               "a directory of (Fashion-)MNIST IDX files, or a CSV table")
