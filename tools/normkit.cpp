@@ -44,6 +44,9 @@ CLI::Validator number_at_least_zero(bool allow_zero) {
 }
 const CLI::Validator kPositive = number_at_least_zero(false);
 const CLI::Validator kNonNegative = number_at_least_zero(true);
+// The spins of an idle OpenMP thread before it sleeps, unless the user chose a
+// policy (main says why).
+constexpr const char* kSpinCount = "3000";
 
 // The options that describe a training run, shared by `train` and `compare`.
 void add_run_options(CLI::App* app, RunOptions& o, OptionMap& options, bool with_norm) {
@@ -109,9 +112,10 @@ void add_run_options(CLI::App* app, RunOptions& o, OptionMap& options, bool with
                               "gives the same metrics")
                   ->capture_default_str());
   add("threads", app->add_option("--threads", o.threads,
-                                 "threads (default: OpenMP's default); idle ones spin briefly, "
-                                 "then sleep (GOMP_SPINCOUNT=3000 unless OMP_WAIT_POLICY or "
-                                 "GOMP_SPINCOUNT is set)")
+                                 std::string("threads (default: OpenMP's default); idle ones "
+                                             "spin briefly, then sleep (GOMP_SPINCOUNT=") +
+                                     kSpinCount +
+                                     " unless OMP_WAIT_POLICY or GOMP_SPINCOUNT is set)")
                      ->check(CLI::Range(1, 4096)));
   add("data", app->add_option("--data", o.data,
                               "a directory of (Fashion-)MNIST IDX files, or a CSV table")
@@ -785,7 +789,7 @@ int main(int argc, char** argv) {
   // (OMP_WAIT_POLICY or GOMP_SPINCOUNT); same process id, arguments and
   // environment otherwise. If the exec fails, it runs as it is.
   if (!std::getenv("OMP_WAIT_POLICY") && !std::getenv("GOMP_SPINCOUNT") &&
-      ::setenv("GOMP_SPINCOUNT", "3000", 1) == 0)
+      ::setenv("GOMP_SPINCOUNT", normkit::cli::kSpinCount, 1) == 0)
     ::execv("/proc/self/exe", argv);
   // Under mpirun an error on one rank ends them all (the others would wait for it).
   return normkit::cli::leave_process_group(run_and_report(argc, argv));
