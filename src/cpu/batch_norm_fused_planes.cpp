@@ -29,6 +29,7 @@
 #include "cpu/implementations.hpp"
 #include "cpu/leaf_loops.hpp"
 #include "cpu/relu_mask.hpp"
+#include "cpu/streamed_output.hpp"
 #include "kernels/batch_norm_fused.hpp"
 
 namespace normkit::kernels::bn_fused {
@@ -250,21 +251,28 @@ void backward_apply_masked_runs(const MaskedRuns& m, int64_t runs, int64_t len,
   if (m.dz) return backward_apply_masked_runs_of<false, true>(m, runs, len, k);
 }
 
+// dx and dz of a piece, through the streamed buffer when `stream`
+// (cpu/streamed_output.hpp).
 void piece_backward_apply(const Backward<float>& p, int64_t c, const Pieces::Span& s,
-                          BackwardCoefficients k) {
+                          BackwardCoefficients k, bool stream) {
   const int64_t r = s.first_run, i = s.first_inner;
-  const MaskedRuns m{p.x + p.x_geom.offset(r, c, i),
-                     p.x_geom.outer_stride,
-                     p.dy + p.dy_geom.offset(r, c, i),
-                     p.dy_geom.outer_stride,
-                     p.mask,
-                     p.order.bit(r, c, i),
-                     p.order.outer,
-                     p.dx ? p.dx + p.dx_geom.offset(r, c, i) : nullptr,
-                     p.dx_geom.outer_stride,
-                     p.dz ? p.dz + p.dz_geom.offset(r, c, i) : nullptr,
-                     p.dz_geom.outer_stride};
-  backward_apply_masked_runs(m, s.runs, s.len, k);
+  const std::array<cpu::Output, 2> outputs{
+      {{p.dx ? p.dx + p.dx_geom.offset(r, c, i) : nullptr, p.dx_geom.outer_stride},
+       {p.dz ? p.dz + p.dz_geom.offset(r, c, i) : nullptr, p.dz_geom.outer_stride}}};
+  cpu::write_outputs(stream, outputs, s.runs, s.len, [&](int64_t r0, int64_t runs, const auto& out) {
+    const MaskedRuns m{p.x + p.x_geom.offset(r + r0, c, i),
+                       p.x_geom.outer_stride,
+                       p.dy + p.dy_geom.offset(r + r0, c, i),
+                       p.dy_geom.outer_stride,
+                       p.mask,
+                       p.order.bit(r + r0, c, i),
+                       p.order.outer,
+                       out[0].data,
+                       out[0].stride,
+                       out[1].data,
+                       out[1].stride};
+    backward_apply_masked_runs(m, runs, s.len, k);
+  });
 }
 
 void planes_backward(const Backward<float>& p) {
@@ -272,6 +280,7 @@ void planes_backward(const Backward<float>& p) {
   const Pieces pieces(g);
   const int threads = threads_for(2 * g.channels * g.reduction_size());
   const bool second_pass = p.dx || p.dz;
+  const bool stream = cpu::stream_output(g.channels * g.reduction_size(), threads);
   if (whole_units_per_thread(g.channels, threads)) {
     parallel_for(threads, g.channels, [&](int64_t c) {
       double sum_g = 0, sum_g_xmu = 0;
@@ -283,7 +292,7 @@ void planes_backward(const Backward<float>& p) {
       const BackwardCoefficients k = finish_channel(p, c, sum_g, sum_g_xmu);
       if (second_pass)
         for (int64_t i = 0; i < pieces.per_channel; ++i)
-          piece_backward_apply(p, c, pieces.span(g, i), k);
+          piece_backward_apply(p, c, pieces.span(g, i), k, stream);
     });
     return;
   }
@@ -309,7 +318,7 @@ void planes_backward(const Backward<float>& p) {
 #pragma omp for schedule(static)
       for (int64_t t = 0; t < total; ++t) {
         const int64_t c = t / pieces.per_channel;
-        piece_backward_apply(p, c, pieces.span(g, t % pieces.per_channel), coeff[c]);
+        piece_backward_apply(p, c, pieces.span(g, t % pieces.per_channel), coeff[c], stream);
       }
     }
   });

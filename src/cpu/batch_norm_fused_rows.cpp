@@ -18,6 +18,7 @@
 #include "cpu/leaf_loops.hpp"
 #include "cpu/relu_mask.hpp"
 #include "cpu/rows_loops.hpp"
+#include "cpu/streamed_output.hpp"
 #include "kernels/batch_norm_fused.hpp"
 
 namespace normkit::kernels::bn_fused {
@@ -84,12 +85,32 @@ void rows_forward(const Forward<float>& p) {
   parallel_for(threads, plan.chunks, apply);
 }
 
+// dx and dz of rows [r0, r0 + rows), channels [c0, c0 + width), through the
+// streamed buffer when `stream` (cpu/streamed_output.hpp).
+void rows_backward_masked_apply(const Backward<float>& p, bool stream, int64_t r0, int64_t rows,
+                                int64_t c0, int64_t width, const float* mean_hi, const float* a,
+                                const float* b, const float* k) {
+  const int64_t C = p.x_geom.channels;
+  const std::array<cpu::Output, 2> outputs{
+      {{p.dx ? p.dx + r0 * p.dx_geom.outer_stride + c0 : nullptr, p.dx_geom.outer_stride},
+       {p.dz ? p.dz + r0 * p.dz_geom.outer_stride + c0 : nullptr, p.dz_geom.outer_stride}}};
+  cpu::write_outputs(stream, outputs, rows, width, [&](int64_t first, int64_t count, const auto& out) {
+    const int64_t r = r0 + first;
+    cpu::rows_backward_apply_masked_chunk(
+        p.x + r * p.x_geom.outer_stride + c0, p.x_geom.outer_stride,
+        leaf::GradientSource{p.dy + r * p.dy_geom.outer_stride + c0, p.dy_geom.outer_stride,
+                             p.mask, r * C + c0, C},
+        out[0].data, out[0].stride, out[1].data, out[1].stride, count, width, mean_hi, a, b, k);
+  });
+}
+
 // rows_backward_masked on a small problem: BN's column units (as BN's
 // rows_backward_units), each unit's sums over the stripes' chunks in order,
 // its coefficients, then dx and dz while its columns are in cache. The same
 // sums in the same order as the phased path: the same bits. Units whose width
 // is not a multiple of kNarrowRowBlock (the masked loops' blocks) decline.
-bool rows_backward_masked_units(const Backward<float>& p, const RowPlan& plan, int threads) {
+bool rows_backward_masked_units(const Backward<float>& p, const RowPlan& plan, int threads,
+                                bool stream) {
   const ColumnUnits units = cpu::column_units(plan, threads);
   if (units.count == 0 || units.width % cpu::kNarrowRowBlock != 0) return false;
   const Geometry& gx = p.x_geom;
@@ -109,10 +130,7 @@ bool rows_backward_masked_units(const Backward<float>& p, const RowPlan& plan, i
         [&](int64_t c0, int64_t width, const float* mean_hi, const float* a, const float* b,
             const float* k) {
           if (p.dx || p.dz)
-            cpu::rows_backward_apply_masked_chunk(
-                p.x + c0, gx.outer_stride, source(0, c0), p.dx ? p.dx + c0 : nullptr,
-                p.dx_geom.outer_stride, p.dz ? p.dz + c0 : nullptr, p.dz_geom.outer_stride,
-                plan.rows, width, mean_hi, a, b, k);
+            rows_backward_masked_apply(p, stream, 0, plan.rows, c0, width, mean_hi, a, b, k);
         });
   });
   return true;
@@ -125,7 +143,8 @@ bool rows_backward_masked_units(const Backward<float>& p, const RowPlan& plan, i
 // loops alike, so the sums are BN's bit for bit for any C. Other channel
 // counts expand g first (rows_backward).
 void rows_backward_masked(const Backward<float>& p, const RowPlan& plan, int threads) {
-  if (rows_backward_masked_units(p, plan, threads)) return;
+  const bool stream = cpu::stream_output(plan.channels * plan.rows, threads);
+  if (rows_backward_masked_units(p, plan, threads, stream)) return;
   const Geometry& gx = p.x_geom;
   const int64_t C = plan.channels;
   Workspace ws;
@@ -150,12 +169,8 @@ void rows_backward_masked(const Backward<float>& p, const RowPlan& plan, int thr
     if (p.dx || p.dz) {
 #pragma omp for schedule(static)
       for (int64_t chunk = 0; chunk < plan.chunks; ++chunk) {
-        const int64_t r0 = plan.first_row(chunk);
-        cpu::rows_backward_apply_masked_chunk(
-            p.x + r0 * gx.outer_stride, gx.outer_stride, source(r0),
-            p.dx ? p.dx + r0 * p.dx_geom.outer_stride : nullptr, p.dx_geom.outer_stride,
-            p.dz ? p.dz + r0 * p.dz_geom.outer_stride : nullptr, p.dz_geom.outer_stride,
-            plan.rows_in(chunk), C, co.mean_hi.data(), co.a.data(), co.b.data(), co.k.data());
+        rows_backward_masked_apply(p, stream, plan.first_row(chunk), plan.rows_in(chunk), 0, C,
+                                   co.mean_hi.data(), co.a.data(), co.b.data(), co.k.data());
       }
     }
   });

@@ -18,6 +18,7 @@
 #include "cpu/coefficients.hpp"
 #include "cpu/implementations.hpp"
 #include "cpu/leaf_loops.hpp"
+#include "cpu/streamed_output.hpp"
 #include "kernels/batch_norm.hpp"
 
 namespace normkit::kernels::bn {
@@ -77,37 +78,58 @@ void backward_apply_runs(const float* x, int64_t x_stride, const float* dy, int6
   }
 }
 
+// The two loops above, writing through the streamed buffer when `stream`
+// (cpu/streamed_output.hpp: outputs larger than the threads' L2).
+void apply_runs_to(bool stream, const float* x, int64_t x_stride, float* y, int64_t y_stride,
+                   int64_t runs, int64_t len, const ApplyCoefficients* k, int64_t k_step) {
+  cpu::write_outputs<1>(stream, {{{y, y_stride}}}, runs, len, [&](int64_t r0, int64_t n, const auto& out) {
+    apply_runs(x + r0 * x_stride, x_stride, out[0].data, out[0].stride, n, len, k + r0 * k_step,
+               k_step);
+  });
+}
+
+void backward_apply_runs_to(bool stream, const float* x, int64_t x_stride, const float* dy,
+                            int64_t dy_stride, float* dx, int64_t dx_stride, int64_t runs,
+                            int64_t len, const BackwardCoefficients* k, int64_t k_step) {
+  cpu::write_outputs<1>(stream, {{{dx, dx_stride}}}, runs, len, [&](int64_t r0, int64_t n, const auto& out) {
+    backward_apply_runs(x + r0 * x_stride, x_stride, dy + r0 * dy_stride, dy_stride, out[0].data,
+                        out[0].stride, n, len, k + r0 * k_step, k_step);
+  });
+}
+
 // The output pass over unit t (leaf::ApplyUnits) in one call.
 void unit_apply(const Geometry& gx, const Geometry& gy, const float* x, float* y,
-                const ApplyUnits& units, int64_t t, const ApplyCoefficients* coeff) {
+                const ApplyUnits& units, int64_t t, const ApplyCoefficients* coeff, bool stream) {
   const ApplyUnits::Span s = units.span(gx, t);
-  apply_runs(x + gx.offset(s.o, s.c0, s.first), gx.channel_stride,
-             y + gy.offset(s.o, s.c0, s.first), gy.channel_stride, s.channels, s.len,
-             coeff + s.c0, 1);
+  apply_runs_to(stream, x + gx.offset(s.o, s.c0, s.first), gx.channel_stride,
+                y + gy.offset(s.o, s.c0, s.first), gy.channel_stride, s.channels, s.len,
+                coeff + s.c0, 1);
 }
 
 void unit_backward_apply(const Geometry& gx, const Geometry& gdy, const Geometry& gdx,
                          const float* x, const float* dy, float* dx, const ApplyUnits& units,
-                         int64_t t, const BackwardCoefficients* coeff) {
+                         int64_t t, const BackwardCoefficients* coeff, bool stream) {
   const ApplyUnits::Span s = units.span(gx, t);
-  backward_apply_runs(x + gx.offset(s.o, s.c0, s.first), gx.channel_stride,
-                      dy + gdy.offset(s.o, s.c0, s.first), gdy.channel_stride,
-                      dx + gdx.offset(s.o, s.c0, s.first), gdx.channel_stride, s.channels, s.len,
-                      coeff + s.c0, 1);
+  backward_apply_runs_to(stream, x + gx.offset(s.o, s.c0, s.first), gx.channel_stride,
+                         dy + gdy.offset(s.o, s.c0, s.first), gdy.channel_stride,
+                         dx + gdx.offset(s.o, s.c0, s.first), gdx.channel_stride, s.channels,
+                         s.len, coeff + s.c0, 1);
 }
 
 // ================= planes: [outer, C, inner], inner contiguous =================
 
 void piece_apply(const Geometry& gx, const Geometry& gy, const float* x, float* y, int64_t c,
-                 const Pieces::Span& s, ApplyCoefficients k) {
-  apply_runs(x + gx.offset(s.first_run, c, s.first_inner), gx.outer_stride,
-             y + gy.offset(s.first_run, c, s.first_inner), gy.outer_stride, s.runs, s.len, &k, 0);
+                 const Pieces::Span& s, ApplyCoefficients k, bool stream) {
+  apply_runs_to(stream, x + gx.offset(s.first_run, c, s.first_inner), gx.outer_stride,
+                y + gy.offset(s.first_run, c, s.first_inner), gy.outer_stride, s.runs, s.len, &k,
+                0);
 }
 
 void planes_forward_training(const Forward<float>& p) {
   const Geometry& g = p.x_geom;
   const Pieces pieces(g);
   const int threads = threads_for(g.channels * g.reduction_size());
+  const bool stream = cpu::stream_output(g.channels * g.reduction_size(), threads);
   auto coefficients = [&](int64_t c) {
     return apply_coefficients(p.moments[c].mean, invstd_of(p.moments[c].biased_variance(), p.eps),
                               param_or(p.gamma, c, 1.0), param_or(p.beta, c, 0.0));
@@ -121,7 +143,7 @@ void planes_forward_training(const Forward<float>& p) {
       p.moments_done(c, 1);
       const ApplyCoefficients k = coefficients(c);
       for (int64_t i = 0; i < pieces.per_channel; ++i)
-        piece_apply(g, p.y_geom, p.x, p.y, c, pieces.span(g, i), k);
+        piece_apply(g, p.y_geom, p.x, p.y, c, pieces.span(g, i), k, stream);
     });
     return;
   }
@@ -144,7 +166,7 @@ void planes_forward_training(const Forward<float>& p) {
     }
 #pragma omp for schedule(static)
     for (int64_t t = 0; t < units.count; ++t)
-      unit_apply(g, p.y_geom, p.x, p.y, units, t, coeff.data());
+      unit_apply(g, p.y_geom, p.x, p.y, units, t, coeff.data(), stream);
   });
 }
 
@@ -174,8 +196,10 @@ void planes_apply(const Apply<float>& p) {
   for (int64_t c = 0; c < g.channels; ++c)
     coeff[c] = apply_coefficients(p.mean[c], p.invstd[c], param_or(p.gamma, c, 1.0),
                                   param_or(p.beta, c, 0.0));
-  parallel_for(threads_for(g.channels * g.reduction_size()), units.count,
-               [&](int64_t t) { unit_apply(g, p.y_geom, p.x, p.y, units, t, coeff.data()); });
+  const int threads = threads_for(g.channels * g.reduction_size());
+  const bool stream = cpu::stream_output(g.channels * g.reduction_size(), threads);
+  parallel_for(threads, units.count,
+               [&](int64_t t) { unit_apply(g, p.y_geom, p.x, p.y, units, t, coeff.data(), stream); });
 }
 
 // Σdy and Σdy·(x - mean) of a piece; the float sums run around float(mean)
@@ -190,11 +214,11 @@ GradientSums piece_gradient_sums(const Backward<float>& p, int64_t c, const Piec
 }
 
 void piece_backward_apply(const Backward<float>& p, int64_t c, const Pieces::Span& s,
-                          BackwardCoefficients k) {
+                          BackwardCoefficients k, bool stream) {
   const Geometry& gx = p.x_geom;
   const Geometry& gd = p.dy_geom;
   const Geometry& go = p.dx_geom;
-  backward_apply_runs(p.x + gx.offset(s.first_run, c, s.first_inner), gx.outer_stride,
+  backward_apply_runs_to(stream, p.x + gx.offset(s.first_run, c, s.first_inner), gx.outer_stride,
                       p.dy + gd.offset(s.first_run, c, s.first_inner), gd.outer_stride,
                       p.dx + go.offset(s.first_run, c, s.first_inner), go.outer_stride, s.runs,
                       s.len, &k, 0);
@@ -204,6 +228,7 @@ void planes_backward(const Backward<float>& p) {
   const Geometry& g = p.x_geom;
   const Pieces pieces(g);
   const int threads = threads_for(2 * g.channels * g.reduction_size());
+  const bool stream = cpu::stream_output(g.channels * g.reduction_size(), threads);
   if (whole_units_per_thread(g.channels, threads)) {
     parallel_for(threads, g.channels, [&](int64_t c) {
       double sum_dy = 0, sum_dy_xmu = 0;
@@ -214,7 +239,7 @@ void planes_backward(const Backward<float>& p) {
       }
       const BackwardCoefficients k = finish_channel(p, c, sum_dy, sum_dy_xmu);
       if (p.dx)
-        for (int64_t i = 0; i < pieces.per_channel; ++i) piece_backward_apply(p, c, pieces.span(g, i), k);
+        for (int64_t i = 0; i < pieces.per_channel; ++i) piece_backward_apply(p, c, pieces.span(g, i), k, stream);
     });
     return;
   }
@@ -240,7 +265,8 @@ void planes_backward(const Backward<float>& p) {
     if (p.dx) {
 #pragma omp for schedule(static)
       for (int64_t t = 0; t < units.count; ++t)
-        unit_backward_apply(g, p.dy_geom, p.dx_geom, p.x, p.dy, p.dx, units, t, coeff.data());
+        unit_backward_apply(g, p.dy_geom, p.dx_geom, p.x, p.dy, p.dx, units, t, coeff.data(),
+                            stream);
     }
   });
 }
@@ -255,8 +281,10 @@ void planes_backward_apply(const BackwardApply<float>& p) {
   for (int64_t c = 0; c < g.channels; ++c)
     coeff[c] = backward_coefficients(p.mean[c], p.invstd[c], param_or(p.gamma, c, 1.0),
                                      p.sum_dy[c], p.sum_dy_xhat[c], p.count, BackwardMode::training);
-  parallel_for(threads_for(2 * g.channels * g.reduction_size()), units.count, [&](int64_t t) {
-    unit_backward_apply(g, p.dy_geom, p.dx_geom, p.x, p.dy, p.dx, units, t, coeff.data());
+  const int threads = threads_for(2 * g.channels * g.reduction_size());
+  const bool stream = cpu::stream_output(g.channels * g.reduction_size(), threads);
+  parallel_for(threads, units.count, [&](int64_t t) {
+    unit_backward_apply(g, p.dy_geom, p.dx_geom, p.x, p.dy, p.dx, units, t, coeff.data(), stream);
   });
 }
 

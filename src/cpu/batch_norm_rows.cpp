@@ -14,6 +14,7 @@
 #include "cpu/implementations.hpp"
 #include "cpu/leaf_loops.hpp"
 #include "cpu/rows_loops.hpp"
+#include "cpu/streamed_output.hpp"
 #include "kernels/batch_norm.hpp"
 
 namespace normkit::kernels::bn {
@@ -62,19 +63,40 @@ struct RowCoefficients {
   }
 };
 
+// rows_apply_chunk and rows_backward_apply_chunk, writing through the
+// streamed buffer when `stream` (cpu/streamed_output.hpp: outputs larger
+// than the threads' L2).
+void apply_rows_to(bool stream, const float* x, int64_t x_stride, float* y, int64_t y_stride,
+                   int64_t rows, int64_t channels, const float* mean_hi, const float* scale,
+                   const float* shift) {
+  cpu::write_outputs<1>(stream, {{{y, y_stride}}}, rows, channels, [&](int64_t r0, int64_t n, const auto& out) {
+    rows_apply_chunk(x + r0 * x_stride, x_stride, out[0].data, out[0].stride, n, channels,
+                     mean_hi, scale, shift);
+  });
+}
+
+void backward_apply_rows_to(bool stream, const float* x, int64_t x_stride, const float* dy,
+                            int64_t dy_stride, float* dx, int64_t dx_stride, int64_t rows,
+                            int64_t channels, int64_t blocked, const float* mean_hi,
+                            const float* a, const float* b, const float* k) {
+  cpu::write_outputs<1>(stream, {{{dx, dx_stride}}}, rows, channels, [&](int64_t r0, int64_t n, const auto& out) {
+    rows_backward_apply_chunk(x + r0 * x_stride, x_stride, dy + r0 * dy_stride, dy_stride,
+                              out[0].data, out[0].stride, n, channels, blocked, mean_hi, a, b, k);
+  });
+}
+
 // y of one chunk of rows.
 void rows_apply_rows(const Geometry& gx, const Geometry& gy, const float* x, float* y,
-                     const RowPlan& plan, int64_t chunk, const RowCoefficients& k) {
+                     const RowPlan& plan, int64_t chunk, const RowCoefficients& k, bool stream) {
   const int64_t r0 = plan.first_row(chunk);
-  rows_apply_chunk(x + r0 * gx.outer_stride, gx.outer_stride, y + r0 * gy.outer_stride,
-                   gy.outer_stride, plan.rows_in(chunk), plan.channels, k.mean_hi, k.scale,
-                   k.shift);
+  apply_rows_to(stream, x + r0 * gx.outer_stride, gx.outer_stride, y + r0 * gy.outer_stride,
+                gy.outer_stride, plan.rows_in(chunk), plan.channels, k.mean_hi, k.scale, k.shift);
 }
 
 // Each unit's moments and coefficients (finish_forward_block, into arrays over
 // all channels), then its y while its columns are in cache.
 void rows_forward_units(const Forward<float>& p, const RowPlan& plan, ColumnUnits units,
-                        int threads) {
+                        int threads, bool stream) {
   Workspace ws;
   const RowCoefficients k(ws.take_for_overwrite<float>(3 * plan.channels).data(), plan.channels);
   parallel_for(threads, units.count, [&](int64_t u) {
@@ -84,8 +106,8 @@ void rows_forward_units(const Forward<float>& p, const RowPlan& plan, ColumnUnit
     double* const m2 = own.take_for_overwrite<double>(width).data();
     const double count = unit_moments(p.x_geom, plan, p.x, c0, width, mean, m2);
     finish_forward_block(p, c0, width, count, mean, m2, k.mean_hi, k.scale, k.shift);
-    rows_apply_chunk(p.x + c0, p.x_geom.outer_stride, p.y + c0, p.y_geom.outer_stride, plan.rows,
-                     width, k.mean_hi + c0, k.scale + c0, k.shift + c0);
+    apply_rows_to(stream, p.x + c0, p.x_geom.outer_stride, p.y + c0, p.y_geom.outer_stride,
+                  plan.rows, width, k.mean_hi + c0, k.scale + c0, k.shift + c0);
   });
 }
 
@@ -94,12 +116,13 @@ void rows_forward_training(const Forward<float>& p) {
   const RowPlan plan(g);
   const int64_t C = plan.channels;
   const int threads = threads_for(C * g.outer);
+  const bool stream = cpu::stream_output(C * plan.rows, threads);
   if (const ColumnUnits units = column_units(plan, threads); units.count > 0)
-    return rows_forward_units(p, plan, units, threads);
+    return rows_forward_units(p, plan, units, threads, stream);
   Workspace ws;
   const RowCoefficients k(ws.take_for_overwrite<float>(3 * C).data(), C);
   rows_forward_training_region(p, plan, threads, k.mean_hi, k.scale, k.shift, [&](int64_t chunk) {
-    rows_apply_rows(g, p.y_geom, p.x, p.y, plan, chunk, k);
+    rows_apply_rows(g, p.y_geom, p.x, p.y, plan, chunk, k, stream);
   });
 }
 
@@ -115,15 +138,18 @@ void rows_apply(const Apply<float>& p) {
     k.set(c, apply_coefficients(p.mean[c], p.invstd[c], param_or(p.gamma, c, 1.0),
                                 param_or(p.beta, c, 0.0)));
   const RowPlan plan(p.x_geom);
-  parallel_for(threads_for(C * p.x_geom.outer), plan.chunks,
-               [&](int64_t chunk) { rows_apply_rows(p.x_geom, p.y_geom, p.x, p.y, plan, chunk, k); });
+  const int threads = threads_for(C * p.x_geom.outer);
+  const bool stream = cpu::stream_output(C * plan.rows, threads);
+  parallel_for(threads, plan.chunks, [&](int64_t chunk) {
+    rows_apply_rows(p.x_geom, p.y_geom, p.x, p.y, plan, chunk, k, stream);
+  });
 }
 
 // Backward over column units (see ColumnUnits): per channel, Σdy and
 // Σdy·(x - mean_hi) summed over the stripes' rows in order and the stripes
 // added in order, as the phased path; then dx while x and dy are in cache.
 void rows_backward_units(const Backward<float>& p, const RowPlan& plan, ColumnUnits units,
-                         int threads) {
+                         int threads, bool stream) {
   const Geometry &gx = p.x_geom, &gdy = p.dy_geom;
   parallel_for(threads, units.count, [&](int64_t u) {
     const int64_t width = std::min(units.width, plan.channels - u * units.width);
@@ -139,9 +165,9 @@ void rows_backward_units(const Backward<float>& p, const RowPlan& plan, ColumnUn
         [&](int64_t c0, int64_t w, const float* mean_hi, const float* a, const float* b,
             const float* k) {
           if (p.dx)
-            rows_backward_apply_chunk(p.x + c0, gx.outer_stride, p.dy + c0, gdy.outer_stride,
-                                      p.dx + c0, p.dx_geom.outer_stride, plan.rows, w, blocked,
-                                      mean_hi, a, b, k);
+            backward_apply_rows_to(stream, p.x + c0, gx.outer_stride, p.dy + c0,
+                                   gdy.outer_stride, p.dx + c0, p.dx_geom.outer_stride, plan.rows,
+                                   w, blocked, mean_hi, a, b, k);
         });
   });
 }
@@ -151,8 +177,9 @@ void rows_backward(const Backward<float>& p) {
   const RowPlan plan(gx);
   const int64_t C = plan.channels;
   const int threads = threads_for(2 * C * plan.rows);
+  const bool stream = cpu::stream_output(C * plan.rows, threads);
   if (const ColumnUnits units = column_units(plan, threads); units.count > 0)
-    return rows_backward_units(p, plan, units, threads);
+    return rows_backward_units(p, plan, units, threads, stream);
   Workspace ws;
   double* const stripe_dy = ws.take<double>(plan.stripes * C).data();
   double* const stripe_dy_xmu = ws.take<double>(plan.stripes * C).data();
@@ -173,11 +200,11 @@ void rows_backward(const Backward<float>& p) {
 #pragma omp for schedule(static)
       for (int64_t chunk = 0; chunk < plan.chunks; ++chunk) {
         const int64_t r0 = plan.first_row(chunk);
-        rows_backward_apply_chunk(p.x + r0 * gx.outer_stride, gx.outer_stride,
-                                  p.dy + r0 * p.dy_geom.outer_stride, p.dy_geom.outer_stride,
-                                  p.dx + r0 * p.dx_geom.outer_stride, p.dx_geom.outer_stride,
-                                  plan.rows_in(chunk), C, blocked_channels(C), co.mean_hi.data(),
-                                  co.a.data(), co.b.data(), co.k.data());
+        backward_apply_rows_to(stream, p.x + r0 * gx.outer_stride, gx.outer_stride,
+                               p.dy + r0 * p.dy_geom.outer_stride, p.dy_geom.outer_stride,
+                               p.dx + r0 * p.dx_geom.outer_stride, p.dx_geom.outer_stride,
+                               plan.rows_in(chunk), C, blocked_channels(C), co.mean_hi.data(),
+                               co.a.data(), co.b.data(), co.k.data());
       }
     }
   });
@@ -194,13 +221,15 @@ void rows_backward_apply(const BackwardApply<float>& p) {
     co.set(c, backward_coefficients(p.mean[c], p.invstd[c], param_or(p.gamma, c, 1.0),
                                     p.sum_dy[c], p.sum_dy_xhat[c], p.count,
                                     BackwardMode::training));
-  parallel_for(threads_for(2 * C * plan.rows), plan.chunks, [&](int64_t chunk) {
+  const int threads = threads_for(2 * C * plan.rows);
+  const bool stream = cpu::stream_output(C * plan.rows, threads);
+  parallel_for(threads, plan.chunks, [&](int64_t chunk) {
     const int64_t r0 = plan.first_row(chunk);
-    rows_backward_apply_chunk(p.x + r0 * gx.outer_stride, gx.outer_stride,
-                              p.dy + r0 * p.dy_geom.outer_stride, p.dy_geom.outer_stride,
-                              p.dx + r0 * p.dx_geom.outer_stride, p.dx_geom.outer_stride,
-                              plan.rows_in(chunk), C, blocked_channels(C), co.mean_hi.data(),
-                              co.a.data(), co.b.data(), co.k.data());
+    backward_apply_rows_to(stream, p.x + r0 * gx.outer_stride, gx.outer_stride,
+                           p.dy + r0 * p.dy_geom.outer_stride, p.dy_geom.outer_stride,
+                           p.dx + r0 * p.dx_geom.outer_stride, p.dx_geom.outer_stride,
+                           plan.rows_in(chunk), C, blocked_channels(C), co.mean_hi.data(),
+                           co.a.data(), co.b.data(), co.k.data());
   });
 }
 

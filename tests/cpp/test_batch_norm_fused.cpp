@@ -331,6 +331,14 @@ TEST_P(FusedVsReference, AddReluInference) { check_case(GetParam(), true, false)
 
 INSTANTIATE_TEST_SUITE_P(BatchNormFused, FusedVsReference, ::testing::ValuesIn(cases()), ByName{});
 
+// Outputs of 12.8 MB, larger than two threads' L2: dx and dz go out through
+// the streamed buffer (src/cpu/streamed_output.hpp), two outputs in one.
+INSTANTIATE_TEST_SUITE_P(
+    Streamed, FusedVsReference,
+    ::testing::Values(Case{"NCHW_56x56", dense(Layout::NCHW, {64, 16, {56, 56}})},
+                      Case{"NHWC_C64", dense(Layout::NHWC, {64, 64, {28, 28}})}),
+    ByName{});
+
 // The documented bit order on a tiny dense NCHW and NHWC tensor, by hand.
 // ceil(numel / 8) without overflow up to the largest int64; negative sizes are errors.
 TEST(BatchNormFusedMask, MaskBytesForEveryCount) {

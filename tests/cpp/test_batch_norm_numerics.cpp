@@ -168,19 +168,19 @@ Outputs run_all(const Arrangement& a, const std::vector<float>& x, const std::ve
   o.rv.assign(g.c, 2.0f);
   normkit::batch_norm_forward_training<float>(xb.cview(), yb.view(), gamma, beta,
                                               {o.mean, o.invstd}, {o.rm, o.rv});
-  o.y = yb.storage;
+  o.y = yb.gather();
   normkit::batch_norm_forward_inference<float>(xb.cview(), yb.view(), gamma, beta, o.rm, o.rv);
-  o.y_inference = yb.storage;
+  o.y_inference = yb.gather();
   o.dgamma.resize(g.c);
   o.dbeta.resize(g.c);
   normkit::batch_norm_backward<float>(xb.cview(), dyb.cview(), dxb.view(), gamma, o.mean, o.invstd,
                                       o.dgamma, o.dbeta, BackwardMode::training);
-  o.dx = dxb.storage;
+  o.dx = dxb.gather();
   std::vector<float> frozen_invstd(g.c);
   normkit::batch_norm_invstd<float>(o.rv, 1e-5, frozen_invstd);
   normkit::batch_norm_backward<float>(xb.cview(), dyb.cview(), dxb.view(), gamma, o.rm,
                                       frozen_invstd, {}, {}, BackwardMode::frozen);
-  o.dx_frozen = dxb.storage;
+  o.dx_frozen = dxb.gather();
   std::vector<Moments> moments(g.c);
   normkit::batch_norm_moments<float>(xb.cview(), moments);
   for (const auto& m : moments) o.moments.insert(o.moments.end(), {m.count, m.mean, m.m2});
@@ -292,6 +292,26 @@ INSTANTIATE_TEST_SUITE_P(
         DeterminismCase{"NC_C17", dense(Layout::NC, {40000, 17, {}})},
         DeterminismCase{"NCHW_channels_last_C16", nchw_channels_last({8, 16, {40, 40}})}),
     ByName());
+
+// Outputs larger than the threads' L2 go to memory with streaming stores,
+// computed first into a buffer in L1 (src/cpu/streamed_output.hpp); rows too
+// short to stream, apart from each other, are written in place. The same
+// problem both ways gives the same bits: dense (streamed) against rows or
+// planes padded to a stride just past them (written in place).
+TEST(StreamedOutputs, SameBitsAsOutputsWrittenInPlace) {
+  const Logical rows{64, 64, {32, 32}};    // 16.8 MB: rows of 64 channels
+  const Logical planes{1024, 64, {8, 8}};  // 16.8 MB: planes of 64 values
+  const std::pair<Arrangement, Arrangement> cases[] = {
+      {dense(Layout::NHWC, rows), rows_padded(Layout::NHWC, rows, 3)},
+      {dense(Layout::NCHW, planes), channel_padded(Layout::NCHW, planes, 3)},
+  };
+  for (const auto& [streamed, in_place] : cases) {
+    SCOPED_TRACE(streamed.describe() + " against " + in_place.describe());
+    const auto [x, dy] = determinism_data(streamed, "streamed outputs");
+    ThreadCount threads(2);
+    expect_same_outputs(run_all(in_place, x, dy), run_all(streamed, x, dy));
+  }
+}
 
 TEST(Threads, SetAndRestore) {
   const int before = normkit::num_threads();
