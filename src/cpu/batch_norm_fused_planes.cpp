@@ -84,13 +84,17 @@ void apply_relu_runs(const float* __restrict x, const float* __restrict z, float
 
 // ======================= planes =======================
 
-// One run (or part of one) of the output pass: y, and the mask from the y just written.
+// One run (or part of one) of the output pass: y, and the mask from the y just
+// written, through the streamed buffer when `stream` (cpu/streamed_output.hpp;
+// a short run is written in place unless its neighbour follows it).
 void run_forward_apply(const Forward<float>& p, int64_t o, int64_t c, int64_t first, int64_t len,
-                       ApplyCoefficients k) {
+                       ApplyCoefficients k, bool stream) {
   const float* zr = p.z ? p.z + p.z_geom.offset(o, c, first) : nullptr;
-  float* yr = p.y + p.y_geom.offset(o, c, first);
-  apply_relu_runs(p.x + p.x_geom.offset(o, c, first), zr, yr, 0, 1, len, &k, 0);
-  if (p.mask) pack_positive_bits(yr, len, p.mask, p.order.bit(o, c, first));
+  const cpu::Output y{p.y + p.y_geom.offset(o, c, first), p.y_geom.channel_stride};
+  cpu::write_outputs<1>(stream, {y}, 1, len, [&](int64_t, int64_t, const auto& out) {
+    apply_relu_runs(p.x + p.x_geom.offset(o, c, first), zr, out[0].data, 0, 1, len, &k, 0);
+    if (p.mask) pack_positive_bits(out[0].data, len, p.mask, p.order.bit(o, c, first));
+  });
 }
 
 // Whether a unit of several channels lies back to back in x, y and z
@@ -108,19 +112,23 @@ bool unit_is_one_span(const Forward<float>& p, const ApplyUnits::Span& s) {
 // bits: packing run by run took four atomic byte updates per run (the bytes
 // a run shares with its neighbours), as much as the run's arithmetic.
 void unit_forward_apply(const Forward<float>& p, const ApplyUnits& units, int64_t t,
-                        const ApplyCoefficients* coeff) {
+                        const ApplyCoefficients* coeff, bool stream) {
   const Geometry& g = p.x_geom;
   const ApplyUnits::Span s = units.span(g, t);
   if (!unit_is_one_span(p, s)) {
     units.for_each_run(g, t, [&](int64_t o, int64_t c, int64_t first, int64_t len) {
-      run_forward_apply(p, o, c, first, len, coeff[c]);
+      run_forward_apply(p, o, c, first, len, coeff[c], stream);
     });
     return;
   }
-  const float* z = p.z ? p.z + p.z_geom.offset(s.o, s.c0, 0) : nullptr;
-  float* y = p.y + p.y_geom.offset(s.o, s.c0, 0);
-  apply_relu_runs(p.x + g.offset(s.o, s.c0, 0), z, y, s.len, s.channels, s.len, coeff + s.c0, 1);
-  if (p.mask) pack_positive_bits(y, s.channels * s.len, p.mask, p.order.bit(s.o, s.c0, 0));
+  const cpu::Output y{p.y + p.y_geom.offset(s.o, s.c0, 0), s.len};
+  cpu::write_outputs<1>(stream, {y}, s.channels, s.len,
+                        [&](int64_t r0, int64_t runs, const auto& out) {
+    const int64_t c0 = s.c0 + r0;
+    const float* z = p.z ? p.z + p.z_geom.offset(s.o, c0, 0) : nullptr;
+    apply_relu_runs(p.x + g.offset(s.o, c0, 0), z, out[0].data, s.len, runs, s.len, coeff + c0, 1);
+    if (p.mask) pack_positive_bits(out[0].data, runs * s.len, p.mask, p.order.bit(s.o, c0, 0));
+  });
 }
 
 // BN's plan (batch_norm_planes.cpp): channel at a time when x fits in cache,
@@ -129,6 +137,7 @@ void planes_forward(const Forward<float>& p) {
   const Geometry& g = p.x_geom;
   const Pieces pieces(g);
   const int threads = threads_for(g.channels * g.reduction_size());
+  const bool stream = cpu::stream_output(g.channels * g.reduction_size(), threads);
   if (forward_channel_at_a_time(g, threads)) {
     parallel_for(threads, g.channels, [&](int64_t c) {
       if (p.training) {
@@ -142,7 +151,7 @@ void planes_forward(const Forward<float>& p) {
       for (int64_t i = 0; i < pieces.per_channel; ++i) {
         const Pieces::Span s = pieces.span(g, i);
         for (int64_t r = s.first_run; r < s.first_run + s.runs; ++r)
-          run_forward_apply(p, r, c, s.first_inner, s.len, k);
+          run_forward_apply(p, r, c, s.first_inner, s.len, k, stream);
       }
     });
     return;
@@ -167,7 +176,7 @@ void planes_forward(const Forward<float>& p) {
       coeff[c] = forward_coefficients(p, c);
     }
 #pragma omp for schedule(static)
-    for (int64_t t = 0; t < units.count; ++t) unit_forward_apply(p, units, t, coeff.data());
+    for (int64_t t = 0; t < units.count; ++t) unit_forward_apply(p, units, t, coeff.data(), stream);
   });
 }
 
@@ -259,7 +268,8 @@ void piece_backward_apply(const Backward<float>& p, int64_t c, const Pieces::Spa
   const std::array<cpu::Output, 2> outputs{
       {{p.dx ? p.dx + p.dx_geom.offset(r, c, i) : nullptr, p.dx_geom.outer_stride},
        {p.dz ? p.dz + p.dz_geom.offset(r, c, i) : nullptr, p.dz_geom.outer_stride}}};
-  cpu::write_outputs(stream, outputs, s.runs, s.len, [&](int64_t r0, int64_t runs, const auto& out) {
+  cpu::write_outputs(stream, outputs, s.runs, s.len,
+                     [&](int64_t r0, int64_t runs, const auto& out) {
     const MaskedRuns m{p.x + p.x_geom.offset(r + r0, c, i),
                        p.x_geom.outer_stride,
                        p.dy + p.dy_geom.offset(r + r0, c, i),

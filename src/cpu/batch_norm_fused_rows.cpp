@@ -44,23 +44,28 @@ using leaf::Workspace;
 
 // ======================= rows =======================
 
-// y and the mask bits of one chunk of rows.
+// y and the mask bits of one chunk of rows, through the streamed buffer when
+// `stream` (cpu/streamed_output.hpp).
 void rows_apply_relu_pack(const Forward<float>& p, const RowPlan& plan, int64_t chunk,
-                          const float* mean_hi, const float* scale, const float* shift) {
+                          const float* mean_hi, const float* scale, const float* shift,
+                          bool stream) {
   const Geometry& gx = p.x_geom;
   const int64_t C = plan.channels, r0 = plan.first_row(chunk), rows = plan.rows_in(chunk);
-  float* y = p.y + r0 * p.y_geom.outer_stride;
-  cpu::rows_apply_relu_chunk(p.x + r0 * gx.outer_stride, gx.outer_stride,
-                             p.z ? p.z + r0 * p.z_geom.outer_stride : nullptr,
-                             p.z_geom.outer_stride, y, p.y_geom.outer_stride, rows, C, mean_hi,
-                             scale, shift);
-  if (!p.mask) return;
-  if (p.y_geom.outer_stride == C) {  // one run: a call per row costs a dispatch and two atomics
-    pack_positive_bits(y, rows * C, p.mask, r0 * C);
-  } else {
-    for (int64_t r = 0; r < rows; ++r)
-      pack_positive_bits(y + r * p.y_geom.outer_stride, C, p.mask, (r0 + r) * C);
-  }
+  const cpu::Output y{p.y + r0 * p.y_geom.outer_stride, p.y_geom.outer_stride};
+  cpu::write_outputs<1>(stream, {y}, rows, C, [&](int64_t first, int64_t count, const auto& out) {
+    const int64_t r = r0 + first;
+    cpu::rows_apply_relu_chunk(p.x + r * gx.outer_stride, gx.outer_stride,
+                               p.z ? p.z + r * p.z_geom.outer_stride : nullptr,
+                               p.z_geom.outer_stride, out[0].data, out[0].stride, count, C,
+                               mean_hi, scale, shift);
+    if (!p.mask) return;
+    if (out[0].stride == C) {  // one run: a call per row costs a dispatch and two atomics
+      pack_positive_bits(out[0].data, count * C, p.mask, r * C);
+    } else {
+      for (int64_t i = 0; i < count; ++i)
+        pack_positive_bits(out[0].data + i * out[0].stride, C, p.mask, (r + i) * C);
+    }
+  });
 }
 
 // Training: batch norm's statistics and coefficients (rows_forward_training_region,
@@ -69,11 +74,14 @@ void rows_forward(const Forward<float>& p) {
   const RowPlan plan(p.x_geom);
   const int64_t C = plan.channels;
   const int threads = threads_for(C * p.x_geom.outer);
+  const bool stream = cpu::stream_output(C * plan.rows, threads);
   Workspace ws;
   float* const mean_hi = ws.take_for_overwrite<float>(C).data();
   float* const scale = ws.take_for_overwrite<float>(C).data();
   float* const shift = ws.take_for_overwrite<float>(C).data();
-  auto apply = [&](int64_t chunk) { rows_apply_relu_pack(p, plan, chunk, mean_hi, scale, shift); };
+  auto apply = [&](int64_t chunk) {
+    rows_apply_relu_pack(p, plan, chunk, mean_hi, scale, shift, stream);
+  };
   if (p.training)
     return rows_forward_training_region(p, plan, threads, mean_hi, scale, shift, apply);
   for (int64_t c = 0; c < C; ++c) {
@@ -94,7 +102,8 @@ void rows_backward_masked_apply(const Backward<float>& p, bool stream, int64_t r
   const std::array<cpu::Output, 2> outputs{
       {{p.dx ? p.dx + r0 * p.dx_geom.outer_stride + c0 : nullptr, p.dx_geom.outer_stride},
        {p.dz ? p.dz + r0 * p.dz_geom.outer_stride + c0 : nullptr, p.dz_geom.outer_stride}}};
-  cpu::write_outputs(stream, outputs, rows, width, [&](int64_t first, int64_t count, const auto& out) {
+  cpu::write_outputs(stream, outputs, rows, width,
+                     [&](int64_t first, int64_t count, const auto& out) {
     const int64_t r = r0 + first;
     cpu::rows_backward_apply_masked_chunk(
         p.x + r * p.x_geom.outer_stride + c0, p.x_geom.outer_stride,

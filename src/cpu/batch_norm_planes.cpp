@@ -82,7 +82,8 @@ void backward_apply_runs(const float* x, int64_t x_stride, const float* dy, int6
 // (cpu/streamed_output.hpp: outputs larger than the threads' L2).
 void apply_runs_to(bool stream, const float* x, int64_t x_stride, float* y, int64_t y_stride,
                    int64_t runs, int64_t len, const ApplyCoefficients* k, int64_t k_step) {
-  cpu::write_outputs<1>(stream, {{{y, y_stride}}}, runs, len, [&](int64_t r0, int64_t n, const auto& out) {
+  cpu::write_outputs<1>(stream, {{{y, y_stride}}}, runs, len,
+                        [&](int64_t r0, int64_t n, const auto& out) {
     apply_runs(x + r0 * x_stride, x_stride, out[0].data, out[0].stride, n, len, k + r0 * k_step,
                k_step);
   });
@@ -91,7 +92,8 @@ void apply_runs_to(bool stream, const float* x, int64_t x_stride, float* y, int6
 void backward_apply_runs_to(bool stream, const float* x, int64_t x_stride, const float* dy,
                             int64_t dy_stride, float* dx, int64_t dx_stride, int64_t runs,
                             int64_t len, const BackwardCoefficients* k, int64_t k_step) {
-  cpu::write_outputs<1>(stream, {{{dx, dx_stride}}}, runs, len, [&](int64_t r0, int64_t n, const auto& out) {
+  cpu::write_outputs<1>(stream, {{{dx, dx_stride}}}, runs, len,
+                        [&](int64_t r0, int64_t n, const auto& out) {
     backward_apply_runs(x + r0 * x_stride, x_stride, dy + r0 * dy_stride, dy_stride, out[0].data,
                         out[0].stride, n, len, k + r0 * k_step, k_step);
   });
@@ -198,8 +200,9 @@ void planes_apply(const Apply<float>& p) {
                                   param_or(p.beta, c, 0.0));
   const int threads = threads_for(g.channels * g.reduction_size());
   const bool stream = cpu::stream_output(g.channels * g.reduction_size(), threads);
-  parallel_for(threads, units.count,
-               [&](int64_t t) { unit_apply(g, p.y_geom, p.x, p.y, units, t, coeff.data(), stream); });
+  parallel_for(threads, units.count, [&](int64_t t) {
+    unit_apply(g, p.y_geom, p.x, p.y, units, t, coeff.data(), stream);
+  });
 }
 
 // Σdy and Σdy·(x - mean) of a piece; the float sums run around float(mean)
@@ -239,7 +242,8 @@ void planes_backward(const Backward<float>& p) {
       }
       const BackwardCoefficients k = finish_channel(p, c, sum_dy, sum_dy_xmu);
       if (p.dx)
-        for (int64_t i = 0; i < pieces.per_channel; ++i) piece_backward_apply(p, c, pieces.span(g, i), k, stream);
+        for (int64_t i = 0; i < pieces.per_channel; ++i)
+          piece_backward_apply(p, c, pieces.span(g, i), k, stream);
     });
     return;
   }

@@ -69,7 +69,8 @@ struct RowCoefficients {
 void apply_rows_to(bool stream, const float* x, int64_t x_stride, float* y, int64_t y_stride,
                    int64_t rows, int64_t channels, const float* mean_hi, const float* scale,
                    const float* shift) {
-  cpu::write_outputs<1>(stream, {{{y, y_stride}}}, rows, channels, [&](int64_t r0, int64_t n, const auto& out) {
+  cpu::write_outputs<1>(stream, {{{y, y_stride}}}, rows, channels,
+                        [&](int64_t r0, int64_t n, const auto& out) {
     rows_apply_chunk(x + r0 * x_stride, x_stride, out[0].data, out[0].stride, n, channels,
                      mean_hi, scale, shift);
   });
@@ -79,7 +80,8 @@ void backward_apply_rows_to(bool stream, const float* x, int64_t x_stride, const
                             int64_t dy_stride, float* dx, int64_t dx_stride, int64_t rows,
                             int64_t channels, int64_t blocked, const float* mean_hi,
                             const float* a, const float* b, const float* k) {
-  cpu::write_outputs<1>(stream, {{{dx, dx_stride}}}, rows, channels, [&](int64_t r0, int64_t n, const auto& out) {
+  cpu::write_outputs<1>(stream, {{{dx, dx_stride}}}, rows, channels,
+                        [&](int64_t r0, int64_t n, const auto& out) {
     rows_backward_apply_chunk(x + r0 * x_stride, x_stride, dy + r0 * dy_stride, dy_stride,
                               out[0].data, out[0].stride, n, channels, blocked, mean_hi, a, b, k);
   });

@@ -331,11 +331,13 @@ TEST_P(FusedVsReference, AddReluInference) { check_case(GetParam(), true, false)
 
 INSTANTIATE_TEST_SUITE_P(BatchNormFused, FusedVsReference, ::testing::ValuesIn(cases()), ByName{});
 
-// Outputs of 12.8 MB, larger than two threads' L2: dx and dz go out through
-// the streamed buffer (src/cpu/streamed_output.hpp), two outputs in one.
+// Outputs of 8-13 MB, larger than two threads' L2: y (and the mask from it),
+// dx and dz go out through the streamed buffer (src/cpu/streamed_output.hpp),
+// dx and dz as two outputs in one; NCHW by runs and by units of short planes.
 INSTANTIATE_TEST_SUITE_P(
     Streamed, FusedVsReference,
     ::testing::Values(Case{"NCHW_56x56", dense(Layout::NCHW, {64, 16, {56, 56}})},
+                      Case{"NCHW_8x8", dense(Layout::NCHW, {2048, 16, {8, 8}})},
                       Case{"NHWC_C64", dense(Layout::NHWC, {64, 64, {28, 28}})}),
     ByName{});
 
