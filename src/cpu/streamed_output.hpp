@@ -7,10 +7,11 @@
 // in one session), x a copy: BN inference 32x64x56x56 NCHW 1.04-1.06 ->
 // 0.86-0.89, forward-train 1.66 -> 1.46-1.50, backward 1.91-1.96 -> 1.70-1.74;
 // 16x256x28x28 NHWC forward+backward 4.36-4.40 -> 3.76-3.80; BN+Add+ReLU
-// 32x64x56x56 NCHW backward 3.39 -> 2.30, BN+ReLU forward-train 1.75 -> 1.46. With the output's lines in L3
-// already (a loop of BN inference, then a copy of y, on 25.7 MB tensors),
-// neither the kernel nor the reader of y changed: 1.28 / 1.87 ms against
-// 1.30 / 1.88. oneDNN's JIT batch norm streams its aligned outputs too.
+// 32x64x56x56 NCHW backward 3.39 -> 2.30, BN+ReLU forward-train 1.75 ->
+// 1.46. With the output's lines in L3 already (a loop of BN inference, then a
+// copy of y, on 25.7 MB tensors), neither the kernel nor the reader of y
+// changed: 1.28 / 1.87 ms against 1.30 / 1.88. oneDNN's JIT batch norm
+// streams its aligned outputs too.
 //
 // The kernel computes a block of the output into a buffer in L1 with its own
 // loop, then streams the buffer out: the same loop writes the same bits

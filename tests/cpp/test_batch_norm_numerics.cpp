@@ -301,9 +301,14 @@ INSTANTIATE_TEST_SUITE_P(
 TEST(StreamedOutputs, SameBitsAsOutputsWrittenInPlace) {
   const Logical rows{64, 64, {32, 32}};    // 16.8 MB: rows of 64 channels
   const Logical planes{1024, 64, {8, 8}};  // 16.8 MB: planes of 64 values
+  // 16.8 MB in 3 channels: fewer than whole units per thread, so the backward
+  // takes the units plan too (64 channels take a channel at a time, whose runs
+  // of 64 values are written in place either way).
+  const Logical few_channels{21845, 3, {8, 8}};
   const std::pair<Arrangement, Arrangement> cases[] = {
       {dense(Layout::NHWC, rows), rows_padded(Layout::NHWC, rows, 3)},
       {dense(Layout::NCHW, planes), channel_padded(Layout::NCHW, planes, 3)},
+      {dense(Layout::NCHW, few_channels), channel_padded(Layout::NCHW, few_channels, 3)},
   };
   for (const auto& [streamed, in_place] : cases) {
     SCOPED_TRACE(streamed.describe() + " against " + in_place.describe());
