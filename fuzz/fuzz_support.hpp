@@ -43,19 +43,21 @@ bool accepted(F&& parse) {
 }
 
 // A directory of this process's own for the loaders that read files (several
-// fuzzers may run at once); removed at exit.
+// fuzzers may run at once); removed at exit. The path is never destroyed: a
+// static path would be destroyed before the atexit handler (registered while
+// the static was being made) runs, and the directory was left behind.
 inline const std::filesystem::path& scratch_directory() {
-  static const std::filesystem::path directory = [] {
-    const auto path = std::filesystem::temp_directory_path() /
-                      ("normkit-fuzz-" + std::to_string(::getpid()));
-    std::filesystem::create_directories(path);
+  static const std::filesystem::path* const directory = [] {
+    const auto* path = new std::filesystem::path(std::filesystem::temp_directory_path() /
+                                                 ("normkit-fuzz-" + std::to_string(::getpid())));
+    std::filesystem::create_directories(*path);
     std::atexit([] {
       std::error_code ec;
       std::filesystem::remove_all(scratch_directory(), ec);
     });
     return path;
   }();
-  return directory;
+  return *directory;
 }
 
 inline std::filesystem::path write_scratch_file(const std::string& name, std::string_view bytes) {
