@@ -131,14 +131,15 @@ void unit_forward_apply(const Forward<float>& p, const ApplyUnits& units, int64_
   });
 }
 
-// BN's plan (batch_norm_planes.cpp): channel at a time when x fits in cache,
-// otherwise statistics, then the output pass in memory order.
+// BN's plan (batch_norm_planes.cpp): channel at a time when x fits in cache or y
+// is streamed (leaf::forward_channel_at_a_time), otherwise statistics, then the
+// output pass in memory order.
 void planes_forward(const Forward<float>& p) {
   const Geometry& g = p.x_geom;
   const Pieces pieces(g);
   const int threads = threads_for(g.channels * g.reduction_size());
   const bool stream = cpu::stream_output(g.channels * g.reduction_size(), threads);
-  if (forward_channel_at_a_time(g, threads)) {
+  if (forward_channel_at_a_time(g, threads, stream)) {
     parallel_for(threads, g.channels, [&](int64_t c) {
       if (p.training) {
         Moments m;

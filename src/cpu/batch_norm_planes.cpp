@@ -136,7 +136,7 @@ void planes_forward_training(const Forward<float>& p) {
     return apply_coefficients(p.moments[c].mean, invstd_of(p.moments[c].biased_variance(), p.eps),
                               param_or(p.gamma, c, 1.0), param_or(p.beta, c, 0.0));
   };
-  if (forward_channel_at_a_time(g, threads)) {
+  if (forward_channel_at_a_time(g, threads, stream)) {
     parallel_for(threads, g.channels, [&](int64_t c) {
       Moments m;
       for (int64_t i = 0; i < pieces.per_channel; ++i)

@@ -27,6 +27,7 @@
 #include <span>
 
 #include "core/workspace.hpp"
+#include "cpu/streamed_output.hpp"
 #include "core/simd_clones.hpp"
 #include "normkit/moments.hpp"
 
@@ -505,17 +506,28 @@ Moments piece_moments(const Geometry& g, const float* x, int64_t c, const Pieces
 }
 
 // The planes forward passes (BN, fused BN+ReLU) work channel at a time, the
-// output pass re-reading x from cache, only when x fits in cache (at most this
-// many bytes per thread). Otherwise they read x twice: statistics, then the
-// output in memory order. Channel at a time reads and writes a channel's runs,
-// one per outer index and far apart, which the prefetchers follow badly: it
-// measured 1.1-1.4× slower than the two passes on 12.8 MB tensors (28×28 and
-// 7×7 planes, NCHW) and 2× on 128×32×28×28, but faster below 256 KB per thread.
+// output pass re-reading the channel's x from cache, when x fits in cache (at
+// most kInCacheBytesPerThread per thread), or when y is streamed (`stream`,
+// cpu/streamed_output.hpp) in runs long enough to stream and a channel's x
+// stays in L2 between its passes. Otherwise they read x twice from memory:
+// statistics, then the output in memory order. Channel at a time reads and
+// writes a channel's runs, one per outer index and far apart: with ordinary
+// stores (each line of y read before it is written) it measured 1.1-1.4×
+// slower than the two passes on 12.8 MB tensors (28×28 and 7×7 planes) and 2×
+// on 128×32×28×28. With y streamed it reads x once and writes y once. Bench,
+// forward-train × a copy, two passes -> channel at a time, alternated runs, 1
+// and 2 threads: 32×64×56×56 1.45-1.52 -> 1.21-1.25, 16×256×28×28 1.40-1.53 ->
+// 1.13-1.23, 128×64×56×56 (1.6 MB a channel) 1.42-1.47 -> 1.33, 4×64×16×28×28
+// 1.51-1.57 -> 1.15-1.19; BN+ReLU 32×64×56×56 1.51-1.52 -> 1.27-1.30. (Runs of
+// 7×7 or 14×14 values are written in place: those keep the two passes.)
 constexpr int64_t kInCacheBytesPerThread = int64_t{256} << 10;
 template <class Geometry>
-bool forward_channel_at_a_time(const Geometry& g, int threads) {
-  const int64_t x_bytes = g.channels * g.reduction_size() * int64_t{sizeof(float)};
-  return whole_units_per_thread(g.channels, threads) && x_bytes <= kInCacheBytesPerThread * threads;
+bool forward_channel_at_a_time(const Geometry& g, int threads, bool stream) {
+  if (!whole_units_per_thread(g.channels, threads)) return false;
+  const int64_t channel_bytes = g.reduction_size() * int64_t{sizeof(float)};
+  if (g.channels * channel_bytes <= kInCacheBytesPerThread * threads) return true;
+  return stream && std::min(g.inner, kPieceElements) >= cpu::kMinStreamedRun &&
+         channel_bytes <= cpu::l2_bytes();
 }
 
 // Calls fn(c, i) for every piece i of every channel c, from inside a parallel

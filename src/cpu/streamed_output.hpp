@@ -37,15 +37,19 @@ namespace {
 // output's 4096-value units and two outputs' 56×56 planes.
 constexpr int64_t kStreamBlock = 8192;
 
-// Whether an output of `elements` floats, written by `threads` threads, is
-// streamed: when it cannot stay in their L2 caches (sysconf; 1 MB a thread
-// when it does not say).
-[[maybe_unused]] bool stream_output(int64_t elements, int threads) {
-  static const int64_t l2_bytes = [] {
+// A core's L2 cache (sysconf; 1 MB when it does not say).
+[[maybe_unused]] int64_t l2_bytes() {
+  static const int64_t bytes = [] {
     const long reported = sysconf(_SC_LEVEL2_CACHE_SIZE);
     return reported > 0 ? int64_t{reported} : int64_t{1} << 20;
   }();
-  return elements * int64_t{sizeof(float)} > l2_bytes * threads;
+  return bytes;
+}
+
+// Whether an output of `elements` floats, written by `threads` threads, is
+// streamed: when it cannot stay in their L2 caches.
+[[maybe_unused]] bool stream_output(int64_t elements, int threads) {
+  return elements * int64_t{sizeof(float)} > l2_bytes() * threads;
 }
 
 // dst[0, n) = src[0, n): whole 64-byte lines of dst with streaming stores
