@@ -18,6 +18,7 @@
 #include "cpu/coefficients.hpp"
 #include "cpu/implementations.hpp"
 #include "cpu/leaf_loops.hpp"
+#include "cpu/streamed_output.hpp"
 #include "kernels/group_norm.hpp"
 
 namespace normkit::kernels::gn {
@@ -53,11 +54,23 @@ void apply_run_in_place(float* x, int64_t len, ApplyCoefficients k) {
   for (int64_t i = 0; i < len; ++i) x[i] = (x[i] - k.mean_hi) * k.scale + k.shift;
 }
 
-void apply_any(const float* x, float* y, int64_t len, ApplyCoefficients k) {
-  if (x == y)
+// With `stream` (cpu/streamed_output.hpp), through the streamed buffer, in
+// parts of at most a buffer (x may be y: a part is computed before it is
+// written); runs too short to stream are written in place.
+void apply_any(const float* x, float* y, int64_t len, ApplyCoefficients k, bool stream) {
+  if (stream && len >= cpu::kMinStreamedRun) {
+    for (int64_t first = 0; first < len; first += cpu::kStreamBlock) {
+      const int64_t n = std::min(cpu::kStreamBlock, len - first);
+      cpu::write_outputs<1>(true, {{{y + first, n}}}, 1, n,
+                            [&](int64_t, int64_t, const auto& out) {
+        apply_run(x + first, out[0].data, n, k);
+      });
+    }
+  } else if (x == y) {
     apply_run_in_place(y, len, k);
-  else
+  } else {
     apply_run(x, y, len, k);
+  }
 }
 
 NORMKIT_SIMD_CLONES
@@ -125,6 +138,7 @@ void planes_forward(const Forward<float>& p) {
   const BlockPlan plan(g, p.groups);
   const int64_t blocks = g.n * p.groups;
   const int threads = threads_for(g.n * g.c * g.s);
+  const bool stream = cpu::stream_output(g.n * g.c * g.s, threads);
   auto block_base = [&](int64_t block) {
     const int64_t n = block / p.groups, first_c = (block % p.groups) * plan.per_group;
     return p.x + g.offset(n, first_c, 0);
@@ -138,7 +152,7 @@ void planes_forward(const Forward<float>& p) {
       const int64_t n = block / p.groups, first_c = (block % p.groups) * plan.per_group;
       for (int64_t c = first_c; c < first_c + plan.per_group; ++c)
         apply_any(p.x + g.offset(n, c, 0), p.y + p.y_geom.offset(n, c, 0), g.s,
-                  channel_coefficients(p, n, c));
+                  channel_coefficients(p, n, c), stream);
     });
     return;
   }
@@ -162,7 +176,7 @@ void planes_forward(const Forward<float>& p) {
       const int64_t part = u % parts.parts, nc = u / parts.parts;
       const int64_t n = nc / g.c, c = nc % g.c, first = parts.first(part);
       apply_any(p.x + g.offset(n, c, first), p.y + p.y_geom.offset(n, c, first),
-                parts.len(part, g.s), channel_coefficients(p, n, c));
+                parts.len(part, g.s), channel_coefficients(p, n, c), stream);
     }
   });
 }

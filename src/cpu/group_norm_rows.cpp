@@ -17,6 +17,7 @@
 #include "cpu/implementations.hpp"
 #include "cpu/leaf_loops.hpp"
 #include "cpu/rows_loops.hpp"
+#include "cpu/streamed_output.hpp"
 #include "kernels/group_norm.hpp"
 
 namespace normkit::kernels::gn {
@@ -188,12 +189,18 @@ void rows_sample_coefficients(const Forward<float>& p, int64_t per_group, int64_
   }
 }
 
-// y of rows [first_row, first_row + rows) of sample n, whole rows in memory order.
+// y of rows [first_row, first_row + rows) of sample n, whole rows in memory
+// order, through the streamed buffer when `stream` (cpu/streamed_output.hpp).
 void rows_sample_apply(const Forward<float>& p, int64_t n, int64_t first_row, int64_t rows,
-                       const SampleCoefficients& k) {
-  cpu::rows_apply_chunk(p.x + p.x_geom.offset(n, 0, first_row), p.x_geom.s_stride,
-                        p.y + p.y_geom.offset(n, 0, first_row), p.y_geom.s_stride, rows,
-                        p.x_geom.c, k.mean_hi, k.scale, k.shift);
+                       const SampleCoefficients& k, bool stream) {
+  const float* x = p.x + p.x_geom.offset(n, 0, first_row);
+  const int64_t x_stride = p.x_geom.s_stride;
+  const cpu::Output y{p.y + p.y_geom.offset(n, 0, first_row), p.y_geom.s_stride};
+  cpu::write_outputs<1>(stream, {y}, rows, p.x_geom.c,
+                        [&](int64_t r0, int64_t count, const auto& out) {
+    cpu::rows_apply_chunk(x + r0 * x_stride, x_stride, out[0].data, out[0].stride, count,
+                          p.x_geom.c, k.mean_hi, k.scale, k.shift);
+  });
 }
 
 // A thread takes whole samples when they keep every thread busy: statistics
@@ -204,6 +211,7 @@ void rows_forward(const Forward<float>& p) {
   const SampleGeometry& g = p.x_geom;
   const RowPlan plan(g, p.groups);
   const int threads = threads_for(g.n * g.c * g.s);
+  const bool stream = cpu::stream_output(g.n * g.c * g.s, threads);
   Workspace ws;
   const std::span<float> coeff = ws.take_for_overwrite<float>(3 * g.n * g.c);
   auto coefficients_of = [&](int64_t n) {
@@ -214,7 +222,7 @@ void rows_forward(const Forward<float>& p) {
     parallel_for(threads, g.n, [&](int64_t n) {
       rows_sample_moments(g, p.x, plan, p.groups, n, p.moments);
       rows_sample_coefficients(p, plan.per_group, n, coefficients_of(n));
-      rows_sample_apply(p, n, 0, g.s, coefficients_of(n));
+      rows_sample_apply(p, n, 0, g.s, coefficients_of(n), stream);
     });
     return;
   }
@@ -229,7 +237,8 @@ void rows_forward(const Forward<float>& p) {
 #pragma omp for schedule(static)
     for (int64_t t = 0; t < g.n * plan.chunks; ++t) {
       const int64_t n = t / plan.chunks, chunk = t % plan.chunks;
-      rows_sample_apply(p, n, plan.first_row(chunk), plan.rows_in(chunk, g.s), coefficients_of(n));
+      rows_sample_apply(p, n, plan.first_row(chunk), plan.rows_in(chunk, g.s), coefficients_of(n),
+                        stream);
     }
   });
 }

@@ -279,6 +279,33 @@ TEST(GroupNormFast, OptionalPartsAreOptional) {
   }
 }
 
+// Outputs larger than the threads' L2 go to memory with streaming stores
+// through a buffer (src/cpu/streamed_output.hpp). A sample's y depends on that
+// sample alone: 16 samples of 1 MB (16.8 MB, streamed) give the bits of each
+// sample normalized by itself (1 MB, written in place), and match the reference.
+TEST(GroupNormFast, StreamedOutputIsEachSampleAlone) {
+  const Logical g{16, 64, {64, 64}};
+  const Logical one{1, 64, {64, 64}};
+  const Data d = make_data(g, 23);
+  const int64_t per_sample = one.numel();
+  ThreadCount threads(2);
+  for (const Layout layout : {Layout::NCHW, Layout::NHWC}) {
+    const Case all{"streamed", dense(layout, g), 8};
+    SCOPED_TRACE(all.arrangement.describe());
+    const FastResult streamed = run_fast(all, d, 1e-5);
+    EXPECT_TRUE(all_close("y", streamed.y, reference_forward(g, 8, d, 1e-5).y, kY, &g));
+    for (int64_t n = 0; n < g.n; ++n) {
+      Data dn = d;
+      dn.x.assign(d.x.begin() + n * per_sample, d.x.begin() + (n + 1) * per_sample);
+      dn.dy.assign(d.dy.begin() + n * per_sample, d.dy.begin() + (n + 1) * per_sample);
+      const FastResult alone = run_fast({"alone", dense(layout, one), 8}, dn, 1e-5);
+      const std::vector<float> part(streamed.y.begin() + n * per_sample,
+                                    streamed.y.begin() + (n + 1) * per_sample);
+      EXPECT_TRUE(bitwise_equal("y of sample " + std::to_string(n), part, alone.y));
+    }
+  }
+}
+
 // ---------------------------------------------------------------- determinism
 
 TEST(GroupNormDeterminism, BitwiseIdenticalFor1To3Threads) {
