@@ -280,10 +280,11 @@ TEST(GroupNormFast, OptionalPartsAreOptional) {
 }
 
 // Outputs larger than the threads' L2 go to memory with streaming stores
-// through a buffer (src/cpu/streamed_output.hpp). A sample's y depends on that
-// sample alone: 16 samples of 1 MB (16.8 MB, streamed) give the bits of each
-// sample normalized by itself (1 MB, written in place), and match the reference.
-TEST(GroupNormFast, StreamedOutputIsEachSampleAlone) {
+// through a buffer (src/cpu/streamed_output.hpp). A sample's y and dx depend
+// on that sample alone: 16 samples of 1 MB (16.8 MB, streamed) give the bits
+// of each sample normalized by itself (1 MB, written in place), and y matches
+// the reference.
+TEST(GroupNormFast, StreamedOutputsAreEachSampleAlone) {
   const Logical g{16, 64, {64, 64}};
   const Logical one{1, 64, {64, 64}};
   const Data d = make_data(g, 23);
@@ -302,6 +303,9 @@ TEST(GroupNormFast, StreamedOutputIsEachSampleAlone) {
       const std::vector<float> part(streamed.y.begin() + n * per_sample,
                                     streamed.y.begin() + (n + 1) * per_sample);
       EXPECT_TRUE(bitwise_equal("y of sample " + std::to_string(n), part, alone.y));
+      const std::vector<float> dx(streamed.dx.begin() + n * per_sample,
+                                  streamed.dx.begin() + (n + 1) * per_sample);
+      EXPECT_TRUE(bitwise_equal("dx of sample " + std::to_string(n), dx, alone.dx));
     }
   }
 }
