@@ -197,6 +197,34 @@ TEST(LayerNormFast, MatchesReferenceOverRowLengths) {
       }
 }
 
+// The forward's y larger than the threads' L2 goes to memory with streaming
+// stores through a buffer (src/cpu/streamed_output.hpp). A row's y and dx
+// depend on that row alone: rows of 4096 × 768 (12.6 MB, streamed) give the
+// bits of the row normalized by itself (written in place), dense and padded.
+TEST(LayerNormFast, StreamedOutputsAreEachRowAlone) {
+  ThreadCount threads(2);
+  for (const Op op : kOps)
+    for (const int64_t pad : {0, 3}) {
+      const Case all{4096, 768, pad};
+      SCOPED_TRACE(describe(op, all));
+      const Inputs in = inputs_for(all, 31);
+      const Results<float> streamed = run<float>(op, all, in);
+      for (int64_t r = 0; r < all.rows; r += 97) {
+        const Case one{1, 768, pad};
+        Inputs row = in;
+        row.x.assign(in.x.begin() + r * 768, in.x.begin() + (r + 1) * 768);
+        row.dy.assign(in.dy.begin() + r * 768, in.dy.begin() + (r + 1) * 768);
+        const Results<float> alone = run<float>(op, one, row);
+        const auto part = [&](const std::vector<float>& v) {
+          return std::vector<float>(v.begin() + r * 768, v.begin() + (r + 1) * 768);
+        };
+        EXPECT_TRUE(bitwise_equal("y of row " + std::to_string(r), part(streamed.y), alone.y));
+        EXPECT_TRUE(bitwise_equal("dx of row " + std::to_string(r), part(streamed.dx), alone.dx));
+        EXPECT_TRUE(same_bits(streamed.invstd[r], alone.invstd[0]));
+      }
+    }
+}
+
 TEST(LayerNormFast, MatchesReferenceOverRowCounts) {
   // Row counts around the number of dγ stripes (32) and its multiples.
   for (const Op op : kOps)
