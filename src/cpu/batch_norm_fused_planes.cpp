@@ -131,15 +131,16 @@ void unit_forward_apply(const Forward<float>& p, const ApplyUnits& units, int64_
   });
 }
 
-// BN's plan (batch_norm_planes.cpp): channel at a time when x fits in cache or y
-// is streamed (leaf::forward_channel_at_a_time), otherwise statistics, then the
-// output pass in memory order.
+// BN's plan (batch_norm_planes.cpp): channel at a time when x fits in cache or,
+// in training, when y is streamed (leaf::forward_channel_at_a_time: x is then
+// read once instead of twice; inference reads it once either way), otherwise
+// statistics, then the output pass in memory order.
 void planes_forward(const Forward<float>& p) {
   const Geometry& g = p.x_geom;
   const Pieces pieces(g);
   const int threads = threads_for(g.channels * g.reduction_size());
   const bool stream = cpu::stream_output(g.channels * g.reduction_size(), threads);
-  if (forward_channel_at_a_time(g, threads, stream)) {
+  if (forward_channel_at_a_time(g, threads, stream && p.training)) {
     parallel_for(threads, g.channels, [&](int64_t c) {
       if (p.training) {
         Moments m;

@@ -31,7 +31,7 @@ using cpu::finish_forward_block;
 using cpu::RowBackwardCoefficients;
 using cpu::rows_moments_into;
 using cpu::rows_forward_training_region;
-using cpu::rows_apply_chunk;
+using cpu::apply_rows_to;
 using cpu::rows_backward_apply_chunk;
 using cpu::rows_gradient_sums_chunk;
 using cpu::unit_backward;
@@ -63,19 +63,9 @@ struct RowCoefficients {
   }
 };
 
-// rows_apply_chunk and rows_backward_apply_chunk, writing through the
-// streamed buffer when `stream` (cpu/streamed_output.hpp: outputs larger
-// than the threads' L2).
-void apply_rows_to(bool stream, const float* x, int64_t x_stride, float* y, int64_t y_stride,
-                   int64_t rows, int64_t channels, const float* mean_hi, const float* scale,
-                   const float* shift) {
-  cpu::write_outputs<1>(stream, {{{y, y_stride}}}, rows, channels,
-                        [&](int64_t r0, int64_t n, const auto& out) {
-    rows_apply_chunk(x + r0 * x_stride, x_stride, out[0].data, out[0].stride, n, channels,
-                     mean_hi, scale, shift);
-  });
-}
-
+// rows_backward_apply_chunk, writing through the streamed buffer when `stream`
+// (cpu/streamed_output.hpp: outputs larger than the threads' L2), as
+// cpu::apply_rows_to does for the forward.
 void backward_apply_rows_to(bool stream, const float* x, int64_t x_stride, const float* dy,
                             int64_t dy_stride, float* dx, int64_t dx_stride, int64_t rows,
                             int64_t channels, int64_t blocked, const float* mean_hi,

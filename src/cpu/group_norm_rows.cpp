@@ -3,10 +3,11 @@
 // per chunk of rows, per-channel partial moments vectorized along C, merged
 // per group. Forward: a thread takes whole samples, their statistics over
 // whole rows, then y in memory order while the sample is in L2 (800 KB for
-// 16×256×28×28). Backward: a thread takes slabs of whole groups about 64
-// channels wide over all rows (200 KB of x, 400 KB with dy, stay in L2
-// between the sums and dx). When samples (or slabs) are too few, the work is
-// spread in three phases as in group_norm_planes.cpp. The rules every fast
+// 16×256×28×28). Backward: a thread takes whole samples when their x and dy
+// fit in L2 (the sums, then dx streamed), otherwise slabs of whole groups
+// about 64 channels wide over all rows (200 KB of x, 400 KB with dy, stay in
+// L2 between the sums and dx). When samples (or slabs) are too few, the work
+// is spread in three phases as in group_norm_planes.cpp. The rules every fast
 // kernel keeps are in src/cpu/README.md.
 #include <algorithm>
 #include <cmath>
@@ -193,14 +194,9 @@ void rows_sample_coefficients(const Forward<float>& p, int64_t per_group, int64_
 // order, through the streamed buffer when `stream` (cpu/streamed_output.hpp).
 void rows_sample_apply(const Forward<float>& p, int64_t n, int64_t first_row, int64_t rows,
                        const SampleCoefficients& k, bool stream) {
-  const float* x = p.x + p.x_geom.offset(n, 0, first_row);
-  const int64_t x_stride = p.x_geom.s_stride;
-  const cpu::Output y{p.y + p.y_geom.offset(n, 0, first_row), p.y_geom.s_stride};
-  cpu::write_outputs<1>(stream, {y}, rows, p.x_geom.c,
-                        [&](int64_t r0, int64_t count, const auto& out) {
-    cpu::rows_apply_chunk(x + r0 * x_stride, x_stride, out[0].data, out[0].stride, count,
-                          p.x_geom.c, k.mean_hi, k.scale, k.shift);
-  });
+  cpu::apply_rows_to(stream, p.x + p.x_geom.offset(n, 0, first_row), p.x_geom.s_stride,
+                     p.y + p.y_geom.offset(n, 0, first_row), p.y_geom.s_stride, rows, p.x_geom.c,
+                     k.mean_hi, k.scale, k.shift);
 }
 
 // A thread takes whole samples when they keep every thread busy: statistics
@@ -362,14 +358,15 @@ void rows_backward(const Backward<float>& p) {
                               plan.width(slab, C), k + c0, k + C + c0, k + 2 * C + c0,
                               k + 3 * C + c0);
   };
-  // A thread takes whole samples when they keep every thread busy: each
-  // chunk's sums over whole rows (slab after slab, so every channel's sums are
-  // the ones below), then dx over whole rows while the sample is in L2, streamed
-  // past the threads' L2. (Units of one slab read x and dy in runs of a slab's
-  // width, 256 bytes for 64 channels, rows apart. 16×256×28×28 NHWC backward,
-  // × a copy, bench, alternated, 1 and 2 threads: 3.62-3.96 that way, 2.63-2.86
-  // this way.)
-  if (whole_units_per_thread(g.n, threads)) {
+  // A thread takes whole samples when they keep every thread busy and a
+  // sample's x and dy fit in L2: each chunk's sums over whole rows (slab after
+  // slab, so every channel's sums are the ones below), then dx over whole rows
+  // while the sample is in L2, streamed past the threads' L2. (Units of one
+  // slab read x and dy in runs of a slab's width, 256 bytes for 64 channels,
+  // rows apart. 16×256×28×28 NHWC backward, × a copy, bench, alternated, 1 and
+  // 2 threads: 3.62-3.96 that way, 2.63-2.86 this way.)
+  const bool sample_in_l2 = 2 * C * g.s * int64_t{sizeof(float)} <= cpu::l2_bytes();
+  if (sample_in_l2 && whole_units_per_thread(g.n, threads)) {
     const bool stream = cpu::stream_output(g.n * C * g.s, threads);
     parallel_region(threads, [&] {
       Workspace own;  // this thread's

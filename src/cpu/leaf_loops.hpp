@@ -26,9 +26,9 @@
 #include <cstring>
 #include <span>
 
+#include "core/simd_clones.hpp"
 #include "core/workspace.hpp"
 #include "cpu/streamed_output.hpp"
-#include "core/simd_clones.hpp"
 #include "normkit/moments.hpp"
 
 namespace normkit::kernels::leaf {
@@ -508,8 +508,9 @@ Moments piece_moments(const Geometry& g, const float* x, int64_t c, const Pieces
 // The planes forward passes (BN, fused BN+ReLU) work channel at a time, the
 // output pass re-reading the channel's x from cache, when x fits in cache (at
 // most kInCacheBytesPerThread per thread), or when y is streamed (`stream`,
-// cpu/streamed_output.hpp) in runs long enough to stream and a channel's x
-// stays in L2 between its passes. Otherwise they read x twice from memory:
+// cpu/streamed_output.hpp; the training forward only, which reads x twice
+// otherwise) in runs long enough to stream and a channel's x stays in L2
+// between its passes. Otherwise they read x twice from memory:
 // statistics, then the output in memory order. Channel at a time reads and
 // writes a channel's runs, one per outer index and far apart: with ordinary
 // stores (each line of y read before it is written) it measured 1.1-1.4×

@@ -12,6 +12,7 @@
 #include "core/parallel.hpp"
 #include "cpu/coefficients.hpp"
 #include "cpu/leaf_loops.hpp"
+#include "cpu/streamed_output.hpp"
 
 namespace normkit::kernels::cpu {
 namespace {
@@ -328,6 +329,20 @@ void rows_apply_chunk(const float* x, int64_t x_stride, float* y, int64_t y_stri
                       const float* __restrict scale, const float* __restrict shift) {
   rows_apply_body<false>(x, x_stride, nullptr, 0, y, y_stride, rows, channels, mean_hi, scale,
                          shift);
+}
+
+// rows_apply_chunk writing through the streamed buffer when `stream`
+// (cpu/streamed_output.hpp: outputs larger than the threads' L2): BN's and
+// GroupNorm's rows outputs.
+[[maybe_unused]] void apply_rows_to(bool stream, const float* x, int64_t x_stride, float* y,
+                                    int64_t y_stride, int64_t rows, int64_t channels,
+                                    const float* mean_hi, const float* scale,
+                                    const float* shift) {
+  write_outputs<1>(stream, {{{y, y_stride}}}, rows, channels,
+                   [&](int64_t r0, int64_t n, const auto& out) {
+    rows_apply_chunk(x + r0 * x_stride, x_stride, out[0].data, out[0].stride, n, channels,
+                     mean_hi, scale, shift);
+  });
 }
 
 [[maybe_unused]] NORMKIT_SIMD_CLONES
