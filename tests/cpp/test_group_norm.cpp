@@ -283,7 +283,7 @@ TEST(GroupNormFast, OptionalPartsAreOptional) {
 // through a buffer (src/cpu/streamed_output.hpp). A sample's y and dx depend
 // on that sample alone: 16 samples of 1 MB (16.8 MB, streamed) give the bits
 // of each sample normalized by itself (1 MB, written in place), and y matches
-// the reference.
+// the reference. In place (y = x, dx = dy), streamed, the same bits.
 TEST(GroupNormFast, StreamedOutputsAreEachSampleAlone) {
   const Logical g{16, 64, {64, 64}};
   const Logical one{1, 64, {64, 64}};
@@ -307,6 +307,16 @@ TEST(GroupNormFast, StreamedOutputsAreEachSampleAlone) {
                                   streamed.dx.begin() + (n + 1) * per_sample);
       EXPECT_TRUE(bitwise_equal("dx of sample " + std::to_string(n), dx, alone.dx));
     }
+    Buffer<float> xy(all.arrangement), x(all.arrangement), dy(all.arrangement);
+    xy.scatter(d.x);
+    x.scatter(d.x);
+    dy.scatter(d.dy);
+    std::vector<float> mean(g.n * 8), invstd(g.n * 8), dgamma(g.c), dbeta(g.c);
+    normkit::group_norm_forward<float>(xy.cview(), xy.view(), 8, d.gamma, d.beta, {mean, invstd});
+    EXPECT_TRUE(bitwise_equal("y in place", xy.gather(), streamed.y));
+    normkit::group_norm_backward<float>(x.cview(), dy.cview(), dy.view(), 8, d.gamma, mean, invstd,
+                                        dgamma, dbeta);
+    EXPECT_TRUE(bitwise_equal("dx in place (dx = dy)", dy.gather(), streamed.dx));
   }
 }
 

@@ -200,7 +200,8 @@ TEST(LayerNormFast, MatchesReferenceOverRowLengths) {
 // The forward's y larger than the threads' L2 goes to memory with streaming
 // stores through a buffer (src/cpu/streamed_output.hpp). A row's y and dx
 // depend on that row alone: rows of 4096 × 768 (12.6 MB, streamed) give the
-// bits of the row normalized by itself (written in place), dense and padded.
+// bits of the row normalized by itself (written in place), dense and padded,
+// and in place (y = x) the same bits.
 TEST(LayerNormFast, StreamedOutputsAreEachRowAlone) {
   ThreadCount threads(2);
   for (const Op op : kOps)
@@ -209,7 +210,9 @@ TEST(LayerNormFast, StreamedOutputsAreEachRowAlone) {
       SCOPED_TRACE(describe(op, all));
       const Inputs in = inputs_for(all, 31);
       const Results<float> streamed = run<float>(op, all, in);
-      for (int64_t r = 0; r < all.rows; r += 97) {
+      std::vector<int64_t> rows = {2047, 2048, all.rows - 1};  // where 2 threads split, the last
+      for (int64_t r = 0; r < all.rows; r += 97) rows.push_back(r);
+      for (const int64_t r : rows) {
         const Case one{1, 768, pad};
         Inputs row = in;
         row.x.assign(in.x.begin() + r * 768, in.x.begin() + (r + 1) * 768);
@@ -221,6 +224,14 @@ TEST(LayerNormFast, StreamedOutputsAreEachRowAlone) {
         EXPECT_TRUE(bitwise_equal("y of row " + std::to_string(r), part(streamed.y), alone.y));
         EXPECT_TRUE(bitwise_equal("dx of row " + std::to_string(r), part(streamed.dx), alone.dx));
         EXPECT_TRUE(same_bits(streamed.invstd[r], alone.invstd[0]));
+      }
+      if (op == Op::layer) {
+        Rows<float> xy(all.rows, all.cols, pad);
+        xy.scatter(in.x);
+        std::vector<float> mean(all.rows), invstd(all.rows);
+        normkit::layer_norm_forward<float>(xy.cview(), xy.view(), in.gamma, in.beta,
+                                           {mean, invstd});
+        EXPECT_TRUE(bitwise_equal("y in place", xy.gather(), streamed.y));
       }
     }
 }
