@@ -86,7 +86,7 @@ void apply_relu_runs(const float* __restrict x, const float* __restrict z, float
 
 // One run (or part of one) of the output pass: y, and the mask from the y just
 // written, through the streamed buffer when `stream` (cpu/streamed_output.hpp;
-// a short run is written in place unless its neighbour follows it).
+// a run shorter than cpu::kMinStreamedRun is written in place).
 void run_forward_apply(const Forward<float>& p, int64_t o, int64_t c, int64_t first, int64_t len,
                        ApplyCoefficients k, bool stream) {
   const float* zr = p.z ? p.z + p.z_geom.offset(o, c, first) : nullptr;

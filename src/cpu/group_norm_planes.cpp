@@ -56,20 +56,20 @@ void apply_run_in_place(float* x, int64_t len, ApplyCoefficients k) {
 
 // With `stream` (cpu/streamed_output.hpp), through the streamed buffer, in
 // parts of at most a buffer (x may be y: a part is computed before it is
-// written); runs too short to stream are written in place.
+// written; parts too short to stream are written in place).
 void apply_any(const float* x, float* y, int64_t len, ApplyCoefficients k, bool stream) {
-  if (stream && len >= cpu::kMinStreamedRun) {
-    for (int64_t first = 0; first < len; first += cpu::kStreamBlock) {
-      const int64_t n = std::min(cpu::kStreamBlock, len - first);
-      cpu::write_outputs<1>(true, {{{y + first, n}}}, 1, n,
-                            [&](int64_t, int64_t, const auto& out) {
-        apply_run(x + first, out[0].data, n, k);
-      });
-    }
-  } else if (x == y) {
-    apply_run_in_place(y, len, k);
-  } else {
-    apply_run(x, y, len, k);
+  if (!stream) {
+    if (x == y)
+      apply_run_in_place(y, len, k);
+    else
+      apply_run(x, y, len, k);
+    return;
+  }
+  for (int64_t first = 0; first < len; first += cpu::kStreamBlock) {
+    const int64_t n = std::min(cpu::kStreamBlock, len - first);
+    cpu::write_outputs<1>(true, {{{y + first, n}}}, 1, n, [&](int64_t, int64_t, const auto& out) {
+      apply_any(x + first, out[0].data, n, k, false);
+    });
   }
 }
 

@@ -254,14 +254,14 @@ void prefetch_row(int64_t cols, const float* x, float* y) {
 }
 
 void rows_forward(const Forward<float>& p) {
-  // y streamed past the threads' L2, a row at a time (rows of 256 to
-  // cpu::kStreamBlock values; others are written in place). 8192×768, × a
+  // y streamed past the threads' L2, a row at a time (rows too short to
+  // stream, or too long for the buffer, are written in place). 8192×768, × a
   // copy, alternated, 1 and 2 threads: forward 1.16-1.19 -> 1.09-1.13. The
   // backward's dx streamed as well measured 1.94-2.03 -> 2.04-2.06: it is
   // written in place.
   const int threads = threads_for(p.rows * p.cols);
-  const bool stream = p.cols >= cpu::kMinStreamedRun && p.cols <= cpu::kStreamBlock &&
-                      cpu::stream_output(p.rows * p.cols, threads);
+  const bool stream = cpu::streams<1>(cpu::stream_output(p.rows * p.cols, threads),
+                                      {{{p.y, p.cols}}}, 1, p.cols);
   parallel_for(threads, p.rows, [&](int64_t r) {
     if (r + 1 < p.rows)
       prefetch_row(p.cols, p.x + (r + 1) * p.x_stride,

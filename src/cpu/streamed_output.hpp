@@ -79,25 +79,38 @@ struct Output {
   int64_t stride;
 };
 
+// The buffer's share of each wanted output.
+template <size_t N>
+int64_t buffer_share(const std::array<Output, N>& outputs) {
+  int64_t wanted = 0;
+  for (const Output& o : outputs) wanted += o.data != nullptr;
+  return kStreamBlock / std::max<int64_t>(wanted, 1);
+}
+
+// Whether write_outputs (below) streams these outputs, for callers that plan
+// around it: `stream`, rows that fit the buffer, and no output in runs shorter
+// than kMinStreamedRun (a run: the whole rows when they are contiguous, one
+// row otherwise).
+template <size_t N>
+bool streams(bool stream, const std::array<Output, N>& outputs, int64_t rows, int64_t width) {
+  if (!stream || width == 0 || width > buffer_share(outputs)) return false;
+  for (const Output& o : outputs)
+    if (o.data && (o.stride == width ? rows * width : width) < kMinStreamedRun) return false;
+  return true;
+}
+
 // `rows` rows of `width` floats in each output (one or two: BN+Add+ReLU's dx
 // and dz): write(r0, count, out) computes rows [r0, r0 + count) into out (a
 // std::array<Output, N>). With `stream`, out is the buffer, streamed to the
 // outputs after each call; contiguous rows (stride == width: a dense NCHW
 // unit of short planes) go out as one run. Otherwise (or when the rows are
-// too wide for the buffer, or too short to stream and apart) out is the
+// too wide for the buffer, or too short to stream: `streams`) out is the
 // outputs themselves, in one call.
 template <size_t N, class Write>
 void write_outputs(bool stream, const std::array<Output, N>& outputs, int64_t rows,
                    int64_t width, Write&& write) {
-  int64_t wanted = 0;
-  bool short_runs = false;
-  for (const Output& o : outputs) {
-    wanted += o.data != nullptr;
-    short_runs |= o.data && o.stride != width && width < kMinStreamedRun;
-  }
-  const int64_t share = kStreamBlock / std::max<int64_t>(wanted, 1);
-  if (!stream || width == 0 || width > share || short_runs)
-    return write(int64_t{0}, rows, outputs);
+  if (!streams(stream, outputs, rows, width)) return write(int64_t{0}, rows, outputs);
+  const int64_t share = buffer_share(outputs);
   detail::Workspace ws;
   float* const buffer = ws.take_for_overwrite<float>(kStreamBlock).data();
   std::array<Output, N> in_buffer;
