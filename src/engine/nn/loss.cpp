@@ -1,4 +1,5 @@
 #include <cmath>
+#include <vector>
 
 #include "normkit/engine/nn.hpp"
 #include "support.hpp"
@@ -11,6 +12,7 @@ LossResult softmax_cross_entropy(const Tensor& logits, const int32_t* labels, Te
   const int64_t n = logits.shape[0], k = logits.shape[1];
   if (dlogits) dlogits->reshape({n, k}, MemoryFormat::channels_first);
   LossResult result;
+  std::vector<double> exps(static_cast<size_t>(k));  // exp(z - max), taken once per value
   for (int64_t i = 0; i < n; ++i) {
     const float* z = logits.data.data() + i * k;
     const int32_t label = labels[i];
@@ -21,13 +23,17 @@ LossResult softmax_cross_entropy(const Tensor& logits, const int32_t* labels, Te
       if (z[j] > z[best]) best = j;
     const double max = z[best];
     double sum = 0;
-    for (int64_t j = 0; j < k; ++j) sum += std::exp(z[j] - max);
+    for (int64_t j = 0; j < k; ++j) {
+      exps[j] = std::exp(z[j] - max);
+      sum += exps[j];
+    }
     result.loss += std::log(sum) + max - z[label];
     result.correct += best == label;
     if (dlogits) {
       float* g = dlogits->data.data() + i * k;
       for (int64_t j = 0; j < k; ++j)
-        g[j] = static_cast<float>((std::exp(z[j] - max) / sum - (j == label ? 1.0 : 0.0)) / static_cast<double>(n));
+        g[j] = static_cast<float>((exps[j] / sum - (j == label ? 1.0 : 0.0)) /
+                                  static_cast<double>(n));
     }
   }
   result.loss /= static_cast<double>(n);

@@ -27,26 +27,58 @@ void check_same(const std::vector<Parameter*>& parameters, const std::vector<std
                                     state[i].size());
 }
 
+// The update loops: plain functions over unaliased pointers, compiled for
+// AVX-512/AVX2/baseline (support.hpp), so they vectorize at the machine's
+// width. This file is built without FMA contraction: every clone rounds each
+// product and sum as the baseline (no FMA) one does, so a run's bits do not
+// depend on the machine (NnTraining's golden runs).
+
+// One case of the SGD update per instantiation: without branches in the loop
+// the compiler vectorizes it (the same operations, so the same results).
+template <bool kMomentum, bool kFirstStep, bool kNesterov>
+[[gnu::always_inline]] inline void sgd_loop(float* __restrict w, const float* __restrict grad,
+                                            float* __restrict buf, size_t n, float lr, float mu,
+                                            float wd) {
+  for (size_t j = 0; j < n; ++j) {
+    float g = grad[j] + wd * w[j];
+    if constexpr (kMomentum) {
+      const float b = kFirstStep ? g : mu * buf[j] + g;
+      buf[j] = b;
+      g = kNesterov ? g + mu * b : b;
+    }
+    w[j] -= lr * g;
+  }
+}
+enum class SgdCase { plain, first_step, first_step_nesterov, momentum, nesterov };
+NORMKIT_ENGINE_SIMD_CLONES
+void sgd_update(SgdCase which, float* __restrict w, const float* __restrict grad,
+                float* __restrict buf, size_t n, float lr, float mu, float wd) {
+  switch (which) {
+    case SgdCase::plain: return sgd_loop<false, false, false>(w, grad, buf, n, lr, mu, wd);
+    case SgdCase::first_step: return sgd_loop<true, true, false>(w, grad, buf, n, lr, mu, wd);
+    case SgdCase::first_step_nesterov:
+      return sgd_loop<true, true, true>(w, grad, buf, n, lr, mu, wd);
+    case SgdCase::momentum: return sgd_loop<true, false, false>(w, grad, buf, n, lr, mu, wd);
+    case SgdCase::nesterov: return sgd_loop<true, false, true>(w, grad, buf, n, lr, mu, wd);
+  }
+}
+
+NORMKIT_ENGINE_SIMD_CLONES
+void adam_update(float* __restrict w, const float* __restrict grad, float* __restrict m,
+                 float* __restrict v, size_t n, float b1, float b2, float wd, float step_size,
+                 float correction2_sqrt, float eps) {
+  for (size_t j = 0; j < n; ++j) {
+    const float g = grad[j] + wd * w[j];
+    m[j] = b1 * m[j] + (1 - b1) * g;
+    v[j] = b2 * v[j] + (1 - b2) * g * g;
+    w[j] -= step_size * m[j] / (std::sqrt(v[j]) / correction2_sqrt + eps);
+  }
+}
+
 // g = grad + wd·w
 //   momentum: buf = μ·buf + g (buf = g at the first step); g = g + μ·buf (Nesterov) or buf
 //   w -= lr·g
 class Sgd final : public Optimizer {
-  // One case of the update per instantiation: without branches in the loop
-  // the compiler vectorizes it (the same operations, so the same results).
-  template <bool kMomentum, bool kFirstStep, bool kNesterov>
-  static void update(float* __restrict w, const float* __restrict grad, float* __restrict buf,
-                     size_t n, float lr, float mu, float wd) {
-    for (size_t j = 0; j < n; ++j) {
-      float g = grad[j] + wd * w[j];
-      if constexpr (kMomentum) {
-        const float b = kFirstStep ? g : mu * buf[j] + g;
-        buf[j] = b;
-        g = kNesterov ? g + mu * b : b;
-      }
-      w[j] -= lr * g;
-    }
-  }
-
  public:
   Sgd(const SgdOptions& o, const std::vector<Parameter*>& parameters)
       : options_(o), velocity_(zeros_like(parameters)) {
@@ -64,14 +96,12 @@ class Sgd final : public Optimizer {
       const float* grad = parameters[i]->grad.data();
       float* buf = velocity_[i].data();
       const size_t n = parameters[i]->value.size();
-      if (mu == 0)
-        update<false, false, false>(w, grad, buf, n, lr, mu, wd);
-      else if (steps_ == 0)
-        options_.nesterov ? update<true, true, true>(w, grad, buf, n, lr, mu, wd)
-                          : update<true, true, false>(w, grad, buf, n, lr, mu, wd);
-      else
-        options_.nesterov ? update<true, false, true>(w, grad, buf, n, lr, mu, wd)
-                          : update<true, false, false>(w, grad, buf, n, lr, mu, wd);
+      const SgdCase which = mu == 0         ? SgdCase::plain
+                            : steps_ == 0   ? (options_.nesterov ? SgdCase::first_step_nesterov
+                                                                 : SgdCase::first_step)
+                            : options_.nesterov ? SgdCase::nesterov
+                                                : SgdCase::momentum;
+      sgd_update(which, w, grad, buf, n, lr, mu, wd);
     }
     ++steps_;
   }
@@ -115,14 +145,9 @@ class Adam final : public Optimizer {
     const float b1 = options_.beta1, b2 = options_.beta2, wd = options_.weight_decay;
     const float step_size = learning_rate / correction1;
     for (size_t i = 0; i < parameters.size(); ++i) {
-      auto& w = parameters[i]->value;
-      const auto& grad = parameters[i]->grad;
-      for (size_t j = 0; j < w.size(); ++j) {
-        const float g = grad[j] + wd * w[j];
-        m_[i][j] = b1 * m_[i][j] + (1 - b1) * g;
-        v_[i][j] = b2 * v_[i][j] + (1 - b2) * g * g;
-        w[j] -= step_size * m_[i][j] / (std::sqrt(v_[i][j]) / correction2_sqrt + options_.eps);
-      }
+      adam_update(parameters[i]->value.data(), parameters[i]->grad.data(), m_[i].data(),
+                  v_[i].data(), m_[i].size(), b1, b2, wd, step_size, correction2_sqrt,
+                  options_.eps);
     }
   }
   std::string name() const override { return "adam"; }
