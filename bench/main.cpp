@@ -72,6 +72,8 @@ const std::vector<ShapeRow>& shape_table() {
       // BN1d + ReLU (an MLP's hidden layer): the rows kernels.
       {"bn_relu", {32, 4096}, {Memory::channels_first}, false},
       {"bn2d", {64, 512, 14, 14}, {Memory::channels_first, Memory::channels_last}, true},
+      // BN+ReLU on short planes (a ResNet's last stage): blocks of channels.
+      {"bn_relu", {32, 2048, 7, 7}, {Memory::channels_first}, true},
       // 103 MB per tensor, three times a 32 MB L3 (outputs past every cache).
       {"bn2d", {128, 64, 56, 56}, {Memory::channels_first, Memory::channels_last}, true},
       {"bn3d", {4, 64, 16, 28, 28}, {Memory::channels_first, Memory::channels_last}, true},

@@ -44,7 +44,10 @@ using detail::parallel_for;
 using detail::parallel_region;
 using detail::threads_for;
 using leaf::ApplyUnits;
+using leaf::channel_block;
+using leaf::channel_moments;
 using leaf::for_each_piece;
+using leaf::forward_by_channel_blocks;
 using leaf::forward_channel_at_a_time;
 using leaf::GradientSums;
 using leaf::kPieceElements;
@@ -111,14 +114,12 @@ bool unit_is_one_span(const Forward<float>& p, const ApplyUnits::Span& s) {
 // unit of short runs laid out as one span is one apply and one pack of its
 // bits: packing run by run took four atomic byte updates per run (the bytes
 // a run shares with its neighbours), as much as the run's arithmetic.
-void unit_forward_apply(const Forward<float>& p, const ApplyUnits& units, int64_t t,
+void span_forward_apply(const Forward<float>& p, const ApplyUnits::Span& s,
                         const ApplyCoefficients* coeff, bool stream) {
   const Geometry& g = p.x_geom;
-  const ApplyUnits::Span s = units.span(g, t);
   if (!unit_is_one_span(p, s)) {
-    units.for_each_run(g, t, [&](int64_t o, int64_t c, int64_t first, int64_t len) {
-      run_forward_apply(p, o, c, first, len, coeff[c], stream);
-    });
+    for (int64_t c = s.c0; c < s.c0 + s.channels; ++c)
+      run_forward_apply(p, s.o, c, s.first, s.len, coeff[c], stream);
     return;
   }
   const cpu::Output y{p.y + p.y_geom.offset(s.o, s.c0, 0), s.len};
@@ -130,25 +131,29 @@ void unit_forward_apply(const Forward<float>& p, const ApplyUnits& units, int64_
     if (p.mask) pack_positive_bits(out[0].data, runs * s.len, p.mask, p.order.bit(s.o, c0, 0));
   });
 }
+void unit_forward_apply(const Forward<float>& p, const ApplyUnits& units, int64_t t,
+                        const ApplyCoefficients* coeff, bool stream) {
+  span_forward_apply(p, units.span(p.x_geom, t), coeff, stream);
+}
 
-// BN's plan (batch_norm_planes.cpp): channel at a time when x fits in cache or,
-// in training, when y is streamed (leaf::forward_channel_at_a_time: x is then
-// read once instead of twice; inference reads it once either way), otherwise
-// statistics, then the output pass in memory order.
+// BN's plans (batch_norm_planes.cpp): channel at a time when x fits in cache
+// or, in training, when y is streamed (leaf::forward_channel_at_a_time: x is
+// then read once instead of twice; inference reads it once either way);
+// blocks of channels for short runs when y is streamed, in training
+// (leaf::channel_block); otherwise statistics, then the output pass in memory
+// order.
 void planes_forward(const Forward<float>& p) {
   const Geometry& g = p.x_geom;
   const Pieces pieces(g);
   const int threads = threads_for(g.channels * g.reduction_size());
   const bool stream = cpu::stream_output(g.channels * g.reduction_size(), threads);
+  auto channel_statistics = [&](int64_t c) {
+    p.moments[c] = channel_moments(g, pieces, p.x, c);
+    p.moments_done(c, 1);
+  };
   if (forward_channel_at_a_time(g, threads, stream && p.training)) {
     parallel_for(threads, g.channels, [&](int64_t c) {
-      if (p.training) {
-        Moments m;
-        for (int64_t i = 0; i < pieces.per_channel; ++i)
-          m.merge(piece_moments(g, p.x, c, pieces.span(g, i)));
-        p.moments[c] = m;
-        p.moments_done(c, 1);
-      }
+      if (p.training) channel_statistics(c);
       const ApplyCoefficients k = forward_coefficients(p, c);
       for (int64_t i = 0; i < pieces.per_channel; ++i) {
         const Pieces::Span s = pieces.span(g, i);
@@ -156,6 +161,23 @@ void planes_forward(const Forward<float>& p) {
           run_forward_apply(p, r, c, s.first_inner, s.len, k, stream);
       }
     });
+    return;
+  }
+  const int64_t block =
+      p.training ? channel_block(g, p.z ? std::initializer_list<Geometry>{p.y_geom, p.z_geom}
+                                        : std::initializer_list<Geometry>{p.y_geom},
+                                 threads, stream)
+                 : 0;
+  if (block > 0) {
+    forward_by_channel_blocks<ApplyCoefficients>(
+        g.channels, g.outer, block, threads,
+        [&](int64_t c) {
+          channel_statistics(c);
+          return forward_coefficients(p, c);
+        },
+        [&](int64_t o, int64_t c0, int64_t c1, const ApplyCoefficients* coeff) {
+          span_forward_apply(p, {o, c0, c1 - c0, 0, g.inner}, coeff, stream);
+        });
     return;
   }
   const ApplyUnits units(g);

@@ -33,7 +33,10 @@ using detail::parallel_for;
 using detail::parallel_region;
 using detail::threads_for;
 using leaf::ApplyUnits;
+using leaf::channel_block;
+using leaf::channel_moments;
 using leaf::for_each_piece;
+using leaf::forward_by_channel_blocks;
 using leaf::forward_channel_at_a_time;
 using leaf::GradientSums;
 using leaf::kPieceElements;
@@ -136,17 +139,31 @@ void planes_forward_training(const Forward<float>& p) {
     return apply_coefficients(p.moments[c].mean, invstd_of(p.moments[c].biased_variance(), p.eps),
                               param_or(p.gamma, c, 1.0), param_or(p.beta, c, 0.0));
   };
+  auto channel_statistics = [&](int64_t c) {
+    p.moments[c] = channel_moments(g, pieces, p.x, c);
+    p.moments_done(c, 1);
+  };
   if (forward_channel_at_a_time(g, threads, stream)) {
     parallel_for(threads, g.channels, [&](int64_t c) {
-      Moments m;
-      for (int64_t i = 0; i < pieces.per_channel; ++i)
-        m.merge(piece_moments(g, p.x, c, pieces.span(g, i)));
-      p.moments[c] = m;
-      p.moments_done(c, 1);
+      channel_statistics(c);
       const ApplyCoefficients k = coefficients(c);
       for (int64_t i = 0; i < pieces.per_channel; ++i)
         piece_apply(g, p.y_geom, p.x, p.y, c, pieces.span(g, i), k, stream);
     });
+    return;
+  }
+  if (const int64_t block = channel_block(g, {p.y_geom}, threads, stream); block > 0) {
+    forward_by_channel_blocks<ApplyCoefficients>(
+        g.channels, g.outer, block, threads,
+        [&](int64_t c) {
+          channel_statistics(c);
+          return coefficients(c);
+        },
+        [&](int64_t o, int64_t c0, int64_t c1, const ApplyCoefficients* coeff) {
+          apply_runs_to(stream, p.x + g.offset(o, c0, 0), g.channel_stride,
+                        p.y + p.y_geom.offset(o, c0, 0), p.y_geom.channel_stride, c1 - c0,
+                        g.inner, coeff + c0, 1);
+        });
     return;
   }
   const int64_t total = g.channels * pieces.per_channel;

@@ -331,13 +331,15 @@ TEST_P(FusedVsReference, AddReluInference) { check_case(GetParam(), true, false)
 
 INSTANTIATE_TEST_SUITE_P(BatchNormFused, FusedVsReference, ::testing::ValuesIn(cases()), ByName{});
 
-// Outputs of 8-13 MB, larger than two threads' L2: y (and the mask from it),
+// Outputs of 6-13 MB, larger than two threads' L2: y (and the mask from it),
 // dx and dz go out through the streamed buffer (src/cpu/streamed_output.hpp),
-// dx and dz as two outputs in one; NCHW by runs and by units of short planes.
+// dx and dz as two outputs in one; NCHW by runs, by units of short planes and,
+// in training, by blocks of 7×7 planes side by side (leaf::channel_block).
 INSTANTIATE_TEST_SUITE_P(
     Streamed, FusedVsReference,
     ::testing::Values(Case{"NCHW_56x56", dense(Layout::NCHW, {64, 16, {56, 56}})},
                       Case{"NCHW_8x8", dense(Layout::NCHW, {2048, 16, {8, 8}})},
+                      Case{"NCHW_7x7_blocks", dense(Layout::NCHW, {64, 512, {7, 7}})},
                       Case{"NHWC_C64", dense(Layout::NHWC, {64, 64, {28, 28}})}),
     ByName{});
 

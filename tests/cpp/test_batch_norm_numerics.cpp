@@ -289,6 +289,10 @@ INSTANTIATE_TEST_SUITE_P(
         // for an L2 of 1.6 to 3 MB (sysconf; 2 MB on the CI machine); with
         // others all three take one plan.
         DeterminismCase{"NCHW_C24_streamed_or_not", dense(Layout::NCHW, {8, 24, {64, 64}})},
+        // 6.4 MB of 7×7 planes: outputs streamed with 1, 2 and 3 threads (an L2
+        // under 2.1 MB), each thread its own blocks of channels, whose bounds
+        // differ with the thread count (leaf::channel_block).
+        DeterminismCase{"NCHW_C512_7x7_blocks", dense(Layout::NCHW, {64, 512, {7, 7}})},
         // Outputs of 16.8 MB, more than the caches of most machines hold.
         DeterminismCase{"NCHW_C64_large", dense(Layout::NCHW, {16, 64, {64, 64}})},
         DeterminismCase{"NHWC_C64_large", dense(Layout::NHWC, {16, 64, {64, 64}})},
@@ -311,10 +315,14 @@ TEST(StreamedOutputs, SameBitsAsOutputsWrittenInPlace) {
   // takes the units plan too (64 channels take a channel at a time, whose runs
   // of 64 values are written in place either way).
   const Logical few_channels{21845, 3, {8, 8}};
+  // 12.8 MB of 7×7 planes: dense, blocks of channels whose planes lie side by
+  // side (leaf::channel_block); padded, the two passes.
+  const Logical blocks{128, 512, {7, 7}};
   const std::pair<Arrangement, Arrangement> cases[] = {
       {dense(Layout::NHWC, rows), rows_padded(Layout::NHWC, rows, 3)},
       {dense(Layout::NCHW, planes), channel_padded(Layout::NCHW, planes, 3)},
       {dense(Layout::NCHW, few_channels), channel_padded(Layout::NCHW, few_channels, 3)},
+      {dense(Layout::NCHW, blocks), channel_padded(Layout::NCHW, blocks, 3)},
   };
   for (const auto& [streamed, in_place] : cases) {
     SCOPED_TRACE(streamed.describe() + " against " + in_place.describe());
