@@ -44,6 +44,7 @@ using detail::parallel_for;
 using detail::parallel_region;
 using detail::threads_for;
 using leaf::ApplyUnits;
+using leaf::backward_channel_at_a_time;
 using leaf::channel_block;
 using leaf::channel_moments;
 using leaf::for_each_piece;
@@ -265,48 +266,68 @@ template <bool DX, bool DZ>
   }
 }
 
+// Run r takes the coefficients k[r·k_step]: one channel's runs (k_step 0), or
+// a unit's runs of consecutive channels (k_step 1).
 template <bool DX, bool DZ>
-[[gnu::always_inline]] inline void backward_apply_masked_runs_of(const MaskedRuns& m, int64_t runs,
-                                                                 int64_t len,
-                                                                 BackwardCoefficients k) {
+[[gnu::always_inline]] inline void backward_apply_masked_runs_of(
+    const MaskedRuns& m, int64_t runs, int64_t len, const BackwardCoefficients* k,
+    int64_t k_step) {
   for (int64_t r = 0; r < runs; ++r)
     backward_apply_masked_run<DX, DZ>(m.x + r * m.x_stride, m.dy + r * m.dy_stride, m.mask,
                                       m.bit + r * m.bit_stride,
                                       DX ? m.dx + r * m.dx_stride : nullptr,
-                                      DZ ? m.dz + r * m.dz_stride : nullptr, len, k);
+                                      DZ ? m.dz + r * m.dz_stride : nullptr, len, k[r * k_step]);
 }
 
 NORMKIT_SIMD_CLONES
 void backward_apply_masked_runs(const MaskedRuns& m, int64_t runs, int64_t len,
-                                BackwardCoefficients k) {
-  if (m.dx && m.dz) return backward_apply_masked_runs_of<true, true>(m, runs, len, k);
-  if (m.dx) return backward_apply_masked_runs_of<true, false>(m, runs, len, k);
-  if (m.dz) return backward_apply_masked_runs_of<false, true>(m, runs, len, k);
+                                const BackwardCoefficients* k, int64_t k_step) {
+  if (m.dx && m.dz) return backward_apply_masked_runs_of<true, true>(m, runs, len, k, k_step);
+  if (m.dx) return backward_apply_masked_runs_of<true, false>(m, runs, len, k, k_step);
+  if (m.dz) return backward_apply_masked_runs_of<false, true>(m, runs, len, k, k_step);
 }
 
-// dx and dz of a piece, through the streamed buffer when `stream`
+// dx and dz of `runs` runs of `len` values from (o, c, i), `run_stride` apart
+// (a channel's runs: outer_stride; a unit's channels: channel_stride), run r
+// with the coefficients k[r·k_step], through the streamed buffer when `stream`
 // (cpu/streamed_output.hpp).
-void piece_backward_apply(const Backward<float>& p, int64_t c, const Pieces::Span& s,
-                          BackwardCoefficients k, bool stream) {
-  const int64_t r = s.first_run, i = s.first_inner;
+void runs_backward_apply(const Backward<float>& p, int64_t o, int64_t c, int64_t i, int64_t runs,
+                         int64_t len, bool along_channels, const BackwardCoefficients* k,
+                         int64_t k_step, bool stream) {
+  const auto stride = [&](const Geometry& h) {
+    return along_channels ? h.channel_stride : h.outer_stride;
+  };
+  const int64_t bit_stride = along_channels ? p.order.channel : p.order.outer;
   const std::array<cpu::Output, 2> outputs{
-      {{p.dx ? p.dx + p.dx_geom.offset(r, c, i) : nullptr, p.dx_geom.outer_stride},
-       {p.dz ? p.dz + p.dz_geom.offset(r, c, i) : nullptr, p.dz_geom.outer_stride}}};
-  cpu::write_outputs(stream, outputs, s.runs, s.len,
-                     [&](int64_t r0, int64_t runs, const auto& out) {
-    const MaskedRuns m{p.x + p.x_geom.offset(r + r0, c, i),
-                       p.x_geom.outer_stride,
-                       p.dy + p.dy_geom.offset(r + r0, c, i),
-                       p.dy_geom.outer_stride,
+      {{p.dx ? p.dx + p.dx_geom.offset(o, c, i) : nullptr, stride(p.dx_geom)},
+       {p.dz ? p.dz + p.dz_geom.offset(o, c, i) : nullptr, stride(p.dz_geom)}}};
+  cpu::write_outputs(stream, outputs, runs, len, [&](int64_t r0, int64_t n, const auto& out) {
+    const int64_t ro = along_channels ? o : o + r0, rc = along_channels ? c + r0 : c;
+    const MaskedRuns m{p.x + p.x_geom.offset(ro, rc, i),
+                       stride(p.x_geom),
+                       p.dy + p.dy_geom.offset(ro, rc, i),
+                       stride(p.dy_geom),
                        p.mask,
-                       p.order.bit(r + r0, c, i),
-                       p.order.outer,
+                       p.order.bit(ro, rc, i),
+                       bit_stride,
                        out[0].data,
                        out[0].stride,
                        out[1].data,
                        out[1].stride};
-    backward_apply_masked_runs(m, runs, s.len, k);
+    backward_apply_masked_runs(m, n, len, k + r0 * k_step, k_step);
   });
+}
+
+// A piece of channel c (its runs along outer), or unit t (ApplyUnits: runs of
+// consecutive channels, in memory order).
+void piece_backward_apply(const Backward<float>& p, int64_t c, const Pieces::Span& s,
+                          BackwardCoefficients k, bool stream) {
+  runs_backward_apply(p, s.first_run, c, s.first_inner, s.runs, s.len, false, &k, 0, stream);
+}
+void unit_backward_apply(const Backward<float>& p, const ApplyUnits& units, int64_t t,
+                         const BackwardCoefficients* coeff, bool stream) {
+  const ApplyUnits::Span s = units.span(p.x_geom, t);
+  runs_backward_apply(p, s.o, s.c0, s.first, s.channels, s.len, true, coeff + s.c0, 1, stream);
 }
 
 void planes_backward(const Backward<float>& p) {
@@ -315,7 +336,7 @@ void planes_backward(const Backward<float>& p) {
   const int threads = threads_for(2 * g.channels * g.reduction_size());
   const bool second_pass = p.dx || p.dz;
   const bool stream = cpu::stream_output(g.channels * g.reduction_size(), threads);
-  if (whole_units_per_thread(g.channels, threads)) {
+  if (backward_channel_at_a_time(g, threads, stream && second_pass)) {
     parallel_for(threads, g.channels, [&](int64_t c) {
       double sum_g = 0, sum_g_xmu = 0;
       for (int64_t i = 0; i < pieces.per_channel; ++i) {
@@ -331,6 +352,7 @@ void planes_backward(const Backward<float>& p) {
     return;
   }
   const int64_t total = g.channels * pieces.per_channel;
+  const ApplyUnits units(g);
   Workspace ws;
   const std::span<GradientSums> partial = ws.take<GradientSums>(total);
   const std::span<BackwardCoefficients> coeff =
@@ -350,10 +372,8 @@ void planes_backward(const Backward<float>& p) {
     }
     if (second_pass) {
 #pragma omp for schedule(static)
-      for (int64_t t = 0; t < total; ++t) {
-        const int64_t c = t / pieces.per_channel;
-        piece_backward_apply(p, c, pieces.span(g, t % pieces.per_channel), coeff[c], stream);
-      }
+      for (int64_t t = 0; t < units.count; ++t)
+        unit_backward_apply(p, units, t, coeff.data(), stream);
     }
   });
 }

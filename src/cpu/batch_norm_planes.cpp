@@ -33,6 +33,7 @@ using detail::parallel_for;
 using detail::parallel_region;
 using detail::threads_for;
 using leaf::ApplyUnits;
+using leaf::backward_channel_at_a_time;
 using leaf::channel_block;
 using leaf::channel_moments;
 using leaf::for_each_piece;
@@ -249,7 +250,7 @@ void planes_backward(const Backward<float>& p) {
   const Pieces pieces(g);
   const int threads = threads_for(2 * g.channels * g.reduction_size());
   const bool stream = cpu::stream_output(g.channels * g.reduction_size(), threads);
-  if (whole_units_per_thread(g.channels, threads)) {
+  if (backward_channel_at_a_time(g, threads, stream && p.dx)) {
     parallel_for(threads, g.channels, [&](int64_t c) {
       double sum_dy = 0, sum_dy_xmu = 0;
       for (int64_t i = 0; i < pieces.per_channel; ++i) {

@@ -463,6 +463,10 @@ TEST(BatchNormFusedDeterminism, ThreadCounts) {
       // order with 1 and 2 threads, a channel at a time with 3
       // (leaf_loops.hpp, forward_channel_at_a_time).
       {"NCHW C24 both plans", dense(Layout::NCHW, {13, 24, {24, 25}})},
+      // 5 MB of 7×7 planes: streamed with 1 and 2 threads (blocks of channels
+      // forward, dx in memory order backward), not with 3 (an L2 of 1.7 to 2.5
+      // MB; test_batch_norm_numerics.cpp, NCHW_C512_7x7_plans).
+      {"NCHW 7x7 plans", dense(Layout::NCHW, {50, 512, {7, 7}})},
       {"NHWC", dense(Layout::NHWC, {8, 13, {31, 33}})},
   };
   for (const Case& cs : big) {
