@@ -6,9 +6,11 @@
 // fixed by the geometry, float lanes inside a piece, Chan merges in double in
 // a fixed order) + one pass that writes y = relu(BN(x) [+ z]) and packs the
 // mask from the y just written (y > 0 exactly where the pre-activation is > 0).
-// The plan is the unfused BN kernel's (batch_norm_planes.cpp): channel at a
-// time, x re-read from cache, for problems that fit in cache; otherwise the
-// statistics, then the output pass in memory order.
+// The plans are the unfused BN kernel's (batch_norm_planes.cpp): channel at a
+// time, x re-read from cache, for problems that fit in cache or, in training,
+// when y is streamed in runs long enough; blocks of channels for short runs
+// when y is streamed, in training; otherwise the statistics, then the output
+// pass in memory order. The backward as BN's (leaf::backward_channel_at_a_time).
 //
 // Backward = the BN backward of g = mask ? dy : 0, where the leaf loops take g
 // from dy and the bits themselves (leaf::GradientSource), so that x, dy and
@@ -54,7 +56,6 @@ using leaf::GradientSums;
 using leaf::kPieceElements;
 using leaf::piece_moments;
 using leaf::Pieces;
-using leaf::whole_units_per_thread;
 using leaf::Workspace;
 
 // y = relu((x - mean_hi)·scale + shift [+ z]) over `runs` runs of `len`
@@ -111,8 +112,9 @@ bool unit_is_one_span(const Forward<float>& p, const ApplyUnits::Span& s) {
   return s.channels > 1 && packed(p.x_geom) && packed(p.y_geom) && (!p.z || packed(p.z_geom));
 }
 
-// The output pass over unit t (ApplyUnits) with per-channel coefficients. A
-// unit of short runs laid out as one span is one apply and one pack of its
+// The output pass over span s (a unit of ApplyUnits, or a block of channels
+// at one outer index) with per-channel coefficients. A span of short runs
+// laid out as one span of memory is one apply and one pack of its
 // bits: packing run by run took four atomic byte updates per run (the bytes
 // a run shares with its neighbours), as much as the run's arithmetic.
 void span_forward_apply(const Forward<float>& p, const ApplyUnits::Span& s,
@@ -336,7 +338,10 @@ void planes_backward(const Backward<float>& p) {
   const int threads = threads_for(2 * g.channels * g.reduction_size());
   const bool second_pass = p.dx || p.dz;
   const bool stream = cpu::stream_output(g.channels * g.reduction_size(), threads);
-  if (backward_channel_at_a_time(g, threads, stream && second_pass)) {
+  const bool side_by_side = leaf::runs_side_by_side(g, {p.dy_geom}) &&
+                            (!p.dx || leaf::runs_side_by_side(g, {p.dx_geom})) &&
+                            (!p.dz || leaf::runs_side_by_side(g, {p.dz_geom}));
+  if (backward_channel_at_a_time(g, threads, stream && second_pass, side_by_side)) {
     parallel_for(threads, g.channels, [&](int64_t c) {
       double sum_g = 0, sum_g_xmu = 0;
       for (int64_t i = 0; i < pieces.per_channel; ++i) {

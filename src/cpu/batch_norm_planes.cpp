@@ -44,7 +44,6 @@ using leaf::kPieceElements;
 using leaf::param_or;
 using leaf::piece_moments;
 using leaf::Pieces;
-using leaf::whole_units_per_thread;
 using leaf::Workspace;
 
 // Inside a piece, sums run in float lanes (leaf_loops.hpp); lane totals are
@@ -250,7 +249,8 @@ void planes_backward(const Backward<float>& p) {
   const Pieces pieces(g);
   const int threads = threads_for(2 * g.channels * g.reduction_size());
   const bool stream = cpu::stream_output(g.channels * g.reduction_size(), threads);
-  if (backward_channel_at_a_time(g, threads, stream && p.dx)) {
+  if (backward_channel_at_a_time(g, threads, stream && p.dx,
+                                 leaf::runs_side_by_side(g, {p.dy_geom, p.dx_geom}))) {
     parallel_for(threads, g.channels, [&](int64_t c) {
       double sum_dy = 0, sum_dy_xmu = 0;
       for (int64_t i = 0; i < pieces.per_channel; ++i) {

@@ -530,7 +530,8 @@ Moments channel_moments(const Geometry& g, const Pieces& pieces, const float* x,
 // and 2 threads: 32×64×56×56 1.45-1.52 -> 1.21-1.25, 16×256×28×28 1.40-1.53 ->
 // 1.13-1.23, 128×64×56×56 (1.6 MB a channel) 1.42-1.47 -> 1.33, 4×64×16×28×28
 // 1.51-1.57 -> 1.15-1.19; BN+ReLU 32×64×56×56 1.51-1.52 -> 1.27-1.30. (Runs of
-// 7×7 or 14×14 values are written in place: those keep the two passes.)
+// 7×7 or 14×14 values, too short to stream, take blocks of channels instead:
+// channel_block.)
 constexpr int64_t kInCacheBytesPerThread = int64_t{256} << 10;
 template <class Geometry>
 bool forward_channel_at_a_time(const Geometry& g, int threads, bool stream) {
@@ -541,26 +542,38 @@ bool forward_channel_at_a_time(const Geometry& g, int threads, bool stream) {
          channel_bytes <= cpu::l2_bytes();
 }
 
+// Whether the channels' runs of g and of `others` (same extents) lie side by
+// side: a span of consecutive channels at one outer index is one run.
+template <class Geometry>
+bool runs_side_by_side(const Geometry& g, std::initializer_list<Geometry> others) {
+  const auto packed = [&](const Geometry& h) {
+    return h.channel_stride == g.inner && h.inner_stride == 1;
+  };
+  return packed(g) && std::all_of(others.begin(), others.end(), packed);
+}
+
 // The planes backward (BN, fused BN+ReLU) works a channel at a time when a
 // thread owns whole channels: its sums read x and dy from memory, its dx pass
-// re-reads them from cache. Except for runs too short to stream when dx is
-// streamed (7×7, 14×14 planes past the caches): a channel's dx would be
-// written in place in short runs far apart (each line read before it is
-// written), so the sums are taken first and dx is written in memory order,
-// streamed. Bench, backward × a copy, alternated runs, 1 and 2 threads:
-// 32×2048×7×7 NCHW 2.85-3.20 -> 2.41-2.68 (forward+backward 4.12-4.70 ->
-// 3.45-3.85), BN+ReLU 4.51-4.67 -> 2.97-3.05 (0.97-1.08 -> 0.77-0.78 × the
-// unfused sequence); 64×512×14×14 unchanged (2.07-2.16 -> 2.13-2.18). Blocks
-// of channels as in the forward (channel_block) measured 2.95-3.25.
+// re-reads them from cache. Except for runs too short to stream, side by side
+// (`side_by_side`: in x, dy and the outputs), when dx is streamed (7×7, 14×14
+// planes past the caches): a channel's dx would be written in place in short
+// runs far apart (each line read before it is written), so the sums are taken
+// first and dx is written in memory order, streamed. Bench, backward × a copy,
+// alternated runs, 1 and 2 threads: 32×2048×7×7 NCHW 2.85-3.20 -> 2.41-2.68
+// (forward+backward 4.12-4.70 -> 3.45-3.85), BN+ReLU 4.51-4.67 -> 2.97-3.05
+// (0.97-1.08 -> 0.77-0.78 × the unfused sequence); 64×512×14×14 unchanged
+// (2.07-2.16 -> 2.13-2.18). Blocks of channels as in the forward
+// (channel_block) measured 2.95-3.25.
 template <class Geometry>
-bool backward_channel_at_a_time(const Geometry& g, int threads, bool stream) {
+bool backward_channel_at_a_time(const Geometry& g, int threads, bool stream, bool side_by_side) {
   return whole_units_per_thread(g.channels, threads) &&
-         !(stream && g.inner < cpu::kMinStreamedRun);
+         !(stream && g.inner < cpu::kMinStreamedRun && side_by_side);
 }
 
 // Runs too short for the plans above (7×7, 14×14 planes: a channel's runs are
 // too short to stream and lie far apart): blocks of consecutive channels, a
-// quarter of L2 of x each, each thread its own range of channels, block after
+// quarter to a half of L2 of x each (the thread's range in equal blocks), each
+// thread its own range of channels, block after
 // block (forward_by_channel_blocks). A block's statistics read its x from
 // memory; its output pass reads x again from L2 and writes, per outer index,
 // the block's runs side by side: one run, long enough to stream. Returns the
@@ -576,11 +589,7 @@ bool backward_channel_at_a_time(const Geometry& g, int threads, bool stream) {
 template <class Geometry>
 int64_t channel_block(const Geometry& g, std::initializer_list<Geometry> others, int threads,
                       bool stream) {
-  const auto side_by_side = [&](const Geometry& h) {
-    return h.channel_stride == g.inner && h.inner_stride == 1;
-  };
-  if (!stream || g.inner >= cpu::kMinStreamedRun || !side_by_side(g) ||
-      !std::all_of(others.begin(), others.end(), side_by_side) ||
+  if (!stream || g.inner >= cpu::kMinStreamedRun || !runs_side_by_side(g, others) ||
       !whole_units_per_thread(g.channels, threads))
     return 0;
   const int64_t channel_bytes = g.reduction_size() * int64_t{sizeof(float)};

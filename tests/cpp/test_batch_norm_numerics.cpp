@@ -315,8 +315,8 @@ TEST(StreamedOutputs, SameBitsAsOutputsWrittenInPlace) {
   const Logical rows{64, 64, {32, 32}};    // 16.8 MB: rows of 64 channels
   const Logical planes{1024, 64, {8, 8}};  // 16.8 MB: planes of 64 values
   // 16.8 MB in 3 channels: fewer than whole units per thread, so the backward
-  // takes the units plan too (64 channels take a channel at a time, whose runs
-  // of 64 values are written in place either way).
+  // takes the units plan too (64 channels of short runs take it when dx is
+  // streamed, side by side: leaf::backward_channel_at_a_time).
   const Logical few_channels{21845, 3, {8, 8}};
   // 12.8 MB of 7×7 planes: dense, blocks of channels whose planes lie side by
   // side (leaf::channel_block); padded, the two passes.
