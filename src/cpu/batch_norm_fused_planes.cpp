@@ -166,11 +166,9 @@ void planes_forward(const Forward<float>& p) {
     });
     return;
   }
-  const int64_t block =
-      p.training ? channel_block(g, p.z ? std::initializer_list<Geometry>{p.y_geom, p.z_geom}
-                                        : std::initializer_list<Geometry>{p.y_geom},
-                                 threads, stream)
-                 : 0;
+  const bool side_by_side =
+      leaf::runs_side_by_side(g, {p.y_geom}) && (!p.z || leaf::runs_side_by_side(g, {p.z_geom}));
+  const int64_t block = p.training ? channel_block(g, threads, stream, side_by_side) : 0;
   if (block > 0) {
     forward_by_channel_blocks<ApplyCoefficients>(
         g.channels, g.outer, block, threads,

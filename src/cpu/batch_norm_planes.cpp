@@ -152,7 +152,9 @@ void planes_forward_training(const Forward<float>& p) {
     });
     return;
   }
-  if (const int64_t block = channel_block(g, {p.y_geom}, threads, stream); block > 0) {
+  if (const int64_t block =
+          channel_block(g, threads, stream, leaf::runs_side_by_side(g, {p.y_geom}));
+      block > 0) {
     forward_by_channel_blocks<ApplyCoefficients>(
         g.channels, g.outer, block, threads,
         [&](int64_t c) {

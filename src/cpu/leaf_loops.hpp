@@ -579,17 +579,16 @@ bool backward_channel_at_a_time(const Geometry& g, int threads, bool stream, boo
 // the block's runs side by side: one run, long enough to stream. Returns the
 // channels per block, or 0 when this plan does not apply: the output is not
 // streamed, the runs are long enough for the others, the channels' runs do not
-// lie side by side (in x and in `others`, the outputs), or a block's run per
-// outer index would be too short to stream. Measured (bench, forward-train × a
+// lie side by side (`side_by_side`: in x and the outputs, runs_side_by_side), or
+// a block's run per outer index would be too short to stream. Measured (bench, forward-train × a
 // copy, two passes -> blocks, alternated runs, 1 and 2 threads): 32×2048×7×7
 // NCHW 1.70-1.93 -> 1.37-1.54, BN+ReLU 1.80-1.91 -> 1.49-1.53, 64×512×14×14
 // 1.43-1.50 -> 1.27-1.33. Blocks of an eighth of L2 measured 1.47-1.53 (7×7),
 // a half 1.48-1.60; asking for the next block's lines during the output pass,
 // or reading the block in memory order first, 1.59-1.88.
 template <class Geometry>
-int64_t channel_block(const Geometry& g, std::initializer_list<Geometry> others, int threads,
-                      bool stream) {
-  if (!stream || g.inner >= cpu::kMinStreamedRun || !runs_side_by_side(g, others) ||
+int64_t channel_block(const Geometry& g, int threads, bool stream, bool side_by_side) {
+  if (!stream || g.inner >= cpu::kMinStreamedRun || !side_by_side ||
       !whole_units_per_thread(g.channels, threads))
     return 0;
   const int64_t channel_bytes = g.reduction_size() * int64_t{sizeof(float)};
@@ -676,13 +675,6 @@ struct ApplyUnits {
     }
     const int64_t c0 = within * channels_per_unit;
     return {o, c0, std::min(g.channels, c0 + channels_per_unit) - c0, 0, g.inner};
-  }
-
-  // Calls run(o, c, first, len) for each run (or part of one) of unit `unit`.
-  template <class Geometry, class RunFn>
-  void for_each_run(const Geometry& g, int64_t unit, RunFn run) const {
-    const Span s = span(g, unit);
-    for (int64_t c = s.c0; c < s.c0 + s.channels; ++c) run(s.o, c, s.first, s.len);
   }
 };
 

@@ -31,7 +31,7 @@ void check_same(const std::vector<Parameter*>& parameters, const std::vector<std
 // AVX-512/AVX2/baseline (support.hpp), so they vectorize at the machine's
 // width. This file is built without FMA contraction: every clone rounds each
 // product and sum as the baseline (no FMA) one does, so a run's bits do not
-// depend on the machine (NnTraining's golden runs).
+// depend on which clone the machine runs.
 
 // One case of the SGD update per instantiation: without branches in the loop
 // the compiler vectorizes it (the same operations, so the same results).
@@ -91,18 +91,14 @@ class Sgd final : public Optimizer {
   void step(const std::vector<Parameter*>& parameters) override {
     check_same(parameters, velocity_);
     const float mu = options_.momentum, wd = options_.weight_decay, lr = learning_rate;
-    for (size_t i = 0; i < parameters.size(); ++i) {
-      float* w = parameters[i]->value.data();
-      const float* grad = parameters[i]->grad.data();
-      float* buf = velocity_[i].data();
-      const size_t n = parameters[i]->value.size();
-      const SgdCase which = mu == 0         ? SgdCase::plain
-                            : steps_ == 0   ? (options_.nesterov ? SgdCase::first_step_nesterov
-                                                                 : SgdCase::first_step)
-                            : options_.nesterov ? SgdCase::nesterov
-                                                : SgdCase::momentum;
-      sgd_update(which, w, grad, buf, n, lr, mu, wd);
-    }
+    const SgdCase which = mu == 0         ? SgdCase::plain
+                          : steps_ == 0   ? (options_.nesterov ? SgdCase::first_step_nesterov
+                                                               : SgdCase::first_step)
+                          : options_.nesterov ? SgdCase::nesterov
+                                              : SgdCase::momentum;
+    for (size_t i = 0; i < parameters.size(); ++i)
+      sgd_update(which, parameters[i]->value.data(), parameters[i]->grad.data(),
+                 velocity_[i].data(), parameters[i]->value.size(), lr, mu, wd);
     ++steps_;
   }
   std::string name() const override { return "sgd"; }
