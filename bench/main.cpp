@@ -92,7 +92,7 @@ struct Settings {
   int min_rounds = 9;
   int max_rounds = 51;
   double budget = 15.0;      // seconds of rounds per (thread count, problem)
-  double min_sample = 1e-3;  // shorter ops are repeated inside one sample
+  double min_sample = 1e-3;  // shorter ops are repeated inside one sample (measure)
   bool warm_heap = true;     // see keep_freed_memory
   bool phases = false;       // also time the phases (Op::moments ...) of BN
   bool flush = true;         // see CacheFlush
@@ -388,6 +388,11 @@ bool measure(const Settings& s, const std::vector<Backend>& backends, const Cach
                    [](const Measured& a, const Measured& b) { return a.c.op < b.c.op; });
 
   cross_check(cases, problem.numel());
+  // Every case makes the same number of calls per sample, as many as the
+  // fastest needs to last min_sample: only the first call of a sample starts
+  // from evicted caches, so a case repeated fewer times than the copy would
+  // carry more of that cold call in its median than the copy it is divided by.
+  int inner = 1;
   for (auto& m : cases) {
     double last = 0;
     for (int w = 0; w < s.warmup; ++w) {
@@ -397,8 +402,10 @@ bool measure(const Settings& s, const std::vector<Backend>& backends, const Cach
       last = now() - t0;
     }
     if (last > 0 && last < s.min_sample)
-      m.inner = static_cast<int>(std::min(1000.0, std::ceil(s.min_sample / last)));
+      inner = std::max(inner,
+                       static_cast<int>(std::min(1000.0, std::ceil(s.min_sample / last))));
   }
+  for (auto& m : cases) m.inner = inner;
 
   std::vector<size_t> order(cases.size());
   std::iota(order.begin(), order.end(), size_t{0});
