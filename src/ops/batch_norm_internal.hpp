@@ -57,6 +57,23 @@ template <class T>
       invstd[i] = static_cast<T>(kernels::bn::invstd_of(variance_of(moments[i], 0.0), eps));
 }
 
+// Inference's invstd from the running variance, 1 / sqrt(var + eps) rounded to
+// T as bn::invstd_of's, then widened for the kernels; false when some var + eps
+// is not positive. Branch-free, so that it vectorizes: with thousands of
+// channels (32×4096) a square root and a division per channel, one at a time,
+// cost as much as the apply on 2 threads.
+template <class T>
+[[maybe_unused]] NORMKIT_SIMD_CLONES bool inference_invstd(const T* var, size_t n, double eps,
+                                                           double* invstd) {
+  uint64_t bad = 0;  // (not a bool: GCC would not vectorize the loop)
+  for (size_t i = 0; i < n; ++i) {
+    const double v = static_cast<double>(var[i]) + eps;
+    bad |= static_cast<uint64_t>(!(v > 0));
+    invstd[i] = static_cast<double>(static_cast<T>(1.0 / std::sqrt(v)));
+  }
+  return bad == 0;
+}
+
 // The running statistics' next values, (1 - w)·running + w·batch, into mean and
 // var (the batch variance with `ddof`); false when one of them is NaN or beyond
 // T's range, or a channel's moments are of fewer than 2 values or not finite.
@@ -114,13 +131,15 @@ RunningUpdate running_update(const RunningStats<T>& running, const BatchNormOpti
 // batch_norm_update_running gives, so that nothing but y changes. Otherwise
 // the results are batch_norm_update_running's and write_saved's, bit for bit.
 // The moments and the kept values live in the calling thread's Workspace
-// (core/workspace.hpp), not in fresh vectors.
+// (core/workspace.hpp), not in fresh vectors, and are not zeroed first: every
+// kernel writes each channel's moments, and zeroing them (96 KB at 4096
+// channels) was serial work the other threads waited for.
 template <class T>
 class TrainingEpilogue {
  public:
   TrainingEpilogue(int64_t channels, RunningStats<T> running, SavedStats<T> saved,
                    const BatchNormOptions& options)
-      : moments_(workspace_.take<Moments>(static_cast<size_t>(channels))),
+      : moments_(workspace_.take_for_overwrite<Moments>(static_cast<size_t>(channels))),
         running_(running), saved_(saved), options_(options),
         update_(running_update(running, options)),
         kept_{kept_array(), kept_array(), kept_array(), kept_array()} {}
