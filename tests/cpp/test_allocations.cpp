@@ -60,7 +60,8 @@ struct Problem {
 // N, C, S: NCHW {N, C, 1, S}, NHWC {N, 1, S, C}, NC {N, C}.
 std::vector<Problem> problems() {
   return {
-      {"256x1024 NC (column units)", {256, 1024}, Layout::NC, 1024},
+      {"64x1024 NC (column units)", {64, 1024}, Layout::NC, 1024},
+      {"256x1024 NC (rows in phases)", {256, 1024}, Layout::NC, 1024},
       {"32x4096 NC (long rows)", {32, 4096}, Layout::NC, 4096},
       {"4096x64 NC (stripes)", {4096, 64}, Layout::NC, 64},
       {"64x100 NC (unblocked channels)", {64, 100}, Layout::NC, 100},
