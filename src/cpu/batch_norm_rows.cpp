@@ -20,8 +20,6 @@
 namespace normkit::kernels::bn {
 namespace {
 
-using cpu::ApplyCoefficients;
-using cpu::apply_coefficients;
 using cpu::backward_coefficients;
 using cpu::blocked_channels;
 using cpu::column_units;
@@ -56,11 +54,6 @@ struct RowCoefficients {
   float* shift;
   explicit RowCoefficients(float* storage, int64_t channels)
       : mean_hi(storage), scale(storage + channels), shift(storage + 2 * channels) {}
-  void set(int64_t c, ApplyCoefficients k) const {
-    mean_hi[c] = k.mean_hi;
-    scale[c] = k.scale;
-    shift[c] = k.shift;
-  }
 };
 
 // rows_backward_apply_chunk, writing through the streamed buffer when `stream`
@@ -126,9 +119,10 @@ void rows_apply(const Apply<float>& p) {
   const int64_t C = p.x_geom.channels;
   Workspace ws;
   const RowCoefficients k(ws.take_for_overwrite<float>(3 * C).data(), C);
-  for (int64_t c = 0; c < C; ++c)
-    k.set(c, apply_coefficients(p.mean[c], p.invstd[c], param_or(p.gamma, c, 1.0),
-                                param_or(p.beta, c, 0.0)));
+  // As forward-training's coefficients (finish_forward_block), so that the same
+  // statistics give the same y; vectorized: 4096 channels one at a time took
+  // longer than the apply of 32 rows on 2 threads.
+  cpu::coefficient_arrays(C, p.mean, p.invstd, p.gamma, p.beta, k.mean_hi, k.scale, k.shift);
   const RowPlan plan(p.x_geom);
   const int threads = threads_for(C * p.x_geom.outer);
   const bool stream = cpu::stream_output(C * plan.rows, threads);

@@ -203,14 +203,14 @@ void batch_norm_forward_inference(ConstTensorView<T> x, TensorView<T> y, std::sp
   const Geometry gx = checked_input(x, "x");
   check_count(running_mean, gx.channels, "running_mean", kPerChannel, true);
   check_count(running_var, gx.channels, "running_var", kPerChannel, true);
-  for (size_t c = 0; c < running_var.size(); ++c)
-    if (!(running_var[c] + eps > 0))
-      fail_invalid("running_var[", c, "] + eps must be positive, got ", running_var[c]);
   Workspace ws;
-  const std::span<T> invstd = ws.take_for_overwrite<T>(running_var.size());
-  for (size_t c = 0; c < running_var.size(); ++c)
-    invstd[c] = static_cast<T>(bn::invstd_of(running_var[c], eps));
-  batch_norm_forward_apply<T>(x, y, gamma, beta, running_mean, invstd);
+  const std::span<double> invstd = ws.take_for_overwrite<double>(running_var.size());
+  if (!detail::inference_invstd<T>(running_var.data(), running_var.size(), eps, invstd.data()))
+    for (size_t c = 0; c < running_var.size(); ++c)
+      if (!(running_var[c] + eps > 0))
+        fail_invalid("running_var[", c, "] + eps must be positive, got ", running_var[c]);
+  detail::batch_norm_apply_double_stats<T>(x, y, gamma, beta, ws.copy<double>(running_mean),
+                                           invstd, "batch_norm_forward_inference");
 }
 
 template <class T>
