@@ -70,20 +70,26 @@ using normkit::detail::Workspace;
 // The loops that read runs from memory (the first pass of the statistics,
 // the gradient sums) ask for the lines kPrefetchFloats ahead: the planes
 // kernels read a channel's runs of a few KB far apart, where the hardware
-// prefetchers restart on every run. Short runs (7×7) ask for the lines 2 KB
-// past each run: there lie the runs of a channel about ten later, which the
-// kernel reaches soon (channels in order). The second passes read from cache
-// and do not ask. Measured: the fused NCHW gradient sums at 1 thread, 2.2-2.3
-// ms with it, 2.8 without (3.5 with g expanded first); at 2 threads, BN's NCHW
+// prefetchers restart on every run. The second passes read from cache and do
+// not ask. Measured: the fused NCHW gradient sums at 1 thread, 2.2-2.3 ms with
+// it, 2.8 without (3.5 with g expanded first); at 2 threads, BN's NCHW
 // backward at 0.8-0.9× its time without (16×256×28×28, 32×64×56×56) and 0.67-
 // 0.83× on 32×2048×7×7, its forward-train at 0.85-0.95×.
+// Short runs (7×7) ask for the lines kShortRunPrefetchFloats past each run:
+// there lie the runs of a channel about five later, which the kernel reaches
+// soon (channels in order). 2 KB ahead, as the long runs, 32×2048×7×7 NCHW
+// forward-train took 1.33-1.37× a copy against 1.26-1.32 with 1 KB (1 and 2
+// threads, alternated runs), BN+ReLU's 1.40-1.49 against 1.32-1.41 and its
+// backward 2.73-2.89 against 2.44-2.68; 14×14 measured even. The long runs
+// keep 2 KB: 1 KB was slower on 32×64×56×56.
 constexpr int64_t kPrefetchFloats = 512;
-// The cache lines of the `Floats` floats kPrefetchFloats after p (one per 16),
-// which may lie past the end of p's array: a prefetch never faults, and the
-// address is computed as an integer, not as a pointer out of bounds.
-template <int Floats>
+constexpr int64_t kShortRunPrefetchFloats = 256;
+// The cache lines of the `Floats` floats `Distance` floats after p (one per
+// 16), which may lie past the end of p's array: a prefetch never faults, and
+// the address is computed as an integer, not as a pointer out of bounds.
+template <int Floats, int64_t Distance = kPrefetchFloats>
 inline void prefetch_ahead(const float* p) {
-  const uintptr_t ahead = reinterpret_cast<uintptr_t>(p) + kPrefetchFloats * sizeof(float);
+  const uintptr_t ahead = reinterpret_cast<uintptr_t>(p) + Distance * sizeof(float);
   for (int line = 0; line < Floats / 16; ++line)
     __builtin_prefetch(reinterpret_cast<const void*>(ahead + line * 16 * sizeof(float)));
 }
@@ -189,7 +195,7 @@ double shifted_sum_short_runs(const float* __restrict x, int64_t runs, int64_t l
   const int64_t k = kLanes / len;
   for (int64_t r = 0, slot = 0; r < runs; ++r, slot = slot + 1 == k ? 0 : slot + 1) {
     const float* __restrict p = x + r * stride;
-    prefetch_ahead<kLanes>(p);
+    prefetch_ahead<kLanes, kShortRunPrefetchFloats>(p);
     float* __restrict a = acc + slot * len;
     for (int64_t i = 0; i < len; ++i) a[i] += p[i] - shift;
   }
@@ -354,8 +360,8 @@ template <bool Masked>
   for (int64_t r = 0, slot = 0; r < runs; ++r, slot = slot + 1 == k ? 0 : slot + 1) {
     const float* __restrict xp = x + r * x_stride;
     const float* __restrict gp = src.dy + r * src.stride;
-    prefetch_ahead<kLanes>(xp);
-    prefetch_ahead<kLanes>(gp);
+    prefetch_ahead<kLanes, kShortRunPrefetchFloats>(xp);
+    prefetch_ahead<kLanes, kShortRunPrefetchFloats>(gp);
     double* __restrict a1 = acc1 + slot * len;
     double* __restrict a2 = acc2 + slot * len;
     uint64_t m = ~uint64_t{0};
