@@ -21,7 +21,7 @@
 // (tests/cpp/test_batch_norm_numerics.cpp, StreamedOutputs). Internal
 // linkage, as the other shared headers (src/cpu/README.md, rule 5).
 #if defined(__SSE2__)
-#include <emmintrin.h>
+#include <immintrin.h>
 #endif
 #include <unistd.h>
 
@@ -54,13 +54,28 @@ constexpr int64_t kStreamBlock = 8192;
   return elements * int64_t{sizeof(float)} > l2_bytes() * threads;
 }
 
-// dst[0, n) = src[0, n): whole 64-byte lines of dst with streaming stores
-// (SSE2: every x86-64), the partial lines at either end with ordinary ones (a
-// streaming store of part of a line costs a read and a write in memory).
+// dst[0, n) = src[0, n): whole 64-byte lines of dst with streaming stores,
+// the partial lines at either end with ordinary ones (a streaming store of
+// part of a line costs a read and a write in memory). A line in one AVX-512
+// store where the CPU has it, else in four SSE2 ones (every x86-64): at 2
+// threads, alternated bench runs, the NHWC backward of 16×256×28×28 went from
+// 2.39× a copy to 2.23-2.24, of 32×64×56×56 from 2.12-2.15 to 2.06-2.10.
+#if defined(__SSE2__)
+__attribute__((target("avx512f"))) inline void stream_lines_avx512(const float* src, float* dst,
+                                                                   int64_t n) {
+  for (int64_t i = 0; i + 16 <= n; i += 16) _mm512_stream_ps(dst + i, _mm512_loadu_ps(src + i));
+}
+#endif
 [[maybe_unused]] void stream_copy(const float* src, float* dst, int64_t n) {
 #if defined(__SSE2__)
+  static const bool avx512 = __builtin_cpu_supports("avx512f");
   int64_t i = 0;
   for (; i < n && reinterpret_cast<uintptr_t>(dst + i) % 64 != 0; ++i) dst[i] = src[i];
+  if (avx512) {
+    const int64_t whole_lines = (n - i) / 16 * 16;
+    stream_lines_avx512(src + i, dst + i, whole_lines);
+    i += whole_lines;
+  }
   for (; i + 16 <= n; i += 16)
     for (int64_t j = i; j < i + 16; j += 4) _mm_stream_ps(dst + j, _mm_loadu_ps(src + j));
   for (; i < n; ++i) dst[i] = src[i];
