@@ -422,19 +422,24 @@ void rows_backward_apply_masked_chunk(const float* x, int64_t x_stride,
 }
 
 // ---- column units: small problems ----
-// When the rows are few (32×4096, 64×4096), each thread takes whole blocks of
-// channels ("units") over all rows: their moments, coefficients and apply (or
-// gradient sums and dx) in one go, while the block is in cache, with no barrier
-// between the phases: on such a problem the phased path's barriers, merges of
-// every channel per chunk and second read of x cost more than the data passes.
-// A channel's sums run over the same chunks and stripes (RowPlan) in the same
-// order as the phased path: the results are bitwise the same, for any width and
-// any thread count. With more rows the units lose: a unit's column has its rows
-// C floats apart (4-16 KB when C is a power of two, so in the same cache sets),
-// and its second pass no longer finds them in cache. Measured at 2 threads,
-// units against phased, 8 calls after evicting the caches: 256×1024 backward
-// 142 against 74 µs, forward 78 against 56; 128×2048 even; 64×4096 backward
-// 111 against 121, forward 66 against 88.
+// When all rows of a block of channels fit in L2 and the rows are few
+// (32×4096), each thread takes whole blocks of channels ("units") over all
+// rows: their moments, coefficients and apply (or gradient sums and dx) in one
+// go, while the block is in cache, with no barrier between the phases: on such
+// a problem the phased path's barriers, merges of every channel per chunk and
+// second read of x cost more than the data passes. A channel's sums run over
+// the same chunks and stripes (RowPlan) in the same order as the phased path:
+// the results are bitwise the same, for any width and any thread count.
+// With more rows the phased path wins when its chunks keep the threads evenly
+// busy: a unit's column has its rows C floats apart (4-16 KB when C is a power
+// of two, so in the same cache sets) and its second pass no longer finds them
+// in cache. Measured at 2 threads, backward and forward-train, 8 calls after
+// evicting the caches, units against phased: 256×1024 122/72 µs against
+// 76/55, 1024×64 34/27 against 23/15, 256×256 33/22 against 29/18; but
+// 196×2048 (7 chunks of rows for 2 threads) 181/99 against 205/130. At 1
+// thread phased was as fast or faster (256×1024 backward 197 against 231 µs),
+// but for 1024×64 and 512×64, 4-5% slower.
+constexpr int64_t kUnitBytes = 256 * 1024;  // a unit's part of x (and of dy)
 constexpr int64_t kUnitRows = 64;
 struct ColumnUnits {
   int64_t width = 0, count = 0;  // count 0: the phased path
@@ -446,8 +451,9 @@ struct ColumnUnits {
 // follow badly (32×2048×7×7 NHWC in units of 32 channels took twice as long as
 // the phased path).
 [[maybe_unused]] ColumnUnits column_units(const leaf::RowPlan& plan, int threads) {
-  if (plan.rows > kUnitRows) return {};
   int64_t width = std::min(kColumnBlock, plan.channels);
+  if (plan.rows * width * static_cast<int64_t>(sizeof(float)) > kUnitBytes) return {};
+  if (plan.rows > kUnitRows && leaf::whole_units_per_thread(plan.chunks, threads)) return {};
   int64_t count = (plan.channels + width - 1) / width;
   if (!leaf::whole_units_per_thread(count, threads)) {
     const int64_t even = (count + threads - 1) / threads * threads;

@@ -303,6 +303,11 @@ INSTANTIATE_TEST_SUITE_P(
         DeterminismCase{"NHWC_C3", dense(Layout::NHWC, {8, 3, {50, 125}})},
         DeterminismCase{"NHWC_C64", dense(Layout::NHWC, {8, 64, {32, 32}})},
         DeterminismCase{"NC_C17", dense(Layout::NC, {40000, 17, {}})},
+        // Rows in column units against rows in phases (cpu/rows_loops.hpp,
+        // column_units): 256x1024 takes phases at 1 and 2 threads, units at 3;
+        // 196x2048 phases at 1, units at 2 and 3 (7 chunks of rows).
+        DeterminismCase{"NC_256x1024_units_or_phases", dense(Layout::NC, {256, 1024, {}})},
+        DeterminismCase{"NC_196x2048_units_or_phases", dense(Layout::NC, {196, 2048, {}})},
         DeterminismCase{"NCHW_channels_last_C16", nchw_channels_last({8, 16, {40, 40}})}),
     ByName());
 
