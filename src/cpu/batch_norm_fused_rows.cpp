@@ -24,13 +24,11 @@
 namespace normkit::kernels::bn_fused {
 namespace {
 
-using cpu::ApplyCoefficients;
 using cpu::BackwardCoefficients;
 using cpu::ColumnUnits;
 using cpu::blocked_channels;
 using cpu::expand_bits;
 using cpu::finish_channel;
-using cpu::forward_coefficients;
 using cpu::RowBackwardCoefficients;
 using cpu::rows_gradient_sums_chunk;
 using cpu::rows_forward_training_region;
@@ -84,12 +82,9 @@ void rows_forward(const Forward<float>& p) {
   };
   if (p.training)
     return rows_forward_training_region(p, plan, threads, mean_hi, scale, shift, apply);
-  for (int64_t c = 0; c < C; ++c) {
-    const ApplyCoefficients k = forward_coefficients(p, c);
-    mean_hi[c] = k.mean_hi;
-    scale[c] = k.scale;
-    shift[c] = k.shift;
-  }
+  // As batch norm's rows inference (rows_apply), so that BN+ReLU's y is
+  // relu of BN's, bit for bit.
+  cpu::coefficient_arrays(C, p.mean, p.invstd, p.gamma, p.beta, mean_hi, scale, shift);
   parallel_for(threads, plan.chunks, apply);
 }
 
