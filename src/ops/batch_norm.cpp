@@ -205,10 +205,12 @@ void batch_norm_forward_inference(ConstTensorView<T> x, TensorView<T> y, std::sp
   check_count(running_var, gx.channels, "running_var", kPerChannel, true);
   Workspace ws;
   const std::span<double> invstd = ws.take_for_overwrite<double>(running_var.size());
-  if (!detail::inference_invstd<T>(running_var.data(), running_var.size(), eps, invstd.data()))
+  if (!detail::inference_invstd<T>(running_var.data(), running_var.size(), eps, invstd.data())) {
     for (size_t c = 0; c < running_var.size(); ++c)
       if (!(running_var[c] + eps > 0))
         fail_invalid("running_var[", c, "] + eps must be positive, got ", running_var[c]);
+    fail_runtime("batch_norm_forward_inference: a running_var + eps is not positive");
+  }
   detail::batch_norm_apply_double_stats<T>(x, y, gamma, beta, ws.copy<double>(running_mean),
                                            invstd, "batch_norm_forward_inference");
 }

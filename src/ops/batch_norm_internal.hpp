@@ -59,17 +59,19 @@ template <class T>
 
 // Inference's invstd from the running variance, 1 / sqrt(var + eps) rounded to
 // T as bn::invstd_of's, then widened for the kernels; false when some var + eps
-// is not positive. Branch-free, so that it vectorizes: with thousands of
-// channels (32×4096) a square root and a division per channel, one at a time,
-// cost as much as the apply on 2 threads.
+// is not positive (its invstd is then meaningless, and computed from 1 so that
+// no floating-point exception is raised). Branch-free, so that it vectorizes:
+// with thousands of channels (32×4096) a square root and a division per
+// channel, one at a time, cost as much as the apply on 2 threads.
 template <class T>
 [[maybe_unused]] NORMKIT_SIMD_CLONES bool inference_invstd(const T* var, size_t n, double eps,
                                                            double* invstd) {
   uint64_t bad = 0;  // (not a bool: GCC would not vectorize the loop)
   for (size_t i = 0; i < n; ++i) {
     const double v = static_cast<double>(var[i]) + eps;
-    bad |= static_cast<uint64_t>(!(v > 0));
-    invstd[i] = static_cast<double>(static_cast<T>(1.0 / std::sqrt(v)));
+    const bool positive = v > 0;
+    bad |= static_cast<uint64_t>(!positive);
+    invstd[i] = static_cast<double>(static_cast<T>(1.0 / std::sqrt(positive ? v : 1.0)));
   }
   return bad == 0;
 }
