@@ -9,6 +9,7 @@
 #include <stdexcept>
 
 #include "core/simd_clones.hpp"
+#include "cpu/streamed_output.hpp"
 
 namespace normkit_bench {
 
@@ -161,18 +162,17 @@ Case streaming_copy_case(Data& data, int threads) {
   float* dst = data.copy.data();
   const int64_t n = data.problem.numel();
   Case c{"copy", Op::copy_streaming,
-         "SSE non-temporal stores (_mm_stream_ps), " + std::to_string(threads) + " thread" +
-             (threads == 1 ? "" : "s"),
+         "non-temporal stores as normkit's outputs (cpu::stream_copy), " +
+             std::to_string(threads) + " thread" + (threads == 1 ? "" : "s"),
          nullptr, nullptr};
   c.run = [=] {
 #pragma omp parallel num_threads(threads)
     {
-      const int64_t lines = n / 16, t = omp_get_thread_num(), T = omp_get_num_threads();
-      const int64_t begin = lines * t / T * 16, end = lines * (t + 1) / T * 16;
-      for (int64_t i = begin; i < end; i += 4) _mm_stream_ps(dst + i, _mm_load_ps(src + i));
+      const int64_t lines = (n + 15) / 16, t = omp_get_thread_num(), T = omp_get_num_threads();
+      const int64_t begin = std::min(n, lines * t / T * 16);
+      normkit::kernels::cpu::stream_copy(src + begin, dst + begin,
+                                         std::min(n, lines * (t + 1) / T * 16) - begin);
       _mm_sfence();
-      if (t == T - 1)
-        std::memcpy(dst + end, src + end, static_cast<size_t>(n - end) * sizeof(float));
     }
   };
   return c;
