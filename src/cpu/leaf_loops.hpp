@@ -75,13 +75,14 @@ using normkit::detail::Workspace;
 // it, 2.8 without (3.5 with g expanded first); at 2 threads, BN's NCHW
 // backward at 0.8-0.9× its time without (16×256×28×28, 32×64×56×56) and 0.67-
 // 0.83× on 32×2048×7×7, its forward-train at 0.85-0.95×.
-// Short runs (7×7) ask for the lines kShortRunPrefetchFloats past each run:
-// there lie the runs of a channel about five later, which the kernel reaches
-// soon (channels in order). 2 KB ahead, as the long runs, 32×2048×7×7 NCHW
-// forward-train took 1.33-1.37× a copy against 1.26-1.32 with 1 KB (1 and 2
-// threads, alternated runs), BN+ReLU's 1.40-1.49 against 1.32-1.41 and its
-// backward 2.73-2.89 against 2.44-2.68; 14×14 measured even. The long runs
-// keep 2 KB: 1 KB was slower on 32×64×56×56.
+// Short runs (7×7: fewer values than kLanes) ask for the lines
+// kShortRunPrefetchFloats past each run's start: there lie the runs of a
+// channel about five later, which the kernel reaches soon (channels in order).
+// 2 KB ahead, as the long runs, 32×2048×7×7 NCHW forward-train took 1.33-1.37×
+// a copy against 1.26-1.32 with 1 KB (1 and 2 threads, alternated runs),
+// BN+ReLU's 1.40-1.49 against 1.32-1.41 and its backward 2.73-2.89 against
+// 2.44-2.68. The long runs keep 2 KB: 1 KB everywhere was slower on
+// 32×64×56×56.
 constexpr int64_t kPrefetchFloats = 512;
 constexpr int64_t kShortRunPrefetchFloats = 256;
 // The cache lines of the `Floats` floats `Distance` floats after p (one per
