@@ -205,12 +205,7 @@ void batch_norm_forward_inference(ConstTensorView<T> x, TensorView<T> y, std::sp
   check_count(running_var, gx.channels, "running_var", kPerChannel, true);
   Workspace ws;
   const std::span<double> invstd = ws.take_for_overwrite<double>(running_var.size());
-  if (!detail::inference_invstd<T>(running_var.data(), running_var.size(), eps, invstd.data())) {
-    for (size_t c = 0; c < running_var.size(); ++c)
-      if (!(running_var[c] + eps > 0))
-        fail_invalid("running_var[", c, "] + eps must be positive, got ", running_var[c]);
-    fail_runtime("batch_norm_forward_inference: a running_var + eps is not positive");
-  }
+  detail::checked_inference_invstd<T>(running_var, eps, "running_var", invstd);
   detail::batch_norm_apply_double_stats<T>(x, y, gamma, beta, ws.copy<double>(running_mean),
                                            invstd, "batch_norm_forward_inference");
 }
@@ -303,11 +298,10 @@ void batch_norm_invstd(std::span<const T> var, double eps, std::span<T> invstd) 
   check_eps(eps);
   if (invstd.size() != var.size())
     fail_invalid("invstd should contain ", var.size(), " elements not ", invstd.size());
-  for (size_t c = 0; c < var.size(); ++c) {
-    if (!(var[c] + eps > 0))
-      fail_invalid("var[", c, "] + eps must be positive, got ", var[c]);
-  }
-  for (size_t c = 0; c < var.size(); ++c) invstd[c] = static_cast<T>(bn::invstd_of(var[c], eps));
+  Workspace ws;
+  const std::span<double> wide = ws.take_for_overwrite<double>(var.size());
+  detail::checked_inference_invstd<T>(var, eps, "var", wide);
+  std::copy(wide.begin(), wide.end(), invstd.begin());  // values of T: exact
 }
 
 #define NORMKIT_INSTANTIATE(T)                                                                   \

@@ -125,15 +125,11 @@ void forward_inference(ConstTensorView<T> x, const ConstTensorView<T>* z, Tensor
   const auto [gx, gz, gy] = checked_forward(x, z, y, mask, gamma, beta);
   check_count(running_mean, gx.channels, "running_mean", kPerChannel, true);
   check_count(running_var, gx.channels, "running_var", kPerChannel, true);
-  for (size_t c = 0; c < running_var.size(); ++c)
-    if (!(running_var[c] + eps > 0))
-      fail_invalid("running_var[", c, "] + eps must be positive, got ", running_var[c]);
   Workspace ws;
   const std::span<double> mean = ws.copy<double>(running_mean),
                           invstd = ws.take_for_overwrite<double>(running_var.size());
-  // Rounded to T first, as batch_norm_forward_inference does, so the two agree.
-  for (size_t c = 0; c < running_var.size(); ++c)
-    invstd[c] = static_cast<T>(kernels::bn::invstd_of(running_var[c], eps));
+  // As batch_norm_forward_inference's (rounded to T first), so the two agree.
+  detail::checked_inference_invstd<T>(running_var, eps, "running_var", invstd);
   uint8_t* mask_data = or_null(mask);
   const bn_fused::Forward<T> problem{gx,      gz,     gy,      x.data,
                                      z ? z->data : nullptr, y.data, mask_data,

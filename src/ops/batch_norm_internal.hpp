@@ -76,6 +76,19 @@ template <class T>
   return bad == 0;
 }
 
+// inference_invstd of `var` into invstd, or the error that names the first
+// channel whose var + eps is not positive (`name`: the argument's name).
+// Nothing else is written.
+template <class T>
+void checked_inference_invstd(std::span<const T> var, double eps, const char* name,
+                              std::span<double> invstd) {
+  if (inference_invstd<T>(var.data(), var.size(), eps, invstd.data())) return;
+  for (size_t c = 0; c < var.size(); ++c)
+    if (!(var[c] + eps > 0))
+      fail_invalid(name, "[", c, "] + eps must be positive, got ", var[c]);
+  fail_runtime(name, ": a value + eps is not positive");
+}
+
 // The running statistics' next values, (1 - w)·running + w·batch, into mean and
 // var (the batch variance with `ddof`); false when one of them is NaN or beyond
 // T's range, or a channel's moments are of fewer than 2 values or not finite.
