@@ -83,7 +83,23 @@ void rows_forward(const Forward<float>& p) {
   if (p.training)
     return rows_forward_training_region(p, plan, threads, mean_hi, scale, shift, apply);
   // As batch norm's rows inference (rows_apply), so that BN+ReLU's y is
-  // relu of BN's, bit for bit.
+  // relu of BN's, bit for bit; column units only without a mask (its bits of
+  // a row are packed over all channels).
+  if (const ColumnUnits units = cpu::column_units(plan, threads); units.count > 0 && !p.mask) {
+    parallel_for(threads, units.count, [&](int64_t u) {
+      const int64_t c0 = u * units.width, width = std::min(units.width, C - c0);
+      cpu::coefficients_of_channels(p, c0, width, mean_hi, scale, shift);
+      const cpu::Output y{p.y + c0, p.y_geom.outer_stride};
+      cpu::write_outputs<1>(stream, {y}, plan.rows, width,
+                            [&](int64_t r, int64_t count, const auto& out) {
+        cpu::rows_apply_relu_chunk(p.x + r * p.x_geom.outer_stride + c0, p.x_geom.outer_stride,
+                                   p.z ? p.z + r * p.z_geom.outer_stride + c0 : nullptr,
+                                   p.z_geom.outer_stride, out[0].data, out[0].stride, count,
+                                   width, mean_hi + c0, scale + c0, shift + c0);
+      });
+    });
+    return;
+  }
   cpu::coefficient_arrays(C, p.mean, p.invstd, p.gamma, p.beta, mean_hi, scale, shift);
   parallel_for(threads, plan.chunks, apply);
 }

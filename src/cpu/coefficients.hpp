@@ -60,6 +60,16 @@ void coefficient_arrays(int64_t channels, const double* __restrict mean,
   }
 }
 
+// coefficient_arrays of channels [c0, c0 + width) of a problem with the
+// statistics (mean, invstd) over all channels, into arrays over all channels:
+// inference's column units, each thread its own channels.
+template <class Problem>
+void coefficients_of_channels(const Problem& p, int64_t c0, int64_t width, float* mean_hi,
+                              float* scale, float* shift) {
+  coefficient_arrays(width, p.mean + c0, p.invstd + c0, p.gamma ? p.gamma + c0 : nullptr,
+                     p.beta ? p.beta + c0 : nullptr, mean_hi + c0, scale + c0, shift + c0);
+}
+
 // A forward-training's block of channels [c0, c0 + width) once its moments are
 // merged (the on_block of rows_moments_phase): the moments written and reported
 // final with their invstd, and the block's apply coefficients. Batch norm and

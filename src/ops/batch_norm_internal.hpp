@@ -11,6 +11,7 @@
 #include <utility>
 
 #include "core/check.hpp"
+#include "core/parallel.hpp"
 #include "core/workspace.hpp"
 #include "core/simd_clones.hpp"
 #include "kernels/batch_norm.hpp"
@@ -76,13 +77,28 @@ template <class T>
   return bad == 0;
 }
 
+constexpr int64_t kInvstdChannelsPerThread = 1024;  // ~2 us, more than opening a region
 // inference_invstd of `var` into invstd, or the error that names the first
 // channel whose var + eps is not positive (`name`: the argument's name).
 // Nothing else is written.
 template <class T>
 void checked_inference_invstd(std::span<const T> var, double eps, const char* name,
                               std::span<double> invstd) {
-  if (inference_invstd<T>(var.data(), var.size(), eps, invstd.data())) return;
+  // Even vectorized, 4096 channels took 9 us on one thread (a double square
+  // root and division each), as long as the apply of 32 rows on two: many
+  // channels are shared out (the values do not depend on how).
+  const auto n = static_cast<int64_t>(var.size());
+  const int threads = static_cast<int>(std::clamp<int64_t>(n / kInvstdChannelsPerThread, 1,
+                                                           num_threads()));
+  std::atomic<bool> bad{false};
+  parallel_for(threads, threads, [&](int64_t t) {
+    const int64_t c0 = n * t / threads / 16 * 16;
+    const int64_t c1 = t + 1 == threads ? n : n * (t + 1) / threads / 16 * 16;
+    if (!inference_invstd<T>(var.data() + c0, static_cast<size_t>(c1 - c0), eps,
+                             invstd.data() + c0))
+      bad.store(true, std::memory_order_relaxed);
+  });
+  if (!bad.load(std::memory_order_relaxed)) return;
   for (size_t c = 0; c < var.size(); ++c)
     if (!(var[c] + eps > 0))
       fail_invalid(name, "[", c, "] + eps must be positive, got ", var[c]);
