@@ -215,12 +215,28 @@ void rows_backward_apply(const BackwardApply<float>& p) {
   const int64_t C = plan.channels;
   Workspace ws;
   RowBackwardCoefficients co(ws, p.mean, C);
-  for (int64_t c = 0; c < C; ++c)
-    co.set(c, backward_coefficients(p.mean[c], p.invstd[c], param_or(p.gamma, c, 1.0),
-                                    p.sum_dy[c], p.sum_dy_xhat[c], p.count,
-                                    BackwardMode::training));
+  const auto set_coefficients = [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c)
+      co.set(c, backward_coefficients(p.mean[c], p.invstd[c], param_or(p.gamma, c, 1.0),
+                                      p.sum_dy[c], p.sum_dy_xhat[c], p.count,
+                                      BackwardMode::training));
+  };
   const int threads = threads_for(2 * C * plan.rows);
   const bool stream = cpu::stream_output(C * plan.rows, threads);
+  // Few rows: column units, each thread its channels' coefficients and then
+  // their columns, as the inference (rows_apply).
+  if (const ColumnUnits units = column_units(plan, threads); units.count > 0) {
+    parallel_for(threads, units.count, [&](int64_t u) {
+      const int64_t c0 = u * units.width, width = std::min(units.width, C - c0);
+      set_coefficients(c0, c0 + width);
+      backward_apply_rows_to(stream, p.x + c0, gx.outer_stride, p.dy + c0, p.dy_geom.outer_stride,
+                             p.dx + c0, p.dx_geom.outer_stride, plan.rows, width,
+                             unit_blocked(plan, width), co.mean_hi.data() + c0, co.a.data() + c0,
+                             co.b.data() + c0, co.k.data() + c0);
+    });
+    return;
+  }
+  set_coefficients(0, C);
   parallel_for(threads, plan.chunks, [&](int64_t chunk) {
     const int64_t r0 = plan.first_row(chunk);
     backward_apply_rows_to(stream, p.x + r0 * gx.outer_stride, gx.outer_stride,
