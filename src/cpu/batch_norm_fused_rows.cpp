@@ -42,20 +42,22 @@ using leaf::Workspace;
 
 // ======================= rows =======================
 
-// y and the mask bits of one chunk of rows, through the streamed buffer when
-// `stream` (cpu/streamed_output.hpp).
-void rows_apply_relu_pack(const Forward<float>& p, const RowPlan& plan, int64_t chunk,
-                          const float* mean_hi, const float* scale, const float* shift,
-                          bool stream) {
+// y of rows [r0, r0 + rows) and channels [c0, c0 + width), and the mask bits
+// when wanted (then of whole rows: c0 = 0, width = C), through the streamed
+// buffer when `stream` (cpu/streamed_output.hpp).
+void rows_apply_relu_pack(const Forward<float>& p, int64_t r0, int64_t rows, int64_t c0,
+                          int64_t width, const float* mean_hi, const float* scale,
+                          const float* shift, bool stream) {
   const Geometry& gx = p.x_geom;
-  const int64_t C = plan.channels, r0 = plan.first_row(chunk), rows = plan.rows_in(chunk);
-  const cpu::Output y{p.y + r0 * p.y_geom.outer_stride, p.y_geom.outer_stride};
-  cpu::write_outputs<1>(stream, {y}, rows, C, [&](int64_t first, int64_t count, const auto& out) {
+  const int64_t C = gx.channels;
+  const cpu::Output y{p.y + r0 * p.y_geom.outer_stride + c0, p.y_geom.outer_stride};
+  cpu::write_outputs<1>(stream, {y}, rows, width, [&](int64_t first, int64_t count,
+                                                      const auto& out) {
     const int64_t r = r0 + first;
-    cpu::rows_apply_relu_chunk(p.x + r * gx.outer_stride, gx.outer_stride,
-                               p.z ? p.z + r * p.z_geom.outer_stride : nullptr,
-                               p.z_geom.outer_stride, out[0].data, out[0].stride, count, C,
-                               mean_hi, scale, shift);
+    cpu::rows_apply_relu_chunk(p.x + r * gx.outer_stride + c0, gx.outer_stride,
+                               p.z ? p.z + r * p.z_geom.outer_stride + c0 : nullptr,
+                               p.z_geom.outer_stride, out[0].data, out[0].stride, count, width,
+                               mean_hi + c0, scale + c0, shift + c0);
     if (!p.mask) return;
     if (out[0].stride == C) {  // one run: a call per row costs a dispatch and two atomics
       pack_positive_bits(out[0].data, count * C, p.mask, r * C);
@@ -78,25 +80,20 @@ void rows_forward(const Forward<float>& p) {
   float* const scale = ws.take_for_overwrite<float>(C).data();
   float* const shift = ws.take_for_overwrite<float>(C).data();
   auto apply = [&](int64_t chunk) {
-    rows_apply_relu_pack(p, plan, chunk, mean_hi, scale, shift, stream);
+    rows_apply_relu_pack(p, plan.first_row(chunk), plan.rows_in(chunk), 0, C, mean_hi, scale,
+                         shift, stream);
   };
   if (p.training)
     return rows_forward_training_region(p, plan, threads, mean_hi, scale, shift, apply);
-  // As batch norm's rows inference (rows_apply), so that BN+ReLU's y is
-  // relu of BN's, bit for bit; column units only without a mask (its bits of
-  // a row are packed over all channels).
+  // As batch norm's rows inference (rows_apply): the same coefficients, which
+  // do not depend on how the channels are split, so that BN+ReLU's y is relu
+  // of BN's, bit for bit. Column units only without a mask (a row's mask bits
+  // are packed over all its channels).
   if (const ColumnUnits units = cpu::column_units(plan, threads); units.count > 0 && !p.mask) {
     parallel_for(threads, units.count, [&](int64_t u) {
-      const int64_t c0 = u * units.width, width = std::min(units.width, C - c0);
+      const auto [c0, width] = units.of(u, C);
       cpu::coefficients_of_channels(p, c0, width, mean_hi, scale, shift);
-      const cpu::Output y{p.y + c0, p.y_geom.outer_stride};
-      cpu::write_outputs<1>(stream, {y}, plan.rows, width,
-                            [&](int64_t r, int64_t count, const auto& out) {
-        cpu::rows_apply_relu_chunk(p.x + r * p.x_geom.outer_stride + c0, p.x_geom.outer_stride,
-                                   p.z ? p.z + r * p.z_geom.outer_stride + c0 : nullptr,
-                                   p.z_geom.outer_stride, out[0].data, out[0].stride, count,
-                                   width, mean_hi + c0, scale + c0, shift + c0);
-      });
+      rows_apply_relu_pack(p, 0, plan.rows, c0, width, mean_hi, scale, shift, stream);
     });
     return;
   }

@@ -85,7 +85,7 @@ void rows_forward_units(const Forward<float>& p, const RowPlan& plan, ColumnUnit
   Workspace ws;
   const RowCoefficients k(ws.take_for_overwrite<float>(3 * plan.channels).data(), plan.channels);
   parallel_for(threads, units.count, [&](int64_t u) {
-    const int64_t c0 = u * units.width, width = std::min(units.width, plan.channels - c0);
+    const auto [c0, width] = units.of(u, plan.channels);
     Workspace own;  // this thread's
     double* const mean = own.take_for_overwrite<double>(width).data();
     double* const m2 = own.take_for_overwrite<double>(width).data();
@@ -119,18 +119,18 @@ void rows_apply(const Apply<float>& p) {
   const int64_t C = p.x_geom.channels;
   Workspace ws;
   const RowCoefficients k(ws.take_for_overwrite<float>(3 * C).data(), C);
-  // As forward-training's coefficients (finish_forward_block), so that the same
-  // statistics give the same y; vectorized: 4096 channels one at a time took
-  // longer than the apply of 32 rows on 2 threads.
   const RowPlan plan(p.x_geom);
   const int threads = threads_for(C * p.x_geom.outer);
   const bool stream = cpu::stream_output(C * plan.rows, threads);
-  // Few rows: column units, each thread its channels' coefficients and then
-  // their columns, as forward-training (32x4096 inference at 2 threads, with
-  // the invstd shared out too: 38-41 -> 23.5 us, 20 calls after eviction).
+  // The coefficients as forward-training's (finish_forward_block), so that the
+  // same statistics give the same y; vectorized (4096 channels one at a time
+  // took longer than the apply of 32 rows on 2 threads). With few rows, column
+  // units, each thread its channels' coefficients and then their columns, as
+  // forward-training (32x4096 inference at 2 threads, with the invstd shared
+  // out too: 38-41 -> 23.5 us, 20 calls after eviction).
   if (const ColumnUnits units = column_units(plan, threads); units.count > 0) {
     parallel_for(threads, units.count, [&](int64_t u) {
-      const int64_t c0 = u * units.width, width = std::min(units.width, C - c0);
+      const auto [c0, width] = units.of(u, C);
       cpu::coefficients_of_channels(p, c0, width, k.mean_hi, k.scale, k.shift);
       apply_rows_to(stream, p.x + c0, p.x_geom.outer_stride, p.y + c0, p.y_geom.outer_stride,
                     plan.rows, width, k.mean_hi + c0, k.scale + c0, k.shift + c0);
@@ -150,7 +150,7 @@ void rows_backward_units(const Backward<float>& p, const RowPlan& plan, ColumnUn
                          int threads, bool stream) {
   const Geometry &gx = p.x_geom, &gdy = p.dy_geom;
   parallel_for(threads, units.count, [&](int64_t u) {
-    const int64_t width = std::min(units.width, plan.channels - u * units.width);
+    const int64_t width = units.of(u, plan.channels).width;
     const int64_t blocked = unit_blocked(plan, width);
     unit_backward(
         p, plan, units, u,
@@ -227,7 +227,7 @@ void rows_backward_apply(const BackwardApply<float>& p) {
   // their columns, as the inference (rows_apply).
   if (const ColumnUnits units = column_units(plan, threads); units.count > 0) {
     parallel_for(threads, units.count, [&](int64_t u) {
-      const int64_t c0 = u * units.width, width = std::min(units.width, C - c0);
+      const auto [c0, width] = units.of(u, C);
       set_coefficients(c0, c0 + width);
       backward_apply_rows_to(stream, p.x + c0, gx.outer_stride, p.dy + c0, p.dy_geom.outer_stride,
                              p.dx + c0, p.dx_geom.outer_stride, plan.rows, width,

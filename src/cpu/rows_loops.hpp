@@ -443,6 +443,13 @@ constexpr int64_t kUnitBytes = 256 * 1024;  // a unit's part of x (and of dy)
 constexpr int64_t kUnitRows = 64;
 struct ColumnUnits {
   int64_t width = 0, count = 0;  // count 0: the phased path
+  struct Channels {
+    int64_t first, width;
+  };
+  // Unit u's channels of `channels`: the last unit may be narrower.
+  Channels of(int64_t u, int64_t channels) const {
+    return {u * width, std::min(width, channels - u * width)};
+  }
 };
 // Units are at most
 // kColumnBlock wide (the sums stay in L1), in steps of 16 channels (whole cache
@@ -509,7 +516,7 @@ struct ColumnUnits {
 template <class Backward, class Sums, class Apply>
 void unit_backward(const Backward& p, const leaf::RowPlan& plan, ColumnUnits units, int64_t u,
                    Sums&& sums, Apply&& apply) {
-  const int64_t c0 = u * units.width, width = std::min(units.width, plan.channels - c0);
+  const auto [c0, width] = units.of(u, plan.channels);
   leaf::Workspace ws;  // this thread's
   float* const mean_hi = ws.take_for_overwrite<float>(4 * width).data();
   float *const a = mean_hi + width, *const b = a + width, *const k = b + width;

@@ -435,6 +435,34 @@ TYPED_TEST(Rejected, VarianceMustLeaveRoomForEps) {
                            kInvalid, {"invstd should contain 3 elements not 2"}));
 }
 
+// Thousands of channels: the inference invstd is computed in slices on several
+// threads. A bad variance in any slice is still named (the first of two), and
+// neither y nor invstd is written.
+TEST(InferenceInvstdSlices, ABadVarianceInAnySliceIsNamedAndNothingIsWritten) {
+  constexpr int64_t kN = 2, kC = 4100;
+  std::vector<float> x(kN * kC, 1.0f), y(kN * kC, 7.0f), invstd(kC, 7.0f);
+  const std::vector<float> gamma(kC, 1.0f), beta(kC, 0.0f), mean(kC, 0.0f);
+  const auto xv = TensorView<const float>::contiguous(x.data(), {kN, kC}, Layout::NC);
+  const auto yv = TensorView<float>::contiguous(y.data(), {kN, kC}, Layout::NC);
+  for (const int threads : {2, 3}) {
+    ThreadCount scope(threads);
+    const std::vector<std::vector<int64_t>> cases = {{4090}, {2500, 4000}};
+    for (const std::vector<int64_t>& bad : cases) {
+      std::vector<float> var(kC, 1.0f);
+      for (const int64_t c : bad) var[c] = -1.0f;
+      const std::string first = "[" + std::to_string(bad[0]) + "] + eps must be positive";
+      SCOPED_TRACE(std::to_string(threads) + " threads, first bad channel " + first);
+      EXPECT_TRUE(throws_error(
+          [&] { normkit::batch_norm_forward_inference<float>(xv, yv, gamma, beta, mean, var); },
+          kInvalid, {"running_var" + first}));
+      EXPECT_TRUE(throws_error([&] { normkit::batch_norm_invstd<float>(var, 1e-5, invstd); },
+                               kInvalid, {"var" + first}));
+      EXPECT_EQ(std::count(y.begin(), y.end(), 7.0f), kN * kC) << "y was written";
+      EXPECT_EQ(std::count(invstd.begin(), invstd.end(), 7.0f), kC) << "invstd was written";
+    }
+  }
+}
+
 // NaN or inf in the data is a runtime error found after the statistics are
 // computed; the running and saved statistics and the counter stay unchanged
 // (y may hold partial results).

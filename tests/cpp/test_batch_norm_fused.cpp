@@ -67,6 +67,7 @@ std::vector<Case> cases() {
     add("channels_last_" + shape, nchw_channels_last(g));
   }
   add("NC", dense(Layout::NC, {37, 11, {}}));
+  add("NC_column_units", dense(Layout::NC, {5, 300, {}}));  // units of 256 and 44 channels
   add("NCL", dense(Layout::NCL, {3, 4, {13}}));
   add("NLC", dense(Layout::NLC, {3, 9, {13}}));
   add("NCDHW", dense(Layout::NCDHW, {2, 3, {3, 4, 5}}));
@@ -201,6 +202,19 @@ void check_case(const Case& cs, bool add, bool training) {
   const auto y = yb.gather();
   EXPECT_TRUE(all_close("y vs reference", y, y_ref, kY, &g));
   EXPECT_TRUE(yb.padding_is(sentinel<float>(), "y"));
+  if (!training) {
+    // Without a mask, few rows take column units as BN's inference does (with a
+    // mask, its bits packed over all channels, they do not): the same y.
+    Buffer<float> nb(cs.arr);
+    if (add)
+      normkit::batch_norm_add_relu_forward_inference<float>(xb.cview(), zb.cview(), nb.view(), {},
+                                                            d.gamma, d.beta, d.rm0, d.rv0, kEps);
+    else
+      normkit::batch_norm_relu_forward_inference<float>(xb.cview(), nb.view(), {}, d.gamma,
+                                                        d.beta, d.rm0, d.rv0, kEps);
+    EXPECT_TRUE(bitwise_equal("y without a mask", nb.gather(), y));
+    EXPECT_TRUE(nb.padding_is(sentinel<float>(), "y without a mask"));
+  }
   if (training) {
     std::vector<double> sigma(g.c);
     for (int64_t c = 0; c < g.c; ++c) sigma[c] = 1.0 / invstd_ref[c];

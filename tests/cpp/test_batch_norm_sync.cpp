@@ -23,7 +23,7 @@ std::vector<SyncCase> sync_cases() {
   return {
       {"NCHW", dense(Layout::NCHW, {7, 5, {6, 5}})},
       {"NC", dense(Layout::NC, {7, 70, {}})},  // rows kernels, one channel block + a tail
-      // Rows in column units on 2 or more threads (each its channels' coefficients).
+      // Rows in 20 column units (each its channels' coefficients), on any thread count.
       {"NC_column_units", dense(Layout::NC, {7, 5000, {}})},
       {"NHWC", dense(Layout::NHWC, {7, 6, {4, 5}})},
       {"NCHW_channels_last_strides", nchw_channels_last({7, 16, {3, 4}})},
