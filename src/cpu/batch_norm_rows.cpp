@@ -57,12 +57,21 @@ struct RowCoefficients {
 };
 
 // rows_backward_apply_chunk, writing through the streamed buffer when `stream`
-// (cpu/streamed_output.hpp: outputs larger than the threads' L2), as
-// cpu::apply_rows_to does for the forward.
+// (cpu/streamed_output.hpp: outputs larger than the threads' L2), or straight
+// from the loop, as cpu::apply_rows_to does for the forward.
 void backward_apply_rows_to(bool stream, const float* x, int64_t x_stride, const float* dy,
                             int64_t dy_stride, float* dx, int64_t dx_stride, int64_t rows,
                             int64_t channels, int64_t blocked, const float* mean_hi,
                             const float* a, const float* b, const float* k) {
+#if defined(__SSE2__)
+  if (cpu::streams_rows_directly(stream, channels, {x_stride, dy_stride, dx_stride})) {
+    Workspace ws;
+    cpu::rows_backward_apply_streamed_avx512(
+        x, dy, dx, rows * channels, channels,
+        cpu::extended_coefficients<4>(ws, {mean_hi, a, b, k}, channels));
+    return;
+  }
+#endif
   cpu::write_outputs<1>(stream, {{{dx, dx_stride}}}, rows, channels,
                         [&](int64_t r0, int64_t n, const auto& out) {
     rows_backward_apply_chunk(x + r0 * x_stride, x_stride, dy + r0 * dy_stride, dy_stride,

@@ -332,73 +332,106 @@ void rows_apply_chunk(const float* x, int64_t x_stride, float* y, int64_t y_stri
 }
 
 #if defined(__SSE2__)
-// y = (x - mean_hi)·scale + shift over n values of contiguous rows of
-// `channels`, the first value of channel 0, straight to memory: whole 64-byte
-// lines of y with streaming stores, the partial lines at either end with
-// ordinary (masked) ones. k holds the coefficients, each array followed by its
-// first 16 values again (channels repeated), so that a line crossing the end of
-// a row loads its coefficients in one go. The arithmetic is rows_apply_chunk's
-// in its AVX-512 clone, where GCC contracts it into an FMA: the same bits
-// (StreamedOutputs and FastVsReference tests fail otherwise). Bench, 2
-// threads, alternated runs, x a copy: NHWC inference 32x2048x7x7 0.90-0.91 ->
-// 0.74-0.75, 16x256x28x28 0.85-0.87 -> 0.76-0.81, 32x64x56x56 0.83-0.85 ->
-// 0.79-0.80; forward-train 16x256x28x28 1.30-1.34 -> 1.20-1.27 (through the
-// buffer, a block is computed and then copied out: reads and streamed writes
-// take turns instead of overlapping).
-struct ExtendedCoefficients {
-  const float *mean_hi, *scale, *shift;  // channels + 16 each
-};
-__attribute__((target("avx512f"))) inline __m512 apply_line(const float* x,
-                                                            const ExtendedCoefficients& k,
-                                                            int64_t c, __mmask16 lanes) {
-  const __m512 v = _mm512_sub_ps(_mm512_maskz_loadu_ps(lanes, x), _mm512_loadu_ps(k.mean_hi + c));
-  return _mm512_fmadd_ps(v, _mm512_loadu_ps(k.scale + c), _mm512_loadu_ps(k.shift + c));
+// Outputs of contiguous rows straight to memory on AVX-512 CPUs: whole
+// 64-byte lines with streaming stores, the partial lines at either end with
+// ordinary (masked) ones. Through the 32 KB buffer (write_outputs) a block is
+// computed and then copied out, so the reads of the inputs and the streamed
+// writes take turns; straight from the loop they overlap. 25.7 MB NHWC, C = 64,
+// at 2 threads, x memcpy: an apply 0.71 straight, 0.95-0.99 through the buffer.
+// The lines' arithmetic is the AVX-512 clones' (with GCC's FMA contraction):
+// the same bits (StreamedOutputs and FastVsReference tests fail otherwise).
+// Measured on the Intel VM only (see docs/design.md on an earlier attempt).
+[[maybe_unused]] bool streams_rows_directly(bool stream, int64_t channels,
+                                             std::initializer_list<int64_t> strides) {
+  static const bool avx512 = __builtin_cpu_supports("avx512f");
+  if (!stream || !avx512) return false;
+  for (const int64_t s : strides)
+    if (s != channels) return false;
+  return true;
 }
-__attribute__((target("avx512f"))) inline void rows_apply_streamed_avx512(
-    const float* x, float* y, int64_t n, int64_t channels, const ExtendedCoefficients& k) {
+// N per-channel arrays copied, each followed by its first 16 values again
+// (channels repeated), so that a line crossing the end of a row loads its
+// coefficients in one go.
+template <size_t N>
+std::array<const float*, N> extended_coefficients(leaf::Workspace& ws,
+                                                  const std::array<const float*, N>& from,
+                                                  int64_t channels) {
+  float* const storage = ws.take_for_overwrite<float>(N * (channels + 16)).data();
+  std::array<const float*, N> out;
+  for (size_t a = 0; a < N; ++a) {
+    float* to = storage + a * (channels + 16);
+    std::copy(from[a], from[a] + channels, to);
+    for (int64_t j = 0; j < 16; ++j) to[channels + j] = from[a][j % channels];
+    out[a] = to;
+  }
+  return out;
+}
+// out[i] for i in [0, n), value i of channel i % channels: line(i, c, lanes)
+// gives the 16 values from i (channel c; only `lanes` of them at the ends).
+template <class Line>
+__attribute__((target("avx512f"))) inline void stream_rows_avx512(float* out, int64_t n,
+                                                                  int64_t channels, Line&& line) {
   int64_t i = 0, c = 0;
   const auto advance = [&](int64_t by) {  // (no division: it would chain the lines)
     i += by;
     for (c += by; c >= channels;) c -= channels;
   };
   if (const int64_t head = std::min<int64_t>(
-          n, (16 - static_cast<int64_t>(reinterpret_cast<uintptr_t>(y) % 64 / 4)) % 16);
+          n, (16 - static_cast<int64_t>(reinterpret_cast<uintptr_t>(out) % 64 / 4)) % 16);
       head > 0) {
     const auto lanes = static_cast<__mmask16>((1u << head) - 1);
-    _mm512_mask_storeu_ps(y, lanes, apply_line(x, k, 0, lanes));
+    _mm512_mask_storeu_ps(out, lanes, line(0, 0, lanes));
     advance(head);
   }
-  for (; i + 16 <= n; advance(16)) _mm512_stream_ps(y + i, apply_line(x + i, k, c, 0xffff));
+  for (; i + 16 <= n; advance(16)) _mm512_stream_ps(out + i, line(i, c, __mmask16{0xffff}));
   if (i < n) {
     const auto lanes = static_cast<__mmask16>((1u << (n - i)) - 1);
-    _mm512_mask_storeu_ps(y + i, lanes, apply_line(x + i, k, c, lanes));
+    _mm512_mask_storeu_ps(out + i, lanes, line(i, c, lanes));
   }
   _mm_sfence();
+}
+// y = (x - mean_hi)·scale + shift (k: extended_coefficients of the three).
+__attribute__((target("avx512f"))) inline void rows_apply_streamed_avx512(
+    const float* x, float* y, int64_t n, int64_t channels, const std::array<const float*, 3>& k) {
+  stream_rows_avx512(y, n, channels,
+                     [&](int64_t i, int64_t c, __mmask16 lanes) __attribute__((target("avx512f"),
+                                                                                 always_inline)) {
+    const __m512 v = _mm512_sub_ps(_mm512_maskz_loadu_ps(lanes, x + i), _mm512_loadu_ps(k[0] + c));
+    return _mm512_fmadd_ps(v, _mm512_loadu_ps(k[1] + c), _mm512_loadu_ps(k[2] + c));
+  });
+}
+// dx = a·dy + b·(x - mean_hi) + k (k: extended_coefficients of mean_hi, a, b,
+// k), as GCC contracts it: a·dy fused onto b·(x - mean_hi), then + k.
+__attribute__((target("avx512f"))) inline void rows_backward_apply_streamed_avx512(
+    const float* x, const float* dy, float* dx, int64_t n, int64_t channels,
+    const std::array<const float*, 4>& k) {
+  stream_rows_avx512(dx, n, channels,
+                     [&](int64_t i, int64_t c, __mmask16 lanes) __attribute__((target("avx512f"),
+                                                                                 always_inline)) {
+    const __m512 centered =
+        _mm512_sub_ps(_mm512_maskz_loadu_ps(lanes, x + i), _mm512_loadu_ps(k[0] + c));
+    const __m512 g = _mm512_maskz_loadu_ps(lanes, dy + i);
+    const __m512 sum = _mm512_fmadd_ps(_mm512_loadu_ps(k[1] + c), g,
+                                       _mm512_mul_ps(_mm512_loadu_ps(k[2] + c), centered));
+    return _mm512_add_ps(sum, _mm512_loadu_ps(k[3] + c));
+  });
 }
 #endif
 
 // rows_apply_chunk writing through the streamed buffer when `stream`
 // (cpu/streamed_output.hpp: outputs larger than the threads' L2): BN's and
-// GroupNorm's rows outputs. Contiguous rows on AVX-512 CPUs stream straight
-// from the loop (rows_apply_streamed_avx512).
+// GroupNorm's rows outputs; contiguous rows on AVX-512 CPUs straight from the
+// loop (rows_apply_streamed_avx512).
 [[maybe_unused]] void apply_rows_to(bool stream, const float* x, int64_t x_stride, float* y,
                                     int64_t y_stride, int64_t rows, int64_t channels,
                                     const float* mean_hi, const float* scale,
                                     const float* shift) {
 #if defined(__SSE2__)
-  static const bool avx512 = __builtin_cpu_supports("avx512f");
-  if (stream && avx512 && x_stride == channels && y_stride == channels) {
+  if (streams_rows_directly(stream, channels, {x_stride, y_stride})) {
     leaf::Workspace ws;
-    float* const extended = ws.take_for_overwrite<float>(3 * (channels + 16)).data();
-    const float* from[3] = {mean_hi, scale, shift};
-    for (int a = 0; a < 3; ++a) {
-      float* to = extended + a * (channels + 16);
-      std::copy(from[a], from[a] + channels, to);
-      for (int64_t j = 0; j < 16; ++j) to[channels + j] = from[a][j % channels];
-    }
     rows_apply_streamed_avx512(
         x, y, rows * channels, channels,
-        {extended, extended + (channels + 16), extended + 2 * (channels + 16)});
+        extended_coefficients<3>(ws, {mean_hi, scale, shift}, channels));
     return;
   }
 #endif
