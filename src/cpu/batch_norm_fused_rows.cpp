@@ -79,9 +79,8 @@ void rows_forward(const Forward<float>& p) {
   float* const mean_hi = ws.take_for_overwrite<float>(C).data();
   float* const scale = ws.take_for_overwrite<float>(C).data();
   float* const shift = ws.take_for_overwrite<float>(C).data();
-  auto apply = [&](int64_t chunk) {
-    rows_apply_relu_pack(p, plan.first_row(chunk), plan.rows_in(chunk), 0, C, mean_hi, scale,
-                         shift, stream);
+  auto apply = [&](int64_t r0, int64_t rows) {
+    rows_apply_relu_pack(p, r0, rows, 0, C, mean_hi, scale, shift, stream);
   };
   if (p.training)
     return rows_forward_training_region(p, plan, threads, mean_hi, scale, shift, apply);
@@ -98,7 +97,9 @@ void rows_forward(const Forward<float>& p) {
     return;
   }
   cpu::coefficient_arrays(C, p.mean, p.invstd, p.gamma, p.beta, mean_hi, scale, shift);
-  parallel_for(threads, plan.chunks, apply);
+  parallel_region(threads, [&] {
+    if (const auto [r0, rows] = cpu::thread_rows(plan); rows > 0) apply(r0, rows);
+  });
 }
 
 // dx and dz of rows [r0, r0 + rows), channels [c0, c0 + width), through the

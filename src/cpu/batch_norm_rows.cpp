@@ -32,6 +32,7 @@ using cpu::rows_forward_training_region;
 using cpu::apply_rows_to;
 using cpu::rows_backward_apply_chunk;
 using cpu::rows_gradient_sums_chunk;
+using cpu::thread_rows;
 using cpu::unit_backward;
 using cpu::unit_blocked;
 using cpu::unit_moments;
@@ -79,12 +80,11 @@ void backward_apply_rows_to(bool stream, const float* x, int64_t x_stride, const
   });
 }
 
-// y of one chunk of rows.
+// y of rows [r0, r0 + rows).
 void rows_apply_rows(const Geometry& gx, const Geometry& gy, const float* x, float* y,
-                     const RowPlan& plan, int64_t chunk, const RowCoefficients& k, bool stream) {
-  const int64_t r0 = plan.first_row(chunk);
+                     int64_t r0, int64_t rows, const RowCoefficients& k, bool stream) {
   apply_rows_to(stream, x + r0 * gx.outer_stride, gx.outer_stride, y + r0 * gy.outer_stride,
-                gy.outer_stride, plan.rows_in(chunk), plan.channels, k.mean_hi, k.scale, k.shift);
+                gy.outer_stride, rows, gx.channels, k.mean_hi, k.scale, k.shift);
 }
 
 // Each unit's moments and coefficients (finish_forward_block, into arrays over
@@ -115,8 +115,9 @@ void rows_forward_training(const Forward<float>& p) {
     return rows_forward_units(p, plan, units, threads, stream);
   Workspace ws;
   const RowCoefficients k(ws.take_for_overwrite<float>(3 * C).data(), C);
-  rows_forward_training_region(p, plan, threads, k.mean_hi, k.scale, k.shift, [&](int64_t chunk) {
-    rows_apply_rows(g, p.y_geom, p.x, p.y, plan, chunk, k, stream);
+  rows_forward_training_region(p, plan, threads, k.mean_hi, k.scale, k.shift,
+                               [&](int64_t r0, int64_t rows) {
+    rows_apply_rows(g, p.y_geom, p.x, p.y, r0, rows, k, stream);
   });
 }
 
@@ -147,8 +148,9 @@ void rows_apply(const Apply<float>& p) {
     return;
   }
   cpu::coefficient_arrays(C, p.mean, p.invstd, p.gamma, p.beta, k.mean_hi, k.scale, k.shift);
-  parallel_for(threads, plan.chunks, [&](int64_t chunk) {
-    rows_apply_rows(p.x_geom, p.y_geom, p.x, p.y, plan, chunk, k, stream);
+  parallel_region(threads, [&] {
+    if (const auto [r0, rows] = thread_rows(plan); rows > 0)
+      rows_apply_rows(p.x_geom, p.y_geom, p.x, p.y, r0, rows, k, stream);
   });
 }
 
@@ -203,17 +205,13 @@ void rows_backward(const Backward<float>& p) {
                                  next_chunk(plan, chunk, gx, p.x, &p.dy_geom, p.dy));
       }
     co.finish_from_stripes(p, plan.stripes, stripe_dy, stripe_dy_xmu);
-    if (p.dx) {
-#pragma omp for schedule(static)
-      for (int64_t chunk = 0; chunk < plan.chunks; ++chunk) {
-        const int64_t r0 = plan.first_row(chunk);
-        backward_apply_rows_to(stream, p.x + r0 * gx.outer_stride, gx.outer_stride,
-                               p.dy + r0 * p.dy_geom.outer_stride, p.dy_geom.outer_stride,
-                               p.dx + r0 * p.dx_geom.outer_stride, p.dx_geom.outer_stride,
-                               plan.rows_in(chunk), C, blocked_channels(C), co.mean_hi.data(),
-                               co.a.data(), co.b.data(), co.k.data());
-      }
-    }
+    // (after finish_from_stripes, whose omp for ends with a barrier)
+    if (const auto [r0, rows] = thread_rows(plan); p.dx && rows > 0)
+      backward_apply_rows_to(stream, p.x + r0 * gx.outer_stride, gx.outer_stride,
+                             p.dy + r0 * p.dy_geom.outer_stride, p.dy_geom.outer_stride,
+                             p.dx + r0 * p.dx_geom.outer_stride, p.dx_geom.outer_stride, rows, C,
+                             blocked_channels(C), co.mean_hi.data(), co.a.data(), co.b.data(),
+                             co.k.data());
   });
 }
 
@@ -246,13 +244,13 @@ void rows_backward_apply(const BackwardApply<float>& p) {
     return;
   }
   set_coefficients(0, C);
-  parallel_for(threads, plan.chunks, [&](int64_t chunk) {
-    const int64_t r0 = plan.first_row(chunk);
-    backward_apply_rows_to(stream, p.x + r0 * gx.outer_stride, gx.outer_stride,
-                           p.dy + r0 * p.dy_geom.outer_stride, p.dy_geom.outer_stride,
-                           p.dx + r0 * p.dx_geom.outer_stride, p.dx_geom.outer_stride,
-                           plan.rows_in(chunk), C, blocked_channels(C), co.mean_hi.data(),
-                           co.a.data(), co.b.data(), co.k.data());
+  parallel_region(threads, [&] {
+    if (const auto [r0, rows] = thread_rows(plan); rows > 0)
+      backward_apply_rows_to(stream, p.x + r0 * gx.outer_stride, gx.outer_stride,
+                             p.dy + r0 * p.dy_geom.outer_stride, p.dy_geom.outer_stride,
+                             p.dx + r0 * p.dx_geom.outer_stride, p.dx_geom.outer_stride, rows, C,
+                             blocked_channels(C), co.mean_hi.data(), co.a.data(), co.b.data(),
+                             co.k.data());
   });
 }
 

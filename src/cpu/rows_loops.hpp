@@ -679,15 +679,30 @@ void rows_moments_phase(const Geometry& g, const float* x, double* stripe_mean, 
   }
 }
 
+// Inside a parallel region (or on the calling thread alone): this thread's
+// static share of the plan's chunks as one range of rows {first, count}. An
+// apply, which reduces nothing, takes its share in one call: the streamed
+// stores' fence (stream_rows_avx512) once per thread, not once per chunk of
+// 16 KB (32x64x56x56 NHWC inference at 2 threads: 0.73-0.77 x copy with a
+// fence per chunk, 0.69 without).
+[[maybe_unused]] std::pair<int64_t, int64_t> thread_rows(const leaf::RowPlan& plan) {
+  const int64_t threads = omp_get_num_threads(), t = omp_get_thread_num();
+  const int64_t c0 = plan.chunks * t / threads, c1 = plan.chunks * (t + 1) / threads;
+  if (c1 == c0) return {0, 0};
+  const int64_t first = plan.first_row(c0);
+  return {first, plan.first_row(c1 - 1) + plan.rows_in(c1 - 1) - first};
+}
+
 // A forward-training over rows in one parallel region (opening one and waking
 // threads costs microseconds, which small problems notice): the moments
 // (rows_moments_phase), each merged block finished by finish_forward_block
-// into mean_hi, scale and shift; then apply_chunk(chunk) for every chunk of
-// the plan, once every coefficient is in. Batch norm's and BN+ReLU's.
-template <class Forward, class ApplyChunk>
+// into mean_hi, scale and shift; then apply_rows(first, count) over this
+// thread's share of the rows, once every coefficient is in. Batch norm's and
+// BN+ReLU's.
+template <class Forward, class ApplyRows>
 void rows_forward_training_region(const Forward& p, const leaf::RowPlan& plan, int threads,
                                   float* mean_hi, float* scale, float* shift,
-                                  ApplyChunk&& apply_chunk) {
+                                  ApplyRows&& apply_rows) {
   leaf::Workspace ws;
   double* const stripe_mean = ws.take_for_overwrite<double>(plan.stripes * plan.channels).data();
   double* const stripe_m2 = ws.take_for_overwrite<double>(plan.stripes * plan.channels).data();
@@ -699,8 +714,8 @@ void rows_forward_training_region(const Forward& p, const leaf::RowPlan& plan, i
                          finish_forward_block(p, c0, width, count, mean, m2, mean_hi, scale,
                                               shift);
                        });
-#pragma omp for schedule(static)  // after rows_moments_phase's, which ends with the coefficients
-    for (int64_t chunk = 0; chunk < plan.chunks; ++chunk) apply_chunk(chunk);
+    // (after rows_moments_phase, which ends with the coefficients and a barrier)
+    if (const auto [first, count] = thread_rows(plan); count > 0) apply_rows(first, count);
   });
 }
 
