@@ -108,6 +108,22 @@ void rows_backward_masked_apply(const Backward<float>& p, bool stream, int64_t r
                                 int64_t c0, int64_t width, const float* mean_hi, const float* a,
                                 const float* b, const float* k) {
   const int64_t C = p.x_geom.channels;
+#if defined(__SSE2__)
+  float* const dx = p.dx ? p.dx + r0 * p.dx_geom.outer_stride : nullptr;
+  float* const dz = p.dz ? p.dz + r0 * p.dz_geom.outer_stride : nullptr;
+  if (c0 == 0 && width == C &&
+      cpu::streams_rows_directly(
+          stream, C,
+          {p.x_geom.outer_stride, p.dy_geom.outer_stride, dx ? p.dx_geom.outer_stride : C,
+           dz ? p.dz_geom.outer_stride : C},
+          {dx, dz})) {
+    Workspace ws;
+    cpu::rows_backward_apply_streamed_avx512<true>(
+        p.x + r0 * p.x_geom.outer_stride, p.dy + r0 * p.dy_geom.outer_stride, p.mask, r0 * C, dx,
+        dz, rows * C, C, cpu::extended_coefficients<4>(ws, {mean_hi, a, b, k}, C));
+    return;
+  }
+#endif
   const std::array<cpu::Output, 2> outputs{
       {{p.dx ? p.dx + r0 * p.dx_geom.outer_stride + c0 : nullptr, p.dx_geom.outer_stride},
        {p.dz ? p.dz + r0 * p.dz_geom.outer_stride + c0 : nullptr, p.dz_geom.outer_stride}}};
@@ -184,13 +200,10 @@ void rows_backward_masked(const Backward<float>& p, const RowPlan& plan, int thr
             cpu::next_chunk(plan, chunk, gx, p.x, &p.dy_geom, p.dy));
       }
     co.finish_from_stripes(p, plan.stripes, stripe_g, stripe_g_xmu);
-    if (p.dx || p.dz) {
-#pragma omp for schedule(static)
-      for (int64_t chunk = 0; chunk < plan.chunks; ++chunk) {
-        rows_backward_masked_apply(p, stream, plan.first_row(chunk), plan.rows_in(chunk), 0, C,
-                                   co.mean_hi.data(), co.a.data(), co.b.data(), co.k.data());
-      }
-    }
+    // (after finish_from_stripes, whose omp for ends with a barrier)
+    if (const auto [r0, rows] = cpu::thread_rows(plan); (p.dx || p.dz) && rows > 0)
+      rows_backward_masked_apply(p, stream, r0, rows, 0, C, co.mean_hi.data(), co.a.data(),
+                                 co.b.data(), co.k.data());
   });
 }
 

@@ -67,8 +67,8 @@ void backward_apply_rows_to(bool stream, const float* x, int64_t x_stride, const
 #if defined(__SSE2__)
   if (cpu::streams_rows_directly(stream, channels, {x_stride, dy_stride, dx_stride})) {
     Workspace ws;
-    cpu::rows_backward_apply_streamed_avx512(
-        x, dy, dx, rows * channels, channels,
+    cpu::rows_backward_apply_streamed_avx512<false>(
+        x, dy, nullptr, 0, dx, nullptr, rows * channels, channels,
         cpu::extended_coefficients<4>(ws, {mean_hi, a, b, k}, channels));
     return;
   }

@@ -342,11 +342,18 @@ void rows_apply_chunk(const float* x, int64_t x_stride, float* y, int64_t y_stri
 // the same bits (StreamedOutputs and FastVsReference tests fail otherwise).
 // Measured on the Intel VM only (see docs/design.md on an earlier attempt).
 [[maybe_unused]] bool streams_rows_directly(bool stream, int64_t channels,
-                                             std::initializer_list<int64_t> strides) {
+                                             std::initializer_list<int64_t> strides,
+                                             std::initializer_list<const float*> outputs = {}) {
   static const bool avx512 = __builtin_cpu_supports("avx512f");
   if (!stream || !avx512) return false;
   for (const int64_t s : strides)
     if (s != channels) return false;
+  const float* first = nullptr;  // the outputs (null: none) in the same place of a line
+  for (const float* o : outputs) {
+    if (o && first && (reinterpret_cast<uintptr_t>(o) - reinterpret_cast<uintptr_t>(first)) % 64)
+      return false;
+    if (o && !first) first = o;
+  }
   return true;
 }
 // N per-channel arrays copied, each followed by its first 16 values again
@@ -366,54 +373,70 @@ std::array<const float*, N> extended_coefficients(leaf::Workspace& ws,
   }
   return out;
 }
-// out[i] for i in [0, n), value i of channel i % channels: line(i, c, lanes)
-// gives the 16 values from i (channel c; only `lanes` of them at the ends).
-template <class Line>
-__attribute__((target("avx512f"))) inline void stream_rows_avx512(float* out, int64_t n,
-                                                                  int64_t channels, Line&& line) {
+// outs[o][i] for i in [0, n), value i of channel i % channels: line(i, c,
+// lanes) gives each output's 16 values from i (channel c; only `lanes` of them
+// at the ends). The outputs share their alignment (streams_rows_directly);
+// null ones are skipped.
+template <size_t N, class Line>
+__attribute__((target("avx512f"))) inline void stream_rows_avx512(
+    const std::array<float*, N>& outs, int64_t n, int64_t channels, Line&& line) {
   int64_t i = 0, c = 0;
   const auto advance = [&](int64_t by) {  // (no division: it would chain the lines)
     i += by;
     for (c += by; c >= channels;) c -= channels;
   };
+  const auto store_part = [&](__mmask16 lanes) __attribute__((target("avx512f"), always_inline)) {
+    const std::array<__m512, N> v = line(i, c, lanes);
+    for (size_t o = 0; o < N; ++o)
+      if (outs[o]) _mm512_mask_storeu_ps(outs[o] + i, lanes, v[o]);
+  };
+  const float* aligned_by = outs[0] ? outs[0] : outs[N - 1];
   if (const int64_t head = std::min<int64_t>(
-          n, (16 - static_cast<int64_t>(reinterpret_cast<uintptr_t>(out) % 64 / 4)) % 16);
+          n, (16 - static_cast<int64_t>(reinterpret_cast<uintptr_t>(aligned_by) % 64 / 4)) % 16);
       head > 0) {
-    const auto lanes = static_cast<__mmask16>((1u << head) - 1);
-    _mm512_mask_storeu_ps(out, lanes, line(0, 0, lanes));
+    store_part(static_cast<__mmask16>((1u << head) - 1));
     advance(head);
   }
-  for (; i + 16 <= n; advance(16)) _mm512_stream_ps(out + i, line(i, c, __mmask16{0xffff}));
-  if (i < n) {
-    const auto lanes = static_cast<__mmask16>((1u << (n - i)) - 1);
-    _mm512_mask_storeu_ps(out + i, lanes, line(i, c, lanes));
+  for (; i + 16 <= n; advance(16)) {
+    const std::array<__m512, N> v = line(i, c, __mmask16{0xffff});
+    for (size_t o = 0; o < N; ++o)
+      if (outs[o]) _mm512_stream_ps(outs[o] + i, v[o]);
   }
+  if (i < n) store_part(static_cast<__mmask16>((1u << (n - i)) - 1));
   _mm_sfence();
 }
 // y = (x - mean_hi)·scale + shift (k: extended_coefficients of the three).
 __attribute__((target("avx512f"))) inline void rows_apply_streamed_avx512(
     const float* x, float* y, int64_t n, int64_t channels, const std::array<const float*, 3>& k) {
-  stream_rows_avx512(y, n, channels,
-                     [&](int64_t i, int64_t c, __mmask16 lanes) __attribute__((target("avx512f"),
-                                                                                 always_inline)) {
+  stream_rows_avx512<1>({y}, n, channels,
+                        [&](int64_t i, int64_t c, __mmask16 lanes) __attribute__((
+                            target("avx512f"), always_inline)) {
     const __m512 v = _mm512_sub_ps(_mm512_maskz_loadu_ps(lanes, x + i), _mm512_loadu_ps(k[0] + c));
-    return _mm512_fmadd_ps(v, _mm512_loadu_ps(k[1] + c), _mm512_loadu_ps(k[2] + c));
+    return std::array<__m512, 1>{
+        _mm512_fmadd_ps(v, _mm512_loadu_ps(k[1] + c), _mm512_loadu_ps(k[2] + c))};
   });
 }
-// dx = a·dy + b·(x - mean_hi) + k (k: extended_coefficients of mean_hi, a, b,
-// k), as GCC contracts it: a·dy fused onto b·(x - mean_hi), then + k.
+// dx = a·g + b·(x - mean_hi) + k (k: extended_coefficients of mean_hi, a, b,
+// k), as GCC contracts it: a·g fused onto b·(x - mean_hi), then + k; g = dy,
+// or with a mask (mask_bit(i): the mask's bit index of value i) dy where the
+// bit is set and +0 elsewhere, also written to dz (when not null).
+template <bool Masked>
 __attribute__((target("avx512f"))) inline void rows_backward_apply_streamed_avx512(
-    const float* x, const float* dy, float* dx, int64_t n, int64_t channels,
-    const std::array<const float*, 4>& k) {
-  stream_rows_avx512(dx, n, channels,
-                     [&](int64_t i, int64_t c, __mmask16 lanes) __attribute__((target("avx512f"),
-                                                                                 always_inline)) {
+    const float* x, const float* dy, const uint8_t* mask, int64_t mask_bit, float* dx, float* dz,
+    int64_t n, int64_t channels, const std::array<const float*, 4>& k) {
+  stream_rows_avx512<2>({dx, dz}, n, channels,
+                        [&](int64_t i, int64_t c, __mmask16 lanes) __attribute__((
+                            target("avx512f"), always_inline)) {
+    __mmask16 kept = lanes;
+    if constexpr (Masked)
+      kept &= static_cast<__mmask16>(
+          leaf::mask_bits(mask, mask_bit + i, __builtin_popcount(static_cast<unsigned>(lanes))));
+    const __m512 g = _mm512_maskz_loadu_ps(kept, dy + i);
     const __m512 centered =
         _mm512_sub_ps(_mm512_maskz_loadu_ps(lanes, x + i), _mm512_loadu_ps(k[0] + c));
-    const __m512 g = _mm512_maskz_loadu_ps(lanes, dy + i);
     const __m512 sum = _mm512_fmadd_ps(_mm512_loadu_ps(k[1] + c), g,
                                        _mm512_mul_ps(_mm512_loadu_ps(k[2] + c), centered));
-    return _mm512_add_ps(sum, _mm512_loadu_ps(k[3] + c));
+    return std::array<__m512, 2>{_mm512_add_ps(sum, _mm512_loadu_ps(k[3] + c)), g};
   });
 }
 #endif

@@ -357,6 +357,44 @@ INSTANTIATE_TEST_SUITE_P(
                       Case{"NHWC_C64", dense(Layout::NHWC, {64, 64, {28, 28}})}),
     ByName{});
 
+// Channels-last BN+Add+ReLU backward streams dx and dz straight from its loop
+// on AVX-512 CPUs when the two lie at the same place of a cache line, and
+// through the streamed buffer otherwise (cpu::streams_rows_directly): the
+// same dx and dz, bit for bit.
+TEST(FusedStreamedOutputs, DxAndDzStraightOrThroughTheBufferAreTheSame) {
+  const Logical g{64, 64, {28, 28}};  // 12.8 MB per tensor: streamed at 2 threads
+  const Arrangement arr = dense(Layout::NHWC, g);
+  const Data d = make_data(g, "dx and dz streamed");
+  Buffer<float> xb(arr), zb(arr), yb(arr), dyb(arr);
+  xb.scatter(d.x);
+  zb.scatter(d.z);
+  dyb.scatter(d.dy);
+  ThreadCount threads(2);
+  std::vector<uint8_t> mask(static_cast<size_t>(normkit::relu_mask_bytes(g.numel())));
+  std::vector<float> mean(g.c), invstd(g.c), rm = d.rm0, rv = d.rv0;
+  normkit::batch_norm_add_relu_forward_training<float>(xb.cview(), zb.cview(), yb.view(), mask,
+                                                       d.gamma, d.beta, {mean, invstd}, {rm, rv});
+  // dx at the start of a line; dz there too, or 4 floats further.
+  const auto backward = [&](int64_t dz_shift) {
+    std::vector<float> storage(static_cast<size_t>(2 * g.numel() + 64));
+    const auto at = reinterpret_cast<uintptr_t>(storage.data()) % 64 / sizeof(float);
+    float* const dx = storage.data() + (16 - at) % 16;
+    float* const dz = dx + g.numel() + 16 + dz_shift;
+    std::vector<float> dgamma(g.c), dbeta(g.c);
+    normkit::batch_norm_add_relu_backward<float>(
+        xb.cview(), dyb.cview(), mask, TensorView<float>::strided(dx, arr.sizes, arr.strides,
+                                                                  arr.layout),
+        TensorView<float>::strided(dz, arr.sizes, arr.strides, arr.layout), d.gamma, mean,
+        invstd, dgamma, dbeta);
+    return std::make_pair(std::vector<float>(dx, dx + g.numel()),
+                          std::vector<float>(dz, dz + g.numel()));
+  };
+  const auto [dx_straight, dz_straight] = backward(0);
+  const auto [dx_buffered, dz_buffered] = backward(4);
+  EXPECT_TRUE(bitwise_equal("dx", dx_straight, dx_buffered));
+  EXPECT_TRUE(bitwise_equal("dz", dz_straight, dz_buffered));
+}
+
 // The documented bit order on a tiny dense NCHW and NHWC tensor, by hand.
 // ceil(numel / 8) without overflow up to the largest int64; negative sizes are errors.
 TEST(BatchNormFusedMask, MaskBytesForEveryCount) {
