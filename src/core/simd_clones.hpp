@@ -9,9 +9,15 @@
 // global symbol, so two files' copies collide at link time (and it refuses
 // [[maybe_unused]] next to target_clones). Clang builds (sanitizers, fuzzing,
 // the second-compiler check) run the baseline loops.
+//
+// NORMKIT_HAS_SIMD_CLONES: whether they exist. Hand-written AVX-512 loops that
+// must give the clones' bits (cpu/rows_loops.hpp, stream_rows_avx512) are
+// built only then: on an AVX-512 CPU the clones contract as those loops do.
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define NORMKIT_SIMD_CLONES \
   __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#define NORMKIT_HAS_SIMD_CLONES 1
 #else
 #define NORMKIT_SIMD_CLONES
+#define NORMKIT_HAS_SIMD_CLONES 0
 #endif

@@ -50,21 +50,24 @@ void rows_apply_relu_pack(const Forward<float>& p, int64_t r0, int64_t rows, int
                           const float* shift, bool stream) {
   const Geometry& gx = p.x_geom;
   const int64_t C = gx.channels;
-  const cpu::Output y{p.y + r0 * p.y_geom.outer_stride + c0, p.y_geom.outer_stride};
-  cpu::write_outputs<1>(stream, {y}, rows, width, [&](int64_t first, int64_t count,
-                                                      const auto& out) {
-    const int64_t r = r0 + first;
-    cpu::rows_apply_relu_chunk(p.x + r * gx.outer_stride + c0, gx.outer_stride,
-                               p.z ? p.z + r * p.z_geom.outer_stride + c0 : nullptr,
-                               p.z_geom.outer_stride, out[0].data, out[0].stride, count, width,
-                               mean_hi + c0, scale + c0, shift + c0);
-    if (!p.mask) return;
-    if (out[0].stride == C) {  // one run: a call per row costs a dispatch and two atomics
-      pack_positive_bits(out[0].data, count * C, p.mask, r * C);
-    } else {
-      for (int64_t i = 0; i < count; ++i)
-        pack_positive_bits(out[0].data + i * out[0].stride, C, p.mask, (r + i) * C);
-    }
+  cpu::for_row_pieces(rows, width, [&](int64_t p0, int64_t piece) {
+    const int64_t first_row = r0 + p0;
+    const cpu::Output y{p.y + first_row * p.y_geom.outer_stride + c0, p.y_geom.outer_stride};
+    cpu::write_outputs<1>(stream, {y}, piece, width, [&](int64_t first, int64_t count,
+                                                         const auto& out) {
+      const int64_t r = first_row + first;
+      cpu::rows_apply_relu_chunk(p.x + r * gx.outer_stride + c0, gx.outer_stride,
+                                 p.z ? p.z + r * p.z_geom.outer_stride + c0 : nullptr,
+                                 p.z_geom.outer_stride, out[0].data, out[0].stride, count,
+                                 width, mean_hi + c0, scale + c0, shift + c0);
+      if (!p.mask) return;
+      if (out[0].stride == C) {  // one run: a call per row costs a dispatch and two atomics
+        pack_positive_bits(out[0].data, count * C, p.mask, r * C);
+      } else {
+        for (int64_t i = 0; i < count; ++i)
+          pack_positive_bits(out[0].data + i * out[0].stride, C, p.mask, (r + i) * C);
+      }
+    });
   });
 }
 
@@ -103,12 +106,13 @@ void rows_forward(const Forward<float>& p) {
 }
 
 // dx and dz of rows [r0, r0 + rows), channels [c0, c0 + width), through the
-// streamed buffer when `stream` (cpu/streamed_output.hpp).
+// streamed buffer when `stream` (cpu/streamed_output.hpp), or straight from
+// the loop (cpu::stream_rows_avx512).
 void rows_backward_masked_apply(const Backward<float>& p, bool stream, int64_t r0, int64_t rows,
                                 int64_t c0, int64_t width, const float* mean_hi, const float* a,
                                 const float* b, const float* k) {
   const int64_t C = p.x_geom.channels;
-#if defined(__SSE2__)
+#if NORMKIT_HAS_SIMD_CLONES
   float* const dx = p.dx ? p.dx + r0 * p.dx_geom.outer_stride : nullptr;
   float* const dz = p.dz ? p.dz + r0 * p.dz_geom.outer_stride : nullptr;
   if (c0 == 0 && width == C &&
@@ -124,17 +128,23 @@ void rows_backward_masked_apply(const Backward<float>& p, bool stream, int64_t r
     return;
   }
 #endif
-  const std::array<cpu::Output, 2> outputs{
-      {{p.dx ? p.dx + r0 * p.dx_geom.outer_stride + c0 : nullptr, p.dx_geom.outer_stride},
-       {p.dz ? p.dz + r0 * p.dz_geom.outer_stride + c0 : nullptr, p.dz_geom.outer_stride}}};
-  cpu::write_outputs(stream, outputs, rows, width,
-                     [&](int64_t first, int64_t count, const auto& out) {
-    const int64_t r = r0 + first;
-    cpu::rows_backward_apply_masked_chunk(
-        p.x + r * p.x_geom.outer_stride + c0, p.x_geom.outer_stride,
-        leaf::GradientSource{p.dy + r * p.dy_geom.outer_stride + c0, p.dy_geom.outer_stride,
-                             p.mask, r * C + c0, C},
-        out[0].data, out[0].stride, out[1].data, out[1].stride, count, width, mean_hi, a, b, k);
+  cpu::for_row_pieces(rows, width, [&](int64_t p0, int64_t piece) {
+    const int64_t first_row = r0 + p0;
+    const std::array<cpu::Output, 2> outputs{
+        {{p.dx ? p.dx + first_row * p.dx_geom.outer_stride + c0 : nullptr,
+          p.dx_geom.outer_stride},
+         {p.dz ? p.dz + first_row * p.dz_geom.outer_stride + c0 : nullptr,
+          p.dz_geom.outer_stride}}};
+    cpu::write_outputs(stream, outputs, piece, width,
+                       [&](int64_t first, int64_t count, const auto& out) {
+      const int64_t r = first_row + first;
+      cpu::rows_backward_apply_masked_chunk(
+          p.x + r * p.x_geom.outer_stride + c0, p.x_geom.outer_stride,
+          leaf::GradientSource{p.dy + r * p.dy_geom.outer_stride + c0, p.dy_geom.outer_stride,
+                               p.mask, r * C + c0, C},
+          out[0].data, out[0].stride, out[1].data, out[1].stride, count, width, mean_hi, a, b,
+          k);
+    });
   });
 }
 

@@ -10,6 +10,7 @@
 #include <cstdint>
 
 #include "core/parallel.hpp"
+#include "core/simd_clones.hpp"
 #include "cpu/coefficients.hpp"
 #include "cpu/leaf_loops.hpp"
 #include "cpu/streamed_output.hpp"
@@ -331,7 +332,7 @@ void rows_apply_chunk(const float* x, int64_t x_stride, float* y, int64_t y_stri
                          shift);
 }
 
-#if defined(__SSE2__)
+#if NORMKIT_HAS_SIMD_CLONES
 // Outputs of contiguous rows straight to memory on AVX-512 CPUs: whole
 // 64-byte lines with streaming stores, the partial lines at either end with
 // ordinary (masked) ones. Through the 32 KB buffer (write_outputs) a block is
@@ -343,13 +344,14 @@ void rows_apply_chunk(const float* x, int64_t x_stride, float* y, int64_t y_stri
 // Measured on the Intel VM only (see docs/design.md on an earlier attempt).
 [[maybe_unused]] bool streams_rows_directly(bool stream, int64_t channels,
                                              std::initializer_list<int64_t> strides,
-                                             std::initializer_list<const float*> outputs = {}) {
+                                             std::initializer_list<const float*> outputs) {
   static const bool avx512 = __builtin_cpu_supports("avx512f");
   if (!stream || !avx512) return false;
   for (const int64_t s : strides)
     if (s != channels) return false;
   const float* first = nullptr;  // the outputs (null: none) in the same place of a line
   for (const float* o : outputs) {
+    if (o && reinterpret_cast<uintptr_t>(o) % sizeof(float)) return false;  // never on a line
     if (o && first && (reinterpret_cast<uintptr_t>(o) - reinterpret_cast<uintptr_t>(first)) % 64)
       return false;
     if (o && !first) first = o;
@@ -381,9 +383,10 @@ template <size_t N, class Line>
 __attribute__((target("avx512f"))) inline void stream_rows_avx512(
     const std::array<float*, N>& outs, int64_t n, int64_t channels, Line&& line) {
   int64_t i = 0, c = 0;
-  const auto advance = [&](int64_t by) {  // (no division: it would chain the lines)
-    i += by;
-    for (c += by; c >= channels;) c -= channels;
+  const auto advance = [&](int64_t by) {  // (a division only for fewer than 16 channels:
+    i += by;                               // one per line would chain the lines)
+    c += by;
+    if (c >= channels) c = channels >= 16 ? c - channels : c % channels;
   };
   const auto store_part = [&](__mmask16 lanes) __attribute__((target("avx512f"), always_inline)) {
     const std::array<__m512, N> v = line(i, c, lanes);
@@ -441,6 +444,18 @@ __attribute__((target("avx512f"))) inline void rows_backward_apply_streamed_avx5
 }
 #endif
 
+// body(first, count) over rows [0, rows) in pieces of a RowPlan's chunk (at
+// most 64 rows of 64K values): a thread's share of rows (thread_rows) taken
+// by the register-block loops piece by piece, each piece in L1 across its
+// blocks, as when the share was called chunk by chunk.
+template <class Body>
+void for_row_pieces(int64_t rows, int64_t channels, Body&& body) {
+  const int64_t per_row = std::max<int64_t>(channels, 1);
+  const int64_t piece = std::clamp<int64_t>(leaf::kRowChunkElements / per_row, 1,
+                                            leaf::kMaxChunkRows);
+  for (int64_t r0 = 0; r0 < rows; r0 += piece) body(r0, std::min(piece, rows - r0));
+}
+
 // rows_apply_chunk writing through the streamed buffer when `stream`
 // (cpu/streamed_output.hpp: outputs larger than the threads' L2): BN's and
 // GroupNorm's rows outputs; contiguous rows on AVX-512 CPUs straight from the
@@ -449,8 +464,8 @@ __attribute__((target("avx512f"))) inline void rows_backward_apply_streamed_avx5
                                     int64_t y_stride, int64_t rows, int64_t channels,
                                     const float* mean_hi, const float* scale,
                                     const float* shift) {
-#if defined(__SSE2__)
-  if (streams_rows_directly(stream, channels, {x_stride, y_stride})) {
+#if NORMKIT_HAS_SIMD_CLONES
+  if (streams_rows_directly(stream, channels, {x_stride, y_stride}, {y})) {
     leaf::Workspace ws;
     rows_apply_streamed_avx512(
         x, y, rows * channels, channels,
@@ -458,10 +473,12 @@ __attribute__((target("avx512f"))) inline void rows_backward_apply_streamed_avx5
     return;
   }
 #endif
-  write_outputs<1>(stream, {{{y, y_stride}}}, rows, channels,
-                   [&](int64_t r0, int64_t n, const auto& out) {
-    rows_apply_chunk(x + r0 * x_stride, x_stride, out[0].data, out[0].stride, n, channels,
-                     mean_hi, scale, shift);
+  for_row_pieces(rows, channels, [&](int64_t p0, int64_t count) {
+    write_outputs<1>(stream, {{{y + p0 * y_stride, y_stride}}}, count, channels,
+                     [&](int64_t r0, int64_t n, const auto& out) {
+      rows_apply_chunk(x + (p0 + r0) * x_stride, x_stride, out[0].data, out[0].stride, n,
+                       channels, mean_hi, scale, shift);
+    });
   });
 }
 

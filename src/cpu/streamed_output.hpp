@@ -18,8 +18,9 @@
 // The kernel computes a block of the output into a buffer in L1 with its own
 // loop, then streams the buffer out: the same loop writes the same bits
 // either way, and its clones (target_clones) stay as they are
-// (tests/cpp/test_batch_norm_numerics.cpp, StreamedOutputs). Internal
-// linkage, as the other shared headers (src/cpu/README.md, rule 5).
+// (tests/cpp/test_batch_norm_numerics.cpp, StreamedOutputs). Contiguous rows
+// on AVX-512 CPUs skip the buffer: cpu/rows_loops.hpp, stream_rows_avx512.
+// Internal linkage, as the other shared headers (src/cpu/README.md, rule 5).
 #if defined(__SSE2__)
 #include <immintrin.h>
 #endif

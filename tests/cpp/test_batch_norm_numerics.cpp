@@ -312,7 +312,8 @@ INSTANTIATE_TEST_SUITE_P(
     ByName());
 
 // Outputs larger than the threads' L2 go to memory with streaming stores,
-// computed first into a buffer in L1 (src/cpu/streamed_output.hpp); rows too
+// computed first into a buffer in L1 (src/cpu/streamed_output.hpp), or, for
+// contiguous rows on AVX-512 CPUs, straight from the loop; rows too
 // short to stream, apart from each other, are written in place. The same
 // problem both ways gives the same bits: dense (streamed) against rows or
 // planes padded to a stride just past them (written in place).

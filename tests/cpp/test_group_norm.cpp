@@ -280,7 +280,8 @@ TEST(GroupNormFast, OptionalPartsAreOptional) {
 }
 
 // Outputs larger than the threads' L2 go to memory with streaming stores
-// through a buffer (src/cpu/streamed_output.hpp). A sample's y and dx depend
+// (src/cpu/streamed_output.hpp; rows straight from the loop on AVX-512 CPUs,
+// cpu/rows_loops.hpp). A sample's y and dx depend
 // on that sample alone: 16 samples of 1 MB (16.8 MB, streamed) give the bits
 // of each sample normalized by itself (1 MB, written in place), and y matches
 // the reference. In place (y = x, dx = dy), streamed, the same bits.
