@@ -374,11 +374,13 @@ TEST(FusedStreamedOutputs, DxAndDzStraightOrThroughTheBufferAreTheSame) {
   std::vector<float> mean(g.c), invstd(g.c), rm = d.rm0, rv = d.rv0;
   normkit::batch_norm_add_relu_forward_training<float>(xb.cview(), zb.cview(), yb.view(), mask,
                                                        d.gamma, d.beta, {mean, invstd}, {rm, rv});
-  // dx at the start of a line; dz there too, or 4 floats further.
-  const auto backward = [&](int64_t dz_shift) {
+  // dx `dx_shift` floats past the start of a line (4: partial lines at either
+  // end of each thread's rows, lines across the ends of rows, mask bits read
+  // at a shift); dz at the same place of a line, or 4 floats further.
+  const auto backward = [&](int64_t dx_shift, int64_t dz_shift) {
     std::vector<float> storage(static_cast<size_t>(2 * g.numel() + 64));
     const auto at = reinterpret_cast<uintptr_t>(storage.data()) % 64 / sizeof(float);
-    float* const dx = storage.data() + (16 - at) % 16;
+    float* const dx = storage.data() + (16 - at) % 16 + dx_shift;
     float* const dz = dx + g.numel() + 16 + dz_shift;
     std::vector<float> dgamma(g.c), dbeta(g.c);
     normkit::batch_norm_add_relu_backward<float>(
@@ -389,10 +391,13 @@ TEST(FusedStreamedOutputs, DxAndDzStraightOrThroughTheBufferAreTheSame) {
     return std::make_pair(std::vector<float>(dx, dx + g.numel()),
                           std::vector<float>(dz, dz + g.numel()));
   };
-  const auto [dx_straight, dz_straight] = backward(0);
-  const auto [dx_buffered, dz_buffered] = backward(4);
-  EXPECT_TRUE(bitwise_equal("dx", dx_straight, dx_buffered));
-  EXPECT_TRUE(bitwise_equal("dz", dz_straight, dz_buffered));
+  const auto [dx_buffered, dz_buffered] = backward(0, 4);
+  for (const int64_t dx_shift : {0, 4}) {
+    SCOPED_TRACE("dx " + std::to_string(dx_shift) + " floats past a line");
+    const auto [dx_straight, dz_straight] = backward(dx_shift, 0);
+    EXPECT_TRUE(bitwise_equal("dx", dx_straight, dx_buffered));
+    EXPECT_TRUE(bitwise_equal("dz", dz_straight, dz_buffered));
+  }
 }
 
 // The documented bit order on a tiny dense NCHW and NHWC tensor, by hand.
