@@ -50,24 +50,21 @@ void rows_apply_relu_pack(const Forward<float>& p, int64_t r0, int64_t rows, int
                           const float* shift, bool stream) {
   const Geometry& gx = p.x_geom;
   const int64_t C = gx.channels;
-  cpu::for_row_pieces(rows, width, [&](int64_t p0, int64_t piece) {
-    const int64_t first_row = r0 + p0;
-    const cpu::Output y{p.y + first_row * p.y_geom.outer_stride + c0, p.y_geom.outer_stride};
-    cpu::write_outputs<1>(stream, {y}, piece, width, [&](int64_t first, int64_t count,
+  const cpu::Output y{p.y + r0 * p.y_geom.outer_stride + c0, p.y_geom.outer_stride};
+  cpu::write_row_pieces<1>(stream, {y}, rows, width, [&](int64_t first, int64_t count,
                                                          const auto& out) {
-      const int64_t r = first_row + first;
-      cpu::rows_apply_relu_chunk(p.x + r * gx.outer_stride + c0, gx.outer_stride,
-                                 p.z ? p.z + r * p.z_geom.outer_stride + c0 : nullptr,
-                                 p.z_geom.outer_stride, out[0].data, out[0].stride, count,
-                                 width, mean_hi + c0, scale + c0, shift + c0);
-      if (!p.mask) return;
-      if (out[0].stride == C) {  // one run: a call per row costs a dispatch and two atomics
-        pack_positive_bits(out[0].data, count * C, p.mask, r * C);
-      } else {
-        for (int64_t i = 0; i < count; ++i)
-          pack_positive_bits(out[0].data + i * out[0].stride, C, p.mask, (r + i) * C);
-      }
-    });
+    const int64_t r = r0 + first;
+    cpu::rows_apply_relu_chunk(p.x + r * gx.outer_stride + c0, gx.outer_stride,
+                               p.z ? p.z + r * p.z_geom.outer_stride + c0 : nullptr,
+                               p.z_geom.outer_stride, out[0].data, out[0].stride, count, width,
+                               mean_hi + c0, scale + c0, shift + c0);
+    if (!p.mask) return;
+    if (out[0].stride == C) {  // one run: a call per row costs a dispatch and two atomics
+      pack_positive_bits(out[0].data, count * C, p.mask, r * C);
+    } else {
+      for (int64_t i = 0; i < count; ++i)
+        pack_positive_bits(out[0].data + i * out[0].stride, C, p.mask, (r + i) * C);
+    }
   });
 }
 
@@ -112,39 +109,28 @@ void rows_backward_masked_apply(const Backward<float>& p, bool stream, int64_t r
                                 int64_t c0, int64_t width, const float* mean_hi, const float* a,
                                 const float* b, const float* k) {
   const int64_t C = p.x_geom.channels;
+  const std::array<cpu::Output, 2> outputs{
+      {{p.dx ? p.dx + r0 * p.dx_geom.outer_stride + c0 : nullptr, p.dx_geom.outer_stride},
+       {p.dz ? p.dz + r0 * p.dz_geom.outer_stride + c0 : nullptr, p.dz_geom.outer_stride}}};
 #if NORMKIT_HAS_SIMD_CLONES
-  float* const dx = p.dx ? p.dx + r0 * p.dx_geom.outer_stride : nullptr;
-  float* const dz = p.dz ? p.dz + r0 * p.dz_geom.outer_stride : nullptr;
+  const auto& [dx, dz] = outputs;
   if (c0 == 0 && width == C &&
-      cpu::streams_rows_directly(
-          stream, C,
-          {p.x_geom.outer_stride, p.dy_geom.outer_stride, dx ? p.dx_geom.outer_stride : C,
-           dz ? p.dz_geom.outer_stride : C},
-          {dx, dz})) {
-    Workspace ws;
-    cpu::rows_backward_apply_streamed_avx512<true>(
-        p.x + r0 * p.x_geom.outer_stride, p.dy + r0 * p.dy_geom.outer_stride, p.mask, r0 * C, dx,
-        dz, rows * C, C, cpu::extended_coefficients<4>(ws, {mean_hi, a, b, k}, C));
-    return;
-  }
+      cpu::streams_rows_directly(stream, C,
+                                 {p.x_geom.outer_stride, p.dy_geom.outer_stride,
+                                  dx.data ? dx.stride : C, dz.data ? dz.stride : C},
+                                 {dx.data, dz.data}))
+    return cpu::rows_backward_apply_streamed_avx512<true>(
+        p.x + r0 * p.x_geom.outer_stride, p.dy + r0 * p.dy_geom.outer_stride, p.mask, r0 * C,
+        dx.data, dz.data, rows * C, C, {mean_hi, a, b, k});
 #endif
-  cpu::for_row_pieces(rows, width, [&](int64_t p0, int64_t piece) {
-    const int64_t first_row = r0 + p0;
-    const std::array<cpu::Output, 2> outputs{
-        {{p.dx ? p.dx + first_row * p.dx_geom.outer_stride + c0 : nullptr,
-          p.dx_geom.outer_stride},
-         {p.dz ? p.dz + first_row * p.dz_geom.outer_stride + c0 : nullptr,
-          p.dz_geom.outer_stride}}};
-    cpu::write_outputs(stream, outputs, piece, width,
-                       [&](int64_t first, int64_t count, const auto& out) {
-      const int64_t r = first_row + first;
-      cpu::rows_backward_apply_masked_chunk(
-          p.x + r * p.x_geom.outer_stride + c0, p.x_geom.outer_stride,
-          leaf::GradientSource{p.dy + r * p.dy_geom.outer_stride + c0, p.dy_geom.outer_stride,
-                               p.mask, r * C + c0, C},
-          out[0].data, out[0].stride, out[1].data, out[1].stride, count, width, mean_hi, a, b,
-          k);
-    });
+  cpu::write_row_pieces(stream, outputs, rows, width,
+                        [&](int64_t first, int64_t count, const auto& out) {
+    const int64_t r = r0 + first;
+    cpu::rows_backward_apply_masked_chunk(
+        p.x + r * p.x_geom.outer_stride + c0, p.x_geom.outer_stride,
+        leaf::GradientSource{p.dy + r * p.dy_geom.outer_stride + c0, p.dy_geom.outer_stride,
+                             p.mask, r * C + c0, C},
+        out[0].data, out[0].stride, out[1].data, out[1].stride, count, width, mean_hi, a, b, k);
   });
 }
 

@@ -65,22 +65,14 @@ void backward_apply_rows_to(bool stream, const float* x, int64_t x_stride, const
                             int64_t channels, int64_t blocked, const float* mean_hi,
                             const float* a, const float* b, const float* k) {
 #if NORMKIT_HAS_SIMD_CLONES
-  if (cpu::streams_rows_directly(stream, channels, {x_stride, dy_stride, dx_stride}, {dx})) {
-    Workspace ws;
-    cpu::rows_backward_apply_streamed_avx512<false>(
-        x, dy, nullptr, 0, dx, nullptr, rows * channels, channels,
-        cpu::extended_coefficients<4>(ws, {mean_hi, a, b, k}, channels));
-    return;
-  }
+  if (cpu::streams_rows_directly(stream, channels, {x_stride, dy_stride, dx_stride}, {dx}))
+    return cpu::rows_backward_apply_streamed_avx512<false>(
+        x, dy, nullptr, 0, dx, nullptr, rows * channels, channels, {mean_hi, a, b, k});
 #endif
-  cpu::for_row_pieces(rows, channels, [&](int64_t p0, int64_t count) {
-    cpu::write_outputs<1>(stream, {{{dx + p0 * dx_stride, dx_stride}}}, count, channels,
-                          [&](int64_t r0, int64_t n, const auto& out) {
-      const int64_t r = p0 + r0;
-      rows_backward_apply_chunk(x + r * x_stride, x_stride, dy + r * dy_stride, dy_stride,
-                                out[0].data, out[0].stride, n, channels, blocked, mean_hi, a, b,
-                                k);
-    });
+  cpu::write_row_pieces<1>(stream, {{{dx, dx_stride}}}, rows, channels,
+                           [&](int64_t r0, int64_t n, const auto& out) {
+    rows_backward_apply_chunk(x + r0 * x_stride, x_stride, dy + r0 * dy_stride, dy_stride,
+                              out[0].data, out[0].stride, n, channels, blocked, mean_hi, a, b, k);
   });
 }
 

@@ -408,9 +408,13 @@ __attribute__((target("avx512f"))) inline void stream_rows_avx512(
   if (i < n) store_part(static_cast<__mmask16>((1u << (n - i)) - 1));
   _mm_sfence();
 }
-// y = (x - mean_hi)·scale + shift (k: extended_coefficients of the three).
+// y = (x - mean_hi)·scale + shift, the coefficients (mean_hi, scale, shift)
+// per channel.
 __attribute__((target("avx512f"))) inline void rows_apply_streamed_avx512(
-    const float* x, float* y, int64_t n, int64_t channels, const std::array<const float*, 3>& k) {
+    const float* x, float* y, int64_t n, int64_t channels,
+    const std::array<const float*, 3>& coefficients) {
+  leaf::Workspace ws;
+  const auto k = extended_coefficients(ws, coefficients, channels);
   stream_rows_avx512<1>({y}, n, channels,
                         [&](int64_t i, int64_t c, __mmask16 lanes) __attribute__((
                             target("avx512f"), always_inline)) {
@@ -419,14 +423,16 @@ __attribute__((target("avx512f"))) inline void rows_apply_streamed_avx512(
         _mm512_fmadd_ps(v, _mm512_loadu_ps(k[1] + c), _mm512_loadu_ps(k[2] + c))};
   });
 }
-// dx = a·g + b·(x - mean_hi) + k (k: extended_coefficients of mean_hi, a, b,
-// k), as GCC contracts it: a·g fused onto b·(x - mean_hi), then + k; g = dy,
-// or with a mask (mask_bit(i): the mask's bit index of value i) dy where the
-// bit is set and +0 elsewhere, also written to dz (when not null).
+// dx = a·g + b·(x - mean_hi) + k (the coefficients mean_hi, a, b, k per
+// channel), as GCC contracts it: a·g fused onto b·(x - mean_hi), then + k;
+// g = dy, or with a mask (mask_bit: the mask's bit index of value 0) dy where
+// the bit is set and +0 elsewhere, also written to dz (when not null).
 template <bool Masked>
 __attribute__((target("avx512f"))) inline void rows_backward_apply_streamed_avx512(
     const float* x, const float* dy, const uint8_t* mask, int64_t mask_bit, float* dx, float* dz,
-    int64_t n, int64_t channels, const std::array<const float*, 4>& k) {
+    int64_t n, int64_t channels, const std::array<const float*, 4>& coefficients) {
+  leaf::Workspace ws;
+  const auto k = extended_coefficients(ws, coefficients, channels);
   stream_rows_avx512<2>({dx, dz}, n, channels,
                         [&](int64_t i, int64_t c, __mmask16 lanes) __attribute__((
                             target("avx512f"), always_inline)) {
@@ -444,16 +450,25 @@ __attribute__((target("avx512f"))) inline void rows_backward_apply_streamed_avx5
 }
 #endif
 
-// body(first, count) over rows [0, rows) in pieces of a RowPlan's chunk (at
-// most 64 rows of 64K values): a thread's share of rows (thread_rows) taken
-// by the register-block loops piece by piece, each piece in L1 across its
-// blocks, as when the share was called chunk by chunk.
-template <class Body>
-void for_row_pieces(int64_t rows, int64_t channels, Body&& body) {
-  const int64_t per_row = std::max<int64_t>(channels, 1);
-  const int64_t piece = std::clamp<int64_t>(leaf::kRowChunkElements / per_row, 1,
-                                            leaf::kMaxChunkRows);
-  for (int64_t r0 = 0; r0 < rows; r0 += piece) body(r0, std::min(piece, rows - r0));
+// write_outputs over rows [0, rows) of `width` values, in pieces of a
+// RowPlan's chunk (at most 64 rows of 64K values): a thread's share of rows
+// (thread_rows) taken by the register-block loops piece by piece, each piece
+// in L1 across its blocks, as when the share was called chunk by chunk.
+// write(first, count, out) as write_outputs', `first` counted from row 0.
+template <size_t N, class Write>
+void write_row_pieces(bool stream, const std::array<Output, N>& outputs, int64_t rows,
+                      int64_t width, Write&& write) {
+  const int64_t piece = std::clamp<int64_t>(leaf::kRowChunkElements / std::max<int64_t>(width, 1),
+                                            1, leaf::kMaxChunkRows);
+  for (int64_t p0 = 0; p0 < rows; p0 += piece) {
+    std::array<Output, N> at = outputs;
+    for (Output& o : at)
+      if (o.data) o.data += p0 * o.stride;
+    write_outputs<N>(stream, at, std::min(piece, rows - p0), width,
+                     [&](int64_t first, int64_t count, const auto& out) {
+      write(p0 + first, count, out);
+    });
+  }
 }
 
 // rows_apply_chunk writing through the streamed buffer when `stream`
@@ -465,20 +480,13 @@ void for_row_pieces(int64_t rows, int64_t channels, Body&& body) {
                                     const float* mean_hi, const float* scale,
                                     const float* shift) {
 #if NORMKIT_HAS_SIMD_CLONES
-  if (streams_rows_directly(stream, channels, {x_stride, y_stride}, {y})) {
-    leaf::Workspace ws;
-    rows_apply_streamed_avx512(
-        x, y, rows * channels, channels,
-        extended_coefficients<3>(ws, {mean_hi, scale, shift}, channels));
-    return;
-  }
+  if (streams_rows_directly(stream, channels, {x_stride, y_stride}, {y}))
+    return rows_apply_streamed_avx512(x, y, rows * channels, channels, {mean_hi, scale, shift});
 #endif
-  for_row_pieces(rows, channels, [&](int64_t p0, int64_t count) {
-    write_outputs<1>(stream, {{{y + p0 * y_stride, y_stride}}}, count, channels,
-                     [&](int64_t r0, int64_t n, const auto& out) {
-      rows_apply_chunk(x + (p0 + r0) * x_stride, x_stride, out[0].data, out[0].stride, n,
-                       channels, mean_hi, scale, shift);
-    });
+  write_row_pieces<1>(stream, {{{y, y_stride}}}, rows, channels,
+                      [&](int64_t r0, int64_t n, const auto& out) {
+    rows_apply_chunk(x + r0 * x_stride, x_stride, out[0].data, out[0].stride, n, channels,
+                     mean_hi, scale, shift);
   });
 }
 
