@@ -360,7 +360,7 @@ INSTANTIATE_TEST_SUITE_P(
 // Channels-last BN+Add+ReLU backward streams dx and dz straight from its loop
 // on AVX-512 CPUs when the two lie at the same place of a cache line, and
 // through the streamed buffer otherwise (cpu::streams_rows_directly): the
-// same dx and dz, bit for bit.
+// same dx and dz, bit for bit, also each alone and over dy.
 TEST(FusedStreamedOutputs, DxAndDzStraightOrThroughTheBufferAreTheSame) {
   const Logical g{64, 64, {28, 28}};  // 12.8 MB per tensor: streamed at 2 threads
   const Arrangement arr = dense(Layout::NHWC, g);
@@ -398,6 +398,33 @@ TEST(FusedStreamedOutputs, DxAndDzStraightOrThroughTheBufferAreTheSame) {
     EXPECT_TRUE(bitwise_equal("dx", dx_straight, dx_buffered));
     EXPECT_TRUE(bitwise_equal("dz", dz_straight, dz_buffered));
   }
+  // One output alone, which always lines up with itself (straight on
+  // AVX-512): dx or dz of BN+Add+ReLU, BN+ReLU's dx (the same g = mask ? dy :
+  // 0), and BN+ReLU's dx over dy, where every line must be read before it is
+  // streamed.
+  const TensorView<float> none;
+  const auto alone = [&](bool want_dx, bool add) {
+    Buffer<float> out(arr);
+    std::vector<float> dgamma(g.c), dbeta(g.c);
+    if (add)
+      normkit::batch_norm_add_relu_backward<float>(xb.cview(), dyb.cview(), mask,
+                                                   want_dx ? out.view() : none,
+                                                   want_dx ? none : out.view(), d.gamma, mean,
+                                                   invstd, dgamma, dbeta);
+    else
+      normkit::batch_norm_relu_backward<float>(xb.cview(), dyb.cview(), mask, out.view(),
+                                               d.gamma, mean, invstd, dgamma, dbeta);
+    return out.storage;  // memory order, as dx_buffered
+  };
+  EXPECT_TRUE(bitwise_equal("dx alone", alone(true, true), dx_buffered));
+  EXPECT_TRUE(bitwise_equal("dz alone", alone(false, true), dz_buffered));
+  EXPECT_TRUE(bitwise_equal("BN+ReLU dx", alone(true, false), dx_buffered));
+  Buffer<float> dydx(arr);
+  dydx.scatter(d.dy);
+  std::vector<float> dgamma(g.c), dbeta(g.c);
+  normkit::batch_norm_relu_backward<float>(xb.cview(), dydx.cview(), mask, dydx.view(), d.gamma,
+                                           mean, invstd, dgamma, dbeta);
+  EXPECT_TRUE(bitwise_equal("BN+ReLU dx over dy", dydx.storage, dx_buffered));
 }
 
 // The documented bit order on a tiny dense NCHW and NHWC tensor, by hand.
