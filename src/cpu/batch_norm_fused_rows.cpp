@@ -98,7 +98,7 @@ void rows_forward(const Forward<float>& p) {
   }
   cpu::coefficient_arrays(C, p.mean, p.invstd, p.gamma, p.beta, mean_hi, scale, shift);
   parallel_region(threads, [&] {
-    if (const auto [r0, rows] = cpu::thread_rows(plan); rows > 0) apply(r0, rows);
+    cpu::for_thread_rows(plan, apply);
   });
 }
 
@@ -197,9 +197,11 @@ void rows_backward_masked(const Backward<float>& p, const RowPlan& plan, int thr
       }
     co.finish_from_stripes(p, plan.stripes, stripe_g, stripe_g_xmu);
     // (after finish_from_stripes, whose omp for ends with a barrier)
-    if (const auto [r0, rows] = cpu::thread_rows(plan); (p.dx || p.dz) && rows > 0)
-      rows_backward_masked_apply(p, stream, r0, rows, 0, C, co.mean_hi.data(), co.a.data(),
-                                 co.b.data(), co.k.data());
+    if (p.dx || p.dz)
+      cpu::for_thread_rows(plan, [&](int64_t r0, int64_t rows) {
+        rows_backward_masked_apply(p, stream, r0, rows, 0, C, co.mean_hi.data(), co.a.data(),
+                                   co.b.data(), co.k.data());
+      });
   });
 }
 

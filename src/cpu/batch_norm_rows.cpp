@@ -32,7 +32,7 @@ using cpu::rows_forward_training_region;
 using cpu::apply_rows_to;
 using cpu::rows_backward_apply_chunk;
 using cpu::rows_gradient_sums_chunk;
-using cpu::thread_rows;
+using cpu::for_thread_rows;
 using cpu::unit_backward;
 using cpu::unit_blocked;
 using cpu::unit_moments;
@@ -73,6 +73,21 @@ void backward_apply_rows_to(bool stream, const float* x, int64_t x_stride, const
                            [&](int64_t r0, int64_t n, const auto& out) {
     rows_backward_apply_chunk(x + r0 * x_stride, x_stride, dy + r0 * dy_stride, dy_stride,
                               out[0].data, out[0].stride, n, channels, blocked, mean_hi, a, b, k);
+  });
+}
+
+// dx of this thread's share of the rows (for_thread_rows), from dx's
+// coefficients over all channels: batch norm's backward and its apply half.
+template <class Problem>
+void backward_apply_thread_rows(const Problem& p, const RowPlan& plan, bool stream,
+                                const RowBackwardCoefficients& co) {
+  const Geometry& gx = p.x_geom;
+  for_thread_rows(plan, [&](int64_t r0, int64_t rows) {
+    backward_apply_rows_to(stream, p.x + r0 * gx.outer_stride, gx.outer_stride,
+                           p.dy + r0 * p.dy_geom.outer_stride, p.dy_geom.outer_stride,
+                           p.dx + r0 * p.dx_geom.outer_stride, p.dx_geom.outer_stride, rows,
+                           plan.channels, blocked_channels(plan.channels), co.mean_hi.data(),
+                           co.a.data(), co.b.data(), co.k.data());
   });
 }
 
@@ -145,8 +160,9 @@ void rows_apply(const Apply<float>& p) {
   }
   cpu::coefficient_arrays(C, p.mean, p.invstd, p.gamma, p.beta, k.mean_hi, k.scale, k.shift);
   parallel_region(threads, [&] {
-    if (const auto [r0, rows] = thread_rows(plan); rows > 0)
+    for_thread_rows(plan, [&](int64_t r0, int64_t rows) {
       rows_apply_rows(p.x_geom, p.y_geom, p.x, p.y, r0, rows, k, stream);
+    });
   });
 }
 
@@ -202,12 +218,7 @@ void rows_backward(const Backward<float>& p) {
       }
     co.finish_from_stripes(p, plan.stripes, stripe_dy, stripe_dy_xmu);
     // (after finish_from_stripes, whose omp for ends with a barrier)
-    if (const auto [r0, rows] = thread_rows(plan); p.dx && rows > 0)
-      backward_apply_rows_to(stream, p.x + r0 * gx.outer_stride, gx.outer_stride,
-                             p.dy + r0 * p.dy_geom.outer_stride, p.dy_geom.outer_stride,
-                             p.dx + r0 * p.dx_geom.outer_stride, p.dx_geom.outer_stride, rows, C,
-                             blocked_channels(C), co.mean_hi.data(), co.a.data(), co.b.data(),
-                             co.k.data());
+    if (p.dx) backward_apply_thread_rows(p, plan, stream, co);
   });
 }
 
@@ -240,14 +251,7 @@ void rows_backward_apply(const BackwardApply<float>& p) {
     return;
   }
   set_coefficients(0, C);
-  parallel_region(threads, [&] {
-    if (const auto [r0, rows] = thread_rows(plan); rows > 0)
-      backward_apply_rows_to(stream, p.x + r0 * gx.outer_stride, gx.outer_stride,
-                             p.dy + r0 * p.dy_geom.outer_stride, p.dy_geom.outer_stride,
-                             p.dx + r0 * p.dx_geom.outer_stride, p.dx_geom.outer_stride, rows, C,
-                             blocked_channels(C), co.mean_hi.data(), co.a.data(), co.b.data(),
-                             co.k.data());
-  });
+  parallel_region(threads, [&] { backward_apply_thread_rows(p, plan, stream, co); });
 }
 
 const char* rows_decline(const Geometry& x, std::span<const Geometry> others) {

@@ -379,6 +379,13 @@ std::array<const float*, N> extended_coefficients(leaf::Workspace& ws,
 // lanes) gives each output's 16 values from i (channel c; only `lanes` of them
 // at the ends). The outputs share their alignment (streams_rows_directly);
 // null ones are skipped.
+// A line's values for each of N outputs (a struct: std::array<__m512, N>
+// drops __m512's attributes, and GCC warns).
+template <size_t N>
+struct Lines {
+  __m512 v[N];
+  const __m512& operator[](size_t o) const { return v[o]; }
+};
 template <size_t N, class Line>
 __attribute__((target("avx512f"))) inline void stream_rows_avx512(
     const std::array<float*, N>& outs, int64_t n, int64_t channels, Line&& line) {
@@ -389,7 +396,7 @@ __attribute__((target("avx512f"))) inline void stream_rows_avx512(
     if (c >= channels) c = channels >= 16 ? c - channels : c % channels;
   };
   const auto store_part = [&](__mmask16 lanes) __attribute__((target("avx512f"), always_inline)) {
-    const std::array<__m512, N> v = line(i, c, lanes);
+    const auto v = line(i, c, lanes);
     for (size_t o = 0; o < N; ++o)
       if (outs[o]) _mm512_mask_storeu_ps(outs[o] + i, lanes, v[o]);
   };
@@ -401,7 +408,7 @@ __attribute__((target("avx512f"))) inline void stream_rows_avx512(
     advance(head);
   }
   for (; i + 16 <= n; advance(16)) {
-    const std::array<__m512, N> v = line(i, c, __mmask16{0xffff});
+    const auto v = line(i, c, __mmask16{0xffff});
     for (size_t o = 0; o < N; ++o)
       if (outs[o]) _mm512_stream_ps(outs[o] + i, v[o]);
   }
@@ -419,7 +426,7 @@ __attribute__((target("avx512f"))) inline void rows_apply_streamed_avx512(
                         [&](int64_t i, int64_t c, __mmask16 lanes) __attribute__((
                             target("avx512f"), always_inline)) {
     const __m512 v = _mm512_sub_ps(_mm512_maskz_loadu_ps(lanes, x + i), _mm512_loadu_ps(k[0] + c));
-    return std::array<__m512, 1>{
+    return Lines<1>{
         _mm512_fmadd_ps(v, _mm512_loadu_ps(k[1] + c), _mm512_loadu_ps(k[2] + c))};
   });
 }
@@ -445,14 +452,14 @@ __attribute__((target("avx512f"))) inline void rows_backward_apply_streamed_avx5
         _mm512_sub_ps(_mm512_maskz_loadu_ps(lanes, x + i), _mm512_loadu_ps(k[0] + c));
     const __m512 sum = _mm512_fmadd_ps(_mm512_loadu_ps(k[1] + c), g,
                                        _mm512_mul_ps(_mm512_loadu_ps(k[2] + c), centered));
-    return std::array<__m512, 2>{_mm512_add_ps(sum, _mm512_loadu_ps(k[3] + c)), g};
+    return Lines<2>{_mm512_add_ps(sum, _mm512_loadu_ps(k[3] + c)), g};
   });
 }
 #endif
 
 // write_outputs over rows [0, rows) of `width` values, in pieces of a
 // RowPlan's chunk (at most 64 rows of 64K values): a thread's share of rows
-// (thread_rows) taken by the register-block loops piece by piece, each piece
+// (for_thread_rows) taken by the register-block loops piece by piece, each piece
 // in L1 across its blocks, as when the share was called chunk by chunk.
 // write(first, count, out) as write_outputs', `first` counted from row 0.
 template <size_t N, class Write>
@@ -727,18 +734,19 @@ void rows_moments_phase(const Geometry& g, const float* x, double* stripe_mean, 
   }
 }
 
-// Inside a parallel region (or on the calling thread alone): this thread's
-// static share of the plan's chunks as one range of rows {first, count}. An
-// apply, which reduces nothing, takes its share in one call: the streamed
-// stores' fence (stream_rows_avx512) once per thread, not once per chunk of
-// 16 KB (32x64x56x56 NHWC inference at 2 threads: 0.73-0.77 x copy with a
-// fence per chunk, 0.69 without).
-[[maybe_unused]] std::pair<int64_t, int64_t> thread_rows(const leaf::RowPlan& plan) {
+// Inside a parallel region (or on the calling thread alone): body(first,
+// count) over this thread's static share of the plan's chunks as one range of
+// rows, if it has any. An apply, which reduces nothing, takes its share in one
+// call: the streamed stores' fence (stream_rows_avx512) once per thread, not
+// once per chunk of 16 KB (32x64x56x56 NHWC inference at 2 threads: 0.73-0.77
+// x copy with a fence per chunk, 0.69 without).
+template <class Body>
+void for_thread_rows(const leaf::RowPlan& plan, Body&& body) {
   const int64_t threads = omp_get_num_threads(), t = omp_get_thread_num();
   const int64_t c0 = plan.chunks * t / threads, c1 = plan.chunks * (t + 1) / threads;
-  if (c1 == c0) return {0, 0};
+  if (c1 == c0) return;
   const int64_t first = plan.first_row(c0);
-  return {first, plan.first_row(c1 - 1) + plan.rows_in(c1 - 1) - first};
+  body(first, plan.first_row(c1 - 1) + plan.rows_in(c1 - 1) - first);
 }
 
 // A forward-training over rows in one parallel region (opening one and waking
@@ -763,7 +771,7 @@ void rows_forward_training_region(const Forward& p, const leaf::RowPlan& plan, i
                                               shift);
                        });
     // (after rows_moments_phase, which ends with the coefficients and a barrier)
-    if (const auto [first, count] = thread_rows(plan); count > 0) apply_rows(first, count);
+    for_thread_rows(plan, apply_rows);
   });
 }
 
