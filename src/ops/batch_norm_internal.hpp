@@ -77,7 +77,10 @@ template <class T>
   return bad == 0;
 }
 
-constexpr int64_t kInvstdChannelsPerThread = 1024;  // ~2 us, more than opening a region
+// A channel's double square root and division cost about what 32 values of a
+// data pass do: threads_for gives a thread 1024 channels (~2 us, more than
+// opening a region).
+constexpr int64_t kInvstdValuesPerChannel = 32;
 // inference_invstd of `var` into invstd, or the error that names the first
 // channel whose var + eps is not positive (`name`: the argument's name).
 // Nothing else is written.
@@ -88,8 +91,7 @@ void checked_inference_invstd(std::span<const T> var, double eps, const char* na
   // root and division each), as long as the apply of 32 rows on two: many
   // channels are shared out (the values do not depend on how).
   const auto n = static_cast<int64_t>(var.size());
-  const int threads = static_cast<int>(std::clamp<int64_t>(n / kInvstdChannelsPerThread, 1,
-                                                           num_threads()));
+  const int threads = threads_for(n * kInvstdValuesPerChannel);
   std::atomic<bool> bad{false};
   parallel_for(threads, threads, [&](int64_t t) {
     const int64_t c0 = n * t / threads / 16 * 16;
