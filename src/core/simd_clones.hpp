@@ -11,7 +11,7 @@
 // the second-compiler check) run the baseline loops.
 //
 // NORMKIT_HAS_SIMD_CLONES: whether they exist. Hand-written AVX-512 loops that
-// must give the clones' bits (cpu/rows_loops.hpp, stream_rows_avx512) are
+// must give the clones' bits (cpu/streamed_output.hpp, stream_rows_avx512) are
 // built only then: on an AVX-512 CPU the clones contract as those loops do.
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define NORMKIT_SIMD_CLONES \

@@ -349,10 +349,13 @@ TEST(StreamedOutputs, SameBitsAsOutputsWrittenInPlace) {
 
 // Streamed outputs written over their input (y over x, dx over dy, as the API
 // allows): the streaming stores of a line must come after every read of it.
-// Dense NHWC takes the straight-from-the-loop path on AVX-512 CPUs, the
-// buffer elsewhere; either way the bits of outputs written beside the inputs.
-TEST(StreamedOutputs, OverTheirInputTheSameAsBesideIt) {
-  const Arrangement a = dense(Layout::NHWC, {64, 64, {32, 32}});  // 16.8 MB
+// Dense NHWC rows and NCHW planes take the straight-from-the-loop paths on
+// AVX-512 CPUs, the buffer elsewhere; either way the bits of outputs written
+// beside the inputs.
+class StreamedOverInput : public ::testing::TestWithParam<DeterminismCase> {};
+
+TEST_P(StreamedOverInput, TheSameAsBesideIt) {
+  const Arrangement& a = GetParam().arrangement;
   const Logical& g = a.logical;
   const auto [x, dy] = determinism_data(a, "streamed over the input");
   ThreadCount threads(2);
@@ -382,6 +385,13 @@ TEST(StreamedOutputs, OverTheirInputTheSameAsBesideIt) {
                                       frozen_invstd, {}, {}, BackwardMode::frozen);
   EXPECT_TRUE(bitwise_equal("frozen dx over dy", dydx.gather(), beside.dx_frozen));
 }
+
+INSTANTIATE_TEST_SUITE_P(
+    Float, StreamedOverInput,
+    ::testing::Values(DeterminismCase{"NHWC_rows", dense(Layout::NHWC, {64, 64, {32, 32}})},
+                      // 12.8 MB of 7x7 planes: lines across two planes
+                      DeterminismCase{"NCHW_7x7", dense(Layout::NCHW, {128, 512, {7, 7}})}),
+    ByName());
 
 TEST(Threads, SetAndRestore) {
   const int before = normkit::num_threads();
