@@ -115,10 +115,10 @@ void rows_backward_masked_apply(const Backward<float>& p, bool stream, int64_t r
 #if NORMKIT_HAS_SIMD_CLONES
   const auto& [dx, dz] = outputs;
   if (c0 == 0 && width == C &&
-      cpu::streams_rows_directly(stream, C,
-                                 {p.x_geom.outer_stride, p.dy_geom.outer_stride,
-                                  dx.data ? dx.stride : C, dz.data ? dz.stride : C},
-                                 {dx.data, dz.data}))
+      cpu::streams_straight(stream, rows * C, C,
+                            {p.x_geom.outer_stride, p.dy_geom.outer_stride,
+                             dx.data ? dx.stride : C, dz.data ? dz.stride : C},
+                            {dx.data, dz.data}))
     return cpu::rows_backward_apply_streamed_avx512<true>(
         p.x + r0 * p.x_geom.outer_stride, p.dy + r0 * p.dy_geom.outer_stride, p.mask, r0 * C,
         dx.data, dz.data, rows * C, C, {mean_hi, a, b, k});

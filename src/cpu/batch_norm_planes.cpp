@@ -117,7 +117,8 @@ __attribute__((target("avx512f"))) inline void stream_runs_avx512(const float* x
 
 // The two loops above, writing through the streamed buffer when `stream`
 // (cpu/streamed_output.hpp: outputs larger than the threads' L2), or straight
-// from the loop (stream_runs_avx512) when the runs lie side by side: the apply
+// from the loop (stream_runs_avx512) when the runs lie side by side (units of
+// whole planes and blocks of channels, not a channel's pieces): the apply
 // always, dx for runs shorter than kStraightBackwardRuns. Bench, x copy, the
 // two ways alternated (1 / 2 threads): inference 56x56 0.82-0.84 -> 0.74-0.75
 // (2), 7x7 1.08-1.09 -> 0.97-1.00 (2), 14x14 0.87-0.92 -> 0.72-0.75 (1);
@@ -130,7 +131,7 @@ void apply_runs_to(bool stream, const float* x, int64_t x_stride, float* y, int6
                    int64_t runs, int64_t len, const ApplyCoefficients* k, int64_t k_step) {
 #if NORMKIT_HAS_SIMD_CLONES
   if (k_step == 1 && len >= 16 &&
-      cpu::streams_rows_directly(stream, len, {x_stride, y_stride}, {y}))
+      cpu::streams_straight(stream, runs * len, len, {x_stride, y_stride}, {y}))
     return stream_runs_avx512(x, y, runs, len, k,
                               [&](int64_t, __mmask16, __m512 centered, const auto& pick)
                                   __attribute__((target("avx512f"), always_inline)) {
@@ -150,7 +151,7 @@ void backward_apply_runs_to(bool stream, const float* x, int64_t x_stride, const
                             int64_t len, const BackwardCoefficients* k, int64_t k_step) {
 #if NORMKIT_HAS_SIMD_CLONES
   if (k_step == 1 && len >= 16 && len < kStraightBackwardRuns &&
-      cpu::streams_rows_directly(stream, len, {x_stride, dy_stride, dx_stride}, {dx}))
+      cpu::streams_straight(stream, runs * len, len, {x_stride, dy_stride, dx_stride}, {dx}))
     return stream_runs_avx512(x, dx, runs, len, k,
                               [&](int64_t i, __mmask16 lanes, __m512 centered, const auto& pick)
                                   __attribute__((target("avx512f"), always_inline)) {

@@ -65,7 +65,8 @@ void backward_apply_rows_to(bool stream, const float* x, int64_t x_stride, const
                             int64_t channels, int64_t blocked, const float* mean_hi,
                             const float* a, const float* b, const float* k) {
 #if NORMKIT_HAS_SIMD_CLONES
-  if (cpu::streams_rows_directly(stream, channels, {x_stride, dy_stride, dx_stride}, {dx}))
+  if (cpu::streams_straight(stream, rows * channels, channels, {x_stride, dy_stride, dx_stride},
+                            {dx}))
     return cpu::rows_backward_apply_streamed_avx512<false>(
         x, dy, nullptr, 0, dx, nullptr, rows * channels, channels, {mean_hi, a, b, k});
 #endif

@@ -422,7 +422,7 @@ void write_row_pieces(bool stream, const std::array<Output, N>& outputs, int64_t
                                     const float* mean_hi, const float* scale,
                                     const float* shift) {
 #if NORMKIT_HAS_SIMD_CLONES
-  if (streams_rows_directly(stream, channels, {x_stride, y_stride}, {y}))
+  if (streams_straight(stream, rows * channels, channels, {x_stride, y_stride}, {y}))
     return rows_apply_streamed_avx512(x, y, rows * channels, channels, {mean_hi, scale, shift});
 #endif
   write_row_pieces<1>(stream, {{{y, y_stride}}}, rows, channels,

@@ -18,8 +18,9 @@
 // The kernel computes a block of the output into a buffer in L1 with its own
 // loop, then streams the buffer out: the same loop writes the same bits
 // either way, and its clones (target_clones) stay as they are
-// (tests/cpp/test_batch_norm_numerics.cpp, StreamedOutputs). Contiguous rows
-// on AVX-512 CPUs skip the buffer: stream_rows_avx512 below.
+// (tests/cpp/test_batch_norm_numerics.cpp, StreamedOutputs). Contiguous rows,
+// and BN's planes side by side, skip the buffer on AVX-512 CPUs:
+// stream_rows_avx512 below.
 // Internal linkage, as the other shared headers (src/cpu/README.md, rule 5).
 #if defined(__SSE2__)
 #include <immintrin.h>
@@ -123,7 +124,7 @@ bool streams(bool stream, const std::array<Output, N>& outputs, int64_t rows, in
 // and dz): write(r0, count, out) computes rows [r0, r0 + count) into out (a
 // std::array<Output, N>). With `stream`, out is the buffer, streamed to the
 // outputs after each call; contiguous rows (stride == width: a dense NCHW
-// unit of short planes) go out as one run. Otherwise (or when the rows are
+// unit of short planes of fused BN) go out as one run. Otherwise (or when the rows are
 // too wide for the buffer, or too short to stream: `streams`) out is the
 // outputs themselves, in one call.
 template <size_t N, class Write>
@@ -158,22 +159,25 @@ void write_outputs(bool stream, const std::array<Output, N>& outputs, int64_t ro
 }
 
 #if NORMKIT_HAS_SIMD_CLONES
-// Outputs of contiguous rows straight to memory on AVX-512 CPUs: whole
-// 64-byte lines with streaming stores, the partial lines at either end with
-// ordinary (masked) ones. Through the 32 KB buffer (write_outputs) a block is
+// Contiguous outputs straight to memory on AVX-512 CPUs: whole 64-byte lines
+// with streaming stores, the partial lines at either end with ordinary
+// (masked) ones. Through the 32 KB buffer (write_outputs) a block is
 // computed and then copied out, so the reads of the inputs and the streamed
 // writes take turns; straight from the loop they overlap. 25.7 MB NHWC, C = 64,
 // at 2 threads, x memcpy: an apply 0.71 straight, 0.95-0.99 through the buffer.
 // The lines' arithmetic is the AVX-512 clones' (with GCC's FMA contraction):
-// the same bits (StreamedOutputs and FastVsReference tests fail otherwise).
-// Measured on the Intel VM only (see docs/design.md on an earlier attempt).
-[[maybe_unused]] bool streams_rows_directly(bool stream, int64_t channels,
-                                             std::initializer_list<int64_t> strides,
-                                             std::initializer_list<const float*> outputs) {
+// the same bits (the StreamedOutputs tests fail otherwise). Measured on the
+// Intel VM only (see docs/design.md on an earlier attempt).
+// `values` values in rows (or runs) of `width`, each input and output with
+// `strides`: straight when they are contiguous (every stride `width`) and
+// long enough to stream (kMinStreamedRun, as write_outputs' rule).
+[[maybe_unused]] bool streams_straight(bool stream, int64_t values, int64_t width,
+                                       std::initializer_list<int64_t> strides,
+                                       std::initializer_list<const float*> outputs) {
   static const bool avx512 = __builtin_cpu_supports("avx512f");
-  if (!stream || !avx512) return false;
+  if (!stream || !avx512 || values < kMinStreamedRun) return false;
   for (const int64_t s : strides)
-    if (s != channels) return false;
+    if (s != width) return false;
   const float* first = nullptr;  // the outputs (null: none) in the same place of a line
   for (const float* o : outputs) {
     if (o && reinterpret_cast<uintptr_t>(o) % sizeof(float)) return false;  // never on a line
@@ -192,7 +196,7 @@ struct Lines {
 };
 // outs[o][i] for i in [0, n), value i of channel i % channels: line(i, c,
 // lanes) gives each output's 16 values from i (channel c; only `lanes` of them
-// at the ends). The outputs share their alignment (streams_rows_directly);
+// at the ends). The outputs share their alignment (streams_straight);
 // null ones are skipped.
 template <size_t N, class Line>
 __attribute__((target("avx512f"))) inline void stream_rows_avx512(

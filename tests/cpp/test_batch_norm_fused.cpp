@@ -359,7 +359,7 @@ INSTANTIATE_TEST_SUITE_P(
 
 // Channels-last BN+Add+ReLU backward streams dx and dz straight from its loop
 // on AVX-512 CPUs when the two lie at the same place of a cache line, and
-// through the streamed buffer otherwise (cpu::streams_rows_directly): the
+// through the streamed buffer otherwise (cpu::streams_straight): the
 // same dx and dz, bit for bit, also each alone and over dy.
 TEST(FusedStreamedOutputs, DxAndDzStraightOrThroughTheBufferAreTheSame) {
   const Logical g{64, 64, {28, 28}};  // 12.8 MB per tensor: streamed at 2 threads

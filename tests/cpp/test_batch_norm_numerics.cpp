@@ -319,8 +319,8 @@ INSTANTIATE_TEST_SUITE_P(
 
 // Outputs larger than the threads' L2 go to memory with streaming stores,
 // computed first into a buffer in L1 (src/cpu/streamed_output.hpp), or, for
-// contiguous rows on AVX-512 CPUs, straight from the loop; rows too
-// short to stream, apart from each other, are written in place. The same
+// contiguous rows and planes side by side on AVX-512 CPUs, straight from the
+// loop; rows too short to stream, apart from each other, are written in place. The same
 // problem both ways gives the same bits: dense (streamed) against rows or
 // planes padded to a stride just past them (written in place).
 TEST(StreamedOutputs, SameBitsAsOutputsWrittenInPlace) {
@@ -333,11 +333,18 @@ TEST(StreamedOutputs, SameBitsAsOutputsWrittenInPlace) {
   // 12.8 MB of 7×7 planes: dense, blocks of channels whose planes lie side by
   // side (leaf::channel_block); padded, the two passes.
   const Logical blocks{128, 512, {7, 7}};
+  // Planes of 16 values, one line each when aligned (the shortest planes
+  // streamed straight), and of 256 in 3 channels: units of whole planes in
+  // the backward too, which streams dx straight under 512 values.
+  const Logical lines{1024, 256, {4, 4}};
+  const Logical few_256{5461, 3, {16, 16}};
   const std::pair<Arrangement, Arrangement> cases[] = {
       {dense(Layout::NHWC, rows), rows_padded(Layout::NHWC, rows, 3)},
       {dense(Layout::NCHW, planes), channel_padded(Layout::NCHW, planes, 3)},
       {dense(Layout::NCHW, few_channels), channel_padded(Layout::NCHW, few_channels, 3)},
       {dense(Layout::NCHW, blocks), channel_padded(Layout::NCHW, blocks, 3)},
+      {dense(Layout::NCHW, lines), channel_padded(Layout::NCHW, lines, 3)},
+      {dense(Layout::NCHW, few_256), channel_padded(Layout::NCHW, few_256, 3)},
   };
   for (const auto& [streamed, in_place] : cases) {
     SCOPED_TRACE(streamed.describe() + " against " + in_place.describe());
