@@ -197,8 +197,9 @@ struct Lines {
 // outs[o][i] for i in [0, n), value i of channel i % channels: line(i, c,
 // lanes) gives each output's 16 values from i (channel c; only `lanes` of them
 // at the ends). The outputs share their alignment (streams_straight);
-// null ones are skipped.
-template <size_t N, class Line>
+// null ones are skipped. Ends with a fence unless the caller fences after a
+// series of calls (kFence false).
+template <size_t N, bool kFence = true, class Line>
 __attribute__((target("avx512f"))) inline void stream_rows_avx512(
     const std::array<float*, N>& outs, int64_t n, int64_t channels, Line&& line) {
   int64_t i = 0, c = 0;
@@ -225,7 +226,7 @@ __attribute__((target("avx512f"))) inline void stream_rows_avx512(
       if (outs[o]) _mm512_stream_ps(outs[o] + i, v[o]);
   }
   if (i < n) store_part(static_cast<__mmask16>((1u << (n - i)) - 1));
-  _mm_sfence();
+  if constexpr (kFence) _mm_sfence();
 }
 #endif
 
