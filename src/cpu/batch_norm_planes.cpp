@@ -114,38 +114,15 @@ __attribute__((target("avx512f"))) inline void stream_runs_avx512(const float* x
   });
 }
 
-// One channel's runs, apart (a piece of a channel: forward-train's apply of
-// large planes), each streamed straight on its own, one fence after them.
-// Bench, forward-train x copy, alternated (1 / 2 threads): 32x64x56x56
-// 1.21-1.25 -> 1.13 / 1.16-1.20 -> 1.03-1.11; 16x256x28x28 1.13-1.15 ->
-// 1.03-1.06 / 1.11-1.13 -> 1.01-1.06.
-__attribute__((target("avx512f"))) void apply_runs_streamed_avx512(const float* x,
-                                                                   int64_t x_stride, float* y,
-                                                                   int64_t y_stride, int64_t runs,
-                                                                   int64_t len,
-                                                                   ApplyCoefficients k) {
-  const __m512 mean_hi = _mm512_set1_ps(k.mean_hi), scale = _mm512_set1_ps(k.scale),
-               shift = _mm512_set1_ps(k.shift);
-  for (int64_t r = 0; r < runs; ++r) {
-    const float* const xr = x + r * x_stride;
-    cpu::stream_rows_avx512<1, false>({y + r * y_stride}, len, len,
-                                      [&](int64_t i, int64_t, __mmask16 lanes) __attribute__((
-                                          target("avx512f"), always_inline)) {
-      return cpu::Lines<1>{_mm512_fmadd_ps(
-          _mm512_sub_ps(_mm512_maskz_loadu_ps(lanes, xr + i), mean_hi), scale, shift)};
-    });
-  }
-  _mm_sfence();
-}
 #endif
 
 // The two loops above, writing through the streamed buffer when `stream`
 // (cpu/streamed_output.hpp: outputs larger than the threads' L2), or straight
-// from the loop: a channel's runs each on its own (apply_runs_streamed_avx512),
+// from the loop: a channel's runs each on its own (stream_apply_run_avx512),
 // runs side by side together (stream_runs_avx512: units of whole planes and
 // blocks of channels), the apply always, dx for runs shorter than
-// kStraightBackwardRuns. Bench, x copy, the
-// two ways alternated (1 / 2 threads): inference 56x56 0.82-0.84 -> 0.74-0.75
+// kStraightBackwardRuns. Side by side, bench, x copy, the two ways alternated
+// (1 / 2 threads): inference 56x56 0.82-0.84 -> 0.74-0.75
 // (2), 7x7 1.08-1.09 -> 0.97-1.00 (2), 14x14 0.87-0.92 -> 0.72-0.75 (1);
 // forward-train 7x7 1.33-1.37 -> 1.15-1.18 (2). Backward 7x7 2.31 -> 2.20-2.23
 // (2), 14x14 2.17-2.23 -> 2.02-2.11 (1), but 28x28 1.56-1.57 -> 1.65-1.70 and
@@ -155,8 +132,18 @@ constexpr int64_t kStraightBackwardRuns = 512;
 void apply_runs_to(bool stream, const float* x, int64_t x_stride, float* y, int64_t y_stride,
                    int64_t runs, int64_t len, const ApplyCoefficients* k, int64_t k_step) {
 #if NORMKIT_HAS_SIMD_CLONES
-  if (k_step == 0 && cpu::streams_straight(stream, len, len, {}, {y}))
-    return apply_runs_streamed_avx512(x, x_stride, y, y_stride, runs, len, *k);
+  // A channel's runs, apart (a piece: forward-train's apply of large planes),
+  // each straight on its own, one fence after them. Bench, forward-train x
+  // copy, alternated (1 / 2 threads): 32x64x56x56 1.21-1.25 -> 1.13 /
+  // 1.16-1.20 -> 1.03-1.11; 16x256x28x28 1.13-1.15 -> 1.03-1.06 / 1.11-1.13
+  // -> 1.01-1.06.
+  if (k_step == 0 && cpu::streams_straight(stream, len, len, {}, {y})) {
+    for (int64_t r = 0; r < runs; ++r)
+      cpu::stream_apply_run_avx512(x + r * x_stride, y + r * y_stride, len, k->mean_hi, k->scale,
+                                   k->shift);
+    _mm_sfence();
+    return;
+  }
   if (k_step == 1 && len >= 16 &&
       cpu::streams_straight(stream, runs * len, len, {x_stride, y_stride}, {y}))
     return stream_runs_avx512(x, y, runs, len, k,

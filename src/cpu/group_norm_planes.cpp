@@ -56,8 +56,14 @@ void apply_run_in_place(float* x, int64_t len, ApplyCoefficients k) {
 
 // With `stream` (cpu/streamed_output.hpp), through the streamed buffer, in
 // parts of at most a buffer (x may be y: a part is computed before it is
-// written; parts too short to stream are written in place).
+// written; parts too short to stream are written in place); or on AVX-512
+// CPUs straight from the loop, with no fence: the caller's series of runs
+// ends with one (streams_done).
 void apply_any(const float* x, float* y, int64_t len, ApplyCoefficients k, bool stream) {
+#if NORMKIT_HAS_SIMD_CLONES
+  if (cpu::streams_straight(stream, len, len, {}, {y}))
+    return cpu::stream_apply_run_avx512(x, y, len, k.mean_hi, k.scale, k.shift);
+#endif
   if (!stream) {
     if (x == y)
       apply_run_in_place(y, len, k);
@@ -71,6 +77,14 @@ void apply_any(const float* x, float* y, int64_t len, ApplyCoefficients k, bool 
       apply_any(x + first, out[0].data, n, k, false);
     });
   }
+}
+
+// After a thread's apply_any calls: their straight streaming stores done
+// before anyone reads y.
+void streams_done(bool stream) {
+#if NORMKIT_HAS_SIMD_CLONES
+  if (stream) _mm_sfence();
+#endif
 }
 
 NORMKIT_SIMD_CLONES
@@ -153,6 +167,7 @@ void planes_forward(const Forward<float>& p) {
       for (int64_t c = first_c; c < first_c + plan.per_group; ++c)
         apply_any(p.x + g.offset(n, c, 0), p.y + p.y_geom.offset(n, c, 0), g.s,
                   channel_coefficients(p, n, c), stream);
+      streams_done(stream);
     });
     return;
   }
@@ -178,6 +193,7 @@ void planes_forward(const Forward<float>& p) {
       apply_any(p.x + g.offset(n, c, first), p.y + p.y_geom.offset(n, c, first),
                 parts.len(part, g.s), channel_coefficients(p, n, c), stream);
     }
+    streams_done(stream);
   });
 }
 

@@ -19,7 +19,7 @@
 // loop, then streams the buffer out: the same loop writes the same bits
 // either way, and its clones (target_clones) stay as they are
 // (tests/cpp/test_batch_norm_numerics.cpp, StreamedOutputs). Contiguous rows,
-// and BN's planes side by side, skip the buffer on AVX-512 CPUs:
+// and BN's and group norm's planes, skip the buffer on AVX-512 CPUs:
 // stream_rows_avx512 below.
 // Internal linkage, as the other shared headers (src/cpu/README.md, rule 5).
 #if defined(__SSE2__)
@@ -227,6 +227,20 @@ __attribute__((target("avx512f"))) inline void stream_rows_avx512(
   }
   if (i < n) store_part(static_cast<__mmask16>((1u << (n - i)) - 1));
   if constexpr (kFence) _mm_sfence();
+}
+// y[0, n) = (x - mean_hi)·scale + shift straight, as the clones' loops
+// contract it (FMA), for a series of runs with constant coefficients each
+// (a channel's planes, its pieces): without the fence, which the caller
+// gives once after the series (_mm_sfence). y may be x.
+__attribute__((target("avx512f"))) inline void stream_apply_run_avx512(const float* x, float* y,
+                                                                       int64_t n, float mean_hi,
+                                                                       float scale, float shift) {
+  const __m512 m = _mm512_set1_ps(mean_hi), s = _mm512_set1_ps(scale), b = _mm512_set1_ps(shift);
+  stream_rows_avx512<1, false>({y}, n, n,
+                               [&](int64_t i, int64_t, __mmask16 lanes) __attribute__((
+                                   target("avx512f"), always_inline)) {
+    return Lines<1>{_mm512_fmadd_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(lanes, x + i), m), s, b)};
+  });
 }
 #endif
 
