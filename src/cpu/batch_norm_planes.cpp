@@ -118,16 +118,17 @@ __attribute__((target("avx512f"))) inline void stream_runs_avx512(const float* x
 
 // The two loops above, writing through the streamed buffer when `stream`
 // (cpu/streamed_output.hpp: outputs larger than the threads' L2), or straight
-// from the loop: a channel's runs each on its own (stream_apply_run_avx512),
-// runs side by side together (stream_runs_avx512: units of whole planes and
-// blocks of channels), the apply always, dx for runs shorter than
-// kStraightBackwardRuns. Side by side, bench, x copy, the two ways alternated
-// (1 / 2 threads): inference 56x56 0.82-0.84 -> 0.74-0.75
-// (2), 7x7 1.08-1.09 -> 0.97-1.00 (2), 14x14 0.87-0.92 -> 0.72-0.75 (1);
-// forward-train 7x7 1.33-1.37 -> 1.15-1.18 (2). Backward 7x7 2.31 -> 2.20-2.23
-// (2), 14x14 2.17-2.23 -> 2.02-2.11 (1), but 28x28 1.56-1.57 -> 1.65-1.70 and
-// 56x56 1.74-1.75 -> 1.84-1.85 (1): with long runs the buffer costs little,
-// and reading x and dy while streaming dx out of the same core costs more.
+// from the loop: the apply of a channel's runs each on its own
+// (stream_apply_run_avx512), and of runs side by side together
+// (stream_runs_avx512: units of whole planes and blocks of channels); dx only
+// side by side, in runs shorter than kStraightBackwardRuns. Side by side,
+// bench, x copy, the two ways alternated (1 / 2 threads): inference 56x56
+// 0.82-0.84 -> 0.74-0.75 (2), 7x7 1.08-1.09 -> 0.97-1.00 (2), 14x14 0.87-0.92
+// -> 0.72-0.75 (1); forward-train 7x7 1.33-1.37 -> 1.15-1.18 (2). Backward 7x7
+// 2.31 -> 2.20-2.23 (2), 14x14 2.17-2.23 -> 2.02-2.11 (1), but 28x28 1.56-1.57
+// -> 1.65-1.70 and 56x56 1.74-1.75 -> 1.84-1.85 (1): with long runs the buffer
+// costs little, and reading x and dy while streaming dx out of the same core
+// costs more.
 constexpr int64_t kStraightBackwardRuns = 512;
 void apply_runs_to(bool stream, const float* x, int64_t x_stride, float* y, int64_t y_stride,
                    int64_t runs, int64_t len, const ApplyCoefficients* k, int64_t k_step) {

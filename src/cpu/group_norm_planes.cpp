@@ -80,8 +80,9 @@ void apply_any(const float* x, float* y, int64_t len, ApplyCoefficients k, bool 
 }
 
 // After a thread's apply_any calls: their straight streaming stores done
-// before anyone reads y.
-void streams_done(bool stream) {
+// before anyone reads y (inside the region too: a reader of y after the
+// apply must come after this).
+void streams_done([[maybe_unused]] bool stream) {
 #if NORMKIT_HAS_SIMD_CLONES
   if (stream) _mm_sfence();
 #endif

@@ -124,7 +124,8 @@ bool streams(bool stream, const std::array<Output, N>& outputs, int64_t rows, in
 // and dz): write(r0, count, out) computes rows [r0, r0 + count) into out (a
 // std::array<Output, N>). With `stream`, out is the buffer, streamed to the
 // outputs after each call; contiguous rows (stride == width: a dense NCHW
-// unit of short planes of fused BN) go out as one run. Otherwise (or when the rows are
+// unit of short planes, where they are not streamed straight) go out as one
+// run. Otherwise (or when the rows are
 // too wide for the buffer, or too short to stream: `streams`) out is the
 // outputs themselves, in one call.
 template <size_t N, class Write>

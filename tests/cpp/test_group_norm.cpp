@@ -279,46 +279,58 @@ TEST(GroupNormFast, OptionalPartsAreOptional) {
   }
 }
 
-// Outputs larger than the threads' L2 go to memory with streaming stores
-// (src/cpu/streamed_output.hpp; rows straight from the loop on AVX-512 CPUs,
-// cpu/rows_loops.hpp). A sample's y and dx depend
-// on that sample alone: 16 samples of 1 MB (16.8 MB, streamed) give the bits
-// of each sample normalized by itself (1 MB, written in place), and y matches
-// the reference. In place (y = x, dx = dy), streamed, the same bits.
-TEST(GroupNormFast, StreamedOutputsAreEachSampleAlone) {
-  const Logical g{16, 64, {64, 64}};
-  const Logical one{1, 64, {64, 64}};
+// y and dx of g (streamed at 2 threads) against each sample normalized alone
+// (written in place), and in place (y = x, dx = dy) against the same.
+void check_each_sample_alone(const Logical& g, int64_t groups, Layout layout) {
+  const Logical one{1, g.c, g.spatial};
   const Data d = make_data(g, 23);
   const int64_t per_sample = one.numel();
   ThreadCount threads(2);
-  for (const Layout layout : {Layout::NCHW, Layout::NHWC}) {
-    const Case all{"streamed", dense(layout, g), 8};
-    SCOPED_TRACE(all.arrangement.describe());
-    const FastResult streamed = run_fast(all, d, 1e-5);
-    EXPECT_TRUE(all_close("y", streamed.y, reference_forward(g, 8, d, 1e-5).y, kY, &g));
-    for (int64_t n = 0; n < g.n; ++n) {
-      Data dn = d;
-      dn.x.assign(d.x.begin() + n * per_sample, d.x.begin() + (n + 1) * per_sample);
-      dn.dy.assign(d.dy.begin() + n * per_sample, d.dy.begin() + (n + 1) * per_sample);
-      const FastResult alone = run_fast({"alone", dense(layout, one), 8}, dn, 1e-5);
-      const std::vector<float> part(streamed.y.begin() + n * per_sample,
-                                    streamed.y.begin() + (n + 1) * per_sample);
-      EXPECT_TRUE(bitwise_equal("y of sample " + std::to_string(n), part, alone.y));
-      const std::vector<float> dx(streamed.dx.begin() + n * per_sample,
-                                  streamed.dx.begin() + (n + 1) * per_sample);
-      EXPECT_TRUE(bitwise_equal("dx of sample " + std::to_string(n), dx, alone.dx));
-    }
-    Buffer<float> xy(all.arrangement), x(all.arrangement), dy(all.arrangement);
-    xy.scatter(d.x);
-    x.scatter(d.x);
-    dy.scatter(d.dy);
-    std::vector<float> mean(g.n * 8), invstd(g.n * 8), dgamma(g.c), dbeta(g.c);
-    normkit::group_norm_forward<float>(xy.cview(), xy.view(), 8, d.gamma, d.beta, {mean, invstd});
-    EXPECT_TRUE(bitwise_equal("y in place", xy.gather(), streamed.y));
-    normkit::group_norm_backward<float>(x.cview(), dy.cview(), dy.view(), 8, d.gamma, mean, invstd,
-                                        dgamma, dbeta);
-    EXPECT_TRUE(bitwise_equal("dx in place (dx = dy)", dy.gather(), streamed.dx));
+  const Case all{"streamed", dense(layout, g), groups};
+  SCOPED_TRACE(all.arrangement.describe());
+  const FastResult streamed = run_fast(all, d, 1e-5);
+  EXPECT_TRUE(all_close("y", streamed.y, reference_forward(g, groups, d, 1e-5).y, kY, &g));
+  for (int64_t n = 0; n < g.n; ++n) {
+    Data dn = d;
+    dn.x.assign(d.x.begin() + n * per_sample, d.x.begin() + (n + 1) * per_sample);
+    dn.dy.assign(d.dy.begin() + n * per_sample, d.dy.begin() + (n + 1) * per_sample);
+    const FastResult alone = run_fast({"alone", dense(layout, one), groups}, dn, 1e-5);
+    const std::vector<float> part(streamed.y.begin() + n * per_sample,
+                                  streamed.y.begin() + (n + 1) * per_sample);
+    EXPECT_TRUE(bitwise_equal("y of sample " + std::to_string(n), part, alone.y));
+    const std::vector<float> dx(streamed.dx.begin() + n * per_sample,
+                                streamed.dx.begin() + (n + 1) * per_sample);
+    EXPECT_TRUE(bitwise_equal("dx of sample " + std::to_string(n), dx, alone.dx));
   }
+  Buffer<float> xy(all.arrangement), x(all.arrangement), dy(all.arrangement);
+  xy.scatter(d.x);
+  x.scatter(d.x);
+  dy.scatter(d.dy);
+  std::vector<float> mean(g.n * groups), invstd(g.n * groups), dgamma(g.c), dbeta(g.c);
+  normkit::group_norm_forward<float>(xy.cview(), xy.view(), groups, d.gamma, d.beta,
+                                     {mean, invstd});
+  EXPECT_TRUE(bitwise_equal("y in place", xy.gather(), streamed.y));
+  normkit::group_norm_backward<float>(x.cview(), dy.cview(), dy.view(), groups, d.gamma, mean,
+                                      invstd, dgamma, dbeta);
+  EXPECT_TRUE(bitwise_equal("dx in place (dx = dy)", dy.gather(), streamed.dx));
+}
+
+// Outputs larger than the threads' L2 go to memory with streaming stores
+// (src/cpu/streamed_output.hpp; rows and planes straight from the loop on
+// AVX-512 CPUs). A sample's y and dx depend on that sample alone: 16 samples
+// of 1 MB (16.8 MB, streamed) give the bits of each sample normalized by
+// itself (1 MB, written in place), and y matches the reference. In place
+// (y = x, dx = dy), streamed, the same bits. 3 samples of one group (6.5 MB)
+// share 3 blocks over 2 threads: the planes' forward then applies parts of
+// planes (130x130: a part's end in the middle of a line).
+TEST(GroupNormFast, StreamedOutputsAreEachSampleAlone) {
+  struct Shape {
+    Logical g;
+    int64_t groups;
+  };
+  for (const auto& [g, groups] : {Shape{{16, 64, {64, 64}}, 8}, Shape{{3, 32, {130, 130}}, 1}})
+    for (const Layout layout : {Layout::NCHW, Layout::NHWC})
+      check_each_sample_alone(g, groups, layout);
 }
 
 // ---------------------------------------------------------------- determinism
