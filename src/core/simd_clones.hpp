@@ -21,3 +21,12 @@
 #define NORMKIT_SIMD_CLONES
 #define NORMKIT_HAS_SIMD_CLONES 0
 #endif
+
+// NORMKIT_IVDEP: GCC's promise that a loop's iterations do not depend on each
+// other (the outputs may be inputs, so `restrict` cannot say it). Clang does
+// not know the pragma, and warned at each use.
+#if defined(__GNUC__) && !defined(__clang__)
+#define NORMKIT_IVDEP _Pragma("GCC ivdep")
+#else
+#define NORMKIT_IVDEP
+#endif

@@ -113,7 +113,6 @@ __attribute__((target("avx512f"))) inline void stream_runs_avx512(const float* x
                  pick);
   });
 }
-
 #endif
 
 // The two loops above, writing through the streamed buffer when `stream`
@@ -129,7 +128,7 @@ __attribute__((target("avx512f"))) inline void stream_runs_avx512(const float* x
 // -> 1.65-1.70 and 56x56 1.74-1.75 -> 1.84-1.85 (1): with long runs the buffer
 // costs little, and reading x and dy while streaming dx out of the same core
 // costs more.
-constexpr int64_t kStraightBackwardRuns = 512;
+[[maybe_unused]] constexpr int64_t kStraightBackwardRuns = 512;  // (unused without clones)
 void apply_runs_to(bool stream, const float* x, int64_t x_stride, float* y, int64_t y_stride,
                    int64_t runs, int64_t len, const ApplyCoefficients* k, int64_t k_step) {
 #if NORMKIT_HAS_SIMD_CLONES

@@ -631,7 +631,9 @@ TEST(NnModelSize, CountsTheActivationsOfCnnSmall) {
   EXPECT_EQ(size.parameters, 32 * 9 + 2 * 32 + 64 * 288 + 2 * 64 + 3136 * 128 + 2 * 128 + 1290);
   EXPECT_EQ(size.buffers, 3 * 1 + 2 * (32 + 64 + 128));
   EXPECT_DOUBLE_EQ(size.training_bytes(128),
-                   4.0 * (4.0 * size.parameters + size.buffers + 128.0 * size.activations));
+                   4.0 * (4.0 * static_cast<double>(size.parameters) +
+                          static_cast<double>(size.buffers) +
+                          128.0 * static_cast<double>(size.activations)));
 }
 
 // Sizes that do not fit in 64 bits are errors naming the layer, not undefined

@@ -4,4 +4,4 @@
 // autograd kernel (autograd.hpp); Python adds the ONNX export and the modules.
 #include <torch/library.h>
 
-TORCH_LIBRARY(normkit, m) {}
+TORCH_LIBRARY(normkit, m) { static_cast<void>(m); }  // the ops: each family's fragment
