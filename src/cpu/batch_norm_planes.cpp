@@ -141,7 +141,7 @@ void apply_runs_to(bool stream, const float* x, int64_t x_stride, float* y, int6
     for (int64_t r = 0; r < runs; ++r)
       cpu::stream_apply_run_avx512(x + r * x_stride, y + r * y_stride, len, k->mean_hi, k->scale,
                                    k->shift);
-    _mm_sfence();
+    cpu::streamed_stores_done();
     return;
   }
   if (k_step == 1 && len >= 16 &&

@@ -58,7 +58,8 @@ void apply_run_in_place(float* x, int64_t len, ApplyCoefficients k) {
 // parts of at most a buffer (x may be y: a part is computed before it is
 // written; parts too short to stream are written in place); or on AVX-512
 // CPUs straight from the loop, with no fence: the caller's series of runs
-// ends with one (streams_done).
+// ends with one (cpu::streamed_stores_done; inside the region too: a reader
+// of y after the apply must come after it).
 void apply_any(const float* x, float* y, int64_t len, ApplyCoefficients k, bool stream) {
 #if NORMKIT_HAS_SIMD_CLONES
   if (cpu::streams_straight(stream, len, len, {}, {y}))
@@ -77,15 +78,6 @@ void apply_any(const float* x, float* y, int64_t len, ApplyCoefficients k, bool 
       apply_any(x + first, out[0].data, n, k, false);
     });
   }
-}
-
-// After a thread's apply_any calls: their straight streaming stores done
-// before anyone reads y (inside the region too: a reader of y after the
-// apply must come after this).
-void streams_done([[maybe_unused]] bool stream) {
-#if NORMKIT_HAS_SIMD_CLONES
-  if (stream) _mm_sfence();
-#endif
 }
 
 NORMKIT_SIMD_CLONES
@@ -168,7 +160,7 @@ void planes_forward(const Forward<float>& p) {
       for (int64_t c = first_c; c < first_c + plan.per_group; ++c)
         apply_any(p.x + g.offset(n, c, 0), p.y + p.y_geom.offset(n, c, 0), g.s,
                   channel_coefficients(p, n, c), stream);
-      streams_done(stream);
+      if (stream) cpu::streamed_stores_done();
     });
     return;
   }
@@ -194,7 +186,7 @@ void planes_forward(const Forward<float>& p) {
       apply_any(p.x + g.offset(n, c, first), p.y + p.y_geom.offset(n, c, first),
                 parts.len(part, g.s), channel_coefficients(p, n, c), stream);
     }
-    streams_done(stream);
+    if (stream) cpu::streamed_stores_done();
   });
 }
 

@@ -313,11 +313,11 @@ template <bool Relu>
     float* yp = y + r * y_stride;
     if (z) {
       const float* zp = z + r * z_stride;
-NORMKIT_IVDEP
+      NORMKIT_IVDEP
       for (int64_t c = blocked; c < channels; ++c)
         yp[c] = out((xp[c] - mean_hi[c]) * scale[c] + shift[c] + zp[c]);
     } else {
-NORMKIT_IVDEP
+      NORMKIT_IVDEP
       for (int64_t c = blocked; c < channels; ++c)
         yp[c] = out((xp[c] - mean_hi[c]) * scale[c] + shift[c]);
     }
@@ -479,7 +479,7 @@ template <bool Masked>
       const float* xp = x + r * x_stride;
       const float* gp = dy + r * dy_stride;
       float* dp = dx + r * dx_stride;
-NORMKIT_IVDEP
+      NORMKIT_IVDEP
       for (int64_t c = blocked; c < channels; ++c)
         dp[c] = a[c] * gp[c] + b[c] * (xp[c] - mean_hi[c]) + k[c];
     }

@@ -43,6 +43,15 @@ namespace {
 // output's 4096-value units and two outputs' 56×56 planes.
 constexpr int64_t kStreamBlock = 8192;
 
+// Streaming stores are weakly ordered: a thread's are done (visible) before
+// anyone reads what they wrote. Every streamed pass ends with this; a series
+// of straight runs (kFence false below) ends with one.
+inline void streamed_stores_done() {
+#if defined(__SSE2__)
+  _mm_sfence();
+#endif
+}
+
 // A core's L2 cache (sysconf; 1 MB when it does not say).
 [[maybe_unused]] int64_t l2_bytes() {
   static const int64_t bytes = [] {
@@ -125,9 +134,8 @@ bool streams(bool stream, const std::array<Output, N>& outputs, int64_t rows, in
 // std::array<Output, N>). With `stream`, out is the buffer, streamed to the
 // outputs after each call; contiguous rows (stride == width: a dense NCHW
 // unit of short planes, where they are not streamed straight) go out as one
-// run. Otherwise (or when the rows are
-// too wide for the buffer, or too short to stream: `streams`) out is the
-// outputs themselves, in one call.
+// run. Otherwise (or when the rows are too wide for the buffer, or too short
+// to stream: `streams`) out is the outputs themselves, in one call.
 template <size_t N, class Write>
 void write_outputs(bool stream, const std::array<Output, N>& outputs, int64_t rows,
                    int64_t width, Write&& write) {
@@ -154,9 +162,7 @@ void write_outputs(bool stream, const std::array<Output, N>& outputs, int64_t ro
       }
     }
   }
-#if defined(__SSE2__)
-  _mm_sfence();  // streaming stores are weakly ordered: done before anyone reads y
-#endif
+  streamed_stores_done();
 }
 
 #if NORMKIT_HAS_SIMD_CLONES
@@ -227,12 +233,12 @@ __attribute__((target("avx512f"))) inline void stream_rows_avx512(
       if (outs[o]) _mm512_stream_ps(outs[o] + i, v[o]);
   }
   if (i < n) store_part(static_cast<__mmask16>((1u << (n - i)) - 1));
-  if constexpr (kFence) _mm_sfence();
+  if constexpr (kFence) streamed_stores_done();
 }
 // y[0, n) = (x - mean_hi)·scale + shift straight, as the clones' loops
 // contract it (FMA), for a series of runs with constant coefficients each
 // (a channel's planes, its pieces): without the fence, which the caller
-// gives once after the series (_mm_sfence). y may be x.
+// gives once after the series (streamed_stores_done). y may be x.
 __attribute__((target("avx512f"))) inline void stream_apply_run_avx512(const float* x, float* y,
                                                                        int64_t n, float mean_hi,
                                                                        float scale, float shift) {

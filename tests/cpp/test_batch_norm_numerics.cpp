@@ -320,9 +320,9 @@ INSTANTIATE_TEST_SUITE_P(
 // Outputs larger than the threads' L2 go to memory with streaming stores,
 // computed first into a buffer in L1 (src/cpu/streamed_output.hpp), or, for
 // contiguous rows and planes side by side on AVX-512 CPUs, straight from the
-// loop; rows too short to stream, apart from each other, are written in place. The same
-// problem both ways gives the same bits: dense (streamed) against rows or
-// planes padded to a stride just past them (written in place).
+// loop; rows too short to stream, apart from each other, are written in place.
+// The same problem both ways gives the same bits: dense (streamed) against
+// rows or planes padded to a stride just past them (written in place).
 TEST(StreamedOutputs, SameBitsAsOutputsWrittenInPlace) {
   const Logical rows{64, 64, {32, 32}};    // 16.8 MB: rows of 64 channels
   const Logical planes{1024, 64, {8, 8}};  // 16.8 MB: planes of 64 values
