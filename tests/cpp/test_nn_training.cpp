@@ -249,18 +249,22 @@ TEST(NnModel, FusedBatchNormReluEqualsTheSeparateLayers) {
 // running statistics bit for bit (the same statistics and coefficients), and
 // the same gradients to rounding (the gradient sums are added in another
 // order); the same bits on 1 and 2 threads; both formats; odd extents (a row
-// and a column in no window); frozen BN and a probe's layer-by-layer forward
-// fall back to the separate layers.
+// and a column in no window); rows of 4 and 17 windows (channels-first dx
+// takes 8 windows at a time: a part, whole blocks and a last block of one);
+// frozen BN and a probe's layer-by-layer forward fall back to the separate
+// layers.
 TEST(NnModel, FusedBatchNormReluMaxPoolMatchesTheSeparateLayers) {
-  const auto fused_spec = ModelSpec::parse(
-      "input 3 7 9; conv 8 3 pad=1 bias=0; batchnorm; relu; maxpool 2; flatten; linear 5");
-  const auto plain_spec = ModelSpec::parse(
-      "input 3 7 9; conv 8 3 pad=1 bias=0; batchnorm; relu; dropout 0; maxpool 2; flatten; linear 5");
   const int64_t N = 6;
   const auto labels = some_labels(N, 5);
   const int saved_threads = normkit::num_threads();
-  for (const auto format : kFormats) {
-    SCOPED_TRACE(name_of(format));
+  for (const auto& [format, image] : {std::pair{kFormats[0], "3 7 9"}, {kFormats[1], "3 7 9"},
+                                      {kFormats[0], "3 5 35"}, {kFormats[1], "3 5 35"}}) {
+    SCOPED_TRACE(std::string(name_of(format)) + " " + image);
+    const std::string input =
+        std::string("input ") + image + "; conv 8 3 pad=1 bias=0; batchnorm; relu; ";
+    const auto fused_spec = ModelSpec::parse(input + "maxpool 2; flatten; linear 5");
+    const auto plain_spec = ModelSpec::parse(input + "dropout 0; maxpool 2; flatten; linear 5");
+    const int64_t h = fused_spec.input_shape[1], w = fused_spec.input_shape[2];
     std::vector<std::vector<float>> gradients_by_threads;
     for (const int threads : {1, 2}) {
       SCOPED_TRACE(threads);
@@ -276,7 +280,8 @@ TEST(NnModel, FusedBatchNormReluMaxPoolMatchesTheSeparateLayers) {
           fused.freeze_batch_norm();
           plain.freeze_batch_norm();
         }
-        const Tensor x = make_tensor({N, 3, 7, 9}, format, normal_values(N * 189, 70 + step, 2.0f, 0.5f));
+        const Tensor x =
+            make_tensor({N, 3, h, w}, format, normal_values(N * 3 * h * w, 70 + step, 2.0f, 0.5f));
         ASSERT_TRUE(same_logits(fused, plain, x));
         EXPECT_EQ(tail.ran_with_max_pool(), step < 3);  // frozen BN: the separate layers
         compute_gradients(fused, x, labels);
@@ -291,7 +296,7 @@ TEST(NnModel, FusedBatchNormReluMaxPoolMatchesTheSeparateLayers) {
                                fused_parameters[k]->grad.end());
         }
         if (step == 1) {
-          const Tensor probe = make_tensor({N, 3, 7, 9}, format, normal_values(N * 189, 80));
+          const Tensor probe = make_tensor({N, 3, h, w}, format, normal_values(N * 3 * h * w, 80));
           for (Model* model : {&fused, &plain}) probe_then_backward(*model, probe, labels);
           EXPECT_FALSE(tail.ran_with_max_pool());
           ASSERT_TRUE(same_gradients(fused_parameters, plain_parameters, "probe "));
