@@ -313,6 +313,85 @@ TEST(NnPool, MaxPoolTiesGoFirstAndTheLastNaNWinsInBothFormats) {
       }
 }
 
+// BN, ReLU and 2×2 max pooling in one pass (ReluMaxPool2x2), by the same
+// rules as the separate layers: the first of tied maxima, the last NaN, and no
+// gradient for a maximum <= 0 or NaN. Five kinds of window; rows of 2, 5, 9
+// and 17 windows (the loops take blocks of 16, 8 or 4 windows, the last one
+// overlapping the one before or masked), one column and one row more in no
+// window. Coefficients chosen so that every value is exact. The backward's
+// sums are checked without the NaN (BN's training forward refuses NaN, so no
+// NaN reaches them).
+TEST(NnBatchNormReluMaxPool, TiesGoFirstTheLastNaNWinsAndNothingAtOrBelowZeroPasses) {
+  // p = (x - 0.5)·2 - 1 = 2x - 2; dx = 3·g at the maximum + 0.5·(x - 0.5) + 0.25.
+  const int64_t C = 5, H = 3;
+  const float mean = 0.5f, scale = 2.0f, shift = -1.0f, a = 3.0f, b = 0.5f, k = 0.25f;
+  for (const bool with_nan : {true, false})
+    for (const int64_t windows : {2, 5, 9, 17})
+      for (const auto format : kFormats) {
+        SCOPED_TRACE(std::to_string(windows) + " windows, " + name_of(format) +
+                     (with_nan ? ", NaN" : ""));
+        const std::vector<std::vector<float>> kinds = {
+            {2.0f, 2.0f, 2.0f, 2.0f},
+            {1.0f, 5.0f, 5.0f, 0.0f},
+            with_nan ? std::vector<float>{1.0f, NAN, 3.0f, NAN}
+                     : std::vector<float>{1.0f, 7.0f, 3.0f, 7.0f},
+            {0.5f, 0.25f, 1.0f, 0.75f},
+            {0.0f, 0.5f, 0.0f, -1.0f}};
+        const int winner[] = {0, 1, with_nan ? 3 : 1, 2, 1};
+        const bool passes[] = {true, true, !with_nan, false, false};  // its maximum is > 0
+        const int64_t W = 2 * windows + 1;
+        std::vector<float> xs(C * H * W, -3.0f);
+        const auto at = [&](int64_t c, int64_t win, int j) {
+          return (c * H + j / 2) * W + 2 * win + j % 2;
+        };
+        for (int64_t c = 0; c < C; ++c)
+          for (int64_t win = 0; win < windows; ++win)
+            for (int j = 0; j < 4; ++j) xs[at(c, win, j)] = kinds[(c + win) % 5][j];
+        normkit::nn::detail::ReluMaxPool2x2 pool;
+        const std::vector<float> means(C, mean), scales(C, scale), shifts(C, shift), as(C, a),
+            bs(C, b), ks(C, k);
+        const Tensor x = make_tensor({1, C, H, W}, format, xs);
+        Tensor y_tensor, dx_tensor;
+        pool.forward(x, means.data(), scales.data(), shifts.data(), y_tensor);
+        const auto y = canonical(y_tensor);
+        const Tensor dy =
+            make_tensor({1, C, 1, windows}, format, std::vector<float>(windows * C, 1.0f));
+        std::vector<double> sum_g(C), sum_gx(C);
+        const std::vector<double> mean_d(C, mean);
+        pool.sums(dy, mean_d.data(), sum_g.data(), sum_gx.data());
+        pool.dx(x, dy, means.data(), as.data(), bs.data(), ks.data(), dx_tensor);
+        const auto dx = canonical(dx_tensor);
+        for (int64_t c = 0; c < C; ++c) {
+          double expected_g = 0, expected_gx = 0;
+          for (int64_t win = 0; win < windows; ++win) {
+            SCOPED_TRACE("channel " + std::to_string(c) + " window " + std::to_string(win));
+            const int kind = static_cast<int>((c + win) % 5);
+            const float best = kinds[kind][winner[kind]], got = y[c * windows + win];
+            if (std::isnan(best)) EXPECT_TRUE(std::isnan(got));
+            else EXPECT_EQ(got, std::max(2.0f * best - 2.0f, 0.0f));
+            if (passes[kind]) {
+              expected_g += 1;
+              expected_gx += best - 0.5;
+            }
+            for (int j = 0; j < 4; ++j) {
+              const float xv = kinds[kind][j], value = dx[at(c, win, j)];
+              const float gradient = passes[kind] && j == winner[kind] ? a : 0.0f;
+              if (std::isnan(xv)) EXPECT_TRUE(std::isnan(value));
+              else EXPECT_EQ(value, gradient + b * (xv - mean) + k) << "position " << j;
+              xs[at(c, win, j)] = NAN;  // marks the inputs in a window
+            }
+          }
+          if (with_nan) continue;
+          EXPECT_EQ(sum_g[c], expected_g) << "channel " << c;
+          EXPECT_EQ(sum_gx[c], expected_gx) << "channel " << c;
+        }
+        for (size_t i = 0; i < xs.size(); ++i)  // the last column and row: in no window
+          if (!std::isnan(xs[i])) {
+            EXPECT_EQ(dx[i], b * (xs[i] - mean) + k) << "input " << i;
+          }
+      }
+}
+
 // ---------------------------------------------------------------- activations
 
 TEST(NnActivation, ForwardValuesAndGradients) {
