@@ -574,9 +574,14 @@ void bn_relu_max_plane_2x2(const float* __restrict plane, int64_t row_step, int6
     }
   }
 }
+// The gradient g of a window whose maximum passed the ReLU (its position is
+// not kNoGradient), else 0: the backward's sums take it. (The mask as bits: a
+// select on the index compare did not vectorize.)
+[[gnu::always_inline]] inline double passed_gradient(float g, uint8_t position) {
+  return select(position != ReluMaxPool2x2::kNoGradient, g, 0.0f);
+}
 // Its backward's sums over `pixels` output pixels: per channel Σg and
 // Σg·(x - mean) in double, g = dL/dy where the window's maximum passed the ReLU.
-// (The mask as bits: a select on the index compare did not vectorize.)
 NORMKIT_ENGINE_SIMD_CLONES
 void bn_relu_max_sums(const float* __restrict g, const uint8_t* __restrict index,
                       const float* __restrict x_at, int64_t pixels, int64_t channels,
@@ -588,8 +593,7 @@ void bn_relu_max_sums(const float* __restrict g, const uint8_t* __restrict index
     const uint8_t* __restrict ip = index + p * channels;
     const float* __restrict xp = x_at + p * channels;
     for (int64_t c = 0; c < channels; ++c) {
-      const uint32_t keep = 0u - static_cast<uint32_t>(ip[c] != ReluMaxPool2x2::kNoGradient);
-      const double gi = std::bit_cast<float>(std::bit_cast<uint32_t>(gp[c]) & keep);
+      const double gi = passed_gradient(gp[c], ip[c]);
       sum_g[c] += gi;
       sum_gx[c] += gi * (static_cast<double>(xp[c]) - mean[c]);
     }
@@ -636,8 +640,7 @@ void bn_relu_max_plane_sums(const float* __restrict g, const uint8_t* __restrict
   constexpr int64_t kLanes = 8;
   double lane_g[kLanes] = {}, lane_gx[kLanes] = {};
   const auto add = [&](int64_t i, int64_t lane) __attribute__((always_inline)) {
-    const uint32_t keep = 0u - static_cast<uint32_t>(index[i] != ReluMaxPool2x2::kNoGradient);
-    const double gi = std::bit_cast<float>(std::bit_cast<uint32_t>(g[i]) & keep);
+    const double gi = passed_gradient(g[i], index[i]);
     lane_g[lane] += gi;
     lane_gx[lane] += gi * (static_cast<double>(x_at[i]) - mean);
   };
@@ -684,6 +687,9 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) void bn_relu_max_plane_dx_a
   const __m512i column = _mm512_set_epi32(1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0);
   const __m512 vm = _mm512_set1_ps(m), va = _mm512_set1_ps(a), vb = _mm512_set1_ps(b),
                vk = _mm512_set1_ps(k);
+  // The maskz forms throughout: the plain ones pass GCC 12's self-initialized
+  // "undefined" vectors, which -Wmaybe-uninitialized reports.
+  constexpr __mmask16 kAll = 0xFFFF;
   for (int64_t ih = 0; ih < 2 * rows; ++ih) {
     const int64_t o = ih / 2 * windows;
     const __m512i position = _mm512_add_epi32(column, _mm512_set1_epi32(ih % 2 == 0 ? 0 : 2));
@@ -693,9 +699,6 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) void bn_relu_max_plane_dx_a
       const int64_t count = std::min<int64_t>(8, windows - ow);
       const auto window_lanes = static_cast<__mmask16>((1u << count) - 1);
       const auto column_lanes = static_cast<__mmask16>((1u << (2 * count)) - 1);
-      // The maskz forms throughout: the plain ones pass GCC 12's self-initialized
-      // "undefined" vectors, which -Wmaybe-uninitialized reports.
-      constexpr __mmask16 kAll = 0xFFFF;
       const __m512 gw = _mm512_maskz_permutexvar_ps(
           kAll, twice, _mm512_maskz_loadu_ps(window_lanes, g + o + ow));
       const __m512i at = _mm512_maskz_permutexvar_epi32(
