@@ -66,8 +66,13 @@ int main(int argc, char** argv) {
       normkit::set_num_threads(threads);
       omp_set_num_threads(threads);
     }
-    auto train = normkit::data::load_mnist_directory(directory, normkit::data::Split::train);
-    auto test = normkit::data::load_mnist_directory(directory, normkit::data::Split::test);
+    normkit::data::Dataset train, test;
+    {
+      // The matrix products' kernels compile on the other core meanwhile.
+      const normkit::nn::KernelWarmUp warm_up;
+      train = normkit::data::load_mnist_directory(directory, normkit::data::Split::train);
+      test = normkit::data::load_mnist_directory(directory, normkit::data::Split::test);
+    }
     if (standardize) {
       normkit::data::Standardizer s;
       s.fit(train.features, train.sample_size());

@@ -160,7 +160,8 @@ Data load_data(const RunOptions& options, bool need_train = true);
 void check_data_fits(const nn::ModelSpec& spec, const data::Dataset& set);
 void standardize(const data::Standardizer& standardizer, data::Dataset& set);
 // The data of a run, standardized with `standardizer` (fitted first on the
-// training set when `fit`), or left as loaded with --inputs raw.
+// training set when `fit`), or left as loaded with --inputs raw. The matrix
+// products' kernels compile meanwhile (nn::KernelWarmUp).
 Data prepare_data(const RunOptions& options, data::Standardizer* standardizer, bool fit);
 // One line: model, sample counts, optimizer, batch size, seed, format.
 std::string describe_run(const RunOptions& options, const Data& data);

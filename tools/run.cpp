@@ -713,6 +713,7 @@ std::string describe_run(const RunOptions& o, const Data& data) {
 }
 
 Data prepare_data(const RunOptions& o, data::Standardizer* standardizer, bool fit) {
+  const nn::KernelWarmUp warm_up;  // on the other core while the data loads
   Data data = load_data(o);
   if (data.train.count() < 2) usage_error("training needs at least 2 samples");
   if (o.inputs != "standardize") return data;  // raw, scaled: the standardizer stays unfitted

@@ -1,6 +1,8 @@
 // The engine's layers one at a time: forward against plain double loops,
 // backward against central differences, both memory formats against each other.
 #include <gtest/gtest.h>
+#include <pthread.h>
+#include <signal.h>
 
 #include <cmath>
 #include <numeric>
@@ -83,6 +85,40 @@ TEST(NnLinear, ParameterGradientsAccumulateAcrossBackwardCalls) {
   for (size_t k = 0; k < params.size(); ++k)
     for (size_t i = 0; i < once[k].size(); ++i)
       EXPECT_FLOAT_EQ(params[k]->grad[i], 2 * once[k][i]) << params[k]->name;
+}
+
+// The kernels compile on another thread while the first products run here
+// (both go through oneDNN's one-time set-up); the caller's signal mask is
+// left as it was.
+TEST(NnLinear, GradientsAreRightWhileTheKernelsCompileOnAnotherThread) {
+  const int64_t N = 64, IN = 100, OUT = 30;
+  auto layer = make_layer("linear 30 bias=0", {IN}, MemoryFormat::channels_first);
+  Parameter* w = param(*layer, "weight");
+  w->value = normal_values(OUT * IN, 21);
+  const auto xs = normal_values(N * IN, 22), dys = normal_values(N * OUT, 23);
+  const Tensor x = make_tensor({N, IN}, MemoryFormat::channels_first, xs);
+  const Tensor dy = make_tensor({N, OUT}, MemoryFormat::channels_first, dys);
+  sigset_t before, after;
+  pthread_sigmask(SIG_SETMASK, nullptr, &before);
+  std::vector<float> dx;
+  {
+    const normkit::nn::KernelWarmUp warm_up;
+    pthread_sigmask(SIG_SETMASK, nullptr, &after);
+    zero_grads(*layer);
+    layer->forward(x, Mode::train);
+    dx = layer->backward(dy, true).data;
+  }
+  for (int signal = 1; signal < NSIG; ++signal)
+    EXPECT_EQ(sigismember(&before, signal), sigismember(&after, signal)) << "signal " << signal;
+  std::vector<double> dw(OUT * IN, 0.0), dx_ref(N * IN, 0.0);
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t o = 0; o < OUT; ++o)
+      for (int64_t i = 0; i < IN; ++i) {
+        dw[o * IN + i] += double{dys[n * OUT + o]} * xs[n * IN + i];
+        dx_ref[n * IN + i] += double{dys[n * OUT + o]} * w->value[o * IN + i];
+      }
+  expect_close(w->grad, dw, 1e-5, "dW");
+  expect_close(dx, dx_ref, 1e-5, "dx");
 }
 
 TEST(NnLinear, RejectsTheWrongInputWithItsName) {

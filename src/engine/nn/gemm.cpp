@@ -2,8 +2,14 @@
 
 #include <omp.h>
 #include <oneapi/dnnl/dnnl.h>
+#include <pthread.h>
+#include <signal.h>
 
 #include <algorithm>
+#include <system_error>
+#include <vector>
+
+#include "normkit/engine/nn.hpp"
 
 #include "normkit/threading.hpp"
 #include "support.hpp"
@@ -34,3 +40,33 @@ void gemm(bool transpose_a, bool transpose_b, int64_t m, int64_t n, int64_t k, f
 }
 
 }  // namespace normkit::nn::detail
+
+namespace normkit::nn {
+
+KernelWarmUp::KernelWarmUp() {
+  // Started with every signal blocked: the stop signals belong to their own
+  // thread (stop_signals.cpp), never to one inside sgemm.
+  sigset_t all, previous;
+  sigfillset(&all);
+  pthread_sigmask(SIG_SETMASK, &all, &previous);
+  try {
+    thread_ = std::thread([] {
+      omp_set_num_threads(1);
+      // One call compiles them all; 16 is the smallest size that does
+      // (a 1x1x1 product takes a path of its own).
+      constexpr int kSize = 16;
+      std::vector<float> a(kSize * kSize, 0.0f), c(kSize * kSize);
+      dnnl_sgemm('N', 'N', kSize, kSize, kSize, 1.0f, a.data(), kSize, a.data(), kSize, 0.0f,
+                 c.data(), kSize);
+    });
+  } catch (const std::system_error&) {
+    // No thread to spare: the first product compiles the kernels itself.
+  }
+  pthread_sigmask(SIG_SETMASK, &previous, nullptr);
+}
+
+KernelWarmUp::~KernelWarmUp() {
+  if (thread_.joinable()) thread_.join();
+}
+
+}  // namespace normkit::nn
