@@ -3,6 +3,7 @@
 // the model spec, and the training loop (a tiny model whose loss falls,
 // deterministic epoch order, NaN detection).
 #include <gtest/gtest.h>
+
 #include <signal.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -11,6 +12,7 @@
 #include <chrono>
 #include <cmath>
 #include <cstdlib>
+#include <functional>
 #include <numeric>
 #include <set>
 #include <thread>
@@ -489,6 +491,40 @@ TEST(NnOptimizer, AdamMatchesPyTorchsFormulas) {
     }
     EXPECT_EQ(adam->steps(), 5);
     EXPECT_EQ(adam->state().size(), 4u);
+  }
+}
+
+// step_and_zero_grad is step() then zero_grad: the same parameters and state
+// to the bit, every gradient zero after it; every SGD case and Adam.
+TEST(NnOptimizer, StepAndZeroGradIsStepThenZeroGrad) {
+  const std::vector<std::pair<std::string, std::function<std::unique_ptr<normkit::nn::Optimizer>(
+                                               const std::vector<Parameter*>&)>>>
+      makers = {
+          {"sgd", [](const auto& p) { return normkit::nn::make_sgd({0.1f}, p); }},
+          {"sgd momentum wd",
+           [](const auto& p) { return normkit::nn::make_sgd({0.05f, 0.9f, 1e-2f}, p); }},
+          {"sgd nesterov",
+           [](const auto& p) { return normkit::nn::make_sgd({0.02f, 0.8f, 0.0f, true}, p); }},
+          {"adam wd",
+           [](const auto& p) { return normkit::nn::make_adam({1e-2f, 0.9f, 0.99f, 1e-8f, 0.01f}, p); }}};
+  for (const auto& [name, make] : makers) {
+    SCOPED_TRACE(name);
+    Fixture a(6), b(6);
+    auto separate = make(a.params), fused = make(b.params);
+    for (int step = 0; step < 3; ++step) {
+      a.set_grads(step);
+      b.set_grads(step);
+      separate->step(a.params);
+      for (auto* p : a.params) std::fill(p->grad.begin(), p->grad.end(), 0.0f);
+      fused->step_and_zero_grad(b.params);
+      for (size_t k = 0; k < a.storage.size(); ++k) {
+        EXPECT_EQ(b.storage[k].value, a.storage[k].value) << "step " << step;
+        EXPECT_EQ(b.storage[k].grad, a.storage[k].grad) << "step " << step;
+      }
+      for (size_t k = 0; k < separate->state().size(); ++k)
+        EXPECT_EQ(*fused->state()[k], *separate->state()[k]) << "state " << k << ", step " << step;
+    }
+    EXPECT_EQ(fused->steps(), 3);
   }
 }
 

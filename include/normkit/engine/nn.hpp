@@ -253,7 +253,11 @@ LossResult softmax_cross_entropy(const Tensor& logits, const int32_t* labels, Te
 class Optimizer {
  public:
   virtual ~Optimizer() = default;
-  virtual void step(const std::vector<Parameter*>& parameters) = 0;
+  // One update from the parameters' gradients.
+  void step(const std::vector<Parameter*>& parameters) { update(parameters, false); }
+  // step(), then every gradient set to zero as it is read: what step() and
+  // Model::zero_grad() do, with one pass over the gradients less.
+  void step_and_zero_grad(const std::vector<Parameter*>& parameters) { update(parameters, true); }
   virtual std::string name() const = 0;
   // Optimizer state (momentum buffers, Adam moments, step count) for checkpoints.
   virtual std::vector<std::vector<float>*> state() = 0;
@@ -262,6 +266,9 @@ class Optimizer {
   // checkpoint can rebuild the optimizer (normkit::io::make_optimizer).
   virtual std::map<std::string, double> options() const { return {{"lr", learning_rate}}; }
   float learning_rate = 0.01f;
+
+ protected:
+  virtual void update(const std::vector<Parameter*>& parameters, bool zero_grad) = 0;
 };
 
 struct SgdOptions {

@@ -17,7 +17,8 @@ struct StepProgress {
   // This step's batch: its mean loss, correct predictions and size (for
   // per-step metrics). The callback runs after the optimizer step; it may
   // evaluate or probe the model (see probe.hpp) as long as it leaves the
-  // parameters and buffers as it found them.
+  // parameters and buffers as it found them and the gradients zero (the step
+  // leaves them so, and the next step's backward adds to them).
   double batch_loss = 0;
   int64_t batch_correct = 0, batch_size = 0;
 };

@@ -35,12 +35,14 @@ void check_same(const std::vector<Parameter*>& parameters, const std::vector<std
 
 // One case of the SGD update per instantiation: without branches in the loop
 // the compiler vectorizes it (the same operations, so the same results).
-template <bool kMomentum, bool kFirstStep, bool kNesterov>
-[[gnu::always_inline]] inline void sgd_loop(float* __restrict w, const float* __restrict grad,
+// kZero: the gradient is set to zero once read (Optimizer::step_and_zero_grad).
+template <bool kMomentum, bool kFirstStep, bool kNesterov, bool kZero>
+[[gnu::always_inline]] inline void sgd_loop(float* __restrict w, float* __restrict grad,
                                             float* __restrict buf, size_t n, float lr, float mu,
                                             float wd) {
   for (size_t j = 0; j < n; ++j) {
     float g = grad[j] + wd * w[j];
+    if constexpr (kZero) grad[j] = 0.0f;
     if constexpr (kMomentum) {
       const float b = kFirstStep ? g : mu * buf[j] + g;
       buf[j] = b;
@@ -50,29 +52,47 @@ template <bool kMomentum, bool kFirstStep, bool kNesterov>
   }
 }
 enum class SgdCase { plain, first_step, first_step_nesterov, momentum, nesterov };
-NORMKIT_ENGINE_SIMD_CLONES
-void sgd_update(SgdCase which, float* __restrict w, const float* __restrict grad,
-                float* __restrict buf, size_t n, float lr, float mu, float wd) {
+template <bool kZero>
+[[gnu::always_inline]] inline void sgd_case(SgdCase which, float* __restrict w,
+                                            float* __restrict grad, float* __restrict buf,
+                                            size_t n, float lr, float mu, float wd) {
   switch (which) {
-    case SgdCase::plain: return sgd_loop<false, false, false>(w, grad, buf, n, lr, mu, wd);
-    case SgdCase::first_step: return sgd_loop<true, true, false>(w, grad, buf, n, lr, mu, wd);
+    case SgdCase::plain: return sgd_loop<false, false, false, kZero>(w, grad, buf, n, lr, mu, wd);
+    case SgdCase::first_step:
+      return sgd_loop<true, true, false, kZero>(w, grad, buf, n, lr, mu, wd);
     case SgdCase::first_step_nesterov:
-      return sgd_loop<true, true, true>(w, grad, buf, n, lr, mu, wd);
-    case SgdCase::momentum: return sgd_loop<true, false, false>(w, grad, buf, n, lr, mu, wd);
-    case SgdCase::nesterov: return sgd_loop<true, false, true>(w, grad, buf, n, lr, mu, wd);
+      return sgd_loop<true, true, true, kZero>(w, grad, buf, n, lr, mu, wd);
+    case SgdCase::momentum: return sgd_loop<true, false, false, kZero>(w, grad, buf, n, lr, mu, wd);
+    case SgdCase::nesterov: return sgd_loop<true, false, true, kZero>(w, grad, buf, n, lr, mu, wd);
   }
 }
-
 NORMKIT_ENGINE_SIMD_CLONES
-void adam_update(float* __restrict w, const float* __restrict grad, float* __restrict m,
-                 float* __restrict v, size_t n, float b1, float b2, float wd, float step_size,
-                 float correction2_sqrt, float eps) {
+void sgd_update(SgdCase which, bool zero_grad, float* __restrict w, float* __restrict grad,
+                float* __restrict buf, size_t n, float lr, float mu, float wd) {
+  if (zero_grad) return sgd_case<true>(which, w, grad, buf, n, lr, mu, wd);
+  sgd_case<false>(which, w, grad, buf, n, lr, mu, wd);
+}
+
+template <bool kZero>
+[[gnu::always_inline]] inline void adam_loop(float* __restrict w, float* __restrict grad,
+                                             float* __restrict m, float* __restrict v, size_t n,
+                                             float b1, float b2, float wd, float step_size,
+                                             float correction2_sqrt, float eps) {
   for (size_t j = 0; j < n; ++j) {
     const float g = grad[j] + wd * w[j];
+    if constexpr (kZero) grad[j] = 0.0f;
     m[j] = b1 * m[j] + (1 - b1) * g;
     v[j] = b2 * v[j] + (1 - b2) * g * g;
     w[j] -= step_size * m[j] / (std::sqrt(v[j]) / correction2_sqrt + eps);
   }
+}
+NORMKIT_ENGINE_SIMD_CLONES
+void adam_update(bool zero_grad, float* __restrict w, float* __restrict grad, float* __restrict m,
+                 float* __restrict v, size_t n, float b1, float b2, float wd, float step_size,
+                 float correction2_sqrt, float eps) {
+  if (zero_grad)
+    return adam_loop<true>(w, grad, m, v, n, b1, b2, wd, step_size, correction2_sqrt, eps);
+  adam_loop<false>(w, grad, m, v, n, b1, b2, wd, step_size, correction2_sqrt, eps);
 }
 
 // g = grad + wd·w
@@ -88,7 +108,7 @@ class Sgd final : public Optimizer {
     if (o.nesterov && o.momentum == 0)
       engine::fail_invalid("sgd: Nesterov momentum requires momentum > 0");
   }
-  void step(const std::vector<Parameter*>& parameters) override {
+  void update(const std::vector<Parameter*>& parameters, bool zero_grad) override {
     check_same(parameters, velocity_);
     const float mu = options_.momentum, wd = options_.weight_decay, lr = learning_rate;
     const SgdCase which = mu == 0         ? SgdCase::plain
@@ -97,7 +117,7 @@ class Sgd final : public Optimizer {
                           : options_.nesterov ? SgdCase::nesterov
                                               : SgdCase::momentum;
     for (size_t i = 0; i < parameters.size(); ++i)
-      sgd_update(which, parameters[i]->value.data(), parameters[i]->grad.data(),
+      sgd_update(which, zero_grad, parameters[i]->value.data(), parameters[i]->grad.data(),
                  velocity_[i].data(), parameters[i]->value.size(), lr, mu, wd);
     ++steps_;
   }
@@ -132,7 +152,7 @@ class Adam final : public Optimizer {
         !(o.eps > 0) || !(o.weight_decay >= 0))
       engine::fail_invalid("adam: need lr > 0, betas in [0, 1), eps > 0, weight decay >= 0");
   }
-  void step(const std::vector<Parameter*>& parameters) override {
+  void update(const std::vector<Parameter*>& parameters, bool zero_grad) override {
     check_same(parameters, m_);
     ++steps_;
     const double t = static_cast<double>(steps_);
@@ -141,7 +161,7 @@ class Adam final : public Optimizer {
     const float b1 = options_.beta1, b2 = options_.beta2, wd = options_.weight_decay;
     const float step_size = learning_rate / correction1;
     for (size_t i = 0; i < parameters.size(); ++i) {
-      adam_update(parameters[i]->value.data(), parameters[i]->grad.data(), m_[i].data(),
+      adam_update(zero_grad, parameters[i]->value.data(), parameters[i]->grad.data(), m_[i].data(),
                   v_[i].data(), m_[i].size(), b1, b2, wd, step_size, correction2_sqrt,
                   options_.eps);
     }

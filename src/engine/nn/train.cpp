@@ -181,7 +181,8 @@ EpochResult train_epoch(nn::Model& model, nn::Optimizer& optimizer, const data::
       const float weight = static_cast<float>(static_cast<double>(shard.count) / static_cast<double>(size));
       for (float& d : dlogits.data) d *= weight;
     }
-    model.zero_grad();
+    // Later steps start from the zeros the last one left (step_and_zero_grad).
+    if (step == begin.step) model.zero_grad();
     model.backward(dlogits);
     double batch_loss_sum = loss.loss * static_cast<double>(shard.count);
     if (group && ranks > 1) {
@@ -195,7 +196,7 @@ EpochResult train_epoch(nn::Model& model, nn::Optimizer& optimizer, const data::
     if (!std::isfinite(loss.loss))
       engine::fail_runtime("loss became ", loss.loss, " at epoch ", epoch + 1, ", step ", step + 1,
                            " of ", steps, "; training stopped");
-    optimizer.step(parameters);
+    optimizer.step_and_zero_grad(parameters);
     loss_sum += batch_loss_sum;
     correct += loss.correct;
     result.samples += size;
