@@ -15,6 +15,7 @@
 #include <algorithm>
 #include <optional>
 #include <sstream>
+#include <string_view>
 #include <unordered_map>
 
 #include "nn/layers.hpp"
@@ -95,6 +96,10 @@ class Conv2d final : public Layer {
     const size_t weight_size = weight_.value.size();
     partial_weights_.resize(weight_size * static_cast<size_t>(chunks));
     partial_bias_.resize(bias_ ? static_cast<size_t>(cout_ * chunks) : 0);
+    if (need_input_grad && !input_grad_) {
+      input_grad_ = true;  // the plans may choose another layout now (make_plan)
+      plans_.clear();
+    }
     try {
       if (need_input_grad) {
         dx_.reshape({n, cin_, h_, w_}, format_);
@@ -190,6 +195,15 @@ class Conv2d final : public Layer {
       values.resize(weights_desc(which).get_size() / sizeof(float));
       return memory(weights_desc(which), cpu_engine(), values.data());
     }
+    // Whether a primitive the layer runs is oneDNN's reference implementation
+    // (plain loops, hundreds of times slower than its JIT kernels).
+    bool runs_reference_loops(bool with_input_grad) const {
+      const auto reference = [](const auto& pd) {
+        return std::string_view(pd.impl_info_str()).starts_with("ref");
+      };
+      return reference(forward_pd) || reference(backward_weights_pd) ||
+             (with_input_grad && reference(backward_data_pd));
+    }
     // OIHW weights into the layout of `which`.
     void reorder_weights(const std::vector<float>& oihw_values, Weights which) {
       memory from(oihw, cpu_engine(), const_cast<float*>(oihw_values.data()));
@@ -211,18 +225,31 @@ class Conv2d final : public Layer {
   }
   Plan make_plan(int64_t samples) const {
     const tag image_tag = format_ == MemoryFormat::channels_last ? tag::nhwc : tag::nchw;
+    if (format_ == MemoryFormat::channels_last) return make_plan(samples, image_tag);
+    // Channels-first images are reordered, chunk by chunk, into a layout the
+    // primitives run fast on (Buffers): oneDNN's NCHW kernels took 1.6-2x as
+    // long as that, reorders included (cnn-small: conv 32 -> 64 forward
+    // 6.9-7.4 against 4.3 ms a step, backward 16.1-17.9 against 8.5-8.9).
+    // First the layout they pick (blocks of 16 channels). But with 3 to 12
+    // input channels oneDNN 2.6 has no fast backward for the layout its
+    // forward picks, and falls back to its reference loops: 8 -> 16 channels,
+    // 28x28, 16 samples took 955 ms against 0.7 ms in channels-last. Then
+    // channels-last it is. The data gradient counts only once a backward has
+    // asked for it: a first layer's (cnn-small's conv 1 -> 32) never does, and
+    // there blocks run its forward in 254 us against 498 channels-last.
+    Plan plan = make_plan(samples, tag::any);
+    if (plan.runs_reference_loops(input_grad_)) plan = make_plan(samples, tag::nhwc);
+    return plan;
+  }
+  // The plan with the primitives' images in layout `conv_tag` (tag::any: their
+  // choice); the model's images are in its own format.
+  Plan make_plan(int64_t samples, tag conv_tag) const {
+    const tag image_tag = format_ == MemoryFormat::channels_last ? tag::nhwc : tag::nchw;
     const auto f32 = memory::data_type::f32;
     const memory::desc src({samples, cin_, h_, w_}, f32, image_tag);
     const memory::desc dst({samples, cout_, oh_, ow_}, f32, image_tag);
-    // Channels-first images: the primitives pick their own layout (blocks of
-    // 16 channels), and each chunk is reordered into it and back (Buffers):
-    // oneDNN's NCHW kernels took 1.6-2x as long as that, reorders included
-    // (cnn-small: conv 32 -> 64 forward 6.9-7.4 against 4.3 ms a step,
-    // backward 16.1-17.9 against 8.5-8.9). Channels-last images are taken as
-    // they are: the blocked layout measured no faster for them.
-    const bool own_layout = format_ == MemoryFormat::channels_first;
-    const memory::desc any_src = own_layout ? memory::desc(src.dims(), f32, tag::any) : src;
-    const memory::desc any_dst = own_layout ? memory::desc(dst.dims(), f32, tag::any) : dst;
+    const memory::desc any_src(src.dims(), f32, conv_tag);
+    const memory::desc any_dst(dst.dims(), f32, conv_tag);
     const memory::desc weights({cout_, cin_, k_, k_}, f32, tag::any);
     const memory::desc bias = bias_ ? memory::desc({cout_}, f32, tag::x) : memory::desc();
     const memory::dims strides = {stride_, stride_}, padding = {pad_, pad_};
@@ -298,7 +325,8 @@ class Conv2d final : public Layer {
   std::optional<Parameter> bias_;
   const Tensor* input_ = nullptr;
   Tensor y_, dx_;
-  Cache<Plan> plans_;  // by samples per chunk
+  bool input_grad_ = false;  // a backward has asked for dx
+  Cache<Plan> plans_;        // by samples per chunk
   std::vector<float> partial_weights_, partial_bias_;  // per chunk: OIHW, then the bias
   std::vector<Buffers> buffers_;                       // per thread
 };

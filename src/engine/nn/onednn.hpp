@@ -66,6 +66,8 @@ class Cache {
     }
     return *found;
   }
+  // Not while a chunk may be looking a value up.
+  void clear() { values_.clear(); }
 
  private:
   std::map<int64_t, Value> values_;
