@@ -200,6 +200,63 @@ TEST(NnConv, ForwardMatchesDoubleLoopsAndGradientsMatchFiniteDifferencesInBothFo
   }
 }
 
+// A batch of several chunks (16 samples each, the last shorter), in the
+// layouts the channels-first primitives pick (blocks for 32 channels,
+// channels-last for 4), in a first step and a second (the forward keeps x for
+// the backward): y, dx and dW against double sums, in both formats. Each sum
+// is allowed float rounding in proportion to the sum of its terms' magnitudes.
+TEST(NnConv, BatchesOfSeveralChunksMatchDoubleSumsInBothFormats) {
+  const int64_t N = 40, OUT = 8, S = 6;  // 3x3, pad 1: S x S in and out
+  for (const int64_t C : {4, 32}) {
+    const std::vector<int64_t> shape = {N, C, S, S};
+    const auto xs = normal_values(product(shape), 31);
+    const auto ws = normal_values(OUT * C * 9, 32);
+    const auto dys = normal_values(N * OUT * S * S, 33);
+    // y, dx and dW with the magnitude sums of their terms.
+    std::vector<double> y(N * OUT * S * S), dx(N * C * S * S), dw(OUT * C * 9);
+    std::vector<double> y_abs(y.size()), dx_abs(dx.size()), dw_abs(dw.size());
+    for (int64_t n = 0; n < N; ++n)
+      for (int64_t o = 0; o < OUT; ++o)
+        for (int64_t c = 0; c < C; ++c)
+          for (int64_t kh = 0; kh < 3; ++kh)
+            for (int64_t kw = 0; kw < 3; ++kw)
+              for (int64_t h = 0; h < S; ++h)
+                for (int64_t w = 0; w < S; ++w) {
+                  const int64_t ih = h + kh - 1, iw = w + kw - 1;
+                  if (ih < 0 || ih >= S || iw < 0 || iw >= S) continue;
+                  const int64_t yi = ((n * OUT + o) * S + h) * S + w;
+                  const int64_t xi = ((n * C + c) * S + ih) * S + iw;
+                  const int64_t wi = ((o * C + c) * 3 + kh) * 3 + kw;
+                  y[yi] += double{xs[xi]} * ws[wi];
+                  y_abs[yi] += std::abs(double{xs[xi]} * ws[wi]);
+                  dx[xi] += double{dys[yi]} * ws[wi];
+                  dx_abs[xi] += std::abs(double{dys[yi]} * ws[wi]);
+                  dw[wi] += double{dys[yi]} * xs[xi];
+                  dw_abs[wi] += std::abs(double{dys[yi]} * xs[xi]);
+                }
+    const auto expect_sums = [](const std::vector<float>& actual, const std::vector<double>& sums,
+                                const std::vector<double>& magnitudes, const std::string& what) {
+      ASSERT_EQ(actual.size(), sums.size()) << what;
+      for (size_t i = 0; i < sums.size(); ++i)
+        ASSERT_NEAR(actual[i], sums[i], 2e-6 * (1 + magnitudes[i])) << what << " at " << i;
+    };
+    for (const auto format : kFormats) {
+      SCOPED_TRACE(std::to_string(C) + " channels, " + name_of(format));
+      auto layer = make_layer("conv 8 3 pad=1 bias=0", {C, S, S}, format);
+      param(*layer, "weight")->value = ws;
+      const Tensor x = make_tensor(shape, format, xs);
+      const Tensor dy = make_tensor({N, OUT, S, S}, format, dys);
+      for (int step = 1; step <= 2; ++step) {
+        const std::string when = "step " + std::to_string(step) + ": ";
+        zero_grads(*layer);
+        expect_sums(canonical(layer->forward(x, Mode::train)), y, y_abs, when + "y");
+        expect_sums(canonical(layer->backward(dy, true)), dx, dx_abs, when + "dx");
+        expect_sums(param(*layer, "weight")->grad, dw, dw_abs, when + "dW");
+      }
+    }
+  }
+}
+
 // oneDNN's reference loops run a convolution hundreds of times slower than
 // its JIT kernels (8 -> 16 channels channels-first: 955 ms a chunk against
 // 0.7 ms). Its verbose log names the implementation of every primitive run.
