@@ -76,14 +76,12 @@ class Conv2d final : public Layer {
         dnnl::stream stream(cpu_engine());
         const memory y_chunk = p.dst_at(y_.data.data(), first);
         const memory dst = buffers.in_layout(Buffers::dst, p.conv_dst, y_chunk);
-        memory x_chunk = p.src_at(x.data.data(), first);
-        memory src;
-        if (kept_src_.valid) {
-          src = kept_src_.at(p, first);
-          dnnl::reorder(x_chunk, src).execute(stream, x_chunk, src);
-        } else {
-          src = buffers.copy_in(Buffers::src, p.conv_src, x_chunk, stream);
-        }
+        const memory x_chunk = p.src_at(x.data.data(), first);
+        const memory src =
+            Buffers::copy_to(x_chunk,
+                             kept_src_.valid ? kept_src_.at(p, first)
+                                             : buffers.in_layout(Buffers::src, p.conv_src, x_chunk),
+                             stream);
         std::unordered_map<int, memory> args = {
             {DNNL_ARG_SRC, src},
             {DNNL_ARG_WEIGHTS, p.weights(Plan::Weights::forward)},
@@ -91,7 +89,7 @@ class Conv2d final : public Layer {
             {DNNL_ARG_SCRATCHPAD, thread_scratchpad(p.forward_pd.scratchpad_desc())}};
         if (bias_) args.emplace(DNNL_ARG_BIAS, memory(p.bias, cpu_engine(), bias_->value.data()));
         p.forward_primitive.execute(stream, args);
-        Buffers::copy_out(dst, y_chunk, stream);
+        Buffers::copy_to(dst, y_chunk, stream);
       });
     } catch (const dnnl::error& e) {
       fail_runtime(describe(), ": oneDNN forward failed: ", e.what());
@@ -145,7 +143,7 @@ class Conv2d final : public Layer {
                      {DNNL_ARG_WEIGHTS, p.weights(Plan::Weights::backward_data)},
                      {DNNL_ARG_DIFF_SRC, diff_src},
                      {DNNL_ARG_SCRATCHPAD, thread_scratchpad(p.backward_data_pd.scratchpad_desc())}});
-        Buffers::copy_out(diff_src, dx_chunk, stream);
+        Buffers::copy_to(diff_src, dx_chunk, stream);
       });
     } catch (const dnnl::error& e) {
       fail_runtime(describe(), ": oneDNN backward failed: ", e.what());
@@ -236,8 +234,7 @@ class Conv2d final : public Layer {
     return plans_.get(samples, [&] { return make_plan(samples); });
   }
   Plan make_plan(int64_t samples) const {
-    const tag image_tag = format_ == MemoryFormat::channels_last ? tag::nhwc : tag::nchw;
-    if (format_ == MemoryFormat::channels_last) return make_plan(samples, image_tag);
+    if (format_ == MemoryFormat::channels_last) return make_plan(samples, tag::nhwc);
     // Channels-first images are reordered, chunk by chunk, into a layout the
     // primitives run fast on (Buffers): oneDNN's NCHW kernels took 1.6-2x as
     // long as that, reorders included (cnn-small: conv 32 -> 64 forward
@@ -293,7 +290,8 @@ class Conv2d final : public Layer {
   // gives `image` itself when it already is in layout `want`, else the
   // thread's buffer for that role (src: x, then dx in backward, once the
   // weight gradient is done with x; dst: y, or dy); copy_in() also copies
-  // image's values there, copy_out() copies a result back.
+  // image's values there; copy_to() copies one image into another (a
+  // result back, or x into the room kept for the backward).
   struct Buffers {
     enum Role { src, dst };
     std::vector<char> gradient_bytes;
@@ -309,14 +307,13 @@ class Conv2d final : public Layer {
       return memory(want, cpu_engine(), values.data());
     }
     memory copy_in(Role role, const memory::desc& want, memory image, const dnnl::stream& stream) {
-      memory chosen = in_layout(role, want, image);
-      if (chosen.get_data_handle() != image.get_data_handle())
-        dnnl::reorder(image, chosen).execute(stream, image, chosen);
-      return chosen;
+      return copy_to(image, in_layout(role, want, image), stream);
     }
-    static void copy_out(memory result, memory image, const dnnl::stream& stream) {
-      if (result.get_data_handle() != image.get_data_handle())
-        dnnl::reorder(result, image).execute(stream, result, image);
+    // `to` with image's values, unless it is image itself.
+    static memory copy_to(memory image, memory to, const dnnl::stream& stream) {
+      if (to.get_data_handle() != image.get_data_handle())
+        dnnl::reorder(image, to).execute(stream, image, to);
+      return to;
     }
   };
 

@@ -10,7 +10,6 @@
 #include <vector>
 
 #include "normkit/engine/nn.hpp"
-
 #include "normkit/threading.hpp"
 #include "support.hpp"
 
