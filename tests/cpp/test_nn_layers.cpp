@@ -324,6 +324,22 @@ TEST(NnConv, RejectsBadGeometry) {
                            ErrorKind::invalid_argument, {"conv", "[C, H, W]"}));
 }
 
+// A backward needs the dy of the last forward's output: before any forward,
+// or with another batch size or shape, it names the problem and reads nothing.
+TEST(NnConv, RejectsAGradientOfAnotherShape) {
+  auto layer = make_layer("conv 3 3 pad=1", {2, 5, 5}, MemoryFormat::channels_last);
+  const Tensor dy = make_tensor({2, 3, 5, 5}, MemoryFormat::channels_last, normal_values(150, 7));
+  EXPECT_TRUE(throws_error([&] { layer->backward(dy, true); }, ErrorKind::invalid_argument,
+                           {"conv(2 -> 3", "dy [2, 3, 5, 5]", "last forward"}));
+  layer->forward(make_tensor({4, 2, 5, 5}, MemoryFormat::channels_last, normal_values(200, 6)),
+                 Mode::train);
+  for (const auto& shape : {std::vector<int64_t>{2, 3, 5, 5}, {4, 3, 5, 4}, {4, 75}}) {
+    const Tensor bad = make_tensor(shape, MemoryFormat::channels_last, normal_values(4 * 75, 8));
+    EXPECT_TRUE(throws_error([&] { layer->backward(bad, true); }, ErrorKind::invalid_argument,
+                             {"dy", "last forward"}));
+  }
+}
+
 // ---------------------------------------------------------------- pooling
 
 // Distinct values at least 0.05 apart (a shuffled ramp), so a window's maximum

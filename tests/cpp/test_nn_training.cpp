@@ -316,6 +316,56 @@ TEST(NnModel, FusedBatchNormReluMaxPoolMatchesTheSeparateLayers) {
   normkit::set_num_threads(saved_threads);
 }
 
+// After the one-pass forward, a conv before the BN takes the BN's dL/dx chunk
+// by chunk (TakesGradientInChunks: each made as the conv uses it). The same
+// gradients bit for bit as the BN's whole dx given to the conv, the layers'
+// backwards called one by one: a conv that takes its dx and one that does not
+// (the first layer), 40 samples (two full chunks of 16 and a short one), both
+// formats, 1 and 2 threads.
+TEST(NnModel, AConvTakesTheBatchNormsGradientInChunksWithTheSameBits) {
+  const int64_t N = 40;
+  const auto spec = ModelSpec::parse(
+      "input 3 7 9; conv 4 3 pad=1; conv 8 3 pad=1 bias=0; batchnorm; relu; maxpool 2; "
+      "flatten; linear 5");
+  const auto labels = some_labels(N, 5);
+  const int saved_threads = normkit::num_threads();
+  for (const auto format : kFormats) {
+    for (const int threads : {1, 2}) {
+      SCOPED_TRACE(std::string(name_of(format)) + ", threads " + std::to_string(threads));
+      normkit::set_num_threads(threads);
+      Model model(spec, format);
+      model.initialize({}, 3);
+      const auto parameters = model.parameters();
+      const Tensor x = make_tensor({N, 3, 7, 9}, format, normal_values(N * 3 * 63, 90, 1.0f, 0.5f));
+      const auto gradients = [&](bool by_hand) {
+        Tensor dlogits;
+        normkit::nn::softmax_cross_entropy(model.forward(x, Mode::train), labels.data(), &dlogits);
+        model.zero_grad();
+        const auto& layers = model.layers();
+        if (!by_hand) {
+          model.backward(dlogits);
+        } else {
+          const Tensor* g = &layers[6]->backward(dlogits, true);
+          g = &layers[5]->backward(*g, true);
+          auto& tail = dynamic_cast<normkit::nn::detail::ReluTail&>(*layers[2]);
+          EXPECT_TRUE(tail.ran_with_max_pool());
+          g = &tail.backward_relu(*g, true);
+          g = &layers[1]->backward(*g, true);
+          layers[0]->backward(*g, false);
+        }
+        std::vector<float> all;
+        for (const auto* p : parameters) all.insert(all.end(), p->grad.begin(), p->grad.end());
+        return all;
+      };
+      const std::vector<float> whole = gradients(true), in_chunks = gradients(false);
+      ASSERT_EQ(in_chunks.size(), whole.size());
+      for (size_t i = 0; i < whole.size(); ++i) ASSERT_EQ(in_chunks[i], whole[i]) << i;
+      EXPECT_GT(*std::max_element(whole.begin(), whole.end()), 0.0f);
+    }
+  }
+  normkit::set_num_threads(saved_threads);
+}
+
 // Without a batchnorm before it, "relu; maxpool K" runs as one pass in training
 // (MaxPoolAfterRelu): the pooling of x, then the ReLU of each maximum, and no
 // gradient for a window whose maximum is <= 0. With an identity between them

@@ -227,6 +227,17 @@ class BatchNormLayer final : public BatchNormFamily, public AddReluTail, public 
     if (with_max_pool_) return backward_relu_max_pool(dy, need_input_grad);
     return backward_fused(dy, need_input_grad, nullptr);
   }
+  bool gives_input_grad_in_chunks() const override { return with_max_pool_; }
+  void begin_backward_relu(const Tensor& dy) override {
+    if (!with_max_pool_)
+      fail_invalid(describe(), ": dx in chunks needs a forward with the relu and max pooling");
+    begin_backward_relu_max_pool(dy, true);
+  }
+  void input_grad_of(int64_t first, int64_t count, float* dx) const override {
+    const float* mean_hi = coefficients_.data();
+    const float *a = mean_hi + c_, *b = a + c_, *k = b + c_;
+    pool_.dx_of_samples(*input_, *pooled_grad_, mean_hi, a, b, k, first, count, dx);
+  }
 
  private:
   // y = relu(BN(x) + z), or relu(BN(x)) without z, BN as forward() does it.
@@ -313,12 +324,14 @@ class BatchNormLayer final : public BatchNormFamily, public AddReluTail, public 
   }
 
   const Tensor& backward_relu_max_pool(const Tensor& dy, bool need_input_grad);
+  void begin_backward_relu_max_pool(const Tensor& dy, bool need_input_grad);
 
   std::vector<float> mean_, invstd_;  // the batch's, saved for backward
   std::vector<uint8_t> mask_;         // forward_(add_)relu's ReLU mask, one bit per element
   bool with_relu_ = false;            // the last forward was forward_relu
   bool with_max_pool_ = false;        // the last forward was forward_relu_max_pool
   ReluMaxPool2x2 pool_;
+  const Tensor* pooled_grad_ = nullptr;  // begin_backward_relu_max_pool's dy
   std::vector<float> coefficients_;   // per channel: mean_hi, scale, shift; backward mean_hi, a, b, k
   std::vector<double> statistics_;    // per channel: the saved mean, in double
   dist::Communicator* group_ = nullptr;
@@ -365,7 +378,20 @@ const Tensor& BatchNormLayer::forward_relu_max_pool(const Tensor& x) {
 // (cpu/coefficients.hpp: a = γ·invstd, b = -a·invstd·dγ/M, k = -a·dβ/M -
 // b·(mean - mean_hi), M values per channel), from the saved statistics.
 const Tensor& BatchNormLayer::backward_relu_max_pool(const Tensor& dy, bool need_input_grad) {
-  start_backward(*input_, need_input_grad);
+  begin_backward_relu_max_pool(dy, need_input_grad);
+  if (!need_input_grad) return dx_;
+  const float* mean_hi = coefficients_.data();
+  const float *a = mean_hi + c_, *b = a + c_, *k = b + c_;
+  pool_.dx(*input_, dy, mean_hi, a, b, k, dx_);
+  return dx_;
+}
+
+// Its first part: the sums, dγ and dβ (added to the gradients), and with
+// need_input_grad dx's coefficients (mean_hi, a, b, k in coefficients_); dx_
+// is left empty (ReluMaxPool2x2::dx sizes it).
+void BatchNormLayer::begin_backward_relu_max_pool(const Tensor& dy, bool need_input_grad) {
+  start_backward(*input_, false);
+  pooled_grad_ = &dy;
   sums_.resize(2 * c_);
   statistics_.resize(c_);
   double *mean = statistics_.data(), *sum_g = sums_.data(), *sum_gx = sum_g + c_;
@@ -377,10 +403,8 @@ const Tensor& BatchNormLayer::backward_relu_max_pool(const Tensor& dy, bool need
     dbeta_[c] = static_cast<float>(sum_g[c]);
     dgamma_[c] = static_cast<float>(sum_gx[c] * static_cast<double>(invstd_[c]));
   }
-  if (!need_input_grad) {
-    accumulate_gradients();
-    return dx_;
-  }
+  accumulate_gradients();
+  if (!need_input_grad) return;
   if (group_) dist::all_reduce_sum(*group_, sums_);
   const double count = moments_[0].count;
   coefficients_.resize(4 * c_);
@@ -394,9 +418,6 @@ const Tensor& BatchNormLayer::backward_relu_max_pool(const Tensor& dy, bool need
     b[c] = static_cast<float>(bc);
     k[c] = static_cast<float>(-ac * sum_g[c] / count - bc * (mean[c] - static_cast<double>(mean_hi[c])));
   }
-  pool_.dx(*input_, dy, mean_hi, a, b, k, dx_);
-  accumulate_gradients();
-  return dx_;
 }
 
 // r and d follow BatchRenormSchedule::linear(warmup, rmax, dmax) over the

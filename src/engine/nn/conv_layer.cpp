@@ -39,7 +39,7 @@ using tag = dnnl::memory::format_tag;
 // Square kernel, zero padding; W: [out, in, k, k] (PyTorch's OIHW) in both
 // formats, the layout of parameters and checkpoints; oneDNN's own weight
 // layouts are reordered from and to it at each step.
-class Conv2d final : public Layer {
+class Conv2d final : public Layer, public TakesGradientInChunks {
  public:
   Conv2d(const std::vector<int64_t>& input, int64_t out, int64_t k, int64_t stride, int64_t pad,
          bool bias, MemoryFormat format)
@@ -97,8 +97,28 @@ class Conv2d final : public Layer {
     return y_;
   }
   const Tensor& backward(const Tensor& dy, bool need_input_grad) override {
+    if (!input_ || dy.shape != y_.shape || dy.data.size() != y_.data.size())
+      fail_invalid(describe(), ": dy ", shape_text(dy.shape),
+                   " is not the shape of the last forward's output");
+    return backward_from(dy.data.data(), nullptr, need_input_grad);
+  }
+  const Tensor& backward_in_chunks(const GradientChunk& chunk, bool need_input_grad) override {
+    return backward_from(nullptr, &chunk, need_input_grad);
+  }
+  std::vector<Parameter*> parameters() override {
+    if (bias_) return {&weight_, &*bias_};
+    return {&weight_};
+  }
+  void initialize(const InitOptions& init, std::mt19937_64& rng) override {
+    fill_init(weight_.value, cin_ * k_ * k_, cout_ * k_ * k_, init, rng);
+    if (bias_) std::fill(bias_->value.begin(), bias_->value.end(), 0.0f);
+  }
+
+ private:
+  // The backward, dL/dy read from dy (the whole batch's) or made chunk by chunk.
+  const Tensor& backward_from(const float* dy, const GradientChunk* make, bool need_input_grad) {
     const Tensor& x = *input_;
-    const int64_t n = dy.shape[0], chunks = (n + kChunkSamples - 1) / kChunkSamples;
+    const int64_t n = x.shape[0], chunks = (n + kChunkSamples - 1) / kChunkSamples;
     const size_t weight_size = weight_.value.size();
     partial_weights_.resize(weight_size * static_cast<size_t>(chunks));
     partial_bias_.resize(bias_ ? static_cast<size_t>(cout_ * chunks) : 0);
@@ -116,8 +136,9 @@ class Conv2d final : public Layer {
         Plan& p = plan(samples);
         const int64_t chunk = first / kChunkSamples;
         dnnl::stream stream(cpu_engine());
-        const memory dy_chunk =
-            buffers.copy_in(Buffers::dst, p.conv_dst, p.dst_at(dy.data.data(), first), stream);
+        memory dy_given = make ? buffers.made(p.dst) : p.dst_at(dy, first);
+        if (make) (*make)(first, samples, static_cast<float*>(dy_given.get_data_handle()));
+        const memory dy_chunk = buffers.copy_in(Buffers::dst, p.conv_dst, dy_given, stream);
         memory weight_gradient =
             buffers.weight_gradient(p.backward_weights_pd.diff_weights_desc());
         const memory src =
@@ -163,16 +184,7 @@ class Conv2d final : public Layer {
     if (!need_input_grad) dx_.reshape({}, format_);
     return dx_;
   }
-  std::vector<Parameter*> parameters() override {
-    if (bias_) return {&weight_, &*bias_};
-    return {&weight_};
-  }
-  void initialize(const InitOptions& init, std::mt19937_64& rng) override {
-    fill_init(weight_.value, cin_ * k_ * k_, cout_ * k_ * k_, init, rng);
-    if (bias_) std::fill(bias_->value.begin(), bias_->value.end(), 0.0f);
-  }
 
- private:
   // The one-thread primitives for chunks of `samples` samples, and the
   // weights in the layouts they chose.
   struct Plan {
@@ -291,11 +303,16 @@ class Conv2d final : public Layer {
   // thread's buffer for that role (src: x, then dx in backward, once the
   // weight gradient is done with x; dst: y, or dy); copy_in() also copies
   // image's values there; copy_to() copies one image into another (a
-  // result back, or x into the room kept for the backward).
+  // result back, or x into the room kept for the backward); made() is room
+  // for a chunk's dy in the model's layout, made by backward_in_chunks' source.
   struct Buffers {
     enum Role { src, dst };
     std::vector<char> gradient_bytes;
-    std::vector<float> images[2];
+    std::vector<float> images[2], made_values;
+    memory made(const memory::desc& desc) {
+      made_values.resize(desc.get_size() / sizeof(float));
+      return memory(desc, cpu_engine(), made_values.data());
+    }
     memory weight_gradient(const memory::desc& desc) {
       if (gradient_bytes.size() < desc.get_size()) gradient_bytes.resize(desc.get_size());
       return memory(desc, cpu_engine(), gradient_bytes.data());

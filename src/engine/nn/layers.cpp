@@ -1008,26 +1008,46 @@ void ReluMaxPool2x2::sums(const Tensor& dy, const double* mean, double* sum_g,
 
 void ReluMaxPool2x2::dx(const Tensor& x, const Tensor& dy, const float* mean_hi, const float* a,
                         const float* b, const float* k, Tensor& dx) const {
-  const int64_t n = x.shape[0], c = x.shape[1], h = x.shape[2], w = x.shape[3];
-  const int64_t oh = h / 2, ow = w / 2;
   dx.reshape(x.shape, x.format);
+  const Coefficients coefficients = {mean_hi, a, b, k};
+  const int64_t units = dx_units(x), unit_size = x.numel() / units;
+  parallel_for(threads_for(x.numel()), units, [&](int64_t unit) {
+    dx_unit(x, dy, coefficients, unit, dx.data.data() + unit * unit_size);
+  });
+}
+
+void ReluMaxPool2x2::dx_of_samples(const Tensor& x, const Tensor& dy, const float* mean_hi,
+                                   const float* a, const float* b, const float* k, int64_t first,
+                                   int64_t count, float* dx) const {
+  const int64_t units_per_sample = dx_units(x) / x.shape[0];
+  const int64_t unit_size = x.numel() / x.shape[0] / units_per_sample;
+  const Coefficients coefficients = {mean_hi, a, b, k};
+  for (int64_t u = 0; u < count * units_per_sample; ++u)
+    dx_unit(x, dy, coefficients, first * units_per_sample + u, dx + u * unit_size);
+}
+
+// dx's units of work: channels-first planes (i, c), channels-last input rows (i, ih).
+int64_t ReluMaxPool2x2::dx_units(const Tensor& x) {
+  return x.shape[0] * (x.format == MemoryFormat::channels_first ? x.shape[1] : x.shape[2]);
+}
+
+// Unit `unit` of dx, into `out` (the unit's h·w or w·c values).
+void ReluMaxPool2x2::dx_unit(const Tensor& x, const Tensor& dy, const Coefficients& co,
+                             int64_t unit, float* out) const {
+  const int64_t c = x.shape[1], h = x.shape[2], w = x.shape[3];
+  const int64_t oh = h / 2, ow = w / 2;
   if (x.format == MemoryFormat::channels_first) {
-    parallel_for(threads_for(x.numel()), n * c, [&](int64_t plane) {  // (i, c)
-      const int64_t ch = plane % c, o = plane * oh * ow;
-      bn_relu_max_plane_dx(x.data.data() + plane * h * w, dy.data.data() + o, index_.data() + o,
-                           oh, ow, h, w, mean_hi[ch], a[ch], b[ch], k[ch],
-                           dx.data.data() + plane * h * w);
-    });
+    const int64_t ch = unit % c, o = unit * oh * ow;  // unit = plane (i, c)
+    bn_relu_max_plane_dx(x.data.data() + unit * h * w, dy.data.data() + o, index_.data() + o, oh,
+                         ow, h, w, co.mean_hi[ch], co.a[ch], co.b[ch], co.k[ch], out);
     return;
   }
-  parallel_for(threads_for(x.numel()), n * h, [&](int64_t r) {  // input rows, (i, ih)
-    const int64_t i = r / h, ih = r % h;
-    const int64_t o = (i * oh + ih / 2) * ow * c;  // the output row, when ih / 2 < oh
-    const bool in_window = ih / 2 < oh;
-    bn_relu_max_dx_row(x.data.data() + r * w * c, in_window ? dy.data.data() + o : nullptr,
-                       in_window ? index_.data() + o : nullptr, ih % 2, ow, w, c, mean_hi, a, b,
-                       k, dx.data.data() + r * w * c);
-  });
+  const int64_t i = unit / h, ih = unit % h;  // unit = input row (i, ih)
+  const int64_t o = (i * oh + ih / 2) * ow * c;  // the output row, when ih / 2 < oh
+  const bool in_window = ih / 2 < oh;
+  bn_relu_max_dx_row(x.data.data() + unit * w * c, in_window ? dy.data.data() + o : nullptr,
+                     in_window ? index_.data() + o : nullptr, ih % 2, ow, w, c, co.mean_hi, co.a,
+                     co.b, co.k, out);
 }
 
 namespace {

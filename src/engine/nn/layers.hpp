@@ -2,6 +2,7 @@
 // Layer implementations; Model builds them from a ModelSpec.
 #include <cstddef>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <optional>
 #include <string>
@@ -112,6 +113,28 @@ class ReluTail {
   // dL/dy of relu(layer(x)) (or of its max pooling) -> dL/dx (an empty tensor
   // unless need_input_grad); adds the parameter gradients.
   virtual const Tensor& backward_relu(const Tensor& dy, bool need_input_grad) = 0;
+  // backward_relu with dL/dx wanted in chunks of samples, for a layer before
+  // it that takes its gradient so (TakesGradientInChunks): begin_backward_relu
+  // adds the parameter gradients and makes what dx needs from the whole batch;
+  // then input_grad_of writes dL/dx of any samples, on the calling thread,
+  // until the next forward. Whether the last forward allows it:
+  virtual bool gives_input_grad_in_chunks() const = 0;
+  virtual void begin_backward_relu(const Tensor& dy) = 0;
+  virtual void input_grad_of(int64_t first, int64_t count, float* dx) const = 0;
+};
+
+// A layer whose backward can take dL/dy in chunks of samples, each made just
+// before the layer uses it, while it is in cache (conv, from ReluTail): then
+// dL/dy is never written whole and read back. cnn-small's BN after its first
+// conv: 12.8 MB each way.
+class TakesGradientInChunks {
+ public:
+  virtual ~TakesGradientInChunks() = default;
+  // Writes dL/dy of samples [first, first + count) (the layer's output, in
+  // the model's format) into dy.
+  using GradientChunk = std::function<void(int64_t first, int64_t count, float* dy)>;
+  // backward(), dL/dy given by `chunk`.
+  virtual const Tensor& backward_in_chunks(const GradientChunk& chunk, bool need_input_grad) = 0;
 };
 
 // A max pooling layer that can take the relu before it in the same pass, in
@@ -150,8 +173,20 @@ class ReluMaxPool2x2 {
   // dx = a·g + b·(x - mean_hi) + k per channel, g as above.
   void dx(const Tensor& x, const Tensor& dy, const float* mean_hi, const float* a, const float* b,
           const float* k, Tensor& dx) const;
+  // The same dx for samples [first, first + count) only, into `dx` (count
+  // samples in x's format), on the calling thread.
+  void dx_of_samples(const Tensor& x, const Tensor& dy, const float* mean_hi, const float* a,
+                     const float* b, const float* k, int64_t first, int64_t count,
+                     float* dx) const;
 
  private:
+  struct Coefficients {
+    const float *mean_hi, *a, *b, *k;
+  };
+  static int64_t dx_units(const Tensor& x);
+  void dx_unit(const Tensor& x, const Tensor& dy, const Coefficients& co, int64_t unit,
+               float* out) const;
+
   std::vector<uint8_t> index_;  // per output: 2·kh + kw of the maximum, or kNoGradient
   std::vector<float> x_at_;     // per output: x at the maximum
   mutable std::vector<double> partials_;

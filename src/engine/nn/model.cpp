@@ -159,6 +159,19 @@ void Model::backward(const Tensor& dlogits) {
     auto* pooled = i > 1 ? dynamic_cast<detail::ReluTail*>(layers_[i - 2].get()) : nullptr;
     if (pooled && pooled->ran_with_max_pool() && layers_[i]->type() == "maxpool") {
       i -= 2;
+      // A layer before it that takes dL/dx in chunks gets it so, each chunk
+      // made as it is used.
+      auto* taker = i > first ? dynamic_cast<detail::TakesGradientInChunks*>(layers_[i - 1].get())
+                              : nullptr;
+      if (taker && pooled->gives_input_grad_in_chunks()) {
+        pooled->begin_backward_relu(*grad);
+        --i;
+        const auto chunk = [pooled](int64_t from, int64_t count, float* dx) {
+          pooled->input_grad_of(from, count, dx);
+        };
+        grad = &taker->backward_in_chunks(chunk, i > first);
+        continue;
+      }
       grad = &pooled->backward_relu(*grad, i > first);
       continue;
     }
