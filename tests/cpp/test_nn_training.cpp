@@ -578,6 +578,60 @@ TEST(NnOptimizer, StepAndZeroGradIsStepThenZeroGrad) {
   }
 }
 
+// A large parameter's update runs in blocks over the threads: the same bits
+// as the same values held as small parameters (each updated whole on the
+// calling thread), for SGD with Nesterov momentum and weight decay and for
+// Adam, on 1 and 2 threads; a last block shorter than the others.
+TEST(NnOptimizer, ALargeParameterUpdatedInBlocksHasTheBitsOfSmallOnes) {
+  constexpr size_t kLarge = (size_t{1} << 18) + 3 * (size_t{1} << 16) + 77, kSmall = 4099;
+  const std::vector<float> values = normal_values(kLarge, 31);
+  const int saved_threads = normkit::num_threads();
+  for (const bool adam : {false, true}) {
+    for (const int threads : {1, 2}) {
+      SCOPED_TRACE(std::string(adam ? "adam" : "sgd") + ", threads " + std::to_string(threads));
+      normkit::set_num_threads(threads);
+      std::vector<Parameter> large = {{"weight", values, std::vector<float>(kLarge)}}, small;
+      for (size_t at = 0; at < kLarge; at += kSmall) {
+        const auto begin = values.begin() + static_cast<std::ptrdiff_t>(at);
+        const auto end = values.begin() + static_cast<std::ptrdiff_t>(std::min(kLarge, at + kSmall));
+        small.push_back({"piece", {begin, end}, {}});
+        small.back().grad.resize(small.back().value.size());
+      }
+      std::vector<Parameter*> large_params = {&large[0]}, small_params;
+      for (auto& p : small) small_params.push_back(&p);
+      const auto make = [&](const std::vector<Parameter*>& p) {
+        return adam ? normkit::nn::make_adam({1e-2f, 0.9f, 0.99f, 1e-8f, 0.01f}, p)
+                    : normkit::nn::make_sgd({0.02f, 0.8f, 5e-3f, true}, p);
+      };
+      auto large_optimizer = make(large_params), small_optimizer = make(small_params);
+      for (int step = 0; step < 3; ++step) {
+        large[0].grad = normal_values(kLarge, 40 + step);
+        for (size_t k = 0, at = 0; k < small.size(); at += small[k].grad.size(), ++k)
+          std::copy_n(large[0].grad.begin() + static_cast<std::ptrdiff_t>(at), small[k].grad.size(),
+                      small[k].grad.begin());
+        large_optimizer->step_and_zero_grad(large_params);
+        small_optimizer->step_and_zero_grad(small_params);
+      }
+      std::vector<float> pieces, piece_state;
+      for (const auto& p : small) pieces.insert(pieces.end(), p.value.begin(), p.value.end());
+      ASSERT_EQ(pieces, large[0].value);
+      const auto large_state = large_optimizer->state(), small_state = small_optimizer->state();
+      const size_t arrays = large_state.size();  // sgd: the momentum; adam: m and v
+      for (size_t a = 0; a < arrays; ++a) {
+        piece_state.clear();
+        for (size_t k = 0; k < small.size(); ++k) {
+          const auto* s = small_state[a * small.size() + k];
+          piece_state.insert(piece_state.end(), s->begin(), s->end());
+        }
+        ASSERT_EQ(piece_state, *large_state[a]) << "state " << a;
+      }
+      EXPECT_TRUE(std::all_of(large[0].grad.begin(), large[0].grad.end(),
+                              [](float g) { return g == 0.0f; }));
+    }
+  }
+  normkit::set_num_threads(saved_threads);
+}
+
 TEST(NnOptimizer, LearningRateCanChangeBetweenStepsAndBadOptionsAreRejected) {
   Fixture f(5);
   auto sgd = normkit::nn::make_sgd({0.1f}, f.params);

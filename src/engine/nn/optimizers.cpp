@@ -1,5 +1,6 @@
 // SGD and Adam with PyTorch's update rules, so the same hyper-parameters mean
 // the same thing in both. Weight decay is L2 added to the gradient, as torch.optim.
+#include <algorithm>
 #include <cmath>
 
 #include "normkit/engine/nn.hpp"
@@ -95,6 +96,22 @@ void adam_update(bool zero_grad, float* __restrict w, float* __restrict grad, fl
   adam_loop<false>(w, grad, m, v, n, b1, b2, wd, step_size, correction2_sqrt, eps);
 }
 
+// update(begin, count) over [0, n) in blocks, spread over the threads when n is
+// large: the updates are elementwise, so the blocks change no bits. Only
+// large parameters: waking the other core costs more than a small one's
+// update (mlp-paper's 78,400 weights take about 20 us on one thread; cnn-small's
+// 401,408 about 0.4 ms).
+template <class Update>
+void update_in_blocks(size_t n, Update&& update) {
+  constexpr size_t kBlock = size_t{1} << 16, kSpreadFrom = size_t{1} << 18;
+  if (n < kSpreadFrom) return update(size_t{0}, n);
+  const auto blocks = static_cast<int64_t>((n + kBlock - 1) / kBlock);
+  engine::parallel_for(num_threads(), blocks, [&](int64_t b) {
+    const size_t begin = static_cast<size_t>(b) * kBlock;
+    update(begin, std::min(kBlock, n - begin));
+  });
+}
+
 // g = grad + wd·w
 //   momentum: buf = μ·buf + g (buf = g at the first step); g = g + μ·buf (Nesterov) or buf
 //   w -= lr·g
@@ -116,9 +133,13 @@ class Sgd final : public Optimizer {
                                                                : SgdCase::first_step)
                           : options_.nesterov ? SgdCase::nesterov
                                               : SgdCase::momentum;
-    for (size_t i = 0; i < parameters.size(); ++i)
-      sgd_update(which, zero_grad, parameters[i]->value.data(), parameters[i]->grad.data(),
-                 velocity_[i].data(), parameters[i]->value.size(), lr, mu, wd);
+    for (size_t i = 0; i < parameters.size(); ++i) {
+      float *w = parameters[i]->value.data(), *grad = parameters[i]->grad.data();
+      float* buf = velocity_[i].data();
+      update_in_blocks(velocity_[i].size(), [&](size_t at, size_t count) {
+        sgd_update(which, zero_grad, w + at, grad + at, buf + at, count, lr, mu, wd);
+      });
+    }
     ++steps_;
   }
   std::string name() const override { return "sgd"; }
@@ -161,9 +182,12 @@ class Adam final : public Optimizer {
     const float b1 = options_.beta1, b2 = options_.beta2, wd = options_.weight_decay;
     const float step_size = learning_rate / correction1;
     for (size_t i = 0; i < parameters.size(); ++i) {
-      adam_update(zero_grad, parameters[i]->value.data(), parameters[i]->grad.data(), m_[i].data(),
-                  v_[i].data(), m_[i].size(), b1, b2, wd, step_size, correction2_sqrt,
-                  options_.eps);
+      float *w = parameters[i]->value.data(), *grad = parameters[i]->grad.data();
+      float *m = m_[i].data(), *v = v_[i].data();
+      update_in_blocks(m_[i].size(), [&](size_t at, size_t count) {
+        adam_update(zero_grad, w + at, grad + at, m + at, v + at, count, b1, b2, wd, step_size,
+                    correction2_sqrt, options_.eps);
+      });
     }
   }
   std::string name() const override { return "adam"; }
