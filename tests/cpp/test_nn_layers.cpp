@@ -505,7 +505,7 @@ TEST(NnBatchNormReluMaxPool, TiesGoFirstTheLastNaNWinsAndNothingAtOrBelowZeroPas
         std::vector<double> sum_g(C), sum_gx(C);
         const std::vector<double> mean_d(C, mean);
         pool.sums(dy, mean_d.data(), sum_g.data(), sum_gx.data());
-        pool.dx(x, dy, means.data(), as.data(), bs.data(), ks.data(), dx_tensor);
+        pool.dx(x, dy, {means.data(), as.data(), bs.data(), ks.data()}, dx_tensor);
         const auto dx = canonical(dx_tensor);
         for (int64_t c = 0; c < C; ++c) {
           double expected_g = 0, expected_gx = 0;

@@ -227,16 +227,13 @@ class BatchNormLayer final : public BatchNormFamily, public AddReluTail, public 
     if (with_max_pool_) return backward_relu_max_pool(dy, need_input_grad);
     return backward_fused(dy, need_input_grad, nullptr);
   }
-  bool gives_input_grad_in_chunks() const override { return with_max_pool_; }
   void begin_backward_relu(const Tensor& dy) override {
     if (!with_max_pool_)
       fail_invalid(describe(), ": dx in chunks needs a forward with the relu and max pooling");
     begin_backward_relu_max_pool(dy, true);
   }
   void input_grad_of(int64_t first, int64_t count, float* dx) const override {
-    const float* mean_hi = coefficients_.data();
-    const float *a = mean_hi + c_, *b = a + c_, *k = b + c_;
-    pool_.dx_of_samples(*input_, *pooled_grad_, mean_hi, a, b, k, first, count, dx);
+    pool_.dx_of_samples(*input_, *pooled_grad_, dx_coefficients(), first, count, dx);
   }
 
  private:
@@ -325,6 +322,11 @@ class BatchNormLayer final : public BatchNormFamily, public AddReluTail, public 
 
   const Tensor& backward_relu_max_pool(const Tensor& dy, bool need_input_grad);
   void begin_backward_relu_max_pool(const Tensor& dy, bool need_input_grad);
+  // The dx coefficients begin_backward_relu_max_pool left in coefficients_.
+  ReluMaxPool2x2::DxCoefficients dx_coefficients() const {
+    const float* mean_hi = coefficients_.data();
+    return {mean_hi, mean_hi + c_, mean_hi + 2 * c_, mean_hi + 3 * c_};
+  }
 
   std::vector<float> mean_, invstd_;  // the batch's, saved for backward
   std::vector<uint8_t> mask_;         // forward_(add_)relu's ReLU mask, one bit per element
@@ -380,9 +382,7 @@ const Tensor& BatchNormLayer::forward_relu_max_pool(const Tensor& x) {
 const Tensor& BatchNormLayer::backward_relu_max_pool(const Tensor& dy, bool need_input_grad) {
   begin_backward_relu_max_pool(dy, need_input_grad);
   if (!need_input_grad) return dx_;
-  const float* mean_hi = coefficients_.data();
-  const float *a = mean_hi + c_, *b = a + c_, *k = b + c_;
-  pool_.dx(*input_, dy, mean_hi, a, b, k, dx_);
+  pool_.dx(*input_, dy, dx_coefficients(), dx_);
   return dx_;
 }
 

@@ -1006,24 +1006,21 @@ void ReluMaxPool2x2::sums(const Tensor& dy, const double* mean, double* sum_g,
   }
 }
 
-void ReluMaxPool2x2::dx(const Tensor& x, const Tensor& dy, const float* mean_hi, const float* a,
-                        const float* b, const float* k, Tensor& dx) const {
+void ReluMaxPool2x2::dx(const Tensor& x, const Tensor& dy, const DxCoefficients& co,
+                        Tensor& dx) const {
   dx.reshape(x.shape, x.format);
-  const Coefficients coefficients = {mean_hi, a, b, k};
   const int64_t units = dx_units(x), unit_size = x.numel() / units;
   parallel_for(threads_for(x.numel()), units, [&](int64_t unit) {
-    dx_unit(x, dy, coefficients, unit, dx.data.data() + unit * unit_size);
+    dx_unit(x, dy, co, unit, dx.data.data() + unit * unit_size);
   });
 }
 
-void ReluMaxPool2x2::dx_of_samples(const Tensor& x, const Tensor& dy, const float* mean_hi,
-                                   const float* a, const float* b, const float* k, int64_t first,
-                                   int64_t count, float* dx) const {
+void ReluMaxPool2x2::dx_of_samples(const Tensor& x, const Tensor& dy, const DxCoefficients& co,
+                                   int64_t first, int64_t count, float* dx) const {
   const int64_t units_per_sample = dx_units(x) / x.shape[0];
   const int64_t unit_size = x.numel() / x.shape[0] / units_per_sample;
-  const Coefficients coefficients = {mean_hi, a, b, k};
   for (int64_t u = 0; u < count * units_per_sample; ++u)
-    dx_unit(x, dy, coefficients, first * units_per_sample + u, dx + u * unit_size);
+    dx_unit(x, dy, co, first * units_per_sample + u, dx + u * unit_size);
 }
 
 // dx's units of work: channels-first planes (i, c), channels-last input rows (i, ih).
@@ -1032,7 +1029,7 @@ int64_t ReluMaxPool2x2::dx_units(const Tensor& x) {
 }
 
 // Unit `unit` of dx, into `out` (the unit's h·w or w·c values).
-void ReluMaxPool2x2::dx_unit(const Tensor& x, const Tensor& dy, const Coefficients& co,
+void ReluMaxPool2x2::dx_unit(const Tensor& x, const Tensor& dy, const DxCoefficients& co,
                              int64_t unit, float* out) const {
   const int64_t c = x.shape[1], h = x.shape[2], w = x.shape[3];
   const int64_t oh = h / 2, ow = w / 2;

@@ -117,8 +117,7 @@ class ReluTail {
   // it that takes its gradient so (TakesGradientInChunks): begin_backward_relu
   // adds the parameter gradients and makes what dx needs from the whole batch;
   // then input_grad_of writes dL/dx of any samples, on the calling thread,
-  // until the next forward. Whether the last forward allows it:
-  virtual bool gives_input_grad_in_chunks() const = 0;
+  // until the next forward. After forward_relu_max_pool (ran_with_max_pool).
   virtual void begin_backward_relu(const Tensor& dy) = 0;
   virtual void input_grad_of(int64_t first, int64_t count, float* dx) const = 0;
 };
@@ -171,20 +170,18 @@ class ReluMaxPool2x2 {
   // elsewhere); the same bits on any number of threads.
   void sums(const Tensor& dy, const double* mean, double* sum_g, double* sum_gx) const;
   // dx = a·g + b·(x - mean_hi) + k per channel, g as above.
-  void dx(const Tensor& x, const Tensor& dy, const float* mean_hi, const float* a, const float* b,
-          const float* k, Tensor& dx) const;
+  struct DxCoefficients {
+    const float *mean_hi, *a, *b, *k;  // per channel
+  };
+  void dx(const Tensor& x, const Tensor& dy, const DxCoefficients& co, Tensor& dx) const;
   // The same dx for samples [first, first + count) only, into `dx` (count
   // samples in x's format), on the calling thread.
-  void dx_of_samples(const Tensor& x, const Tensor& dy, const float* mean_hi, const float* a,
-                     const float* b, const float* k, int64_t first, int64_t count,
-                     float* dx) const;
+  void dx_of_samples(const Tensor& x, const Tensor& dy, const DxCoefficients& co, int64_t first,
+                     int64_t count, float* dx) const;
 
  private:
-  struct Coefficients {
-    const float *mean_hi, *a, *b, *k;
-  };
   static int64_t dx_units(const Tensor& x);
-  void dx_unit(const Tensor& x, const Tensor& dy, const Coefficients& co, int64_t unit,
+  void dx_unit(const Tensor& x, const Tensor& dy, const DxCoefficients& co, int64_t unit,
                float* out) const;
 
   std::vector<uint8_t> index_;  // per output: 2·kh + kw of the maximum, or kNoGradient

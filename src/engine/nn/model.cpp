@@ -163,7 +163,7 @@ void Model::backward(const Tensor& dlogits) {
       // made as it is used.
       auto* taker = i > first ? dynamic_cast<detail::TakesGradientInChunks*>(layers_[i - 1].get())
                               : nullptr;
-      if (taker && pooled->gives_input_grad_in_chunks()) {
+      if (taker) {
         pooled->begin_backward_relu(*grad);
         --i;
         const auto chunk = [pooled](int64_t from, int64_t count, float* dx) {
