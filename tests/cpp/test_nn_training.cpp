@@ -93,18 +93,21 @@ TEST(NnModel, BackwardMatchesFiniteDifferencesOfTheLossForEveryParameter) {
 // input across its kink, which bends the difference quotient by O(step), so the
 // check takes the best of a larger and a smaller step (the larger one has less
 // float noise, the smaller one crosses fewer kinks).
+// With one input channel, the first conv's output is recomputed piece by piece
+// (RecomputedOutput), never whole; 6 samples: pieces of 4 and 2.
 TEST(NnModel, BackwardMatchesDirectionalDerivativesOnAReluMaxPoolModel) {
-  const auto spec = ModelSpec::parse(
-      "input 2 8 8; conv 4 3 pad=1 bias=0; batchnorm; relu; maxpool 2;"
-      "conv 6 3 stride=2 pad=1; relu; flatten; linear 10 bias=0; batchnorm; relu; linear 3");
-  const int64_t N = 8;
-  const auto xs = normal_values(N * 128, 92);
-  const auto labels = some_labels(N, 3);
+  const std::string rest =
+      " 8 8; conv 4 3 pad=1 bias=0; batchnorm; relu; maxpool 2;"
+      "conv 6 3 stride=2 pad=1; relu; flatten; linear 10 bias=0; batchnorm; relu; linear 3";
+  for (const auto& [channels, N] : {std::pair<int64_t, int64_t>{2, 8}, {1, 6}})
   for (const auto format : kFormats) {
-    SCOPED_TRACE(name_of(format));
+    SCOPED_TRACE(std::string(name_of(format)) + ", " + std::to_string(channels) + " channels");
+    const auto spec = ModelSpec::parse("input " + std::to_string(channels) + rest);
+    const auto xs = normal_values(N * channels * 64, 92);
+    const auto labels = some_labels(N, 3);
     Model model(spec, format);
     model.initialize({}, 6);
-    const Tensor x = make_tensor({N, 2, 8, 8}, format, xs);
+    const Tensor x = make_tensor({N, channels, 8, 8}, format, xs);
     compute_gradients(model, x, labels);
     const auto params = model.parameters();
     for (size_t k = 0; k < params.size(); ++k) {
@@ -322,19 +325,27 @@ TEST(NnModel, FusedBatchNormReluMaxPoolMatchesTheSeparateLayers) {
 // backwards called one by one: a conv that takes its dx and one that does not
 // (the first layer), 40 samples (two full chunks of 16 and a short one), both
 // formats, 1 and 2 threads.
+// With one channel into the second conv (9 multiply-adds an output), its
+// output is recomputed piece by piece for the BN (RecomputedOutput), forward
+// and backward: so are the dx chunks and the whole dx.
 TEST(NnModel, AConvTakesTheBatchNormsGradientInChunksWithTheSameBits) {
   const int64_t N = 40;
-  const auto spec = ModelSpec::parse(
-      "input 3 7 9; conv 4 3 pad=1; conv 8 3 pad=1 bias=0; batchnorm; relu; maxpool 2; "
-      "flatten; linear 5");
   const auto labels = some_labels(N, 5);
   const int saved_threads = normkit::num_threads();
+  for (const int64_t middle : {4, 1})
   for (const auto format : kFormats) {
     for (const int threads : {1, 2}) {
-      SCOPED_TRACE(std::string(name_of(format)) + ", threads " + std::to_string(threads));
+      SCOPED_TRACE(std::string(name_of(format)) + ", threads " + std::to_string(threads) +
+                   ", middle " + std::to_string(middle));
       normkit::set_num_threads(threads);
+      const auto spec = ModelSpec::parse("input 3 7 9; conv " + std::to_string(middle) +
+                                         " 3 pad=1; conv 8 3 pad=1 bias=0; batchnorm; relu; "
+                                         "maxpool 2; flatten; linear 5");
       Model model(spec, format);
       model.initialize({}, 3);
+      auto* second = dynamic_cast<normkit::nn::detail::RecomputedOutput*>(model.layers()[1].get());
+      ASSERT_TRUE(second);
+      EXPECT_EQ(second->recomputes_output(), middle == 1);
       const auto parameters = model.parameters();
       const Tensor x = make_tensor({N, 3, 7, 9}, format, normal_values(N * 3 * 63, 90, 1.0f, 0.5f));
       const auto gradients = [&](bool by_hand) {
@@ -362,6 +373,68 @@ TEST(NnModel, AConvTakesTheBatchNormsGradientInChunksWithTheSameBits) {
       for (size_t i = 0; i < whole.size(); ++i) ASSERT_EQ(in_chunks[i], whole[i]) << i;
       EXPECT_GT(*std::max_element(whole.begin(), whole.end()), 0.0f);
     }
+  }
+  normkit::set_num_threads(saved_threads);
+}
+
+// A conv whose output is recomputed piece by piece (RecomputedOutput: one
+// input channel), then "batchnorm; relu; maxpool 2": the conv's output is never
+// whole, and the BN's moments are each piece's merged in piece order. So the
+// logits, running statistics and gradients are the separate layers' ("dropout
+// 0" before the pooling) to rounding, not bit for bit; and the same bits on 1
+// and 2 threads. Both formats, odd extents, 6 samples (pieces of 4 and 2).
+TEST(NnModel, ARecomputedConvBeforeTheOnePassBlockMatchesTheSeparateLayers) {
+  const int64_t N = 6;
+  const auto labels = some_labels(N, 5);
+  const int saved_threads = normkit::num_threads();
+  const std::string input = "input 1 7 9; conv 8 3 pad=1 bias=0; batchnorm; relu; ";
+  const auto fused_spec = ModelSpec::parse(input + "maxpool 2; flatten; linear 5");
+  const auto plain_spec = ModelSpec::parse(input + "dropout 0; maxpool 2; flatten; linear 5");
+  const auto near = [](const std::vector<float>& got, const std::vector<float>& want,
+                       const std::string& what) {
+    double scale = 0;
+    for (const float v : want) scale = std::max(scale, double{std::abs(v)});
+    for (size_t i = 0; i < want.size(); ++i)
+      if (std::abs(got[i] - want[i]) > 1e-5 * scale)
+        return ::testing::AssertionFailure()
+               << what << " " << i << ": " << got[i] << " vs " << want[i];
+    return ::testing::AssertionSuccess();
+  };
+  for (const auto format : kFormats) {
+    SCOPED_TRACE(name_of(format));
+    std::vector<std::vector<float>> results_by_threads;
+    for (const int threads : {1, 2}) {
+      SCOPED_TRACE(threads);
+      normkit::set_num_threads(threads);
+      Model fused(fused_spec, format), plain(plain_spec, format);
+      initialize_alike(fused, plain, 5);
+      std::vector<float> results;
+      for (int step = 0; step < 3; ++step) {
+        SCOPED_TRACE(step);
+        const Tensor x =
+            make_tensor({N, 1, 7, 9}, format, normal_values(N * 63, 70 + step, 2.0f, 0.5f));
+        const std::vector<float> logits = fused.forward(x, Mode::train).data;
+        ASSERT_TRUE(near(logits, plain.forward(x, Mode::train).data, "logit"));
+        results.insert(results.end(), logits.begin(), logits.end());
+        compute_gradients(fused, x, labels);
+        compute_gradients(plain, x, labels);
+        const auto fused_parameters = fused.parameters(), plain_parameters = plain.parameters();
+        for (size_t k = 0; k < plain_parameters.size(); ++k) {
+          ASSERT_TRUE(near(fused_parameters[k]->grad, plain_parameters[k]->grad,
+                           plain_parameters[k]->name));
+          results.insert(results.end(), fused_parameters[k]->grad.begin(),
+                         fused_parameters[k]->grad.end());
+        }
+        const auto fused_state = fused.state(), plain_state = plain.state();
+        for (size_t k = 0; k < plain_state.size(); ++k) {
+          ASSERT_TRUE(near(*fused_state[k].second, *plain_state[k].second, plain_state[k].first));
+          results.insert(results.end(), fused_state[k].second->begin(),
+                         fused_state[k].second->end());
+        }
+      }
+      results_by_threads.push_back(results);
+    }
+    EXPECT_EQ(results_by_threads[0], results_by_threads[1]);
   }
   normkit::set_num_threads(saved_threads);
 }

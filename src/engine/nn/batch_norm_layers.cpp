@@ -17,6 +17,7 @@
 #include <sstream>
 
 #include "nn/layers.hpp"
+#include "nn/onednn.hpp"
 #include "normkit/batch_norm_fused.hpp"
 #include "normkit/bn_variants.hpp"
 #include "normkit/engine/distributed.hpp"
@@ -64,6 +65,9 @@ class BatchNormFamily : public Layer {
     return y_;
   }
   const Tensor& backward(const Tensor& given_dy, bool need_input_grad) override {
+    if (!input_)
+      fail_invalid(describe(), ": backward needs a forward of its own first (its last one took "
+                   "x piece by piece: backward_relu)");
     const TensorView<float> dx = start_backward(given_dy, need_input_grad);
     const Tensor& dy = noise_ > 0 ? noise_scaled(given_dy) : given_dy;
     if (frozen_)
@@ -221,8 +225,12 @@ class BatchNormLayer final : public BatchNormFamily, public AddReluTail, public 
   bool ran_with_max_pool() const override { return with_max_pool_; }
   const Tensor& forward(const Tensor& x, Mode mode) override {
     with_relu_ = with_max_pool_ = false;
+    source_ = nullptr;
     return BatchNormFamily::forward(x, mode);
   }
+  const Tensor& forward_relu_max_pool_of(RecomputedOutput& source,
+                                         const std::vector<int64_t>& shape,
+                                         MemoryFormat format) override;
   const Tensor& backward_relu(const Tensor& dy, bool need_input_grad) override {
     if (with_max_pool_) return backward_relu_max_pool(dy, need_input_grad);
     return backward_fused(dy, need_input_grad, nullptr);
@@ -233,7 +241,19 @@ class BatchNormLayer final : public BatchNormFamily, public AddReluTail, public 
     begin_backward_relu_max_pool(dy, true);
   }
   void input_grad_of(int64_t first, int64_t count, float* dx) const override {
-    pool_.dx_of_samples(*input_, *pooled_grad_, dx_coefficients(), first, count, dx);
+    if (!source_) {
+      pool_.dx_of_samples(*input_, *pooled_grad_, dx_coefficients(), first, count, dx);
+      return;
+    }
+    // Piece by piece, each x made just before its dx.
+    const int64_t sample_size = x_shape_[1] * x_shape_[2] * x_shape_[3];
+    float* x = piece_buffer();
+    for (int64_t at = first; at < first + count; at += kRecomputedSamples) {
+      const int64_t samples = std::min(kRecomputedSamples, first + count - at);
+      source_->output_of(at, samples, x);
+      pool_.dx_of_samples(x_shape_, x_format_, x, *pooled_grad_, dx_coefficients(), at, samples,
+                          dx + (at - first) * sample_size);
+    }
   }
 
  private:
@@ -241,6 +261,7 @@ class BatchNormLayer final : public BatchNormFamily, public AddReluTail, public 
   const Tensor& forward_fused(const Tensor& x, const Tensor* z, Mode mode) {
     with_relu_ = z == nullptr;
     with_max_pool_ = false;
+    source_ = nullptr;
     input_ = &x;
     y_.reshape(x.shape, x.format);
     mask_.resize(static_cast<size_t>(relu_mask_bytes(x.numel())));
@@ -321,6 +342,13 @@ class BatchNormLayer final : public BatchNormFamily, public AddReluTail, public 
   }
 
   const Tensor& backward_relu_max_pool(const Tensor& dy, bool need_input_grad);
+  void finish_relu_max_pool_statistics();
+  // The calling thread's room for a piece of x (forward_relu_max_pool_of's source).
+  float* piece_buffer() const {
+    std::vector<float>& room = pieces_.at(static_cast<size_t>(omp_get_thread_num()));
+    room.resize(static_cast<size_t>(kRecomputedSamples * x_shape_[1] * x_shape_[2] * x_shape_[3]));
+    return room.data();
+  }
   void begin_backward_relu_max_pool(const Tensor& dy, bool need_input_grad);
   // The dx coefficients begin_backward_relu_max_pool left in coefficients_.
   ReluMaxPool2x2::DxCoefficients dx_coefficients() const {
@@ -339,6 +367,13 @@ class BatchNormLayer final : public BatchNormFamily, public AddReluTail, public 
   dist::Communicator* group_ = nullptr;
   std::vector<Moments> moments_;  // synchronized or with max pooling: the (global) batch's
   std::vector<double> sums_;      // synchronized: Σdy, Σdy·x̂ (with max pooling: Σg, Σg·(x - mean))
+  // forward_relu_max_pool_of's: x's maker, shape and format; each piece's
+  // moments; each thread's room for a piece of x.
+  RecomputedOutput* source_ = nullptr;
+  std::vector<int64_t> x_shape_;
+  MemoryFormat x_format_ = MemoryFormat::channels_first;
+  std::vector<Moments> piece_moments_;
+  mutable std::vector<std::vector<float>> pieces_;
 };
 
 // BN's part of batchnorm, relu, maxpool 2 in one pass: the batch statistics as
@@ -351,9 +386,66 @@ const Tensor& BatchNormLayer::forward_relu_max_pool(const Tensor& x) {
   if (!fuses_relu_max_pool())
     fail_invalid(describe(), ": cannot run with the relu and max pooling after it now");
   input_ = &x;
+  source_ = nullptr;
   with_relu_ = with_max_pool_ = true;
   moments_.resize(c_);
   batch_norm_moments<float>(x.view(), moments_);
+  finish_relu_max_pool_statistics();
+  const float* mean_hi = coefficients_.data();
+  pool_.forward(x, mean_hi, mean_hi + c_, mean_hi + 2 * c_, y_);
+  trained_ = true;
+  return y_;
+}
+
+// The same, x made piece by piece by `source` twice: for the moments, then for
+// the pooling. The moments are each piece's (kRecomputedSamples samples)
+// merged in piece order: the same on any number of threads, and the whole
+// batch's to rounding (not bit for bit: batch_norm_moments merges other parts).
+const Tensor& BatchNormLayer::forward_relu_max_pool_of(RecomputedOutput& source,
+                                                       const std::vector<int64_t>& shape,
+                                                       MemoryFormat format) {
+  if (!fuses_relu_max_pool())
+    fail_invalid(describe(), ": cannot run with the relu and max pooling after it now");
+  output_shape({shape.begin() + 1, shape.end()});  // checks the channels
+  input_ = nullptr;
+  source_ = &source;
+  x_shape_ = shape;
+  x_format_ = format;
+  with_relu_ = with_max_pool_ = true;
+  pieces_.resize(std::max<size_t>(pieces_.size(), static_cast<size_t>(num_threads())));
+  pool_.begin_forward(shape, format, y_);  // checks the extents
+  const int64_t n = shape[0], pieces = (n + kRecomputedSamples - 1) / kRecomputedSamples;
+  const auto samples_of = [&](int64_t piece) {
+    return std::min(kRecomputedSamples, n - piece * kRecomputedSamples);
+  };
+  piece_moments_.resize(static_cast<size_t>(pieces * c_));
+  for_each_chunk(pieces, [&](int64_t piece, int) {
+    const int64_t samples = samples_of(piece);
+    float* x = piece_buffer();
+    source.output_of(piece * kRecomputedSamples, samples, x);
+    std::vector<int64_t> piece_shape = shape;
+    piece_shape[0] = samples;
+    batch_norm_moments<float>(image_view(x, piece_shape, format),
+                              std::span(piece_moments_).subspan(piece * c_, c_));
+  });
+  moments_.assign(c_, Moments{});
+  for (int64_t piece = 0; piece < pieces; ++piece)
+    for (int64_t c = 0; c < c_; ++c) moments_[c].merge(piece_moments_[piece * c_ + c]);
+  finish_relu_max_pool_statistics();
+  const float* mean_hi = coefficients_.data();
+  for_each_chunk(pieces, [&](int64_t piece, int) {
+    float* x = piece_buffer();
+    source.output_of(piece * kRecomputedSamples, samples_of(piece), x);
+    pool_.forward_of_samples(x, piece * kRecomputedSamples, samples_of(piece), mean_hi,
+                             mean_hi + c_, mean_hi + 2 * c_, y_);
+  });
+  trained_ = true;
+  return y_;
+}
+
+// From this shard's moments_: the ranks' merged, the saved and running
+// statistics, and the coefficients in coefficients_.
+void BatchNormLayer::finish_relu_max_pool_statistics() {
   if (group_) dist::merge_moments(*group_, moments_);  // in rank order, as train_forward
   int64_t count = tracked();
   batch_norm_statistics_from_moments<float>(moments_, {mean_, invstd_},
@@ -370,9 +462,6 @@ const Tensor& BatchNormLayer::forward_relu_max_pool(const Tensor& x) {
     shift[c] = static_cast<float>(static_cast<double>(beta_.value[c]) -
                                   (mean - static_cast<double>(mean_hi[c])) * sc);
   }
-  pool_.forward(x, mean_hi, scale, shift, y_);
-  trained_ = true;
-  return y_;
 }
 
 // Backward of forward_relu_max_pool: Σg, Σg·(x - mean) over the windows'
@@ -382,7 +471,18 @@ const Tensor& BatchNormLayer::forward_relu_max_pool(const Tensor& x) {
 const Tensor& BatchNormLayer::backward_relu_max_pool(const Tensor& dy, bool need_input_grad) {
   begin_backward_relu_max_pool(dy, need_input_grad);
   if (!need_input_grad) return dx_;
-  pool_.dx(*input_, dy, dx_coefficients(), dx_);
+  if (!source_) {
+    pool_.dx(*input_, dy, dx_coefficients(), dx_);
+    return dx_;
+  }
+  dx_.reshape(x_shape_, x_format_);
+  const int64_t pieces = (x_shape_[0] + kRecomputedSamples - 1) / kRecomputedSamples;
+  const int64_t sample_size = x_shape_[1] * x_shape_[2] * x_shape_[3];
+  for_each_chunk(pieces, [&](int64_t piece, int) {
+    const int64_t first = piece * kRecomputedSamples;
+    input_grad_of(first, std::min(kRecomputedSamples, x_shape_[0] - first),
+                  dx_.data.data() + first * sample_size);
+  });
   return dx_;
 }
 
@@ -390,7 +490,8 @@ const Tensor& BatchNormLayer::backward_relu_max_pool(const Tensor& dy, bool need
 // need_input_grad dx's coefficients (mean_hi, a, b, k in coefficients_); dx_
 // is left empty (ReluMaxPool2x2::dx sizes it).
 void BatchNormLayer::begin_backward_relu_max_pool(const Tensor& dy, bool need_input_grad) {
-  start_backward(*input_, false);
+  start_backward(dy, false);
+  pieces_.resize(std::max<size_t>(pieces_.size(), static_cast<size_t>(num_threads())));
   pooled_grad_ = &dy;
   sums_.resize(2 * c_);
   statistics_.resize(c_);

@@ -39,7 +39,7 @@ using tag = dnnl::memory::format_tag;
 // Square kernel, zero padding; W: [out, in, k, k] (PyTorch's OIHW) in both
 // formats, the layout of parameters and checkpoints; oneDNN's own weight
 // layouts are reordered from and to it at each step.
-class Conv2d final : public Layer, public TakesGradientInChunks {
+class Conv2d final : public Layer, public TakesGradientInChunks, public RecomputedOutput {
  public:
   Conv2d(const std::vector<int64_t>& input, int64_t out, int64_t k, int64_t stride, int64_t pad,
          bool bias, MemoryFormat format)
@@ -66,35 +66,50 @@ class Conv2d final : public Layer, public TakesGradientInChunks {
   }
   const Tensor& forward(const Tensor& x, Mode mode) override {
     input_ = &x;
+    without_output_ = false;
     const int64_t n = x.shape[0];
     y_.reshape({n, cout_, oh_, ow_}, format_);
     kept_src_.keep(mode == Mode::train, plan(std::min(n, kChunkSamples)), n);
     try {
-      for (Plan* p : plans_for(n)) p->reorder_weights(weight_.value, Plan::Weights::forward);
+      for (Plan* p : plans_for(n, kChunkSamples))
+        p->reorder_weights(weight_.value, Plan::Weights::forward);
       for_each_sample_chunk(n, [&](int64_t first, int64_t samples, Buffers& buffers) {
-        Plan& p = plan(samples);
-        dnnl::stream stream(cpu_engine());
-        const memory y_chunk = p.dst_at(y_.data.data(), first);
-        const memory dst = buffers.in_layout(Buffers::dst, p.conv_dst, y_chunk);
-        const memory x_chunk = p.src_at(x.data.data(), first);
-        const memory src =
-            Buffers::copy_to(x_chunk,
-                             kept_src_.valid ? kept_src_.at(p, first)
-                                             : buffers.in_layout(Buffers::src, p.conv_src, x_chunk),
-                             stream);
-        std::unordered_map<int, memory> args = {
-            {DNNL_ARG_SRC, src},
-            {DNNL_ARG_WEIGHTS, p.weights(Plan::Weights::forward)},
-            {DNNL_ARG_DST, dst},
-            {DNNL_ARG_SCRATCHPAD, thread_scratchpad(p.forward_pd.scratchpad_desc())}};
-        if (bias_) args.emplace(DNNL_ARG_BIAS, memory(p.bias, cpu_engine(), bias_->value.data()));
-        p.forward_primitive.execute(stream, args);
-        Buffers::copy_to(dst, y_chunk, stream);
+        forward_chunk(first, samples, y_.data.data() + first * cout_ * oh_ * ow_, buffers,
+                      kept_src_.valid);
       });
     } catch (const dnnl::error& e) {
       fail_runtime(describe(), ": oneDNN forward failed: ", e.what());
     }
     return y_;
+  }
+  // Worth it with few multiply-adds per output: cnn-small's conv 1 -> 32 (9)
+  // computes a 16-sample chunk in 98 us hot on one core, and spent 352 us
+  // writing it to memory (oneDNN's verbose log, in training); its 32 -> 64
+  // (288) takes 690 us hot.
+  bool recomputes_output() const override { return cin_ * k_ * k_ <= 16; }
+  std::vector<int64_t> forward_without_output(const Tensor& x) override {
+    std::vector<int64_t> shape = {x.shape.at(0), cout_, oh_, ow_};
+    output_shape({x.shape.begin() + 1, x.shape.end()});  // checks x
+    input_ = &x;
+    without_output_ = true;
+    kept_src_.valid = false;
+    y_.reshape(shape, format_);  // the shape backward(dy) checks; its values are not written
+    recompute_buffers_.resize(std::max<size_t>(recompute_buffers_.size(), num_threads()));
+    try {
+      for (Plan* p : plans_for(x.shape[0], kRecomputedSamples))
+        p->reorder_weights(weight_.value, Plan::Weights::forward);
+    } catch (const dnnl::error& e) {
+      fail_runtime(describe(), ": oneDNN forward failed: ", e.what());
+    }
+    return shape;
+  }
+  void output_of(int64_t first, int64_t count, float* y) override {
+    try {
+      Buffers& buffers = recompute_buffers_.at(static_cast<size_t>(omp_get_thread_num()));
+      forward_chunk(first, count, y, buffers, false);
+    } catch (const dnnl::error& e) {
+      fail_runtime(describe(), ": oneDNN forward failed: ", e.what());
+    }
   }
   const Tensor& backward(const Tensor& dy, bool need_input_grad) override {
     if (!input_ || dy.shape != y_.shape || dy.data.size() != y_.data.size())
@@ -130,8 +145,14 @@ class Conv2d final : public Layer, public TakesGradientInChunks {
     try {
       if (need_input_grad) {
         dx_.reshape({n, cin_, h_, w_}, format_);
-        for (Plan* p : plans_for(n)) p->reorder_weights(weight_.value, Plan::Weights::backward_data);
+        for (Plan* p : plans_for(n, kChunkSamples))
+          p->reorder_weights(weight_.value, Plan::Weights::backward_data);
       }
+      // output_of's plans, for the chunks' dy (from pieces of the output): new
+      // ones when the clear above dropped them.
+      if (without_output_)
+        for (Plan* p : plans_for(n, kRecomputedSamples))
+          p->reorder_weights(weight_.value, Plan::Weights::forward);
       for_each_sample_chunk(n, [&](int64_t first, int64_t samples, Buffers& buffers) {
         Plan& p = plan(samples);
         const int64_t chunk = first / kChunkSamples;
@@ -236,11 +257,71 @@ class Conv2d final : public Layer, public TakesGradientInChunks {
     }
   };
 
-  // The plans a batch of n samples uses: full chunks, and a shorter last one.
-  std::vector<Plan*> plans_for(int64_t n) {
-    std::vector<Plan*> out = {&plan(std::min(n, kChunkSamples))};
-    if (n > kChunkSamples && n % kChunkSamples) out.push_back(&plan(n % kChunkSamples));
+  // The plans a batch of n samples uses in chunks of `per`: full ones, and a shorter last one.
+  std::vector<Plan*> plans_for(int64_t n, int64_t per) {
+    std::vector<Plan*> out = {&plan(std::min(n, per))};
+    if (n > per && n % per) out.push_back(&plan(n % per));
     return out;
+  }
+  // A thread's own buffers: a chunk's weight gradient in oneDNN's layout
+  // (before it is reordered into the chunk's OIHW partial), and a chunk's
+  // images in the primitives' layout when it is not the model's. in_layout()
+  // gives `image` itself when it already is in layout `want`, else the
+  // thread's buffer for that role (src: x, then dx in backward, once the
+  // weight gradient is done with x; dst: y, or dy); copy_in() also copies
+  // image's values there; copy_to() copies one image into another (a
+  // result back, or x into the room kept for the backward); made() is room
+  // for a chunk's dy in the model's layout, made by backward_in_chunks' source.
+  struct Buffers {
+    enum Role { src, dst };
+    std::vector<char> gradient_bytes;
+    std::vector<float> images[2], made_values;
+    memory made(const memory::desc& desc) {
+      made_values.resize(desc.get_size() / sizeof(float));
+      return memory(desc, cpu_engine(), made_values.data());
+    }
+    memory weight_gradient(const memory::desc& desc) {
+      if (gradient_bytes.size() < desc.get_size()) gradient_bytes.resize(desc.get_size());
+      return memory(desc, cpu_engine(), gradient_bytes.data());
+    }
+    memory in_layout(Role role, const memory::desc& want, const memory& image) {
+      if (want == image.get_desc()) return image;
+      std::vector<float>& values = images[role];
+      values.resize(want.get_size() / sizeof(float));
+      return memory(want, cpu_engine(), values.data());
+    }
+    memory copy_in(Role role, const memory::desc& want, memory image, const dnnl::stream& stream) {
+      return copy_to(image, in_layout(role, want, image), stream);
+    }
+    // `to` with image's values, unless it is image itself.
+    static memory copy_to(memory image, memory to, const dnnl::stream& stream) {
+      if (to.get_data_handle() != image.get_data_handle())
+        dnnl::reorder(image, to).execute(stream, image, to);
+      return to;
+    }
+  };
+
+  // Forward of the `samples` samples of x from `first` into y (the model's
+  // layout), with a thread's buffers; keep: x's room in kept_src_ (the
+  // primitives' layout, for the backward).
+  void forward_chunk(int64_t first, int64_t samples, float* y, Buffers& buffers, bool keep) {
+    Plan& p = plan(samples);
+    dnnl::stream stream(cpu_engine());
+    const memory y_chunk(p.dst, cpu_engine(), y);
+    const memory dst = buffers.in_layout(Buffers::dst, p.conv_dst, y_chunk);
+    const memory x_chunk = p.src_at(input_->data.data(), first);
+    const memory src = Buffers::copy_to(
+        x_chunk,
+        keep ? kept_src_.at(p, first) : buffers.in_layout(Buffers::src, p.conv_src, x_chunk),
+        stream);
+    std::unordered_map<int, memory> args = {
+        {DNNL_ARG_SRC, src},
+        {DNNL_ARG_WEIGHTS, p.weights(Plan::Weights::forward)},
+        {DNNL_ARG_DST, dst},
+        {DNNL_ARG_SCRATCHPAD, thread_scratchpad(p.forward_pd.scratchpad_desc())}};
+    if (bias_) args.emplace(DNNL_ARG_BIAS, memory(p.bias, cpu_engine(), bias_->value.data()));
+    p.forward_primitive.execute(stream, args);
+    Buffers::copy_to(dst, y_chunk, stream);
   }
   Plan& plan(int64_t samples) {
     return plans_.get(samples, [&] { return make_plan(samples); });
@@ -296,43 +377,6 @@ class Conv2d final : public Layer, public TakesGradientInChunks {
             dnnl::convolution_backward_weights(backward_weights_pd),
             memory::desc({cout_, cin_, k_, k_}, f32, tag::oihw), {}};
   }
-  // A thread's own buffers: a chunk's weight gradient in oneDNN's layout
-  // (before it is reordered into the chunk's OIHW partial), and a chunk's
-  // images in the primitives' layout when it is not the model's. in_layout()
-  // gives `image` itself when it already is in layout `want`, else the
-  // thread's buffer for that role (src: x, then dx in backward, once the
-  // weight gradient is done with x; dst: y, or dy); copy_in() also copies
-  // image's values there; copy_to() copies one image into another (a
-  // result back, or x into the room kept for the backward); made() is room
-  // for a chunk's dy in the model's layout, made by backward_in_chunks' source.
-  struct Buffers {
-    enum Role { src, dst };
-    std::vector<char> gradient_bytes;
-    std::vector<float> images[2], made_values;
-    memory made(const memory::desc& desc) {
-      made_values.resize(desc.get_size() / sizeof(float));
-      return memory(desc, cpu_engine(), made_values.data());
-    }
-    memory weight_gradient(const memory::desc& desc) {
-      if (gradient_bytes.size() < desc.get_size()) gradient_bytes.resize(desc.get_size());
-      return memory(desc, cpu_engine(), gradient_bytes.data());
-    }
-    memory in_layout(Role role, const memory::desc& want, const memory& image) {
-      if (want == image.get_desc()) return image;
-      std::vector<float>& values = images[role];
-      values.resize(want.get_size() / sizeof(float));
-      return memory(want, cpu_engine(), values.data());
-    }
-    memory copy_in(Role role, const memory::desc& want, memory image, const dnnl::stream& stream) {
-      return copy_to(image, in_layout(role, want, image), stream);
-    }
-    // `to` with image's values, unless it is image itself.
-    static memory copy_to(memory image, memory to, const dnnl::stream& stream) {
-      if (to.get_data_handle() != image.get_data_handle())
-        dnnl::reorder(image, to).execute(stream, image, to);
-      return to;
-    }
-  };
 
   // Runs body(first sample, samples, the thread's buffers) for each chunk of the batch.
   template <class Body>
@@ -372,9 +416,11 @@ class Conv2d final : public Layer, public TakesGradientInChunks {
     }
   } kept_src_;
   bool input_grad_ = false;  // a backward has asked for dx
+  bool without_output_ = false;  // the last forward was forward_without_output
   Cache<Plan> plans_;        // by samples per chunk
   std::vector<float> partial_weights_, partial_bias_;  // per chunk: OIHW, then the bias
   std::vector<Buffers> buffers_;                       // per thread
+  std::vector<Buffers> recompute_buffers_;             // per thread, output_of's
 };
 
 }  // namespace

@@ -942,29 +942,55 @@ bool is_max_pool_2x2(const Layer& layer) {
 
 void ReluMaxPool2x2::forward(const Tensor& x, const float* mean_hi, const float* scale,
                              const float* shift, Tensor& y) {
-  if (x.shape.size() != 4 || x.shape[2] < 2 || x.shape[3] < 2)
+  begin_forward(x.shape, x.format, y);
+  const int64_t per_sample = forward_units_per_sample(), sample_size = x.numel() / x.shape[0];
+  parallel_for(threads_for(x.numel()), x.shape[0] * per_sample, [&](int64_t unit) {
+    forward_unit(x.data.data() + unit / per_sample * sample_size, unit, mean_hi, scale, shift, y);
+  });
+}
+
+void ReluMaxPool2x2::begin_forward(const std::vector<int64_t>& shape, MemoryFormat format,
+                                   Tensor& y) {
+  if (shape.size() != 4 || shape[2] < 2 || shape[3] < 2)
     fail_invalid("batchnorm, relu, maxpool in one pass: expected [N, C, H, W] with H, W >= 2, got ",
-                 shape_text(x.shape));
-  const int64_t n = x.shape[0], c = x.shape[1], h = x.shape[2], w = x.shape[3];
-  const int64_t oh = h / 2, ow = w / 2;
-  y.reshape({n, c, oh, ow}, x.format);
+                 shape_text(shape));
+  shape_ = shape;
+  format_ = format;
+  y.reshape({shape[0], shape[1], shape[2] / 2, shape[3] / 2}, format);
   index_.resize(y.data.size());
   x_at_.resize(y.data.size());
-  const float* src = x.data.data();
-  if (x.format == MemoryFormat::channels_first) {
-    parallel_for(threads_for(x.numel()), n * c, [&](int64_t plane) {  // (i, c)
-      const int64_t ch = plane % c, o = plane * oh * ow;
-      bn_relu_max_plane_2x2(src + plane * h * w, w, oh, ow, mean_hi[ch], scale[ch], shift[ch],
-                            y.data.data() + o, index_.data() + o, x_at_.data() + o);
-    });
+}
+
+void ReluMaxPool2x2::forward_of_samples(const float* x_samples, int64_t first, int64_t count,
+                                        const float* mean_hi, const float* scale,
+                                        const float* shift, Tensor& y) {
+  const int64_t per_sample = forward_units_per_sample();
+  const int64_t sample_size = shape_[1] * shape_[2] * shape_[3];
+  for (int64_t u = 0; u < count * per_sample; ++u)
+    forward_unit(x_samples + u / per_sample * sample_size, first * per_sample + u, mean_hi, scale,
+                 shift, y);
+}
+
+int64_t ReluMaxPool2x2::forward_units_per_sample() const {
+  return format_ == MemoryFormat::channels_first ? shape_[1] : shape_[2] / 2;
+}
+
+// Forward unit `unit`, x_sample the x of its sample: channels-first a plane
+// (i, c); channels-last an output row (i, oh) (an odd height's last input row
+// is in no unit).
+void ReluMaxPool2x2::forward_unit(const float* x_sample, int64_t unit, const float* mean_hi,
+                                  const float* scale, const float* shift, Tensor& y) {
+  const int64_t c = shape_[1], h = shape_[2], w = shape_[3], oh = h / 2, ow = w / 2;
+  if (format_ == MemoryFormat::channels_first) {
+    const int64_t ch = unit % c, o = unit * oh * ow;
+    bn_relu_max_plane_2x2(x_sample + ch * h * w, w, oh, ow, mean_hi[ch], scale[ch], shift[ch],
+                          y.data.data() + o, index_.data() + o, x_at_.data() + o);
     return;
   }
-  parallel_for(threads_for(x.numel()), n * oh, [&](int64_t r) {  // output rows, (i, oh)
-    const float* row = src + ((r / oh) * h + 2 * (r % oh)) * w * c;
-    const int64_t o = r * ow * c;
-    bn_relu_max_rows_2x2(row, row + w * c, ow, c, mean_hi, scale, shift, y.data.data() + o,
-                         index_.data() + o, x_at_.data() + o);
-  });
+  const float* row = x_sample + 2 * (unit % oh) * w * c;
+  const int64_t o = unit * ow * c;
+  bn_relu_max_rows_2x2(row, row + w * c, ow, c, mean_hi, scale, shift, y.data.data() + o,
+                       index_.data() + o, x_at_.data() + o);
 }
 
 void ReluMaxPool2x2::sums(const Tensor& dy, const double* mean, double* sum_g,
@@ -1009,40 +1035,51 @@ void ReluMaxPool2x2::sums(const Tensor& dy, const double* mean, double* sum_g,
 void ReluMaxPool2x2::dx(const Tensor& x, const Tensor& dy, const DxCoefficients& co,
                         Tensor& dx) const {
   dx.reshape(x.shape, x.format);
-  const int64_t units = dx_units(x), unit_size = x.numel() / units;
+  const int64_t units = dx_units(x.shape, x.format), unit_size = x.numel() / units;
   parallel_for(threads_for(x.numel()), units, [&](int64_t unit) {
-    dx_unit(x, dy, co, unit, dx.data.data() + unit * unit_size);
+    dx_unit(x.shape, x.format, x.data.data() + unit * unit_size, dy, co, unit,
+            dx.data.data() + unit * unit_size);
   });
 }
 
 void ReluMaxPool2x2::dx_of_samples(const Tensor& x, const Tensor& dy, const DxCoefficients& co,
                                    int64_t first, int64_t count, float* dx) const {
-  const int64_t units_per_sample = dx_units(x) / x.shape[0];
-  const int64_t unit_size = x.numel() / x.shape[0] / units_per_sample;
+  dx_of_samples(x.shape, x.format, x.data.data() + first * (x.numel() / x.shape[0]), dy, co,
+                first, count, dx);
+}
+
+void ReluMaxPool2x2::dx_of_samples(const std::vector<int64_t>& shape, MemoryFormat format,
+                                   const float* x_samples, const Tensor& dy,
+                                   const DxCoefficients& co, int64_t first, int64_t count,
+                                   float* dx) const {
+  const int64_t units_per_sample = dx_units(shape, format) / shape[0];
+  const int64_t unit_size = shape[1] * shape[2] * shape[3] / units_per_sample;
   for (int64_t u = 0; u < count * units_per_sample; ++u)
-    dx_unit(x, dy, co, first * units_per_sample + u, dx + u * unit_size);
+    dx_unit(shape, format, x_samples + u * unit_size, dy, co, first * units_per_sample + u,
+            dx + u * unit_size);
 }
 
 // dx's units of work: channels-first planes (i, c), channels-last input rows (i, ih).
-int64_t ReluMaxPool2x2::dx_units(const Tensor& x) {
-  return x.shape[0] * (x.format == MemoryFormat::channels_first ? x.shape[1] : x.shape[2]);
+int64_t ReluMaxPool2x2::dx_units(const std::vector<int64_t>& shape, MemoryFormat format) {
+  return shape[0] * (format == MemoryFormat::channels_first ? shape[1] : shape[2]);
 }
 
 // Unit `unit` of dx, into `out` (the unit's h·w or w·c values).
-void ReluMaxPool2x2::dx_unit(const Tensor& x, const Tensor& dy, const DxCoefficients& co,
+void ReluMaxPool2x2::dx_unit(const std::vector<int64_t>& shape, MemoryFormat format,
+                             const float* x_unit, const Tensor& dy, const DxCoefficients& co,
                              int64_t unit, float* out) const {
-  const int64_t c = x.shape[1], h = x.shape[2], w = x.shape[3];
+  const int64_t c = shape[1], h = shape[2], w = shape[3];
   const int64_t oh = h / 2, ow = w / 2;
-  if (x.format == MemoryFormat::channels_first) {
+  if (format == MemoryFormat::channels_first) {
     const int64_t ch = unit % c, o = unit * oh * ow;  // unit = plane (i, c)
-    bn_relu_max_plane_dx(x.data.data() + unit * h * w, dy.data.data() + o, index_.data() + o, oh,
-                         ow, h, w, co.mean_hi[ch], co.a[ch], co.b[ch], co.k[ch], out);
+    bn_relu_max_plane_dx(x_unit, dy.data.data() + o, index_.data() + o, oh, ow, h, w,
+                         co.mean_hi[ch], co.a[ch], co.b[ch], co.k[ch], out);
     return;
   }
   const int64_t i = unit / h, ih = unit % h;  // unit = input row (i, ih)
   const int64_t o = (i * oh + ih / 2) * ow * c;  // the output row, when ih / 2 < oh
   const bool in_window = ih / 2 < oh;
-  bn_relu_max_dx_row(x.data.data() + unit * w * c, in_window ? dy.data.data() + o : nullptr,
+  bn_relu_max_dx_row(x_unit, in_window ? dy.data.data() + o : nullptr,
                      in_window ? index_.data() + o : nullptr, ih % 2, ow, w, c, co.mean_hi, co.a,
                      co.b, co.k, out);
 }

@@ -55,6 +55,16 @@ inline int64_t window_positions(int64_t extent, int64_t k, int64_t stride) {
 // apart until the chunks are added in order (conv_layer.cpp).
 constexpr int64_t kConvChunkSamples = 16;
 
+// The samples of a piece of a recomputed output (RecomputedOutput): 4 of
+// cnn-small's 28x28x32 images are 400 KB, a fifth of a core's L2.
+constexpr int64_t kRecomputedSamples = 4;
+static_assert(kConvChunkSamples % kRecomputedSamples == 0,
+              "a conv chunk's backward asks for whole pieces");
+
+// A view of images of `shape` ([N, C, H, W]) in `format` at data.
+TensorView<const float> image_view(const float* data, const std::vector<int64_t>& shape,
+                                   MemoryFormat format);
+
 // "[32, 28, 28]", for messages.
 std::string shape_text(const std::vector<int64_t>& shape);
 // A spec option as a number, or `fallback` when the spec does not give it;
@@ -120,6 +130,34 @@ class ReluTail {
   // until the next forward. After forward_relu_max_pool (ran_with_max_pool).
   virtual void begin_backward_relu(const Tensor& dy) = 0;
   virtual void input_grad_of(int64_t first, int64_t count, float* dx) const = 0;
+  // forward_relu_max_pool of the last forward_without_output of `source`
+  // (x of `shape`, [N, C, H, W], in `format`), taken piece by piece: x is
+  // never whole. Its backward is backward_relu's.
+  virtual const Tensor& forward_relu_max_pool_of(class RecomputedOutput& source,
+                                                 const std::vector<int64_t>& shape,
+                                                 MemoryFormat format) = 0;
+};
+
+// A layer whose training output costs less to compute again, a few samples at
+// a time, than to write whole and read back: BN + ReLU + 2×2 max pooling after
+// it (ReluTail::forward_relu_max_pool_of) then takes it in pieces of
+// kRecomputedSamples samples, each made as it is used, while it is in cache:
+// for the moments, for the pooling, and for dx in the backward. cnn-small's
+// conv 1 -> 32 (9 multiply-adds an output) wrote 12.8 MB that were read back
+// three times.
+class RecomputedOutput {
+ public:
+  virtual ~RecomputedOutput() = default;
+  // Whether it pays for this layer now.
+  virtual bool recomputes_output() const = 0;
+  // A training forward that keeps x and writes no output; returns the output's
+  // shape. Its backward (TakesGradientInChunks) is as after forward().
+  virtual std::vector<int64_t> forward_without_output(const Tensor& x) = 0;
+  // The output of samples [first, first + count) of that forward, a piece
+  // (kRecomputedSamples samples from a multiple of it, or the batch's last),
+  // into y in the model's format; on the calling thread (of a for_each_chunk),
+  // until the next forward or parameter update.
+  virtual void output_of(int64_t first, int64_t count, float* y) = 0;
 };
 
 // A layer whose backward can take dL/dy in chunks of samples, each made just
@@ -178,11 +216,30 @@ class ReluMaxPool2x2 {
   // samples in x's format), on the calling thread.
   void dx_of_samples(const Tensor& x, const Tensor& dy, const DxCoefficients& co, int64_t first,
                      int64_t count, float* dx) const;
+  // forward and dx_of_samples with x given by samples: `shape` and `format`
+  // are x's; x_samples holds samples [first, first + count) only.
+  // begin_forward sizes y and what forward keeps; forward_of_samples pools
+  // those samples on the calling thread.
+  void begin_forward(const std::vector<int64_t>& shape, MemoryFormat format, Tensor& y);
+  void forward_of_samples(const float* x_samples, int64_t first, int64_t count,
+                          const float* mean_hi, const float* scale, const float* shift,
+                          Tensor& y);
+  void dx_of_samples(const std::vector<int64_t>& shape, MemoryFormat format,
+                     const float* x_samples, const Tensor& dy, const DxCoefficients& co,
+                     int64_t first, int64_t count, float* dx) const;
 
  private:
-  static int64_t dx_units(const Tensor& x);
-  void dx_unit(const Tensor& x, const Tensor& dy, const DxCoefficients& co, int64_t unit,
-               float* out) const;
+  static int64_t dx_units(const std::vector<int64_t>& shape, MemoryFormat format);
+  // dx of one unit, x_unit its x.
+  void dx_unit(const std::vector<int64_t>& shape, MemoryFormat format, const float* x_unit,
+               const Tensor& dy, const DxCoefficients& co, int64_t unit, float* out) const;
+  // Forward units: channels-first planes (i, c), channels-last output rows (i, oh).
+  int64_t forward_units_per_sample() const;
+  void forward_unit(const float* x_sample, int64_t unit, const float* mean_hi, const float* scale,
+                    const float* shift, Tensor& y);
+
+  std::vector<int64_t> shape_;  // the last forward's x
+  MemoryFormat format_ = MemoryFormat::channels_first;
 
   std::vector<uint8_t> index_;  // per output: 2·kh + kw of the maximum, or kNoGradient
   std::vector<float> x_at_;     // per output: x at the maximum

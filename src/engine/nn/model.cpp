@@ -119,17 +119,32 @@ const Tensor& Model::forward(const Tensor& x, Mode mode) {
                                   x.format == MemoryFormat::channels_last ? "channels-last" : "channels-first",
                                   ", the model ",
                                   format_ == MemoryFormat::channels_last ? "channels-last" : "channels-first");
+  // Whether layer i, in training, is BN + ReLU + 2×2 max pooling that runs in one pass.
+  const auto one_pass_tail = [&](size_t i) -> detail::ReluTail* {
+    auto* tail = dynamic_cast<detail::ReluTail*>(layers_[i].get());
+    const bool fused = mode == Mode::train && tail && i + 2 < layers_.size() &&
+                       layers_[i + 1]->type() == "relu" && tail->fuses_relu_max_pool() &&
+                       detail::is_max_pool_2x2(*layers_[i + 2]);
+    return fused ? tail : nullptr;
+  };
   const Tensor* current = &x;
   for (size_t i = 0; i < layers_.size(); ++i) {
-    auto* tail = dynamic_cast<detail::ReluTail*>(layers_[i].get());
-    const bool relu_next = i + 1 < layers_.size() && layers_[i + 1]->type() == "relu";
-    if (mode == Mode::train && tail && relu_next && i + 2 < layers_.size() &&
-        tail->fuses_relu_max_pool() &&
-        detail::is_max_pool_2x2(*layers_[i + 2])) {
+    auto* maker = dynamic_cast<detail::RecomputedOutput*>(layers_[i].get());
+    detail::ReluTail* next_tail = i + 1 < layers_.size() ? one_pass_tail(i + 1) : nullptr;
+    if (maker && next_tail && maker->recomputes_output()) {
+      const std::vector<int64_t> shape = maker->forward_without_output(*current);
+      current = &next_tail->forward_relu_max_pool_of(*maker, shape, format_);
+      i += 3;  // the BN, relu and pooling: done
+      continue;
+    }
+    auto* tail = one_pass_tail(i);
+    if (tail) {
       current = &tail->forward_relu_max_pool(*current);
       i += 2;  // the relu and the pooling: done
       continue;
     }
+    const bool relu_next = i + 1 < layers_.size() && layers_[i + 1]->type() == "relu";
+    tail = dynamic_cast<detail::ReluTail*>(layers_[i].get());
     if (mode == Mode::train && tail && relu_next && tail->fuses_relu()) {
       current = &tail->forward_relu(*current);
       ++i;  // the relu: done

@@ -1,3 +1,4 @@
+#include "nn/layers.hpp"
 #include "normkit/engine/nn.hpp"
 #include "support.hpp"
 
@@ -32,5 +33,10 @@ TensorView<T> view_of(T* data, const std::vector<int64_t>& shape, MemoryFormat f
 
 TensorView<float> Tensor::view() { return view_of(data.data(), shape, format); }
 TensorView<const float> Tensor::view() const { return view_of(data.data(), shape, format); }
+
+TensorView<const float> detail::image_view(const float* data, const std::vector<int64_t>& shape,
+                                           MemoryFormat format) {
+  return view_of(data, shape, format);
+}
 
 }  // namespace normkit::nn
