@@ -34,6 +34,11 @@ constexpr normkit::nn::MemoryFormat kFormats[] = {normkit::nn::MemoryFormat::cha
 constexpr const char* kSpec =
     "input 2 4 4; conv 4 3 pad=1 bias=0; batchnorm; relu; maxpool 2; flatten;"
     "linear 16 bias=0; batchnorm; sigmoid; dropout 0.1; linear 4";
+// The same with a 1x1 first conv, whose output the BN after it recomputes
+// piece by piece (RecomputedOutput: 2 multiply-adds an output).
+constexpr const char* kRecomputedSpec =
+    "input 2 4 4; conv 4 1 bias=0; batchnorm; relu; maxpool 2; flatten;"
+    "linear 16 bias=0; batchnorm; sigmoid; dropout 0.1; linear 4";
 
 struct Trained {
   std::vector<double> losses, accuracies;
@@ -115,10 +120,11 @@ const normkit::data::Dataset& test_set() {
 constexpr double kRoundingTolerance = 1e-4;
 
 TEST(DataParallel, SynchronizedBatchNormEqualsOneProcessWithTheWholeBatch) {
+  for (const char* spec : {kSpec, kRecomputedSpec})
   for (const auto format : kFormats) {
-    SCOPED_TRACE(nn_test::name_of(format));
-    const Trained one = train(kSpec, format, nullptr, true, 16, train_set(), test_set());
-    const Trained many = train(kSpec, format, group, true, 16, train_set(), test_set());
+    SCOPED_TRACE(std::string(nn_test::name_of(format)) + ", " + spec);
+    const Trained one = train(spec, format, nullptr, true, 16, train_set(), test_set());
+    const Trained many = train(spec, format, group, true, 16, train_set(), test_set());
     // One rank takes the data-parallel path (moments, merge, from_moments; reduce,
     // sum, apply; gradient sum) and must land on the same bits.
     expect_same_training(many, one, group->size() == 1 ? 0.0 : kRoundingTolerance);
