@@ -3,7 +3,8 @@
 // channels-first ones through oneDNN's blocked layout (make_plan says why).
 //
 // Determinism (onednn.hpp): one-thread primitives on fixed chunks of samples
-// (kChunkSamples; the batch's last chunk may be shorter), spread over normkit's
+// (kChunkSamples, or kRecomputedSamples after forward_without_output; the
+// batch's last chunk may be shorter), spread over normkit's
 // threads; the weight gradient of each chunk is kept apart and the chunks are
 // added in chunk order. So the bits depend on the batch size, never on the
 // thread count.
@@ -133,7 +134,7 @@ class Conv2d final : public Layer, public TakesGradientInChunks, public Recomput
   // The backward, dL/dy read from dy (the whole batch's) or made chunk by chunk.
   const Tensor& backward_from(const float* dy, const GradientChunk* make, bool need_input_grad) {
     const Tensor& x = *input_;
-    const int64_t n = x.shape[0], chunks = (n + kChunkSamples - 1) / kChunkSamples;
+    const int64_t n = x.shape[0], per = chunk_samples(), chunks = (n + per - 1) / per;
     const size_t weight_size = weight_.value.size();
     partial_weights_.resize(weight_size * static_cast<size_t>(chunks));
     partial_bias_.resize(bias_ ? static_cast<size_t>(cout_ * chunks) : 0);
@@ -145,7 +146,7 @@ class Conv2d final : public Layer, public TakesGradientInChunks, public Recomput
     try {
       if (need_input_grad) {
         dx_.reshape({n, cin_, h_, w_}, format_);
-        for (Plan* p : plans_for(n, kChunkSamples))
+        for (Plan* p : plans_for(n, per))
           p->reorder_weights(weight_.value, Plan::Weights::backward_data);
       }
       // output_of's plans, for the chunks' dy (from pieces of the output): new
@@ -155,7 +156,7 @@ class Conv2d final : public Layer, public TakesGradientInChunks, public Recomput
           p->reorder_weights(weight_.value, Plan::Weights::forward);
       for_each_sample_chunk(n, [&](int64_t first, int64_t samples, Buffers& buffers) {
         Plan& p = plan(samples);
-        const int64_t chunk = first / kChunkSamples;
+        const int64_t chunk = first / per;
         dnnl::stream stream(cpu_engine());
         memory dy_given = make ? buffers.made(p.dst) : p.dst_at(dy, first);
         if (make) (*make)(first, samples, static_cast<float*>(dy_given.get_data_handle()));
@@ -378,14 +379,17 @@ class Conv2d final : public Layer, public TakesGradientInChunks, public Recomput
             memory::desc({cout_, cin_, k_, k_}, f32, tag::oihw), {}};
   }
 
+  // Samples per chunk: after forward_without_output a piece's, so that the
+  // backward's dy, made from the recomputed output, stays in cache too.
+  int64_t chunk_samples() const { return without_output_ ? kRecomputedSamples : kChunkSamples; }
   // Runs body(first sample, samples, the thread's buffers) for each chunk of the batch.
   template <class Body>
   void for_each_sample_chunk(int64_t n, const Body& body) {
-    const int64_t chunks = (n + kChunkSamples - 1) / kChunkSamples;
+    const int64_t per = chunk_samples(), chunks = (n + per - 1) / per;
     buffers_.resize(std::max<size_t>(buffers_.size(), static_cast<size_t>(num_threads())));
     for_each_chunk(chunks, [&](int64_t chunk, int thread) {
-      const int64_t first = chunk * kChunkSamples;
-      body(first, std::min(kChunkSamples, n - first), buffers_[static_cast<size_t>(thread)]);
+      const int64_t first = chunk * per;
+      body(first, std::min(per, n - first), buffers_[static_cast<size_t>(thread)]);
     });
   }
 

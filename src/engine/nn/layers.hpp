@@ -58,8 +58,6 @@ constexpr int64_t kConvChunkSamples = 16;
 // The samples of a piece of a recomputed output (RecomputedOutput): 4 of
 // cnn-small's 28x28x32 images are 400 KB, a fifth of a core's L2.
 constexpr int64_t kRecomputedSamples = 4;
-static_assert(kConvChunkSamples % kRecomputedSamples == 0,
-              "a conv chunk's backward asks for whole pieces");
 
 // A view of images of `shape` ([N, C, H, W]) in `format` at data.
 TensorView<const float> image_view(const float* data, const std::vector<int64_t>& shape,
@@ -151,7 +149,8 @@ class RecomputedOutput {
   // Whether it pays for this layer now.
   virtual bool recomputes_output() const = 0;
   // A training forward that keeps x and writes no output; returns the output's
-  // shape. Its backward (TakesGradientInChunks) is as after forward().
+  // shape. Its backward (TakesGradientInChunks) is as after forward(), in
+  // chunks of a piece's samples.
   virtual std::vector<int64_t> forward_without_output(const Tensor& x) = 0;
   // The output of samples [first, first + count) of that forward, a piece
   // (kRecomputedSamples samples from a multiple of it, or the batch's last),
