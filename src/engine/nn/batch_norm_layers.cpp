@@ -241,17 +241,18 @@ class BatchNormLayer final : public BatchNormFamily, public AddReluTail, public 
     begin_backward_relu_max_pool(dy, true);
   }
   void input_grad_of(int64_t first, int64_t count, float* dx) const override {
+    const int64_t sample_size = pool_.sample_size();
     if (!source_) {
-      pool_.dx_of_samples(*input_, *pooled_grad_, dx_coefficients(), first, count, dx);
+      pool_.dx_of_samples(input_->data.data() + first * sample_size, *pooled_grad_,
+                          dx_coefficients(), first, count, dx);
       return;
     }
     // Piece by piece, each x made just before its dx.
-    const int64_t sample_size = x_shape_[1] * x_shape_[2] * x_shape_[3];
     float* x = piece_buffer();
     for (int64_t at = first; at < first + count; at += kRecomputedSamples) {
       const int64_t samples = std::min(kRecomputedSamples, first + count - at);
       source_->output_of(at, samples, x);
-      pool_.dx_of_samples(x_shape_, x_format_, x, *pooled_grad_, dx_coefficients(), at, samples,
+      pool_.dx_of_samples(x, *pooled_grad_, dx_coefficients(), at, samples,
                           dx + (at - first) * sample_size);
     }
   }
@@ -346,7 +347,7 @@ class BatchNormLayer final : public BatchNormFamily, public AddReluTail, public 
   // The calling thread's room for a piece of x (forward_relu_max_pool_of's source).
   float* piece_buffer() const {
     std::vector<float>& room = pieces_.at(static_cast<size_t>(omp_get_thread_num()));
-    room.resize(static_cast<size_t>(kRecomputedSamples * x_shape_[1] * x_shape_[2] * x_shape_[3]));
+    room.resize(static_cast<size_t>(kRecomputedSamples * pool_.sample_size()));
     return room.data();
   }
   void begin_backward_relu_max_pool(const Tensor& dy, bool need_input_grad);
@@ -367,11 +368,9 @@ class BatchNormLayer final : public BatchNormFamily, public AddReluTail, public 
   dist::Communicator* group_ = nullptr;
   std::vector<Moments> moments_;  // synchronized or with max pooling: the (global) batch's
   std::vector<double> sums_;      // synchronized: Σdy, Σdy·x̂ (with max pooling: Σg, Σg·(x - mean))
-  // forward_relu_max_pool_of's: x's maker, shape and format; each piece's
-  // moments; each thread's room for a piece of x.
+  // forward_relu_max_pool_of's: x's maker (x's shape and format are pool_'s
+  // input's); each piece's moments; each thread's room for a piece of x.
   RecomputedOutput* source_ = nullptr;
-  std::vector<int64_t> x_shape_;
-  MemoryFormat x_format_ = MemoryFormat::channels_first;
   std::vector<Moments> piece_moments_;
   mutable std::vector<std::vector<float>> pieces_;
 };
@@ -409,8 +408,6 @@ const Tensor& BatchNormLayer::forward_relu_max_pool_of(RecomputedOutput& source,
   output_shape({shape.begin() + 1, shape.end()});  // checks the channels
   input_ = nullptr;
   source_ = &source;
-  x_shape_ = shape;
-  x_format_ = format;
   with_relu_ = with_max_pool_ = true;
   pieces_.resize(std::max<size_t>(pieces_.size(), static_cast<size_t>(num_threads())));
   pool_.begin_forward(shape, format, y_);  // checks the extents
@@ -475,13 +472,12 @@ const Tensor& BatchNormLayer::backward_relu_max_pool(const Tensor& dy, bool need
     pool_.dx(*input_, dy, dx_coefficients(), dx_);
     return dx_;
   }
-  dx_.reshape(x_shape_, x_format_);
-  const int64_t pieces = (x_shape_[0] + kRecomputedSamples - 1) / kRecomputedSamples;
-  const int64_t sample_size = x_shape_[1] * x_shape_[2] * x_shape_[3];
+  dx_.reshape(pool_.input_shape(), pool_.input_format());
+  const int64_t n = dx_.shape[0], pieces = (n + kRecomputedSamples - 1) / kRecomputedSamples;
   for_each_chunk(pieces, [&](int64_t piece, int) {
     const int64_t first = piece * kRecomputedSamples;
-    input_grad_of(first, std::min(kRecomputedSamples, x_shape_[0] - first),
-                  dx_.data.data() + first * sample_size);
+    input_grad_of(first, std::min(kRecomputedSamples, n - first),
+                  dx_.data.data() + first * pool_.sample_size());
   });
   return dx_;
 }

@@ -138,7 +138,8 @@ class Conv2d final : public Layer, public TakesGradientInChunks, public Recomput
     const size_t weight_size = weight_.value.size();
     partial_weights_.resize(weight_size * static_cast<size_t>(chunks));
     partial_bias_.resize(bias_ ? static_cast<size_t>(cout_ * chunks) : 0);
-    if (need_input_grad && !input_grad_) {
+    const bool replan = need_input_grad && !input_grad_;
+    if (replan) {
       input_grad_ = true;  // the plans may choose another layout now (make_plan)
       plans_.clear();
       kept_src_.valid = false;
@@ -149,11 +150,10 @@ class Conv2d final : public Layer, public TakesGradientInChunks, public Recomput
         for (Plan* p : plans_for(n, per))
           p->reorder_weights(weight_.value, Plan::Weights::backward_data);
       }
-      // output_of's plans, for the chunks' dy (from pieces of the output): new
-      // ones when the clear above dropped them.
-      if (without_output_)
-        for (Plan* p : plans_for(n, kRecomputedSamples))
-          p->reorder_weights(weight_.value, Plan::Weights::forward);
+      // After forward_without_output the chunks' dy comes from output_of, on
+      // the pieces' plans (per is a piece): new ones lack the forward weights.
+      if (replan && without_output_)
+        for (Plan* p : plans_for(n, per)) p->reorder_weights(weight_.value, Plan::Weights::forward);
       for_each_sample_chunk(n, [&](int64_t first, int64_t samples, Buffers& buffers) {
         Plan& p = plan(samples);
         const int64_t chunk = first / per;
@@ -424,7 +424,8 @@ class Conv2d final : public Layer, public TakesGradientInChunks, public Recomput
   Cache<Plan> plans_;        // by samples per chunk
   std::vector<float> partial_weights_, partial_bias_;  // per chunk: OIHW, then the bias
   std::vector<Buffers> buffers_;                       // per thread
-  std::vector<Buffers> recompute_buffers_;             // per thread, output_of's
+  // per thread, output_of's: it also runs inside a backward chunk, whose buffers are in use
+  std::vector<Buffers> recompute_buffers_;
 };
 
 }  // namespace

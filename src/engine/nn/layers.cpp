@@ -943,9 +943,10 @@ bool is_max_pool_2x2(const Layer& layer) {
 void ReluMaxPool2x2::forward(const Tensor& x, const float* mean_hi, const float* scale,
                              const float* shift, Tensor& y) {
   begin_forward(x.shape, x.format, y);
-  const int64_t per_sample = forward_units_per_sample(), sample_size = x.numel() / x.shape[0];
+  const int64_t per_sample = forward_units_per_sample();
   parallel_for(threads_for(x.numel()), x.shape[0] * per_sample, [&](int64_t unit) {
-    forward_unit(x.data.data() + unit / per_sample * sample_size, unit, mean_hi, scale, shift, y);
+    forward_unit(x.data.data() + unit / per_sample * sample_size(), unit, mean_hi, scale, shift,
+                 y);
   });
 }
 
@@ -965,10 +966,9 @@ void ReluMaxPool2x2::forward_of_samples(const float* x_samples, int64_t first, i
                                         const float* mean_hi, const float* scale,
                                         const float* shift, Tensor& y) {
   const int64_t per_sample = forward_units_per_sample();
-  const int64_t sample_size = shape_[1] * shape_[2] * shape_[3];
   for (int64_t u = 0; u < count * per_sample; ++u)
-    forward_unit(x_samples + u / per_sample * sample_size, first * per_sample + u, mean_hi, scale,
-                 shift, y);
+    forward_unit(x_samples + u / per_sample * sample_size(), first * per_sample + u, mean_hi,
+                 scale, shift, y);
 }
 
 int64_t ReluMaxPool2x2::forward_units_per_sample() const {
@@ -1035,42 +1035,30 @@ void ReluMaxPool2x2::sums(const Tensor& dy, const double* mean, double* sum_g,
 void ReluMaxPool2x2::dx(const Tensor& x, const Tensor& dy, const DxCoefficients& co,
                         Tensor& dx) const {
   dx.reshape(x.shape, x.format);
-  const int64_t units = dx_units(x.shape, x.format), unit_size = x.numel() / units;
+  const int64_t units = x.shape[0] * dx_units_per_sample(), unit_size = x.numel() / units;
   parallel_for(threads_for(x.numel()), units, [&](int64_t unit) {
-    dx_unit(x.shape, x.format, x.data.data() + unit * unit_size, dy, co, unit,
-            dx.data.data() + unit * unit_size);
+    dx_unit(x.data.data() + unit * unit_size, dy, co, unit, dx.data.data() + unit * unit_size);
   });
 }
 
-void ReluMaxPool2x2::dx_of_samples(const Tensor& x, const Tensor& dy, const DxCoefficients& co,
-                                   int64_t first, int64_t count, float* dx) const {
-  dx_of_samples(x.shape, x.format, x.data.data() + first * (x.numel() / x.shape[0]), dy, co,
-                first, count, dx);
-}
-
-void ReluMaxPool2x2::dx_of_samples(const std::vector<int64_t>& shape, MemoryFormat format,
-                                   const float* x_samples, const Tensor& dy,
+void ReluMaxPool2x2::dx_of_samples(const float* x_samples, const Tensor& dy,
                                    const DxCoefficients& co, int64_t first, int64_t count,
                                    float* dx) const {
-  const int64_t units_per_sample = dx_units(shape, format) / shape[0];
-  const int64_t unit_size = shape[1] * shape[2] * shape[3] / units_per_sample;
-  for (int64_t u = 0; u < count * units_per_sample; ++u)
-    dx_unit(shape, format, x_samples + u * unit_size, dy, co, first * units_per_sample + u,
-            dx + u * unit_size);
+  const int64_t per_sample = dx_units_per_sample(), unit_size = sample_size() / per_sample;
+  for (int64_t u = 0; u < count * per_sample; ++u)
+    dx_unit(x_samples + u * unit_size, dy, co, first * per_sample + u, dx + u * unit_size);
 }
 
-// dx's units of work: channels-first planes (i, c), channels-last input rows (i, ih).
-int64_t ReluMaxPool2x2::dx_units(const std::vector<int64_t>& shape, MemoryFormat format) {
-  return shape[0] * (format == MemoryFormat::channels_first ? shape[1] : shape[2]);
+int64_t ReluMaxPool2x2::dx_units_per_sample() const {
+  return format_ == MemoryFormat::channels_first ? shape_[1] : shape_[2];
 }
 
 // Unit `unit` of dx, into `out` (the unit's h·w or w·c values).
-void ReluMaxPool2x2::dx_unit(const std::vector<int64_t>& shape, MemoryFormat format,
-                             const float* x_unit, const Tensor& dy, const DxCoefficients& co,
+void ReluMaxPool2x2::dx_unit(const float* x_unit, const Tensor& dy, const DxCoefficients& co,
                              int64_t unit, float* out) const {
-  const int64_t c = shape[1], h = shape[2], w = shape[3];
+  const int64_t c = shape_[1], h = shape_[2], w = shape_[3];
   const int64_t oh = h / 2, ow = w / 2;
-  if (format == MemoryFormat::channels_first) {
+  if (format_ == MemoryFormat::channels_first) {
     const int64_t ch = unit % c, o = unit * oh * ow;  // unit = plane (i, c)
     bn_relu_max_plane_dx(x_unit, dy.data.data() + o, index_.data() + o, oh, ow, h, w,
                          co.mean_hi[ch], co.a[ch], co.b[ch], co.k[ch], out);

@@ -211,27 +211,29 @@ class ReluMaxPool2x2 {
     const float *mean_hi, *a, *b, *k;  // per channel
   };
   void dx(const Tensor& x, const Tensor& dy, const DxCoefficients& co, Tensor& dx) const;
-  // The same dx for samples [first, first + count) only, into `dx` (count
-  // samples in x's format), on the calling thread.
-  void dx_of_samples(const Tensor& x, const Tensor& dy, const DxCoefficients& co, int64_t first,
-                     int64_t count, float* dx) const;
-  // forward and dx_of_samples with x given by samples: `shape` and `format`
-  // are x's; x_samples holds samples [first, first + count) only.
-  // begin_forward sizes y and what forward keeps; forward_of_samples pools
-  // those samples on the calling thread.
+  // The forward with x given by samples: begin_forward sizes y and what the
+  // forward keeps for x of `shape` in `format`; forward_of_samples pools
+  // samples [first, first + count), x_samples holding just them, on the
+  // calling thread.
   void begin_forward(const std::vector<int64_t>& shape, MemoryFormat format, Tensor& y);
   void forward_of_samples(const float* x_samples, int64_t first, int64_t count,
                           const float* mean_hi, const float* scale, const float* shift,
                           Tensor& y);
-  void dx_of_samples(const std::vector<int64_t>& shape, MemoryFormat format,
-                     const float* x_samples, const Tensor& dy, const DxCoefficients& co,
+  // dx for samples [first, first + count) only, x_samples their x, into `dx`
+  // (count samples in x's format), on the calling thread.
+  void dx_of_samples(const float* x_samples, const Tensor& dy, const DxCoefficients& co,
                      int64_t first, int64_t count, float* dx) const;
+  // The last forward's x: its shape, format, and values per sample.
+  const std::vector<int64_t>& input_shape() const { return shape_; }
+  MemoryFormat input_format() const { return format_; }
+  int64_t sample_size() const { return shape_[1] * shape_[2] * shape_[3]; }
 
  private:
-  static int64_t dx_units(const std::vector<int64_t>& shape, MemoryFormat format);
+  // dx's units of work: channels-first planes (i, c), channels-last input rows (i, ih).
+  int64_t dx_units_per_sample() const;
   // dx of one unit, x_unit its x.
-  void dx_unit(const std::vector<int64_t>& shape, MemoryFormat format, const float* x_unit,
-               const Tensor& dy, const DxCoefficients& co, int64_t unit, float* out) const;
+  void dx_unit(const float* x_unit, const Tensor& dy, const DxCoefficients& co, int64_t unit,
+               float* out) const;
   // Forward units: channels-first planes (i, c), channels-last output rows (i, oh).
   int64_t forward_units_per_sample() const;
   void forward_unit(const float* x_sample, int64_t unit, const float* mean_hi, const float* scale,

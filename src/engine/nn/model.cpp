@@ -130,8 +130,10 @@ const Tensor& Model::forward(const Tensor& x, Mode mode) {
   const Tensor* current = &x;
   for (size_t i = 0; i < layers_.size(); ++i) {
     auto* maker = dynamic_cast<detail::RecomputedOutput*>(layers_[i].get());
-    detail::ReluTail* next_tail = i + 1 < layers_.size() ? one_pass_tail(i + 1) : nullptr;
-    if (maker && next_tail && maker->recomputes_output()) {
+    detail::ReluTail* next_tail =
+        maker && maker->recomputes_output() && i + 1 < layers_.size() ? one_pass_tail(i + 1)
+                                                                      : nullptr;
+    if (next_tail) {
       const std::vector<int64_t> shape = maker->forward_without_output(*current);
       current = &next_tail->forward_relu_max_pool_of(*maker, shape, format_);
       i += 3;  // the BN, relu and pooling: done
