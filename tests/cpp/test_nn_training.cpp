@@ -379,19 +379,27 @@ TEST(NnModel, AConvTakesTheBatchNormsGradientInChunksWithTheSameBits) {
   normkit::set_num_threads(saved_threads);
 }
 
-// A conv whose output is recomputed piece by piece (RecomputedOutput: one
-// input channel), then "batchnorm; relu; maxpool 2": the conv's output is never
-// whole, and the BN's moments are each piece's merged in piece order. So the
-// logits, running statistics and gradients are the separate layers' ("dropout
-// 0" before the pooling) to rounding, not bit for bit; and the same bits on 1
-// and 2 threads. Both formats, odd extents, 6 samples (pieces of 4 and 2).
+// A conv whose output is recomputed piece by piece (RecomputedOutput), then
+// "batchnorm; relu; maxpool 2": the conv's output is never whole, and the BN's
+// moments are each piece's merged in piece order. So the logits, running
+// statistics and gradients are the separate layers' ("dropout 0" before the
+// pooling) to rounding, not bit for bit; and the same bits on 1 and 2 threads.
+// Both formats, odd extents, 6 samples (pieces of 4 and 2). The conv first (one
+// input channel), and in the middle (1x1 on 4 channels), where its backward
+// also makes dx, from the BN's chunks of dy, and plans its primitives anew.
 TEST(NnModel, ARecomputedConvBeforeTheOnePassBlockMatchesTheSeparateLayers) {
   const int64_t N = 6;
   const auto labels = some_labels(N, 5);
   const int saved_threads = normkit::num_threads();
-  const std::string input = "input 1 7 9; conv 8 3 pad=1 bias=0; batchnorm; relu; ";
-  const auto fused_spec = ModelSpec::parse(input + "maxpool 2; flatten; linear 5");
-  const auto plain_spec = ModelSpec::parse(input + "dropout 0; maxpool 2; flatten; linear 5");
+  struct Case {
+    std::string head;    // up to the pooling
+    int64_t channels;    // of x
+    size_t recomputing;  // the conv's layer
+  };
+  const Case cases[] = {
+      {"input 1 7 9; conv 8 3 pad=1 bias=0; batchnorm; relu; ", 1, 0},
+      {"input 2 7 9; conv 4 3 pad=1 bias=0; batchnorm; relu; conv 8 1 bias=0; batchnorm; relu; ",
+       2, 3}};
   const auto near = [](const std::vector<float>& got, const std::vector<float>& want,
                        const std::string& what) {
     double scale = 0;
@@ -402,43 +410,86 @@ TEST(NnModel, ARecomputedConvBeforeTheOnePassBlockMatchesTheSeparateLayers) {
                << what << " " << i << ": " << got[i] << " vs " << want[i];
     return ::testing::AssertionSuccess();
   };
-  for (const auto format : kFormats) {
-    SCOPED_TRACE(name_of(format));
-    std::vector<std::vector<float>> results_by_threads;
-    for (const int threads : {1, 2}) {
-      SCOPED_TRACE(threads);
-      normkit::set_num_threads(threads);
-      Model fused(fused_spec, format), plain(plain_spec, format);
-      initialize_alike(fused, plain, 5);
-      std::vector<float> results;
-      for (int step = 0; step < 3; ++step) {
-        SCOPED_TRACE(step);
-        const Tensor x =
-            make_tensor({N, 1, 7, 9}, format, normal_values(N * 63, 70 + step, 2.0f, 0.5f));
-        const std::vector<float> logits = fused.forward(x, Mode::train).data;
-        ASSERT_TRUE(near(logits, plain.forward(x, Mode::train).data, "logit"));
-        results.insert(results.end(), logits.begin(), logits.end());
-        compute_gradients(fused, x, labels);
-        compute_gradients(plain, x, labels);
-        const auto fused_parameters = fused.parameters(), plain_parameters = plain.parameters();
-        for (size_t k = 0; k < plain_parameters.size(); ++k) {
-          ASSERT_TRUE(near(fused_parameters[k]->grad, plain_parameters[k]->grad,
-                           plain_parameters[k]->name));
-          results.insert(results.end(), fused_parameters[k]->grad.begin(),
-                         fused_parameters[k]->grad.end());
+  for (const Case& c : cases) {
+    const auto fused_spec = ModelSpec::parse(c.head + "maxpool 2; flatten; linear 5");
+    const auto plain_spec = ModelSpec::parse(c.head + "dropout 0; maxpool 2; flatten; linear 5");
+    for (const auto format : kFormats) {
+      SCOPED_TRACE(c.head + name_of(format));
+      std::vector<std::vector<float>> results_by_threads;
+      for (const int threads : {1, 2}) {
+        SCOPED_TRACE(threads);
+        normkit::set_num_threads(threads);
+        Model fused(fused_spec, format), plain(plain_spec, format);
+        initialize_alike(fused, plain, 5);
+        const auto recomputed = [&](Model& model) {
+          return dynamic_cast<normkit::nn::detail::RecomputedOutput&>(
+                     *model.layers()[c.recomputing])
+              .output_recomputed();
+        };
+        std::vector<float> results;
+        for (int step = 0; step < 3; ++step) {
+          SCOPED_TRACE(step);
+          const int64_t size = N * c.channels * 63;
+          const Tensor x = make_tensor({N, c.channels, 7, 9}, format,
+                                       normal_values(size, 70 + step, 2.0f, 0.5f));
+          const std::vector<float> logits = fused.forward(x, Mode::train).data;
+          ASSERT_TRUE(near(logits, plain.forward(x, Mode::train).data, "logit"));
+          ASSERT_TRUE(recomputed(fused));
+          ASSERT_FALSE(recomputed(plain));
+          results.insert(results.end(), logits.begin(), logits.end());
+          compute_gradients(fused, x, labels);
+          compute_gradients(plain, x, labels);
+          const auto fused_parameters = fused.parameters(), plain_parameters = plain.parameters();
+          for (size_t k = 0; k < plain_parameters.size(); ++k) {
+            ASSERT_TRUE(near(fused_parameters[k]->grad, plain_parameters[k]->grad,
+                             plain_parameters[k]->name + " " + std::to_string(k)));
+            results.insert(results.end(), fused_parameters[k]->grad.begin(),
+                           fused_parameters[k]->grad.end());
+          }
+          const auto fused_state = fused.state(), plain_state = plain.state();
+          for (size_t k = 0; k < plain_state.size(); ++k) {
+            ASSERT_TRUE(near(*fused_state[k].second, *plain_state[k].second, plain_state[k].first));
+            results.insert(results.end(), fused_state[k].second->begin(),
+                           fused_state[k].second->end());
+          }
         }
-        const auto fused_state = fused.state(), plain_state = plain.state();
-        for (size_t k = 0; k < plain_state.size(); ++k) {
-          ASSERT_TRUE(near(*fused_state[k].second, *plain_state[k].second, plain_state[k].first));
-          results.insert(results.end(), fused_state[k].second->begin(),
-                         fused_state[k].second->end());
-        }
+        results_by_threads.push_back(results);
       }
-      results_by_threads.push_back(results);
+      EXPECT_EQ(results_by_threads[0], results_by_threads[1]);
     }
-    EXPECT_EQ(results_by_threads[0], results_by_threads[1]);
   }
   normkit::set_num_threads(saved_threads);
+}
+
+// The recomputing conv's backward makes its output again, one buffer per
+// thread: threads added between the forward and the backward get theirs. The
+// same bits as forward and backward on 2 threads (for_each_chunk's results do
+// not depend on the thread count).
+TEST(NnModel, ARecomputedConvTakesMoreThreadsInItsBackward) {
+  const int64_t N = 10;
+  const auto labels = some_labels(N, 5);
+  const int saved_threads = normkit::num_threads();
+  const auto spec = ModelSpec::parse(
+      "input 2 6 6; conv 4 3 pad=1 bias=0; batchnorm; relu; conv 8 1 bias=0; batchnorm; relu; "
+      "maxpool 2; flatten; linear 5");
+  const Tensor x = make_tensor({N, 2, 6, 6}, MemoryFormat::channels_first,
+                               normal_values(N * 72, 12, 1.0f, 0.5f));
+  const auto gradients = [&](int forward_threads) {
+    Model model(spec, MemoryFormat::channels_first);
+    model.initialize({}, 3);
+    Tensor dlogits;
+    normkit::set_num_threads(forward_threads);
+    normkit::nn::softmax_cross_entropy(model.forward(x, Mode::train), labels.data(), &dlogits);
+    normkit::set_num_threads(2);
+    model.zero_grad();
+    model.backward(dlogits);
+    std::vector<float> all;
+    for (const auto* p : model.parameters()) all.insert(all.end(), p->grad.begin(), p->grad.end());
+    return all;
+  };
+  const std::vector<float> both = gradients(2), more = gradients(1);
+  normkit::set_num_threads(saved_threads);
+  EXPECT_EQ(more, both);
 }
 
 // Without a batchnorm before it, "relu; maxpool K" runs as one pass in training

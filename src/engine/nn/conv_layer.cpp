@@ -104,6 +104,7 @@ class Conv2d final : public Layer, public TakesGradientInChunks, public Recomput
     }
     return shape;
   }
+  bool output_recomputed() const override { return without_output_; }
   void output_of(int64_t first, int64_t count, float* y) override {
     try {
       Buffers& buffers = recompute_buffers_.at(static_cast<size_t>(omp_get_thread_num()));
@@ -139,6 +140,9 @@ class Conv2d final : public Layer, public TakesGradientInChunks, public Recomput
     partial_weights_.resize(weight_size * static_cast<size_t>(chunks));
     partial_bias_.resize(bias_ ? static_cast<size_t>(cout_ * chunks) : 0);
     const bool replan = need_input_grad && !input_grad_;
+    // output_of runs inside these chunks too: one buffer per thread now.
+    if (without_output_)
+      recompute_buffers_.resize(std::max<size_t>(recompute_buffers_.size(), num_threads()));
     if (replan) {
       input_grad_ = true;  // the plans may choose another layout now (make_plan)
       plans_.clear();

@@ -152,6 +152,8 @@ class RecomputedOutput {
   // shape. Its backward (TakesGradientInChunks) is as after forward(), in
   // chunks of a piece's samples.
   virtual std::vector<int64_t> forward_without_output(const Tensor& x) = 0;
+  // Whether the last forward was forward_without_output.
+  virtual bool output_recomputed() const = 0;
   // The output of samples [first, first + count) of that forward, a piece
   // (kRecomputedSamples samples from a multiple of it, or the batch's last),
   // into y in the model's format; on the calling thread (of a for_each_chunk),
